@@ -1,0 +1,42 @@
+// SPDX-License-Identifier: MIT
+// Shared helpers for postbox's tests: stress scaling and waiting on a condition.
+#pragma once
+
+#include <postbox/config.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <thread>
+
+namespace postbox_test {
+
+/// Sanitizer builds run stress loops with fewer iterations: the interleavings
+/// are what matters there, not the count. POSTBOX_STRESS_SCALE (a percentage)
+/// overrides.
+inline std::uint64_t scaled(std::uint64_t n) {
+  if (const char* s = std::getenv("POSTBOX_STRESS_SCALE")) {
+    const auto pct = std::strtoull(s, nullptr, 10);
+    return n * pct / 100 == 0 ? 1 : n * pct / 100;
+  }
+#if POSTBOX_TSAN || defined(__SANITIZE_ADDRESS__)
+  return n / 10 == 0 ? 1 : n / 10;
+#else
+  return n;
+#endif
+}
+
+/// Waits until `cond()` holds, checking it repeatedly (yielding in between),
+/// for at most `bound` (generous: this is a hang guard, not a timing
+/// assertion). Returns whether the condition held.
+template <class Cond>
+bool eventually(Cond&& cond, std::chrono::seconds bound = std::chrono::seconds(30)) {
+  const auto give_up = std::chrono::steady_clock::now() + bound;
+  while (!cond()) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+}  // namespace postbox_test
