@@ -1,0 +1,693 @@
+// SPDX-License-Identifier: MIT
+// postbox::channel: a bounded, lock-free, typed point-to-point queue with competing consumers.
+#pragma once
+
+#include <postbox/config.hpp>
+#include <postbox/detail/backoff.hpp>
+#include <postbox/detail/event_count.hpp>
+#include <postbox/error.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <memory>
+#include <new>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+POSTBOX_BEGIN_NAMESPACE
+
+/// Channel shapes: how many threads may send and receive at once. A shape
+/// with "s" on a side lets that side skip compare-and-swap retries; using it
+/// from two threads at once on that side is undefined behaviour.
+struct spsc {
+  static constexpr bool multi_producer = false;
+  static constexpr bool multi_consumer = false;
+};
+struct mpsc {
+  static constexpr bool multi_producer = true;
+  static constexpr bool multi_consumer = false;
+};
+struct spmc {
+  static constexpr bool multi_producer = false;
+  static constexpr bool multi_consumer = true;
+};
+struct mpmc {
+  static constexpr bool multi_producer = true;
+  static constexpr bool multi_consumer = true;
+};
+
+/// One of the four shape tags.
+template <class S>
+concept channel_shape = std::is_same_v<S, spsc> || std::is_same_v<S, mpsc> || std::is_same_v<S, spmc> ||
+                        std::is_same_v<S, mpmc>;
+
+/// A point-in-time snapshot of a channel's counters. Derived from the ring's
+/// own indices, so keeping it costs the fast path nothing.
+struct channel_stats {
+  std::size_t depth = 0;       ///< messages queued (claimed by senders, not yet by receivers)
+  std::size_t capacity = 0;    ///< slots
+  std::uint64_t sent = 0;      ///< successful sends since construction
+  std::uint64_t received = 0;  ///< successful receives since construction
+  bool closed = false;
+};
+
+namespace detail {
+
+/// Tickets are 63-bit counters that wrap; the tail index keeps a ticket in
+/// its upper 63 bits and the "closed" mark in bit 0, so one compare-and-swap
+/// both claims a slot and proves the channel was open at that instant.
+inline constexpr std::uint64_t ticket_mask = (std::uint64_t{1} << 63) - 1;
+
+/// a - b for 63-bit wrapping tickets, as a signed distance.
+[[nodiscard]] constexpr std::int64_t ticket_distance(std::uint64_t a, std::uint64_t b) noexcept {
+  return static_cast<std::int64_t>((a - b) << 1) >> 1;
+}
+[[nodiscard]] constexpr std::uint64_t ticket_add(std::uint64_t a, std::uint64_t n) noexcept {
+  return (a + n) & ticket_mask;
+}
+
+/// Test hook: start the ticket counters at `value` (e.g. just below the wrap).
+struct initial_ticket {
+  std::uint64_t value = 0;
+};
+
+template <class T>
+struct channel_slot {
+  /// Slot state, in tickets. `== t`: free for the sender holding ticket t.
+  /// `== t + 1`: holds the message of ticket t. Written with release by the
+  /// sender (publish; pairs with the acquire load in claim_receive) and by the
+  /// receiver (free, to t + capacity; pairs with the acquire load in
+  /// claim_send). The release/acquire pair hands the storage from one side to
+  /// the other, so construction and destruction of T never race.
+  std::atomic<std::uint64_t> seq;
+  alignas(T) unsigned char storage[sizeof(T)];
+
+  T* value() noexcept { return std::launder(reinterpret_cast<T*>(storage)); }
+};
+
+enum class claim_status { ok, full, empty, closed };
+
+[[nodiscard]] inline std::size_t round_up_capacity(std::size_t requested) {
+  if (requested == 0) POSTBOX_THROW(error(errc::invalid_argument, "postbox::channel capacity must be at least 1"));
+  if (requested > (std::size_t{1} << 40))
+    POSTBOX_THROW(error(errc::invalid_argument, "postbox::channel capacity above 2^40 slots"));
+  std::size_t cap = 1;
+  while (cap < requested) cap <<= 1;
+  return cap;
+}
+
+}  // namespace detail
+
+/// A bounded multi/single-producer, multi/single-consumer channel.
+///
+/// **Algorithm.** A ring of `capacity()` slots, each with a sequence number
+/// (Vyukov's bounded queue, in the form crossbeam's array channel uses).
+/// Senders claim ticket `t` by advancing `tail_` with one compare-and-swap,
+/// construct the message in slot `t % capacity`, and publish it by storing
+/// `t + 1` into the slot's sequence. Receivers claim ticket `h` from `head_`
+/// once the slot at `h` is published, move the message out, and free the slot
+/// for the next lap by storing `h + capacity`.
+///
+/// **Linearizable emptiness.** A plain Vyukov ring reports "empty" whenever
+/// the slot at the head is not yet published, even if a *later* sender has
+/// already completed: sender A claims ticket 5 and is preempted, sender B
+/// claims 6 and returns; a receiver looking at slot 5 says "empty" while B's
+/// message waits. postbox never does that: when the head slot is unpublished,
+/// `try_receive` reads `tail_`, and reports empty (or closed) only if no
+/// ticket has been claimed past the head, that is, only when the channel
+/// really is empty at the instant of that read. Otherwise a send is in flight
+/// (claimed, constructing) and the receiver backs off briefly until it is
+/// published. The same rule makes `full` exact: `try_send` reports full only
+/// when `tail - head == capacity` at the instant it reads `head_`.
+///
+/// **Closing.** `close()` sets bit 0 of `tail_`. A send's claim is a CAS that
+/// expects that bit clear, so every send either completed its claim before
+/// the close (and will be received) or fails with `closed`. Receivers drain,
+/// then see `closed` once the head reaches the final tail.
+///
+/// **Waiting.** Blocking calls spin briefly, yield, then park on an event
+/// count (`detail::event_count`, a futex on Linux). A sender notifies only if
+/// a receiver is parked, so a send or receive makes no syscall and no extra
+/// write when nobody waits; see event_count for why no wake-up is lost.
+///
+/// **Cost.** One compare-and-swap (or exchange) per send and per receive, no
+/// allocation after construction, no lock.
+///
+/// Requirements on T: nothrow move construction and nothrow destruction (a
+/// message half-moved into a slot could otherwise be neither sent nor kept).
+template <class T, channel_shape Shape = mpmc>
+class channel {
+  static_assert(std::is_nothrow_move_constructible_v<T>,
+                "postbox::channel<T>: T must be nothrow move constructible, so a claimed slot is always filled");
+  static_assert(std::is_nothrow_destructible_v<T>, "postbox::channel<T>: T must be nothrow destructible");
+
+ public:
+  using value_type = T;
+  using shape = Shape;
+
+  /// A channel with room for at least `capacity` messages (rounded up to a
+  /// power of two; `capacity()` reports the exact figure). Allocates the ring
+  /// once. Throws `postbox::error(errc::invalid_argument)` for 0.
+  explicit channel(std::size_t capacity) : channel(capacity, detail::initial_ticket{}) {}
+
+  /// Test hook: as above, with the ticket counters starting at `start`.
+  channel(std::size_t capacity, detail::initial_ticket start)
+      : capacity_(detail::round_up_capacity(capacity)),
+        mask_(capacity_ - 1),
+        start_(start.value & detail::ticket_mask),
+        slots_(new slot_type[capacity_]) {
+    // Ticket start_ lives in slot start_ & mask_, so each slot starts out
+    // expecting the first ticket of the first lap that maps to it.
+    for (std::size_t k = 0; k < capacity_; ++k) {
+      const std::uint64_t t = detail::ticket_add(start_, k);
+      slots_[t & mask_].seq.store(t, std::memory_order_relaxed);
+    }
+    tail_.store(start_ << 1, std::memory_order_relaxed);
+    head_.store(start_, std::memory_order_relaxed);
+  }
+
+  channel(const channel&) = delete;
+  channel& operator=(const channel&) = delete;
+
+  /// Destroys the messages still queued. Must not race with other calls.
+  ~channel() {
+    const std::uint64_t tail = tail_.load(std::memory_order_relaxed) >> 1;
+    for (std::uint64_t h = head_.load(std::memory_order_relaxed); h != tail; h = detail::ticket_add(h, 1)) {
+      slots_[h & mask_].value()->~T();
+    }
+  }
+
+  // --- sending --------------------------------------------------------------
+
+  /// Sends without waiting: `ok`, `full` or `closed`. Moves from `value` only
+  /// on `ok`. Lock-free; never allocates (beyond what constructing T does).
+  /// Thread-safe per the shape. If constructing T from U may throw, T is
+  /// built before the slot is claimed (a throw leaves the channel untouched).
+  template <class U>
+    requires std::is_constructible_v<T, U&&>
+  [[nodiscard]] send_status try_send(U&& value) noexcept(std::is_nothrow_constructible_v<T, U&&>) {
+    const send_status status = try_send_quiet(std::forward<U>(value));
+    if (status == send_status::ok) not_empty_.notify_one();
+    return status;
+  }
+
+  /// Constructs the message in place from `args` if there is room.
+  template <class... Args>
+    requires std::is_constructible_v<T, Args&&...>
+  [[nodiscard]] send_status try_emplace(Args&&... args) noexcept(std::is_nothrow_constructible_v<T, Args&&...>) {
+    if constexpr (std::is_nothrow_constructible_v<T, Args&&...>) {
+      std::uint64_t ticket = 0;
+      const auto claim = claim_send(ticket);
+      if (claim != detail::claim_status::ok) return to_send_status(claim);
+      publish(ticket, std::forward<Args>(args)...);
+      not_empty_.notify_one();
+      return send_status::ok;
+    } else {
+      return try_send(T(std::forward<Args>(args)...));
+    }
+  }
+
+  /// Sends, blocking while the channel is full: `ok` or `closed`.
+  /// Spins briefly, then parks. Thread-safe per the shape.
+  template <class U>
+    requires std::is_constructible_v<T, U&&>
+  send_status send(U&& value) {
+    return send_blocking(std::forward<U>(value), std::nullopt);
+  }
+
+  /// As `send`, giving up after `timeout` (returns `timeout`).
+  template <class U, class Rep, class Period>
+    requires std::is_constructible_v<T, U&&>
+  send_status send_for(U&& value, std::chrono::duration<Rep, Period> timeout) {
+    return send_until(std::forward<U>(value), std::chrono::steady_clock::now() + timeout);
+  }
+
+  /// As `send`, giving up at `deadline` (returns `timeout`).
+  template <class U, class Clock, class Duration>
+    requires std::is_constructible_v<T, U&&>
+  send_status send_until(U&& value, std::chrono::time_point<Clock, Duration> deadline) {
+    return send_blocking(std::forward<U>(value), detail::to_steady_deadline(deadline));
+  }
+
+  /// Sends a prefix of [first, last) without waiting, moving from each element
+  /// sent; returns how many were sent (stops at the first full/closed).
+  /// Wakes parked receivers once for the whole batch.
+  template <class InputIt>
+  std::size_t try_send_batch(InputIt first, InputIt last) {
+    std::size_t sent = 0;
+    for (; first != last; ++first) {
+      if (try_send_quiet(std::move(*first)) != send_status::ok) break;
+      ++sent;
+    }
+    if (sent != 0) not_empty_.notify(sent > 1 ? static_cast<int>(sent) : 1);
+    return sent;
+  }
+
+  // --- receiving ------------------------------------------------------------
+
+  /// Receives without waiting; empty optional if nothing is queued (or the
+  /// channel is closed and drained). Lock-free, never allocates.
+  /// Thread-safe per the shape.
+  [[nodiscard]] std::optional<T> try_receive() noexcept {
+    receive_result<T> r = try_receive_result();
+    return std::move(r).optional();
+  }
+
+  /// Receives without waiting and says why nothing came: `empty` or `closed`.
+  [[nodiscard]] receive_result<T> try_receive_result() noexcept {
+    std::uint64_t ticket = 0;
+    const auto claim = claim_receive(ticket);
+    if (claim != detail::claim_status::ok) return claim == detail::claim_status::closed ? receive_status::closed : receive_status::empty;
+    receive_result<T> out(take(ticket));
+    not_full_.notify_one();
+    return out;
+  }
+
+  /// Receives, blocking while the channel is empty; an empty optional only
+  /// once the channel is closed and drained.
+  [[nodiscard]] std::optional<T> receive() {
+    return receive_blocking(std::nullopt).optional();
+  }
+
+  /// As `receive`, giving up after `timeout`: status ok, closed or timeout.
+  template <class Rep, class Period>
+  [[nodiscard]] receive_result<T> receive_for(std::chrono::duration<Rep, Period> timeout) {
+    return receive_until(std::chrono::steady_clock::now() + timeout);
+  }
+
+  /// As `receive`, giving up at `deadline`: status ok, closed or timeout.
+  template <class Clock, class Duration>
+  [[nodiscard]] receive_result<T> receive_until(std::chrono::time_point<Clock, Duration> deadline) {
+    return receive_blocking(detail::to_steady_deadline(deadline));
+  }
+
+  /// Receives up to `max` messages without waiting, writing them to `out`;
+  /// returns how many. Wakes parked senders once for the batch.
+  template <class OutputIt>
+  std::size_t try_receive_batch(OutputIt out, std::size_t max) {
+    std::size_t got = 0;
+    std::uint64_t ticket = 0;
+    while (got < max && claim_receive(ticket) == detail::claim_status::ok) {
+      *out = take(ticket);
+      ++out;
+      ++got;
+    }
+    if (got != 0) not_full_.notify(got > 1 ? static_cast<int>(got) : 1);
+    return got;
+  }
+
+  // --- state ----------------------------------------------------------------
+
+  /// Closes the channel: later sends return `closed`; receivers drain what is
+  /// queued and then see `closed`. Wakes every parked thread. Idempotent.
+  /// Lock-free, thread-safe.
+  void close() noexcept {
+    // seq_cst: the mark must be ordered with claims (same location, so any
+    // order would do for that) and before the has_waiters() reads below, so a
+    // thread parking concurrently sees the mark in its re-check.
+    tail_.fetch_or(1, std::memory_order_seq_cst);
+    not_empty_.notify_all();
+    not_full_.notify_all();
+  }
+
+  /// Whether close() has been called. Lock-free, thread-safe.
+  [[nodiscard]] bool is_closed() const noexcept {
+    // acquire: pairs with the seq_cst fetch_or in close().
+    return (tail_.load(std::memory_order_acquire) & 1) != 0;
+  }
+
+  /// Messages queued, as of some recent instant (claimed sends count).
+  [[nodiscard]] std::size_t size_approx() const noexcept {
+    // relaxed: a snapshot; head is read first so the difference is never
+    // negative except across a concurrent wrap, which is clamped.
+    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    const std::uint64_t tail = tail_.load(std::memory_order_relaxed) >> 1;
+    const std::int64_t d = detail::ticket_distance(tail, head);
+    if (d <= 0) return 0;
+    return static_cast<std::size_t>(d) > capacity_ ? capacity_ : static_cast<std::size_t>(d);
+  }
+
+  [[nodiscard]] bool empty_approx() const noexcept { return size_approx() == 0; }
+
+  /// Slots in the ring (the requested capacity rounded up to a power of two).
+  [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
+
+  /// Counter snapshot, derived from the indices: costs nothing to keep.
+  [[nodiscard]] channel_stats stats() const noexcept {
+    channel_stats s;
+    // relaxed: statistics only.
+    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    const std::uint64_t tail_word = tail_.load(std::memory_order_relaxed);
+    s.received = static_cast<std::uint64_t>(detail::ticket_distance(head, start_));
+    s.sent = static_cast<std::uint64_t>(detail::ticket_distance(tail_word >> 1, start_));
+    s.depth = s.sent > s.received ? static_cast<std::size_t>(s.sent - s.received) : 0;
+    s.capacity = capacity_;
+    s.closed = (tail_word & 1) != 0;
+    return s;
+  }
+
+ private:
+  using slot_type = detail::channel_slot<T>;
+
+  static constexpr send_status to_send_status(detail::claim_status c) noexcept {
+    return c == detail::claim_status::closed ? send_status::closed : send_status::full;
+  }
+
+  template <class U>
+  send_status try_send_quiet(U&& value) noexcept(std::is_nothrow_constructible_v<T, U&&>) {
+    if constexpr (std::is_nothrow_constructible_v<T, U&&>) {
+      std::uint64_t ticket = 0;
+      const auto claim = claim_send(ticket);
+      if (claim != detail::claim_status::ok) return to_send_status(claim);
+      publish(ticket, std::forward<U>(value));
+      return send_status::ok;
+    } else {
+      // Construct first: a throwing conversion must not strand a claimed slot.
+      T converted(std::forward<U>(value));
+      return try_send_quiet(std::move(converted));
+    }
+  }
+
+  /// Claims the next send ticket: ok (ticket set), full, or closed.
+  detail::claim_status claim_send(std::uint64_t& ticket) noexcept {
+    // relaxed: only a starting guess; the CAS below validates it.
+    std::uint64_t tail = tail_.load(std::memory_order_relaxed);
+    detail::backoff backoff;
+    for (;;) {
+      if (tail & 1) return detail::claim_status::closed;
+      const std::uint64_t t = tail >> 1;
+      slot_type& slot = slots_[t & mask_];
+      // acquire: pairs with the receiver's release that freed this slot, so
+      // its move-out and destruction of the previous message happen before
+      // our construction.
+      const std::uint64_t seq = slot.seq.load(std::memory_order_acquire);
+      const std::int64_t d = detail::ticket_distance(seq, t);
+      if (d == 0) {
+        // seq_cst: the claim is the notifier-side RMW of the event-count
+        // protocol for parked receivers, and the CAS fails if close() marked
+        // the tail first. Relaxed on failure: we only retry with the new value.
+        if (tail_.compare_exchange_weak(tail, detail::ticket_add(t, 1) << 1, std::memory_order_seq_cst,
+                                        std::memory_order_relaxed)) {
+          ticket = t;
+          return detail::claim_status::ok;
+        }
+        continue;
+      }
+      if (d < 0) {
+        // The slot still holds the message of ticket t - capacity. Full only
+        // if no receiver has claimed it: head + capacity == t right now.
+        // seq_cst: the sender side of the not_full event count (Dekker with
+        // the receiver's seq_cst head update).
+        const std::uint64_t head = head_.load(std::memory_order_seq_cst);
+        if (detail::ticket_distance(t, head) >= static_cast<std::int64_t>(capacity_)) {
+          // Re-read the tail: a close() since our first read must win.
+          const std::uint64_t now = tail_.load(std::memory_order_seq_cst);
+          if (now & 1) return detail::claim_status::closed;
+          if (now == tail) return detail::claim_status::full;
+          tail = now;
+          continue;
+        }
+        backoff.snooze();  // a receiver is moving the old message out
+      }
+      // relaxed: a fresh guess for the next CAS.
+      tail = tail_.load(std::memory_order_relaxed);
+    }
+  }
+
+  template <class... Args>
+  void publish(std::uint64_t ticket, Args&&... args) noexcept {
+    slot_type& slot = slots_[ticket & mask_];
+    ::new (static_cast<void*>(slot.storage)) T(std::forward<Args>(args)...);
+    // release: publishes the message; pairs with the acquire load in
+    // claim_receive.
+    slot.seq.store(detail::ticket_add(ticket, 1), std::memory_order_release);
+  }
+
+  /// Claims the next receive ticket: ok (ticket set), empty, or closed.
+  detail::claim_status claim_receive(std::uint64_t& ticket) noexcept {
+    // relaxed: a starting guess (multi-consumer) or our own value (single).
+    std::uint64_t head = head_.load(std::memory_order_relaxed);
+    detail::backoff backoff;
+    for (;;) {
+      slot_type& slot = slots_[head & mask_];
+      // acquire: pairs with the sender's release in publish(), making the
+      // constructed message visible before we move it out.
+      const std::uint64_t seq = slot.seq.load(std::memory_order_acquire);
+      const std::int64_t d = detail::ticket_distance(seq, detail::ticket_add(head, 1));
+      if (d == 0) {
+        if constexpr (Shape::multi_consumer) {
+          // seq_cst: the notifier-side RMW for parked senders (event count).
+          if (head_.compare_exchange_weak(head, detail::ticket_add(head, 1), std::memory_order_seq_cst,
+                                          std::memory_order_relaxed)) {
+            ticket = head;
+            return detail::claim_status::ok;
+          }
+          continue;
+        } else {
+          // seq_cst: as the CAS above; a single consumer needs no CAS, but the
+          // store must be ordered before its has_waiters() read.
+          head_.store(detail::ticket_add(head, 1), std::memory_order_seq_cst);
+          ticket = head;
+          return detail::claim_status::ok;
+        }
+      }
+      if (d < 0) {
+        // Unpublished head slot. Empty only if no sender has claimed it.
+        // seq_cst: the receiver side of the not_empty event count.
+        const std::uint64_t tail = tail_.load(std::memory_order_seq_cst);
+        if ((tail >> 1) == head) return (tail & 1) ? detail::claim_status::closed : detail::claim_status::empty;
+        if constexpr (Shape::multi_consumer) {
+          // Our head may be stale (other receivers moved on): re-read first.
+          const std::uint64_t now = head_.load(std::memory_order_relaxed);
+          if (now != head) {
+            head = now;
+            continue;
+          }
+        }
+        backoff.snooze();  // a send is between claim and publish
+        continue;
+      }
+      // d > 0: another receiver took this ticket; relaxed: a fresh guess.
+      head = head_.load(std::memory_order_relaxed);
+    }
+  }
+
+  T take(std::uint64_t ticket) noexcept {
+    slot_type& slot = slots_[ticket & mask_];
+    T* p = slot.value();
+    T out(std::move(*p));
+    p->~T();
+    // release: frees the slot for ticket + capacity; pairs with the acquire
+    // load in claim_send.
+    slot.seq.store(detail::ticket_add(ticket, capacity_), std::memory_order_release);
+    return out;
+  }
+
+  template <class U>
+  send_status send_blocking(U&& value, std::optional<std::chrono::steady_clock::time_point> deadline) {
+    if constexpr (!std::is_nothrow_constructible_v<T, U&&>) {
+      T converted(std::forward<U>(value));
+      return send_blocking(std::move(converted), deadline);
+    } else {
+      detail::backoff backoff;
+      for (;;) {
+        send_status s = try_send(std::forward<U>(value));
+        if (s != send_status::full) return s;
+        if (!backoff.completed()) {
+          backoff.snooze();
+          continue;
+        }
+        const std::uint32_t key = not_full_.prepare_wait();
+        s = try_send(std::forward<U>(value));
+        if (s != send_status::full) {
+          not_full_.finish_wait();
+          return s;
+        }
+        const bool woke = not_full_.wait(key, deadline);
+        not_full_.finish_wait();
+        if (!woke) {
+          s = try_send(std::forward<U>(value));
+          return s == send_status::full ? send_status::timeout : s;
+        }
+      }
+    }
+  }
+
+  receive_result<T> receive_blocking(std::optional<std::chrono::steady_clock::time_point> deadline) {
+    detail::backoff backoff;
+    for (;;) {
+      receive_result<T> r = try_receive_result();
+      if (r.status() != receive_status::empty) return r;
+      if (!backoff.completed()) {
+        backoff.snooze();
+        continue;
+      }
+      const std::uint32_t key = not_empty_.prepare_wait();
+      r = try_receive_result();
+      if (r.status() != receive_status::empty) {
+        not_empty_.finish_wait();
+        return r;
+      }
+      const bool woke = not_empty_.wait(key, deadline);
+      not_empty_.finish_wait();
+      if (!woke) {
+        r = try_receive_result();
+        return r.status() == receive_status::empty ? receive_result<T>(receive_status::timeout) : std::move(r);
+      }
+    }
+  }
+
+  // Layout: each index on its own cache line(s) so senders and receivers do
+  // not invalidate each other's lines except through the slots themselves.
+
+  /// Send index: (next send ticket << 1) | closed. Written by senders' claim
+  /// CAS (seq_cst) and by close() (seq_cst fetch_or). Read by senders
+  /// (relaxed guess, validated by the CAS), by receivers to tell empty from a
+  /// send in flight (seq_cst; the Dekker partner of the claim CAS through the
+  /// not_empty_ event count), and by stats (relaxed). Invariant:
+  /// head <= tail >> 1 <= head + capacity.
+  alignas(detail::cache_line_size) std::atomic<std::uint64_t> tail_{0};
+  /// Receive index: next receive ticket. Written by receivers (seq_cst CAS,
+  /// or seq_cst store for a single consumer). Read by receivers (relaxed
+  /// guess), by senders to tell full from a receive in flight (seq_cst; the
+  /// Dekker partner through not_full_), and by stats (relaxed).
+  alignas(detail::cache_line_size) std::atomic<std::uint64_t> head_{0};
+  /// Receivers park here; senders notify after publishing.
+  alignas(detail::cache_line_size) detail::event_count not_empty_;
+  /// Senders park here; receivers notify after freeing a slot.
+  alignas(detail::cache_line_size) detail::event_count not_full_;
+  // Read-only after construction.
+  alignas(detail::cache_line_size) const std::size_t capacity_;
+  const std::size_t mask_;
+  const std::uint64_t start_;
+  const std::unique_ptr<slot_type[]> slots_;
+
+  static_assert(detail::cache_line_size >= sizeof(std::atomic<std::uint64_t>),
+                "tail_ and head_ must sit on different cache lines to avoid false sharing");
+};
+
+namespace detail {
+template <class T, class Shape>
+struct endpoint_state {
+  explicit endpoint_state(std::size_t capacity) : ch(capacity) {}
+  channel<T, Shape> ch;
+  /// Live sender endpoints. relaxed increment on copy (a copy comes from a
+  /// live endpoint, so the count cannot reach zero meanwhile); acq_rel
+  /// decrement so the last one's close() follows every other sender's sends.
+  std::atomic<std::size_t> senders{1};
+  /// Live receiver endpoints; same discipline as `senders`.
+  std::atomic<std::size_t> receivers{1};
+};
+}  // namespace detail
+
+template <class T, channel_shape Shape>
+class receiver;
+
+/// The sending end of a channel made by `make_channel`. When the last sender
+/// is destroyed the channel closes, so receivers drain and then see `closed`.
+/// Copyable only for multi-producer shapes; movable always. Each member has
+/// the blocking and thread-safety of the channel member of the same name.
+template <class T, channel_shape Shape = mpmc>
+class sender {
+ public:
+  sender(const sender& other) noexcept
+    requires Shape::multi_producer
+      : state_(other.state_) {
+    if (state_) state_->senders.fetch_add(1, std::memory_order_relaxed);
+  }
+  sender(sender&&) noexcept = default;
+  sender& operator=(sender other) noexcept {
+    std::swap(state_, other.state_);
+    return *this;
+  }
+  ~sender() { release(); }
+
+  template <class U>
+  [[nodiscard]] send_status try_send(U&& v) { return state_->ch.try_send(std::forward<U>(v)); }
+  template <class U>
+  send_status send(U&& v) { return state_->ch.send(std::forward<U>(v)); }
+  template <class U, class Rep, class Period>
+  send_status send_for(U&& v, std::chrono::duration<Rep, Period> d) { return state_->ch.send_for(std::forward<U>(v), d); }
+  template <class U, class Clock, class Duration>
+  send_status send_until(U&& v, std::chrono::time_point<Clock, Duration> t) {
+    return state_->ch.send_until(std::forward<U>(v), t);
+  }
+  template <class InputIt>
+  std::size_t try_send_batch(InputIt first, InputIt last) { return state_->ch.try_send_batch(first, last); }
+  /// True when the channel is closed (explicitly, or every receiver is gone).
+  [[nodiscard]] bool is_closed() const noexcept { return state_->ch.is_closed(); }
+  void close() noexcept { state_->ch.close(); }
+  [[nodiscard]] std::size_t capacity() const noexcept { return state_->ch.capacity(); }
+  [[nodiscard]] std::size_t size_approx() const noexcept { return state_->ch.size_approx(); }
+
+ private:
+  template <class U, channel_shape S>
+  friend std::pair<sender<U, S>, receiver<U, S>> make_channel(std::size_t);
+  explicit sender(std::shared_ptr<detail::endpoint_state<T, Shape>> s) noexcept : state_(std::move(s)) {}
+  void release() noexcept {
+    if (state_ && state_->senders.fetch_sub(1, std::memory_order_acq_rel) == 1) state_->ch.close();
+    state_.reset();
+  }
+  std::shared_ptr<detail::endpoint_state<T, Shape>> state_;
+};
+
+/// The receiving end of a channel made by `make_channel`. When the last
+/// receiver is destroyed the channel closes, so sends fail with `closed`.
+/// Copyable only for multi-consumer shapes; movable always.
+template <class T, channel_shape Shape = mpmc>
+class receiver {
+ public:
+  receiver(const receiver& other) noexcept
+    requires Shape::multi_consumer
+      : state_(other.state_) {
+    if (state_) state_->receivers.fetch_add(1, std::memory_order_relaxed);
+  }
+  receiver(receiver&&) noexcept = default;
+  receiver& operator=(receiver other) noexcept {
+    std::swap(state_, other.state_);
+    return *this;
+  }
+  ~receiver() { release(); }
+
+  [[nodiscard]] std::optional<T> try_receive() noexcept { return state_->ch.try_receive(); }
+  [[nodiscard]] receive_result<T> try_receive_result() noexcept { return state_->ch.try_receive_result(); }
+  [[nodiscard]] std::optional<T> receive() { return state_->ch.receive(); }
+  template <class Rep, class Period>
+  [[nodiscard]] receive_result<T> receive_for(std::chrono::duration<Rep, Period> d) { return state_->ch.receive_for(d); }
+  template <class Clock, class Duration>
+  [[nodiscard]] receive_result<T> receive_until(std::chrono::time_point<Clock, Duration> t) {
+    return state_->ch.receive_until(t);
+  }
+  template <class OutputIt>
+  std::size_t try_receive_batch(OutputIt out, std::size_t max) { return state_->ch.try_receive_batch(out, max); }
+  [[nodiscard]] bool is_closed() const noexcept { return state_->ch.is_closed(); }
+  void close() noexcept { state_->ch.close(); }
+  [[nodiscard]] std::size_t capacity() const noexcept { return state_->ch.capacity(); }
+  [[nodiscard]] std::size_t size_approx() const noexcept { return state_->ch.size_approx(); }
+
+ private:
+  template <class U, channel_shape S>
+  friend std::pair<sender<U, S>, receiver<U, S>> make_channel(std::size_t);
+  explicit receiver(std::shared_ptr<detail::endpoint_state<T, Shape>> s) noexcept : state_(std::move(s)) {}
+  void release() noexcept {
+    if (state_ && state_->receivers.fetch_sub(1, std::memory_order_acq_rel) == 1) state_->ch.close();
+    state_.reset();
+  }
+  std::shared_ptr<detail::endpoint_state<T, Shape>> state_;
+};
+
+/// Makes a channel owned by its endpoints (crossbeam-style disconnection):
+/// receivers see `closed` after the last sender is gone and the queue is
+/// drained; sends fail with `closed` once the last receiver is gone (queued
+/// messages are then destroyed with the channel). Allocates once.
+template <class T, channel_shape Shape = mpmc>
+[[nodiscard]] std::pair<sender<T, Shape>, receiver<T, Shape>> make_channel(std::size_t capacity) {
+  auto state = std::make_shared<detail::endpoint_state<T, Shape>>(capacity);
+  return {sender<T, Shape>(state), receiver<T, Shape>(state)};
+}
+
+POSTBOX_END_NAMESPACE

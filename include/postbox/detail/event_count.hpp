@@ -1,0 +1,164 @@
+// SPDX-License-Identifier: MIT
+// An event count: lets threads park on "the queue changed" with no syscall on the notify side unless someone sleeps.
+#pragma once
+
+#include <postbox/config.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cerrno>
+#include <climits>
+#include <cstdint>
+#include <optional>
+
+#if defined(__linux__)
+#  include <linux/futex.h>
+#  include <sys/syscall.h>
+#  include <time.h>
+#  include <unistd.h>
+#else
+#  include <condition_variable>
+#  include <mutex>
+#endif
+
+POSTBOX_BEGIN_NAMESPACE
+namespace detail {
+
+/// Parking for lock-free structures (the classic event count).
+///
+/// Waiter:  `key = prepare_wait()`; re-check the condition; if still false,
+///          `wait(key, deadline)`; always `finish_wait()` afterwards.
+/// Notifier: make the condition true with a seq_cst read-modify-write, then
+///          call `notify_*`, which reads `waiters_` and does nothing else (no
+///          syscall, no write) when nobody is parked.
+///
+/// Why no wake-up is lost: the waiter's `waiters_` increment and the
+/// notifier's condition RMW are both seq_cst and each is followed (in program
+/// order) by a seq_cst read of the other's location. In the single total
+/// order S, either the notifier's `waiters_` read comes after the increment
+/// (it sees a waiter and bumps the epoch, so the futex wait returns at once or
+/// is woken), or it comes before, and then the waiter's re-check, later in S
+/// than the notifier's RMW, observes the condition. This is Dekker's pattern
+/// expressed through seq_cst operations only, with no standalone fence.
+///
+/// On Linux the epoch word is a futex (private, with absolute CLOCK_MONOTONIC
+/// timeouts); elsewhere a mutex and condition variable stand in, used only on
+/// the slow path. All members are thread-safe and never allocate.
+class event_count {
+ public:
+  using steady = std::chrono::steady_clock;
+
+  /// Announces a waiter and returns the epoch to wait on.
+  [[nodiscard]] std::uint32_t prepare_wait() noexcept {
+    // seq_cst: the Dekker half described above; pairs with the seq_cst load
+    // in has_waiters() on the notifier side.
+    waiters_.fetch_add(1, std::memory_order_seq_cst);
+    // seq_cst: must be read after the increment in S, so a notify that missed
+    // our increment cannot also have bumped the epoch unseen.
+    return epoch_.load(std::memory_order_seq_cst);
+  }
+
+  /// Withdraws the waiter announced by prepare_wait().
+  void finish_wait() noexcept {
+    // relaxed: the count only gates whether notifiers bother to wake; a stale
+    // non-zero costs one spurious wake-up, never a lost one.
+    waiters_.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+  /// Sleeps until the epoch moves past `key`, a notify arrives, `deadline`
+  /// passes (returns false) or spuriously (returns true). Blocks.
+  bool wait(std::uint32_t key, std::optional<steady::time_point> deadline) noexcept {
+#if defined(__linux__)
+    timespec ts{};
+    timespec* tsp = nullptr;
+    if (deadline) {
+      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline->time_since_epoch()).count();
+      if (ns <= 0 || *deadline <= steady::now()) return false;
+      ts.tv_sec = static_cast<time_t>(ns / 1000000000);
+      ts.tv_nsec = static_cast<long>(ns % 1000000000);
+      tsp = &ts;
+    }
+    // FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline, which is
+    // what std::chrono::steady_clock reads on Linux.
+    const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&epoch_),
+                              FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, key, tsp, nullptr,
+                              FUTEX_BITSET_MATCH_ANY);
+    if (rc != 0 && errno == ETIMEDOUT) return false;
+    return true;
+#else
+    std::unique_lock lock(mutex_);
+    if (deadline) {
+      return cv_.wait_until(lock, *deadline, [&] { return epoch_.load(std::memory_order_seq_cst) != key; });
+    }
+    cv_.wait(lock, [&] { return epoch_.load(std::memory_order_seq_cst) != key; });
+    return true;
+#endif
+  }
+
+  /// True when some thread is between prepare_wait() and finish_wait().
+  [[nodiscard]] bool has_waiters() const noexcept {
+    // seq_cst: the notifier half of the Dekker pattern; pairs with the
+    // seq_cst increment in prepare_wait().
+    return waiters_.load(std::memory_order_seq_cst) != 0;
+  }
+
+  /// Wakes up to `n` parked threads if any waiter is announced; otherwise
+  /// does nothing at all (no write, no syscall).
+  void notify(int n) noexcept {
+    if (has_waiters()) wake(n);
+  }
+  void notify_one() noexcept { notify(1); }
+  void notify_all() noexcept { notify(INT_MAX); }
+
+ private:
+  void wake(int n) noexcept {
+    // seq_cst: a waiter that read the old epoch in prepare_wait() either sees
+    // this new value in the futex check or is woken below.
+    epoch_.fetch_add(1, std::memory_order_seq_cst);
+#if defined(__linux__)
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&epoch_), FUTEX_WAKE | FUTEX_PRIVATE_FLAG, n,
+              nullptr, nullptr, 0);
+#else
+    std::lock_guard lock(mutex_);
+    if (n == 1) {
+      cv_.notify_one();
+    } else {
+      cv_.notify_all();
+    }
+#endif
+  }
+
+  /// Futex word. Bumped (seq_cst RMW) only by notifiers that saw a waiter;
+  /// read (seq_cst) by waiters in prepare_wait() and by the kernel.
+  std::atomic<std::uint32_t> epoch_{0};
+  /// Threads between prepare_wait() and finish_wait(). Incremented seq_cst by
+  /// waiters, read seq_cst by notifiers (has_waiters); see the class comment.
+  std::atomic<std::uint32_t> waiters_{0};
+#if !defined(__linux__)
+  std::mutex mutex_;
+  std::condition_variable cv_;
+#endif
+};
+
+static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t),
+              "the futex word must be a plain 32-bit integer in memory");
+
+/// Converts a deadline on any clock to steady_clock (the clock futex and the
+/// event count wait on); time points at the far end mean "no deadline".
+template <class Clock, class Duration>
+std::optional<std::chrono::steady_clock::time_point> to_steady_deadline(
+    const std::chrono::time_point<Clock, Duration>& deadline) {
+  using steady = std::chrono::steady_clock;
+  if (deadline == std::chrono::time_point<Clock, Duration>::max()) return std::nullopt;
+  if constexpr (std::is_same_v<Clock, steady>) {
+    return std::chrono::time_point_cast<steady::duration>(deadline);
+  } else {
+    const auto remaining = deadline - Clock::now();
+    const auto limit = std::chrono::hours(24 * 365 * 100);
+    if (remaining > limit) return std::nullopt;
+    return steady::now() + std::chrono::duration_cast<steady::duration>(remaining);
+  }
+}
+
+}  // namespace detail
+POSTBOX_END_NAMESPACE
