@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds and runs every postbox test three times: Release, ThreadSanitizer, and
+# AddressSanitizer+UBSan; ends with ctest's summary and a total line.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh || exit 1
+
+jobs=$(nproc)
+root=$PWD
+out=${POSTBOX_TEST_BUILD:-$root/build/test}
+failed=0
+passed_total=0
+failed_total=0
+
+# name | CMake flags
+configs=(
+  "release|-DCMAKE_BUILD_TYPE=Release -DPOSTBOX_BUILD_BENCHMARKS=ON"
+  "tsan|-DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS=-O1\ -g1\ -fsanitize=thread -DPOSTBOX_BUILD_BENCHMARKS=OFF -DPOSTBOX_SKIP_CONSUMER_TESTS=ON -DPOSTBOX_SANITIZER=thread"
+  "asan|-DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS=-O1\ -g1\ -fsanitize=address,undefined\ -fno-sanitize-recover=all\ -fno-omit-frame-pointer -DPOSTBOX_BUILD_BENCHMARKS=OFF -DPOSTBOX_SKIP_CONSUMER_TESTS=ON -DPOSTBOX_SANITIZER=address"
+)
+
+export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+
+for entry in "${configs[@]}"; do
+  name=${entry%%|*}
+  eval "flags=(${entry#*|})"
+  dir=$out/$name
+  echo "=== postbox tests: $name ==="
+  if ! cmake -S "$root" -B "$dir" -G Ninja "${flags[@]}" >"$dir.configure.log" 2>&1; then
+    mkdir -p "$(dirname "$dir")"; cat "$dir.configure.log"; echo "configure failed: $name"; failed=1; continue
+  fi
+  if ! cmake --build "$dir" -j "$jobs" >"$dir.build.log" 2>&1; then
+    grep -E -B2 -A12 "error|Error" "$dir.build.log" | head -80; echo "build failed: $name"; failed=1; continue
+  fi
+  log=$dir.ctest.log
+  ctest --test-dir "$dir" -j "$jobs" --output-on-failure --timeout 300 2>&1 | tee "$log" | grep -vE "^ *[0-9]+/[0-9]+ Test +#[0-9]+: .* Passed" || true
+  summary=$(grep -E "tests passed, [0-9]+ tests failed out of [0-9]+" "$log" | tail -1)
+  if [ -z "$summary" ]; then echo "ctest did not finish: $name"; failed=1; continue; fi
+  total=$(sed -E 's/.* out of ([0-9]+).*/\1/' <<<"$summary")
+  bad=$(sed -E 's/.* ([0-9]+) tests failed.*/\1/' <<<"$summary")
+  passed_total=$((passed_total + total - bad))
+  failed_total=$((failed_total + bad))
+  [ "$bad" -eq 0 ] || failed=1
+done
+
+echo
+echo "postbox: release, tsan and asan+ubsan runs"
+echo "tests: $passed_total passed, $failed_total failed"
+exit $failed
