@@ -1,0 +1,2 @@
+// SPDX-License-Identifier: MIT
+// Anchor translation unit for the tests' shared precompiled header.
