@@ -30,6 +30,12 @@ struct plain_payload {
   int value = 0;
 };
 
+// Data members that happen to share the traits' names are not traits.
+struct record_payload {
+  std::string message_type;
+  int schema_version = 9;
+};
+
 constexpr std::string_view valid_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 }  // namespace
@@ -43,6 +49,8 @@ static_assert(postbox::message_traits<order_placed>::schema_version() == 3);
 static_assert(postbox::message_traits<plain_payload>::type_name().empty());
 static_assert(postbox::message_traits<plain_payload>::schema_version() == 1);
 static_assert(postbox::trace_context::is_valid_traceparent(valid_parent));
+static_assert(postbox::message_traits<record_payload>::type_name().empty());
+static_assert(postbox::message_traits<record_payload>::schema_version() == 1);
 
 TEST_CASE("a default message_id is nil and orders before every generated id", "[envelope]") {
   const message_id nil;

@@ -75,6 +75,9 @@ struct gen {
 
 }  // namespace
 
+static_assert(noexcept(pj::decode<order_placed>(std::string_view{})), "decode never throws");
+static_assert(noexcept(pj::decode_raw(std::string_view{})), "decode_raw never throws");
+
 TEST_CASE("an envelope survives encode then decode with every field intact", "[json]") {
   postbox::manual_clock clk;
   clk.advance(std::chrono::nanoseconds(123456789));

@@ -451,10 +451,13 @@ namespace detail {
 /// an explicit type name ambiguous; those overloads exclude it.
 template <class T>
 concept not_a_clock = !std::is_base_of_v<clock, std::remove_cvref_t<T>>;
+// Static members only: a payload may well have a data member of that name.
 template <class T>
-concept has_message_type = requires { std::string_view(T::message_type); };
+concept has_message_type = requires { std::string_view(T::message_type); } &&
+                           !std::is_member_pointer_v<decltype(&T::message_type)>;
 template <class T>
-concept has_schema_version = requires { static_cast<std::uint32_t>(T::schema_version); };
+concept has_schema_version = requires { static_cast<std::uint32_t>(T::schema_version); } &&
+                             !std::is_member_pointer_v<decltype(&T::schema_version)>;
 }  // namespace detail
 
 /// The message type name and schema version of payload type `T`: from
