@@ -337,6 +337,7 @@ struct trace_context {
     return trace_context{std::move(out), tracestate};
   }
 
+  /// Both strings equal.
   friend bool operator==(const trace_context&, const trace_context&) = default;
 
  private:
@@ -407,14 +408,19 @@ class header_map {
     items_.erase(it);
     return true;
   }
+  /// Whether `key` is present. Never allocates.
   [[nodiscard]] bool contains(std::string_view key) const noexcept { return get(key).has_value(); }
+  /// Number of headers. Never allocates.
   [[nodiscard]] std::size_t size() const noexcept { return items_.size(); }
+  /// True when there are no headers. Never allocates.
   [[nodiscard]] bool empty() const noexcept { return items_.empty(); }
+  /// Removes every header (keeps the capacity).
   void clear() noexcept { items_.clear(); }
   /// Iteration in ascending key order.
   [[nodiscard]] const_iterator begin() const noexcept { return items_.begin(); }
   [[nodiscard]] const_iterator end() const noexcept { return items_.end(); }
 
+  /// Same keys with the same values.
   friend bool operator==(const header_map&, const header_map&) = default;
 
  private:

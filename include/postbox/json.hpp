@@ -66,7 +66,9 @@ class [[nodiscard]] decode_result {
   decode_result(decode_error error, std::shared_ptr<const raw_envelope> raw = nullptr)  // NOLINT
       : state_(std::move(error)), raw_(std::move(raw)) {}
 
+  /// True when an envelope is present. Never allocates.
   [[nodiscard]] bool has_value() const noexcept { return state_.index() == 0; }
+  /// Same as `has_value()`.
   explicit operator bool() const noexcept { return has_value(); }
   /// `errc::ok` on success, else the error's code.
   [[nodiscard]] errc status() const noexcept { return has_value() ? errc::ok : std::get<1>(state_).code; }
