@@ -229,7 +229,7 @@ TEST_CASE("tracestate validation accepts W3C lists and rejects bad members", "[e
   CHECK_FALSE(trace_context::is_valid_tracestate("rojo=1,rojo=2"));   // duplicate key
   CHECK_FALSE(trace_context::is_valid_tracestate("rojo=caf\xc3\xa9"));  // non-ASCII
   std::string many;
-  for (int i = 0; i < 33; ++i) many += "k" + std::to_string(i) + "=v,";
+  for (int i = 0; i < 33; ++i) many.append("k").append(std::to_string(i)).append("=v,");
   CHECK_FALSE(trace_context::is_valid_tracestate(many));  // more than 32 members
 }
 
