@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Umbrella header: includes every public postbox header, nothing else.
+// Headers that need an optional library are included when it is installed.
 #pragma once
 
 #include <postbox/version.hpp>
@@ -9,3 +10,12 @@
 #include <postbox/clock.hpp>
 #include <postbox/testing.hpp>
 #include <postbox/channel.hpp>
+#include <postbox/envelope.hpp>
+
+#if __has_include(<nlohmann/json.hpp>)
+#  include <postbox/json.hpp>
+#  include <postbox/schema.hpp>
+#endif
+#if __has_include(<fmt/format.h>)
+#  include <postbox/format.hpp>
+#endif
