@@ -7,6 +7,7 @@ packages=(
   catch2 libfmt-dev nlohmann-json3-dev libsqlite3-dev relacy-dev
   libconcurrentqueue-dev libreaderwriterqueue-dev libatomic-queue-dev
   libboost-dev libtbb-dev libzmq3-dev
+  nats-server libnats-dev
 )
 missing=()
 for p in "${packages[@]}"; do
