@@ -8,6 +8,7 @@ bash scripts/deps.sh || exit 1
 jobs=$(nproc)
 root=$PWD
 out=${POSTBOX_TEST_BUILD:-$root/build/test}
+mkdir -p "$out"
 failed=0
 passed_total=0
 failed_total=0
@@ -29,13 +30,13 @@ for entry in "${configs[@]}"; do
   dir=$out/$name
   echo "=== postbox tests: $name ==="
   if ! cmake -S "$root" -B "$dir" -G Ninja "${flags[@]}" >"$dir.configure.log" 2>&1; then
-    mkdir -p "$(dirname "$dir")"; cat "$dir.configure.log"; echo "configure failed: $name"; failed=1; continue
+    cat "$dir.configure.log"; echo "configure failed: $name"; failed=1; continue
   fi
   if ! cmake --build "$dir" -j "$jobs" >"$dir.build.log" 2>&1; then
     grep -E -B2 -A12 "error|Error" "$dir.build.log" | head -80; echo "build failed: $name"; failed=1; continue
   fi
   log=$dir.ctest.log
-  ctest --test-dir "$dir" -j "$jobs" --output-on-failure --timeout 300 2>&1 | tee "$log" | grep -vE "^ *[0-9]+/[0-9]+ Test +#[0-9]+: .* Passed" || true
+  ctest --test-dir "$dir" -j "$jobs" --output-on-failure --timeout 300 2>&1 | tee "$log" | grep -vE "^ *[0-9]+/[0-9]+ Test +#[0-9]+: .* Passed|^ +Start +[0-9]+: " || true
   summary=$(grep -E "tests passed, [0-9]+ tests failed out of [0-9]+" "$log" | tail -1)
   if [ -z "$summary" ]; then echo "ctest did not finish: $name"; failed=1; continue; fi
   total=$(sed -E 's/.* out of ([0-9]+).*/\1/' <<<"$summary")
