@@ -396,7 +396,7 @@ TEST_CASE("saga state round-trips through the memory store", "[saga]") {
   check_round_trip(store);
 }
 
-TEST_CASE("saga state round-trips through the SQLite store, across connections", "[saga]") {
+TEST_CASE("saga state round-trips through the SQLite store across connections", "[saga]") {
   temp_db db;
   {
     postbox::sqlite_saga_store store(db.path.string());
@@ -409,12 +409,12 @@ TEST_CASE("saga state round-trips through the SQLite store, across connections",
   CHECK(loaded->data == std::string("binary\0data", 11));
 }
 
-TEST_CASE("load_unfinished lists only running sagas, oldest first, in the memory store", "[saga]") {
+TEST_CASE("load_unfinished lists only running sagas oldest first in the memory store", "[saga]") {
   postbox::memory_saga_store store;
   check_unfinished(store);
 }
 
-TEST_CASE("load_unfinished lists only running sagas, oldest first, in the SQLite store", "[saga]") {
+TEST_CASE("load_unfinished lists only running sagas oldest first in the SQLite store", "[saga]") {
   temp_db db;
   postbox::sqlite_saga_store_options normal;
   normal.synchronous = "NORMAL";
@@ -809,4 +809,37 @@ TEST_CASE("a resumed step whose deadline has passed fails without running and is
   CHECK(r->outcome == saga_outcome::compensated);
   CHECK(r->failure_reason == "b: deadline passed before the step could run");
   CHECK(rec.calls_copy() == std::vector<std::string>{"undo:b", "undo:a"});
+}
+
+TEST_CASE("compensation retries wait the policy's exponential schedule capped at the maximum", "[saga]") {
+  postbox::manual_clock clock;
+  postbox::memory_saga_store store;
+  postbox::saga_retry_policy policy;
+  policy.max_attempts = 10;
+  policy.initial_backoff = 10s;
+  policy.multiplier = 2.0;
+  policy.max_backoff = 30s;
+  policy.full_jitter = false;
+  postbox::saga_coordinator coord(store, options({}, policy), clock);
+  std::atomic<int> tries{0};
+  postbox::saga_definition def("schedule");
+  def.step("a", [](step_context&) {}, [&](step_context&) { return tries.fetch_add(1) + 1 > 3; })
+      .step("b", [](step_context&) { return false; }, nullptr);
+  coord.add(std::move(def));
+  std::optional<postbox::result<postbox::saga_state>> out;
+  std::thread runner([&] { out.emplace(coord.run("schedule", "", with_id("sched"))); });
+  const std::vector<postbox::duration> expected{10s, 20s, 30s};  // 40s capped to 30s
+  for (std::size_t n = 0; n < expected.size(); ++n) {
+    REQUIRE(postbox_test::eventually([&] { return clock.waiters() == 1 && tries.load() == static_cast<int>(n + 1); }));
+    auto st = store.load("sched");
+    REQUIRE(st.has_value());
+    CHECK(st->attempt == n + 1);
+    REQUIRE(st->next_attempt_at.has_value());
+    CHECK(*st->next_attempt_at - clock.now() == expected[n]);
+    clock.advance(expected[n]);
+  }
+  runner.join();
+  REQUIRE(out->has_value());
+  CHECK((*out)->outcome == saga_outcome::compensated);
+  CHECK(tries.load() == 4);
 }
