@@ -75,14 +75,27 @@ struct initial_ticket {
   std::uint64_t value = 0;
 };
 
+/// Slot states are counted in half-steps of a ticket: `free_state(t)` = 2t
+/// (free for the sender holding ticket t) and `full_state(t)` = 2t + 1 (holds
+/// the message of ticket t). With whole steps, "full for t" and "free for
+/// t + 1" would be the same number when capacity is 1, and a sender could
+/// overwrite an unread message; half-steps keep every state distinct for any
+/// capacity. 63-bit tickets doubled wrap exactly at 2^64.
+[[nodiscard]] constexpr std::uint64_t free_state(std::uint64_t ticket) noexcept { return ticket << 1; }
+[[nodiscard]] constexpr std::uint64_t full_state(std::uint64_t ticket) noexcept { return (ticket << 1) | 1; }
+/// Signed distance between two slot states.
+[[nodiscard]] constexpr std::int64_t state_distance(std::uint64_t a, std::uint64_t b) noexcept {
+  return static_cast<std::int64_t>(a - b);
+}
+
 template <class T>
 struct channel_slot {
-  /// Slot state, in tickets. `== t`: free for the sender holding ticket t.
-  /// `== t + 1`: holds the message of ticket t. Written with release by the
-  /// sender (publish; pairs with the acquire load in claim_receive) and by the
-  /// receiver (free, to t + capacity; pairs with the acquire load in
-  /// claim_send). The release/acquire pair hands the storage from one side to
-  /// the other, so construction and destruction of T never race.
+  /// Slot state (see free_state/full_state). Written with release by the
+  /// sender (publish, to full_state(t); pairs with the acquire load in
+  /// claim_receive) and by the receiver (to free_state(t + capacity); pairs
+  /// with the acquire load in claim_send). The release/acquire pair hands the
+  /// storage from one side to the other, so construction and destruction of
+  /// T never race.
   std::atomic<std::uint64_t> seq;
   alignas(T) unsigned char storage[sizeof(T)];
 
@@ -108,9 +121,10 @@ enum class claim_status { ok, full, empty, closed };
 /// (Vyukov's bounded queue, in the form crossbeam's array channel uses).
 /// Senders claim ticket `t` by advancing `tail_` with one compare-and-swap,
 /// construct the message in slot `t % capacity`, and publish it by storing
-/// `t + 1` into the slot's sequence. Receivers claim ticket `h` from `head_`
-/// once the slot at `h` is published, move the message out, and free the slot
-/// for the next lap by storing `h + capacity`.
+/// "full for t" into the slot's sequence. Receivers claim ticket `h` from
+/// `head_` once the slot at `h` is published, move the message out, and free
+/// the slot for the next lap by storing "free for h + capacity". States count
+/// in half-tickets so that capacity 1 is unambiguous (see detail::free_state).
 ///
 /// **Linearizable emptiness.** A plain Vyukov ring reports "empty" whenever
 /// the slot at the head is not yet published, even if a *later* sender has
@@ -164,7 +178,7 @@ class channel {
     // expecting the first ticket of the first lap that maps to it.
     for (std::size_t k = 0; k < capacity_; ++k) {
       const std::uint64_t t = detail::ticket_add(start_, k);
-      slots_[t & mask_].seq.store(t, std::memory_order_relaxed);
+      slots_[t & mask_].seq.store(detail::free_state(t), std::memory_order_relaxed);
     }
     tail_.store(start_ << 1, std::memory_order_relaxed);
     head_.store(start_, std::memory_order_relaxed);
@@ -385,7 +399,7 @@ class channel {
       // its move-out and destruction of the previous message happen before
       // our construction.
       const std::uint64_t seq = slot.seq.load(std::memory_order_acquire);
-      const std::int64_t d = detail::ticket_distance(seq, t);
+      const std::int64_t d = detail::state_distance(seq, detail::free_state(t));
       if (d == 0) {
         // seq_cst: the claim is the notifier-side RMW of the event-count
         // protocol for parked receivers, and the CAS fails if close() marked
@@ -424,7 +438,7 @@ class channel {
     ::new (static_cast<void*>(slot.storage)) T(std::forward<Args>(args)...);
     // release: publishes the message; pairs with the acquire load in
     // claim_receive.
-    slot.seq.store(detail::ticket_add(ticket, 1), std::memory_order_release);
+    slot.seq.store(detail::full_state(ticket), std::memory_order_release);
   }
 
   /// Claims the next receive ticket: ok (ticket set), empty, or closed.
@@ -437,7 +451,7 @@ class channel {
       // acquire: pairs with the sender's release in publish(), making the
       // constructed message visible before we move it out.
       const std::uint64_t seq = slot.seq.load(std::memory_order_acquire);
-      const std::int64_t d = detail::ticket_distance(seq, detail::ticket_add(head, 1));
+      const std::int64_t d = detail::state_distance(seq, detail::full_state(head));
       if (d == 0) {
         if constexpr (Shape::multi_consumer) {
           // seq_cst: the notifier-side RMW for parked senders (event count).
@@ -483,7 +497,7 @@ class channel {
     p->~T();
     // release: frees the slot for ticket + capacity; pairs with the acquire
     // load in claim_send.
-    slot.seq.store(detail::ticket_add(ticket, capacity_), std::memory_order_release);
+    slot.seq.store(detail::free_state(detail::ticket_add(ticket, capacity_)), std::memory_order_release);
     return out;
   }
 
