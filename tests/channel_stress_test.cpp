@@ -1,0 +1,198 @@
+// SPDX-License-Identifier: MIT
+// Stress tests for postbox::channel: nothing lost, nothing duplicated, per-producer order kept.
+#include <postbox/channel.hpp>
+
+#include <catch2/catch.hpp>
+
+#include "support.hpp"
+
+#include <atomic>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using postbox::receive_status;
+using postbox::send_status;
+
+constexpr std::uint64_t encode(std::uint64_t producer, std::uint64_t seq) { return producer << 40 | seq; }
+constexpr std::uint64_t producer_of(std::uint64_t v) { return v >> 40; }
+constexpr std::uint64_t seq_of(std::uint64_t v) { return v & ((std::uint64_t{1} << 40) - 1); }
+
+enum class mode { blocking, spinning, mixed };
+
+struct stress_config {
+  int producers;
+  int consumers;
+  std::uint64_t per_producer;
+  std::size_t capacity;
+  std::uint64_t start_ticket = 0;
+  bool close_races_sends = false;  ///< a third thread closes mid-run
+  mode how = mode::mixed;
+};
+
+struct stress_outcome {
+  std::uint64_t sent_ok = 0;
+  std::uint64_t received = 0;
+  std::uint64_t duplicates = 0;
+  std::uint64_t out_of_order = 0;
+  std::uint64_t sum_sent = 0;
+  std::uint64_t sum_received = 0;
+  bool sends_after_close_ok = false;
+  std::uint64_t unexpected_status = 0;  ///< a send returned neither ok nor closed
+};
+
+// Runs producers and consumers; every consumer records what it got, and the
+// checks afterwards compare what was sent with what was received.
+template <class Shape>
+stress_outcome run_stress(const stress_config& cfg) {
+  postbox::channel<std::uint64_t, Shape> ch(cfg.capacity, postbox::detail::initial_ticket{cfg.start_ticket});
+  std::vector<std::vector<std::uint64_t>> got(static_cast<std::size_t>(cfg.consumers));
+  std::vector<std::uint64_t> sent_ok(static_cast<std::size_t>(cfg.producers), 0);
+  std::vector<std::uint64_t> sent_sum(static_cast<std::size_t>(cfg.producers), 0);
+  std::atomic<std::uint64_t> total_ok{0};
+  std::atomic<int> producers_done{0};
+  std::atomic<bool> ok_after_close{false};
+  std::atomic<std::uint64_t> unexpected_status{0};
+
+  std::vector<std::thread> threads;
+  for (int p = 0; p < cfg.producers; ++p) {
+    threads.emplace_back([&, p] {
+      const auto up = static_cast<std::uint64_t>(p);
+      for (std::uint64_t i = 0; i < cfg.per_producer; ++i) {
+        const std::uint64_t v = encode(up, i);
+        const bool use_try = cfg.how == mode::spinning || (cfg.how == mode::mixed && i % 3 == 0);
+        send_status s;
+        if (use_try) {
+          while ((s = ch.try_send(v)) == send_status::full) std::this_thread::yield();
+        } else {
+          s = ch.send(v);
+        }
+        if (s == send_status::closed) break;
+        if (s != send_status::ok) {  // Catch2 assertions are not thread-safe: count instead
+          unexpected_status.fetch_add(1, std::memory_order_relaxed);
+          continue;
+        }
+        sent_ok[static_cast<std::size_t>(p)]++;
+        sent_sum[static_cast<std::size_t>(p)] += v;
+        total_ok.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (producers_done.fetch_add(1) + 1 == cfg.producers && !cfg.close_races_sends) ch.close();
+    });
+  }
+  std::thread closer;
+  if (cfg.close_races_sends) {
+    closer = std::thread([&] {
+      const std::uint64_t half = cfg.per_producer * static_cast<std::uint64_t>(cfg.producers) / 2;
+      while (total_ok.load(std::memory_order_relaxed) < half) std::this_thread::yield();
+      ch.close();
+      // Every send that starts after close() returned must fail.
+      if (ch.try_send(encode(63, 0)) != send_status::closed) ok_after_close = true;
+    });
+  }
+  for (int c = 0; c < cfg.consumers; ++c) {
+    threads.emplace_back([&, c] {
+      auto& mine = got[static_cast<std::size_t>(c)];
+      const bool use_try = cfg.how == mode::spinning || (cfg.how == mode::mixed && c % 2 == 1);
+      for (;;) {
+        if (use_try) {
+          auto r = ch.try_receive_result();
+          if (r) {
+            mine.push_back(*r);
+          } else if (r.status() == receive_status::closed) {
+            break;
+          } else {
+            std::this_thread::yield();
+          }
+        } else {
+          auto v = ch.receive();
+          if (!v) break;
+          mine.push_back(*v);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  if (closer.joinable()) closer.join();
+
+  stress_outcome out;
+  out.sends_after_close_ok = ok_after_close.load();
+  out.unexpected_status = unexpected_status.load();
+  for (int p = 0; p < cfg.producers; ++p) {
+    out.sent_ok += sent_ok[static_cast<std::size_t>(p)];
+    out.sum_sent += sent_sum[static_cast<std::size_t>(p)];
+  }
+  std::vector<std::vector<std::uint8_t>> seen(static_cast<std::size_t>(cfg.producers),
+                                              std::vector<std::uint8_t>(cfg.per_producer, 0));
+  for (const auto& mine : got) {
+    std::vector<std::int64_t> last(static_cast<std::size_t>(cfg.producers), -1);
+    for (std::uint64_t v : mine) {
+      const auto p = static_cast<std::size_t>(producer_of(v));
+      const auto i = seq_of(v);
+      if (seen[p][i]++ != 0) out.duplicates++;
+      if (static_cast<std::int64_t>(i) <= last[p]) out.out_of_order++;
+      last[p] = static_cast<std::int64_t>(i);
+      out.received++;
+      out.sum_received += v;
+    }
+  }
+  return out;
+}
+
+void check(const stress_outcome& o) {
+  CHECK(o.duplicates == 0);
+  CHECK(o.out_of_order == 0);
+  CHECK(o.received == o.sent_ok);
+  CHECK(o.sum_received == o.sum_sent);
+  CHECK_FALSE(o.sends_after_close_ok);
+  CHECK(o.unexpected_status == 0);
+}
+
+const std::uint64_t near_wrap = (std::uint64_t{1} << 63) - 1000;
+
+}  // namespace
+
+TEST_CASE("spsc delivers every message once and in order", "[channel][stress]") {
+  check(run_stress<postbox::spsc>({1, 1, postbox_test::scaled(2'000'000), 64}));
+}
+
+TEST_CASE("mpsc delivers every message once and in per-producer order", "[channel][stress]") {
+  check(run_stress<postbox::mpsc>({3, 1, postbox_test::scaled(500'000), 64}));
+}
+
+TEST_CASE("spmc delivers every message once and in order at every consumer", "[channel][stress]") {
+  check(run_stress<postbox::spmc>({1, 3, postbox_test::scaled(1'500'000), 64}));
+}
+
+TEST_CASE("mpmc delivers every message once and in per-producer order", "[channel][stress]") {
+  check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(500'000), 64}));
+}
+
+TEST_CASE("mpmc with spinning try operations loses and duplicates nothing", "[channel][stress]") {
+  check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(300'000), 16, 0, false, mode::spinning}));
+}
+
+TEST_CASE("mpmc with blocking operations on a tiny ring loses and duplicates nothing", "[channel][stress]") {
+  check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(200'000), 2, 0, false, mode::blocking}));
+}
+
+TEST_CASE("every shape keeps its guarantees across the ticket counters' wrap-around", "[channel][stress]") {
+  check(run_stress<postbox::spsc>({1, 1, postbox_test::scaled(200'000), 4, near_wrap}));
+  check(run_stress<postbox::mpsc>({3, 1, postbox_test::scaled(100'000), 4, near_wrap}));
+  check(run_stress<postbox::spmc>({1, 3, postbox_test::scaled(200'000), 2, near_wrap}));
+  check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(100'000), 8, near_wrap}));
+}
+
+TEST_CASE("capacity one channels hand over every message exactly once", "[channel][stress]") {
+  check(run_stress<postbox::spsc>({1, 1, postbox_test::scaled(200'000), 1}));
+  check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(100'000), 1}));
+}
+
+TEST_CASE("a close racing the senders: every ok send is received once and later sends fail", "[channel][stress]") {
+  for (int round = 0; round < 3; ++round) {
+    check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(100'000), 1, near_wrap, true}));
+    check(run_stress<postbox::spsc>({1, 1, postbox_test::scaled(100'000), 2, 0, true}));
+    check(run_stress<postbox::mpsc>({3, 1, postbox_test::scaled(100'000), 4, 0, true}));
+  }
+}
