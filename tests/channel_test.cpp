@@ -1,0 +1,382 @@
+// SPDX-License-Identifier: MIT
+// Specification tests for postbox::channel and its sender/receiver endpoints.
+#include <postbox/channel.hpp>
+
+#include <catch2/catch.hpp>
+
+#include "support.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+using postbox::channel;
+using postbox::receive_status;
+using postbox::send_status;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Records the address of every live instance, so leaks and double
+// destruction fail the test that caused them.
+struct tracked {
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::set<const tracked*>& live() {
+    static std::set<const tracked*> s;
+    return s;
+  }
+  static std::size_t count() {
+    std::lock_guard g(mutex());
+    return live().size();
+  }
+  explicit tracked(int v) : value(v) { add(); }
+  tracked(const tracked& o) : value(o.value) { add(); }
+  tracked(tracked&& o) noexcept : value(o.value) { add(); }
+  tracked& operator=(const tracked&) = default;
+  ~tracked() {
+    std::lock_guard g(mutex());
+    if (live().erase(this) != 1) std::abort();  // destroyed twice or never built
+  }
+  void add() {
+    std::lock_guard g(mutex());
+    if (!live().insert(this).second) std::abort();
+  }
+  int value;
+};
+
+// Move-only and without a default constructor.
+struct move_only {
+  explicit move_only(int v) : value(std::make_unique<int>(v)) {}
+  move_only(move_only&&) noexcept = default;
+  move_only& operator=(move_only&&) noexcept = default;
+  std::unique_ptr<int> value;
+};
+
+}  // namespace
+
+// --- compile-time contracts -----------------------------------------------------
+
+static_assert(noexcept(std::declval<channel<int>&>().try_send(1)), "try_send of a nothrow type is noexcept");
+static_assert(noexcept(std::declval<channel<int>&>().try_receive()), "try_receive is noexcept");
+static_assert(!noexcept(std::declval<channel<std::string>&>().try_send(std::declval<const char*>())),
+              "a conversion that may throw makes try_send potentially throwing");
+static_assert(!std::is_copy_constructible_v<channel<int>>, "channels are not copyable");
+static_assert(std::is_copy_constructible_v<postbox::sender<int, postbox::mpmc>>, "multi-producer senders copy");
+static_assert(!std::is_copy_constructible_v<postbox::sender<int, postbox::spsc>>, "a single producer is unique");
+static_assert(!std::is_copy_constructible_v<postbox::receiver<int, postbox::mpsc>>, "a single consumer is unique");
+static_assert(std::is_copy_constructible_v<postbox::receiver<int, postbox::spmc>>, "multi-consumer receivers copy");
+static_assert(std::is_move_constructible_v<postbox::sender<int, postbox::spsc>>, "endpoints always move");
+
+// --- construction ---------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("capacity is rounded up to a power of two and reported exactly", "[channel]", postbox::spsc,
+                   postbox::mpsc, postbox::spmc, postbox::mpmc) {
+  CHECK(channel<int, TestType>(1).capacity() == 1);
+  CHECK(channel<int, TestType>(3).capacity() == 4);
+  CHECK(channel<int, TestType>(1000).capacity() == 1024);
+  CHECK(channel<int, TestType>(1024).capacity() == 1024);
+}
+
+TEST_CASE("a capacity of zero is rejected with invalid_argument", "[channel]") {
+  try {
+    channel<int> ch(0);
+    FAIL("no exception");
+  } catch (const postbox::error& e) {
+    CHECK(e.code() == postbox::errc::invalid_argument);
+  }
+}
+
+// --- try_send / try_receive -------------------------------------------------------
+
+TEMPLATE_TEST_CASE("try_send on a full channel returns full and keeps the message", "[channel]", postbox::spsc,
+                   postbox::mpsc, postbox::spmc, postbox::mpmc) {
+  channel<move_only, TestType> ch(2);
+  REQUIRE(ch.try_send(move_only(1)) == send_status::ok);
+  REQUIRE(ch.try_send(move_only(2)) == send_status::ok);
+  move_only third(3);
+  CHECK(ch.try_send(std::move(third)) == send_status::full);
+  REQUIRE(third.value != nullptr);
+  CHECK(*third.value == 3);
+}
+
+TEMPLATE_TEST_CASE("try_send on a closed channel returns closed and keeps the message", "[channel]",
+                   postbox::spsc, postbox::mpsc, postbox::spmc, postbox::mpmc) {
+  channel<move_only, TestType> ch(4);
+  ch.close();
+  move_only m(7);
+  CHECK(ch.try_send(std::move(m)) == send_status::closed);
+  REQUIRE(m.value != nullptr);
+  CHECK(*m.value == 7);
+}
+
+TEMPLATE_TEST_CASE("messages come out in the order they went in", "[channel]", postbox::spsc, postbox::mpsc,
+                   postbox::spmc, postbox::mpmc) {
+  channel<int, TestType> ch(8);
+  for (int i = 0; i < 8; ++i) REQUIRE(ch.try_send(i) == send_status::ok);
+  for (int i = 0; i < 8; ++i) {
+    auto v = ch.try_receive();
+    REQUIRE(v);
+    CHECK(*v == i);
+  }
+}
+
+TEMPLATE_TEST_CASE("try_receive on an empty channel returns nothing and says empty", "[channel]", postbox::spsc,
+                   postbox::mpsc, postbox::spmc, postbox::mpmc) {
+  channel<int, TestType> ch(4);
+  CHECK_FALSE(ch.try_receive());
+  CHECK(ch.try_receive_result().status() == receive_status::empty);
+}
+
+TEST_CASE("a capacity-one channel alternates between full and empty", "[channel]") {
+  channel<int> ch(1);
+  for (int i = 0; i < 5; ++i) {
+    REQUIRE(ch.try_send(i) == send_status::ok);
+    CHECK(ch.try_send(99) == send_status::full);
+    auto v = ch.try_receive();
+    REQUIRE(v);
+    CHECK(*v == i);
+    CHECK_FALSE(ch.try_receive());
+  }
+}
+
+TEST_CASE("try_emplace constructs the message in place", "[channel]") {
+  channel<std::pair<int, std::string>> ch(2);
+  REQUIRE(ch.try_emplace(1, "one") == send_status::ok);
+  auto v = ch.try_receive();
+  REQUIRE(v);
+  CHECK(v->first == 1);
+  CHECK(v->second == "one");
+}
+
+TEST_CASE("a message type without a default constructor travels", "[channel]") {
+  channel<move_only, postbox::spsc> ch(2);
+  REQUIRE(ch.try_send(move_only(5)) == send_status::ok);
+  auto v = ch.try_receive();
+  REQUIRE(v);
+  CHECK(*v->value == 5);
+}
+
+// --- close ----------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("after close receivers drain what is queued and then see closed", "[channel]", postbox::spsc,
+                   postbox::mpsc, postbox::spmc, postbox::mpmc) {
+  channel<int, TestType> ch(4);
+  REQUIRE(ch.try_send(1) == send_status::ok);
+  REQUIRE(ch.try_send(2) == send_status::ok);
+  ch.close();
+  CHECK(ch.is_closed());
+  CHECK(ch.receive() == std::optional<int>(1));
+  CHECK(ch.receive() == std::optional<int>(2));
+  CHECK_FALSE(ch.receive());
+  CHECK(ch.try_receive_result().status() == receive_status::closed);
+}
+
+TEST_CASE("close is idempotent", "[channel]") {
+  channel<int> ch(2);
+  ch.close();
+  ch.close();
+  CHECK(ch.is_closed());
+  CHECK(ch.try_send(1) == send_status::closed);
+}
+
+TEST_CASE("close wakes a receiver parked on an empty channel", "[channel]") {
+  channel<int> ch(2);
+  std::atomic<bool> returned{false};
+  std::optional<int> got = 42;
+  std::thread t([&] {
+    got = ch.receive();
+    returned = true;
+  });
+  // The receiver may or may not have parked yet; close must release it either way.
+  ch.close();
+  REQUIRE(postbox_test::eventually([&] { return returned.load(); }));
+  t.join();
+  CHECK_FALSE(got);
+}
+
+TEST_CASE("close wakes a sender blocked on a full channel with closed", "[channel]") {
+  channel<int> ch(1);
+  REQUIRE(ch.try_send(1) == send_status::ok);
+  std::atomic<int> status{-1};
+  std::thread t([&] { status = static_cast<int>(ch.send(2)); });
+  ch.close();
+  REQUIRE(postbox_test::eventually([&] { return status.load() != -1; }));
+  t.join();
+  CHECK(status.load() == static_cast<int>(send_status::closed));
+  CHECK(ch.receive() == std::optional<int>(1));  // the queued one is still delivered
+}
+
+// --- blocking and timed operations -------------------------------------------------
+
+TEST_CASE("send blocks while full and completes when a receiver makes room", "[channel]") {
+  channel<int> ch(1);
+  REQUIRE(ch.try_send(1) == send_status::ok);
+  std::atomic<bool> sent{false};
+  std::atomic<send_status> status{send_status::timeout};
+  std::thread t([&] {
+    status = ch.send(2);  // Catch2 assertions stay on the test's own thread
+    sent = true;
+  });
+  CHECK(ch.receive() == std::optional<int>(1));
+  REQUIRE(postbox_test::eventually([&] { return sent.load(); }));
+  t.join();
+  CHECK(status.load() == send_status::ok);
+  CHECK(ch.receive() == std::optional<int>(2));
+}
+
+TEST_CASE("receive blocks while empty and returns the next message sent", "[channel]") {
+  channel<std::string> ch(4);
+  std::optional<std::string> got;
+  std::thread t([&] { got = ch.receive(); });
+  REQUIRE(ch.send(std::string("hello")) == send_status::ok);
+  t.join();
+  REQUIRE(got);
+  CHECK(*got == "hello");
+}
+
+TEST_CASE("receive_for on an empty channel reports timeout, not closed", "[channel]") {
+  channel<int> ch(2);
+  CHECK(ch.receive_for(1ms).status() == receive_status::timeout);
+  CHECK(ch.receive_until(std::chrono::system_clock::now()).status() == receive_status::timeout);
+}
+
+TEST_CASE("receive_for on a closed and drained channel reports closed", "[channel]") {
+  channel<int> ch(2);
+  ch.close();
+  CHECK(ch.receive_for(1h).status() == receive_status::closed);
+}
+
+TEST_CASE("receive_for returns a queued message at once", "[channel]") {
+  channel<int> ch(2);
+  REQUIRE(ch.try_send(3) == send_status::ok);
+  auto r = ch.receive_for(1h);
+  REQUIRE(r.has_value());
+  CHECK(*r == 3);
+}
+
+TEST_CASE("send_for on a full channel reports timeout and keeps the message", "[channel]") {
+  channel<move_only> ch(1);
+  REQUIRE(ch.try_send(move_only(1)) == send_status::ok);
+  move_only m(2);
+  CHECK(ch.send_for(std::move(m), 1ms) == send_status::timeout);
+  REQUIRE(m.value != nullptr);
+  CHECK(ch.send_until(std::move(m), std::chrono::steady_clock::now()) == send_status::timeout);
+  CHECK(*m.value == 2);
+}
+
+TEST_CASE("send_for on a closed channel reports closed", "[channel]") {
+  channel<int> ch(1);
+  ch.close();
+  CHECK(ch.send_for(1, 1h) == send_status::closed);
+}
+
+// --- batches --------------------------------------------------------------------------
+
+TEST_CASE("try_send_batch sends the prefix that fits and says how many", "[channel]") {
+  channel<int> ch(4);
+  std::vector<int> in{1, 2, 3, 4, 5, 6};
+  CHECK(ch.try_send_batch(in.begin(), in.end()) == 4);
+  std::vector<int> out;
+  CHECK(ch.try_receive_batch(std::back_inserter(out), 10) == 4);
+  CHECK(out == std::vector<int>{1, 2, 3, 4});
+}
+
+TEST_CASE("try_receive_batch takes at most max messages", "[channel]") {
+  channel<int> ch(8);
+  for (int i = 0; i < 6; ++i) REQUIRE(ch.try_send(i) == send_status::ok);
+  std::vector<int> out;
+  CHECK(ch.try_receive_batch(std::back_inserter(out), 4) == 4);
+  CHECK(out == std::vector<int>{0, 1, 2, 3});
+  CHECK(ch.size_approx() == 2);
+}
+
+TEST_CASE("try_send_batch on a closed channel sends nothing", "[channel]") {
+  channel<int> ch(4);
+  ch.close();
+  std::vector<int> in{1, 2};
+  CHECK(ch.try_send_batch(in.begin(), in.end()) == 0);
+}
+
+// --- observers --------------------------------------------------------------------------
+
+TEST_CASE("stats count sends, receives, depth and closing", "[channel]") {
+  channel<int> ch(4);
+  REQUIRE(ch.try_send(1) == send_status::ok);
+  REQUIRE(ch.try_send(2) == send_status::ok);
+  REQUIRE(ch.try_send(3) == send_status::ok);
+  (void)ch.try_receive();
+  auto s = ch.stats();
+  CHECK(s.sent == 3);
+  CHECK(s.received == 1);
+  CHECK(s.depth == 2);
+  CHECK(s.capacity == 4);
+  CHECK_FALSE(s.closed);
+  CHECK(ch.size_approx() == 2);
+  ch.close();
+  CHECK(ch.stats().closed);
+}
+
+// --- lifetime -------------------------------------------------------------------------
+
+TEST_CASE("messages left in a channel are destroyed with it exactly once", "[channel]") {
+  {
+    channel<tracked> ch(4);
+    REQUIRE(ch.try_send(tracked(1)) == send_status::ok);
+    REQUIRE(ch.try_send(tracked(2)) == send_status::ok);
+    REQUIRE(ch.try_send(tracked(3)) == send_status::ok);
+    auto v = ch.try_receive();
+    REQUIRE(v);
+    CHECK(tracked::count() == 3);  // two queued, one received
+  }
+  CHECK(tracked::count() == 0);
+}
+
+TEST_CASE("the ticket counters wrap around without breaking FIFO", "[channel]") {
+  channel<int, postbox::mpmc> ch(4, postbox::detail::initial_ticket{(std::uint64_t{1} << 63) - 5});
+  for (int round = 0; round < 5; ++round) {
+    for (int i = 0; i < 3; ++i) REQUIRE(ch.try_send(round * 10 + i) == send_status::ok);
+    for (int i = 0; i < 3; ++i) CHECK(ch.try_receive() == std::optional<int>(round * 10 + i));
+  }
+  CHECK_FALSE(ch.try_receive());
+  CHECK(ch.stats().sent == 15);
+  CHECK(ch.stats().received == 15);
+}
+
+// --- endpoints ------------------------------------------------------------------------
+
+TEST_CASE("the channel closes for receivers when the last sender is destroyed", "[channel][endpoint]") {
+  auto [tx, rx] = postbox::make_channel<int>(4);
+  {
+    auto tx2 = tx;  // copies count as senders
+    REQUIRE(tx2.try_send(1) == send_status::ok);
+    { auto gone = std::move(tx); }
+    CHECK_FALSE(rx.is_closed());
+  }
+  CHECK(rx.is_closed());
+  CHECK(rx.receive() == std::optional<int>(1));
+  CHECK_FALSE(rx.receive());
+}
+
+TEST_CASE("sends fail with closed once the last receiver is gone", "[channel][endpoint]") {
+  auto [tx, rx] = postbox::make_channel<tracked, postbox::spsc>(4);
+  REQUIRE(tx.try_send(tracked(1)) == send_status::ok);
+  { auto gone = std::move(rx); }
+  CHECK(tx.try_send(tracked(2)) == send_status::closed);
+}
+
+TEST_CASE("a moved-from endpoint does not close the channel", "[channel][endpoint]") {
+  auto [tx, rx] = postbox::make_channel<int, postbox::spsc>(2);
+  auto moved = std::move(tx);
+  CHECK_FALSE(rx.is_closed());
+  REQUIRE(moved.try_send(1) == send_status::ok);
+  CHECK(rx.try_receive() == std::optional<int>(1));
+}
