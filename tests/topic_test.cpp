@@ -1,0 +1,193 @@
+// SPDX-License-Identifier: MIT
+// Specification tests for postbox::topic: fan-out, overflow policies, groups, subjects, unsubscribe.
+#include <postbox/topic.hpp>
+
+#include <catch2/catch.hpp>
+
+#include "support.hpp"
+
+#include <atomic>
+#include <string>
+#include <thread>
+
+using postbox::overflow;
+using postbox::subscription_options;
+
+TEST_CASE("publish delivers one shared message to every subscription in order", "[topic]") {
+  postbox::topic<std::string> t;
+  auto a = t.subscribe();
+  auto b = t.subscribe();
+  for (int i = 0; i < 3; ++i) REQUIRE(t.publish(std::to_string(i)).delivered == 2);
+  for (int i = 0; i < 3; ++i) {
+    auto da = a.try_receive();
+    auto db = b.try_receive();
+    REQUIRE(da);
+    REQUIRE(db);
+    CHECK(**da == std::to_string(i));
+    CHECK(&**da == &**db);  // one immutable copy shared by both
+  }
+  CHECK_FALSE(a.try_receive());
+}
+
+TEST_CASE("destroying a subscription unsubscribes it", "[topic]") {
+  postbox::topic<int> t;
+  {
+    auto s = t.subscribe();
+    CHECK(t.subscriber_count() == 1);
+  }
+  CHECK(t.subscriber_count() == 0);
+  CHECK(t.publish(1).delivered == 0);
+}
+
+TEST_CASE("unsubscribing releases a publisher blocked on that subscription", "[topic]") {
+  postbox::topic<int> t;
+  auto s = std::make_unique<postbox::subscription<int>>(t.subscribe(subscription_options{1, overflow::block, {}, {}}));
+  REQUIRE(t.publish(1).delivered == 1);
+  std::atomic<bool> done{false};
+  std::thread pub([&] {
+    (void)t.publish(2);  // blocks: the queue is full
+    done = true;
+  });
+  REQUIRE(postbox_test::eventually([&] { return true; }));
+  s.reset();  // unsubscribe during the publish
+  REQUIRE(postbox_test::eventually([&] { return done.load(); }));
+  pub.join();
+}
+
+TEST_CASE("a block subscriber makes the publisher wait until it receives", "[topic]") {
+  postbox::topic<int> t;
+  auto s = t.subscribe(subscription_options{1, overflow::block, {}, {}});
+  REQUIRE(t.publish(1).delivered == 1);
+  std::atomic<bool> done{false};
+  std::thread pub([&] {
+    (void)t.publish(2);
+    done = true;
+  });
+  auto first = s.receive();
+  REQUIRE(first);
+  CHECK(**first == 1);
+  auto second = s.receive();
+  REQUIRE(second);
+  CHECK(**second == 2);
+  pub.join();
+  CHECK(done);
+}
+
+TEST_CASE("drop_oldest keeps the newest messages and reports the lag", "[topic]") {
+  postbox::topic<int> t;
+  auto s = t.subscribe(subscription_options{2, overflow::drop_oldest, {}, {}});
+  for (int i = 0; i < 5; ++i) REQUIRE(t.publish(i).delivered == 1);
+  CHECK(s.take_lag() == 3);
+  CHECK(s.take_lag() == 0);
+  CHECK(**s.try_receive() == 3);
+  CHECK(**s.try_receive() == 4);
+}
+
+TEST_CASE("drop_newest discards new messages when full", "[topic]") {
+  postbox::topic<int> t;
+  auto s = t.subscribe(subscription_options{2, overflow::drop_newest, {}, {}});
+  for (int i = 0; i < 4; ++i) (void)t.publish(i);
+  CHECK(s.dropped() == 2);
+  CHECK(**s.try_receive() == 0);
+  CHECK(**s.try_receive() == 1);
+  CHECK_FALSE(s.try_receive());
+}
+
+TEST_CASE("fail makes publish report the refusing subscription", "[topic]") {
+  postbox::topic<int> t;
+  auto full = t.subscribe(subscription_options{1, overflow::fail, {}, {}});
+  auto roomy = t.subscribe(subscription_options{8, overflow::fail, {}, {}});
+  CHECK(t.publish(1).ok());
+  auto r = t.publish(2);
+  CHECK_FALSE(r.ok());
+  REQUIRE(r.refused.size() == 1);
+  CHECK(r.refused[0] == full.id());
+  CHECK(r.delivered == 1);
+}
+
+TEST_CASE("a slow drop_newest subscriber does not delay a fast one", "[topic]") {
+  postbox::topic<int> t;
+  auto slow = t.subscribe(subscription_options{1, overflow::drop_newest, {}, {}});
+  auto fast = t.subscribe(subscription_options{128, overflow::block, {}, {}});
+  for (int i = 0; i < 100; ++i) (void)t.publish(i);
+  int n = 0;
+  while (fast.try_receive()) ++n;
+  CHECK(n == 100);
+  CHECK(slow.dropped() == 99);
+}
+
+TEST_CASE("members of a group compete while other subscriptions get every message", "[topic]") {
+  postbox::topic<int> t;
+  subscription_options g{16, overflow::block, "workers", {}};
+  auto w1 = t.subscribe(g);
+  auto w2 = t.subscribe(g);
+  auto solo = t.subscribe();
+  CHECK(t.subscriber_count() == 2);
+  for (int i = 0; i < 10; ++i) CHECK(t.publish(i).delivered == 2);
+  int group_total = 0;
+  for (int i = 0; i < 5; ++i) {
+    if (w1.try_receive()) ++group_total;
+    if (w2.try_receive()) ++group_total;
+  }
+  CHECK(group_total == 10);
+  CHECK(solo.size_approx() == 10);
+}
+
+TEST_CASE("subject patterns match one token with star and the tail with gt", "[topic]") {
+  CHECK(postbox::subject_matches("orders.*", "orders.created"));
+  CHECK_FALSE(postbox::subject_matches("orders.*", "orders.eu.created"));
+  CHECK_FALSE(postbox::subject_matches("orders.*", "orders"));
+  CHECK(postbox::subject_matches("orders.>", "orders.eu.created"));
+  CHECK_FALSE(postbox::subject_matches("orders.>", "orders"));
+  CHECK(postbox::subject_matches("*.created", "orders.created"));
+  CHECK(postbox::subject_matches("orders.created", "orders.created"));
+  CHECK_FALSE(postbox::subject_matches("orders.created", "orders.deleted"));
+}
+
+TEST_CASE("publish on a subject reaches only matching subscriptions", "[topic]") {
+  postbox::topic<int> t;
+  auto star = t.subscribe("orders.*");
+  auto tail = t.subscribe("orders.>");
+  auto all = t.subscribe();
+  (void)t.publish("orders.created", 1);
+  (void)t.publish("orders.eu.created", 2);
+  (void)t.publish("users.created", 3);
+  CHECK(star.size_approx() == 1);
+  CHECK(tail.size_approx() == 2);
+  CHECK(all.size_approx() == 3);
+  auto d = star.try_receive();
+  REQUIRE(d);
+  CHECK(d->subject() == "orders.created");
+}
+
+TEST_CASE("invalid subjects and patterns are rejected with invalid_argument", "[topic]") {
+  postbox::topic<int> t;
+  for (const char* bad : {"orders..x", ".orders", "orders.", "orders.>.x", "ord ers", "orders.a*"}) {
+    INFO(bad);
+    try {
+      (void)t.subscribe(bad);
+      FAIL("accepted");
+    } catch (const postbox::error& e) {
+      CHECK(e.code() == postbox::errc::invalid_argument);
+    }
+  }
+  for (const char* bad : {"orders.*", "orders.>", "a..b", ""}) {
+    INFO(bad);
+    try {
+      (void)t.publish(bad, 1);
+      FAIL("accepted");
+    } catch (const postbox::error& e) {
+      CHECK(e.code() == postbox::errc::invalid_argument);
+    }
+  }
+}
+
+TEST_CASE("receive_for times out on an empty subscription and ends after unsubscribe", "[topic]") {
+  postbox::topic<int> t;
+  auto s = t.subscribe();
+  CHECK(s.receive_for(std::chrono::milliseconds(1)).status() == postbox::receive_status::timeout);
+  (void)t.publish(7);
+  auto r = s.receive_for(std::chrono::milliseconds(1));
+  REQUIRE(r.has_value());
+  CHECK(**r == 7);
+}
