@@ -1,0 +1,241 @@
+// SPDX-License-Identifier: MIT
+// Specification tests for postbox::requester, responder, endpoint_registry and scatter-gather.
+#include <postbox/request_reply.hpp>
+#include <postbox/testing.hpp>
+
+#include <catch2/catch.hpp>
+
+#include "support.hpp"
+
+#include <string>
+#include <vector>
+
+using namespace std::chrono_literals;
+
+namespace {
+
+struct rig {
+  postbox::manual_clock clock;
+  postbox::timer_service timers{clock, postbox::timer_service::manual_drive};
+  postbox::channel<postbox::envelope<int>> requests{64};
+  postbox::endpoint_registry<int> registry;
+};
+
+int twice(const postbox::envelope<int>& e) { return e.payload * 2; }
+
+}  // namespace
+
+TEST_CASE("a request is answered with the reply carrying correlation and causation", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  auto f = req.request(21, 5s);
+  REQUIRE(f.has_value());
+  auto sent = r.requests.try_receive();
+  REQUIRE(sent.has_value());
+  CHECK(sent->kind == postbox::message_kind::query);
+  CHECK(sent->headers.get(postbox::header_names::reply_to) == std::optional<std::string_view>(req.endpoint()));
+  REQUIRE(sent->deadline.has_value());
+  CHECK(*sent->deadline == r.clock.now() + 5s);
+  REQUIRE(r.requests.try_send(postbox::envelope<int>(*sent)) == postbox::send_status::ok);
+  CHECK_FALSE(f->ready());
+  CHECK(resp.poll() == 1);
+  REQUIRE(f->ready());
+  auto o = f->get();
+  REQUIRE(o.ok());
+  CHECK(o.reply->payload == 42);
+  CHECK(o.reply->kind == postbox::message_kind::reply);
+  CHECK(o.reply->correlation_id == sent->correlation_id);
+  CHECK(o.reply->causation_id == sent->id);
+  CHECK(req.stats().pending == 0);
+}
+
+TEST_CASE("a request nobody answers completes with timeout from the clock", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto f = req.request(1, 2s);
+  REQUIRE(f.has_value());
+  r.clock.advance(1999ms);
+  r.timers.run_due();
+  CHECK_FALSE(f->ready());
+  r.clock.advance(1ms);
+  r.timers.run_due();
+  REQUIRE(f->ready());
+  CHECK(f->get().status == postbox::errc::timeout);
+  CHECK(req.stats().timed_out == 1);
+}
+
+TEST_CASE("a reply after the timeout is dropped and counted as late", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  int calls = 0;
+  REQUIRE(req.request(1, 1s, [&](postbox::reply_outcome<int> o) {
+    ++calls;
+    CHECK(o.status == postbox::errc::timeout);
+  }) == postbox::errc::ok);
+  auto sent = r.requests.try_receive();
+  REQUIRE(sent.has_value());
+  r.clock.advance(1s);
+  r.timers.run_due();
+  CHECK(calls == 1);
+  // The responder answers anyway (as if it had started before the deadline).
+  REQUIRE(r.registry.deliver(req.endpoint(), {sent->correlation_id, postbox::reply_to(*sent, 2, r.clock)}) ==
+          postbox::errc::ok);
+  CHECK(calls == 1);
+  CHECK(req.stats().late_replies == 1);
+}
+
+TEST_CASE("a duplicate reply is dropped and counted and never delivered twice", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  int calls = 0;
+  REQUIRE(req.request(1, 1s, [&](postbox::reply_outcome<int>) { ++calls; }) == postbox::errc::ok);
+  auto sent = r.requests.try_receive();
+  REQUIRE(sent.has_value());
+  for (int i = 0; i < 3; ++i)
+    REQUIRE(r.registry.deliver(req.endpoint(), {sent->correlation_id, postbox::reply_to(*sent, 2, r.clock)}) ==
+            postbox::errc::ok);
+  CHECK(calls == 1);
+  CHECK(req.stats().duplicate_replies == 2);
+  r.clock.advance(2s);
+  r.timers.run_due();
+  CHECK(calls == 1);
+}
+
+TEST_CASE("destroying a requester completes its pending requests with canceled", "[request_reply]") {
+  rig r;
+  std::vector<postbox::reply_future<postbox::reply_outcome<int>>> fs;
+  {
+    postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+    for (int i = 0; i < 3; ++i) fs.push_back(*req.request(i, 1s));
+    CHECK_FALSE(fs[0].ready());
+  }
+  for (auto& f : fs) {
+    REQUIRE(f.ready());
+    CHECK(f.get().status == postbox::errc::canceled);
+  }
+  r.clock.advance(2s);
+  CHECK(r.timers.run_due() == 0);
+}
+
+TEST_CASE("a requester at its pending limit refuses with busy", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers, {.max_pending = 2});
+  REQUIRE(req.request(1, 1s).has_value());
+  REQUIRE(req.request(2, 1s).has_value());
+  auto third = req.request(3, 1s);
+  CHECK(third.status() == postbox::errc::busy);
+  CHECK(req.stats().refused == 1);
+  r.clock.advance(1s);
+  r.timers.run_due();
+  CHECK(req.request(4, 1s).has_value());
+}
+
+TEST_CASE("a request to a closed channel is refused with closed", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  r.requests.close();
+  CHECK(req.request(1, 1s).status() == postbox::errc::closed);
+  CHECK(req.stats().pending == 0);
+}
+
+TEST_CASE("a handler exception becomes an error reply with its code", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(
+      r.requests, r.registry,
+      [](const postbox::envelope<int>& e) -> int {
+        if (e.payload < 0) throw postbox::error(postbox::errc::invalid_argument, "negative");
+        throw std::runtime_error("boom");
+      },
+      r.clock, 0);
+  auto a = req.request(-1, 1s);
+  auto b = req.request(1, 1s);
+  CHECK(resp.poll() == 2);
+  auto oa = a->get();
+  CHECK(oa.status == postbox::errc::invalid_argument);
+  REQUIRE(oa.error.has_value());
+  CHECK(oa.error->message == "negative");
+  auto ob = b->get();
+  CHECK(ob.status == postbox::errc::handler_error);
+  CHECK(ob.error->message == "boom");
+  CHECK(resp.stats().failed == 2);
+}
+
+TEST_CASE("an expired request is not started and is answered expired", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  int handled = 0;
+  postbox::responder<int, int> resp(
+      r.requests, r.registry, [&](const postbox::envelope<int>& e) { ++handled; return e.payload; }, r.clock, 0);
+  auto f = req.request(1, 1s);
+  r.clock.advance(1001ms);  // timer not yet run: the responder sees it first
+  CHECK(resp.poll() == 1);
+  CHECK(handled == 0);
+  CHECK(resp.stats().expired == 1);
+  CHECK(f->get().status == postbox::errc::expired);
+}
+
+TEST_CASE("a reply to an unknown endpoint is counted unroutable", "[request_reply]") {
+  rig r;
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  auto e = postbox::make_envelope(std::string("n"), 1, postbox::message_kind::query, r.clock);
+  e.headers.set(std::string(postbox::header_names::reply_to), "nobody");
+  REQUIRE(r.requests.try_send(std::move(e)) == postbox::send_status::ok);
+  CHECK(resp.poll() == 1);
+  CHECK(resp.stats().unroutable == 1);
+}
+
+TEST_CASE("two requesters cannot register the same endpoint name", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> a(r.requests, r.registry, r.timers, {.endpoint = "svc"});
+  CHECK_THROWS_AS((postbox::requester<int, int>(r.requests, r.registry, r.timers, {.endpoint = "svc"})),
+                  postbox::error);
+}
+
+TEST_CASE("scatter-gather completes once the wanted count of replies arrived", "[request_reply]") {
+  rig r;
+  postbox::channel<postbox::envelope<int>> c1(8), c2(8), c3(8);
+  postbox::responder<int, int> s1(c1, r.registry, [](const postbox::envelope<int>& e) { return e.payload + 1; }, r.clock, 0);
+  postbox::responder<int, int> s2(c2, r.registry, [](const postbox::envelope<int>& e) { return e.payload + 2; }, r.clock, 0);
+  postbox::responder<int, int> s3(c3, r.registry, [](const postbox::envelope<int>& e) { return e.payload + 3; }, r.clock, 0);
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto f = req.gather({&c1, &c2, &c3}, 10, 2, 1s);
+  REQUIRE(f.has_value());
+  s1.poll();
+  CHECK_FALSE(f->ready());
+  s3.poll();
+  REQUIRE(f->ready());
+  auto o = f->get();
+  CHECK(o.status == postbox::errc::ok);
+  REQUIRE(o.replies.size() == 2);
+  CHECK(o.replies[0].payload + o.replies[1].payload == 24);
+  s2.poll();  // the third reply comes after completion
+  CHECK(req.stats().duplicate_replies == 1);
+}
+
+TEST_CASE("scatter-gather returns what it has at the deadline", "[request_reply]") {
+  rig r;
+  postbox::channel<postbox::envelope<int>> c1(8), c2(8);
+  postbox::responder<int, int> s1(c1, r.registry, twice, r.clock, 0);
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto f = req.gather({&c1, &c2}, 5, 2, 1s);
+  s1.poll();
+  r.clock.advance(1s);
+  r.timers.run_due();
+  auto o = f->get();
+  CHECK(o.status == postbox::errc::timeout);
+  REQUIRE(o.replies.size() == 1);
+  CHECK(o.replies[0].payload == 10);
+}
+
+TEST_CASE("a threaded responder answers requests until it is destroyed", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 2);
+  auto f = req.request(4, 10s);
+  auto o = f->get();
+  REQUIRE(o.ok());
+  CHECK(o.reply->payload == 8);
+}
