@@ -1,0 +1,546 @@
+// SPDX-License-Identifier: MIT
+// postbox::stream: a retained, partitioned, replayable log with readers, consumer groups and retention.
+#pragma once
+
+// Design: docs/design/stream.md.
+//
+// * Partition = FNV-1a 64 of the key's bytes modulo the partition count: stable
+//   across runs, builds and platforms (`stream_partition_of`).
+// * Storage: each partition is a list of fixed-size chunks (256 records).
+//   A record is written once, then published by storing the partition's
+//   high-water mark `end` with release; readers load it with acquire and read
+//   only below it, so they never see a torn record. Chunks are reference
+//   counted through a copy-on-write directory (`std::atomic<std::shared_ptr>`),
+//   so retention can drop a chunk while a reader still holds it: the reader
+//   finishes with intact (immutable) data, and any later read gets
+//   `out_of_range` with the earliest retained offset.
+// * Appends to ONE partition are serialized by a per-partition mutex held for
+//   the slot write and the retention step only (no allocation inside except
+//   one chunk per 256 records). Appends to different partitions never
+//   contend. Readers take no lock at all, so they never block appenders.
+// * Consumer groups: deterministic round-robin assignment (partition p goes to
+//   the (p mod m)-th member in join order); every join/leave bumps a
+//   generation. A member's commit succeeds only in the generation in which it
+//   polled (else errc::conflict and it resumes from the committed offsets), so
+//   no two members ever commit the same record.
+
+#include <postbox/clock.hpp>
+#include <postbox/config.hpp>
+#include <postbox/error.hpp>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+POSTBOX_BEGIN_NAMESPACE
+
+/// FNV-1a 64 of `key`, stable across runs and platforms. Never blocks or allocates.
+[[nodiscard]] constexpr std::uint64_t fnv1a_64(std::string_view key) noexcept {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  for (unsigned char c : key) {
+    h ^= c;
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
+/// The partition a key maps to among `partitions`: fnv1a_64(key) % partitions.
+[[nodiscard]] constexpr std::uint32_t stream_partition_of(std::string_view key, std::size_t partitions) noexcept {
+  return static_cast<std::uint32_t>(fnv1a_64(key) % partitions);
+}
+
+/// Where a record lives.
+struct position {
+  std::uint32_t partition = 0;
+  std::uint64_t offset = 0;
+  friend bool operator==(const position&, const position&) = default;
+};
+
+/// A record read from a stream (a copy; the log keeps its own).
+template <class T>
+struct record {
+  position pos;
+  time_point timestamp;  ///< append time from the stream's clock (monotonic per partition)
+  std::string key;
+  T value;
+};
+
+/// Retention limits; 0 means unlimited. Checked on every append and by `trim()`;
+/// age is also checked by every read, so an expired record is never returned.
+struct retention {
+  std::size_t max_count = 0;  ///< records per partition
+  std::size_t max_bytes = 0;  ///< accounted bytes per partition (size function, default sizeof(T))
+  duration max_age{0};        ///< age against the stream's clock
+};
+
+/// Where a reader starts in every partition.
+struct start_from {
+  enum class kind { earliest, latest, offset, time };
+  kind where = kind::earliest;
+  std::uint64_t offset = 0;
+  time_point time{};
+  /// The earliest retained record.
+  [[nodiscard]] static start_from earliest() noexcept { return {}; }
+  /// Only records appended after the reader was created.
+  [[nodiscard]] static start_from latest() noexcept { return {kind::latest, 0, {}}; }
+  /// A given offset (the same in every partition).
+  [[nodiscard]] static start_from at_offset(std::uint64_t o) noexcept { return {kind::offset, o, {}}; }
+  /// The first record with timestamp >= t.
+  [[nodiscard]] static start_from at_time(time_point t) noexcept { return {kind::time, 0, t}; }
+};
+
+/// Result of a read or poll: status ok (records, possibly none) or
+/// out_of_range (the next offset of `partition` is below retention;
+/// `earliest` is the first retained offset there).
+template <class T>
+struct read_result {
+  errc status = errc::ok;
+  std::vector<record<T>> records;
+  std::uint32_t partition = 0;
+  std::uint64_t earliest = 0;
+  [[nodiscard]] bool ok() const noexcept { return status == errc::ok; }
+};
+
+namespace detail {
+
+inline constexpr std::size_t stream_chunk_size = 256;
+
+template <class T>
+struct stream_slot {
+  std::optional<T> value;
+  std::string key;
+  time_point ts{};
+  std::size_t bytes = 0;
+};
+
+template <class T>
+struct stream_chunk {
+  std::array<stream_slot<T>, stream_chunk_size> slots;
+};
+
+template <class T>
+struct stream_dir {
+  std::uint64_t base = 0;  // offset of chunks[0]->slots[0]
+  std::vector<std::shared_ptr<stream_chunk<T>>> chunks;
+};
+
+template <class T>
+struct stream_partition {
+  std::mutex append_mu;  // appenders and trim only; readers never take it
+  // Earliest retained offset. Writer: appender/trim under append_mu (release:
+  // pairs with the acquire in readers, who then report out_of_range below it).
+  // Invariant: begin <= end.
+  std::atomic<std::uint64_t> begin{0};
+  // High-water mark: records [begin, end) are fully written. Writer: appender
+  // under append_mu (release after the slot write; pairs with the acquire in
+  // readers, which read only slots below it).
+  std::atomic<std::uint64_t> end{0};
+  // Chunk directory (copy-on-write). Writer: appender/trim under append_mu,
+  // stored BEFORE `end` moves into a new chunk (seq_cst store, then the
+  // release on `end`); readers load it after acquiring `end`, so the chunk of
+  // any offset below `end` is present unless retention dropped it.
+  std::atomic<std::shared_ptr<const stream_dir<T>>> dir{std::make_shared<const stream_dir<T>>()};
+  std::size_t bytes = 0;   // guarded by append_mu
+  time_point last_ts{};    // guarded by append_mu
+};
+
+}  // namespace detail
+
+template <class T>
+class stream;
+
+/// A consumer group's member (RAII: destroying it leaves the group, which
+/// rebalances). Use from one thread at a time; different members are independent.
+template <class T>
+class group_member;
+
+namespace detail {
+
+template <class T>
+struct stream_group {
+  explicit stream_group(stream<T>* s, std::size_t partitions) : owner(s), committed(partitions, 0) {}
+  stream<T>* owner;
+  std::mutex mu;
+  // Bumped (under mu) on every join/leave. Writer: join/leave (release: pairs
+  // with the acquire in group_member::poll, which then refreshes under mu).
+  std::atomic<std::uint64_t> generation{0};
+  std::vector<std::uint64_t> members;       // member ids in join order; guarded by mu
+  std::vector<std::uint64_t> committed;     // per partition; guarded by mu
+  std::uint64_t next_member = 1;            // guarded by mu
+
+  // Partitions of `member` in the current assignment; caller holds mu.
+  std::vector<std::uint32_t> assignment_of(std::uint64_t member) const {
+    std::vector<std::uint32_t> out;
+    const auto it = std::find(members.begin(), members.end(), member);
+    if (it == members.end()) return out;
+    const auto idx = static_cast<std::size_t>(it - members.begin());
+    for (std::size_t p = 0; p < committed.size(); ++p)
+      if (p % members.size() == idx) out.push_back(static_cast<std::uint32_t>(p));
+    return out;
+  }
+};
+
+}  // namespace detail
+
+/// Retained, partitioned, replayable log. All members are thread-safe.
+template <class T>
+class stream {
+ public:
+  using size_function = std::function<std::size_t(const T&)>;
+
+  /// A stream with `partitions` partitions (>= 1). Throws error(invalid_argument) for 0.
+  /// `size_of` accounts bytes for retention (default sizeof(T)). Allocates.
+  explicit stream(std::size_t partitions, retention keep = {}, const clock& clk = default_clock(),
+                  size_function size_of = {})
+      : keep_(keep), clock_(&clk), size_of_(std::move(size_of)) {
+    if (partitions == 0) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: at least one partition"));
+    if (partitions > (std::size_t{1} << 20))
+      POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: too many partitions"));
+    parts_.reserve(partitions);
+    for (std::size_t i = 0; i < partitions; ++i) parts_.push_back(std::make_unique<detail::stream_partition<T>>());
+  }
+  stream(const stream&) = delete;
+  stream& operator=(const stream&) = delete;
+
+  /// Appends `value` under `key` to partition fnv1a_64(key) % partitions.
+  /// Takes that partition's mutex briefly (never blocked by readers); allocates
+  /// one chunk per 256 records. If copying the key throws, nothing is appended.
+  position append(std::string_view key, T value) {
+    const auto p = stream_partition_of(key, parts_.size());
+    auto& part = *parts_[p];
+    std::lock_guard lock(part.append_mu);
+    const auto off = part.end.load(std::memory_order_relaxed);  // relaxed: only writers (under mu) store it
+    auto dir = part.dir.load();
+    if (off - dir->base == dir->chunks.size() * detail::stream_chunk_size) {
+      auto next = std::make_shared<detail::stream_dir<T>>(*dir);
+      next->chunks.push_back(std::make_shared<detail::stream_chunk<T>>());
+      part.dir.store(next);
+      dir = std::move(next);
+    }
+    auto& slot = dir->chunks[(off - dir->base) / detail::stream_chunk_size]->slots[(off - dir->base) % detail::stream_chunk_size];
+    slot.key.assign(key);
+    slot.bytes = size_of_ ? size_of_(value) : sizeof(T);
+    const auto now = clock_->now();
+    slot.ts = std::max(now, part.last_ts);
+    part.last_ts = slot.ts;
+    slot.value.emplace(std::move(value));
+    part.bytes += slot.bytes;
+    part.end.store(off + 1, std::memory_order_release);  // release: publishes the slot; pairs with readers' acquire
+    trim_locked(part, now);
+    return {p, off};
+  }
+
+  /// Applies retention (count, bytes, age) to every partition now. Takes each
+  /// partition's append mutex in turn.
+  void trim() {
+    const auto now = clock_->now();
+    for (auto& part : parts_) {
+      std::lock_guard lock(part->append_mu);
+      trim_locked(*part, now);
+    }
+  }
+
+  /// Copies up to `max` records of `partition` from `offset`. Lock-free
+  /// (readers never block appenders); allocates the result. out_of_range when
+  /// `offset` is below retention. Throws error(invalid_argument) for a bad partition.
+  [[nodiscard]] read_result<T> read(std::uint32_t partition, std::uint64_t offset, std::size_t max) const {
+    check_partition(partition);
+    const auto& part = *parts_[partition];
+    read_result<T> r;
+    r.partition = partition;
+    const auto first = earliest_offset(partition);
+    if (offset < first) {
+      r.status = errc::out_of_range;
+      r.earliest = first;
+      return r;
+    }
+    const auto end = part.end.load(std::memory_order_acquire);  // acquire: pairs with the release in append
+    const auto dir = part.dir.load();
+    if (offset < dir->base) {  // dropped by a trim after our check
+      r.status = errc::out_of_range;
+      r.earliest = earliest_offset(partition);
+      return r;
+    }
+    r.earliest = first;
+    for (auto o = offset; o < end && r.records.size() < max; ++o) {
+      const auto& s = slot_of(*dir, o);
+      r.records.push_back(record<T>{{partition, o}, s.ts, s.key, *s.value});
+    }
+    return r;
+  }
+
+  /// First retained offset of `partition` (age applied against the clock). Lock-free.
+  [[nodiscard]] std::uint64_t earliest_offset(std::uint32_t partition) const {
+    check_partition(partition);
+    const auto& part = *parts_[partition];
+    const auto b = part.begin.load(std::memory_order_acquire);  // acquire: pairs with the release in trim_locked
+    if (keep_.max_age.count() <= 0) return b;
+    return first_at_or_after(partition, clock_->now() - keep_.max_age, b);
+  }
+  /// Offset the next append to `partition` gets. Lock-free.
+  [[nodiscard]] std::uint64_t end_offset(std::uint32_t partition) const {
+    check_partition(partition);
+    return parts_[partition]->end.load(std::memory_order_acquire);  // acquire: pairs with the release in append
+  }
+  /// First retained offset with timestamp >= t (end_offset when none). Lock-free, O(log n).
+  [[nodiscard]] std::uint64_t offset_for_time(std::uint32_t partition, time_point t) const {
+    return std::max(first_at_or_after(partition, t, 0), earliest_offset(partition));
+  }
+  /// Partition count.
+  [[nodiscard]] std::size_t partitions() const noexcept { return parts_.size(); }
+  /// The stream's clock.
+  [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
+
+  /// A reader over all partitions (non-destructive; many may coexist). Not
+  /// thread-safe itself: one reader per thread.
+  class reader {
+   public:
+    /// Copies up to `max` records, partitions in turn. out_of_range names the
+    /// first partition whose position fell behind retention; use seek().
+    [[nodiscard]] read_result<T> poll(std::size_t max = 64) {
+      read_result<T> out;
+      for (std::size_t i = 0; i < next_.size() && out.records.size() < max; ++i) {
+        const auto p = static_cast<std::uint32_t>((rr_ + i) % next_.size());
+        auto r = s_->read(p, next_[p], max - out.records.size());
+        if (!r.ok()) return r;
+        next_[p] += r.records.size();
+        for (auto& rec : r.records) out.records.push_back(std::move(rec));
+      }
+      rr_ = (rr_ + 1) % next_.size();
+      return out;
+    }
+    /// Moves this reader's position in `partition`.
+    void seek(std::uint32_t partition, std::uint64_t offset) { next_.at(partition) = offset; }
+    /// This reader's next offset in `partition`.
+    [[nodiscard]] std::uint64_t position_of(std::uint32_t partition) const { return next_.at(partition); }
+
+   private:
+    friend class stream;
+    reader(const stream* s, start_from from) : s_(s), next_(s->partitions()) {
+      for (std::uint32_t p = 0; p < next_.size(); ++p) {
+        switch (from.where) {
+          case start_from::kind::earliest: next_[p] = s->earliest_offset(p); break;
+          case start_from::kind::latest: next_[p] = s->end_offset(p); break;
+          case start_from::kind::offset: next_[p] = from.offset; break;
+          case start_from::kind::time: next_[p] = s->offset_for_time(p, from.time); break;
+        }
+      }
+    }
+    const stream* s_;
+    std::vector<std::uint64_t> next_;
+    std::size_t rr_ = 0;
+  };
+
+  /// A new reader starting at `from`. Allocates; lock-free.
+  [[nodiscard]] reader read_from(start_from from = start_from::earliest()) const { return reader(this, from); }
+
+  /// The consumer group `name` (created on first use, committed offsets start
+  /// at each partition's earliest retained offset). Takes a mutex; allocates once.
+  [[nodiscard]] std::shared_ptr<detail::stream_group<T>> group_state(const std::string& name) {
+    std::lock_guard lock(groups_mu_);
+    auto& g = groups_[name];
+    if (!g) {
+      g = std::make_shared<detail::stream_group<T>>(this, parts_.size());
+      for (std::uint32_t p = 0; p < parts_.size(); ++p) g->committed[p] = earliest_offset(p);
+    }
+    return g;
+  }
+
+  /// Handle on a consumer group: join members, commit, read lag.
+  class consumer_group {
+   public:
+    /// Joins a new member; rebalances (round-robin in join order). Allocates; thread-safe.
+    [[nodiscard]] group_member<T> join() { return group_member<T>(g_); }
+    /// Committed offset of `partition` (next record to consume). Thread-safe.
+    [[nodiscard]] std::uint64_t committed(std::uint32_t partition) const {
+      std::lock_guard lock(g_->mu);
+      return g_->committed.at(partition);
+    }
+    /// Exact lag of `partition`: end_offset - committed, at one instant of the group lock.
+    [[nodiscard]] std::uint64_t lag(std::uint32_t partition) const {
+      std::lock_guard lock(g_->mu);
+      const auto end = g_->owner->end_offset(partition);
+      const auto c = g_->committed.at(partition);
+      return end > c ? end - c : 0;
+    }
+    /// Sum of lag over all partitions.
+    [[nodiscard]] std::uint64_t lag() const {
+      std::uint64_t total = 0;
+      for (std::uint32_t p = 0; p < g_->committed.size(); ++p) total += lag(p);
+      return total;
+    }
+    /// Current member count.
+    [[nodiscard]] std::size_t member_count() const {
+      std::lock_guard lock(g_->mu);
+      return g_->members.size();
+    }
+
+   private:
+    friend class stream;
+    explicit consumer_group(std::shared_ptr<detail::stream_group<T>> g) : g_(std::move(g)) {}
+    std::shared_ptr<detail::stream_group<T>> g_;
+  };
+
+  /// The consumer group `name`. Groups live as long as the stream.
+  [[nodiscard]] consumer_group group(const std::string& name) { return consumer_group(group_state(name)); }
+
+ private:
+  void check_partition(std::uint32_t p) const {
+    if (p >= parts_.size()) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: no such partition"));
+  }
+
+  static const detail::stream_slot<T>& slot_of(const detail::stream_dir<T>& d, std::uint64_t o) noexcept {
+    const auto rel = o - d.base;
+    return d.chunks[rel / detail::stream_chunk_size]->slots[rel % detail::stream_chunk_size];
+  }
+
+  // First offset in [from, end) with ts >= t (timestamps are monotonic per partition).
+  std::uint64_t first_at_or_after(std::uint32_t partition, time_point t, std::uint64_t from) const {
+    const auto& part = *parts_[partition];
+    auto hi = part.end.load(std::memory_order_acquire);  // acquire: pairs with the release in append
+    const auto dir = part.dir.load();
+    auto lo = std::max(from, dir->base);
+    while (lo < hi) {
+      const auto mid = lo + (hi - lo) / 2;
+      if (slot_of(*dir, mid).ts < t) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  }
+
+  void trim_locked(detail::stream_partition<T>& part, time_point now) {
+    const auto end = part.end.load(std::memory_order_relaxed);   // relaxed: we are the writer (under mu)
+    auto b = part.begin.load(std::memory_order_relaxed);         // relaxed: we are the writer (under mu)
+    auto dir = part.dir.load();
+    const auto cutoff = now - keep_.max_age;
+    while (b < end) {
+      const auto& s = slot_of(*dir, b);
+      const bool over_count = keep_.max_count != 0 && end - b > keep_.max_count;
+      const bool over_bytes = keep_.max_bytes != 0 && part.bytes > keep_.max_bytes;
+      const bool too_old = keep_.max_age.count() > 0 && s.ts < cutoff;
+      if (!over_count && !over_bytes && !too_old) break;
+      part.bytes -= s.bytes;
+      ++b;
+    }
+    part.begin.store(b, std::memory_order_release);  // release: pairs with the acquire in earliest_offset
+    const auto droppable = (b - dir->base) / detail::stream_chunk_size;
+    if (droppable > 0) {
+      auto next = std::make_shared<detail::stream_dir<T>>();
+      next->base = dir->base + droppable * detail::stream_chunk_size;
+      next->chunks.assign(dir->chunks.begin() + static_cast<std::ptrdiff_t>(droppable), dir->chunks.end());
+      part.dir.store(std::move(next));
+    }
+  }
+
+  retention keep_;
+  const clock* clock_;
+  size_function size_of_;
+  std::vector<std::unique_ptr<detail::stream_partition<T>>> parts_;
+  std::mutex groups_mu_;
+  std::map<std::string, std::shared_ptr<detail::stream_group<T>>> groups_;
+};
+
+template <class T>
+class group_member {
+ public:
+  group_member(group_member&& o) noexcept
+      : g_(std::move(o.g_)), id_(o.id_), gen_(o.gen_), parts_(std::move(o.parts_)), next_(std::move(o.next_)) {}
+  group_member& operator=(group_member&&) = delete;
+  group_member(const group_member&) = delete;
+  group_member& operator=(const group_member&) = delete;
+  /// Leaves the group (rebalances). Takes the group mutex.
+  ~group_member() { leave(); }
+
+  /// Leaves now (idempotent); uncommitted progress is abandoned.
+  void leave() {
+    if (!g_) return;
+    std::lock_guard lock(g_->mu);
+    g_->members.erase(std::remove(g_->members.begin(), g_->members.end(), id_), g_->members.end());
+    g_->generation.fetch_add(1, std::memory_order_release);  // release: pairs with the acquire in poll
+    g_.reset();
+  }
+
+  /// Copies up to `max` records from this member's partitions, continuing
+  /// after what it polled before. After a rebalance it first resumes every
+  /// assigned partition from the committed offset. Never blocks appenders;
+  /// takes the group mutex only after a rebalance. Allocates the result.
+  [[nodiscard]] read_result<T> poll(std::size_t max = 64) {
+    refresh_if_rebalanced();
+    read_result<T> out;
+    for (std::size_t i = 0; i < parts_.size() && out.records.size() < max; ++i) {
+      auto r = g_->owner->read(parts_[i], next_[i], max - out.records.size());
+      if (!r.ok()) return r;
+      next_[i] += r.records.size();
+      for (auto& rec : r.records) out.records.push_back(std::move(rec));
+    }
+    return out;
+  }
+
+  /// Commits everything polled so far. errc::ok, or errc::conflict when the
+  /// group rebalanced since this member's last poll (nothing is committed; the
+  /// next poll resumes from the committed offsets). Takes the group mutex.
+  [[nodiscard]] errc commit() {
+    std::lock_guard lock(g_->mu);
+    if (g_->generation.load(std::memory_order_relaxed) != gen_) return errc::conflict;  // relaxed: under mu, writers hold mu
+    for (std::size_t i = 0; i < parts_.size(); ++i) g_->committed[parts_[i]] = next_[i];
+    return errc::ok;
+  }
+
+  /// Moves this member's position in an assigned partition (e.g. to the
+  /// earliest offset after out_of_range). Returns false if not assigned.
+  bool seek(std::uint32_t partition, std::uint64_t offset) {
+    for (std::size_t i = 0; i < parts_.size(); ++i)
+      if (parts_[i] == partition) {
+        next_[i] = offset;
+        return true;
+      }
+    return false;
+  }
+
+  /// Partitions assigned to this member as of its last poll.
+  [[nodiscard]] const std::vector<std::uint32_t>& assignment() {
+    refresh_if_rebalanced();
+    return parts_;
+  }
+  /// This member's next offset per assigned partition (parallel to assignment()).
+  [[nodiscard]] const std::vector<std::uint64_t>& positions() const noexcept { return next_; }
+  /// The generation this member's assignment belongs to.
+  [[nodiscard]] std::uint64_t generation() const noexcept { return gen_; }
+
+ private:
+  template <class>
+  friend class stream;
+  explicit group_member(std::shared_ptr<detail::stream_group<T>> g) : g_(std::move(g)) {
+    std::lock_guard lock(g_->mu);
+    id_ = g_->next_member++;
+    g_->members.push_back(id_);
+    g_->generation.fetch_add(1, std::memory_order_release);  // release: pairs with the acquire in poll
+    gen_ = ~std::uint64_t{0};
+  }
+
+  void refresh_if_rebalanced() {
+    if (g_->generation.load(std::memory_order_acquire) == gen_) return;  // acquire: pairs with join/leave
+    std::lock_guard lock(g_->mu);
+    gen_ = g_->generation.load(std::memory_order_relaxed);  // relaxed: under mu, writers hold mu
+    parts_ = g_->assignment_of(id_);
+    next_.resize(parts_.size());
+    for (std::size_t i = 0; i < parts_.size(); ++i) next_[i] = g_->committed[parts_[i]];
+  }
+
+  std::shared_ptr<detail::stream_group<T>> g_;
+  std::uint64_t id_ = 0;
+  std::uint64_t gen_ = 0;
+  std::vector<std::uint32_t> parts_;
+  std::vector<std::uint64_t> next_;
+};
+
+POSTBOX_END_NAMESPACE
