@@ -154,9 +154,9 @@ class reply_future {
 
 /// Requester configuration.
 struct requester_options {
-  std::string endpoint;            ///< reply endpoint name; generated when empty
+  std::string endpoint{};          ///< reply endpoint name; generated when empty
   std::size_t max_pending = 1024;  ///< requests in flight before refusing with `busy`
-  std::string producer;            ///< stamped on request envelopes
+  std::string producer{};          ///< stamped on request envelopes
 };
 
 /// Requester counters (snapshot).

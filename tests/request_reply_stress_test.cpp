@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: MIT
+// Stress test for request-reply: concurrent requesters and responders, every request ends in exactly one outcome.
+#include <postbox/request_reply.hpp>
+#include <postbox/testing.hpp>
+
+#include <catch2/catch.hpp>
+
+#include "support.hpp"
+
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <vector>
+
+using namespace std::chrono_literals;
+
+TEST_CASE("concurrent requesters and responders give every request exactly one outcome", "[request_reply][stress]") {
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  postbox::channel<postbox::envelope<int>> requests(256);
+  postbox::endpoint_registry<int> registry;
+  const int requesters = 4;
+  const int per = static_cast<int>(postbox_test::scaled(5000));
+  const int total = requesters * per;
+
+  std::vector<std::atomic<int>> outcomes(static_cast<std::size_t>(total));
+  std::atomic<long long> reply_sum{0}, expected_reply_sum{0};
+  std::atomic<int> wrong_errors{0};
+  std::atomic<int> ok{0}, errors{0}, timeouts{0}, canceled{0};
+
+  auto responders = std::make_unique<postbox::responder<int, int>>(
+      requests, registry,
+      [](const postbox::envelope<int>& e) {
+        if (e.payload % 7 == 0) throw std::runtime_error("multiple of seven");
+        return e.payload * 2;
+      },
+      clock, 3);
+
+  std::atomic<bool> done{false};
+  std::thread ticker([&] {  // moves time so some requests time out while others are answered
+    while (!done.load()) {
+      clock.advance(1ms);
+      timers.run_due();
+      std::this_thread::yield();
+    }
+  });
+
+  std::vector<std::thread> threads;
+  std::vector<postbox::requester_stats> stats(requesters);
+  for (int t = 0; t < requesters; ++t) {
+    threads.emplace_back([&, t] {
+      postbox::requester<int, int> req(requests, registry, timers, {.max_pending = 32});
+      for (int i = 0; i < per; ++i) {
+        const int id = t * per + i;
+        auto cb = [&, id](postbox::reply_outcome<int> o) {
+          outcomes[static_cast<std::size_t>(id)].fetch_add(1);
+          if (o.ok()) {
+            ++ok;
+            reply_sum += o.reply->payload;
+            expected_reply_sum += 2LL * id;
+          } else if (o.status == postbox::errc::handler_error) {
+            ++errors;
+            if (id % 7 != 0) ++wrong_errors;
+          } else if (o.status == postbox::errc::timeout || o.status == postbox::errc::expired) {
+            ++timeouts;
+          } else if (o.status == postbox::errc::canceled) {
+            ++canceled;
+          }
+        };
+        while (req.request(id, 20ms, cb) != postbox::errc::ok) std::this_thread::yield();
+      }
+      stats[static_cast<std::size_t>(t)] = req.stats();
+    });  // requester destroyed: its still pending requests end canceled
+  }
+  for (auto& th : threads) th.join();
+  done = true;
+  ticker.join();
+  responders.reset();
+
+  int exactly_once = 0;
+  for (auto& o : outcomes) exactly_once += o.load() == 1 ? 1 : 0;
+  INFO("ok " << ok << " errors " << errors << " timeouts " << timeouts << " canceled " << canceled);
+  CHECK(exactly_once == total);
+  CHECK(wrong_errors == 0);
+  CHECK(errors > 0);
+  CHECK(ok + errors + timeouts + canceled == total);
+  CHECK(reply_sum.load() == expected_reply_sum.load());
+  std::uint64_t sent = 0;
+  for (auto& s : stats) sent += s.sent;
+  CHECK(sent == static_cast<std::uint64_t>(total));
+}
