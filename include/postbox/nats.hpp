@@ -1,0 +1,589 @@
+// SPDX-License-Identifier: MIT
+// NATS JetStream bridge: RAII libnats wrappers, envelope <-> NATS header mapping, a deduplicating publisher and a durable pull source.
+#pragma once
+
+// Opt-in edge (layer 5): needs libnats (CMake package `cnats`, target
+// `postbox::nats`) and nlohmann/json. Design notes: docs/design/nats.md.
+//
+// Wire format: the payload is the JSON of `T` (nlohmann to_json/from_json) in
+// the message body; every other envelope field travels as a NATS header
+// (names in `nats_headers`). The id is `Nats-Msg-Id`, so JetStream's duplicate
+// window drops a republished message. Timeouts passed to libnats are real
+// time (libnats has no injectable clock).
+
+#include <nats/nats.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "config.hpp"
+#include "envelope.hpp"
+#include "error.hpp"
+#include "json.hpp"
+
+POSTBOX_BEGIN_NAMESPACE
+
+/// NATS header names carrying the envelope fields.
+namespace nats_headers {
+inline constexpr const char* id = "Nats-Msg-Id";
+inline constexpr const char* type = "Postbox-Type";
+inline constexpr const char* schema_version = "Postbox-Schema-Version";
+inline constexpr const char* kind = "Postbox-Kind";
+inline constexpr const char* occurred_at = "Postbox-Occurred-At";
+inline constexpr const char* correlation_id = "Postbox-Correlation-Id";
+inline constexpr const char* causation_id = "Postbox-Causation-Id";
+inline constexpr const char* producer = "Postbox-Producer";
+inline constexpr const char* partition_key = "Postbox-Partition-Key";
+inline constexpr const char* tenant = "Postbox-Tenant";
+inline constexpr const char* traceparent = "traceparent";
+inline constexpr const char* tracestate = "tracestate";
+inline constexpr const char* deadline = "Postbox-Deadline";
+inline constexpr const char* attempt = "Postbox-Attempt";
+/// User header `k` travels as `Postbox-H-k`.
+inline constexpr std::string_view user_prefix = "Postbox-H-";
+}  // namespace nats_headers
+
+namespace detail {
+
+/// Maps a libnats status to a postbox error code.
+[[nodiscard]] inline errc nats_errc(natsStatus s) noexcept {
+  switch (s) {
+    case NATS_OK: return errc::ok;
+    case NATS_TIMEOUT: return errc::timeout;
+    case NATS_CONNECTION_CLOSED: return errc::closed;
+    case NATS_NOT_FOUND: return errc::not_found;
+    case NATS_INVALID_ARG: return errc::invalid_argument;
+    case NATS_NO_RESPONDERS: return errc::busy;
+    case NATS_NO_MEMORY: return errc::too_large;
+    default: return errc::store_error;
+  }
+}
+
+/// Throws postbox::error for a failed libnats call made at the API boundary.
+inline void nats_check(natsStatus s, const char* what) {
+  if (s != NATS_OK)
+    POSTBOX_THROW(postbox::error(nats_errc(s), std::string("postbox::nats: ") + what + ": " + natsStatus_GetText(s)));
+}
+
+/// Initializes libnats once per process (natsMsg_Create does not do it
+/// itself, and its message pool needs it). Thread-safe (static init).
+inline void nats_library_open() {
+  static const natsStatus s = nats_Open(-1);
+  nats_check(s, "nats_Open");
+}
+
+struct nats_msg_deleter {
+  void operator()(natsMsg* m) const noexcept { natsMsg_Destroy(m); }
+};
+struct nats_conn_deleter {
+  void operator()(natsConnection* c) const noexcept { natsConnection_Destroy(c); }
+};
+struct nats_js_deleter {
+  void operator()(jsCtx* j) const noexcept { jsCtx_Destroy(j); }
+};
+struct nats_sub_deleter {
+  void operator()(natsSubscription* s) const noexcept { natsSubscription_Destroy(s); }
+};
+
+/// True when `v` may be a NATS header value (no CR or LF).
+[[nodiscard]] inline bool nats_header_value_ok(std::string_view v) noexcept {
+  return v.find_first_of("\r\n") == std::string_view::npos;
+}
+
+}  // namespace detail
+
+/// An owned libnats message. Move-only; not thread-safe.
+using nats_msg_ptr = std::unique_ptr<natsMsg, detail::nats_msg_deleter>;
+
+/// Builds a NATS message on `subject` from `env`: JSON payload in the body,
+/// the other fields as headers. `invalid_argument` when a header value holds
+/// CR/LF or the payload cannot be encoded. Allocates. Thread-safe.
+template <class T>
+[[nodiscard]] result<nats_msg_ptr> to_nats_msg(const envelope<T>& env, const std::string& subject) {
+  detail::nats_library_open();
+  std::string body;
+  POSTBOX_TRY { body = nlohmann::json(env.payload).dump(); }
+  POSTBOX_CATCH_ALL { return errc::invalid_argument; }
+  natsMsg* raw = nullptr;
+  if (natsMsg_Create(&raw, subject.c_str(), nullptr, body.data(), static_cast<int>(body.size())) != NATS_OK)
+    return errc::invalid_argument;
+  nats_msg_ptr msg(raw);
+  bool ok = true;
+  auto set = [&](const char* k, const std::string& v) {
+    if (!ok || v.empty()) return;
+    if (!detail::nats_header_value_ok(v) || natsMsgHeader_Set(msg.get(), k, v.c_str()) != NATS_OK) ok = false;
+  };
+  set(nats_headers::id, env.id.to_string());
+  set(nats_headers::type, env.type);
+  set(nats_headers::schema_version, std::to_string(env.schema_version));
+  set(nats_headers::kind, std::string(to_string(env.kind)));
+  set(nats_headers::occurred_at, json::detail::format_time(env.occurred_at));
+  if (!env.correlation_id.is_nil()) set(nats_headers::correlation_id, env.correlation_id.to_string());
+  if (!env.causation_id.is_nil()) set(nats_headers::causation_id, env.causation_id.to_string());
+  set(nats_headers::producer, env.producer);
+  set(nats_headers::partition_key, env.partition_key);
+  set(nats_headers::tenant, env.tenant);
+  set(nats_headers::traceparent, env.trace.traceparent);
+  set(nats_headers::tracestate, env.trace.tracestate);
+  if (env.deadline) set(nats_headers::deadline, json::detail::format_time(*env.deadline));
+  if (env.attempt != 0) set(nats_headers::attempt, std::to_string(env.attempt));
+  for (const auto& [k, v] : env.headers) {
+    if (k.empty() || k.find_first_of(":\r\n ") != std::string::npos) ok = false;
+    set((std::string(nats_headers::user_prefix) + k).c_str(), v);
+  }
+  if (!ok) return errc::invalid_argument;
+  return msg;
+}
+
+/// Why `from_nats_msg` failed: code and the header or "payload" concerned.
+struct nats_decode_error {
+  errc code = errc::ok;
+  std::string field;
+};
+
+/// Reads an envelope back from a NATS message made by `to_nats_msg` (or by
+/// any producer that sets the same headers). `attempt` is the header value.
+/// Never throws; on failure `error` names the field. Allocates. Thread-safe
+/// for distinct messages.
+template <class T>
+[[nodiscard]] std::optional<envelope<T>> from_nats_msg(natsMsg* msg, nats_decode_error& error) {
+  envelope<T> env;
+  auto get = [&](const char* k) -> std::optional<std::string> {
+    const char* v = nullptr;
+    if (natsMsgHeader_Get(msg, k, &v) != NATS_OK || v == nullptr) return std::nullopt;
+    return std::string(v);
+  };
+  auto fail = [&](errc c, const char* f) {
+    error = {c, f};
+    return std::nullopt;
+  };
+  auto id_field = [&](const char* k, message_id& out, bool required) {
+    auto v = get(k);
+    if (!v) return !required;
+    auto id = message_id::parse(*v);
+    if (!id) return false;
+    out = *id;
+    return true;
+  };
+  if (!id_field(nats_headers::id, env.id, true)) return fail(errc::missing_field, nats_headers::id);
+  if (auto v = get(nats_headers::type)) env.type = *v;
+  if (auto v = get(nats_headers::schema_version)) {
+    POSTBOX_TRY { env.schema_version = static_cast<std::uint32_t>(std::stoul(*v)); }
+    POSTBOX_CATCH_ALL { return fail(errc::bad_type, nats_headers::schema_version); }
+  }
+  if (auto v = get(nats_headers::kind)) {
+    auto k = parse_message_kind(*v);
+    if (!k) return fail(errc::bad_type, nats_headers::kind);
+    env.kind = *k;
+  }
+  if (auto v = get(nats_headers::occurred_at)) {
+    auto t = json::detail::parse_time(*v);
+    if (!t) return fail(errc::bad_type, nats_headers::occurred_at);
+    env.occurred_at = *t;
+  }
+  if (!id_field(nats_headers::correlation_id, env.correlation_id, false))
+    return fail(errc::bad_type, nats_headers::correlation_id);
+  if (!id_field(nats_headers::causation_id, env.causation_id, false))
+    return fail(errc::bad_type, nats_headers::causation_id);
+  if (auto v = get(nats_headers::producer)) env.producer = *v;
+  if (auto v = get(nats_headers::partition_key)) env.partition_key = *v;
+  if (auto v = get(nats_headers::tenant)) env.tenant = *v;
+  {
+    auto tp = get(nats_headers::traceparent).value_or("");
+    auto ts = get(nats_headers::tracestate).value_or("");
+    auto tc = trace_context::parse(tp, ts);
+    if (!tc) return fail(errc::bad_type, nats_headers::traceparent);
+    env.trace = std::move(*tc);
+  }
+  if (auto v = get(nats_headers::deadline)) {
+    auto t = json::detail::parse_time(*v);
+    if (!t) return fail(errc::bad_type, nats_headers::deadline);
+    env.deadline = *t;
+  }
+  if (auto v = get(nats_headers::attempt)) {
+    POSTBOX_TRY { env.attempt = static_cast<std::uint32_t>(std::stoul(*v)); }
+    POSTBOX_CATCH_ALL { return fail(errc::bad_type, nats_headers::attempt); }
+  }
+  const char** keys = nullptr;
+  int count = 0;
+  if (natsMsgHeader_Keys(msg, &keys, &count) == NATS_OK && keys != nullptr) {
+    for (int i = 0; i < count; ++i) {
+      std::string_view k(keys[i]);
+      if (k.substr(0, nats_headers::user_prefix.size()) == nats_headers::user_prefix) {
+        if (auto v = get(keys[i])) env.headers.set(std::string(k.substr(nats_headers::user_prefix.size())), *v);
+      }
+    }
+    std::free(static_cast<void*>(keys));
+  }
+  const char* data = natsMsg_GetData(msg);
+  const int len = natsMsg_GetDataLength(msg);
+  POSTBOX_TRY {
+    auto j = nlohmann::json::parse(std::string_view(data ? data : "", static_cast<std::size_t>(len)));
+    env.payload = j.template get<T>();
+  }
+  POSTBOX_CATCH_ALL { return fail(errc::parse_error, "payload"); }
+  return env;
+}
+
+/// Connection state as seen by libnats' callbacks.
+enum class connection_status { connected, reconnecting, closed };
+
+/// `connected`, `reconnecting` or `closed`.
+[[nodiscard]] constexpr std::string_view to_string(connection_status s) noexcept {
+  switch (s) {
+    case connection_status::connected: return "connected";
+    case connection_status::reconnecting: return "reconnecting";
+    case connection_status::closed: return "closed";
+  }
+  return "unknown";
+}
+
+/// Options for `nats_connection`. A plain value.
+struct nats_connection_options {
+  std::string urls = "nats://127.0.0.1:4222";  ///< comma-separated server URLs
+  std::string name = "postbox";                ///< client name shown by the server
+  int max_reconnect = -1;                      ///< -1: reconnect forever
+  std::chrono::milliseconds reconnect_wait{100};  ///< first reconnect delay
+  std::chrono::milliseconds reconnect_wait_max{2000};  ///< backoff cap (doubles per attempt)
+  std::chrono::milliseconds connect_timeout{2000};
+  int reconnect_buffer_bytes = 8 << 20;  ///< bytes buffered while reconnecting; beyond it publishes fail
+  bool retry_on_failed_connect = false;   ///< keep trying when the first connect fails
+  /// Called from a libnats thread on every status change; must not block.
+  std::function<void(connection_status)> on_status;
+};
+
+/// A NATS connection with reconnect and exponential backoff. Move-only;
+/// `status()` is thread-safe; the connection may be shared by threads
+/// (libnats connections are thread-safe).
+class nats_connection {
+ public:
+  /// Connects (blocks up to `connect_timeout` per server). Throws
+  /// postbox::error (`timeout`, `closed`, `store_error`) when it cannot.
+  explicit nats_connection(nats_connection_options opts) : state_(std::make_shared<state>()) {
+    state_->on_status = std::move(opts.on_status);
+    detail::nats_library_open();
+    natsOptions* o = nullptr;
+    detail::nats_check(natsOptions_Create(&o), "options");
+    std::unique_ptr<natsOptions, void (*)(natsOptions*)> guard(o, natsOptions_Destroy);
+    state_->wait_ms = opts.reconnect_wait.count();
+    state_->wait_max_ms = opts.reconnect_wait_max.count();
+    std::vector<std::string> urls;
+    for (std::size_t pos = 0; pos <= opts.urls.size();) {
+      auto end = opts.urls.find(',', pos);
+      if (end == std::string::npos) end = opts.urls.size();
+      if (end > pos) urls.push_back(opts.urls.substr(pos, end - pos));
+      pos = end + 1;
+    }
+    std::vector<const char*> cs;
+    for (auto& u : urls) cs.push_back(u.c_str());
+    detail::nats_check(natsOptions_SetServers(o, cs.data(), static_cast<int>(cs.size())), "servers");
+    detail::nats_check(natsOptions_SetName(o, opts.name.c_str()), "name");
+    detail::nats_check(natsOptions_SetMaxReconnect(o, opts.max_reconnect), "max reconnect");
+    detail::nats_check(natsOptions_SetTimeout(o, opts.connect_timeout.count()), "timeout");
+    detail::nats_check(natsOptions_SetReconnectBufSize(o, opts.reconnect_buffer_bytes), "reconnect buffer");
+    detail::nats_check(natsOptions_SetCustomReconnectDelay(o, &nats_connection::delay_cb, state_.get()),
+                       "reconnect delay");
+    detail::nats_check(natsOptions_SetDisconnectedCB(o, &nats_connection::disconnected_cb, state_.get()),
+                       "disconnected cb");
+    detail::nats_check(natsOptions_SetReconnectedCB(o, &nats_connection::reconnected_cb, state_.get()),
+                       "reconnected cb");
+    detail::nats_check(natsOptions_SetClosedCB(o, &nats_connection::closed_cb, state_.get()), "closed cb");
+    if (opts.retry_on_failed_connect)
+      detail::nats_check(natsOptions_SetRetryOnFailedConnect(o, true, nullptr, nullptr), "retry connect");
+    natsConnection* c = nullptr;
+    const natsStatus s = natsConnection_Connect(&c, o);
+    if (s != NATS_OK && !(opts.retry_on_failed_connect && s == NATS_NOT_YET_CONNECTED))
+      detail::nats_check(s, "connect");
+    conn_.reset(c);
+    state_->status.store(s == NATS_OK ? connection_status::connected : connection_status::reconnecting);
+  }
+
+  /// Latest status; never blocks. Thread-safe.
+  [[nodiscard]] connection_status status() const noexcept { return state_->status.load(); }
+  /// The libnats handle, for calls postbox does not wrap. Not owned by the caller.
+  [[nodiscard]] natsConnection* native() const noexcept { return conn_.get(); }
+  /// Flushes and waits for the server's PONG (blocks up to `timeout`).
+  [[nodiscard]] errc flush(std::chrono::milliseconds timeout) const noexcept {
+    return detail::nats_errc(natsConnection_FlushTimeout(conn_.get(), timeout.count()));
+  }
+
+ private:
+  struct state {
+    // Written by libnats callback threads and the constructor; read by any
+    // thread through status(). seq_cst: a lone flag, no ordering partner.
+    std::atomic<connection_status> status{connection_status::reconnecting};
+    std::function<void(connection_status)> on_status;
+    std::int64_t wait_ms = 100, wait_max_ms = 2000;
+    void set(connection_status s) {
+      status.store(s);
+      if (on_status) {
+        POSTBOX_TRY { on_status(s); }
+        POSTBOX_CATCH_ALL {}
+      }
+    }
+  };
+  static std::int64_t delay_cb(natsConnection*, int attempts, void* closure) {
+    auto* st = static_cast<state*>(closure);
+    std::int64_t d = st->wait_ms;
+    for (int i = 1; i < attempts && d < st->wait_max_ms; ++i) d *= 2;
+    return d < st->wait_max_ms ? d : st->wait_max_ms;
+  }
+  static void disconnected_cb(natsConnection*, void* c) { static_cast<state*>(c)->set(connection_status::reconnecting); }
+  static void reconnected_cb(natsConnection*, void* c) { static_cast<state*>(c)->set(connection_status::connected); }
+  static void closed_cb(natsConnection*, void* c) { static_cast<state*>(c)->set(connection_status::closed); }
+
+  // Callbacks hold a raw pointer to state_, which outlives conn_ (declared first, destroyed last).
+  std::shared_ptr<state> state_;
+  std::unique_ptr<natsConnection, detail::nats_conn_deleter> conn_;
+};
+
+/// Stream settings for `jetstream::ensure_stream`. A plain value.
+struct stream_options {
+  std::string name;
+  std::vector<std::string> subjects;
+  int replicas = 1;
+  bool file_storage = true;
+  std::chrono::milliseconds duplicate_window{std::chrono::minutes(2)};
+};
+
+/// Durable pull consumer settings. A plain value.
+struct consumer_options {
+  std::string stream;
+  std::string durable;
+  std::string filter_subject;            ///< subject filter, e.g. "orders.>" (required by libnats)
+  std::chrono::milliseconds ack_wait{30000};  ///< redelivery after this without ack/in-progress
+  int max_deliver = -1;                  ///< -1: unlimited
+};
+
+/// A JetStream context on a connection. Move-only; thread-safe as libnats' jsCtx.
+class jetstream {
+ public:
+  /// Creates the context; `api_timeout` bounds each JetStream API call. Throws on failure.
+  explicit jetstream(nats_connection& conn, std::chrono::milliseconds api_timeout = std::chrono::milliseconds(5000))
+      : conn_(&conn) {
+    jsOptions o;
+    jsOptions_Init(&o);
+    o.Wait = api_timeout.count();
+    jsCtx* j = nullptr;
+    detail::nats_check(natsConnection_JetStream(&j, conn.native(), &o), "jetstream context");
+    js_.reset(j);
+  }
+
+  /// Creates the stream, or updates it if it exists. Blocks on the server.
+  /// Returns `ok` or an error code. Thread-safe.
+  [[nodiscard]] errc ensure_stream(const stream_options& so) {
+    jsStreamConfig cfg;
+    jsStreamConfig_Init(&cfg);
+    cfg.Name = so.name.c_str();
+    std::vector<const char*> subs;
+    for (auto& s : so.subjects) subs.push_back(s.c_str());
+    cfg.Subjects = subs.data();
+    cfg.SubjectsLen = static_cast<int>(subs.size());
+    cfg.Replicas = static_cast<int64_t>(so.replicas);
+    cfg.Storage = so.file_storage ? js_FileStorage : js_MemoryStorage;
+    cfg.Duplicates = std::chrono::duration_cast<std::chrono::nanoseconds>(so.duplicate_window).count();
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    jsStreamInfo* si = nullptr;
+    natsStatus s = js_AddStream(&si, js_.get(), &cfg, nullptr, &jerr);
+    if (s != NATS_OK && jerr == JSStreamNameExistErr) s = js_UpdateStream(&si, js_.get(), &cfg, nullptr, &jerr);
+    if (si) jsStreamInfo_Destroy(si);
+    return detail::nats_errc(s);
+  }
+
+  /// Messages stored in `stream`, or an error. Blocks on the server.
+  [[nodiscard]] result<std::uint64_t> stream_messages(const std::string& stream) {
+    jsStreamInfo* si = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    const natsStatus s = js_GetStreamInfo(&si, js_.get(), stream.c_str(), nullptr, &jerr);
+    if (s != NATS_OK) return detail::nats_errc(s);
+    const std::uint64_t n = si->State.Msgs;
+    jsStreamInfo_Destroy(si);
+    return n;
+  }
+
+  [[nodiscard]] jsCtx* native() const noexcept { return js_.get(); }
+  [[nodiscard]] nats_connection& connection() const noexcept { return *conn_; }
+
+ private:
+  nats_connection* conn_;
+  std::unique_ptr<jsCtx, detail::nats_js_deleter> js_;
+};
+
+/// Subject for an envelope: an explicit mapping when set, else the envelope's type.
+struct subject_mapping {
+  std::string prefix;  ///< prepended to the type, e.g. "orders." (empty: none)
+  std::function<std::string(std::string_view type)> map;  ///< overrides prefix+type when set
+  [[nodiscard]] std::string operator()(std::string_view type) const {
+    return map ? map(type) : prefix + std::string(type);
+  }
+};
+
+/// What the stream answered to a publish.
+struct publish_ack {
+  std::string stream;
+  std::uint64_t sequence = 0;
+  bool duplicate = false;  ///< the id was already in the duplicate window
+  int attempts = 1;        ///< publishes sent (more than 1 after ack timeouts)
+};
+
+/// Publishes envelopes to JetStream with `Nats-Msg-Id` = id and waits for
+/// the PubAck. A timeout is an unknown outcome: republished with the same id
+/// up to `max_attempts` times (the duplicate window absorbs a stored copy).
+/// Blocks. Thread-safe (no shared mutable state).
+class jetstream_publisher {
+ public:
+  jetstream_publisher(jetstream& js, subject_mapping subjects = {}, std::chrono::milliseconds ack_timeout =
+                                                                          std::chrono::milliseconds(2000),
+                      int max_attempts = 5)
+      : js_(&js), subjects_(std::move(subjects)), ack_timeout_(ack_timeout), max_attempts_(max_attempts) {}
+
+  /// Publishes on the mapped subject. `ok` only after a PubAck; `timeout`
+  /// when every attempt's outcome stayed unknown (retry later, same id).
+  template <class T>
+  [[nodiscard]] result<publish_ack> publish(const envelope<T>& env) {
+    return publish(env, subjects_(env.type));
+  }
+
+  /// Publishes on `subject`. Same semantics as above.
+  template <class T>
+  [[nodiscard]] result<publish_ack> publish(const envelope<T>& env, const std::string& subject) {
+    auto msg = to_nats_msg(env, subject);
+    if (!msg.has_value()) return msg.status();
+    const std::string id = env.id.to_string();
+    errc last = errc::timeout;
+    for (int attempt = 1; attempt <= max_attempts_; ++attempt) {
+      jsPubOptions po;
+      jsPubOptions_Init(&po);
+      po.MsgId = id.c_str();
+      po.MaxWait = ack_timeout_.count();
+      jsPubAck* pa = nullptr;
+      jsErrCode jerr = static_cast<jsErrCode>(0);
+      const natsStatus s = js_PublishMsg(&pa, js_->native(), msg->get(), &po, &jerr);
+      if (s == NATS_OK && pa != nullptr) {
+        publish_ack ack{pa->Stream ? pa->Stream : "", pa->Sequence, pa->Duplicate, attempt};
+        jsPubAck_Destroy(pa);
+        return ack;
+      }
+      if (pa) jsPubAck_Destroy(pa);
+      last = detail::nats_errc(s);
+      // Unknown outcome (timeout, no responders during an election, lost
+      // connection being restored): republish with the same id.
+      if (s != NATS_TIMEOUT && s != NATS_NO_RESPONDERS && s != NATS_CONNECTION_DISCONNECTED &&
+          !(s == NATS_ERR && jerr != 0))
+        break;
+    }
+    return last;
+  }
+
+ private:
+  jetstream* js_;
+  subject_mapping subjects_;
+  std::chrono::milliseconds ack_timeout_;
+  int max_attempts_;
+};
+
+/// One message from a pull source: the decoded envelope (or why it did not
+/// decode) and its settlement operations. Move-only; settle from one thread.
+template <class T>
+class jetstream_delivery {
+ public:
+  jetstream_delivery(nats_msg_ptr msg) : msg_(std::move(msg)) {  // NOLINT
+    env_ = from_nats_msg<T>(msg_.get(), error_);
+    jsMsgMetaData* meta = nullptr;
+    if (natsMsg_GetMetaData(&meta, msg_.get()) == NATS_OK && meta) {
+      delivered_ = static_cast<std::uint32_t>(meta->NumDelivered);
+      stream_sequence_ = meta->Sequence.Stream;
+      jsMsgMetaData_Destroy(meta);
+    }
+    // attempt = deliveries started so far: the producer's count plus this stream's.
+    if (env_) env_->attempt += delivered_;
+  }
+
+  [[nodiscard]] bool has_value() const noexcept { return env_.has_value(); }
+  /// The envelope; precondition has_value().
+  [[nodiscard]] envelope<T>& operator*() noexcept { return *env_; }
+  [[nodiscard]] envelope<T>* operator->() noexcept { return &*env_; }
+  /// Why decoding failed (code ok when it did not).
+  [[nodiscard]] const nats_decode_error& error() const noexcept { return error_; }
+  /// Times the server delivered this message (1 on first delivery).
+  [[nodiscard]] std::uint32_t delivered() const noexcept { return delivered_; }
+  [[nodiscard]] std::uint64_t stream_sequence() const noexcept { return stream_sequence_; }
+
+  /// Acknowledges and waits for the server to confirm (blocks). Thread-safe.
+  [[nodiscard]] errc ack() { return detail::nats_errc(natsMsg_AckSync(msg_.get(), nullptr, nullptr)); }
+  /// Redelivery after `delay`. Does not wait for the server.
+  [[nodiscard]] errc nak(std::chrono::milliseconds delay = {}) {
+    return detail::nats_errc(delay.count() > 0 ? natsMsg_NakWithDelay(msg_.get(), delay.count(), nullptr)
+                                               : natsMsg_Nak(msg_.get(), nullptr));
+  }
+  /// Never redeliver. Does not wait for the server.
+  [[nodiscard]] errc term() { return detail::nats_errc(natsMsg_Term(msg_.get(), nullptr)); }
+  /// Resets the ack-wait timer (a long handler is still working).
+  [[nodiscard]] errc in_progress() { return detail::nats_errc(natsMsg_InProgress(msg_.get(), nullptr)); }
+
+ private:
+  nats_msg_ptr msg_;
+  nats_decode_error error_;
+  std::optional<envelope<T>> env_;
+  std::uint32_t delivered_ = 0;
+  std::uint64_t stream_sequence_ = 0;
+};
+
+/// A durable pull consumer that yields envelopes. The durable keeps its
+/// position on the server, so a recreated source resumes where acks stopped;
+/// sources with one durable name compete (a consumer group).
+/// Blocking; use one source per thread.
+template <class T>
+class jetstream_pull_source {
+ public:
+  /// Binds (creating if needed) the durable consumer. Throws on failure.
+  jetstream_pull_source(jetstream& js, const consumer_options& co) : js_(&js) {
+    jsSubOptions so;
+    jsSubOptions_Init(&so);
+    so.Stream = co.stream.c_str();
+    so.Config.AckPolicy = js_AckExplicit;
+    so.Config.AckWait = std::chrono::duration_cast<std::chrono::nanoseconds>(co.ack_wait).count();
+    so.Config.MaxDeliver = co.max_deliver;
+    natsSubscription* s = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    detail::nats_check(js_PullSubscribe(&s, js.native(), co.filter_subject.c_str(), co.durable.c_str(), nullptr, &so,
+                                        &jerr),
+                       "pull subscribe");
+    sub_.reset(s);
+  }
+
+  /// Up to `max` deliveries, waiting up to `timeout` for the first.
+  /// `timeout` status when none arrived; `closed` when the connection is
+  /// closed; other codes on server errors. Blocks; allocates.
+  [[nodiscard]] result<std::vector<jetstream_delivery<T>>> fetch(int max, std::chrono::milliseconds timeout) {
+    natsMsgList list{};
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    const natsStatus s = natsSubscription_Fetch(&list, sub_.get(), max, timeout.count(), &jerr);
+    if (s != NATS_OK) return detail::nats_errc(s);
+    std::vector<jetstream_delivery<T>> out;
+    out.reserve(static_cast<std::size_t>(list.Count));
+    for (int i = 0; i < list.Count; ++i) {
+      out.emplace_back(nats_msg_ptr(list.Msgs[i]));
+      list.Msgs[i] = nullptr;
+    }
+    natsMsgList_Destroy(&list);
+    return out;
+  }
+
+ private:
+  jetstream* js_;
+  std::unique_ptr<natsSubscription, detail::nats_sub_deleter> sub_;
+};
+
+POSTBOX_END_NAMESPACE

@@ -1,0 +1,220 @@
+// SPDX-License-Identifier: MIT
+// Tests for postbox/nats.hpp against real nats-server processes started on 127.0.0.1.
+#ifdef POSTBOX_NATS_SERVER
+
+#include <postbox/nats.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <set>
+
+#include "nats_harness.hpp"
+
+namespace {
+
+struct order {
+  int n = 0;
+  std::string what;
+};
+void to_json(nlohmann::json& j, const order& o) { j = {{"n", o.n}, {"what", o.what}}; }
+void from_json(const nlohmann::json& j, order& o) {
+  j.at("n").get_to(o.n);
+  j.at("what").get_to(o.what);
+}
+
+using namespace std::chrono_literals;
+namespace pn = postbox_test::nats;
+
+#define NATS_REQUIRE_SERVER()                          \
+  if (!pn::available()) {                              \
+    WARN("nats-server not found: skipping");           \
+    return;                                            \
+  }
+
+postbox::nats_connection connect(const std::string& urls) {
+  postbox::nats_connection_options o;
+  o.urls = urls;
+  return postbox::nats_connection(std::move(o));
+}
+
+// JetStream may take a moment after the port opens (and an election in a cluster).
+void ensure_stream(postbox::jetstream& js, postbox::stream_options so) {
+  auto rc = postbox::errc::timeout;
+  for (int i = 0; i < 100 && rc != postbox::errc::ok; ++i) {
+    rc = js.ensure_stream(so);
+    if (rc != postbox::errc::ok) pn::detail::pause_ms(100);
+  }
+  REQUIRE(rc == postbox::errc::ok);
+}
+
+}  // namespace
+
+TEST_CASE("an envelope survives the NATS header mapping field by field", "[nats]") {
+  auto env = postbox::make_envelope("orders.placed", order{7, "book"}, postbox::message_kind::command);
+  env.schema_version = 3;
+  env.causation_id = postbox::message_id::generate();
+  env.producer = "shop";
+  env.partition_key = "cust-1";
+  env.tenant = "t1";
+  env.trace = postbox::trace_context::generate();
+  env.deadline = env.occurred_at + 5s;
+  env.attempt = 2;
+  env.headers.set("x-user", "alice");
+  auto msg = postbox::to_nats_msg(env, "orders.placed");
+  REQUIRE(msg.has_value());
+  postbox::nats_decode_error err;
+  auto back = postbox::from_nats_msg<order>(msg->get(), err);
+  REQUIRE(back.has_value());
+  CHECK(back->id == env.id);
+  CHECK(back->type == env.type);
+  CHECK(back->schema_version == 3);
+  CHECK(back->kind == postbox::message_kind::command);
+  CHECK(back->occurred_at == env.occurred_at);
+  CHECK(back->correlation_id == env.correlation_id);
+  CHECK(back->causation_id == env.causation_id);
+  CHECK(back->producer == "shop");
+  CHECK(back->partition_key == "cust-1");
+  CHECK(back->tenant == "t1");
+  CHECK(back->trace.traceparent == env.trace.traceparent);
+  CHECK(back->deadline == env.deadline);
+  CHECK(back->attempt == 2);
+  CHECK(back->headers.get("x-user") == std::optional<std::string_view>("alice"));
+  CHECK(back->payload.n == 7);
+  CHECK(back->payload.what == "book");
+}
+
+TEST_CASE("a header value with a line break is rejected as invalid_argument", "[nats]") {
+  auto env = postbox::make_envelope("t", order{1, "x"});
+  env.producer = "a\r\nb";
+  CHECK(postbox::to_nats_msg(env, "t").status() == postbox::errc::invalid_argument);
+}
+
+TEST_CASE("a message without Nats-Msg-Id fails to decode naming the header", "[nats]") {
+  postbox::detail::nats_library_open();
+  natsMsg* raw = nullptr;
+  REQUIRE(natsMsg_Create(&raw, "t", nullptr, "{}", 2) == NATS_OK);
+  postbox::nats_msg_ptr msg(raw);
+  postbox::nats_decode_error err;
+  CHECK_FALSE(postbox::from_nats_msg<order>(msg.get(), err).has_value());
+  CHECK(err.code == postbox::errc::missing_field);
+  CHECK(err.field == "Nats-Msg-Id");
+}
+
+TEST_CASE("publishing the same id twice stores one message", "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  postbox::jetstream_publisher pub(js);
+  auto env = postbox::make_envelope("orders.placed", order{1, "a"});
+  auto a = pub.publish(env);
+  auto b = pub.publish(env);
+  REQUIRE(a.has_value());
+  REQUIRE(b.has_value());
+  CHECK_FALSE(a->duplicate);
+  CHECK(b->duplicate);
+  CHECK(js.stream_messages("ORDERS").value() == 1);
+}
+
+TEST_CASE("pull ack nak-with-delay and term settle messages as JetStream does", "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  postbox::jetstream_publisher pub(js);
+  for (int i = 0; i < 3; ++i) REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{i, "x"})).has_value());
+  postbox::jetstream_pull_source<order> src(js, {"ORDERS", "worker", "orders.>", 30000ms, -1});
+  auto first = src.fetch(3, 2000ms);
+  REQUIRE(first.has_value());
+  REQUIRE(first->size() == 3);
+  for (auto& d : *first) {
+    REQUIRE(d.has_value());
+    CHECK(d.delivered() == 1);
+    CHECK(d->attempt == 1);
+    if (d->payload.n == 0) CHECK(d.ack() == postbox::errc::ok);
+    if (d->payload.n == 1) CHECK(d.nak(200ms) == postbox::errc::ok);
+    if (d->payload.n == 2) CHECK(d.term() == postbox::errc::ok);
+  }
+  // Only the nak'ed message comes back, as its second delivery.
+  auto again = src.fetch(3, 5000ms);
+  REQUIRE(again.has_value());
+  REQUIRE(again->size() == 1);
+  CHECK((*again)[0]->payload.n == 1);
+  CHECK((*again)[0].delivered() == 2);
+  CHECK((*again)[0].ack() == postbox::errc::ok);
+  CHECK(src.fetch(3, 500ms).status() == postbox::errc::timeout);
+}
+
+TEST_CASE("a recreated pull source resumes from the durable position", "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  postbox::jetstream_publisher pub(js);
+  for (int i = 0; i < 10; ++i) REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{i, "x"})).has_value());
+  std::vector<int> seen;
+  {
+    postbox::jetstream_pull_source<order> src(js, {"ORDERS", "resume", "orders.>", 30000ms, -1});
+    auto got = src.fetch(4, 2000ms);
+    REQUIRE(got.has_value());
+    for (auto& d : *got) {
+      seen.push_back(d->payload.n);
+      REQUIRE(d.ack() == postbox::errc::ok);
+    }
+  }
+  postbox::jetstream_pull_source<order> src(js, {"ORDERS", "resume", "orders.>", 30000ms, -1});
+  for (int i = 0; i < 20 && seen.size() < 10; ++i) {
+    auto got = src.fetch(10, 2000ms);
+    if (!got.has_value()) continue;
+    for (auto& d : *got) {
+      seen.push_back(d->payload.n);
+      REQUIRE(d.ack() == postbox::errc::ok);
+    }
+  }
+  REQUIRE(seen.size() == 10);
+  for (int i = 0; i < 10; ++i) CHECK(seen[static_cast<std::size_t>(i)] == i);
+}
+
+TEST_CASE("after a file-storage server restart every acknowledged publish is still stored", "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  postbox::nats_connection_options o;
+  o.urls = srv.url();
+  std::atomic<int> reconnecting{0};
+  o.on_status = [&](postbox::connection_status s) {
+    if (s == postbox::connection_status::reconnecting) reconnecting.fetch_add(1);
+  };
+  postbox::nats_connection conn(std::move(o));
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  postbox::jetstream_publisher pub(js, {}, 1000ms, 10);
+  std::set<postbox::message_id> acked;
+  const int n = 200;
+  for (int i = 0; i < n; ++i) {
+    if (i == n / 2) srv.restart();
+    auto env = postbox::make_envelope("orders.placed", order{i, "x"});
+    if (pub.publish(env).has_value()) acked.insert(env.id);
+  }
+  CHECK(reconnecting.load() >= 1);
+  REQUIRE(acked.size() >= static_cast<std::size_t>(n / 2));
+  postbox::jetstream_pull_source<order> src(js, {"ORDERS", "check", "orders.>", 30000ms, -1});
+  std::set<postbox::message_id> stored;
+  for (int i = 0; i < 50 && stored.size() < acked.size(); ++i) {
+    auto got = src.fetch(100, 1000ms);
+    if (!got.has_value()) continue;
+    for (auto& d : *got) {
+      stored.insert(d->id);
+      (void)d.ack();
+    }
+  }
+  for (const auto& id : acked) CHECK(stored.count(id) == 1);
+}
+
+#endif  // POSTBOX_NATS_SERVER
