@@ -111,7 +111,8 @@ class operations {
   using work = std::function<Result(operation_context&)>;
   using watcher = std::function<void(const operation_snapshot<Result>&)>;
 
-  /// RAII watch: destroying it stops notifications. Move-only.
+  /// RAII watch: destroying it stops notifications. Move-only; must not
+  /// outlive the tracker that issued it.
   class watch_handle {
    public:
     watch_handle() = default;
