@@ -1,0 +1,624 @@
+// SPDX-License-Identifier: MIT
+// Relacy model of postbox::channel (tickets, closed mark, event-count parking) plus a mutation check of its orders.
+//
+// This is a transcription of include/postbox/channel.hpp and
+// include/postbox/detail/event_count.hpp into Relacy's rl::atomic / rl::var,
+// with the same ticket arithmetic and the same memory orders. Every order the
+// algorithm depends on is read from `g_order[site]`, so the mutation driver
+// (`--mutants`) can weaken one site at a time to relaxed and demand that some
+// test fails. Keep the transcription in step with channel.hpp: each site names
+// the function it mirrors.
+//
+// Usage: relacy_channel_model            run every test on the real orders
+//        relacy_channel_model --mutants  run every test on each weakened order
+//        relacy_channel_model --quick    fewer iterations (either mode)
+#include <relacy/relacy.hpp>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <sstream>
+#include <string>
+
+namespace model {
+
+// --- memory-order sites -------------------------------------------------------
+
+enum site : int {
+  send_slot_acquire,    // claim_send: slot.seq.load(acquire)
+  send_claim_cas,       // claim_send: tail_ CAS (seq_cst)
+  send_head_load,       // claim_send: head_.load(seq_cst) when the slot is still full
+  send_tail_recheck,    // claim_send: tail_.load(seq_cst) before reporting full
+  publish_release,      // publish: slot.seq.store(release)
+  recv_slot_acquire,    // claim_receive: slot.seq.load(acquire)
+  recv_claim,           // claim_receive: head_ CAS / store (seq_cst)
+  recv_tail_load,       // claim_receive: tail_.load(seq_cst) when the head slot is unpublished
+  take_release,         // take: slot.seq.store(release)
+  close_fetch_or,       // close: tail_.fetch_or(seq_cst)
+  ec_waiters_inc,       // event_count::prepare_wait: waiters_.fetch_add(seq_cst)
+  ec_epoch_load,        // event_count::prepare_wait: epoch_.load(seq_cst)
+  ec_has_waiters,       // event_count::has_waiters: waiters_.load(seq_cst)
+  ec_epoch_bump,        // event_count::wake: epoch_.fetch_add(seq_cst)
+  site_count
+};
+
+const char* const site_names[site_count] = {
+    "claim_send slot.seq acquire load",   "claim_send tail CAS seq_cst",
+    "claim_send head seq_cst load",       "claim_send tail seq_cst re-check",
+    "publish slot.seq release store",     "claim_receive slot.seq acquire load",
+    "claim_receive head CAS/store seq_cst", "claim_receive tail seq_cst load",
+    "take slot.seq release store",        "close tail fetch_or seq_cst",
+    "prepare_wait waiters fetch_add seq_cst", "prepare_wait epoch seq_cst load",
+    "has_waiters seq_cst load",           "wake epoch fetch_add seq_cst",
+};
+
+const rl::memory_order real_order[site_count] = {
+    rl::mo_acquire, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_release, rl::mo_acquire, rl::mo_seq_cst,
+    rl::mo_seq_cst, rl::mo_release, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst,
+};
+
+// Relacy runs every simulated thread on one OS thread, so a plain global is
+// safe here; it is set only between simulations.
+rl::memory_order g_order[site_count];
+
+inline rl::memory_order mo(site s) { return g_order[s]; }
+
+// --- ticket arithmetic (same as channel.hpp) ---------------------------------
+
+using u64 = unsigned long long;
+using i64 = long long;
+constexpr u64 ticket_mask = (u64{1} << 63) - 1;
+inline i64 ticket_distance(u64 a, u64 b) { return static_cast<i64>((a - b) << 1) >> 1; }
+inline u64 ticket_add(u64 a, u64 n) { return (a + n) & ticket_mask; }
+inline u64 free_state(u64 t) { return t << 1; }
+inline u64 full_state(u64 t) { return (t << 1) | 1; }
+inline i64 state_distance(u64 a, u64 b) { return static_cast<i64>(a - b); }
+
+enum class claim { ok, full, empty, closed };
+enum class recv { ok, empty, closed };
+
+// --- event count --------------------------------------------------------------
+
+struct event_count {
+  rl::atomic<unsigned> epoch;
+  rl::atomic<unsigned> waiters;
+
+  void init() {
+    epoch($).store(0, rl::mo_relaxed);
+    waiters($).store(0, rl::mo_relaxed);
+  }
+  unsigned prepare_wait() {
+    waiters($).fetch_add(1, mo(ec_waiters_inc));
+    return epoch($).load(mo(ec_epoch_load));
+  }
+  void finish_wait() { waiters($).fetch_sub(1, rl::mo_relaxed); }
+  bool has_waiters() { return waiters($).load(mo(ec_has_waiters)) != 0; }
+  void notify() {
+    if (has_waiters()) epoch($).fetch_add(1, mo(ec_epoch_bump));  // futex wake follows in the real code
+  }
+  // The futex wait: returns at once if epoch != key, otherwise sleeps until a
+  // wake that follows an epoch bump. Modelled as a bounded spin; if the bound
+  // runs out the thread records that it is asleep on `key`, and the test's
+  // after() fails if the final epoch still equals the key (nobody would ever
+  // wake it: a lost wake-up).
+  bool sleep(unsigned key) {
+    for (int i = 0; i < 3; ++i) {
+      // seq_cst: the kernel compares the futex word under its own lock.
+      if (epoch($).load(rl::mo_seq_cst) != key) return true;
+      rl::yield(1, $);
+    }
+    return false;
+  }
+};
+
+// --- channel ------------------------------------------------------------------
+
+template <int Capacity, bool MultiConsumer>
+struct channel {
+  static constexpr u64 capacity = Capacity;
+  static constexpr u64 mask = Capacity - 1;
+  rl::atomic<u64> seq[Capacity];
+  rl::var<int> storage[Capacity];  // rl::var: Relacy reports any unsynchronized access
+  rl::atomic<u64> tail;
+  rl::atomic<u64> head;
+  event_count not_empty;
+  event_count not_full;
+
+  void init(u64 start) {
+    start &= ticket_mask;
+    for (u64 k = 0; k < capacity; ++k) {
+      const u64 t = ticket_add(start, k);
+      seq[t & mask]($).store(free_state(t), rl::mo_relaxed);
+    }
+    tail($).store(start << 1, rl::mo_relaxed);
+    head($).store(start, rl::mo_relaxed);
+    not_empty.init();
+    not_full.init();
+  }
+
+  claim claim_send(u64& ticket) {
+    u64 t_word = tail($).load(rl::mo_relaxed);
+    for (;;) {
+      if (t_word & 1) return claim::closed;
+      const u64 t = t_word >> 1;
+      const u64 s = seq[t & mask]($).load(mo(send_slot_acquire));
+      const i64 d = state_distance(s, free_state(t));
+      if (d == 0) {
+        if (tail($).compare_exchange_weak(t_word, ticket_add(t, 1) << 1, mo(send_claim_cas), rl::mo_relaxed)) {
+          ticket = t;
+          return claim::ok;
+        }
+        continue;
+      }
+      if (d < 0) {
+        const u64 h = head($).load(mo(send_head_load));
+        if (ticket_distance(t, h) >= static_cast<i64>(capacity)) {
+          const u64 now = tail($).load(mo(send_tail_recheck));
+          if (now & 1) return claim::closed;
+          if (now == t_word) return claim::full;
+          t_word = now;
+          continue;
+        }
+        rl::yield(1, $);
+      }
+      t_word = tail($).load(rl::mo_relaxed);
+    }
+  }
+
+  void publish(u64 ticket, int value) {
+    storage[ticket & mask]($) = value;
+    seq[ticket & mask]($).store(full_state(ticket), mo(publish_release));
+  }
+
+  claim claim_receive(u64& ticket) {
+    u64 h = head($).load(rl::mo_relaxed);
+    for (;;) {
+      const u64 s = seq[h & mask]($).load(mo(recv_slot_acquire));
+      const i64 d = state_distance(s, full_state(h));
+      if (d == 0) {
+        if (MultiConsumer) {
+          if (head($).compare_exchange_weak(h, ticket_add(h, 1), mo(recv_claim), rl::mo_relaxed)) {
+            ticket = h;
+            return claim::ok;
+          }
+          continue;
+        } else {
+          head($).store(ticket_add(h, 1), mo(recv_claim));
+          ticket = h;
+          return claim::ok;
+        }
+      }
+      if (d < 0) {
+        const u64 t_word = tail($).load(mo(recv_tail_load));
+        if ((t_word >> 1) == h) return (t_word & 1) ? claim::closed : claim::empty;
+        if (MultiConsumer) {
+          const u64 now = head($).load(rl::mo_relaxed);
+          if (now != h) {
+            h = now;
+            continue;
+          }
+        }
+        rl::yield(1, $);
+        continue;
+      }
+      h = head($).load(rl::mo_relaxed);
+    }
+  }
+
+  int take(u64 ticket) {
+    const int out = storage[ticket & mask]($);
+    storage[ticket & mask]($) = -1;  // the destructor's write
+    seq[ticket & mask]($).store(free_state(ticket_add(ticket, capacity)), mo(take_release));
+    return out;
+  }
+
+  // The public operations, as in channel.hpp.
+  claim try_send(int value) {
+    u64 t = 0;
+    const claim c = claim_send(t);
+    if (c != claim::ok) return c;
+    publish(t, value);
+    not_empty.notify();
+    return claim::ok;
+  }
+  recv try_receive(int& out) {
+    u64 t = 0;
+    const claim c = claim_receive(t);
+    if (c != claim::ok) return c == claim::closed ? recv::closed : recv::empty;
+    out = take(t);
+    not_full.notify();
+    return recv::ok;
+  }
+  void close() {
+    tail($).fetch_or(1, mo(close_fetch_or));
+    not_empty.notify();
+    not_full.notify();
+  }
+  bool is_closed() { return (tail($).load(rl::mo_acquire) & 1) != 0; }
+
+  // receive_blocking without the spin phase: try, announce, re-check, sleep.
+  // Returns ok/closed, or empty when the modelled futex is still asleep
+  // (asleep_key is then set for the test's after() check).
+  recv receive_blocking(int& out, bool& asleep, unsigned& asleep_key) {
+    for (int round = 0; round < 3; ++round) {
+      recv r = try_receive(out);
+      if (r != recv::empty) return r;
+      const unsigned key = not_empty.prepare_wait();
+      r = try_receive(out);
+      if (r != recv::empty) {
+        not_empty.finish_wait();
+        return r;
+      }
+      if (!not_empty.sleep(key)) {
+        asleep = true;
+        asleep_key = key;
+        return recv::empty;  // still parked (the thread ends here in the model)
+      }
+      not_empty.finish_wait();
+    }
+    return recv::empty;  // woken three times without a message: the test treats it as a spurious end
+  }
+
+  claim send_blocking(int value, bool& asleep, unsigned& asleep_key) {
+    for (int round = 0; round < 3; ++round) {
+      claim c = try_send(value);
+      if (c != claim::full) return c;
+      const unsigned key = not_full.prepare_wait();
+      c = try_send(value);
+      if (c != claim::full) {
+        not_full.finish_wait();
+        return c;
+      }
+      if (!not_full.sleep(key)) {
+        asleep = true;
+        asleep_key = key;
+        return claim::full;
+      }
+      not_full.finish_wait();
+    }
+    return claim::full;
+  }
+};
+
+// A start just below the 63-bit wrap, so the arithmetic is exercised across it.
+constexpr u64 near_wrap = ticket_mask - 1;
+
+// --- tests --------------------------------------------------------------------
+
+// 2 producers x 2 consumers, each producer sends two values, each consumer
+// receives two (spinning on try_*): every value arrives exactly once.
+template <int Capacity>
+struct mpmc_2x2 : rl::test_suite<mpmc_2x2<Capacity>, 4> {
+  channel<Capacity, true> ch;
+  rl::var<int> got[2][2];
+  void before() { ch.init(near_wrap); }
+  void thread(unsigned index) {
+    if (index < 2) {
+      for (int k = 0; k < 2; ++k) {
+        const int v = static_cast<int>(index) * 2 + k + 1;
+        while (ch.try_send(v) != claim::ok) rl::yield(1, $);
+      }
+    } else {
+      for (int k = 0; k < 2; ++k) {
+        int v = 0;
+        while (ch.try_receive(v) != recv::ok) rl::yield(1, $);
+        got[index - 2][k]($) = v;
+      }
+    }
+  }
+  void after() {
+    int seen = 0;
+    for (int c = 0; c < 2; ++c) {
+      int prev[2] = {0, 0};
+      for (int k = 0; k < 2; ++k) {
+        const int v = got[c][k]($);
+        RL_ASSERT(v >= 1 && v <= 4);
+        RL_ASSERT((seen & (1 << v)) == 0);
+        seen |= 1 << v;
+        // per-producer FIFO at each consumer
+        const int p = (v - 1) / 2;
+        RL_ASSERT(v > prev[p]);
+        prev[p] = v;
+      }
+    }
+    RL_ASSERT(seen == 0x1e);
+  }
+};
+
+// 1 x 1 on the single-consumer path, capacity 1: FIFO, nothing lost.
+template <int Capacity>
+struct spsc_1x1 : rl::test_suite<spsc_1x1<Capacity>, 2> {
+  channel<Capacity, false> ch;
+  void before() { ch.init(near_wrap); }
+  void thread(unsigned index) {
+    if (index == 0) {
+      for (int v = 1; v <= 3; ++v)
+        while (ch.try_send(v) != claim::ok) rl::yield(1, $);
+    } else {
+      for (int want = 1; want <= 3; ++want) {
+        int v = 0;
+        while (ch.try_receive(v) != recv::ok) rl::yield(1, $);
+        RL_ASSERT(v == want);
+      }
+    }
+  }
+};
+
+// Two senders race close(); one receiver drains until closed. Every ok send
+// is received exactly once; a send that starts after close() has returned
+// (observed through `closed_done`) never succeeds.
+struct close_races_sends : rl::test_suite<close_races_sends, 4> {
+  channel<2, true> ch;
+  rl::atomic<int> closed_done;
+  rl::var<int> sent_ok[2];
+  rl::var<int> received;
+  void before() {
+    ch.init(0);
+    closed_done($).store(0, rl::mo_relaxed);
+  }
+  void thread(unsigned index) {
+    if (index < 2) {
+      const bool after_close = closed_done($).load(rl::mo_seq_cst) != 0;
+      const claim c = ch.try_send(static_cast<int>(index) + 1);
+      RL_ASSERT(c == claim::ok || c == claim::closed);
+      RL_ASSERT(!(after_close && c == claim::ok));
+      sent_ok[index]($) = c == claim::ok ? 1 : 0;
+    } else if (index == 2) {
+      ch.close();
+      closed_done($).store(1, rl::mo_seq_cst);
+    } else {
+      int mask = 0;
+      for (;;) {
+        int v = 0;
+        const recv r = ch.try_receive(v);
+        if (r == recv::closed) break;
+        if (r == recv::empty) {
+          rl::yield(1, $);
+          continue;
+        }
+        RL_ASSERT(v == 1 || v == 2);
+        RL_ASSERT((mask & v) == 0);
+        mask |= v;
+      }
+      received($) = mask;
+    }
+  }
+  void after() {
+    const int expect = (sent_ok[0]($) ? 1 : 0) | (sent_ok[1]($) ? 2 : 0);
+    RL_ASSERT(received($) == expect);
+  }
+};
+
+// Linearizable emptiness: sender A may stall between claim and publish while
+// sender B completes; a receiver that has seen B complete must not report
+// empty (it waits for A's publish instead).
+struct linearizable_empty : rl::test_suite<linearizable_empty, 3> {
+  channel<2, true> ch;
+  rl::atomic<int> b_done;
+  void before() {
+    ch.init(near_wrap);
+    b_done($).store(0, rl::mo_relaxed);
+  }
+  void thread(unsigned index) {
+    if (index == 0) {
+      RL_ASSERT(ch.try_send(1) == claim::ok);
+    } else if (index == 1) {
+      RL_ASSERT(ch.try_send(2) == claim::ok);
+      b_done($).store(1, rl::mo_seq_cst);
+    } else {
+      if (b_done($).load(rl::mo_seq_cst) == 0) return;
+      int v = 0;
+      RL_ASSERT(ch.try_receive(v) == recv::ok);  // B's message is queued: never empty
+      RL_ASSERT(v == 1 || v == 2);
+    }
+  }
+};
+
+// Full is exact too: with capacity 1 and the slot just taken by a receiver,
+// a sender that has seen the receive complete must not report full.
+struct linearizable_full : rl::test_suite<linearizable_full, 2> {
+  channel<1, true> ch;
+  rl::atomic<int> r_done;
+  void before() {
+    ch.init(near_wrap);
+    r_done($).store(0, rl::mo_relaxed);
+    u64 t = 0;
+    ch.claim_send(t);
+    ch.publish(t, 7);
+  }
+  void thread(unsigned index) {
+    if (index == 0) {
+      int v = 0;
+      RL_ASSERT(ch.try_receive(v) == recv::ok);
+      RL_ASSERT(v == 7);
+      r_done($).store(1, rl::mo_seq_cst);
+    } else {
+      if (r_done($).load(rl::mo_seq_cst) == 0) return;
+      RL_ASSERT(ch.try_send(8) == claim::ok);
+    }
+  }
+};
+
+// A receiver parks on an empty channel while a sender sends (and, in the
+// second variant, another thread closes): it must never sleep forever.
+template <bool WithClose, bool MultiConsumer>
+struct no_lost_wakeup_receiver : rl::test_suite<no_lost_wakeup_receiver<WithClose, MultiConsumer>, 2> {
+  channel<1, MultiConsumer> ch;
+  rl::var<int> asleep;
+  rl::var<unsigned> key;
+  void before() { ch.init(0); }
+  void thread(unsigned index) {
+    if (index == 0) {
+      if (WithClose) {
+        ch.close();
+      } else {
+        RL_ASSERT(ch.try_send(5) == claim::ok);
+      }
+    } else {
+      int v = 0;
+      bool slept = false;
+      unsigned k = 0;
+      const recv r = ch.receive_blocking(v, slept, k);
+      if (r == recv::ok) RL_ASSERT(!WithClose && v == 5);
+      if (r == recv::closed) RL_ASSERT(WithClose);
+      asleep($) = slept ? 1 : 0;
+      key($) = k;
+    }
+  }
+  void after() {
+    // Asleep on `key` with the epoch never bumped past it: nobody wakes us.
+    if (asleep($)) RL_ASSERT(ch.not_empty.epoch($).load(rl::mo_relaxed) != key($));
+  }
+};
+
+// A sender parks on a full channel (capacity 1, pre-filled) while a receiver
+// takes the message (or, in the second variant, another thread closes): the
+// sender must never sleep forever.
+template <bool WithClose>
+struct no_lost_wakeup_sender : rl::test_suite<no_lost_wakeup_sender<WithClose>, 2> {
+  channel<1, true> ch;
+  rl::var<int> asleep;
+  rl::var<unsigned> key;
+  void before() {
+    ch.init(near_wrap);
+    u64 t = 0;
+    ch.claim_send(t);
+    ch.publish(t, 1);
+  }
+  void thread(unsigned index) {
+    if (index == 0) {
+      if (WithClose) {
+        ch.close();
+      } else {
+        int v = 0;
+        RL_ASSERT(ch.try_receive(v) == recv::ok);
+        RL_ASSERT(v == 1);
+      }
+    } else {
+      bool slept = false;
+      unsigned k = 0;
+      const claim c = ch.send_blocking(2, slept, k);
+      if (c == claim::ok) RL_ASSERT(!WithClose);
+      if (c == claim::closed) RL_ASSERT(WithClose);
+      asleep($) = slept ? 1 : 0;
+      key($) = k;
+    }
+  }
+  void after() {
+    if (asleep($)) RL_ASSERT(ch.not_full.epoch($).load(rl::mo_relaxed) != key($));
+  }
+};
+
+// --- driver -------------------------------------------------------------------
+
+struct null_buffer : std::streambuf {
+  int overflow(int c) override { return c; }
+};
+
+struct runner {
+  bool quiet = false;
+  unsigned iterations = 20000;  // per test, random scheduler
+  null_buffer nb;
+  std::ostream null_stream{&nb};
+
+  template <class Test>
+  bool run(const char* name, rl::scheduler_type_e kind, unsigned iterations_or_bound) {
+    rl::test_params p;
+    if (kind == rl::sched_bound) {
+      p.search_type = rl::sched_bound;
+      p.context_bound = iterations_or_bound;
+    } else {
+      p.search_type = rl::sched_random;
+      p.iteration_count = static_cast<rl::iteration_t>(iterations_or_bound);
+    }
+    if (quiet) {
+      p.output_stream = &null_stream;
+      p.progress_stream = &null_stream;
+      p.collect_history = true;  // skip Relacy's replay of a failing run
+    }
+    const bool ok = rl::simulate<Test>(p);
+    if (!quiet) std::printf("%-44s %s\n", name, ok ? "passed" : "FAILED");
+    return ok;
+  }
+
+  // Runs every test; returns the number that failed.
+  int run_all() {
+    int failed = 0;
+    failed += !run<mpmc_2x2<2>>("mpmc 2x2 capacity 2", rl::sched_random, iterations);
+    failed += !run<mpmc_2x2<1>>("mpmc 2x2 capacity 1", rl::sched_random, iterations);
+    failed += !run<spsc_1x1<1>>("spsc 1x1 capacity 1", rl::sched_random, iterations);
+    failed += !run<spsc_1x1<2>>("spsc 1x1 capacity 2", rl::sched_random, iterations);
+    failed += !run<close_races_sends>("close racing sends", rl::sched_random, iterations);
+    failed += !run<linearizable_empty>("linearizable emptiness", rl::sched_random, iterations);
+    failed += !run<linearizable_full>("linearizable fullness", rl::sched_random, iterations);
+    failed += !run<no_lost_wakeup_receiver<false, true>>("no lost wake-up: parked receiver, send", rl::sched_random, iterations);
+    failed += !run<no_lost_wakeup_receiver<false, false>>("no lost wake-up: parked receiver (spsc)", rl::sched_random, iterations);
+    failed += !run<no_lost_wakeup_receiver<true, true>>("no lost wake-up: parked receiver, close", rl::sched_random, iterations);
+    failed += !run<no_lost_wakeup_sender<false>>("no lost wake-up: parked sender, receive", rl::sched_random, iterations);
+    failed += !run<no_lost_wakeup_sender<true>>("no lost wake-up: parked sender, close", rl::sched_random, iterations);
+    return failed;
+  }
+};
+
+}  // namespace model
+
+// Mutants Relacy cannot tell apart from the real algorithm, with the reason.
+// Each is still needed by the C++ memory model; the comment says why, so the
+// order is not weakened in channel.hpp on the strength of this check.
+const char* undetectable_reason(int s) {
+  switch (s) {
+    case model::ec_epoch_load:
+      return "needs acquire in C++: reading a bumped epoch must carry the notifier's condition RMW to the "
+             "waiter's re-check; Relacy runs seq_cst re-checks in an interleaving where they already see that RMW, "
+             "so the stale re-check the mutant allows never happens in the model";
+    case model::ec_epoch_bump:
+      return "the release half of the same pair (epoch bump -> prepare_wait's epoch read); same reason";
+    default:
+      return nullptr;
+  }
+}
+
+int main(int argc, char** argv) {
+  bool mutants = false;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--mutants") == 0) mutants = true;
+    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+  }
+  model::runner r;
+  for (int s = 0; s < model::site_count; ++s) model::g_order[s] = model::real_order[s];
+
+  if (!mutants) {
+    r.iterations = quick ? 20000 : 200000;
+    const int failed = r.run_all();
+    std::printf("%s: %d test(s) failed\n", failed ? "FAILED" : "ok", failed);
+    return failed ? 1 : 0;
+  }
+
+  // Mutation check: weaken one site at a time to relaxed; some test must
+  // fail, unless the site is listed in undetectable_reason().
+  r.quiet = true;
+  r.iterations = quick ? 4000 : 10000;
+  if (r.run_all() != 0) {
+    std::printf("FAILED: the unmutated model fails; mutants mean nothing\n");
+    return 1;
+  }
+  int survived = 0;
+  for (int s = 0; s < model::site_count; ++s) {
+    for (int k = 0; k < model::site_count; ++k) model::g_order[k] = model::real_order[k];
+    model::g_order[s] = rl::mo_relaxed;
+    const int failed = r.run_all();
+    const char* reason = undetectable_reason(s);
+    if (failed) {
+      std::printf("mutant %-40s -> relaxed: caught by %d test(s)%s\n", model::site_names[s], failed,
+                  reason ? " (listed as undetectable: update the list)" : "");
+    } else if (reason) {
+      std::printf("mutant %-40s -> relaxed: not distinguishable by Relacy: %s\n", model::site_names[s], reason);
+    } else {
+      std::printf("mutant %-40s -> relaxed: SURVIVED\n", model::site_names[s]);
+      ++survived;
+    }
+  }
+  std::printf("%s: %d unexpected survivor(s)\n", survived ? "FAILED" : "ok", survived);
+  return survived ? 1 : 0;
+}
