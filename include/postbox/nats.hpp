@@ -14,7 +14,9 @@
 #include <nats/nats.h>
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -27,6 +29,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "clock.hpp"
 #include "config.hpp"
 #include "envelope.hpp"
 #include "error.hpp"
@@ -412,7 +415,21 @@ class jetstream {
     return n;
   }
 
+  /// Server name of the stream's cluster leader (empty when not clustered),
+  /// or an error. Blocks on the server.
+  [[nodiscard]] result<std::string> stream_leader(const std::string& stream) {
+    jsStreamInfo* si = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    const natsStatus s = js_GetStreamInfo(&si, js_.get(), stream.c_str(), nullptr, &jerr);
+    if (s != NATS_OK) return detail::nats_errc(s);
+    std::string leader = (si->Cluster && si->Cluster->Leader) ? si->Cluster->Leader : "";
+    jsStreamInfo_Destroy(si);
+    return leader;
+  }
+
+  /// The libnats context. Not owned by the caller.
   [[nodiscard]] jsCtx* native() const noexcept { return js_.get(); }
+  /// The connection this context uses.
   [[nodiscard]] nats_connection& connection() const noexcept { return *conn_; }
 
  private:
@@ -437,22 +454,33 @@ struct publish_ack {
   int attempts = 1;        ///< publishes sent (more than 1 after ack timeouts)
 };
 
+/// Publisher settings. A plain value.
+struct publisher_options {
+  subject_mapping subjects;                           ///< envelope type -> subject
+  std::chrono::milliseconds ack_timeout{2000};        ///< wait for each PubAck
+  int max_attempts = 20;                              ///< publishes per call before `timeout`/`busy`
+  std::chrono::milliseconds retry_backoff{50};        ///< first pause after an instant failure
+  std::chrono::milliseconds retry_backoff_max{1000};  ///< cap (doubles per attempt)
+};
+
 /// Publishes envelopes to JetStream with `Nats-Msg-Id` = id and waits for
 /// the PubAck. A timeout is an unknown outcome: republished with the same id
 /// up to `max_attempts` times (the duplicate window absorbs a stored copy).
 /// Blocks. Thread-safe (no shared mutable state).
 class jetstream_publisher {
  public:
-  jetstream_publisher(jetstream& js, subject_mapping subjects = {}, std::chrono::milliseconds ack_timeout =
-                                                                          std::chrono::milliseconds(2000),
-                      int max_attempts = 5)
-      : js_(&js), subjects_(std::move(subjects)), ack_timeout_(ack_timeout), max_attempts_(max_attempts) {}
+
+  /// `clk` times the pauses between attempts (a leader election answers
+  /// "no responders" at once). Never blocks.
+  explicit jetstream_publisher(jetstream& js, publisher_options opts = {}, const clock& clk = default_clock())
+      : js_(&js), opts_(std::move(opts)), clock_(&clk) {}
 
   /// Publishes on the mapped subject. `ok` only after a PubAck; `timeout`
-  /// when every attempt's outcome stayed unknown (retry later, same id).
+  /// or `busy` when every attempt's outcome stayed unknown (retry later
+  /// with the same id). Blocks; allocates. Thread-safe.
   template <class T>
   [[nodiscard]] result<publish_ack> publish(const envelope<T>& env) {
-    return publish(env, subjects_(env.type));
+    return publish(env, opts_.subjects(env.type));
   }
 
   /// Publishes on `subject`. Same semantics as above.
@@ -462,11 +490,12 @@ class jetstream_publisher {
     if (!msg.has_value()) return msg.status();
     const std::string id = env.id.to_string();
     errc last = errc::timeout;
-    for (int attempt = 1; attempt <= max_attempts_; ++attempt) {
+    auto pause = opts_.retry_backoff;
+    for (int attempt = 1; attempt <= opts_.max_attempts; ++attempt) {
       jsPubOptions po;
       jsPubOptions_Init(&po);
       po.MsgId = id.c_str();
-      po.MaxWait = ack_timeout_.count();
+      po.MaxWait = opts_.ack_timeout.count();
       jsPubAck* pa = nullptr;
       jsErrCode jerr = static_cast<jsErrCode>(0);
       const natsStatus s = js_PublishMsg(&pa, js_->native(), msg->get(), &po, &jerr);
@@ -477,20 +506,28 @@ class jetstream_publisher {
       }
       if (pa) jsPubAck_Destroy(pa);
       last = detail::nats_errc(s);
-      // Unknown outcome (timeout, no responders during an election, lost
-      // connection being restored): republish with the same id.
-      if (s != NATS_TIMEOUT && s != NATS_NO_RESPONDERS && s != NATS_CONNECTION_DISCONNECTED &&
-          !(s == NATS_ERR && jerr != 0))
-        break;
+      // Unknown outcome (ack timeout, no responders during an election, a
+      // connection being restored, a stream error such as "no leader"):
+      // republish with the same id; the duplicate window absorbs a copy.
+      const bool unknown = s == NATS_TIMEOUT || s == NATS_NO_RESPONDERS || s == NATS_CONNECTION_DISCONNECTED ||
+                           s == NATS_ERR || s == NATS_NOT_YET_CONNECTED;
+      if (!unknown || attempt == opts_.max_attempts) break;
+      if (s != NATS_TIMEOUT) {  // an instant failure: back off on the clock
+        std::mutex m;
+        std::condition_variable cv;
+        std::unique_lock<std::mutex> lock(m);
+        const auto until = clock_->now() + std::chrono::duration_cast<duration>(pause);
+        for (int spins = 0; clock_->now() < until && spins < 1000; ++spins) clock_->wait_until(lock, cv, until);
+        pause = std::min(pause * 2, opts_.retry_backoff_max);
+      }
     }
     return last;
   }
 
  private:
   jetstream* js_;
-  subject_mapping subjects_;
-  std::chrono::milliseconds ack_timeout_;
-  int max_attempts_;
+  publisher_options opts_;
+  const clock* clock_;
 };
 
 /// One message from a pull source: the decoded envelope (or why it did not
