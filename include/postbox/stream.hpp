@@ -10,7 +10,9 @@
 //   A record is written once, then published by storing the partition's
 //   high-water mark `end` with release; readers load it with acquire and read
 //   only below it, so they never see a torn record. Chunks are reference
-//   counted through a copy-on-write directory (`std::atomic<std::shared_ptr>`),
+//   counted through a copy-on-write directory (`detail::snapshot_ptr`, copied
+//   by readers in a critical section of a few instructions, replaced once per
+//   256 appends),
 //   so retention can drop a chunk while a reader still holds it: the reader
 //   finishes with intact (immutable) data, and any later read gets
 //   `out_of_range` with the earliest retained offset.
@@ -26,6 +28,7 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/topic_snapshot.hpp>
 #include <postbox/error.hpp>
 
 #include <algorithm>
@@ -146,10 +149,11 @@ struct stream_partition {
   // readers, which read only slots below it).
   std::atomic<std::uint64_t> end{0};
   // Chunk directory (copy-on-write). Writer: appender/trim under append_mu,
-  // stored BEFORE `end` moves into a new chunk (seq_cst store, then the
-  // release on `end`); readers load it after acquiring `end`, so the chunk of
-  // any offset below `end` is present unless retention dropped it.
-  std::atomic<std::shared_ptr<const stream_dir<T>>> dir{std::make_shared<const stream_dir<T>>()};
+  // stored BEFORE `end` moves into a new chunk (then the release on `end`);
+  // readers load it after acquiring `end`, so the chunk of any offset below
+  // `end` is present unless retention dropped it.
+  snapshot_ptr<stream_dir<T>> dir{std::make_shared<const stream_dir<T>>()};
+  std::shared_ptr<const stream_dir<T>> writer_dir = dir.load();  // appenders' copy of `dir`; guarded by append_mu
   std::size_t bytes = 0;   // guarded by append_mu
   time_point last_ts{};    // guarded by append_mu
 };
@@ -220,11 +224,12 @@ class stream {
     auto& part = *parts_[p];
     std::lock_guard lock(part.append_mu);
     const auto off = part.end.load(std::memory_order_relaxed);  // relaxed: only writers (under mu) store it
-    auto dir = part.dir.load();
+    auto dir = part.writer_dir;
     if (off - dir->base == dir->chunks.size() * detail::stream_chunk_size) {
       auto next = std::make_shared<detail::stream_dir<T>>(*dir);
       next->chunks.push_back(std::make_shared<detail::stream_chunk<T>>());
       part.dir.store(next);
+      part.writer_dir = next;
       dir = std::move(next);
     }
     auto& slot = dir->chunks[(off - dir->base) / detail::stream_chunk_size]->slots[(off - dir->base) % detail::stream_chunk_size];
@@ -420,7 +425,7 @@ class stream {
   void trim_locked(detail::stream_partition<T>& part, time_point now) {
     const auto end = part.end.load(std::memory_order_relaxed);   // relaxed: we are the writer (under mu)
     auto b = part.begin.load(std::memory_order_relaxed);         // relaxed: we are the writer (under mu)
-    auto dir = part.dir.load();
+    const auto& dir = part.writer_dir;
     const auto cutoff = now - keep_.max_age;
     while (b < end) {
       const auto& s = slot_of(*dir, b);
@@ -437,7 +442,8 @@ class stream {
       auto next = std::make_shared<detail::stream_dir<T>>();
       next->base = dir->base + droppable * detail::stream_chunk_size;
       next->chunks.assign(dir->chunks.begin() + static_cast<std::ptrdiff_t>(droppable), dir->chunks.end());
-      part.dir.store(std::move(next));
+      part.dir.store(next);
+      part.writer_dir = std::move(next);
     }
   }
 
