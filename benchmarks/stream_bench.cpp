@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: MIT
+// Benchmark: postbox::stream append, replay read and consumer-group poll throughput.
+//
+// Scenarios (median records/s over 5 interleaved repetitions; 8-byte values):
+//   append/1p     one producer appending to 4 partitions
+//   append/2p     two producers appending to the same partition (serialized by its mutex)
+//   read          one reader replaying everything from earliest, 256 per poll
+//   group/1m      one group member poll(256)+commit over 4 partitions
+//   group/2m      two members (2 partitions each) polling concurrently
+// Printed ratio: read/append and group/append.
+#include <postbox/stream.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using bench_clock = std::chrono::steady_clock;
+constexpr std::uint64_t n = 400000;
+const std::string keys[4] = {"a", "b", "c", "d"};
+
+double seconds_since(bench_clock::time_point t0) {
+  return std::chrono::duration<double>(bench_clock::now() - t0).count();
+}
+
+void fill(postbox::stream<std::uint64_t>& s) {
+  for (std::uint64_t i = 0; i < n; ++i) (void)s.append(keys[i % 4], i);
+}
+
+double append_1p() {
+  postbox::stream<std::uint64_t> s(4);
+  const auto t0 = bench_clock::now();
+  fill(s);
+  return static_cast<double>(n) / seconds_since(t0);
+}
+
+double append_2p() {
+  postbox::stream<std::uint64_t> s(4);
+  const auto t0 = bench_clock::now();
+  std::thread a([&] { for (std::uint64_t i = 0; i < n / 2; ++i) (void)s.append("k", i); });
+  for (std::uint64_t i = 0; i < n / 2; ++i) (void)s.append("k", i);
+  a.join();
+  return static_cast<double>(n) / seconds_since(t0);
+}
+
+double read_all() {
+  postbox::stream<std::uint64_t> s(4);
+  fill(s);
+  const auto t0 = bench_clock::now();
+  auto r = s.read_from(postbox::start_from::earliest());
+  std::uint64_t got = 0;
+  while (got < n) got += r.poll(256).records.size();
+  return static_cast<double>(n) / seconds_since(t0);
+}
+
+double group_poll(int members) {
+  postbox::stream<std::uint64_t> s(4);
+  fill(s);
+  auto g = s.group("bench");
+  std::vector<postbox::group_member<std::uint64_t>> ms;
+  for (int i = 0; i < members; ++i) ms.push_back(g.join());
+  std::atomic<std::uint64_t> total{0};
+  const auto t0 = bench_clock::now();
+  std::vector<std::thread> th;
+  for (int i = 0; i < members; ++i)
+    th.emplace_back([&, i] {
+      auto& m = ms[static_cast<std::size_t>(i)];
+      for (;;) {
+        const auto got = m.poll(256).records.size();
+        (void)m.commit();
+        if (got == 0) break;
+        total += got;
+      }
+    });
+  for (auto& t : th) t.join();
+  return static_cast<double>(total.load()) / seconds_since(t0);
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main() {
+  std::printf("stream_bench: %llu records of 8 bytes, 4 partitions; median of 5 interleaved runs\ncompiler: %s\n",
+              static_cast<unsigned long long>(n), __VERSION__);
+  std::vector<double> a1, a2, rd, g1, g2;
+  for (int rep = 0; rep < 5; ++rep) {
+    a1.push_back(append_1p());
+    a2.push_back(append_2p());
+    rd.push_back(read_all());
+    g1.push_back(group_poll(1));
+    g2.push_back(group_poll(2));
+  }
+  const double base = median(a1);
+  const struct { const char* name; double v; } rows[] = {
+      {"append/1p", base}, {"append/2p", median(a2)}, {"read", median(rd)}, {"group/1m", median(g1)}, {"group/2m", median(g2)}};
+  std::printf("%-12s %14s %12s\n", "scenario", "records/s", "vs append/1p");
+  for (const auto& r : rows) std::printf("%-12s %14.0f %12.2f\n", r.name, r.v, r.v / base);
+  return 0;
+}

@@ -1,0 +1,131 @@
+// SPDX-License-Identifier: MIT
+// Benchmark: postbox::topic fan-out vs one postbox::channel per subscriber (a copy each) vs ZeroMQ inproc PUB/SUB.
+//
+// Scenarios (one publisher thread, S subscriber threads, S in {1, 4, 16};
+// the payload is a 256-byte std::string; median msgs/s published over
+// interleaved repetitions):
+//   topic      postbox::topic<std::string>, block policy: one shared message per publish
+//   channels   S postbox::channel<std::string>, the publisher copies the payload into each
+//   zmq        ZeroMQ inproc PUB/SUB (unlimited HWM), one frame copy per subscriber
+// Printed ratios: topic/channels and topic/zmq (> 1 means the topic is faster).
+#include <postbox/channel.hpp>
+#include <postbox/topic.hpp>
+#if POSTBOX_BENCH_HAVE_ZMQ
+#  include <zmq.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using bench_clock = std::chrono::steady_clock;
+const std::string payload(256, 'x');
+
+double run_topic(int subs, int n) {
+  postbox::topic<std::string> t;
+  std::vector<postbox::subscription<std::string>> s;
+  for (int i = 0; i < subs; ++i) s.push_back(t.subscribe({1024, postbox::overflow::block, {}, {}}));
+  std::vector<std::thread> th;
+  std::atomic<std::size_t> bytes{0};
+  for (int i = 0; i < subs; ++i)
+    th.emplace_back([&, i] {
+      std::size_t b = 0;
+      for (int k = 0; k < n; ++k) b += (*s[static_cast<std::size_t>(i)].receive())->size();
+      bytes += b;
+    });
+  const auto t0 = bench_clock::now();
+  for (int k = 0; k < n; ++k) (void)t.publish(payload);
+  for (auto& x : th) x.join();
+  return n / std::chrono::duration<double>(bench_clock::now() - t0).count();
+}
+
+double run_channels(int subs, int n) {
+  std::vector<std::unique_ptr<postbox::channel<std::string, postbox::spsc>>> ch;
+  for (int i = 0; i < subs; ++i) ch.push_back(std::make_unique<postbox::channel<std::string, postbox::spsc>>(1024));
+  std::vector<std::thread> th;
+  std::atomic<std::size_t> bytes{0};
+  for (int i = 0; i < subs; ++i)
+    th.emplace_back([&, i] {
+      std::size_t b = 0;
+      for (int k = 0; k < n; ++k) b += ch[static_cast<std::size_t>(i)]->receive()->size();
+      bytes += b;
+    });
+  const auto t0 = bench_clock::now();
+  for (int k = 0; k < n; ++k)
+    for (auto& c : ch) (void)c->send(std::string(payload));  // one copy per subscriber
+  for (auto& x : th) x.join();
+  return n / std::chrono::duration<double>(bench_clock::now() - t0).count();
+}
+
+#if POSTBOX_BENCH_HAVE_ZMQ
+double run_zmq(int subs, int n) {
+  void* ctx = zmq_ctx_new();
+  void* pub = zmq_socket(ctx, ZMQ_PUB);
+  int zero = 0;
+  zmq_setsockopt(pub, ZMQ_SNDHWM, &zero, sizeof zero);
+  zmq_bind(pub, "inproc://topic_bench");
+  std::atomic<int> ready{0};
+  std::vector<std::thread> th;
+  for (int i = 0; i < subs; ++i)
+    th.emplace_back([&] {
+      void* sub = zmq_socket(ctx, ZMQ_SUB);
+      zmq_setsockopt(sub, ZMQ_RCVHWM, &zero, sizeof zero);
+      zmq_setsockopt(sub, ZMQ_SUBSCRIBE, "", 0);
+      zmq_connect(sub, "inproc://topic_bench");
+      char buf[512];
+      // Warm-up frames (1 byte) until the subscription is live: ZeroMQ's slow joiner.
+      (void)zmq_recv(sub, buf, sizeof buf, 0);  // only warm-ups are sent until all are ready
+      ready.fetch_add(1);
+      int got = 0;
+      while (got < n)
+        if (zmq_recv(sub, buf, sizeof buf, 0) > 1) ++got;
+      zmq_close(sub);
+    });
+  while (ready.load() < subs) {  // keep sending warm-ups until every subscriber saw one
+    zmq_send(pub, "w", 1, ZMQ_DONTWAIT);
+    std::this_thread::yield();
+  }
+  const auto t0 = bench_clock::now();
+  for (int k = 0; k < n; ++k) zmq_send(pub, payload.data(), payload.size(), 0);
+  for (auto& x : th) x.join();
+  const double rate = n / std::chrono::duration<double>(bench_clock::now() - t0).count();
+  zmq_close(pub);
+  zmq_ctx_term(ctx);
+  return rate;
+}
+#endif
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main() {
+  std::printf("topic_bench: 1 publisher, 256-byte payload, block policy, capacity 1024; median of 5 interleaved runs\n");
+  std::printf("compiler: %s\n", __VERSION__);
+  std::printf("%-6s %14s %14s %14s %10s %10s\n", "subs", "topic msg/s", "channels", "zmq", "t/chan", "t/zmq");
+  for (int subs : {1, 4, 16}) {
+    const int n = subs == 16 ? 20000 : 100000;
+    std::vector<double> a, b, c;
+    for (int rep = 0; rep < 5; ++rep) {
+      a.push_back(run_topic(subs, n));
+      b.push_back(run_channels(subs, n));
+#if POSTBOX_BENCH_HAVE_ZMQ
+      c.push_back(run_zmq(subs, n));
+#endif
+    }
+    const double ta = median(a), tb = median(b), tc = c.empty() ? 0.0 : median(c);
+    std::printf("%-6d %14.0f %14.0f %14.0f %10.2f %10.2f\n", subs, ta, tb, tc, ta / tb, tc > 0 ? ta / tc : 0.0);
+  }
+  return 0;
+}
