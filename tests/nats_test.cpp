@@ -220,6 +220,79 @@ TEST_CASE("after a file-storage server restart every acknowledged publish is sti
   for (const auto& id : acked) CHECK(stored.count(id) == 1);
 }
 
+TEST_CASE("two pull sources sharing a durable name split the messages without overlap", "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  postbox::jetstream_publisher pub(js);
+  for (int i = 0; i < 20; ++i) REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{i, "x"})).has_value());
+  postbox::consumer_options co{"ORDERS", "group", "orders.>", 30000ms, -1};
+  postbox::jetstream_pull_source<order> a(js, co);
+  postbox::jetstream_pull_source<order> b(js, co);
+  std::multiset<int> seen;
+  std::size_t from_a = 0, from_b = 0;
+  for (int round = 0; round < 20 && seen.size() < 20; ++round) {
+    for (auto* src : {&a, &b}) {
+      auto got = src->fetch(5, 1000ms);
+      if (!got.has_value()) continue;
+      for (auto& d : *got) {
+        seen.insert(d->payload.n);
+        (src == &a ? from_a : from_b) += 1;
+        REQUIRE(d.ack() == postbox::errc::ok);
+      }
+    }
+  }
+  REQUIRE(seen.size() == 20);
+  for (int i = 0; i < 20; ++i) CHECK(seen.count(i) == 1);
+  CHECK(from_a > 0);
+  CHECK(from_b > 0);
+}
+
+TEST_CASE("a stopped server shows as reconnecting and a restarted one as connected again", "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  postbox::nats_connection_options o;
+  o.urls = srv.url();
+  o.reconnect_wait = 20ms;
+  o.reconnect_wait_max = 100ms;
+  postbox::nats_connection conn(std::move(o));
+  REQUIRE(conn.status() == postbox::connection_status::connected);
+  srv.stop();
+  REQUIRE(postbox_test::eventually([&] { return conn.status() == postbox::connection_status::reconnecting; }));
+  CHECK(conn.flush(100ms) != postbox::errc::ok);
+  srv.start();
+  REQUIRE(postbox_test::eventually([&] { return conn.status() == postbox::connection_status::connected; }));
+  CHECK(conn.flush(2000ms) == postbox::errc::ok);
+}
+
+TEST_CASE("in_progress keeps a slow message from being redelivered past its ack wait", "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  postbox::jetstream_publisher pub(js);
+  REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{1, "slow"})).has_value());
+  postbox::jetstream_pull_source<order> src(js, {"ORDERS", "slow", "orders.>", 1000ms, -1});
+  auto got = src.fetch(1, 2000ms);
+  REQUIRE(got.has_value());
+  REQUIRE(got->size() == 1);
+  auto& d = (*got)[0];
+  // Three 600 ms waits (1.8 s > the 1 s ack wait), each preceded by in_progress:
+  // the fetches see nothing because the deadline keeps moving.
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(d.in_progress() == postbox::errc::ok);
+    CHECK(src.fetch(1, 600ms).status() == postbox::errc::timeout);
+  }
+  CHECK(d.ack() == postbox::errc::ok);
+  CHECK(src.fetch(1, 1500ms).status() == postbox::errc::timeout);
+}
+
 TEST_CASE("killing the R3 stream leader of a three-node cluster loses and duplicates nothing", "[nats][cluster]") {
   NATS_REQUIRE_SERVER();
   pn::cluster cl(3);
@@ -235,8 +308,8 @@ TEST_CASE("killing the R3 stream leader of a three-node cluster loses and duplic
     if (leader.empty()) pn::detail::pause_ms(100);
   }
   REQUIRE(cl.find(leader) != nullptr);
-  postbox::jetstream_publisher pub(js, {{}, 2000ms, 30});
-  const int n = postbox_test::scaled(300);
+  postbox::jetstream_publisher pub(js, {{}, 500ms, 60});
+  const int n = static_cast<int>(postbox_test::scaled(300));
   std::set<postbox::message_id> acked;
   for (int i = 0; i < n; ++i) {
     if (i == n / 3) cl.find(leader)->kill();  // mid-run crash of the leader
