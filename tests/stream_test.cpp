@@ -188,3 +188,14 @@ TEST_CASE("zero partitions and an unknown partition are invalid arguments", "[st
   postbox::stream<int> s(2);
   CHECK_THROWS_AS(s.read(2, 0, 1), postbox::error);
 }
+
+TEST_CASE("a member that left polls nothing and its commit is not_found", "[stream]") {
+  postbox::stream<int> s(1);
+  (void)s.append("k", 1);
+  auto g = s.group("g");
+  auto m = g.join();
+  m.leave();
+  CHECK(m.poll().records.empty());
+  CHECK(m.commit() == postbox::errc::not_found);
+  CHECK(g.member_count() == 0);
+}

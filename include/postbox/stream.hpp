@@ -480,8 +480,9 @@ class group_member {
   /// assigned partition from the committed offset. Never blocks appenders;
   /// takes the group mutex only after a rebalance. Allocates the result.
   [[nodiscard]] read_result<T> poll(std::size_t max = 64) {
-    refresh_if_rebalanced();
     read_result<T> out;
+    if (!g_) return out;  // left the group: nothing assigned
+    refresh_if_rebalanced();
     for (std::size_t i = 0; i < parts_.size() && out.records.size() < max; ++i) {
       auto r = g_->owner->read(parts_[i], next_[i], max - out.records.size());
       if (!r.ok()) return r;
@@ -493,8 +494,10 @@ class group_member {
 
   /// Commits everything polled so far. errc::ok, or errc::conflict when the
   /// group rebalanced since this member's last poll (nothing is committed; the
-  /// next poll resumes from the committed offsets). Takes the group mutex.
+  /// next poll resumes from the committed offsets), or errc::not_found after
+  /// leave(). Takes the group mutex.
   [[nodiscard]] errc commit() {
+    if (!g_) return errc::not_found;  // left the group
     std::lock_guard lock(g_->mu);
     if (g_->generation.load(std::memory_order_relaxed) != gen_) return errc::conflict;  // relaxed: under mu, writers hold mu
     for (std::size_t i = 0; i < parts_.size(); ++i) g_->committed[parts_[i]] = next_[i];
@@ -514,6 +517,11 @@ class group_member {
 
   /// Partitions assigned to this member as of its last poll.
   [[nodiscard]] const std::vector<std::uint32_t>& assignment() {
+    if (!g_) {
+      parts_.clear();
+      next_.clear();
+      return parts_;
+    }
     refresh_if_rebalanced();
     return parts_;
   }
