@@ -281,6 +281,9 @@ class operations {
     r.snap.updated_at = clock_->now();
     r.snap.retry_after = is_terminal(r.snap.state) ? duration::zero() : opts_.poll_interval;
     ++r.snap.version;
+    // A record turns terminal exactly once (transitions refuse to leave a
+    // terminal state), so it gets exactly one expiry entry.
+    if (is_terminal(r.snap.state)) expiry_.emplace(r.snap.updated_at + opts_.retention, r.snap.id);
   }
 
   static std::vector<watcher> watchers_of(const record& r) {
@@ -311,11 +314,13 @@ class operations {
 
   std::size_t expire_locked() {
     const auto now = clock_->now();
-    std::vector<std::string> gone;
-    for (auto& [id, r] : records_)
-      if (is_terminal(r.snap.state) && now - r.snap.updated_at >= opts_.retention) gone.push_back(id);
-    for (auto& id : gone) drop_locked(id);
-    return gone.size();
+    std::size_t n = 0;
+    while (!expiry_.empty() && expiry_.begin()->first <= now) {
+      drop_locked(expiry_.begin()->second);
+      expiry_.erase(expiry_.begin());
+      ++n;
+    }
+    return n;
   }
 
   // Applies `change` to the record if it is not terminal; notifies watchers.
@@ -401,6 +406,7 @@ class operations {
   mutable std::mutex mutex_;
   std::unordered_map<std::string, record> records_;
   std::unordered_map<std::string, std::string> keys_;  // caller '\0' key -> id
+  std::multimap<time_point, std::string> expiry_;       // expiry time -> id of a terminal record
   std::uint64_t next_watch_ = 0;
   std::unique_ptr<detail::op_executor> executor_;  // last: joined before the maps go
 };
