@@ -115,3 +115,37 @@ TEST_CASE("a consumer group under churn has no lost write, duplicate, nonmonoton
   CHECK(read_errors == 0);
   CHECK(group.lag() == 0);
 }
+
+TEST_CASE("readers racing appends and retention see intact records or out_of_range only", "[stream][stress]") {
+  const std::uint64_t total = postbox_test::scaled(200000);
+  postbox::stream<std::uint64_t> s(1, postbox::retention{1000, 0, {}});
+  std::atomic<bool> done{false};
+  std::atomic<std::uint64_t> torn{0}, out_of_range{0}, read_records{0}, bad_earliest{0};
+  std::vector<std::thread> readers;
+  for (int r = 0; r < 2; ++r)
+    readers.emplace_back([&] {
+      std::uint64_t next = 0;
+      while (!done.load()) {
+        auto res = s.read(0, next, 300);
+        if (res.status == postbox::errc::out_of_range) {
+          out_of_range.fetch_add(1);
+          if (res.earliest <= next) bad_earliest.fetch_add(1);
+          next = res.earliest;
+          continue;
+        }
+        for (const auto& rec : res.records) {
+          if (rec.value != rec.pos.offset * 3 || rec.key != "k") torn.fetch_add(1);  // value written with its offset
+          read_records.fetch_add(1);
+        }
+        if (!res.records.empty()) next = res.records.back().pos.offset + 1;
+      }
+    });
+  for (std::uint64_t i = 0; i < total; ++i) (void)s.append("k", i * 3);
+  done = true;
+  for (auto& t : readers) t.join();
+  INFO("records read " << read_records.load() << ", out_of_range " << out_of_range.load());
+  CHECK(torn == 0);
+  CHECK(bad_earliest == 0);
+  CHECK(read_records > 0);
+  CHECK(s.earliest_offset(0) == total - 1000);
+}
