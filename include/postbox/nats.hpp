@@ -312,6 +312,27 @@ class nats_connection {
     state_->status.store(s == NATS_OK ? connection_status::connected : connection_status::reconnecting);
   }
 
+  nats_connection(nats_connection&&) noexcept = default;
+  nats_connection& operator=(nats_connection&&) = delete;
+
+  /// Closes the connection and waits for libnats' closed callback (which
+  /// runs on its own thread, after natsConnection_Destroy would return), so
+  /// no callback touches freed state. Blocks briefly; not thread-safe.
+  ~nats_connection() {
+    if (!conn_) return;
+    natsConnection_Close(conn_.get());
+    bool seen = false;
+    {
+      std::unique_lock<std::mutex> lock(state_->m);
+      // Shutdown safety bound in real time, not a timed behaviour: libnats
+      // always runs the closed callback; the bound only guards a hang.
+      seen = state_->cv.wait_for(lock, std::chrono::seconds(10), [&] { return state_->closed_seen; });
+    }
+    conn_.reset();
+    // If the callback never came, keep the state alive rather than risk a use after free.
+    if (!seen) new std::shared_ptr<state>(state_);  // NOLINT: deliberate leak
+  }
+
   /// Latest status; never blocks. Thread-safe.
   [[nodiscard]] connection_status status() const noexcept { return state_->status.load(); }
   /// The libnats handle, for calls postbox does not wrap. Not owned by the caller.
@@ -328,6 +349,9 @@ class nats_connection {
     std::atomic<connection_status> status{connection_status::reconnecting};
     std::function<void(connection_status)> on_status;
     std::int64_t wait_ms = 100, wait_max_ms = 2000;
+    std::mutex m;                // guards closed_seen
+    std::condition_variable cv;  // signalled when closed_seen becomes true
+    bool closed_seen = false;
     void set(connection_status s) {
       status.store(s);
       if (on_status) {
@@ -344,7 +368,15 @@ class nats_connection {
   }
   static void disconnected_cb(natsConnection*, void* c) { static_cast<state*>(c)->set(connection_status::reconnecting); }
   static void reconnected_cb(natsConnection*, void* c) { static_cast<state*>(c)->set(connection_status::connected); }
-  static void closed_cb(natsConnection*, void* c) { static_cast<state*>(c)->set(connection_status::closed); }
+  static void closed_cb(natsConnection*, void* c) {
+    auto* st = static_cast<state*>(c);
+    st->set(connection_status::closed);
+    // Notify under the lock: the destructor cannot free the state before
+    // this scope releases the mutex, and nothing touches it afterwards.
+    std::lock_guard<std::mutex> lock(st->m);
+    st->closed_seen = true;
+    st->cv.notify_all();
+  }
 
   // Callbacks hold a raw pointer to state_, which outlives conn_ (declared first, destroyed last).
   std::shared_ptr<state> state_;
