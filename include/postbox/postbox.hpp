@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Umbrella header: includes every public postbox header, nothing else.
-// Headers that need an optional library are included when it is installed.
+// Headers that need an optional library are included when it is installed;
+// the NATS bridge (<postbox/nats.hpp>) is opt-in and never included here.
 #pragma once
 
 #include <postbox/version.hpp>
@@ -11,6 +12,11 @@
 #include <postbox/testing.hpp>
 #include <postbox/channel.hpp>
 #include <postbox/envelope.hpp>
+#include <postbox/topic.hpp>
+#include <postbox/stream.hpp>
+#include <postbox/request_reply.hpp>
+#include <postbox/operations.hpp>
+#include <postbox/saga.hpp>
 
 #if __has_include(<nlohmann/json.hpp>)
 #  include <postbox/json.hpp>
