@@ -28,28 +28,15 @@
 #include <utility>
 #include <vector>
 
-// The retry policy of postbox/retry.hpp; a stand-in with the same members
-// while that header is not in the tree (see detail/saga_retry.hpp).
-#if __has_include(<postbox/retry.hpp>)
-#  include <postbox/retry.hpp>
+#include <postbox/retry.hpp>
+
 POSTBOX_BEGIN_NAMESPACE
-/// The policy sagas retry compensations with.
+/// The policy sagas retry compensations with (postbox/retry.hpp).
 using saga_retry_policy = retry_policy;
 namespace detail {
 using saga_jitter = jitter_source;
 }  // namespace detail
 POSTBOX_END_NAMESPACE
-#else
-#  include <postbox/detail/saga_retry.hpp>
-POSTBOX_BEGIN_NAMESPACE
-/// The policy sagas retry compensations with (max_attempts, initial_backoff,
-/// multiplier, max_backoff, full_jitter; backoff(n, bits), exhausted(n)).
-using saga_retry_policy = detail::saga_fallback_retry_policy;
-namespace detail {
-using saga_jitter = saga_fallback_jitter;
-}  // namespace detail
-POSTBOX_END_NAMESPACE
-#endif
 
 POSTBOX_BEGIN_NAMESPACE
 

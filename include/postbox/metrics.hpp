@@ -1,0 +1,437 @@
+// SPDX-License-Identifier: MIT
+// Metrics: lock-free counters and duration histograms, a registry of components and Prometheus text exposition.
+#pragma once
+
+#include <postbox/clock.hpp>
+#include <postbox/error.hpp>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+POSTBOX_BEGIN_NAMESPACE
+
+/// Prometheus metric families postbox emits.
+enum class metric_type { counter, gauge, histogram };
+
+/// Stable lower-case name, as the `# TYPE` line spells it. Never allocates.
+[[nodiscard]] constexpr std::string_view to_string(metric_type t) noexcept {
+  switch (t) {
+    case metric_type::counter: return "counter";
+    case metric_type::gauge: return "gauge";
+    case metric_type::histogram: return "histogram";
+  }
+  return "untyped";
+}
+
+/// A copy of a histogram at one moment: bucket upper bounds (seconds, the
+/// last is +Inf implicitly), cumulative counts per bound, total count and sum.
+/// A plain value.
+struct histogram_snapshot {
+  std::vector<double> bounds;               ///< finite upper bounds, ascending
+  std::vector<std::uint64_t> cumulative;    ///< observations <= bounds[i]
+  std::uint64_t count = 0;                  ///< all observations (the +Inf bucket)
+  double sum = 0;                           ///< sum of observed values, seconds
+
+  /// The smallest bound at or below which `q` (0..1) of the observations
+  /// fall; +Inf when they fall beyond the last bound; 0 with no data.
+  [[nodiscard]] double quantile_bound(double q) const noexcept {
+    if (count == 0) return 0;
+    const double want = q * static_cast<double>(count);
+    for (std::size_t i = 0; i < bounds.size(); ++i) {
+      if (static_cast<double>(cumulative[i]) >= want) return bounds[i];
+    }
+    return INFINITY;
+  }
+};
+
+/// A histogram of durations with fixed buckets, for processing times and
+/// ages. `observe` is wait-free: two relaxed fetch_adds, no allocation, no
+/// lock. Readers get a snapshot that may be torn across buckets by
+/// concurrent observations (each bucket is exact; the set is not one
+/// instant), which is what Prometheus client libraries accept too.
+class duration_histogram {
+ public:
+  /// Bucket bounds in seconds: 50 us to 60 s, roughly x2.5 apart.
+  static constexpr std::array<double, 14> default_bounds = {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                                            0.01,    0.025,  0.05,    0.1,    0.5,    5.0,    60.0};
+
+  duration_histogram() noexcept = default;
+  duration_histogram(const duration_histogram&) = delete;
+  duration_histogram& operator=(const duration_histogram&) = delete;
+
+  /// Records one duration (negative counts as zero). Wait-free; never
+  /// allocates; thread-safe.
+  void observe(duration d) noexcept {
+    const std::int64_t ns = d.count() < 0 ? 0 : d.count();
+    std::size_t i = 0;
+    while (i < default_bounds.size() && static_cast<double>(ns) > default_bounds[i] * 1e9) ++i;
+    // relaxed: independent statistics; no other data is published through them.
+    buckets_[i].fetch_add(1, std::memory_order_relaxed);
+    sum_ns_.fetch_add(static_cast<std::uint64_t>(ns), std::memory_order_relaxed);
+  }
+
+  /// Copies the buckets. Allocates the vectors; thread-safe.
+  [[nodiscard]] histogram_snapshot snapshot() const {
+    histogram_snapshot s;
+    s.bounds.assign(default_bounds.begin(), default_bounds.end());
+    s.cumulative.reserve(default_bounds.size());
+    std::uint64_t running = 0;
+    for (std::size_t i = 0; i < default_bounds.size(); ++i) {
+      running += buckets_[i].load(std::memory_order_relaxed);  // relaxed: statistic
+      s.cumulative.push_back(running);
+    }
+    s.count = running + buckets_[default_bounds.size()].load(std::memory_order_relaxed);
+    s.sum = static_cast<double>(sum_ns_.load(std::memory_order_relaxed)) / 1e9;
+    return s;
+  }
+
+ private:
+  /// Per-bucket counts, the last one for values beyond every bound. Written
+  /// by observe() (relaxed fetch_add), read by snapshot() (relaxed); plain
+  /// counters, nothing is published through them.
+  std::array<std::atomic<std::uint64_t>, default_bounds.size() + 1> buckets_{};
+  /// Sum of observations in nanoseconds; relaxed like the buckets.
+  std::atomic<std::uint64_t> sum_ns_{0};
+};
+
+/// One label pair of a sample, e.g. {"name", "orders"}.
+using metric_label = std::pair<std::string, std::string>;
+
+/// One sample: a counter or gauge value, or a histogram, under a metric
+/// family name with labels. A plain value.
+struct metric_sample {
+  std::string name;                          ///< family, e.g. "postbox_channel_depth"
+  std::string help;                          ///< one line for `# HELP`
+  metric_type type = metric_type::gauge;
+  std::vector<metric_label> labels;          ///< includes the component's own labels
+  double value = 0;                          ///< counter or gauge value
+  std::optional<histogram_snapshot> histogram;  ///< set for histograms
+};
+
+/// What a component's collector writes its samples to; it adds the
+/// component's labels to every sample. Allocates; used during collection only.
+class metric_writer {
+ public:
+  explicit metric_writer(std::vector<metric_label> base) : base_(std::move(base)) {}
+
+  /// A monotonically increasing count.
+  void counter(std::string_view name, std::string_view help, double value, std::vector<metric_label> extra = {}) {
+    add(name, help, metric_type::counter, value, std::move(extra), std::nullopt);
+  }
+  /// A value that goes up and down.
+  void gauge(std::string_view name, std::string_view help, double value, std::vector<metric_label> extra = {}) {
+    add(name, help, metric_type::gauge, value, std::move(extra), std::nullopt);
+  }
+  /// A histogram of seconds.
+  void histogram(std::string_view name, std::string_view help, histogram_snapshot h,
+                 std::vector<metric_label> extra = {}) {
+    add(name, help, metric_type::histogram, 0, std::move(extra), std::move(h));
+  }
+
+  /// The samples written so far.
+  [[nodiscard]] std::vector<metric_sample>& samples() noexcept { return samples_; }
+
+ private:
+  void add(std::string_view name, std::string_view help, metric_type type, double value,
+           std::vector<metric_label> extra, std::optional<histogram_snapshot> h) {
+    metric_sample s;
+    s.name = std::string(name);
+    s.help = std::string(help);
+    s.type = type;
+    s.labels = base_;
+    for (auto& l : extra) s.labels.push_back(std::move(l));
+    s.value = value;
+    s.histogram = std::move(h);
+    samples_.push_back(std::move(s));
+  }
+
+  std::vector<metric_label> base_;
+  std::vector<metric_sample> samples_;
+};
+
+namespace detail {
+
+inline void prometheus_escape_label(std::string& out, std::string_view v) {
+  for (char c : v) {
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '"') {
+      out += "\\\"";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out += c;
+    }
+  }
+}
+
+inline void prometheus_escape_help(std::string& out, std::string_view v) {
+  for (char c : v) {
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out += c;
+    }
+  }
+}
+
+inline void prometheus_number(std::string& out, double v) {
+  if (std::isnan(v)) {
+    out += "NaN";
+  } else if (std::isinf(v)) {
+    out += v > 0 ? "+Inf" : "-Inf";
+  } else if (v == std::floor(v) && std::fabs(v) < 9.0e15) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.0f", v);
+    out += buf;
+  } else {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.9g", v);
+    out += buf;
+  }
+}
+
+inline void prometheus_labels(std::string& out, const std::vector<metric_label>& labels,
+                              const metric_label* extra = nullptr) {
+  if (labels.empty() && extra == nullptr) return;
+  out += '{';
+  bool first = true;
+  auto one = [&](const metric_label& l) {
+    if (!first) out += ',';
+    first = false;
+    out += l.first;
+    out += "=\"";
+    prometheus_escape_label(out, l.second);
+    out += '"';
+  };
+  for (const auto& l : labels) one(l);
+  if (extra != nullptr) one(*extra);
+  out += '}';
+}
+
+}  // namespace detail
+
+/// Renders samples as Prometheus text exposition format 0.0.4: one `# HELP`
+/// and `# TYPE` per family (families in first-seen order, all samples of a
+/// family together), histograms as `_bucket{le=...}`, `_sum` and `_count`.
+/// Allocates the text. Thread-safe (pure function).
+[[nodiscard]] inline std::string render_prometheus(const std::vector<metric_sample>& samples) {
+  std::vector<std::string_view> families;
+  for (const auto& s : samples) {
+    if (std::find(families.begin(), families.end(), std::string_view(s.name)) == families.end())
+      families.emplace_back(s.name);
+  }
+  std::string out;
+  for (auto family : families) {
+    bool header = false;
+    for (const auto& s : samples) {
+      if (s.name != family) continue;
+      if (!header) {
+        out += "# HELP ";
+        out += s.name;
+        out += ' ';
+        detail::prometheus_escape_help(out, s.help);
+        out += "\n# TYPE ";
+        out += s.name;
+        out += ' ';
+        out += to_string(s.type);
+        out += '\n';
+        header = true;
+      }
+      if (s.type == metric_type::histogram && s.histogram) {
+        const auto& h = *s.histogram;
+        for (std::size_t i = 0; i < h.bounds.size(); ++i) {
+          std::string le;
+          detail::prometheus_number(le, h.bounds[i]);
+          const metric_label bound{"le", le};
+          out += s.name;
+          out += "_bucket";
+          detail::prometheus_labels(out, s.labels, &bound);
+          out += ' ';
+          detail::prometheus_number(out, static_cast<double>(h.cumulative[i]));
+          out += '\n';
+        }
+        const metric_label inf{"le", "+Inf"};
+        out += s.name;
+        out += "_bucket";
+        detail::prometheus_labels(out, s.labels, &inf);
+        out += ' ';
+        detail::prometheus_number(out, static_cast<double>(h.count));
+        out += '\n';
+        out += s.name;
+        out += "_sum";
+        detail::prometheus_labels(out, s.labels);
+        out += ' ';
+        detail::prometheus_number(out, h.sum);
+        out += '\n';
+        out += s.name;
+        out += "_count";
+        detail::prometheus_labels(out, s.labels);
+        out += ' ';
+        detail::prometheus_number(out, static_cast<double>(h.count));
+        out += '\n';
+      } else {
+        out += s.name;
+        detail::prometheus_labels(out, s.labels);
+        out += ' ';
+        detail::prometheus_number(out, s.value);
+        out += '\n';
+      }
+    }
+  }
+  return out;
+}
+
+/// Components register a collector here; `collect()` asks each for its
+/// samples and `render_prometheus()` turns them into exposition text.
+/// Registration is RAII: the returned handle unregisters on destruction and
+/// waits for a collection in progress, so a collector never runs on a
+/// destroyed component. Collectors run under the registry's lock and must
+/// not register or unregister. All members thread-safe; allocates.
+///
+/// **Example**:
+///   postbox::metrics_registry registry;
+///   postbox::channel<int> orders(1024);
+///   auto reg = postbox::register_channel(registry, "orders", orders);
+///   std::string text = registry.render_prometheus();
+class metrics_registry {
+ public:
+  using collector = std::function<void(metric_writer&)>;
+
+  /// Keeps a collector registered while it lives. Move-only.
+  class registration {
+   public:
+    registration() = default;
+    registration(registration&& o) noexcept : owner_(std::exchange(o.owner_, nullptr)), id_(o.id_) {}
+    registration& operator=(registration&& o) noexcept {
+      if (this != &o) {
+        reset();
+        owner_ = std::exchange(o.owner_, nullptr);
+        id_ = o.id_;
+      }
+      return *this;
+    }
+    registration(const registration&) = delete;
+    registration& operator=(const registration&) = delete;
+    ~registration() { reset(); }
+
+    /// Unregisters now (idempotent). Blocks while a collection runs.
+    void reset() noexcept {
+      if (owner_ != nullptr) owner_->remove(id_);
+      owner_ = nullptr;
+    }
+    /// Whether this handle holds a registration.
+    explicit operator bool() const noexcept { return owner_ != nullptr; }
+
+   private:
+    friend class metrics_registry;
+    registration(metrics_registry* owner, std::uint64_t id) noexcept : owner_(owner), id_(id) {}
+    metrics_registry* owner_ = nullptr;
+    std::uint64_t id_ = 0;
+  };
+
+  metrics_registry() = default;
+  metrics_registry(const metrics_registry&) = delete;
+  metrics_registry& operator=(const metrics_registry&) = delete;
+
+  /// Registers `fn` for a component of `kind` ("channel", "consumer", ...)
+  /// named `name`; every sample it writes carries `component` and `name`
+  /// labels. Allocates. Thread-safe. The registry must outlive the handle.
+  [[nodiscard]] registration add(std::string kind, std::string name, collector fn) {
+    std::lock_guard lock(mutex_);
+    const std::uint64_t id = ++last_id_;
+    entries_.push_back(entry{id, std::move(kind), std::move(name), std::move(fn)});
+    return registration(this, id);
+  }
+
+  /// Every registered component's samples, in registration order. A
+  /// collector that throws is skipped (its samples are dropped) and counted.
+  /// Allocates. Thread-safe.
+  [[nodiscard]] std::vector<metric_sample> collect() const {
+    std::vector<metric_sample> out;
+    std::lock_guard lock(mutex_);
+    for (const auto& e : entries_) {
+      metric_writer w({{"component", e.kind}, {"name", e.name}});
+      POSTBOX_TRY {
+        e.fn(w);
+        for (auto& s : w.samples()) out.push_back(std::move(s));
+      }
+      POSTBOX_CATCH_ALL { ++collector_failures_; }
+    }
+    return out;
+  }
+
+  /// `collect()` rendered as Prometheus text. Allocates. Thread-safe.
+  [[nodiscard]] std::string render_prometheus() const { return postbox::render_prometheus(collect()); }
+
+  /// Registered components.
+  [[nodiscard]] std::size_t size() const {
+    std::lock_guard lock(mutex_);
+    return entries_.size();
+  }
+
+  /// Collectors that threw during `collect()` so far.
+  [[nodiscard]] std::uint64_t collector_failures() const {
+    std::lock_guard lock(mutex_);
+    return collector_failures_;
+  }
+
+ private:
+  struct entry {
+    std::uint64_t id;
+    std::string kind;
+    std::string name;
+    collector fn;
+  };
+
+  void remove(std::uint64_t id) noexcept {
+    std::lock_guard lock(mutex_);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const entry& e) { return e.id == id; }),
+                   entries_.end());
+  }
+
+  mutable std::mutex mutex_;
+  std::vector<entry> entries_;
+  std::uint64_t last_id_ = 0;
+  mutable std::uint64_t collector_failures_ = 0;
+};
+
+/// The process-wide registry, for programs that want one place to scrape.
+[[nodiscard]] inline metrics_registry& default_registry() {
+  static metrics_registry instance;
+  return instance;
+}
+
+/// Registers a channel (anything with `stats()` returning `channel_stats`):
+/// depth, capacity, sent, received, closed. Reading costs the channel's fast
+/// path nothing (the figures come from its indices). `ch` must outlive the
+/// handle. Allocates; thread-safe.
+template <class Channel>
+[[nodiscard]] metrics_registry::registration register_channel(metrics_registry& registry, std::string name,
+                                                              const Channel& ch) {
+  return registry.add("channel", std::move(name), [&ch](metric_writer& w) {
+    const auto s = ch.stats();
+    w.gauge("postbox_channel_depth", "Messages queued in the channel.", static_cast<double>(s.depth));
+    w.gauge("postbox_channel_capacity", "Slots in the channel's ring.", static_cast<double>(s.capacity));
+    w.counter("postbox_channel_sent_total", "Messages sent into the channel.", static_cast<double>(s.sent));
+    w.counter("postbox_channel_received_total", "Messages received from the channel.",
+              static_cast<double>(s.received));
+    w.gauge("postbox_channel_closed", "1 when the channel is closed.", s.closed ? 1.0 : 0.0);
+  });
+}
+
+POSTBOX_END_NAMESPACE
