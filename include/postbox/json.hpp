@@ -512,5 +512,21 @@ template <class T>
   return decode<nlohmann::json>(text, options);
 }
 
+/// The JSON codec as one object, for components that take a codec
+/// parameter (the outbox stores `encode(env)` and its relay adapters
+/// `decode<T>`). Stateless; thread-safe; allocates per call.
+struct codec {
+  /// `json::encode(env)`.
+  template <class T>
+  [[nodiscard]] std::string encode(const envelope<T>& env) const {
+    return json::encode(env);
+  }
+  /// `json::decode<T>(text)`; never throws.
+  template <class T>
+  [[nodiscard]] decode_result<T> decode(std::string_view text) const noexcept {
+    return json::decode<T>(text);
+  }
+};
+
 }  // namespace json
 POSTBOX_END_NAMESPACE
