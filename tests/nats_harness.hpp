@@ -204,7 +204,9 @@ class cluster {
     std::vector<int> route_ports;
     for (std::size_t i = 0; i < nodes; ++i) route_ports.push_back(detail::free_port());
     for (std::size_t i = 0; i < nodes; ++i) {
-      auto s = std::make_unique<server>("n" + std::to_string(i));
+      std::string node_name = "n";  // appended, not operator+: g++ 12 warns falsely on "n" + to_string
+      node_name += std::to_string(i);
+      auto s = std::make_unique<server>(node_name);
       std::vector<int> peers;
       for (std::size_t j = 0; j < nodes; ++j)
         if (j != i) peers.push_back(route_ports[j]);

@@ -6,8 +6,10 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <map>
 #include <set>
+#include <thread>
 
 #include "support.hpp"
 
@@ -48,6 +50,64 @@ void ensure_stream(postbox::jetstream& js, postbox::stream_options so) {
     if (rc != postbox::errc::ok) pn::detail::pause_ms(100);
   }
   REQUIRE(rc == postbox::errc::ok);
+}
+
+// Every stored message of ORDERS in stream order (payload n), through a fresh durable.
+std::vector<int> stored_orders(postbox::jetstream& js, const std::string& durable, std::size_t expected) {
+  postbox::jetstream_pull_source<order> src(js, {"ORDERS", durable, "orders.>", 30000ms, -1});
+  std::vector<int> out;
+  for (int i = 0; i < 50 && out.size() < expected; ++i) {
+    auto got = src.fetch(256, 1000ms);
+    if (!got.has_value()) continue;
+    for (auto& d : *got) {
+      out.push_back(d->payload.n);
+      (void)d.ack();
+    }
+  }
+  return out;
+}
+
+// A connection that notices a stopped server quickly and retries often.
+postbox::nats_connection connect_fast(const std::string& urls) {
+  postbox::nats_connection_options o;
+  o.urls = urls;
+  o.reconnect_wait = 20ms;
+  o.reconnect_wait_max = 200ms;
+  return postbox::nats_connection(std::move(o));
+}
+
+postbox::buffered_publisher_options buffer_of(std::size_t capacity, postbox::overflow policy) {
+  postbox::buffered_publisher_options o;
+  o.capacity = capacity;
+  o.policy = policy;
+  o.ack_timeout = 1000ms;
+  return o;
+}
+
+// Outcomes reported by a buffered publisher, in callback order.
+struct outcome_log {
+  mutable std::mutex m;
+  std::vector<postbox::buffered_outcome> all;
+  postbox::buffered_jetstream_publisher::callback cb() {
+    return [this](const postbox::buffered_outcome& o) {
+      std::lock_guard lock(m);
+      all.push_back(o);
+    };
+  }
+  std::size_t count(postbox::errc s) const {
+    std::lock_guard lock(m);
+    return static_cast<std::size_t>(std::count_if(all.begin(), all.end(), [&](auto& o) { return o.status == s; }));
+  }
+  std::size_t size() const {
+    std::lock_guard lock(m);
+    return all.size();
+  }
+};
+
+// Stops the server and waits until the publisher's connection noticed.
+void take_down(pn::server& srv, postbox::buffered_jetstream_publisher& pub) {
+  srv.stop();
+  REQUIRE(postbox_test::eventually([&] { return pub.status() == postbox::connection_status::reconnecting; }));
 }
 
 }  // namespace
@@ -353,6 +413,205 @@ TEST_CASE("killing the R3 stream leader of a three-node cluster loses and duplic
   CHECK(lost == 0);
   CHECK(duplicated == 0);
   CHECK(unseen == 0);
+}
+
+
+TEST_CASE("a buffered publisher holds envelopes while the server is down and publishes them in order once it is back",
+          "[nats][buffered]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect_fast(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  outcome_log log;
+  postbox::buffered_jetstream_publisher pub(js, buffer_of(64, postbox::overflow::block));
+  REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{0, "x"}), log.cb()) == postbox::errc::ok);
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 1; }));
+  take_down(srv, pub);
+  for (int i = 1; i <= 10; ++i)
+    REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{i, "x"}), log.cb()) == postbox::errc::ok);
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().in_flight == 1 && pub.stats().buffered == 9; }));
+  // Nothing is reported ok while no server can acknowledge it.
+  CHECK(pub.stats().published == 1);
+  CHECK(pub.stats().connection == postbox::connection_status::reconnecting);
+  srv.start();
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 11; }));
+  CHECK(pub.status() == postbox::connection_status::connected);
+  CHECK(log.count(postbox::errc::ok) == 11);
+  auto stored = stored_orders(js, "check", 11);
+  REQUIRE(stored.size() == 11);
+  for (int i = 0; i <= 10; ++i) CHECK(stored[static_cast<std::size_t>(i)] == i);
+  CHECK(pub.flush(std::chrono::seconds(1)) == postbox::errc::ok);
+}
+
+TEST_CASE("a full buffer with drop_oldest discards the oldest queued envelopes and reports them full",
+          "[nats][buffered]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect_fast(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  outcome_log log;
+  postbox::buffered_jetstream_publisher pub(js, buffer_of(4, postbox::overflow::drop_oldest));
+  take_down(srv, pub);
+  std::vector<postbox::message_id> ids;
+  for (int i = 0; i < 10; ++i) {
+    auto env = postbox::make_envelope("orders.placed", order{i, "x"});
+    ids.push_back(env.id);
+    REQUIRE(pub.enqueue(env, log.cb()) == postbox::errc::ok);
+    // The first one is taken by the publishing thread and held: not in the buffer.
+    if (i == 0) REQUIRE(postbox_test::eventually([&] { return pub.stats().in_flight == 1; }));
+  }
+  CHECK(pub.stats().buffered == 4);
+  CHECK(pub.stats().dropped == 5);
+  {
+    std::lock_guard lock(log.m);
+    REQUIRE(log.all.size() == 5);
+    for (std::size_t i = 0; i < 5; ++i) {
+      CHECK(log.all[i].status == postbox::errc::full);
+      CHECK(log.all[i].id == ids[i + 1]);
+    }
+  }
+  srv.start();
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 5; }));
+  CHECK(stored_orders(js, "check", 5) == std::vector<int>{0, 6, 7, 8, 9});
+}
+
+TEST_CASE("a full buffer with drop_newest discards the new envelope and reports it full", "[nats][buffered]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect_fast(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  outcome_log log;
+  postbox::buffered_jetstream_publisher pub(js, buffer_of(2, postbox::overflow::drop_newest));
+  take_down(srv, pub);
+  for (int i = 0; i < 5; ++i) {
+    REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{i, "x"}), log.cb()) == postbox::errc::ok);
+    if (i == 0) REQUIRE(postbox_test::eventually([&] { return pub.stats().in_flight == 1; }));
+  }
+  CHECK(pub.stats().dropped == 2);
+  CHECK(log.count(postbox::errc::full) == 2);
+  srv.start();
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 3; }));
+  CHECK(stored_orders(js, "check", 3) == std::vector<int>{0, 1, 2});
+}
+
+TEST_CASE("a full buffer with fail refuses the new envelope and never calls its callback", "[nats][buffered]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect_fast(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  outcome_log log;
+  postbox::buffered_jetstream_publisher pub(js, buffer_of(2, postbox::overflow::fail));
+  take_down(srv, pub);
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{i, "x"}), log.cb()) == postbox::errc::ok);
+    if (i == 0) REQUIRE(postbox_test::eventually([&] { return pub.stats().in_flight == 1; }));
+  }
+  CHECK(pub.enqueue(postbox::make_envelope("orders.placed", order{3, "x"}), log.cb()) == postbox::errc::full);
+  CHECK(pub.stats().refused == 1);
+  CHECK(log.size() == 0);
+  srv.start();
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 3; }));
+  CHECK(log.size() == 3);
+  CHECK(stored_orders(js, "check", 3) == std::vector<int>{0, 1, 2});
+}
+
+TEST_CASE("a full buffer with block makes the producer wait until the server is back", "[nats][buffered]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect_fast(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  postbox::buffered_jetstream_publisher pub(js, buffer_of(2, postbox::overflow::block));
+  take_down(srv, pub);
+  REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{0, "x"})) == postbox::errc::ok);
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().in_flight == 1; }));
+  std::atomic<int> returned{0}, not_ok{0};  // Catch2 assertions are for the main thread only
+  std::thread producer([&] {
+    for (int i = 1; i <= 4; ++i) {
+      if (pub.enqueue(postbox::make_envelope("orders.placed", order{i, "x"})) != postbox::errc::ok) not_ok.fetch_add(1);
+      returned.fetch_add(1);
+    }
+  });
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().waiting_producers == 1; }));
+  CHECK(returned.load() == 2);  // the third is waiting for room
+  CHECK(pub.stats().buffered == 2);
+  srv.start();
+  producer.join();
+  CHECK(not_ok.load() == 0);
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 5; }));
+  CHECK(stored_orders(js, "check", 5) == std::vector<int>{0, 1, 2, 3, 4});
+}
+
+TEST_CASE("destroying a buffered publisher completes what it still holds with canceled", "[nats][buffered]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect_fast(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  outcome_log log;
+  {
+    postbox::buffered_jetstream_publisher pub(js, buffer_of(8, postbox::overflow::block));
+    take_down(srv, pub);
+    for (int i = 0; i < 3; ++i)
+      REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{i, "x"}), log.cb()) == postbox::errc::ok);
+  }
+  CHECK(log.size() == 3);
+  CHECK(log.count(postbox::errc::canceled) == 3);
+}
+
+TEST_CASE("concurrent producers through a buffered publisher across a server restart lose, duplicate and reorder nothing",
+          "[nats][buffered][stress]") {
+  NATS_REQUIRE_SERVER();
+  pn::server srv;
+  srv.start();
+  auto conn = connect_fast(srv.url());
+  postbox::jetstream js(conn);
+  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  outcome_log log;
+  postbox::buffered_jetstream_publisher pub(js, buffer_of(8, postbox::overflow::block));
+  const int producers = 3;
+  const int per = static_cast<int>(postbox_test::scaled(200));
+  const int n = producers * per;
+  std::atomic<int> not_ok{0};  // Catch2 assertions are for the main thread only
+  std::vector<std::thread> ts;
+  for (int t = 0; t < producers; ++t)
+    ts.emplace_back([&, t] {
+      for (int i = 0; i < per; ++i)
+        if (pub.enqueue(postbox::make_envelope("orders.placed", order{t * per + i, "x"}), log.cb()) !=
+            postbox::errc::ok)
+          not_ok.fetch_add(1);
+    });
+  REQUIRE(postbox_test::eventually([&] { return pub.stats().published >= static_cast<std::uint64_t>(n / 4); }));
+  srv.restart();  // mid-run: attempts in flight end unknown and are republished with the same id
+  for (auto& t : ts) t.join();
+  CHECK(not_ok.load() == 0);
+  REQUIRE(postbox_test::eventually([&] { return log.size() == static_cast<std::size_t>(n); }, 60s));
+  CHECK(log.count(postbox::errc::ok) == static_cast<std::size_t>(n));
+  std::set<postbox::message_id> ids;
+  {
+    std::lock_guard lock(log.m);
+    for (auto& o : log.all) ids.insert(o.id);
+  }
+  CHECK(ids.size() == static_cast<std::size_t>(n));  // one outcome per envelope
+  CHECK(js.stream_messages("ORDERS").value() == static_cast<std::uint64_t>(n));  // stored once each
+  auto stored = stored_orders(js, "check", static_cast<std::size_t>(n));
+  REQUIRE(stored.size() == static_cast<std::size_t>(n));
+  std::vector<int> last(producers, -1);
+  for (int v : stored) {
+    auto& l = last[static_cast<std::size_t>(v / per)];
+    CHECK(v > l);  // each producer's envelopes stored in its order
+    l = v;
+  }
 }
 
 #endif  // POSTBOX_NATS_SERVER

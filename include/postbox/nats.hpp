@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// NATS JetStream bridge: RAII libnats wrappers, envelope <-> NATS header mapping, a deduplicating publisher and a durable pull source.
+// NATS JetStream bridge: RAII libnats wrappers, envelope <-> NATS header mapping, a deduplicating publisher, a bounded buffered publisher and a durable pull source.
 #pragma once
 
 // Opt-in edge (layer 5): needs libnats (CMake package `cnats`, target
@@ -23,17 +23,20 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <string_view>
 #include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "channel.hpp"
 #include "clock.hpp"
 #include "config.hpp"
 #include "envelope.hpp"
 #include "error.hpp"
 #include "json.hpp"
+#include "topic.hpp"
 
 POSTBOX_BEGIN_NAMESPACE
 
@@ -69,6 +72,7 @@ namespace detail {
     case NATS_INVALID_ARG: return errc::invalid_argument;
     case NATS_NO_RESPONDERS: return errc::busy;
     case NATS_NO_MEMORY: return errc::too_large;
+    case NATS_INSUFFICIENT_BUFFER: return errc::full;  // reconnect buffer full while disconnected
     default: return errc::store_error;
   }
 }
@@ -110,16 +114,19 @@ struct nats_sub_deleter {
 using nats_msg_ptr = std::unique_ptr<natsMsg, detail::nats_msg_deleter>;
 
 /// Builds a NATS message on `subject` from `env`: JSON payload in the body,
-/// the other fields as headers. `invalid_argument` when a header value holds
-/// CR/LF or the payload cannot be encoded. Allocates. Thread-safe.
+/// the other fields as headers; `reply` (when not empty) is the NATS reply
+/// subject. `invalid_argument` when a header value holds CR/LF or the payload
+/// cannot be encoded. Allocates. Thread-safe.
 template <class T>
-[[nodiscard]] result<nats_msg_ptr> to_nats_msg(const envelope<T>& env, const std::string& subject) {
+[[nodiscard]] result<nats_msg_ptr> to_nats_msg(const envelope<T>& env, const std::string& subject,
+                                               const std::string& reply = {}) {
   detail::nats_library_open();
   std::string body;
   POSTBOX_TRY { body = nlohmann::json(env.payload).dump(); }
   POSTBOX_CATCH_ALL { return errc::invalid_argument; }
   natsMsg* raw = nullptr;
-  if (natsMsg_Create(&raw, subject.c_str(), nullptr, body.data(), static_cast<int>(body.size())) != NATS_OK)
+  if (natsMsg_Create(&raw, subject.c_str(), reply.empty() ? nullptr : reply.c_str(), body.data(),
+                     static_cast<int>(body.size())) != NATS_OK)
     return errc::invalid_argument;
   nats_msg_ptr msg(raw);
   bool ok = true;
@@ -303,7 +310,7 @@ class nats_connection {
                        "reconnected cb");
     detail::nats_check(natsOptions_SetClosedCB(o, &nats_connection::closed_cb, state_.get()), "closed cb");
     if (opts.retry_on_failed_connect)
-      detail::nats_check(natsOptions_SetRetryOnFailedConnect(o, true, nullptr, nullptr), "retry connect");
+      detail::nats_check(natsOptions_SetRetryOnFailedConnect(o, true, &nats_connection::reconnected_cb, state_.get()), "retry connect");
     natsConnection* c = nullptr;
     const natsStatus s = natsConnection_Connect(&c, o);
     if (s != NATS_OK && !(opts.retry_on_failed_connect && s == NATS_NOT_YET_CONNECTED))
@@ -335,6 +342,24 @@ class nats_connection {
 
   /// Latest status; never blocks. Thread-safe.
   [[nodiscard]] connection_status status() const noexcept { return state_->status.load(); }
+
+  /// Registers `fn`, run on a libnats thread after every status change (after
+  /// `on_status`); returns an id for `remove_status_listener`. `fn` must not
+  /// block for long nor add or remove listeners. Allocates. Thread-safe.
+  [[nodiscard]] std::uint64_t add_status_listener(std::function<void(connection_status)> fn) {
+    std::lock_guard<std::mutex> lock(state_->listeners_m);
+    const std::uint64_t id = ++state_->last_listener;
+    state_->listeners.emplace_back(id, std::move(fn));
+    return id;
+  }
+  /// Unregisters a listener. Once this returns the listener is not running
+  /// and never runs again (it blocks while a status change is calling it).
+  /// Thread-safe; must not be called from a listener.
+  void remove_status_listener(std::uint64_t id) {
+    std::lock_guard<std::mutex> lock(state_->listeners_m);
+    auto& ls = state_->listeners;
+    ls.erase(std::remove_if(ls.begin(), ls.end(), [&](const auto& l) { return l.first == id; }), ls.end());
+  }
   /// The libnats handle, for calls postbox does not wrap. Not owned by the caller.
   [[nodiscard]] natsConnection* native() const noexcept { return conn_.get(); }
   /// Flushes and waits for the server's PONG (blocks up to `timeout`).
@@ -352,10 +377,20 @@ class nats_connection {
     std::mutex m;                // guards closed_seen
     std::condition_variable cv;  // signalled when closed_seen becomes true
     bool closed_seen = false;
+    // Listeners run under listeners_m, so remove_status_listener returning
+    // means the listener is not running (see its comment).
+    std::mutex listeners_m;
+    std::vector<std::pair<std::uint64_t, std::function<void(connection_status)>>> listeners;
+    std::uint64_t last_listener = 0;
     void set(connection_status s) {
       status.store(s);
       if (on_status) {
         POSTBOX_TRY { on_status(s); }
+        POSTBOX_CATCH_ALL {}
+      }
+      std::lock_guard<std::mutex> lock(listeners_m);
+      for (auto& l : listeners) {
+        POSTBOX_TRY { l.second(s); }
         POSTBOX_CATCH_ALL {}
       }
     }
@@ -486,6 +521,36 @@ struct publish_ack {
   int attempts = 1;        ///< publishes sent (more than 1 after ack timeouts)
 };
 
+namespace detail {
+
+/// True when a failed JetStream publish may or may not have stored the
+/// message (ack timeout, "no responders" during an election, a connection
+/// being restored, a stream error such as "no leader"): republish with the
+/// same id; the duplicate window absorbs a stored copy.
+[[nodiscard]] inline bool js_unknown_outcome(natsStatus s) noexcept {
+  return s == NATS_TIMEOUT || s == NATS_NO_RESPONDERS || s == NATS_CONNECTION_DISCONNECTED || s == NATS_ERR ||
+         s == NATS_NOT_YET_CONNECTED;
+}
+
+/// One JetStream publish of `msg` with `Nats-Msg-Id` = `id`, waiting up to
+/// `wait` for the PubAck, which fills `out` on NATS_OK. Blocks; thread-safe.
+[[nodiscard]] inline natsStatus js_publish_once(jsCtx* js, natsMsg* msg, const std::string& id,
+                                                std::chrono::milliseconds wait, publish_ack& out) {
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  po.MsgId = id.c_str();
+  po.MaxWait = wait.count();
+  jsPubAck* pa = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  natsStatus s = js_PublishMsg(&pa, js, msg, &po, &jerr);
+  if (s == NATS_OK && pa == nullptr) s = NATS_ERR;
+  if (s == NATS_OK) out = publish_ack{pa->Stream ? pa->Stream : "", pa->Sequence, pa->Duplicate, out.attempts};
+  if (pa) jsPubAck_Destroy(pa);
+  return s;
+}
+
+}  // namespace detail
+
 /// Publisher settings. A plain value.
 struct publisher_options {
   subject_mapping subjects;                           ///< envelope type -> subject
@@ -524,26 +589,13 @@ class jetstream_publisher {
     errc last = errc::timeout;
     auto pause = opts_.retry_backoff;
     for (int attempt = 1; attempt <= opts_.max_attempts; ++attempt) {
-      jsPubOptions po;
-      jsPubOptions_Init(&po);
-      po.MsgId = id.c_str();
-      po.MaxWait = opts_.ack_timeout.count();
-      jsPubAck* pa = nullptr;
-      jsErrCode jerr = static_cast<jsErrCode>(0);
-      const natsStatus s = js_PublishMsg(&pa, js_->native(), msg->get(), &po, &jerr);
-      if (s == NATS_OK && pa != nullptr) {
-        publish_ack ack{pa->Stream ? pa->Stream : "", pa->Sequence, pa->Duplicate, attempt};
-        jsPubAck_Destroy(pa);
-        return ack;
-      }
-      if (pa) jsPubAck_Destroy(pa);
+      publish_ack ack;
+      ack.attempts = attempt;
+      const natsStatus s = detail::js_publish_once(js_->native(), msg->get(), id, opts_.ack_timeout, ack);
+      if (s == NATS_OK) return ack;
       last = detail::nats_errc(s);
-      // Unknown outcome (ack timeout, no responders during an election, a
-      // connection being restored, a stream error such as "no leader"):
-      // republish with the same id; the duplicate window absorbs a copy.
-      const bool unknown = s == NATS_TIMEOUT || s == NATS_NO_RESPONDERS || s == NATS_CONNECTION_DISCONNECTED ||
-                           s == NATS_ERR || s == NATS_NOT_YET_CONNECTED;
-      if (!unknown || attempt == opts_.max_attempts) break;
+      // Unknown outcome: republish with the same id (detail::js_unknown_outcome).
+      if (!detail::js_unknown_outcome(s) || attempt == opts_.max_attempts) break;
       if (s != NATS_TIMEOUT) {  // an instant failure: back off on the clock
         std::mutex m;
         std::condition_variable cv;
@@ -560,6 +612,282 @@ class jetstream_publisher {
   jetstream* js_;
   publisher_options opts_;
   const clock* clock_;
+};
+
+/// How one envelope given to `buffered_jetstream_publisher` ended: `ok` (the
+/// stream acknowledged it; `ack` says where), `full` (discarded by
+/// drop_oldest or drop_newest), `canceled` (the publisher was destroyed
+/// first: not acknowledged, so the outcome is unknown if it was in flight),
+/// `closed` (the connection closed for good) or a permanent publish error.
+struct buffered_outcome {
+  message_id id;
+  errc status = errc::ok;
+  publish_ack ack;
+};
+
+/// Buffered publisher settings. A plain value.
+struct buffered_publisher_options {
+  /// Envelopes held while the stream cannot take them (rounded up to a power
+  /// of two, as `channel`), plus the one in flight.
+  std::size_t capacity = 1024;
+  overflow policy = overflow::block;                  ///< what `enqueue` does when the buffer is full
+  subject_mapping subjects;                           ///< envelope type -> subject
+  std::chrono::milliseconds ack_timeout{2000};        ///< wait for each PubAck
+  std::chrono::milliseconds retry_backoff{50};        ///< first pause after an instant failure
+  std::chrono::milliseconds retry_backoff_max{1000};  ///< cap (doubles per attempt)
+};
+
+/// Counters of a buffered publisher (snapshot).
+struct buffered_publisher_stats {
+  std::uint64_t enqueued = 0;     ///< accepted by `enqueue` (queued, or dropped later by drop_oldest)
+  std::uint64_t published = 0;    ///< completed `ok` after a PubAck
+  std::uint64_t duplicates = 0;   ///< of those, acks saying the stream already had the id
+  std::uint64_t republished = 0;  ///< attempts after an unknown outcome (same id)
+  std::uint64_t dropped = 0;      ///< discarded by drop_oldest / drop_newest
+  std::uint64_t refused = 0;      ///< refused at `enqueue` (fail policy, closed, bad envelope)
+  std::uint64_t failed = 0;       ///< completed with a permanent error or `closed`
+  std::uint64_t canceled = 0;     ///< still buffered or in flight at destruction
+  std::size_t buffered = 0;       ///< queued now, not counting the one in flight
+  std::size_t in_flight = 0;      ///< 0 or 1: taken from the buffer, not yet completed
+  std::size_t waiting_producers = 0;  ///< producers blocked in `enqueue` (overflow::block)
+  connection_status connection = connection_status::connected;
+};
+
+/// Publishes envelopes to JetStream in enqueue order from one background
+/// thread, through a bounded local buffer that absorbs a lost connection:
+/// while the connection is `reconnecting` nothing is sent and envelopes wait
+/// in the buffer; when it is full, `policy` applies (block / drop_oldest /
+/// drop_newest / fail, as in `topic`). Each envelope is published with
+/// `Nats-Msg-Id` = its id and retried with the same id after every unknown
+/// outcome, for as long as the publisher lives; its callback reports `ok` only
+/// after a PubAck. The buffer is memory: for crash safety stage envelopes in
+/// an outbox first. `enqueue` is thread-safe; callbacks run on the publishing
+/// thread (or on the enqueuing thread for drops) and must not block for long.
+class buffered_jetstream_publisher {
+ public:
+  using callback = std::function<void(const buffered_outcome&)>;
+
+  /// Starts the publishing thread. `js` (and its connection) must outlive
+  /// this. `clk` times the pauses between failed attempts. Allocates.
+  explicit buffered_jetstream_publisher(jetstream& js, buffered_publisher_options opts = {},
+                                        const clock& clk = default_clock())
+      : js_(&js), opts_(std::move(opts)), clock_(&clk), buffer_(opts_.capacity == 0 ? 1 : opts_.capacity) {
+    listener_ = js.connection().add_status_listener([this](connection_status) {
+      // Under m_, so the publishing thread cannot miss it between its status
+      // check and its wait (it checks and waits holding m_).
+      std::lock_guard<std::mutex> lock(m_);
+      cv_.notify_all();
+    });
+    thread_ = std::thread([this] { run(); });
+  }
+  buffered_jetstream_publisher(const buffered_jetstream_publisher&) = delete;
+  buffered_jetstream_publisher& operator=(const buffered_jetstream_publisher&) = delete;
+
+  /// Stops: the attempt in flight finishes (at most `ack_timeout`), then the
+  /// envelope in flight unless acknowledged and every queued one complete
+  /// with `canceled`; blocked producers return `closed`. Blocks.
+  ~buffered_jetstream_publisher() {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    buffer_.close();
+    thread_.join();
+    js_->connection().remove_status_listener(listener_);
+  }
+
+  /// Queues `env` for the mapped subject. `ok` when queued (drop_newest: also
+  /// when it was discarded at once, `cb` then gets `full`); `full` (fail
+  /// policy: refused, `cb` never called); `closed` (stopping);
+  /// `invalid_argument` (the envelope cannot be encoded). overflow::block
+  /// blocks while full; the others never block. Allocates. Thread-safe.
+  template <class T>
+  [[nodiscard]] errc enqueue(const envelope<T>& env, callback cb = {}) {
+    return enqueue(env, opts_.subjects(env.type), std::move(cb));
+  }
+
+  /// Queues `env` for `subject`. Same semantics as above.
+  template <class T>
+  [[nodiscard]] errc enqueue(const envelope<T>& env, const std::string& subject, callback cb = {}) {
+    auto msg = to_nats_msg(env, subject);
+    if (!msg.has_value()) {
+      bump(refused_);
+      return msg.status();
+    }
+    // acq_rel: flush() reads it (acquire) to see the queue empty; see run().
+    outstanding_.fetch_add(1, std::memory_order_acq_rel);
+    item it{std::move(*msg), env.id, std::move(cb)};
+    const errc r = push(std::move(it));
+    if (r != errc::ok) done_one();
+    return r;
+  }
+
+  /// Waits on the clock until every envelope enqueued so far has completed,
+  /// up to `timeout`: `ok` or `timeout`. Blocks. Thread-safe.
+  [[nodiscard]] errc flush(duration timeout) {
+    const time_point until = clock_->now() + timeout;
+    std::unique_lock<std::mutex> lock(m_);
+    // acquire: pairs with the release decrement in done_one().
+    while (outstanding_.load(std::memory_order_acquire) != 0) {
+      if (clock_->now() >= until) return errc::timeout;
+      clock_->wait_until(lock, cv_, until);
+    }
+    return errc::ok;
+  }
+
+  /// The connection's status (`reconnecting` while envelopes wait). Never
+  /// blocks. Thread-safe.
+  [[nodiscard]] connection_status status() const noexcept { return js_->connection().status(); }
+
+  /// Counters snapshot. Never blocks. Thread-safe.
+  [[nodiscard]] buffered_publisher_stats stats() const noexcept {
+    buffered_publisher_stats s;
+    // relaxed: statistics, no data published through them.
+    s.enqueued = enqueued_.load(std::memory_order_relaxed);
+    s.published = published_.load(std::memory_order_relaxed);
+    s.duplicates = duplicates_.load(std::memory_order_relaxed);
+    s.republished = republished_.load(std::memory_order_relaxed);
+    s.dropped = dropped_.load(std::memory_order_relaxed);
+    s.refused = refused_.load(std::memory_order_relaxed);
+    s.failed = failed_.load(std::memory_order_relaxed);
+    s.canceled = canceled_.load(std::memory_order_relaxed);
+    s.waiting_producers = waiting_.load(std::memory_order_relaxed);
+    // acquire: pairs with the release stores in run(); seeing 1 means the
+    // item has left the channel.
+    s.in_flight = in_flight_.load(std::memory_order_acquire);
+    s.buffered = buffer_.size_approx();
+    s.connection = status();
+    return s;
+  }
+
+ private:
+  struct item {
+    nats_msg_ptr msg;
+    message_id id;
+    callback cb;
+  };
+
+  static void bump(std::atomic<std::uint64_t>& c) noexcept { c.fetch_add(1, std::memory_order_relaxed); }
+
+  errc push(item&& it) {
+    for (;;) {
+      send_status st = buffer_.try_send(std::move(it));
+      if (st == send_status::full) {
+        switch (opts_.policy) {
+          case overflow::block:
+            waiting_.fetch_add(1, std::memory_order_relaxed);
+            st = buffer_.send(std::move(it));
+            waiting_.fetch_sub(1, std::memory_order_relaxed);
+            break;
+          case overflow::drop_oldest:
+            // Make room by discarding the oldest queued envelope (the one in
+            // flight is not in the buffer), then try again.
+            if (auto old = buffer_.try_receive()) {
+              bump(dropped_);
+              complete(*old, errc::full, {});
+              done_one();
+            }
+            continue;
+          case overflow::drop_newest:
+            bump(enqueued_);
+            bump(dropped_);
+            complete(it, errc::full, {});
+            done_one();
+            return errc::ok;
+          case overflow::fail:
+            bump(refused_);
+            return errc::full;
+        }
+      }
+      if (st == send_status::ok) {
+        bump(enqueued_);
+        return errc::ok;
+      }
+      bump(refused_);
+      return errc::closed;
+    }
+  }
+
+  void complete(item& it, errc status, const publish_ack& ack) {
+    if (status == errc::ok) {
+      bump(published_);
+      if (ack.duplicate) bump(duplicates_);
+    } else if (status == errc::canceled) {
+      bump(canceled_);
+    } else if (status != errc::full) {
+      bump(failed_);
+    }
+    if (!it.cb) return;
+    POSTBOX_TRY { it.cb(buffered_outcome{it.id, status, ack}); }
+    POSTBOX_CATCH_ALL {}
+  }
+
+  void done_one() {
+    // release: pairs with the acquire in flush(); the notify under m_ wakes it.
+    outstanding_.fetch_sub(1, std::memory_order_acq_rel);
+    std::lock_guard<std::mutex> lock(m_);
+    cv_.notify_all();
+  }
+
+  void run() {
+    while (auto it = buffer_.receive()) {
+      // release: pairs with the acquire in stats().
+      in_flight_.store(1, std::memory_order_release);
+      publish_ack ack;
+      const errc status = publish_until_done(*it, ack);
+      complete(*it, status, ack);
+      in_flight_.store(0, std::memory_order_release);
+      done_one();
+    }
+  }
+
+  errc publish_until_done(item& it, publish_ack& ack) {
+    const std::string id = it.id.to_string();
+    auto pause = opts_.retry_backoff;
+    std::unique_lock<std::mutex> lock(m_);
+    for (int attempt = 1;; ++attempt) {
+      // Hold the envelope while the connection is down; the status listener
+      // notifies cv_ under m_ on every change.
+      while (!stopping_ && status() == connection_status::reconnecting) cv_.wait(lock);
+      if (stopping_) return errc::canceled;
+      if (status() == connection_status::closed) return errc::closed;
+      lock.unlock();
+      ack.attempts = attempt;
+      const natsStatus s = detail::js_publish_once(js_->native(), it.msg.get(), id, opts_.ack_timeout, ack);
+      lock.lock();
+      if (s == NATS_OK) return errc::ok;
+      if (!detail::js_unknown_outcome(s)) return detail::nats_errc(s);
+      bump(republished_);
+      if (s != NATS_TIMEOUT) {  // an instant failure: back off on the clock
+        const time_point until = clock_->now() + std::chrono::duration_cast<duration>(pause);
+        while (!stopping_ && clock_->now() < until) clock_->wait_until(lock, cv_, until);
+        pause = std::min(pause * 2, opts_.retry_backoff_max);
+      }
+    }
+  }
+
+  jetstream* js_;
+  buffered_publisher_options opts_;
+  const clock* clock_;
+  channel<item> buffer_;
+  std::mutex m_;               // guards stopping_; cv_ waits use it
+  std::condition_variable cv_;  // status changes, stop, completions (flush)
+  bool stopping_ = false;
+  std::uint64_t listener_ = 0;
+  // Statistics: incremented by producers and the publishing thread, read by
+  // stats(); relaxed (no data published through them).
+  std::atomic<std::uint64_t> enqueued_{0}, published_{0}, duplicates_{0}, republished_{0}, dropped_{0},
+      refused_{0}, failed_{0}, canceled_{0};
+  std::atomic<std::size_t> waiting_{0};  // producers in a blocking send; relaxed statistic
+  // 1 while the publishing thread holds an envelope taken from buffer_.
+  // Written only by that thread (release), read by stats() (acquire).
+  std::atomic<std::size_t> in_flight_{0};
+  // Envelopes enqueued and not yet completed. Incremented by enqueue before
+  // the push, decremented (release) once an envelope's callback has run;
+  // flush() reads it (acquire) under m_ and waits on cv_.
+  std::atomic<std::size_t> outstanding_{0};
+  std::thread thread_;  // last: starts after every member above exists
 };
 
 /// One message from a pull source: the decoded envelope (or why it did not
