@@ -1,0 +1,1569 @@
+// SPDX-License-Identifier: MIT
+// postbox::consumer: runs a handler per message with settlement, retries, dead letters, deadlines, per-key order and graceful shutdown.
+#pragma once
+
+// Design: docs/design/consumer.md.
+//
+// * A consumer pulls `inbound<T>` items from a source (see `consumer_source`
+//   below: channel, topic subscription, stream consumer group, raw bytes with
+//   a decoder, or a broker adapter), runs the handler, and settles each
+//   delivery: ack, retry (after a delay), reject (dead-letter now) or defer.
+// * All bookkeeping sits behind one mutex; items live in std::list nodes that
+//   move between the ready, running and waiting lists and per-key backlogs by
+//   splicing (one allocation per message, at admission). Handlers, source
+//   calls, settle hooks, the dead-letter queue and observer hooks always run
+//   outside that mutex.
+// * Every timed behaviour reads `options.clock`: retry and defer delays are
+//   timers on a `timer_service` on that clock (its own thread, or driven by
+//   `poll()` when `threads == 0`), deadlines compare with its `now()`, and
+//   shutdown's grace period waits on it. The only real-time wait is the
+//   dispatcher's `receive_wait` slice, a stop-check interval.
+
+#include <postbox/channel.hpp>
+#include <postbox/clock.hpp>
+#include <postbox/config.hpp>
+#include <postbox/dead_letter.hpp>
+#include <postbox/envelope.hpp>
+#include <postbox/error.hpp>
+#include <postbox/metrics.hpp>
+#include <postbox/observer.hpp>
+#include <postbox/retry.hpp>
+#include <postbox/stream.hpp>
+#include <postbox/topic.hpp>
+#include <postbox/detail/random.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <chrono>
+#include <concepts>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <stop_token>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <variant>
+#include <vector>
+
+POSTBOX_BEGIN_NAMESPACE
+
+// ---------------------------------------------------------------------------
+// Settlement
+// ---------------------------------------------------------------------------
+
+/// A handler's outcome for one delivery, as a value.
+///
+/// * `ack()`: done; the source forgets the message.
+/// * `retry()`: deliver again after the retry policy's backoff
+///   (`policy.backoff(attempt, jitter.next())`); `retry(after)`: after
+///   `after` instead. Either way the policy's `max_attempts` bounds the
+///   attempts: when `exhausted(attempt)`, the message is dead-lettered with
+///   reason "retries_exhausted".
+/// * `reject(reason)`: dead-letter now with `reason` ("rejected" when empty).
+/// * `defer()`: put the message back for later without consuming an
+///   attempt: its `attempt` is restored and it is delivered again after
+///   `consumer_options::defer_delay`, still first in line for its partition
+///   key. (A broker source counts the delivery anyway: see `redelivers`.)
+///
+/// A plain value; the factories never allocate except `reject`'s reason.
+class settlement {
+ public:
+  /// The four outcomes.
+  enum class kind : std::uint8_t { ack, retry, reject, defer };
+
+  /// An ack.
+  settlement() noexcept = default;
+
+  /// Done.
+  [[nodiscard]] static settlement ack() noexcept { return settlement(kind::ack); }
+  /// Again, after the retry policy's backoff.
+  [[nodiscard]] static settlement retry() noexcept { return settlement(kind::retry); }
+  /// Again, after `after` (negative counts as zero).
+  [[nodiscard]] static settlement retry(duration after) noexcept {
+    settlement s(kind::retry);
+    s.after_ = after.count() < 0 ? duration::zero() : after;
+    return s;
+  }
+  /// Dead-letter now with `reason`. Allocates the reason.
+  [[nodiscard]] static settlement reject(std::string reason = {}) {
+    settlement s(kind::reject);
+    s.reason_ = std::move(reason);
+    return s;
+  }
+  /// Later, without consuming an attempt.
+  [[nodiscard]] static settlement defer() noexcept { return settlement(kind::defer); }
+
+  /// Which outcome. Never allocates.
+  [[nodiscard]] kind what() const noexcept { return kind_; }
+  /// The explicit delay of `retry(after)`; empty for `retry()` and others.
+  [[nodiscard]] std::optional<duration> after() const noexcept { return after_; }
+  /// The reason of `reject(reason)`; empty otherwise.
+  [[nodiscard]] const std::string& reason() const noexcept { return reason_; }
+
+ private:
+  explicit settlement(kind k) noexcept : kind_(k) {}
+  kind kind_ = kind::ack;
+  std::optional<duration> after_;
+  std::string reason_;
+};
+
+/// Stable lower-case name of a settlement kind. Never allocates.
+[[nodiscard]] constexpr std::string_view to_string(settlement::kind k) noexcept {
+  switch (k) {
+    case settlement::kind::ack: return "ack";
+    case settlement::kind::retry: return "retry";
+    case settlement::kind::reject: return "reject";
+    case settlement::kind::defer: return "defer";
+  }
+  return "unknown";
+}
+
+/// How a handler's exception is treated: `transient` retries by policy,
+/// `permanent` dead-letters at once (reason "permanent_error").
+enum class error_class : std::uint8_t { transient, permanent };
+
+/// Classifies a handler's exception. Called on the worker thread; if it
+/// throws, the error counts as transient.
+using error_classifier = std::function<error_class(std::exception_ptr)>;
+
+namespace detail {
+/// Whether `ep` holds an exception of type `E` (or derived from it).
+template <class E>
+[[nodiscard]] bool exception_is(const std::exception_ptr& ep) noexcept {
+#if POSTBOX_HAS_EXCEPTIONS
+  try {
+    std::rethrow_exception(ep);
+  } catch (const E&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+#else
+  (void)ep;
+  return false;
+#endif
+}
+}  // namespace detail
+
+/// A classifier that calls exceptions of the listed types (or derived from
+/// them) permanent and everything else transient. Allocates the function.
+template <class... Permanent>
+[[nodiscard]] error_classifier permanent_on() {
+  return [](std::exception_ptr ep) {
+    const bool hit = (detail::exception_is<Permanent>(ep) || ...);
+    return hit ? error_class::permanent : error_class::transient;
+  };
+}
+
+// ---------------------------------------------------------------------------
+// The source concept
+// ---------------------------------------------------------------------------
+
+/// What a consumer tells a source about one received item, through the
+/// item's settle hook. Exactly one action per item, from any consumer thread.
+struct settle_action {
+  enum class kind : std::uint8_t {
+    ack,          ///< handled: forget it (broker: ack; stream: may commit past it)
+    dead_letter,  ///< stored in the dead-letter queue: forget it (broker: term; stream: may commit past it)
+    redeliver,    ///< only for `redelivers` sources: deliver again after `delay` (broker: nak with delay)
+    release,      ///< given back unsettled (shutdown, or the dead-letter queue was full): redeliver
+                  ///< whenever convenient (broker: nak now; stream: never commit past it)
+  };
+  kind what = kind::ack;
+  duration delay{0};  ///< redeliver only
+};
+
+/// Stable lower-case name of a settle action. Never allocates.
+[[nodiscard]] constexpr std::string_view to_string(settle_action::kind k) noexcept {
+  switch (k) {
+    case settle_action::kind::ack: return "ack";
+    case settle_action::kind::dead_letter: return "dead_letter";
+    case settle_action::kind::redeliver: return "redeliver";
+    case settle_action::kind::release: return "release";
+  }
+  return "unknown";
+}
+
+/// A move-only callable `void(const settle_action&)` that a source attaches
+/// to a received item for its broker-side effects (ack, commit, nak). Empty
+/// means "nothing to do". The consumer calls it at most once, outside its
+/// locks, from any of its threads; an exception from it is caught and
+/// counted (`consumer_stats::hook_failures`). Allocates once when set.
+class settle_hook {
+ public:
+  settle_hook() noexcept = default;
+  /// Wraps `f`, callable as `f(const settle_action&)`.
+  template <class F>
+    requires(!std::same_as<std::remove_cvref_t<F>, settle_hook> && std::invocable<F&, const settle_action&>)
+  settle_hook(F&& f)  // NOLINT(google-explicit-constructor)
+      : impl_(std::make_unique<model<std::decay_t<F>>>(std::forward<F>(f))) {}
+  settle_hook(settle_hook&&) noexcept = default;
+  settle_hook& operator=(settle_hook&&) noexcept = default;
+
+  /// Runs the hook (no-op when empty). May throw what the hook throws.
+  void operator()(const settle_action& a) {
+    if (impl_) impl_->call(a);
+  }
+  /// Whether a hook is set.
+  explicit operator bool() const noexcept { return impl_ != nullptr; }
+
+ private:
+  struct base {
+    virtual ~base() = default;
+    virtual void call(const settle_action&) = 0;
+  };
+  template <class F>
+  struct model final : base {
+    template <class G>
+    explicit model(G&& g) : f(std::forward<G>(g)) {}
+    void call(const settle_action& a) override { f(a); }
+    F f;
+  };
+  std::unique_ptr<base> impl_;
+};
+
+/// Input that could not become an envelope: the decoder's reason (an errc
+/// name such as "parse_error"), its error text, and the bytes as received.
+struct poison_input {
+  std::string reason;
+  std::string error;
+  std::string raw;
+};
+
+/// One item a source hands to a consumer: either an envelope (`message`) or
+/// undecodable input (`poison`), plus an optional settle hook.
+///
+/// `message->attempt` must be the number of deliveries of this message
+/// started BEFORE this one (the consumer adds one when it starts the
+/// handler). A broker adapter whose broker counts deliveries including the
+/// current one (JetStream's NumDelivered) subtracts one.
+template <class T>
+struct inbound {
+  std::optional<envelope<T>> message;  ///< the envelope; empty for poison input
+  poison_input poison;                 ///< why it did not decode (when `message` is empty)
+  settle_hook settle;                  ///< broker-side effects; may be empty
+
+  /// An envelope item.
+  [[nodiscard]] static inbound of(envelope<T> env, settle_hook hook = {}) {
+    inbound in;
+    in.message.emplace(std::move(env));
+    in.settle = std::move(hook);
+    return in;
+  }
+  /// A poison item.
+  [[nodiscard]] static inbound malformed(poison_input p, settle_hook hook = {}) {
+    inbound in;
+    in.poison = std::move(p);
+    in.settle = std::move(hook);
+    return in;
+  }
+};
+
+/// The source concept: everything a consumer needs from a transport. A
+/// source `S` provides
+///
+/// * `typename S::payload_type` — the `T` of the envelopes it yields;
+/// * `static constexpr bool redelivers` — `true` when the transport itself
+///   redelivers (a broker with ack/nak: JetStream, SQS, ...). Then a retry
+///   or defer becomes `settle_action::redeliver` with the delay and the
+///   consumer forgets the message; the broker's redelivery comes back
+///   through `receive` with a higher attempt. `false` (in-process channels,
+///   topics, streams): the consumer keeps the message and redelivers it
+///   itself on its timer;
+/// * `s.receive(duration wait) -> receive_result<inbound<T>>` — one item
+///   (`ok`), or `empty` (nothing arrived within `wait`; `timeout` is treated
+///   as `empty`), or `closed` (nothing will ever arrive; the consumer stops
+///   receiving). `wait` is real time; `wait == 0` must not block. The
+///   consumer calls `receive` from one thread at a time, but concurrently
+///   with settle hooks and `backlog()`;
+/// * `s.name() -> std::string_view` (const, stable while the source lives)
+///   — the source name recorded in dead letters; redrive looks the origin
+///   up by it;
+/// * optionally `s.backlog() -> std::uint64_t` (const, thread-safe) —
+///   messages waiting in the transport (lag), reported in consumer stats.
+///
+/// Each item's `settle` hook, if set, is called exactly once with `ack`,
+/// `dead_letter` (after the dead-letter queue accepted the message),
+/// `redeliver` (only when `redelivers`) or `release`, possibly after the
+/// consumer's `shutdown` returned but never after the consumer is destroyed;
+/// an item without a hook needs nothing. Sources must be move-constructible
+/// (the consumer takes them by value).
+template <class S>
+concept consumer_source = std::move_constructible<S> && requires(S& s, const S& cs, duration wait) {
+  typename S::payload_type;
+  { S::redelivers } -> std::convertible_to<bool>;
+  { s.receive(wait) } -> std::same_as<receive_result<inbound<typename S::payload_type>>>;
+  { cs.name() } -> std::convertible_to<std::string_view>;
+};
+
+namespace detail {
+template <class T>
+receive_result<inbound<T>> empty_or_closed(receive_status s) {
+  return receive_result<inbound<T>>(s == receive_status::closed ? receive_status::closed : receive_status::empty);
+}
+}  // namespace detail
+
+/// Source over a `channel<envelope<T>, Shape>`. No settle hook (the
+/// channel has no broker state); `backlog()` is the channel's depth.
+/// The channel must outlive the source.
+template <class T, class Shape = mpmc>
+class channel_source {
+ public:
+  using payload_type = T;
+  static constexpr bool redelivers = false;
+
+  /// Reads from `ch`; `name` is the source name for dead letters and redrive.
+  explicit channel_source(channel<envelope<T>, Shape>& ch, std::string name = "channel")
+      : ch_(&ch), name_(std::move(name)) {}
+
+  /// `try_receive` when `wait` is zero, else `receive_for(wait)`. Never allocates.
+  [[nodiscard]] receive_result<inbound<T>> receive(duration wait) {
+    auto r = wait.count() <= 0 ? ch_->try_receive_result() : ch_->receive_for(wait);
+    if (!r.has_value()) return detail::empty_or_closed<T>(r.status());
+    return inbound<T>::of(std::move(*r));
+  }
+  /// The source name. Never blocks.
+  [[nodiscard]] std::string_view name() const noexcept { return name_; }
+  /// Messages queued in the channel (approximate). Thread-safe.
+  [[nodiscard]] std::uint64_t backlog() const noexcept { return ch_->size_approx(); }
+
+ private:
+  channel<envelope<T>, Shape>* ch_;
+  std::string name_;
+};
+
+/// Source over a topic subscription of envelopes (`subscription<envelope<T>>`).
+/// Each delivery's shared envelope is copied (the consumer increments
+/// `attempt`). No settle hook. The subscription must outlive the source.
+template <class T>
+class subscription_source {
+ public:
+  using payload_type = T;
+  static constexpr bool redelivers = false;
+
+  explicit subscription_source(subscription<envelope<T>>& sub, std::string name = "topic")
+      : sub_(&sub), name_(std::move(name)) {}
+
+  /// `try_receive` when `wait` is zero, else `receive_for(wait)`. Copies the envelope.
+  [[nodiscard]] receive_result<inbound<T>> receive(duration wait) {
+    if (wait.count() <= 0) {
+      auto d = sub_->try_receive();
+      if (!d) return receive_result<inbound<T>>(receive_status::empty);
+      return inbound<T>::of(envelope<T>(**d));
+    }
+    auto r = sub_->receive_for(wait);
+    if (!r.has_value()) return detail::empty_or_closed<T>(r.status());
+    return inbound<T>::of(envelope<T>(**r));
+  }
+  [[nodiscard]] std::string_view name() const noexcept { return name_; }
+  /// Messages queued in the subscription (approximate). Thread-safe.
+  [[nodiscard]] std::uint64_t backlog() const noexcept { return sub_->size_approx(); }
+
+ private:
+  subscription<envelope<T>>* sub_;
+  std::string name_;
+};
+
+/// Source over a member of a stream consumer group (`stream<envelope<T>>`).
+/// It commits a partition's offset only past records that are settled
+/// (acked or dead-lettered) with every earlier record of that partition
+/// settled too, so a crash or a rebalance never skips an unsettled record
+/// (at-least-once: records after an unsettled one may be delivered again).
+/// After a rebalance, settles of records polled in an earlier generation
+/// commit nothing, and the member resumes from the committed offsets. While
+/// the stream is empty, `receive(wait)` polls it every `poll_interval` (real
+/// time) up to `wait`. The stream must outlive the source.
+template <class T>
+class stream_group_source {
+ public:
+  using payload_type = T;
+  static constexpr bool redelivers = false;
+
+  /// Joins group `group` of `s` as a new member. `batch` records are polled at a time.
+  stream_group_source(stream<envelope<T>>& s, const std::string& group, std::string name = "stream",
+                      std::size_t batch = 64, duration poll_interval = std::chrono::milliseconds(1))
+      : st_(std::make_shared<state>(s, s.group(group).join(), std::move(name), batch, poll_interval)) {}
+
+  /// Takes over an existing member of a group of `s`.
+  stream_group_source(stream<envelope<T>>& s, group_member<envelope<T>>&& member, std::string name = "stream",
+                      std::size_t batch = 64, duration poll_interval = std::chrono::milliseconds(1))
+      : st_(std::make_shared<state>(s, std::move(member), std::move(name), batch, poll_interval)) {}
+
+  /// The next record (polling the stream when the local batch is empty).
+  /// A partition that fell behind retention is moved to its earliest
+  /// retained offset (counted in `skipped_by_retention()`).
+  [[nodiscard]] receive_result<inbound<T>> receive(duration wait) {
+    const auto give_up = std::chrono::steady_clock::now() + wait;
+    for (;;) {
+      {
+        std::lock_guard lock(st_->mu);
+        if (auto item = st_->next()) return std::move(*item);
+      }
+      if (wait.count() <= 0 || std::chrono::steady_clock::now() >= give_up)
+        return receive_result<inbound<T>>(receive_status::empty);
+      std::unique_lock lock(st_->mu);
+      // A stop-check pause between polls (the stream has no blocking poll); real time.
+      st_->idle.wait_for(lock, st_->poll_interval);
+    }
+  }
+  [[nodiscard]] std::string_view name() const noexcept { return st_->name; }
+  /// Records of this member's partitions not committed yet. Thread-safe.
+  [[nodiscard]] std::uint64_t backlog() const {
+    std::lock_guard lock(st_->mu);
+    std::uint64_t n = 0;
+    for (const auto& [p, t] : st_->track) {
+      const auto end = st_->s->end_offset(p);
+      n += end > t.next_commit ? end - t.next_commit : 0;
+    }
+    return n;
+  }
+  /// Successful commits so far. Thread-safe.
+  [[nodiscard]] std::uint64_t commits() const {
+    std::lock_guard lock(st_->mu);
+    return st_->commits;
+  }
+  /// Records skipped because the member fell behind retention. Thread-safe.
+  [[nodiscard]] std::uint64_t skipped_by_retention() const {
+    std::lock_guard lock(st_->mu);
+    return st_->skipped;
+  }
+
+ private:
+  struct partition_track {
+    std::uint64_t next_commit = 0;       // every record below is settled (and committable)
+    std::set<std::uint64_t> settled;     // settled records at or above next_commit
+  };
+  struct state : std::enable_shared_from_this<state> {
+    state(stream<envelope<T>>& str, group_member<envelope<T>>&& m, std::string n, std::size_t b, duration pi)
+        : s(&str), member(std::move(m)), name(std::move(n)), batch(b == 0 ? 1 : b), poll_interval(pi) {}
+
+    // Caller holds mu.
+    std::optional<inbound<T>> next() {
+      (void)member.assignment();  // picks up a rebalance (positions reset to committed)
+      if (member.generation() != gen) {
+        buffer.clear();  // polled under another assignment: drop
+        retrack(nullptr);
+      }
+      if (buffer.empty()) {
+        const std::vector<std::uint64_t> before = member.positions();
+        auto r = member.poll(batch);
+        if (!r.ok()) {
+          // group_member::poll advanced the partitions it read before the
+          // failing one and dropped those records: rewind them, and move the
+          // failing partition to its earliest retained record.
+          for (std::size_t i = 0; i < parts.size() && i < before.size(); ++i) (void)member.seek(parts[i], before[i]);
+          if (member.seek(r.partition, r.earliest)) {
+            auto& t = track[r.partition];
+            if (t.next_commit < r.earliest) skipped += r.earliest - t.next_commit;
+            t = partition_track{r.earliest, {}};
+          }
+          return std::nullopt;
+        }
+        if (member.generation() != gen) retrack(&r);  // rebalanced during the poll
+        for (auto& rec : r.records) buffer.push_back(std::move(rec));
+      }
+      if (buffer.empty()) return std::nullopt;
+      auto rec = std::move(buffer.front());
+      buffer.pop_front();
+      const auto p = rec.pos.partition;
+      const auto o = rec.pos.offset;
+      const auto g = gen;
+      std::weak_ptr<state> weak = this->shared_from_this();
+      return inbound<T>::of(std::move(rec.value), settle_hook([weak, p, o, g](const settle_action& a) {
+                              if (auto self = weak.lock()) self->settled(p, o, g, a);
+                            }));
+    }
+
+    // A new generation: every assigned partition restarts at the member's
+    // position (= the committed offset right after a rebalance), or at the
+    // first record of `r` from it when the rebalance happened inside a poll.
+    void retrack(const read_result<envelope<T>>* r) {
+      gen = member.generation();
+      parts = member.assignment();
+      track.clear();
+      const auto& pos = member.positions();
+      for (std::size_t i = 0; i < parts.size(); ++i) track[parts[i]].next_commit = pos[i];
+      if (r == nullptr) return;
+      for (const auto& rec : r->records) {
+        auto& t = track[rec.pos.partition];
+        if (rec.pos.offset < t.next_commit) t.next_commit = rec.pos.offset;
+      }
+    }
+
+    void settled(std::uint32_t p, std::uint64_t o, std::uint64_t g, const settle_action& a) {
+      if (a.what != settle_action::kind::ack && a.what != settle_action::kind::dead_letter) return;
+      std::lock_guard lock(mu);
+      if (g != gen) return;  // polled in an earlier generation: its partition was reassigned
+      auto it = track.find(p);
+      if (it == track.end() || o < it->second.next_commit) return;
+      auto& t = it->second;
+      t.settled.insert(o);
+      bool advanced = false;
+      while (!t.settled.empty() && *t.settled.begin() == t.next_commit) {
+        t.settled.erase(t.settled.begin());
+        ++t.next_commit;
+        advanced = true;
+      }
+      if (advanced) commit();
+    }
+
+    // Commits every tracked partition at its settled prefix: the member
+    // commits its positions, so move them there, commit, and move back.
+    void commit() {
+      const std::vector<std::uint64_t> saved = member.positions();
+      for (std::size_t i = 0; i < parts.size(); ++i) (void)member.seek(parts[i], track[parts[i]].next_commit);
+      const errc e = member.commit();
+      for (std::size_t i = 0; i < parts.size() && i < saved.size(); ++i) (void)member.seek(parts[i], saved[i]);
+      if (e == errc::ok) ++commits;
+    }
+
+    stream<envelope<T>>* s;
+    mutable std::mutex mu;
+    std::condition_variable idle;  // never notified: the pause between empty polls
+    group_member<envelope<T>> member;  // guarded by mu
+    std::string name;
+    std::size_t batch;
+    duration poll_interval;
+    std::deque<record<envelope<T>>> buffer;          // guarded by mu
+    std::uint64_t gen = ~std::uint64_t{0};           // generation the tracking belongs to; guarded by mu
+    std::vector<std::uint32_t> parts;                // assignment of `gen`; guarded by mu
+    std::map<std::uint32_t, partition_track> track;  // guarded by mu
+    std::uint64_t commits = 0, skipped = 0;          // guarded by mu
+  };
+  std::shared_ptr<state> st_;
+};
+
+/// Why a decoder failed: an errc, the field concerned (may be empty) and text.
+struct decode_failure {
+  errc code = errc::parse_error;
+  std::string field;
+  std::string message;
+};
+
+/// What a decoder for `raw_source` returns when it is not json.hpp's
+/// `json::decode_result<T>`: an envelope or a `decode_failure`. A plain value.
+template <class T>
+class decode_outcome {
+ public:
+  decode_outcome(envelope<T> env) : state_(std::move(env)) {}      // NOLINT(google-explicit-constructor)
+  decode_outcome(decode_failure f) : state_(std::move(f)) {}       // NOLINT(google-explicit-constructor)
+  [[nodiscard]] bool has_value() const noexcept { return state_.index() == 0; }
+  [[nodiscard]] envelope<T>& operator*() noexcept { return *std::get_if<0>(&state_); }
+  [[nodiscard]] const decode_failure& error() const noexcept { return *std::get_if<1>(&state_); }
+
+ private:
+  std::variant<envelope<T>, decode_failure> state_;
+};
+
+/// A decoder for `raw_source<T>`: called with the bytes, returns something
+/// with `has_value()`, `*r` (an `envelope<T>&`), and `r.error()` exposing
+/// `code` (errc) and `message` (and optionally `field`) — `json::decode<T>`
+/// (via a lambda), `schema_registry::decode<T>` and `decode_outcome<T>` all fit.
+template <class D, class T>
+concept envelope_decoder =
+    std::invocable<D&, std::string_view> &&
+    requires(std::invoke_result_t<D&, std::string_view>& r) {
+      { r.has_value() } -> std::convertible_to<bool>;
+      { *r } -> std::convertible_to<envelope<T>&>;
+      { r.error().code } -> std::convertible_to<errc>;
+      { r.error().message } -> std::convertible_to<std::string_view>;
+    };
+
+/// Source over a channel of raw bytes (`channel<std::string, Shape>`) with a
+/// decoder: bytes that decode become envelopes; bytes that do not become
+/// poison items (reason = the decoder's errc name, error = its text, raw =
+/// the bytes), which the consumer dead-letters at once and keeps running.
+/// The decoder runs on the receiving thread, one call at a time.
+template <class T, class Decoder, class Shape = mpmc>
+  requires envelope_decoder<Decoder, T>
+class raw_source {
+ public:
+  using payload_type = T;
+  static constexpr bool redelivers = false;
+
+  raw_source(channel<std::string, Shape>& ch, Decoder decoder, std::string name = "raw")
+      : ch_(&ch), decode_(std::move(decoder)), name_(std::move(name)) {}
+
+  /// Receives bytes (`try_receive` when `wait` is zero) and decodes them. Allocates.
+  [[nodiscard]] receive_result<inbound<T>> receive(duration wait) {
+    auto r = wait.count() <= 0 ? ch_->try_receive_result() : ch_->receive_for(wait);
+    if (!r.has_value()) return detail::empty_or_closed<T>(r.status());
+    std::string bytes = std::move(*r);
+    auto d = decode_(std::string_view(bytes));
+    if (d.has_value()) return inbound<T>::of(envelope<T>(std::move(*d)));
+    const auto& e = d.error();
+    poison_input p;
+    p.reason = std::string(to_string(static_cast<errc>(e.code)));
+    if constexpr (requires { std::string_view(e.field); }) {
+      if (!std::string_view(e.field).empty()) {
+        p.error = std::string(std::string_view(e.field));
+        p.error += ": ";
+      }
+    }
+    p.error += std::string_view(e.message);
+    p.raw = std::move(bytes);
+    return inbound<T>::malformed(std::move(p));
+  }
+  [[nodiscard]] std::string_view name() const noexcept { return name_; }
+  [[nodiscard]] std::uint64_t backlog() const noexcept { return ch_->size_approx(); }
+
+ private:
+  channel<std::string, Shape>* ch_;
+  Decoder decode_;
+  std::string name_;
+};
+
+/// Builds a `raw_source<T>` (the payload type cannot be deduced from the decoder).
+template <class T, class Decoder, class Shape>
+[[nodiscard]] raw_source<T, std::decay_t<Decoder>, Shape> make_raw_source(channel<std::string, Shape>& ch,
+                                                                          Decoder&& decoder,
+                                                                          std::string name = "raw") {
+  return raw_source<T, std::decay_t<Decoder>, Shape>(ch, std::forward<Decoder>(decoder), std::move(name));
+}
+
+// ---------------------------------------------------------------------------
+// The consumer
+// ---------------------------------------------------------------------------
+
+/// What a handler may ask about the delivery it runs: the attempt number,
+/// a stop token (requested when shutdown's grace period ends), the clock,
+/// the source name and the message deadline. Valid during the handler call.
+class consume_context {
+ public:
+  consume_context(std::uint32_t attempt, std::stop_token stop, const clock& clk, std::string_view source,
+                  std::optional<time_point> deadline) noexcept
+      : attempt_(attempt), stop_(std::move(stop)), clock_(&clk), source_(source), deadline_(deadline) {}
+
+  /// Deliveries started so far, this one included (1 on the first).
+  [[nodiscard]] std::uint32_t attempt() const noexcept { return attempt_; }
+  /// Requested when the consumer abandons running handlers (end of shutdown grace).
+  [[nodiscard]] std::stop_token stop_token() const noexcept { return stop_; }
+  /// Whether stop was requested. Never blocks.
+  [[nodiscard]] bool stop_requested() const noexcept { return stop_.stop_requested(); }
+  /// The consumer's clock.
+  [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
+  /// The source name.
+  [[nodiscard]] std::string_view source() const noexcept { return source_; }
+  /// The message's deadline, if any.
+  [[nodiscard]] std::optional<time_point> deadline() const noexcept { return deadline_; }
+
+ private:
+  std::uint32_t attempt_;
+  std::stop_token stop_;
+  const clock* clock_;
+  std::string_view source_;
+  std::optional<time_point> deadline_;
+};
+
+/// Consumer configuration. A plain value.
+struct consumer_options {
+  std::string name = "consumer";  ///< metrics label
+  /// Worker threads running handlers. 0: no threads at all; nothing happens
+  /// until `poll()` (deterministic tests, single-threaded programs).
+  std::size_t threads = 1;
+  /// Messages taken from the source and not yet settled (running, ready,
+  /// queued behind their key, waiting for a retry) at most; the consumer
+  /// stops receiving at this bound (JetStream's max_ack_pending). >= 1.
+  std::size_t max_in_flight = 64;
+  retry_policy retry{};  ///< attempts and backoff
+  /// Seed of the backoff jitter; empty: a random seed.
+  std::optional<std::uint64_t> jitter_seed{};
+  /// How long `defer()` puts a message aside.
+  duration defer_delay = std::chrono::seconds(1);
+  /// Exception classifier; empty: every exception is transient.
+  error_classifier classify{};
+  /// The clock of every timed behaviour; null: `default_clock()`. Must outlive the consumer.
+  const postbox::clock* clock = nullptr;
+  /// Observer hooks; null: none. Must outlive the consumer.
+  const postbox::observer* observer = nullptr;
+  /// Real-time slice the receiving thread blocks in the source before it
+  /// re-checks for shutdown (a stop-check interval, not a timed behaviour).
+  duration receive_wait = std::chrono::milliseconds(20);
+};
+
+/// A consumer's counters and gauges (snapshot).
+struct consumer_stats {
+  std::uint64_t received = 0;             ///< items taken from the source (poison included)
+  std::uint64_t started = 0;              ///< handler invocations
+  std::uint64_t acked = 0;
+  std::uint64_t retried = 0;              ///< retry decisions (in-process or handed to the broker)
+  std::uint64_t deferred = 0;
+  std::uint64_t dead_lettered = 0;        ///< accepted by the dead-letter queue (all reasons)
+  std::uint64_t expired = 0;              ///< dead-lettered (or refused) because the deadline passed
+  std::uint64_t poison = 0;               ///< undecodable items
+  std::uint64_t handler_errors = 0;       ///< handler exceptions
+  std::uint64_t dead_letter_refused = 0;  ///< dead letters the full queue refused
+  std::uint64_t released = 0;             ///< given back unsettled (shutdown)
+  std::uint64_t hook_failures = 0;        ///< settle hooks or classifiers that threw
+  std::uint64_t observer_failures = 0;    ///< observer hooks that threw (all users of that observer)
+  std::size_t in_flight = 0;              ///< taken and not settled (bounded by max_in_flight)
+  std::size_t max_in_flight = 0;
+  std::size_t running = 0;                ///< handlers running now
+  std::size_t queued = 0;                 ///< ready or queued behind their key
+  std::size_t waiting_retry = 0;          ///< waiting for a retry or defer timer
+  duration oldest_in_flight_age{0};       ///< since the oldest unsettled message was received
+  duration oldest_waiting_age{0};         ///< same, among those waiting for a retry
+  std::optional<std::uint64_t> lag;       ///< the source's backlog, when it reports one
+  bool accepting = true;                  ///< false after shutdown began
+  bool source_closed = false;             ///< the source reported closed
+  histogram_snapshot handle_duration;     ///< handler durations on the consumer's clock
+};
+
+/// What `shutdown` leaves behind. Nothing is lost: every message the
+/// consumer had taken is either settled, still running (`abandoned_ids`; it
+/// settles when its handler returns), or in `returned`.
+template <class T>
+struct shutdown_report {
+  std::size_t completed = 0;              ///< deliveries settled during the grace period
+  std::size_t abandoned = 0;              ///< handlers still running at the deadline
+  std::vector<message_id> abandoned_ids;  ///< their message ids
+  /// Never settled: ready, queued behind a key, or waiting for a retry (in
+  /// that order; per key in order). Their settle hooks got `release`.
+  std::vector<envelope<T>> returned;
+  std::size_t returned_waiting_retry = 0;  ///< how many of `returned` were waiting for a retry
+  std::vector<dead_letter<T>> refused_dead_letters;  ///< dead letters the full queue refused, kept for you
+  /// Whether nothing was left.
+  [[nodiscard]] bool clean() const noexcept {
+    return abandoned == 0 && returned.empty() && refused_dead_letters.empty();
+  }
+};
+
+namespace detail {
+
+template <class T>
+struct source_base {
+  virtual ~source_base() = default;
+  virtual receive_result<inbound<T>> receive(duration wait) = 0;
+  [[nodiscard]] virtual std::string_view name() const noexcept = 0;
+  [[nodiscard]] virtual std::optional<std::uint64_t> backlog() const = 0;
+};
+
+template <class T, class S>
+struct source_model final : source_base<T> {
+  explicit source_model(S s) : src(std::move(s)) {}
+  receive_result<inbound<T>> receive(duration wait) override { return src.receive(wait); }
+  [[nodiscard]] std::string_view name() const noexcept override { return std::string_view(src.name()); }
+  [[nodiscard]] std::optional<std::uint64_t> backlog() const override {
+    if constexpr (requires(const S& s) { static_cast<std::uint64_t>(s.backlog()); }) {
+      return static_cast<std::uint64_t>(src.backlog());
+    } else {
+      return std::nullopt;
+    }
+  }
+  S src;
+};
+
+template <class Int>
+Int header_number(const header_map& h, std::string_view name) noexcept {
+  const auto v = h.get(name);
+  if (!v) return Int{0};
+  Int out{0};
+  const auto r = std::from_chars(v->data(), v->data() + v->size(), out);
+  return r.ec == std::errc() ? out : Int{0};
+}
+
+}  // namespace detail
+
+/// Runs a handler for every message of a source, settles each delivery and
+/// never stops because a handler threw.
+///
+/// * Handler: callable as `h(const envelope<T>&)` or `h(const envelope<T>&,
+///   consume_context&)`, returning `settlement` or void (= ack). An exception
+///   is classified (`consumer_options::classify`, transient by default):
+///   transient retries by policy, permanent dead-letters ("permanent_error");
+///   its `what()` is kept as the error text.
+/// * Attempts: `envelope.attempt` is incremented when a delivery starts;
+///   after a failure, `retry.exhausted(attempt)` dead-letters it
+///   ("retries_exhausted"), else it waits `retry.backoff(attempt,
+///   jitter.next())` (seeded by `jitter_seed`) or the handler's explicit delay.
+/// * Deadlines: a message whose deadline is at or before `clock.now()` is
+///   not started; it is dead-lettered as "expired" — also when the deadline
+///   passes while it waits for a retry (its timer fires at the deadline).
+/// * Order: messages with the same non-empty `partition_key` are handled one
+///   at a time in arrival order; a key waiting for a retry or defer parks
+///   only itself (later messages of that key queue behind it), other keys
+///   and unkeyed messages proceed. (With a `redelivers` source the broker
+///   owns redelivery, so a retried message leaves the line.)
+/// * Poison input is dead-lettered with the decoder's reason and raw bytes.
+/// * Concurrency: `threads` workers plus one receiving thread; at most
+///   `max_in_flight` unsettled messages. With `threads == 0` nothing runs
+///   until `poll()`.
+/// * Shutdown: `shutdown(grace)` stops receiving, lets work finish until
+///   the deadline on the consumer's clock and returns what was left
+///   (`shutdown_report`). The destructor is `shutdown(0)` and then waits for
+///   abandoned handlers to return.
+///
+/// The dead-letter queue, the source's transport, the clock and the
+/// observer must outlive the consumer. Member functions are thread-safe.
+template <class T>
+class consumer {
+ public:
+  using payload_type = T;
+  /// The handler in its normalized form.
+  using handler_type = std::function<settlement(const envelope<T>&, consume_context&)>;
+
+  /// Starts consuming `source` (taken by value) with `handler`, dead-lettering
+  /// into `dead_letters`. Starts `options.threads` workers, a receiving
+  /// thread and a timer thread (none when `threads == 0`). Throws
+  /// error(invalid_argument) when `max_in_flight` is 0. Allocates.
+  template <consumer_source Source, class Handler>
+    requires std::same_as<typename Source::payload_type, T>
+  consumer(Source source, Handler&& handler, dead_letter_queue<T>& dead_letters, consumer_options options = {})
+      : source_(std::make_unique<detail::source_model<T, Source>>(std::move(source))),
+        handler_(wrap(std::forward<Handler>(handler))),
+        dlq_(&dead_letters),
+        opts_(std::move(options)),
+        clock_(opts_.clock != nullptr ? opts_.clock : &default_clock()),
+        obs_(opts_.observer),
+        redelivers_(static_cast<bool>(Source::redelivers)),
+        threaded_(opts_.threads > 0),
+        jitter_(opts_.jitter_seed ? *opts_.jitter_seed : detail::entropy64()) {
+    if (opts_.max_in_flight == 0)
+      POSTBOX_THROW(error(errc::invalid_argument, "postbox::consumer: max_in_flight must be at least 1"));
+    source_name_ = std::string(source_->name());
+    if (threaded_) {
+      timers_ = std::make_unique<timer_service>(*clock_);
+      workers_.reserve(opts_.threads);
+      for (std::size_t i = 0; i < opts_.threads; ++i) workers_.emplace_back([this] { work_loop(); });
+      dispatcher_ = std::thread([this] { dispatch_loop(); });
+    } else {
+      timers_ = std::make_unique<timer_service>(*clock_, timer_service::manual_drive);
+    }
+  }
+
+  consumer(const consumer&) = delete;
+  consumer& operator=(const consumer&) = delete;
+
+  /// `shutdown(0)` if not done yet (its report is dropped: call shutdown
+  /// yourself to get returned messages back), then waits for abandoned
+  /// handlers to return and stops the timer thread.
+  ~consumer() {
+    bool done = false;
+    {
+      std::lock_guard lock(mu_);
+      done = shut_down_;
+    }
+    if (!done) (void)shutdown(duration::zero());
+    for (auto& w : workers_)
+      if (w.joinable()) w.join();
+    timers_->stop();
+  }
+
+  /// Manual drive (`threads == 0` only): runs due retry/defer timers, then
+  /// receives (without blocking, up to `max_in_flight`) and handles messages
+  /// on the calling thread until nothing is ready; messages waiting for a
+  /// timer wait for a later poll. Returns the deliveries processed (handler
+  /// runs, expiries and poison items). Throws error(invalid_argument) when
+  /// the consumer has threads. Thread-safe (concurrent polls run handlers
+  /// concurrently, still one per key).
+  std::size_t poll() {
+    if (threaded_) POSTBOX_THROW(error(errc::invalid_argument, "postbox::consumer::poll: the consumer has threads"));
+    timers_->run_due();
+    std::size_t n = 0;
+    for (;;) {
+      n += receive_some();
+      std::unique_lock lock(mu_);
+      if (stopped_ || ready_.empty()) break;
+      run_one(lock);
+      ++n;
+    }
+    return n;
+  }
+
+  /// Stops receiving, lets work finish until `grace` has passed on the
+  /// consumer's clock (threaded: everything taken, retries due before the
+  /// deadline included; `threads == 0`: only handlers running in a
+  /// concurrent `poll()`), then requests stop on the handlers' stop tokens,
+  /// releases what is left to the source and returns it. A second call
+  /// returns an empty report (plus dead letters refused since). Blocks up
+  /// to `grace` (and for the receiving thread's current `receive_wait`).
+  shutdown_report<T> shutdown(duration grace) {
+    shutdown_report<T> report;
+    std::unique_lock lock(mu_);
+    if (shut_down_) {
+      report.refused_dead_letters = std::move(refused_);
+      refused_.clear();
+      return report;
+    }
+    shut_down_ = true;
+    accepting_ = false;
+    const time_point deadline = clock_->now() + grace;
+    budget_cv_.notify_all();
+    lock.unlock();
+    if (dispatcher_.joinable()) dispatcher_.join();
+    { std::lock_guard receiving(receive_mu_); }  // a poll() that was receiving has admitted its items
+    lock.lock();
+    const std::uint64_t settled_before = settled_;
+    while (!drained_locked(deadline) && clock_->now() < deadline) {
+      shutdown_waiting_ = true;
+      clock_->wait_until(lock, idle_cv_, deadline);
+      shutdown_waiting_ = false;
+    }
+    stopped_ = true;
+    stop_.request_stop();
+    report.completed = static_cast<std::size_t>(settled_ - settled_before);
+    report.abandoned = running_count_;
+    for (const auto& it : running_) report.abandoned_ids.push_back(it.env.id);
+    item_list left;
+    left.splice(left.end(), ready_);
+    for (auto& it : waiting_) {
+      timers_->cancel(it.timer);
+      ++report.returned_waiting_retry;
+    }
+    waiting_index_.clear();
+    left.splice(left.end(), waiting_);
+    for (auto& [key, backlog] : keys_) left.splice(left.end(), backlog);
+    keys_.clear();
+    work_cv_.notify_all();
+    lock.unlock();
+    for (auto& it : left) {
+      call_hook(it, settle_action{settle_action::kind::release, {}});
+      notify_settle(it.env, settle_outcome::released, {}, {});
+      report.returned.push_back(std::move(it.env));
+    }
+    lock.lock();
+    held_ -= left.size();
+    released_ += left.size();
+    report.refused_dead_letters = std::move(refused_);
+    refused_.clear();
+    return report;
+  }
+
+  /// Counters and gauges. Takes the consumer's lock (O(in flight) for the
+  /// ages); allocates the histogram snapshot. Thread-safe.
+  [[nodiscard]] consumer_stats stats() const {
+    consumer_stats s;
+    {
+      std::lock_guard lock(mu_);
+      s.received = received_;
+      s.started = started_;
+      s.acked = acked_;
+      s.retried = retried_;
+      s.deferred = deferred_;
+      s.dead_lettered = dead_lettered_;
+      s.expired = expired_;
+      s.poison = poison_;
+      s.handler_errors = handler_errors_;
+      s.dead_letter_refused = dead_letter_refused_;
+      s.released = released_;
+      s.in_flight = held_;
+      s.max_in_flight = opts_.max_in_flight;
+      s.running = running_count_;
+      s.queued = ready_.size();
+      s.waiting_retry = waiting_.size();
+      s.accepting = accepting_;
+      s.source_closed = source_closed_;
+      const time_point now = clock_->now();
+      time_point oldest = now;
+      time_point oldest_waiting = now;
+      auto scan = [&](const item_list& l) {
+        for (const auto& it : l) oldest = std::min(oldest, it.received_at);
+      };
+      scan(ready_);
+      scan(running_);
+      for (const auto& [k, backlog] : keys_) {
+        scan(backlog);
+        s.queued += backlog.size();
+      }
+      for (const auto& it : waiting_) oldest_waiting = std::min(oldest_waiting, it.received_at);
+      oldest = std::min(oldest, oldest_waiting);
+      s.oldest_in_flight_age = now - oldest;
+      s.oldest_waiting_age = now - oldest_waiting;
+    }
+    // relaxed: statistics.
+    s.hook_failures = hook_failures_.load(std::memory_order_relaxed);
+    s.observer_failures = obs_ != nullptr ? obs_->failures() : 0;
+    s.lag = source_->backlog();
+    s.handle_duration = handle_duration_.snapshot();
+    return s;
+  }
+
+  /// Dead letters the full queue refused so far (removed from the consumer). Thread-safe.
+  [[nodiscard]] std::vector<dead_letter<T>> take_refused_dead_letters() {
+    std::lock_guard lock(mu_);
+    auto out = std::move(refused_);
+    refused_.clear();
+    return out;
+  }
+
+  /// The name given in the options (metrics label). Never blocks.
+  [[nodiscard]] const std::string& name() const noexcept { return opts_.name; }
+  /// The source's name. Never blocks.
+  [[nodiscard]] const std::string& source_name() const noexcept { return source_name_; }
+  /// The consumer's clock. Never blocks.
+  [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
+
+ private:
+  struct item {
+    item(envelope<T>&& e, settle_hook&& h, std::uint64_t s, time_point now)
+        : env(std::move(e)), hook(std::move(h)), seq(s), received_at(now) {}
+    envelope<T> env;
+    settle_hook hook;
+    std::uint64_t seq;
+    time_point received_at;
+    time_point first_failure{};
+    time_point last_failure{};
+    time_point due{};  // when waiting: when its timer fires
+    std::vector<failure_record> history;
+    timer_service::timer_id timer = 0;
+  };
+  using item_list = std::list<item>;
+  using item_iter = typename item_list::iterator;
+
+  // What happens to a delivery after the decision: it stays in the consumer
+  // (kept: parked for a retry or defer), or it leaves with a settle action.
+  enum class fate : std::uint8_t { kept, ack, dead_letter, redeliver, release };
+  struct conclusion {
+    fate what = fate::kept;
+    item_list node;  // the item when it leaves (what != kept)
+    settle_outcome outcome = settle_outcome::none;
+    duration delay{0};
+    duration elapsed{0};
+    std::string reason;
+    std::string error;
+    std::optional<detail::published_meta> kept_meta;  // observer data of a kept item
+  };
+
+  template <class H>
+  static handler_type wrap(H&& h) {
+    using F = std::decay_t<H>;
+    if constexpr (std::is_invocable_v<F&, const envelope<T>&, consume_context&>) {
+      using R = std::invoke_result_t<F&, const envelope<T>&, consume_context&>;
+      if constexpr (std::is_void_v<R>) {
+        return [f = F(std::forward<H>(h))](const envelope<T>& e, consume_context& c) mutable {
+          f(e, c);
+          return settlement::ack();
+        };
+      } else {
+        static_assert(std::is_convertible_v<R, settlement>, "a handler returns postbox::settlement or void");
+        return handler_type(std::forward<H>(h));
+      }
+    } else {
+      static_assert(std::is_invocable_v<F&, const envelope<T>&>,
+                    "a handler is callable as (const envelope<T>&) or (const envelope<T>&, consume_context&)");
+      using R = std::invoke_result_t<F&, const envelope<T>&>;
+      if constexpr (std::is_void_v<R>) {
+        return [f = F(std::forward<H>(h))](const envelope<T>& e, consume_context&) mutable {
+          f(e);
+          return settlement::ack();
+        };
+      } else {
+        static_assert(std::is_convertible_v<R, settlement>, "a handler returns postbox::settlement or void");
+        return [f = F(std::forward<H>(h))](const envelope<T>& e, consume_context&) mutable {
+          return settlement(f(e));
+        };
+      }
+    }
+  }
+
+  // ---- receiving -----------------------------------------------------------
+
+  void dispatch_loop() {
+    for (;;) {
+      {
+        std::unique_lock lock(mu_);
+        while (accepting_ && held_ >= opts_.max_in_flight) {
+          dispatcher_waiting_ = true;
+          budget_cv_.wait(lock);
+          dispatcher_waiting_ = false;
+        }
+        if (!accepting_) return;
+      }
+      auto r = source_->receive(opts_.receive_wait);
+      if (r.has_value()) {
+        admit(std::move(*r));
+      } else if (r.status() == receive_status::closed) {
+        std::lock_guard lock(mu_);
+        source_closed_ = true;
+        return;
+      }
+    }
+  }
+
+  // Receives without blocking while there is budget. Returns poison items handled.
+  std::size_t receive_some() {
+    std::lock_guard receiving(receive_mu_);
+    {
+      std::lock_guard lock(mu_);
+      if (!accepting_ || source_closed_ || held_ >= opts_.max_in_flight) return 0;
+    }
+    std::size_t poison = 0;
+    for (;;) {
+      auto r = source_->receive(duration::zero());
+      if (!r.has_value()) {
+        if (r.status() == receive_status::closed) {
+          std::lock_guard lock(mu_);
+          source_closed_ = true;
+        }
+        return poison;
+      }
+      if (!r->message) ++poison;
+      if (!admit(std::move(*r))) return poison;
+    }
+  }
+
+  // Takes one item in. Returns whether more may be received now.
+  bool admit(inbound<T>&& in) {
+    if (!in.message) {
+      {
+        std::lock_guard lock(mu_);
+        ++received_;
+        ++poison_;
+      }
+      dead_letter_poison(std::move(in));
+      std::lock_guard lock(mu_);
+      return accepting_ && held_ < opts_.max_in_flight;
+    }
+    const time_point now = clock_->now();
+    item_list node;
+    node.emplace_back(std::move(*in.message), std::move(in.settle), 0, now);
+    std::string_view key = node.front().env.partition_key;
+    std::lock_guard lock(mu_);
+    node.front().seq = ++last_seq_;
+    ++received_;
+    ++held_;
+    if (key.empty()) {
+      ready_.splice(ready_.end(), node);
+      wake_worker();
+    } else {
+      auto [k, fresh] = keys_.try_emplace(std::string(key));
+      if (fresh) {
+        ready_.splice(ready_.end(), node);
+        wake_worker();
+      } else {
+        k->second.splice(k->second.end(), node);
+      }
+    }
+    return accepting_ && held_ < opts_.max_in_flight;
+  }
+
+  // ---- running -------------------------------------------------------------
+
+  void work_loop() {
+    std::unique_lock lock(mu_);
+    for (;;) {
+      while (!stopped_ && ready_.empty()) {
+        ++idle_workers_;
+        work_cv_.wait(lock);
+        --idle_workers_;
+      }
+      if (stopped_) return;
+      run_one(lock);
+    }
+  }
+
+  // Caller holds `lock` and ready_ is not empty; returns holding it.
+  void run_one(std::unique_lock<std::mutex>& lock) {
+    const item_iter pos = ready_.begin();
+    item& it = *pos;
+    if (it.env.expired(clock_->now())) {
+      ++expired_;
+      ++settled_;
+      conclusion c = leave(ready_, pos, fate::dead_letter, settle_outcome::dead_lettered);
+      c.reason = std::string(dead_letter_reasons::expired);
+      c.error = "the deadline passed before delivery " + std::to_string(it.env.attempt + 1) + " started";
+      lock.unlock();
+      conclude(std::move(c));
+      lock.lock();
+      return;
+    }
+    ++it.env.attempt;
+    ++started_;
+    ++running_count_;
+    running_.splice(running_.end(), ready_, pos);
+    lock.unlock();
+
+    if (obs_ != nullptr) obs_->notify_receive(make_message_event(it.env, source_name_));
+    consume_context ctx(it.env.attempt, stop_.get_token(), *clock_, source_name_, it.env.deadline);
+    const time_point start = clock_->now();
+    settlement s;
+    std::string err;
+    bool threw = false;
+#if POSTBOX_HAS_EXCEPTIONS
+    try {
+      s = handler_(it.env, ctx);
+    } catch (...) {
+      const auto ep = std::current_exception();
+      err = describe(ep);
+      s = classify(ep) == error_class::permanent ? settlement::reject(std::string(dead_letter_reasons::permanent_error))
+                                                 : settlement::retry();
+      threw = true;
+    }
+#else
+    s = handler_(it.env, ctx);
+#endif
+    const duration elapsed = clock_->now() - start;
+    handle_duration_.observe(elapsed);
+
+    lock.lock();
+    --running_count_;
+    if (threw) ++handler_errors_;
+    ++settled_;
+    conclusion c = decide(pos, s, std::move(err));
+    c.elapsed = elapsed;
+    lock.unlock();
+    conclude(std::move(c));
+    lock.lock();
+  }
+
+  static std::string describe(const std::exception_ptr& ep) {
+#if POSTBOX_HAS_EXCEPTIONS
+    try {
+      std::rethrow_exception(ep);
+    } catch (const std::exception& e) {
+      return e.what();
+    } catch (...) {
+      return "unknown exception";
+    }
+#else
+    (void)ep;
+    return {};
+#endif
+  }
+
+  error_class classify(const std::exception_ptr& ep) {
+    if (!opts_.classify) return error_class::transient;
+    POSTBOX_TRY { return opts_.classify(ep); }
+    POSTBOX_CATCH_ALL {
+      hook_failures_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a statistic
+    }
+    return error_class::transient;
+  }
+
+  // Caller holds mu_; `pos` is in running_. Decides what happens next.
+  conclusion decide(item_iter pos, const settlement& s, std::string err) {
+    item& it = *pos;
+    const time_point now = clock_->now();
+    switch (s.what()) {
+      case settlement::kind::ack:
+        return leave(running_, pos, fate::ack, settle_outcome::acked);
+      case settlement::kind::reject: {
+        record_failure(it, now, err.empty() ? s.reason() : err);
+        conclusion c = leave(running_, pos, fate::dead_letter, settle_outcome::dead_lettered);
+        c.reason = s.reason().empty() ? std::string(dead_letter_reasons::rejected) : s.reason();
+        c.error = std::move(err);
+        return c;
+      }
+      case settlement::kind::retry: {
+        record_failure(it, now, err.empty() ? std::string("retry requested") : err);
+        if (opts_.retry.exhausted(it.env.attempt)) {
+          conclusion c = leave(running_, pos, fate::dead_letter, settle_outcome::dead_lettered);
+          c.reason = std::string(dead_letter_reasons::retries_exhausted);
+          c.error = err.empty() ? std::string("retry requested") : std::move(err);
+          return c;
+        }
+        ++retried_;
+        const duration delay = s.after() ? *s.after() : opts_.retry.backoff(it.env.attempt, jitter_.next());
+        return put_back(pos, delay, settle_outcome::retried);
+      }
+      case settlement::kind::defer:
+        --it.env.attempt;
+        ++deferred_;
+        return put_back(pos, opts_.defer_delay, settle_outcome::deferred);
+    }
+    return leave(running_, pos, fate::ack, settle_outcome::acked);
+  }
+
+  // Retry or defer: park it on a timer (in-process sources), hand it to the
+  // broker (redelivering sources), or release it after shutdown.
+  conclusion put_back(item_iter pos, duration delay, settle_outcome outcome) {
+    if (stopped_) return leave(running_, pos, fate::release, settle_outcome::released);
+    if (redelivers_) {
+      conclusion c = leave(running_, pos, fate::redeliver, outcome);
+      c.delay = delay;
+      return c;
+    }
+    item& it = *pos;
+    conclusion c;
+    c.outcome = outcome;
+    if (obs_ != nullptr && obs_->on_settle) c.kept_meta.emplace(it.env);
+    time_point at = clock_->now() + delay;
+    if (it.env.deadline && *it.env.deadline < at) at = *it.env.deadline;  // expire on time
+    it.due = at;
+    waiting_.splice(waiting_.end(), running_, pos);
+    waiting_index_[it.seq] = pos;
+    it.timer = timers_->schedule_at(at, [this, seq = it.seq] { on_timer(seq); });
+    return c;
+  }
+
+  void on_timer(std::uint64_t seq) {
+    std::lock_guard lock(mu_);
+    auto f = waiting_index_.find(seq);
+    if (f == waiting_index_.end()) return;
+    const item_iter pos = f->second;
+    waiting_index_.erase(f);
+    pos->timer = 0;
+    ready_.splice(ready_.end(), waiting_, pos);
+    wake_worker();
+  }
+
+  // Caller holds mu_. Moves the item out of `from` into the conclusion and
+  // lets the next message of its key go.
+  conclusion leave(item_list& from, item_iter pos, fate f, settle_outcome outcome) {
+    conclusion c;
+    c.what = f;
+    c.outcome = outcome;
+    c.node.splice(c.node.end(), from, pos);
+    ++settling_;
+    release_key(c.node.front().env.partition_key);
+    return c;
+  }
+
+  // Caller holds mu_.
+  void release_key(const std::string& key) {
+    if (key.empty() || stopped_) return;
+    auto k = keys_.find(key);
+    if (k == keys_.end()) return;
+    if (k->second.empty()) {
+      keys_.erase(k);
+    } else {
+      ready_.splice(ready_.end(), k->second, k->second.begin());
+      wake_worker();
+    }
+  }
+
+  static void record_failure(item& it, time_point now, std::string error) {
+    if (it.first_failure == time_point{}) it.first_failure = now;
+    it.last_failure = now;
+    it.history.push_back(failure_record{it.env.attempt, now, std::move(error)});
+  }
+
+  // Caller holds mu_.
+  void wake_worker() {
+    if (idle_workers_ > 0) work_cv_.notify_one();
+  }
+
+  // ---- settling (outside the lock) -----------------------------------------
+
+  void conclude(conclusion&& c) {
+    if (c.what == fate::kept) {
+      if (c.kept_meta) notify(c.kept_meta->event(source_name_), c.outcome, c.elapsed, {});
+      return;
+    }
+    item& it = c.node.front();
+    settle_outcome outcome = c.outcome;
+    std::optional<dead_letter<T>> refused;
+    switch (c.what) {
+      case fate::ack:
+        call_hook(it, settle_action{settle_action::kind::ack, {}});
+        notify_settle(it.env, outcome, c.elapsed, {});
+        break;
+      case fate::redeliver:
+        call_hook(it, settle_action{settle_action::kind::redeliver, c.delay});
+        notify_settle(it.env, outcome, c.elapsed, {});
+        break;
+      case fate::release:
+        call_hook(it, settle_action{settle_action::kind::release, {}});
+        notify_settle(it.env, outcome, c.elapsed, {});
+        break;
+      case fate::dead_letter: {
+        std::optional<detail::published_meta> meta;
+        if (obs_ != nullptr && obs_->on_settle) meta.emplace(it.env);
+        settle_hook hook = std::move(it.hook);
+        dead_letter<T> d = make_dead_letter(it, std::move(c.reason), std::move(c.error));
+        const std::string reason = d.reason;
+        if (add_dead_letter(d)) {
+          run_hook(hook, settle_action{settle_action::kind::dead_letter, {}});
+        } else {
+          outcome = settle_outcome::dead_letter_refused;
+          run_hook(hook, settle_action{settle_action::kind::release, {}});
+          refused.emplace(std::move(d));
+        }
+        if (meta) notify(meta->event(source_name_), outcome, c.elapsed, reason);
+        break;
+      }
+      case fate::kept: break;
+    }
+    std::lock_guard lock(mu_);
+    switch (outcome) {
+      case settle_outcome::acked: ++acked_; break;
+      case settle_outcome::dead_lettered: ++dead_lettered_; break;
+      case settle_outcome::dead_letter_refused:
+        ++dead_letter_refused_;
+        refused_.push_back(std::move(*refused));
+        break;
+      case settle_outcome::released: ++released_; break;
+      default: break;  // retried/deferred were counted when decided
+    }
+    --settling_;
+    --held_;
+    if (dispatcher_waiting_) budget_cv_.notify_one();
+    if (shutdown_waiting_) idle_cv_.notify_all();
+  }
+
+  void dead_letter_poison(inbound<T>&& in) {
+    dead_letter<T> d;
+    d.reason = std::move(in.poison.reason);
+    d.error = std::move(in.poison.error);
+    d.raw = std::move(in.poison.raw);
+    d.source = source_name_;
+    d.first_failure = d.last_failure = clock_->now();
+    const std::string reason = d.reason;
+    const bool ok = add_dead_letter(d);
+    run_hook(in.settle, settle_action{ok ? settle_action::kind::dead_letter : settle_action::kind::release, {}});
+    const auto outcome = ok ? settle_outcome::dead_lettered : settle_outcome::dead_letter_refused;
+    if (obs_ != nullptr && obs_->on_settle) {
+      message_event e;
+      e.source = source_name_;
+      notify(e, outcome, {}, reason);
+    }
+    std::lock_guard lock(mu_);
+    if (ok) {
+      ++dead_lettered_;
+    } else {
+      ++dead_letter_refused_;
+      refused_.push_back(std::move(d));
+    }
+  }
+
+  dead_letter<T> make_dead_letter(item& it, std::string reason, std::string error) {
+    const time_point now = clock_->now();
+    dead_letter<T> d;
+    d.reason = std::move(reason);
+    d.error = std::move(error);
+    d.attempts = it.env.attempt;
+    d.prior_attempts = detail::header_number<std::uint32_t>(it.env.headers, header_names::dead_letter_attempts);
+    d.redrives = detail::header_number<std::uint32_t>(it.env.headers, header_names::dead_letter_redrives);
+    d.first_failure = it.first_failure == time_point{} ? now : it.first_failure;
+    d.last_failure = it.last_failure == time_point{} ? now : it.last_failure;
+    if (const auto first = detail::header_number<std::int64_t>(it.env.headers, header_names::dead_letter_first_failure);
+        first != 0 && time_point(duration(first)) < d.first_failure)
+      d.first_failure = time_point(duration(first));
+    d.source = source_name_;
+    d.history = std::move(it.history);
+    d.message.emplace(std::move(it.env));
+    return d;
+  }
+
+  // True when the queue took it (`d` moved from), false when refused (`d` intact).
+  bool add_dead_letter(dead_letter<T>& d) noexcept {
+    POSTBOX_TRY { return dlq_->add(std::move(d)) == errc::ok; }
+    POSTBOX_CATCH_ALL { return false; }
+    return false;
+  }
+
+  void call_hook(item& it, const settle_action& a) noexcept { run_hook(it.hook, a); }
+
+  void run_hook(settle_hook& h, const settle_action& a) noexcept {
+    if (!h) return;
+    POSTBOX_TRY { h(a); }
+    POSTBOX_CATCH_ALL {
+      hook_failures_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a statistic
+    }
+  }
+
+  void notify_settle(const envelope<T>& env, settle_outcome outcome, duration elapsed, std::string_view reason) {
+    if (obs_ == nullptr || !obs_->on_settle) return;
+    notify(make_message_event(env, source_name_), outcome, elapsed, reason);
+  }
+
+  void notify(message_event e, settle_outcome outcome, duration elapsed, std::string_view reason) {
+    if (obs_ == nullptr) return;
+    e.outcome = outcome;
+    e.elapsed = elapsed;
+    e.reason = reason;
+    obs_->notify_settle(e);
+  }
+
+  // Caller holds mu_. Whether shutdown has nothing more to wait for.
+  bool drained_locked(time_point deadline) const {
+    if (running_count_ != 0 || settling_ != 0) return false;
+    if (!threaded_) return true;  // nobody else runs ready work
+    if (!ready_.empty()) return false;
+    // Waiting messages due before the deadline will run; keyed backlogs
+    // follow their head, which is ready, running or waiting.
+    for (const auto& it : waiting_)
+      if (it.due < deadline) return false;
+    return true;
+  }
+
+  std::unique_ptr<detail::source_base<T>> source_;
+  handler_type handler_;
+  dead_letter_queue<T>* dlq_;
+  consumer_options opts_;
+  const clock* clock_;
+  const observer* obs_;
+  const bool redelivers_;
+  const bool threaded_;
+  std::string source_name_;
+
+  mutable std::mutex mu_;
+  std::mutex receive_mu_;             // serializes source_->receive in poll mode and shutdown
+  std::condition_variable work_cv_;   // workers: ready_ not empty or stopped_
+  std::condition_variable budget_cv_; // dispatcher: held_ below the bound or not accepting
+  std::condition_variable idle_cv_;   // shutdown: work finished (waited on the clock)
+  item_list ready_;                   // guarded by mu_
+  item_list running_;                 // guarded by mu_; each node touched by its worker only
+  item_list waiting_;                 // guarded by mu_
+  std::unordered_map<std::uint64_t, item_iter> waiting_index_;  // guarded by mu_
+  std::unordered_map<std::string, item_list> keys_;  // active keys -> messages queued behind; guarded by mu_
+  std::vector<dead_letter<T>> refused_;              // guarded by mu_
+  jitter_source jitter_;                             // guarded by mu_
+  std::uint64_t last_seq_ = 0;                       // guarded by mu_
+  std::size_t held_ = 0, running_count_ = 0, settling_ = 0, idle_workers_ = 0;  // guarded by mu_
+  std::uint64_t received_ = 0, started_ = 0, acked_ = 0, retried_ = 0, deferred_ = 0, dead_lettered_ = 0,
+                expired_ = 0, poison_ = 0, handler_errors_ = 0, dead_letter_refused_ = 0, released_ = 0,
+                settled_ = 0;  // guarded by mu_
+  bool accepting_ = true, stopped_ = false, shut_down_ = false, source_closed_ = false;  // guarded by mu_
+  bool dispatcher_waiting_ = false, shutdown_waiting_ = false;                          // guarded by mu_
+  /// Settle hooks and classifiers that threw. Written by any worker
+  /// (relaxed fetch_add), read by stats() (relaxed): a statistic only.
+  std::atomic<std::uint64_t> hook_failures_{0};
+  duration_histogram handle_duration_;
+  std::stop_source stop_;
+  std::unique_ptr<timer_service> timers_;
+  std::vector<std::thread> workers_;
+  std::thread dispatcher_;
+};
+
+/// Registers a consumer under its name: received, acked, retried, deferred,
+/// dead-lettered, expired, poison, refused and released counters; in-flight,
+/// running, queued, waiting-retry, oldest-age and lag gauges; the handler
+/// duration histogram. `c` must outlive the handle. Allocates; thread-safe.
+template <class T>
+[[nodiscard]] metrics_registry::registration register_consumer(metrics_registry& registry, const consumer<T>& c) {
+  return registry.add("consumer", c.name(), [&c](metric_writer& w) {
+    const auto s = c.stats();
+    auto count = [&](const char* name, const char* help, std::uint64_t v) {
+      w.counter(name, help, static_cast<double>(v));
+    };
+    count("postbox_consumer_received_total", "Messages taken from the source.", s.received);
+    count("postbox_consumer_started_total", "Handler invocations.", s.started);
+    count("postbox_consumer_acked_total", "Deliveries acknowledged.", s.acked);
+    count("postbox_consumer_retried_total", "Deliveries to be retried.", s.retried);
+    count("postbox_consumer_deferred_total", "Deliveries deferred.", s.deferred);
+    count("postbox_consumer_dead_lettered_total", "Messages dead-lettered.", s.dead_lettered);
+    count("postbox_consumer_expired_total", "Messages past their deadline.", s.expired);
+    count("postbox_consumer_poison_total", "Undecodable inputs.", s.poison);
+    count("postbox_consumer_handler_errors_total", "Handler exceptions.", s.handler_errors);
+    count("postbox_consumer_dead_letter_refused_total", "Dead letters refused by a full queue.",
+          s.dead_letter_refused);
+    count("postbox_consumer_released_total", "Messages given back unsettled.", s.released);
+    w.gauge("postbox_consumer_in_flight", "Messages taken and not settled.", static_cast<double>(s.in_flight));
+    w.gauge("postbox_consumer_max_in_flight", "Bound of in-flight messages.", static_cast<double>(s.max_in_flight));
+    w.gauge("postbox_consumer_running", "Handlers running.", static_cast<double>(s.running));
+    w.gauge("postbox_consumer_queued", "Messages ready or queued behind their key.", static_cast<double>(s.queued));
+    w.gauge("postbox_consumer_waiting_retry", "Messages waiting for a retry or defer.",
+            static_cast<double>(s.waiting_retry));
+    w.gauge("postbox_consumer_oldest_age_seconds", "Age of the oldest unsettled message.",
+            std::chrono::duration<double>(s.oldest_in_flight_age).count());
+    if (s.lag) w.gauge("postbox_consumer_lag", "Messages waiting in the source.", static_cast<double>(*s.lag));
+    w.histogram("postbox_consumer_handle_duration_seconds", "Handler duration.", s.handle_duration);
+  });
+}
+
+POSTBOX_END_NAMESPACE

@@ -1,0 +1,827 @@
+// SPDX-License-Identifier: MIT
+// Specification tests for postbox::consumer: settlement, retries, deadlines, order, sources, metrics, observer, shutdown.
+#include <postbox/consumer.hpp>
+#include <postbox/testing.hpp>
+#if __has_include(<nlohmann/json.hpp>)
+#  include <postbox/json.hpp>
+#endif
+
+#include <catch2/catch.hpp>
+
+#include "support.hpp"
+
+#include <atomic>
+#include <latch>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace std::chrono_literals;
+
+namespace {
+
+using env_t = postbox::envelope<int>;
+
+// A consumer in manual-drive mode on a manual clock with a seeded jitter.
+struct rig {
+  postbox::manual_clock clock;
+  postbox::channel<env_t> ch{256};
+  postbox::dead_letter_queue<int> dlq{postbox::dead_letter_options{}, clock};
+
+  [[nodiscard]] postbox::consumer_options options(postbox::retry_policy policy = {}) {
+    postbox::consumer_options o;
+    o.threads = 0;
+    o.retry = policy;
+    o.jitter_seed = 42;
+    o.clock = &clock;
+    return o;
+  }
+  [[nodiscard]] env_t msg(int n, std::string key = {}) {
+    auto e = postbox::make_envelope(std::string("test.int"), n, postbox::message_kind::event, clock);
+    e.partition_key = std::move(key);
+    return e;
+  }
+  void send(int n, std::string key = {}) { REQUIRE(ch.try_send(msg(n, std::move(key))) == postbox::send_status::ok); }
+  [[nodiscard]] postbox::channel_source<int> source() { return postbox::channel_source<int>(ch, "numbers"); }
+};
+
+postbox::retry_policy policy(std::uint32_t attempts, postbox::duration initial, bool jitter = true) {
+  postbox::retry_policy p;
+  p.max_attempts = attempts;
+  p.initial_backoff = initial;
+  p.multiplier = 2.0;
+  p.max_backoff = 10s;
+  p.full_jitter = jitter;
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("a handler that acks settles the message once and the consumer counts it", "[consumer]") {
+  rig r;
+  std::vector<int> seen;
+  postbox::consumer c(r.source(), [&](const env_t& e) { seen.push_back(e.payload); return postbox::settlement::ack(); },
+                      r.dlq, r.options());
+  r.send(1);
+  r.send(2);
+  CHECK(c.poll() == 2);
+  CHECK(c.poll() == 0);
+  CHECK(seen == std::vector<int>{1, 2});
+  const auto s = c.stats();
+  CHECK(s.received == 2);
+  CHECK(s.acked == 2);
+  CHECK(s.in_flight == 0);
+  CHECK(r.dlq.size() == 0);
+}
+
+TEST_CASE("a handler returning void acks, and the context carries attempt, clock and source", "[consumer]") {
+  rig r;
+  std::uint32_t attempt = 0;
+  std::string source;
+  postbox::consumer c(r.source(), [&](const env_t&, postbox::consume_context& ctx) {
+    attempt = ctx.attempt();
+    source = std::string(ctx.source());
+    CHECK(&ctx.get_clock() == &r.clock);
+    CHECK_FALSE(ctx.stop_requested());
+  }, r.dlq, r.options());
+  r.send(1);
+  CHECK(c.poll() == 1);
+  CHECK(attempt == 1);
+  CHECK(source == "numbers");
+  CHECK(c.stats().acked == 1);
+}
+
+TEST_CASE("retries follow the policy's exact backoff schedule with a seeded jitter", "[consumer]") {
+  rig r;
+  const auto p = policy(4, 100ms);
+  std::vector<postbox::time_point> starts;
+  std::vector<std::uint32_t> attempts;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    starts.push_back(r.clock.now());
+    attempts.push_back(e.attempt);
+    throw std::runtime_error("database unavailable");
+  }, r.dlq, r.options(p));
+
+  postbox::jitter_source expected_jitter(42);
+  std::vector<postbox::duration> expected;
+  for (std::uint32_t n = 1; n < 4; ++n) expected.push_back(p.backoff(n, expected_jitter.next()));
+
+  const auto t0 = r.clock.now();
+  r.send(7);
+  CHECK(c.poll() == 1);
+  auto due = t0;
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    due += expected[i];
+    r.clock.set(due - 1ns);
+    CHECK(c.poll() == 0);  // not a nanosecond early
+    r.clock.set(due);
+    CHECK(c.poll() == 1);
+  }
+  REQUIRE(starts.size() == 4);
+  CHECK(attempts == std::vector<std::uint32_t>{1, 2, 3, 4});
+  auto t = t0;
+  CHECK(starts[0] == t);
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    t += expected[i];
+    CHECK(starts[i + 1] == t);
+    CHECK(expected[i] < p.ceiling(static_cast<std::uint32_t>(i + 1)));  // full jitter stays below the bound
+  }
+  CHECK(c.stats().retried == 3);
+}
+
+TEST_CASE("after the last attempt the message is dead-lettered with attempts and failure times", "[consumer]") {
+  rig r;
+  postbox::consumer c(r.source(), [&](const env_t&) -> postbox::settlement { throw std::runtime_error("boom"); },
+                      r.dlq, r.options(policy(3, 1s, false)));
+  const auto t0 = r.clock.now();
+  r.send(5);
+  CHECK(c.poll() == 1);
+  r.clock.advance(1s);
+  CHECK(c.poll() == 1);
+  r.clock.advance(2s);
+  CHECK(c.poll() == 1);
+  REQUIRE(r.dlq.size() == 1);
+  const auto d = r.dlq.list().front();
+  CHECK(d.reason == "retries_exhausted");
+  CHECK(d.error == "boom");
+  CHECK(d.attempts == 3);
+  CHECK(d.first_failure == t0);
+  CHECK(d.last_failure == t0 + 3s);
+  CHECK(d.source == "numbers");
+  REQUIRE(d.message.has_value());
+  CHECK(d.message->payload == 5);
+  CHECK(d.message->attempt == 3);
+  REQUIRE(d.history.size() == 3);
+  CHECK(d.history[1].attempt == 2);
+  CHECK(d.history[1].at == t0 + 1s);
+  CHECK(c.stats().dead_lettered == 1);
+  CHECK(c.stats().in_flight == 0);
+}
+
+TEST_CASE("retry(after) redelivers after exactly that delay, bounded by max attempts", "[consumer]") {
+  rig r;
+  std::vector<postbox::time_point> starts;
+  postbox::consumer c(r.source(), [&](const env_t&) {
+    starts.push_back(r.clock.now());
+    return postbox::settlement::retry(250ms);
+  }, r.dlq, r.options(policy(2, 10s)));
+  const auto t0 = r.clock.now();
+  r.send(1);
+  CHECK(c.poll() == 1);
+  r.clock.advance(249ms);
+  CHECK(c.poll() == 0);
+  r.clock.advance(1ms);
+  CHECK(c.poll() == 1);
+  CHECK(starts == std::vector<postbox::time_point>{t0, t0 + 250ms});
+  REQUIRE(r.dlq.size() == 1);
+  CHECK(r.dlq.list().front().reason == "retries_exhausted");
+  CHECK(r.dlq.list().front().error == "retry requested");
+}
+
+TEST_CASE("reject dead-letters at once with the handler's reason", "[consumer]") {
+  rig r;
+  postbox::consumer c(r.source(), [&](const env_t&) { return postbox::settlement::reject("invalid address"); },
+                      r.dlq, r.options());
+  r.send(1);
+  CHECK(c.poll() == 1);
+  REQUIRE(r.dlq.size() == 1);
+  CHECK(r.dlq.list().front().reason == "invalid address");
+  CHECK(r.dlq.list().front().attempts == 1);
+  CHECK(c.stats().retried == 0);
+}
+
+TEST_CASE("an exception the classifier calls permanent dead-letters at once with its text", "[consumer]") {
+  rig r;
+  auto o = r.options(policy(5, 1s));
+  o.classify = postbox::permanent_on<std::invalid_argument>();
+  int calls = 0;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    ++calls;
+    if (e.payload == 1) throw std::invalid_argument("quantity must be positive");
+    throw std::runtime_error("try again");
+  }, r.dlq, o);
+  r.send(1);
+  r.send(2);
+  CHECK(c.poll() == 2);
+  CHECK(calls == 2);
+  REQUIRE(r.dlq.size() == 1);
+  const auto d = r.dlq.list().front();
+  CHECK(d.reason == "permanent_error");
+  CHECK(d.error == "quantity must be positive");
+  CHECK(d.message->payload == 1);
+  CHECK(c.stats().waiting_retry == 1);  // the transient one waits for its retry
+  CHECK(c.stats().handler_errors == 2);
+}
+
+TEST_CASE("a handler's exception never stops the consumer", "[consumer]") {
+  rig r;
+  std::vector<int> handled;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    if (e.payload % 2 == 0) throw 42;  // not even a std::exception
+    handled.push_back(e.payload);
+  }, r.dlq, r.options(postbox::retry_policy::no_retry()));
+  for (int i = 1; i <= 5; ++i) r.send(i);
+  CHECK(c.poll() == 5);
+  CHECK(handled == std::vector<int>{1, 3, 5});
+  REQUIRE(r.dlq.size() == 2);
+  CHECK(r.dlq.list().front().error == "unknown exception");
+  r.send(7);
+  CHECK(c.poll() == 1);
+  CHECK(handled.back() == 7);
+}
+
+TEST_CASE("a message past its deadline is not started and is dead-lettered as expired", "[consumer]") {
+  rig r;
+  int calls = 0;
+  postbox::consumer c(r.source(), [&](const env_t&) { ++calls; }, r.dlq, r.options());
+  auto e = r.msg(1);
+  e.deadline = r.clock.now() + 1s;
+  REQUIRE(r.ch.try_send(std::move(e)) == postbox::send_status::ok);
+  r.clock.advance(1s);  // deadline <= now: expired
+  CHECK(c.poll() == 1);
+  CHECK(calls == 0);
+  REQUIRE(r.dlq.size() == 1);
+  const auto d = r.dlq.list().front();
+  CHECK(d.reason == "expired");
+  CHECK(d.reason == postbox::to_string(postbox::errc::expired));
+  CHECK(d.attempts == 0);
+  CHECK(c.stats().expired == 1);
+  CHECK(c.stats().started == 0);
+}
+
+TEST_CASE("a message whose deadline passes while it waits for a retry is dead-lettered as expired at the deadline",
+          "[consumer]") {
+  rig r;
+  int calls = 0;
+  postbox::consumer c(r.source(), [&](const env_t&) {
+    ++calls;
+    return postbox::settlement::retry(10s);
+  }, r.dlq, r.options(policy(5, 1s)));
+  auto e = r.msg(1);
+  e.deadline = r.clock.now() + 3s;
+  REQUIRE(r.ch.try_send(std::move(e)) == postbox::send_status::ok);
+  CHECK(c.poll() == 1);
+  r.clock.advance(3s);  // the retry would be at 10s; the deadline comes first
+  CHECK(c.poll() == 1);
+  CHECK(calls == 1);
+  REQUIRE(r.dlq.size() == 1);
+  CHECK(r.dlq.list().front().reason == "expired");
+  CHECK(r.dlq.list().front().attempts == 1);
+  CHECK(r.dlq.list().front().dead_lettered_at == postbox::manual_clock::default_start + 3s);
+}
+
+TEST_CASE("defer puts a message aside for defer_delay without consuming an attempt", "[consumer]") {
+  rig r;
+  auto o = r.options(policy(1, 1s));  // one attempt: a retry would dead-letter at once
+  o.defer_delay = 5s;
+  std::vector<std::uint32_t> attempts;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    attempts.push_back(e.attempt);
+    return attempts.size() < 3 ? postbox::settlement::defer() : postbox::settlement::ack();
+  }, r.dlq, o);
+  r.send(1);
+  CHECK(c.poll() == 1);
+  r.clock.advance(4s);
+  CHECK(c.poll() == 0);
+  r.clock.advance(1s);
+  CHECK(c.poll() == 1);
+  r.clock.advance(5s);
+  CHECK(c.poll() == 1);
+  CHECK(attempts == std::vector<std::uint32_t>{1, 1, 1});
+  CHECK(c.stats().deferred == 2);
+  CHECK(c.stats().acked == 1);
+  CHECK(r.dlq.size() == 0);
+}
+
+TEST_CASE("messages of one key run in order while a key waiting for a retry parks only itself", "[consumer]") {
+  rig r;
+  std::vector<std::string> log;
+  bool fail_a1 = true;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    log.push_back(e.partition_key + std::to_string(e.payload));
+    if (e.partition_key == "a" && e.payload == 1 && fail_a1) {
+      fail_a1 = false;
+      return postbox::settlement::retry(1s);
+    }
+    return postbox::settlement::ack();
+  }, r.dlq, r.options(policy(3, 1s)));
+  r.send(1, "a");
+  r.send(1, "b");
+  r.send(2, "a");
+  r.send(2, "b");
+  r.send(3, "a");
+  r.send(9);  // unkeyed
+  CHECK(c.poll() == 4);  // a1 (fails), b1, b2, 9; a2 and a3 wait behind a1
+  CHECK(log == std::vector<std::string>{"a1", "b1", "9", "b2"});
+  const auto s = c.stats();
+  CHECK(s.waiting_retry == 1);
+  CHECK(s.queued == 2);
+  r.clock.advance(1s);
+  CHECK(c.poll() == 3);
+  CHECK(log == std::vector<std::string>{"a1", "b1", "9", "b2", "a1", "a2", "a3"});
+}
+
+TEST_CASE("the consumer takes at most max_in_flight unsettled messages from its source", "[consumer]") {
+  rig r;
+  auto o = r.options(policy(3, 1s, false));
+  o.max_in_flight = 2;
+  int calls = 0;
+  postbox::consumer c(r.source(), [&](const env_t&) {
+    ++calls;
+    return calls <= 2 ? postbox::settlement::retry() : postbox::settlement::ack();
+  }, r.dlq, o);
+  for (int i = 0; i < 5; ++i) r.send(i);
+  CHECK(c.poll() == 2);
+  CHECK(c.stats().in_flight == 2);
+  CHECK(r.ch.size_approx() == 3);  // budget exhausted: nothing more received
+  CHECK(c.poll() == 0);
+  r.clock.advance(1s);
+  CHECK(c.poll() == 5);  // both retries ack, then the remaining three
+  CHECK(c.stats().acked == 5);
+  CHECK(c.stats().in_flight == 0);
+}
+
+TEST_CASE("worker threads never run more handlers at once than max_in_flight", "[consumer]") {
+  rig r;
+  postbox::consumer_options o = r.options();
+  o.threads = 4;
+  o.max_in_flight = 2;
+  std::atomic<int> running{0}, peak{0}, done{0};
+  std::atomic<bool> release{false};
+  postbox::consumer c(r.source(), [&](const env_t&) {
+    const int now = running.fetch_add(1) + 1;
+    int p = peak.load();
+    while (now > p && !peak.compare_exchange_weak(p, now)) {
+    }
+    while (!release.load()) std::this_thread::yield();
+    running.fetch_sub(1);
+    done.fetch_add(1);
+  }, r.dlq, o);
+  for (int i = 0; i < 6; ++i) r.send(i);
+  REQUIRE(postbox_test::eventually([&] { return running.load() == 2; }));
+  CHECK(c.stats().in_flight == 2);
+  release.store(true);
+  REQUIRE(postbox_test::eventually([&] { return done.load() == 6; }));
+  CHECK(peak.load() == 2);
+  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 6; }));
+}
+
+TEST_CASE("poll on a consumer with worker threads is a usage error", "[consumer]") {
+  rig r;
+  auto o = r.options();
+  o.threads = 1;
+  postbox::consumer c(r.source(), [](const env_t&) {}, r.dlq, o);
+  CHECK_THROWS_AS(c.poll(), postbox::error);
+}
+
+TEST_CASE("a dead letter the full queue refuses is kept by the consumer and released, never lost", "[consumer]") {
+  rig r;
+  postbox::dead_letter_queue<int> tiny(postbox::dead_letter_options{.capacity = 1}, r.clock);
+  postbox::observer obs;
+  std::vector<postbox::settle_outcome> outcomes;
+  obs.on_settle = [&](const postbox::message_event& e) { outcomes.push_back(e.outcome); };
+  auto o = r.options();
+  o.observer = &obs;
+  postbox::consumer c(r.source(), [](const env_t&) { return postbox::settlement::reject("no"); }, tiny, o);
+  r.send(1);
+  r.send(2);
+  CHECK(c.poll() == 2);
+  CHECK(tiny.size() == 1);
+  CHECK(c.stats().dead_lettered == 1);
+  CHECK(c.stats().dead_letter_refused == 1);
+  CHECK(outcomes == std::vector<postbox::settle_outcome>{postbox::settle_outcome::dead_lettered,
+                                                          postbox::settle_outcome::dead_letter_refused});
+  auto kept = c.take_refused_dead_letters();
+  REQUIRE(kept.size() == 1);
+  CHECK(kept.front().message->payload == 2);
+  CHECK(kept.front().reason == "no");
+}
+
+TEST_CASE("consumer stats and Prometheus text show counters, gauges and the handler duration histogram",
+          "[consumer][metrics]") {
+  rig r;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    r.clock.advance(3ms);  // handler time, on the consumer's clock
+    return e.payload == 1 ? postbox::settlement::retry(1s) : postbox::settlement::ack();
+  }, r.dlq, r.options(policy(3, 1s)));
+  postbox::metrics_registry registry;
+  auto reg = postbox::register_consumer(registry, c);
+  r.send(1);
+  r.send(2);
+  r.send(3);
+  CHECK(c.poll() == 3);
+  r.clock.advance(10s);
+  const auto s = c.stats();
+  CHECK(s.received == 3);
+  CHECK(s.acked == 2);
+  CHECK(s.retried == 1);
+  CHECK(s.waiting_retry == 1);
+  CHECK(s.in_flight == 1);
+  CHECK(s.oldest_waiting_age == 10s + 9ms);
+  CHECK(s.handle_duration.count == 3);
+  CHECK(s.handle_duration.sum == Approx(0.009));
+  REQUIRE(s.lag.has_value());
+  CHECK(*s.lag == 0);
+  const std::string text = registry.render_prometheus();
+  CHECK_THAT(text, Catch::Contains("# TYPE postbox_consumer_acked_total counter"));
+  CHECK_THAT(text, Catch::Contains("postbox_consumer_acked_total{component=\"consumer\",name=\"consumer\"} 2"));
+  CHECK_THAT(text, Catch::Contains("postbox_consumer_waiting_retry{component=\"consumer\",name=\"consumer\"} 1"));
+  CHECK_THAT(text, Catch::Contains(
+                       "postbox_consumer_handle_duration_seconds_bucket{component=\"consumer\",name=\"consumer\",le=\"0.005\"} 3"));
+  CHECK_THAT(text, Catch::Contains("postbox_consumer_handle_duration_seconds_count{component=\"consumer\",name=\"consumer\"} 3"));
+}
+
+TEST_CASE("topic stats count publishes, deliveries, drops and per-subscription depth and lag", "[consumer][metrics]") {
+  postbox::topic<int> t;
+  auto keep = t.subscribe(postbox::subscription_options{4, postbox::overflow::block, {}, {}});
+  auto lossy = t.subscribe(postbox::subscription_options{2, postbox::overflow::drop_oldest, {}, {}});
+  for (int i = 0; i < 4; ++i) (void)t.publish(i);
+  (void)keep.try_receive();
+  const auto s = t.stats();
+  CHECK(s.subscriptions == 2);
+  CHECK(s.published == 4);
+  CHECK(s.delivered == 8);
+  CHECK(s.dropped == 2);
+  REQUIRE(s.per_subscription.size() == 2);
+  CHECK(s.per_subscription[0].depth == 3);
+  CHECK(s.per_subscription[0].received == 1);
+  CHECK(s.per_subscription[1].depth == 2);
+  CHECK(s.per_subscription[1].lag == 2);
+  CHECK(lossy.take_lag() == 2);  // the existing lag report is unchanged
+  CHECK(t.stats().per_subscription[1].lag == 2);
+  postbox::metrics_registry registry;
+  auto reg = postbox::register_topic(registry, "prices", t);
+  const std::string text = registry.render_prometheus();
+  CHECK_THAT(text, Catch::Contains("postbox_topic_published_total{component=\"topic\",name=\"prices\"} 4"));
+  CHECK_THAT(text, Catch::Contains("postbox_subscription_lag_total{component=\"topic\",name=\"prices\",subscription=\""));
+}
+
+TEST_CASE("stream group stats report members, committed offsets and lag per partition", "[consumer][metrics]") {
+  postbox::stream<int> s(2);
+  for (int i = 0; i < 6; ++i) (void)s.append("k" + std::to_string(i), i);
+  auto g = s.group("billing");
+  auto m = g.join();
+  auto polled = m.poll(100);
+  REQUIRE(polled.records.size() == 6);
+  const auto before = g.stats();
+  CHECK(before.members == 1);
+  CHECK(before.lag == 6);
+  REQUIRE(m.commit() == postbox::errc::ok);
+  const auto after = g.stats();
+  CHECK(after.lag == 0);
+  REQUIRE(after.partitions.size() == 2);
+  CHECK(after.partitions[0].committed + after.partitions[1].committed == 6);
+  CHECK(after.partitions[0].end == after.partitions[0].committed);
+  postbox::metrics_registry registry;
+  auto reg = postbox::register_stream_group(registry, "billing", g);
+  const std::string text = registry.render_prometheus();
+  CHECK_THAT(text, Catch::Contains("postbox_stream_group_members{component=\"stream_group\",name=\"billing\"} 1"));
+  CHECK_THAT(text, Catch::Contains("postbox_stream_group_partition_lag{component=\"stream_group\",name=\"billing\",partition=\"1\"} 0"));
+}
+
+TEST_CASE("observer hooks see each delivery's receive and settle with metadata and duration", "[consumer][observer]") {
+  rig r;
+  postbox::observer obs;
+  std::vector<std::string> events;
+  obs.on_publish = [&](const postbox::message_event& e) { events.push_back("publish " + std::string(e.type)); };
+  obs.on_receive = [&](const postbox::message_event& e) {
+    events.push_back("receive " + std::string(e.source) + " attempt=" + std::to_string(e.attempt));
+  };
+  obs.on_settle = [&](const postbox::message_event& e) {
+    events.push_back("settle " + std::string(postbox::to_string(e.outcome)) + " attempt=" + std::to_string(e.attempt) +
+                     " ms=" + std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(e.elapsed).count()));
+  };
+  auto o = r.options(policy(2, 1s, false));
+  o.observer = &obs;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    r.clock.advance(2ms);
+    return e.attempt == 1 ? postbox::settlement::retry() : postbox::settlement::ack();
+  }, r.dlq, o);
+  auto e = r.msg(1);
+  const auto id = e.id;
+  REQUIRE(postbox::observed_send(r.ch, std::move(e), &obs, "numbers") == postbox::send_status::ok);
+  CHECK(c.poll() == 1);
+  r.clock.advance(1s);
+  CHECK(c.poll() == 1);
+  CHECK(events == std::vector<std::string>{"publish test.int", "receive numbers attempt=1",
+                                           "settle retried attempt=1 ms=2", "receive numbers attempt=2",
+                                           "settle acked attempt=2 ms=2"});
+  postbox::message_event last;
+  obs.on_settle = [&](const postbox::message_event& ev) { last = ev; };
+  r.send(2);
+  CHECK(c.poll() == 1);
+  CHECK(last.correlation_id == last.id);
+  CHECK_FALSE(last.id == id);
+}
+
+TEST_CASE("an observer that throws is counted and breaks neither the consumer nor the publisher", "[consumer][observer]") {
+  rig r;
+  postbox::observer obs;
+  obs.on_publish = [](const postbox::message_event&) { throw std::runtime_error("tracer down"); };
+  obs.on_receive = [](const postbox::message_event&) { throw std::runtime_error("tracer down"); };
+  obs.on_settle = [](const postbox::message_event&) { throw 1; };
+  auto o = r.options();
+  o.observer = &obs;
+  int handled = 0;
+  postbox::consumer c(r.source(), [&](const env_t&) { ++handled; }, r.dlq, o);
+  REQUIRE(postbox::observed_send(r.ch, r.msg(1), &obs) == postbox::send_status::ok);
+  CHECK(c.poll() == 1);
+  CHECK(handled == 1);
+  CHECK(obs.failures() == 3);
+  CHECK(c.stats().acked == 1);
+  CHECK(c.stats().observer_failures == 3);
+}
+
+TEST_CASE("graceful shutdown lets running handlers finish until the deadline and reports the rest",
+          "[consumer][shutdown]") {
+  rig r;
+  auto o = r.options();
+  o.threads = 2;
+  std::atomic<bool> release_slow{false};
+  std::atomic<int> started{0};
+  postbox::consumer c(r.source(), [&](const env_t& e, postbox::consume_context& ctx) {
+    started.fetch_add(1);
+    if (e.payload == 1) {  // finishes during the grace period
+      while (!release_slow.load()) std::this_thread::yield();
+    } else {  // stuck until the consumer gives up on it
+      while (!ctx.stop_requested()) std::this_thread::yield();
+    }
+  }, r.dlq, o);
+  r.send(1);
+  r.send(2);
+  REQUIRE(postbox_test::eventually([&] { return started.load() == 2; }));
+  postbox::shutdown_report<int> report;
+  std::thread closer([&] { report = c.shutdown(5s); });
+  // The timer thread always waits on the clock; the second waiter is shutdown's grace period.
+  REQUIRE(postbox_test::eventually([&] { return r.clock.waiters() >= 2; }));
+  r.send(3);  // not accepted any more: stays in the channel
+  release_slow.store(true);
+  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 1; }));
+  r.clock.advance(5s);
+  closer.join();
+  CHECK(report.completed == 1);
+  CHECK(report.abandoned == 1);
+  REQUIRE(report.abandoned_ids.size() == 1);
+  CHECK(report.returned.empty());
+  CHECK_FALSE(c.stats().accepting);
+  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 2; }));  // the abandoned one settles when it returns
+  CHECK(r.ch.size_approx() == 1);
+}
+
+TEST_CASE("shutdown returns messages waiting for a retry and queued behind their key, in key order",
+          "[consumer][shutdown]") {
+  rig r;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    return e.payload == 1 ? postbox::settlement::retry(1min) : postbox::settlement::ack();
+  }, r.dlq, r.options(policy(3, 1s)));
+  r.send(1, "k");
+  r.send(2, "k");
+  r.send(3, "k");
+  r.send(4, "other");
+  CHECK(c.poll() == 2);
+  auto report = c.shutdown(10s);
+  CHECK(report.completed == 0);
+  CHECK(report.abandoned == 0);
+  REQUIRE(report.returned.size() == 3);
+  CHECK(report.returned[0].payload == 1);
+  CHECK(report.returned[0].attempt == 1);
+  CHECK(report.returned[1].payload == 2);
+  CHECK(report.returned[2].payload == 3);
+  CHECK(report.returned_waiting_retry == 1);
+  CHECK(c.stats().in_flight == 0);
+  CHECK(c.stats().released == 3);
+  CHECK(c.poll() == 0);
+  CHECK(c.shutdown(0s).returned.empty());
+}
+
+TEST_CASE("a topic subscription source consumes the envelopes published to the topic", "[consumer][source]") {
+  rig r;
+  postbox::topic<env_t> prices;
+  auto sub = prices.subscribe();
+  std::vector<int> seen;
+  postbox::consumer c(postbox::subscription_source<int>(sub, "prices"), [&](const env_t& e) {
+    seen.push_back(e.payload);
+    return e.attempt == 1 && e.payload == 2 ? postbox::settlement::retry(1s) : postbox::settlement::ack();
+  }, r.dlq, r.options(policy(3, 1s)));
+  for (int i = 1; i <= 3; ++i) (void)prices.publish(r.msg(i));
+  CHECK(c.poll() == 3);
+  r.clock.advance(1s);
+  CHECK(c.poll() == 1);
+  CHECK(seen == std::vector<int>{1, 2, 3, 2});
+  CHECK(c.source_name() == "prices");
+}
+
+TEST_CASE("a stream group source commits an offset only when every earlier record of the partition is settled",
+          "[consumer][source]") {
+  rig r;
+  postbox::stream<env_t> orders(1);
+  for (int i = 0; i < 4; ++i) (void)orders.append("k", r.msg(i, "k"));
+  auto group = orders.group("billing");
+  postbox::consumer c(postbox::stream_group_source<int>(orders, "billing", "orders"), [&](const env_t& e) {
+    if (e.payload == 1 && e.attempt == 1) return postbox::settlement::retry(1s);
+    if (e.payload == 3) return postbox::settlement::reject("bad");
+    return postbox::settlement::ack();
+  }, r.dlq, [&] {
+    auto o = r.options(policy(3, 1s));
+    o.max_in_flight = 8;
+    return o;
+  }());
+  // One key: record 1 waits for its retry and 2, 3 queue behind it.
+  CHECK(c.poll() == 2);
+  CHECK(group.committed(0) == 1);  // record 0 acked; record 1 unsettled
+  r.clock.advance(1s);
+  CHECK(c.poll() == 3);  // 1 acked, 2 acked, 3 dead-lettered
+  CHECK(group.committed(0) == 4);
+  CHECK(group.lag() == 0);
+  CHECK(r.dlq.size() == 1);
+}
+
+TEST_CASE("a stream group source never commits past a record released at shutdown", "[consumer][source]") {
+  rig r;
+  postbox::stream<env_t> orders(1);
+  for (int i = 0; i < 3; ++i) (void)orders.append(std::to_string(i), r.msg(i));  // three keys, one partition
+  auto group = orders.group("billing");
+  {
+    postbox::consumer c(postbox::stream_group_source<int>(orders, "billing", "orders"), [&](const env_t& e) {
+      return e.payload == 0 ? postbox::settlement::retry(1min) : postbox::settlement::ack();
+    }, r.dlq, r.options(policy(3, 1s)));
+    CHECK(c.poll() == 3);
+    CHECK(group.committed(0) == 0);  // records 1 and 2 acked, but 0 is not settled
+    auto report = c.shutdown(0s);
+    CHECK(report.returned.size() == 1);
+  }
+  CHECK(group.committed(0) == 0);
+  // A new member resumes at record 0: nothing was skipped.
+  std::vector<int> seen;
+  postbox::consumer again(postbox::stream_group_source<int>(orders, "billing", "orders"),
+                          [&](const env_t& e) { seen.push_back(e.payload); }, r.dlq, r.options());
+  CHECK(again.poll() == 3);
+  CHECK(seen == std::vector<int>{0, 1, 2});
+  CHECK(group.committed(0) == 3);
+}
+
+namespace {
+// "n=<int>" decodes; anything else is poison.
+postbox::decode_outcome<int> decode_text(std::string_view bytes) {
+  if (bytes.substr(0, 2) != "n=") return postbox::decode_failure{postbox::errc::parse_error, "", "expected n=<int>"};
+  int n = 0;
+  for (char ch : bytes.substr(2)) {
+    if (ch < '0' || ch > '9') return postbox::decode_failure{postbox::errc::bad_type, "n", "not a number"};
+    n = n * 10 + (ch - '0');
+  }
+  return postbox::make_envelope(std::string("test.int"), n);
+}
+}  // namespace
+
+TEST_CASE("a raw source dead-letters undecodable bytes with the decoder's reason and raw bytes and keeps going",
+          "[consumer][source]") {
+  rig r;
+  postbox::channel<std::string> raw(16);
+  std::vector<int> seen;
+  postbox::consumer c(postbox::make_raw_source<int>(raw, decode_text, "raw-numbers"),
+                      [&](const env_t& e) { seen.push_back(e.payload); }, r.dlq, r.options());
+  for (const char* s : {"n=1", "hello", "n=2", "n=x3", "n=3"}) REQUIRE(raw.try_send(std::string(s)) == postbox::send_status::ok);
+  CHECK(c.poll() == 5);
+  CHECK(seen == std::vector<int>{1, 2, 3});
+  const auto dead = r.dlq.list();
+  REQUIRE(dead.size() == 2);
+  CHECK_FALSE(dead[0].message.has_value());
+  CHECK(dead[0].raw == "hello");
+  CHECK(dead[0].reason == "parse_error");
+  CHECK(dead[0].error == "expected n=<int>");
+  CHECK(dead[0].source == "raw-numbers");
+  CHECK(dead[1].raw == "n=x3");
+  CHECK(dead[1].reason == "bad_type");
+  CHECK(dead[1].error == "n: not a number");
+  CHECK(c.stats().poison == 2);
+}
+
+#if __has_include(<nlohmann/json.hpp>)
+namespace {
+struct order {
+  static constexpr std::string_view message_type = "order.placed";
+  int n = 0;
+};
+void to_json(nlohmann::json& j, const order& o) { j = nlohmann::json{{"n", o.n}}; }
+void from_json(const nlohmann::json& j, order& o) { j.at("n").get_to(o.n); }
+}  // namespace
+
+TEST_CASE("1e5 malformed envelopes interleaved with 1e5 valid ones: each valid one handled once, each malformed "
+          "one dead-lettered with its reason and bytes",
+          "[consumer][poison]") {
+  const auto n = static_cast<int>(postbox_test::scaled(100000));
+  postbox::manual_clock clock;
+  postbox::channel<std::string> raw(8192);
+  postbox::dead_letter_queue<order> dlq(postbox::dead_letter_options{.capacity = static_cast<std::size_t>(n) + 1}, clock);
+  std::vector<std::uint8_t> handled(static_cast<std::size_t>(n), 0);
+  postbox::consumer_options o;
+  o.threads = 0;
+  o.clock = &clock;
+  o.max_in_flight = 256;
+  postbox::consumer c(
+      postbox::make_raw_source<order>(raw, [](std::string_view s) { return postbox::json::decode<order>(s); }, "orders"),
+      [&](const postbox::envelope<order>& e) { ++handled.at(static_cast<std::size_t>(e.payload.n)); }, dlq, o);
+
+  static const char* const reasons[] = {"parse_error", "missing_field", "unknown_type", "bad_type"};
+  auto malformed = [&](int i) {
+    switch (i % 4) {
+      case 0: return "garbage #" + std::to_string(i);
+      case 1: return "{\"type\":\"order.placed\",\"payload\":{\"n\":" + std::to_string(i) + "}}";  // no id
+      case 2: {
+        auto t = postbox::json::encode(postbox::make_envelope(order{i}, clock));
+        return t.replace(t.find("order.placed"), 12, "order.zapped");
+      }
+      default: {
+        auto t = postbox::json::encode(postbox::make_envelope(order{i}, clock));
+        const std::string from = "{\"n\":" + std::to_string(i) + "}";
+        return t.replace(t.find(from), from.size(), "{\"n\":\"" + std::to_string(i) + "\"}");
+      }
+    }
+  };
+  std::vector<std::string> sent_bad;
+  sent_bad.reserve(static_cast<std::size_t>(n));
+  int next = 0;
+  while (next < n) {
+    const int batch_end = std::min(n, next + 2048);
+    for (int i = next; i < batch_end; ++i) {
+      REQUIRE(raw.try_send(postbox::json::encode(postbox::make_envelope(order{i}, clock))) == postbox::send_status::ok);
+      sent_bad.push_back(malformed(i));
+      REQUIRE(raw.try_send(std::string(sent_bad.back())) == postbox::send_status::ok);
+    }
+    (void)c.poll();
+    next = batch_end;
+  }
+  (void)c.poll();
+  CHECK(std::count(handled.begin(), handled.end(), std::uint8_t{1}) == n);
+  const auto dead = dlq.list();
+  REQUIRE(dead.size() == static_cast<std::size_t>(n));
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < dead.size(); ++i) {
+    if (dead[i].raw != sent_bad[i] || dead[i].reason != reasons[i % 4] || dead[i].message.has_value() ||
+        dead[i].error.empty())
+      ++wrong;
+  }
+  CHECK(wrong == 0);
+  const auto s = c.stats();
+  CHECK(s.poison == static_cast<std::uint64_t>(n));
+  CHECK(s.acked == static_cast<std::uint64_t>(n));
+  CHECK(s.accepting);
+  // Still alive: one more valid message goes through.
+  REQUIRE(raw.try_send(postbox::json::encode(postbox::make_envelope(order{0}, clock))) == postbox::send_status::ok);
+  CHECK(c.poll() == 1);
+  CHECK(handled[0] == 2);
+}
+#endif
+
+namespace {
+// A broker-like source: it redelivers itself. Settle actions are recorded.
+struct fake_broker {
+  using payload_type = int;
+  static constexpr bool redelivers = true;
+  std::deque<env_t>* queue;
+  std::vector<std::pair<postbox::settle_action::kind, postbox::duration>>* actions;
+  postbox::receive_result<postbox::inbound<int>> receive(postbox::duration) {
+    if (queue->empty()) return postbox::receive_result<postbox::inbound<int>>(postbox::receive_status::empty);
+    auto e = std::move(queue->front());
+    queue->pop_front();
+    auto* log = actions;
+    return postbox::inbound<int>::of(std::move(e), [log](const postbox::settle_action& a) {
+      log->emplace_back(a.what, a.delay);
+    });
+  }
+  [[nodiscard]] std::string_view name() const noexcept { return "broker"; }
+};
+static_assert(postbox::consumer_source<fake_broker>);
+static_assert(postbox::consumer_source<postbox::channel_source<int>>);
+static_assert(postbox::consumer_source<postbox::subscription_source<int>>);
+static_assert(postbox::consumer_source<postbox::stream_group_source<int>>);
+}  // namespace
+
+TEST_CASE("with a source that redelivers itself, a retry becomes a redeliver action with the backoff and the consumer "
+          "forgets the message",
+          "[consumer][source]") {
+  rig r;
+  std::deque<env_t> queue;
+  std::vector<std::pair<postbox::settle_action::kind, postbox::duration>> actions;
+  postbox::consumer c(fake_broker{&queue, &actions}, [&](const env_t& e) {
+    if (e.payload == 1) throw std::runtime_error("later");
+    if (e.payload == 2) return postbox::settlement::reject("no");
+    return postbox::settlement::ack();
+  }, r.dlq, r.options(policy(3, 1s, false)));
+  for (int i = 1; i <= 3; ++i) queue.push_back(r.msg(i));
+  auto again = r.msg(1);
+  again.attempt = 2;  // the broker's third delivery: two started before
+  queue.push_back(std::move(again));
+  CHECK(c.poll() == 4);
+  using k = postbox::settle_action::kind;
+  REQUIRE(actions.size() == 4);
+  CHECK(actions[0] == std::pair{k::redeliver, postbox::duration(1s)});
+  CHECK(actions[1].first == k::dead_letter);
+  CHECK(actions[2].first == k::ack);
+  CHECK(actions[3].first == k::dead_letter);  // attempt 3 of 3 failed
+  CHECK(c.stats().in_flight == 0);
+  CHECK(c.stats().waiting_retry == 0);
+  CHECK(r.dlq.count({.reason = "retries_exhausted"}) == 1);
+}
