@@ -434,4 +434,62 @@ template <class Channel>
   });
 }
 
+/// Registers a topic (anything with `stats()` returning `topic_stats`):
+/// subscriptions, published, delivered, dropped, and per subscription (label
+/// `subscription` = its id, plus `group` when set) depth, capacity,
+/// delivered, received, lag (drop_oldest) and dropped. Costs publishers
+/// nothing but the one relaxed counter they always bump. `t` must outlive
+/// the handle. Allocates; thread-safe.
+template <class Topic>
+[[nodiscard]] metrics_registry::registration register_topic(metrics_registry& registry, std::string name,
+                                                            const Topic& t) {
+  return registry.add("topic", std::move(name), [&t](metric_writer& w) {
+    const auto s = t.stats();
+    w.gauge("postbox_topic_subscriptions", "Current subscriptions (a group counts once).",
+            static_cast<double>(s.subscriptions));
+    w.counter("postbox_topic_published_total", "Messages published.", static_cast<double>(s.published));
+    w.counter("postbox_topic_delivered_total", "Copies queued into current subscriptions.",
+              static_cast<double>(s.delivered));
+    w.counter("postbox_topic_dropped_total", "Copies discarded by current subscriptions.",
+              static_cast<double>(s.dropped));
+    for (const auto& sub : s.per_subscription) {
+      std::vector<metric_label> l{{"subscription", std::to_string(sub.id)}};
+      if (!sub.group.empty()) l.emplace_back("group", sub.group);
+      w.gauge("postbox_subscription_depth", "Messages queued in the subscription.", static_cast<double>(sub.depth), l);
+      w.gauge("postbox_subscription_capacity", "Bound of the subscription's queue.",
+              static_cast<double>(sub.capacity), l);
+      w.counter("postbox_subscription_delivered_total", "Messages queued into the subscription.",
+                static_cast<double>(sub.delivered), l);
+      w.counter("postbox_subscription_received_total", "Messages taken by the subscription's subscribers.",
+                static_cast<double>(sub.received), l);
+      w.counter("postbox_subscription_lag_total", "Messages discarded by drop_oldest.", static_cast<double>(sub.lag), l);
+      w.counter("postbox_subscription_dropped_total", "Messages discarded by drop_newest or fail.",
+                static_cast<double>(sub.dropped), l);
+    }
+  });
+}
+
+/// Registers a stream consumer group handle (anything with `stats()`
+/// returning `stream_group_stats`, e.g. `stream<T>::consumer_group`, copied
+/// into the collector): members, generation, lag, and per partition (label
+/// `partition`) committed offset, end offset and lag. Takes the group lock
+/// once per scrape. Allocates; thread-safe.
+template <class Group>
+[[nodiscard]] metrics_registry::registration register_stream_group(metrics_registry& registry, std::string name,
+                                                                   Group group) {
+  return registry.add("stream_group", std::move(name), [g = std::move(group)](metric_writer& w) {
+    const auto s = g.stats();
+    w.gauge("postbox_stream_group_members", "Members of the consumer group.", static_cast<double>(s.members));
+    w.gauge("postbox_stream_group_generation", "Rebalance generation.", static_cast<double>(s.generation));
+    w.gauge("postbox_stream_group_lag", "Records not committed, all partitions.", static_cast<double>(s.lag));
+    for (const auto& p : s.partitions) {
+      std::vector<metric_label> l{{"partition", std::to_string(p.partition)}};
+      w.gauge("postbox_stream_group_committed_offset", "Next offset the group consumes.",
+              static_cast<double>(p.committed), l);
+      w.gauge("postbox_stream_group_end_offset", "Next offset an append gets.", static_cast<double>(p.end), l);
+      w.gauge("postbox_stream_group_partition_lag", "Records not committed.", static_cast<double>(p.lag), l);
+    }
+  });
+}
+
 POSTBOX_END_NAMESPACE

@@ -114,6 +114,22 @@ struct read_result {
   [[nodiscard]] bool ok() const noexcept { return status == errc::ok; }
 };
 
+/// One partition in a stream_group_stats snapshot.
+struct stream_partition_lag {
+  std::uint32_t partition = 0;
+  std::uint64_t committed = 0;  ///< next offset the group will consume
+  std::uint64_t end = 0;        ///< next offset an append gets
+  std::uint64_t lag = 0;        ///< end - committed (0 when committed is ahead)
+};
+
+/// A consumer group's state (snapshot, taken at one instant of the group lock).
+struct stream_group_stats {
+  std::size_t members = 0;
+  std::uint64_t generation = 0;  ///< bumped by every join and leave
+  std::uint64_t lag = 0;         ///< sum over partitions
+  std::vector<stream_partition_lag> partitions;
+};
+
 namespace detail {
 
 inline constexpr std::size_t stream_chunk_size = 256;
@@ -388,6 +404,23 @@ class stream {
     [[nodiscard]] std::size_t member_count() const {
       std::lock_guard lock(g_->mu);
       return g_->members.size();
+    }
+    /// Members, generation, and committed offset, end and lag per partition,
+    /// at one instant of the group lock. Allocates. Thread-safe.
+    [[nodiscard]] stream_group_stats stats() const {
+      stream_group_stats out;
+      std::lock_guard lock(g_->mu);
+      out.members = g_->members.size();
+      out.generation = g_->generation.load(std::memory_order_relaxed);  // relaxed: under mu, writers hold mu
+      out.partitions.reserve(g_->committed.size());
+      for (std::uint32_t p = 0; p < g_->committed.size(); ++p) {
+        const auto end = g_->owner->end_offset(p);
+        const auto c = g_->committed[p];
+        const auto lag = end > c ? end - c : 0;
+        out.partitions.push_back(stream_partition_lag{p, c, end, lag});
+        out.lag += lag;
+      }
+      return out;
     }
 
    private:

@@ -135,6 +135,31 @@ struct publish_result {
   [[nodiscard]] bool ok() const noexcept { return refused.empty(); }
 };
 
+/// One subscription (or group) in a topic_stats snapshot.
+struct topic_subscription_stats {
+  subscription_id id = 0;
+  std::string group;           ///< empty for a plain subscription
+  std::string pattern;         ///< empty: every message
+  overflow policy = overflow::block;
+  std::size_t members = 0;     ///< handles sharing the queue (group members)
+  std::size_t depth = 0;       ///< messages queued
+  std::size_t capacity = 0;    ///< queue bound
+  std::uint64_t delivered = 0; ///< messages queued into it since it was created
+  std::uint64_t received = 0;  ///< messages taken out by its subscribers
+  std::uint64_t lag = 0;       ///< messages discarded by drop_oldest since it was created
+  std::uint64_t dropped = 0;   ///< messages discarded by drop_newest / fail
+};
+
+/// A topic's counters (snapshot). `delivered` and `dropped` sum over the
+/// current subscriptions (a subscription's counts leave with it).
+struct topic_stats {
+  std::size_t subscriptions = 0;  ///< current subscriptions (a group counts once)
+  std::uint64_t published = 0;    ///< publishes since the topic was created
+  std::uint64_t delivered = 0;    ///< copies queued into current subscriptions
+  std::uint64_t dropped = 0;      ///< copies discarded by current subscriptions (any policy)
+  std::vector<topic_subscription_stats> per_subscription;
+};
+
 namespace detail {
 
 template <class T>
@@ -182,6 +207,10 @@ struct topic_queue {
   std::atomic<std::uint64_t> lag{0};
   // Messages discarded by drop_newest/fail (statistics). Relaxed counter.
   std::atomic<std::uint64_t> dropped{0};
+  // Messages discarded by drop_oldest since creation (statistics; `lag` is
+  // reset by take_lag, this is not). Writers: publishers (relaxed fetch_add
+  // next to `lag`); reader: stats(). Relaxed: a pure counter.
+  std::atomic<std::uint64_t> lag_total{0};
   std::size_t members = 0;  // group members; guarded by the topic's writer mutex
 
   // Pushes `p` under this queue's policy. Returns 0 delivered, 1 dropped, 2 refused, 3 closed.
@@ -195,7 +224,10 @@ struct topic_queue {
           const auto s = ch.try_send(std::move(copy));
           if (s == send_status::ok) return 0;
           if (s == send_status::closed) return 3;
-          if (ch.try_receive()) lag.fetch_add(1, std::memory_order_relaxed);  // relaxed: counter only
+          if (ch.try_receive()) {
+            lag.fetch_add(1, std::memory_order_relaxed);        // relaxed: counter only
+            lag_total.fetch_add(1, std::memory_order_relaxed);  // relaxed: counter only
+          }
         }
       case overflow::drop_newest: {
         const auto s = ch.try_send(std::move(copy));
@@ -227,6 +259,10 @@ struct topic_state {
   snapshot_ptr<list> subs{std::make_shared<const list>()};
   std::mutex mu;
   subscription_id next_id = 1;  // guarded by mu
+  // Publishes since creation (statistics). Writers: publishers (relaxed
+  // fetch_add, one per publish); reader: topic::stats(). Relaxed: a pure
+  // counter, nothing is published through it.
+  std::atomic<std::uint64_t> published{0};
 
   queue_ptr add(const subscription_options& o) {
     if (!o.pattern.empty() && !is_valid_pattern(o.pattern))
@@ -377,9 +413,44 @@ class topic {
   /// Current subscriptions (a group counts once). Never blocks on publishers.
   [[nodiscard]] std::size_t subscriber_count() const { return state_->subs.load()->size(); }
 
+  /// Counters of the topic and of each current subscription. Reads the
+  /// queues' own indices and relaxed counters; takes the writer mutex
+  /// briefly (never blocks publishers). Allocates. Thread-safe.
+  [[nodiscard]] topic_stats stats() const {
+    topic_stats out;
+    out.published = state_->published.load(std::memory_order_relaxed);  // relaxed: statistic
+    std::lock_guard lock(state_->mu);
+    const auto list = state_->subs.load();
+    out.subscriptions = list->size();
+    out.per_subscription.reserve(list->size());
+    for (const auto& q : *list) {
+      const auto cs = q->ch.stats();
+      topic_subscription_stats t;
+      t.id = q->id;
+      t.group = q->opts.group;
+      t.pattern = q->opts.pattern;
+      t.policy = q->opts.policy;
+      t.members = q->members;
+      t.depth = cs.depth;
+      t.capacity = cs.capacity;
+      t.delivered = cs.sent;
+      t.received = cs.received;
+      // relaxed: statistics.
+      t.lag = q->lag_total.load(std::memory_order_relaxed);
+      t.dropped = q->dropped.load(std::memory_order_relaxed);
+      // drop_oldest receives its victims itself: they are lag, not receptions.
+      t.received = t.received >= t.lag ? t.received - t.lag : 0;
+      out.delivered += t.delivered;
+      out.dropped += t.lag + t.dropped;
+      out.per_subscription.push_back(std::move(t));
+    }
+    return out;
+  }
+
  private:
   publish_result deliver(std::string subject, T value) {
     auto item = std::make_shared<const detail::topic_item<T>>(detail::topic_item<T>{std::move(subject), std::move(value)});
+    state_->published.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic, read by stats()
     const auto list = state_->subs.load();
     publish_result r;
     for (const auto& q : *list) {
