@@ -341,8 +341,8 @@ class sqlite_store {
     transaction(sqlite_store* s, std::unique_lock<std::mutex> lock) noexcept : store_(s), lock_(std::move(lock)) {}
 
     template <class... Args>
-    static void bind_all(sqlite3_stmt* s, const Args&... args) {
-      int i = 0;
+    static void bind_all([[maybe_unused]] sqlite3_stmt* s, const Args&... args) {
+      [[maybe_unused]] int i = 0;
       ((void)detail::sqlite_bind(s, ++i, args), ...);
     }
 
