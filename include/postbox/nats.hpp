@@ -269,8 +269,15 @@ struct nats_connection_options {
   std::chrono::milliseconds connect_timeout{2000};
   int reconnect_buffer_bytes = 8 << 20;  ///< bytes buffered while reconnecting; beyond it publishes fail
   bool retry_on_failed_connect = false;   ///< keep trying when the first connect fails
+  /// Send each core publish at once instead of letting libnats batch writes
+  /// (its flusher waits about 1 ms first). On by default: postbox's core
+  /// publishes are requests, replies and pull-fetch requests, each waited
+  /// for, so batching only adds latency (JetStream publishes and acks are
+  /// sent at once either way). Turn it off for bulk core publishing through
+  /// `native()`.
+  bool send_asap = true;
   /// Called from a libnats thread on every status change; must not block.
-  std::function<void(connection_status)> on_status;
+  std::function<void(connection_status)> on_status{};
 };
 
 /// A NATS connection with reconnect and exponential backoff. Move-only;
@@ -309,6 +316,7 @@ class nats_connection {
     detail::nats_check(natsOptions_SetReconnectedCB(o, &nats_connection::reconnected_cb, state_.get()),
                        "reconnected cb");
     detail::nats_check(natsOptions_SetClosedCB(o, &nats_connection::closed_cb, state_.get()), "closed cb");
+    detail::nats_check(natsOptions_SetSendAsap(o, opts.send_asap), "send asap");
     if (opts.retry_on_failed_connect)
       detail::nats_check(natsOptions_SetRetryOnFailedConnect(o, true, &nats_connection::reconnected_cb, state_.get()), "retry connect");
     natsConnection* c = nullptr;
@@ -420,8 +428,8 @@ class nats_connection {
 
 /// Stream settings for `jetstream::ensure_stream`. A plain value.
 struct stream_options {
-  std::string name;
-  std::vector<std::string> subjects;
+  std::string name{};
+  std::vector<std::string> subjects{};
   int replicas = 1;
   bool file_storage = true;
   std::chrono::milliseconds duplicate_window{std::chrono::minutes(2)};
@@ -429,9 +437,9 @@ struct stream_options {
 
 /// Durable pull consumer settings. A plain value.
 struct consumer_options {
-  std::string stream;
-  std::string durable;
-  std::string filter_subject;            ///< subject filter, e.g. "orders.>" (required by libnats)
+  std::string stream{};
+  std::string durable{};
+  std::string filter_subject{};          ///< subject filter, e.g. "orders.>" (required by libnats)
   std::chrono::milliseconds ack_wait{30000};  ///< redelivery after this without ack/in-progress
   int max_deliver = -1;                  ///< -1: unlimited
 };
@@ -506,8 +514,8 @@ class jetstream {
 
 /// Subject for an envelope: an explicit mapping when set, else the envelope's type.
 struct subject_mapping {
-  std::string prefix;  ///< prepended to the type, e.g. "orders." (empty: none)
-  std::function<std::string(std::string_view type)> map;  ///< overrides prefix+type when set
+  std::string prefix{};  ///< prepended to the type, e.g. "orders." (empty: none)
+  std::function<std::string(std::string_view type)> map{};  ///< overrides prefix+type when set
   [[nodiscard]] std::string operator()(std::string_view type) const {
     return map ? map(type) : prefix + std::string(type);
   }
@@ -553,7 +561,7 @@ namespace detail {
 
 /// Publisher settings. A plain value.
 struct publisher_options {
-  subject_mapping subjects;                           ///< envelope type -> subject
+  subject_mapping subjects{};                         ///< envelope type -> subject
   std::chrono::milliseconds ack_timeout{2000};        ///< wait for each PubAck
   int max_attempts = 20;                              ///< publishes per call before `timeout`/`busy`
   std::chrono::milliseconds retry_backoff{50};        ///< first pause after an instant failure
@@ -631,7 +639,7 @@ struct buffered_publisher_options {
   /// of two, as `channel`), plus the one in flight.
   std::size_t capacity = 1024;
   overflow policy = overflow::block;                  ///< what `enqueue` does when the buffer is full
-  subject_mapping subjects;                           ///< envelope type -> subject
+  subject_mapping subjects{};                         ///< envelope type -> subject
   std::chrono::milliseconds ack_timeout{2000};        ///< wait for each PubAck
   std::chrono::milliseconds retry_backoff{50};        ///< first pause after an instant failure
   std::chrono::milliseconds retry_backoff_max{1000};  ///< cap (doubles per attempt)

@@ -448,7 +448,7 @@ class nats_requester {
 
 /// NATS responder configuration. A plain value.
 struct nats_responder_options {
-  std::string subject;        ///< subject served (wildcards allowed)
+  std::string subject{};      ///< subject served (wildcards allowed)
   std::string queue_group{};  ///< responders in one group compete for each request; empty: each gets every one
   bool manual = false;        ///< true: nothing runs until `poll()` (deterministic tests)
 };

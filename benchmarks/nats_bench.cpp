@@ -1,0 +1,440 @@
+// SPDX-License-Identifier: MIT
+// Benchmark: postbox over NATS JetStream (envelopes, dedup publish, durable pull, request-reply) vs raw libnats on the same server.
+//
+// Starts its own nats-server (JetStream, file storage in a temporary
+// directory, 127.0.0.1, random port) through tests/nats_harness.hpp and stops
+// it at the end. Each scenario runs postbox and raw libnats alternately
+// (which goes first flips per round); medians over the rounds and their
+// ratio are printed. Absolute numbers on a shared VM swing a lot; quote ratios.
+//
+// Scenarios (same payload bytes both ways: the JSON of {n, what}):
+//   publish    sync JetStream publish, one PubAck awaited per message.
+//              postbox: jetstream_publisher (envelope headers + Nats-Msg-Id).
+//              raw:     js_Publish of the JSON bytes, no headers.
+//   e2e        end-to-end throughput: one thread publishes N (sync), another
+//              fetches batches from a durable pull consumer and acks each
+//              (AckSync); time until the last ack. postbox decodes envelopes.
+//   latency    one message at a time: publish, fetch(1), decode, AckSync;
+//              with default connections (a fetch's pull request is a plain
+//              publish, so libnats' ~1 ms write batching shows) and with send_asap.
+//   request    request-reply round trip over core NATS: nats_requester /
+//              nats_responder vs natsConnection_Request / a raw responder;
+//              once with libnats' default write batching (its flusher waits
+//              about 1 ms before a plain publish goes out; natsConnection_Request
+//              skips it for the request), once on connections with send_asap.
+#include <postbox/nats.hpp>
+#include <postbox/nats_request_reply.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "nats_harness.hpp"
+
+namespace {
+
+using bench_clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+namespace pn = postbox_test::nats;
+
+struct order {
+  int n = 0;
+  std::string what;
+};
+void to_json(nlohmann::json& j, const order& o) { j = {{"n", o.n}, {"what", o.what}}; }
+void from_json(const nlohmann::json& j, order& o) {
+  j.at("n").get_to(o.n);
+  j.at("what").get_to(o.what);
+}
+
+[[noreturn]] void die(const char* what) {
+  std::fprintf(stderr, "nats_bench: %s\n", what);
+  std::exit(1);
+}
+
+double seconds_since(bench_clock::time_point t0) { return std::chrono::duration<double>(bench_clock::now() - t0).count(); }
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+double percentile(std::vector<double> v, double p) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<std::size_t>(p * static_cast<double>(v.size())))];
+}
+
+// The raw side's payload: exactly the bytes postbox puts in the body.
+std::string raw_payload(int i) { return nlohmann::json(order{i, "widget"}).dump(); }
+
+// One server and two connections (producer side, consumer side).
+struct rig {
+  pn::server srv;
+  std::optional<postbox::nats_connection> a, b, fast_a, fast_b;  // a, b: libnats batching; fast_*: send_asap (postbox default)
+  std::optional<postbox::jetstream> ja, jb, fast_ja, fast_jb;
+  int run = 0;
+  rig() {
+    srv.start();
+    postbox::nats_connection_options o;
+    o.urls = srv.url();
+    o.send_asap = false;  // libnats' default write batching
+    a.emplace(o);
+    b.emplace(o);
+    o.send_asap = true;
+    fast_a.emplace(o);
+    fast_b.emplace(o);
+    ja.emplace(*a);
+    jb.emplace(*b);
+    fast_ja.emplace(*fast_a);
+    fast_jb.emplace(*fast_b);
+    auto rc = postbox::errc::timeout;
+    for (int i = 0; i < 100 && rc != postbox::errc::ok; ++i) {
+      rc = ja->ensure_stream({"BENCH", {"bench.>"}});
+      if (rc != postbox::errc::ok) pn::detail::pause_ms(100);
+    }
+    if (rc != postbox::errc::ok) die("cannot create the stream");
+  }
+  // A fresh subject and durable name per run, so runs do not see each other's messages.
+  std::string next_subject() { return "bench.r" + std::to_string(++run); }
+};
+
+// --- publish ---------------------------------------------------------------
+
+double postbox_publish(rig& r, int n) {
+  postbox::jetstream_publisher pub(*r.ja);
+  const std::string subject = r.next_subject();
+  const auto t0 = bench_clock::now();
+  for (int i = 0; i < n; ++i)
+    if (!pub.publish(postbox::make_envelope(subject, order{i, "widget"}), subject).has_value()) die("postbox publish");
+  return seconds_since(t0);
+}
+
+double raw_publish(rig& r, int n) {
+  const std::string subject = r.next_subject();
+  const auto t0 = bench_clock::now();
+  for (int i = 0; i < n; ++i) {
+    const std::string body = raw_payload(i);
+    jsPubAck* pa = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    if (js_Publish(&pa, r.ja->native(), subject.c_str(), body.data(), static_cast<int>(body.size()), nullptr,
+                   &jerr) != NATS_OK)
+      die("raw publish");
+    jsPubAck_Destroy(pa);
+  }
+  return seconds_since(t0);
+}
+
+// --- end-to-end and latency ---------------------------------------------------
+
+struct raw_pull {
+  natsSubscription* sub = nullptr;
+  raw_pull(postbox::jetstream& js, const std::string& subject) {
+    jsSubOptions so;
+    jsSubOptions_Init(&so);
+    so.Stream = "BENCH";
+    so.Config.AckPolicy = js_AckExplicit;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    const std::string durable = "d" + subject.substr(subject.rfind('.') + 1);
+    if (js_PullSubscribe(&sub, js.native(), subject.c_str(), durable.c_str(), nullptr, &so, &jerr) != NATS_OK)
+      die("raw pull subscribe");
+  }
+  ~raw_pull() { natsSubscription_Destroy(sub); }
+  // Fetches up to max, acks each; returns how many; sums n into checksum.
+  int take(int max, long long& checksum) {
+    natsMsgList list{};
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    if (natsSubscription_Fetch(&list, sub, max, 2000, &jerr) != NATS_OK) return 0;
+    for (int i = 0; i < list.Count; ++i) {
+      // The raw consumer parses the same JSON body (what any consumer must do).
+      const auto j = nlohmann::json::parse(
+          std::string_view(natsMsg_GetData(list.Msgs[i]), static_cast<std::size_t>(natsMsg_GetDataLength(list.Msgs[i]))));
+      checksum += j.at("n").get<int>();
+      if (natsMsg_AckSync(list.Msgs[i], nullptr, nullptr) != NATS_OK) die("raw ack");
+    }
+    const int c = list.Count;
+    natsMsgList_Destroy(&list);
+    return c;
+  }
+};
+
+struct postbox_pull {
+  postbox::jetstream_pull_source<order> src;
+  postbox_pull(postbox::jetstream& js, const std::string& subject)
+      : src(js, {"BENCH", "d" + subject.substr(subject.rfind('.') + 1), subject, 30000ms, -1}) {}
+  int take(int max, long long& checksum) {
+    auto got = src.fetch(max, 2000ms);
+    if (!got.has_value()) return 0;
+    for (auto& d : *got) {
+      if (!d.has_value()) die("postbox decode");
+      checksum += d->payload.n;
+      if (d.ack() != postbox::errc::ok) die("postbox ack");
+    }
+    return static_cast<int>(got->size());
+  }
+};
+
+template <class Pull, class Publish>
+double end_to_end(rig& r, int n, Publish publish_one) {
+  const std::string subject = r.next_subject();
+  Pull pull(*r.jb, subject);
+  long long checksum = 0;
+  const auto t0 = bench_clock::now();
+  std::thread consumer([&] {
+    for (int got = 0, idle = 0; got < n && idle < 10;) {
+      const int c = pull.take(256, checksum);
+      got += c;
+      idle = c == 0 ? idle + 1 : 0;
+    }
+  });
+  for (int i = 0; i < n; ++i) publish_one(subject, i);
+  consumer.join();
+  const double s = seconds_since(t0);
+  if (checksum != static_cast<long long>(n) * (n - 1) / 2) die("end-to-end checksum");
+  return s;
+}
+
+double postbox_e2e(rig& r, int n) {
+  postbox::jetstream_publisher pub(*r.ja);
+  return end_to_end<postbox_pull>(r, n, [&](const std::string& subject, int i) {
+    if (!pub.publish(postbox::make_envelope(subject, order{i, "widget"}), subject).has_value()) die("postbox publish");
+  });
+}
+
+double raw_e2e(rig& r, int n) {
+  return end_to_end<raw_pull>(r, n, [&](const std::string& subject, int i) {
+    const std::string body = raw_payload(i);
+    jsPubAck* pa = nullptr;
+    if (js_Publish(&pa, r.ja->native(), subject.c_str(), body.data(), static_cast<int>(body.size()), nullptr,
+                   nullptr) != NATS_OK)
+      die("raw publish");
+    jsPubAck_Destroy(pa);
+  });
+}
+
+// Per-message latency samples in microseconds: publish one, fetch it, ack it.
+template <class Pull, class Publish>
+std::vector<double> latency(rig& r, int m, bool asap, Publish publish_one) {
+  const std::string subject = r.next_subject();
+  Pull pull(asap ? *r.fast_jb : *r.jb, subject);
+  std::vector<double> us;
+  us.reserve(static_cast<std::size_t>(m));
+  long long checksum = 0;
+  for (int i = 0; i < m; ++i) {
+    const auto t0 = bench_clock::now();
+    publish_one(subject, i);
+    if (pull.take(1, checksum) != 1) die("latency fetch");
+    us.push_back(seconds_since(t0) * 1e6);
+  }
+  return us;
+}
+
+std::vector<double> postbox_latency(rig& r, int m, bool asap) {
+  postbox::jetstream_publisher pub(asap ? *r.fast_ja : *r.ja);
+  return latency<postbox_pull>(r, m, asap, [&](const std::string& subject, int i) {
+    if (!pub.publish(postbox::make_envelope(subject, order{i, "widget"}), subject).has_value()) die("postbox publish");
+  });
+}
+
+std::vector<double> raw_latency(rig& r, int m, bool asap) {
+  jsCtx* js = (asap ? *r.fast_ja : *r.ja).native();
+  return latency<raw_pull>(r, m, asap, [&](const std::string& subject, int i) {
+    const std::string body = raw_payload(i);
+    jsPubAck* pa = nullptr;
+    if (js_Publish(&pa, js, subject.c_str(), body.data(), static_cast<int>(body.size()), nullptr,
+                   nullptr) != NATS_OK)
+      die("raw publish");
+    jsPubAck_Destroy(pa);
+  });
+}
+
+// --- request-reply --------------------------------------------------------------
+
+std::vector<double> postbox_request(rig& r, int m, bool asap) {
+  auto& client = asap ? *r.fast_a : *r.a;
+  auto& service = asap ? *r.fast_b : *r.b;
+  postbox::timer_service timers;
+  const std::string subject = "rr.pb" + std::to_string(++r.run);
+  postbox::nats_responder_options ro;
+  ro.subject = subject;
+  postbox::nats_responder<order, order> resp(
+      service, [](const postbox::envelope<order>& e) { return order{e.payload.n + 1, e.payload.what}; }, ro);
+  postbox::nats_requester_options qo;
+  qo.subject = subject;
+  postbox::nats_requester<order, order> req(client, timers, qo);
+  std::vector<double> us;
+  us.reserve(static_cast<std::size_t>(m));
+  for (int i = 0; i < m; ++i) {
+    const auto t0 = bench_clock::now();
+    auto f = req.request(order{i, "widget"}, 10s);
+    if (!f.has_value()) die("postbox request refused");
+    auto o = f->get();
+    if (!o.ok() || o.reply->payload.n != i + 1) die("postbox request");
+    us.push_back(seconds_since(t0) * 1e6);
+  }
+  return us;
+}
+
+std::vector<double> raw_request(rig& r, int m, bool asap) {
+  auto& client = asap ? *r.fast_a : *r.a;
+  auto& service = asap ? *r.fast_b : *r.b;
+  const std::string subject = "rr.raw" + std::to_string(++r.run);
+  natsSubscription* sub = nullptr;
+  // Raw responder: parse the JSON request, reply with n + 1 as JSON.
+  auto on_msg = [](natsConnection* nc, natsSubscription*, natsMsg* msg, void*) {
+    auto j = nlohmann::json::parse(
+        std::string_view(natsMsg_GetData(msg), static_cast<std::size_t>(natsMsg_GetDataLength(msg))));
+    const std::string body = nlohmann::json(order{j.at("n").get<int>() + 1, j.at("what").get<std::string>()}).dump();
+    natsConnection_Publish(nc, natsMsg_GetReply(msg), body.data(), static_cast<int>(body.size()));
+    natsMsg_Destroy(msg);
+  };
+  if (natsConnection_Subscribe(&sub, service.native(), subject.c_str(), on_msg, nullptr) != NATS_OK)
+    die("raw subscribe");
+  (void)service.flush(5000ms);
+  std::vector<double> us;
+  us.reserve(static_cast<std::size_t>(m));
+  for (int i = 0; i < m; ++i) {
+    const auto t0 = bench_clock::now();
+    const std::string body = raw_payload(i);
+    natsMsg* reply = nullptr;
+    if (natsConnection_Request(&reply, client.native(), subject.c_str(), body.data(), static_cast<int>(body.size()),
+                               10000) != NATS_OK)
+      die("raw request");
+    auto j = nlohmann::json::parse(
+        std::string_view(natsMsg_GetData(reply), static_cast<std::size_t>(natsMsg_GetDataLength(reply))));
+    if (j.at("n").get<int>() != i + 1) die("raw reply");
+    natsMsg_Destroy(reply);
+    us.push_back(seconds_since(t0) * 1e6);
+  }
+  natsSubscription_Unsubscribe(sub);
+  natsSubscription_Destroy(sub);
+  return us;
+}
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown";
+}
+
+std::string server_version() {
+  std::string cmd = pn::server_binary() + " --version 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return "unknown";
+  char buf[128] = {};
+  const char* got = std::fgets(buf, sizeof buf, p);
+  ::pclose(p);
+  std::string v = got ? buf : "unknown";
+  while (!v.empty() && (v.back() == '\n' || v.back() == '\r')) v.pop_back();
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IONBF, 0);
+  int rounds = 5;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+    else if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) rounds = std::max(1, std::atoi(argv[++i]));
+    else {
+      std::fprintf(stderr, "usage: %s [--quick] [--rounds N]\n", argv[0]);
+      return 64;
+    }
+  }
+  if (!pn::available()) {
+    std::printf("nats_bench: nats-server not found: skipped\n");
+    return 0;
+  }
+#if defined(__clang__)
+  const char* compiler = "clang++ " __clang_version__;
+#elif defined(__GNUC__)
+  const char* compiler = "g++ " __VERSION__;
+#else
+  const char* compiler = "unknown";
+#endif
+  std::printf("nats_bench: %s, optimized %s; cpu: %s, %u hardware threads\n", compiler,
+#if defined(__OPTIMIZE__)
+              "yes",
+#else
+              "NO (numbers are meaningless)",
+#endif
+              cpu_model().c_str(), std::thread::hardware_concurrency());
+  std::printf("server: %s, JetStream file storage, 127.0.0.1; rounds %d%s\n", server_version().c_str(), rounds,
+              quick ? ", quick" : "");
+  const int n = quick ? 300 : 2000;  // messages per throughput run
+  const int m = quick ? 200 : 1000;  // samples per latency run
+
+  rig r;
+  std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw;
+  std::vector<double> lat_pb[2], lat_raw[2], lat99_pb[2], lat99_raw[2];  // [0]: libnats batching, [1]: send_asap
+  std::vector<double> rr_pb[2], rr_raw[2], rr99_pb[2], rr99_raw[2];  // [0]: libnats batching, [1]: send_asap
+  for (int round = 0; round < rounds; ++round) {
+    const bool pb_first = round % 2 == 0;  // interleave: who goes first flips each round
+    auto both = [&](const std::function<void()>& p, const std::function<void()>& q) {
+      if (pb_first) {
+        p();
+        q();
+      } else {
+        q();
+        p();
+      }
+    };
+    both([&] { pub_pb.push_back(n / postbox_publish(r, n)); }, [&] { pub_raw.push_back(n / raw_publish(r, n)); });
+    both([&] { e2e_pb.push_back(n / postbox_e2e(r, n)); }, [&] { e2e_raw.push_back(n / raw_e2e(r, n)); });
+    for (int asap = 0; asap < 2; ++asap)
+      both(
+          [&] {
+            auto v = postbox_latency(r, m, asap == 1);
+            lat_pb[asap].push_back(median(v));
+            lat99_pb[asap].push_back(percentile(v, 0.99));
+          },
+          [&] {
+            auto v = raw_latency(r, m, asap == 1);
+            lat_raw[asap].push_back(median(v));
+            lat99_raw[asap].push_back(percentile(v, 0.99));
+          });
+    for (int asap = 0; asap < 2; ++asap)
+      both(
+          [&] {
+            auto v = postbox_request(r, m, asap == 1);
+            rr_pb[asap].push_back(median(v));
+            rr99_pb[asap].push_back(percentile(v, 0.99));
+          },
+          [&] {
+            auto v = raw_request(r, m, asap == 1);
+            rr_raw[asap].push_back(median(v));
+            rr99_raw[asap].push_back(percentile(v, 0.99));
+          });
+    std::printf("  round %d/%d done\n", round + 1, rounds);
+  }
+
+  std::printf("\n%-10s %-44s %14s %14s %9s\n", "scenario", "measure (median over rounds)", "postbox", "raw libnats",
+              "pb/raw");
+  auto row = [](const char* name, const char* what, double pb, double raw, const char* unit) {
+    std::printf("%-10s %-44s %11.0f %-2s %11.0f %-2s %9.2f\n", name, what, pb, unit, raw, unit, pb / raw);
+  };
+  row("publish", "sync JetStream publish, msgs/s", median(pub_pb), median(pub_raw), "/s");
+  row("e2e", "publish + pull + AckSync pipeline, msgs/s", median(e2e_pb), median(e2e_raw), "/s");
+  row("latency", "publish -> fetch -> ack, p50 us", median(lat_pb[0]), median(lat_raw[0]), "us");
+  row("latency", "publish -> fetch -> ack, p99 us", median(lat99_pb[0]), median(lat99_raw[0]), "us");
+  row("lat-asap", "same, connections with send_asap, p50 us", median(lat_pb[1]), median(lat_raw[1]), "us");
+  row("lat-asap", "same, connections with send_asap, p99 us", median(lat99_pb[1]), median(lat99_raw[1]), "us");
+  row("request", "request-reply round trip, p50 us", median(rr_pb[0]), median(rr_raw[0]), "us");
+  row("request", "request-reply round trip, p99 us", median(rr99_pb[0]), median(rr99_raw[0]), "us");
+  row("req-asap", "same, connections with send_asap, p50 us", median(rr_pb[1]), median(rr_raw[1]), "us");
+  row("req-asap", "same, connections with send_asap, p99 us", median(rr99_pb[1]), median(rr99_raw[1]), "us");
+  std::printf("pb/raw: throughput rows, postbox rate / raw rate (1.00 = same, lower = postbox slower);\n"
+              "        latency rows, postbox time / raw time (1.00 = same, higher = postbox slower).\n");
+  return 0;
+}
