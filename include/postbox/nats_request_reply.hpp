@@ -5,7 +5,7 @@
 // Opt-in edge (layer 5), built on postbox/nats.hpp (libnats, target
 // `postbox::nats`) and the in-process semantics of postbox/request_reply.hpp:
 // the same `reply_outcome`, `reply_error`, `reply_future`, statuses and
-// counters. Design notes: docs/design/nats.md, "Request-reply".
+// counters. Design notes: docs/design/nats.md, "Request-reply across processes".
 //
 // Addressing: a requester owns one inbox prefix (`_INBOX.<nuid>` unless
 // named) and one subscription on `<inbox>.*`; each request's NATS reply
