@@ -11,6 +11,7 @@
 #include "peers.hpp"
 
 #include <postbox/detail/backoff.hpp>
+#include <postbox/metrics.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -105,10 +106,13 @@ std::uint64_t expected_sum(unsigned producers, std::uint64_t per_producer) {
 
 /// Throughput (million messages per second) with P producers and C consumers
 /// using the non-blocking calls; `Blocking` uses push/pop instead. With
-/// `stats_reader`, a further thread calls channel::stats() every 50 us.
+/// `stats_reader`, a further thread calls channel::stats() every 50 us; with
+/// `scraped`, the channel is registered with a metrics_registry and a further
+/// thread renders the registry as Prometheus text every 100 us (a scrape rate
+/// far above any real one, so any cost would show).
 template <class Q, bool Blocking = false>
 double throughput(unsigned producers, unsigned consumers, std::uint64_t total, std::size_t cap,
-                  bool stats_reader = false) {
+                  bool stats_reader = false, bool scraped = false) {
   Q q(cap);
   const std::uint64_t per_producer = total / producers;
   const std::uint64_t all = per_producer * producers;
@@ -158,6 +162,18 @@ double throughput(unsigned producers, unsigned consumers, std::uint64_t total, s
           std::this_thread::sleep_for(std::chrono::microseconds(50));
         }
         if (seen == ~std::uint64_t{0}) std::puts("");  // keep the calls observable
+      });
+    }
+    if (scraped) {
+      reader = std::thread([&] {
+        postbox::metrics_registry registry;
+        auto reg = postbox::register_channel(registry, "bench", q.ch);
+        std::size_t bytes = 0;
+        while (!done.load(std::memory_order_relaxed)) {
+          bytes += registry.render_prometheus().size();
+          std::this_thread::sleep_for(std::chrono::microseconds(100));
+        }
+        if (bytes == 0) std::puts("");  // keep the calls observable
       });
     }
   }
@@ -378,6 +394,13 @@ std::vector<scenario> make_scenarios() {
                "M msg/s", true, {}});
   s.back().entries.push_back({"postbox channel<mpmc>", true, [=] { return throughput<pb_mpmc>(1, 1, n, cap, false); }});
   s.back().entries.push_back({"postbox channel<mpmc> + stats() reader", true, [=] { return throughput<pb_mpmc>(1, 1, n, cap, true); }});
+
+  s.push_back({"metrics cost", "MPMC 1P1C try calls, unregistered vs registered with a metrics_registry scraped every 100 us "
+                               "(ratio to unregistered)",
+               "M msg/s", true, {}});
+  s.back().entries.push_back({"postbox channel<mpmc> unregistered", true, [=] { return throughput<pb_mpmc>(1, 1, n, cap); }});
+  s.back().entries.push_back({"postbox channel<mpmc> registered + scraped", true,
+                              [=] { return throughput<pb_mpmc>(1, 1, n, cap, false, true); }});
   return s;
 }
 

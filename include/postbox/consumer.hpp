@@ -16,8 +16,11 @@
 // * Every timed behaviour reads `options.clock`: retry and defer delays are
 //   timers on a `timer_service` on that clock (its own thread, or driven by
 //   `poll()` when `threads == 0`), deadlines compare with its `now()`, and
-//   shutdown's grace period waits on it. The only real-time wait is the
-//   dispatcher's `receive_wait` slice, a stop-check interval.
+//   shutdown's grace period waits on it. The only real-time wait is a
+//   worker's `receive_wait` slice in the source, a stop-check interval.
+// * Workers receive for themselves: a worker with nothing ready becomes the
+//   one receiver (the others wait), so with one worker a message goes from
+//   the source to the handler on one thread, with no hand-off.
 
 #include <postbox/channel.hpp>
 #include <postbox/clock.hpp>
@@ -258,7 +261,7 @@ struct inbound {
   settle_hook settle;                  ///< broker-side effects; may be empty
 
   /// An envelope item.
-  [[nodiscard]] static inbound of(envelope<T> env, settle_hook hook = {}) {
+  [[nodiscard]] static inbound of(envelope<T>&& env, settle_hook&& hook = {}) {
     inbound in;
     in.message.emplace(std::move(env));
     in.settle = std::move(hook);
@@ -690,8 +693,10 @@ struct consumer_options {
   const postbox::clock* clock = nullptr;
   /// Observer hooks; null: none. Must outlive the consumer.
   const postbox::observer* observer = nullptr;
-  /// Real-time slice the receiving thread blocks in the source before it
-  /// re-checks for shutdown (a stop-check interval, not a timed behaviour).
+  /// Real-time slice a receiving worker blocks in the source before it
+  /// re-checks for ready work and shutdown (a stop-check interval, not a
+  /// timed behaviour; a retry that falls due meanwhile waits at most this
+  /// long when every worker is busy receiving or running).
   duration receive_wait = std::chrono::milliseconds(20);
 };
 
@@ -724,8 +729,10 @@ struct consumer_stats {
 };
 
 /// What `shutdown` leaves behind. Nothing is lost: every message the
-/// consumer had taken is either settled, still running (`abandoned_ids`; it
-/// settles when its handler returns), or in `returned`.
+/// consumer had taken is either settled, in `returned`, or still running
+/// (`abandoned_ids`): an abandoned handler's ack or dead letter is applied
+/// when it returns, and a retry or defer it asks for releases the message
+/// to `consumer::take_released()`.
 template <class T>
 struct shutdown_report {
   std::size_t completed = 0;              ///< deliveries settled during the grace period
@@ -799,9 +806,9 @@ Int header_number(const header_map& h, std::string_view name) noexcept {
 ///   and unkeyed messages proceed. (With a `redelivers` source the broker
 ///   owns redelivery, so a retried message leaves the line.)
 /// * Poison input is dead-lettered with the decoder's reason and raw bytes.
-/// * Concurrency: `threads` workers plus one receiving thread; at most
-///   `max_in_flight` unsettled messages. With `threads == 0` nothing runs
-///   until `poll()`.
+/// * Concurrency: `threads` workers, which also take turns receiving (one
+///   at a time), and a timer thread; at most `max_in_flight` unsettled
+///   messages. With `threads == 0` nothing runs until `poll()`.
 /// * Shutdown: `shutdown(grace)` stops receiving, lets work finish until
 ///   the deadline on the consumer's clock and returns what was left
 ///   (`shutdown_report`). The destructor is `shutdown(0)` and then waits for
@@ -817,9 +824,9 @@ class consumer {
   using handler_type = std::function<settlement(const envelope<T>&, consume_context&)>;
 
   /// Starts consuming `source` (taken by value) with `handler`, dead-lettering
-  /// into `dead_letters`. Starts `options.threads` workers, a receiving
-  /// thread and a timer thread (none when `threads == 0`). Throws
-  /// error(invalid_argument) when `max_in_flight` is 0. Allocates.
+  /// into `dead_letters`. Starts `options.threads` workers and a timer
+  /// thread (none when `threads == 0`). Throws error(invalid_argument) when
+  /// `max_in_flight` is 0. Allocates.
   template <consumer_source Source, class Handler>
     requires std::same_as<typename Source::payload_type, T>
   consumer(Source source, Handler&& handler, dead_letter_queue<T>& dead_letters, consumer_options options = {})
@@ -839,7 +846,6 @@ class consumer {
       timers_ = std::make_unique<timer_service>(*clock_);
       workers_.reserve(opts_.threads);
       for (std::size_t i = 0; i < opts_.threads; ++i) workers_.emplace_back([this] { work_loop(); });
-      dispatcher_ = std::thread([this] { dispatch_loop(); });
     } else {
       timers_ = std::make_unique<timer_service>(*clock_, timer_service::manual_drive);
     }
@@ -875,11 +881,14 @@ class consumer {
     timers_->run_due();
     std::size_t n = 0;
     for (;;) {
-      n += receive_some();
+      n += receive_some(duration::zero());
       std::unique_lock lock(mu_);
       if (stopped_ || ready_.empty()) break;
-      run_one(lock);
-      ++n;
+      // Receive again once half the budget is free: batches, not one by one.
+      do {
+        run_one(lock);
+        ++n;
+      } while (!stopped_ && !ready_.empty() && held_ * 2 > opts_.max_in_flight);
     }
     return n;
   }
@@ -890,7 +899,7 @@ class consumer {
   /// concurrent `poll()`), then requests stop on the handlers' stop tokens,
   /// releases what is left to the source and returns it. A second call
   /// returns an empty report (plus dead letters refused since). Blocks up
-  /// to `grace` (and for the receiving thread's current `receive_wait`).
+  /// to `grace` (and for a worker's current `receive_wait` in the source).
   shutdown_report<T> shutdown(duration grace) {
     shutdown_report<T> report;
     std::unique_lock lock(mu_);
@@ -902,10 +911,8 @@ class consumer {
     shut_down_ = true;
     accepting_ = false;
     const time_point deadline = clock_->now() + grace;
-    budget_cv_.notify_all();
     lock.unlock();
-    if (dispatcher_.joinable()) dispatcher_.join();
-    { std::lock_guard receiving(receive_mu_); }  // a poll() that was receiving has admitted its items
+    { std::lock_guard receiving(receive_mu_); }  // whoever was receiving has admitted its items
     lock.lock();
     const std::uint64_t settled_before = settled_;
     while (!drained_locked(deadline) && clock_->now() < deadline) {
@@ -1000,6 +1007,16 @@ class consumer {
     return out;
   }
 
+  /// Messages released after `shutdown` returned: handlers it abandoned
+  /// that then asked for a retry or defer (their ids were in
+  /// `abandoned_ids`). Removed from the consumer. Thread-safe.
+  [[nodiscard]] std::vector<envelope<T>> take_released() {
+    std::lock_guard lock(mu_);
+    auto out = std::move(released_late_);
+    released_late_.clear();
+    return out;
+  }
+
   /// The name given in the options (metrics label). Never blocks.
   [[nodiscard]] const std::string& name() const noexcept { return opts_.name; }
   /// The source's name. Never blocks.
@@ -1072,38 +1089,25 @@ class consumer {
 
   // ---- receiving -----------------------------------------------------------
 
-  void dispatch_loop() {
-    for (;;) {
-      {
-        std::unique_lock lock(mu_);
-        while (accepting_ && held_ >= opts_.max_in_flight) {
-          dispatcher_waiting_ = true;
-          budget_cv_.wait(lock);
-          dispatcher_waiting_ = false;
-        }
-        if (!accepting_) return;
-      }
-      auto r = source_->receive(opts_.receive_wait);
-      if (r.has_value()) {
-        admit(std::move(*r));
-      } else if (r.status() == receive_status::closed) {
-        std::lock_guard lock(mu_);
-        source_closed_ = true;
-        return;
-      }
-    }
+  // Caller holds mu_. Whether someone may call the source now.
+  bool may_receive_locked() const noexcept {
+    return accepting_ && !source_closed_ && !receiving_ && held_ < opts_.max_in_flight;
   }
 
-  // Receives without blocking while there is budget. Returns poison items handled.
-  std::size_t receive_some() {
+  // Receives while there is budget: the first call waits up to `first_wait`
+  // (real time), the rest do not block. Serialized by receive_mu_ (the
+  // source is called from one thread at a time). Returns poison items handled.
+  std::size_t receive_some(duration first_wait) {
     std::lock_guard receiving(receive_mu_);
     {
       std::lock_guard lock(mu_);
       if (!accepting_ || source_closed_ || held_ >= opts_.max_in_flight) return 0;
     }
     std::size_t poison = 0;
+    duration wait = first_wait;
     for (;;) {
-      auto r = source_->receive(duration::zero());
+      auto r = source_->receive(wait);
+      wait = duration::zero();
       if (!r.has_value()) {
         if (r.status() == receive_status::closed) {
           std::lock_guard lock(mu_);
@@ -1153,16 +1157,30 @@ class consumer {
 
   // ---- running -------------------------------------------------------------
 
+  // A worker runs ready messages; when there are none, it becomes the one
+  // receiver (the others wait), so a message received by an idle worker
+  // runs on that worker without a hand-off.
   void work_loop() {
     std::unique_lock lock(mu_);
     for (;;) {
-      while (!stopped_ && ready_.empty()) {
-        ++idle_workers_;
-        work_cv_.wait(lock);
-        --idle_workers_;
-      }
       if (stopped_) return;
-      run_one(lock);
+      if (!ready_.empty()) {
+        run_one(lock);
+        continue;
+      }
+      if (may_receive_locked()) {
+        receiving_ = true;
+        lock.unlock();
+        (void)receive_some(opts_.receive_wait);
+        lock.lock();
+        receiving_ = false;
+        // Another idle worker takes over receiving while this one runs what came in.
+        if (idle_workers_ > 0 && !ready_.empty() && may_receive_locked()) work_cv_.notify_one();
+        continue;
+      }
+      ++idle_workers_;
+      work_cv_.wait(lock);
+      --idle_workers_;
     }
   }
 
@@ -1215,6 +1233,7 @@ class consumer {
     ++settled_;
     conclusion c = decide(pos, s, std::move(err));
     c.elapsed = elapsed;
+    if (shutdown_waiting_) idle_cv_.notify_all();  // a parked message may be all that is left
     lock.unlock();
     conclude(std::move(c));
     lock.lock();
@@ -1357,6 +1376,7 @@ class consumer {
     item& it = c.node.front();
     settle_outcome outcome = c.outcome;
     std::optional<dead_letter<T>> refused;
+    bool late_release = false;
     switch (c.what) {
       case fate::ack:
         call_hook(it, settle_action{settle_action::kind::ack, {}});
@@ -1366,9 +1386,10 @@ class consumer {
         call_hook(it, settle_action{settle_action::kind::redeliver, c.delay});
         notify_settle(it.env, outcome, c.elapsed, {});
         break;
-      case fate::release:
+      case fate::release:  // an abandoned handler asked for a retry or defer after shutdown
         call_hook(it, settle_action{settle_action::kind::release, {}});
         notify_settle(it.env, outcome, c.elapsed, {});
+        late_release = true;
         break;
       case fate::dead_letter: {
         std::optional<detail::published_meta> meta;
@@ -1399,9 +1420,11 @@ class consumer {
       case settle_outcome::released: ++released_; break;
       default: break;  // retried/deferred were counted when decided
     }
+    if (late_release) released_late_.push_back(std::move(it.env));
     --settling_;
     --held_;
-    if (dispatcher_waiting_) budget_cv_.notify_one();
+    // The budget was exhausted and came back: an idle worker may receive now.
+    if (held_ + 1 == opts_.max_in_flight && idle_workers_ > 0 && may_receive_locked()) work_cv_.notify_one();
     if (shutdown_waiting_) idle_cv_.notify_all();
   }
 
@@ -1502,9 +1525,8 @@ class consumer {
   std::string source_name_;
 
   mutable std::mutex mu_;
-  std::mutex receive_mu_;             // serializes source_->receive in poll mode and shutdown
-  std::condition_variable work_cv_;   // workers: ready_ not empty or stopped_
-  std::condition_variable budget_cv_; // dispatcher: held_ below the bound or not accepting
+  std::mutex receive_mu_;             // serializes source_->receive (workers, poll, shutdown)
+  std::condition_variable work_cv_;   // workers: ready work, a chance to receive, or stopped_
   std::condition_variable idle_cv_;   // shutdown: work finished (waited on the clock)
   item_list ready_;                   // guarded by mu_
   item_list running_;                 // guarded by mu_; each node touched by its worker only
@@ -1512,6 +1534,7 @@ class consumer {
   std::unordered_map<std::uint64_t, item_iter> waiting_index_;  // guarded by mu_
   std::unordered_map<std::string, item_list> keys_;  // active keys -> messages queued behind; guarded by mu_
   std::vector<dead_letter<T>> refused_;              // guarded by mu_
+  std::vector<envelope<T>> released_late_;           // guarded by mu_
   jitter_source jitter_;                             // guarded by mu_
   std::uint64_t last_seq_ = 0;                       // guarded by mu_
   std::size_t held_ = 0, running_count_ = 0, settling_ = 0, idle_workers_ = 0;  // guarded by mu_
@@ -1519,7 +1542,7 @@ class consumer {
                 expired_ = 0, poison_ = 0, handler_errors_ = 0, dead_letter_refused_ = 0, released_ = 0,
                 settled_ = 0;  // guarded by mu_
   bool accepting_ = true, stopped_ = false, shut_down_ = false, source_closed_ = false;  // guarded by mu_
-  bool dispatcher_waiting_ = false, shutdown_waiting_ = false;                          // guarded by mu_
+  bool receiving_ = false, shutdown_waiting_ = false;                                   // guarded by mu_
   /// Settle hooks and classifiers that threw. Written by any worker
   /// (relaxed fetch_add), read by stats() (relaxed): a statistic only.
   std::atomic<std::uint64_t> hook_failures_{0};
@@ -1527,7 +1550,6 @@ class consumer {
   std::stop_source stop_;
   std::unique_ptr<timer_service> timers_;
   std::vector<std::thread> workers_;
-  std::thread dispatcher_;
 };
 
 /// Registers a consumer under its name: received, acked, retried, deferred,

@@ -1,0 +1,213 @@
+// SPDX-License-Identifier: MIT
+// consumer_bench: what postbox::consumer costs per message over a bare channel receive loop, same workload, one run.
+//
+// Each scenario drains the same N envelopes from a postbox::channel, once
+// with a bare loop (`while (auto e = ch.try_receive()) sum += e->payload;`)
+// and once through a consumer whose handler does the same sum and acks.
+// Variants run interleaved, order rotated per round; the table shows the
+// median ns per message, the ratio to the bare loop and the overhead per
+// message (consumer - bare). Sums are checked; a mismatch aborts.
+//
+// Usage: consumer_bench [--quick] [--rounds N]
+#include <postbox/consumer.hpp>
+#include <postbox/testing.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using env_t = postbox::envelope<int>;
+using steady = std::chrono::steady_clock;
+
+struct options {
+  bool quick = false;
+  int rounds = 7;
+};
+options g_opt;
+
+[[noreturn]] void fail(const char* what) {
+  std::fprintf(stderr, "consumer_bench: verification failed: %s\n", what);
+  std::exit(2);
+}
+
+std::vector<env_t> make_messages(std::size_t n, unsigned keys) {
+  std::vector<env_t> v;
+  v.reserve(n);
+  const auto proto = postbox::make_envelope(std::string("bench.int"), 0);
+  for (std::size_t i = 0; i < n; ++i) {
+    env_t e = proto;
+    e.payload = static_cast<int>(i);
+    if (keys > 0) e.partition_key = "key-" + std::to_string(i % keys);
+    v.push_back(std::move(e));
+  }
+  return v;
+}
+
+std::uint64_t expected(std::size_t n) { return static_cast<std::uint64_t>(n) * (n - 1) / 2; }
+
+// Single thread: fill the channel (untimed), then drain it (timed). ns/msg.
+double bare_drain(std::size_t n) {
+  postbox::channel<env_t> ch(n);
+  for (auto& e : make_messages(n, 0)) (void)ch.try_send(std::move(e));
+  std::uint64_t sum = 0;
+  const auto t0 = steady::now();
+  while (auto e = ch.try_receive()) sum += static_cast<std::uint64_t>(e->payload);
+  const double ns = std::chrono::duration<double, std::nano>(steady::now() - t0).count();
+  if (sum != expected(n)) fail("bare drain sum");
+  return ns / static_cast<double>(n);
+}
+
+double consumer_drain(std::size_t n, unsigned keys) {
+  postbox::channel<env_t> ch(n);
+  for (auto& e : make_messages(n, keys)) (void)ch.try_send(std::move(e));
+  postbox::manual_clock clock;
+  postbox::dead_letter_queue<int> dlq(postbox::dead_letter_options{}, clock);
+  std::uint64_t sum = 0;
+  postbox::consumer_options o;
+  o.threads = 0;
+  o.max_in_flight = 256;
+  o.clock = &clock;
+  o.jitter_seed = 1;
+  postbox::consumer c(postbox::channel_source<int>(ch, "bench"), [&](const env_t& e) {
+    sum += static_cast<std::uint64_t>(e.payload);
+  }, dlq, o);
+  const auto t0 = steady::now();
+  while (c.poll() > 0) {
+  }
+  const double ns = std::chrono::duration<double, std::nano>(steady::now() - t0).count();
+  if (sum != expected(n) || c.stats().acked != n) fail("consumer drain sum");
+  return ns / static_cast<double>(n);
+}
+
+// Two threads or more: a producer sends (blocking) while the receiver side runs. ns/msg of wall time.
+double bare_threaded(std::size_t n) {
+  postbox::channel<env_t> ch(1024);
+  auto msgs = make_messages(n, 0);
+  std::uint64_t sum = 0;
+  const auto t0 = steady::now();
+  std::thread producer([&] {
+    for (auto& e : msgs) (void)ch.send(std::move(e));
+  });
+  for (std::size_t i = 0; i < n; ++i) sum += static_cast<std::uint64_t>(ch.receive()->payload);
+  const double ns = std::chrono::duration<double, std::nano>(steady::now() - t0).count();
+  producer.join();
+  if (sum != expected(n)) fail("bare threaded sum");
+  return ns / static_cast<double>(n);
+}
+
+double consumer_threaded(std::size_t n, std::size_t threads) {
+  postbox::channel<env_t> ch(1024);
+  auto msgs = make_messages(n, 0);
+  postbox::dead_letter_queue<int> dlq;
+  std::atomic<std::uint64_t> sum{0};
+  std::atomic<std::size_t> done{0};
+  postbox::consumer_options o;
+  o.threads = threads;
+  o.max_in_flight = 256;
+  o.jitter_seed = 1;
+  postbox::consumer c(postbox::channel_source<int>(ch, "bench"), [&](const env_t& e) {
+    sum.fetch_add(static_cast<std::uint64_t>(e.payload), std::memory_order_relaxed);
+    done.fetch_add(1, std::memory_order_release);
+  }, dlq, o);
+  const auto t0 = steady::now();
+  std::thread producer([&] {
+    for (auto& e : msgs) (void)ch.send(std::move(e));
+  });
+  while (done.load(std::memory_order_acquire) != n) std::this_thread::yield();
+  const double ns = std::chrono::duration<double, std::nano>(steady::now() - t0).count();
+  producer.join();
+  if (sum.load() != expected(n)) fail("consumer threaded sum");
+  return ns / static_cast<double>(n);
+}
+
+struct entry {
+  std::string name;
+  std::function<double()> run;
+  std::vector<double> samples{};
+};
+struct scenario {
+  std::string name;
+  std::string description;
+  std::vector<entry> entries;  // entries[0] is the bare baseline
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t k = v.size();
+  return k % 2 ? v[k / 2] : (v[k / 2 - 1] + v[k / 2]) / 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      g_opt.quick = true;
+      g_opt.rounds = 3;
+    } else if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) {
+      g_opt.rounds = std::max(1, std::atoi(argv[++i]));
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick] [--rounds N]\n", argv[0]);
+      return 64;
+    }
+  }
+  const std::size_t n = g_opt.quick ? 20'000 : 100'000;
+  std::printf("consumer_bench: %s, optimized %s; %zu messages per run, %d rounds\n",
+#if defined(__clang__)
+              "clang++ " __clang_version__,
+#else
+              "g++ " __VERSION__,
+#endif
+#if defined(__OPTIMIZE__)
+              "yes",
+#else
+              "NO (numbers are meaningless)",
+#endif
+              n, g_opt.rounds);
+
+  std::vector<scenario> all;
+  all.push_back({"drain, 1 thread", "pre-filled channel drained on one thread: try_receive loop vs consumer poll()", {}});
+  all.back().entries.push_back({"bare try_receive loop", [=] { return bare_drain(n); }});
+  all.back().entries.push_back({"consumer poll(), unkeyed", [=] { return consumer_drain(n, 0); }});
+  all.back().entries.push_back({"consumer poll(), 16 keys", [=] { return consumer_drain(n, 16); }});
+  all.push_back({"producer + receiver", "a producer thread sends while the receiving side runs: receive loop vs consumer threads",
+                 {}});
+  all.back().entries.push_back({"bare receive loop", [=] { return bare_threaded(n); }});
+  all.back().entries.push_back({"consumer, 1 worker", [=] { return consumer_threaded(n, 1); }});
+  all.back().entries.push_back({"consumer, 2 workers", [=] { return consumer_threaded(n, 2); }});
+  for (const auto& sc : all) std::printf("  %-20s %s\n", sc.name.c_str(), sc.description.c_str());
+
+  for (int round = 0; round < g_opt.rounds; ++round) {
+    for (auto& sc : all) {
+      const std::size_t k = sc.entries.size();
+      for (std::size_t j = 0; j < k; ++j) {
+        auto& e = sc.entries[(j + static_cast<std::size_t>(round)) % k];
+        e.samples.push_back(e.run());
+      }
+    }
+    std::fprintf(stderr, "round %d/%d done\n", round + 1, g_opt.rounds);
+  }
+
+  std::printf("\n| scenario | variant | median ns/msg | vs bare | overhead ns/msg | spread |\n");
+  std::printf("|---|---|---:|---:|---:|---:|\n");
+  for (const auto& sc : all) {
+    const double base = median(sc.entries.front().samples);
+    for (const auto& e : sc.entries) {
+      const double m = median(e.samples);
+      const auto [lo, hi] = std::minmax_element(e.samples.begin(), e.samples.end());
+      std::printf("| %s | %s | %.1f | %.2fx | %.1f | %.0f%% |\n", sc.name.c_str(), e.name.c_str(), m, m / base, m - base,
+                  m > 0 ? (*hi - *lo) / m * 100 : 0.0);
+    }
+  }
+  std::printf("\nvs bare: median / bare median (lower is better). spread: (max - min) / median over the rounds.\n");
+  return 0;
+}
