@@ -1375,8 +1375,6 @@ class consumer {
     }
     item& it = c.node.front();
     settle_outcome outcome = c.outcome;
-    std::optional<dead_letter<T>> refused;
-    bool late_release = false;
     switch (c.what) {
       case fate::ack:
         call_hook(it, settle_action{settle_action::kind::ack, {}});
@@ -1389,43 +1387,48 @@ class consumer {
       case fate::release:  // an abandoned handler asked for a retry or defer after shutdown
         call_hook(it, settle_action{settle_action::kind::release, {}});
         notify_settle(it.env, outcome, c.elapsed, {});
-        late_release = true;
         break;
-      case fate::dead_letter: {
-        std::optional<detail::published_meta> meta;
-        if (obs_ != nullptr && obs_->on_settle) meta.emplace(it.env);
-        settle_hook hook = std::move(it.hook);
-        dead_letter<T> d = make_dead_letter(it, std::move(c.reason), std::move(c.error));
-        const std::string reason = d.reason;
-        if (add_dead_letter(d)) {
-          run_hook(hook, settle_action{settle_action::kind::dead_letter, {}});
-        } else {
-          outcome = settle_outcome::dead_letter_refused;
-          run_hook(hook, settle_action{settle_action::kind::release, {}});
-          refused.emplace(std::move(d));
-        }
-        if (meta) notify(meta->event(source_name_), outcome, c.elapsed, reason);
+      case fate::dead_letter:
+        outcome = dead_letter_item(it, std::move(c.reason), std::move(c.error), c.elapsed);
         break;
-      }
       case fate::kept: break;
     }
     std::lock_guard lock(mu_);
     switch (outcome) {
       case settle_outcome::acked: ++acked_; break;
       case settle_outcome::dead_lettered: ++dead_lettered_; break;
-      case settle_outcome::dead_letter_refused:
-        ++dead_letter_refused_;
-        refused_.push_back(std::move(*refused));
-        break;
+      case settle_outcome::dead_letter_refused: ++dead_letter_refused_; break;
       case settle_outcome::released: ++released_; break;
       default: break;  // retried/deferred were counted when decided
     }
-    if (late_release) released_late_.push_back(std::move(it.env));
+    if (c.what == fate::release) released_late_.push_back(std::move(it.env));
     --settling_;
     --held_;
     // The budget was exhausted and came back: an idle worker may receive now.
     if (held_ + 1 == opts_.max_in_flight && idle_workers_ > 0 && may_receive_locked()) work_cv_.notify_one();
     if (shutdown_waiting_) idle_cv_.notify_all();
+  }
+
+  // Moves the item's envelope into the dead-letter queue (or, refused, into
+  // refused_) and settles with the source. Kept out of conclude so the ack
+  // path carries no dead_letter on its stack.
+  settle_outcome dead_letter_item(item& it, std::string reason, std::string error, duration elapsed) {
+    std::optional<detail::published_meta> meta;
+    if (obs_ != nullptr && obs_->on_settle) meta.emplace(it.env);
+    settle_hook hook = std::move(it.hook);
+    dead_letter<T> d = make_dead_letter(it, std::move(reason), std::move(error));
+    const std::string why = d.reason;
+    settle_outcome outcome = settle_outcome::dead_lettered;
+    if (add_dead_letter(d)) {
+      run_hook(hook, settle_action{settle_action::kind::dead_letter, {}});
+    } else {
+      outcome = settle_outcome::dead_letter_refused;
+      run_hook(hook, settle_action{settle_action::kind::release, {}});
+      std::lock_guard lock(mu_);
+      refused_.push_back(std::move(d));
+    }
+    if (meta) notify(meta->event(source_name_), outcome, elapsed, why);
+    return outcome;
   }
 
   void dead_letter_poison(inbound<T>&& in) {
