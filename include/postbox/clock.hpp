@@ -96,9 +96,13 @@ class timer_service {
   timer_id schedule_at(time_point when, callback fn) {
     std::lock_guard lock(mutex_);
     const timer_id id = ++last_id_;
+    // The service thread sleeps until the earliest deadline; only a timer
+    // that becomes the new earliest one needs to wake it (request-reply
+    // schedules one timer per request, nearly always later than the top).
+    const bool earliest = heap_.empty() || when < heap_.top().when;
     heap_.push(entry{when, id, std::move(fn)});
     live_.insert(id);
-    cv_.notify_all();
+    if (earliest) cv_.notify_all();
     return id;
   }
 
