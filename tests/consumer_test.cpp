@@ -825,3 +825,92 @@ TEST_CASE("with a source that redelivers itself, a retry becomes a redeliver act
   CHECK(c.stats().waiting_retry == 0);
   CHECK(r.dlq.count({.reason = "retries_exhausted"}) == 1);
 }
+
+TEST_CASE("observed_publish and observed_append report on_publish with the envelope's metadata", "[consumer][observer]") {
+  rig r;
+  postbox::observer obs;
+  std::vector<std::string> seen;
+  obs.on_publish = [&](const postbox::message_event& e) {
+    seen.push_back(std::string(e.source) + ":" + std::string(e.type) + ":" + std::string(e.partition_key));
+  };
+  postbox::topic<env_t> t;
+  auto sub = t.subscribe();
+  postbox::stream<env_t> s(2);
+  const auto pr = postbox::observed_publish(t, r.msg(1, "a"), &obs, "prices");
+  CHECK(pr.delivered == 1);
+  const auto pos = postbox::observed_append(s, r.msg(2, "b"), &obs, "orders");
+  CHECK(pos.partition == postbox::stream_partition_of("b", 2));
+  (void)postbox::observed_append(s, r.msg(3, "c"), nullptr);  // no observer: plain append
+  CHECK(seen == std::vector<std::string>{"prices:test.int:a", "orders:test.int:b"});
+  CHECK(s.end_offset(postbox::stream_partition_of("c", 2)) >= 1);
+}
+
+namespace {
+// An in-process source with hooks (like the stream source): records actions.
+struct hooked_source {
+  using payload_type = int;
+  static constexpr bool redelivers = false;
+  std::deque<env_t>* queue;
+  std::vector<postbox::settle_action::kind>* actions;
+  postbox::receive_result<postbox::inbound<int>> receive(postbox::duration) {
+    if (queue->empty()) return postbox::receive_result<postbox::inbound<int>>(postbox::receive_status::empty);
+    auto e = std::move(queue->front());
+    queue->pop_front();
+    auto* log = actions;
+    return postbox::inbound<int>::of(std::move(e), [log](const postbox::settle_action& a) { log->push_back(a.what); });
+  }
+  [[nodiscard]] std::string_view name() const noexcept { return "hooked"; }
+};
+}  // namespace
+
+TEST_CASE("destroying a consumer releases the messages it holds to their source", "[consumer][shutdown]") {
+  rig r;
+  std::deque<env_t> queue;
+  std::vector<postbox::settle_action::kind> actions;
+  {
+    postbox::consumer c(hooked_source{&queue, &actions}, [](const env_t& e) {
+      return e.payload == 1 ? postbox::settlement::retry(1min) : postbox::settlement::ack();
+    }, r.dlq, r.options(policy(3, 1s)));
+    queue.push_back(r.msg(1));
+    queue.push_back(r.msg(2));
+    CHECK(c.poll() == 2);
+    CHECK(actions == std::vector<postbox::settle_action::kind>{postbox::settle_action::kind::ack});
+  }
+  CHECK(actions == std::vector<postbox::settle_action::kind>{postbox::settle_action::kind::ack,
+                                                              postbox::settle_action::kind::release});
+}
+
+TEST_CASE("after a stream group rebalance, settles from the earlier assignment commit nothing and no record is skipped",
+          "[consumer][source]") {
+  rig r;
+  postbox::stream<env_t> orders(2);
+  std::vector<std::string> keys[2];
+  for (int i = 0; keys[0].size() < 2 || keys[1].size() < 2; ++i) {
+    std::string k = "key-" + std::to_string(i);
+    auto& bucket = keys[postbox::stream_partition_of(k, 2)];
+    if (bucket.size() < 2) bucket.push_back(std::move(k));
+  }
+  int n = 0;
+  for (int p = 0; p < 2; ++p)
+    for (const auto& k : keys[p]) (void)orders.append(k, r.msg(n++, k));
+  auto group = orders.group("billing");
+  bool park = true;
+  std::vector<int> seen_a, seen_b;
+  postbox::consumer a(postbox::stream_group_source<int>(orders, "billing", "orders"), [&](const env_t& e) {
+    seen_a.push_back(e.payload);
+    return park ? postbox::settlement::retry(1min) : postbox::settlement::ack();
+  }, r.dlq, r.options(policy(5, 1s)));
+  CHECK(a.poll() == 4);  // a alone owns both partitions; all four wait for a retry
+  postbox::consumer b(postbox::stream_group_source<int>(orders, "billing", "orders"), [&](const env_t& e) {
+    seen_b.push_back(e.payload);
+  }, r.dlq, r.options());
+  CHECK(b.poll() == 2);  // b now owns partition 1 and reads it from the committed offset
+  park = false;
+  r.clock.advance(1min);
+  CHECK(a.poll() == 6);  // a's four retries (old assignment) plus partition 0 again
+  CHECK(group.committed(0) == 2);
+  CHECK(group.committed(1) == 2);
+  CHECK(group.lag() == 0);
+  CHECK(seen_b == std::vector<int>{2, 3});
+  CHECK(seen_a.size() == 10);  // 4 parked, 4 retried, 2 redelivered after the rebalance
+}
