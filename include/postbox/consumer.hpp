@@ -358,6 +358,7 @@ class subscription_source {
   using payload_type = T;
   static constexpr bool redelivers = false;
 
+  /// Reads from `sub`; `name` is the source name for dead letters and redrive.
   explicit subscription_source(subscription<envelope<T>>& sub, std::string name = "topic")
       : sub_(&sub), name_(std::move(name)) {}
 
@@ -372,6 +373,7 @@ class subscription_source {
     if (!r.has_value()) return detail::empty_or_closed<T>(r.status());
     return inbound<T>::of(envelope<T>(**r));
   }
+  /// The source name. Never blocks.
   [[nodiscard]] std::string_view name() const noexcept { return name_; }
   /// Messages queued in the subscription (approximate). Thread-safe.
   [[nodiscard]] std::uint64_t backlog() const noexcept { return sub_->size_approx(); }
@@ -423,6 +425,7 @@ class stream_group_source {
       st_->idle.wait_for(lock, st_->poll_interval);
     }
   }
+  /// The source name. Never blocks.
   [[nodiscard]] std::string_view name() const noexcept { return st_->name; }
   /// Records of this member's partitions not committed yet. Thread-safe.
   [[nodiscard]] std::uint64_t backlog() const {
@@ -562,10 +565,15 @@ struct decode_failure {
 template <class T>
 class decode_outcome {
  public:
+  /// A decoded envelope.
   decode_outcome(envelope<T> env) : state_(std::move(env)) {}      // NOLINT(google-explicit-constructor)
+  /// A failure.
   decode_outcome(decode_failure f) : state_(std::move(f)) {}       // NOLINT(google-explicit-constructor)
+  /// Whether an envelope is present. Never allocates.
   [[nodiscard]] bool has_value() const noexcept { return state_.index() == 0; }
+  /// The envelope; precondition `has_value()`.
   [[nodiscard]] envelope<T>& operator*() noexcept { return *std::get_if<0>(&state_); }
+  /// The failure; precondition `!has_value()`.
   [[nodiscard]] const decode_failure& error() const noexcept { return *std::get_if<1>(&state_); }
 
  private:
@@ -598,6 +606,7 @@ class raw_source {
   using payload_type = T;
   static constexpr bool redelivers = false;
 
+  /// Reads bytes from `ch` and decodes them with `decoder`; `name` is the source name.
   raw_source(channel<std::string, Shape>& ch, Decoder decoder, std::string name = "raw")
       : ch_(&ch), decode_(std::move(decoder)), name_(std::move(name)) {}
 
@@ -621,7 +630,9 @@ class raw_source {
     p.raw = std::move(bytes);
     return inbound<T>::malformed(std::move(p));
   }
+  /// The source name. Never blocks.
   [[nodiscard]] std::string_view name() const noexcept { return name_; }
+  /// Byte messages queued in the channel (approximate). Thread-safe.
   [[nodiscard]] std::uint64_t backlog() const noexcept { return ch_->size_approx(); }
 
  private:
