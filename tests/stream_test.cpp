@@ -7,6 +7,7 @@
 
 #include <set>
 #include <string>
+#include <vector>
 
 using postbox::start_from;
 
@@ -198,4 +199,29 @@ TEST_CASE("a member that left polls nothing and its commit is not_found", "[stre
   CHECK(m.poll().records.empty());
   CHECK(m.commit() == postbox::errc::not_found);
   CHECK(g.member_count() == 0);
+}
+
+TEST_CASE("a group poll that reaches a partition behind retention returns what it read and reports the partition next", "[stream]") {
+  postbox::stream<int> s(2, postbox::retention{3, 0, {}});
+  std::string key0, key1;
+  for (int i = 0; key0.empty() || key1.empty(); ++i) {
+    auto k = "key" + std::to_string(i);
+    (postbox::stream_partition_of(k, 2) == 0 ? key0 : key1) = k;
+  }
+  auto g = s.group("g");
+  auto m = g.join();
+  for (int i = 0; i < 2; ++i) (void)s.append(key0, i);
+  for (int i = 0; i < 10; ++i) (void)s.append(key1, 100 + i);
+  REQUIRE(m.assignment() == std::vector<std::uint32_t>{0, 1});
+  auto first = m.poll();
+  REQUIRE(first.ok());
+  REQUIRE(first.records.size() == 2);
+  CHECK(first.records[0].value == 0);
+  CHECK(first.records[1].value == 1);
+  REQUIRE(m.commit() == postbox::errc::ok);
+  CHECK(g.committed(0) == 2);
+  auto second = m.poll();
+  CHECK(second.status == postbox::errc::out_of_range);
+  CHECK(second.partition == 1);
+  CHECK(second.earliest == 7);
 }

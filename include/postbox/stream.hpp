@@ -327,13 +327,20 @@ class stream {
   class reader {
    public:
     /// Copies up to `max` records, partitions in turn. out_of_range names the
-    /// first partition whose position fell behind retention; use seek().
+    /// first partition whose position fell behind retention; use seek(). A
+    /// poll that already copied records returns them and reports the
+    /// out_of_range on the next call, so nothing read is dropped.
     [[nodiscard]] read_result<T> poll(std::size_t max = 64) {
       read_result<T> out;
       for (std::size_t i = 0; i < next_.size() && out.records.size() < max; ++i) {
         const auto p = static_cast<std::uint32_t>((rr_ + i) % next_.size());
         auto r = s_->read(p, next_[p], max - out.records.size());
-        if (!r.ok()) return r;
+        // Records already copied from earlier partitions are returned first
+        // (their positions advanced); the out_of_range surfaces next poll.
+        if (!r.ok()) {
+          if (out.records.empty()) return r;
+          break;
+        }
         next_[p] += r.records.size();
         for (auto& rec : r.records) out.records.push_back(std::move(rec));
       }
@@ -510,7 +517,9 @@ class group_member {
 
   /// Copies up to `max` records from this member's partitions, continuing
   /// after what it polled before. After a rebalance it first resumes every
-  /// assigned partition from the committed offset. Never blocks appenders;
+  /// assigned partition from the committed offset. A partition behind
+  /// retention is reported as out_of_range by a poll that has no records to
+  /// return yet (records already read are returned first). Never blocks appenders;
   /// takes the group mutex only after a rebalance. Allocates the result.
   [[nodiscard]] read_result<T> poll(std::size_t max = 64) {
     read_result<T> out;
@@ -518,7 +527,13 @@ class group_member {
     refresh_if_rebalanced();
     for (std::size_t i = 0; i < parts_.size() && out.records.size() < max; ++i) {
       auto r = g_->owner->read(parts_[i], next_[i], max - out.records.size());
-      if (!r.ok()) return r;
+      // Positions of earlier partitions already moved past the records in
+      // `out`: hand those over (a commit then covers exactly them) and
+      // report the partition behind retention on the next poll.
+      if (!r.ok()) {
+        if (out.records.empty()) return r;
+        break;
+      }
       next_[i] += r.records.size();
       for (auto& rec : r.records) out.records.push_back(std::move(rec));
     }
