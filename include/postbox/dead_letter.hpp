@@ -43,19 +43,6 @@
 
 POSTBOX_BEGIN_NAMESPACE
 
-/// Headers a redriven envelope carries, so its history survives the trip
-/// back to its origin (the existing `dead-letter-reason`, `dead-letter-error`
-/// and `dead-letter-source` hold the last dead-lettering's values).
-namespace header_names {
-/// Attempts made in every earlier round, summed (decimal).
-inline constexpr std::string_view dead_letter_attempts = "dead-letter-attempts";
-/// How many times the message was redriven (decimal).
-inline constexpr std::string_view dead_letter_redrives = "dead-letter-redrives";
-/// First failure ever, nanoseconds since the Unix epoch (decimal).
-inline constexpr std::string_view dead_letter_first_failure = "dead-letter-first-failure";
-/// Last failure before the redrive, nanoseconds since the Unix epoch (decimal).
-inline constexpr std::string_view dead_letter_last_failure = "dead-letter-last-failure";
-}  // namespace header_names
 
 /// Reasons postbox itself gives when it dead-letters a message. A handler's
 /// `settlement::reject(reason)` uses its own text; a decoder failure uses

@@ -450,6 +450,14 @@ inline constexpr std::string_view dead_letter_reason = "dead-letter-reason";
 inline constexpr std::string_view dead_letter_error = "dead-letter-error";
 /// The channel, topic or stream a dead letter came from (for redrive).
 inline constexpr std::string_view dead_letter_source = "dead-letter-source";
+/// Attempts made in every earlier round, summed (decimal).
+inline constexpr std::string_view dead_letter_attempts = "dead-letter-attempts";
+/// How many times the message was redriven (decimal).
+inline constexpr std::string_view dead_letter_redrives = "dead-letter-redrives";
+/// First failure ever, nanoseconds since the Unix epoch (decimal).
+inline constexpr std::string_view dead_letter_first_failure = "dead-letter-first-failure";
+/// Last failure before the redrive, nanoseconds since the Unix epoch (decimal).
+inline constexpr std::string_view dead_letter_last_failure = "dead-letter-last-failure";
 }  // namespace header_names
 
 namespace detail {
