@@ -43,7 +43,6 @@
 
 POSTBOX_BEGIN_NAMESPACE
 
-
 /// Reasons postbox itself gives when it dead-letters a message. A handler's
 /// `settlement::reject(reason)` uses its own text; a decoder failure uses
 /// the decoder's `errc` name (e.g. "parse_error", "missing_field").
