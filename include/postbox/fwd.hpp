@@ -24,4 +24,25 @@ struct mpmc;
 class message_id;
 template <class T>
 struct envelope;
+template <class T>
+class topic;
+template <class T>
+class subscription;
+template <class T>
+class stream;
+struct retry_policy;
+class metrics_registry;
+class observer;
+class settlement;
+template <class T>
+class dead_letter_queue;
+template <class T>
+class consumer;
+class memory_store;
+template <class Request, class Reply>
+class requester;
+template <class Request, class Reply>
+class responder;
+template <class Result>
+class operations;
 POSTBOX_END_NAMESPACE

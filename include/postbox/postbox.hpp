@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: MIT
 // Umbrella header: includes every public postbox header, nothing else.
-// Headers that need an optional library are included when it is installed;
-// the NATS bridge (<postbox/nats.hpp>) is opt-in and never included here.
+// Headers that need a header-only optional library (nlohmann/json, fmt) are
+// included when it is installed. Headers that need a library to be linked are
+// opt-in and never included here: <postbox/sqlite.hpp> (link postbox::sqlite)
+// and the NATS bridge <postbox/nats.hpp>, <postbox/nats_request_reply.hpp>
+// (link postbox::nats).
 #pragma once
 
 #include <postbox/version.hpp>
@@ -10,10 +13,18 @@
 #include <postbox/error.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/testing.hpp>
+#include <postbox/retry.hpp>
+#include <postbox/metrics.hpp>
 #include <postbox/channel.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/topic.hpp>
 #include <postbox/stream.hpp>
+#include <postbox/observer.hpp>
+#include <postbox/dead_letter.hpp>
+#include <postbox/consumer.hpp>
+#include <postbox/store.hpp>
+#include <postbox/inbox.hpp>
+#include <postbox/outbox.hpp>
 #include <postbox/request_reply.hpp>
 #include <postbox/operations.hpp>
 #include <postbox/saga.hpp>
