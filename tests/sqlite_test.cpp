@@ -188,6 +188,21 @@ TEST_CASE("a path in a missing directory is a store_error naming the path", "[sq
   CHECK(what.find("unable to open") != std::string::npos);
 }
 
+TEST_CASE("a file that can only be opened read-only is a store_error saying so", "[sqlite]") {
+  postbox_test::temp_dir dir;
+  const std::string path = dir.file("ro.db");
+  { sqlite_store s(path, fast()); }
+  auto o = fast();
+  o.vfs = faulty_vfs::name;
+  faulty_vfs::instance().open_read_only(true);  // as when the file is not writable for this user
+  std::string what;
+  const errc code = open_error(path, o, &what);
+  faulty_vfs::instance().disarm();
+  CHECK(code == errc::store_error);
+  CHECK(what.find("read-only") != std::string::npos);
+  CHECK(what.find(path) != std::string::npos);
+}
+
 TEST_CASE("a directory given as the database path is a store_error", "[sqlite]") {
   postbox_test::temp_dir dir;
   std::string what;

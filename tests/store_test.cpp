@@ -150,6 +150,19 @@ TEMPLATE_TEST_CASE("a message with a nil id is refused with invalid_argument", "
   CHECK(tx.commit() == errc::invalid_argument);
 }
 
+TEMPLATE_TEST_CASE("a transaction of another store is refused with invalid_argument", "[store]", STORE_FIXTURES) {
+  TestType f;
+  TestType other;
+  auto tx = other.get().begin();
+  CHECK(f.get().outbox_stage(tx, msg("k", 1)) == errc::invalid_argument);
+  CHECK(f.get().inbox_record(tx, "c", message_id(1, 1), t0) == errc::invalid_argument);
+  CHECK(f.get().version_save(tx, "p", "k", 1) == errc::invalid_argument);
+  CHECK(f.get().version_load(tx, "p", "k").status() == errc::invalid_argument);
+  CHECK(tx.commit() == errc::ok);  // nothing happened to it
+  CHECK(claim(f.get(), "r1").empty());
+  CHECK(claim(other.get(), "r1").empty());
+}
+
 TEMPLATE_TEST_CASE("a doomed transaction commits nothing and reports the doom", "[store]", STORE_FIXTURES) {
   TestType f;
   auto& s = f.get();

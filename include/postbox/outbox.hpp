@@ -155,8 +155,11 @@ struct relay_options {
   std::string owner;
   /// Seed of the backoff jitter; 0 draws one.
   std::uint64_t jitter_seed = 0;
-  /// Called at each `relay_point` on the relay's thread, with the message
-  /// for `published`. Must not call back into the relay.
+  /// Called at each `relay_point` on the thread running the batch, with the
+  /// message for `published`. Must not call back into this relay. An
+  /// exception from it leaves `run_once` at that point, as a crash would
+  /// (rows stay leased until the lease ends); on the relay's own thread it
+  /// would end the process, so only tests that call `run_once` throw.
   std::function<void(relay_point, const stored_message*)> on_point;
 };
 

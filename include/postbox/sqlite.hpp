@@ -493,7 +493,7 @@ class sqlite_store {
   /// row's id). `conflict` for an id already in the outbox,
   /// `invalid_argument` for a nil id; any failure dooms `tx`.
   [[nodiscard]] errc outbox_stage(transaction& tx, const stored_message& m) {
-    if (!tx.active()) return errc::invalid_argument;
+    if (!tx.active() || tx.store_ != this) return errc::invalid_argument;  // inactive, or another store's
     if (m.id.is_nil()) {
       tx.fail(errc::invalid_argument, "sqlite_store: outbox message with a nil id");
       return errc::invalid_argument;
@@ -682,7 +682,7 @@ class sqlite_store {
   /// when it is already there (the transaction stays usable); any other
   /// failure dooms `tx`.
   [[nodiscard]] errc inbox_record(transaction& tx, std::string_view consumer, message_id id, time_point now) {
-    if (!tx.active()) return errc::invalid_argument;
+    if (!tx.active() || tx.store_ != this) return errc::invalid_argument;  // inactive, or another store's
     sqlite3_stmt* s = inbox_insert_.get();
     detail::sqlite_use use(s);
     char text[36];
@@ -758,7 +758,7 @@ class sqlite_store {
 
   /// The version of (scope, key) inside `tx`, 0 when none.
   [[nodiscard]] result<std::uint64_t> version_load(transaction& tx, std::string_view scope, std::string_view key) {
-    if (!tx.active()) return errc::invalid_argument;
+    if (!tx.active() || tx.store_ != this) return errc::invalid_argument;  // inactive, or another store's
     sqlite3_stmt* s = version_select_.get();
     detail::sqlite_use use(s);
     detail::sqlite_bind_text(s, 1, scope);
@@ -773,7 +773,7 @@ class sqlite_store {
 
   /// Writes version `v` of (scope, key) inside `tx`; a failure dooms `tx`.
   [[nodiscard]] errc version_save(transaction& tx, std::string_view scope, std::string_view key, std::uint64_t v) {
-    if (!tx.active()) return errc::invalid_argument;
+    if (!tx.active() || tx.store_ != this) return errc::invalid_argument;  // inactive, or another store's
     sqlite3_stmt* s = version_upsert_.get();
     detail::sqlite_use use(s);
     detail::sqlite_bind_text(s, 1, scope);

@@ -362,7 +362,7 @@ class memory_store {
   /// the id is already in the outbox or in `tx`; `invalid_argument` for a nil
   /// id; a failure dooms the transaction.
   [[nodiscard]] errc outbox_stage(transaction& tx, const stored_message& m) {
-    if (!tx.active()) return errc::invalid_argument;
+    if (!tx.active() || tx.store_ != this) return errc::invalid_argument;  // inactive, or another store's
     if (m.id.is_nil()) return doom(tx, errc::invalid_argument, "memory_store: outbox message with a nil id");
     {
       std::lock_guard lock(mutex_);
@@ -502,7 +502,7 @@ class memory_store {
   /// holds a record of the same id, then decides. A failure other than
   /// `conflict` dooms the transaction.
   [[nodiscard]] errc inbox_record(transaction& tx, std::string_view consumer, message_id id, time_point now) {
-    if (!tx.active()) return errc::invalid_argument;
+    if (!tx.active() || tx.store_ != this) return errc::invalid_argument;  // inactive, or another store's
     std::unique_lock lock(mutex_);
     auto& c = inbox_[std::string(consumer)];
     for (;;) {
@@ -553,7 +553,7 @@ class memory_store {
   /// The version of (scope, key) as `tx` sees it (its own writes first), 0
   /// when none.
   [[nodiscard]] result<std::uint64_t> version_load(transaction& tx, std::string_view scope, std::string_view key) {
-    if (!tx.active()) return errc::invalid_argument;
+    if (!tx.active() || tx.store_ != this) return errc::invalid_argument;  // inactive, or another store's
     for (auto it = tx.ops_.rbegin(); it != tx.ops_.rend(); ++it) {
       if (const auto* v = std::get_if<version_op>(&*it); v != nullptr && v->scope == scope && v->key == key)
         return v->version;
@@ -566,7 +566,7 @@ class memory_store {
 
   /// Buffers version `v` of (scope, key) in `tx`.
   [[nodiscard]] errc version_save(transaction& tx, std::string_view scope, std::string_view key, std::uint64_t v) {
-    if (!tx.active()) return errc::invalid_argument;
+    if (!tx.active() || tx.store_ != this) return errc::invalid_argument;  // inactive, or another store's
     {
       std::lock_guard lock(mutex_);
       tx.read_versions_.emplace(version_key(scope, key), committed_version(scope, key));

@@ -69,10 +69,14 @@ class faulty_vfs {
     sync_code_.store(code);
     sync_countdown_.store(n);
   }
+  /// Main database files open read-only from now on (what the unix VFS
+  /// does when opening read-write fails with EACCES), or normally again.
+  void open_read_only(bool on) { read_only_.store(on); }
   /// No more injected failures.
   void disarm() {
     write_countdown_.store(-1);
     sync_countdown_.store(-1);
+    read_only_.store(false);
   }
   /// Failures injected so far.
   [[nodiscard]] int injected() const { return injected_.load(); }
@@ -167,6 +171,8 @@ class faulty_vfs {
     auto* ff = reinterpret_cast<file*>(f);
     ff->real = reinterpret_cast<sqlite3_file*>(reinterpret_cast<char*>(f) + sizeof(file));
     std::memset(ff->real, 0, static_cast<std::size_t>(self().real_->szOsFile));
+    if (self().read_only_.load() && (flags & SQLITE_OPEN_MAIN_DB) != 0)
+      flags = (flags & ~(SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)) | SQLITE_OPEN_READONLY;
     const int rc = self().real_->xOpen(self().real_, z, ff->real, flags, out_flags);
     ff->base.pMethods = ff->real->pMethods != nullptr ? &self().io_ : nullptr;
     return rc;
@@ -194,6 +200,7 @@ class faulty_vfs {
   std::atomic<int> write_countdown_{-1}, sync_countdown_{-1};
   std::atomic<int> write_code_{SQLITE_IOERR_WRITE}, sync_code_{SQLITE_IOERR_FSYNC};
   std::atomic<int> injected_{0};
+  std::atomic<bool> read_only_{false};
   std::atomic<long> writes_{0}, syncs_{0};
 };
 
