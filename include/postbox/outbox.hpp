@@ -369,7 +369,12 @@ class outbox_relay {
       } else {
         store_failures_in_row_ = 0;
         if (s.next_due && *s.next_due < deadline) deadline = *s.next_due;
-        if (next_purge_ < deadline) deadline = next_purge_;
+        time_point purge_at;
+        {
+          std::lock_guard run(run_mutex_);  // run_once may also run on other threads
+          purge_at = next_purge_;
+        }
+        if (purge_at < deadline) deadline = purge_at;
       }
       store_->commits().wait(*clock_, seen, deadline,
                              // acquire: pairs with the release store in stop().
@@ -432,7 +437,7 @@ class outbox_relay {
   relay_options options_;
   const clock* clock_;
   std::mutex run_mutex_;  // serializes run_once
-  time_point next_purge_;  // under run_mutex_ (and read by loop(), the only other runner)
+  time_point next_purge_;  // under run_mutex_
   mutable std::mutex stats_mutex_;
   relay_stats stats_;
   jitter_source jitter_;  // under stats_mutex_

@@ -625,7 +625,10 @@ class memory_store {
   }
   void release_claims(transaction& tx, std::size_t from) {
     for (std::size_t i = from; i < tx.ops_.size(); ++i) {
-      if (const auto* r = std::get_if<inbox_op>(&tx.ops_[i])) inbox_[r->consumer].in_flight.erase(r->id);
+      if (const auto* r = std::get_if<inbox_op>(&tx.ops_[i])) {
+        // find, not []: this runs in noexcept paths and the consumer exists.
+        if (auto c = inbox_.find(r->consumer); c != inbox_.end()) c->second.in_flight.erase(r->id);
+      }
     }
   }
 
