@@ -289,7 +289,7 @@ TEST_CASE("two pull sources sharing a durable name split the messages without ov
   ensure_stream(js, {"ORDERS", {"orders.>"}});
   postbox::jetstream_publisher pub(js);
   for (int i = 0; i < 20; ++i) REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{i, "x"})).has_value());
-  postbox::consumer_options co{"ORDERS", "group", "orders.>", 30000ms, -1};
+  postbox::jetstream_consumer_options co{"ORDERS", "group", "orders.>", 30000ms, -1};
   postbox::jetstream_pull_source<order> a(js, co);
   postbox::jetstream_pull_source<order> b(js, co);
   std::multiset<int> seen;
@@ -387,7 +387,7 @@ TEST_CASE("killing the R3 stream leader of a three-node cluster loses and duplic
   for (int i = 0; i < 100 && !src; ++i) {
     try {
       src = std::make_unique<postbox::jetstream_pull_source<order>>(
-          js, postbox::consumer_options{"ORDERS", "checker", "orders.>", 30000ms, -1});
+          js, postbox::jetstream_consumer_options{"ORDERS", "checker", "orders.>", 30000ms, -1});
     } catch (const postbox::error&) {
       pn::detail::pause_ms(100);
     }

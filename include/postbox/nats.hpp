@@ -435,13 +435,24 @@ struct stream_options {
   std::chrono::milliseconds duplicate_window{std::chrono::minutes(2)};
 };
 
-/// Durable pull consumer settings. A plain value.
-struct consumer_options {
+/// Durable pull consumer settings. A plain value. (Named apart from the
+/// consumer runtime's `postbox::consumer_options` in consumer.hpp.)
+struct jetstream_consumer_options {
   std::string stream{};
   std::string durable{};
   std::string filter_subject{};          ///< subject filter, e.g. "orders.>" (required by libnats)
   std::chrono::milliseconds ack_wait{30000};  ///< redelivery after this without ack/in-progress
   int max_deliver = -1;                  ///< -1: unlimited
+};
+
+/// Server-side counts of a durable consumer (`jetstream::consumer_state`). A plain value.
+struct durable_state {
+  std::uint64_t pending = 0;      ///< stream messages not yet delivered to it
+  std::uint64_t ack_pending = 0;  ///< delivered, neither acked nor termed yet
+  std::uint64_t redelivered = 0;  ///< of those, messages delivered more than once
+  std::uint64_t waiting = 0;      ///< pull requests waiting on the server
+  std::uint64_t delivered_stream_sequence = 0;  ///< last stream sequence delivered
+  std::uint64_t ack_floor_stream_sequence = 0;  ///< every message up to here is settled
 };
 
 /// A JetStream context on a connection. Move-only; thread-safe as libnats' jsCtx.
@@ -500,6 +511,25 @@ class jetstream {
     std::string leader = (si->Cluster && si->Cluster->Leader) ? si->Cluster->Leader : "";
     jsStreamInfo_Destroy(si);
     return leader;
+  }
+
+  /// Server-side state of durable `durable` on `stream` (what is pending,
+  /// awaiting ack, redelivered), or an error (`not_found` when it does not
+  /// exist). Blocks on the server. Thread-safe.
+  [[nodiscard]] result<durable_state> consumer_state(const std::string& stream, const std::string& durable) {
+    jsConsumerInfo* ci = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    const natsStatus s = js_GetConsumerInfo(&ci, js_.get(), stream.c_str(), durable.c_str(), nullptr, &jerr);
+    if (s != NATS_OK) return detail::nats_errc(s);
+    durable_state out;
+    out.pending = ci->NumPending;
+    out.ack_pending = static_cast<std::uint64_t>(ci->NumAckPending);
+    out.redelivered = static_cast<std::uint64_t>(ci->NumRedelivered);
+    out.waiting = static_cast<std::uint64_t>(ci->NumWaiting);
+    out.delivered_stream_sequence = ci->Delivered.Stream;
+    out.ack_floor_stream_sequence = ci->AckFloor.Stream;
+    jsConsumerInfo_Destroy(ci);
+    return out;
   }
 
   /// The libnats context. Not owned by the caller.
@@ -909,6 +939,7 @@ class jetstream_delivery {
     if (natsMsg_GetMetaData(&meta, msg_.get()) == NATS_OK && meta) {
       delivered_ = static_cast<std::uint32_t>(meta->NumDelivered);
       stream_sequence_ = meta->Sequence.Stream;
+      pending_ = meta->NumPending;
       jsMsgMetaData_Destroy(meta);
     }
     // attempt = deliveries started so far: the producer's count plus this stream's.
@@ -924,6 +955,17 @@ class jetstream_delivery {
   /// Times the server delivered this message (1 on first delivery).
   [[nodiscard]] std::uint32_t delivered() const noexcept { return delivered_; }
   [[nodiscard]] std::uint64_t stream_sequence() const noexcept { return stream_sequence_; }
+  /// Messages the server still had for this consumer after this one (its
+  /// lag when this was delivered).
+  [[nodiscard]] std::uint64_t pending() const noexcept { return pending_; }
+  /// The message body as received (the payload JSON). Valid while this lives.
+  [[nodiscard]] std::string_view data() const noexcept {
+    const char* d = natsMsg_GetData(msg_.get());
+    const int n = natsMsg_GetDataLength(msg_.get());
+    return d != nullptr && n > 0 ? std::string_view(d, static_cast<std::size_t>(n)) : std::string_view{};
+  }
+  /// The libnats message. Owned by this delivery.
+  [[nodiscard]] natsMsg* native() const noexcept { return msg_.get(); }
 
   /// Acknowledges and waits for the server to confirm (blocks). Thread-safe.
   [[nodiscard]] errc ack() { return detail::nats_errc(natsMsg_AckSync(msg_.get(), nullptr, nullptr)); }
@@ -943,6 +985,7 @@ class jetstream_delivery {
   std::optional<envelope<T>> env_;
   std::uint32_t delivered_ = 0;
   std::uint64_t stream_sequence_ = 0;
+  std::uint64_t pending_ = 0;
 };
 
 /// A durable pull consumer that yields envelopes. The durable keeps its
@@ -953,7 +996,7 @@ template <class T>
 class jetstream_pull_source {
  public:
   /// Binds (creating if needed) the durable consumer. Throws on failure.
-  jetstream_pull_source(jetstream& js, const consumer_options& co) : js_(&js) {
+  jetstream_pull_source(jetstream& js, const jetstream_consumer_options& co) : js_(&js) {
     jsSubOptions so;
     jsSubOptions_Init(&so);
     so.Stream = co.stream.c_str();
@@ -976,6 +1019,31 @@ class jetstream_pull_source {
     jsErrCode jerr = static_cast<jsErrCode>(0);
     const natsStatus s = natsSubscription_Fetch(&list, sub_.get(), max, timeout.count(), &jerr);
     if (s != NATS_OK) return detail::nats_errc(s);
+    return take(list);
+  }
+
+  /// Up to `max` deliveries the server has right now: the request says
+  /// "no wait", so the server answers at once (one round trip, bounded by
+  /// `reply_wait`) with what is available. `timeout` (or `not_found`) when
+  /// nothing is. Blocks for the round trip; allocates.
+  [[nodiscard]] result<std::vector<jetstream_delivery<T>>> fetch_available(
+      int max, std::chrono::milliseconds reply_wait = std::chrono::milliseconds(1000)) {
+    jsFetchRequest req;
+    jsFetchRequest_Init(&req);
+    req.Batch = max;
+    req.NoWait = true;
+    req.Expires = std::chrono::duration_cast<std::chrono::nanoseconds>(reply_wait).count();
+    natsMsgList list{};
+    const natsStatus s = natsSubscription_FetchRequest(&list, sub_.get(), &req);
+    if (s != NATS_OK) return detail::nats_errc(s);
+    return take(list);
+  }
+
+  /// The libnats subscription. Owned by this source.
+  [[nodiscard]] natsSubscription* native() const noexcept { return sub_.get(); }
+
+ private:
+  static std::vector<jetstream_delivery<T>> take(natsMsgList& list) {
     std::vector<jetstream_delivery<T>> out;
     out.reserve(static_cast<std::size_t>(list.Count));
     for (int i = 0; i < list.Count; ++i) {
@@ -986,7 +1054,6 @@ class jetstream_pull_source {
     return out;
   }
 
- private:
   jetstream* js_;
   std::unique_ptr<natsSubscription, detail::nats_sub_deleter> sub_;
 };

@@ -1,0 +1,455 @@
+// SPDX-License-Identifier: MIT
+// Tests for postbox/nats_consumer.hpp: the consumer runtime over a JetStream durable, against real nats-server processes on 127.0.0.1.
+#ifdef POSTBOX_NATS_SERVER
+
+#include <postbox/nats_consumer.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "support.hpp"
+
+#include "nats_harness.hpp"
+
+namespace {
+
+struct order {
+  int n = 0;
+};
+void to_json(nlohmann::json& j, const order& o) { j = {{"n", o.n}}; }
+void from_json(const nlohmann::json& j, order& o) { j.at("n").get_to(o.n); }
+
+using namespace std::chrono_literals;
+namespace pn = postbox_test::nats;
+using source_t = postbox::jetstream_consumer_source<order>;
+
+static_assert(postbox::consumer_source<source_t>, "the adapter satisfies the consumer's source concept");
+static_assert(source_t::redelivers, "JetStream redelivers: the consumer hands retries to the server");
+static_assert(std::is_same_v<source_t::payload_type, order>);
+
+#define NATS_REQUIRE_SERVER()                \
+  if (!pn::available()) {                    \
+    WARN("nats-server not found: skipping"); \
+    return;                                  \
+  }
+
+// A server with stream ORDERS on orders.>, a connection and a context.
+struct rig {
+  pn::server srv;
+  std::optional<postbox::nats_connection> conn;
+  std::optional<postbox::jetstream> js;
+
+  rig() {
+    srv.start();
+    postbox::nats_connection_options o;
+    o.urls = srv.url();
+    conn.emplace(std::move(o));
+    js.emplace(*conn);
+    auto rc = postbox::errc::timeout;
+    for (int i = 0; i < 100 && rc != postbox::errc::ok; ++i) {  // JetStream may lag the port by a moment
+      rc = js->ensure_stream({"ORDERS", {"orders.>"}});
+      if (rc != postbox::errc::ok) pn::detail::pause_ms(100);
+    }
+    REQUIRE(rc == postbox::errc::ok);
+  }
+
+  std::vector<postbox::message_id> publish(int from, int to) {
+    postbox::jetstream_publisher pub(*js);
+    std::vector<postbox::message_id> ids;
+    for (int i = from; i < to; ++i) {
+      auto env = postbox::make_envelope("orders.placed", order{i});
+      REQUIRE(pub.publish(env).has_value());
+      ids.push_back(env.id);
+    }
+    return ids;
+  }
+
+  [[nodiscard]] postbox::durable_state state(const std::string& durable) {
+    auto s = js->consumer_state("ORDERS", durable);
+    REQUIRE(s.has_value());
+    return *s;
+  }
+};
+
+postbox::jetstream_consumer_options durable(const std::string& name, std::chrono::milliseconds ack_wait = 30s,
+                                            int max_deliver = -1) {
+  return {"ORDERS", name, "orders.>", ack_wait, max_deliver};
+}
+
+postbox::consumer_options threaded(std::size_t threads = 1, std::size_t max_in_flight = 16) {
+  postbox::consumer_options o;
+  o.threads = threads;
+  o.max_in_flight = max_in_flight;
+  o.jitter_seed = 7;
+  return o;
+}
+
+// Handler invocations, recorded from worker threads.
+struct journal {
+  mutable std::mutex m;
+  std::vector<std::pair<int, std::uint32_t>> runs;  // (payload n, attempt)
+  void add(int n, std::uint32_t attempt) {
+    std::lock_guard lock(m);
+    runs.emplace_back(n, attempt);
+  }
+  std::size_t size() const {
+    std::lock_guard lock(m);
+    return runs.size();
+  }
+  std::vector<std::pair<int, std::uint32_t>> all() const {
+    std::lock_guard lock(m);
+    return runs;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("max_deliver_for gives the retry policy's attempts plus slack so the consumer decides dead-lettering",
+          "[nats][nats_consumer]") {
+  postbox::retry_policy p;
+  p.max_attempts = 5;
+  STATIC_REQUIRE(postbox::max_deliver_for(postbox::retry_policy{}) == 8);
+  CHECK(postbox::max_deliver_for(p) == 8);
+  CHECK(postbox::max_deliver_for(p, 0) == 5);
+  p.max_attempts = 0;  // the consumer then allows one attempt
+  CHECK(postbox::max_deliver_for(p, 0) == 1);
+  p.max_attempts = 0xffffffffu;
+  CHECK(postbox::max_deliver_for(p) == -1);  // beyond the server's int: unlimited
+}
+
+TEST_CASE("an acked delivery is confirmed by the server before the consumer counts it, first attempt 1",
+          "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.publish(0, 3);
+  source_t src(*r.js, durable("acker"));
+  const auto mon = src.monitor();
+  journal j;
+  postbox::dead_letter_queue<order> dlq;
+  postbox::consumer<order> c(
+      std::move(src),
+      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
+        j.add(e.payload.n, ctx.attempt());
+        return postbox::settlement::ack();
+      },
+      dlq, threaded());
+  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 3; }));
+  // AckSync returned before the consumer counted: the server has nothing pending.
+  const auto st = r.state("acker");
+  CHECK(st.ack_pending == 0);
+  CHECK(st.redelivered == 0);
+  CHECK(mon.stats().acked == 3);
+  for (const auto& [n, attempt] : j.all()) CHECK(attempt == 1);
+  CHECK(c.source_name() == "acker");
+}
+
+TEST_CASE("retry(after) naks with that delay and the redelivery carries the next attempt", "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.publish(0, 2);  // 0 first, then 1
+  source_t src(*r.js, durable("retrier"));
+  const auto mon = src.monitor();
+  journal j;
+  postbox::dead_letter_queue<order> dlq;
+  postbox::consumer<order> c(
+      std::move(src),
+      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
+        j.add(e.payload.n, ctx.attempt());
+        if (ctx.attempt() > 1) return postbox::settlement::ack();
+        // Message 0 waits 2 s on the server, message 1 comes back at once:
+        // the second deliveries arrive in the opposite order of the stream.
+        return postbox::settlement::retry(e.payload.n == 0 ? postbox::duration(2s) : postbox::duration(0));
+      },
+      dlq, threaded());
+  REQUIRE(postbox_test::eventually([&] { return j.size() == 4; }));
+  const auto runs = j.all();
+  CHECK(runs[2] == std::pair<int, std::uint32_t>{1, 2});
+  CHECK(runs[3] == std::pair<int, std::uint32_t>{0, 2});
+  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 2; }));
+  CHECK(mon.stats().naked == 2);
+  CHECK(c.stats().retried == 2);
+  CHECK(r.state("retrier").ack_pending == 0);
+  CHECK(dlq.size() == 0);
+}
+
+TEST_CASE("reject terms the message on the server after the consumer dead-lettered it locally",
+          "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.publish(0, 1);
+  source_t src(*r.js, durable("rejecter"));
+  const auto mon = src.monitor();
+  journal j;
+  postbox::dead_letter_queue<order> dlq;
+  postbox::consumer<order> c(
+      std::move(src),
+      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
+        j.add(e.payload.n, ctx.attempt());
+        return postbox::settlement::reject("invalid order");
+      },
+      dlq, threaded());
+  REQUIRE(postbox_test::eventually([&] { return dlq.size() == 1; }));
+  const auto d = dlq.list().front();
+  CHECK(d.reason == "invalid order");
+  CHECK(d.source == "rejecter");
+  CHECK(d.attempts == 1);
+  REQUIRE(d.message.has_value());
+  CHECK(d.message->payload.n == 0);
+  // Term is fire-and-forget: the server forgets the message shortly after.
+  REQUIRE(postbox_test::eventually([&] { return mon.stats().termed == 1 && r.state("rejecter").ack_pending == 0; }));
+  CHECK(r.state("rejecter").redelivered == 0);
+  CHECK(j.size() == 1);
+}
+
+TEST_CASE("an undecodable message is dead-lettered locally as poison with its bytes and termed",
+          "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  // A valid envelope whose payload is a string, read as an order: the payload does not decode.
+  postbox::jetstream_publisher pub(*r.js);
+  REQUIRE(pub.publish(postbox::make_envelope("orders.placed", std::string("not an order"))).has_value());
+  r.publish(1, 2);  // a good one behind it
+  source_t src(*r.js, durable("poison"));
+  const auto mon = src.monitor();
+  journal j;
+  postbox::dead_letter_queue<order> dlq;
+  postbox::consumer<order> c(
+      std::move(src),
+      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) { j.add(e.payload.n, ctx.attempt()); },
+      dlq, threaded());
+  REQUIRE(postbox_test::eventually([&] { return dlq.size() == 1 && j.size() == 1; }));
+  const auto d = dlq.list().front();
+  CHECK_FALSE(d.message.has_value());
+  CHECK(d.reason == "parse_error");
+  CHECK(d.raw == "\"not an order\"");
+  CHECK(d.source == "poison");
+  CHECK(c.stats().poison == 1);
+  REQUIRE(postbox_test::eventually([&] { return mon.stats().termed == 1 && r.state("poison").ack_pending == 0; }));
+  CHECK(mon.stats().malformed == 1);
+  CHECK(r.state("poison").redelivered == 0);
+}
+
+TEST_CASE("a message failing every attempt is dead-lettered after max_attempts deliveries and termed",
+          "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.publish(0, 1);
+  postbox::retry_policy policy;
+  policy.max_attempts = 3;
+  policy.initial_backoff = 10ms;
+  policy.full_jitter = false;
+  source_t src(*r.js, durable("exhaust", 30s, postbox::max_deliver_for(policy)));
+  const auto mon = src.monitor();
+  journal j;
+  postbox::dead_letter_queue<order> dlq;
+  auto opts = threaded();
+  opts.retry = policy;
+  postbox::consumer<order> c(
+      std::move(src),
+      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
+        j.add(e.payload.n, ctx.attempt());
+        throw std::runtime_error("downstream unavailable");
+      },
+      dlq, opts);
+  REQUIRE(postbox_test::eventually([&] { return dlq.size() == 1; }));
+  const auto d = dlq.list().front();
+  CHECK(d.reason == "retries_exhausted");
+  CHECK(d.attempts == 3);
+  CHECK(d.error == "downstream unavailable");
+  REQUIRE(postbox_test::eventually([&] { return mon.stats().termed == 1 && r.state("exhaust").ack_pending == 0; }));
+  const auto runs = j.all();
+  REQUIRE(runs.size() == 3);
+  for (std::uint32_t i = 0; i < 3; ++i) CHECK(runs[i].second == i + 1);  // attempt = NumDelivered, one per delivery
+  CHECK(mon.stats().naked == 2);
+}
+
+TEST_CASE("the heartbeat keeps a slow handler's message from being redelivered past its ack wait",
+          "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.publish(0, 1);
+  source_t src(*r.js, durable("slow", 1000ms));  // heartbeat every ~333 ms
+  const auto mon = src.monitor();
+  journal j;
+  postbox::dead_letter_queue<order> dlq;
+  // Two workers: a redelivery would run on the second while the first is held.
+  postbox::consumer<order> c(
+      std::move(src),
+      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
+        j.add(e.payload.n, ctx.attempt());
+        // Hold the message for six heartbeats (~2 s, twice the ack wait).
+        (void)postbox_test::eventually([&] { return mon.stats().in_progress >= 6; });
+      },
+      dlq, threaded(2));
+  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 1; }));
+  CHECK(mon.stats().in_progress >= 6);
+  CHECK(j.size() == 1);
+  const auto st = r.state("slow");
+  CHECK(st.redelivered == 0);
+  CHECK(st.ack_pending == 0);
+}
+
+TEST_CASE("without the heartbeat a handler slower than the ack wait sees its message redelivered",
+          "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.publish(0, 1);
+  postbox::jetstream_source_options so;
+  so.heartbeat = -1ms;
+  source_t src(*r.js, durable("unbeaten", 1000ms), so);
+  journal j;
+  postbox::dead_letter_queue<order> dlq;
+  postbox::consumer<order> c(
+      std::move(src),
+      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
+        j.add(e.payload.n, ctx.attempt());
+        // The first run waits for the server's redelivery to reach the second worker.
+        if (ctx.attempt() == 1) (void)postbox_test::eventually([&] { return j.size() == 2; });
+      },
+      dlq, threaded(2));
+  REQUIRE(postbox_test::eventually([&] { return j.size() == 2; }));
+  const auto runs = j.all();
+  CHECK(runs[0].second == 1);
+  CHECK(runs[1].second == 2);  // the server's redelivery, while the first run still held it
+  // The first delivery's late ack may or may not be accepted; the second settles the message.
+  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 2; }, 60s));
+}
+
+TEST_CASE("two consumers on one durable split the messages without overlap", "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  const int n = 40;
+  r.publish(0, n);
+  postbox::nats_connection_options o;
+  o.urls = r.srv.url();
+  postbox::nats_connection conn_b(std::move(o));  // as if in another process
+  postbox::jetstream js_b(conn_b);
+  std::mutex m;
+  std::multiset<int> seen_a, seen_b;
+  postbox::dead_letter_queue<order> dlq_a, dlq_b;
+  postbox::jetstream_source_options one;
+  one.batch = 1;
+  // A holds its first message until B has handled one, so both get work.
+  postbox::consumer<order> a(
+      source_t(*r.js, durable("group"), one),
+      [&](const postbox::envelope<order>& e) {
+        bool first = false;
+        {
+          std::lock_guard lock(m);
+          first = seen_a.empty();
+          seen_a.insert(e.payload.n);
+        }
+        if (first)
+          (void)postbox_test::eventually([&] {
+            std::lock_guard lock(m);
+            return !seen_b.empty();
+          });
+      },
+      dlq_a, threaded(1, 1));
+  postbox::consumer<order> b(
+      source_t(js_b, durable("group")),
+      [&](const postbox::envelope<order>& e) {
+        std::lock_guard lock(m);
+        seen_b.insert(e.payload.n);
+      },
+      dlq_b, threaded());
+  REQUIRE(postbox_test::eventually([&] { return a.stats().acked + b.stats().acked == static_cast<std::uint64_t>(n); }));
+  std::lock_guard lock(m);
+  CHECK(seen_a.size() + seen_b.size() == static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) CHECK(seen_a.count(i) + seen_b.count(i) == 1);
+  CHECK_FALSE(seen_a.empty());
+  CHECK_FALSE(seen_b.empty());
+}
+
+TEST_CASE("a released or dropped delivery is redelivered at once, not after the ack wait", "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.publish(0, 1);
+  source_t src(*r.js, durable("release", 60s));  // far beyond the receive loops below
+  auto next = [&]() -> std::optional<postbox::inbound<order>> {
+    for (int i = 0; i < 20; ++i) {
+      auto got = src.receive(1s);
+      if (got.has_value()) return std::move(*got);
+    }
+    return std::nullopt;
+  };
+  auto first = next();
+  REQUIRE(first);
+  REQUIRE(first->message);
+  CHECK(first->message->attempt == 0);  // deliveries started before this one
+  first->settle(postbox::settle_action{postbox::settle_action::kind::release, {}});
+  {
+    auto second = next();
+    REQUIRE(second);
+    REQUIRE(second->message);
+    CHECK(second->message->attempt == 1);
+  }  // dropped without settling: naked
+  auto third = next();
+  REQUIRE(third);
+  REQUIRE(third->message);
+  CHECK(third->message->attempt == 2);
+  third->settle(postbox::settle_action{postbox::settle_action::kind::ack, {}});
+  CHECK(src.stats().released == 2);
+  CHECK(src.stats().acked == 1);
+  CHECK(src.stats().unsettled == 0);
+  CHECK(r.state("release").ack_pending == 0);
+}
+
+TEST_CASE("destroying a source gives its buffered deliveries back and backlog counts them", "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.publish(0, 5);
+  postbox::jetstream_source_options two;
+  two.batch = 2;
+  std::optional<postbox::inbound<order>> held;
+  {
+    source_t src(*r.js, durable("buffered", 60s), two);
+    for (int i = 0; i < 20 && !held; ++i) {
+      auto got = src.receive(1s);
+      if (got.has_value()) held.emplace(std::move(*got));
+    }
+    REQUIRE(held);
+    CHECK(src.backlog() == 4);  // one buffered here + three on the server
+    CHECK(src.stats().unsettled == 2);
+  }
+  // The buffered one (order 1) comes back at once to a new source; the held one
+  // is still unsettled and its delivery still works after its source is gone.
+  source_t again(*r.js, durable("buffered", 60s));
+  std::set<int> got;
+  for (int i = 0; i < 20 && got.size() < 4; ++i) {
+    auto in = again.receive(1s);
+    if (!in.has_value()) continue;
+    got.insert(in->message->payload.n);
+    in->settle(postbox::settle_action{postbox::settle_action::kind::ack, {}});
+  }
+  CHECK(got == std::set<int>{1, 2, 3, 4});
+  held->settle(postbox::settle_action{postbox::settle_action::kind::ack, {}});
+  CHECK(again.stats().acked == 4);
+  CHECK(r.state("buffered").ack_pending == 0);
+}
+
+TEST_CASE("receive with zero wait returns what the server has without waiting for more", "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  source_t src(*r.js, durable("nowait"));
+  CHECK(src.receive(postbox::duration::zero()).status() == postbox::receive_status::empty);
+  r.publish(0, 2);
+  std::vector<int> got;
+  for (int i = 0; i < 50 && got.size() < 2; ++i) {
+    auto in = src.receive(postbox::duration::zero());
+    if (!in.has_value()) continue;
+    got.push_back(in->message->payload.n);
+    in->settle(postbox::settle_action{postbox::settle_action::kind::ack, {}});
+  }
+  CHECK(got == std::vector<int>{0, 1});
+  CHECK(src.receive(postbox::duration::zero()).status() == postbox::receive_status::empty);
+}
+
+#endif  // POSTBOX_NATS_SERVER

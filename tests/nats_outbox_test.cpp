@@ -1,0 +1,339 @@
+// SPDX-License-Identifier: MIT
+// Tests for postbox/nats_outbox.hpp: an outbox relay publishing to JetStream, against real nats-server processes on 127.0.0.1.
+#ifdef POSTBOX_NATS_SERVER
+
+#include <postbox/json.hpp>
+#include <postbox/nats_outbox.hpp>
+#include <postbox/testing.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <map>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "support.hpp"
+
+#include "nats_harness.hpp"
+
+namespace {
+
+struct order {
+  int n = 0;
+};
+void to_json(nlohmann::json& j, const order& o) { j = {{"n", o.n}}; }
+void from_json(const nlohmann::json& j, order& o) { j.at("n").get_to(o.n); }
+
+struct refund {
+  std::string reason;
+};
+void to_json(nlohmann::json& j, const refund& r) { j = {{"reason", r.reason}}; }
+void from_json(const nlohmann::json& j, refund& r) { j.at("reason").get_to(r.reason); }
+
+using namespace std::chrono_literals;
+namespace pn = postbox_test::nats;
+using postbox::errc;
+
+#define NATS_REQUIRE_SERVER()                \
+  if (!pn::available()) {                    \
+    WARN("nats-server not found: skipping"); \
+    return;                                  \
+  }
+
+postbox::stream_options stream_of(std::string name, std::vector<std::string> subjects) {
+  postbox::stream_options so;
+  so.name = std::move(name);
+  so.subjects = std::move(subjects);
+  return so;
+}
+
+// A server, a connection (quick to notice a stopped server), a context, a
+// memory outbox and a manual clock for the relay.
+struct rig {
+  pn::server srv;
+  std::optional<postbox::nats_connection> conn;
+  std::optional<postbox::jetstream> js;
+  postbox::manual_clock clock;
+  postbox::memory_store store;
+  postbox::outbox<postbox::memory_store, postbox::json::codec> box{store, postbox::json::codec{}, clock};
+
+  rig() {
+    srv.start();
+    postbox::nats_connection_options o;
+    o.urls = srv.url();
+    o.reconnect_wait = 20ms;
+    o.reconnect_wait_max = 200ms;
+    conn.emplace(std::move(o));
+    js.emplace(*conn);
+    ensure(stream_of("ORDERS", {"orders.>"}));
+  }
+
+  void ensure(const postbox::stream_options& so) {
+    auto rc = errc::timeout;
+    for (int i = 0; i < 100 && rc != errc::ok; ++i) {  // JetStream may lag the port by a moment
+      rc = js->ensure_stream(so);
+      if (rc != errc::ok) pn::detail::pause_ms(100);
+    }
+    REQUIRE(rc == errc::ok);
+  }
+
+  template <class T>
+  postbox::message_id stage(const std::string& type, T payload, const std::string& key = {}) {
+    auto env = postbox::make_envelope(type, std::move(payload), postbox::message_kind::event, clock);
+    env.partition_key = key;
+    auto tx = store.begin();
+    REQUIRE(box.stage(tx, env) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+    return env.id;
+  }
+
+  [[nodiscard]] std::uint64_t stored(const std::string& stream = "ORDERS") {
+    auto n = js->stream_messages(stream);
+    REQUIRE(n.has_value());
+    return *n;
+  }
+
+  // Every message of `stream` in stream order, read through a fresh durable.
+  struct seen {
+    std::string subject;
+    postbox::envelope<nlohmann::json> env;
+  };
+  std::vector<seen> read(const std::string& stream, const std::string& filter, std::size_t expected) {
+    postbox::jetstream_pull_source<nlohmann::json> src(*js, {stream, "reader", filter, 30000ms, -1});
+    std::vector<seen> out;
+    for (int i = 0; i < 50 && out.size() < expected; ++i) {
+      auto got = src.fetch(64, 1000ms);
+      if (!got.has_value()) continue;
+      for (auto& d : *got) {
+        REQUIRE(d.has_value());
+        out.push_back({natsMsg_GetSubject(d.native()), *d});
+        (void)d.ack();
+      }
+    }
+    return out;
+  }
+};
+
+postbox::relay_options relay_opts(std::string owner = "relay-1") {
+  postbox::relay_options o;
+  o.owner = std::move(owner);
+  o.jitter_seed = 1;
+  o.retry.full_jitter = false;
+  o.retry.initial_backoff = 1s;
+  return o;
+}
+
+postbox::publisher_options one_attempt(std::chrono::milliseconds ack_timeout = 2000ms) {
+  postbox::publisher_options o;
+  o.ack_timeout = ack_timeout;
+  o.max_attempts = 1;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("a relay to JetStream marks a message dispatched only after the stream acknowledged it",
+          "[nats][nats_outbox]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  std::vector<postbox::message_id> ids;
+  for (int i = 0; i < 3; ++i) ids.push_back(r.stage("orders.placed", order{i}, "cust-1"));
+  postbox::jetstream_publisher pub(*r.js);
+  auto opts = relay_opts();
+  std::vector<std::uint64_t> stored_at_publish, pending_at_publish;
+  opts.on_point = [&](postbox::relay_point p, const postbox::stored_message*) {
+    if (p != postbox::relay_point::published) return;
+    // The destination returned ok: the stream already has it, the outbox has not marked it.
+    stored_at_publish.push_back(r.stored());
+    pending_at_publish.push_back(r.store.outbox_summary()->pending);
+  };
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream<order>(pub, postbox::json::codec{}), opts, r.clock);
+  const auto step = relay.run_once();
+  CHECK(step.published == 3);
+  CHECK(step.marked == 3);
+  CHECK(stored_at_publish == std::vector<std::uint64_t>{1, 2, 3});
+  CHECK(pending_at_publish == std::vector<std::uint64_t>{3, 3, 3});
+  CHECK(r.store.outbox_summary()->pending == 0);
+  // Nats-Msg-Id is the outbox id; type, key and payload travel with it.
+  const auto got = r.read("ORDERS", "orders.>", 3);
+  REQUIRE(got.size() == 3);
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK(got[i].env.id == ids[i]);
+    CHECK(got[i].subject == "orders.placed");
+    CHECK(got[i].env.partition_key == "cust-1");
+    CHECK(got[i].env.payload.at("n") == static_cast<int>(i));
+  }
+}
+
+TEST_CASE("a publish no stream acknowledges fails, stays pending and is retried with backoff under the same id",
+          "[nats][nats_outbox]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  const auto id = r.stage("returns.opened", order{1});  // no stream listens on returns.> yet
+  postbox::jetstream_publisher pub(*r.js, one_attempt());
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream<order>(pub, postbox::json::codec{}), relay_opts(),
+                              r.clock);
+  const auto first = relay.run_once();
+  CHECK(first.failed == 1);
+  CHECK(first.marked == 0);
+  REQUIRE(first.next_due.has_value());
+  CHECK(*first.next_due == r.clock.now() + 1s);
+  CHECK(r.store.outbox_summary()->pending == 1);
+  CHECK(r.store.outbox_summary()->retrying == 1);
+  r.ensure(stream_of("RETURNS", {"returns.>"}));
+  CHECK(relay.run_once().claimed == 0);  // its backoff has not passed
+  r.clock.advance(1s);
+  const auto second = relay.run_once();
+  CHECK(second.published == 1);
+  CHECK(second.marked == 1);
+  CHECK(r.stored("RETURNS") == 1);
+  const auto got = r.read("RETURNS", "returns.>", 1);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].env.id == id);
+}
+
+TEST_CASE("an ack timeout while the server is down is an unknown outcome: republished with the same id, stored once",
+          "[nats][nats_outbox]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.stage("orders.placed", order{1});
+  postbox::jetstream_publisher pub(*r.js, one_attempt(300ms));
+  std::vector<bool> duplicates;
+  postbox::jetstream_destination_options dopts;
+  dopts.on_ack = [&](const postbox::stored_message&, const postbox::publish_ack& a) {
+    duplicates.push_back(a.duplicate);
+  };
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream<order>(pub, postbox::json::codec{}, dopts),
+                              relay_opts(), r.clock);
+  r.srv.stop();
+  REQUIRE(postbox_test::eventually([&] { return r.conn->status() == postbox::connection_status::reconnecting; }));
+  const auto first = relay.run_once();  // libnats keeps the publish for the reconnect; no PubAck comes
+  CHECK(first.failed == 1);
+  CHECK(r.store.outbox_summary()->pending == 1);
+  r.srv.start();
+  REQUIRE(postbox_test::eventually([&] { return r.conn->status() == postbox::connection_status::connected; }));
+  r.clock.advance(1s);
+  postbox::relay_step second;
+  // JetStream may need a moment after the restart before it answers publishes.
+  for (int i = 0; i < 50 && second.marked == 0; ++i) {
+    second = relay.run_once();
+    if (second.marked == 0) {
+      pn::detail::pause_ms(100);
+      r.clock.advance(60s);
+    }
+  }
+  CHECK(second.marked == 1);
+  CHECK(r.store.outbox_summary()->pending == 0);
+  CHECK(r.stored() == 1);  // whether or not the first attempt landed, the stream has it once
+  REQUIRE(duplicates.size() == 1);
+  // libnats sent the first attempt after reconnecting, so the stream had
+  // stored it: the republish is absorbed as a duplicate.
+  CHECK(duplicates[0]);
+}
+
+TEST_CASE("a relay crash between publish and mark republishes the batch and the duplicate window keeps one copy",
+          "[nats][nats_outbox]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  const int n = 5;
+  for (int i = 0; i < n; ++i) r.stage("orders.placed", order{i}, "k" + std::to_string(i % 2));
+  postbox::jetstream_publisher pub(*r.js);
+  std::vector<bool> duplicates;
+  postbox::jetstream_destination_options dopts;
+  dopts.on_ack = [&](const postbox::stored_message&, const postbox::publish_ack& a) {
+    duplicates.push_back(a.duplicate);
+  };
+  {
+    auto opts = relay_opts("relay-crashing");
+    opts.on_point = [](postbox::relay_point p, const postbox::stored_message*) {
+      if (p == postbox::relay_point::before_mark) throw std::runtime_error("crash before mark");
+    };
+    postbox::outbox_relay relay(r.store, postbox::to_jetstream<order>(pub, postbox::json::codec{}, dopts), opts,
+                                r.clock);
+    CHECK_THROWS_AS(relay.run_once(), std::runtime_error);
+  }
+  CHECK(r.stored() == static_cast<std::uint64_t>(n));
+  CHECK(r.store.outbox_summary()->pending == static_cast<std::uint64_t>(n));  // published, never marked
+  // The restarted relay (same owner) takes its leases back and publishes the batch again.
+  postbox::outbox_relay restarted(r.store, postbox::to_jetstream<order>(pub, postbox::json::codec{}, dopts),
+                                  relay_opts("relay-crashing"), r.clock);
+  CHECK(restarted.run_once().marked == static_cast<std::size_t>(n));
+  REQUIRE(duplicates.size() == static_cast<std::size_t>(2 * n));
+  for (int i = 0; i < n; ++i) {
+    CHECK_FALSE(duplicates[static_cast<std::size_t>(i)]);
+    CHECK(duplicates[static_cast<std::size_t>(n + i)]);  // the same ids again: absorbed by the stream
+  }
+  CHECK(r.stored() == static_cast<std::uint64_t>(n));
+  CHECK(r.store.outbox_summary()->pending == 0);
+}
+
+TEST_CASE("a key's messages reach the stream in staging order while a failure holds back only that key",
+          "[nats][nats_outbox]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  std::map<postbox::message_id, std::string> label;
+  for (const auto& [key, i] : std::vector<std::pair<std::string, int>>{{"a", 1}, {"b", 1}, {"a", 2}, {"b", 2}, {"a", 3}})
+    label[r.stage("orders.placed", order{i}, key)] = key + std::to_string(i);
+  postbox::jetstream_publisher pub(*r.js);
+  auto to_js = postbox::to_jetstream<order>(pub, postbox::json::codec{});
+  bool failed_once = false;
+  // The first publish of a1 has an unknown outcome (as an ack timeout would).
+  postbox::outbox_destination flaky = [&](const postbox::stored_message& m) {
+    if (!failed_once && label[m.id] == "a1") {
+      failed_once = true;
+      return errc::timeout;
+    }
+    return to_js(m);
+  };
+  postbox::outbox_relay relay(r.store, flaky, relay_opts(), r.clock);
+  CHECK(relay.run_once().published == 2);  // b1, b2
+  r.clock.advance(1s);
+  CHECK(relay.run_once().published == 3);  // a1, a2, a3
+  const auto got = r.read("ORDERS", "orders.>", 5);
+  std::vector<std::string> order_seen;
+  for (const auto& s : got) order_seen.push_back(label[s.env.id]);
+  CHECK(order_seen == std::vector<std::string>{"b1", "b2", "a1", "a2", "a3"});
+}
+
+TEST_CASE("one relay with json payloads carries every message type, each to its mapped subject",
+          "[nats][nats_outbox]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.ensure(stream_of("SHOP", {"shop.>"}));
+  r.stage("order.placed", order{7});
+  r.stage("refund.issued", refund{"damaged"});
+  postbox::publisher_options po;
+  po.subjects.prefix = "shop.";  // subject = prefix + envelope type
+  postbox::jetstream_publisher pub(*r.js, po);
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream<nlohmann::json>(pub, postbox::json::codec{}),
+                              relay_opts(), r.clock);
+  CHECK(relay.run_once().marked == 2);
+  const auto got = r.read("SHOP", "shop.>", 2);
+  REQUIRE(got.size() == 2);
+  CHECK(got[0].subject == "shop.order.placed");
+  CHECK(got[0].env.payload == nlohmann::json{{"n", 7}});
+  CHECK(got[1].subject == "shop.refund.issued");
+  CHECK(got[1].env.payload.get<refund>().reason == "damaged");
+}
+
+TEST_CASE("a subject function maps each stored message to its subject", "[nats][nats_outbox]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  r.stage("orders.placed", order{1}, "eu");
+  r.stage("orders.placed", order{2}, "us");
+  postbox::jetstream_publisher pub(*r.js);
+  postbox::jetstream_destination_options dopts;
+  dopts.subject = [](const postbox::stored_message& m) { return "orders.by-region." + m.partition_key; };
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream<order>(pub, postbox::json::codec{}, dopts),
+                              relay_opts(), r.clock);
+  CHECK(relay.run_once().marked == 2);
+  const auto got = r.read("ORDERS", "orders.>", 2);
+  REQUIRE(got.size() == 2);
+  CHECK(got[0].subject == "orders.by-region.eu");
+  CHECK(got[1].subject == "orders.by-region.us");
+}
+
+#endif  // POSTBOX_NATS_SERVER
