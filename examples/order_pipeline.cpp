@@ -38,12 +38,8 @@
 // tracker's worker while the main thread waits. The same seed prints the same
 // bytes. Walkthrough: docs/design/flagship.md
 #include <postbox/postbox.hpp>
-#include <postbox/consumer.hpp>  // the next four are also in the umbrella header soon
-#include <postbox/dead_letter.hpp>
-#include <postbox/inbox.hpp>
-#include <postbox/outbox.hpp>
-#include <postbox/json.hpp>
-#include <postbox/sqlite.hpp>
+#include <postbox/json.hpp>    // nlohmann/json: the outbox codec, the warehouse feed's decoder
+#include <postbox/sqlite.hpp>  // sqlite3: one file for the shop's tables, outbox, inbox and sagas
 
 #include <unistd.h>
 
