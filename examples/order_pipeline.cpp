@@ -920,21 +920,9 @@ class order_pipeline {
     keep(postbox::register_dead_letter_queue(r, order_dead_letters_));
     keep(postbox::register_dead_letter_queue(r, warehouse_dead_letters_));
     keep(postbox::register_store(r, "shop", db_));
-    // Components without a register_* helper yet report through a collector.
-    keep(r.add("requester", "checkout", [this](postbox::metric_writer& w) {
-      const auto s = checkout_.stats();
-      w.counter("postbox_requester_sent_total", "Requests sent.", static_cast<double>(s.sent));
-      w.counter("postbox_requester_replied_total", "Replies matched to a request.", static_cast<double>(s.replied));
-      w.counter("postbox_requester_timed_out_total", "Requests that timed out.", static_cast<double>(s.timed_out));
-    }));
-    keep(r.add("responder", "pricing", [this](postbox::metric_writer& w) {
-      const auto s = pricing_.stats();
-      w.counter("postbox_responder_handled_total", "Requests answered.", static_cast<double>(s.handled));
-      w.counter("postbox_responder_failed_total", "Requests answered with an error.", static_cast<double>(s.failed));
-    }));
-    keep(r.add("operations", "orders", [this](postbox::metric_writer& w) {
-      w.gauge("postbox_operations_records", "Operations tracked.", static_cast<double>(ops_.size_approx()));
-    }));
+    keep(postbox::register_requester(r, "checkout", checkout_));
+    keep(postbox::register_responder(r, "pricing", pricing_));
+    keep(postbox::register_operations(r, "orders", ops_));
   }
 
   void print_metrics() {

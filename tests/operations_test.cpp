@@ -263,3 +263,15 @@ TEST_CASE("operation ids are 128-bit hex and distinct", "[operations]") {
   CHECK(std::adjacent_find(ids.begin(), ids.end()) == ids.end());
   for (auto& id : ids) CHECK(id.find_first_not_of("0123456789abcdef") == std::string::npos);
 }
+
+TEST_CASE("an operation tracker's record count renders as Prometheus text", "[operations][metrics]") {
+  postbox::manual_clock clock;
+  postbox::operations<int> ops(clock);
+  postbox::metrics_registry metrics;
+  auto reg = postbox::register_operations(metrics, "jobs", ops);
+  CHECK_THAT(metrics.render_prometheus(), Catch::Contains("postbox_operations_records{component=\"operations\",name=\"jobs\"} 0"));
+  auto sub = ops.submit("alice", "k1", "fp", [](postbox::operation_context&) { return 1; });
+  REQUIRE(sub.has_value());
+  (void)wait_terminal(ops, "alice", sub->id);
+  CHECK_THAT(metrics.render_prometheus(), Catch::Contains("postbox_operations_records{component=\"operations\",name=\"jobs\"} 1"));
+}

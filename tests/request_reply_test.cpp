@@ -239,3 +239,20 @@ TEST_CASE("a threaded responder answers requests until it is destroyed", "[reque
   REQUIRE(o.ok());
   CHECK(o.reply->payload == 8);
 }
+
+TEST_CASE("requester and responder counters render as Prometheus text", "[request_reply][metrics]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  postbox::metrics_registry metrics;
+  auto a = postbox::register_requester(metrics, "shop", req);
+  auto b = postbox::register_responder(metrics, "prices", resp);
+  auto f = req.request(1, 5s);
+  REQUIRE(f.has_value());
+  CHECK(resp.poll() == 1);
+  const std::string text = metrics.render_prometheus();
+  CHECK_THAT(text, Catch::Contains("postbox_requester_sent_total{component=\"requester\",name=\"shop\"} 1"));
+  CHECK_THAT(text, Catch::Contains("postbox_requester_replied_total{component=\"requester\",name=\"shop\"} 1"));
+  CHECK_THAT(text, Catch::Contains("postbox_requester_pending{component=\"requester\",name=\"shop\"} 0"));
+  CHECK_THAT(text, Catch::Contains("postbox_responder_handled_total{component=\"responder\",name=\"prices\"} 1"));
+}

@@ -7,6 +7,7 @@
 #include <postbox/detail/op_executor.hpp>
 #include <postbox/detail/random.hpp>
 #include <postbox/error.hpp>
+#include <postbox/metrics.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -410,5 +411,16 @@ class operations {
   std::uint64_t next_watch_ = 0;
   std::unique_ptr<detail::op_executor> executor_;  // last: joined before the maps go
 };
+
+/// Registers an operation tracker's record count under `name`. `ops` must
+/// outlive the handle. Allocates; thread-safe.
+template <class Result>
+[[nodiscard]] metrics_registry::registration register_operations(metrics_registry& registry, std::string name,
+                                                                 const operations<Result>& ops) {
+  return registry.add("operations", std::move(name), [&ops](metric_writer& w) {
+    w.gauge("postbox_operations_records", "Operations tracked (expired ones not yet swept included).",
+            static_cast<double>(ops.size_approx()));
+  });
+}
 
 POSTBOX_END_NAMESPACE

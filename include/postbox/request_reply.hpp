@@ -7,6 +7,7 @@
 #include <postbox/config.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
+#include <postbox/metrics.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -519,5 +520,47 @@ class responder {
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> workers_;
 };
+
+/// Registers a requester's counters (sent, replied, errors, timed out,
+/// canceled, refused, late, duplicate and unmatched replies, pending) under
+/// `name`. `r` must outlive the handle. Allocates; thread-safe.
+template <class Request, class Reply>
+[[nodiscard]] metrics_registry::registration register_requester(metrics_registry& registry, std::string name,
+                                                                const requester<Request, Reply>& r) {
+  return registry.add("requester", std::move(name), [&r](metric_writer& w) {
+    const requester_stats s = r.stats();
+    auto c = [](std::uint64_t v) { return static_cast<double>(v); };
+    w.counter("postbox_requester_sent_total", "Requests sent.", c(s.sent));
+    w.counter("postbox_requester_replied_total", "Replies matched to a request.", c(s.replied));
+    w.counter("postbox_requester_errors_total", "Requests answered with a responder error.", c(s.errors));
+    w.counter("postbox_requester_timed_out_total", "Requests that timed out.", c(s.timed_out));
+    w.counter("postbox_requester_canceled_total", "Requests canceled by the requester's destruction.", c(s.canceled));
+    w.counter("postbox_requester_refused_total", "Requests refused (pending limit, full or closed channel).",
+              c(s.refused));
+    w.counter("postbox_requester_late_replies_total", "Replies that arrived after their request timed out.",
+              c(s.late_replies));
+    w.counter("postbox_requester_duplicate_replies_total", "Second replies to an answered request.",
+              c(s.duplicate_replies));
+    w.counter("postbox_requester_unmatched_replies_total", "Replies matching no known request.",
+              c(s.unmatched_replies));
+    w.gauge("postbox_requester_pending", "Requests waiting for their outcome.", static_cast<double>(s.pending));
+  });
+}
+
+/// Registers a responder's counters (handled, failed, expired, unroutable)
+/// under `name`. `r` must outlive the handle. Allocates; thread-safe.
+template <class Request, class Reply>
+[[nodiscard]] metrics_registry::registration register_responder(metrics_registry& registry, std::string name,
+                                                                const responder<Request, Reply>& r) {
+  return registry.add("responder", std::move(name), [&r](metric_writer& w) {
+    const responder_stats s = r.stats();
+    w.counter("postbox_responder_handled_total", "Requests answered.", static_cast<double>(s.handled));
+    w.counter("postbox_responder_failed_total", "Requests answered with an error.", static_cast<double>(s.failed));
+    w.counter("postbox_responder_expired_total", "Requests past their deadline, not started.",
+              static_cast<double>(s.expired));
+    w.counter("postbox_responder_unroutable_total", "Replies with no reachable reply-to endpoint.",
+              static_cast<double>(s.unroutable));
+  });
+}
 
 POSTBOX_END_NAMESPACE

@@ -184,7 +184,7 @@ struct sqlite_store_options {
   std::uint32_t max_page_count = 0;
   /// Name of a registered sqlite3_vfs to open the file with (empty: the
   /// default VFS). Tests use a failing VFS.
-  std::string vfs;
+  std::string vfs{};
   /// Create the file when it does not exist (else `store_error`).
   bool create = true;
 };
