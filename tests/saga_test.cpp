@@ -8,6 +8,7 @@
 
 #include "support.hpp"
 
+#include <algorithm>
 #include <filesystem>
 #include <string>
 #include <thread>
@@ -842,4 +843,20 @@ TEST_CASE("compensation retries wait the policy's exponential schedule capped at
   REQUIRE(out->has_value());
   CHECK((*out)->outcome == saga_outcome::compensated);
   CHECK(tries.load() == 4);
+}
+
+TEST_CASE("an action sees the id of the step_started event that announced it, for the messages it sends", "[saga]") {
+  std::vector<event_env> events;
+  postbox::memory_saga_store store;
+  postbox::saga_coordinator coord(store, options([&](const event_env& e) { events.push_back(e); }));
+  postbox::message_id seen;
+  postbox::saga_definition def("one");
+  def.step("only", [&](step_context& ctx) { seen = ctx.last_event_id(); }, nullptr);
+  coord.add(std::move(def));
+  auto r = coord.run("one");
+  REQUIRE(r.has_value());
+  auto started = std::find_if(events.begin(), events.end(),
+                              [](const event_env& e) { return e.type == postbox::saga_events::step_started; });
+  REQUIRE(started != events.end());
+  CHECK(seen == started->id);
 }

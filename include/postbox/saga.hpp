@@ -194,6 +194,10 @@ class step_context {
   [[nodiscard]] std::uint32_t attempt() const noexcept { return attempt_; }
   /// The saga's correlation id, for messages the step sends.
   [[nodiscard]] message_id correlation_id() const noexcept { return state_->correlation_id; }
+  /// The id of the saga's latest event (`saga.step_started` before an
+  /// action; the failure or the previous compensation before a
+  /// compensation): the causation id for messages this call sends.
+  [[nodiscard]] message_id last_event_id() const noexcept { return state_->last_event_id; }
   /// The step's deadline (actions with a timeout only).
   [[nodiscard]] std::optional<time_point> deadline() const noexcept {
     return state_->phase == saga_phase::forward ? state_->step_deadline : std::nullopt;
