@@ -467,6 +467,7 @@ class jetstream {
     jsCtx* j = nullptr;
     detail::nats_check(natsConnection_JetStream(&j, conn.native(), &o), "jetstream context");
     js_.reset(j);
+    api_timeout_ = api_timeout;
   }
 
   /// Creates the stream, or updates it if it exists. Blocks on the server.
@@ -536,9 +537,12 @@ class jetstream {
   [[nodiscard]] jsCtx* native() const noexcept { return js_.get(); }
   /// The connection this context uses.
   [[nodiscard]] nats_connection& connection() const noexcept { return *conn_; }
+  /// The bound of each JetStream API call (also of an acknowledgement's confirmation).
+  [[nodiscard]] std::chrono::milliseconds api_timeout() const noexcept { return api_timeout_; }
 
  private:
   nats_connection* conn_;
+  std::chrono::milliseconds api_timeout_{5000};
   std::unique_ptr<jsCtx, detail::nats_js_deleter> js_;
 };
 
@@ -928,12 +932,36 @@ class buffered_jetstream_publisher {
   std::thread thread_;  // last: starts after every member above exists
 };
 
+namespace detail {
+
+/// Publishes `body` to a JetStream ack subject (`reply` of a delivery) and,
+/// when `wait` is positive, waits for the server's confirmation. Blocks
+/// (up to `wait`); thread-safe.
+[[nodiscard]] inline natsStatus js_ack_send(natsConnection* nc, const char* reply, const std::string& body,
+                                            std::chrono::milliseconds wait) {
+  if (nc == nullptr || reply == nullptr || *reply == '\0') return NATS_ILLEGAL_STATE;
+  if (wait.count() <= 0) return natsConnection_Publish(nc, reply, body.data(), static_cast<int>(body.size()));
+  natsMsg* confirmation = nullptr;
+  const natsStatus s =
+      natsConnection_Request(&confirmation, nc, reply, body.data(), static_cast<int>(body.size()), wait.count());
+  natsMsg_Destroy(confirmation);
+  return s;
+}
+
+}  // namespace detail
+
 /// One message from a pull source: the decoded envelope (or why it did not
-/// decode) and its settlement operations. Move-only; settle from one thread.
+/// decode) and its settlement operations, sent on the message's JetStream
+/// ack subject. The first settlement (ack, nak, term) wins; later ones are
+/// no-ops that return `ok`. Move-only; settle from one thread at a time.
+/// The connection must outlive it.
 template <class T>
 class jetstream_delivery {
  public:
-  jetstream_delivery(nats_msg_ptr msg) : msg_(std::move(msg)) {  // NOLINT
+  /// Decodes `msg`, received on `nc`; `ack_timeout` bounds `ack()`.
+  jetstream_delivery(nats_msg_ptr msg, natsConnection* nc,
+                     std::chrono::milliseconds ack_timeout = std::chrono::milliseconds(5000))
+      : msg_(std::move(msg)), nc_(nc), ack_timeout_(ack_timeout) {
     env_ = from_nats_msg<T>(msg_.get(), error_);
     jsMsgMetaData* meta = nullptr;
     if (natsMsg_GetMetaData(&meta, msg_.get()) == NATS_OK && meta) {
@@ -967,20 +995,38 @@ class jetstream_delivery {
   /// The libnats message. Owned by this delivery.
   [[nodiscard]] natsMsg* native() const noexcept { return msg_.get(); }
 
-  /// Acknowledges and waits for the server to confirm (blocks). Thread-safe.
-  [[nodiscard]] errc ack() { return detail::nats_errc(natsMsg_AckSync(msg_.get(), nullptr, nullptr)); }
-  /// Redelivery after `delay`. Does not wait for the server.
+  /// Acknowledges and waits for the server to confirm (blocks up to the ack
+  /// timeout), so an acknowledged message is never redelivered once this
+  /// returns `ok`. `timeout` leaves the outcome unknown (the message may be
+  /// redelivered after its ack wait); it may be called again.
+  [[nodiscard]] errc ack() { return settle("+ACK", ack_timeout_); }
+  /// Redelivery after `delay` (at once when zero). Does not wait for the server.
   [[nodiscard]] errc nak(std::chrono::milliseconds delay = {}) {
-    return detail::nats_errc(delay.count() > 0 ? natsMsg_NakWithDelay(msg_.get(), delay.count(), nullptr)
-                                               : natsMsg_Nak(msg_.get(), nullptr));
+    if (delay.count() <= 0) return settle("-NAK", {});
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(delay).count();
+    return settle("-NAK {\"delay\": " + std::to_string(ns) + "}", {});
   }
   /// Never redeliver. Does not wait for the server.
-  [[nodiscard]] errc term() { return detail::nats_errc(natsMsg_Term(msg_.get(), nullptr)); }
-  /// Resets the ack-wait timer (a long handler is still working).
-  [[nodiscard]] errc in_progress() { return detail::nats_errc(natsMsg_InProgress(msg_.get(), nullptr)); }
+  [[nodiscard]] errc term() { return settle("+TERM", {}); }
+  /// Resets the ack-wait timer (a long handler is still working); a no-op
+  /// after a settlement. Does not wait for the server.
+  [[nodiscard]] errc in_progress() {
+    if (settled_) return errc::ok;
+    return detail::nats_errc(detail::js_ack_send(nc_, natsMsg_GetReply(msg_.get()), "+WPI", {}));
+  }
 
  private:
+  errc settle(const std::string& body, std::chrono::milliseconds wait) {
+    if (settled_) return errc::ok;
+    const natsStatus s = detail::js_ack_send(nc_, natsMsg_GetReply(msg_.get()), body, wait);
+    if (s == NATS_OK) settled_ = true;
+    return detail::nats_errc(s);
+  }
+
   nats_msg_ptr msg_;
+  natsConnection* nc_ = nullptr;
+  std::chrono::milliseconds ack_timeout_{5000};
+  bool settled_ = false;
   nats_decode_error error_;
   std::optional<envelope<T>> env_;
   std::uint32_t delivered_ = 0;
@@ -991,70 +1037,190 @@ class jetstream_delivery {
 /// A durable pull consumer that yields envelopes. The durable keeps its
 /// position on the server, so a recreated source resumes where acks stopped;
 /// sources with one durable name compete (a consumer group).
+///
+/// Pull requests go out on postbox's own reply inbox (one subscription on
+/// `<inbox>.*`, one token per request), not through libnats' fetch: libnats
+/// 3.4's fetch miscounts when messages of an earlier request are still
+/// queued on the subscription and writes past its result array. Messages
+/// that arrive after a fetch gave up are kept for the next fetch; status
+/// replies of earlier requests are recognised by their token and dropped.
 /// Blocking; use one source per thread.
 template <class T>
 class jetstream_pull_source {
  public:
-  /// Binds (creating if needed) the durable consumer. Throws on failure.
-  jetstream_pull_source(jetstream& js, const jetstream_consumer_options& co) : js_(&js) {
-    jsSubOptions so;
-    jsSubOptions_Init(&so);
-    so.Stream = co.stream.c_str();
-    so.Config.AckPolicy = js_AckExplicit;
-    so.Config.AckWait = std::chrono::duration_cast<std::chrono::nanoseconds>(co.ack_wait).count();
-    so.Config.MaxDeliver = co.max_deliver;
-    natsSubscription* s = nullptr;
+  /// Binds the durable consumer, creating it (explicit ack, deliver all)
+  /// when it does not exist; an existing durable keeps its configuration.
+  /// Throws on failure.
+  jetstream_pull_source(jetstream& js, const jetstream_consumer_options& co)
+      : nc_(js.connection().native()), ack_timeout_(js.api_timeout()) {
+    jsConsumerInfo* ci = nullptr;
     jsErrCode jerr = static_cast<jsErrCode>(0);
-    detail::nats_check(js_PullSubscribe(&s, js.native(), co.filter_subject.c_str(), co.durable.c_str(), nullptr, &so,
-                                        &jerr),
-                       "pull subscribe");
-    sub_.reset(s);
+    natsStatus s = js_GetConsumerInfo(&ci, js.native(), co.stream.c_str(), co.durable.c_str(), nullptr, &jerr);
+    if (s == NATS_NOT_FOUND || jerr == JSConsumerNotFoundErr) {
+      jsConsumerConfig cfg;
+      jsConsumerConfig_Init(&cfg);
+      cfg.Durable = co.durable.c_str();
+      cfg.AckPolicy = js_AckExplicit;
+      cfg.DeliverPolicy = js_DeliverAll;
+      cfg.AckWait = std::chrono::duration_cast<std::chrono::nanoseconds>(co.ack_wait).count();
+      cfg.MaxDeliver = co.max_deliver;
+      if (!co.filter_subject.empty()) cfg.FilterSubject = co.filter_subject.c_str();
+      jerr = static_cast<jsErrCode>(0);
+      s = js_AddConsumer(&ci, js.native(), co.stream.c_str(), &cfg, nullptr, &jerr);
+      if (s != NATS_OK && (jerr == JSConsumerNameExistErr || jerr == JSConsumerExistingActiveErr)) {
+        // Another source created it meanwhile.
+        s = js_GetConsumerInfo(&ci, js.native(), co.stream.c_str(), co.durable.c_str(), nullptr, &jerr);
+      }
+    }
+    if (ci != nullptr) jsConsumerInfo_Destroy(ci);
+    detail::nats_check(s, "bind durable consumer");
+    next_subject_ = "$JS.API.CONSUMER.MSG.NEXT." + co.stream + "." + co.durable;
+    natsInbox* inbox = nullptr;
+    detail::nats_check(natsInbox_Create(&inbox), "inbox");
+    inbox_ = std::string(inbox) + ".";
+    natsInbox_Destroy(inbox);
+    natsSubscription* sub = nullptr;
+    detail::nats_check(natsConnection_SubscribeSync(&sub, nc_, (inbox_ + "*").c_str()), "subscribe inbox");
+    sub_.reset(sub);
+    // Unlimited pending: deliveries are bounded by what this source asked for.
+    (void)natsSubscription_SetPendingLimits(sub, -1, -1);
+    // The server must know the subscription before the first request.
+    detail::nats_check(natsConnection_FlushTimeout(nc_, ack_timeout_.count()), "flush");
   }
 
-  /// Up to `max` deliveries, waiting up to `timeout` for the first.
-  /// `timeout` status when none arrived; `closed` when the connection is
-  /// closed; other codes on server errors. Blocks; allocates.
+  /// Up to `max` deliveries, waiting up to `timeout` for the first: what
+  /// earlier requests left queued, else what the server has now (a "no
+  /// wait" request), else a request that waits for one message (then
+  /// whatever else has arrived). Returns as soon as it has any. `timeout`
+  /// when none arrived; `busy` while the connection is being restored (no
+  /// request is sent); `closed` when it is closed; other codes on server
+  /// errors. Blocks up to `timeout` (a "no wait" answer is allowed the API
+  /// timeout when `timeout` is zero); allocates.
   [[nodiscard]] result<std::vector<jetstream_delivery<T>>> fetch(int max, std::chrono::milliseconds timeout) {
-    natsMsgList list{};
-    jsErrCode jerr = static_cast<jsErrCode>(0);
-    const natsStatus s = natsSubscription_Fetch(&list, sub_.get(), max, timeout.count(), &jerr);
-    if (s != NATS_OK) return detail::nats_errc(s);
-    return take(list);
+    if (max < 1) return errc::invalid_argument;
+    const auto until = std::chrono::steady_clock::now() + (timeout.count() > 0 ? timeout : ack_timeout_);
+    std::vector<jetstream_delivery<T>> out;
+    queued(max, out);
+    if (!out.empty()) return out;
+    if (const errc c = connected(); c != errc::ok) return c;
+    errc e = request(max, false, until, out);
+    if (!out.empty()) return out;
+    if (e != errc::ok) return e;
+    if (timeout.count() <= 0) return errc::timeout;
+    e = request(1, true, until, out);
+    if (!out.empty()) {
+      queued(max, out);  // and whatever else is already here
+      return out;
+    }
+    return e == errc::ok ? errc::timeout : e;
   }
 
-  /// Up to `max` deliveries the server has right now: the request says
-  /// "no wait", so the server answers at once (one round trip, bounded by
-  /// `reply_wait`) with what is available. `timeout` (or `not_found`) when
-  /// nothing is. Blocks for the round trip; allocates.
+  /// Up to `max` deliveries the server has right now: what earlier requests
+  /// left queued, else one "no wait" round trip (allowed up to
+  /// `reply_wait`). `timeout` when there are none; `busy` / `closed` as
+  /// `fetch`. Blocks for the round trip; allocates.
   [[nodiscard]] result<std::vector<jetstream_delivery<T>>> fetch_available(
       int max, std::chrono::milliseconds reply_wait = std::chrono::milliseconds(1000)) {
-    jsFetchRequest req;
-    jsFetchRequest_Init(&req);
-    req.Batch = max;
-    req.NoWait = true;
-    req.Expires = std::chrono::duration_cast<std::chrono::nanoseconds>(reply_wait).count();
-    natsMsgList list{};
-    const natsStatus s = natsSubscription_FetchRequest(&list, sub_.get(), &req);
-    if (s != NATS_OK) return detail::nats_errc(s);
-    return take(list);
+    if (max < 1) return errc::invalid_argument;
+    std::vector<jetstream_delivery<T>> out;
+    queued(max, out);
+    if (!out.empty()) return out;
+    if (const errc c = connected(); c != errc::ok) return c;
+    const errc e = request(max, false, std::chrono::steady_clock::now() + reply_wait, out);
+    if (!out.empty()) return out;
+    return e == errc::ok ? errc::timeout : e;
   }
 
-  /// The libnats subscription. Owned by this source.
+  /// The reply-inbox subscription. Owned by this source.
   [[nodiscard]] natsSubscription* native() const noexcept { return sub_.get(); }
 
  private:
-  static std::vector<jetstream_delivery<T>> take(natsMsgList& list) {
-    std::vector<jetstream_delivery<T>> out;
-    out.reserve(static_cast<std::size_t>(list.Count));
-    for (int i = 0; i < list.Count; ++i) {
-      out.emplace_back(nats_msg_ptr(list.Msgs[i]));
-      list.Msgs[i] = nullptr;
-    }
-    natsMsgList_Destroy(&list);
-    return out;
+  // A JetStream status reply (404 no messages, 408 request expired, 409
+  // conflict) carries a Status header and no ack subject.
+  static bool is_status(natsMsg* m, std::string_view& code) {
+    const char* reply = natsMsg_GetReply(m);
+    if (reply != nullptr && *reply != '\0') return false;
+    const char* v = nullptr;
+    code = natsMsgHeader_Get(m, "Status", &v) == NATS_OK && v != nullptr ? std::string_view(v) : std::string_view{};
+    return true;
   }
 
-  jetstream* js_;
+  void keep(natsMsg* m, std::vector<jetstream_delivery<T>>& out) {
+    out.emplace_back(nats_msg_ptr(m), nc_, ack_timeout_);
+  }
+
+  // Takes what is already queued (deliveries of requests that ended before
+  // their messages arrived), dropping stale status replies. Never blocks.
+  void queued(int max, std::vector<jetstream_delivery<T>>& out) {
+    while (static_cast<int>(out.size()) < max) {
+      natsMsg* m = nullptr;
+      if (natsSubscription_NextMsg(&m, sub_.get(), 0) != NATS_OK) return;
+      std::string_view code;
+      if (is_status(m, code)) natsMsg_Destroy(m);
+      else keep(m, out);
+    }
+  }
+
+  errc connected() const noexcept {
+    switch (natsConnection_Status(nc_)) {
+      case NATS_CONN_STATUS_CONNECTED: return errc::ok;
+      case NATS_CONN_STATUS_CLOSED: return errc::closed;
+      default: return errc::busy;  // reconnecting: a request would only be buffered
+    }
+  }
+
+  // One pull request for `batch`: "no wait" (the server answers at once
+  // with what it has), or `waiting` until `until` (the server expires it a
+  // little earlier, so its expiry notice normally arrives in time). Reads
+  // until the batch is complete, the request's own status reply ends it, or
+  // `until` passes (`timeout`; what arrives later stays queued for the
+  // next fetch). Returns ok, timeout or an error.
+  errc request(int batch, bool waiting, std::chrono::steady_clock::time_point until,
+               std::vector<jetstream_delivery<T>>& out) {
+    const std::string token = std::to_string(++requests_);
+    const std::string reply = inbox_ + token;
+    std::string body = "{\"batch\":" + std::to_string(batch);
+    if (!waiting) {
+      body += ",\"no_wait\":true}";
+    } else {
+      auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+      if (wait.count() <= 0) return errc::timeout;
+      if (wait.count() >= 20) wait -= std::chrono::milliseconds(10);
+      body += ",\"expires\":" + std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(wait).count()) +
+              "}";
+    }
+    natsStatus s = natsConnection_PublishRequest(nc_, next_subject_.c_str(), reply.c_str(), body.data(),
+                                                 static_cast<int>(body.size()));
+    if (s != NATS_OK) return detail::nats_errc(s);
+    const std::size_t wanted = out.size() + static_cast<std::size_t>(batch);
+    while (out.size() < wanted) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return errc::timeout;
+      natsMsg* m = nullptr;
+      s = natsSubscription_NextMsg(&m, sub_.get(), left.count());
+      if (s == NATS_TIMEOUT) return errc::timeout;
+      if (s != NATS_OK) return detail::nats_errc(s);
+      std::string_view code;
+      if (!is_status(m, code)) {
+        keep(m, out);
+        continue;
+      }
+      const char* subject = natsMsg_GetSubject(m);
+      const bool ours = subject != nullptr && reply == subject;
+      const bool conflict = code == "409";
+      natsMsg_Destroy(m);
+      if (!ours) continue;                 // a late status of an earlier request
+      if (conflict) return errc::busy;     // e.g. too many waiting requests, consumer deleted
+      return errc::ok;                     // 404 / 408: this request is over
+    }
+    return errc::ok;
+  }
+
+  natsConnection* nc_;
+  std::chrono::milliseconds ack_timeout_;
+  std::string next_subject_;
+  std::string inbox_;            // "<inbox>." ; requests reply to inbox_ + token
+  std::uint64_t requests_ = 0;   // tokens; one thread at a time
   std::unique_ptr<natsSubscription, detail::nats_sub_deleter> sub_;
 };
 

@@ -127,9 +127,9 @@ template <class T>
 struct js_tracked;
 
 // What outlives the source handle as long as one delivery does: the pull
-// subscription (libnats' acks reach the server through the message's
-// subscription, which must stay alive), the registry of unsettled
-// deliveries the heartbeat walks, and the counters.
+// source, the registry of unsettled deliveries the heartbeat walks, and the
+// counters. (Settlements are publishes on the connection to the delivery's
+// ack subject, so they need the connection, not the subscription.)
 template <class T>
 struct js_source_core {
   js_source_core(jetstream& js, const jetstream_consumer_options& co, std::string n)
@@ -331,7 +331,7 @@ class jetstream_consumer_source {
   /// `batch`, waiting up to `wait` (real time) for the first. With `wait`
   /// zero: `empty` at once when the previous fetch left the server empty
   /// (once; the next call asks again), else a "no wait" fetch that returns
-  /// what the server has (one round trip; 1 ms when it has nothing).
+  /// what the server has (one round trip).
   /// `empty` when nothing came (also after a fetch error, following
   /// `error_pause`); `closed` once the connection is closed for good.
   /// Blocks as described; allocates. One thread at a time.
@@ -415,10 +415,7 @@ class jetstream_consumer_source {
       local_->drained = false;
       return receive_status::empty;
     }
-    // A "no wait" fetch still waits for its expiry when the server has
-    // nothing (nats-server 2.9), so zero-wait fetches expire after 1 ms.
-    auto got = ms.count() <= 0 ? core_->pull.fetch_available(local_->batch, std::chrono::milliseconds(1))
-                               : core_->pull.fetch(local_->batch, ms);
+    auto got = ms.count() <= 0 ? core_->pull.fetch_available(local_->batch) : core_->pull.fetch(local_->batch, ms);
     if (!got.has_value()) {
       const errc e = got.status();
       if (e == errc::timeout || e == errc::not_found) {
