@@ -17,12 +17,19 @@
 //   latency    one message at a time: publish, fetch(1), decode, AckSync;
 //              with default connections (a fetch's pull request is a plain
 //              publish, so libnats' ~1 ms write batching shows) and with send_asap.
+//   relay      outbox -> JetStream: N envelopes staged in a memory outbox
+//              (not timed), then an outbox_relay drains them through
+//              to_jetstream (decode the stored JSON, publish with Nats-Msg-Id,
+//              PubAck each, mark dispatched per batch of 256).
+//              raw: js_Publish of the same JSON bytes with a Nats-Msg-Id.
 //   request    request-reply round trip over core NATS: nats_requester /
 //              nats_responder vs natsConnection_Request / a raw responder;
 //              once with libnats' default write batching (its flusher waits
 //              about 1 ms before a plain publish goes out; natsConnection_Request
 //              skips it for the request), once on connections with send_asap.
+#include <postbox/json.hpp>
 #include <postbox/nats.hpp>
+#include <postbox/nats_outbox.hpp>
 #include <postbox/nats_request_reply.hpp>
 
 #include <algorithm>
@@ -255,6 +262,46 @@ std::vector<double> raw_latency(rig& r, int m, bool asap) {
   });
 }
 
+// --- relay ------------------------------------------------------------------------
+
+double postbox_relay(rig& r, int n) {
+  postbox::memory_store store;
+  postbox::outbox box(store, postbox::json::codec{});
+  const std::string subject = r.next_subject();
+  for (int i = 0; i < n; ++i) {
+    auto tx = store.begin();
+    if (box.stage(tx, postbox::make_envelope(subject, order{i, "widget"})) != postbox::errc::ok ||
+        tx.commit() != postbox::errc::ok)
+      die("stage");
+  }
+  postbox::jetstream_publisher pub(*r.ja);  // subject = the envelope type
+  postbox::relay_options ro;
+  ro.batch_size = 256;
+  postbox::outbox_relay relay(store, postbox::to_jetstream<order>(pub, postbox::json::codec{}), ro);
+  const auto t0 = bench_clock::now();
+  if (relay.drain() != static_cast<std::size_t>(n)) die("relay drain");
+  return seconds_since(t0);
+}
+
+double raw_relay(rig& r, int n) {
+  const std::string subject = r.next_subject();
+  std::vector<std::string> ids;
+  for (int i = 0; i < n; ++i) ids.push_back(postbox::message_id::generate().to_string());
+  const auto t0 = bench_clock::now();
+  for (int i = 0; i < n; ++i) {
+    const std::string body = raw_payload(i);
+    jsPubOptions po;
+    jsPubOptions_Init(&po);
+    po.MsgId = ids[static_cast<std::size_t>(i)].c_str();
+    jsPubAck* pa = nullptr;
+    if (js_Publish(&pa, r.ja->native(), subject.c_str(), body.data(), static_cast<int>(body.size()), &po,
+                   nullptr) != NATS_OK)
+      die("raw publish");
+    jsPubAck_Destroy(pa);
+  }
+  return seconds_since(t0);
+}
+
 // --- request-reply --------------------------------------------------------------
 
 std::vector<double> postbox_request(rig& r, int m, bool asap) {
@@ -376,7 +423,7 @@ int main(int argc, char** argv) {
   const int m = quick ? 200 : 1000;  // samples per latency run
 
   rig r;
-  std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw;
+  std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw, relay_pb, relay_raw;
   std::vector<double> lat_pb[2], lat_raw[2], lat99_pb[2], lat99_raw[2];  // [0]: libnats batching, [1]: send_asap
   std::vector<double> rr_pb[2], rr_raw[2], rr99_pb[2], rr99_raw[2];  // [0]: libnats batching, [1]: send_asap
   for (int round = 0; round < rounds; ++round) {
@@ -392,6 +439,7 @@ int main(int argc, char** argv) {
     };
     both([&] { pub_pb.push_back(n / postbox_publish(r, n)); }, [&] { pub_raw.push_back(n / raw_publish(r, n)); });
     both([&] { e2e_pb.push_back(n / postbox_e2e(r, n)); }, [&] { e2e_raw.push_back(n / raw_e2e(r, n)); });
+    both([&] { relay_pb.push_back(n / postbox_relay(r, n)); }, [&] { relay_raw.push_back(n / raw_relay(r, n)); });
     for (int asap = 0; asap < 2; ++asap)
       both(
           [&] {
@@ -426,6 +474,7 @@ int main(int argc, char** argv) {
   };
   row("publish", "sync JetStream publish, msgs/s", median(pub_pb), median(pub_raw), "/s");
   row("e2e", "publish + pull + AckSync pipeline, msgs/s", median(e2e_pb), median(e2e_raw), "/s");
+  row("relay", "outbox drained to JetStream, msgs/s", median(relay_pb), median(relay_raw), "/s");
   row("latency", "publish -> fetch -> ack, p50 us", median(lat_pb[0]), median(lat_raw[0]), "us");
   row("latency", "publish -> fetch -> ack, p99 us", median(lat99_pb[0]), median(lat99_raw[0]), "us");
   row("lat-asap", "same, connections with send_asap, p50 us", median(lat_pb[1]), median(lat_raw[1]), "us");

@@ -368,6 +368,46 @@ TEST_CASE("two consumers on one durable split the messages without overlap", "[n
   CHECK_FALSE(seen_b.empty());
 }
 
+TEST_CASE("a consumer keeps handling across a server restart and every message is acked", "[nats][nats_consumer]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  postbox::nats_connection_options o;
+  o.urls = r.srv.url();
+  o.reconnect_wait = 20ms;
+  o.reconnect_wait_max = 200ms;
+  postbox::nats_connection conn(std::move(o));
+  postbox::jetstream js(conn);
+  const auto before = r.publish(0, 20);
+  source_t src(js, durable("restart", 2000ms));
+  const auto mon = src.monitor();
+  std::mutex m;
+  std::set<postbox::message_id> handled;
+  postbox::dead_letter_queue<order> dlq;
+  postbox::consumer<order> c(
+      std::move(src),
+      [&](const postbox::envelope<order>& e) {
+        std::lock_guard lock(m);
+        handled.insert(e.id);
+      },
+      dlq, threaded(2));
+  auto count = [&] {
+    std::lock_guard lock(m);
+    return handled.size();
+  };
+  REQUIRE(postbox_test::eventually([&] { return count() == 20; }));
+  r.srv.restart();  // file storage: the stream and the durable survive
+  REQUIRE(postbox_test::eventually([&] { return conn.status() == postbox::connection_status::connected; }));
+  // The publisher republishes while JetStream comes back (unknown outcomes, same ids).
+  const auto after = r.publish(20, 40);
+  // Deliveries whose ack was lost in the restart come back after the 2 s ack wait.
+  REQUIRE(postbox_test::eventually([&] { return count() == 40 && r.state("restart").ack_pending == 0; }, 60s));
+  std::lock_guard lock(m);
+  for (const auto& id : before) CHECK(handled.count(id) == 1);
+  for (const auto& id : after) CHECK(handled.count(id) == 1);
+  CHECK(dlq.size() == 0);
+  CHECK(mon.stats().acked >= 40);
+}
+
 TEST_CASE("a released or dropped delivery is redelivered at once, not after the ack wait", "[nats][nats_consumer]") {
   NATS_REQUIRE_SERVER();
   rig r;

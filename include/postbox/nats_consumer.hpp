@@ -18,6 +18,7 @@
 #include <postbox/nats.hpp>
 #include <postbox/retry.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -314,8 +315,8 @@ class jetstream_consumer_source {
 
   /// Stops the heartbeat (joins its thread) and naks every delivery fetched
   /// but not handed out, so the server redelivers them at once. Deliveries
-  /// handed out keep the subscription alive until they are settled or
-  /// dropped. Blocks briefly.
+  /// handed out keep the source's shared state (registry, counters) alive
+  /// until they are settled or dropped. Blocks briefly.
   ~jetstream_consumer_source() {
     if (!local_) return;  // moved from
     {
@@ -343,8 +344,7 @@ class jetstream_consumer_source {
     if (local_->buffer.empty()) return receive_result<inbound<T>>(receive_status::empty);
     entry e = std::move(local_->buffer.front());
     local_->buffer.pop_front();
-    // release: pairs with the acquire in backlog().
-    local_->buffered.store(local_->buffer.size(), std::memory_order_release);
+    local_->buffered.store(local_->buffer.size(), std::memory_order_relaxed);  // relaxed: a gauge
     settle_hook hook([t = std::move(e.tracked)](const settle_action& a) { t->settle(a); });
     if (e.env) return inbound<T>::of(std::move(*e.env), std::move(hook));
     return inbound<T>::malformed(std::move(e.poison), std::move(hook));
@@ -356,9 +356,8 @@ class jetstream_consumer_source {
   /// Messages waiting: the server's NumPending at the latest delivery plus
   /// the deliveries buffered here. Never blocks. Thread-safe.
   [[nodiscard]] std::uint64_t backlog() const noexcept {
-    // relaxed: a statistic; acquire: pairs with the release stores of buffered.
-    return core_->counters->lag.load(std::memory_order_relaxed) +
-           local_->buffered.load(std::memory_order_acquire);
+    // relaxed: gauges; no data is published through them.
+    return core_->counters->lag.load(std::memory_order_relaxed) + local_->buffered.load(std::memory_order_relaxed);
   }
 
   /// Counters snapshot. Never blocks. Thread-safe.
@@ -378,8 +377,9 @@ class jetstream_consumer_source {
   // and the heartbeat thread.
   struct local {
     std::deque<entry> buffer;  // receiving thread only (and the destructor, after the last receive)
-    // Deliveries in `buffer`. Written by the receiving thread (release),
-    // read by backlog() from any thread (acquire); the value is a gauge.
+    // Deliveries in `buffer`: a gauge written by the receiving thread and
+    // read by backlog() from any thread, both relaxed (nothing is published
+    // through it; the buffer itself is the receiving thread's alone).
     std::atomic<std::size_t> buffered{0};
     int batch = 16;
     bool drained = false;  // the latest fetch left nothing on the server; receiving thread only
@@ -451,8 +451,7 @@ class jetstream_consumer_source {
       local_->buffer.push_back(std::move(e));
     }
     detail::js_source_counters::bump(c.fetched, got->size());
-    // release: pairs with the acquire in backlog().
-    local_->buffered.store(local_->buffer.size(), std::memory_order_release);
+    local_->buffered.store(local_->buffer.size(), std::memory_order_relaxed);  // relaxed: a gauge
     return receive_status::ok;
   }
 
