@@ -3,8 +3,8 @@
 // Headers that need a header-only optional library (nlohmann/json, fmt) are
 // included when it is installed. Headers that need a library to be linked are
 // opt-in and never included here: <postbox/sqlite.hpp> (link postbox::sqlite)
-// and the NATS bridge <postbox/nats.hpp>, <postbox/nats_request_reply.hpp>
-// (link postbox::nats).
+// and the NATS bridge <postbox/nats.hpp>, <postbox/nats_request_reply.hpp>,
+// <postbox/nats_outbox.hpp>, <postbox/nats_consumer.hpp> (link postbox::nats).
 #pragma once
 
 #include <postbox/version.hpp>
