@@ -249,7 +249,10 @@ class stream {
       dir = std::move(next);
     }
     auto& slot = dir->chunks[(off - dir->base) / detail::stream_chunk_size]->slots[(off - dir->base) % detail::stream_chunk_size];
-    slot.key.assign(key);
+    // resize + copy rather than assign(string_view): GCC 12 inlines assign
+    // into a memcpy it falsely flags with -Wstringop-overflow / -Wrestrict.
+    slot.key.resize(key.size());
+    if (!key.empty()) std::char_traits<char>::copy(slot.key.data(), key.data(), key.size());
     slot.bytes = size_of_ ? size_of_(value) : sizeof(T);
     const auto now = clock_->now();
     slot.ts = std::max(now, part.last_ts);
