@@ -10,6 +10,8 @@
 #include <thread>
 
 int main() {
+  std::atomic<bool> ready{false};  // declared before ops: ops' destructor joins
+  std::atomic<bool> go{false};     // workers whose jobs still read these
   postbox::operations<std::string> ops;
   auto job = [](postbox::operation_context& ctx) -> std::string {
     for (int pct = 25; pct <= 100; pct += 25) {
@@ -18,7 +20,6 @@ int main() {
     }
     return "report.pdf";
   };
-  std::atomic<bool> ready{false};
   auto first = ops.submit("alice", "report-7", "fp:v1", [&](postbox::operation_context& ctx) {
     while (!ready.load()) std::this_thread::yield();  // hold until the watch is attached
     return job(ctx);
@@ -39,7 +40,6 @@ int main() {
   while (!postbox::is_terminal(s.state));
   std::printf("result: %s\n", s.result->c_str());
 
-  std::atomic<bool> go{false};
   auto second = ops.submit("alice", "", "", [&](postbox::operation_context& ctx) -> std::string {
     while (!go.load() && !ctx.stop_token().stop_requested()) std::this_thread::yield();
     return "too late";

@@ -495,6 +495,7 @@ TEST_CASE("observer hooks see each delivery's receive and settle with metadata a
   };
   auto o = r.options(policy(2, 1s, false));
   o.observer = &obs;
+  postbox::message_event last;  // before the consumer: its destructor may still notify
   postbox::consumer c(r.source(), [&](const env_t& e) {
     r.clock.advance(2ms);
     return e.attempt == 1 ? postbox::settlement::retry() : postbox::settlement::ack();
@@ -508,7 +509,6 @@ TEST_CASE("observer hooks see each delivery's receive and settle with metadata a
   CHECK(events == std::vector<std::string>{"publish test.int", "receive numbers attempt=1",
                                            "settle retried attempt=1 ms=2", "receive numbers attempt=2",
                                            "settle acked attempt=2 ms=2"});
-  postbox::message_event last;
   obs.on_settle = [&](const postbox::message_event& ev) { last = ev; };
   r.send(2);
   CHECK(c.poll() == 1);

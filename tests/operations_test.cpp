@@ -68,8 +68,8 @@ TEST_CASE("a submitted operation runs to succeeded with its result", "[operation
 
 TEST_CASE("the same key and fingerprint returns the existing operation", "[operations]") {
   postbox::manual_clock clock;
+  gate g;  // before ops: ops' destructor joins workers that may still run the gate's work
   postbox::operations<int> ops(clock);
-  gate g;
   auto a = ops.submit("alice", "k", "fp", g.make(1));
   auto b = ops.submit("alice", "k", "fp", g.make(2));
   REQUIRE(a.has_value());
@@ -82,8 +82,8 @@ TEST_CASE("the same key and fingerprint returns the existing operation", "[opera
 
 TEST_CASE("the same key with another fingerprint is a conflict", "[operations]") {
   postbox::manual_clock clock;
-  postbox::operations<int> ops(clock);
   gate g;
+  postbox::operations<int> ops(clock);
   g.open = true;
   auto a = ops.submit("alice", "k", "fp1", g.make(1));
   auto b = ops.submit("alice", "k", "fp2", g.make(2));
@@ -94,8 +94,8 @@ TEST_CASE("the same key with another fingerprint is a conflict", "[operations]")
 
 TEST_CASE("the same key from another caller is a separate operation", "[operations]") {
   postbox::manual_clock clock;
-  postbox::operations<int> ops(clock);
   gate g;
+  postbox::operations<int> ops(clock);
   g.open = true;
   auto a = ops.submit("alice", "k", "fp", g.make(1));
   auto b = ops.submit("bob", "k", "fp", g.make(2));
@@ -105,8 +105,8 @@ TEST_CASE("the same key from another caller is a separate operation", "[operatio
 
 TEST_CASE("another caller's operation is reported as not found", "[operations]") {
   postbox::manual_clock clock;
-  postbox::operations<int> ops(clock);
   gate g;
+  postbox::operations<int> ops(clock);
   auto a = ops.submit("alice", "k", "fp", g.make(1));
   CHECK(ops.get("bob", a->id).status() == postbox::errc::not_found);
   CHECK(ops.cancel("bob", a->id).status() == postbox::errc::not_found);
@@ -117,8 +117,8 @@ TEST_CASE("another caller's operation is reported as not found", "[operations]")
 
 TEST_CASE("cancel of a running operation wins and signals the stop token", "[operations]") {
   postbox::manual_clock clock;
-  postbox::operations<int> ops(clock);
   gate g;
+  postbox::operations<int> ops(clock);
   auto a = ops.submit("alice", "k", "fp", g.make(1));
   REQUIRE(postbox_test::eventually([&] { return g.started.load(); }));
   auto c = ops.cancel("alice", a->id);
@@ -180,8 +180,8 @@ TEST_CASE("a failing operation records a structured error", "[operations]") {
 
 TEST_CASE("a watcher is pushed every state change in version order", "[operations]") {
   postbox::manual_clock clock;
-  postbox::operations<int> ops(clock);
   gate g;
+  postbox::operations<int> ops(clock);
   auto a = ops.submit("alice", "", "", [&](postbox::operation_context& ctx) {
     postbox_test::eventually([&] { return g.open.load(); });
     ctx.report_progress(40, "working");
@@ -221,8 +221,8 @@ TEST_CASE("a record and its idempotency key expire after retention on the clock"
 
 TEST_CASE("a full executor queue refuses submissions with busy", "[operations]") {
   postbox::manual_clock clock;
-  postbox::operations<int> ops(clock, {.workers = 1, .queue_capacity = 1});
   gate g;
+  postbox::operations<int> ops(clock, {.workers = 1, .queue_capacity = 1});
   auto running = ops.submit("a", "", "", g.make(1));
   REQUIRE(postbox_test::eventually([&] { return g.started.load(); }));
   auto queued = ops.submit("a", "", "", g.make(2));
@@ -237,8 +237,8 @@ TEST_CASE("a full executor queue refuses submissions with busy", "[operations]")
 
 TEST_CASE("a pending operation canceled before it starts never runs", "[operations]") {
   postbox::manual_clock clock;
-  postbox::operations<int> ops(clock, {.workers = 1, .queue_capacity = 4});
   gate g;
+  postbox::operations<int> ops(clock, {.workers = 1, .queue_capacity = 4});
   std::atomic<bool> second_ran{false};
   REQUIRE(ops.submit("a", "", "", g.make(1)).has_value());
   REQUIRE(postbox_test::eventually([&] { return g.started.load(); }));
