@@ -36,6 +36,7 @@ for entry in "${configs[@]}"; do
   eval "flags=(${entry#*|})"
   dir=$out/$name
   echo "=== postbox tests: $name ==="
+  started=$SECONDS
   if ! cmake -S "$root" -B "$dir" -G Ninja "${flags[@]}" >"$dir.configure.log" 2>&1; then
     cat "$dir.configure.log"; echo "configure failed: $name"; failed=1; continue
   fi
@@ -51,6 +52,7 @@ for entry in "${configs[@]}"; do
   passed_total=$((passed_total + total - bad))
   failed_total=$((failed_total + bad))
   [ "$bad" -eq 0 ] || failed=1
+  echo "--- $name: built and tested in $((SECONDS - started)) s"
 done
 
 echo
