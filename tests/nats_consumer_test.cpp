@@ -271,7 +271,7 @@ TEST_CASE("a message failing every attempt is dead-lettered after max_attempts d
 }
 
 TEST_CASE("the heartbeat keeps a slow handler's message from being redelivered past its ack wait",
-          "[nats][nats_consumer]") {
+          "[nats][nats_consumer][realtime]") {
   NATS_REQUIRE_SERVER();
   rig r;
   r.publish(0, 1);
@@ -297,7 +297,7 @@ TEST_CASE("the heartbeat keeps a slow handler's message from being redelivered p
 }
 
 TEST_CASE("without the heartbeat a handler slower than the ack wait sees its message redelivered",
-          "[nats][nats_consumer]") {
+          "[nats][nats_consumer][realtime]") {
   NATS_REQUIRE_SERVER();
   rig r;
   r.publish(0, 1);

@@ -7,6 +7,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -40,7 +41,7 @@ namespace detail {
 inline void pause_ms(int ms) { ::poll(nullptr, 0, ms); }
 
 /// A loopback port that was free a moment ago (bind to port 0, read it back).
-inline int free_port() {
+inline int bind_any_loopback_port() {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) throw std::runtime_error("nats harness: socket() failed");
   sockaddr_in a{};
@@ -55,6 +56,36 @@ inline int free_port() {
   }
   ::close(fd);
   return ntohs(a.sin_port);
+}
+
+/// Takes an exclusive lock on <tmp>/postbox-nats-ports/<port> for the rest of
+/// this process (the kernel drops it when the process ends, killed or not).
+/// False when another test process holds that port.
+inline bool reserve_port(int port) {
+  const auto dir = std::filesystem::temp_directory_path() / "postbox-nats-ports";
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  const auto file = dir / std::to_string(port);
+  const int fd = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd < 0) return true;  // no lock directory: fall back to the kernel's choice alone
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    ::close(fd);
+    return false;
+  }
+  return true;  // fd stays open on purpose: it holds the reservation
+}
+
+/// A loopback port that was free a moment ago and that no other test process
+/// has reserved. CTest runs NATS test cases in parallel: between this call and
+/// the server's bind (and while a test restarts its server on the same port)
+/// another process could be handed the same port by bind(0); the reservation
+/// makes that process pick again instead of talking to the wrong server.
+inline int free_port() {
+  for (int attempt = 0; attempt < 1000; ++attempt) {
+    const int port = bind_any_loopback_port();
+    if (reserve_port(port)) return port;
+  }
+  throw std::runtime_error("nats harness: no unreserved loopback port in 1000 attempts");
 }
 
 /// True when something accepts TCP connections on 127.0.0.1:port.

@@ -329,7 +329,7 @@ TEST_CASE("a stopped server shows as reconnecting and a restarted one as connect
   CHECK(conn.flush(2000ms) == postbox::errc::ok);
 }
 
-TEST_CASE("in_progress keeps a slow message from being redelivered past its ack wait", "[nats]") {
+TEST_CASE("in_progress keeps a slow message from being redelivered past its ack wait", "[nats][realtime]") {
   NATS_REQUIRE_SERVER();
   pn::server srv;
   srv.start();
