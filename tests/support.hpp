@@ -9,6 +9,18 @@
 #include <cstdlib>
 #include <thread>
 
+// AddressSanitizer, as g++ (__SANITIZE_ADDRESS__) and clang++ (__has_feature) say it.
+#if defined(__SANITIZE_ADDRESS__)
+#  define POSTBOX_TEST_ASAN 1
+#elif defined(__has_feature)
+#  if __has_feature(address_sanitizer)
+#    define POSTBOX_TEST_ASAN 1
+#  endif
+#endif
+#ifndef POSTBOX_TEST_ASAN
+#  define POSTBOX_TEST_ASAN 0
+#endif
+
 namespace postbox_test {
 
 /// Sanitizer builds run stress loops with fewer iterations: the interleavings
@@ -19,7 +31,7 @@ inline std::uint64_t scaled(std::uint64_t n) {
     const auto pct = std::strtoull(s, nullptr, 10);
     return n * pct / 100 == 0 ? 1 : n * pct / 100;
   }
-#if POSTBOX_TSAN || defined(__SANITIZE_ADDRESS__)
+#if POSTBOX_TSAN || POSTBOX_TEST_ASAN
   return n / 10 == 0 ? 1 : n / 10;
 #else
   return n;
