@@ -150,7 +150,8 @@ TEST_CASE("an acked delivery is confirmed by the server before the consumer coun
   CHECK(c.source_name() == "acker");
 }
 
-TEST_CASE("retry(after) naks with that delay and the redelivery carries the next attempt", "[nats][nats_consumer]") {
+TEST_CASE("retry(after) naks with that delay and the redelivery carries the next attempt",
+          "[nats][nats_consumer][realtime]") {
   NATS_REQUIRE_SERVER();
   rig r;
   r.publish(0, 2);  // 0 first, then 1
@@ -237,7 +238,7 @@ TEST_CASE("an undecodable message is dead-lettered locally as poison with its by
 }
 
 TEST_CASE("a message failing every attempt is dead-lettered after max_attempts deliveries and termed",
-          "[nats][nats_consumer]") {
+          "[nats][nats_consumer][realtime]") {
   NATS_REQUIRE_SERVER();
   rig r;
   r.publish(0, 1);
@@ -260,6 +261,9 @@ TEST_CASE("a message failing every attempt is dead-lettered after max_attempts d
       dlq, opts);
   REQUIRE(postbox_test::eventually([&] { return dlq.size() == 1; }));
   const auto d = dlq.list().front();
+  std::string attempts_seen;
+  for (const auto& run : j.all()) attempts_seen += std::to_string(run.second) + " ";
+  CAPTURE(attempts_seen, mon.stats().naked, mon.stats().released, r.state("exhaust").redelivered);
   CHECK(d.reason == "retries_exhausted");
   CHECK(d.attempts == 3);
   CHECK(d.error == "downstream unavailable");
