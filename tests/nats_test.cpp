@@ -146,6 +146,26 @@ TEST_CASE("an envelope survives the NATS header mapping field by field", "[nats]
   CHECK(back->payload.what == "book");
 }
 
+TEST_CASE("a JetStream ack subject gives the delivery count, stream sequence and pending count in both forms",
+          "[nats]") {
+  const auto v1 = postbox::detail::parse_js_ack_subject("$JS.ACK.ORDERS.worker.3.42.17.1700000000000000000.5");
+  REQUIRE(v1.has_value());
+  CHECK(v1->delivered == 3);
+  CHECK(v1->stream_sequence == 42);
+  CHECK(v1->pending == 5);
+  const auto v2 =
+      postbox::detail::parse_js_ack_subject("$JS.ACK._.ACCHASH.ORDERS.worker.2.7.6.1700000000000000000.0.rnd");
+  REQUIRE(v2.has_value());
+  CHECK(v2->delivered == 2);
+  CHECK(v2->stream_sequence == 7);
+  CHECK(v2->pending == 0);
+  CHECK_FALSE(postbox::detail::parse_js_ack_subject("_INBOX.abc.1").has_value());
+  CHECK_FALSE(postbox::detail::parse_js_ack_subject("$JS.ACK.ORDERS.worker.x.42.17.1.5").has_value());
+  CHECK_FALSE(postbox::detail::parse_js_ack_subject("$JS.ACK.ORDERS.worker.3.42.17.1").has_value());
+  CHECK_FALSE(postbox::detail::parse_js_ack_subject("$JS.ACK.ORDERS.worker.3.42.17.1.").has_value());
+  CHECK_FALSE(postbox::detail::parse_js_ack_subject("").has_value());
+}
+
 TEST_CASE("a header value with a line break is rejected as invalid_argument", "[nats]") {
   auto env = postbox::make_envelope("t", order{1, "x"});
   env.producer = "a\r\nb";

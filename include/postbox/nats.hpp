@@ -934,6 +934,56 @@ class buffered_jetstream_publisher {
 
 namespace detail {
 
+/// What a JetStream ack subject says about one delivery.
+struct js_ack_metadata {
+  std::uint64_t delivered = 0;        ///< NumDelivered (1 on first delivery)
+  std::uint64_t stream_sequence = 0;  ///< the message's sequence in the stream
+  std::uint64_t pending = 0;          ///< messages left for the consumer
+};
+
+/// Parses a delivery's reply subject: `$JS.ACK.<stream>.<consumer>.<delivered>.
+/// <stream seq>.<consumer seq>.<time>.<pending>` (9 tokens), or the form with
+/// `<domain>.<account hash>` after `$JS.ACK` (11 tokens, plus an optional
+/// random one). Read from the subject string alone: libnats'
+/// natsMsg_GetMetaData also needs the message's subscription pointer, which
+/// postbox does not rely on. Never allocates; never throws.
+[[nodiscard]] inline std::optional<js_ack_metadata> parse_js_ack_subject(std::string_view reply) noexcept {
+  constexpr std::string_view prefix = "$JS.ACK.";
+  if (reply.substr(0, prefix.size()) != prefix) return std::nullopt;
+  reply.remove_prefix(prefix.size());
+  std::string_view tokens[12];
+  std::size_t n = 0;
+  while (!reply.empty()) {
+    if (n == 12) return std::nullopt;
+    const auto dot = reply.find('.');
+    tokens[n++] = reply.substr(0, dot);
+    if (dot == std::string_view::npos) break;
+    reply.remove_prefix(dot + 1);
+    if (reply.empty()) return std::nullopt;  // a trailing dot
+  }
+  std::size_t first;  // index of <delivered>
+  if (n == 7) first = 2;
+  else if (n == 9 || n == 10) first = 4;
+  else return std::nullopt;
+  const auto number = [](std::string_view t, std::uint64_t& out) noexcept {
+    if (t.empty() || t.size() > 19) return false;
+    std::uint64_t v = 0;
+    for (const char c : t) {
+      if (c < '0' || c > '9') return false;
+      v = v * 10 + static_cast<std::uint64_t>(c - '0');
+    }
+    out = v;
+    return true;
+  };
+  js_ack_metadata m;
+  std::uint64_t consumer_sequence = 0, timestamp = 0;
+  if (!number(tokens[first], m.delivered) || !number(tokens[first + 1], m.stream_sequence) ||
+      !number(tokens[first + 2], consumer_sequence) || !number(tokens[first + 3], timestamp) ||
+      !number(tokens[first + 4], m.pending))
+    return std::nullopt;
+  return m;
+}
+
 /// Publishes `body` to a JetStream ack subject (`reply` of a delivery) and,
 /// when `wait` is positive, waits for the server's confirmation. Blocks
 /// (up to `wait`); thread-safe.
@@ -963,12 +1013,11 @@ class jetstream_delivery {
                      std::chrono::milliseconds ack_timeout = std::chrono::milliseconds(5000))
       : msg_(std::move(msg)), nc_(nc), ack_timeout_(ack_timeout) {
     env_ = from_nats_msg<T>(msg_.get(), error_);
-    jsMsgMetaData* meta = nullptr;
-    if (natsMsg_GetMetaData(&meta, msg_.get()) == NATS_OK && meta) {
-      delivered_ = static_cast<std::uint32_t>(meta->NumDelivered);
-      stream_sequence_ = meta->Sequence.Stream;
-      pending_ = meta->NumPending;
-      jsMsgMetaData_Destroy(meta);
+    const char* reply = natsMsg_GetReply(msg_.get());
+    if (const auto meta = detail::parse_js_ack_subject(reply != nullptr ? reply : "")) {
+      delivered_ = static_cast<std::uint32_t>(meta->delivered);
+      stream_sequence_ = meta->stream_sequence;
+      pending_ = meta->pending;
     }
     // attempt = deliveries started so far: the producer's count plus this stream's.
     if (env_) env_->attempt += delivered_;
