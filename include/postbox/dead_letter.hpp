@@ -57,13 +57,14 @@ inline constexpr std::string_view permanent_error = "permanent_error";
 inline constexpr std::string_view rejected = "rejected";
 }  // namespace dead_letter_reasons
 
-/// The `errc` of a send outcome: ok, full, closed or timeout. Never allocates.
+/// The `errc` of a send outcome: ok, full, closed, timeout or canceled. Never allocates.
 [[nodiscard]] constexpr errc to_errc(send_status s) noexcept {
   switch (s) {
     case send_status::ok: return errc::ok;
     case send_status::full: return errc::full;
     case send_status::closed: return errc::closed;
     case send_status::timeout: return errc::timeout;
+    case send_status::canceled: return errc::canceled;
   }
   return errc::invalid_argument;
 }

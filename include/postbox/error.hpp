@@ -88,12 +88,14 @@ class error : public std::runtime_error {
 
 /// Outcome of a send. `ok`: the message is in the transport (and the argument
 /// was moved from); `full`: no room and the caller did not wait; `closed`: the
-/// transport is closed; `timeout`: a timed send's deadline passed first.
-enum class send_status { ok, full, closed, timeout };
+/// transport is closed; `timeout`: a timed send's deadline passed first;
+/// `canceled`: the caller's `std::stop_token` was stopped first (nothing sent).
+enum class send_status { ok, full, closed, timeout, canceled };
 
 /// Outcome of a receive: `ok` (a value is present), `empty` (nothing queued
-/// right now), `closed` (closed and drained), `timeout` (deadline passed).
-enum class receive_status { ok, empty, closed, timeout };
+/// right now), `closed` (closed and drained), `timeout` (deadline passed),
+/// `canceled` (the caller's `std::stop_token` was stopped first; nothing taken).
+enum class receive_status { ok, empty, closed, timeout, canceled };
 
 [[nodiscard]] constexpr std::string_view to_string(send_status s) noexcept {
   switch (s) {
@@ -101,6 +103,7 @@ enum class receive_status { ok, empty, closed, timeout };
     case send_status::full: return "full";
     case send_status::closed: return "closed";
     case send_status::timeout: return "timeout";
+    case send_status::canceled: return "canceled";
   }
   return "unknown";
 }
@@ -111,6 +114,7 @@ enum class receive_status { ok, empty, closed, timeout };
     case receive_status::empty: return "empty";
     case receive_status::closed: return "closed";
     case receive_status::timeout: return "timeout";
+    case receive_status::canceled: return "canceled";
   }
   return "unknown";
 }
