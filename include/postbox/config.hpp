@@ -2,6 +2,18 @@
 // Feature macros and the versioned namespace used by every postbox header.
 #pragma once
 
+// Checked first, so a C++17 build stops here with one clear line instead of
+// "'concept' does not name a type" from the next header. MSVC keeps
+// __cplusplus at 199711L unless /Zc:__cplusplus is given; _MSVC_LANG is right.
+#if defined(_MSVC_LANG) && _MSVC_LANG > __cplusplus
+#  define POSTBOX_CPLUSPLUS _MSVC_LANG
+#else
+#  define POSTBOX_CPLUSPLUS __cplusplus
+#endif
+#if POSTBOX_CPLUSPLUS < 202002L
+#  error "postbox needs C++20 (-std=c++20, /std:c++20 or CMake's cxx_std_20, which postbox::postbox sets)"
+#endif
+
 #include <postbox/version.hpp>
 
 #include <cstddef>

@@ -6,8 +6,10 @@
 
 #include <thread>
 
-#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
-#  include <immintrin.h>
+// No <immintrin.h> for one instruction: it costs more to compile than the
+// rest of channel.hpp. MSVC's intrinsic is declared in the much smaller <intrin.h>.
+#if defined(_MSC_VER) && !defined(__clang__)
+#  include <intrin.h>
 #endif
 
 POSTBOX_BEGIN_NAMESPACE
@@ -16,10 +18,16 @@ namespace detail {
 /// Tells the CPU we are in a spin loop (PAUSE on x86, YIELD on ARM), which
 /// frees the sibling hyper-thread and avoids a memory-order flush on exit.
 inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#if defined(_MSC_VER) && !defined(__clang__) && (defined(_M_X64) || defined(_M_IX86))
   _mm_pause();
+#elif defined(_MSC_VER) && !defined(__clang__) && (defined(_M_ARM64) || defined(_M_ARM))
+  __yield();
+#elif defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
 #elif defined(__aarch64__) || defined(__arm__)
-  __asm__ __volatile__("yield");
+  __asm__ __volatile__("yield" ::: "memory");
+#elif defined(__powerpc__) || defined(__powerpc64__)
+  __asm__ __volatile__("or 27,27,27" ::: "memory");  // low thread priority hint
 #endif
 }
 
