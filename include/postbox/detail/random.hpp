@@ -1,13 +1,19 @@
 // SPDX-License-Identifier: MIT
-// Per-thread random numbers: a fast xoshiro256** stream and a ChaCha20 stream for unguessable ids.
+// Per-thread random numbers: OS randomness (getrandom) buffered per thread, and a fast xoshiro256** stream seeded from it; both re-drawn after fork().
 #pragma once
 
 #include <postbox/config.hpp>
 
 #include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <random>
+
+#include <pthread.h>
+#include <sys/random.h>
 
 POSTBOX_BEGIN_NAMESPACE
 namespace detail {
@@ -34,7 +40,10 @@ class xoshiro256ss {
   using result_type = std::uint64_t;
 
   /// Seeds the 256-bit state from one 64-bit seed through splitmix64.
-  explicit constexpr xoshiro256ss(std::uint64_t seed) noexcept {
+  explicit constexpr xoshiro256ss(std::uint64_t seed) noexcept { reseed(seed); }
+
+  /// Replaces the state with one expanded from `seed`. Never allocates.
+  constexpr void reseed(std::uint64_t seed) noexcept {
     for (auto& word : s_) word = splitmix64(seed);
   }
 
@@ -58,90 +67,138 @@ class xoshiro256ss {
   std::array<std::uint64_t, 4> s_{};
 };
 
-/// 64 bits from `std::random_device` (the OS entropy source on Linux).
-/// Slow (may make a syscall); used only for seeding. Thread-safe.
-[[nodiscard]] inline std::uint64_t entropy64() {
-  std::random_device rd;
-  return (static_cast<std::uint64_t>(rd()) << 32) ^ static_cast<std::uint64_t>(rd());
+/// Count of fork()s this process descends through since the first use of
+/// postbox's randomness. Written only by the pthread_atfork child handler
+/// (which runs in the new child while it is still single-threaded); read by
+/// every per-thread generator before each draw. Relaxed both ways: the child
+/// handler and the later reads are on the same (only) thread of the child,
+/// so program order alone makes the increment visible; nothing else is
+/// published through it. Invariant: only ever increases.
+inline std::atomic<std::uint64_t> fork_epoch_counter{0};
+
+inline void on_fork_child() noexcept {
+  // relaxed: see fork_epoch_counter (single-threaded child, program order).
+  fork_epoch_counter.fetch_add(1, std::memory_order_relaxed);
 }
 
-/// The calling thread's xoshiro256** generator, seeded once per thread from
-/// `std::random_device` on first use. Fast; not for secrets.
-/// Never allocates after the first call. Thread-safe (one per thread).
-[[nodiscard]] inline xoshiro256ss& thread_rng() {
-  thread_local xoshiro256ss rng(entropy64());
-  return rng;
+/// The current fork epoch. The first call registers the pthread_atfork
+/// handler that bumps it in every child, so any per-thread state that was
+/// filled before a fork carries an older epoch in the child and is discarded.
+/// (glibc's getpid() is a system call since 2.25, so comparing process ids
+/// per draw would put a syscall on every message id; one relaxed load does
+/// the same job for fork(). A child made by a raw clone(2) without fork's
+/// handlers is not detected.) Never allocates after the first call.
+[[nodiscard]] inline std::uint64_t fork_epoch() noexcept {
+  static const bool registered = pthread_atfork(nullptr, nullptr, &on_fork_child) == 0;
+  (void)registered;
+  // relaxed: see fork_epoch_counter.
+  return fork_epoch_counter.load(std::memory_order_relaxed);
 }
 
-/// ChaCha20 (RFC 8439) used as a keystream generator: a cryptographically
-/// strong stream from a 256-bit key, here drawn from `std::random_device`.
-/// Never allocates. Not thread-safe: use `unguessable128()`.
-class chacha20_stream {
- public:
-  /// Keys the stream from the OS entropy source.
-  chacha20_stream() {
-    std::random_device rd;
-    for (std::size_t i = 0; i < 8; ++i) key_[i] = static_cast<std::uint32_t>(rd());
-    nonce_[0] = static_cast<std::uint32_t>(rd());
-    nonce_[1] = static_cast<std::uint32_t>(rd());
-    nonce_[2] = static_cast<std::uint32_t>(rd());
+/// Fills `out` with `n` bytes from the kernel's CSPRNG (getrandom(2), blocking
+/// only until the pool is first initialized at boot). Retries on EINTR and
+/// short reads; on a kernel without getrandom falls back to
+/// `std::random_device` (which throws if no entropy source exists).
+/// Never allocates. Thread-safe.
+inline void os_random_bytes(void* out, std::size_t n) {
+  auto* p = static_cast<unsigned char*>(out);
+  while (n > 0) {
+    const ssize_t got = ::getrandom(p, n, 0);
+    if (got > 0) {
+      p += got;
+      n -= static_cast<std::size_t>(got);
+      continue;
+    }
+    if (got < 0 && errno == EINTR) continue;
+    std::random_device rd;  // ENOSYS and anything unexpected
+    while (n > 0) {
+      const auto word = static_cast<std::uint32_t>(rd());
+      const std::size_t take = n < sizeof(word) ? n : sizeof(word);
+      std::memcpy(p, &word, take);
+      p += take;
+      n -= take;
+    }
   }
+}
 
-  /// Next 64 bits of keystream.
-  std::uint64_t next64() noexcept {
-    if (used_ + 2 > block_.size()) refill();
-    const std::uint64_t v = (static_cast<std::uint64_t>(block_[used_]) << 32) | block_[used_ + 1];
-    // Burn what was handed out, so a later memory disclosure cannot replay it.
-    block_[used_] = 0;
-    block_[used_ + 1] = 0;
-    used_ += 2;
-    return v;
+/// A per-thread buffer of 256 bytes of OS randomness, refilled with one
+/// getrandom(2) call when drained and discarded when the fork epoch changed
+/// (so a child never hands out bytes its parent also hands out). Bytes are
+/// zeroed once handed out. Not thread-safe: use `random_bytes()`.
+class os_random_buffer {
+ public:
+  static constexpr std::size_t size = 256;
+
+  /// Copies `n` fresh bytes into `out`. Makes a syscall about once per 256
+  /// bytes. Never allocates.
+  void take(void* out, std::size_t n) {
+    const std::uint64_t epoch = fork_epoch();
+    if (epoch != epoch_) {
+      buf_.fill(0);
+      used_ = size;  // drawn before a fork: the parent may hand these out too
+      epoch_ = epoch;
+    }
+    auto* p = static_cast<unsigned char*>(out);
+    while (n > 0) {
+      if (used_ == size) {
+        os_random_bytes(buf_.data(), size);
+        used_ = 0;
+      }
+      const std::size_t take_now = n < size - used_ ? n : size - used_;
+      std::memcpy(p, buf_.data() + used_, take_now);
+      std::memset(buf_.data() + used_, 0, take_now);  // burn what was handed out
+      used_ += take_now;
+      p += take_now;
+      n -= take_now;
+    }
   }
 
  private:
-  static constexpr std::uint32_t rotl32(std::uint32_t x, int k) noexcept { return (x << k) | (x >> (32 - k)); }
-  static constexpr void quarter(std::uint32_t& a, std::uint32_t& b, std::uint32_t& c, std::uint32_t& d) noexcept {
-    a += b; d ^= a; d = rotl32(d, 16);
-    c += d; b ^= c; b = rotl32(b, 12);
-    a += b; d ^= a; d = rotl32(d, 8);
-    c += d; b ^= c; b = rotl32(b, 7);
-  }
-
-  void refill() noexcept {
-    std::array<std::uint32_t, 16> in{0x61707865u, 0x3320646eu, 0x79622d32u, 0x6b206574u,
-                                     key_[0], key_[1], key_[2], key_[3],
-                                     key_[4], key_[5], key_[6], key_[7],
-                                     counter_++, nonce_[0], nonce_[1], nonce_[2]};
-    if (counter_ == 0) ++nonce_[0];  // 2^32 blocks used: move to a fresh nonce
-    std::array<std::uint32_t, 16> x = in;
-    for (int round = 0; round < 10; ++round) {
-      quarter(x[0], x[4], x[8], x[12]);
-      quarter(x[1], x[5], x[9], x[13]);
-      quarter(x[2], x[6], x[10], x[14]);
-      quarter(x[3], x[7], x[11], x[15]);
-      quarter(x[0], x[5], x[10], x[15]);
-      quarter(x[1], x[6], x[11], x[12]);
-      quarter(x[2], x[7], x[8], x[13]);
-      quarter(x[3], x[4], x[9], x[14]);
-    }
-    for (std::size_t i = 0; i < 16; ++i) block_[i] = x[i] + in[i];
-    used_ = 0;
-  }
-
-  std::array<std::uint32_t, 8> key_{};
-  std::array<std::uint32_t, 3> nonce_{};
-  std::uint32_t counter_ = 0;
-  std::array<std::uint32_t, 16> block_{};
-  std::size_t used_ = 16;  // empty: the first call refills
+  std::array<unsigned char, size> buf_{};
+  std::size_t used_ = size;  // empty: the first take refills
+  std::uint64_t epoch_ = 0;
 };
 
-/// 128 unguessable bits (for operation ids, tokens): ChaCha20 keystream from
-/// a per-thread key drawn once from `std::random_device`. The key is not
-/// re-drawn after fork(); do not share ids across a fork boundary.
-/// Never allocates after the first call per thread. Thread-safe.
+/// Fills `out` with `n` unguessable bytes from the calling thread's buffer of
+/// OS randomness. Distinct in a parent and its fork() children.
+/// Never allocates. Thread-safe (one buffer per thread).
+inline void random_bytes(void* out, std::size_t n) {
+  thread_local os_random_buffer buffer;
+  buffer.take(out, n);
+}
+
+/// 64 bits of OS randomness. Thread-safe; never allocates.
+[[nodiscard]] inline std::uint64_t entropy64() {
+  std::uint64_t v = 0;
+  random_bytes(&v, sizeof v);
+  return v;
+}
+
+/// The calling thread's xoshiro256** generator, seeded from OS randomness on
+/// first use and re-seeded when the process was forked since (a child and
+/// its parent never continue one stream). Fast; not for secrets.
+/// Never allocates. Thread-safe (one per thread).
+[[nodiscard]] inline xoshiro256ss& thread_rng() {
+  struct seeded {
+    xoshiro256ss rng{entropy64()};
+    std::uint64_t epoch = fork_epoch();
+  };
+  thread_local seeded s;
+  const std::uint64_t epoch = fork_epoch();
+  if (epoch != s.epoch) {
+    s.rng.reseed(entropy64());
+    s.epoch = epoch;
+  }
+  return s.rng;
+}
+
+/// 128 unguessable bits (for operation ids, tokens), straight from the
+/// calling thread's buffer of OS randomness; distinct across fork().
+/// Never allocates. Thread-safe.
 [[nodiscard]] inline std::array<std::uint64_t, 2> unguessable128() {
-  thread_local chacha20_stream stream;
-  return {stream.next64(), stream.next64()};
+  std::array<std::uint64_t, 2> bits{};
+  random_bytes(bits.data(), sizeof bits);
+  return bits;
 }
 
 }  // namespace detail
