@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using namespace std::chrono_literals;
@@ -307,4 +308,38 @@ TEST_CASE("a registered dead-letter queue renders its gauges and counters as Pro
   CHECK_THAT(text, Catch::Contains("postbox_dead_letter_capacity{component=\"dead_letter_queue\",name=\"orders.dlq\"} 8"));
   CHECK_THAT(text,
              Catch::Contains("postbox_dead_letter_oldest_age_seconds{component=\"dead_letter_queue\",name=\"orders.dlq\"} 90"));
+}
+
+TEST_CASE("a dead-letter queue is constructed from empty braces or designated initializers on every constructor",
+          "[dead_letter]") {
+  rig r;
+  postbox::dead_letter_queue<int> from_braces({});
+  postbox::dead_letter_queue<int> designated({.capacity = 10});
+  postbox::dead_letter_queue<int> designated_clock({.capacity = 3, .when_full = postbox::dead_letter_full::refuse},
+                                                    r.clock);
+  postbox::dead_letter_queue<int> timers_braces(r.timers, {});
+  postbox::dead_letter_queue<int> timers_designated(r.timers, {.capacity = 7});
+  CHECK(from_braces.capacity() == postbox::dead_letter_options{}.capacity);
+  CHECK(designated.capacity() == 10);
+  CHECK(designated_clock.capacity() == 3);
+  CHECK(&designated_clock.get_clock() == &r.clock);
+  CHECK(timers_braces.capacity() == postbox::dead_letter_options{}.capacity);
+  CHECK(&timers_braces.get_clock() == &r.clock);
+  CHECK(timers_designated.capacity() == 7);
+  // Neither copyable nor movable (the deleted copy constructor takes a non-const reference).
+  static_assert(!std::is_copy_constructible_v<postbox::dead_letter_queue<int>>);
+  static_assert(!std::is_move_constructible_v<postbox::dead_letter_queue<int>>);
+  static_assert(!std::is_copy_assignable_v<postbox::dead_letter_queue<int>>);
+}
+
+TEST_CASE("remove with empty braces is the empty filter and removes every entry, not id 0", "[dead_letter]") {
+  rig r;
+  postbox::dead_letter_queue<int> dlq({}, r.clock);
+  for (int i = 0; i < 3; ++i) REQUIRE(dlq.add(r.letter(i)) == postbox::errc::ok);
+  CHECK(dlq.remove({}) == 3);
+  CHECK(dlq.size() == 0);
+  REQUIRE(dlq.add(r.letter(9)) == postbox::errc::ok);
+  const auto id = dlq.list().front().id;
+  CHECK(dlq.remove(id));
+  CHECK_FALSE(dlq.remove(static_cast<int>(id)));
 }

@@ -197,7 +197,12 @@ class dead_letter_queue {
   explicit dead_letter_queue(timer_service& timers, dead_letter_options options = {})
       : state_(std::make_shared<state>(std::move(options), timers.get_clock(), &timers)) {}
 
-  dead_letter_queue(const dead_letter_queue&) = delete;
+  // Not copyable or movable. The deleted copy constructor takes a non-const
+  // reference on purpose: `const dead_letter_queue&` would make
+  // `dead_letter_queue q({})` ambiguous on g++ (the braces could also
+  // value-initialize a temporary queue to copy from); a temporary cannot bind
+  // to `dead_letter_queue&`, so `{}` and `{.capacity = n}` pick the options.
+  dead_letter_queue(dead_letter_queue&) = delete;
   dead_letter_queue& operator=(const dead_letter_queue&) = delete;
 
   /// Cancels a scheduled redrive tick; entries are discarded.
@@ -268,10 +273,13 @@ class dead_letter_queue {
     return n;
   }
 
-  /// Removes entry `id` (also from a pending redrive). Returns whether it existed. Thread-safe.
-  bool remove(std::uint64_t id) {
+  /// Removes entry `id` (also from a pending redrive). Returns whether it
+  /// existed. Thread-safe. (A template on the integer type so that
+  /// `remove({})` means the empty filter, every entry, not id 0.)
+  template <std::integral Id>
+  bool remove(Id id) {
     std::lock_guard lock(state_->mu);
-    if (state_->entries.erase(id) == 0) return false;
+    if (state_->entries.erase(static_cast<std::uint64_t>(id)) == 0) return false;
     ++state_->stats.removed;
     return true;
   }
