@@ -9,7 +9,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <mutex>
+#include <optional>
+#include <stop_token>
 #include <string>
 #include <thread>
 #include <vector>
@@ -274,4 +277,108 @@ TEST_CASE("an operation tracker's record count renders as Prometheus text", "[op
   REQUIRE(sub.has_value());
   (void)wait_terminal(ops, "alice", sub->id);
   CHECK_THAT(metrics.render_prometheus(), Catch::Contains("postbox_operations_records{component=\"operations\",name=\"jobs\"} 1"));
+}
+
+namespace {
+
+// Work whose last copy signals when it is destroyed and then waits for the
+// test's go-ahead: destroying a refused submission's work marks the moment
+// submit() has given up on it, which is where the old code still published
+// the idempotency key.
+struct dropped_work {
+  std::shared_ptr<int> last = std::make_shared<int>(0);
+  std::atomic<bool>* dropping = nullptr;
+  std::atomic<bool>* go_on = nullptr;
+  dropped_work(std::atomic<bool>* d, std::atomic<bool>* g) : dropping(d), go_on(g) {}
+  dropped_work(const dropped_work&) = default;
+  dropped_work(dropped_work&&) noexcept = default;
+  dropped_work& operator=(const dropped_work&) = delete;
+  dropped_work& operator=(dropped_work&&) = delete;
+  ~dropped_work() {
+    if (last && last.use_count() == 1) {
+      dropping->store(true);
+      (void)postbox_test::eventually([&] { return go_on->load(); });
+    }
+  }
+  int operator()(postbox::operation_context&) const { return 3; }
+};
+
+}  // namespace
+
+TEST_CASE("a submit racing a refused submit of the same key never answers existing for dropped work",
+          "[operations]") {
+  postbox::manual_clock clock;
+  gate g;
+  std::atomic<bool> dropping{false}, go_on{false};
+  postbox::operations<int> ops(clock, {.workers = 1, .queue_capacity = 1});
+  REQUIRE(ops.submit("a", "", "", g.make(1)).has_value());
+  REQUIRE(postbox_test::eventually([&] { return g.started.load(); }));
+  REQUIRE(ops.submit("a", "", "", g.make(2)).has_value());  // the queue is now full
+  std::optional<postbox::result<postbox::submission>> first;
+  std::thread t([&] { first.emplace(ops.submit("alice", "k", "fp", dropped_work(&dropping, &go_on))); });
+  // The first submit was refused and is destroying its work: the second one
+  // runs exactly now.
+  REQUIRE(postbox_test::eventually([&] { return dropping.load(); }));
+  auto second = ops.submit("alice", "k", "fp", [](postbox::operation_context&) { return 4; });
+  go_on = true;
+  t.join();
+  REQUIRE(first.has_value());
+  CHECK(first->status() == postbox::errc::busy);
+  CHECK(second.status() == postbox::errc::busy);
+  if (second.has_value()) CHECK(ops.get("alice", second->id).has_value());  // the defect: not_found
+  CHECK(ops.size_approx() == 2);
+  g.open = true;
+}
+
+TEST_CASE("wait blocks until the operation is terminal and returns its final snapshot", "[operations]") {
+  postbox::manual_clock clock;
+  gate g;
+  postbox::operations<int> ops(clock);
+  auto sub = ops.submit("a", "", "", g.make(5));
+  REQUIRE(sub.has_value());
+  std::atomic<bool> returned{false};
+  std::optional<postbox::result<postbox::operation_snapshot<int>>> got;
+  std::thread waiter([&] {
+    got.emplace(ops.wait("a", sub->id));
+    returned = true;
+  });
+  REQUIRE(postbox_test::eventually([&] { return g.started.load(); }));
+  CHECK_FALSE(returned.load());  // the work is held by the gate
+  g.open = true;
+  waiter.join();
+  REQUIRE(got.has_value());
+  REQUIRE(got->has_value());
+  CHECK((*got)->state == operation_state::succeeded);
+  CHECK((*got)->result == 5);
+}
+
+TEST_CASE("a stop request wakes wait with canceled and leaves the operation running", "[operations]") {
+  postbox::manual_clock clock;
+  gate g;
+  postbox::operations<int> ops(clock);
+  auto sub = ops.submit("a", "", "", g.make(6));
+  REQUIRE(sub.has_value());
+  REQUIRE(postbox_test::eventually([&] { return g.started.load(); }));
+  std::stop_source stop;
+  std::optional<postbox::result<postbox::operation_snapshot<int>>> got;
+  std::thread waiter([&] { got.emplace(ops.wait("a", sub->id, stop.get_token())); });
+  stop.request_stop();
+  waiter.join();
+  REQUIRE(got.has_value());
+  CHECK(got->status() == postbox::errc::canceled);
+  CHECK(ops.get("a", sub->id)->state == operation_state::running);  // nothing consumed or changed
+  g.open = true;
+  auto final_state = ops.wait("a", sub->id);
+  REQUIRE(final_state.has_value());
+  CHECK(final_state->state == operation_state::succeeded);
+}
+
+TEST_CASE("wait on an unknown or another caller's operation is not found", "[operations]") {
+  postbox::manual_clock clock;
+  postbox::operations<int> ops(clock);
+  auto sub = ops.submit("a", "", "", [](postbox::operation_context&) { return 1; });
+  REQUIRE(sub.has_value());
+  CHECK(ops.wait("b", sub->id).status() == postbox::errc::not_found);
+  CHECK(ops.wait("a", "nope").status() == postbox::errc::not_found);
+  CHECK(ops.wait("a", sub->id).has_value());
 }

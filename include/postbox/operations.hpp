@@ -9,6 +9,7 @@
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -146,13 +147,20 @@ class operations {
       : clock_(&clk), opts_(opts), executor_(std::make_unique<detail::op_executor>(opts.workers, opts.queue_capacity)) {}
   operations(const operations&) = delete;
   operations& operator=(const operations&) = delete;
-  /// Requests stop on running work, cancels queued work, joins the workers.
+  /// Requests stop on running work, cancels queued work, joins the workers
+  /// (so every record is terminal and no watcher runs afterwards), then wakes
+  /// every thread blocked in `wait` and blocks until each has returned.
+  /// Must not run concurrently with any other member call except `wait`.
   ~operations() {
     {
       std::lock_guard lock(mutex_);
       for (auto& [id, r] : records_) r.stop.request_stop();
     }
     executor_->shutdown();
+    std::unique_lock lock(mutex_);
+    closing_ = true;
+    changed_.notify_all();
+    changed_.wait(lock, [&] { return waiting_ == 0; });
   }
 
   /// Submits `fn` for `caller`. Same (caller, key) and fingerprint returns the
@@ -161,35 +169,39 @@ class operations {
   /// recorded). Allocates. Never blocks on the work.
   [[nodiscard]] result<submission> submit(const std::string& caller, const std::string& idempotency_key,
                                           const std::string& fingerprint, work fn) {
-    std::string id;
-    {
-      std::lock_guard lock(mutex_);
-      expire_locked();
-      if (!idempotency_key.empty()) {
-        auto k = keys_.find(key_of(caller, idempotency_key));
-        if (k != keys_.end()) {
-          const auto& r = records_.at(k->second);
-          return submission{k->second, r.fingerprint == fingerprint ? submit_disposition::existing
-                                                                    : submit_disposition::conflict};
-        }
+    // Built before the lock and, when refused, destroyed after it (declared
+    // before the lock): destroying `fn` runs user code, which must not run
+    // under the tracker's lock.
+    std::string id = new_id();
+    detail::op_executor::task t([this, id, fn = std::move(fn)](bool run) mutable { execute(id, fn, run); });
+    std::lock_guard lock(mutex_);
+    expire_locked();
+    if (!idempotency_key.empty()) {
+      auto k = keys_.find(key_of(caller, idempotency_key));
+      if (k != keys_.end()) {
+        const auto& r = records_.at(k->second);
+        return submission{k->second, r.fingerprint == fingerprint ? submit_disposition::existing
+                                                                  : submit_disposition::conflict};
       }
-      id = new_id();
-      record r;
-      r.caller = caller;
-      r.key = idempotency_key;
-      r.fingerprint = fingerprint;
-      r.snap.id = id;
-      r.snap.created_at = r.snap.updated_at = clock_->now();
-      r.snap.retry_after = opts_.poll_interval;
-      records_.emplace(id, std::move(r));
-      if (!idempotency_key.empty()) keys_.emplace(key_of(caller, idempotency_key), id);
     }
-    if (!executor_->try_post([this, id, fn = std::move(fn)](bool run) mutable { execute(id, fn, run); })) {
-      std::lock_guard lock(mutex_);
-      drop_locked(id);
-      return errc::busy;
-    }
-    return submission{id, submit_disposition::created};
+    // The post happens under the same lock that publishes the record and its
+    // key: another submit with this key sees either no key (and races for
+    // it here) or the key of a record whose work is queued. Before, the key
+    // was published first and withdrawn after a refused post, so a second
+    // submit could answer `existing` for work that was then dropped. The
+    // worker that picks the task up takes this lock in execute(), so it finds
+    // the record.
+    if (!executor_->try_post(t)) return errc::busy;
+    record r;
+    r.caller = caller;
+    r.key = idempotency_key;
+    r.fingerprint = fingerprint;
+    r.snap.id = id;
+    r.snap.created_at = r.snap.updated_at = clock_->now();
+    r.snap.retry_after = opts_.poll_interval;
+    records_.emplace(id, std::move(r));
+    if (!idempotency_key.empty()) keys_.emplace(key_of(caller, idempotency_key), id);
+    return submission{std::move(id), submit_disposition::created};
   }
 
   /// The record of `id` if it belongs to `caller` and has not expired;
@@ -201,6 +213,35 @@ class operations {
     auto it = records_.find(id);
     if (it == records_.end() || it->second.caller != caller) return errc::not_found;
     return it->second.snap;
+  }
+
+  /// Blocks until `caller`'s operation `id` is terminal and returns that
+  /// snapshot. `canceled` when `stop` is stopped first (nothing changes: the
+  /// operation goes on and can be waited for again); `not_found` as get (also
+  /// when the record is swept meanwhile); `stopped` when the tracker is
+  /// destroyed first (its destructor wakes every waiter and waits for it to
+  /// leave). Allocates (a copy). Thread-safe.
+  [[nodiscard]] result<operation_snapshot<Result>> wait(const std::string& caller, const std::string& id,
+                                                        std::stop_token stop = {}) {
+    std::unique_lock lock(mutex_);
+    expire_locked();
+    auto it = records_.find(id);
+    if (it == records_.end() || it->second.caller != caller) return errc::not_found;
+    if (closing_) return errc::stopped;
+    ++waiting_;
+    // Re-found after each wake: the record may be swept while we sleep.
+    const bool woken = changed_.wait(lock, stop, [&] {
+      it = records_.find(id);
+      return closing_ || it == records_.end() || is_terminal(it->second.snap.state);
+    });
+    result<operation_snapshot<Result>> out = errc::canceled;
+    if (woken) {
+      if (it == records_.end()) out = errc::not_found;
+      else if (is_terminal(it->second.snap.state)) out = it->second.snap;
+      else out = errc::stopped;
+    }
+    if (--waiting_ == 0 && closing_) changed_.notify_all();  // the destructor waits for this
+    return out;
   }
 
   /// Cancels cooperatively: a pending operation becomes canceled at once; a
@@ -284,7 +325,10 @@ class operations {
     ++r.snap.version;
     // A record turns terminal exactly once (transitions refuse to leave a
     // terminal state), so it gets exactly one expiry entry.
-    if (is_terminal(r.snap.state)) expiry_.emplace(r.snap.updated_at + opts_.retention, r.snap.id);
+    if (is_terminal(r.snap.state)) {
+      expiry_.emplace(r.snap.updated_at + opts_.retention, r.snap.id);
+      changed_.notify_all();  // wakes `wait` callers
+    }
   }
 
   static std::vector<watcher> watchers_of(const record& r) {
@@ -311,6 +355,7 @@ class operations {
     if (it == records_.end()) return;
     if (!it->second.key.empty()) keys_.erase(key_of(it->second.caller, it->second.key));
     records_.erase(it);
+    if (waiting_ > 0) changed_.notify_all();  // a waiter on this record sees not_found
   }
 
   std::size_t expire_locked() {
@@ -409,6 +454,12 @@ class operations {
   std::unordered_map<std::string, std::string> keys_;  // caller '\0' key -> id
   std::multimap<time_point, std::string> expiry_;       // expiry time -> id of a terminal record
   std::uint64_t next_watch_ = 0;
+  // Signalled (under mutex_) when a record turns terminal or is removed, when
+  // the destructor starts closing, and by the last waiter to leave after
+  // that. _any: it waits with a std::stop_token.
+  std::condition_variable_any changed_;
+  std::size_t waiting_ = 0;  // threads inside wait(); guarded by mutex_
+  bool closing_ = false;     // set once by the destructor; guarded by mutex_
   std::unique_ptr<detail::op_executor> executor_;  // last: joined before the maps go
 };
 

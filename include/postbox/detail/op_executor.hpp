@@ -30,8 +30,13 @@ class op_executor {
   op_executor& operator=(const op_executor&) = delete;
   ~op_executor() { shutdown(); }
 
-  /// Queues `t`; false when the queue is full or shut down. Allocates.
-  [[nodiscard]] bool try_post(task t) {
+  /// Queues `t`, moving from it only on success; false when the queue is
+  /// full or shut down, and then `t` is left intact, so the caller decides
+  /// where (outside which lock) the refused task and what it captured are
+  /// destroyed. Never calls `t`. May be called under a caller's lock: it takes
+  /// only this executor's mutex, which is never held while a task runs.
+  /// Allocates. Thread-safe.
+  [[nodiscard]] bool try_post(task& t) {
     {
       std::lock_guard lock(mutex_);
       if (stopping_ || queue_.size() >= capacity_) return false;
