@@ -7,7 +7,11 @@
 
 #include "support.hpp"
 
+#include <atomic>
+#include <optional>
+#include <stop_token>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace std::chrono_literals;
@@ -255,4 +259,115 @@ TEST_CASE("requester and responder counters render as Prometheus text", "[reques
   CHECK_THAT(text, Catch::Contains("postbox_requester_replied_total{component=\"requester\",name=\"shop\"} 1"));
   CHECK_THAT(text, Catch::Contains("postbox_requester_pending{component=\"requester\",name=\"shop\"} 0"));
   CHECK_THAT(text, Catch::Contains("postbox_responder_handled_total{component=\"responder\",name=\"prices\"} 1"));
+}
+
+TEST_CASE("a request whose deadline equals now is not started and is answered expired", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  int handled = 0;
+  postbox::responder<int, int> resp(
+      r.requests, r.registry, [&](const postbox::envelope<int>& e) { ++handled; return e.payload; }, r.clock, 0);
+  auto f = req.request(1, 1s);
+  REQUIRE(f.has_value());
+  r.clock.advance(1s);  // now == deadline; the timer has not run: the responder sees it first
+  CHECK(resp.poll() == 1);
+  CHECK(handled == 0);
+  CHECK(resp.stats().expired == 1);
+  CHECK(f->get().status == postbox::errc::expired);
+}
+
+TEST_CASE("destroying a requester waits for a callback running on another thread", "[request_reply]") {
+  rig r;
+  std::atomic<bool> entered{false}, release{false}, destroyed{false};
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  std::optional<postbox::requester<int, int>> req;
+  req.emplace(r.requests, r.registry, r.timers);
+  REQUIRE(req->request(1, 10s, [&](postbox::reply_outcome<int>) {
+    entered = true;
+    (void)postbox_test::eventually([&] { return release.load(); });
+  }) == postbox::errc::ok);
+  auto other = req->request(2, 10s);  // still queued when the requester goes: completed canceled
+  REQUIRE(other.has_value());
+  std::thread replier([&] { (void)resp.poll(); });  // serves request 1 (its callback blocks), then 2
+  REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+  std::thread destroyer([&] {
+    req.reset();
+    destroyed = true;
+  });
+  REQUIRE(postbox_test::eventually([&] { return other->ready(); }));  // the destructor is past cancel_all
+  CHECK_FALSE(postbox_test::eventually([&] { return destroyed.load(); }, 1s));
+  release = true;
+  CHECK(postbox_test::eventually([&] { return destroyed.load(); }));
+  destroyer.join();
+  replier.join();
+  CHECK(other->get().status == postbox::errc::canceled);
+}
+
+TEST_CASE("a callback may destroy its own requester", "[request_reply]") {
+  rig r;
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  std::optional<postbox::requester<int, int>> req;
+  req.emplace(r.requests, r.registry, r.timers);
+  int got = 0;
+  REQUIRE(req->request(4, 10s, [&](postbox::reply_outcome<int> o) {
+    got = o.reply->payload;
+    req.reset();  // on the replying thread, inside the callback
+  }) == postbox::errc::ok);
+  CHECK(resp.poll() == 1);
+  CHECK(got == 8);
+  CHECK_FALSE(req.has_value());
+}
+
+TEST_CASE("a stop request wakes get(stop_token) with canceled and consumes nothing", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  auto f = req.request(3, 10s);
+  REQUIRE(f.has_value());
+  std::stop_source stop;
+  std::optional<postbox::result<postbox::reply_outcome<int>>> got;
+  std::thread waiter([&] { got.emplace(f->get(stop.get_token())); });
+  stop.request_stop();
+  waiter.join();
+  REQUIRE(got.has_value());
+  CHECK(got->status() == postbox::errc::canceled);
+  CHECK(req.stats().pending == 1);  // the request goes on
+  CHECK(resp.poll() == 1);
+  auto o = f->get(std::stop_token{});
+  REQUIRE(o.has_value());
+  CHECK(o->ok());
+  CHECK(o->reply->payload == 6);
+}
+
+TEST_CASE("wait(stop_token) answers ok when the outcome is there, even if stop was requested", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  auto f = req.request(5, 10s);
+  REQUIRE(f.has_value());
+  std::stop_source stop;
+  CHECK(resp.poll() == 1);
+  stop.request_stop();
+  CHECK(f->wait(stop.get_token()) == postbox::errc::ok);
+  CHECK(f->get().reply->payload == 10);
+}
+
+TEST_CASE("a stop request wakes wait(stop_token) on a gather future with canceled", "[request_reply]") {
+  rig r;
+  postbox::channel<postbox::envelope<int>> other{8};
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto f = req.gather({&r.requests, &other}, 1, 2, 10s);
+  REQUIRE(f.has_value());
+  std::stop_source stop;
+  std::optional<postbox::errc> got;
+  std::thread waiter([&] { got = f->wait(stop.get_token()); });
+  stop.request_stop();
+  waiter.join();
+  CHECK(got == postbox::errc::canceled);
+  CHECK_FALSE(f->ready());
+  r.clock.advance(10s);
+  CHECK(r.timers.run_due() == 1);
+  auto o = f->get(std::stop_token{});
+  REQUIRE(o.has_value());
+  CHECK(o->status == postbox::errc::timeout);
 }

@@ -563,7 +563,7 @@ class nats_responder {
       causation = req->id;
       if (reply_subject.empty())
         if (auto h = req->headers.get(header_names::reply_to)) reply_subject = std::string(*h);
-      if (req->deadline && clock_->now() > *req->deadline) {
+      if (req->expired(clock_->now())) {  // the envelope's rule: expired at its deadline
         bump(&responder_stats::expired);
         body = reply_error{errc::expired, "request expired before it was started"};
       } else {

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <exception>
@@ -20,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stop_token>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -140,9 +142,33 @@ class reply_future {
     std::unique_lock lock(state_->mutex);
     state_->cv.wait(lock, [&] { return state_->value.has_value(); });
   }
+  /// Blocks until the outcome is there (`ok`) or `stop` is stopped first
+  /// (`canceled`; the request goes on and the outcome stays for a later
+  /// wait or get). An outcome already there wins over a stop. Thread-safe.
+  [[nodiscard]] errc wait(std::stop_token stop) const {
+    // Constructed before taking the lock: a stop already requested runs the
+    // callback right here, and it takes the lock itself. Taking the lock in
+    // the callback orders the notify after a waiter's predicate check, so
+    // the wake-up cannot be lost.
+    std::stop_callback wake(stop, [s = state_.get()] {
+      std::lock_guard lock(s->mutex);
+      s->cv.notify_all();
+    });
+    std::unique_lock lock(state_->mutex);
+    state_->cv.wait(lock, [&] { return state_->value.has_value() || stop.stop_requested(); });
+    return state_->value.has_value() ? errc::ok : errc::canceled;
+  }
   /// Waits, then moves the outcome out; call once. Blocks.
   [[nodiscard]] V get() {
     wait();
+    std::lock_guard lock(state_->mutex);
+    return std::move(*state_->value);
+  }
+  /// Waits as `wait(stop)`, then moves the outcome out; `canceled` when
+  /// `stop` came first, and then nothing is consumed (a later get returns the
+  /// outcome). Blocks. Thread-safe with waiters; call get once.
+  [[nodiscard]] result<V> get(std::stop_token stop) {
+    if (wait(std::move(stop)) != errc::ok) return errc::canceled;
     std::lock_guard lock(state_->mutex);
     return std::move(*state_->value);
   }
@@ -192,11 +218,15 @@ class requester {
   requester(const requester&) = delete;
   requester& operator=(const requester&) = delete;
 
-  /// Unregisters the endpoint and completes every pending request with
-  /// `canceled`, on this thread. Blocks only on internal locks.
+  /// Unregisters the endpoint, completes every pending request with
+  /// `canceled` on this thread, then blocks until every callback already
+  /// running on another thread (a reply or a timeout) has returned, so
+  /// nothing a callback uses is destroyed under it. A callback may destroy
+  /// its own requester (its own run is not waited for).
   ~requester() {
     registry_->remove(state_->opts.endpoint);
     state_->cancel_all();
+    state_->wait_callbacks();
   }
 
   /// The reply endpoint name put in `reply-to`. Never blocks.
@@ -283,6 +313,41 @@ class requester {
     std::unordered_map<message_id, finished> done;
     std::deque<message_id> done_order;
     requester_stats stats;
+    // Threads running a completion callback right now (one entry per run),
+    // added under `mutex` in the same critical section that takes the
+    // request out of pending_map, so cancel_all sees every request either
+    // still pending or here. The destructor waits on `idle` until only its
+    // own thread is left.
+    std::vector<std::thread::id> running;
+    std::condition_variable idle;
+
+    // Registers the calling thread as running a callback (call under mutex)
+    // and unregisters it when destroyed, also when the callback throws.
+    class callback_run {
+     public:
+      explicit callback_run(state& s) : s_(&s) { s.running.push_back(std::this_thread::get_id()); }
+      callback_run(const callback_run&) = delete;
+      callback_run& operator=(const callback_run&) = delete;
+      ~callback_run() {
+        {
+          std::lock_guard lock(s_->mutex);
+          auto it = std::find(s_->running.begin(), s_->running.end(), std::this_thread::get_id());
+          if (it != s_->running.end()) s_->running.erase(it);
+        }
+        s_->idle.notify_all();
+      }
+
+     private:
+      state* s_;
+    };
+
+    void wait_callbacks() {
+      const auto self = std::this_thread::get_id();
+      std::unique_lock lock(mutex);
+      idle.wait(lock, [&] {
+        return std::all_of(running.begin(), running.end(), [&](const std::thread::id& t) { return t == self; });
+      });
+    }
 
     void remember(const message_id& id, finished f) {
       done[id] = f;
@@ -307,6 +372,9 @@ class requester {
     }
 
     void on_reply(reply_packet<Reply> packet) {
+      // Declared first, so destroyed last: the callback and everything it
+      // captured are gone before the destructor may stop waiting.
+      std::optional<callback_run> run;
       std::optional<pending> finished_p;
       errc status = errc::ok;
       std::optional<envelope<Reply>> reply;
@@ -338,12 +406,14 @@ class requester {
         finished_p.emplace(std::move(p));
         pending_map.erase(it);
         remember(packet.correlation_id, finished::replied);
+        run.emplace(*this);
       }
       timers->cancel(finished_p->timer);
       complete(*finished_p, status, std::move(reply), std::move(err));
     }
 
     void on_timeout(const message_id& id) {
+      std::optional<callback_run> run;  // first: destroyed after the callback (see on_reply)
       std::optional<pending> p;
       {
         std::lock_guard lock(mutex);
@@ -353,6 +423,7 @@ class requester {
         pending_map.erase(it);
         remember(id, finished::expired);
         ++stats.timed_out;
+        run.emplace(*this);
       }
       complete(*p, errc::timeout, std::nullopt, std::nullopt);
     }
@@ -483,7 +554,7 @@ class responder {
   void serve(const envelope<Request>& req) {
     auto to = req.headers.get(header_names::reply_to);
     reply_packet<Reply> packet{req.correlation_id, reply_error{}};
-    if (req.deadline && clock_->now() > *req.deadline) {
+    if (req.expired(clock_->now())) {  // the envelope's rule: expired at its deadline
       bump(&responder_stats::expired);
       packet.body = reply_error{errc::expired, "request expired before it was started"};
     } else {
