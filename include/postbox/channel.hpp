@@ -15,6 +15,7 @@
 #include <memory>
 #include <new>
 #include <optional>
+#include <stop_token>
 #include <type_traits>
 #include <utility>
 
@@ -153,8 +154,21 @@ enum class claim_status { ok, full, empty, closed };
 ///
 /// Requirements on T: nothrow move construction and nothrow destruction (a
 /// message half-moved into a slot could otherwise be neither sent nor kept).
+namespace detail {
+/// Lets postbox's own wrappers (topic subscriptions) wait with more than one
+/// stop token; not part of the public API.
+struct channel_access {
+  template <class Channel>
+  static auto receive_blocking(Channel& ch, std::optional<std::chrono::steady_clock::time_point> deadline,
+                               stop_tokens stops) {
+    return ch.receive_blocking(deadline, stops);
+  }
+};
+}  // namespace detail
+
 template <class T, channel_shape Shape = mpmc>
 class channel {
+  friend struct detail::channel_access;
   static_assert(std::is_nothrow_move_constructible_v<T>,
                 "postbox::channel<T>: T must be nothrow move constructible, so a claimed slot is always filled");
   static_assert(std::is_nothrow_destructible_v<T>, "postbox::channel<T>: T must be nothrow destructible");
@@ -233,18 +247,28 @@ class channel {
     return send_blocking(std::forward<U>(value), std::nullopt);
   }
 
-  /// As `send`, giving up after `timeout` (returns `timeout`).
-  template <class U, class Rep, class Period>
+  /// As `send`, also returning `canceled` (nothing sent, `value` untouched)
+  /// once `stop` is stopped: before the call, or while it waits.
+  template <class U>
     requires std::is_constructible_v<T, U&&>
-  send_status send_for(U&& value, std::chrono::duration<Rep, Period> timeout) {
-    return send_until(std::forward<U>(value), std::chrono::steady_clock::now() + timeout);
+  send_status send(U&& value, std::stop_token stop) {
+    return send_blocking(std::forward<U>(value), std::nullopt, detail::stop_tokens{&stop});
   }
 
-  /// As `send`, giving up at `deadline` (returns `timeout`).
+  /// As `send`, giving up after `timeout` (returns `timeout`); with `stop`,
+  /// also `canceled`.
+  template <class U, class Rep, class Period>
+    requires std::is_constructible_v<T, U&&>
+  send_status send_for(U&& value, std::chrono::duration<Rep, Period> timeout, std::stop_token stop = {}) {
+    return send_until(std::forward<U>(value), std::chrono::steady_clock::now() + timeout, std::move(stop));
+  }
+
+  /// As `send`, giving up at `deadline` (returns `timeout`); with `stop`,
+  /// also `canceled`.
   template <class U, class Clock, class Duration>
     requires std::is_constructible_v<T, U&&>
-  send_status send_until(U&& value, std::chrono::time_point<Clock, Duration> deadline) {
-    return send_blocking(std::forward<U>(value), detail::to_steady_deadline(deadline));
+  send_status send_until(U&& value, std::chrono::time_point<Clock, Duration> deadline, std::stop_token stop = {}) {
+    return send_blocking(std::forward<U>(value), detail::to_steady_deadline(deadline), detail::stop_tokens{&stop});
   }
 
   /// Sends a prefix of [first, last) without waiting, moving from each element
@@ -287,16 +311,26 @@ class channel {
     return receive_blocking(std::nullopt).optional();
   }
 
-  /// As `receive`, giving up after `timeout`: status ok, closed or timeout.
-  template <class Rep, class Period>
-  [[nodiscard]] receive_result<T> receive_for(std::chrono::duration<Rep, Period> timeout) {
-    return receive_until(std::chrono::steady_clock::now() + timeout);
+  /// As `receive`, also returning an empty optional (nothing taken) once
+  /// `stop` is stopped, before the call or while it waits; tell that from
+  /// closed with `stop.stop_requested()` or use `receive_until(max, stop)`.
+  [[nodiscard]] std::optional<T> receive(std::stop_token stop) {
+    return receive_blocking(std::nullopt, detail::stop_tokens{&stop}).optional();
   }
 
-  /// As `receive`, giving up at `deadline`: status ok, closed or timeout.
+  /// As `receive`, giving up after `timeout`: status ok, closed or timeout
+  /// (and `canceled`, nothing taken, once `stop` is stopped).
+  template <class Rep, class Period>
+  [[nodiscard]] receive_result<T> receive_for(std::chrono::duration<Rep, Period> timeout, std::stop_token stop = {}) {
+    return receive_until(std::chrono::steady_clock::now() + timeout, std::move(stop));
+  }
+
+  /// As `receive`, giving up at `deadline`: status ok, closed or timeout
+  /// (and `canceled`, nothing taken, once `stop` is stopped).
   template <class Clock, class Duration>
-  [[nodiscard]] receive_result<T> receive_until(std::chrono::time_point<Clock, Duration> deadline) {
-    return receive_blocking(detail::to_steady_deadline(deadline));
+  [[nodiscard]] receive_result<T> receive_until(std::chrono::time_point<Clock, Duration> deadline,
+                                                std::stop_token stop = {}) {
+    return receive_blocking(detail::to_steady_deadline(deadline), detail::stop_tokens{&stop});
   }
 
   /// Receives up to `max` messages without waiting, writing them to `out`;
@@ -502,56 +536,78 @@ class channel {
   }
 
   template <class U>
-  send_status send_blocking(U&& value, std::optional<std::chrono::steady_clock::time_point> deadline) {
+  send_status send_blocking(U&& value, std::optional<std::chrono::steady_clock::time_point> deadline,
+                            detail::stop_tokens stops = {}) {
     if constexpr (!std::is_nothrow_constructible_v<T, U&&>) {
       T converted(std::forward<U>(value));
-      return send_blocking(std::move(converted), deadline);
+      return send_blocking(std::move(converted), deadline, stops);
     } else {
+      if (stops.stop_requested()) return send_status::canceled;
+      send_status s = try_send(std::forward<U>(value));
+      if (s != send_status::full) return s;
+      // Slow path: registered only once the channel was found full, so the
+      // fast path pays nothing for the tokens.
+      const detail::stop_wakeup wakeup(not_full_, stops);
       detail::backoff backoff;
       for (;;) {
-        send_status s = try_send(std::forward<U>(value));
-        if (s != send_status::full) return s;
+        if (stops.stop_requested()) return send_status::canceled;
         if (!backoff.completed()) {
           backoff.snooze();
-          continue;
-        }
-        const std::uint32_t key = not_full_.prepare_wait();
-        s = try_send(std::forward<U>(value));
-        if (s != send_status::full) {
-          not_full_.finish_wait();
-          return s;
-        }
-        const bool woke = not_full_.wait(key, deadline);
-        not_full_.finish_wait();
-        if (!woke) {
+        } else {
+          const std::uint32_t key = not_full_.prepare_wait();
           s = try_send(std::forward<U>(value));
-          return s == send_status::full ? send_status::timeout : s;
+          if (s != send_status::full || stops.stop_requested()) {
+            not_full_.finish_wait();
+            return s != send_status::full ? s : send_status::canceled;
+          }
+          const bool woke = not_full_.wait(key, deadline);
+          not_full_.finish_wait();
+          if (!woke) {
+            s = try_send(std::forward<U>(value));
+            return s == send_status::full ? send_status::timeout : s;
+          }
         }
+        s = try_send(std::forward<U>(value));
+        if (s != send_status::full) return s;
       }
     }
   }
 
-  receive_result<T> receive_blocking(std::optional<std::chrono::steady_clock::time_point> deadline) {
-    detail::backoff backoff;
-    for (;;) {
+  // Never reassigns a result (T need not be move-assignable): each outcome is
+  // returned from where it was produced.
+  receive_result<T> receive_blocking(std::optional<std::chrono::steady_clock::time_point> deadline,
+                                     detail::stop_tokens stops = {}) {
+    if (stops.stop_requested()) return receive_status::canceled;
+    {
       receive_result<T> r = try_receive_result();
       if (r.status() != receive_status::empty) return r;
+    }
+    const detail::stop_wakeup wakeup(not_empty_, stops);
+    detail::backoff backoff;
+    for (;;) {
+      if (stops.stop_requested()) return receive_status::canceled;
+      bool timed_out = false;
       if (!backoff.completed()) {
         backoff.snooze();
-        continue;
-      }
-      const std::uint32_t key = not_empty_.prepare_wait();
-      r = try_receive_result();
-      if (r.status() != receive_status::empty) {
+      } else {
+        const std::uint32_t key = not_empty_.prepare_wait();
+        {
+          receive_result<T> r = try_receive_result();
+          if (r.status() != receive_status::empty) {
+            not_empty_.finish_wait();
+            return r;
+          }
+        }
+        if (stops.stop_requested()) {
+          not_empty_.finish_wait();
+          return receive_status::canceled;
+        }
+        timed_out = !not_empty_.wait(key, deadline);
         not_empty_.finish_wait();
-        return r;
       }
-      const bool woke = not_empty_.wait(key, deadline);
-      not_empty_.finish_wait();
-      if (!woke) {
-        r = try_receive_result();
-        return r.status() == receive_status::empty ? receive_result<T>(receive_status::timeout) : std::move(r);
-      }
+      receive_result<T> r = try_receive_result();
+      if (r.status() != receive_status::empty) return r;
+      if (timed_out) return receive_status::timeout;
     }
   }
 
@@ -624,11 +680,15 @@ class sender {
   [[nodiscard]] send_status try_send(U&& v) { return state_->ch.try_send(std::forward<U>(v)); }
   template <class U>
   send_status send(U&& v) { return state_->ch.send(std::forward<U>(v)); }
+  template <class U>
+  send_status send(U&& v, std::stop_token stop) { return state_->ch.send(std::forward<U>(v), std::move(stop)); }
   template <class U, class Rep, class Period>
-  send_status send_for(U&& v, std::chrono::duration<Rep, Period> d) { return state_->ch.send_for(std::forward<U>(v), d); }
+  send_status send_for(U&& v, std::chrono::duration<Rep, Period> d, std::stop_token stop = {}) {
+    return state_->ch.send_for(std::forward<U>(v), d, std::move(stop));
+  }
   template <class U, class Clock, class Duration>
-  send_status send_until(U&& v, std::chrono::time_point<Clock, Duration> t) {
-    return state_->ch.send_until(std::forward<U>(v), t);
+  send_status send_until(U&& v, std::chrono::time_point<Clock, Duration> t, std::stop_token stop = {}) {
+    return state_->ch.send_until(std::forward<U>(v), t, std::move(stop));
   }
   template <class InputIt>
   std::size_t try_send_batch(InputIt first, InputIt last) { return state_->ch.try_send_batch(first, last); }
@@ -670,11 +730,14 @@ class receiver {
   [[nodiscard]] std::optional<T> try_receive() noexcept { return state_->ch.try_receive(); }
   [[nodiscard]] receive_result<T> try_receive_result() noexcept { return state_->ch.try_receive_result(); }
   [[nodiscard]] std::optional<T> receive() { return state_->ch.receive(); }
+  [[nodiscard]] std::optional<T> receive(std::stop_token stop) { return state_->ch.receive(std::move(stop)); }
   template <class Rep, class Period>
-  [[nodiscard]] receive_result<T> receive_for(std::chrono::duration<Rep, Period> d) { return state_->ch.receive_for(d); }
+  [[nodiscard]] receive_result<T> receive_for(std::chrono::duration<Rep, Period> d, std::stop_token stop = {}) {
+    return state_->ch.receive_for(d, std::move(stop));
+  }
   template <class Clock, class Duration>
-  [[nodiscard]] receive_result<T> receive_until(std::chrono::time_point<Clock, Duration> t) {
-    return state_->ch.receive_until(t);
+  [[nodiscard]] receive_result<T> receive_until(std::chrono::time_point<Clock, Duration> t, std::stop_token stop = {}) {
+    return state_->ch.receive_until(t, std::move(stop));
   }
   template <class OutputIt>
   std::size_t try_receive_batch(OutputIt out, std::size_t max) { return state_->ch.try_receive_batch(out, max); }

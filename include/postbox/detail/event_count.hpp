@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdint>
 #include <optional>
+#include <stop_token>
 
 #if defined(__linux__)
 #  include <linux/futex.h>
@@ -110,6 +111,13 @@ class event_count {
   void notify_one() noexcept { notify(1); }
   void notify_all() noexcept { notify(INT_MAX); }
 
+  /// Wakes every parked thread whether or not a waiter is announced: for a
+  /// condition set without a seq_cst RMW of the notifier protocol (a stop
+  /// request, a handle detached). A waiter that read the epoch before this
+  /// bump does not sleep; one that reads it after synchronizes with the bump
+  /// and so sees whatever was written before it. Makes a syscall.
+  void wake_all() noexcept { wake(INT_MAX); }
+
  private:
   void wake(int n) noexcept {
     // seq_cst: a waiter that read the old epoch in prepare_wait() either sees
@@ -142,6 +150,37 @@ class event_count {
 
 static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t),
               "the futex word must be a plain 32-bit integer in memory");
+
+/// The stop tokens a blocking call watches: the caller's, and one the
+/// component may add (a subscription handle being reset). Default: none.
+/// Cheap to copy around by reference; never allocates.
+struct stop_tokens {
+  const std::stop_token* first = nullptr;
+  const std::stop_token* second = nullptr;
+  [[nodiscard]] bool stop_requested() const noexcept {
+    return (first != nullptr && first->stop_requested()) || (second != nullptr && second->stop_requested());
+  }
+};
+
+/// While alive, a stop request on any of `tokens` wakes every thread parked
+/// on `ev` (the waiter then re-checks its tokens). Registers only tokens that
+/// can be stopped; the registration allocates nothing beyond std::stop_callback.
+class stop_wakeup {
+  struct wake_fn {
+    event_count* ev;
+    void operator()() const noexcept { ev->wake_all(); }
+  };
+
+ public:
+  stop_wakeup(event_count& ev, const stop_tokens& tokens) {
+    if (tokens.first != nullptr && tokens.first->stop_possible()) a_.emplace(*tokens.first, wake_fn{&ev});
+    if (tokens.second != nullptr && tokens.second->stop_possible()) b_.emplace(*tokens.second, wake_fn{&ev});
+  }
+
+ private:
+  std::optional<std::stop_callback<wake_fn>> a_;
+  std::optional<std::stop_callback<wake_fn>> b_;
+};
 
 /// Converts a deadline on any clock to steady_clock (the clock futex and the
 /// event count wait on); time points at the far end mean "no deadline".
