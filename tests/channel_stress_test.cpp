@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -195,4 +196,79 @@ TEST_CASE("a close racing the senders: every ok send is received once and later 
     check(run_stress<postbox::spsc>({1, 1, postbox_test::scaled(100'000), 2, 0, true}));
     check(run_stress<postbox::mpsc>({3, 1, postbox_test::scaled(100'000), 4, 0, true}));
   }
+}
+
+// --- teardown: endpoints dropped and close() while threads block ----------
+
+namespace {
+/// One round: two senders and two receivers on a tiny endpoint channel, each
+/// thread with its own endpoint; the main thread drops its own endpoints (or
+/// closes) at a round-dependent moment while the others spin or park.
+/// Returns false when something was lost, duplicated or reordered.
+bool endpoint_teardown_round(int round, std::uint64_t per_sender) {
+  constexpr std::uint64_t senders = 2;
+  auto [tx, rx] = postbox::make_channel<std::uint64_t>(2);
+  std::vector<std::atomic<std::uint64_t>> sent_ok(senders);
+  std::vector<std::vector<std::uint64_t>> got(2);
+  std::vector<std::thread> threads;
+  // Receivers stop early in "receivers leave" rounds, so senders must wake
+  // with closed instead of hanging on the full ring.
+  const bool receivers_leave = round % 3 == 1;
+  for (std::size_t r = 0; r < 2; ++r) {
+    threads.emplace_back([&got, r, receivers_leave, per_sender, mine = rx]() mutable {
+      auto& out = got[r];
+      for (;;) {
+        if (receivers_leave && out.size() >= per_sender / 2) return;  // drops its endpoint
+        auto m = mine.receive();
+        if (!m) return;
+        out.push_back(*m);
+      }
+    });
+  }
+  for (std::uint64_t s = 0; s < senders; ++s) {
+    threads.emplace_back([&sent_ok, s, per_sender, mine = tx]() mutable {
+      for (std::uint64_t i = 0; i < per_sender; ++i) {
+        if (mine.send((s << 32) | i) != postbox::send_status::ok) return;
+        sent_ok[s].store(i + 1, std::memory_order_relaxed);
+      }
+    });
+  }
+  // Let the round reach a different point each time before the main thread
+  // lets go: the threads are sending, blocked on a full ring, or parked.
+  for (int k = 0; k < round % 7; ++k) std::this_thread::yield();
+  if (round % 3 == 2) tx.close();
+  { auto drop_tx = std::move(tx); auto drop_rx = std::move(rx); }
+  for (auto& t : threads) t.join();
+
+  // Every message received was sent ok, once, and in per-sender order; when
+  // receivers stayed to the end, every ok send was received.
+  std::vector<std::uint64_t> next(senders * 2, 0);
+  std::set<std::uint64_t> seen;
+  for (std::size_t r = 0; r < 2; ++r) {
+    std::vector<std::uint64_t> last(senders, 0);
+    std::vector<bool> any(senders, false);
+    for (auto v : got[r]) {
+      const auto s = v >> 32, i = v & 0xffffffffu;
+      if (s >= senders || i >= sent_ok[s].load() || !seen.insert(v).second) return false;
+      if (any[s] && i <= last[s]) return false;
+      any[s] = true;
+      last[s] = i;
+    }
+  }
+  if (!receivers_leave) {
+    std::uint64_t total_ok = 0;
+    for (auto& n : sent_ok) total_ok += n.load();
+    if (seen.size() != total_ok) return false;
+  }
+  return true;
+}
+}  // namespace
+
+TEST_CASE("dropping endpoints and closing while senders and receivers block loses and duplicates nothing",
+          "[channel][stress][teardown]") {
+  const int rounds = static_cast<int>(postbox_test::scaled(1000));
+  int bad = 0;
+  for (int round = 0; round < rounds; ++round)
+    if (!endpoint_teardown_round(round, 64)) ++bad;
+  CHECK(bad == 0);
 }

@@ -380,3 +380,117 @@ TEST_CASE("a moved-from endpoint does not close the channel", "[channel][endpoin
   REQUIRE(moved.try_send(1) == send_status::ok);
   CHECK(rx.try_receive() == std::optional<int>(1));
 }
+
+// --- documented requirements and stop tokens ------------------------------
+
+namespace {
+/// Only what channel<T> documents it needs: nothrow move construction and
+/// destruction. No copy, no assignment of any kind.
+struct move_construct_only {
+  explicit move_construct_only(int v) noexcept : value(v) {}
+  move_construct_only(move_construct_only&& o) noexcept : value(o.value) {}
+  move_construct_only(const move_construct_only&) = delete;
+  move_construct_only& operator=(const move_construct_only&) = delete;
+  move_construct_only& operator=(move_construct_only&&) = delete;
+  ~move_construct_only() = default;
+  int value;
+};
+}  // namespace
+
+TEST_CASE("every receive form works for a type that is only move-constructible", "[channel]") {
+  // Regression: receive, receive_for and receive_until reassigned a local
+  // receive_result<T>, so they did not compile without move assignment.
+  postbox::channel<move_construct_only> ch(4);
+  REQUIRE(ch.try_send(move_construct_only(1)) == postbox::send_status::ok);
+  REQUIRE(ch.send(move_construct_only(2)) == postbox::send_status::ok);
+  REQUIRE(ch.send_for(move_construct_only(3), std::chrono::hours(1)) == postbox::send_status::ok);
+  REQUIRE(ch.send_until(move_construct_only(4), std::chrono::steady_clock::now() + std::chrono::hours(1)) ==
+          postbox::send_status::ok);
+  auto a = ch.receive();
+  auto b = ch.receive_for(std::chrono::hours(1));
+  auto c = ch.receive_until(std::chrono::steady_clock::now() + std::chrono::hours(1));
+  auto d = ch.try_receive();
+  REQUIRE(a);
+  REQUIRE(b.has_value());
+  REQUIRE(c.has_value());
+  REQUIRE(d);
+  CHECK(a->value + b->value + c->value + d->value == 10);
+  ch.close();
+  CHECK(ch.receive_for(std::chrono::hours(1)).status() == postbox::receive_status::closed);
+}
+
+TEST_CASE("a receive whose stop token is stopped while it waits returns canceled and takes nothing",
+          "[channel]") {
+  postbox::channel<int> ch(4);
+  std::stop_source stop;
+  std::atomic<bool> entered{false};
+  std::atomic<int> outcome{-1};
+  std::thread receiver([&] {
+    entered.store(true);
+    outcome.store(static_cast<int>(ch.receive_for(std::chrono::hours(1), stop.get_token()).status()));
+  });
+  REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+  stop.request_stop();
+  receiver.join();
+  CHECK(outcome.load() == static_cast<int>(postbox::receive_status::canceled));
+  REQUIRE(ch.try_send(9) == postbox::send_status::ok);
+  CHECK(ch.try_receive() == 9);
+}
+
+TEST_CASE("a receive with a token already stopped takes nothing, even when a message is queued", "[channel]") {
+  postbox::channel<int> ch(4);
+  REQUIRE(ch.try_send(1) == postbox::send_status::ok);
+  std::stop_source stop;
+  stop.request_stop();
+  CHECK_FALSE(ch.receive(stop.get_token()));
+  CHECK(ch.receive_until(std::chrono::steady_clock::now() + std::chrono::hours(1), stop.get_token()).status() ==
+        postbox::receive_status::canceled);
+  CHECK(ch.size_approx() == 1);
+}
+
+TEST_CASE("a send blocked on a full channel returns canceled when its token is stopped and keeps the value",
+          "[channel]") {
+  postbox::channel<std::unique_ptr<int>> ch(1);
+  REQUIRE(ch.try_send(std::make_unique<int>(1)) == postbox::send_status::ok);
+  std::stop_source stop;
+  auto value = std::make_unique<int>(2);
+  std::atomic<bool> entered{false};
+  std::atomic<int> outcome{-1};
+  std::thread sender([&] {
+    entered.store(true);
+    outcome.store(static_cast<int>(ch.send(std::move(value), stop.get_token())));
+  });
+  REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+  stop.request_stop();
+  sender.join();
+  CHECK(outcome.load() == static_cast<int>(postbox::send_status::canceled));
+  REQUIRE(value);  // not moved from
+  CHECK(*value == 2);
+  CHECK(ch.size_approx() == 1);
+}
+
+TEST_CASE("destroying the last sender endpoint wakes blocked receivers with closed", "[channel][teardown]") {
+  auto [tx, rx] = postbox::make_channel<int>(4);
+  auto rx2 = rx;
+  std::atomic<int> closed_seen{0};
+  std::vector<std::thread> receivers;
+  for (auto* r : {&rx, &rx2}) {
+    receivers.emplace_back([&closed_seen, r] {
+      if (r->receive_for(std::chrono::hours(1)).status() == postbox::receive_status::closed) ++closed_seen;
+    });
+  }
+  { auto gone = std::move(tx); }
+  for (auto& t : receivers) t.join();
+  CHECK(closed_seen.load() == 2);
+}
+
+TEST_CASE("destroying the last receiver endpoint wakes a sender blocked on a full channel with closed",
+          "[channel][teardown]") {
+  auto [tx, rx] = postbox::make_channel<int>(1);
+  REQUIRE(tx.try_send(1) == postbox::send_status::ok);
+  std::atomic<int> outcome{-1};
+  std::thread sender([&, s = &tx] { outcome.store(static_cast<int>(s->send(2))); });
+  { auto gone = std::move(rx); }
+  sender.join();
+  CHECK(outcome.load() == static_cast<int>(postbox::send_status::closed));
+}

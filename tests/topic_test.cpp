@@ -190,3 +190,201 @@ TEST_CASE("receive_for times out on an empty subscription and ends after unsubsc
   REQUIRE(r.has_value());
   CHECK(**r == 7);
 }
+
+// --- lifecycle: reset while blocked, close, stop tokens --------------------
+
+TEST_CASE("resetting a subscription wakes a thread blocked in its receive with closed", "[topic][teardown]") {
+  // Regression: reset() dropped the last reference to the queue while the
+  // woken receiver was still inside it (heap-use-after-free under ASan, a
+  // spin on freed memory at -O2).
+  for (int round = 0; round < 50; ++round) {
+    postbox::topic<int> t;
+    auto sub = t.subscribe();
+    std::atomic<bool> entered{false};
+    std::atomic<int> outcome{-1};
+    std::thread receiver([&] {
+      entered.store(true);
+      auto r = sub.receive_for(std::chrono::hours(1));
+      outcome.store(static_cast<int>(r.status()));
+    });
+    REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+    sub.reset();
+    receiver.join();
+    CHECK(outcome.load() == static_cast<int>(postbox::receive_status::closed));
+    CHECK_FALSE(sub);
+    CHECK(t.subscriber_count() == 0);
+  }
+}
+
+TEST_CASE("destroying a subscription waits for a thread blocked in its receive to leave", "[topic][teardown]") {
+  for (int round = 0; round < 50; ++round) {
+    postbox::topic<int> t;
+    auto sub = std::make_unique<postbox::subscription<int>>(t.subscribe());
+    std::atomic<bool> got_value{false};
+    std::thread receiver([&, s = sub.get()] { got_value.store(s->receive().has_value()); });
+    // Inside the call (spinning or parked): destruction must wait for it.
+    REQUIRE(postbox_test::eventually([&] { return sub->blocked_receivers_approx() == 1; }));
+    sub.reset();  // the handle's destructor: must not free what the receiver still uses
+    receiver.join();
+    CHECK_FALSE(got_value.load());
+  }
+}
+
+TEST_CASE("resetting one group member wakes its receiver and leaves the group's queue to the others",
+          "[topic][teardown]") {
+  postbox::topic<int> t;
+  auto a = t.subscribe({.group = "billing"});
+  auto b = t.subscribe({.group = "billing"});
+  std::atomic<bool> entered{false};
+  std::atomic<bool> got_value{true};
+  std::thread receiver([&] {
+    entered.store(true);
+    got_value.store(a.receive().has_value());
+  });
+  REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+  a.reset();
+  receiver.join();
+  CHECK_FALSE(got_value.load());
+  REQUIRE(t.publish(7).delivered == 1);
+  auto d = b.try_receive();
+  REQUIRE(d);
+  CHECK(**d == 7);
+}
+
+TEST_CASE("a closed topic refuses publishes and reports closed", "[topic]") {
+  postbox::topic<int> t;
+  auto sub = t.subscribe();
+  t.close();
+  CHECK(t.is_closed());
+  const auto r = t.publish(1);
+  CHECK(r.closed);
+  CHECK_FALSE(r.ok());
+  CHECK(r.delivered == 0);
+  CHECK_FALSE(sub.try_receive());
+}
+
+TEST_CASE("after close a subscription drains what was delivered, then receive returns empty", "[topic]") {
+  postbox::topic<int> t;
+  auto sub = t.subscribe();
+  REQUIRE(t.publish(1).ok());
+  REQUIRE(t.publish(2).ok());
+  t.close();
+  auto first = sub.receive();
+  auto second = sub.receive();
+  REQUIRE(first);
+  REQUIRE(second);
+  CHECK(**first == 1);
+  CHECK(**second == 2);
+  CHECK_FALSE(sub.receive());
+  CHECK(sub.receive_for(std::chrono::hours(1)).status() == postbox::receive_status::closed);
+}
+
+TEST_CASE("closing a topic wakes a receiver blocked on an empty subscription with closed", "[topic][teardown]") {
+  postbox::topic<int> t;
+  auto sub = t.subscribe();
+  std::atomic<bool> entered{false};
+  std::atomic<int> outcome{-1};
+  std::thread receiver([&] {
+    entered.store(true);
+    outcome.store(static_cast<int>(sub.receive_for(std::chrono::hours(1)).status()));
+  });
+  REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+  t.close();
+  receiver.join();
+  CHECK(outcome.load() == static_cast<int>(postbox::receive_status::closed));
+}
+
+TEST_CASE("closing a topic wakes a publisher blocked on a full block subscription", "[topic][teardown]") {
+  postbox::topic<int> t;
+  auto sub = t.subscribe({.capacity = 1, .policy = overflow::block});
+  REQUIRE(t.publish(1).ok());
+  std::atomic<bool> entered{false};
+  std::atomic<bool> reported_closed{false};
+  std::thread publisher([&] {
+    entered.store(true);
+    reported_closed.store(t.publish(2).closed);
+  });
+  REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+  t.close();
+  publisher.join();
+  CHECK(reported_closed.load());
+  auto d = sub.receive();  // the message queued before close is still delivered
+  REQUIRE(d);
+  CHECK(**d == 1);
+  CHECK_FALSE(sub.receive());
+}
+
+TEST_CASE("destroying a topic closes it for the subscriptions that outlive it", "[topic]") {
+  auto t = std::make_unique<postbox::topic<int>>();
+  auto sub = t->subscribe();
+  REQUIRE(t->publish(5).ok());
+  t.reset();
+  auto d = sub.receive();
+  REQUIRE(d);
+  CHECK(**d == 5);
+  CHECK_FALSE(sub.receive());
+}
+
+TEST_CASE("subscribing to a closed topic gives a subscription that is already closed", "[topic]") {
+  postbox::topic<int> t;
+  t.close();
+  auto sub = t.subscribe();
+  CHECK(sub.receive_for(std::chrono::hours(1)).status() == postbox::receive_status::closed);
+}
+
+TEST_CASE("a group member that asks for another capacity or policy than its group gets conflict", "[topic]") {
+  postbox::topic<int> t;
+  auto first = t.subscribe({.capacity = 16, .policy = overflow::block, .group = "g"});
+  auto same = t.subscribe({.capacity = 16, .policy = overflow::block, .group = "g"});  // 16 rounds to 16: joins
+  auto code_of = [&](subscription_options o) {
+    try {
+      (void)t.subscribe(std::move(o));
+    } catch (const postbox::error& e) {
+      return e.code();
+    }
+    return postbox::errc::ok;
+  };
+  CHECK(code_of({.capacity = 32, .policy = overflow::block, .group = "g"}) == postbox::errc::conflict);
+  CHECK(code_of({.capacity = 16, .policy = overflow::drop_oldest, .group = "g"}) == postbox::errc::conflict);
+}
+
+TEST_CASE("subscribe accepts braced designated options on every compiler", "[topic]") {
+  // Regression: g++ 12 found subscribe({.group = ...}) ambiguous with the
+  // pattern overload.
+  postbox::topic<int> t;
+  auto billing = t.subscribe({.group = "billing"});
+  auto bounded = t.subscribe({.capacity = 4});
+  auto everything = t.subscribe({});
+  auto orders = t.subscribe("orders.*");
+  auto shipped = t.subscribe(std::string("orders.shipped"), {.capacity = 8});
+  CHECK(t.subscriber_count() == 5);
+  auto capacity_of = [&] {
+    try {
+      (void)t.subscribe({.capacity = 0});
+    } catch (const postbox::error& e) {
+      return e.code();
+    }
+    return postbox::errc::ok;
+  };
+  CHECK(capacity_of() == postbox::errc::invalid_argument);
+}
+
+TEST_CASE("a subscription's receive returns canceled when its stop token is stopped", "[topic]") {
+  postbox::topic<int> t;
+  auto sub = t.subscribe();
+  std::stop_source stop;
+  std::atomic<bool> entered{false};
+  std::atomic<int> outcome{-1};
+  std::thread receiver([&] {
+    entered.store(true);
+    outcome.store(static_cast<int>(sub.receive_for(std::chrono::hours(1), stop.get_token()).status()));
+  });
+  REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+  stop.request_stop();
+  receiver.join();
+  CHECK(outcome.load() == static_cast<int>(postbox::receive_status::canceled));
+  REQUIRE(t.publish(3).ok());  // nothing was consumed by the canceled wait
+  auto d = sub.try_receive();
+  REQUIRE(d);
+  CHECK(**d == 3);
+}

@@ -22,6 +22,7 @@
 
 #include <postbox/channel.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/backoff.hpp>
 #include <postbox/detail/topic_snapshot.hpp>
 #include <postbox/error.hpp>
 
@@ -32,8 +33,10 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stop_token>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -119,8 +122,8 @@ void topic_split(std::string_view s, F&& f) {
 struct subscription_options {
   std::size_t capacity = 1024;          ///< queue bound (rounded up to a power of two)
   overflow policy = overflow::block;    ///< what a publish does when the queue is full
-  std::string group;                    ///< non-empty: members of this group compete for each message
-  std::string pattern;                  ///< empty: every message; else a subject pattern (`orders.*`, `orders.>`)
+  std::string group{};                  ///< non-empty: members of this group compete for each message
+  std::string pattern{};                ///< empty: every message; else a subject pattern (`orders.*`, `orders.>`)
 };
 
 /// Identifies a subscription (or a group) in a publish_result.
@@ -131,8 +134,11 @@ struct publish_result {
   std::size_t delivered = 0;              ///< subscriptions/groups that queued the message
   std::size_t dropped = 0;                ///< drop_newest subscriptions that discarded it
   std::vector<subscription_id> refused;   ///< `fail` subscriptions that were full (allocates only then)
-  /// True when no `fail` subscription refused the message.
-  [[nodiscard]] bool ok() const noexcept { return refused.empty(); }
+  /// The topic was closed: nothing was delivered (or, for a publish racing
+  /// close(), only to the subscriptions counted in `delivered`).
+  bool closed = false;
+  /// True when the topic was open and no `fail` subscription refused the message.
+  [[nodiscard]] bool ok() const noexcept { return !closed && refused.empty(); }
 };
 
 /// One subscription (or group) in a topic_stats snapshot.
@@ -157,6 +163,7 @@ struct topic_stats {
   std::uint64_t published = 0;    ///< publishes since the topic was created
   std::uint64_t delivered = 0;    ///< copies queued into current subscriptions
   std::uint64_t dropped = 0;      ///< copies discarded by current subscriptions (any policy)
+  std::size_t publishing = 0;     ///< publishes in progress (e.g. blocked on a full `block` subscription)
   std::vector<topic_subscription_stats> per_subscription;
 };
 
@@ -259,6 +266,20 @@ struct topic_state {
   snapshot_ptr<list> subs{std::make_shared<const list>()};
   std::mutex mu;
   subscription_id next_id = 1;  // guarded by mu
+  bool closed_locked = false;   // guarded by mu: close() ran
+  // Set once by close() (seq_cst, under mu, before any queue is closed);
+  // read by publishers (seq_cst) after they announce themselves in
+  // `publishing`. A publish that reads false may still race the close: each
+  // queue it reaches then accepts the message before its own close (and the
+  // subscriber drains it) or refuses it.
+  std::atomic<bool> closed{false};
+  // Publishes inside topic::publish. Incremented (seq_cst) before `closed`
+  // is read, decremented (release) as the publish's last touch of the state;
+  // ~topic stores `closed` (seq_cst) and then waits for zero (seq_cst loads,
+  // acquiring the decrements): Dekker's pattern, so a publisher blocked on a
+  // full `block` queue is woken by the close and has left before the topic
+  // is gone.
+  std::atomic<std::uint32_t> publishing{0};
   // Publishes since creation (statistics). Writers: publishers (relaxed
   // fetch_add, one per publish); reader: topic::stats(). Relaxed: a pure
   // counter, nothing is published through it.
@@ -275,6 +296,9 @@ struct topic_state {
         if (q->opts.group == o.group) {
           if (q->opts.pattern != o.pattern)
             POSTBOX_THROW(error(errc::conflict, "postbox::topic: group '" + o.group + "' uses another pattern"));
+          if (q->ch.capacity() != round_up_capacity(o.capacity) || q->opts.policy != o.policy)
+            POSTBOX_THROW(error(errc::conflict, "postbox::topic: group '" + o.group +
+                                                    "' uses another capacity or overflow policy"));
           ++q->members;
           return q;
         }
@@ -282,6 +306,11 @@ struct topic_state {
     }
     auto q = std::make_shared<topic_queue<T>>(next_id++, o);
     q->members = 1;
+    if (closed_locked) {
+      // A subscription to a closed topic is born closed: receive() says so at once.
+      q->ch.close();
+      return q;
+    }
     auto next = std::make_shared<list>(*cur);
     next->push_back(q);
     subs.store(std::move(next));
@@ -299,6 +328,19 @@ struct topic_state {
     subs.store(std::move(next));
     q->ch.close();  // releases a publisher blocked on it
   }
+
+  void close() {
+    std::lock_guard lock(mu);
+    if (closed_locked) return;
+    closed_locked = true;
+    // seq_cst: pairs with the seq_cst load in topic::deliver (Dekker with
+    // `publishing`) and the acquire load in is_closed().
+    closed.store(true, std::memory_order_seq_cst);
+    // Queues stay in the list (stats still report them); each is closed, so
+    // its subscribers drain what was delivered and then see closed, and a
+    // publisher blocked on a full `block` queue wakes with closed.
+    for (const auto& q : *subs.load()) q->ch.close();
+  }
 };
 
 }  // namespace detail
@@ -306,19 +348,47 @@ struct topic_state {
 template <class T>
 class topic;
 
+namespace detail {
+
+/// One subscription handle's own state, apart from the queue it may share
+/// with other members of its group. Owned by the handle only.
+template <class T>
+struct subscription_core {
+  std::shared_ptr<topic_state<T>> state;
+  std::shared_ptr<topic_queue<T>> q;
+  /// Stopped by reset(): wakes this handle's blocked receivers (a group's
+  /// queue stays open for the other members, so closing it is not enough).
+  std::stop_source detach;
+  /// Blocking receive calls inside this handle. Incremented (seq_cst) on
+  /// entry before `detached` is read; reset() stores `detached` (seq_cst) and
+  /// then waits for zero: Dekker's pattern, so either the call sees the
+  /// handle detached and touches nothing more, or reset() waits for it. The
+  /// decrement (release) pairs with reset()'s acquire loads, so the call's
+  /// last access to the queue happens before the handle releases it.
+  std::atomic<std::uint32_t> calls{0};
+  /// Set once by reset() (seq_cst; see `calls`).
+  std::atomic<bool> detached{false};
+};
+
+}  // namespace detail
+
 /// A subscription handle (RAII): destroying or resetting it unsubscribes,
-/// also while a publish is in flight on another thread. Move-only.
+/// also while a publish is in flight on another thread, and also while other
+/// threads are blocked in its `receive` calls: they wake with an empty result
+/// (`closed`) and the handle waits until they have left before it lets the
+/// queue go. Move-only; moving must not race with calls on it.
 /// Receive operations are thread-safe (a group's members share one queue).
 template <class T>
 class subscription {
+  using core = detail::subscription_core<T>;
+
  public:
   subscription() = default;
   subscription(subscription&&) noexcept = default;
   subscription& operator=(subscription&& o) noexcept {
     if (this != &o) {
       reset();
-      state_ = std::move(o.state_);
-      q_ = std::move(o.q_);
+      core_ = std::move(o.core_);
     }
     return *this;
   }
@@ -326,53 +396,126 @@ class subscription {
   subscription& operator=(const subscription&) = delete;
   ~subscription() { reset(); }
 
-  /// Unsubscribes now (idempotent). Blocks only on the topic's writer mutex; allocates the new list.
+  /// Unsubscribes now (idempotent). Threads blocked in this handle's
+  /// `receive` calls wake with `closed`; reset() returns after they have
+  /// left, and then lets the queue go. Blocks on the topic's writer mutex and
+  /// for those threads; allocates the new list. Later calls on the handle
+  /// report `closed`. May race with blocking calls on the handle (that is its
+  /// purpose), not with try_receive or the counters.
   void reset() {
-    if (q_) state_->remove(q_);
-    q_.reset();
-    state_.reset();
+    if (!core_) return;
+    core& c = *core_;
+    // seq_cst: the Dekker store; pairs with the seq_cst load in wait().
+    if (!c.detached.exchange(true, std::memory_order_seq_cst)) {
+      c.state->remove(c.q);
+      c.detach.request_stop();
+    }
+    // seq_cst: the Dekker read of the calls that entered; also acquire,
+    // pairing with the release decrement in leave(). Woken receivers leave
+    // within a wake-up, so this waits by yielding: a futex notify from
+    // leave() would touch the core after its last decrement.
+    detail::backoff backoff;
+    while (c.calls.load(std::memory_order_seq_cst) != 0) backoff.snooze();
+    // No call is inside, and every later one sees `detached` and leaves
+    // without touching the queue: it can go. The core stays until the
+    // handle is destroyed or assigned, since later calls still read it.
+    c.q.reset();
+    c.state.reset();
   }
 
-  /// Next message or an empty handle. Never blocks or allocates.
+  /// Threads inside this handle's blocking receive calls right now (a
+  /// snapshot). Never blocks; thread-safe.
+  [[nodiscard]] std::size_t blocked_receivers_approx() const noexcept {
+    // relaxed: a snapshot.
+    return core_ ? core_->calls.load(std::memory_order_relaxed) : 0;
+  }
+
+  /// Next message or an empty handle. Never blocks or allocates. Must not
+  /// race with reset() or destruction of this handle (blocking calls may).
   [[nodiscard]] std::optional<delivery<T>> try_receive() noexcept {
-    auto p = q_->ch.try_receive();
+    if (!core_ || !core_->q) return std::nullopt;
+    auto p = core_->q->ch.try_receive();
     if (!p) return std::nullopt;
     return delivery<T>(std::move(*p));
   }
-  /// Blocks until a message arrives; empty only after unsubscribe.
-  [[nodiscard]] std::optional<delivery<T>> receive() {
-    auto p = q_->ch.receive();
-    if (!p) return std::nullopt;
-    return delivery<T>(std::move(*p));
+  /// Blocks until a message arrives; empty once the topic is closed (or this
+  /// handle unsubscribed) and what was delivered to it is drained.
+  [[nodiscard]] std::optional<delivery<T>> receive() { return std::move(wait(std::nullopt, nullptr)).optional(); }
+  /// As `receive`; also empty (nothing taken) once `stop` is stopped.
+  [[nodiscard]] std::optional<delivery<T>> receive(std::stop_token stop) {
+    return std::move(wait(std::nullopt, &stop)).optional();
   }
-  /// Blocks at most `timeout` (real time, as the channel); status ok, timeout or closed.
+  /// Blocks at most `timeout` (real time, as the channel); status ok,
+  /// timeout, closed (topic closed and drained, or unsubscribed) or canceled.
   template <class Rep, class Period>
-  [[nodiscard]] receive_result<delivery<T>> receive_for(std::chrono::duration<Rep, Period> timeout) {
-    auto r = q_->ch.receive_for(timeout);
-    if (!r.has_value()) return receive_result<delivery<T>>(r.status());
-    return receive_result<delivery<T>>(delivery<T>(std::move(*r)));
+  [[nodiscard]] receive_result<delivery<T>> receive_for(std::chrono::duration<Rep, Period> timeout,
+                                                        std::stop_token stop = {}) {
+    return receive_until(std::chrono::steady_clock::now() + timeout, std::move(stop));
+  }
+  /// As `receive_for`, with a deadline.
+  template <class Clock, class Duration>
+  [[nodiscard]] receive_result<delivery<T>> receive_until(std::chrono::time_point<Clock, Duration> deadline,
+                                                          std::stop_token stop = {}) {
+    return wait(detail::to_steady_deadline(deadline), &stop);
   }
   /// drop_oldest: messages discarded since the last call (and resets the count). Never blocks.
   [[nodiscard]] std::uint64_t take_lag() noexcept {
-    return q_->lag.exchange(0, std::memory_order_relaxed);  // relaxed: counter only
+    if (!core_ || !core_->q) return 0;
+    return core_->q->lag.exchange(0, std::memory_order_relaxed);  // relaxed: counter only
   }
   /// Messages discarded by drop_newest / fail so far. Never blocks.
   [[nodiscard]] std::uint64_t dropped() const noexcept {
-    return q_->dropped.load(std::memory_order_relaxed);  // relaxed: counter only
+    if (!core_ || !core_->q) return 0;
+    return core_->q->dropped.load(std::memory_order_relaxed);  // relaxed: counter only
   }
   /// The id reported in publish_result::refused (shared by a group's members).
-  [[nodiscard]] subscription_id id() const noexcept { return q_->id; }
+  [[nodiscard]] subscription_id id() const noexcept { return core_ && core_->q ? core_->q->id : 0; }
   /// Queued messages (approximate under concurrency). Never blocks.
-  [[nodiscard]] std::size_t size_approx() const noexcept { return q_->ch.size_approx(); }
+  [[nodiscard]] std::size_t size_approx() const noexcept {
+    return core_ && core_->q ? core_->q->ch.size_approx() : 0;
+  }
   /// Whether this handle is subscribed.
-  explicit operator bool() const noexcept { return q_ != nullptr; }
+  explicit operator bool() const noexcept {
+    // relaxed: a snapshot for the caller's own thread.
+    return core_ != nullptr && !core_->detached.load(std::memory_order_relaxed);
+  }
 
  private:
   friend class topic<T>;
-  subscription(std::shared_ptr<detail::topic_state<T>> s, std::shared_ptr<detail::topic_queue<T>> q) noexcept
-      : state_(std::move(s)), q_(std::move(q)) {}
-  std::shared_ptr<detail::topic_state<T>> state_;
-  std::shared_ptr<detail::topic_queue<T>> q_;
+  subscription(std::shared_ptr<detail::topic_state<T>> s, std::shared_ptr<detail::topic_queue<T>> q)
+      : core_(std::make_unique<core>()) {
+    core_->state = std::move(s);
+    core_->q = std::move(q);
+  }
+
+  receive_result<delivery<T>> wait(std::optional<std::chrono::steady_clock::time_point> deadline,
+                                   const std::stop_token* stop) {
+    if (!core_) return receive_status::closed;
+    core& c = *core_;
+    // seq_cst: the Dekker increment; pairs with reset()'s seq_cst reads.
+    c.calls.fetch_add(1, std::memory_order_seq_cst);
+    // seq_cst: pairs with the exchange in reset().
+    if (c.detached.load(std::memory_order_seq_cst)) {
+      leave(c);
+      return receive_status::closed;
+    }
+    const std::stop_token detached = c.detach.get_token();
+    auto r = detail::channel_access::receive_blocking(c.q->ch, deadline, detail::stop_tokens{stop, &detached});
+    receive_result<delivery<T>> out = r.has_value() ? receive_result<delivery<T>>(delivery<T>(std::move(*r)))
+                                      : r.status() == receive_status::canceled && detached.stop_requested()
+                                          ? receive_result<delivery<T>>(receive_status::closed)
+                                          : receive_result<delivery<T>>(r.status());
+    leave(c);
+    return out;
+  }
+
+  static void leave(core& c) noexcept {
+    // release: our last touch of the queue and the core happens before
+    // reset() lets them go; pairs with reset()'s loads. Nothing may follow.
+    c.calls.fetch_sub(1, std::memory_order_release);
+  }
+
+  std::unique_ptr<core> core_;
 };
 
 /// Publish-subscribe topic. Thread-safe for any number of publishers and
@@ -384,6 +527,30 @@ class topic {
   topic() : state_(std::make_shared<detail::topic_state<T>>()) {}
   topic(const topic&) = delete;
   topic& operator=(const topic&) = delete;
+  /// Closes the topic (see close()) and waits for publishes still inside it
+  /// (a publisher blocked on a full `block` subscription wakes with
+  /// `closed`). Subscriptions may outlive it.
+  ~topic() {
+    close();
+    detail::backoff backoff;
+    // seq_cst: the Dekker read after close()'s store; acquires the
+    // publishers' release decrements.
+    while (state_->publishing.load(std::memory_order_seq_cst) != 0) backoff.snooze();
+  }
+
+  /// Closes the topic: later publishes deliver nothing and report `closed`;
+  /// a publisher blocked on a full `block` subscription wakes with `closed`;
+  /// every subscription drains what was delivered to it, then `receive()`
+  /// returns empty and `receive_for` reports `closed`. Subscribing afterwards
+  /// gives a subscription that is already closed. Idempotent. Takes the
+  /// writer mutex; thread-safe; wakes every blocked thread.
+  void close() { state_->close(); }
+
+  /// Whether close() has run. Never blocks; thread-safe.
+  [[nodiscard]] bool is_closed() const noexcept {
+    // acquire: pairs with the release store in close().
+    return state_->closed.load(std::memory_order_acquire);
+  }
 
   /// Subscribes (joins the group when `options.group` is set). Allocates; takes
   /// the writer mutex. Throws error(invalid_argument) for a bad pattern or
@@ -391,9 +558,14 @@ class topic {
   [[nodiscard]] subscription<T> subscribe(subscription_options options = {}) {
     return subscription<T>(state_, state_->add(options));
   }
-  /// Same, with a subject pattern.
-  [[nodiscard]] subscription<T> subscribe(std::string pattern, subscription_options options = {}) {
-    options.pattern = std::move(pattern);
+  /// Same, with a subject pattern. A template so that a braced options
+  /// argument, `subscribe({.group = "billing"})`, can only mean the overload
+  /// above (a braced list never deduces `S`): with a plain std::string
+  /// parameter g++ found the call ambiguous.
+  template <class S>
+    requires std::is_convertible_v<S&&, std::string_view>
+  [[nodiscard]] subscription<T> subscribe(S&& pattern, subscription_options options = {}) {
+    options.pattern = std::string(std::string_view(pattern));
     return subscribe(std::move(options));
   }
 
@@ -419,6 +591,7 @@ class topic {
   [[nodiscard]] topic_stats stats() const {
     topic_stats out;
     out.published = state_->published.load(std::memory_order_relaxed);  // relaxed: statistic
+    out.publishing = state_->publishing.load(std::memory_order_relaxed);  // relaxed: a snapshot
     std::lock_guard lock(state_->mu);
     const auto list = state_->subs.load();
     out.subscriptions = list->size();
@@ -449,10 +622,30 @@ class topic {
 
  private:
   publish_result deliver(std::string subject, T value) {
-    auto item = std::make_shared<const detail::topic_item<T>>(detail::topic_item<T>{std::move(subject), std::move(value)});
-    state_->published.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic, read by stats()
-    const auto list = state_->subs.load();
+    struct inside {
+      std::atomic<std::uint32_t>& count;
+      // seq_cst: announces the publish before `closed` is read (see publishing).
+      explicit inside(std::atomic<std::uint32_t>& c) noexcept : count(c) { count.fetch_add(1, std::memory_order_seq_cst); }
+      // release: our last touch of the state; pairs with ~topic's loads.
+      ~inside() { count.fetch_sub(1, std::memory_order_release); }
+      inside(const inside&) = delete;
+      inside& operator=(const inside&) = delete;
+    };
+    detail::topic_state<T>& st = *state_;
+    const inside announced(st.publishing);  // left even if allocating the item throws
+    return deliver_inside(st, std::move(subject), std::move(value));
+  }
+
+  static publish_result deliver_inside(detail::topic_state<T>& st, std::string subject, T value) {
     publish_result r;
+    // seq_cst: the Dekker read; pairs with the store in close().
+    if (st.closed.load(std::memory_order_seq_cst)) {
+      r.closed = true;
+      return r;
+    }
+    auto item = std::make_shared<const detail::topic_item<T>>(detail::topic_item<T>{std::move(subject), std::move(value)});
+    st.published.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic, read by stats()
+    const auto list = st.subs.load();
     for (const auto& q : *list) {
       if (!q->opts.pattern.empty() && (item->subject.empty() || !subject_matches(q->opts.pattern, item->subject)))
         continue;
@@ -460,7 +653,12 @@ class topic {
         case 0: ++r.delivered; break;
         case 1: ++r.dropped; break;
         case 2: r.refused.push_back(q->id); break;
-        default: break;  // unsubscribed concurrently: it is gone
+        default:
+          // Its queue was closed: unsubscribed concurrently (it is gone), or
+          // the topic closed while we were publishing.
+          // acquire: pairs with the store in close().
+          if (st.closed.load(std::memory_order_acquire)) r.closed = true;
+          break;
       }
     }
     return r;
