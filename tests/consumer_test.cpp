@@ -914,3 +914,196 @@ TEST_CASE("after a stream group rebalance, settles from the earlier assignment c
   CHECK(seen_b == std::vector<int>{2, 3});
   CHECK(seen_a.size() == 10);  // 4 parked, 4 retried, 2 redelivered after the rebalance
 }
+
+namespace {
+
+// A channel source that cannot tell how much it holds (no backlog()).
+struct opaque_source {
+  using payload_type = int;
+  static constexpr bool redelivers = false;
+  postbox::channel<env_t>* ch;
+  [[nodiscard]] postbox::receive_result<postbox::inbound<int>> receive(postbox::duration wait) {
+    auto r = wait.count() <= 0 ? ch->try_receive_result() : ch->receive_for(wait);
+    if (!r.has_value())
+      return postbox::receive_result<postbox::inbound<int>>(
+          r.status() == postbox::receive_status::closed ? postbox::receive_status::closed : postbox::receive_status::empty);
+    return postbox::inbound<int>::of(std::move(*r));
+  }
+  [[nodiscard]] std::string_view name() const noexcept { return "opaque"; }
+};
+
+}  // namespace
+
+TEST_CASE("drain with worker threads returns once the source is closed and every message is acked or dead-lettered, "
+          "retries and handler exceptions included",
+          "[consumer][drain]") {
+  rig r;
+  auto o = r.options(policy(3, 1s));
+  o.threads = 2;
+  o.classify = postbox::permanent_on<std::logic_error>();
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    switch (e.payload % 3) {
+      case 0: throw std::logic_error("bad order");          // dead-lettered at once
+      case 1: if (e.attempt == 1) return postbox::settlement::retry(1s); break;
+      default: break;
+    }
+    return postbox::settlement::ack();
+  }, r.dlq, o);
+  postbox::drain_report<int> report;
+  std::thread drainer([&] { report = c.drain(1h); });
+  // The timer thread always waits on the clock; the second waiter is the drain.
+  REQUIRE(postbox_test::eventually([&] { return r.clock.waiters() >= 2; }));
+  for (int i = 0; i < 9; ++i) r.send(i);
+  r.ch.close();
+  REQUIRE(postbox_test::eventually([&] {
+    const auto s = c.stats();
+    return s.waiting_retry == 3 && s.acked == 3 && s.dead_lettered == 3;
+  }));
+  r.clock.advance(1s);  // the three retries fall due
+  drainer.join();
+  CHECK(report.finished);
+  CHECK(report.source_closed);
+  REQUIRE(report.source_left.has_value());
+  CHECK(*report.source_left == 0);
+  CHECK(report.returned.empty());
+  CHECK(report.abandoned == 0);
+  CHECK(report.completed == 12);  // nine first deliveries and three retries
+  CHECK(report.clean());
+  const auto s = c.stats();
+  CHECK(s.acked == 6);
+  CHECK(s.dead_lettered == 3);
+  CHECK(s.handler_errors == 3);
+  CHECK(s.in_flight == 0);
+  CHECK_FALSE(s.accepting);
+  CHECK(r.dlq.count({.reason = "permanent_error"}) == 3);
+}
+
+TEST_CASE("drain with threads == 0 runs every message on the calling thread until the closed source is empty",
+          "[consumer][drain]") {
+  rig r;
+  std::vector<int> seen;
+  const auto caller = std::this_thread::get_id();
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    CHECK(std::this_thread::get_id() == caller);
+    seen.push_back(e.payload);
+  }, r.dlq, r.options());
+  for (int i = 0; i < 100; ++i) r.send(i);  // more than one receive batch (max_in_flight 64)
+  r.ch.close();
+  const auto report = c.drain(1min);  // the manual clock stands still: only the closed, empty source ends it
+  CHECK(report.finished);
+  CHECK(report.clean());
+  CHECK(report.completed == 100);
+  REQUIRE(seen.size() == 100);
+  for (int i = 0; i < 100; ++i) CHECK(seen[static_cast<std::size_t>(i)] == i);
+  CHECK(c.poll() == 0);  // stopped
+}
+
+TEST_CASE("drain with threads == 0 waits on the consumer's clock for retries and survives handler exceptions",
+          "[consumer][drain]") {
+  rig r;
+  std::atomic<int> calls{0};
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    calls.fetch_add(1);
+    if (e.payload % 2 == 1) throw std::runtime_error("flaky");  // transient: retried, then dead-lettered
+  }, r.dlq, r.options(policy(2, 1s)));
+  for (int i = 0; i < 6; ++i) r.send(i);
+  r.ch.close();
+  postbox::drain_report<int> report;
+  std::thread drainer([&] { report = c.drain(1min); });
+  // The drain thread is the only one that waits on the clock (threads == 0): it
+  // waits for the retries, due within the policy's 1 s first backoff.
+  REQUIRE(postbox_test::eventually([&] { return r.clock.waiters() >= 1 && c.stats().waiting_retry == 3; }));
+  r.clock.advance(1s);
+  drainer.join();
+  CHECK(report.finished);
+  CHECK(report.clean());
+  CHECK(calls.load() == 9);
+  const auto s = c.stats();
+  CHECK(s.acked == 3);
+  CHECK(s.dead_lettered == 3);
+  CHECK(s.handler_errors == 6);
+  CHECK(r.dlq.count({.reason = "retries_exhausted"}) == 3);
+}
+
+TEST_CASE("a message still waiting for a retry when drain's grace ends is reported left and returned",
+          "[consumer][drain]") {
+  rig r;
+  auto o = r.options(policy(5, 1s));
+  o.threads = 1;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    return e.payload == 1 ? postbox::settlement::retry(1h) : postbox::settlement::ack();
+  }, r.dlq, o);
+  r.send(1);
+  r.send(2);
+  r.send(3);
+  r.ch.close();
+  postbox::drain_report<int> report;
+  std::thread drainer([&] { report = c.drain(10s); });
+  // The timer thread always waits on the clock; the second waiter is the drain.
+  REQUIRE(postbox_test::eventually([&] {
+    const auto s = c.stats();
+    return r.clock.waiters() >= 2 && s.acked == 2 && s.waiting_retry == 1 && s.source_closed;
+  }));
+  r.clock.advance(10s);
+  drainer.join();
+  CHECK_FALSE(report.finished);
+  CHECK(report.source_closed);
+  REQUIRE(report.returned.size() == 1);
+  CHECK(report.returned[0].payload == 1);
+  CHECK(report.returned[0].attempt == 1);
+  CHECK(report.returned_waiting_retry == 1);
+  REQUIRE(report.source_left.has_value());
+  CHECK(*report.source_left == 0);
+  CHECK_FALSE(report.clean());
+  CHECK(c.stats().released == 1);
+  CHECK(c.stats().in_flight == 0);
+}
+
+TEST_CASE("drain on a source that is never closed returns at its grace and reports what the source still holds",
+          "[consumer][drain]") {
+  rig r;
+  auto o = r.options();
+  o.max_in_flight = 2;
+  postbox::consumer c(r.source(), [&](const env_t&) { return postbox::settlement::retry(1h); }, r.dlq, o);
+  for (int i = 0; i < 5; ++i) r.send(i);
+  postbox::drain_report<int> report;
+  std::thread drainer([&] { report = c.drain(10s); });
+  // With the budget full of messages waiting for a retry, the drain waits on the clock.
+  REQUIRE(postbox_test::eventually([&] { return r.clock.waiters() >= 1 && c.stats().waiting_retry == 2; }));
+  r.clock.advance(10s);
+  drainer.join();
+  CHECK_FALSE(report.finished);
+  CHECK_FALSE(report.source_closed);
+  CHECK(report.returned.size() == 2);
+  CHECK(report.returned_waiting_retry == 2);
+  REQUIRE(report.source_left.has_value());
+  CHECK(*report.source_left == 3);
+  CHECK(report.source_left_text() == "3");
+  CHECK(r.ch.size_approx() == 3);
+  CHECK_FALSE(report.clean());
+}
+
+TEST_CASE("drain on a source that cannot tell its backlog reports what it still holds as unknown", "[consumer][drain]") {
+  rig r;
+  postbox::consumer c(opaque_source{&r.ch}, [&](const env_t&) {}, r.dlq, r.options());
+  r.send(1);
+  r.ch.close();
+  const auto report = c.drain(1min);
+  CHECK(report.finished);
+  CHECK_FALSE(report.source_left.has_value());
+  CHECK(report.source_left_text() == "unknown");
+  CHECK(c.stats().acked == 1);
+}
+
+TEST_CASE("drain after shutdown returns an unfinished report with nothing in it", "[consumer][drain]") {
+  rig r;
+  postbox::consumer c(r.source(), [&](const env_t&) {}, r.dlq, r.options());
+  r.send(1);
+  (void)c.shutdown(0s);
+  const auto report = c.drain(1s);
+  CHECK_FALSE(report.finished);
+  CHECK(report.completed == 0);
+  CHECK(report.returned.empty());
+  REQUIRE(report.source_left.has_value());
+  CHECK(*report.source_left == 1);  // never taken
+}

@@ -760,6 +760,32 @@ struct shutdown_report {
   }
 };
 
+/// What `drain` leaves behind: everything a `shutdown_report` says (what
+/// was still in the consumer when the grace ended), plus whether the drain
+/// finished and what is still in the source.
+template <class T>
+struct drain_report : shutdown_report<T> {
+  /// The source reported closed and every message taken was settled (acked
+  /// or dead-lettered, retries included) before the grace ended.
+  bool finished = false;
+  /// The source reported closed (nothing more will arrive).
+  bool source_closed = false;
+  /// What the source still holds when drain returns, for a source that can
+  /// tell (its `backlog()`: a channel's or subscription's depth, a stream
+  /// group member's uncommitted records, which include the `returned` ones
+  /// the stream will deliver again); empty: unknown.
+  std::optional<std::uint64_t> source_left;
+
+  /// `source_left` as text: the number, or "unknown". Allocates.
+  [[nodiscard]] std::string source_left_text() const {
+    return source_left ? std::to_string(*source_left) : std::string("unknown");
+  }
+  /// Whether the drain finished and left nothing (in the consumer or the source).
+  [[nodiscard]] bool clean() const noexcept {
+    return finished && shutdown_report<T>::clean() && source_left.value_or(0) == 0;
+  }
+};
+
 namespace detail {
 
 template <class T>
@@ -921,15 +947,16 @@ class consumer {
     }
     shut_down_ = true;
     accepting_ = false;
+    if (settle_waiters_ > 0) idle_cv_.notify_all();  // a drain in progress stops waiting
     const time_point deadline = clock_->now() + grace;
     lock.unlock();
     { std::lock_guard receiving(receive_mu_); }  // whoever was receiving has admitted its items
     lock.lock();
     const std::uint64_t settled_before = settled_;
     while (!drained_locked(deadline) && clock_->now() < deadline) {
-      shutdown_waiting_ = true;
+      ++settle_waiters_;
       clock_->wait_until(lock, idle_cv_, deadline);
-      shutdown_waiting_ = false;
+      --settle_waiters_;
     }
     stopped_ = true;
     stop_.request_stop();
@@ -958,6 +985,47 @@ class consumer {
     released_ += left.size();
     report.refused_dead_letters = std::move(refused_);
     refused_.clear();
+    return report;
+  }
+
+  /// Runs until the source is closed and every message taken has settled
+  /// (acked or dead-lettered; retries and defers included, on the consumer's
+  /// clock), then stops the consumer as `shutdown` does. If that has not
+  /// happened when `grace` has passed on the consumer's clock (the source
+  /// never closes, or a retry is due later), it stops there: running
+  /// handlers are abandoned, messages ready or waiting for a retry are
+  /// released and returned, and the report says what the source still holds.
+  /// With worker threads it blocks the caller while the workers run; with
+  /// `threads == 0` the caller runs the handlers and due timers itself, a
+  /// batch (up to `max_in_flight`) at a time, checking the grace between
+  /// batches (the wait for more input is a `receive_wait` slice in real time,
+  /// the wait for a retry is on the clock). A stream group source never reports closed, so draining one
+  /// always ends at `grace`. Concurrent drains each wait for their own
+  /// grace; the first to end stops the consumer and gets its report. After a
+  /// `shutdown` (or a drain) it returns an empty, unfinished report (plus
+  /// dead letters refused since). Thread-safe; allocates the report.
+  drain_report<T> drain(duration grace) {
+    drain_report<T> report;
+    time_point deadline{};
+    std::uint64_t settled_before = 0;
+    bool mine = false;
+    {
+      std::lock_guard lock(mu_);
+      if (!shut_down_) {
+        mine = true;
+        deadline = clock_->now() + grace;
+        settled_before = settled_;
+      }
+    }
+    // After a shutdown (or another drain's end) there is nothing to wait for.
+    if (mine) report.finished = threaded_ ? drain_threaded(deadline) : drain_manual(deadline);
+    static_cast<shutdown_report<T>&>(report) = shutdown(duration::zero());
+    {
+      std::lock_guard lock(mu_);
+      if (mine) report.completed = static_cast<std::size_t>(settled_ - settled_before);
+      report.source_closed = source_closed_;
+    }
+    report.source_left = source_->backlog();
     return report;
   }
 
@@ -1098,6 +1166,56 @@ class consumer {
     }
   }
 
+  // ---- draining ------------------------------------------------------------
+
+  // Caller holds mu_. The source is closed and nothing taken is unsettled
+  // (held_ covers ready, running, waiting and keyed items until conclude
+  // has settled them).
+  bool drain_done_locked() const noexcept {
+    return source_closed_ && held_ == 0 && running_count_ == 0 && settling_ == 0;
+  }
+
+  // Workers do the work; wait on the clock until done, the deadline, or a
+  // concurrent shutdown. Returns whether the drain finished.
+  bool drain_threaded(time_point deadline) {
+    std::unique_lock lock(mu_);
+    while (!shut_down_ && !drain_done_locked() && clock_->now() < deadline) {
+      ++settle_waiters_;
+      clock_->wait_until(lock, idle_cv_, deadline);
+      --settle_waiters_;
+    }
+    return !shut_down_ && drain_done_locked();
+  }
+
+  // threads == 0: the caller runs due timers, receives and handles until done
+  // or the deadline. Returns whether the drain finished.
+  bool drain_manual(time_point deadline) {
+    for (;;) {
+      timers_->run_due();
+      (void)receive_some(duration::zero());
+      std::unique_lock lock(mu_);
+      while (!stopped_ && !ready_.empty()) run_one(lock);
+      if (shut_down_) return false;
+      if (drain_done_locked()) return true;
+      if (clock_->now() >= deadline) return false;
+      if (may_receive_locked()) {
+        // Nothing ready and room for more: wait for input (real time).
+        lock.unlock();
+        (void)receive_some(opts_.receive_wait);
+        continue;
+      }
+      // Closed, or the budget is full of messages waiting for a retry (or run
+      // by a concurrent poll): wait on the clock for the next timer or the
+      // deadline; a settling handler also wakes us.
+      const time_point next = std::min(timers_->next_deadline(), deadline);
+      if (clock_->now() < next && ready_.empty()) {
+        ++settle_waiters_;
+        clock_->wait_until(lock, idle_cv_, next);
+        --settle_waiters_;
+      }
+    }
+  }
+
   // ---- receiving -----------------------------------------------------------
 
   // Caller holds mu_. Whether someone may call the source now.
@@ -1123,6 +1241,7 @@ class consumer {
         if (r.status() == receive_status::closed) {
           std::lock_guard lock(mu_);
           source_closed_ = true;
+          if (settle_waiters_ > 0) idle_cv_.notify_all();  // a drain may be finished now
         }
         return poison;
       }
@@ -1244,7 +1363,7 @@ class consumer {
     ++settled_;
     conclusion c = decide(pos, s, std::move(err));
     c.elapsed = elapsed;
-    if (shutdown_waiting_) idle_cv_.notify_all();  // a parked message may be all that is left
+    if (settle_waiters_ > 0) idle_cv_.notify_all();  // a parked message may be all that is left
     lock.unlock();
     conclude(std::move(c));
     lock.lock();
@@ -1417,7 +1536,7 @@ class consumer {
     --held_;
     // The budget was exhausted and came back: an idle worker may receive now.
     if (held_ + 1 == opts_.max_in_flight && idle_workers_ > 0 && may_receive_locked()) work_cv_.notify_one();
-    if (shutdown_waiting_) idle_cv_.notify_all();
+    if (settle_waiters_ > 0) idle_cv_.notify_all();
   }
 
   // Moves the item's envelope into the dead-letter queue (or, refused, into
@@ -1556,7 +1675,8 @@ class consumer {
                 expired_ = 0, poison_ = 0, handler_errors_ = 0, dead_letter_refused_ = 0, released_ = 0,
                 settled_ = 0;  // guarded by mu_
   bool accepting_ = true, stopped_ = false, shut_down_ = false, source_closed_ = false;  // guarded by mu_
-  bool receiving_ = false, shutdown_waiting_ = false;                                   // guarded by mu_
+  bool receiving_ = false;                                                              // guarded by mu_
+  std::size_t settle_waiters_ = 0;  // threads in shutdown/drain waiting on idle_cv_; guarded by mu_
   /// Settle hooks and classifiers that threw. Written by any worker
   /// (relaxed fetch_add), read by stats() (relaxed): a statistic only.
   std::atomic<std::uint64_t> hook_failures_{0};
