@@ -113,31 +113,46 @@ class operations {
   using work = std::function<Result(operation_context&)>;
   using watcher = std::function<void(const operation_snapshot<Result>&)>;
 
-  /// RAII watch: destroying it stops notifications. Move-only; must not
-  /// outlive the tracker that issued it.
+  /// Shared by a tracker and its watch handles: `owner` is cleared (under
+  /// `mutex`) by the tracker's destructor, so a handle outliving the tracker
+  /// does nothing. Lock order: `mutex`, then the tracker's lock.
+  struct watch_link {
+    std::mutex mutex;
+    operations* owner = nullptr;
+  };
+
+  /// RAII watch: destroying it stops notifications. Move-only. May outlive
+  /// the tracker (then it does nothing): the tracker's destructor detaches
+  /// every handle after its last notification.
   class watch_handle {
    public:
     watch_handle() = default;
-    watch_handle(operations* o, std::string id, std::uint64_t token) : owner_(o), id_(std::move(id)), token_(token) {}
-    watch_handle(watch_handle&& o) noexcept : owner_(std::exchange(o.owner_, nullptr)), id_(std::move(o.id_)), token_(o.token_) {}
+    watch_handle(std::shared_ptr<watch_link> link, std::string id, std::uint64_t token)
+        : link_(std::move(link)), id_(std::move(id)), token_(token) {}
+    watch_handle(watch_handle&& o) noexcept : link_(std::move(o.link_)), id_(std::move(o.id_)), token_(o.token_) {}
     watch_handle& operator=(watch_handle&& o) noexcept {
       if (this != &o) {
         reset();
-        owner_ = std::exchange(o.owner_, nullptr);
+        link_ = std::move(o.link_);
         id_ = std::move(o.id_);
         token_ = o.token_;
       }
       return *this;
     }
     ~watch_handle() { reset(); }
-    /// Stops notifications now. Blocks on the tracker's lock. Thread-safe.
+    /// Stops notifications now (a notification already running on another
+    /// thread may finish). Blocks on the tracker's lock. Thread-safe.
     void reset() {
-      if (owner_) owner_->unwatch(id_, token_);
-      owner_ = nullptr;
+      if (!link_) return;
+      {
+        std::lock_guard lock(link_->mutex);
+        if (link_->owner) link_->owner->unwatch(id_, token_);
+      }
+      link_.reset();
     }
 
    private:
-    operations* owner_ = nullptr;
+    std::shared_ptr<watch_link> link_;
     std::string id_;
     std::uint64_t token_ = 0;
   };
@@ -161,6 +176,9 @@ class operations {
     closing_ = true;
     changed_.notify_all();
     changed_.wait(lock, [&] { return waiting_ == 0; });
+    lock.unlock();
+    std::lock_guard detach(link_->mutex);  // after the last notification: handles go inert
+    link_->owner = nullptr;
   }
 
   /// Submits `fn` for `caller`. Same (caller, key) and fingerprint returns the
@@ -279,7 +297,7 @@ class operations {
     if (it == records_.end() || it->second.caller != caller) return errc::not_found;
     const auto token = ++next_watch_;
     it->second.watchers.emplace(token, std::make_shared<watcher>(std::move(fn)));
-    return watch_handle(this, id, token);
+    return watch_handle(link_, id, token);
   }
 
   /// Removes terminal records older than the retention period (their
@@ -295,6 +313,13 @@ class operations {
     return records_.size();
   }
 
+  /// Threads blocked in `wait` right now (so a caller can know they went to
+  /// sleep, e.g. before destroying the tracker). Thread-safe.
+  [[nodiscard]] std::size_t waiting_approx() const {
+    std::lock_guard lock(mutex_);
+    return waiting_;
+  }
+
  private:
   struct record {
     std::string caller, key, fingerprint;
@@ -302,6 +327,12 @@ class operations {
     std::stop_source stop;
     std::map<std::uint64_t, std::shared_ptr<watcher>> watchers;
   };
+
+  static std::shared_ptr<watch_link> make_link(operations* self) {
+    auto l = std::make_shared<watch_link>();
+    l->owner = self;
+    return l;
+  }
 
   static std::string key_of(const std::string& caller, const std::string& key) {
     std::string k = caller;
@@ -460,6 +491,7 @@ class operations {
   std::condition_variable_any changed_;
   std::size_t waiting_ = 0;  // threads inside wait(); guarded by mutex_
   bool closing_ = false;     // set once by the destructor; guarded by mutex_
+  std::shared_ptr<watch_link> link_ = make_link(this);
   std::unique_ptr<detail::op_executor> executor_;  // last: joined before the maps go
 };
 

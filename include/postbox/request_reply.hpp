@@ -512,10 +512,11 @@ class responder {
   }
   responder(const responder&) = delete;
   responder& operator=(const responder&) = delete;
-  /// Stops and joins the workers (each finishes its current request).
+  /// Stops and joins the workers: each finishes the request it is handling
+  /// (and replies to it); a worker blocked on an empty channel wakes at once;
+  /// requests still queued stay in the channel. Blocks until joined.
   ~responder() {
-    // release: pairs with the acquire load in run(); workers then exit.
-    stopping_.store(true, std::memory_order_release);
+    stop_.request_stop();  // wakes workers blocked in receive; see run()
     for (auto& t : workers_) t.join();
   }
 
@@ -538,12 +539,10 @@ class responder {
 
  private:
   void run() {
-    // acquire: pairs with the release store in the destructor.
-    while (!stopping_.load(std::memory_order_acquire)) {
-      auto r = requests_->receive_for(std::chrono::milliseconds(20));  // stop-check interval, not a timed behaviour
-      if (r.has_value()) serve(*r);
-      else if (r.status() == receive_status::closed) return;
-    }
+    const std::stop_token stop = stop_.get_token();
+    // receive(stop) answers empty when the channel is closed and drained or
+    // when stop was requested first (then nothing was taken).
+    while (auto r = requests_->receive(stop)) serve(*r);
   }
 
   void bump(std::uint64_t responder_stats::*field) {
@@ -586,9 +585,9 @@ class responder {
   const clock* clock_;
   mutable std::mutex mutex_;
   responder_stats stats_;
-  // Written once by the destructor; read by every worker each loop; release
-  // /acquire pair so a worker that sees `true` exits. Invariant: never reset.
-  std::atomic<bool> stopping_{false};
+  // Stopped once by the destructor; every worker's blocking receive watches
+  // its token (std::stop_source does its own synchronization).
+  std::stop_source stop_;
   std::vector<std::thread> workers_;
 };
 
