@@ -343,6 +343,7 @@ TEMPLATE_TEST_CASE("a crash after publishing and before marking republishes that
   stage_committed(f.get(), box, {order("a", 1), order("b", 1), order("a", 2), order("c", 1)});
   {
     auto opts = fixed_options(3);
+    opts.release_on_stop = false;  // a crash releases nothing
     opts.on_point = [](relay_point p, const stored_message*) {
       if (p == relay_point::before_mark) throw std::runtime_error("crash");  // the process dies here
     };
@@ -561,8 +562,10 @@ TEST_CASE("to_stream appends under the partition key", "[outbox]") {
   CHECK(batch.records[0].pos.partition == batch.records[1].pos.partition);
 }
 
-TEST_CASE("a body the codec cannot decode stays pending and reports the decode error", "[outbox]") {
-  postbox::memory_store store;
+TEMPLATE_TEST_CASE("a body the codec cannot decode moves to the outbox dead letters and the rest of its key is published",
+                   "[outbox]", STORE_FIXTURES) {
+  TestType f;
+  auto& store = f.get();
   postbox::manual_clock clock;
   postbox::outbox box(store, postbox::json::codec{}, clock);
   postbox::channel<env_t> ch(8);
@@ -577,9 +580,27 @@ TEST_CASE("a body the codec cannot decode stays pending and reports the decode e
     REQUIRE(box.stage_encoded(tx, bad) == errc::ok);
     REQUIRE(tx.commit() == errc::ok);
   }
-  CHECK(relay.run_once().failed == 1);
+  stage_committed(store, box, {order("a", 2), order("a", 3)});
+  clock.advance(1s);
+  const auto step = relay.run_once();
+  CHECK(step.failed == 1);
+  CHECK(step.dead_lettered == 1);
+  CHECK(step.published == 2);
+  REQUIRE(ch.size_approx() == 2);
+  CHECK(ch.try_receive()->payload.n == 2);
+  CHECK(ch.try_receive()->payload.n == 3);
   CHECK(relay.stats().last_error.find("parse_error") != std::string::npos);
-  CHECK(store.outbox_summary()->pending == 1);
+  CHECK(store.outbox_summary()->pending == 0);
+  auto dead = store.outbox_dead_letters({.key = "a"});
+  REQUIRE(dead.has_value());
+  REQUIRE(dead->size() == 1);
+  CHECK(dead->front().message.id == bad.id);
+  CHECK(dead->front().reason == "parse_error");
+  CHECK(dead->front().error.find("parse_error") != std::string::npos);
+  CHECK(dead->front().message.attempts == 1);
+  CHECK(dead->front().first_failure == clock.now());
+  CHECK(dead->front().last_failure == clock.now());
+  CHECK(relay.stats().dead_lettered == 1);
 }
 
 TEST_CASE("register_outbox_relay exposes the relay's counters and the outbox depth", "[outbox]") {

@@ -100,7 +100,7 @@ TEST_CASE("a new database is in WAL mode and records postbox's schema version in
   CHECK(raw.text("SELECT value FROM postbox_meta WHERE key = 'schema_version'") ==
         std::to_string(sqlite_store::schema_version));
   CHECK(raw.text("PRAGMA user_version") == "0");  // left to the application
-  for (const char* table : {"postbox_outbox", "postbox_inbox", "postbox_versions", "postbox_saga"}) {
+  for (const char* table : {"postbox_outbox", "postbox_outbox_dead", "postbox_inbox", "postbox_versions", "postbox_saga"}) {
     CHECK(raw.text(std::string("SELECT name FROM sqlite_master WHERE name = '") + table + "'") == table);
   }
 }
@@ -132,6 +132,46 @@ TEST_CASE("a database written by a newer postbox is refused with unsupported_ver
   std::string what;
   CHECK(open_error(dir.file("new.db"), fast(), &what) == errc::unsupported_version);
   CHECK(what.find("99") != std::string::npos);
+}
+
+TEST_CASE("a version 1 database migrates to version 2 on open and keeps its outbox rows and failures", "[sqlite]") {
+  postbox_test::temp_dir dir;
+  const std::string path = dir.file("v1.db");
+  const auto id = message_id::generate();
+  {
+    raw_db raw(path);  // the version 1 schema of the outbox, as postbox 0.x wrote it
+    REQUIRE(raw.exec("PRAGMA journal_mode=WAL") == SQLITE_OK);
+    REQUIRE(raw.exec("CREATE TABLE postbox_meta (key TEXT PRIMARY KEY, value ANY NOT NULL) WITHOUT ROWID;"
+                     "CREATE TABLE postbox_outbox ("
+                     " seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,"
+                     " partition_key TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL,"
+                     " staged_at INTEGER NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+                     " lease_owner TEXT, lease_until INTEGER, next_attempt_at INTEGER, dispatched_at INTEGER,"
+                     " last_error TEXT);"
+                     "INSERT INTO postbox_meta VALUES ('schema_version', 1);") == SQLITE_OK);
+    REQUIRE(raw.exec("INSERT INTO postbox_outbox (message_id, type, partition_key, correlation_id, causation_id,"
+                     " staged_at, body, attempts, next_attempt_at, last_error) VALUES ('" +
+                     id.to_string() + "', 'test', 'a', '', '', 0, 'a#1', 2, 0, 'down')") == SQLITE_OK);
+  }
+  {
+    sqlite_store s(path, fast());
+    auto c = s.outbox_claim("r1", t0, t0 + std::chrono::seconds(30), 10);
+    REQUIRE(c.has_value());
+    REQUIRE(c->messages.size() == 1);
+    CHECK(c->messages[0].id == id);
+    CHECK(c->messages[0].attempts == 2);
+    REQUIRE(s.outbox_dead_letter("r1", c->messages[0].sequence, t0, "retries_exhausted", "down") == errc::ok);
+    auto dead = s.outbox_dead_letters({});
+    REQUIRE(dead.has_value());
+    REQUIRE(dead->size() == 1);
+    CHECK(dead->front().message.attempts == 3);
+    CHECK(dead->front().first_failure == t0);  // unknown before the migration: the dead-lettering time
+  }
+  raw_db raw(path);
+  CHECK(raw.text("SELECT value FROM postbox_meta WHERE key = 'schema_version'") == "2");
+  CHECK(raw.text("SELECT COUNT(*) FROM pragma_table_info('postbox_outbox') WHERE name = 'first_failure_at'") == "1");
+  sqlite_store again(path, fast());  // a second open finds version 2 and changes nothing
+  CHECK(again.outbox_summary()->dead_lettered == 1);
 }
 
 TEST_CASE("a database made by the saga-only store gains the outbox tables and keeps its sagas", "[sqlite]") {

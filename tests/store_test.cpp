@@ -219,8 +219,8 @@ TEMPLATE_TEST_CASE("retry_later counts the attempt, frees the lease and holds th
   commit_staged(s, {msg("a", 1), msg("a", 2), msg("b", 1)});
   const auto got = claim(s, "r1", 1);
   REQUIRE(got.size() == 1);
-  CHECK(s.outbox_retry_later("r2", got[0].sequence, t0 + 5s, "not mine") == errc::not_found);
-  REQUIRE(s.outbox_retry_later("r1", got[0].sequence, t0 + 5s, "destination down") == errc::ok);
+  CHECK(s.outbox_retry_later("r2", got[0].sequence, t0, t0 + 5s, "not mine") == errc::not_found);
+  REQUIRE(s.outbox_retry_later("r1", got[0].sequence, t0, t0 + 5s, "destination down") == errc::ok);
   auto early = s.outbox_claim("r1", t0 + 1s, t0 + 31s, 100);
   REQUIRE(early.has_value());
   CHECK(bodies(early->messages) == std::vector<std::string>{"b#1"});  // key a waits, whole
@@ -317,7 +317,7 @@ TEMPLATE_TEST_CASE("the outbox summary counts pending, leased, retrying and disp
   REQUIRE(*s.outbox_mark_dispatched("r1", seqs(a), t0) == 1);
   const auto bc = claim(s, "r1", 2);
   REQUIRE(bodies(bc) == std::vector<std::string>{"b#1", "c#1"});
-  REQUIRE(s.outbox_retry_later("r1", bc[1].sequence, t0 + 9s, "down") == errc::ok);
+  REQUIRE(s.outbox_retry_later("r1", bc[1].sequence, t0, t0 + 9s, "down") == errc::ok);
   auto sum = s.outbox_summary();
   REQUIRE(sum.has_value());
   CHECK(sum->pending == 2);
@@ -488,6 +488,136 @@ TEMPLATE_TEST_CASE("begin, commit and rollback are counted in the store's stats"
   auto reg = postbox::register_store(registry, "db", s);
   CHECK(registry.render_prometheus().find("postbox_store_commits_total{component=\"store\",name=\"db\"}") !=
         std::string::npos);
+}
+
+// ---- outbox dead letters ----
+
+TEMPLATE_TEST_CASE("dead_letter moves a leased row to the dead letters with its failures and frees its key",
+                   "[store]", STORE_FIXTURES) {
+  TestType f;
+  auto& s = f.get();
+  commit_staged(s, {msg("a", 1, t0), msg("a", 2, t0), msg("b", 1, t0)});
+  auto got = claim(s, "r1", 1);
+  REQUIRE(bodies(got) == std::vector<std::string>{"a#1"});
+  REQUIRE(s.outbox_retry_later("r1", got[0].sequence, t0 + 1s, t0 + 2s, "first") == errc::ok);
+  got = claim(s, "r1", 1, t0 + 2s);
+  REQUIRE(bodies(got) == std::vector<std::string>{"a#1"});
+  CHECK(s.outbox_dead_letter("r2", got[0].sequence, t0 + 3s, "bad_type", "not mine") == errc::not_found);
+  REQUIRE(s.outbox_dead_letter("r1", got[0].sequence, t0 + 3s, "bad_type", "payload: bad") == errc::ok);
+  // The rest of key a is claimable at once, with no retry wait.
+  CHECK(bodies(claim(s, "r2", 100, t0 + 3s)) == std::vector<std::string>{"a#2", "b#1"});
+  auto dead = s.outbox_dead_letters({});
+  REQUIRE(dead.has_value());
+  REQUIRE(dead->size() == 1);
+  const auto& d = dead->front();
+  CHECK(d.message.body == "a#1");
+  CHECK(d.message.partition_key == "a");
+  CHECK(d.message.type == "test.event");
+  CHECK(d.message.sequence == got[0].sequence);
+  CHECK(d.message.attempts == 2);
+  CHECK(d.reason == "bad_type");
+  CHECK(d.error == "payload: bad");
+  CHECK(d.first_failure == t0 + 1s);
+  CHECK(d.last_failure == t0 + 3s);
+  auto sum = s.outbox_summary();
+  CHECK(sum->pending == 2);
+  CHECK(sum->dead_lettered == 1);
+  CHECK(sum->retrying == 0);
+}
+
+TEMPLATE_TEST_CASE("dead letters are listed by key, reason, type and id, oldest first and bounded", "[store]",
+                   STORE_FIXTURES) {
+  TestType f;
+  auto& s = f.get();
+  auto other = msg("b", 1);
+  other.type = "other.event";
+  commit_staged(s, {msg("a", 1), msg("a", 2), other, msg("c", 1)});
+  const auto got = claim(s, "r1");
+  REQUIRE(got.size() == 4);
+  const char* reasons[] = {"parse_error", "retries_exhausted", "parse_error", "retries_exhausted"};
+  for (std::size_t i = 0; i < got.size(); ++i)
+    REQUIRE(s.outbox_dead_letter("r1", got[i].sequence, t0, reasons[i], "x") == errc::ok);
+  auto bodies_of = [&](const postbox::outbox_dead_letter_filter& flt) {
+    std::vector<std::string> out;
+    for (const auto& d : *s.outbox_dead_letters(flt)) out.push_back(d.message.body);
+    return out;
+  };
+  CHECK(bodies_of({}) == std::vector<std::string>{"a#1", "a#2", "b#1", "c#1"});
+  CHECK(bodies_of({.key = "a"}) == std::vector<std::string>{"a#1", "a#2"});
+  CHECK(bodies_of({.reason = "parse_error"}) == std::vector<std::string>{"a#1", "b#1"});
+  CHECK(bodies_of({.key = "a", .reason = "retries_exhausted"}) == std::vector<std::string>{"a#2"});
+  CHECK(bodies_of({.type = "other.event"}) == std::vector<std::string>{"b#1"});
+  CHECK(bodies_of({.id = got[3].id}) == std::vector<std::string>{"c#1"});
+  CHECK(bodies_of({.max = 2}) == std::vector<std::string>{"a#1", "a#2"});
+  CHECK(s.outbox_summary()->dead_lettered == 4);
+}
+
+TEMPLATE_TEST_CASE("redrive stages dead letters again at the end of their key's order with the same id", "[store]",
+                   STORE_FIXTURES) {
+  TestType f;
+  auto& s = f.get();
+  const auto first = msg("a", 1);
+  commit_staged(s, {first, msg("b", 1)});
+  auto got = claim(s, "r1", 1);
+  REQUIRE(s.outbox_retry_later("r1", got[0].sequence, t0, t0, "down") == errc::ok);
+  got = claim(s, "r1", 1);
+  REQUIRE(s.outbox_dead_letter("r1", got[0].sequence, t0, "retries_exhausted", "down") == errc::ok);
+  REQUIRE(s.outbox_release("r1", seqs(claim(s, "r1"))) == errc::ok);
+  commit_staged(s, {msg("a", 2)});
+  const std::uint64_t signalled = s.commits().sequence();
+  auto n = s.outbox_redrive({.key = "b"}, t0 + 9s);
+  REQUIRE(n.has_value());
+  CHECK(*n == 0);  // nothing of key b is dead
+  CHECK(s.commits().sequence() == signalled);
+  n = s.outbox_redrive({.key = "a"}, t0 + 9s);
+  REQUIRE(n.has_value());
+  CHECK(*n == 1);
+  CHECK(s.commits().sequence() > signalled);  // a waiting relay wakes
+  CHECK(s.outbox_dead_letters({})->empty());
+  const auto again = claim(s, "r2", 100, t0 + 9s);
+  REQUIRE(bodies(again) == std::vector<std::string>{"b#1", "a#2", "a#1"});
+  CHECK(again[2].id == first.id);
+  CHECK(again[2].attempts == 0);
+  CHECK(again[2].staged_at == t0 + 9s);
+  CHECK(again[2].sequence > again[1].sequence);
+}
+
+TEMPLATE_TEST_CASE("a dead-lettered id cannot be staged again until its dead letter is removed", "[store]",
+                   STORE_FIXTURES) {
+  TestType f;
+  auto& s = f.get();
+  const auto m = msg("a", 1);
+  commit_staged(s, {m, msg("a", 2)});
+  const auto got = claim(s, "r1", 1);
+  REQUIRE(s.outbox_dead_letter("r1", got[0].sequence, t0, "bad_type", "x") == errc::ok);
+  {
+    auto tx = s.begin();
+    CHECK(s.outbox_stage(tx, m) == errc::conflict);
+    CHECK(tx.commit() == errc::conflict);
+  }
+  auto removed = s.outbox_dead_letter_remove({.reason = "parse_error"});
+  REQUIRE(removed.has_value());
+  CHECK(*removed == 0);
+  removed = s.outbox_dead_letter_remove({.id = m.id});
+  REQUIRE(removed.has_value());
+  CHECK(*removed == 1);
+  CHECK(s.outbox_summary()->dead_lettered == 0);
+  commit_staged(s, {m});
+  CHECK(s.outbox_summary()->pending == 2);
+}
+
+TEMPLATE_TEST_CASE("release_owner drops every lease of that owner and no other", "[store]", STORE_FIXTURES) {
+  TestType f;
+  auto& s = f.get();
+  commit_staged(s, {msg("a", 1), msg("b", 1), msg("c", 1)});
+  REQUIRE(claim(s, "r1", 2).size() == 2);
+  REQUIRE(claim(s, "r2", 1).size() == 1);
+  auto n = s.outbox_release_owner("r1");
+  REQUIRE(n.has_value());
+  CHECK(*n == 2);
+  CHECK(s.outbox_summary()->leased == 1);
+  CHECK(bodies(claim(s, "r3")) == std::vector<std::string>{"a#1", "b#1"});  // c stays r2's
+  CHECK(*s.outbox_release_owner("nobody") == 0);
 }
 
 // ---- memory store specifics ----

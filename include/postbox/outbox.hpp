@@ -19,14 +19,29 @@
 #include <chrono>
 #include <concepts>
 #include <cstdint>
+#include <cstdio>
+#include <filesystem>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <optional>
+#include <set>
+#include <stop_token>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#  include <fcntl.h>
+#  include <sys/file.h>
+#  include <unistd.h>
+#  define POSTBOX_OUTBOX_POSIX 1
+#else
+#  define POSTBOX_OUTBOX_POSIX 0
+#endif
 
 POSTBOX_BEGIN_NAMESPACE
 
@@ -40,6 +55,47 @@ concept envelope_codec = requires(const C& c, const envelope<T>& env, std::strin
   { c.template decode<T>(text).has_value() } -> std::convertible_to<bool>;
   { c.template decode<T>(text).status() } -> std::convertible_to<errc>;
   { *c.template decode<T>(text) } -> std::convertible_to<const envelope<T>&>;
+};
+
+/// What a postbox envelope codec would refuse in an envelope's own fields:
+/// the code, the field and why. `code == ok` when nothing is wrong.
+struct envelope_problem {
+  errc code = errc::ok;
+  std::string_view field;
+  std::string_view why;
+};
+
+/// Checks `env` by the rules `json::decode<T>` applies to the envelope's own
+/// fields, so an envelope that passes reads back (payload aside): a non-nil
+/// id (`invalid_argument`), a non-empty type (`bad_type`), a valid W3C
+/// traceparent and a tracestate only with one (`bad_type`), and, when `T`
+/// declares its type (`message_traits<T>`), that type (`unknown_type`) and
+/// schema version (`unsupported_version`). Never allocates. Thread-safe.
+template <class T>
+[[nodiscard]] envelope_problem check_envelope(const envelope<T>& env) noexcept {
+  if (env.id.is_nil()) return {errc::invalid_argument, "id", "must not be nil"};
+  if (env.type.empty()) return {errc::bad_type, "type", "must not be empty (declare T::message_type or pass a type)"};
+  if (!env.trace.traceparent.empty() && !trace_context::is_valid_traceparent(env.trace.traceparent))
+    return {errc::bad_type, "traceparent", "not a valid W3C traceparent"};
+  if (!env.trace.tracestate.empty() &&
+      (env.trace.traceparent.empty() || !trace_context::is_valid_tracestate(env.trace.tracestate)))
+    return {errc::bad_type, "tracestate", "not a valid W3C tracestate (or no traceparent)"};
+  constexpr std::string_view declared = message_traits<T>::type_name();
+  if (!declared.empty()) {
+    if (env.type != declared) return {errc::unknown_type, "type", "differs from the type the payload declares"};
+    if (env.schema_version != message_traits<T>::schema_version())
+      return {errc::unsupported_version, "schema_version", "differs from the version the payload declares"};
+  }
+  return {};
+}
+
+/// Settings of an outbox. A plain value.
+struct outbox_options {
+  /// Also decode each encoded envelope before staging it, so a payload whose
+  /// serializer and deserializer disagree is refused too (the decode's code).
+  /// Costs one decode per stage (about 1.7 times the encode with the JSON
+  /// codec; docs/design/outbox.md has the figures). Off: `check_envelope` only.
+  bool round_trip = false;
 };
 
 /// Stages outgoing envelopes in a store transaction, next to the caller's
@@ -63,17 +119,25 @@ class outbox {
 
   /// An outbox on `store` (not owned; must outlive it); `staged_at` is read
   /// from `clk`.
-  explicit outbox(Store& store, Codec codec = {}, const clock& clk = default_clock())
-      : store_(&store), codec_(std::move(codec)), clock_(&clk) {}
+  explicit outbox(Store& store, Codec codec = {}, const clock& clk = default_clock(), outbox_options options = {})
+      : store_(&store), codec_(std::move(codec)), clock_(&clk), options_(options) {}
 
-  /// Encodes `env` and adds it to `tx`. Returns `ok`; `invalid_argument`
-  /// (nil id, or the codec threw), `conflict` (the id is already in the
-  /// outbox) or a store error. Any failure dooms `tx`: its commit rolls back
-  /// and returns that error, so business rows never commit without their
-  /// message. Allocates; blocks on the store's I/O.
+  /// Checks `env` (`check_envelope`; with `round_trip` also decodes what it
+  /// encoded), encodes it and adds it to `tx`. Returns `ok`; the check's
+  /// code for an envelope the relay could never read back (e.g. `bad_type`
+  /// for an empty type: such a row would block its key); `invalid_argument`
+  /// (the codec threw), `conflict` (the id is already in the outbox or its
+  /// dead letters) or a store error. Any failure dooms `tx`: its commit rolls
+  /// back and returns that error, so business rows never commit without
+  /// their message. Allocates; blocks on the store's I/O.
   template <class T>
     requires envelope_codec<Codec, T>
   [[nodiscard]] errc stage(transaction& tx, const envelope<T>& env) {
+    if (const envelope_problem p = check_envelope(env); p.code != errc::ok) {
+      tx.fail(p.code, "outbox: message " + env.id.to_string() + " cannot be read back: " + std::string(p.field) +
+                          ": " + std::string(p.why));
+      return p.code;
+    }
     stored_message m;
     m.id = env.id;
     m.type = env.type;
@@ -91,12 +155,27 @@ class outbox {
       tx.fail(errc::invalid_argument, "outbox: the codec could not encode message " + env.id.to_string());
       return errc::invalid_argument;
     }
+    if (options_.round_trip) {
+      auto back = codec_.template decode<T>(m.body);
+      if (!back.has_value()) {
+        const errc code = back.status() == errc::ok ? errc::parse_error : back.status();
+        std::string text = "outbox: message " + env.id.to_string() + " does not decode back: " +
+                           std::string(to_string(code));
+        if constexpr (requires { back.error().field; back.error().message; }) {
+          const auto& e = back.error();
+          text += (e.field.empty() ? std::string() : " at '" + e.field + "'") + ": " + e.message;
+        }
+        tx.fail(code, text);
+        return code;
+      }
+    }
     return store_->outbox_stage(tx, m);
   }
 
   /// Adds an already encoded message (its `sequence` is assigned by the
   /// store; `staged_at` is set from the clock when left at its default).
-  /// Same results as `stage`.
+  /// Same results as `stage`, without the envelope check: the caller vouches
+  /// that `m.body` decodes (a row that does not is dead-lettered by the relay).
   [[nodiscard]] errc stage_encoded(transaction& tx, stored_message m) {
     if (m.staged_at == time_point{}) m.staged_at = clock_->now();
     return store_->outbox_stage(tx, m);
@@ -111,12 +190,44 @@ class outbox {
   Store* store_;
   Codec codec_;
   const clock* clock_;
+  outbox_options options_;
 };
 
 /// Where a relay publishes: called once per message, in order per key;
-/// returns `ok` when the message is published, anything else to have it
-/// retried later (an exception counts as `handler_error`).
+/// returns `ok` when the message is published; a code that
+/// `relay_options::is_permanent` calls permanent moves the row to the outbox
+/// dead letters at once, anything else has it retried later (an exception
+/// counts as `handler_error`, transient).
 using outbox_destination = std::function<errc(const stored_message&)>;
+
+/// A destination that may block (e.g. on a full channel): it gets the
+/// relay's stop token and returns `canceled` when it is stopped first; the
+/// relay then releases the row without counting an attempt.
+using outbox_stoppable_destination = std::function<errc(const stored_message&, std::stop_token)>;
+
+/// The default `relay_options::is_permanent`: the codes that retrying cannot
+/// change, i.e. a body the codec refuses (`parse_error`, `too_deep`,
+/// `too_large`, `missing_field`, `bad_type`, `invalid_utf8`, `unknown_type`,
+/// `unsupported_version`) and `invalid_argument` (e.g. an envelope NATS
+/// headers cannot carry). Never allocates. Thread-safe.
+[[nodiscard]] constexpr bool outbox_permanent_error(errc code) noexcept {
+  switch (code) {
+    case errc::parse_error:
+    case errc::too_deep:
+    case errc::too_large:
+    case errc::missing_field:
+    case errc::bad_type:
+    case errc::invalid_utf8:
+    case errc::unknown_type:
+    case errc::unsupported_version:
+    case errc::invalid_argument: return true;
+    default: return false;
+  }
+}
+
+/// The reason of a row dead-lettered because it failed `max_attempts` times
+/// (a permanent failure uses its errc name, e.g. "bad_type").
+inline constexpr std::string_view outbox_retries_exhausted = "retries_exhausted";
 
 /// Points in a relay's batch, reported to `relay_options::on_point` (for
 /// observation and for crash tests that stop a process exactly there).
@@ -143,16 +254,36 @@ struct relay_options {
   /// How often the relay deletes expired dispatched rows.
   duration purge_interval = std::chrono::minutes(1);
   /// Backoff of a failing destination (per message: `attempts` so far).
-  /// `max_attempts` is ignored: the outbox never drops a message; it retries
-  /// at the capped backoff until the destination takes it.
+  /// Its `max_attempts` is ignored; the relay's own `max_attempts` counts.
   retry_policy retry{.max_attempts = 0,
                      .initial_backoff = std::chrono::milliseconds(100),
                      .multiplier = 2.0,
                      .max_backoff = std::chrono::seconds(30),
                      .full_jitter = true};
-  /// Lease owner name; must be unique among relays on one database. Empty:
-  /// a random one.
+  /// Failed publishes of one row after which it moves to the outbox dead
+  /// letters (reason "retries_exhausted"), so the rest of its key is
+  /// published. 0: retry forever (the key waits). The default, with the
+  /// default backoff, gives a destination outage about 47 minutes before the
+  /// head row of each waiting key is dead-lettered (redrive it afterwards).
+  std::uint32_t max_attempts = 100;
+  /// Which destination results are permanent: such a row is dead-lettered
+  /// at its first failure, with the code's name as reason. Empty:
+  /// `outbox_permanent_error`. Called on the relay's thread; must not throw.
+  std::function<bool(errc)> is_permanent;
+  /// Lease owner name; must be unique among running relays on one database.
+  /// Empty: a name that survives restarts, "<hostname>:<executable
+  /// path>:<store>#<slot>" (<store> is the SQLite path made canonical, or the
+  /// memory store's address), so a relay restarted after a crash reclaims its
+  /// predecessor's leases at once. The slot is the lowest one not held by a
+  /// running relay of the same name on this host (a lock file in the temp
+  /// directory for a SQLite store, held while the relay lives), so two
+  /// processes never share a name; without a usable lock file the name is
+  /// random (as before: a crashed relay's leases then wait out `lease`).
   std::string owner;
+  /// Release this relay's leases when it stops (`stop()`, destruction), so
+  /// another relay may take its keys at once. Off: leases stay until they
+  /// expire, as after a crash (crash tests use this).
+  bool release_on_stop = true;
   /// Seed of the backoff jitter; 0 draws one.
   std::uint64_t jitter_seed = 0;
   /// Called at each `relay_point` on the thread running the batch, with the
@@ -168,14 +299,16 @@ struct relay_step {
   errc status = errc::ok;             ///< `ok`, or the store error that cut the step short
   std::size_t claimed = 0;            ///< messages leased
   std::size_t published = 0;          ///< destination calls that returned ok
-  std::size_t failed = 0;             ///< destination calls that failed (their keys wait for a retry)
+  std::size_t failed = 0;             ///< destination calls that failed (dead-lettered or waiting for a retry)
+  std::size_t dead_lettered = 0;      ///< rows moved to the outbox dead letters
   std::size_t marked = 0;             ///< messages marked dispatched
   std::size_t purged = 0;             ///< dispatched rows deleted
   bool more = false;                  ///< more may be claimable right now (a full batch, or a cut-short one)
   std::optional<time_point> next_due; ///< when a blocked key may become claimable
 };
 
-/// Counters of a relay since it was built. A plain value.
+/// Counters of a relay since it was built, and a snapshot of its store's
+/// outbox. A plain value.
 struct relay_stats {
   std::uint64_t batches = 0;           ///< non-empty claims
   std::uint64_t claimed = 0;           ///< messages leased
@@ -185,8 +318,146 @@ struct relay_stats {
   std::uint64_t store_errors = 0;      ///< store operations that failed
   std::uint64_t lease_lost = 0;        ///< published messages another relay had re-leased (will be republished)
   std::uint64_t purged = 0;            ///< dispatched rows deleted
+  std::uint64_t dead_lettered = 0;     ///< rows this relay moved to the outbox dead letters
   std::string last_error;              ///< text of the latest failure (destination or store)
+  // Snapshot of the store when stats() was called (all relays on the store):
+  errc snapshot = errc::ok;            ///< `ok`, or the store error that left the fields below at zero
+  std::uint64_t pending = 0;           ///< rows not yet dispatched
+  std::uint64_t stuck = 0;             ///< pending rows that failed at least once and wait for a retry
+  std::uint64_t dead_letters = 0;      ///< rows in the outbox dead letters
+  std::optional<time_point> oldest_pending;  ///< staged_at of the oldest pending row
+  duration oldest_pending_age{0};      ///< the relay clock's now minus `oldest_pending` (0 when none)
 };
+
+namespace detail {
+
+/// The part of a default relay owner name that names the store: a SQLite
+/// store's path (canonical), else the store object's address (a memory store
+/// lives and dies with its process).
+template <class Store>
+[[nodiscard]] std::string relay_store_identity(Store& store) {
+  if constexpr (requires { { store.path() } -> std::convertible_to<std::string>; }) {
+    const std::string path = store.path();
+    if (!path.empty() && path != ":memory:" && path.rfind("file:", 0) != 0) {
+      std::error_code ec;
+      const auto canonical = std::filesystem::weakly_canonical(std::filesystem::path(path), ec);
+      return ec ? path : canonical.string();
+    }
+  }
+  char text[2 + 2 * sizeof(void*) + 1];
+  std::snprintf(text, sizeof text, "%p", static_cast<const void*>(&store));
+  return std::string("memory@") + text;
+}
+
+/// "<hostname>:<executable path>", both read from the system ("?" when unknown).
+[[nodiscard]] inline std::string relay_host_and_executable() {
+  std::string host = "?", exe = "?";
+#if POSTBOX_OUTBOX_POSIX
+  char name[256] = {};
+  if (::gethostname(name, sizeof name - 1) == 0 && name[0] != '\0') host = name;
+  std::error_code ec;
+  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) exe = self.string();
+#endif
+  return host + ":" + exe;
+}
+
+/// Holds one slot of a default relay owner name for as long as the relay
+/// lives: an in-process registry, and for names shared across processes an
+/// exclusive flock(2) on "<temp>/postbox-relay-<hash>-<slot>.lock", which the
+/// kernel drops when the process dies, so a restarted relay gets its slot
+/// back. Move-only; not thread-safe (one owner).
+class relay_owner_slot {
+ public:
+  relay_owner_slot() = default;
+  relay_owner_slot(const relay_owner_slot&) = delete;
+  relay_owner_slot& operator=(const relay_owner_slot&) = delete;
+  ~relay_owner_slot() { release(); }
+
+  /// The name "<base>#<slot>" for the lowest free slot (1..64), or empty
+  /// when none could be held (every slot busy, or `cross_process` and no
+  /// lock file could be opened). Allocates; opens files.
+  [[nodiscard]] std::string acquire(const std::string& base, bool cross_process) {
+    release();
+    for (int slot = 1; slot <= 64; ++slot) {
+      std::string name = base + "#" + std::to_string(slot);
+      {
+        std::lock_guard lock(registry_mutex());
+        if (!registry().insert(name).second) continue;  // held by a relay of this process
+      }
+      if (!cross_process || lock_file(base, slot)) {
+        name_ = std::move(name);
+        return name_;
+      }
+      {
+        std::lock_guard lock(registry_mutex());
+        registry().erase(name);
+      }
+      if (fd_failed_) return {};
+    }
+    return {};
+  }
+
+  /// Gives the slot up (idempotent). Never throws.
+  void release() noexcept {
+#if POSTBOX_OUTBOX_POSIX
+    if (fd_ >= 0) ::close(fd_);  // drops the flock
+    fd_ = -1;
+#endif
+    if (!name_.empty()) {
+      std::lock_guard lock(registry_mutex());
+      registry().erase(name_);
+      name_.clear();
+    }
+  }
+
+ private:
+  static std::mutex& registry_mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::set<std::string>& registry() {
+    static std::set<std::string> names;
+    return names;
+  }
+
+  // Takes the slot's lock file; false when another process holds it or the
+  // file cannot be opened (then fd_failed_).
+  bool lock_file([[maybe_unused]] const std::string& base, [[maybe_unused]] int slot) {
+#if POSTBOX_OUTBOX_POSIX
+    std::uint64_t h = 14695981039346656037ull;  // FNV-1a: a short, stable file name for a long base
+    for (const unsigned char c : base) h = (h ^ c) * 1099511628211ull;
+    char file[64];
+    std::snprintf(file, sizeof file, "postbox-relay-%016llx-%d.lock", static_cast<unsigned long long>(h), slot);
+    std::error_code ec;
+    const auto dir = std::filesystem::temp_directory_path(ec);
+    if (ec) {
+      fd_failed_ = true;
+      return false;
+    }
+    const int fd = ::open((dir / file).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0) {
+      fd_failed_ = true;
+      return false;
+    }
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      ::close(fd);
+      return false;
+    }
+    fd_ = fd;
+    return true;
+#else
+    fd_failed_ = true;
+    return false;
+#endif
+  }
+
+  std::string name_;
+  int fd_ = -1;
+  bool fd_failed_ = false;
+};
+
+}  // namespace detail
 
 /// Publishes what an outbox staged, in staging order per partition key, at
 /// least once, and marks it dispatched. Several relays (threads or
@@ -195,6 +466,11 @@ struct relay_stats {
 /// is skipped as a whole, so no two relays publish one message at the same
 /// time and no key is published out of order. A crash between publishing and
 /// marking republishes at most one batch, with the same message ids.
+///
+/// Poison rows: a row that fails permanently (`is_permanent`, e.g. a body
+/// the codec refuses) or `max_attempts` times moves to the outbox dead
+/// letters of the same store (`Store::outbox_dead_letters`, `outbox_redrive`),
+/// and the rest of its key is published, so no key stalls behind it.
 ///
 /// Drive it with `run_once()` / `drain()` (deterministic, for tests and
 /// manual loops) or `start()` its thread, which runs a batch whenever a local
@@ -207,8 +483,15 @@ class outbox_relay {
  public:
   /// A relay from `store` to `destination` (both must outlive it); timing on
   /// `clk`. Throws `invalid_argument` for a zero batch size or lease, or an
-  /// empty destination.
+  /// empty destination. With no `owner`, takes the default owner name (see
+  /// `relay_options::owner`; opens a lock file for a SQLite store).
   outbox_relay(Store& store, outbox_destination destination, relay_options options = {},
+               const clock& clk = default_clock())
+      : outbox_relay(store, wrap(std::move(destination)), std::move(options), clk) {}
+
+  /// A relay to a destination that may block; it gets a stop token that
+  /// `stop()` (and destruction) triggers before joining the thread.
+  outbox_relay(Store& store, outbox_stoppable_destination destination, relay_options options = {},
                const clock& clk = default_clock())
       : store_(&store), destination_(std::move(destination)), options_(std::move(options)), clock_(&clk),
         jitter_(options_.jitter_seed != 0 ? options_.jitter_seed : detail::entropy64()) {
@@ -216,20 +499,33 @@ class outbox_relay {
     if (options_.lease <= duration::zero())
       POSTBOX_THROW(error(errc::invalid_argument, "outbox_relay: lease must be positive"));
     if (!destination_) POSTBOX_THROW(error(errc::invalid_argument, "outbox_relay: no destination"));
-    if (options_.owner.empty()) options_.owner = "relay-" + message_id::generate().to_string();
+    if (!options_.is_permanent) options_.is_permanent = [](errc c) { return outbox_permanent_error(c); };
+    if (options_.owner.empty()) {
+      const std::string store_id = detail::relay_store_identity(store);
+      options_.owner = slot_.acquire(detail::relay_host_and_executable() + ":" + store_id,
+                                     store_id.rfind("memory@", 0) != 0);
+      if (options_.owner.empty()) options_.owner = "relay-" + message_id::generate().to_string();
+    }
     next_purge_ = clock_->now();
   }
   outbox_relay(const outbox_relay&) = delete;
   outbox_relay& operator=(const outbox_relay&) = delete;
-  /// Stops the thread if started (the batch in progress finishes first).
-  ~outbox_relay() { stop(); }
+  /// Stops the thread if started (a blocked destination is asked to stop
+  /// through its token; the batch in progress ends at the next message) and
+  /// releases this relay's leases (`release_on_stop`). Never throws.
+  ~outbox_relay() {
+    POSTBOX_TRY { stop(); }
+    POSTBOX_CATCH_ALL {}
+  }
 
   /// Runs one batch now, on the calling thread: purges expired dispatched
   /// rows when due, leases up to `batch_size` messages, publishes them in
-  /// order (a failure holds back the rest of that key and schedules a retry
-  /// with backoff), marks the published ones dispatched and releases the
-  /// rest. Never waits for new messages; blocks on the store and the
-  /// destination. Thread-safe (serialized with other calls).
+  /// order (a transient failure holds back the rest of that key and
+  /// schedules a retry with backoff; a permanent one, or the last allowed
+  /// attempt, dead-letters the row and the key goes on), marks the published
+  /// ones dispatched and releases the rest. Never waits for new messages;
+  /// blocks on the store and the destination. Thread-safe (serialized with
+  /// other calls).
   relay_step run_once() {
     std::lock_guard run(run_mutex_);
     relay_step step;
@@ -250,6 +546,7 @@ class outbox_relay {
     bump(&relay_stats::claimed, batch.size());
     point(relay_point::claimed, nullptr);
 
+    const std::stop_token stop = stop_token();
     std::vector<std::uint64_t> published, untouched;
     std::vector<std::string_view> failed_keys;
     bool cut_short = false;
@@ -267,19 +564,37 @@ class outbox_relay {
         continue;
       }
       std::string why;
-      const errc rc = publish(m, why);
+      const errc rc = publish(m, stop, why);
       if (rc == errc::ok) {
         published.push_back(m.sequence);
         ++step.published;
         point(relay_point::published, &m);
         continue;
       }
+      if (rc == errc::canceled && stop.stop_requested()) {  // stopped while blocked: not an attempt
+        cut_short = true;
+        untouched.push_back(m.sequence);
+        continue;
+      }
       ++step.failed;
-      failed_keys.emplace_back(m.partition_key);
-      const time_point retry_at = clock_->now() + options_.retry.backoff(m.attempts + 1, jitter_next());
-      step.next_due = step.next_due ? std::min(*step.next_due, retry_at) : retry_at;
       note_failure(&relay_stats::publish_failures, why);
-      const errc r = store_->outbox_retry_later(options_.owner, m.sequence, retry_at, why);
+      const time_point failed_at = clock_->now();
+      const std::uint32_t attempts = m.attempts + 1;
+      const bool permanent = options_.is_permanent(rc);
+      if (permanent || (options_.max_attempts != 0 && attempts >= options_.max_attempts)) {
+        const std::string_view reason = permanent ? to_string(rc) : outbox_retries_exhausted;
+        const errc r = store_->outbox_dead_letter(options_.owner, m.sequence, failed_at, reason, why);
+        if (r == errc::ok) {  // gone from the outbox: the rest of its key may go on
+          ++step.dead_lettered;
+          bump(&relay_stats::dead_lettered, 1);
+          continue;
+        }
+        if (r != errc::not_found) note_store_error(r, "dead_letter");
+      }
+      failed_keys.emplace_back(m.partition_key);
+      const time_point retry_at = failed_at + options_.retry.backoff(attempts, jitter_next());
+      step.next_due = step.next_due ? std::min(*step.next_due, retry_at) : retry_at;
+      const errc r = store_->outbox_retry_later(options_.owner, m.sequence, failed_at, retry_at, why);
       if (r != errc::ok && r != errc::not_found) note_store_error(r, "retry_later");
     }
     bump(&relay_stats::published, step.published);
@@ -287,8 +602,8 @@ class outbox_relay {
     if (!published.empty()) {
       auto marked = store_->outbox_mark_dispatched(options_.owner, published, clock_->now());
       if (!marked) {
-        // The rows stay leased to us until the lease runs out, then they are
-        // published again (at-least-once; same ids).
+        // The rows stay leased to us until the lease runs out (or stop()
+        // releases them), then they are published again (at-least-once; same ids).
         note_store_error(marked.status(), "mark_dispatched");
         step.status = marked.status();
       } else {
@@ -323,27 +638,61 @@ class outbox_relay {
   void start() {
     std::lock_guard lock(thread_mutex_);
     if (thread_.joinable()) return;
+    {
+      std::lock_guard token(token_mutex_);
+      if (stop_source_.stop_requested()) stop_source_ = std::stop_source();
+    }
     // relaxed: the thread is created after this store (thread start orders it).
     stopping_.store(false, std::memory_order_relaxed);
     thread_ = std::thread([this] { loop(); });
   }
 
-  /// Stops the thread after its current batch (idempotent). Blocks until it
-  /// has exited. Thread-safe.
+  /// Stops the thread if started: the batch in progress ends before its
+  /// next message, a destination blocked in a stoppable call is asked to
+  /// stop through its token; then (`release_on_stop`) releases every lease
+  /// this relay's owner name holds. Idempotent. Blocks until the thread has
+  /// exited and on one store write. Thread-safe.
   void stop() {
     std::lock_guard lock(thread_mutex_);
-    if (!thread_.joinable()) return;
-    // release: pairs with the acquire loads in loop(); the signal's mutex
-    // (taken by wake) orders it with a waiter's check.
-    stopping_.store(true, std::memory_order_release);
-    store_->commits().wake();
-    thread_.join();
+    if (thread_.joinable()) {
+      // release: pairs with the acquire loads in loop(); the signal's mutex
+      // (taken by wake) orders it with a waiter's check.
+      stopping_.store(true, std::memory_order_release);
+      {
+        std::lock_guard token(token_mutex_);
+        stop_source_.request_stop();
+      }
+      store_->commits().wake();
+      thread_.join();
+    }
+    if (options_.release_on_stop) {
+      std::lock_guard run(run_mutex_);  // not while a run_once on another thread holds leases
+      auto n = store_->outbox_release_owner(options_.owner);
+      if (!n) note_store_error(n.status(), "release_owner");
+    }
   }
 
-  /// Counters since construction. Thread-safe; allocates (the error text).
+  /// Counters since construction, and a snapshot of the store's outbox
+  /// (pending, stuck, dead letters, oldest pending row and its age on the
+  /// relay's clock). Thread-safe; blocks on one store read
+  /// (`outbox_summary`); allocates (the error text).
   [[nodiscard]] relay_stats stats() const {
-    std::lock_guard lock(stats_mutex_);
-    return stats_;
+    relay_stats s;
+    {
+      std::lock_guard lock(stats_mutex_);
+      s = stats_;
+    }
+    auto c = store_->outbox_summary();
+    if (!c) {
+      s.snapshot = c.status();
+      return s;
+    }
+    s.pending = c->pending;
+    s.stuck = c->retrying;
+    s.dead_letters = c->dead_lettered;
+    s.oldest_pending = c->oldest_pending;
+    if (c->oldest_pending) s.oldest_pending_age = std::max(duration::zero(), clock_->now() - *c->oldest_pending);
+    return s;
   }
 
   /// This relay's lease owner name.
@@ -352,6 +701,16 @@ class outbox_relay {
   [[nodiscard]] Store& store() const noexcept { return *store_; }
 
  private:
+  static outbox_stoppable_destination wrap(outbox_destination d) {
+    if (!d) return {};
+    return [d = std::move(d)](const stored_message& m, std::stop_token) { return d(m); };
+  }
+
+  std::stop_token stop_token() const {
+    std::lock_guard token(token_mutex_);
+    return stop_source_.get_token();
+  }
+
   void loop() {
     // acquire: pairs with the release store in stop().
     while (!stopping_.load(std::memory_order_acquire)) {
@@ -397,9 +756,9 @@ class outbox_relay {
     }
   }
 
-  errc publish(const stored_message& m, std::string& why) {
+  errc publish(const stored_message& m, const std::stop_token& stop, std::string& why) {
     errc rc = errc::handler_error;
-    POSTBOX_TRY { rc = destination_(m); }
+    POSTBOX_TRY { rc = destination_(m, stop); }
     POSTBOX_CATCH_ALL {
       rc = errc::handler_error;
       why = "outbox_relay: the destination threw publishing " + m.id.to_string();
@@ -433,16 +792,19 @@ class outbox_relay {
   }
 
   Store* store_;
-  outbox_destination destination_;
+  outbox_stoppable_destination destination_;
   relay_options options_;
   const clock* clock_;
+  detail::relay_owner_slot slot_;  // holds the default owner name's slot while the relay lives
   std::mutex run_mutex_;  // serializes run_once
   time_point next_purge_;  // under run_mutex_
   mutable std::mutex stats_mutex_;
-  relay_stats stats_;
+  relay_stats stats_;  // counters only; stats() adds the store snapshot
   jitter_source jitter_;  // under stats_mutex_
   std::uint32_t store_failures_in_row_ = 0;  // loop() only
   std::mutex thread_mutex_;  // start/stop
+  mutable std::mutex token_mutex_;  // stop_source_ (start replaces it while run_once may read it)
+  std::stop_source stop_source_;  // requested by stop(); its tokens go to the destination
   std::thread thread_;
   /// Set by stop() (release), read by loop() (acquire) and by run_once
   /// (relaxed: only a hint to end a batch early). The partner of the release
@@ -475,6 +837,28 @@ template <class T, class Shape, class Codec>
     if (!detail::outbox_decode<T>(codec, m, env, rc)) return rc;
     switch (ch.try_send(std::move(env))) {
       case send_status::ok: return errc::ok;
+      case send_status::closed: return errc::closed;
+      default: return errc::full;
+    }
+  };
+}
+
+/// A destination that decodes each message with `codec` and `send`s it into
+/// `ch`, blocking while the channel is full: `ok` once sent, `closed` (retried
+/// with backoff), or `canceled` when the relay stops first (the row is
+/// released, not counted as an attempt). While it blocks the row's lease
+/// runs on; past it another relay may publish the row too (same id). `ch`
+/// must outlive the relay. Allocates per message.
+template <class T, class Shape, class Codec>
+  requires envelope_codec<Codec, T>
+[[nodiscard]] outbox_stoppable_destination to_channel_blocking(channel<envelope<T>, Shape>& ch, Codec codec) {
+  return [&ch, codec = std::move(codec)](const stored_message& m, std::stop_token stop) -> errc {
+    envelope<T> env;
+    errc rc = errc::ok;
+    if (!detail::outbox_decode<T>(codec, m, env, rc)) return rc;
+    switch (ch.send(std::move(env), std::move(stop))) {
+      case send_status::ok: return errc::ok;
+      case send_status::canceled: return errc::canceled;
       case send_status::closed: return errc::closed;
       default: return errc::full;
     }
@@ -514,8 +898,9 @@ template <class T, class Codec>
 }
 
 /// Registers a relay's counters and its store's outbox counts (pending,
-/// leased, retrying, dispatched, oldest pending age on `clk`). Reading costs
-/// one store query per scrape. `relay` must outlive the handle. Allocates.
+/// leased, retrying = stuck, dispatched, dead letters, oldest pending age on
+/// `clk`). Reading costs two store queries per scrape. `relay` must outlive
+/// the handle. Allocates.
 template <class Store>
 [[nodiscard]] metrics_registry::registration register_outbox_relay(metrics_registry& registry, std::string name,
                                                                    const outbox_relay<Store>& relay,
@@ -531,6 +916,13 @@ template <class Store>
     w.counter("postbox_outbox_lease_lost_total", "Published messages another relay had re-leased.",
               static_cast<double>(s.lease_lost));
     w.counter("postbox_outbox_purged_total", "Dispatched rows deleted after retention.", static_cast<double>(s.purged));
+    w.counter("postbox_outbox_dead_lettered_total", "Rows the relay moved to the outbox dead letters.",
+              static_cast<double>(s.dead_lettered));
+    if (s.snapshot == errc::ok) {
+      w.gauge("postbox_outbox_stuck", "Pending rows that failed at least once and wait for a retry.",
+              static_cast<double>(s.stuck));
+      w.gauge("postbox_outbox_dead_letters", "Rows in the outbox dead letters.", static_cast<double>(s.dead_letters));
+    }
     if (auto c = relay.store().outbox_summary()) {
       w.gauge("postbox_outbox_pending", "Staged messages not yet dispatched.", static_cast<double>(c->pending));
       w.gauge("postbox_outbox_leased", "Pending messages under a lease.", static_cast<double>(c->leased));

@@ -214,8 +214,10 @@ struct sqlite_store_options {
 ///   if (tx.commit() != postbox::errc::ok) std::puts(tx.last_error().c_str());
 class sqlite_store {
  public:
-  /// The schema version this postbox writes and reads.
-  static constexpr int schema_version = 1;
+  /// The schema version this postbox writes and reads. Version 2 added the
+  /// outbox dead letters (`postbox_outbox_dead`) and the outbox's
+  /// `first_failure_at` column; a version 1 file is migrated on open.
+  static constexpr int schema_version = 2;
 
   /// A write transaction (`BEGIN IMMEDIATE`) on the store's connection,
   /// holding the store's mutex until it ends. Write your own rows with
@@ -498,10 +500,28 @@ class sqlite_store {
       tx.fail(errc::invalid_argument, "sqlite_store: outbox message with a nil id");
       return errc::invalid_argument;
     }
-    sqlite3_stmt* s = stage_.get();
-    detail::sqlite_use use(s);
     char id[36], corr[36], cause[36];
     m.id.write_to(id);
+    {
+      sqlite3_stmt* d = dead_exists_.get();
+      detail::sqlite_use use_d(d);
+      detail::sqlite_bind_text(d, 1, std::string_view(id, 36));
+      const int rc = sqlite3_step(d);
+      if (rc == SQLITE_ROW) {
+        tx.fail(errc::conflict, "sqlite_store: outbox stage " + std::string(id, 36) +
+                                    ": message id is in the outbox dead letters");
+        note_text(tx.last_error());
+        return errc::conflict;
+      }
+      if (rc != SQLITE_DONE) {
+        const errc code = detail::sqlite_errc(rc);
+        tx.fail(code, "sqlite_store: outbox stage " + std::string(id, 36) + ": " + sqlite3_errmsg(db_));
+        note_text(tx.last_error());
+        return code;
+      }
+    }
+    sqlite3_stmt* s = stage_.get();
+    detail::sqlite_use use(s);
     m.correlation_id.write_to(corr);
     m.causation_id.write_to(cause);
     detail::sqlite_bind_text(s, 1, std::string_view(id, 36));
@@ -605,10 +625,26 @@ class sqlite_store {
     });
   }
 
-  /// Drops `owner`'s lease on `seq`, counts a failed attempt and holds the
-  /// row's key back until `retry_at`; `not_found` when `owner` does not
-  /// lease it.
-  [[nodiscard]] errc outbox_retry_later(std::string_view owner, std::uint64_t seq, time_point retry_at,
+  /// Drops every lease `owner` holds; returns how many.
+  [[nodiscard]] result<std::size_t> outbox_release_owner(std::string_view owner) {
+    auto lock = lock_for("outbox_release_owner");
+    std::size_t n = 0;
+    const errc r = write_tx("outbox release owner", [&]() -> int {
+      sqlite3_stmt* s = release_owner_.get();
+      detail::sqlite_use use(s);
+      detail::sqlite_bind_text(s, 1, owner);
+      const int rc = sqlite3_step(s);
+      n = rc == SQLITE_DONE ? static_cast<std::size_t>(sqlite3_changes(db_)) : 0;
+      return rc;
+    });
+    if (r != errc::ok) return r;
+    return n;
+  }
+
+  /// Drops `owner`'s lease on `seq`, counts a failed attempt (the first one
+  /// at `now`) and holds the row's key back until `retry_at`; `not_found`
+  /// when `owner` does not lease it.
+  [[nodiscard]] errc outbox_retry_later(std::string_view owner, std::uint64_t seq, time_point now, time_point retry_at,
                                         std::string_view error_text) {
     auto lock = lock_for("outbox_retry_later");
     bool found = false;
@@ -619,12 +655,108 @@ class sqlite_store {
       detail::sqlite_bind_text(s, 2, owner);
       sqlite3_bind_int64(s, 3, detail::sqlite_time(retry_at));
       detail::sqlite_bind_text(s, 4, error_text);
+      sqlite3_bind_int64(s, 5, detail::sqlite_time(now));
       const int rc = sqlite3_step(s);
       found = rc == SQLITE_DONE && sqlite3_changes(db_) == 1;
       return rc;
     });
     if (r != errc::ok) return r;
     return found ? errc::ok : errc::not_found;
+  }
+
+  /// Moves the row `seq` that `owner` leases to `postbox_outbox_dead` in
+  /// one write transaction, counting this failure (at `now`) as an attempt;
+  /// the rest of its key is claimable at once. `not_found` when `owner` does
+  /// not lease it.
+  [[nodiscard]] errc outbox_dead_letter(std::string_view owner, std::uint64_t seq, time_point now,
+                                        std::string_view reason, std::string_view error_text) {
+    auto lock = lock_for("outbox_dead_letter");
+    bool found = false;
+    const errc r = write_tx("outbox dead letter", [&]() -> int {
+      {
+        sqlite3_stmt* s = dead_insert_.get();
+        detail::sqlite_use use(s);
+        sqlite3_bind_int64(s, 1, static_cast<sqlite3_int64>(seq));
+        detail::sqlite_bind_text(s, 2, owner);
+        detail::sqlite_bind_text(s, 3, reason);
+        detail::sqlite_bind_text(s, 4, error_text);
+        sqlite3_bind_int64(s, 5, detail::sqlite_time(now));
+        const int rc = sqlite3_step(s);
+        if (rc != SQLITE_DONE) return rc;
+        found = sqlite3_changes(db_) == 1;
+      }
+      if (!found) return SQLITE_DONE;
+      sqlite3_stmt* s = dead_delete_pending_.get();
+      detail::sqlite_use use(s);
+      sqlite3_bind_int64(s, 1, static_cast<sqlite3_int64>(seq));
+      return sqlite3_step(s);
+    });
+    if (r != errc::ok) return r;
+    return found ? errc::ok : errc::not_found;
+  }
+
+  /// The dead letters matching `filter`, oldest first, at most `filter.max`.
+  /// Reads only.
+  [[nodiscard]] result<std::vector<outbox_dead_letter_entry>> outbox_dead_letters(const outbox_dead_letter_filter& filter) {
+    auto lock = lock_for("outbox_dead_letters");
+    std::vector<outbox_dead_letter_entry> out;
+    const int rc = select_dead(filter, out);
+    if (rc != SQLITE_DONE) return note(rc, "outbox dead letters");
+    return out;
+  }
+
+  /// Stages the dead letters matching `filter` (oldest first, at most
+  /// `filter.max`) again as pending rows with new sequences, at the end of
+  /// their keys' order: same id, attempts 0, `staged_at` = `now`; one write
+  /// transaction. Notifies the commit signal when any moved. Returns how many.
+  [[nodiscard]] result<std::size_t> outbox_redrive(const outbox_dead_letter_filter& filter, time_point now) {
+    auto lock = lock_for("outbox_redrive");
+    std::size_t n = 0;
+    const errc r = write_tx("outbox redrive", [&]() -> int {
+      n = 0;
+      std::vector<outbox_dead_letter_entry> rows;
+      if (const int rc = select_dead(filter, rows); rc != SQLITE_DONE) return rc;
+      for (const auto& d : rows) {
+        {
+          sqlite3_stmt* s = redrive_insert_.get();
+          detail::sqlite_use use(s);
+          sqlite3_bind_int64(s, 1, static_cast<sqlite3_int64>(d.message.sequence));
+          sqlite3_bind_int64(s, 2, detail::sqlite_time(now));
+          if (const int rc = sqlite3_step(s); rc != SQLITE_DONE) return rc;
+        }
+        sqlite3_stmt* s = dead_delete_.get();
+        detail::sqlite_use use(s);
+        sqlite3_bind_int64(s, 1, static_cast<sqlite3_int64>(d.message.sequence));
+        if (const int rc = sqlite3_step(s); rc != SQLITE_DONE) return rc;
+        ++n;
+      }
+      return SQLITE_DONE;
+    });
+    if (r != errc::ok) return r;
+    if (n != 0) signal_->notify();
+    return n;
+  }
+
+  /// Deletes the dead letters matching `filter` (oldest first, at most
+  /// `filter.max`); their ids may be staged again. Returns how many.
+  [[nodiscard]] result<std::size_t> outbox_dead_letter_remove(const outbox_dead_letter_filter& filter) {
+    auto lock = lock_for("outbox_dead_letter_remove");
+    std::size_t n = 0;
+    const errc r = write_tx("outbox dead letter remove", [&]() -> int {
+      n = 0;
+      std::vector<outbox_dead_letter_entry> rows;
+      if (const int rc = select_dead(filter, rows); rc != SQLITE_DONE) return rc;
+      for (const auto& d : rows) {
+        sqlite3_stmt* s = dead_delete_.get();
+        detail::sqlite_use use(s);
+        sqlite3_bind_int64(s, 1, static_cast<sqlite3_int64>(d.message.sequence));
+        if (const int rc = sqlite3_step(s); rc != SQLITE_DONE) return rc;
+        ++n;
+      }
+      return SQLITE_DONE;
+    });
+    if (r != errc::ok) return r;
+    return n;
   }
 
   /// Deletes up to `max` rows dispatched before `cutoff`; returns how many.
@@ -657,6 +789,7 @@ class sqlite_store {
     c.retrying = static_cast<std::uint64_t>(sqlite3_column_int64(s, 2));
     if (sqlite3_column_type(s, 3) != SQLITE_NULL) c.oldest_pending = detail::sqlite_time_of(sqlite3_column_int64(s, 3));
     c.dispatched = static_cast<std::uint64_t>(sqlite3_column_int64(s, 4));
+    c.dead_lettered = static_cast<std::uint64_t>(sqlite3_column_int64(s, 5));
     return c;
   }
 
@@ -996,13 +1129,18 @@ class sqlite_store {
     const int inside = read_schema_version();
     if (inside > schema_version) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
     check_version(inside);
+    if (inside == schema_version) {  // another connection created or migrated it meanwhile
+      exec_setup("COMMIT");
+      return;
+    }
     static constexpr const char* ddl =
         "CREATE TABLE IF NOT EXISTS postbox_meta (key TEXT PRIMARY KEY, value ANY NOT NULL) WITHOUT ROWID;"
         "CREATE TABLE IF NOT EXISTS postbox_outbox ("
         " seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,"
         " partition_key TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL,"
         " staged_at INTEGER NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
-        " lease_owner TEXT, lease_until INTEGER, next_attempt_at INTEGER, dispatched_at INTEGER, last_error TEXT);"
+        " lease_owner TEXT, lease_until INTEGER, next_attempt_at INTEGER, dispatched_at INTEGER, last_error TEXT,"
+        " first_failure_at INTEGER);"
         "CREATE INDEX IF NOT EXISTS postbox_outbox_pending ON postbox_outbox(seq) WHERE dispatched_at IS NULL;"
         "CREATE INDEX IF NOT EXISTS postbox_outbox_leased ON postbox_outbox(lease_until)"
         " WHERE dispatched_at IS NULL AND lease_until IS NOT NULL;"
@@ -1022,9 +1160,23 @@ class sqlite_store {
         " current_step INTEGER NOT NULL, completed_steps INTEGER NOT NULL, attempt INTEGER NOT NULL,"
         " step_deadline INTEGER, next_attempt_at INTEGER, failure_reason TEXT NOT NULL,"
         " started_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, version INTEGER NOT NULL);"
-        "CREATE INDEX IF NOT EXISTS postbox_saga_running ON postbox_saga(outcome, started_at);"
-        "INSERT OR REPLACE INTO postbox_meta (key, value) VALUES ('schema_version', 1);";
-    const int rc = sqlite3_exec(db_, ddl, nullptr, nullptr, nullptr);
+        "CREATE INDEX IF NOT EXISTS postbox_saga_running ON postbox_saga(outcome, started_at);";
+    // Version 2: the outbox dead letters (seq is the row's last outbox
+    // sequence, unique because AUTOINCREMENT never reuses one).
+    static constexpr const char* dead_ddl =
+        "CREATE TABLE IF NOT EXISTS postbox_outbox_dead ("
+        " seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,"
+        " partition_key TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL,"
+        " staged_at INTEGER NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL, reason TEXT NOT NULL,"
+        " error TEXT NOT NULL, first_failure_at INTEGER NOT NULL, last_failure_at INTEGER NOT NULL);"
+        "CREATE INDEX IF NOT EXISTS postbox_outbox_dead_key ON postbox_outbox_dead(partition_key, seq);"
+        "CREATE INDEX IF NOT EXISTS postbox_outbox_dead_reason ON postbox_outbox_dead(reason, seq);"
+        "INSERT OR REPLACE INTO postbox_meta (key, value) VALUES ('schema_version', 2);";
+    // A version 1 file has postbox_outbox without first_failure_at.
+    const std::string script = std::string(ddl) +
+                               (inside == 1 ? "ALTER TABLE postbox_outbox ADD COLUMN first_failure_at INTEGER;" : "") +
+                               dead_ddl;
+    const int rc = sqlite3_exec(db_, script.c_str(), nullptr, nullptr, nullptr);
     if (rc != SQLITE_OK) {
       std::string msg = sqlite3_errmsg(db_);
       sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
@@ -1079,13 +1231,36 @@ class sqlite_store {
             " WHERE seq = ?1 AND lease_owner = ?2 AND dispatched_at IS NULL");
     prepare(retry_,
             "UPDATE postbox_outbox SET lease_owner = NULL, lease_until = NULL, attempts = attempts + 1,"
-            " next_attempt_at = ?3, last_error = ?4 WHERE seq = ?1 AND lease_owner = ?2 AND dispatched_at IS NULL");
+            " next_attempt_at = ?3, last_error = ?4, first_failure_at = COALESCE(first_failure_at, ?5)"
+            " WHERE seq = ?1 AND lease_owner = ?2 AND dispatched_at IS NULL");
+    prepare(release_owner_,
+            "UPDATE postbox_outbox SET lease_owner = NULL, lease_until = NULL"
+            " WHERE lease_owner = ?1 AND dispatched_at IS NULL");
+    prepare(dead_exists_, "SELECT 1 FROM postbox_outbox_dead WHERE message_id = ?1");
+    prepare(dead_insert_,
+            "INSERT INTO postbox_outbox_dead (seq, message_id, type, partition_key, correlation_id, causation_id,"
+            " staged_at, body, attempts, reason, error, first_failure_at, last_failure_at)"
+            " SELECT seq, message_id, type, partition_key, correlation_id, causation_id, staged_at, body,"
+            " attempts + 1, ?3, ?4, COALESCE(first_failure_at, ?5), ?5 FROM postbox_outbox"
+            " WHERE seq = ?1 AND lease_owner = ?2 AND dispatched_at IS NULL");
+    prepare(dead_delete_pending_, "DELETE FROM postbox_outbox WHERE seq = ?1");
+    prepare(dead_select_,
+            "SELECT seq, message_id, type, partition_key, correlation_id, causation_id, staged_at, body, attempts,"
+            " reason, error, first_failure_at, last_failure_at FROM postbox_outbox_dead"
+            " WHERE (?1 IS NULL OR partition_key = ?1) AND (?2 IS NULL OR reason = ?2)"
+            " AND (?3 IS NULL OR type = ?3) AND (?4 IS NULL OR message_id = ?4) ORDER BY seq LIMIT ?5");
+    prepare(redrive_insert_,
+            "INSERT INTO postbox_outbox (message_id, type, partition_key, correlation_id, causation_id, staged_at, body)"
+            " SELECT message_id, type, partition_key, correlation_id, causation_id, ?2, body"
+            " FROM postbox_outbox_dead WHERE seq = ?1");
+    prepare(dead_delete_, "DELETE FROM postbox_outbox_dead WHERE seq = ?1");
     prepare(purge_,
             "DELETE FROM postbox_outbox WHERE seq IN (SELECT seq FROM postbox_outbox"
             " WHERE dispatched_at IS NOT NULL AND dispatched_at < ?1 LIMIT ?2)");
     prepare(counts_,
             "SELECT COUNT(*), COUNT(lease_owner), COALESCE(SUM(attempts > 0), 0), MIN(staged_at),"
-            " (SELECT COUNT(*) FROM postbox_outbox WHERE dispatched_at IS NOT NULL)"
+            " (SELECT COUNT(*) FROM postbox_outbox WHERE dispatched_at IS NOT NULL),"
+            " (SELECT COUNT(*) FROM postbox_outbox_dead)"
             " FROM postbox_outbox WHERE dispatched_at IS NULL");
     prepare(pending_, std::string("SELECT ") + message_columns +
                           " FROM postbox_outbox WHERE dispatched_at IS NULL ORDER BY seq");
@@ -1112,6 +1287,8 @@ class sqlite_store {
     user_stmts_.clear();
     for (auto* s : {&begin_, &commit_, &rollback_, &sp_begin_, &sp_release_, &sp_rollback_, &stage_, &claim_select_,
                     &claim_update_, &next_due_, &mark_, &release_, &retry_, &purge_, &counts_, &pending_,
+                    &release_owner_, &dead_exists_, &dead_insert_, &dead_delete_pending_, &dead_select_,
+                    &redrive_insert_, &dead_delete_,
                     &inbox_insert_, &inbox_contains_, &inbox_prune_time_, &inbox_prune_count_, &inbox_size_,
                     &version_select_, &version_upsert_, &saga_insert_, &saga_upsert_, &saga_select_,
                     &saga_unfinished_}) {
@@ -1133,6 +1310,32 @@ class sqlite_store {
     m.body = detail::sqlite_column_string(s, 7);
     m.attempts = static_cast<std::uint32_t>(sqlite3_column_int64(s, 8));
     return m;
+  }
+
+  // Reads the dead letters matching `f` into `out`; SQLITE_DONE or the error.
+  int select_dead(const outbox_dead_letter_filter& f, std::vector<outbox_dead_letter_entry>& out) {
+    sqlite3_stmt* s = dead_select_.get();
+    detail::sqlite_use use(s);
+    char id[36];
+    if (f.key) detail::sqlite_bind_text(s, 1, *f.key);
+    if (f.reason) detail::sqlite_bind_text(s, 2, *f.reason);
+    if (f.type) detail::sqlite_bind_text(s, 3, *f.type);
+    if (f.id) {
+      f.id->write_to(id);
+      detail::sqlite_bind_text(s, 4, std::string_view(id, 36));
+    }
+    sqlite3_bind_int64(s, 5, static_cast<sqlite3_int64>(std::min<std::size_t>(f.max, INT64_MAX)));
+    int rc = 0;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+      outbox_dead_letter_entry d;
+      d.message = read_message(s);
+      d.reason = detail::sqlite_column_string(s, 9);
+      d.error = detail::sqlite_column_string(s, 10);
+      d.first_failure = detail::sqlite_time_of(sqlite3_column_int64(s, 11));
+      d.last_failure = detail::sqlite_time_of(sqlite3_column_int64(s, 12));
+      out.push_back(std::move(d));
+    }
+    return rc;
   }
 
   // ---- saga rows ----
@@ -1225,6 +1428,8 @@ class sqlite_store {
   detail::sqlite_stmt begin_, commit_, rollback_, sp_begin_, sp_release_, sp_rollback_;
   detail::sqlite_stmt stage_, claim_select_, claim_update_, next_due_, mark_, release_, retry_, purge_, counts_,
       pending_;
+  detail::sqlite_stmt release_owner_, dead_exists_, dead_insert_, dead_delete_pending_, dead_select_, redrive_insert_,
+      dead_delete_;
   detail::sqlite_stmt inbox_insert_, inbox_contains_, inbox_prune_time_, inbox_prune_count_, inbox_size_;
   detail::sqlite_stmt version_select_, version_upsert_;
   detail::sqlite_stmt saga_insert_, saga_upsert_, saga_select_, saga_unfinished_;

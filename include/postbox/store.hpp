@@ -59,9 +59,38 @@ struct outbox_batch {
 struct outbox_counts {
   std::uint64_t pending = 0;                 ///< staged, not yet dispatched
   std::uint64_t leased = 0;                  ///< pending rows under a lease (being published)
-  std::uint64_t retrying = 0;                ///< pending rows whose publication failed at least once
+  std::uint64_t retrying = 0;                ///< pending rows whose publication failed at least once (stuck rows)
   std::uint64_t dispatched = 0;              ///< dispatched rows kept until the retention cutoff
+  std::uint64_t dead_lettered = 0;           ///< rows in the outbox dead letters
   std::optional<time_point> oldest_pending;  ///< staged_at of the oldest pending row
+};
+
+/// A row the relay gave up on, moved from the outbox to its dead letters
+/// (same store): the message as staged, and why. Its id stays reserved (a
+/// stage of the same id is a `conflict`) until it is redriven or removed.
+/// A plain value; allocates for its strings.
+struct outbox_dead_letter_entry {
+  stored_message message;          ///< the row; `sequence` is its last outbox sequence, `attempts` counts every failure
+  std::string reason;              ///< e.g. "retries_exhausted", or the errc name of a permanent failure ("bad_type")
+  std::string error;               ///< text of the last failure
+  time_point first_failure{};      ///< first failed publish of this row (outbox clock)
+  time_point last_failure{};       ///< the failure that dead-lettered it
+};
+
+/// Selects outbox dead letters: every set field must match (AND); at most
+/// `max` rows, oldest (lowest sequence) first. A plain value.
+struct outbox_dead_letter_filter {
+  std::optional<std::string> key{};     ///< exact partition key
+  std::optional<std::string> reason{};  ///< exact reason
+  std::optional<std::string> type{};    ///< exact message type
+  std::optional<message_id> id{};       ///< one message
+  std::size_t max = 100;                ///< bound on rows read, redriven or removed by one call
+
+  /// Whether `d` matches (ignores `max`). Never allocates.
+  [[nodiscard]] bool matches(const outbox_dead_letter_entry& d) const noexcept {
+    return (!key || *key == d.message.partition_key) && (!reason || *reason == d.reason) &&
+           (!type || *type == d.message.type) && (!id || *id == d.message.id);
+  }
 };
 
 /// Counters every store keeps. A plain value.
@@ -164,19 +193,33 @@ concept transactional_store = requires(S& s) {
 /// row leased by another owner (lease not expired) or waiting for a retry, so
 /// one key is never published by two relays or out of order;
 /// `outbox_mark_dispatched` marks rows the owner still leases;
-/// `outbox_release` drops the owner's leases; `outbox_retry_later` drops the
-/// lease of one row, counts a failed attempt and blocks its key until the
-/// given time; `outbox_purge` deletes up to `max` rows dispatched before a
-/// cutoff. `commits()` is notified after each commit that staged rows.
+/// `outbox_release` drops the owner's leases on some rows and
+/// `outbox_release_owner` on all of them; `outbox_retry_later(owner, seq,
+/// now, retry_at, text)` drops the lease of one row, counts a failed attempt
+/// (remembering the first failure time) and blocks its key until `retry_at`;
+/// `outbox_dead_letter(owner, seq, now, reason, text)` moves a leased row to
+/// the outbox dead letters, so the rest of its key is claimable at once;
+/// `outbox_dead_letters(filter)` lists them, `outbox_redrive(filter, now)`
+/// stages them again as pending at the end of their key's order (same id,
+/// attempts reset, `staged_at` = now; the commit signal is notified) and
+/// `outbox_dead_letter_remove(filter)` deletes them; `outbox_purge` deletes up
+/// to `max` rows dispatched before a cutoff. `commits()` is notified after
+/// each commit that staged rows.
 template <class S>
 concept outbox_store =
-    transactional_store<S> && requires(S& s, typename S::transaction& tx, const stored_message& m, std::string_view text,
-                                       time_point t, std::size_t n, std::span<const std::uint64_t> seqs) {
+    transactional_store<S> &&
+    requires(S& s, typename S::transaction& tx, const stored_message& m, std::string_view text, time_point t,
+             std::size_t n, std::span<const std::uint64_t> seqs, const outbox_dead_letter_filter& f) {
       { s.outbox_stage(tx, m) } -> std::same_as<errc>;
       { s.outbox_claim(text, t, t, n) } -> std::same_as<result<outbox_batch>>;
       { s.outbox_mark_dispatched(text, seqs, t) } -> std::same_as<result<std::size_t>>;
       { s.outbox_release(text, seqs) } -> std::same_as<errc>;
-      { s.outbox_retry_later(text, std::uint64_t{}, t, text) } -> std::same_as<errc>;
+      { s.outbox_release_owner(text) } -> std::same_as<result<std::size_t>>;
+      { s.outbox_retry_later(text, std::uint64_t{}, t, t, text) } -> std::same_as<errc>;
+      { s.outbox_dead_letter(text, std::uint64_t{}, t, text, text) } -> std::same_as<errc>;
+      { s.outbox_dead_letters(f) } -> std::same_as<result<std::vector<outbox_dead_letter_entry>>>;
+      { s.outbox_redrive(f, t) } -> std::same_as<result<std::size_t>>;
+      { s.outbox_dead_letter_remove(f) } -> std::same_as<result<std::size_t>>;
       { s.outbox_purge(t, n) } -> std::same_as<result<std::size_t>>;
       { s.outbox_summary() } -> std::same_as<result<outbox_counts>>;
       { s.commits() } -> std::same_as<commit_signal&>;
@@ -438,15 +481,30 @@ class memory_store {
     return errc::ok;
   }
 
-  /// Drops `owner`'s lease on `seq`, counts a failed attempt, and holds the
-  /// row's key back until `retry_at`. `not_found` when `owner` does not
-  /// lease it.
-  [[nodiscard]] errc outbox_retry_later(std::string_view owner, std::uint64_t seq, time_point retry_at,
+  /// Drops every lease `owner` holds; returns how many. Never fails.
+  [[nodiscard]] result<std::size_t> outbox_release_owner(std::string_view owner) {
+    std::lock_guard lock(mutex_);
+    std::size_t n = 0;
+    for (auto it = encumbered_.begin(); it != encumbered_.end();) {
+      const std::uint64_t seq = *it++;  // clear_lease may erase seq from encumbered_
+      row& r = pending_.at(seq);
+      if (r.lease_owner.empty() || r.lease_owner != owner) continue;
+      clear_lease(seq, r);
+      ++n;
+    }
+    return n;
+  }
+
+  /// Drops `owner`'s lease on `seq`, counts a failed attempt (the first one
+  /// at `now`), and holds the row's key back until `retry_at`. `not_found`
+  /// when `owner` does not lease it.
+  [[nodiscard]] errc outbox_retry_later(std::string_view owner, std::uint64_t seq, time_point now, time_point retry_at,
                                         std::string_view error_text) {
     std::lock_guard lock(mutex_);
     auto it = pending_.find(seq);
     if (it == pending_.end() || it->second.lease_owner != owner) return errc::not_found;
     row& r = it->second;
+    if (r.message.attempts == 0) r.first_failure = now;
     ++r.message.attempts;
     r.next_attempt_at = retry_at;
     r.last_error.assign(error_text);
@@ -454,6 +512,85 @@ class memory_store {
     r.lease_until = time_point{};
     encumbered_.insert(seq);
     return errc::ok;
+  }
+
+  /// Moves the row `seq` that `owner` leases to the outbox dead letters,
+  /// counting this failure (at `now`) as an attempt; the rest of its key is
+  /// claimable at once. `not_found` when `owner` does not lease it.
+  [[nodiscard]] errc outbox_dead_letter(std::string_view owner, std::uint64_t seq, time_point now,
+                                        std::string_view reason, std::string_view error_text) {
+    std::lock_guard lock(mutex_);
+    auto it = pending_.find(seq);
+    if (it == pending_.end() || it->second.lease_owner != owner) return errc::not_found;
+    row& r = it->second;
+    outbox_dead_letter_entry d;
+    d.first_failure = r.message.attempts == 0 ? now : r.first_failure;
+    d.message = std::move(r.message);
+    ++d.message.attempts;
+    d.reason.assign(reason);
+    d.error.assign(error_text);
+    d.last_failure = now;
+    dead_.emplace(seq, std::move(d));  // the id stays in outbox_ids_: reserved while dead-lettered
+    encumbered_.erase(seq);
+    pending_.erase(it);
+    return errc::ok;
+  }
+
+  /// Copies of the dead letters matching `filter`, oldest first, at most
+  /// `filter.max`. Never fails.
+  [[nodiscard]] result<std::vector<outbox_dead_letter_entry>> outbox_dead_letters(
+      const outbox_dead_letter_filter& filter) const {
+    std::lock_guard lock(mutex_);
+    std::vector<outbox_dead_letter_entry> out;
+    for (const auto& [seq, d] : dead_) {
+      if (out.size() >= filter.max) break;
+      if (filter.matches(d)) out.push_back(d);
+    }
+    return out;
+  }
+
+  /// Stages the dead letters matching `filter` (oldest first, at most
+  /// `filter.max`) again as pending rows with new sequences, so each goes to
+  /// the end of its key's order; same id, attempts 0, `staged_at` = `now`.
+  /// Notifies the commit signal when any moved. Returns how many. Never fails.
+  [[nodiscard]] result<std::size_t> outbox_redrive(const outbox_dead_letter_filter& filter, time_point now) {
+    std::size_t n = 0;
+    {
+      std::lock_guard lock(mutex_);
+      for (auto it = dead_.begin(); it != dead_.end() && n < filter.max;) {
+        if (!filter.matches(it->second)) {
+          ++it;
+          continue;
+        }
+        stored_message m = std::move(it->second.message);
+        it = dead_.erase(it);
+        m.sequence = ++last_seq_;
+        m.attempts = 0;
+        m.staged_at = now;
+        const std::uint64_t seq = m.sequence;
+        pending_.emplace(seq, row{std::move(m), {}, {}, {}, {}, {}});
+        ++n;
+      }
+    }
+    if (n != 0) commits_.notify();
+    return n;
+  }
+
+  /// Deletes the dead letters matching `filter` (oldest first, at most
+  /// `filter.max`); their ids may be staged again. Returns how many. Never fails.
+  [[nodiscard]] result<std::size_t> outbox_dead_letter_remove(const outbox_dead_letter_filter& filter) {
+    std::lock_guard lock(mutex_);
+    std::size_t n = 0;
+    for (auto it = dead_.begin(); it != dead_.end() && n < filter.max;) {
+      if (!filter.matches(it->second)) {
+        ++it;
+        continue;
+      }
+      outbox_ids_.erase(it->second.message.id);
+      it = dead_.erase(it);
+      ++n;
+    }
+    return n;
   }
 
   /// Deletes up to `max` rows dispatched before `cutoff`; returns how many.
@@ -474,6 +611,7 @@ class memory_store {
     postbox::outbox_counts c;
     c.pending = pending_.size();
     c.dispatched = dispatched_.size();
+    c.dead_lettered = dead_.size();
     for (const std::uint64_t seq : encumbered_) {
       const row& r = pending_.at(seq);
       if (!r.lease_owner.empty()) ++c.leased;
@@ -582,6 +720,7 @@ class memory_store {
     time_point lease_until{};
     time_point next_attempt_at{};
     std::string last_error;
+    time_point first_failure{};  // set with the first failed attempt
   };
   struct consumer_ids {
     std::unordered_set<message_id> ids;
@@ -690,7 +829,7 @@ class memory_store {
             const std::uint64_t seq = ++last_seq_;
             s->message.sequence = seq;
             outbox_ids_.insert(s->message.id);
-            pending_.emplace(seq, row{std::move(s->message), {}, {}, {}, {}});
+            pending_.emplace(seq, row{std::move(s->message), {}, {}, {}, {}, {}});
             staged = true;
           } else if (auto* r = std::get_if<inbox_op>(&o)) {
             auto& c = inbox_[r->consumer];
@@ -717,7 +856,8 @@ class memory_store {
   std::map<std::uint64_t, row> pending_;
   std::set<std::uint64_t> encumbered_;  // pending rows with a lease or a retry time
   std::map<std::pair<time_point, std::uint64_t>, message_id> dispatched_;
-  std::unordered_set<message_id> outbox_ids_;
+  std::map<std::uint64_t, outbox_dead_letter_entry> dead_;  // by last outbox sequence
+  std::unordered_set<message_id> outbox_ids_;  // pending, dispatched (until purged) and dead-lettered ids
   std::unordered_map<std::string, consumer_ids> inbox_;
   std::map<std::string, std::uint64_t> versions_;
   store_stats stats_;
