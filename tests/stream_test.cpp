@@ -5,6 +5,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -224,4 +226,32 @@ TEST_CASE("a group poll that reaches a partition behind retention returns what i
   CHECK(second.status == postbox::errc::out_of_range);
   CHECK(second.partition == 1);
   CHECK(second.earliest == 7);
+}
+
+TEST_CASE("readers, group handles and members outlive the stream and still read what it retained", "[stream]") {
+  auto s = std::make_unique<postbox::stream<int>>(2);
+  for (int i = 0; i < 10; ++i) (void)s->append("k" + std::to_string(i), i);
+  auto reader = s->read_from();
+  auto group = s->group("g");
+  auto member = group.join();
+  const auto ends = std::vector<std::uint64_t>{s->end_offset(0), s->end_offset(1)};
+  s.reset();  // the log is shared: nothing above dangles
+  std::vector<int> by_reader;
+  for (auto r = reader.poll(3); !r.records.empty(); r = reader.poll(3))
+    for (const auto& rec : r.records) by_reader.push_back(rec.value);
+  std::vector<int> by_member;
+  for (auto r = member.poll(3); !r.records.empty(); r = member.poll(3)) {
+    for (const auto& rec : r.records) by_member.push_back(rec.value);
+    REQUIRE(member.commit() == postbox::errc::ok);
+  }
+  std::sort(by_reader.begin(), by_reader.end());
+  std::sort(by_member.begin(), by_member.end());
+  const std::vector<int> all{0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
+  CHECK(by_reader == all);
+  CHECK(by_member == all);
+  CHECK(group.lag() == 0);
+  CHECK(group.committed(0) == ends[0]);
+  CHECK(member.end_offset(1) == ends[1]);
+  member.leave();
+  CHECK(group.member_count() == 0);
 }

@@ -391,7 +391,8 @@ class subscription_source {
 /// After a rebalance, settles of records polled in an earlier generation
 /// commit nothing, and the member resumes from the committed offsets. While
 /// the stream is empty, `receive(wait)` polls it every `poll_interval` (real
-/// time) up to `wait`. The stream must outlive the source.
+/// time) up to `wait`. The member shares the stream's log, so the source
+/// stays valid (reading what was retained) if the stream is destroyed first.
 template <class T>
 class stream_group_source {
  public:
@@ -401,12 +402,12 @@ class stream_group_source {
   /// Joins group `group` of `s` as a new member. `batch` records are polled at a time.
   stream_group_source(stream<envelope<T>>& s, const std::string& group, std::string name = "stream",
                       std::size_t batch = 64, duration poll_interval = std::chrono::milliseconds(1))
-      : st_(std::make_shared<state>(s, s.group(group).join(), std::move(name), batch, poll_interval)) {}
+      : st_(std::make_shared<state>(s.group(group).join(), std::move(name), batch, poll_interval)) {}
 
   /// Takes over an existing member of a group of `s`.
   stream_group_source(stream<envelope<T>>& s, group_member<envelope<T>>&& member, std::string name = "stream",
                       std::size_t batch = 64, duration poll_interval = std::chrono::milliseconds(1))
-      : st_(std::make_shared<state>(s, std::move(member), std::move(name), batch, poll_interval)) {}
+      : st_(std::make_shared<state>(std::move(member), std::move(name), batch, poll_interval)) {}
 
   /// The next record (polling the stream when the local batch is empty).
   /// A partition that fell behind retention is moved to its earliest
@@ -432,7 +433,7 @@ class stream_group_source {
     std::lock_guard lock(st_->mu);
     std::uint64_t n = 0;
     for (const auto& [p, t] : st_->track) {
-      const auto end = st_->s->end_offset(p);
+      const auto end = st_->member.end_offset(p);
       n += end > t.next_commit ? end - t.next_commit : 0;
     }
     return n;
@@ -454,8 +455,8 @@ class stream_group_source {
     std::set<std::uint64_t> settled;     // settled records at or above next_commit
   };
   struct state : std::enable_shared_from_this<state> {
-    state(stream<envelope<T>>& str, group_member<envelope<T>>&& m, std::string n, std::size_t b, duration pi)
-        : s(&str), member(std::move(m)), name(std::move(n)), batch(b == 0 ? 1 : b), poll_interval(pi) {}
+    state(group_member<envelope<T>>&& m, std::string n, std::size_t b, duration pi)
+        : member(std::move(m)), name(std::move(n)), batch(b == 0 ? 1 : b), poll_interval(pi) {}
 
     // Caller holds mu.
     std::optional<inbound<T>> next() {
@@ -537,7 +538,6 @@ class stream_group_source {
       if (e == errc::ok) ++commits;
     }
 
-    stream<envelope<T>>* s;
     mutable std::mutex mu;
     std::condition_variable idle;  // never notified: the pause between empty polls
     group_member<envelope<T>> member;  // guarded by mu

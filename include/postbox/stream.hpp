@@ -25,6 +25,9 @@
 //   generation. A member's commit succeeds only in the generation in which it
 //   polled (else errc::conflict and it resumes from the committed offsets), so
 //   no two members ever commit the same record.
+// * Lifetime: partitions, retention and clock pointer live in a shared
+//   `detail::stream_log`; readers, group handles and members hold it by
+//   shared_ptr, so any of them may outlive the `stream` object.
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
@@ -186,51 +189,23 @@ class group_member;
 
 namespace detail {
 
+/// The log itself: partitions, retention, clock. Shared (`shared_ptr`) by the
+/// stream, its readers and its consumer groups, so a reader or a group member
+/// that outlives the `stream` object stays valid: it still reads the records
+/// retained when the stream went away (nothing is appended any more).
 template <class T>
-struct stream_group {
-  explicit stream_group(stream<T>* s, std::size_t partitions) : owner(s), committed(partitions, 0) {}
-  stream<T>* owner;
-  std::mutex mu;
-  // Bumped (under mu) on every join/leave. Writer: join/leave (release: pairs
-  // with the acquire in group_member::poll, which then refreshes under mu).
-  std::atomic<std::uint64_t> generation{0};
-  std::vector<std::uint64_t> members;       // member ids in join order; guarded by mu
-  std::vector<std::uint64_t> committed;     // per partition; guarded by mu
-  std::uint64_t next_member = 1;            // guarded by mu
-
-  // Partitions of `member` in the current assignment; caller holds mu.
-  std::vector<std::uint32_t> assignment_of(std::uint64_t member) const {
-    std::vector<std::uint32_t> out;
-    const auto it = std::find(members.begin(), members.end(), member);
-    if (it == members.end()) return out;
-    const auto idx = static_cast<std::size_t>(it - members.begin());
-    for (std::size_t p = 0; p < committed.size(); ++p)
-      if (p % members.size() == idx) out.push_back(static_cast<std::uint32_t>(p));
-    return out;
-  }
-};
-
-}  // namespace detail
-
-/// Retained, partitioned, replayable log. All members are thread-safe.
-template <class T>
-class stream {
+class stream_log {
  public:
   using size_function = std::function<std::size_t(const T&)>;
 
-  /// A stream with `partitions` partitions (>= 1). Throws error(invalid_argument) for 0.
-  /// `size_of` accounts bytes for retention (default sizeof(T)). Allocates.
-  explicit stream(std::size_t partitions, retention keep = {}, const clock& clk = default_clock(),
-                  size_function size_of = {})
+  stream_log(std::size_t partitions, retention keep, const clock& clk, size_function size_of)
       : keep_(keep), clock_(&clk), size_of_(std::move(size_of)) {
     if (partitions == 0) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: at least one partition"));
     if (partitions > (std::size_t{1} << 20))
       POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: too many partitions"));
     parts_.reserve(partitions);
-    for (std::size_t i = 0; i < partitions; ++i) parts_.push_back(std::make_unique<detail::stream_partition<T>>());
+    for (std::size_t i = 0; i < partitions; ++i) parts_.push_back(std::make_unique<stream_partition<T>>());
   }
-  stream(const stream&) = delete;
-  stream& operator=(const stream&) = delete;
 
   /// Appends `value` under `key` to partition fnv1a_64(key) % partitions.
   /// Takes that partition's mutex briefly (never blocked by readers); allocates
@@ -241,14 +216,14 @@ class stream {
     std::lock_guard lock(part.append_mu);
     const auto off = part.end.load(std::memory_order_relaxed);  // relaxed: only writers (under mu) store it
     auto dir = part.writer_dir;
-    if (off - dir->base == dir->chunks.size() * detail::stream_chunk_size) {
-      auto next = std::make_shared<detail::stream_dir<T>>(*dir);
-      next->chunks.push_back(std::make_shared<detail::stream_chunk<T>>());
+    if (off - dir->base == dir->chunks.size() * stream_chunk_size) {
+      auto next = std::make_shared<stream_dir<T>>(*dir);
+      next->chunks.push_back(std::make_shared<stream_chunk<T>>());
       part.dir.store(next);
       part.writer_dir = next;
       dir = std::move(next);
     }
-    auto& slot = dir->chunks[(off - dir->base) / detail::stream_chunk_size]->slots[(off - dir->base) % detail::stream_chunk_size];
+    auto& slot = dir->chunks[(off - dir->base) / stream_chunk_size]->slots[(off - dir->base) % stream_chunk_size];
     // resize + copy rather than assign(string_view): GCC 12 inlines assign
     // into a memcpy it falsely flags with -Wstringop-overflow / -Wrestrict.
     slot.key.resize(key.size());
@@ -325,8 +300,137 @@ class stream {
   /// The stream's clock.
   [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
 
+  void check_partition(std::uint32_t p) const {
+    if (p >= parts_.size()) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: no such partition"));
+  }
+
+ private:
+  static const stream_slot<T>& slot_of(const stream_dir<T>& d, std::uint64_t o) noexcept {
+    const auto rel = o - d.base;
+    return d.chunks[rel / stream_chunk_size]->slots[rel % stream_chunk_size];
+  }
+
+  // First offset in [from, end) with ts >= t (timestamps are monotonic per partition).
+  std::uint64_t first_at_or_after(std::uint32_t partition, time_point t, std::uint64_t from) const {
+    const auto& part = *parts_[partition];
+    auto hi = part.end.load(std::memory_order_acquire);  // acquire: pairs with the release in append
+    const auto dir = part.dir.load();
+    auto lo = std::max(from, dir->base);
+    while (lo < hi) {
+      const auto mid = lo + (hi - lo) / 2;
+      if (slot_of(*dir, mid).ts < t) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  }
+
+  void trim_locked(stream_partition<T>& part, time_point now) {
+    const auto end = part.end.load(std::memory_order_relaxed);   // relaxed: we are the writer (under mu)
+    auto b = part.begin.load(std::memory_order_relaxed);         // relaxed: we are the writer (under mu)
+    const auto& dir = part.writer_dir;
+    const auto cutoff = now - keep_.max_age;
+    while (b < end) {
+      const auto& s = slot_of(*dir, b);
+      const bool over_count = keep_.max_count != 0 && end - b > keep_.max_count;
+      const bool over_bytes = keep_.max_bytes != 0 && part.bytes > keep_.max_bytes;
+      const bool too_old = keep_.max_age.count() > 0 && s.ts < cutoff;
+      if (!over_count && !over_bytes && !too_old) break;
+      part.bytes -= s.bytes;
+      ++b;
+    }
+    part.begin.store(b, std::memory_order_release);  // release: pairs with the acquire in earliest_offset
+    const auto droppable = (b - dir->base) / stream_chunk_size;
+    if (droppable > 0) {
+      auto next = std::make_shared<stream_dir<T>>();
+      next->base = dir->base + droppable * stream_chunk_size;
+      next->chunks.assign(dir->chunks.begin() + static_cast<std::ptrdiff_t>(droppable), dir->chunks.end());
+      part.dir.store(next);
+      part.writer_dir = std::move(next);
+    }
+  }
+
+  retention keep_;
+  const clock* clock_;
+  size_function size_of_;
+  std::vector<std::unique_ptr<stream_partition<T>>> parts_;
+};
+
+template <class T>
+struct stream_group {
+  stream_group(std::shared_ptr<const stream_log<T>> log, std::size_t partitions)
+      : owner(std::move(log)), committed(partitions, 0) {}
+  std::shared_ptr<const stream_log<T>> owner;  // the log stays alive while a member or handle does
+  std::mutex mu;
+  // Bumped (under mu) on every join/leave. Writer: join/leave (release: pairs
+  // with the acquire in group_member::poll, which then refreshes under mu).
+  std::atomic<std::uint64_t> generation{0};
+  std::vector<std::uint64_t> members;       // member ids in join order; guarded by mu
+  std::vector<std::uint64_t> committed;     // per partition; guarded by mu
+  std::uint64_t next_member = 1;            // guarded by mu
+
+  // Partitions of `member` in the current assignment; caller holds mu.
+  std::vector<std::uint32_t> assignment_of(std::uint64_t member) const {
+    std::vector<std::uint32_t> out;
+    const auto it = std::find(members.begin(), members.end(), member);
+    if (it == members.end()) return out;
+    const auto idx = static_cast<std::size_t>(it - members.begin());
+    for (std::size_t p = 0; p < committed.size(); ++p)
+      if (p % members.size() == idx) out.push_back(static_cast<std::uint32_t>(p));
+    return out;
+  }
+};
+
+}  // namespace detail
+
+/// Retained, partitioned, replayable log. All members are thread-safe.
+///
+/// Lifetime: the records live in a shared log, so readers, consumer group
+/// handles and group members may outlive the `stream` object (they then read
+/// what was retained when it went away; nothing more is appended). The clock
+/// must outlive all of them.
+template <class T>
+class stream {
+ public:
+  using size_function = std::function<std::size_t(const T&)>;
+
+  /// A stream with `partitions` partitions (>= 1). Throws error(invalid_argument) for 0.
+  /// `size_of` accounts bytes for retention (default sizeof(T)). Allocates.
+  explicit stream(std::size_t partitions, retention keep = {}, const clock& clk = default_clock(),
+                  size_function size_of = {})
+      : log_(std::make_shared<detail::stream_log<T>>(partitions, keep, clk, std::move(size_of))) {}
+  stream(const stream&) = delete;
+  stream& operator=(const stream&) = delete;
+
+  /// Appends `value` under `key` to partition fnv1a_64(key) % partitions.
+  /// Takes that partition's mutex briefly (never blocked by readers); allocates
+  /// one chunk per 256 records. If copying the key throws, nothing is appended.
+  position append(std::string_view key, T value) { return log_->append(key, std::move(value)); }
+
+  /// Applies retention (count, bytes, age) to every partition now. Takes each
+  /// partition's append mutex in turn.
+  void trim() { log_->trim(); }
+
+  /// Copies up to `max` records of `partition` from `offset`. Lock-free
+  /// (readers never block appenders); allocates the result. out_of_range when
+  /// `offset` is below retention. Throws error(invalid_argument) for a bad partition.
+  [[nodiscard]] read_result<T> read(std::uint32_t partition, std::uint64_t offset, std::size_t max) const {
+    return log_->read(partition, offset, max);
+  }
+  /// First retained offset of `partition` (age applied against the clock). Lock-free.
+  [[nodiscard]] std::uint64_t earliest_offset(std::uint32_t partition) const { return log_->earliest_offset(partition); }
+  /// Offset the next append to `partition` gets. Lock-free.
+  [[nodiscard]] std::uint64_t end_offset(std::uint32_t partition) const { return log_->end_offset(partition); }
+  /// First retained offset with timestamp >= t (end_offset when none). Lock-free, O(log n).
+  [[nodiscard]] std::uint64_t offset_for_time(std::uint32_t partition, time_point t) const {
+    return log_->offset_for_time(partition, t);
+  }
+  /// Partition count.
+  [[nodiscard]] std::size_t partitions() const noexcept { return log_->partitions(); }
+  /// The stream's clock.
+  [[nodiscard]] const clock& get_clock() const noexcept { return log_->get_clock(); }
+
   /// A reader over all partitions (non-destructive; many may coexist). Not
-  /// thread-safe itself: one reader per thread.
+  /// thread-safe itself: one reader per thread. Shares the log: it stays
+  /// valid after the stream is destroyed.
   class reader {
    public:
     /// Copies up to `max` records, partitions in turn. out_of_range names the
@@ -357,23 +461,23 @@ class stream {
 
    private:
     friend class stream;
-    reader(const stream* s, start_from from) : s_(s), next_(s->partitions()) {
+    reader(std::shared_ptr<const detail::stream_log<T>> s, start_from from) : s_(std::move(s)), next_(s_->partitions()) {
       for (std::uint32_t p = 0; p < next_.size(); ++p) {
         switch (from.where) {
-          case start_from::kind::earliest: next_[p] = s->earliest_offset(p); break;
-          case start_from::kind::latest: next_[p] = s->end_offset(p); break;
+          case start_from::kind::earliest: next_[p] = s_->earliest_offset(p); break;
+          case start_from::kind::latest: next_[p] = s_->end_offset(p); break;
           case start_from::kind::offset: next_[p] = from.offset; break;
-          case start_from::kind::time: next_[p] = s->offset_for_time(p, from.time); break;
+          case start_from::kind::time: next_[p] = s_->offset_for_time(p, from.time); break;
         }
       }
     }
-    const stream* s_;
+    std::shared_ptr<const detail::stream_log<T>> s_;
     std::vector<std::uint64_t> next_;
     std::size_t rr_ = 0;
   };
 
   /// A new reader starting at `from`. Allocates; lock-free.
-  [[nodiscard]] reader read_from(start_from from = start_from::earliest()) const { return reader(this, from); }
+  [[nodiscard]] reader read_from(start_from from = start_from::earliest()) const { return reader(log_, from); }
 
   /// The consumer group `name` (created on first use, committed offsets start
   /// at each partition's earliest retained offset). Takes a mutex; allocates once.
@@ -381,8 +485,8 @@ class stream {
     std::lock_guard lock(groups_mu_);
     auto& g = groups_[name];
     if (!g) {
-      g = std::make_shared<detail::stream_group<T>>(this, parts_.size());
-      for (std::uint32_t p = 0; p < parts_.size(); ++p) g->committed[p] = earliest_offset(p);
+      g = std::make_shared<detail::stream_group<T>>(log_, log_->partitions());
+      for (std::uint32_t p = 0; p < log_->partitions(); ++p) g->committed[p] = log_->earliest_offset(p);
     }
     return g;
   }
@@ -439,61 +543,12 @@ class stream {
     std::shared_ptr<detail::stream_group<T>> g_;
   };
 
-  /// The consumer group `name`. Groups live as long as the stream.
+  /// The consumer group `name`. A group lives as long as the stream or any
+  /// handle or member of it.
   [[nodiscard]] consumer_group group(const std::string& name) { return consumer_group(group_state(name)); }
 
  private:
-  void check_partition(std::uint32_t p) const {
-    if (p >= parts_.size()) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: no such partition"));
-  }
-
-  static const detail::stream_slot<T>& slot_of(const detail::stream_dir<T>& d, std::uint64_t o) noexcept {
-    const auto rel = o - d.base;
-    return d.chunks[rel / detail::stream_chunk_size]->slots[rel % detail::stream_chunk_size];
-  }
-
-  // First offset in [from, end) with ts >= t (timestamps are monotonic per partition).
-  std::uint64_t first_at_or_after(std::uint32_t partition, time_point t, std::uint64_t from) const {
-    const auto& part = *parts_[partition];
-    auto hi = part.end.load(std::memory_order_acquire);  // acquire: pairs with the release in append
-    const auto dir = part.dir.load();
-    auto lo = std::max(from, dir->base);
-    while (lo < hi) {
-      const auto mid = lo + (hi - lo) / 2;
-      if (slot_of(*dir, mid).ts < t) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-  }
-
-  void trim_locked(detail::stream_partition<T>& part, time_point now) {
-    const auto end = part.end.load(std::memory_order_relaxed);   // relaxed: we are the writer (under mu)
-    auto b = part.begin.load(std::memory_order_relaxed);         // relaxed: we are the writer (under mu)
-    const auto& dir = part.writer_dir;
-    const auto cutoff = now - keep_.max_age;
-    while (b < end) {
-      const auto& s = slot_of(*dir, b);
-      const bool over_count = keep_.max_count != 0 && end - b > keep_.max_count;
-      const bool over_bytes = keep_.max_bytes != 0 && part.bytes > keep_.max_bytes;
-      const bool too_old = keep_.max_age.count() > 0 && s.ts < cutoff;
-      if (!over_count && !over_bytes && !too_old) break;
-      part.bytes -= s.bytes;
-      ++b;
-    }
-    part.begin.store(b, std::memory_order_release);  // release: pairs with the acquire in earliest_offset
-    const auto droppable = (b - dir->base) / detail::stream_chunk_size;
-    if (droppable > 0) {
-      auto next = std::make_shared<detail::stream_dir<T>>();
-      next->base = dir->base + droppable * detail::stream_chunk_size;
-      next->chunks.assign(dir->chunks.begin() + static_cast<std::ptrdiff_t>(droppable), dir->chunks.end());
-      part.dir.store(next);
-      part.writer_dir = std::move(next);
-    }
-  }
-
-  retention keep_;
-  const clock* clock_;
-  size_function size_of_;
-  std::vector<std::unique_ptr<detail::stream_partition<T>>> parts_;
+  std::shared_ptr<detail::stream_log<T>> log_;
   std::mutex groups_mu_;
   std::map<std::string, std::shared_ptr<detail::stream_group<T>>> groups_;
 };
@@ -580,6 +635,11 @@ class group_member {
   [[nodiscard]] const std::vector<std::uint64_t>& positions() const noexcept { return next_; }
   /// The generation this member's assignment belongs to.
   [[nodiscard]] std::uint64_t generation() const noexcept { return gen_; }
+  /// Offset the next append to `partition` gets (0 after leave()). Lock-free;
+  /// valid after the stream is destroyed (the member shares the log).
+  [[nodiscard]] std::uint64_t end_offset(std::uint32_t partition) const {
+    return g_ ? g_->owner->end_offset(partition) : 0;
+  }
 
  private:
   template <class>
