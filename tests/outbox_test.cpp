@@ -38,6 +38,21 @@ void from_json(const nlohmann::json& j, order_placed& o) {
   j.at("n").get_to(o.n);
 }
 
+// A payload that declares no message type: make_envelope leaves the type empty.
+struct untyped_note {
+  std::string text;
+};
+void to_json(nlohmann::json& j, const untyped_note& n) { j = {{"text", n.text}}; }
+void from_json(const nlohmann::json& j, untyped_note& n) { j.at("text").get_to(n.text); }
+
+// A payload whose serializer and deserializer disagree: it encodes, but never decodes.
+struct lopsided {
+  static constexpr const char* message_type = "lopsided";
+  int n = 0;
+};
+void to_json(nlohmann::json& j, const lopsided& l) { j = {{"n", l.n}}; }
+void from_json(const nlohmann::json& j, lopsided& l) { j.at("m").get_to(l.n); }
+
 namespace {
 
 using env_t = postbox::envelope<order_placed>;
@@ -603,6 +618,329 @@ TEMPLATE_TEST_CASE("a body the codec cannot decode moves to the outbox dead lett
   CHECK(relay.stats().dead_lettered == 1);
 }
 
+// ---- stage refuses what the relay could never read back ----
+
+TEMPLATE_TEST_CASE("stage of an envelope without a type is refused with bad_type and its transaction cannot commit",
+                   "[outbox]", STORE_FIXTURES) {
+  TestType f;
+  auto& store = f.get();
+  postbox::outbox box(store, postbox::json::codec{});
+  auto tx = store.begin();
+  REQUIRE(store.version_save(tx, "orders", "o-1", 1) == errc::ok);  // the business write next to it
+  const auto note = postbox::make_envelope(untyped_note{"hello"});  // as in the README: no message_type
+  REQUIRE(note.type.empty());
+  CHECK(box.stage(tx, note) == errc::bad_type);
+  CHECK(tx.failure() == errc::bad_type);
+  CHECK(tx.last_error().find("type") != std::string::npos);
+  CHECK(tx.commit() == errc::bad_type);
+  CHECK(store.outbox_pending()->empty());
+  auto check = store.begin();
+  CHECK(*store.version_load(check, "orders", "o-1") == 0);  // the business write rolled back too
+}
+
+TEST_CASE("stage refuses a type or schema version other than the payload declares", "[outbox]") {
+  postbox::memory_store store;
+  postbox::outbox box(store, postbox::json::codec{});
+  {
+    auto tx = store.begin();
+    auto e = order("a", 1);
+    e.type = "order.shipped";
+    CHECK(box.stage(tx, e) == errc::unknown_type);
+    CHECK(tx.commit() == errc::unknown_type);
+  }
+  {
+    auto tx = store.begin();
+    auto e = order("a", 1);
+    e.schema_version = 7;
+    CHECK(box.stage(tx, e) == errc::unsupported_version);
+  }
+  {
+    auto tx = store.begin();
+    auto e = order("a", 1);
+    e.trace.tracestate = "vendor=1";  // a tracestate needs a traceparent
+    CHECK(box.stage(tx, e) == errc::bad_type);
+  }
+  CHECK(store.outbox_pending()->empty());
+}
+
+TEST_CASE("with round_trip, stage refuses a payload that encodes but does not decode back", "[outbox]") {
+  postbox::memory_store store;
+  const auto e = postbox::make_envelope(lopsided{3});
+  {
+    postbox::outbox strict(store, postbox::json::codec{}, postbox::default_clock(), {.round_trip = true});
+    auto tx = store.begin();
+    CHECK(strict.stage(tx, e) == errc::bad_type);
+    CHECK(tx.last_error().find("payload") != std::string::npos);
+    CHECK(tx.commit() == errc::bad_type);
+  }
+  CHECK(store.outbox_pending()->empty());
+  postbox::outbox lenient(store, postbox::json::codec{});  // the field rules alone cannot see the payload
+  auto tx = store.begin();
+  CHECK(lenient.stage(tx, e) == errc::ok);
+  CHECK(tx.commit() == errc::ok);
+}
+
+// ---- poison rows ----
+
+TEMPLATE_TEST_CASE("a row that fails max_attempts times is dead-lettered and the rest of its key is published",
+                   "[outbox]", STORE_FIXTURES) {
+  TestType f;
+  auto& store = f.get();
+  postbox::manual_clock clock;
+  postbox::outbox box(store, postbox::json::codec{}, clock);
+  const auto first = order("a", 1, clock);
+  stage_committed(store, box, {first, order("a", 2, clock)});
+  sink out;
+  std::atomic<int> refusals{0};
+  out.during = [&](const stored_message& m) {
+    if (m.id == first.id) {
+      ++refusals;
+      std::lock_guard lock(out.mutex);
+      out.failing_keys = {"a"};
+    } else {
+      std::lock_guard lock(out.mutex);
+      out.failing_keys.clear();
+    }
+  };
+  auto opts = fixed_options();
+  opts.max_attempts = 3;
+  postbox::outbox_relay relay(store, out.destination(), opts, clock);
+  CHECK(relay.run_once().failed == 1);  // attempt 1; retry after 1 s
+  clock.advance(1s);
+  CHECK(relay.run_once().failed == 1);  // attempt 2; retry after 2 s
+  CHECK(out.size() == 0);
+  clock.advance(2s);
+  const auto step = relay.run_once();  // attempt 3: the last
+  CHECK(step.dead_lettered == 1);
+  CHECK(step.published == 1);
+  CHECK(out.labels() == std::vector<std::string>{"a#2"});
+  CHECK(refusals.load() == 3);
+  auto dead = store.outbox_dead_letters({.reason = std::string(postbox::outbox_retries_exhausted)});
+  REQUIRE(dead.has_value());
+  REQUIRE(dead->size() == 1);
+  CHECK(dead->front().message.id == first.id);
+  CHECK(dead->front().message.attempts == 3);
+  CHECK(dead->front().first_failure == postbox::manual_clock::default_start);
+  CHECK(dead->front().last_failure == postbox::manual_clock::default_start + 3s);
+  CHECK(dead->front().error.find("full") != std::string::npos);
+}
+
+TEST_CASE("a destination result the relay's classifier calls permanent is dead-lettered at its first failure",
+          "[outbox]") {
+  postbox::memory_store store;
+  postbox::manual_clock clock;
+  postbox::outbox box(store, postbox::json::codec{}, clock);
+  stage_committed(store, box, {order("a", 1, clock), order("a", 2, clock)});
+  int calls = 0;
+  auto opts = fixed_options();
+  opts.is_permanent = [](errc c) { return c == errc::closed; };
+  postbox::outbox_relay relay(
+      store, [&](const stored_message&) { return ++calls == 1 ? errc::closed : errc::ok; }, opts, clock);
+  const auto step = relay.run_once();
+  CHECK(step.dead_lettered == 1);
+  CHECK(step.published == 1);
+  auto dead = store.outbox_dead_letters({});
+  REQUIRE(dead->size() == 1);
+  CHECK(dead->front().reason == "closed");
+  CHECK(dead->front().message.attempts == 1);
+}
+
+TEST_CASE("the default classifier keeps transient results retrying and dead-letters decode errors", "[outbox]") {
+  STATIC_REQUIRE(postbox::outbox_permanent_error(errc::parse_error));
+  STATIC_REQUIRE(postbox::outbox_permanent_error(errc::bad_type));
+  STATIC_REQUIRE(postbox::outbox_permanent_error(errc::unknown_type));
+  STATIC_REQUIRE(postbox::outbox_permanent_error(errc::invalid_argument));
+  STATIC_REQUIRE_FALSE(postbox::outbox_permanent_error(errc::full));
+  STATIC_REQUIRE_FALSE(postbox::outbox_permanent_error(errc::timeout));
+  STATIC_REQUIRE_FALSE(postbox::outbox_permanent_error(errc::handler_error));
+  STATIC_REQUIRE_FALSE(postbox::outbox_permanent_error(errc::canceled));
+}
+
+TEMPLATE_TEST_CASE("a redriven dead letter is published again with its id after the rows staged before the redrive",
+                   "[outbox]", STORE_FIXTURES) {
+  TestType f;
+  auto& store = f.get();
+  postbox::manual_clock clock;
+  postbox::outbox box(store, postbox::json::codec{}, clock);
+  const auto poison = order("a", 1, clock);
+  stage_committed(store, box, {poison, order("a", 2, clock)});
+  bool refuse = true;  // a destination that refused this message until it was fixed
+  sink out;
+  auto inner = out.destination();
+  postbox::outbox_relay relay(
+      store,
+      [&](const stored_message& m) { return refuse && m.id == poison.id ? errc::bad_type : inner(m); },
+      fixed_options(), clock);
+  CHECK(relay.run_once().dead_lettered == 1);
+  stage_committed(store, box, {order("a", 3, clock)});
+  CHECK(relay.drain() == 1);
+  CHECK(out.labels() == std::vector<std::string>{"a#2", "a#3"});
+  refuse = false;
+  clock.advance(1min);
+  auto n = store.outbox_redrive({.key = "a"}, clock.now());
+  REQUIRE(n.has_value());
+  CHECK(*n == 1);
+  CHECK(relay.drain() == 1);
+  CHECK(out.labels() == std::vector<std::string>{"a#2", "a#3", "a#1"});
+  {
+    std::lock_guard lock(out.mutex);
+    CHECK(out.got.back().id == poison.id);
+  }
+  CHECK(store.outbox_dead_letters({})->empty());
+  CHECK(relay.stats().dead_letters == 0);
+}
+
+TEMPLATE_TEST_CASE("relay stats show stuck rows, the oldest pending row's age and the dead letters on the clock",
+                   "[outbox]", STORE_FIXTURES) {
+  TestType f;
+  auto& store = f.get();
+  postbox::manual_clock clock;
+  postbox::outbox box(store, postbox::json::codec{}, clock);
+  sink out;
+  out.failing_keys = {"a"};
+  auto slow_retry = fixed_options();
+  slow_retry.retry.initial_backoff = 1min;
+  postbox::outbox_relay relay(store, out.destination(), slow_retry, clock);
+  auto s = relay.stats();
+  CHECK(s.pending == 0);
+  CHECK_FALSE(s.oldest_pending.has_value());
+  CHECK(s.oldest_pending_age == postbox::duration::zero());
+  stage_committed(store, box, {order("a", 1, clock), order("b", 1, clock)});
+  clock.advance(2s);
+  stage_committed(store, box, {order("a", 2, clock)});
+  (void)relay.run_once();
+  clock.advance(5s);
+  s = relay.stats();
+  CHECK(s.snapshot == errc::ok);
+  CHECK(s.pending == 2);
+  CHECK(s.stuck == 1);  // a#1 failed once and waits; a#2 waits behind it but never failed
+  REQUIRE(s.oldest_pending.has_value());
+  CHECK(*s.oldest_pending == postbox::manual_clock::default_start);
+  CHECK(s.oldest_pending_age == 7s);
+  CHECK(s.dead_letters == 0);
+  stored_message bad;
+  bad.id = postbox::message_id::generate();
+  bad.type = "order.placed";
+  bad.partition_key = "c";
+  bad.body = "{}";
+  {
+    auto tx = store.begin();
+    REQUIRE(box.stage_encoded(tx, bad) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+  }
+  {
+    std::lock_guard lock(out.mutex);
+    out.failing_keys = {"a", "c"};
+  }
+  auto opts = fixed_options();
+  opts.owner = "relay-b";
+  opts.is_permanent = [](errc) { return true; };
+  postbox::outbox_relay other(store, out.destination(), opts, clock);
+  (void)other.run_once();  // key a still waits for its retry; c is refused for good
+  s = relay.stats();
+  CHECK(s.dead_letters == 1);
+  CHECK(s.dead_lettered == 0);  // this relay moved none
+  CHECK(other.stats().dead_lettered == 1);
+  CHECK(s.stuck == 1);
+}
+
+// ---- relay owner and lifecycle ----
+
+TEMPLATE_TEST_CASE("a relay restarted after a crash with the default owner reclaims its leases at once", "[outbox]",
+                   STORE_FIXTURES) {
+  TestType f;
+  auto& store = f.get();
+  postbox::manual_clock clock;
+  postbox::outbox box(store, postbox::json::codec{}, clock);
+  stage_committed(store, box, {order("a", 1, clock), order("a", 2, clock), order("b", 1, clock)});
+  sink out;
+  std::string crashed_owner;
+  {
+    auto opts = fixed_options();
+    opts.owner.clear();  // the default
+    opts.release_on_stop = false;  // a crash releases nothing
+    opts.on_point = [](relay_point p, const stored_message*) {
+      if (p == relay_point::published) throw std::runtime_error("crash");  // dies after the first publish
+    };
+    postbox::outbox_relay doomed(store, out.destination(), opts, clock);
+    crashed_owner = doomed.owner();
+    CHECK_THROWS(doomed.run_once());
+  }  // destroyed without stop: its leases stay behind
+  REQUIRE(store.outbox_summary()->leased == 3);
+  auto opts = fixed_options();
+  opts.owner.clear();
+  postbox::outbox_relay restarted(store, out.destination(), opts, clock);
+  CHECK(restarted.owner() == crashed_owner);
+  CHECK(restarted.drain() == 3);  // no wait for the 30 s lease: the clock has not moved
+  CHECK(clock.now() == postbox::manual_clock::default_start);
+  CHECK(out.labels() == std::vector<std::string>{"a#1", "a#1", "a#2", "b#1"});  // a#1 twice: at-least-once
+}
+
+TEMPLATE_TEST_CASE("two live relays on one store get different default owners", "[outbox]", STORE_FIXTURES) {
+  TestType f;
+  auto opts = fixed_options();
+  opts.owner.clear();
+  sink out;
+  std::string first_name;
+  {
+    postbox::outbox_relay first(f.get(), out.destination(), opts, postbox::default_clock());
+    postbox::outbox_relay second(f.get(), out.destination(), opts, postbox::default_clock());
+    CHECK(first.owner() != second.owner());
+    CHECK(first.owner().find("#1") != std::string::npos);
+    CHECK(second.owner().find("#2") != std::string::npos);
+    first_name = first.owner();
+  }
+  postbox::outbox_relay again(f.get(), out.destination(), opts, postbox::default_clock());
+  CHECK(again.owner() == first_name);  // the slot is free again
+}
+
+TEST_CASE("stop releases the leases the relay still holds so another relay takes the key at once", "[outbox]") {
+  postbox::memory_store store;
+  postbox::manual_clock clock;
+  postbox::outbox box(store, postbox::json::codec{}, clock);
+  stage_committed(store, box, {order("a", 1, clock), order("a", 2, clock)});
+  sink out;
+  auto opts = fixed_options();
+  opts.on_point = [](relay_point p, const stored_message*) {
+    if (p == relay_point::claimed) throw std::runtime_error("interrupted");
+  };
+  postbox::outbox_relay first(store, out.destination(), opts, clock);
+  CHECK_THROWS(first.run_once());
+  REQUIRE(store.outbox_summary()->leased == 2);
+  first.stop();
+  CHECK(store.outbox_summary()->leased == 0);
+  auto other = fixed_options();
+  other.owner = "relay-b";
+  postbox::outbox_relay second(store, out.destination(), other, clock);
+  CHECK(second.drain() == 2);
+}
+
+TEST_CASE("stop wakes a relay blocked on a full channel; the row is released without counting an attempt",
+          "[outbox]") {
+  postbox::memory_store store;
+  postbox::manual_clock clock;
+  postbox::outbox box(store, postbox::json::codec{}, clock);
+  postbox::channel<env_t> ch(1);
+  stage_committed(store, box, {order("a", 1, clock), order("a", 2, clock)});
+  auto opts = fixed_options();
+  opts.poll_interval = 24h;
+  postbox::outbox_relay relay(store, postbox::to_channel_blocking(ch, postbox::json::codec{}), opts, clock);
+  relay.start();
+  REQUIRE(postbox_test::eventually([&] { return ch.size_approx() == 1; }));
+  relay.stop();  // returns: the second send is canceled
+  const auto pending = store.outbox_pending();
+  REQUIRE(pending->size() == 1);
+  CHECK(pending->front().attempts == 0);
+  CHECK(store.outbox_summary()->leased == 0);
+  CHECK(relay.stats().publish_failures == 0);
+  CHECK(ch.try_receive()->payload.n == 1);
+  relay.start();  // a fresh stop token
+  REQUIRE(postbox_test::eventually([&] { return ch.size_approx() == 1; }));
+  CHECK(postbox_test::eventually([&] { return store.outbox_summary()->pending == 0; }));
+  relay.stop();
+  CHECK(ch.try_receive()->payload.n == 2);
+}
+
 TEST_CASE("register_outbox_relay exposes the relay's counters and the outbox depth", "[outbox]") {
   postbox::memory_store store;
   postbox::manual_clock clock;
@@ -621,6 +959,11 @@ TEST_CASE("register_outbox_relay exposes the relay's counters and the outbox dep
         std::string::npos);
   CHECK(text.find("postbox_outbox_pending{component=\"outbox_relay\",name=\"orders\"} 1") != std::string::npos);
   CHECK(text.find("postbox_outbox_oldest_pending_seconds{component=\"outbox_relay\",name=\"orders\"} 3") !=
+        std::string::npos);
+  CHECK(text.find("postbox_outbox_stuck{component=\"outbox_relay\",name=\"orders\"} 1") != std::string::npos);
+  CHECK(text.find("postbox_outbox_dead_letters{component=\"outbox_relay\",name=\"orders\"} 0") !=
+        std::string::npos);
+  CHECK(text.find("postbox_outbox_dead_lettered_total{component=\"outbox_relay\",name=\"orders\"} 0") !=
         std::string::npos);
 }
 
@@ -753,3 +1096,93 @@ TEST_CASE("stress: producers staging while two relays on two connections publish
   relay_stress(a, b);
 }
 #endif
+
+// ---- teardown: stop or destroy a started relay at any point ----
+
+TEST_CASE("teardown: a started relay stopped or destroyed while parked, mid-batch or blocked on a full channel "
+          "returns at once and publishes every message exactly once over its life and the next",
+          "[outbox][teardown]") {
+  const std::uint64_t iterations = std::max<std::uint64_t>(postbox_test::scaled(1000), 100);
+  std::uint64_t parked = 0, mid_batch = 0, blocked = 0;
+  for (std::uint64_t i = 0; i < iterations; ++i) {
+    postbox::memory_store store;
+    postbox::manual_clock clock;  // never advanced: nothing here waits on time
+    postbox::outbox box(store, postbox::json::codec{}, clock);
+    auto opts = fixed_options(4);
+    opts.poll_interval = 24h;
+    const bool explicit_stop = i % 2 == 0;  // else the destructor stops it
+    std::vector<env_t> staged;
+    std::mutex mutex;
+    std::vector<postbox::message_id> published;  // by both lives, in order
+    auto record = [&](const stored_message& m) {
+      std::lock_guard lock(mutex);
+      published.push_back(m.id);
+      return errc::ok;
+    };
+    postbox::channel<env_t> ch(1);
+    switch (i % 3) {
+      case 0: {  // parked in the commit signal's wait on the clock
+        postbox::outbox_relay relay(store, record, opts, clock);
+        relay.start();
+        REQUIRE(postbox_test::eventually([&] { return clock.waiters() == 1; }));
+        if (explicit_stop) relay.stop();
+        ++parked;
+        break;
+      }
+      case 1: {  // mid-batch: several batches of 4 over 3 keys, stopped after a varying number of publishes
+        for (int n = 0; n < 10; ++n) staged.push_back(order("k" + std::to_string(n % 3), n, clock));
+        stage_committed(store, box, staged);
+        std::atomic<std::size_t> calls{0};  // relaxed: a progress hint for this thread's wait
+        postbox::outbox_relay relay(
+            store,
+            [&](const stored_message& m) {
+              calls.fetch_add(1, std::memory_order_relaxed);
+              return record(m);
+            },
+            opts, clock);
+        relay.start();
+        const std::size_t after = static_cast<std::size_t>(i % 11);
+        REQUIRE(postbox_test::eventually([&] { return calls.load(std::memory_order_relaxed) >= after; }));
+        if (explicit_stop) relay.stop();
+        ++mid_batch;
+        break;
+      }
+      default: {  // blocked in channel::send on a full channel
+        for (int n = 0; n < 3; ++n) staged.push_back(order("k", n, clock));
+        stage_committed(store, box, staged);
+        {
+          postbox::outbox_relay relay(store, postbox::to_channel_blocking(ch, postbox::json::codec{}), opts, clock);
+          relay.start();
+          REQUIRE(postbox_test::eventually([&] { return ch.size_approx() == 1; }));
+          if (explicit_stop) relay.stop();
+        }
+        while (auto e = ch.try_receive()) {  // what the first life sent
+          stored_message m;
+          m.id = e->id;
+          record(m);
+        }
+        ++blocked;
+        break;
+      }
+    }
+    // The relay is gone: nothing is leased, nothing counted a failed attempt.
+    const auto sum = store.outbox_summary();
+    REQUIRE(sum.has_value());
+    CHECK(sum->leased == 0);
+    CHECK(sum->retrying == 0);
+    // The next life publishes the rest.
+    auto next = fixed_options(64);
+    next.owner = "next-life";
+    postbox::outbox_relay after(store, record, next, clock);
+    (void)after.drain();
+    std::lock_guard lock(mutex);
+    std::multiset<postbox::message_id> got(published.begin(), published.end());
+    std::set<postbox::message_id> want;
+    for (const auto& e : staged) want.insert(e.id);
+    INFO("iteration " << i << " published " << got.size() << " pending " << store.outbox_summary()->pending);
+    REQUIRE(got.size() == want.size());  // a clean stop marks what it published: no duplicate at all
+    CHECK(std::set<postbox::message_id>(got.begin(), got.end()) == want);
+  }
+  CHECK(parked + mid_batch + blocked == iterations);
+}
+
