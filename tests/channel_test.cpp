@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Specification tests for postbox::channel and its sender/receiver endpoints.
+// Lets a test hold a sender between its open check and its publish.
+#define POSTBOX_CHANNEL_TEST_HOOKS 1
 #include <postbox/channel.hpp>
 
 #include <catch2/catch.hpp>
@@ -493,4 +495,83 @@ TEST_CASE("destroying the last receiver endpoint wakes a sender blocked on a ful
   { auto gone = std::move(rx); }
   sender.join();
   CHECK(outcome.load() == static_cast<int>(postbox::send_status::closed));
+}
+
+// --- the close hazard: a sender held between its open check and its publish --
+
+namespace {
+std::atomic<bool> g_sender_held{false};
+std::atomic<bool> g_release_sender{false};
+void hold_sender() {
+  g_sender_held.store(true);
+  while (!g_release_sender.load()) std::this_thread::yield();
+}
+struct hook_guard {
+  hook_guard() {
+    g_sender_held.store(false);
+    g_release_sender.store(false);
+    postbox::detail::after_open_check_hook = &hold_sender;
+  }
+  ~hook_guard() { postbox::detail::after_open_check_hook = nullptr; }
+  hook_guard(const hook_guard&) = delete;
+  hook_guard& operator=(const hook_guard&) = delete;
+};
+}  // namespace
+
+TEST_CASE("spsc: a send that saw the channel open is received before receivers see closed", "[channel]") {
+  postbox::channel<int, postbox::spsc> ch(4);
+  std::atomic<int> send_outcome{-1};
+  std::thread sender;
+  std::thread closer;
+  {
+    hook_guard hook;
+    sender = std::thread([&] { send_outcome.store(static_cast<int>(ch.try_send(42))); });
+    REQUIRE(postbox_test::eventually([] { return g_sender_held.load(); }));
+    closer = std::thread([&] { ch.close(); });  // waits for the held send to finish
+    REQUIRE(postbox_test::eventually([&] { return ch.is_closed(); }));
+    // The close is marked, but the held send may still publish: receivers
+    // must not report closed-and-drained yet.
+    CHECK(ch.try_receive_result().status() == postbox::receive_status::empty);
+    CHECK(ch.try_send(7) == postbox::send_status::closed);  // a later send fails
+    g_release_sender.store(true);
+    sender.join();
+    closer.join();
+  }
+  CHECK(send_outcome.load() == static_cast<int>(postbox::send_status::ok));
+  CHECK(ch.try_receive() == 42);
+  CHECK(ch.try_receive_result().status() == postbox::receive_status::closed);
+}
+
+TEST_CASE("mpmc: a send that claimed its slot before close is received before receivers see closed",
+          "[channel]") {
+  postbox::channel<int, postbox::mpmc> ch(4);
+  std::atomic<int> send_outcome{-1};
+  std::vector<int> received;
+  std::atomic<int> final_status{-1};
+  std::thread sender;
+  std::thread receiver;
+  {
+    hook_guard hook;
+    sender = std::thread([&] { send_outcome.store(static_cast<int>(ch.try_send(42))); });
+    REQUIRE(postbox_test::eventually([] { return g_sender_held.load(); }));
+    ch.close();
+    CHECK(ch.try_send(7) == postbox::send_status::closed);
+    receiver = std::thread([&] {
+      for (;;) {
+        auto r = ch.receive_for(std::chrono::hours(1));
+        if (!r.has_value()) {
+          final_status.store(static_cast<int>(r.status()));
+          return;
+        }
+        received.push_back(*r);
+      }
+    });
+    g_release_sender.store(true);
+    sender.join();
+    receiver.join();
+  }
+  CHECK(send_outcome.load() == static_cast<int>(postbox::send_status::ok));
+  REQUIRE(received.size() == 1);
+  CHECK(received[0] == 42);
+  CHECK(final_status.load() == static_cast<int>(postbox::receive_status::closed));
 }

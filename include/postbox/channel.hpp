@@ -3,6 +3,7 @@
 #pragma once
 
 #include <postbox/config.hpp>
+#include <postbox/detail/asymmetric_fence.hpp>
 #include <postbox/detail/backoff.hpp>
 #include <postbox/detail/event_count.hpp>
 #include <postbox/error.hpp>
@@ -76,6 +77,19 @@ struct initial_ticket {
   std::uint64_t value = 0;
 };
 
+#if defined(POSTBOX_CHANNEL_TEST_HOOKS)
+/// Test hook, compiled only when a test defines POSTBOX_CHANNEL_TEST_HOOKS
+/// before including channel.hpp: called by a send after it knows the
+/// channel was open (the multi-producer claim, or the spsc open check) and
+/// before it publishes, so a test can hold a sender exactly there.
+inline void (*after_open_check_hook)() = nullptr;
+inline void after_open_check() {
+  if (after_open_check_hook != nullptr) after_open_check_hook();
+}
+#else
+inline void after_open_check() noexcept {}
+#endif
+
 /// Slot states are counted in half-steps of a ticket: `free_state(t)` = 2t
 /// (free for the sender holding ticket t) and `full_state(t)` = 2t + 1 (holds
 /// the message of ticket t). With whole steps, "full for t" and "free for
@@ -113,6 +127,286 @@ enum class claim_status { ok, full, empty, closed };
   while (cap < requested) cap <<= 1;
   return cap;
 }
+
+}  // namespace detail
+
+namespace detail {
+
+/// Lets postbox's own wrappers (topic subscriptions) wait with more than one
+/// stop token; not part of the public API.
+struct channel_access {
+  template <class Channel>
+  static auto receive_blocking(Channel& ch, std::optional<std::chrono::steady_clock::time_point> deadline,
+                               stop_tokens stops) {
+    return ch.receive_blocking(deadline, stops);
+  }
+};
+
+/// The public operations every channel ring shares: the non-blocking forms,
+/// the batch forms and the spin-then-park blocking loops, written once over
+/// a ring's hooks (CRTP, no virtual calls). `Ring` provides:
+///   send_status emplace_quiet(args...)  nothrow construction: claim, build, publish
+///   receive_result<T> receive_quiet()   claim and take; empty/closed otherwise
+///   not_empty_, not_full_               the event counts receivers and senders park on
+///   asymmetric_waits                    true: parking pays a heavy fence and
+///                                       notifiers a light one (event_count's
+///                                       asymmetric protocol); false: the
+///                                       ring's own seq_cst RMWs pair with
+///                                       the event count (symmetric protocol)
+template <class Ring, class T>
+class channel_api {
+  friend struct channel_access;
+
+ public:
+  // --- sending --------------------------------------------------------------
+
+  /// Sends without waiting: `ok`, `full` or `closed`. Moves from `value` only
+  /// on `ok`. Lock-free; never allocates (beyond what constructing T does).
+  /// Thread-safe per the shape. If constructing T from U may throw, T is
+  /// built before the slot is claimed (a throw leaves the channel untouched).
+  template <class U>
+    requires std::is_constructible_v<T, U&&>
+  [[nodiscard]] send_status try_send(U&& value) noexcept(std::is_nothrow_constructible_v<T, U&&>) {
+    const send_status status = try_send_quiet(std::forward<U>(value));
+    if (status == send_status::ok) wake_receivers(1);
+    return status;
+  }
+
+  /// Constructs the message in place from `args` if there is room.
+  template <class... Args>
+    requires std::is_constructible_v<T, Args&&...>
+  [[nodiscard]] send_status try_emplace(Args&&... args) noexcept(std::is_nothrow_constructible_v<T, Args&&...>) {
+    if constexpr (std::is_nothrow_constructible_v<T, Args&&...>) {
+      const send_status status = ring().emplace_quiet(std::forward<Args>(args)...);
+      if (status == send_status::ok) wake_receivers(1);
+      return status;
+    } else {
+      return try_send(T(std::forward<Args>(args)...));
+    }
+  }
+
+  /// Sends, blocking while the channel is full: `ok` or `closed`.
+  /// Spins briefly, then parks. Thread-safe per the shape.
+  template <class U>
+    requires std::is_constructible_v<T, U&&>
+  send_status send(U&& value) {
+    return send_blocking(std::forward<U>(value), std::nullopt);
+  }
+
+  /// As `send`, also returning `canceled` (nothing sent, `value` untouched)
+  /// once `stop` is stopped: before the call, or while it waits.
+  template <class U>
+    requires std::is_constructible_v<T, U&&>
+  send_status send(U&& value, std::stop_token stop) {
+    return send_blocking(std::forward<U>(value), std::nullopt, stop_tokens{&stop});
+  }
+
+  /// As `send`, giving up after `timeout` (returns `timeout`); with `stop`,
+  /// also `canceled`.
+  template <class U, class Rep, class Period>
+    requires std::is_constructible_v<T, U&&>
+  send_status send_for(U&& value, std::chrono::duration<Rep, Period> timeout, std::stop_token stop = {}) {
+    return send_until(std::forward<U>(value), std::chrono::steady_clock::now() + timeout, std::move(stop));
+  }
+
+  /// As `send`, giving up at `deadline` (returns `timeout`); with `stop`,
+  /// also `canceled`.
+  template <class U, class Clock, class Duration>
+    requires std::is_constructible_v<T, U&&>
+  send_status send_until(U&& value, std::chrono::time_point<Clock, Duration> deadline, std::stop_token stop = {}) {
+    return send_blocking(std::forward<U>(value), to_steady_deadline(deadline), stop_tokens{&stop});
+  }
+
+  /// Sends a prefix of [first, last) without waiting, moving from each element
+  /// sent; returns how many were sent (stops at the first full/closed).
+  /// Wakes parked receivers once for the whole batch.
+  template <class InputIt>
+  std::size_t try_send_batch(InputIt first, InputIt last) {
+    std::size_t sent = 0;
+    for (; first != last; ++first) {
+      if (try_send_quiet(std::move(*first)) != send_status::ok) break;
+      ++sent;
+    }
+    if (sent != 0) wake_receivers(sent > 1 ? static_cast<int>(sent) : 1);
+    return sent;
+  }
+
+  // --- receiving ------------------------------------------------------------
+
+  /// Receives without waiting; empty optional if nothing is queued (or the
+  /// channel is closed and drained). Lock-free, never allocates.
+  /// Thread-safe per the shape.
+  [[nodiscard]] std::optional<T> try_receive() noexcept {
+    receive_result<T> r = try_receive_result();
+    return std::move(r).optional();
+  }
+
+  /// Receives without waiting and says why nothing came: `empty` or `closed`.
+  [[nodiscard]] receive_result<T> try_receive_result() noexcept {
+    receive_result<T> out = ring().receive_quiet();
+    if (out.has_value()) wake_senders(1);
+    return out;
+  }
+
+  /// Receives, blocking while the channel is empty; an empty optional only
+  /// once the channel is closed and drained.
+  [[nodiscard]] std::optional<T> receive() { return receive_blocking(std::nullopt).optional(); }
+
+  /// As `receive`, also returning an empty optional (nothing taken) once
+  /// `stop` is stopped, before the call or while it waits; tell that from
+  /// closed with `stop.stop_requested()` or use `receive_until(max, stop)`.
+  [[nodiscard]] std::optional<T> receive(std::stop_token stop) {
+    return receive_blocking(std::nullopt, stop_tokens{&stop}).optional();
+  }
+
+  /// As `receive`, giving up after `timeout`: status ok, closed or timeout
+  /// (and `canceled`, nothing taken, once `stop` is stopped).
+  template <class Rep, class Period>
+  [[nodiscard]] receive_result<T> receive_for(std::chrono::duration<Rep, Period> timeout, std::stop_token stop = {}) {
+    return receive_until(std::chrono::steady_clock::now() + timeout, std::move(stop));
+  }
+
+  /// As `receive`, giving up at `deadline`: status ok, closed or timeout
+  /// (and `canceled`, nothing taken, once `stop` is stopped).
+  template <class Clock, class Duration>
+  [[nodiscard]] receive_result<T> receive_until(std::chrono::time_point<Clock, Duration> deadline,
+                                                std::stop_token stop = {}) {
+    return receive_blocking(to_steady_deadline(deadline), stop_tokens{&stop});
+  }
+
+  /// Receives up to `max` messages without waiting, writing them to `out`;
+  /// returns how many. Wakes parked senders once for the batch.
+  template <class OutputIt>
+  std::size_t try_receive_batch(OutputIt out, std::size_t max) {
+    std::size_t got = 0;
+    while (got < max) {
+      receive_result<T> r = ring().receive_quiet();
+      if (!r.has_value()) break;
+      *out = std::move(*r);
+      ++out;
+      ++got;
+    }
+    if (got != 0) wake_senders(got > 1 ? static_cast<int>(got) : 1);
+    return got;
+  }
+
+ protected:
+  channel_api() = default;
+  ~channel_api() = default;
+
+ private:
+  Ring& ring() noexcept { return static_cast<Ring&>(*this); }
+
+  template <class U>
+  send_status try_send_quiet(U&& value) noexcept(std::is_nothrow_constructible_v<T, U&&>) {
+    if constexpr (std::is_nothrow_constructible_v<T, U&&>) {
+      return ring().emplace_quiet(std::forward<U>(value));
+    } else {
+      // Construct first: a throwing conversion must not strand a claimed slot.
+      T converted(std::forward<U>(value));
+      return ring().emplace_quiet(std::move(converted));
+    }
+  }
+
+  void wake_receivers(int n) noexcept {
+    if constexpr (Ring::asymmetric_waits) {
+      ring().not_empty_.notify_light(n);
+    } else {
+      ring().not_empty_.notify(n);
+    }
+  }
+  void wake_senders(int n) noexcept {
+    if constexpr (Ring::asymmetric_waits) {
+      ring().not_full_.notify_light(n);
+    } else {
+      ring().not_full_.notify(n);
+    }
+  }
+  static std::uint32_t prepare(event_count& ec) noexcept {
+    if constexpr (Ring::asymmetric_waits) {
+      return ec.prepare_wait_asymmetric();
+    } else {
+      return ec.prepare_wait();
+    }
+  }
+
+  template <class U>
+  send_status send_blocking(U&& value, std::optional<std::chrono::steady_clock::time_point> deadline,
+                            stop_tokens stops = {}) {
+    if constexpr (!std::is_nothrow_constructible_v<T, U&&>) {
+      T converted(std::forward<U>(value));
+      return send_blocking(std::move(converted), deadline, stops);
+    } else {
+      if (stops.stop_requested()) return send_status::canceled;
+      send_status s = try_send(std::forward<U>(value));
+      if (s != send_status::full) return s;
+      // Slow path: registered only once the channel was found full, so the
+      // fast path pays nothing for the tokens.
+      const stop_wakeup wakeup(ring().not_full_, stops);
+      backoff backoff;
+      for (;;) {
+        if (stops.stop_requested()) return send_status::canceled;
+        if (!backoff.completed()) {
+          backoff.snooze();
+        } else {
+          const std::uint32_t key = prepare(ring().not_full_);
+          s = try_send(std::forward<U>(value));
+          if (s != send_status::full || stops.stop_requested()) {
+            ring().not_full_.finish_wait();
+            return s != send_status::full ? s : send_status::canceled;
+          }
+          const bool woke = ring().not_full_.wait(key, deadline);
+          ring().not_full_.finish_wait();
+          if (!woke) {
+            s = try_send(std::forward<U>(value));
+            return s == send_status::full ? send_status::timeout : s;
+          }
+        }
+        s = try_send(std::forward<U>(value));
+        if (s != send_status::full) return s;
+      }
+    }
+  }
+
+  // Never reassigns a result (T need not be move-assignable): each outcome is
+  // returned from where it was produced.
+  receive_result<T> receive_blocking(std::optional<std::chrono::steady_clock::time_point> deadline,
+                                     stop_tokens stops = {}) {
+    if (stops.stop_requested()) return receive_status::canceled;
+    {
+      receive_result<T> r = try_receive_result();
+      if (r.status() != receive_status::empty) return r;
+    }
+    const stop_wakeup wakeup(ring().not_empty_, stops);
+    backoff backoff;
+    for (;;) {
+      if (stops.stop_requested()) return receive_status::canceled;
+      bool timed_out = false;
+      if (!backoff.completed()) {
+        backoff.snooze();
+      } else {
+        const std::uint32_t key = prepare(ring().not_empty_);
+        {
+          receive_result<T> r = try_receive_result();
+          if (r.status() != receive_status::empty) {
+            ring().not_empty_.finish_wait();
+            return r;
+          }
+        }
+        if (stops.stop_requested()) {
+          ring().not_empty_.finish_wait();
+          return receive_status::canceled;
+        }
+        timed_out = !ring().not_empty_.wait(key, deadline);
+        ring().not_empty_.finish_wait();
+      }
+      receive_result<T> r = try_receive_result();
+      if (r.status() != receive_status::empty) return r;
+      if (timed_out) return receive_status::timeout;
+    }
+  }
+
+};
 
 }  // namespace detail
 
@@ -154,21 +448,9 @@ enum class claim_status { ok, full, empty, closed };
 ///
 /// Requirements on T: nothrow move construction and nothrow destruction (a
 /// message half-moved into a slot could otherwise be neither sent nor kept).
-namespace detail {
-/// Lets postbox's own wrappers (topic subscriptions) wait with more than one
-/// stop token; not part of the public API.
-struct channel_access {
-  template <class Channel>
-  static auto receive_blocking(Channel& ch, std::optional<std::chrono::steady_clock::time_point> deadline,
-                               stop_tokens stops) {
-    return ch.receive_blocking(deadline, stops);
-  }
-};
-}  // namespace detail
-
 template <class T, channel_shape Shape = mpmc>
-class channel {
-  friend struct detail::channel_access;
+class channel : public detail::channel_api<channel<T, Shape>, T> {
+  friend class detail::channel_api<channel<T, Shape>, T>;
   static_assert(std::is_nothrow_move_constructible_v<T>,
                 "postbox::channel<T>: T must be nothrow move constructible, so a claimed slot is always filled");
   static_assert(std::is_nothrow_destructible_v<T>, "postbox::channel<T>: T must be nothrow destructible");
@@ -209,145 +491,6 @@ class channel {
     }
   }
 
-  // --- sending --------------------------------------------------------------
-
-  /// Sends without waiting: `ok`, `full` or `closed`. Moves from `value` only
-  /// on `ok`. Lock-free; never allocates (beyond what constructing T does).
-  /// Thread-safe per the shape. If constructing T from U may throw, T is
-  /// built before the slot is claimed (a throw leaves the channel untouched).
-  template <class U>
-    requires std::is_constructible_v<T, U&&>
-  [[nodiscard]] send_status try_send(U&& value) noexcept(std::is_nothrow_constructible_v<T, U&&>) {
-    const send_status status = try_send_quiet(std::forward<U>(value));
-    if (status == send_status::ok) not_empty_.notify_one();
-    return status;
-  }
-
-  /// Constructs the message in place from `args` if there is room.
-  template <class... Args>
-    requires std::is_constructible_v<T, Args&&...>
-  [[nodiscard]] send_status try_emplace(Args&&... args) noexcept(std::is_nothrow_constructible_v<T, Args&&...>) {
-    if constexpr (std::is_nothrow_constructible_v<T, Args&&...>) {
-      std::uint64_t ticket = 0;
-      const auto claim = claim_send(ticket);
-      if (claim != detail::claim_status::ok) return to_send_status(claim);
-      publish(ticket, std::forward<Args>(args)...);
-      not_empty_.notify_one();
-      return send_status::ok;
-    } else {
-      return try_send(T(std::forward<Args>(args)...));
-    }
-  }
-
-  /// Sends, blocking while the channel is full: `ok` or `closed`.
-  /// Spins briefly, then parks. Thread-safe per the shape.
-  template <class U>
-    requires std::is_constructible_v<T, U&&>
-  send_status send(U&& value) {
-    return send_blocking(std::forward<U>(value), std::nullopt);
-  }
-
-  /// As `send`, also returning `canceled` (nothing sent, `value` untouched)
-  /// once `stop` is stopped: before the call, or while it waits.
-  template <class U>
-    requires std::is_constructible_v<T, U&&>
-  send_status send(U&& value, std::stop_token stop) {
-    return send_blocking(std::forward<U>(value), std::nullopt, detail::stop_tokens{&stop});
-  }
-
-  /// As `send`, giving up after `timeout` (returns `timeout`); with `stop`,
-  /// also `canceled`.
-  template <class U, class Rep, class Period>
-    requires std::is_constructible_v<T, U&&>
-  send_status send_for(U&& value, std::chrono::duration<Rep, Period> timeout, std::stop_token stop = {}) {
-    return send_until(std::forward<U>(value), std::chrono::steady_clock::now() + timeout, std::move(stop));
-  }
-
-  /// As `send`, giving up at `deadline` (returns `timeout`); with `stop`,
-  /// also `canceled`.
-  template <class U, class Clock, class Duration>
-    requires std::is_constructible_v<T, U&&>
-  send_status send_until(U&& value, std::chrono::time_point<Clock, Duration> deadline, std::stop_token stop = {}) {
-    return send_blocking(std::forward<U>(value), detail::to_steady_deadline(deadline), detail::stop_tokens{&stop});
-  }
-
-  /// Sends a prefix of [first, last) without waiting, moving from each element
-  /// sent; returns how many were sent (stops at the first full/closed).
-  /// Wakes parked receivers once for the whole batch.
-  template <class InputIt>
-  std::size_t try_send_batch(InputIt first, InputIt last) {
-    std::size_t sent = 0;
-    for (; first != last; ++first) {
-      if (try_send_quiet(std::move(*first)) != send_status::ok) break;
-      ++sent;
-    }
-    if (sent != 0) not_empty_.notify(sent > 1 ? static_cast<int>(sent) : 1);
-    return sent;
-  }
-
-  // --- receiving ------------------------------------------------------------
-
-  /// Receives without waiting; empty optional if nothing is queued (or the
-  /// channel is closed and drained). Lock-free, never allocates.
-  /// Thread-safe per the shape.
-  [[nodiscard]] std::optional<T> try_receive() noexcept {
-    receive_result<T> r = try_receive_result();
-    return std::move(r).optional();
-  }
-
-  /// Receives without waiting and says why nothing came: `empty` or `closed`.
-  [[nodiscard]] receive_result<T> try_receive_result() noexcept {
-    std::uint64_t ticket = 0;
-    const auto claim = claim_receive(ticket);
-    if (claim != detail::claim_status::ok) return claim == detail::claim_status::closed ? receive_status::closed : receive_status::empty;
-    receive_result<T> out(take(ticket));
-    not_full_.notify_one();
-    return out;
-  }
-
-  /// Receives, blocking while the channel is empty; an empty optional only
-  /// once the channel is closed and drained.
-  [[nodiscard]] std::optional<T> receive() {
-    return receive_blocking(std::nullopt).optional();
-  }
-
-  /// As `receive`, also returning an empty optional (nothing taken) once
-  /// `stop` is stopped, before the call or while it waits; tell that from
-  /// closed with `stop.stop_requested()` or use `receive_until(max, stop)`.
-  [[nodiscard]] std::optional<T> receive(std::stop_token stop) {
-    return receive_blocking(std::nullopt, detail::stop_tokens{&stop}).optional();
-  }
-
-  /// As `receive`, giving up after `timeout`: status ok, closed or timeout
-  /// (and `canceled`, nothing taken, once `stop` is stopped).
-  template <class Rep, class Period>
-  [[nodiscard]] receive_result<T> receive_for(std::chrono::duration<Rep, Period> timeout, std::stop_token stop = {}) {
-    return receive_until(std::chrono::steady_clock::now() + timeout, std::move(stop));
-  }
-
-  /// As `receive`, giving up at `deadline`: status ok, closed or timeout
-  /// (and `canceled`, nothing taken, once `stop` is stopped).
-  template <class Clock, class Duration>
-  [[nodiscard]] receive_result<T> receive_until(std::chrono::time_point<Clock, Duration> deadline,
-                                                std::stop_token stop = {}) {
-    return receive_blocking(detail::to_steady_deadline(deadline), detail::stop_tokens{&stop});
-  }
-
-  /// Receives up to `max` messages without waiting, writing them to `out`;
-  /// returns how many. Wakes parked senders once for the batch.
-  template <class OutputIt>
-  std::size_t try_receive_batch(OutputIt out, std::size_t max) {
-    std::size_t got = 0;
-    std::uint64_t ticket = 0;
-    while (got < max && claim_receive(ticket) == detail::claim_status::ok) {
-      *out = take(ticket);
-      ++out;
-      ++got;
-    }
-    if (got != 0) not_full_.notify(got > 1 ? static_cast<int>(got) : 1);
-    return got;
-  }
-
   // --- state ----------------------------------------------------------------
 
   /// Closes the channel: later sends return `closed`; receivers drain what is
@@ -379,6 +522,7 @@ class channel {
     return static_cast<std::size_t>(d) > capacity_ ? capacity_ : static_cast<std::size_t>(d);
   }
 
+  /// Whether size_approx() is 0. Never blocks; thread-safe.
   [[nodiscard]] bool empty_approx() const noexcept { return size_approx() == 0; }
 
   /// Slots in the ring (the requested capacity rounded up to a power of two).
@@ -405,19 +549,24 @@ class channel {
     return c == detail::claim_status::closed ? send_status::closed : send_status::full;
   }
 
-  template <class U>
-  send_status try_send_quiet(U&& value) noexcept(std::is_nothrow_constructible_v<T, U&&>) {
-    if constexpr (std::is_nothrow_constructible_v<T, U&&>) {
-      std::uint64_t ticket = 0;
-      const auto claim = claim_send(ticket);
-      if (claim != detail::claim_status::ok) return to_send_status(claim);
-      publish(ticket, std::forward<U>(value));
-      return send_status::ok;
-    } else {
-      // Construct first: a throwing conversion must not strand a claimed slot.
-      T converted(std::forward<U>(value));
-      return try_send_quiet(std::move(converted));
-    }
+  static constexpr bool asymmetric_waits = false;
+
+  template <class... Args>
+  send_status emplace_quiet(Args&&... args) noexcept {
+    std::uint64_t ticket = 0;
+    const auto claim = claim_send(ticket);
+    if (claim != detail::claim_status::ok) return to_send_status(claim);
+    detail::after_open_check();
+    publish(ticket, std::forward<Args>(args)...);
+    return send_status::ok;
+  }
+
+  receive_result<T> receive_quiet() noexcept {
+    std::uint64_t ticket = 0;
+    const auto claim = claim_receive(ticket);
+    if (claim != detail::claim_status::ok)
+      return claim == detail::claim_status::closed ? receive_status::closed : receive_status::empty;
+    return receive_result<T>(take(ticket));
   }
 
   /// Claims the next send ticket: ok (ticket set), full, or closed.
@@ -535,82 +684,6 @@ class channel {
     return out;
   }
 
-  template <class U>
-  send_status send_blocking(U&& value, std::optional<std::chrono::steady_clock::time_point> deadline,
-                            detail::stop_tokens stops = {}) {
-    if constexpr (!std::is_nothrow_constructible_v<T, U&&>) {
-      T converted(std::forward<U>(value));
-      return send_blocking(std::move(converted), deadline, stops);
-    } else {
-      if (stops.stop_requested()) return send_status::canceled;
-      send_status s = try_send(std::forward<U>(value));
-      if (s != send_status::full) return s;
-      // Slow path: registered only once the channel was found full, so the
-      // fast path pays nothing for the tokens.
-      const detail::stop_wakeup wakeup(not_full_, stops);
-      detail::backoff backoff;
-      for (;;) {
-        if (stops.stop_requested()) return send_status::canceled;
-        if (!backoff.completed()) {
-          backoff.snooze();
-        } else {
-          const std::uint32_t key = not_full_.prepare_wait();
-          s = try_send(std::forward<U>(value));
-          if (s != send_status::full || stops.stop_requested()) {
-            not_full_.finish_wait();
-            return s != send_status::full ? s : send_status::canceled;
-          }
-          const bool woke = not_full_.wait(key, deadline);
-          not_full_.finish_wait();
-          if (!woke) {
-            s = try_send(std::forward<U>(value));
-            return s == send_status::full ? send_status::timeout : s;
-          }
-        }
-        s = try_send(std::forward<U>(value));
-        if (s != send_status::full) return s;
-      }
-    }
-  }
-
-  // Never reassigns a result (T need not be move-assignable): each outcome is
-  // returned from where it was produced.
-  receive_result<T> receive_blocking(std::optional<std::chrono::steady_clock::time_point> deadline,
-                                     detail::stop_tokens stops = {}) {
-    if (stops.stop_requested()) return receive_status::canceled;
-    {
-      receive_result<T> r = try_receive_result();
-      if (r.status() != receive_status::empty) return r;
-    }
-    const detail::stop_wakeup wakeup(not_empty_, stops);
-    detail::backoff backoff;
-    for (;;) {
-      if (stops.stop_requested()) return receive_status::canceled;
-      bool timed_out = false;
-      if (!backoff.completed()) {
-        backoff.snooze();
-      } else {
-        const std::uint32_t key = not_empty_.prepare_wait();
-        {
-          receive_result<T> r = try_receive_result();
-          if (r.status() != receive_status::empty) {
-            not_empty_.finish_wait();
-            return r;
-          }
-        }
-        if (stops.stop_requested()) {
-          not_empty_.finish_wait();
-          return receive_status::canceled;
-        }
-        timed_out = !not_empty_.wait(key, deadline);
-        not_empty_.finish_wait();
-      }
-      receive_result<T> r = try_receive_result();
-      if (r.status() != receive_status::empty) return r;
-      if (timed_out) return receive_status::timeout;
-    }
-  }
-
   // Layout: each index on its own cache line(s) so senders and receivers do
   // not invalidate each other's lines except through the slots themselves.
 
@@ -637,6 +710,250 @@ class channel {
   const std::unique_ptr<slot_type[]> slots_;
 
   static_assert(detail::cache_line_size >= sizeof(std::atomic<std::uint64_t>),
+                "tail_ and head_ must sit on different cache lines to avoid false sharing");
+};
+
+/// The single-producer/single-consumer channel: owned indices, no
+/// read-modify-write and no hardware fence on the message path.
+///
+/// **Algorithm.** The producer owns `tail_` and the consumer owns `head_`;
+/// each writes its own index with a release store and reads the other's
+/// with an acquire load only when its cached copy says the ring is full
+/// (producer) or empty (consumer). A slot holds only the message: the
+/// indices say which slots are live.
+///
+/// **Closing without a barrier per send.** A send announces itself in the
+/// producer-private `in_send_`, then reads `closed_`, separated only by a
+/// light fence (a compiler barrier). `close()` marks `closing`, runs a heavy
+/// fence (membarrier: every running thread of the process passes a full
+/// barrier), waits until no send is in progress, and only then marks the
+/// channel `closed`. So a send that saw the channel open is published before
+/// receivers can see `closed`, and a send that starts later sees the mark
+/// and fails: every send lands before close() or fails, and receivers never
+/// report "closed and drained" while an accepted send is still in flight.
+///
+/// **Waiting.** Parked threads use the same event counts as the other
+/// shapes with the asymmetric protocol: a thread about to park pays the
+/// heavy fence (event_count::prepare_wait_asymmetric), and the other side,
+/// after each publish or free, pays a light fence and a relaxed read of the
+/// waiter count (notify_light): no syscall and no write when nobody waits.
+/// Where membarrier is unavailable, and under ThreadSanitizer, both fences
+/// are seq_cst fences (detail/asymmetric_fence.hpp).
+///
+/// **Cost.** Per message: the slot write or read, one release store of the
+/// owner's index, two stores to a producer-private line (in_send_), relaxed
+/// reads of lines that are written only when closing or parking, and the
+/// other side's index when the cached copy runs out.
+template <class T>
+class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
+  friend class detail::channel_api<channel<T, spsc>, T>;
+  static_assert(std::is_nothrow_move_constructible_v<T>,
+                "postbox::channel<T>: T must be nothrow move constructible, so a claimed slot is always filled");
+  static_assert(std::is_nothrow_destructible_v<T>, "postbox::channel<T>: T must be nothrow destructible");
+
+ public:
+  using value_type = T;
+  using shape = spsc;
+
+  /// A channel with room for at least `capacity` messages (rounded up to a
+  /// power of two; `capacity()` reports the exact figure). Allocates the ring
+  /// once. Throws `postbox::error(errc::invalid_argument)` for 0.
+  explicit channel(std::size_t capacity) : channel(capacity, detail::initial_ticket{}) {}
+
+  /// Test hook: as above, with the indices starting at `start`. This ring
+  /// counts in 64 bits, so the 63-bit ticket is doubled: a start just below
+  /// the 63-bit wrap is just below this ring's wrap too.
+  channel(std::size_t capacity, detail::initial_ticket start)
+      : capacity_(detail::round_up_capacity(capacity)),
+        mask_(capacity_ - 1),
+        start_((start.value & detail::ticket_mask) << 1),
+        cells_(new cell[capacity_]) {
+    detail::asymmetric_fence_init();
+    tail_.store(start_, std::memory_order_relaxed);
+    head_.store(start_, std::memory_order_relaxed);
+    head_cache_ = start_;
+    tail_cache_ = start_;
+  }
+
+  channel(const channel&) = delete;
+  channel& operator=(const channel&) = delete;
+
+  /// Destroys the messages still queued. Must not race with other calls.
+  ~channel() {
+    const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
+    for (std::uint64_t h = head_.load(std::memory_order_relaxed); h != tail; ++h) slot(h)->~T();
+  }
+
+  /// Closes the channel: later sends return `closed`; receivers drain what is
+  /// queued and then see `closed`. Wakes every parked thread. Idempotent;
+  /// thread-safe (any thread may close). Makes syscalls (a membarrier and
+  /// two futex wakes) and waits for a send in progress to finish: close is
+  /// the rare side that pays for the barrier-free sends.
+  void close() noexcept {
+    std::uint32_t expected = open_state;
+    // acq_rel: exactly one closer runs the protocol; the others wait below.
+    if (closed_.compare_exchange_strong(expected, closing_state, std::memory_order_acq_rel,
+                                        std::memory_order_acquire)) {
+      // Partner of the light fence in emplace_quiet: after this, a send
+      // either is visible in in_send_ or will read `closing` and fail.
+      detail::heavy_fence();
+      detail::backoff backoff;
+      // acquire: pairs with the release store that ends a send, so its
+      // tail_ store is visible to whoever acquires closed_state below.
+      while (in_send_.load(std::memory_order_acquire) != 0) backoff.snooze();
+      // release: pairs with the acquire load in receive_quiet; the final
+      // tail is published before a receiver can report closed.
+      closed_.store(closed_state, std::memory_order_release);
+      not_empty_.wake_all();
+      not_full_.wake_all();
+    } else {
+      detail::backoff backoff;
+      // acquire: as above; close() returns once the close is in effect.
+      while (closed_.load(std::memory_order_acquire) != closed_state) backoff.snooze();
+    }
+  }
+
+  /// Whether close() has been called. Lock-free, thread-safe.
+  [[nodiscard]] bool is_closed() const noexcept {
+    // acquire: pairs with the CAS and the store in close().
+    return closed_.load(std::memory_order_acquire) != open_state;
+  }
+
+  /// Messages queued, as of some recent instant.
+  [[nodiscard]] std::size_t size_approx() const noexcept {
+    // relaxed: a snapshot; head is read first so the difference is never
+    // negative.
+    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
+    const std::uint64_t d = tail - head;
+    return d > capacity_ ? capacity_ : static_cast<std::size_t>(d);
+  }
+
+  /// Whether size_approx() is 0. Never blocks; thread-safe.
+  [[nodiscard]] bool empty_approx() const noexcept { return size_approx() == 0; }
+
+  /// Slots in the ring (the requested capacity rounded up to a power of two).
+  [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
+
+  /// Counter snapshot, derived from the indices: costs nothing to keep.
+  [[nodiscard]] channel_stats stats() const noexcept {
+    channel_stats s;
+    // relaxed: statistics only.
+    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
+    s.received = head - start_;
+    s.sent = tail - start_;
+    s.depth = s.sent > s.received ? static_cast<std::size_t>(s.sent - s.received) : 0;
+    s.capacity = capacity_;
+    s.closed = is_closed();
+    return s;
+  }
+
+ private:
+  static constexpr bool asymmetric_waits = true;
+  static constexpr std::uint32_t open_state = 0;
+  static constexpr std::uint32_t closing_state = 1;
+  static constexpr std::uint32_t closed_state = 2;
+
+  struct cell {
+    alignas(T) unsigned char bytes[sizeof(T)];
+  };
+
+  T* slot(std::uint64_t index) noexcept { return std::launder(reinterpret_cast<T*>(cells_[index & mask_].bytes)); }
+
+  /// Producer only.
+  template <class... Args>
+  send_status emplace_quiet(Args&&... args) noexcept {
+    // relaxed: the announcement is ordered before the closed_ read by the
+    // light fence; its partner is the heavy fence in close().
+    in_send_.store(1, std::memory_order_relaxed);
+    detail::light_fence();
+    // relaxed: see above; a stale `open` is impossible after close()'s
+    // heavy fence unless close() then waits for this send.
+    if (closed_.load(std::memory_order_relaxed) != open_state) {
+      in_send_.store(0, std::memory_order_relaxed);  // relaxed: nothing was published
+      return send_status::closed;
+    }
+    // relaxed: our own index.
+    const std::uint64_t t = tail_.load(std::memory_order_relaxed);
+    if (t - head_cache_ >= capacity_) {
+      // acquire: pairs with the release store of head_ in receive_quiet, so
+      // the consumer's move-out and destruction precede our construction.
+      head_cache_ = head_.load(std::memory_order_acquire);
+      if (t - head_cache_ >= capacity_) {
+        in_send_.store(0, std::memory_order_relaxed);  // relaxed: nothing was published
+        return send_status::full;
+      }
+    }
+    detail::after_open_check();
+    ::new (static_cast<void*>(cells_[t & mask_].bytes)) T(std::forward<Args>(args)...);
+    // release: publishes the message; pairs with the acquire loads of tail_
+    // in receive_quiet.
+    tail_.store(t + 1, std::memory_order_release);
+    // release: ends the send; pairs with the acquire load in close().
+    in_send_.store(0, std::memory_order_release);
+    return send_status::ok;
+  }
+
+  /// Consumer only.
+  receive_result<T> receive_quiet() noexcept {
+    // relaxed: our own index.
+    const std::uint64_t h = head_.load(std::memory_order_relaxed);
+    if (h == tail_cache_) {
+      // acquire: pairs with the release store of tail_ in emplace_quiet.
+      tail_cache_ = tail_.load(std::memory_order_acquire);
+      if (h == tail_cache_) {
+        // acquire: pairs with the release store of closed_state in close():
+        // every send accepted before the close has published by then.
+        if (closed_.load(std::memory_order_acquire) != closed_state) return receive_status::empty;
+        // acquire: as above; the final tail.
+        tail_cache_ = tail_.load(std::memory_order_acquire);
+        if (h == tail_cache_) return receive_status::closed;
+      }
+    }
+    T* p = slot(h);
+    receive_result<T> out(std::move(*p));
+    p->~T();
+    // release: frees the slot; pairs with the acquire load of head_ in
+    // emplace_quiet.
+    head_.store(h + 1, std::memory_order_release);
+    return out;
+  }
+
+  // Layout: each side's index, each side's private state, the read-mostly
+  // state and each event count on separate cache lines.
+
+  /// Next index to write. Written by the producer (release store per send);
+  /// read by the consumer (acquire, when its cached copy runs out), by
+  /// close() indirectly and by stats (relaxed).
+  alignas(detail::cache_line_size) std::atomic<std::uint64_t> tail_{0};
+  /// Producer-private: its last view of head_.
+  alignas(detail::cache_line_size) std::uint64_t head_cache_ = 0;
+  /// 1 while a send is between its announcement and its end. Written by the
+  /// producer (relaxed store of 1, release store of 0; its own line), read by
+  /// close() (acquire, after the heavy fence).
+  std::atomic<std::uint32_t> in_send_{0};
+  /// Next index to read. Written by the consumer (release store per
+  /// receive); read by the producer (acquire, when its cached copy runs out)
+  /// and by stats (relaxed).
+  alignas(detail::cache_line_size) std::atomic<std::uint64_t> head_{0};
+  /// Consumer-private: its last view of tail_.
+  alignas(detail::cache_line_size) std::uint64_t tail_cache_ = 0;
+  /// open, closing or closed. Written only by close() (acq_rel CAS, then a
+  /// release store of closed_state); read by the producer per send (relaxed,
+  /// after its light fence), by the consumer when empty (acquire) and by
+  /// is_closed (acquire). Shares its line with read-only fields only.
+  alignas(detail::cache_line_size) std::atomic<std::uint32_t> closed_{open_state};
+  const std::size_t capacity_;
+  const std::size_t mask_;
+  const std::uint64_t start_;
+  const std::unique_ptr<cell[]> cells_;
+  /// Receivers park here; the producer notifies (light) after publishing.
+  alignas(detail::cache_line_size) detail::event_count not_empty_;
+  /// The producer parks here; the consumer notifies (light) after freeing.
+  alignas(detail::cache_line_size) detail::event_count not_full_;
+
+  static_assert(detail::cache_line_size >= sizeof(std::atomic<std::uint64_t>) + sizeof(std::uint64_t),
                 "tail_ and head_ must sit on different cache lines to avoid false sharing");
 };
 

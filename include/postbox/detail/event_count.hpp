@@ -3,6 +3,7 @@
 #pragma once
 
 #include <postbox/config.hpp>
+#include <postbox/detail/asymmetric_fence.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -59,6 +60,20 @@ class event_count {
     return epoch_.load(std::memory_order_seq_cst);
   }
 
+  /// prepare_wait() for a protocol whose notifiers make no seq_cst RMW per
+  /// message (single-producer/single-consumer rings): the waiter pays a
+  /// heavy_fence() (membarrier) after announcing itself, and notifiers use
+  /// notify_light(). Its partner is the light_fence() in notify_light(): for
+  /// the notifier there is a barrier point B during our heavy fence; if its
+  /// condition store precedes B our re-check sees it, else its waiters_ load
+  /// follows B and sees our increment. Makes a syscall; rare side only.
+  [[nodiscard]] std::uint32_t prepare_wait_asymmetric() noexcept {
+    waiters_.fetch_add(1, std::memory_order_seq_cst);
+    heavy_fence();
+    // seq_cst: as in prepare_wait(); read after the fence.
+    return epoch_.load(std::memory_order_seq_cst);
+  }
+
   /// Withdraws the waiter announced by prepare_wait().
   void finish_wait() noexcept {
     // relaxed: the count only gates whether notifiers bother to wake; a stale
@@ -110,6 +125,17 @@ class event_count {
   }
   void notify_one() noexcept { notify(1); }
   void notify_all() noexcept { notify(INT_MAX); }
+
+  /// notify() for the asymmetric protocol (see prepare_wait_asymmetric):
+  /// after the caller's plain (release) condition store, a light fence and a
+  /// relaxed read of waiters_. No RMW, no hardware fence, no syscall when
+  /// nobody waits.
+  void notify_light(int n) noexcept {
+    light_fence();
+    // relaxed: ordered after the caller's condition store by the light fence
+    // and the waiter's heavy fence (see prepare_wait_asymmetric).
+    if (waiters_.load(std::memory_order_relaxed) != 0) wake(n);
+  }
 
   /// Wakes every parked thread whether or not a waiter is announced: for a
   /// condition set without a seq_cst RMW of the notifier protocol (a stop

@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: MIT
+// Asymmetric fences: a compiler-only barrier on the hot side, membarrier(2) on the rare side.
+#pragma once
+
+// Dekker's pattern (each side stores its flag, then reads the other's) needs
+// a full barrier between the store and the load on BOTH sides. When one side
+// runs per message and the other only when parking or closing, the full
+// barrier can move entirely to the rare side: Linux's
+// membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) makes every running thread of
+// the process execute a full barrier before the call returns (a thread not
+// running passes one at its context switch). So for any hot-side thread
+// there is a point B in its program order, during the call, where it
+// behaves as if it had executed a seq_cst fence:
+//   * hot-side accesses before B are visible to the rare side after the call;
+//   * hot-side accesses after B see everything the rare side wrote before it.
+// The hot side then needs only a compiler barrier to keep its store and load
+// in program order (the CPU may still reorder them; B resolves that case).
+//
+// Cost measured on the project's VMs: 6-8 us for a heavy fence while another
+// thread of the process runs, about 0.35 us otherwise; the light fence is
+// free. Where membarrier is unavailable (not Linux, an old kernel, seccomp)
+// both sides fall back to std::atomic_thread_fence(seq_cst), chosen once at
+// run time. Under ThreadSanitizer, which cannot see membarrier, both sides
+// always use the real fence (POSTBOX_TSAN), so TSan checks the same protocol.
+
+#include <postbox/config.hpp>
+
+#include <atomic>
+#include <cstdlib>
+
+#if defined(__linux__)
+#  include <linux/membarrier.h>
+#  include <sys/syscall.h>
+#  include <unistd.h>
+#endif
+
+POSTBOX_BEGIN_NAMESPACE
+namespace detail {
+
+/// Whether heavy_fence() is a real membarrier (else both sides use seq_cst
+/// fences). Decided once, on first use, by registering the process for
+/// private expedited membarriers. Thread-safe (a function-local static).
+[[nodiscard]] inline bool membarrier_available() noexcept {
+#if defined(__linux__) && !POSTBOX_TSAN && defined(MEMBARRIER_CMD_PRIVATE_EXPEDITED) && \
+    !defined(POSTBOX_NO_MEMBARRIER)
+  static const bool available = [] {
+    const long cmds = ::syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+    if (cmds < 0 || (cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0) return false;
+    return ::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
+  }();
+  return available;
+#else
+  return false;
+#endif
+}
+
+namespace fence_detail {
+/// Cached copy of membarrier_available(), read by every light fence. Written
+/// once (relaxed) before the first heavy fence can run: every protocol that
+/// relies on it makes its rare side call asymmetric_fence_init() (through
+/// heavy_fence, or at construction) before any hot side reads it. A hot side
+/// that still reads `false` only pays a real fence, which is always safe.
+inline std::atomic<bool> light_is_compiler_only{false};
+}  // namespace fence_detail
+
+/// Decides membarrier support once and publishes it to light fences. Call
+/// from constructors of structures that use the fences, so no light fence
+/// runs as a compiler barrier before the rare side can answer it.
+inline void asymmetric_fence_init() noexcept {
+  if (membarrier_available()) fence_detail::light_is_compiler_only.store(true, std::memory_order_relaxed);
+}
+
+/// The hot side's half: orders this thread's preceding accesses before its
+/// following ones against a concurrent heavy_fence(). A compiler barrier
+/// when membarrier is available, else a seq_cst fence. Never blocks.
+inline void light_fence() noexcept {
+  // relaxed: a flag set once at start-up; see light_is_compiler_only.
+  if (POSTBOX_LIKELY(fence_detail::light_is_compiler_only.load(std::memory_order_relaxed))) {
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+  } else {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
+}
+
+/// The rare side's half: a full barrier on this thread and, through
+/// membarrier(2), on every other running thread of the process. Makes a
+/// syscall (microseconds); use only when parking, closing or similar.
+inline void heavy_fence() noexcept {
+#if defined(__linux__) && !POSTBOX_TSAN && defined(MEMBARRIER_CMD_PRIVATE_EXPEDITED) && \
+    !defined(POSTBOX_NO_MEMBARRIER)
+  if (membarrier_available()) {
+    // The call itself is a full barrier for this thread too.
+    if (::syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0) return;
+    // After a successful registration this does not fail (fork keeps the
+    // registration; exec replaces this static with the process image). If
+    // it ever does, register again and retry once: a local fence alone
+    // would not order hot sides that run compiler barriers only, so a
+    // second failure stops the process rather than lose a wake-up.
+    if (::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0 &&
+        ::syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0)
+      return;
+    std::abort();
+  }
+#endif
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+
+}  // namespace detail
+POSTBOX_END_NAMESPACE
