@@ -358,7 +358,7 @@ class operations {
     // terminal state), so it gets exactly one expiry entry.
     if (is_terminal(r.snap.state)) {
       expiry_.emplace(r.snap.updated_at + opts_.retention, r.snap.id);
-      changed_.notify_all();  // wakes `wait` callers
+      if (waiting_ > 0) changed_.notify_all();  // wakes `wait` callers
     }
   }
 
