@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: MIT
-// channel_bench: postbox::channel against moodycamel, atomic_queue, Boost.Lockfree and a mutex queue, in one run.
+// channel_bench: postbox::channel against atomic_queue, moodycamel, Boost.Lockfree, TBB, Asio and a mutex queue, each peer in its strongest configuration.
 //
-// Every scenario runs every peer once per round, in an order rotated each
-// round, for `rounds` rounds; the table shows each peer's median and its ratio
-// to the best other peer (throughput: higher is better, >= 1.0 means postbox
-// wins; latency: lower is better, <= 1.0 means postbox wins). Consumers check
-// the count and the sum of what they received; a mismatch aborts the run.
+// Every scenario runs every entry once per round, in an order rotated each
+// round, for `rounds` rounds; the table shows each entry's median and its
+// ratio to the best peer of the row (throughput: higher is better, >= 1.0
+// means postbox wins; latency: lower is better, <= 1.0 means postbox wins).
+// Peers appear in the configuration their authors benchmark (see peers.hpp);
+// peers that allocate instead of reporting full are marked [unbounded].
+// Consumers check the count and the sum of what they received; a mismatch
+// aborts the run.
 //
 // Usage: channel_bench [--quick] [--pin] [--rounds N]
 #include "peers.hpp"
@@ -21,6 +24,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -28,6 +32,18 @@
 #if defined(__linux__)
 #  include <pthread.h>
 #  include <sched.h>
+#endif
+
+#if defined(POSTBOX_BENCH_HAVE_ASIO) && defined(ASIO_HAS_CO_AWAIT)
+#  include <asio/awaitable.hpp>
+#  include <asio/co_spawn.hpp>
+#  include <asio/detached.hpp>
+#  include <asio/use_awaitable.hpp>
+#  define POSTBOX_BENCH_HAVE_ASIO_CORO 1
+#endif
+
+#ifndef POSTBOX_BENCH_CXX_FLAGS
+#  define POSTBOX_BENCH_CXX_FLAGS "(not recorded: built outside benchmarks/CMakeLists.txt)"
 #endif
 
 namespace postbox_bench {
@@ -55,9 +71,10 @@ void pin_thread(unsigned index) {
 #endif
 }
 
-/// The one waiting policy every non-blocking peer uses when full or empty:
+/// The one waiting policy every try-call entry uses when full or empty:
 /// pause a few times, then give the core away (the machine may have fewer
-/// cores than threads).
+/// cores than threads). Entries using a peer's own push/pop wait the peer's
+/// way instead (park, or atomic_queue's pause-only spin).
 struct spin_wait {
   unsigned n = 0;
   void operator()() {
@@ -73,10 +90,11 @@ struct spin_wait {
 
 [[noreturn]] void fail(const char* what) {
   std::fprintf(stderr, "channel_bench: verification failed: %s\n", what);
-  std::exit(2);
+  std::abort();
 }
 
-/// Runs `threads` bodies, started together; returns the elapsed seconds.
+/// Runs the bodies on their own threads, started together; returns the
+/// elapsed seconds.
 double run_threads(std::vector<std::function<void()>> bodies) {
   std::atomic<unsigned> ready{0};
   std::atomic<bool> go{false};
@@ -96,6 +114,8 @@ double run_threads(std::vector<std::function<void()>> bodies) {
   return std::chrono::duration<double>(clock_type::now() - t0).count();
 }
 
+/// Never 0 (atomic_queue's NIL): producers are numbered in the top bits,
+/// sequence numbers start at 1.
 item make_item(unsigned producer, std::uint64_t seq) { return (std::uint64_t{producer} << 40) | seq; }
 
 std::uint64_t expected_sum(unsigned producers, std::uint64_t per_producer) {
@@ -104,17 +124,54 @@ std::uint64_t expected_sum(unsigned producers, std::uint64_t per_producer) {
   return s;
 }
 
-/// Throughput (million messages per second) with P producers and C consumers
-/// using the non-blocking calls; `Blocking` uses push/pop instead. With
-/// `stats_reader`, a further thread calls channel::stats() every 50 us; with
-/// `scraped`, the channel is registered with a metrics_registry and a further
-/// thread renders the registry as Prometheus text every millisecond (15000
-/// times Prometheus' default rate, so a cost to the fast path would show;
-/// much faster and the scraping thread itself competes for the cores).
-template <class Q, bool Blocking = false>
-double throughput(unsigned producers, unsigned consumers, std::uint64_t total, std::size_t cap,
-                  bool stats_reader = false, bool scraped = false) {
-  Q q(cap);
+void check_totals(std::uint64_t count, std::uint64_t expected_count, std::uint64_t sum, std::uint64_t expected) {
+  if (count != expected_count) fail("message count");
+  if (sum != expected) fail("message checksum (lost or duplicated message)");
+}
+
+/// How an entry moves messages: the try calls with spin_wait, or the peer's
+/// own push/pop (blocking send/receive for postbox).
+enum class ops { try_calls, own_wait };
+
+template <ops M, class Tx>
+void put(Tx& tx, item v, spin_wait& w) {
+  if constexpr (M == ops::own_wait) {
+    tx.push(v);
+  } else {
+    while (!tx.try_push(v)) w();
+    w.reset();
+  }
+}
+
+template <ops M, class Rx>
+item take(Rx& rx, spin_wait& w) {
+  if constexpr (M == ops::own_wait) {
+    return rx.pop();
+  } else {
+    item v = 0;
+    while (!rx.try_pop(v)) w();
+    w.reset();
+    return v;
+  }
+}
+
+template <class Q, ops M>
+constexpr void check_entry() {
+  static_assert(M == ops::try_calls || Q::waits != wait_kind::none, "this peer has no push/pop of its own");
+}
+
+/// Throughput (million messages per second) with P producers and C consumers.
+/// With `stats_reader`, a further thread calls channel::stats() every 50 us;
+/// with `scraped`, the channel is registered with a metrics_registry and a
+/// further thread renders the registry as Prometheus text every millisecond
+/// (15000 times Prometheus' default rate, so a cost to the fast path would
+/// show; much faster and the scraping thread itself competes for the cores).
+template <class Q, ops M>
+double throughput(unsigned producers, unsigned consumers, std::uint64_t total, bool stats_reader = false,
+                  bool scraped = false) {
+  check_entry<Q, M>();
+  auto owned = std::make_unique<Q>(bench_capacity);
+  Q& q = *owned;
   const std::uint64_t per_producer = total / producers;
   const std::uint64_t all = per_producer * producers;
   std::vector<std::uint64_t> sums(consumers, 0), counts(consumers, 0);
@@ -122,33 +179,18 @@ double throughput(unsigned producers, unsigned consumers, std::uint64_t total, s
   std::vector<std::function<void()>> bodies;
   for (unsigned p = 0; p < producers; ++p) {
     bodies.push_back([&q, p, per_producer] {
+      auto&& tx = sender_of(q);
       spin_wait w;
-      for (std::uint64_t i = 1; i <= per_producer; ++i) {
-        const item v = make_item(p, i);
-        if constexpr (Blocking) {
-          q.push(v);
-        } else {
-          while (!q.try_push(v)) w();
-          w.reset();
-        }
-      }
+      for (std::uint64_t i = 1; i <= per_producer; ++i) put<M>(tx, make_item(p, i), w);
     });
   }
   for (unsigned c = 0; c < consumers; ++c) {
     const std::uint64_t quota = all / consumers + (c == 0 ? all % consumers : 0);
     bodies.push_back([&q, &sums, &counts, c, quota] {
+      auto&& rx = receiver_of(q);
       spin_wait w;
       std::uint64_t sum = 0;
-      for (std::uint64_t k = 0; k < quota; ++k) {
-        item v;
-        if constexpr (Blocking) {
-          v = q.pop();
-        } else {
-          while (!q.try_pop(v)) w();
-          w.reset();
-        }
-        sum += v;
-      }
+      for (std::uint64_t k = 0; k < quota; ++k) sum += take<M>(rx, w);
       sums[c] = sum;
       counts[c] = quota;
     });
@@ -186,83 +228,186 @@ double throughput(unsigned producers, unsigned consumers, std::uint64_t total, s
     sum += sums[c];
     count += counts[c];
   }
-  if (count != all) fail("message count");
-  if (sum != expected_sum(producers, per_producer)) fail("message checksum (lost or duplicated message)");
+  // Each consumer took exactly its quota (the loop is counted), so a lost
+  // message leaves a consumer waiting forever, a duplicated or torn one
+  // changes the sum, and a message duplicated in place of another shows as
+  // one left in the queue.
+  check_totals(count, all, sum, expected_sum(producers, per_producer));
+  item extra = 0;
+  if (receiver_of(q).try_pop(extra)) fail("a message was left in the queue (duplicated)");
   return static_cast<double>(all) / secs / 1e6;
 }
 
 /// Round trip (ns): A sends to B through one queue, B answers through another.
-template <class Q, bool Blocking = false>
+template <class Q, ops M>
 double ping_pong(std::uint64_t trips) {
-  Q there(64), back(64);
-  std::uint64_t sum = 0;
+  check_entry<Q, M>();
+  auto there = std::make_unique<Q>(bench_capacity);
+  auto back = std::make_unique<Q>(bench_capacity);
+  std::uint64_t sum = 0, count = 0;
   std::vector<std::function<void()>> bodies;
   bodies.push_back([&] {
+    auto&& tx = sender_of(*there);
+    auto&& rx = receiver_of(*back);
     spin_wait w;
     for (std::uint64_t i = 1; i <= trips; ++i) {
-      item v;
-      if constexpr (Blocking) {
-        there.push(i);
-        v = back.pop();
-      } else {
-        while (!there.try_push(i)) w();
-        w.reset();
-        while (!back.try_pop(v)) w();
-        w.reset();
-      }
+      put<M>(tx, i, w);
+      const item v = take<M>(rx, w);
+      if (v != i) fail("ping-pong answered out of turn");
       sum += v;
+      ++count;
     }
   });
   bodies.push_back([&] {
+    auto&& rx = receiver_of(*there);
+    auto&& tx = sender_of(*back);
     spin_wait w;
-    for (std::uint64_t i = 1; i <= trips; ++i) {
-      item v;
-      if constexpr (Blocking) {
-        v = there.pop();
-        back.push(v);
-      } else {
-        while (!there.try_pop(v)) w();
-        w.reset();
-        while (!back.try_push(v)) w();
-        w.reset();
-      }
-    }
+    for (std::uint64_t i = 1; i <= trips; ++i) put<M>(tx, take<M>(rx, w), w);
   });
   const double secs = run_threads(std::move(bodies));
-  if (sum != trips * (trips + 1) / 2) fail("ping-pong checksum");
+  check_totals(count, trips, sum, trips * (trips + 1) / 2);
   return secs * 1e9 / static_cast<double>(trips);
 }
 
-/// Wake-up latency (ns, median of `samples`): the receiver is parked in pop()
-/// (the sender waits 1 ms before each send so it has time to park); measured
-/// from just before push to just after pop returns.
+std::uint64_t now_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(clock_type::now().time_since_epoch()).count());
+}
+
+/// Wake-up latency (ns, median of `samples`): the receiver is parked in its
+/// blocking pop (the sender waits 1 ms before each send so it has time to
+/// park); measured from just before the send to just after pop returns.
 template <class Q>
 double wake_up(unsigned samples) {
-  Q q(64);
+  static_assert(Q::waits == wait_kind::park, "wake-up needs a receiver that parks");
+  auto q = std::make_unique<Q>(bench_capacity);
   std::vector<double> lat;
   lat.reserve(samples);
-  auto now_ns = [] {
-    return static_cast<item>(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(clock_type::now().time_since_epoch()).count());
-  };
+  std::uint64_t sent_sum = 0;
   std::vector<std::function<void()>> bodies;
   bodies.push_back([&] {
+    auto&& tx = sender_of(*q);
     for (unsigned i = 0; i < samples; ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      q.push(now_ns());
+      const item t = now_ns();
+      sent_sum += t;
+      tx.push(t);
     }
   });
+  std::uint64_t got_sum = 0;
   bodies.push_back([&] {
+    auto&& rx = receiver_of(*q);
     for (unsigned i = 0; i < samples; ++i) {
-      const item sent = q.pop();
+      const item sent = rx.pop();
       lat.push_back(static_cast<double>(now_ns() - sent));
+      got_sum += sent;
     }
   });
   run_threads(std::move(bodies));
-  if (lat.size() != samples) fail("wake-up sample count");
+  check_totals(lat.size(), samples, got_sum, sent_sum);
   std::sort(lat.begin(), lat.end());
   return lat[lat.size() / 2];
 }
+
+#ifdef POSTBOX_BENCH_HAVE_ASIO_CORO
+// --- Asio's concurrent_channel driven the way Asio code uses it --------------
+//
+// Coroutines (asio::awaitable, use_awaitable) on one io_context whose run()
+// is called by two threads, so sender and receiver are on different threads
+// whenever both are runnable. Every async_send/async_receive builds an
+// operation and completes through the executor (Asio 1.22's channel_service
+// has no inline completion), which is why the try_send/try_receive entry of
+// the spinning rows is Asio's strongest thread-to-thread form there; this
+// form is the one that waits without spinning, so it belongs in the
+// blocking rows.
+using asio_channel_type = asio_channel::channel_type;
+
+asio::awaitable<void> asio_produce(asio_channel_type* ch, std::uint64_t n) {
+  for (std::uint64_t i = 1; i <= n; ++i) co_await ch->async_send(asio::error_code{}, make_item(0, i), asio::use_awaitable);
+}
+
+asio::awaitable<void> asio_consume(asio_channel_type* ch, std::uint64_t n, std::uint64_t* sum, std::uint64_t* count) {
+  for (std::uint64_t k = 0; k < n; ++k) {
+    *sum += co_await ch->async_receive(asio::use_awaitable);
+    ++*count;
+  }
+}
+
+double asio_coro_throughput(std::uint64_t total) {
+  asio::io_context ctx(2);
+  asio_channel_type ch(ctx, bench_capacity);
+  std::uint64_t sum = 0, count = 0;
+  asio::co_spawn(ctx, asio_produce(&ch, total), asio::detached);
+  asio::co_spawn(ctx, asio_consume(&ch, total, &sum, &count), asio::detached);
+  const double secs = run_threads({[&] { ctx.run(); }, [&] { ctx.run(); }});
+  check_totals(count, total, sum, expected_sum(1, total));
+  return static_cast<double>(total) / secs / 1e6;
+}
+
+asio::awaitable<void> asio_ping(asio_channel_type* there, asio_channel_type* back, std::uint64_t trips, std::uint64_t* sum,
+                                std::uint64_t* count) {
+  for (std::uint64_t i = 1; i <= trips; ++i) {
+    co_await there->async_send(asio::error_code{}, i, asio::use_awaitable);
+    const item v = co_await back->async_receive(asio::use_awaitable);
+    if (v != i) fail("asio ping-pong answered out of turn");
+    *sum += v;
+    ++*count;
+  }
+}
+
+asio::awaitable<void> asio_pong(asio_channel_type* there, asio_channel_type* back, std::uint64_t trips) {
+  for (std::uint64_t i = 1; i <= trips; ++i) {
+    const item v = co_await there->async_receive(asio::use_awaitable);
+    co_await back->async_send(asio::error_code{}, v, asio::use_awaitable);
+  }
+}
+
+double asio_coro_ping_pong(std::uint64_t trips) {
+  asio::io_context ctx(2);
+  asio_channel_type there(ctx, bench_capacity), back(ctx, bench_capacity);
+  std::uint64_t sum = 0, count = 0;
+  asio::co_spawn(ctx, asio_ping(&there, &back, trips, &sum, &count), asio::detached);
+  asio::co_spawn(ctx, asio_pong(&there, &back, trips), asio::detached);
+  const double secs = run_threads({[&] { ctx.run(); }, [&] { ctx.run(); }});
+  check_totals(count, trips, sum, trips * (trips + 1) / 2);
+  return secs * 1e9 / static_cast<double>(trips);
+}
+
+asio::awaitable<void> asio_wake_receiver(asio_channel_type* ch, unsigned samples, std::vector<double>* lat,
+                                         std::uint64_t* got_sum) {
+  for (unsigned i = 0; i < samples; ++i) {
+    const item sent = co_await ch->async_receive(asio::use_awaitable);
+    lat->push_back(static_cast<double>(now_ns() - sent));
+    *got_sum += sent;
+  }
+}
+
+/// The receiver is a coroutine suspended in async_receive on an io_context
+/// whose one thread is asleep in run(); another thread calls try_send, which
+/// hands the message to the waiting operation and wakes that thread.
+double asio_coro_wake_up(unsigned samples) {
+  asio::io_context ctx(1);
+  asio_channel_type ch(ctx, bench_capacity);
+  std::vector<double> lat;
+  lat.reserve(samples);
+  std::uint64_t sent_sum = 0, got_sum = 0;
+  asio::co_spawn(ctx, asio_wake_receiver(&ch, samples, &lat, &got_sum), asio::detached);
+  run_threads({[&] {
+                 spin_wait w;
+                 for (unsigned i = 0; i < samples; ++i) {
+                   std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                   const item t = now_ns();
+                   sent_sum += t;
+                   while (!ch.try_send(asio::error_code{}, t)) w();
+                   w.reset();
+                 }
+               },
+               [&] { ctx.run(); }});
+  check_totals(lat.size(), samples, got_sum, sent_sum);
+  std::sort(lat.begin(), lat.end());
+  return lat[lat.size() / 2];
+}
+#endif
 
 // --- the table ------------------------------------------------------------------
 
@@ -279,6 +424,9 @@ struct scenario {
   std::string unit;
   bool higher_is_better = true;
   std::vector<entry> entries;
+  /// A row measuring postbox against itself (stats, metrics): the reference
+  /// is its first entry, not a peer.
+  bool self_reference = false;
 };
 
 double median(std::vector<double> v) {
@@ -287,11 +435,12 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
+std::string first_line_of(const char* path, const char* key) {
+  std::ifstream in(path);
   std::string line;
   while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0) {
+    if (key == nullptr) return line;
+    if (line.rfind(key, 0) == 0) {
       const auto colon = line.find(':');
       if (colon != std::string::npos) return line.substr(colon + 2);
     }
@@ -299,137 +448,257 @@ std::string cpu_model() {
   return "unknown";
 }
 
+std::string cpu_model() { return first_line_of("/proc/cpuinfo", "model name"); }
+std::string load_average() { return first_line_of("/proc/loadavg", nullptr); }
+
+#define POSTBOX_BENCH_UNBOUNDED " [unbounded]"
+
 std::vector<scenario> make_scenarios() {
   const bool q = g_opt.quick;
-  const std::uint64_t n = q ? 200'000 : 1'000'000;       // throughput messages per run
-  const std::uint64_t nb = q ? 100'000 : 500'000;        // blocking throughput messages
-  const std::uint64_t trips = q ? 5'000 : 20'000;         // spin ping-pong round trips
-  const std::uint64_t btrips = q ? 1'000 : 5'000;         // blocking ping-pong round trips
-  const unsigned wakes = q ? 30 : 100;                   // wake-up samples
-  const std::size_t cap = 1024;
+  const std::uint64_t n = q ? 100'000 : 1'000'000;   // throughput messages per run
+  const std::uint64_t nb = q ? 50'000 : 500'000;     // blocking throughput messages
+  const std::uint64_t trips = q ? 3'000 : 20'000;    // spin ping-pong round trips
+  const std::uint64_t btrips = q ? 1'000 : 5'000;    // blocking ping-pong round trips
+  const unsigned wakes = q ? 20 : 100;               // wake-up samples
   using pb_spsc = postbox_channel<postbox::spsc>;
   using pb_mpmc = postbox_channel<postbox::mpmc>;
+  constexpr auto T = ops::try_calls;
+  constexpr auto W = ops::own_wait;
   std::vector<scenario> s;
 
-  s.push_back({"SPSC 1P1C", "one producer, one consumer, try_send/try_receive on SPSC queues (capacity 1024)",
-               "M msg/s", true, {}});
-  s.back().entries.push_back({"postbox channel<spsc>", true, [=] { return throughput<pb_spsc>(1, 1, n, cap); }});
+  // --- SPSC 1P1C ---------------------------------------------------------------
+  s.push_back({"SPSC 1P1C", "1 producer, 1 consumer, single-producer/single-consumer queues", "M msg/s", true, {}});
+  {
+    auto& e = s.back().entries;
+    e.push_back({"postbox channel<spsc> try_send/try_receive", true, [=] { return throughput<pb_spsc, T>(1, 1, n); }});
+    e.push_back({"postbox channel<spsc> send/receive", true, [=] { return throughput<pb_spsc, W>(1, 1, n); }});
+#ifdef POSTBOX_BENCH_HAVE_ATOMIC_QUEUE
+    e.push_back({"atomic_queue AtomicQueue<SPSC> try_push/try_pop", false,
+                 [=] { return throughput<atomic_queue_aq<true>, T>(1, 1, n); }});
+    e.push_back({"atomic_queue AtomicQueue<SPSC> push/pop (spin)", false,
+                 [=] { return throughput<atomic_queue_aq<true>, W>(1, 1, n); }});
+#endif
 #ifdef POSTBOX_BENCH_HAVE_RWQ
-  s.back().entries.push_back({"moodycamel ReaderWriterQueue", false, [=] { return throughput<moodycamel_rwq>(1, 1, n, cap); }});
-#endif
-#ifdef POSTBOX_BENCH_HAVE_ATOMIC_QUEUE
-  s.back().entries.push_back({"atomic_queue AtomicQueueB2 SPSC", false, [=] { return throughput<atomic_queue_b2<true>>(1, 1, n, cap); }});
-#endif
-#ifdef POSTBOX_BENCH_HAVE_BOOST_LOCKFREE
-  s.back().entries.push_back({"boost::lockfree::spsc_queue", false, [=] { return throughput<boost_spsc>(1, 1, n, cap); }});
-#endif
-  s.back().entries.push_back({"mutex+condvar queue", false, [=] { return throughput<mutex_queue>(1, 1, n, cap); }});
-
-  for (unsigned pc : {1u, 2u}) {
-    const std::string name = "MPMC " + std::to_string(pc) + "P" + std::to_string(pc) + "C";
-    s.push_back({name, std::to_string(pc) + " producer(s), " + std::to_string(pc) + " consumer(s), non-blocking calls on MPMC queues",
-                 "M msg/s", true, {}});
-    s.back().entries.push_back({"postbox channel<mpmc>", true, [=] { return throughput<pb_mpmc>(pc, pc, n, cap); }});
-#ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
-    s.back().entries.push_back({"moodycamel ConcurrentQueue", false, [=] { return throughput<moodycamel_cq>(pc, pc, n, cap); }});
-#endif
-#ifdef POSTBOX_BENCH_HAVE_ATOMIC_QUEUE
-    s.back().entries.push_back({"atomic_queue AtomicQueueB2", false, [=] { return throughput<atomic_queue_b2<false>>(pc, pc, n, cap); }});
+    e.push_back({"moodycamel ReaderWriterQueue try_enqueue/try_dequeue", false,
+                 [=] { return throughput<moodycamel_rwq, T>(1, 1, n); }});
+    e.push_back({"moodycamel BlockingReaderWriterCircularBuffer try_*", false,
+                 [=] { return throughput<moodycamel_rwcb, T>(1, 1, n); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_BOOST_LOCKFREE
-    s.back().entries.push_back({"boost::lockfree::queue", false, [=] { return throughput<boost_queue>(pc, pc, n, cap); }});
+    e.push_back({"boost::lockfree::spsc_queue<capacity<1024>>", false, [=] { return throughput<boost_spsc, T>(1, 1, n); }});
 #endif
-    s.back().entries.push_back({"mutex+condvar queue", false, [=] { return throughput<mutex_queue>(pc, pc, n, cap); }});
+    e.push_back({"mutex+condvar queue try", false, [=] { return throughput<mutex_queue, T>(1, 1, n); }});
   }
 
-  s.push_back({"blocking 1P1C", "one producer, one consumer, blocking send/receive (parks when full/empty)", "M msg/s", true, {}});
-  s.back().entries.push_back({"postbox channel<mpmc> send/receive", true, [=] { return throughput<pb_mpmc, true>(1, 1, nb, cap); }});
-  s.back().entries.push_back({"postbox channel<spsc> send/receive", true, [=] { return throughput<pb_spsc, true>(1, 1, nb, cap); }});
-#ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
-  s.back().entries.push_back({"moodycamel BlockingConcurrentQueue", false, [=] { return throughput<moodycamel_bcq, true>(1, 1, nb, cap); }});
-#endif
-#ifdef POSTBOX_BENCH_HAVE_RWQ
-  s.back().entries.push_back({"moodycamel BlockingReaderWriterQueue", false, [=] { return throughput<moodycamel_brwq, true>(1, 1, nb, cap); }});
-#endif
-  s.back().entries.push_back({"mutex+condvar queue", false, [=] { return throughput<mutex_queue, true>(1, 1, nb, cap); }});
-
-  s.push_back({"spin ping-pong", "round trip through two queues, both sides spinning on try calls", "ns/trip", false, {}});
-  s.back().entries.push_back({"postbox channel<spsc>", true, [=] { return ping_pong<pb_spsc>(trips); }});
-  s.back().entries.push_back({"postbox channel<mpmc>", true, [=] { return ping_pong<pb_mpmc>(trips); }});
-#ifdef POSTBOX_BENCH_HAVE_RWQ
-  s.back().entries.push_back({"moodycamel ReaderWriterQueue", false, [=] { return ping_pong<moodycamel_rwq>(trips); }});
-#endif
-#ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
-  s.back().entries.push_back({"moodycamel ConcurrentQueue", false, [=] { return ping_pong<moodycamel_cq>(trips); }});
-#endif
+  // --- MPMC 1P1C and 2P2C --------------------------------------------------------
+  for (unsigned pc : {1u, 2u}) {
+    const std::string name = "MPMC " + std::to_string(pc) + "P" + std::to_string(pc) + "C";
+    s.push_back({name, std::to_string(pc) + " producer(s), " + std::to_string(pc) + " consumer(s), multi-producer/multi-consumer queues",
+                 "M msg/s", true, {}});
+    auto& e = s.back().entries;
+    e.push_back({"postbox channel<mpmc> try_send/try_receive", true, [=] { return throughput<pb_mpmc, T>(pc, pc, n); }});
+    e.push_back({"postbox channel<mpmc> send/receive", true, [=] { return throughput<pb_mpmc, W>(pc, pc, n); }});
 #ifdef POSTBOX_BENCH_HAVE_ATOMIC_QUEUE
-  s.back().entries.push_back({"atomic_queue AtomicQueueB2 SPSC", false, [=] { return ping_pong<atomic_queue_b2<true>>(trips); }});
+    e.push_back({"atomic_queue AtomicQueue try_push/try_pop", false,
+                 [=] { return throughput<atomic_queue_aq<false>, T>(pc, pc, n); }});
+    e.push_back({"atomic_queue AtomicQueue push/pop (spin)", false,
+                 [=] { return throughput<atomic_queue_aq<false>, W>(pc, pc, n); }});
+    e.push_back({"atomic_queue AtomicQueue2 try_push/try_pop", false,
+                 [=] { return throughput<atomic_queue_aq2<false>, T>(pc, pc, n); }});
+    e.push_back({"atomic_queue AtomicQueue2 push/pop (spin)", false,
+                 [=] { return throughput<atomic_queue_aq2<false>, W>(pc, pc, n); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
+    e.push_back({"moodycamel ConcurrentQueue + tokens" POSTBOX_BENCH_UNBOUNDED, false,
+                 [=] { return throughput<moodycamel_cq, T>(pc, pc, n); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_BOOST_LOCKFREE
-  s.back().entries.push_back({"boost::lockfree::spsc_queue", false, [=] { return ping_pong<boost_spsc>(trips); }});
+    e.push_back({"boost::lockfree::queue<capacity<1024>>", false, [=] { return throughput<boost_queue, T>(pc, pc, n); }});
 #endif
-  s.back().entries.push_back({"mutex+condvar queue", false, [=] { return ping_pong<mutex_queue>(trips); }});
+#ifdef POSTBOX_BENCH_HAVE_TBB
+    e.push_back({"tbb::concurrent_queue" POSTBOX_BENCH_UNBOUNDED, false, [=] { return throughput<tbb_queue, T>(pc, pc, n); }});
+    e.push_back({"tbb::concurrent_bounded_queue try_push/try_pop", false,
+                 [=] { return throughput<tbb_bounded_queue, T>(pc, pc, n); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_ASIO
+    e.push_back({"asio concurrent_channel try_send/try_receive", false, [=] { return throughput<asio_channel, T>(pc, pc, n); }});
+#endif
+    e.push_back({"mutex+condvar queue try", false, [=] { return throughput<mutex_queue, T>(pc, pc, n); }});
+  }
 
-  s.push_back({"blocking ping-pong", "round trip through two queues with blocking send/receive", "ns/trip", false, {}});
-  s.back().entries.push_back({"postbox channel<spsc>", true, [=] { return ping_pong<pb_spsc, true>(btrips); }});
-  s.back().entries.push_back({"postbox channel<mpmc>", true, [=] { return ping_pong<pb_mpmc, true>(btrips); }});
+  // --- blocking 1P1C --------------------------------------------------------------
+  s.push_back({"blocking 1P1C", "1 producer, 1 consumer, blocking calls (a side that must wait parks)", "M msg/s", true, {}});
+  {
+    auto& e = s.back().entries;
+    e.push_back({"postbox channel<spsc> send/receive", true, [=] { return throughput<pb_spsc, W>(1, 1, nb); }});
+    e.push_back({"postbox channel<mpmc> send/receive", true, [=] { return throughput<pb_mpmc, W>(1, 1, nb); }});
+#ifdef POSTBOX_BENCH_HAVE_RWQ
+    e.push_back({"moodycamel BlockingReaderWriterQueue enqueue/wait_dequeue" POSTBOX_BENCH_UNBOUNDED, false,
+                 [=] { return throughput<moodycamel_brwq, W>(1, 1, nb); }});
+    e.push_back({"moodycamel BlockingReaderWriterCircularBuffer wait_*", false,
+                 [=] { return throughput<moodycamel_rwcb, W>(1, 1, nb); }});
+#endif
 #ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
-  s.back().entries.push_back({"moodycamel BlockingConcurrentQueue", false, [=] { return ping_pong<moodycamel_bcq, true>(btrips); }});
+    e.push_back({"moodycamel BlockingConcurrentQueue + tokens" POSTBOX_BENCH_UNBOUNDED, false,
+                 [=] { return throughput<moodycamel_bcq, W>(1, 1, nb); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_TBB
+    e.push_back({"tbb::concurrent_bounded_queue push/pop", false, [=] { return throughput<tbb_bounded_queue, W>(1, 1, nb); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_ASIO_CORO
+    e.push_back({"asio concurrent_channel coroutines", false, [=] { return asio_coro_throughput(nb); }});
+#endif
+    e.push_back({"mutex+condvar queue", false, [=] { return throughput<mutex_queue, W>(1, 1, nb); }});
+  }
+
+  // --- spin ping-pong ---------------------------------------------------------------
+  s.push_back({"spin ping-pong", "round trip through two queues, both sides spinning", "ns/trip", false, {}});
+  {
+    auto& e = s.back().entries;
+    e.push_back({"postbox channel<spsc> try_send/try_receive", true, [=] { return ping_pong<pb_spsc, T>(trips); }});
+    e.push_back({"postbox channel<mpmc> try_send/try_receive", true, [=] { return ping_pong<pb_mpmc, T>(trips); }});
+#ifdef POSTBOX_BENCH_HAVE_ATOMIC_QUEUE
+    e.push_back({"atomic_queue AtomicQueue<SPSC> try_push/try_pop", false,
+                 [=] { return ping_pong<atomic_queue_aq<true>, T>(trips); }});
+    e.push_back({"atomic_queue AtomicQueue<SPSC> push/pop (spin)", false,
+                 [=] { return ping_pong<atomic_queue_aq<true>, W>(trips); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_RWQ
-  s.back().entries.push_back({"moodycamel BlockingReaderWriterQueue", false, [=] { return ping_pong<moodycamel_brwq, true>(btrips); }});
+    e.push_back({"moodycamel ReaderWriterQueue try_enqueue/try_dequeue", false,
+                 [=] { return ping_pong<moodycamel_rwq, T>(trips); }});
 #endif
-  s.back().entries.push_back({"mutex+condvar queue", false, [=] { return ping_pong<mutex_queue, true>(btrips); }});
-
-  s.push_back({"parked wake-up", "latency from send to a parked receiver returning (median of samples)", "ns", false, {}});
-  s.back().entries.push_back({"postbox channel<mpmc>", true, [=] { return wake_up<pb_mpmc>(wakes); }});
+#ifdef POSTBOX_BENCH_HAVE_BOOST_LOCKFREE
+    e.push_back({"boost::lockfree::spsc_queue<capacity<1024>>", false, [=] { return ping_pong<boost_spsc, T>(trips); }});
+#endif
 #ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
-  s.back().entries.push_back({"moodycamel BlockingConcurrentQueue", false, [=] { return wake_up<moodycamel_bcq>(wakes); }});
+    e.push_back({"moodycamel ConcurrentQueue + tokens" POSTBOX_BENCH_UNBOUNDED, false,
+                 [=] { return ping_pong<moodycamel_cq, T>(trips); }});
 #endif
-#ifdef POSTBOX_BENCH_HAVE_RWQ
-  s.back().entries.push_back({"moodycamel BlockingReaderWriterQueue", false, [=] { return wake_up<moodycamel_brwq>(wakes); }});
+#ifdef POSTBOX_BENCH_HAVE_TBB
+    e.push_back({"tbb::concurrent_queue" POSTBOX_BENCH_UNBOUNDED, false, [=] { return ping_pong<tbb_queue, T>(trips); }});
 #endif
-  s.back().entries.push_back({"mutex+condvar queue", false, [=] { return wake_up<mutex_queue>(wakes); }});
+#ifdef POSTBOX_BENCH_HAVE_ASIO
+    e.push_back({"asio concurrent_channel try_send/try_receive", false, [=] { return ping_pong<asio_channel, T>(trips); }});
+#endif
+    e.push_back({"mutex+condvar queue try", false, [=] { return ping_pong<mutex_queue, T>(trips); }});
+  }
 
+  // --- blocking ping-pong -----------------------------------------------------------
+  s.push_back({"blocking ping-pong", "round trip through two queues, blocking calls on both sides", "ns/trip", false, {}});
+  {
+    auto& e = s.back().entries;
+    e.push_back({"postbox channel<spsc> send/receive", true, [=] { return ping_pong<pb_spsc, W>(btrips); }});
+    e.push_back({"postbox channel<mpmc> send/receive", true, [=] { return ping_pong<pb_mpmc, W>(btrips); }});
+#ifdef POSTBOX_BENCH_HAVE_RWQ
+    e.push_back({"moodycamel BlockingReaderWriterQueue" POSTBOX_BENCH_UNBOUNDED, false,
+                 [=] { return ping_pong<moodycamel_brwq, W>(btrips); }});
+    e.push_back({"moodycamel BlockingReaderWriterCircularBuffer", false, [=] { return ping_pong<moodycamel_rwcb, W>(btrips); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
+    e.push_back({"moodycamel BlockingConcurrentQueue + tokens" POSTBOX_BENCH_UNBOUNDED, false,
+                 [=] { return ping_pong<moodycamel_bcq, W>(btrips); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_TBB
+    e.push_back({"tbb::concurrent_bounded_queue push/pop", false, [=] { return ping_pong<tbb_bounded_queue, W>(btrips); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_ASIO_CORO
+    e.push_back({"asio concurrent_channel coroutines", false, [=] { return asio_coro_ping_pong(btrips); }});
+#endif
+    e.push_back({"mutex+condvar queue", false, [=] { return ping_pong<mutex_queue, W>(btrips); }});
+  }
+
+  // --- parked wake-up ---------------------------------------------------------------
+  s.push_back({"parked wake-up", "send to a parked receiver until it returns (median of samples)", "ns", false, {}});
+  {
+    auto& e = s.back().entries;
+    e.push_back({"postbox channel<spsc> receive", true, [=] { return wake_up<pb_spsc>(wakes); }});
+    e.push_back({"postbox channel<mpmc> receive", true, [=] { return wake_up<pb_mpmc>(wakes); }});
+#ifdef POSTBOX_BENCH_HAVE_RWQ
+    e.push_back({"moodycamel BlockingReaderWriterQueue" POSTBOX_BENCH_UNBOUNDED, false,
+                 [=] { return wake_up<moodycamel_brwq>(wakes); }});
+    e.push_back({"moodycamel BlockingReaderWriterCircularBuffer", false, [=] { return wake_up<moodycamel_rwcb>(wakes); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
+    e.push_back({"moodycamel BlockingConcurrentQueue + tokens" POSTBOX_BENCH_UNBOUNDED, false,
+                 [=] { return wake_up<moodycamel_bcq>(wakes); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_TBB
+    e.push_back({"tbb::concurrent_bounded_queue pop", false, [=] { return wake_up<tbb_bounded_queue>(wakes); }});
+#endif
+#ifdef POSTBOX_BENCH_HAVE_ASIO_CORO
+    e.push_back({"asio concurrent_channel coroutine (try_send wakes it)", false, [=] { return asio_coro_wake_up(wakes); }});
+#endif
+    e.push_back({"mutex+condvar queue", false, [=] { return wake_up<mutex_queue>(wakes); }});
+  }
+
+  // --- select rows -------------------------------------------------------------------
+  // The select rows of issue 14 go here, once postbox::select (select.hpp)
+  // exists: a receive over two channels against moodycamel/atomic_queue
+  // polled in turn, a select with an after(d) case, and the parked wake-up
+  // of a select, each as a scenario like the ones above.
+
+  // --- postbox against itself ----------------------------------------------------------
   s.push_back({"stats() cost", "MPMC 1P1C try calls, without and with a thread reading stats() every 50 us (ratio to without)",
-               "M msg/s", true, {}});
-  s.back().entries.push_back({"postbox channel<mpmc>", true, [=] { return throughput<pb_mpmc>(1, 1, n, cap, false); }});
-  s.back().entries.push_back({"postbox channel<mpmc> + stats() reader", true, [=] { return throughput<pb_mpmc>(1, 1, n, cap, true); }});
+               "M msg/s", true, {}, true});
+  s.back().entries.push_back({"postbox channel<mpmc>", true, [=] { return throughput<pb_mpmc, T>(1, 1, n, false); }});
+  s.back().entries.push_back({"postbox channel<mpmc> + stats() reader", true, [=] { return throughput<pb_mpmc, T>(1, 1, n, true); }});
 
   s.push_back({"metrics cost", "MPMC 1P1C try calls, unregistered vs registered with a metrics_registry scraped every 1 ms "
                                "(ratio to unregistered)",
-               "M msg/s", true, {}});
-  s.back().entries.push_back({"postbox channel<mpmc> unregistered", true, [=] { return throughput<pb_mpmc>(1, 1, n, cap); }});
+               "M msg/s", true, {}, true});
+  s.back().entries.push_back({"postbox channel<mpmc> unregistered", true, [=] { return throughput<pb_mpmc, T>(1, 1, n); }});
   s.back().entries.push_back({"postbox channel<mpmc> registered + scraped", true,
-                              [=] { return throughput<pb_mpmc>(1, 1, n, cap, false, true); }});
+                              [=] { return throughput<pb_mpmc, T>(1, 1, n, false, true); }});
   return s;
+}
+
+/// The best median of the row among entries that are (or are not) postbox.
+const entry* best_of(const scenario& sc, bool ours) {
+  const entry* best = nullptr;
+  double ref = 0;
+  for (const auto& e : sc.entries) {
+    if (e.ours != ours) continue;
+    const double m = median(e.samples);
+    if (best == nullptr || (sc.higher_is_better ? m > ref : m < ref)) {
+      best = &e;
+      ref = m;
+    }
+  }
+  return best;
 }
 
 void print_table(const std::vector<scenario>& all) {
   std::printf("\n| scenario | queue | median | unit | vs best peer | spread |\n");
   std::printf("|---|---|---:|---|---:|---:|\n");
   for (const auto& sc : all) {
-    // Reference: the best entry that is not postbox; a postbox-only row
-    // compares with its first entry.
-    double ref = 0;
-    bool have_ref = false;
-    for (const auto& e : sc.entries) {
-      if (e.ours) continue;
-      const double m = median(e.samples);
-      if (!have_ref || (sc.higher_is_better ? m > ref : m < ref)) ref = m;
-      have_ref = true;
-    }
-    if (!have_ref) ref = median(sc.entries.front().samples);
+    const entry* ref_entry = sc.self_reference ? &sc.entries.front() : best_of(sc, false);
+    if (ref_entry == nullptr) ref_entry = &sc.entries.front();
+    const double ref = median(ref_entry->samples);
     for (const auto& e : sc.entries) {
       const double m = median(e.samples);
       const auto [lo, hi] = std::minmax_element(e.samples.begin(), e.samples.end());
       const double spread = m > 0 ? (*hi - *lo) / m * 100 : 0;
       std::printf("| %s | %s%s%s | %.3g | %s | %.2fx | %.0f%% |\n", sc.name.c_str(), e.ours ? "**" : "", e.name.c_str(),
-                  e.ours ? "**" : "", m, sc.unit.c_str(), m / ref, spread);
+                  e.ours ? "**" : "", m, sc.unit.c_str(), ref > 0 ? m / ref : 0.0, spread);
     }
   }
-  std::printf("\nvs best peer: median / best non-postbox median (throughput: >= 1 is a win; ns: <= 1 is a win).\n"
-              "spread: (max - min) / median over the rounds, a measure of the noise.\n");
+  std::printf("\nvs best peer: median / best non-postbox median of the row (throughput: >= 1 is a win; ns: <= 1 is a win);\n"
+              "the stats() and metrics rows compare with their first entry.\n"
+              "spread: (max - min) / median over the rounds, a measure of the noise.\n"
+              "[unbounded]: the peer allocates instead of reporting full (postbox and the others hold 1024).\n");
+
+  std::printf("\n| scenario | best postbox entry | best peer | postbox / best peer |\n");
+  std::printf("|---|---|---|---:|\n");
+  for (const auto& sc : all) {
+    if (sc.self_reference) continue;
+    const entry* ours = best_of(sc, true);
+    const entry* peer = best_of(sc, false);
+    if (ours == nullptr || peer == nullptr) continue;
+    const double a = median(ours->samples), b = median(peer->samples);
+    std::printf("| %s | %s (%.3g %s) | %s (%.3g %s) | %.2fx %s |\n", sc.name.c_str(), ours->name.c_str(), a, sc.unit.c_str(),
+                peer->name.c_str(), b, sc.unit.c_str(), b > 0 ? a / b : 0.0,
+                (sc.higher_is_better ? a >= b : a <= b) ? "win" : "loss");
+  }
 }
 
 }  // namespace
@@ -475,11 +744,49 @@ int main(int argc, char** argv) {
               "no"
 #endif
   );
-  std::printf("cpu: %s, %u hardware threads; rounds %d%s%s\n", cpu_model().c_str(), std::thread::hardware_concurrency(),
-              g_opt.rounds, g_opt.quick ? ", quick" : "", g_opt.pin ? ", pinned" : "");
+  std::printf("flags: %s\n", POSTBOX_BENCH_CXX_FLAGS);
+  std::printf("cpu: %s, %u hardware threads; threads %s; rounds %d%s\n", cpu_model().c_str(),
+              std::thread::hardware_concurrency(), g_opt.pin ? "pinned (thread i on cpu i mod n)" : "not pinned",
+              g_opt.rounds, g_opt.quick ? ", quick" : "");
+  std::printf("load average at start: %s\n", load_average().c_str());
+  std::printf("peers:%s%s%s%s%s%s%s\n",
+#ifdef POSTBOX_BENCH_HAVE_ATOMIC_QUEUE
+              " atomic_queue",
+#else
+              "",
+#endif
+#ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
+              " moodycamel-concurrentqueue",
+#else
+              "",
+#endif
+#ifdef POSTBOX_BENCH_HAVE_RWQ
+              " moodycamel-readerwriterqueue",
+#else
+              "",
+#endif
+#ifdef POSTBOX_BENCH_HAVE_BOOST_LOCKFREE
+              " boost-lockfree",
+#else
+              "",
+#endif
+#ifdef POSTBOX_BENCH_HAVE_TBB
+              " tbb",
+#else
+              "",
+#endif
+#if defined(POSTBOX_BENCH_HAVE_ASIO_CORO)
+              " asio(try+coroutines)",
+#elif defined(POSTBOX_BENCH_HAVE_ASIO)
+              " asio(try only: no coroutine support detected)",
+#else
+              "",
+#endif
+              " mutex+condvar");
 
   auto scenarios = make_scenarios();
   for (const auto& sc : scenarios) std::printf("  %-18s %s\n", sc.name.c_str(), sc.description.c_str());
+  std::fflush(stdout);
   const auto t0 = std::chrono::steady_clock::now();
   for (int round = 0; round < g_opt.rounds; ++round) {
     for (auto& sc : scenarios) {
@@ -493,5 +800,7 @@ int main(int argc, char** argv) {
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   print_table(scenarios);
+  std::printf("\nload average at end: %s; total %.0f s\n", load_average().c_str(),
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return 0;
 }
