@@ -63,8 +63,9 @@ int main() {
       auto tx = db.begin();
       orders = tx.query_int64("SELECT COUNT(*) FROM orders").value_or(-1);
     }
-    std::printf("orders stored: %lld, events pending: %llu\n", orders,
-                static_cast<unsigned long long>(db.outbox_summary()->pending));
+    const auto stats = relay.stats();  // stuck rows, oldest pending age, outbox dead letters
+    std::printf("orders stored: %lld, events pending: %llu, dead letters: %llu\n", orders,
+                static_cast<unsigned long long>(stats.pending), static_cast<unsigned long long>(stats.dead_letters));
   }
   clean();
   return 0;

@@ -42,7 +42,8 @@ struct jetstream_destination_options {
 ///   is the stream's order (a failure holds back the rest of that key).
 /// * A body the codec cannot decode, or an envelope NATS headers cannot
 ///   carry (CR/LF in a value), fails with the decode or `invalid_argument`
-///   code and is retried like any failure (fix the data; nothing is dropped).
+///   code, which the relay's default classifier calls permanent: the row
+///   moves to the outbox dead letters (fix the data, then redrive it).
 ///
 /// `T = nlohmann::json` with `json::codec` relays every message type through
 /// one destination (the payload JSON goes out as it was staged).
