@@ -269,7 +269,7 @@ struct relay_options {
   /// Which destination results are permanent: such a row is dead-lettered
   /// at its first failure, with the code's name as reason. Empty:
   /// `outbox_permanent_error`. Called on the relay's thread; must not throw.
-  std::function<bool(errc)> is_permanent;
+  std::function<bool(errc)> is_permanent{};
   /// Lease owner name; must be unique among running relays on one database.
   /// Empty: a name that survives restarts, "<hostname>:<executable
   /// path>:<store>#<slot>" (<store> is the SQLite path made canonical, or the
@@ -279,7 +279,7 @@ struct relay_options {
   /// directory for a SQLite store, held while the relay lives), so two
   /// processes never share a name; without a usable lock file the name is
   /// random (as before: a crashed relay's leases then wait out `lease`).
-  std::string owner;
+  std::string owner{};
   /// Release this relay's leases when it stops (`stop()`, destruction), so
   /// another relay may take its keys at once. Off: leases stay until they
   /// expire, as after a crash (crash tests use this).
@@ -291,7 +291,7 @@ struct relay_options {
   /// exception from it leaves `run_once` at that point, as a crash would
   /// (rows stay leased until the lease ends); on the relay's own thread it
   /// would end the process, so only tests that call `run_once` throw.
-  std::function<void(relay_point, const stored_message*)> on_point;
+  std::function<void(relay_point, const stored_message*)> on_point{};
 };
 
 /// What one `run_once` did. A plain value.
