@@ -404,8 +404,9 @@ class stream_group_source {
                       std::size_t batch = 64, duration poll_interval = std::chrono::milliseconds(1))
       : st_(std::make_shared<state>(s.group(group).join(), std::move(name), batch, poll_interval)) {}
 
-  /// Takes over an existing member of a group of `s`.
-  stream_group_source(stream<envelope<T>>& s, group_member<envelope<T>>&& member, std::string name = "stream",
+  /// Takes over an existing member of a group of `s` (the member already
+  /// shares the stream's log; `s` names the stream it belongs to).
+  stream_group_source([[maybe_unused]] stream<envelope<T>>& s, group_member<envelope<T>>&& member, std::string name = "stream",
                       std::size_t batch = 64, duration poll_interval = std::chrono::milliseconds(1))
       : st_(std::make_shared<state>(std::move(member), std::move(name), batch, poll_interval)) {}
 

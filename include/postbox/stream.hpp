@@ -53,8 +53,8 @@ POSTBOX_BEGIN_NAMESPACE
 /// FNV-1a 64 of `key`, stable across runs and platforms. Never blocks or allocates.
 [[nodiscard]] constexpr std::uint64_t fnv1a_64(std::string_view key) noexcept {
   std::uint64_t h = 0xcbf29ce484222325ULL;
-  for (unsigned char c : key) {
-    h ^= c;
+  for (const char c : key) {
+    h ^= static_cast<unsigned char>(c);
     h *= 0x100000001b3ULL;
   }
   return h;
