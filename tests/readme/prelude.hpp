@@ -54,6 +54,7 @@ void from_json(const nlohmann::json& j, quote& q);
 // Values and components a fragment works with.
 extern postbox::envelope<order> env;
 extern std::string id;
+extern std::string customer;
 extern long long cents;
 extern std::string data;  // a saga's input
 extern postbox::channel<postbox::envelope<order>> orders_channel;
