@@ -132,6 +132,8 @@ enum class claim_status { ok, full, empty, closed };
 
 namespace detail {
 
+struct select_access;  // select.hpp: registers a select's waker with a ring's event counts
+
 /// Lets postbox's own wrappers (topic subscriptions) wait with more than one
 /// stop token; not part of the public API.
 struct channel_access {
@@ -451,6 +453,7 @@ class channel_api {
 template <class T, channel_shape Shape = mpmc>
 class channel : public detail::channel_api<channel<T, Shape>, T> {
   friend class detail::channel_api<channel<T, Shape>, T>;
+  friend struct detail::select_access;
   static_assert(std::is_nothrow_move_constructible_v<T>,
                 "postbox::channel<T>: T must be nothrow move constructible, so a claimed slot is always filled");
   static_assert(std::is_nothrow_destructible_v<T>, "postbox::channel<T>: T must be nothrow destructible");
@@ -747,6 +750,7 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
 template <class T>
 class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   friend class detail::channel_api<channel<T, spsc>, T>;
+  friend struct detail::select_access;
   static_assert(std::is_nothrow_move_constructible_v<T>,
                 "postbox::channel<T>: T must be nothrow move constructible, so a claimed slot is always filled");
   static_assert(std::is_nothrow_destructible_v<T>, "postbox::channel<T>: T must be nothrow destructible");
@@ -1016,6 +1020,7 @@ class sender {
   [[nodiscard]] std::size_t size_approx() const noexcept { return state_->ch.size_approx(); }
 
  private:
+  friend struct detail::select_access;
   template <class U, channel_shape S>
   friend std::pair<sender<U, S>, receiver<U, S>> make_channel(std::size_t);
   explicit sender(std::shared_ptr<detail::endpoint_state<T, Shape>> s) noexcept : state_(std::move(s)) {}
@@ -1064,6 +1069,7 @@ class receiver {
   [[nodiscard]] std::size_t size_approx() const noexcept { return state_->ch.size_approx(); }
 
  private:
+  friend struct detail::select_access;
   template <class U, channel_shape S>
   friend std::pair<sender<U, S>, receiver<U, S>> make_channel(std::size_t);
   explicit receiver(std::shared_ptr<detail::endpoint_state<T, Shape>> s) noexcept : state_(std::move(s)) {}

@@ -482,6 +482,7 @@ class subscription {
 
  private:
   friend class topic<T>;
+  friend struct detail::select_access;
   subscription(std::shared_ptr<detail::topic_state<T>> s, std::shared_ptr<detail::topic_queue<T>> q)
       : core_(std::make_unique<core>()) {
     core_->state = std::move(s);

@@ -4,14 +4,18 @@
 
 #include <postbox/config.hpp>
 #include <postbox/detail/asymmetric_fence.hpp>
+#include <postbox/detail/waker.hpp>
 
 #include <atomic>
 #include <chrono>
 #include <cerrno>
 #include <climits>
 #include <cstdint>
+#include <algorithm>
+#include <mutex>
 #include <optional>
 #include <stop_token>
+#include <vector>
 
 #if defined(__linux__)
 #  include <linux/futex.h>
@@ -74,6 +78,38 @@ class event_count {
     return epoch_.load(std::memory_order_seq_cst);
   }
 
+  /// Registers `w` to be woken by every notify until unregister_waker(w):
+  /// the parking side of a select. Counts as a waiter for has_waiters(), so
+  /// the same Dekker argument as prepare_wait() applies: the caller re-checks
+  /// its condition after this returns, and a notifier that missed the
+  /// re-check's window sees the waiter. `asymmetric` selects the protocol of
+  /// prepare_wait_asymmetric (for rings whose notifiers use notify_light).
+  /// Allocates (the registry grows); takes the registry mutex. Rare side only.
+  void register_waker(waker& w, bool asymmetric) {
+    {
+      std::lock_guard lock(registry_mutex_);
+      wakers_.push_back(&w);
+      // relaxed: read by wake() only after it has seen our waiters_ increment
+      // below, which (seq_cst RMW, read by the notifier's seq_cst load)
+      // makes this write and the push visible to it.
+      registered_.store(static_cast<std::uint32_t>(wakers_.size()), std::memory_order_relaxed);
+    }
+    waiters_.fetch_add(1, std::memory_order_seq_cst);  // seq_cst: see prepare_wait()
+    if (asymmetric) heavy_fence();
+  }
+
+  /// Withdraws a waker registered with register_waker(). Takes the registry
+  /// mutex, so no wake() is still calling `w` once this returns.
+  void unregister_waker(waker& w) noexcept {
+    {
+      std::lock_guard lock(registry_mutex_);
+      wakers_.erase(std::find(wakers_.begin(), wakers_.end(), &w));
+      // relaxed: see register_waker().
+      registered_.store(static_cast<std::uint32_t>(wakers_.size()), std::memory_order_relaxed);
+    }
+    waiters_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: see finish_wait()
+  }
+
   /// Withdraws the waiter announced by prepare_wait().
   void finish_wait() noexcept {
     // relaxed: the count only gates whether notifiers bother to wake; a stale
@@ -132,9 +168,11 @@ class event_count {
   /// nobody waits.
   void notify_light(int n) noexcept {
     light_fence();
-    // relaxed: ordered after the caller's condition store by the light fence
-    // and the waiter's heavy fence (see prepare_wait_asymmetric).
-    if (waiters_.load(std::memory_order_relaxed) != 0) wake(n);
+    // acquire: ordered after the caller's condition store by the light fence
+    // and the waiter's heavy fence (see prepare_wait_asymmetric); acquire
+    // (free on x86) so a waiter's registration (register_waker) is visible
+    // to wake() once its increment is seen.
+    if (waiters_.load(std::memory_order_acquire) != 0) wake(n);
   }
 
   /// Wakes every parked thread whether or not a waiter is announced: for a
@@ -146,6 +184,16 @@ class event_count {
 
  private:
   void wake(int n) noexcept {
+    // relaxed: a waker registered before the waiters_ increment this
+    // notifier observed is visible here (see register_waker); one registered
+    // later re-checks its condition itself.
+    if (registered_.load(std::memory_order_relaxed) != 0) {
+      std::lock_guard lock(registry_mutex_);
+      // Every registered select is woken, whatever `n`: a select woken for
+      // one case may complete another, so waking only some could strand a
+      // message while another select or thread sleeps.
+      for (waker* w : wakers_) w->wake();
+    }
     // seq_cst: a waiter that read the old epoch in prepare_wait() either sees
     // this new value in the futex check or is woken below.
     epoch_.fetch_add(1, std::memory_order_seq_cst);
@@ -168,6 +216,13 @@ class event_count {
   /// Threads between prepare_wait() and finish_wait(). Incremented seq_cst by
   /// waiters, read seq_cst by notifiers (has_waiters); see the class comment.
   std::atomic<std::uint32_t> waiters_{0};
+  /// Wakers registered by selects in progress; guarded by registry_mutex_.
+  std::vector<waker*> wakers_;
+  /// wakers_.size(), readable without the mutex: lets wake() skip the lock
+  /// when no select waits. Written under the mutex (relaxed), read by wake()
+  /// (relaxed; ordered by the waiters_ handshake, see register_waker).
+  std::atomic<std::uint32_t> registered_{0};
+  std::mutex registry_mutex_;
 #if !defined(__linux__)
   std::mutex mutex_;
   std::condition_variable cv_;

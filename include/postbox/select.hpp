@@ -1,0 +1,493 @@
+// SPDX-License-Identifier: MIT
+// postbox::select: wait on several channel operations and timers at once; exactly one completes.
+#pragma once
+
+// Design: docs/design/select.md.
+//
+// * A select tries its cases in an order that rotates with every call (round
+//   robin per thread), so when several are ready none is starved. Trying a
+//   case is the channel's own non-blocking operation: it either completes
+//   (the message is taken or sent, then the case's handler runs) or changes
+//   nothing. So exactly one case completes and the others are untouched.
+// * When nothing is ready the select spins briefly, then registers one
+//   detail::waker with the event count of every channel case (the same event
+//   counts blocking receivers and senders park on), re-tries every case, and
+//   parks on the waker through the select's postbox clock until a
+//   notification, the earliest timer, the deadline or a stop. The waker is
+//   unregistered before the select returns.
+
+#include <postbox/channel.hpp>
+#include <postbox/clock.hpp>
+#include <postbox/config.hpp>
+#include <postbox/detail/backoff.hpp>
+#include <postbox/detail/waker.hpp>
+#include <postbox/error.hpp>
+#include <postbox/topic.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <stop_token>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+POSTBOX_BEGIN_NAMESPACE
+
+/// How a select ended. `ok`: the case at `index` completed (its handler ran);
+/// `closed`: the case at `index` is a receive on a closed and drained source
+/// or a send on a closed channel (its handler did not run, nothing changed);
+/// `timeout`: the select's deadline passed first; `canceled`: its stop token
+/// was stopped first; `empty`: `try_select` found nothing ready.
+enum class select_status { ok, closed, timeout, canceled, empty };
+
+/// Stable lower-case name of a select status. Never allocates.
+[[nodiscard]] constexpr std::string_view to_string(select_status s) noexcept {
+  switch (s) {
+    case select_status::ok: return "ok";
+    case select_status::closed: return "closed";
+    case select_status::timeout: return "timeout";
+    case select_status::canceled: return "canceled";
+    case select_status::empty: return "empty";
+  }
+  return "unknown";
+}
+
+/// The outcome of a select: which case (its position in the argument list)
+/// and how. `index` is meaningful for `ok` and `closed`.
+struct select_result {
+  std::size_t index = 0;
+  select_status status = select_status::empty;
+  [[nodiscard]] bool ok() const noexcept { return status == select_status::ok; }
+};
+
+/// Options of a blocking select. `clock`: the clock timer cases, tickers and
+/// the deadline are measured on (default: the real clock; a manual_clock in
+/// tests); `deadline`: give up with `timeout` at this time on that clock
+/// (default: never); `stop`: give up with `canceled` once stopped.
+struct select_options {
+  const postbox::clock* clock = nullptr;
+  time_point deadline = time_point::max();
+  std::stop_token stop{};
+};
+
+/// A periodic timer usable as a select case (`on_receive(ticker, f)`) or on
+/// its own: it is ready once per `period` on its clock, the first time one
+/// period after construction. Ticks missed while nobody received are dropped
+/// (one tick is delivered, stamped with the latest missed tick time), as
+/// crossbeam's tick does. Not thread-safe: one receiving thread at a time.
+class ticker {
+ public:
+  /// Allocates nothing. Throws error(invalid_argument) for a period <= 0.
+  explicit ticker(duration period, const clock& clk = default_clock())
+      : clock_(&clk), period_(period), next_(clk.now() + period) {
+    if (period <= duration::zero()) POSTBOX_THROW(error(errc::invalid_argument, "postbox::ticker: period must be positive"));
+  }
+
+  /// The tick's time if one is due now (and moves to the next), else empty.
+  /// Never blocks.
+  [[nodiscard]] std::optional<time_point> try_receive() {
+    const time_point now = clock_->now();
+    if (now < next_) return std::nullopt;
+    // Drop missed ticks: deliver the latest due one, schedule the one after.
+    const auto missed = (now - next_) / period_;
+    const time_point fired = next_ + missed * period_;
+    next_ = fired + period_;
+    return fired;
+  }
+
+  /// Blocks until the next tick (on the ticker's clock) and returns its time.
+  time_point receive() {
+    std::mutex m;
+    std::condition_variable cv;
+    std::unique_lock lock(m);
+    for (;;) {
+      if (auto t = try_receive()) return *t;
+      clock_->wait_until(lock, cv, next_);
+    }
+  }
+
+  /// When the next tick is due.
+  [[nodiscard]] time_point next() const noexcept { return next_; }
+  [[nodiscard]] duration period() const noexcept { return period_; }
+  [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
+
+ private:
+  const clock* clock_;
+  duration period_;
+  time_point next_;
+};
+
+namespace detail {
+
+/// What the select needs of a channel, an endpoint or a subscription that
+/// their public API does not show: the event counts to register with.
+struct select_access {
+  template <class Ring>
+  static event_count& not_empty(Ring& ring) noexcept {
+    return ring.not_empty_;
+  }
+  template <class Ring>
+  static event_count& not_full(Ring& ring) noexcept {
+    return ring.not_full_;
+  }
+  template <class Ring>
+  static constexpr bool asymmetric() noexcept {
+    return Ring::asymmetric_waits;
+  }
+  template <class T, class Shape>
+  static channel<T, Shape>& channel_of(receiver<T, Shape>& r) noexcept {
+    return r.state_->ch;
+  }
+  template <class T, class Shape>
+  static channel<T, Shape>& channel_of(sender<T, Shape>& s) noexcept {
+    return s.state_->ch;
+  }
+  template <class T>
+  static subscription_core<T>* core_of(subscription<T>& s) noexcept {
+    return s.core_.get();
+  }
+};
+
+enum class attempt { not_ready, ok, closed };
+
+/// Everything a case may need while the select runs.
+struct select_frame {
+  const clock* clk;
+  time_point started;
+  waker* wake = nullptr;
+};
+
+/// Wakes a select's waker from a stop callback.
+struct wake_waker {
+  waker* w;
+  void operator()() const noexcept { w->wake(); }
+};
+
+template <class T, class Shape, class F>
+struct receive_case {
+  channel<T, Shape>* ch;
+  F handler;
+
+  void enter(select_frame&) noexcept {}
+  void leave() noexcept {}
+  attempt try_complete(select_frame&) {
+    receive_result<T> r = ch->try_receive_result();
+    if (r.has_value()) {
+      handler(std::move(*r));
+      return attempt::ok;
+    }
+    return r.status() == receive_status::closed ? attempt::closed : attempt::not_ready;
+  }
+  void park(waker& w) { select_access::not_empty(*ch).register_waker(w, select_access::asymmetric<channel<T, Shape>>()); }
+  void unpark(waker& w) noexcept { select_access::not_empty(*ch).unregister_waker(w); }
+  std::optional<time_point> due(const select_frame&) const noexcept { return std::nullopt; }
+};
+
+template <class T, class Shape, class U, class F>
+struct send_case {
+  channel<T, Shape>* ch;
+  std::remove_reference_t<U>* value;
+  F handler;
+
+  void enter(select_frame&) noexcept {}
+  void leave() noexcept {}
+  attempt try_complete(select_frame&) {
+    // try_send moves from *value only on ok.
+    const send_status s = ch->try_send(static_cast<U&&>(*value));
+    if (s == send_status::ok) {
+      handler();
+      return attempt::ok;
+    }
+    return s == send_status::closed ? attempt::closed : attempt::not_ready;
+  }
+  void park(waker& w) { select_access::not_full(*ch).register_waker(w, select_access::asymmetric<channel<T, Shape>>()); }
+  void unpark(waker& w) noexcept { select_access::not_full(*ch).unregister_waker(w); }
+  std::optional<time_point> due(const select_frame&) const noexcept { return std::nullopt; }
+};
+
+/// A topic subscription case: a blocking call on the handle, so it takes
+/// part in the handle's reset-while-blocked protocol (see subscription_core):
+/// it counts itself in, and a reset() wakes the select and reads `closed`.
+
+template <class T, class F>
+struct subscription_case {
+  subscription_core<T>* core;
+  F handler;
+  bool entered = false;
+  bool detached_at_entry = false;
+  std::optional<std::stop_callback<wake_waker>> on_detach{};
+
+  void enter(select_frame&) noexcept {
+    if (core == nullptr) return;
+    // seq_cst: the Dekker increment of the handle's call count (see
+    // subscription_core::calls); pairs with reset()'s seq_cst reads.
+    core->calls.fetch_add(1, std::memory_order_seq_cst);
+    entered = true;
+    // seq_cst: pairs with the exchange in reset().
+    detached_at_entry = core->detached.load(std::memory_order_seq_cst);
+  }
+  void leave() noexcept {
+    on_detach.reset();
+    // release: the select's last touch of the queue; pairs with reset().
+    if (entered) core->calls.fetch_sub(1, std::memory_order_release);
+    entered = false;
+  }
+  attempt try_complete(select_frame&) {
+    if (core == nullptr || detached_at_entry || core->detach.stop_requested()) return attempt::closed;
+    auto r = core->q->ch.try_receive_result();
+    if (r.has_value()) {
+      handler(delivery<T>(std::move(*r)));
+      return attempt::ok;
+    }
+    return r.status() == receive_status::closed ? attempt::closed : attempt::not_ready;
+  }
+  void park(waker& w) {
+    if (core == nullptr || detached_at_entry) return;
+    // A reset() of the handle wakes the select (then reads closed).
+    if (!on_detach) on_detach.emplace(core->detach.get_token(), wake_waker{&w});
+    select_access::not_empty(core->q->ch).register_waker(w, false);
+  }
+  void unpark(waker& w) noexcept {
+    if (core != nullptr && !detached_at_entry) select_access::not_empty(core->q->ch).unregister_waker(w);
+  }
+  std::optional<time_point> due(const select_frame&) const noexcept { return std::nullopt; }
+};
+
+template <class F>
+struct after_case {
+  duration delay;
+  F handler;
+
+  void enter(select_frame&) noexcept {}
+  void leave() noexcept {}
+  attempt try_complete(select_frame& frame) {
+    if (frame.clk->now() < frame.started + delay) return attempt::not_ready;
+    handler();
+    return attempt::ok;
+  }
+  void park(waker&) noexcept {}
+  void unpark(waker&) noexcept {}
+  std::optional<time_point> due(const select_frame& frame) const noexcept { return frame.started + delay; }
+};
+
+template <class F>
+struct tick_case {
+  ticker* t;
+  F handler;
+
+  void enter(select_frame& frame) {
+    if (&t->get_clock() != frame.clk)
+      POSTBOX_THROW(error(errc::invalid_argument, "postbox::select: a ticker must use the select's clock"));
+  }
+  void leave() noexcept {}
+  attempt try_complete(select_frame&) {
+    auto fired = t->try_receive();
+    if (!fired) return attempt::not_ready;
+    handler(*fired);
+    return attempt::ok;
+  }
+  void park(waker&) noexcept {}
+  void unpark(waker&) noexcept {}
+  std::optional<time_point> due(const select_frame&) const noexcept { return t->next(); }
+};
+
+template <class Case>
+inline constexpr bool is_select_case = false;
+template <class T, class S, class F>
+inline constexpr bool is_select_case<receive_case<T, S, F>> = true;
+template <class T, class S, class U, class F>
+inline constexpr bool is_select_case<send_case<T, S, U, F>> = true;
+template <class T, class F>
+inline constexpr bool is_select_case<subscription_case<T, F>> = true;
+template <class F>
+inline constexpr bool is_select_case<after_case<F>> = true;
+template <class F>
+inline constexpr bool is_select_case<tick_case<F>> = true;
+
+/// Per-thread rotation of the first case tried: round robin, so a case that
+/// is always ready cannot starve another one that is also ready.
+inline std::size_t next_rotation() noexcept {
+  thread_local std::size_t counter = 0;
+  return counter++;
+}
+
+template <class Tuple, std::size_t... I>
+select_result try_cases(Tuple& cases, select_frame& frame, std::size_t rotation, std::index_sequence<I...>) {
+  constexpr std::size_t n = sizeof...(I);
+  for (std::size_t k = 0; k < n; ++k) {
+    const std::size_t pick = (rotation + k) % n;
+    attempt a = attempt::not_ready;
+    // Runs only the case whose position is `pick`.
+    ((pick == I ? (a = std::get<I>(cases).try_complete(frame), true) : false) || ...);
+    if (a == attempt::ok) return {pick, select_status::ok};
+    if (a == attempt::closed) return {pick, select_status::closed};
+  }
+  return {0, select_status::empty};
+}
+
+template <class... Cases>
+select_result run_select(const select_options& opts, bool may_wait, Cases&... case_refs) {
+  static_assert(sizeof...(Cases) > 0, "postbox::select needs at least one case");
+  static_assert((is_select_case<Cases> && ...), "postbox::select: every argument after the options must be a case "
+                                                 "(on_receive, on_send, after)");
+  const clock& clk = opts.clock != nullptr ? *opts.clock : default_clock();
+  auto cases = std::tie(case_refs...);
+  constexpr auto seq = std::index_sequence_for<Cases...>{};
+  waker w;
+  select_frame frame{&clk, clk.now(), &w};
+  if (opts.stop.stop_requested()) return {0, select_status::canceled};
+
+  struct entered_guard {
+    std::tuple<Cases&...>& cases;
+    ~entered_guard() {
+      std::apply([](auto&... c) { (c.leave(), ...); }, cases);
+    }
+  } guard{cases};
+  std::apply([&](auto&... c) { (c.enter(frame), ...); }, cases);
+
+  const std::size_t rotation = next_rotation();
+  select_result r = try_cases(cases, frame, rotation, seq);
+  if (r.status != select_status::empty || !may_wait) return r;
+
+  backoff spin;
+  while (!spin.completed()) {
+    spin.snooze();
+    r = try_cases(cases, frame, rotation, seq);
+    if (r.status != select_status::empty) return r;
+    if (opts.stop.stop_requested()) return {0, select_status::canceled};
+  }
+
+  // Slow path: park on the waker until a case's event count, a timer, the
+  // deadline or a stop wakes us.
+  std::optional<std::stop_callback<wake_waker>> on_stop;
+  if (opts.stop.stop_possible()) on_stop.emplace(opts.stop, wake_waker{&w});
+  for (;;) {
+    std::apply([&](auto&... c) { (c.park(w), ...); }, cases);
+    struct parked_guard {
+      std::tuple<Cases&...>& cases;
+      waker& w;
+      ~parked_guard() {
+        std::apply([&](auto&... c) { (c.unpark(w), ...); }, cases);
+      }
+    } parked{cases, w};
+    // Re-check after registering: a notification that came before the
+    // registration was seen here (event_count::register_waker).
+    r = try_cases(cases, frame, rotation, seq);
+    if (r.status != select_status::empty) return r;
+    if (opts.stop.stop_requested()) return {0, select_status::canceled};
+    time_point wake_at = opts.deadline;
+    std::apply(
+        [&](auto&... c) {
+          ((c.due(frame) ? (wake_at = std::min(wake_at, *c.due(frame)), 0) : 0), ...);
+        },
+        cases);
+    if (clk.now() >= opts.deadline) return {0, select_status::timeout};
+    {
+      std::unique_lock lock(w.mutex());
+      while (!w.woken() && clk.now() < wake_at) clk.wait_until(lock, w.cv(), wake_at);
+      w.reset();
+    }
+  }
+}
+
+}  // namespace detail
+
+// --- cases -------------------------------------------------------------------
+
+/// A receive case on a channel: when chosen, takes one message and calls
+/// `handler(T&&)`. Ready also when the channel is closed and drained (the
+/// select then returns `closed` for it and the handler does not run).
+template <class T, class Shape, class F>
+  requires std::is_invocable_v<F&, T&&>
+[[nodiscard]] detail::receive_case<T, Shape, F> on_receive(channel<T, Shape>& ch, F handler) {
+  return {&ch, std::move(handler)};
+}
+
+/// A receive case on a `make_channel` receiver endpoint.
+template <class T, class Shape, class F>
+  requires std::is_invocable_v<F&, T&&>
+[[nodiscard]] detail::receive_case<T, Shape, F> on_receive(receiver<T, Shape>& rx, F handler) {
+  return {&detail::select_access::channel_of(rx), std::move(handler)};
+}
+
+/// A receive case on a topic subscription: `handler(delivery<T>)`. Ready
+/// with `closed` once the topic is closed and the subscription drained, or
+/// the subscription was reset (also while the select waits: reset wakes it).
+template <class T, class F>
+  requires std::is_invocable_v<F&, delivery<T>>
+[[nodiscard]] detail::subscription_case<T, F> on_receive(subscription<T>& sub, F handler) {
+  return {detail::select_access::core_of(sub), std::move(handler)};
+}
+
+/// A tick case: ready once per period of `t`, `handler(time_point)` gets the
+/// tick's time. The ticker must use the select's clock.
+template <class F>
+  requires std::is_invocable_v<F&, time_point>
+[[nodiscard]] detail::tick_case<F> on_receive(ticker& t, F handler) {
+  return {&t, std::move(handler)};
+}
+
+/// A send case: when chosen, sends `value` (moving from it only then) and
+/// calls `handler()`. Ready with `closed` when the channel is closed (the
+/// value is untouched). `value` must outlive the select.
+template <class T, class Shape, class U, class F>
+  requires std::is_constructible_v<T, U&&> && std::is_invocable_v<F&>
+[[nodiscard]] detail::send_case<T, Shape, U, F> on_send(channel<T, Shape>& ch, U&& value, F handler) {
+  return {&ch, &value, std::move(handler)};
+}
+
+/// A send case on a `make_channel` sender endpoint.
+template <class T, class Shape, class U, class F>
+  requires std::is_constructible_v<T, U&&> && std::is_invocable_v<F&>
+[[nodiscard]] detail::send_case<T, Shape, U, F> on_send(sender<T, Shape>& tx, U&& value, F handler) {
+  return {&detail::select_access::channel_of(tx), &value, std::move(handler)};
+}
+
+/// A timer case: ready once `delay` has passed on the select's clock since
+/// the select began; then calls `handler()`.
+template <class F>
+  requires std::is_invocable_v<F&>
+[[nodiscard]] detail::after_case<F> after(duration delay, F handler) {
+  return {delay, std::move(handler)};
+}
+
+/// A ticker firing every `period` on `clk`, for `on_receive(ticker, f)`.
+[[nodiscard]] inline ticker tick(duration period, const clock& clk = default_clock()) { return ticker(period, clk); }
+
+// --- select -------------------------------------------------------------------
+
+/// Waits until one of `cases` can complete, completes exactly that one (its
+/// handler runs on this thread) and returns which. The others consume and
+/// send nothing. Cases are tried in an order that rotates per call, so no
+/// ready case is starved. Blocks (spins briefly, then parks); allocates only
+/// when it parks (registrations). Thread-safe as the cases' operations are.
+/// A handler's exception propagates (its case has completed).
+template <class... Cases>
+  requires(sizeof...(Cases) > 0 && (detail::is_select_case<std::remove_cvref_t<Cases>> && ...))
+select_result select(Cases&&... cases) {
+  return detail::run_select(select_options{}, true, cases...);
+}
+
+/// As `select`, with a clock for timer cases, a deadline (`timeout`) and a
+/// stop token (`canceled`).
+template <class... Cases>
+  requires(sizeof...(Cases) > 0 && (detail::is_select_case<std::remove_cvref_t<Cases>> && ...))
+select_result select(const select_options& options, Cases&&... cases) {
+  return detail::run_select(options, true, cases...);
+}
+
+/// Completes one ready case without waiting, or returns `empty`. Never
+/// blocks, never allocates.
+template <class... Cases>
+  requires(sizeof...(Cases) > 0 && (detail::is_select_case<std::remove_cvref_t<Cases>> && ...))
+[[nodiscard]] select_result try_select(Cases&&... cases) {
+  return detail::run_select(select_options{}, false, cases...);
+}
+
+POSTBOX_END_NAMESPACE
