@@ -887,7 +887,8 @@ template <class T, class Codec>
     if (!detail::outbox_decode<T>(codec, m, env, rc)) return rc;
     std::string s = subject ? subject(m) : m.type;
     const publish_result r = s.empty() ? t.publish(std::move(env)) : t.publish(std::move(s), std::move(env));
-    return r.ok() ? errc::ok : errc::full;
+    if (r.ok()) return errc::ok;
+    return r.closed ? errc::closed : errc::full;
   };
 }
 
