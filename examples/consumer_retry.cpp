@@ -8,6 +8,7 @@
 #include <postbox/postbox.hpp>
 #include <postbox/consumer.hpp>
 #include <postbox/dead_letter.hpp>
+#include <postbox/testing.hpp>  // postbox::manual_clock
 
 #include <chrono>
 #include <cstdio>

@@ -40,6 +40,7 @@
 #include <postbox/postbox.hpp>
 #include <postbox/json.hpp>    // nlohmann/json: the outbox codec, the warehouse feed's decoder
 #include <postbox/sqlite.hpp>  // sqlite3: one file for the shop's tables, outbox, inbox and sagas
+#include <postbox/testing.hpp>  // postbox::manual_clock: the demo's time moves only between steps
 
 #include <unistd.h>
 

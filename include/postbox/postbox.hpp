@@ -1,10 +1,16 @@
 // SPDX-License-Identifier: MIT
-// Umbrella header: includes every public postbox header, nothing else.
-// Headers that need a header-only optional library (nlohmann/json, fmt) are
-// included when it is installed. Headers that need a library to be linked are
-// opt-in and never included here: <postbox/sqlite.hpp> (link postbox::sqlite)
-// and the NATS bridge <postbox/nats.hpp>, <postbox/nats_request_reply.hpp>,
-// <postbox/nats_outbox.hpp>, <postbox/nats_consumer.hpp> (link postbox::nats).
+// Umbrella header: includes every core postbox header (standard library only).
+// The optional parts are opt-in, so an include of this header stays cheap to
+// compile unless a part is asked for (benchmarks/compile_time.py measures it):
+//   POSTBOX_WITH_JSON     <postbox/json.hpp>, <postbox/schema.hpp> (nlohmann/json;
+//                         the CMake target postbox::json and postbox-json.pc define it)
+//   POSTBOX_WITH_FMT      <postbox/format.hpp> (fmt; postbox::fmt and postbox-fmt.pc define it)
+//   POSTBOX_WITH_TESTING  <postbox/testing.hpp> (postbox::manual_clock)
+// Define one before the include (or with -D) to add that part, or include its
+// header directly. Headers that need a library linked are never included here:
+// <postbox/sqlite.hpp> (link postbox::sqlite) and the NATS bridge
+// <postbox/nats.hpp>, <postbox/nats_request_reply.hpp>, <postbox/nats_outbox.hpp>,
+// <postbox/nats_consumer.hpp> (link postbox::nats).
 #pragma once
 
 #include <postbox/version.hpp>
@@ -12,7 +18,6 @@
 #include <postbox/fwd.hpp>
 #include <postbox/error.hpp>
 #include <postbox/clock.hpp>
-#include <postbox/testing.hpp>
 #include <postbox/retry.hpp>
 #include <postbox/metrics.hpp>
 #include <postbox/channel.hpp>
@@ -29,10 +34,13 @@
 #include <postbox/operations.hpp>
 #include <postbox/saga.hpp>
 
-#if __has_include(<nlohmann/json.hpp>)
+#if defined(POSTBOX_WITH_JSON)
 #  include <postbox/json.hpp>
 #  include <postbox/schema.hpp>
 #endif
-#if __has_include(<fmt/format.h>)
+#if defined(POSTBOX_WITH_FMT)
 #  include <postbox/format.hpp>
+#endif
+#if defined(POSTBOX_WITH_TESTING)
+#  include <postbox/testing.hpp>
 #endif

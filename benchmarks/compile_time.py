@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Compile time of postbox's headers: the CPU seconds and peak memory of one
+translation unit that includes a header and defines an empty main, compiled
+with -O2 -std=c++20 -c, as a ratio to a baseline unit that includes <vector>
+and <thread> in the same run (ratios survive a busy or slower machine; the
+seconds do not). Each unit is compiled --repeat times and the fastest run is
+kept. Checks the targets of issue 17: channel.hpp at most 1.3x, each pattern
+header at most 3x, the umbrella at most 4x; exits 1 when one is missed.
+
+  python3 benchmarks/compile_time.py [--cxx g++] [--cxx clang++-14] [--repeat 3]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINE = "<vector>+<thread>"
+# (label, includes, limit as a ratio to the baseline or None)
+UNITS = [
+    (BASELINE, ["<vector>", "<thread>"], None),
+    ("channel.hpp", ["<postbox/channel.hpp>"], 1.3),
+    ("topic.hpp", ["<postbox/topic.hpp>"], 3.0),
+    ("stream.hpp", ["<postbox/stream.hpp>"], 3.0),
+    ("envelope.hpp", ["<postbox/envelope.hpp>"], 3.0),
+    ("inbox.hpp", ["<postbox/inbox.hpp>"], 3.0),
+    ("outbox.hpp", ["<postbox/outbox.hpp>"], 3.0),
+    ("request_reply.hpp", ["<postbox/request_reply.hpp>"], 3.0),
+    ("consumer.hpp", ["<postbox/consumer.hpp>"], 3.0),
+    ("operations.hpp", ["<postbox/operations.hpp>"], 3.0),
+    ("saga.hpp", ["<postbox/saga.hpp>"], 3.0),
+    ("postbox.hpp", ["<postbox/postbox.hpp>"], 4.0),
+    # For reference: the optional integrations and what they include.
+    ("fmt/format.h", ["<fmt/format.h>"], None),
+    ("nlohmann/json.hpp", ["<nlohmann/json.hpp>"], None),
+    ("json.hpp", ["<postbox/json.hpp>"], None),
+]
+
+
+def has_header(cxx, header):
+    src = "#include %s\nint main() {}\n" % header
+    r = subprocess.run([cxx, "-std=c++20", "-x", "c++", "-fsyntax-only", "-"], input=src.encode(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return r.returncode == 0
+
+
+def compile_once(cxx, path, obj):
+    """CPU seconds (user + system) and peak resident MB of one compiler run."""
+    cmd = [cxx, "-std=c++20", "-O2", "-I", os.path.join(ROOT, "include"), "-c", path, "-o", obj]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError("%s failed on %s:\n%s" % (cxx, path, err[:2000]))
+    # g++ forks cc1plus: ru_maxrss of the waited child covers its own children.
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+
+
+def measure(cxx, repeat, tmp):
+    rows = []
+    for label, includes, limit in UNITS:
+        needs = {"fmt/format.h": "<fmt/format.h>", "nlohmann/json.hpp": "<nlohmann/json.hpp>",
+                 "json.hpp": "<nlohmann/json.hpp>"}.get(label)
+        if needs and not has_header(cxx, needs):
+            continue
+        path = os.path.join(tmp, "unit.cpp")
+        with open(path, "w") as f:
+            f.write("".join("#include %s\n" % i for i in includes) + "int main() {}\n")
+        best = None
+        for _ in range(repeat):
+            sec, mb = compile_once(cxx, path, os.path.join(tmp, "unit.o"))
+            if best is None or sec < best[0]:
+                best = (sec, mb)
+        rows.append((label, best[0], best[1], limit))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cxx", action="append", help="compiler (repeatable); default g++ and clang++-14")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    compilers = args.cxx or [c for c in ("g++", "clang++-14") if subprocess.run(
+        ["sh", "-c", "command -v " + c], stdout=subprocess.DEVNULL).returncode == 0]
+    missed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cxx in compilers:
+            version = subprocess.run([cxx, "--version"], stdout=subprocess.PIPE).stdout.decode().split("\n")[0]
+            print("%s, -std=c++20 -O2 -c, best of %d (CPU s = user + system)" % (version, args.repeat))
+            rows = measure(cxx, args.repeat, tmp)
+            base = rows[0][1]
+            print("  %-20s %8s %8s %8s %8s" % ("translation unit", "CPU s", "peak MB", "ratio", "limit"))
+            for label, sec, mb, limit in rows:
+                ratio = sec / base
+                verdict = ""
+                if limit is not None:
+                    verdict = "%.1fx" % limit + ("" if ratio <= limit else "  MISSED")
+                    if ratio > limit:
+                        missed.append("%s %s %.2fx > %.1fx" % (cxx, label, ratio, limit))
+                print("  %-20s %8.2f %8.0f %7.2fx %8s" % (label, sec, mb, ratio, verdict))
+            print()
+    if missed:
+        print("targets missed: " + "; ".join(missed))
+        return 1
+    print("all targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
