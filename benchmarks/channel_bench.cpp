@@ -10,7 +10,10 @@
 // Consumers check the count and the sum of what they received; a mismatch
 // aborts the run.
 //
-// Usage: channel_bench [--quick] [--pin] [--rounds N]
+// Usage: channel_bench [--quick] [--pin] [--rounds N] [--verbose]
+//   --quick    smaller runs, 3 rounds: a smoke check of well under 20 s
+//   --pin      pin benchmark thread i to cpu i mod n
+//   --verbose  also list the wall time each entry took over all rounds
 #include "peers.hpp"
 
 #include <postbox/detail/backoff.hpp>
@@ -54,6 +57,7 @@ using clock_type = std::chrono::steady_clock;
 struct options {
   bool quick = false;
   bool pin = false;
+  bool verbose = false;
   int rounds = 7;
 };
 options g_opt;
@@ -313,8 +317,9 @@ double wake_up(unsigned samples) {
 // --- Asio's concurrent_channel driven the way Asio code uses it --------------
 //
 // Coroutines (asio::awaitable, use_awaitable) on one io_context whose run()
-// is called by two threads, so sender and receiver are on different threads
-// whenever both are runnable. Every async_send/async_receive builds an
+// is called by two threads (Asio's usual shape; it may resume both
+// coroutines on one thread), and on two io_contexts with a thread each, so
+// that every hand-off crosses threads. Every async_send/async_receive builds an
 // operation and completes through the executor (Asio 1.22's channel_service
 // has no inline completion), which is why the try_send/try_receive entry of
 // the spinning rows is Asio's strongest thread-to-thread form there; this
@@ -333,13 +338,29 @@ asio::awaitable<void> asio_consume(asio_channel_type* ch, std::uint64_t n, std::
   }
 }
 
-double asio_coro_throughput(std::uint64_t total) {
-  asio::io_context ctx(2);
-  asio_channel_type ch(ctx, bench_capacity);
+/// Where the two coroutines run: both on one io_context that two threads
+/// run (Asio picks the thread for each resumption), or each on its own
+/// io_context and thread (every hand-off crosses threads).
+enum class asio_contexts { one_shared, one_each };
+
+struct asio_runner {
+  explicit asio_runner(asio_contexts how) : a(how == asio_contexts::one_shared ? 2 : 1), b(1), shared(how == asio_contexts::one_shared) {}
+  asio::io_context& first() { return a; }
+  asio::io_context& second() { return shared ? a : b; }
+  double run() {
+    return run_threads({[&] { a.run(); }, [&] { shared ? a.run() : b.run(); }});
+  }
+  asio::io_context a, b;
+  bool shared;
+};
+
+double asio_coro_throughput(std::uint64_t total, asio_contexts how) {
+  asio_runner r(how);
+  asio_channel_type ch(r.first(), bench_capacity);
   std::uint64_t sum = 0, count = 0;
-  asio::co_spawn(ctx, asio_produce(&ch, total), asio::detached);
-  asio::co_spawn(ctx, asio_consume(&ch, total, &sum, &count), asio::detached);
-  const double secs = run_threads({[&] { ctx.run(); }, [&] { ctx.run(); }});
+  asio::co_spawn(r.first(), asio_produce(&ch, total), asio::detached);
+  asio::co_spawn(r.second(), asio_consume(&ch, total, &sum, &count), asio::detached);
+  const double secs = r.run();
   check_totals(count, total, sum, expected_sum(1, total));
   return static_cast<double>(total) / secs / 1e6;
 }
@@ -362,13 +383,13 @@ asio::awaitable<void> asio_pong(asio_channel_type* there, asio_channel_type* bac
   }
 }
 
-double asio_coro_ping_pong(std::uint64_t trips) {
-  asio::io_context ctx(2);
-  asio_channel_type there(ctx, bench_capacity), back(ctx, bench_capacity);
+double asio_coro_ping_pong(std::uint64_t trips, asio_contexts how) {
+  asio_runner r(how);
+  asio_channel_type there(r.first(), bench_capacity), back(r.first(), bench_capacity);
   std::uint64_t sum = 0, count = 0;
-  asio::co_spawn(ctx, asio_ping(&there, &back, trips, &sum, &count), asio::detached);
-  asio::co_spawn(ctx, asio_pong(&there, &back, trips), asio::detached);
-  const double secs = run_threads({[&] { ctx.run(); }, [&] { ctx.run(); }});
+  asio::co_spawn(r.first(), asio_ping(&there, &back, trips, &sum, &count), asio::detached);
+  asio::co_spawn(r.second(), asio_pong(&there, &back, trips), asio::detached);
+  const double secs = r.run();
   check_totals(count, trips, sum, trips * (trips + 1) / 2);
   return secs * 1e9 / static_cast<double>(trips);
 }
@@ -416,6 +437,7 @@ struct entry {
   bool ours = false;
   std::function<double()> run;
   std::vector<double> samples{};
+  double seconds = 0;  ///< wall time spent in run() over all rounds (--verbose)
 };
 
 struct scenario {
@@ -457,9 +479,13 @@ std::vector<scenario> make_scenarios() {
   const bool q = g_opt.quick;
   const std::uint64_t n = q ? 100'000 : 1'000'000;   // throughput messages per run
   const std::uint64_t nb = q ? 50'000 : 500'000;     // blocking throughput messages
-  const std::uint64_t trips = q ? 3'000 : 20'000;    // spin ping-pong round trips
+  const std::uint64_t trips = q ? 3'000 : 10'000;    // spin ping-pong round trips
   const std::uint64_t btrips = q ? 1'000 : 5'000;    // blocking ping-pong round trips
   const unsigned wakes = q ? 20 : 100;               // wake-up samples
+  // atomic_queue's push/pop spin with pause alone: with more threads than
+  // free cores a waiting side burns whole time slices, so these entries move
+  // a tenth of the messages to keep the run short (their rate stays a rate).
+  const std::uint64_t ns = n / 10;
   using pb_spsc = postbox_channel<postbox::spsc>;
   using pb_mpmc = postbox_channel<postbox::mpmc>;
   constexpr auto T = ops::try_calls;
@@ -476,7 +502,7 @@ std::vector<scenario> make_scenarios() {
     e.push_back({"atomic_queue AtomicQueue<SPSC> try_push/try_pop", false,
                  [=] { return throughput<atomic_queue_aq<true>, T>(1, 1, n); }});
     e.push_back({"atomic_queue AtomicQueue<SPSC> push/pop (spin)", false,
-                 [=] { return throughput<atomic_queue_aq<true>, W>(1, 1, n); }});
+                 [=] { return throughput<atomic_queue_aq<true>, W>(1, 1, ns); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_RWQ
     e.push_back({"moodycamel ReaderWriterQueue try_enqueue/try_dequeue", false,
@@ -502,11 +528,11 @@ std::vector<scenario> make_scenarios() {
     e.push_back({"atomic_queue AtomicQueue try_push/try_pop", false,
                  [=] { return throughput<atomic_queue_aq<false>, T>(pc, pc, n); }});
     e.push_back({"atomic_queue AtomicQueue push/pop (spin)", false,
-                 [=] { return throughput<atomic_queue_aq<false>, W>(pc, pc, n); }});
+                 [=] { return throughput<atomic_queue_aq<false>, W>(pc, pc, ns); }});
     e.push_back({"atomic_queue AtomicQueue2 try_push/try_pop", false,
                  [=] { return throughput<atomic_queue_aq2<false>, T>(pc, pc, n); }});
     e.push_back({"atomic_queue AtomicQueue2 push/pop (spin)", false,
-                 [=] { return throughput<atomic_queue_aq2<false>, W>(pc, pc, n); }});
+                 [=] { return throughput<atomic_queue_aq2<false>, W>(pc, pc, ns); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
     e.push_back({"moodycamel ConcurrentQueue + tokens" POSTBOX_BENCH_UNBOUNDED, false,
@@ -546,7 +572,10 @@ std::vector<scenario> make_scenarios() {
     e.push_back({"tbb::concurrent_bounded_queue push/pop", false, [=] { return throughput<tbb_bounded_queue, W>(1, 1, nb); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_ASIO_CORO
-    e.push_back({"asio concurrent_channel coroutines", false, [=] { return asio_coro_throughput(nb); }});
+    e.push_back({"asio concurrent_channel coroutines, 1 io_context x 2 threads", false,
+                 [=] { return asio_coro_throughput(nb, asio_contexts::one_shared); }});
+    e.push_back({"asio concurrent_channel coroutines, 2 io_contexts x 1 thread", false,
+                 [=] { return asio_coro_throughput(nb, asio_contexts::one_each); }});
 #endif
     e.push_back({"mutex+condvar queue", false, [=] { return throughput<mutex_queue, W>(1, 1, nb); }});
   }
@@ -602,7 +631,10 @@ std::vector<scenario> make_scenarios() {
     e.push_back({"tbb::concurrent_bounded_queue push/pop", false, [=] { return ping_pong<tbb_bounded_queue, W>(btrips); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_ASIO_CORO
-    e.push_back({"asio concurrent_channel coroutines", false, [=] { return asio_coro_ping_pong(btrips); }});
+    e.push_back({"asio concurrent_channel coroutines, 1 io_context x 2 threads", false,
+                 [=] { return asio_coro_ping_pong(btrips, asio_contexts::one_shared); }});
+    e.push_back({"asio concurrent_channel coroutines, 2 io_contexts x 1 thread", false,
+                 [=] { return asio_coro_ping_pong(btrips, asio_contexts::one_each); }});
 #endif
     e.push_back({"mutex+condvar queue", false, [=] { return ping_pong<mutex_queue, W>(btrips); }});
   }
@@ -685,7 +717,8 @@ void print_table(const std::vector<scenario>& all) {
   std::printf("\nvs best peer: median / best non-postbox median of the row (throughput: >= 1 is a win; ns: <= 1 is a win);\n"
               "the stats() and metrics rows compare with their first entry.\n"
               "spread: (max - min) / median over the rounds, a measure of the noise.\n"
-              "[unbounded]: the peer allocates instead of reporting full (postbox and the others hold 1024).\n");
+              "[unbounded]: the peer allocates instead of reporting full (postbox and the others hold 1024).\n"
+              "(spin): the peer's own push/pop, a pause-only busy wait; these throughput entries move a tenth of the messages.\n");
 
   std::printf("\n| scenario | best postbox entry | best peer | postbox / best peer |\n");
   std::printf("|---|---|---|---:|\n");
@@ -712,10 +745,12 @@ int main(int argc, char** argv) {
       g_opt.rounds = 3;
     } else if (std::strcmp(argv[i], "--pin") == 0) {
       g_opt.pin = true;
+    } else if (std::strcmp(argv[i], "--verbose") == 0) {
+      g_opt.verbose = true;
     } else if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) {
       g_opt.rounds = std::max(1, std::atoi(argv[++i]));
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--pin] [--rounds N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--pin] [--rounds N] [--verbose]\n", argv[0]);
       return 64;
     }
   }
@@ -793,13 +828,20 @@ int main(int argc, char** argv) {
       const std::size_t n = sc.entries.size();
       for (std::size_t k = 0; k < n; ++k) {
         auto& e = sc.entries[(k + static_cast<std::size_t>(round)) % n];
+        const auto start = std::chrono::steady_clock::now();
         e.samples.push_back(e.run());
+        e.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       }
     }
     std::fprintf(stderr, "round %d/%d done (%.0f s)\n", round + 1, g_opt.rounds,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   print_table(scenarios);
+  if (g_opt.verbose) {
+    std::printf("\n| scenario | queue | seconds over all rounds |\n|---|---|---:|\n");
+    for (const auto& sc : scenarios)
+      for (const auto& e : sc.entries) std::printf("| %s | %s | %.2f |\n", sc.name.c_str(), e.name.c_str(), e.seconds);
+  }
   std::printf("\nload average at end: %s; total %.0f s\n", load_average().c_str(),
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return 0;
