@@ -434,7 +434,7 @@ class relay_owner_slot {
   bool lock_file([[maybe_unused]] const std::string& base, [[maybe_unused]] int slot) {
 #if POSTBOX_OUTBOX_POSIX
     std::uint64_t h = 14695981039346656037ull;  // FNV-1a: a short, stable file name for a long base
-    for (const unsigned char c : base) h = (h ^ c) * 1099511628211ull;
+    for (const char ch : base) h = (h ^ static_cast<unsigned char>(ch)) * 1099511628211ull;
     char file[64];
     std::snprintf(file, sizeof file, "postbox-relay-%016llx-%d.lock", static_cast<unsigned long long>(h), slot);
     std::error_code ec;

@@ -324,7 +324,7 @@ select_result try_cases(Tuple& cases, select_frame& frame, std::size_t rotation,
     const std::size_t pick = (rotation + k) % n;
     attempt a = attempt::not_ready;
     // Runs only the case whose position is `pick`.
-    ((pick == I ? (a = std::get<I>(cases).try_complete(frame), true) : false) || ...);
+    (void)((pick == I ? (a = std::get<I>(cases).try_complete(frame), true) : false) || ...);
     if (a == attempt::ok) return {pick, select_status::ok};
     if (a == attempt::closed) return {pick, select_status::closed};
   }
