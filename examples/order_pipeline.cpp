@@ -8,7 +8,9 @@
 // produces has no second effect; a poison message dead-lettered and a rejected
 // one redriven once the rule is fixed. It prints a timeline whose message
 // aliases (m1, m2, ...) show how correlation and causation ids link the steps,
-// then every component's metrics as Prometheus text, then a summary.
+// then a short summary of every component's metrics (--metrics prints them as
+// Prometheus text), then a summary. Output lines stay within 100 columns
+// (the Prometheus text's own lines excepted).
 //
 //   checkout ──quote──▶ pricing                                        request-reply
 //      │ submit(order, idempotency key) ──▶ 202 Accepted: operation id, pending
@@ -32,7 +34,7 @@
 //                                           ▲                                      │
 //                                           └────────── redrive, once fixed ◀──────┘
 //
-// Usage: order_pipeline [--seed N] [--verbose] [--db PATH] [--all-metrics]
+// Usage: order_pipeline [--seed N] [--verbose] [--db PATH] [--metrics] [--all-metrics]
 // Deterministic: a manual clock drives time, and consumers, relay and responder
 // run on the main thread when it polls them; the operations' work runs on the
 // tracker's worker while the main thread waits. The same seed prints the same
@@ -126,6 +128,7 @@ void from_json(const nlohmann::json& j, stock_received& s) {
 struct options {
   std::uint64_t seed = 42;
   bool verbose = false;      ///< print full message ids next to the aliases
+  bool metrics = false;      ///< print the non-zero metrics as Prometheus text
   bool all_metrics = false;  ///< print zero-valued series and histograms too
   std::string db;            ///< empty: a temporary file, removed at exit
 };
@@ -140,10 +143,12 @@ std::optional<options> parse_options(int argc, char** argv) {
       o.db = argv[++i];
     } else if (arg == "--verbose") {
       o.verbose = true;
+    } else if (arg == "--metrics") {
+      o.metrics = true;
     } else if (arg == "--all-metrics") {
-      o.all_metrics = true;
+      o.metrics = o.all_metrics = true;
     } else {
-      std::fprintf(stderr, "usage: order_pipeline [--seed N] [--verbose] [--db PATH] [--all-metrics]\n");
+      std::fprintf(stderr, "usage: order_pipeline [--seed N] [--verbose] [--db PATH] [--metrics] [--all-metrics]\n");
       return std::nullopt;
     }
   }
@@ -282,11 +287,44 @@ class timeline {
     std::printf("\n%s\n", title);
   }
 
+  /// One timeline entry on one line; an entry too long for `line_width`
+  /// columns continues on the next line, under the component, wrapped there.
   void add(const std::string& component, const std::string& ids, const std::string& what) {
     std::lock_guard lock(mutex_);
     const double t = std::chrono::duration<double>(clock_->now() - start_).count();
-    std::printf("+%.3fs  %-12s %-29s %s\n", t, component.c_str(), ids.c_str(), what.c_str());
+    char head[128];
+    std::snprintf(head, sizeof head, "+%.3fs  %-12s %-29s ", t, component.c_str(), ids.c_str());
+    std::string line = head;
+    if (line.size() + what.size() <= line_width) {
+      std::printf("%s%s\n", head, what.c_str());
+      return;
+    }
+    line.erase(line.find_last_not_of(' ') + 1);
+    std::printf("%s\n", line.c_str());
+    print_wrapped(std::string(continuation_indent, ' '), what);
   }
+
+  /// Prints `text` after `head`, wrapped at spaces to `line_width` columns;
+  /// continuation lines are indented by `continuation_indent` (a word longer
+  /// than a line is cut).
+  static void print_wrapped(const std::string& head, std::string_view text) {
+    std::string line = head;
+    while (line.size() + text.size() > line_width) {
+      const std::size_t room = line_width - line.size();
+      std::size_t cut = text.rfind(' ', room);
+      if (cut == std::string_view::npos || cut == 0) cut = room;
+      line.append(text.substr(0, cut));
+      std::printf("%s\n", line.c_str());
+      text.remove_prefix(cut);
+      while (!text.empty() && text.front() == ' ') text.remove_prefix(1);
+      line.assign(continuation_indent, ' ');
+    }
+    line.append(text);
+    std::printf("%s\n", line.c_str());
+  }
+
+  static constexpr std::size_t line_width = 100;
+  static constexpr std::size_t continuation_indent = 9;  ///< under the component column
 
  private:
   /// The alias of `id`, a new one (with the full id when verbose) the first time.
@@ -329,8 +367,8 @@ class order_pipeline {
 
   /// The whole story; returns the exit code.
   int run() {
-    std::printf("postbox order pipeline: seed %llu; +time on a manual clock; mN = message ids, cN = conversations\n",
-                static_cast<unsigned long long>(opt_.seed));
+    std::printf("postbox order pipeline: seed %llu\n", static_cast<unsigned long long>(opt_.seed));
+    std::printf("+time on a manual clock; mN = message ids, cN = conversations\n");
     tl_.section("1. checkout asks pricing for quotes (request-reply)");
     request_quotes();
     tl_.section("2. checkout submits the orders; the operation tracker answers 202 Accepted");
@@ -926,6 +964,8 @@ class order_pipeline {
     keep(postbox::register_operations(r, "orders", ops_));
   }
 
+  /// A few totals from the metrics by default; with --metrics the non-zero
+  /// series as Prometheus text, with --all-metrics every series.
   void print_metrics() {
     std::vector<postbox::metric_sample> samples = metrics_.collect();
     const std::size_t all = samples.size();
@@ -934,9 +974,30 @@ class order_pipeline {
         return s.type == postbox::metric_type::histogram || s.value == 0;
       });
     }
-    std::printf("\nmetrics: Prometheus text from one metrics_registry (%zu of %zu series%s)\n", samples.size(), all,
-                opt_.all_metrics ? "" : "; zero values and histograms left out, --all-metrics shows them");
-    std::fputs(postbox::render_prometheus(samples).c_str(), stdout);
+    if (opt_.metrics) {
+      std::printf("\nmetrics: Prometheus text from one metrics_registry (%zu of %zu series%s)\n", samples.size(),
+                  all, opt_.all_metrics ? "" : "; zeros and histograms left out, --all-metrics shows them");
+      std::fputs(postbox::render_prometheus(samples).c_str(), stdout);
+      return;
+    }
+    // Each family summed over its components (all of them are counts).
+    auto total = [&](std::string_view family) {
+      double sum = 0;
+      for (const auto& m : samples) sum += m.name == family ? m.value : 0;
+      return static_cast<long long>(sum);
+    };
+    std::printf("\nmetrics: %zu of %zu series from one metrics_registry are non-zero; --metrics prints them\n",
+                samples.size(), all);
+    std::printf("  topic: %lld published, %lld delivered; consumers: %lld received, %lld acked, %lld dead-lettered\n",
+                total("postbox_topic_published_total"), total("postbox_topic_delivered_total"),
+                total("postbox_consumer_received_total"), total("postbox_consumer_acked_total"),
+                total("postbox_consumer_dead_lettered_total"));
+    std::printf("  outbox: %lld published; inboxes: %lld processed, %lld duplicates skipped; store: %lld commits\n",
+                total("postbox_outbox_published_total"), total("postbox_inbox_processed_total"),
+                total("postbox_inbox_duplicates_total"), total("postbox_store_commits_total"));
+    std::printf("  dead-letter queues: %lld added, %lld redriven, %lld left; request-reply: %lld replied\n",
+                total("postbox_dead_letter_added_total"), total("postbox_dead_letter_redriven_total"),
+                total("postbox_dead_letter_depth"), total("postbox_requester_replied_total"));
   }
 
   std::size_t confirmed_count() const {
@@ -947,11 +1008,14 @@ class order_pipeline {
 
   void print_summary(const std::vector<std::string>& broken) {
     const std::size_t confirmed = confirmed_count();
-    std::printf(
-        "\nsummary: %zu orders: %zu confirmed, %zu canceled with its reservation released; %zu message "
-        "published twice, its copies skipped by %zu inboxes; 1 poison message dead-lettered; 1 rejected "
-        "message redriven and applied\n",
-        plan_.size(), confirmed, plan_.size() - confirmed, republished_, duplicates_skipped_);
+    char text[512];
+    std::snprintf(text, sizeof text,
+                  "%zu orders: %zu confirmed, %zu canceled with its reservation released; %zu message "
+                  "published twice, its copies skipped by %zu inboxes; 1 poison message dead-lettered; "
+                  "1 rejected message redriven and applied",
+                  plan_.size(), confirmed, plan_.size() - confirmed, republished_, duplicates_skipped_);
+    std::printf("\n");
+    timeline::print_wrapped("summary: ", text);
     for (const auto& b : broken) std::printf("INVARIANT BROKEN: %s\n", b.c_str());
     std::printf("%s\n", broken.empty() ? "all invariants hold" : "FAILED");
   }
