@@ -29,6 +29,10 @@ configs=(
   "asan|-DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS=-O0\ -g1\ -fsanitize=address,undefined\ -fno-sanitize-recover=all\ -fno-omit-frame-pointer -DPOSTBOX_BUILD_BENCHMARKS=OFF -DPOSTBOX_EXAMPLES_MATCHING=^order_pipeline\$ -DPOSTBOX_SKIP_CONSUMER_TESTS=ON -DPOSTBOX_SANITIZER=address"
 )
 
+# The API reference: Doxygen over include/postbox, failing on any warning (~10 s).
+echo "=== postbox API reference: doxygen ==="
+bash scripts/docs.sh "$out/docs" || failed=1
+
 export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
