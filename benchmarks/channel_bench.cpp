@@ -631,7 +631,7 @@ std::vector<scenario> make_scenarios() {
     e.push_back({"tbb::concurrent_bounded_queue push/pop", false, [=] { return ping_pong<tbb_bounded_queue, W>(btrips); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_ASIO_CORO
-    e.push_back({"asio concurrent_channel coroutines, 1 io_context x 2 threads", false,
+    e.push_back({"asio concurrent_channel coroutines, 1 io_context x 2 threads (ends may share a thread)", false,
                  [=] { return asio_coro_ping_pong(btrips, asio_contexts::one_shared); }});
     e.push_back({"asio concurrent_channel coroutines, 2 io_contexts x 1 thread", false,
                  [=] { return asio_coro_ping_pong(btrips, asio_contexts::one_each); }});
@@ -700,8 +700,8 @@ const entry* best_of(const scenario& sc, bool ours) {
 }
 
 void print_table(const std::vector<scenario>& all) {
-  std::printf("\n| scenario | queue | median | unit | vs best peer | spread |\n");
-  std::printf("|---|---|---:|---|---:|---:|\n");
+  std::printf("\n| scenario | queue | median | unit | vs best peer | best round | spread |\n");
+  std::printf("|---|---|---:|---|---:|---:|---:|\n");
   for (const auto& sc : all) {
     const entry* ref_entry = sc.self_reference ? &sc.entries.front() : best_of(sc, false);
     if (ref_entry == nullptr) ref_entry = &sc.entries.front();
@@ -710,12 +710,14 @@ void print_table(const std::vector<scenario>& all) {
       const double m = median(e.samples);
       const auto [lo, hi] = std::minmax_element(e.samples.begin(), e.samples.end());
       const double spread = m > 0 ? (*hi - *lo) / m * 100 : 0;
-      std::printf("| %s | %s%s%s | %.3g | %s | %.2fx | %.0f%% |\n", sc.name.c_str(), e.ours ? "**" : "", e.name.c_str(),
-                  e.ours ? "**" : "", m, sc.unit.c_str(), ref > 0 ? m / ref : 0.0, spread);
+      std::printf("| %s | %s%s%s | %.3g | %s | %.2fx | %.3g | %.0f%% |\n", sc.name.c_str(), e.ours ? "**" : "",
+                  e.name.c_str(), e.ours ? "**" : "", m, sc.unit.c_str(), ref > 0 ? m / ref : 0.0,
+                  sc.higher_is_better ? *hi : *lo, spread);
     }
   }
   std::printf("\nvs best peer: median / best non-postbox median of the row (throughput: >= 1 is a win; ns: <= 1 is a win);\n"
               "the stats() and metrics rows compare with their first entry.\n"
+              "best round: the highest throughput / lowest latency of any round (least disturbed by other processes).\n"
               "spread: (max - min) / median over the rounds, a measure of the noise.\n"
               "[unbounded]: the peer allocates instead of reporting full (postbox and the others hold 1024).\n"
               "(spin): the peer's own push/pop, a pause-only busy wait; these throughput entries move a tenth of the messages.\n");
