@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -574,4 +575,41 @@ TEST_CASE("mpmc: a send that claimed its slot before close is received before re
   REQUIRE(received.size() == 1);
   CHECK(received[0] == 42);
   CHECK(final_status.load() == static_cast<int>(postbox::receive_status::closed));
+}
+
+TEST_CASE("receive_many waits for one message and then takes what is queued, up to max", "[channel]") {
+  postbox::channel<int> ch(8);
+  for (int i = 0; i < 5; ++i) REQUIRE(ch.try_send(i) == postbox::send_status::ok);
+  std::vector<int> out;
+  auto r = ch.receive_many(std::back_inserter(out), 3);
+  REQUIRE(r.has_value());
+  CHECK(*r == 3);
+  CHECK(out == std::vector<int>{0, 1, 2});
+  r = ch.receive_many(std::back_inserter(out), 10);
+  REQUIRE(r.has_value());
+  CHECK(*r == 2);
+  CHECK(out == std::vector<int>{0, 1, 2, 3, 4});
+}
+
+TEST_CASE("receive_many blocks until the first message arrives", "[channel]") {
+  postbox::channel<int, postbox::spsc> ch(8);
+  std::vector<int> out;
+  std::thread sender([&] { (void)ch.send(9); });
+  auto r = ch.receive_many(std::back_inserter(out), 4);
+  sender.join();
+  REQUIRE(r.has_value());
+  CHECK(out.front() == 9);
+}
+
+TEST_CASE("receive_many reports closed, timeout and canceled with nothing taken", "[channel]") {
+  postbox::channel<int> ch(8);
+  std::vector<int> out;
+  CHECK(ch.receive_many(std::back_inserter(out), 4, std::chrono::steady_clock::now()).status() ==
+        postbox::receive_status::timeout);
+  std::stop_source stop;
+  stop.request_stop();
+  CHECK(ch.receive_many(std::back_inserter(out), 4, stop.get_token()).status() == postbox::receive_status::canceled);
+  ch.close();
+  CHECK(ch.receive_many(std::back_inserter(out), 4).status() == postbox::receive_status::closed);
+  CHECK(out.empty());
 }

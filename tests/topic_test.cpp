@@ -8,6 +8,8 @@
 
 #include <atomic>
 #include <string>
+#include <iterator>
+#include <vector>
 #include <thread>
 
 using postbox::overflow;
@@ -387,4 +389,20 @@ TEST_CASE("a subscription's receive returns canceled when its stop token is stop
   auto d = sub.try_receive();
   REQUIRE(d);
   CHECK(**d == 3);
+}
+
+TEST_CASE("a subscription's receive_many takes up to max deliveries after waiting for the first", "[topic]") {
+  postbox::topic<int> t;
+  auto sub = t.subscribe();
+  for (int i = 0; i < 4; ++i) REQUIRE(t.publish(i).ok());
+  std::vector<postbox::delivery<int>> out;
+  auto r = sub.receive_many(std::back_inserter(out), 3);
+  REQUIRE(r.has_value());
+  CHECK(*r == 3);
+  CHECK(*out[2] == 2);
+  t.close();
+  r = sub.receive_many(std::back_inserter(out), 3);
+  REQUIRE(r.has_value());
+  CHECK(*r == 1);
+  CHECK(sub.receive_many(std::back_inserter(out), 3).status() == postbox::receive_status::closed);
 }

@@ -292,12 +292,43 @@ class channel_api {
     return got;
   }
 
+  /// Waits until at least one message is queued, then takes up to `max`
+  /// without waiting for more, writing them to `out` (tokio's recv_many).
+  /// Returns how many (>= 1), or `closed` (closed and drained), `timeout`
+  /// (`deadline` passed first) or `canceled` (`stop`), having taken nothing.
+  /// Blocks; allocates nothing. Thread-safe per the shape.
+  template <class OutputIt, class Clock, class Duration>
+  [[nodiscard]] result<std::size_t, receive_status> receive_many(OutputIt out, std::size_t max,
+                                                                 std::chrono::time_point<Clock, Duration> deadline,
+                                                                 std::stop_token stop = {}) {
+    return receive_many_until(out, max, to_steady_deadline(deadline), stop_tokens{&stop});
+  }
+
+  /// As above with no deadline: waits until a message, close or stop.
+  template <class OutputIt>
+  [[nodiscard]] result<std::size_t, receive_status> receive_many(OutputIt out, std::size_t max,
+                                                                 std::stop_token stop = {}) {
+    return receive_many_until(out, max, std::nullopt, stop_tokens{&stop});
+  }
+
  protected:
   channel_api() = default;
   ~channel_api() = default;
 
  private:
   Ring& ring() noexcept { return static_cast<Ring&>(*this); }
+
+  template <class OutputIt>
+  result<std::size_t, receive_status> receive_many_until(OutputIt out, std::size_t max,
+                                                         std::optional<std::chrono::steady_clock::time_point> deadline,
+                                                         stop_tokens stops) {
+    if (max == 0) POSTBOX_THROW(error(errc::invalid_argument, "postbox::channel::receive_many: max must be at least 1"));
+    receive_result<T> first = receive_blocking(deadline, stops);
+    if (!first.has_value()) return first.status();
+    *out = std::move(*first);
+    ++out;
+    return 1 + try_receive_batch(out, max - 1);
+  }
 
   template <class U>
   send_status try_send_quiet(U&& value) noexcept(std::is_nothrow_constructible_v<T, U&&>) {

@@ -339,7 +339,7 @@ select_result run_select(const select_options& opts, bool may_wait, Cases&... ca
   const clock& clk = opts.clock != nullptr ? *opts.clock : default_clock();
   auto cases = std::tie(case_refs...);
   constexpr auto seq = std::index_sequence_for<Cases...>{};
-  waker w;
+  thread_waker w;
   select_frame frame{&clk, clk.now(), &w};
   if (opts.stop.stop_requested()) return {0, select_status::canceled};
 
@@ -371,7 +371,7 @@ select_result run_select(const select_options& opts, bool may_wait, Cases&... ca
     std::apply([&](auto&... c) { (c.park(w), ...); }, cases);
     struct parked_guard {
       std::tuple<Cases&...>& cases;
-      waker& w;
+      thread_waker& w;
       ~parked_guard() {
         std::apply([&](auto&... c) { (c.unpark(w), ...); }, cases);
       }

@@ -458,6 +458,23 @@ class subscription {
                                                           std::stop_token stop = {}) {
     return wait(detail::to_steady_deadline(deadline), &stop);
   }
+  /// Waits until at least one message is queued, then takes up to `max`
+  /// without waiting for more, writing `delivery<T>`s to `out`. Returns how
+  /// many (>= 1), or `closed`, `timeout` or `canceled` with nothing taken.
+  /// Blocks; allocates nothing beyond what `out` does.
+  template <class OutputIt, class Clock, class Duration>
+  [[nodiscard]] result<std::size_t, receive_status> receive_many(OutputIt out, std::size_t max,
+                                                                 std::chrono::time_point<Clock, Duration> deadline,
+                                                                 std::stop_token stop = {}) {
+    return many(out, max, detail::to_steady_deadline(deadline), &stop);
+  }
+  /// As above with no deadline.
+  template <class OutputIt>
+  [[nodiscard]] result<std::size_t, receive_status> receive_many(OutputIt out, std::size_t max,
+                                                                 std::stop_token stop = {}) {
+    return many(out, max, std::nullopt, &stop);
+  }
+
   /// drop_oldest: messages discarded since the last call (and resets the count). Never blocks.
   [[nodiscard]] std::uint64_t take_lag() noexcept {
     if (!core_ || !core_->q) return 0;
@@ -508,6 +525,29 @@ class subscription {
                                           : receive_result<delivery<T>>(r.status());
     leave(c);
     return out;
+  }
+
+  template <class OutputIt>
+  result<std::size_t, receive_status> many(OutputIt out, std::size_t max,
+                                           std::optional<std::chrono::steady_clock::time_point> deadline,
+                                           const std::stop_token* stop) {
+    if (max == 0) POSTBOX_THROW(error(errc::invalid_argument, "postbox::subscription::receive_many: max must be at least 1"));
+    auto first = wait(deadline, stop);
+    if (!first.has_value()) return first.status();
+    *out = std::move(*first);
+    ++out;
+    std::size_t got = 1;
+    // The handle is still ours: wait() has left, but only reset() or
+    // destruction could let the queue go, and those must not race a call
+    // that is not blocked (see try_receive).
+    while (got < max) {
+      auto next = try_receive();
+      if (!next) break;
+      *out = std::move(*next);
+      ++out;
+      ++got;
+    }
+    return got;
   }
 
   static void leave(core& c) noexcept {

@@ -10,18 +10,40 @@
 POSTBOX_BEGIN_NAMESPACE
 namespace detail {
 
+/// Something an event count wakes when it notifies, besides the threads
+/// parked on its futex: a select in progress (thread_waker) or, in the async
+/// layer, a suspended coroutine. event_count::register_waker keeps a pointer
+/// until unregister_waker; wake() is called with the event count's registry
+/// mutex held, so it must be short, must not block on anything that can wait
+/// for that registry, and must not unregister itself.
+class waker {
+ public:
+  /// Called by a notifying event count. Thread-safe; never throws.
+  virtual void wake() noexcept = 0;
+
+ protected:
+  waker() = default;
+  ~waker() = default;
+  waker(const waker&) = default;
+  waker& operator=(const waker&) = default;
+};
+
 /// A parking spot for a thread that waits on several things at once
 /// (`postbox::select`): every event count the thread registers it with calls
 /// `wake()` when it notifies, and timers reach it through the clock, which
 /// waits on the same mutex and condition variable (`clock::wait_until`).
 /// The flag under the mutex makes a wake-up sticky: one that arrives before
 /// the thread parks is not lost. Thread-safe; never allocates.
-class waker {
+class thread_waker final : public waker {
  public:
+  thread_waker() = default;
+  thread_waker(const thread_waker&) = delete;
+  thread_waker& operator=(const thread_waker&) = delete;
+  ~thread_waker() = default;
+
   /// Marks the waker woken and wakes its thread. Takes the waker's mutex
-  /// briefly; never called with an event count's registry unlocked order
-  /// reversed (registry, then waker: see event_count::wake_registered).
-  void wake() noexcept {
+  /// briefly (lock order: an event count's registry, then this mutex).
+  void wake() noexcept override {
     std::lock_guard lock(mutex_);
     woken_ = true;
     cv_.notify_one();
