@@ -340,7 +340,7 @@ struct saga_options {
   std::uint64_t jitter_seed = 0x5a6a5eedULL;
   /// Receives one envelope per transition, after the state is stored.
   /// Called from the thread running the saga; exceptions are caught and counted.
-  std::function<void(const envelope<saga_event>&)> on_event;
+  std::function<void(const envelope<saga_event>&)> on_event{};
   /// When set, a step's deadline also requests its stop token (through a
   /// timer on this service); without it the deadline is checked when the
   /// action returns. Must outlive the coordinator.
