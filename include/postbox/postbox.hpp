@@ -24,6 +24,7 @@
 #include <postbox/envelope.hpp>
 #include <postbox/topic.hpp>
 #include <postbox/stream.hpp>
+#include <postbox/select.hpp>
 #include <postbox/scheduler.hpp>
 #include <postbox/observer.hpp>
 #include <postbox/dead_letter.hpp>
