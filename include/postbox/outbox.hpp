@@ -279,8 +279,8 @@ struct relay_options {
   /// `outbox_permanent_error`. Called on the relay's thread; must not throw.
   std::function<bool(errc)> is_permanent{};
   /// Lease owner name; must be unique among running relays on one database.
-  /// Empty: a name that survives restarts, "<hostname>:<executable
-  /// path>:<store>#<slot>" (<store> is the SQLite path made canonical, or the
+  /// Empty: a name that survives restarts, `<hostname>:<executable path>:<store>#<slot>`
+  /// (`<store>` is the SQLite path made canonical, or the
   /// memory store's address), so a relay restarted after a crash reclaims its
   /// predecessor's leases at once. The slot is the lowest one not held by a
   /// running relay of the same name on this host (a lock file in the temp
