@@ -7,7 +7,7 @@
 //      └─ release ◀┘   (compensations run in reverse order)
 //
 // State lives in a memory store here; postbox::sqlite_saga_store
-// (postbox/detail/saga_sqlite.hpp) keeps it in SQLite so that
+// (postbox/saga_sqlite.hpp) keeps it in SQLite so that
 // saga_coordinator::resume_all() continues sagas after a crash.
 #include <postbox/postbox.hpp>
 #include <postbox/saga.hpp>

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Specification tests for postbox::saga_coordinator, its state stores and its events.
-#include <postbox/detail/saga_sqlite.hpp>
+#include <postbox/saga_sqlite.hpp>
 #include <postbox/saga.hpp>
 #include <postbox/testing.hpp>
 

@@ -5,7 +5,7 @@
 #if __has_include(<nlohmann/json.hpp>)
 #  include <postbox/json.hpp>
 #endif
-#include <postbox/detail/saga_sqlite.hpp>
+#include <postbox/saga_sqlite.hpp>
 #include <postbox/inbox.hpp>
 #include <postbox/outbox.hpp>
 #include <postbox/testing.hpp>

@@ -5,7 +5,7 @@
 
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
-#include <postbox/detail/json_scan.hpp>
+#include <postbox/json/scan.hpp>
 
 #include <nlohmann/json.hpp>
 

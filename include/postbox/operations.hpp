@@ -4,7 +4,7 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
-#include <postbox/detail/op_executor.hpp>
+#include <postbox/operations/executor.hpp>
 #include <postbox/detail/random.hpp>
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>

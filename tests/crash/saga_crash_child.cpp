@@ -15,7 +15,7 @@
 // often the step function ran, so re-runs after a crash are visible.
 // SQLite runs with synchronous=NORMAL: a killed process loses nothing that
 // was committed (only power loss could), which is what this test exercises.
-#include <postbox/detail/saga_sqlite.hpp>
+#include <postbox/saga_sqlite.hpp>
 #include <postbox/saga.hpp>
 
 #include "support.hpp"

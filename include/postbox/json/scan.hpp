@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// A non-recursive pre-scan of JSON text: nesting depth, UTF-8 validity and top-level member count.
+// Internal to postbox/json.hpp: a non-recursive pre-scan of JSON text (nesting depth, UTF-8 validity, top-level member count).
 #pragma once
 
 #include <postbox/error.hpp>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// A bounded executor for postbox::operations: fixed worker threads and a bounded queue that refuses when full.
+// The executor internal to postbox::operations: fixed worker threads and a bounded queue that refuses when full.
 #pragma once
 
 #include <postbox/config.hpp>

@@ -2,8 +2,10 @@
 // postbox::sqlite_saga_store: saga state in a SQLite database, a thin wrapper over postbox::sqlite_store (links sqlite3).
 #pragma once
 
-// Kept apart from saga.hpp so that the saga core compiles with the standard
-// library alone; include this header (and link postbox::sqlite) to use it.
+// Opt-in, like sqlite.hpp (layer 4, patterns): kept apart from saga.hpp so
+// that the saga core compiles with the standard library alone; include this
+// header (and link postbox::sqlite) to use it. It lived in detail/ before,
+// where it reached up from the core to the patterns and the stores.
 // postbox::sqlite_store (<postbox/sqlite.hpp>) itself models saga_state_store,
 // so one database file (one store object) can hold sagas next to outbox,
 // inbox and the application's rows; this class keeps the older, saga-only
