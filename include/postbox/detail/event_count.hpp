@@ -4,6 +4,7 @@
 
 #include <postbox/config.hpp>
 #include <postbox/detail/asymmetric_fence.hpp>
+#include <postbox/detail/backoff.hpp>
 #include <postbox/detail/waker.hpp>
 
 #include <atomic>
@@ -11,8 +12,6 @@
 #include <cerrno>
 #include <climits>
 #include <cstdint>
-#include <algorithm>
-#include <mutex>
 #include <optional>
 #include <stop_token>
 #include <vector>
@@ -84,10 +83,10 @@ class event_count {
   /// its condition after this returns, and a notifier that missed the
   /// re-check's window sees the waiter. `asymmetric` selects the protocol of
   /// prepare_wait_asymmetric (for rings whose notifiers use notify_light).
-  /// Allocates (the registry grows); takes the registry mutex. Rare side only.
+  /// Allocates (the registry grows); takes the registry lock. Rare side only.
   void register_waker(waker& w, bool asymmetric) {
     {
-      std::lock_guard lock(registry_mutex_);
+      const registry_lock lock(registry_busy_);
       wakers_.push_back(&w);
       // relaxed: read by wake() only after it has seen our waiters_ increment
       // below, which (seq_cst RMW, read by the notifier's seq_cst load)
@@ -102,8 +101,13 @@ class event_count {
   /// mutex, so no wake() is still calling `w` once this returns.
   void unregister_waker(waker& w) noexcept {
     {
-      std::lock_guard lock(registry_mutex_);
-      wakers_.erase(std::find(wakers_.begin(), wakers_.end(), &w));
+      const registry_lock lock(registry_busy_);
+      for (auto it = wakers_.begin(); it != wakers_.end(); ++it) {
+        if (*it == &w) {
+          wakers_.erase(it);
+          break;
+        }
+      }
       // relaxed: see register_waker().
       registered_.store(static_cast<std::uint32_t>(wakers_.size()), std::memory_order_relaxed);
     }
@@ -188,7 +192,7 @@ class event_count {
     // notifier observed is visible here (see register_waker); one registered
     // later re-checks its condition itself.
     if (registered_.load(std::memory_order_relaxed) != 0) {
-      std::lock_guard lock(registry_mutex_);
+      const registry_lock lock(registry_busy_);
       // Every registered select is woken, whatever `n`: a select woken for
       // one case may complete another, so waking only some could strand a
       // message while another select or thread sleeps.
@@ -216,13 +220,33 @@ class event_count {
   /// Threads between prepare_wait() and finish_wait(). Incremented seq_cst by
   /// waiters, read seq_cst by notifiers (has_waiters); see the class comment.
   std::atomic<std::uint32_t> waiters_{0};
-  /// Wakers registered by selects in progress; guarded by registry_mutex_.
+  /// Wakers registered by selects in progress; guarded by registry_busy_.
   std::vector<waker*> wakers_;
   /// wakers_.size(), readable without the mutex: lets wake() skip the lock
   /// when no select waits. Written under the mutex (relaxed), read by wake()
   /// (relaxed; ordered by the waiters_ handshake, see register_waker).
   std::atomic<std::uint32_t> registered_{0};
-  std::mutex registry_mutex_;
+  /// Guards wakers_: a spin lock, held for a push, an erase or one round of
+  /// wake() calls (each a short critical section of the waker's own). A
+  /// test-and-set with acquire on lock and release on unlock.
+  std::atomic<bool> registry_busy_{false};
+
+  class registry_lock {
+   public:
+    explicit registry_lock(std::atomic<bool>& busy) noexcept : busy_(busy) {
+      // acquire: pairs with the release in ~registry_lock, so the previous
+      // holder's changes to wakers_ are visible.
+      while (busy_.exchange(true, std::memory_order_acquire)) {
+        while (busy_.load(std::memory_order_relaxed)) cpu_relax();
+      }
+    }
+    ~registry_lock() { busy_.store(false, std::memory_order_release); }
+    registry_lock(const registry_lock&) = delete;
+    registry_lock& operator=(const registry_lock&) = delete;
+
+   private:
+    std::atomic<bool>& busy_;
+  };
 #if !defined(__linux__)
   std::mutex mutex_;
   std::condition_variable cv_;
