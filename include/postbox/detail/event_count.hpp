@@ -236,8 +236,11 @@ class event_count {
     explicit registry_lock(std::atomic<bool>& busy) noexcept : busy_(busy) {
       // acquire: pairs with the release in ~registry_lock, so the previous
       // holder's changes to wakers_ are visible.
+      // The holder may be preempted, or wait briefly for a waker's own
+      // mutex: spin, then yield the core (backoff::snooze).
+      backoff wait;
       while (busy_.exchange(true, std::memory_order_acquire)) {
-        while (busy_.load(std::memory_order_relaxed)) cpu_relax();
+        while (busy_.load(std::memory_order_relaxed)) wait.snooze();
       }
     }
     ~registry_lock() { busy_.store(false, std::memory_order_release); }
