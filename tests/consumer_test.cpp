@@ -1107,3 +1107,249 @@ TEST_CASE("drain after shutdown returns an unfinished report with nothing in it"
   REQUIRE(report.source_left.has_value());
   CHECK(*report.source_left == 1);  // never taken
 }
+
+// ---------------------------------------------------------------------------
+// Batch consumers
+// ---------------------------------------------------------------------------
+
+namespace {
+std::vector<int> payloads(const postbox::message_batch<int>& b) {
+  std::vector<int> out;
+  for (const auto& e : b) out.push_back(e.payload);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("a batch consumer hands over a batch as soon as max_size messages are ready", "[consumer][batch]") {
+  rig r;
+  std::vector<std::vector<int>> batches;
+  postbox::consumer c(r.source(), postbox::batch_options{.max_size = 3, .window = 1h},
+                      [&](const postbox::message_batch<int>& b) { batches.push_back(payloads(b)); }, r.dlq,
+                      r.options());
+  for (int i = 1; i <= 7; ++i) r.send(i);
+  CHECK(c.poll() == 6);
+  CHECK(batches == std::vector<std::vector<int>>{{1, 2, 3}, {4, 5, 6}});
+  CHECK(c.stats().acked == 6);
+  CHECK(c.stats().batches == 2);
+  CHECK(c.stats().in_flight == 1);  // 7 waits for a full batch or its window
+}
+
+TEST_CASE("a partial batch is handed over exactly when its window ends on the consumer's clock", "[consumer][batch]") {
+  rig r;
+  std::vector<std::vector<int>> batches;
+  postbox::consumer c(r.source(), postbox::batch_options{.max_size = 10, .window = 50ms},
+                      [&](const postbox::message_batch<int>& b) { batches.push_back(payloads(b)); }, r.dlq,
+                      r.options());
+  r.send(1);
+  CHECK(c.poll() == 0);  // the window starts when 1 becomes ready
+  r.clock.advance(20ms);
+  r.send(2);
+  CHECK(c.poll() == 0);
+  r.clock.advance(30ms - 1ns);
+  CHECK(c.poll() == 0);
+  r.clock.advance(1ns);
+  CHECK(c.poll() == 2);
+  CHECK(batches == std::vector<std::vector<int>>{{1, 2}});
+}
+
+TEST_CASE("one settlement for the batch settles every message of it", "[consumer][batch]") {
+  rig r;
+  int calls = 0;
+  postbox::consumer c(
+      r.source(), postbox::batch_options{.max_size = 2, .window = 1h},
+      [&](const postbox::message_batch<int>& b) {
+        ++calls;
+        for (const auto& e : b) CHECK(e.attempt == static_cast<std::uint32_t>(calls));
+        return calls == 1 ? postbox::settlement::retry(1s) : postbox::settlement::ack();
+      },
+      r.dlq, r.options(policy(5, 1s)));
+  r.send(1);
+  r.send(2);
+  CHECK(c.poll() == 2);
+  CHECK(c.stats().retried == 2);
+  CHECK(c.stats().waiting_retry == 2);
+  r.clock.advance(1s);
+  CHECK(c.poll() == 2);
+  CHECK(calls == 2);
+  CHECK(c.stats().acked == 2);
+  CHECK(c.stats().in_flight == 0);
+}
+
+TEST_CASE("per-message settlements settle each message of the batch on its own", "[consumer][batch]") {
+  rig r;
+  postbox::consumer c(
+      r.source(), postbox::batch_options{.max_size = 3, .window = 1h},
+      [&](const postbox::message_batch<int>& b) {
+        std::vector<postbox::settlement> out;
+        for (const auto& e : b) {
+          if (e.payload == 1) out.push_back(postbox::settlement::ack());
+          if (e.payload == 2) out.push_back(postbox::settlement::reject("bad"));
+          if (e.payload == 3) out.push_back(postbox::settlement::retry(1s));
+        }
+        return out;
+      },
+      r.dlq, r.options(policy(5, 1s)));
+  r.send(1);
+  r.send(2);
+  r.send(3);
+  CHECK(c.poll() == 3);
+  const auto s = c.stats();
+  CHECK(s.acked == 1);
+  CHECK(s.dead_lettered == 1);
+  CHECK(s.retried == 1);
+  REQUIRE(r.dlq.size() == 1);
+  CHECK(r.dlq.list().front().message->payload == 2);
+  CHECK(r.dlq.list().front().reason == "bad");
+}
+
+TEST_CASE("a batch handler returning the wrong number of settlements retries the whole batch", "[consumer][batch]") {
+  rig r;
+  postbox::consumer c(
+      r.source(), postbox::batch_options{.max_size = 2, .window = 1h},
+      [&](const postbox::message_batch<int>&) { return std::vector<postbox::settlement>{postbox::settlement::ack()}; },
+      r.dlq, r.options(policy(5, 1s)));
+  r.send(1);
+  r.send(2);
+  CHECK(c.poll() == 2);
+  const auto s = c.stats();
+  CHECK(s.acked == 0);
+  CHECK(s.retried == 2);
+  CHECK(s.handler_errors == 1);
+}
+
+TEST_CASE("a batch handler that throws settles the batch as the classifier says", "[consumer][batch]") {
+  rig r;
+  auto o = r.options(policy(5, 1s));
+  o.classify = postbox::permanent_on<std::invalid_argument>();
+  bool permanent = false;
+  postbox::consumer c(
+      r.source(), postbox::batch_options{.max_size = 2, .window = 1h},
+      [&](const postbox::message_batch<int>&) -> postbox::settlement {
+        if (permanent) throw std::invalid_argument("never");
+        throw std::runtime_error("later");
+      },
+      r.dlq, o);
+  r.send(1);
+  r.send(2);
+  CHECK(c.poll() == 2);
+  CHECK(c.stats().retried == 2);
+  CHECK(c.stats().handler_errors == 1);
+  permanent = true;
+  r.clock.advance(10s);
+  CHECK(c.poll() == 2);
+  CHECK(r.dlq.size() == 2);
+  CHECK(r.dlq.list().front().error == "never");
+}
+
+TEST_CASE("batch options that the in-flight limit can never fill are refused at construction", "[consumer][batch]") {
+  rig r;
+  auto o = r.options();
+  o.max_in_flight = 8;
+  auto make = [&](postbox::batch_options b) {
+    postbox::consumer c(r.source(), b, [](const postbox::message_batch<int>&) {}, r.dlq, o);
+  };
+  CHECK_NOTHROW(make({.max_size = 8, .window = 1s}));
+  try {
+    make({.max_size = 9, .window = 1s});
+    FAIL("a batch larger than max_in_flight was accepted");
+  } catch (const postbox::error& e) {
+    CHECK(e.code() == postbox::errc::invalid_argument);
+  }
+  CHECK_THROWS_AS(make({.max_size = 0, .window = 1s}), postbox::error);
+  CHECK_THROWS_AS(make({.max_size = 4, .window = -1s}), postbox::error);
+}
+
+TEST_CASE("a batch holds one message per partition key and keeps each key's order", "[consumer][batch]") {
+  rig r;
+  std::vector<std::vector<int>> batches;
+  postbox::consumer c(r.source(), postbox::batch_options{.max_size = 4, .window = 1s},
+                      [&](const postbox::message_batch<int>& b) { batches.push_back(payloads(b)); }, r.dlq,
+                      r.options());
+  r.send(1, "a");
+  r.send(2, "a");
+  r.send(3, "b");
+  r.send(4, "a");
+  CHECK(c.poll() == 0);  // ready: 1 (a) and 3 (b); 2 and 4 wait behind a
+  r.clock.advance(1s);
+  CHECK(c.poll() == 2);  // {1, 3}; then 2 becomes ready and starts its own window
+  r.clock.advance(1s);
+  CHECK(c.poll() == 1);
+  r.clock.advance(1s);
+  CHECK(c.poll() == 1);
+  CHECK(batches == std::vector<std::vector<int>>{{1, 3}, {2}, {4}});
+}
+
+TEST_CASE("an expired message is dead-lettered instead of joining a batch", "[consumer][batch]") {
+  rig r;
+  std::vector<std::vector<int>> batches;
+  postbox::consumer c(r.source(), postbox::batch_options{.max_size = 2, .window = 1h},
+                      [&](const postbox::message_batch<int>& b) { batches.push_back(payloads(b)); }, r.dlq,
+                      r.options());
+  auto e = r.msg(1);
+  e.deadline = r.clock.now() + 1s;
+  REQUIRE(r.ch.try_send(std::move(e)) == postbox::send_status::ok);
+  CHECK(c.poll() == 0);
+  r.clock.advance(1s);
+  r.send(2);
+  r.send(3);
+  CHECK(c.poll() == 3);
+  CHECK(batches == std::vector<std::vector<int>>{{2, 3}});
+  CHECK(c.stats().expired == 1);
+}
+
+TEST_CASE("draining a batch consumer flushes the partial batch once the source closes", "[consumer][batch]") {
+  rig r;
+  std::vector<int> seen;
+  postbox::consumer c(r.source(), postbox::batch_options{.max_size = 8, .window = postbox::duration::max()},
+                      [&](const postbox::message_batch<int>& b) {
+                        for (const auto& e : b) seen.push_back(e.payload);
+                      },
+                      r.dlq, r.options());
+  r.send(1);
+  r.send(2);
+  r.ch.close();
+  const auto report = c.drain(1min);
+  CHECK(report.finished);
+  CHECK(seen == std::vector<int>{1, 2});
+}
+
+TEST_CASE("a threaded batch consumer handles every message exactly once", "[consumer][batch]") {
+  const int n = static_cast<int>(postbox_test::scaled(2000));
+  postbox::manual_clock clock;
+  postbox::channel<env_t> ch(256);
+  postbox::dead_letter_queue<int> dlq{postbox::dead_letter_options{}, clock};
+  postbox::consumer_options o;
+  o.threads = 2;
+  o.max_in_flight = 32;
+  o.clock = &clock;
+  o.receive_wait = 1ms;
+  std::atomic<std::int64_t> sum{0};
+  std::atomic<int> count{0};
+  std::atomic<std::size_t> largest{0};
+  std::atomic<bool> send_failed{false};
+  postbox::consumer c(postbox::channel_source<int>(ch, "numbers"),
+                      postbox::batch_options{.max_size = 16, .window = postbox::duration::max()},
+                      [&](const postbox::message_batch<int>& b) {
+                        if (b.size() > largest.load()) largest.store(b.size());
+                        for (const auto& e : b) {
+                          sum.fetch_add(e.payload);
+                          count.fetch_add(1);
+                        }
+                      },
+                      dlq, o);
+  std::thread producer([&] {
+    for (int i = 1; i <= n; ++i) {
+      auto e = postbox::make_envelope(std::string("test.int"), i, postbox::message_kind::event, clock);
+      if (ch.send(std::move(e)) != postbox::send_status::ok) send_failed = true;
+    }
+    ch.close();  // the last partial batch flushes when the source reports closed
+  });
+  producer.join();
+  CHECK_FALSE(send_failed.load());
+  CHECK(postbox_test::eventually([&] { return count.load() >= n; }));
+  (void)c.shutdown(1s);
+  CHECK(count.load() == n);
+  CHECK(sum.load() == static_cast<std::int64_t>(n) * (n + 1) / 2);
+  CHECK(largest.load() <= 16);
+  CHECK(c.stats().acked == static_cast<std::uint64_t>(n));
+}

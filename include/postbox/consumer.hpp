@@ -715,7 +715,8 @@ struct consumer_options {
 /// A consumer's counters and gauges (snapshot).
 struct consumer_stats {
   std::uint64_t received = 0;             ///< items taken from the source (poison included)
-  std::uint64_t started = 0;              ///< handler invocations
+  std::uint64_t started = 0;              ///< deliveries started (a batch starts one per message)
+  std::uint64_t batches = 0;              ///< batch handler invocations (batch consumers)
   std::uint64_t acked = 0;
   std::uint64_t retried = 0;              ///< retry decisions (in-process or handed to the broker)
   std::uint64_t deferred = 0;
@@ -785,6 +786,107 @@ struct drain_report : shutdown_report<T> {
   [[nodiscard]] bool clean() const noexcept {
     return finished && shutdown_report<T>::clean() && source_left.value_or(0) == 0;
   }
+};
+
+/// How a batch consumer groups messages: a batch is handed to the handler
+/// when `max_size` messages are ready, or when the first ready one has waited
+/// `window` on the consumer's clock, whichever comes first (and at once when
+/// no more can arrive: the source closed, shutdown or drain began, or
+/// `max_in_flight` is reached). A plain value.
+struct batch_options {
+  /// Most messages per batch; 1 <= max_size <= consumer_options::max_in_flight
+  /// (a larger batch could never fill: the consumer refuses it).
+  std::size_t max_size = 16;
+  /// How long the first ready message waits for the batch to fill; >= 0
+  /// (0: hand over whatever is ready). `duration::max()`: size only.
+  duration window = std::chrono::milliseconds(10);
+};
+
+/// The messages of one batch, as a batch handler sees them (in the order
+/// they became ready; at most one per partition key), with the delivery
+/// context. Valid during the handler call only. Not thread-safe.
+template <class T>
+class message_batch {
+ public:
+  /// Iterates the envelopes (forward; each `const envelope<T>&`).
+  class iterator {
+   public:
+    using iterator_category = std::forward_iterator_tag;
+    using value_type = envelope<T>;
+    using difference_type = std::ptrdiff_t;
+    using pointer = const envelope<T>*;
+    using reference = const envelope<T>&;
+    iterator() noexcept = default;
+    explicit iterator(const envelope<T>* const* p) noexcept : p_(p) {}
+    reference operator*() const noexcept { return **p_; }
+    pointer operator->() const noexcept { return *p_; }
+    iterator& operator++() noexcept {
+      ++p_;
+      return *this;
+    }
+    iterator operator++(int) noexcept {
+      iterator old = *this;
+      ++p_;
+      return old;
+    }
+    friend bool operator==(const iterator&, const iterator&) = default;
+
+   private:
+    const envelope<T>* const* p_ = nullptr;
+  };
+
+  message_batch(std::vector<const envelope<T>*> items, std::stop_token stop, const clock& clk,
+                std::string_view source) noexcept
+      : items_(std::move(items)), stop_(std::move(stop)), clock_(&clk), source_(source) {}
+
+  /// Messages in the batch (>= 1).
+  [[nodiscard]] std::size_t size() const noexcept { return items_.size(); }
+  /// Always false for a batch handed to a handler.
+  [[nodiscard]] bool empty() const noexcept { return items_.empty(); }
+  /// The `i`-th envelope (its `attempt` already counts this delivery).
+  [[nodiscard]] const envelope<T>& operator[](std::size_t i) const noexcept { return *items_[i]; }
+  [[nodiscard]] iterator begin() const noexcept { return iterator(items_.data()); }
+  [[nodiscard]] iterator end() const noexcept { return iterator(items_.data() + items_.size()); }
+  /// Requested when the consumer abandons running handlers (end of shutdown grace).
+  [[nodiscard]] std::stop_token stop_token() const noexcept { return stop_; }
+  /// Whether stop was requested. Never blocks.
+  [[nodiscard]] bool stop_requested() const noexcept { return stop_.stop_requested(); }
+  /// The consumer's clock.
+  [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
+  /// The source name.
+  [[nodiscard]] std::string_view source() const noexcept { return source_; }
+
+ private:
+  std::vector<const envelope<T>*> items_;
+  std::stop_token stop_;
+  const clock* clock_;
+  std::string_view source_;
+};
+
+/// A batch handler's outcome: one settlement for the whole batch, or one per
+/// message in batch order. A plain value; allocates only the vector.
+class batch_settlement {
+ public:
+  /// Every message acked.
+  batch_settlement() noexcept = default;
+  /// One settlement for every message of the batch.
+  batch_settlement(settlement all) : all_(std::move(all)) {}  // NOLINT(google-explicit-constructor)
+  /// One settlement per message, in batch order. A size other than the
+  /// batch's is a handler error (every message is retried by policy).
+  batch_settlement(std::vector<settlement> each)  // NOLINT(google-explicit-constructor)
+      : each_(std::move(each)), per_message_(true) {}
+
+  /// Whether it holds one settlement per message.
+  [[nodiscard]] bool per_message() const noexcept { return per_message_; }
+  /// The settlement for the whole batch (when `!per_message()`).
+  [[nodiscard]] const settlement& for_batch() const noexcept { return all_; }
+  /// The per-message settlements (when `per_message()`).
+  [[nodiscard]] const std::vector<settlement>& each() const noexcept { return each_; }
+
+ private:
+  settlement all_{};
+  std::vector<settlement> each_;
+  bool per_message_ = false;
 };
 
 namespace detail {
@@ -868,13 +970,60 @@ class consumer {
   template <consumer_source Source, class Handler>
     requires std::same_as<typename Source::payload_type, T>
   consumer(Source source, Handler&& handler, dead_letter_queue<T>& dead_letters, consumer_options options = {})
-      : source_(std::make_unique<detail::source_model<T, Source>>(std::move(source))),
-        handler_(wrap(std::forward<Handler>(handler))),
+      : consumer(std::make_unique<detail::source_model<T, Source>>(std::move(source)),
+                 wrap(std::forward<Handler>(handler)), batch_handler_type{}, std::nullopt, dead_letters,
+                 std::move(options), static_cast<bool>(Source::redelivers)) {}
+
+  /// A batch consumer: runs `handler` on batches of up to `batch.max_size`
+  /// messages, handed over on size or on the `batch.window` (consumer's
+  /// clock). The handler is callable as `h(const message_batch<T>&)` and
+  /// returns void (ack all), a `settlement` (for the whole batch),
+  /// `std::vector<settlement>` (one per message) or `batch_settlement`. An
+  /// exception settles the whole batch as `classify` says (retry or
+  /// dead-letter each message). Retries, dead letters, deadlines and per-key
+  /// order work per message as in the single-message consumer; a batch holds
+  /// at most one message per partition key. Throws error(invalid_argument)
+  /// when `max_in_flight` is 0, `batch.max_size` is 0 or larger than
+  /// `max_in_flight` (such a batch could never fill), or `batch.window` < 0.
+  template <consumer_source Source, class BatchHandler>
+    requires std::same_as<typename Source::payload_type, T>
+  consumer(Source source, batch_options batch, BatchHandler&& handler, dead_letter_queue<T>& dead_letters,
+           consumer_options options = {})
+      : consumer(std::make_unique<detail::source_model<T, Source>>(std::move(source)), handler_type{},
+                 wrap_batch(std::forward<BatchHandler>(handler)), validate(batch, options), dead_letters,
+                 std::move(options), static_cast<bool>(Source::redelivers)) {}
+
+  consumer(const consumer&) = delete;
+  consumer& operator=(const consumer&) = delete;
+
+ private:
+  using batch_handler_type = std::function<batch_settlement(const message_batch<T>&)>;
+
+  static batch_options validate(batch_options b, const consumer_options& o) {
+    if (b.max_size == 0)
+      POSTBOX_THROW(error(errc::invalid_argument, "postbox::consumer: batch max_size must be at least 1"));
+    if (o.max_in_flight != 0 && b.max_size > o.max_in_flight)
+      POSTBOX_THROW(error(errc::invalid_argument,
+                          "postbox::consumer: batch max_size " + std::to_string(b.max_size) +
+                              " exceeds max_in_flight " + std::to_string(o.max_in_flight) +
+                              ": the batch could never fill"));
+    if (b.window.count() < 0)
+      POSTBOX_THROW(error(errc::invalid_argument, "postbox::consumer: batch window must not be negative"));
+    return b;
+  }
+
+  consumer(std::unique_ptr<detail::source_base<T>> source, handler_type handler, batch_handler_type batch_handler,
+           std::optional<batch_options> batch, dead_letter_queue<T>& dead_letters, consumer_options options,
+           bool redelivers)
+      : source_(std::move(source)),
+        handler_(std::move(handler)),
+        batch_handler_(std::move(batch_handler)),
+        batch_(batch),
         dlq_(&dead_letters),
         opts_(std::move(options)),
         clock_(opts_.clock != nullptr ? opts_.clock : &default_clock()),
         obs_(opts_.observer),
-        redelivers_(static_cast<bool>(Source::redelivers)),
+        redelivers_(redelivers),
         threaded_(opts_.threads > 0),
         jitter_(opts_.jitter_seed ? *opts_.jitter_seed : detail::entropy64()) {
     if (opts_.max_in_flight == 0)
@@ -889,9 +1038,7 @@ class consumer {
     }
   }
 
-  consumer(const consumer&) = delete;
-  consumer& operator=(const consumer&) = delete;
-
+ public:
   /// `shutdown(0)` if not done yet (its report is dropped: call shutdown
   /// yourself to get returned messages back), then waits for abandoned
   /// handlers to return and stops the timer thread.
@@ -921,12 +1068,11 @@ class consumer {
     for (;;) {
       n += receive_some(duration::zero());
       std::unique_lock lock(mu_);
-      if (stopped_ || ready_.empty()) break;
+      if (stopped_ || !work_ready_locked()) break;
       // Receive again once half the budget is free: batches, not one by one.
       do {
-        run_one(lock);
-        ++n;
-      } while (!stopped_ && !ready_.empty() && held_ * 2 > opts_.max_in_flight);
+        n += run_next(lock);
+      } while (!stopped_ && work_ready_locked() && held_ * 2 > opts_.max_in_flight);
     }
     return n;
   }
@@ -949,6 +1095,7 @@ class consumer {
     shut_down_ = true;
     accepting_ = false;
     if (settle_waiters_ > 0) idle_cv_.notify_all();  // a drain in progress stops waiting
+    if (batch_) work_cv_.notify_all();  // workers waiting for a batch window flush now
     const time_point deadline = clock_->now() + grace;
     lock.unlock();
     { std::lock_guard receiving(receive_mu_); }  // whoever was receiving has admitted its items
@@ -1038,6 +1185,7 @@ class consumer {
       std::lock_guard lock(mu_);
       s.received = received_;
       s.started = started_;
+      s.batches = batches_;
       s.acked = acked_;
       s.retried = retried_;
       s.deferred = deferred_;
@@ -1107,11 +1255,12 @@ class consumer {
  private:
   struct item {
     item(envelope<T>&& e, settle_hook&& h, std::uint64_t s, time_point now)
-        : env(std::move(e)), hook(std::move(h)), seq(s), received_at(now) {}
+        : env(std::move(e)), hook(std::move(h)), seq(s), received_at(now), ready_at(now) {}
     envelope<T> env;
     settle_hook hook;
     std::uint64_t seq;
     time_point received_at;
+    time_point ready_at;  // batch consumers: when it last entered ready_ (the window starts there)
     time_point first_failure{};
     time_point last_failure{};
     time_point due{};  // when waiting: when its timer fires
@@ -1195,7 +1344,7 @@ class consumer {
       timers_->run_due();
       (void)receive_some(duration::zero());
       std::unique_lock lock(mu_);
-      while (!stopped_ && !ready_.empty()) run_one(lock);
+      while (!stopped_ && work_ready_locked()) (void)run_next(lock);
       if (shut_down_) return false;
       if (drain_done_locked()) return true;
       if (clock_->now() >= deadline) return false;
@@ -1208,8 +1357,9 @@ class consumer {
       // Closed, or the budget is full of messages waiting for a retry (or run
       // by a concurrent poll): wait on the clock for the next timer or the
       // deadline; a settling handler also wakes us.
+      if (batch_ && !ready_.empty()) arm_window_locked();
       const time_point next = std::min(timers_->next_deadline(), deadline);
-      if (clock_->now() < next && ready_.empty()) {
+      if (clock_->now() < next && !work_ready_locked()) {
         ++settle_waiters_;
         clock_->wait_until(lock, idle_cv_, next);
         --settle_waiters_;
@@ -1295,24 +1445,175 @@ class consumer {
     std::unique_lock lock(mu_);
     for (;;) {
       if (stopped_) return;
-      if (!ready_.empty()) {
-        run_one(lock);
+      if (work_ready_locked()) {
+        (void)run_next(lock);
         continue;
       }
       if (may_receive_locked()) {
         receiving_ = true;
+        duration wait = opts_.receive_wait;
+        if (batch_ && !ready_.empty()) {
+          // A partial batch: wait for more input no longer than its window.
+          const time_point end = window_end_locked();
+          const time_point now = clock_->now();
+          if (end != time_point::max()) wait = std::min(wait, end > now ? end - now : duration::zero());
+        }
         lock.unlock();
-        (void)receive_some(opts_.receive_wait);
+        (void)receive_some(wait);
         lock.lock();
         receiving_ = false;
         // Another idle worker takes over receiving while this one runs what came in.
         if (idle_workers_ > 0 && !ready_.empty() && may_receive_locked()) work_cv_.notify_one();
         continue;
       }
+      if (batch_ && !ready_.empty()) arm_window_locked();  // a partial batch: wake at its window
       ++idle_workers_;
       work_cv_.wait(lock);
       --idle_workers_;
     }
+  }
+
+  // ---- batches -------------------------------------------------------------
+
+  template <class H>
+  static batch_handler_type wrap_batch(H&& h) {
+    using F = std::decay_t<H>;
+    static_assert(std::is_invocable_v<F&, const message_batch<T>&>,
+                  "a batch handler is callable as (const message_batch<T>&)");
+    using R = std::invoke_result_t<F&, const message_batch<T>&>;
+    if constexpr (std::is_void_v<R>) {
+      return [f = F(std::forward<H>(h))](const message_batch<T>& b) mutable {
+        f(b);
+        return batch_settlement();
+      };
+    } else {
+      static_assert(std::is_convertible_v<R, batch_settlement>,
+                    "a batch handler returns void, settlement, std::vector<settlement> or batch_settlement");
+      return [f = F(std::forward<H>(h))](const message_batch<T>& b) mutable { return batch_settlement(f(b)); };
+    }
+  }
+
+  // Caller holds mu_. Whether a worker has something to run now.
+  bool work_ready_locked() const {
+    if (!batch_) return !ready_.empty();
+    if (ready_.empty()) return false;
+    if (ready_.size() >= batch_->max_size) return true;
+    // Nothing more can join: flush what is there.
+    if (!accepting_ || source_closed_ || held_ >= opts_.max_in_flight) return true;
+    return clock_->now() >= window_end_locked();
+  }
+
+  // Caller holds mu_, ready_ not empty. When the current partial batch is due.
+  time_point window_end_locked() const noexcept {
+    const time_point start = ready_.front().ready_at;
+    if (batch_->window >= time_point::max() - start) return time_point::max();
+    return start + batch_->window;
+  }
+
+  // Caller holds mu_, ready_ not empty. A timer that wakes the workers (and
+  // a manual drain) when the partial batch's window ends.
+  void arm_window_locked() {
+    const time_point end = window_end_locked();
+    if (end == time_point::max() || end == window_armed_) return;
+    window_armed_ = end;
+    (void)timers_->schedule_at(end, [this] {
+      std::lock_guard lock(mu_);
+      work_cv_.notify_all();
+      if (settle_waiters_ > 0) idle_cv_.notify_all();
+    });
+  }
+
+  // Caller holds `lock` and work_ready_locked(); returns holding it, with
+  // the deliveries processed.
+  std::size_t run_next(std::unique_lock<std::mutex>& lock) {
+    if (batch_) return run_batch(lock);
+    run_one(lock);
+    return 1;
+  }
+
+  // Caller holds `lock`, ready_ not empty. Takes up to max_size ready
+  // messages (dead-lettering the expired ones), runs the batch handler once
+  // outside the lock and settles each message. Returns holding the lock.
+  std::size_t run_batch(std::unique_lock<std::mutex>& lock) {
+    std::vector<conclusion> expired;
+    std::vector<item_iter> taken;
+    taken.reserve(std::min(batch_->max_size, ready_.size()));
+    while (taken.size() < batch_->max_size && !ready_.empty()) {
+      const item_iter pos = ready_.begin();
+      if (pos->env.expired(clock_->now())) {
+        ++expired_;
+        ++settled_;
+        conclusion c = leave(ready_, pos, fate::dead_letter, settle_outcome::dead_lettered);
+        c.reason = std::string(dead_letter_reasons::expired);
+        c.error = "the deadline passed before delivery " + std::to_string(pos->env.attempt + 1) + " started";
+        expired.push_back(std::move(c));
+        continue;
+      }
+      ++pos->env.attempt;
+      ++started_;
+      ++running_count_;
+      running_.splice(running_.end(), ready_, pos);
+      taken.push_back(pos);
+    }
+    if (!taken.empty()) ++batches_;
+    lock.unlock();
+    for (auto& c : expired) conclude(std::move(c));
+    if (taken.empty()) {
+      lock.lock();
+      return expired.size();
+    }
+
+    std::vector<const envelope<T>*> envs;
+    envs.reserve(taken.size());
+    for (const auto& pos : taken) {
+      if (obs_ != nullptr) obs_->notify_receive(make_message_event(pos->env, source_name_));
+      envs.push_back(&pos->env);
+    }
+    const message_batch<T> batch(std::move(envs), stop_.get_token(), *clock_, source_name_);
+    const time_point start = clock_->now();
+    batch_settlement result;
+    std::string err;
+    bool threw = false;
+#if POSTBOX_HAS_EXCEPTIONS
+    try {
+      result = batch_handler_(batch);
+    } catch (...) {
+      const auto ep = std::current_exception();
+      err = describe(ep);
+      result = classify(ep) == error_class::permanent
+                   ? settlement::reject(std::string(dead_letter_reasons::permanent_error))
+                   : settlement::retry();
+      threw = true;
+    }
+#else
+    result = batch_handler_(batch);
+#endif
+    if (result.per_message() && result.each().size() != taken.size()) {
+      err = "the batch handler returned " + std::to_string(result.each().size()) + " settlements for " +
+            std::to_string(taken.size()) + " messages";
+      result = settlement::retry();
+      threw = true;
+    }
+    const duration elapsed = clock_->now() - start;
+    handle_duration_.observe(elapsed);
+
+    std::vector<conclusion> done;
+    done.reserve(taken.size());
+    lock.lock();
+    if (threw) ++handler_errors_;
+    for (std::size_t i = 0; i < taken.size(); ++i) {
+      --running_count_;
+      ++settled_;
+      const settlement& s = result.per_message() ? result.each()[i] : result.for_batch();
+      conclusion c = decide(taken[i], s, err);
+      c.elapsed = elapsed;
+      done.push_back(std::move(c));
+    }
+    if (settle_waiters_ > 0) idle_cv_.notify_all();
+    lock.unlock();
+    for (auto& c : done) conclude(std::move(c));
+    lock.lock();
+    return expired.size() + taken.size();
   }
 
   // Caller holds `lock` and ready_ is not empty; returns holding it.
@@ -1457,6 +1758,7 @@ class consumer {
     const item_iter pos = f->second;
     waiting_index_.erase(f);
     pos->timer = 0;
+    if (batch_) pos->ready_at = clock_->now();
     ready_.splice(ready_.end(), waiting_, pos);
     wake_worker();
   }
@@ -1481,6 +1783,7 @@ class consumer {
     if (k->second.empty()) {
       keys_.erase(k);
     } else {
+      if (batch_) k->second.front().ready_at = clock_->now();
       ready_.splice(ready_.end(), k->second, k->second.begin());
       wake_worker();
     }
@@ -1649,7 +1952,9 @@ class consumer {
   }
 
   std::unique_ptr<detail::source_base<T>> source_;
-  handler_type handler_;
+  handler_type handler_;              // single-message consumers
+  batch_handler_type batch_handler_;  // batch consumers
+  const std::optional<batch_options> batch_;  // set: a batch consumer
   dead_letter_queue<T>* dlq_;
   consumer_options opts_;
   const clock* clock_;
@@ -1674,7 +1979,8 @@ class consumer {
   std::size_t held_ = 0, running_count_ = 0, settling_ = 0, idle_workers_ = 0;  // guarded by mu_
   std::uint64_t received_ = 0, started_ = 0, acked_ = 0, retried_ = 0, deferred_ = 0, dead_lettered_ = 0,
                 expired_ = 0, poison_ = 0, handler_errors_ = 0, dead_letter_refused_ = 0, released_ = 0,
-                settled_ = 0;  // guarded by mu_
+                settled_ = 0, batches_ = 0;  // guarded by mu_
+  time_point window_armed_{};  // batch consumers: the window end a timer is armed for; guarded by mu_
   bool accepting_ = true, stopped_ = false, shut_down_ = false, source_closed_ = false;  // guarded by mu_
   bool receiving_ = false;                                                              // guarded by mu_
   std::size_t settle_waiters_ = 0;  // threads in shutdown/drain waiting on idle_cv_; guarded by mu_
@@ -1699,7 +2005,8 @@ template <class T>
       w.counter(name, help, static_cast<double>(v));
     };
     count("postbox_consumer_received_total", "Messages taken from the source.", s.received);
-    count("postbox_consumer_started_total", "Handler invocations.", s.started);
+    count("postbox_consumer_started_total", "Deliveries started.", s.started);
+    count("postbox_consumer_batches_total", "Batch handler invocations.", s.batches);
     count("postbox_consumer_acked_total", "Deliveries acknowledged.", s.acked);
     count("postbox_consumer_retried_total", "Deliveries to be retried.", s.retried);
     count("postbox_consumer_deferred_total", "Deliveries deferred.", s.deferred);
