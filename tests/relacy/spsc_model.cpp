@@ -66,7 +66,8 @@
 // finished, nobody can ever wake the thread: the model asserts (a lost
 // wake-up). finish_wait is the real relaxed decrement.
 //
-// Not modelled: stats(), size_approx() (relaxed snapshots), a
+// Not modelled: the select waker registry of event_count (register_waker,
+// registered_, the wakers' own wake-ups), stats(), size_approx() (relaxed snapshots), a
 // second concurrent close() (its acquire wait for `closed`), T's constructors
 // (a slot is an rl::var<int>: Relacy reports any unsynchronized access to it),
 // the spin/yield phase of the blocking loops (only more attempts of the same
@@ -112,6 +113,7 @@ enum site : int {
   ec_waiters_inc,         // prepare_wait_asymmetric: waiters_.fetch_add(seq_cst)
   ec_epoch_load,          // prepare_wait_asymmetric: epoch_.load(seq_cst)
   ec_epoch_bump,          // wake: epoch_.fetch_add(seq_cst)
+  ec_notify_acquire,      // notify_light: waiters_.load(acquire)
   // asymmetric fences (seq_cst = present, relaxed = removed)
   close_heavy_fence,      // close: heavy_fence() after marking closing
   park_recv_heavy_fence,  // prepare_wait_asymmetric on not_empty_ (a receiver parks)
@@ -137,6 +139,7 @@ const char* const site_names[] = {
     "prepare_wait_asymmetric waiters_ fetch_add seq_cst",
     "prepare_wait_asymmetric epoch_ seq_cst load",
     "wake epoch_ fetch_add seq_cst",
+    "notify_light waiters_ acquire load",
     "close heavy fence (removed)",
     "receiver park heavy fence (removed)",
     "sender park heavy fence (removed)",
@@ -148,7 +151,8 @@ const char* const site_names[] = {
 // In the order of `site` (checked by the static_assert below).
 const rl::memory_order real_order[] = {
     rl::mo_acquire, rl::mo_release, rl::mo_release, rl::mo_acquire, rl::mo_acquire, rl::mo_acquire, rl::mo_release,
-    rl::mo_acq_rel, rl::mo_acquire, rl::mo_release, rl::mo_acquire, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst,
+    rl::mo_acq_rel, rl::mo_acquire, rl::mo_release, rl::mo_acquire, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst,
+    rl::mo_acquire, rl::mo_seq_cst,
     rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst,
 };
 
@@ -316,7 +320,8 @@ struct event_count {
   }
   void notify_light() {
     // light_fence(): a compiler barrier, nothing in the model.
-    if (waiters.load(rl::mo_relaxed) != 0) wake();
+    if (waiters.load(mo(ec_notify_acquire)) != 0) wake();
+    // The select waker registry (registered_, register_waker) is not modelled.
   }
   void wake_all() { wake(); }
   // FUTEX_WAIT on epoch_ == key (see the file comment).
@@ -804,6 +809,10 @@ const char* undetectable_reason(int s) {
              "in_send_==0 from the last send's release, which follows its tail_ store, so that store already "
              "happens before this load (coherence makes it read it) and before the slot read; the acquire only "
              "guards the slot read should that chain break (see send_fail_end)";
+    case model::ec_notify_acquire:
+      return "the ring's futex protocol does not need it (it was relaxed before select existed): the acquire makes "
+             "a select waker's registration (register_waker, not modelled) visible to wake() once its increment "
+             "is seen";
     case model::ec_waiters_inc:
       return "the heavy fence right after it orders the increment: increment, caller's entry barrier, the "
              "notifier's barrier B, the notifier's relaxed waiters_ read (C++20 [atomics.order]p4.4), so relaxed "
