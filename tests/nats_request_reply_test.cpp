@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -179,6 +180,50 @@ TEST_CASE("destroying a NATS requester completes its pending requests with cance
   }
   r.clock.advance(2s);
   CHECK(r.timers.run_due() == 0);
+}
+
+TEST_CASE("destroying a NATS requester waits for a callback running on another thread", "[nats_request_reply]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  std::atomic<bool> entered{false}, release{false}, destroyed{false};
+  std::optional<postbox::nats_requester<int, int>> req;
+  req.emplace(*r.client, r.timers, r.to("svc.nobody"));
+  REQUIRE(req->request(1, 1s, [&](postbox::reply_outcome<int>) {
+    entered = true;
+    (void)postbox_test::eventually([&] { return release.load(); });
+  }) == postbox::errc::ok);
+  auto other = req->request(2, 10s);  // still pending when the requester goes: completed canceled
+  REQUIRE(other.has_value());
+  r.clock.advance(1s);
+  std::thread timer_thread([&] { (void)r.timers.run_due(); });  // times request 1 out; its callback blocks
+  REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+  std::thread destroyer([&] {
+    req.reset();
+    destroyed = true;
+  });
+  REQUIRE(postbox_test::eventually([&] { return other->ready(); }));  // the destructor is past the cancel
+  CHECK_FALSE(postbox_test::eventually([&] { return destroyed.load(); }, 1s));
+  release = true;
+  CHECK(postbox_test::eventually([&] { return destroyed.load(); }));
+  destroyer.join();
+  timer_thread.join();
+  CHECK(other->get().status == postbox::errc::canceled);
+}
+
+TEST_CASE("a timeout callback may destroy its own NATS requester", "[nats_request_reply]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  std::optional<postbox::nats_requester<int, int>> req;
+  req.emplace(*r.client, r.timers, r.to("svc.nobody"));
+  postbox::errc status = postbox::errc::ok;
+  REQUIRE(req->request(1, 1s, [&](postbox::reply_outcome<int> o) {
+    status = o.status;
+    req.reset();  // on the timer's thread, inside the callback
+  }) == postbox::errc::ok);
+  r.clock.advance(1s);
+  CHECK(r.timers.run_due() == 1);
+  CHECK(status == postbox::errc::timeout);
+  CHECK_FALSE(req.has_value());
 }
 
 TEST_CASE("a NATS requester at its pending limit refuses with busy", "[nats_request_reply]") {

@@ -21,6 +21,7 @@
 #include <postbox/error.hpp>
 #include <postbox/nats.hpp>
 #include <postbox/request_reply.hpp>
+#include <postbox/request_reply/pending.hpp>
 
 #include <nats/nats.h>
 
@@ -28,7 +29,6 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -36,7 +36,6 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <utility>
 #include <variant>
 
@@ -173,12 +172,14 @@ struct nats_requester_stats : requester_stats {
 };
 
 /// Sends request envelopes on NATS and matches replies arriving on its inbox
-/// by correlation id, with the semantics of `postbox::requester`: each
-/// accepted request completes exactly once with the reply, the responder's
-/// error, `timeout` (a timer on `timers`, on its clock; also when nobody
-/// answers) or `canceled` (destruction); late, duplicate and unknown replies
-/// are dropped and counted. Outcomes run on the inbox delivery thread, a
-/// timer thread or the destroying thread. Thread-safe.
+/// by correlation id, with the semantics of `postbox::requester` (the same
+/// `pending_requests` table, request_reply/pending.hpp, with NATS as the
+/// transport): each accepted request completes exactly once with the reply,
+/// the responder's error, `timeout` (a timer on `timers`, on its clock; also
+/// when nobody answers) or `canceled` (destruction); late, duplicate and
+/// unknown replies are dropped and counted. Outcomes run on the inbox
+/// delivery thread, a timer thread or the destroying thread; an exception
+/// from a callback is caught and dropped there. Thread-safe.
 template <class Request, class Reply>
 class nats_requester {
  public:
@@ -188,37 +189,41 @@ class nats_requester {
   /// Throws postbox::error (`invalid_argument` for a bad inbox, or a libnats
   /// failure). `conn` and `timers` must outlive this. Allocates.
   nats_requester(nats_connection& conn, timer_service& timers, nats_requester_options opts = {})
-      : conn_(&conn), state_(std::make_shared<state>(timers, std::move(opts))) {
-    auto& o = state_->opts;
-    if (o.inbox.empty()) {
+      : conn_(&conn),
+        opts_(std::move(opts)),
+        table_(table::create(timers, opts_.max_pending, callback_exceptions::contain)) {
+    if (opts_.inbox.empty()) {
       detail::nats_library_open();
       natsInbox* inbox = nullptr;
       detail::nats_check(natsInbox_Create(&inbox), "inbox");
-      o.inbox = inbox;
+      opts_.inbox = inbox;
       natsInbox_Destroy(inbox);
     }
-    if (!detail::nats_plain_subject(o.inbox))
-      POSTBOX_THROW(error(errc::invalid_argument, "postbox::nats_requester: bad inbox subject: " + o.inbox));
-    state_->prefix = o.inbox + ".";
-    std::weak_ptr<state> weak = state_;
-    sub_ = std::make_unique<detail::nats_async_subscription>(conn.native(), state_->prefix + "*", std::string(),
-                                                             [weak](nats_msg_ptr m) {
-                                                               if (auto s = weak.lock()) s->on_message(std::move(m));
-                                                             });
+    if (!detail::nats_plain_subject(opts_.inbox))
+      POSTBOX_THROW(error(errc::invalid_argument, "postbox::nats_requester: bad inbox subject: " + opts_.inbox));
+    prefix_ = opts_.inbox + ".";
+    // The destructor resets sub_ first, and that waits for a running handler,
+    // so the handler may use `this`.
+    sub_ = std::make_unique<detail::nats_async_subscription>(conn.native(), prefix_ + "*", std::string(),
+                                                             [this](nats_msg_ptr m) { on_message(std::move(m)); });
     (void)conn.flush(std::chrono::milliseconds(5000));  // best effort: the SUB is resent after a reconnect
   }
   nats_requester(const nats_requester&) = delete;
   nats_requester& operator=(const nats_requester&) = delete;
 
-  /// Unsubscribes (waiting for a reply being handled), then completes every
-  /// pending request with `canceled` on this thread. Blocks.
+  /// Unsubscribes (waiting for a reply being handled on the delivery
+  /// thread), completes every pending request with `canceled` on this
+  /// thread, then blocks until every callback already running on another
+  /// thread (a timeout on a timer thread) has returned. A timer callback may
+  /// destroy its own requester; a callback on the delivery thread must not
+  /// (unsubscribing waits for that very callback). Blocks.
   ~nats_requester() {
     sub_.reset();
-    state_->cancel_all();
+    table_->close();
   }
 
   /// The reply subject prefix; reply subjects are `<inbox>.<correlation id>`.
-  [[nodiscard]] const std::string& inbox() const noexcept { return state_->opts.inbox; }
+  [[nodiscard]] const std::string& inbox() const noexcept { return opts_.inbox; }
 
   /// Sends `payload` as a `kind` request on the configured subject with
   /// deadline now + `timeout` (the timers' clock); `cb` gets the outcome.
@@ -228,24 +233,24 @@ class nats_requester {
   /// is full). While reconnecting, libnats buffers the request. Allocates.
   [[nodiscard]] errc request(Request payload, duration timeout, callback cb, message_kind kind = message_kind::query) {
     auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
-                             state_->timers->get_clock());
+                             table_->get_clock());
     return send(std::move(env), timeout, std::move(cb));
   }
 
   /// Future form of `request`: the refusal status, or a future of the outcome.
   [[nodiscard]] result<reply_future<reply_outcome<Reply>>> request(Request payload, duration timeout,
                                                                    message_kind kind = message_kind::query) {
-    auto fs = std::make_shared<detail::rr_future_state<reply_outcome<Reply>>>();
-    const errc s = request(std::move(payload), timeout, [fs](reply_outcome<Reply> o) { fs->set(std::move(o)); }, kind);
+    auto link = detail::make_future_link<reply_outcome<Reply>>();
+    const errc s = request(std::move(payload), timeout, std::move(link.callback), kind);
     if (s != errc::ok) return s;
-    return reply_future<reply_outcome<Reply>>(fs);
+    return std::move(link.future);
   }
 
   /// Sends a caller-built request envelope on the configured subject (or its
   /// type when none is configured): id, type and headers kept; a fresh
   /// correlation id, `reply-to` and the deadline are set. As `request`.
   [[nodiscard]] errc send(envelope<Request> env, duration timeout, callback cb) {
-    std::string subject = state_->opts.subject.empty() ? env.type : state_->opts.subject;
+    std::string subject = opts_.subject.empty() ? env.type : opts_.subject;
     return send(std::move(env), subject, timeout, std::move(cb));
   }
 
@@ -255,194 +260,64 @@ class nats_requester {
   }
 
   /// Counters snapshot. Thread-safe.
-  [[nodiscard]] nats_requester_stats stats() const {
-    std::lock_guard lock(state_->mutex);
-    auto s = state_->stats;
-    s.pending = state_->pending_map.size();
-    return s;
-  }
+  [[nodiscard]] nats_requester_stats stats() const { return table_->stats(); }
 
  private:
-  struct pending {
-    callback cb;
-    timer_service::timer_id timer = 0;
-  };
-  enum class finished : std::uint8_t { replied, expired };
+  using table = pending_requests<Reply, nats_requester_stats>;
 
-  // The pending table mirrors requester's in request_reply.hpp: removal
-  // under `mutex` is the single point that decides a request's outcome.
-  struct state {
-    state(timer_service& t, nats_requester_options o) : timers(&t), opts(std::move(o)) {}
-    timer_service* timers;
-    nats_requester_options opts;
-    std::string prefix;  // "<inbox>."
-    mutable std::mutex mutex;
-    std::unordered_map<message_id, pending> pending_map;
-    // Recently finished correlations, to tell late and duplicate replies
-    // apart from unknown ones; bounded to 4 * max_pending (FIFO eviction).
-    std::unordered_map<message_id, finished> done;
-    std::deque<message_id> done_order;
-    nats_requester_stats stats;
-
-    void remember(const message_id& id, finished f) {
-      done[id] = f;
-      done_order.push_back(id);
-      while (done_order.size() > 4 * (opts.max_pending == 0 ? 1 : opts.max_pending)) {
-        done.erase(done_order.front());
-        done_order.pop_front();
-      }
+  // Runs on the inbox subscription's delivery thread: turns a message into
+  // a reply packet for the table (matched by its subject's correlation id).
+  void on_message(nats_msg_ptr msg) {
+    if (natsMsg_IsNoResponders(msg.get())) {
+      table_->count(&nats_requester_stats::no_responders);
+      return;
     }
-
-    static void complete(pending& p, errc status, std::optional<envelope<Reply>> r, std::optional<reply_error> e) {
-      if (!p.cb) return;
-      reply_outcome<Reply> o;
-      o.status = status;
-      o.reply = std::move(r);
-      o.error = std::move(e);
-      POSTBOX_TRY { p.cb(std::move(o)); }
-      POSTBOX_CATCH_ALL {}  // a callback exception must not escape a libnats or timer thread
+    const char* subj = natsMsg_GetSubject(msg.get());
+    const std::string_view subject = subj ? subj : "";
+    std::optional<message_id> corr;
+    if (subject.size() > prefix_.size() && subject.substr(0, prefix_.size()) == prefix_)
+      corr = message_id::parse(subject.substr(prefix_.size()));
+    if (!corr) {
+      table_->count(&nats_requester_stats::unmatched_replies);
+      return;
     }
-
-    // Runs on the inbox subscription's delivery thread.
-    void on_message(nats_msg_ptr msg) {
-      if (natsMsg_IsNoResponders(msg.get())) {
-        std::lock_guard lock(mutex);
-        ++stats.no_responders;
-        return;
-      }
-      const char* subj = natsMsg_GetSubject(msg.get());
-      const std::string_view subject = subj ? subj : "";
-      std::optional<message_id> corr;
-      if (subject.size() > prefix.size() && subject.substr(0, prefix.size()) == prefix)
-        corr = message_id::parse(subject.substr(prefix.size()));
-      if (!corr) {
-        std::lock_guard lock(mutex);
-        ++stats.unmatched_replies;
-        return;
-      }
-      reply_packet<Reply> packet{*corr, reply_error{}};
-      const char* code = nullptr;
-      if (natsMsgHeader_Get(msg.get(), nats_headers::error_code, &code) == NATS_OK && code != nullptr) {
-        const char* text = nullptr;
-        (void)natsMsgHeader_Get(msg.get(), nats_headers::error_message, &text);
-        packet.body = reply_error{detail::parse_errc(code), text ? text : ""};
-      } else {
-        nats_decode_error err;
-        if (auto env = from_nats_msg<Reply>(msg.get(), err)) packet.body = std::move(*env);
-        else packet.body = reply_error{err.code, "reply did not decode: " + err.field};
-      }
-      on_reply(std::move(packet));
+    reply_packet<Reply> packet{*corr, reply_error{}};
+    const char* code = nullptr;
+    if (natsMsgHeader_Get(msg.get(), nats_headers::error_code, &code) == NATS_OK && code != nullptr) {
+      const char* text = nullptr;
+      (void)natsMsgHeader_Get(msg.get(), nats_headers::error_message, &text);
+      packet.body = reply_error{detail::parse_errc(code), text ? text : ""};
+    } else {
+      nats_decode_error err;
+      if (auto env = from_nats_msg<Reply>(msg.get(), err)) packet.body = std::move(*env);
+      else packet.body = reply_error{err.code, "reply did not decode: " + err.field};
     }
-
-    void on_reply(reply_packet<Reply> packet) {
-      std::optional<pending> finished_p;
-      errc status = errc::ok;
-      std::optional<envelope<Reply>> reply;
-      std::optional<reply_error> err;
-      {
-        std::lock_guard lock(mutex);
-        auto it = pending_map.find(packet.correlation_id);
-        if (it == pending_map.end()) {
-          auto d = done.find(packet.correlation_id);
-          if (d == done.end()) ++stats.unmatched_replies;
-          else if (d->second == finished::replied) ++stats.duplicate_replies;
-          else ++stats.late_replies;
-          return;
-        }
-        if (auto* e = std::get_if<envelope<Reply>>(&packet.body)) {
-          reply.emplace(std::move(*e));
-          ++stats.replied;
-        } else {
-          err.emplace(std::get<reply_error>(std::move(packet.body)));
-          status = err->code == errc::ok ? errc::handler_error : err->code;
-          ++stats.errors;
-        }
-        finished_p.emplace(std::move(it->second));
-        pending_map.erase(it);
-        remember(packet.correlation_id, finished::replied);
-      }
-      timers->cancel(finished_p->timer);
-      complete(*finished_p, status, std::move(reply), std::move(err));
-    }
-
-    void on_timeout(const message_id& id) {
-      std::optional<pending> p;
-      {
-        std::lock_guard lock(mutex);
-        auto it = pending_map.find(id);
-        if (it == pending_map.end()) return;
-        p.emplace(std::move(it->second));
-        pending_map.erase(it);
-        remember(id, finished::expired);
-        ++stats.timed_out;
-      }
-      complete(*p, errc::timeout, std::nullopt, std::nullopt);
-    }
-
-    void cancel_all() {
-      std::unordered_map<message_id, pending> taken;
-      {
-        std::lock_guard lock(mutex);
-        taken.swap(pending_map);
-        stats.canceled += taken.size();
-      }
-      for (auto& [id, p] : taken) {
-        timers->cancel(p.timer);
-        complete(p, errc::canceled, std::nullopt, std::nullopt);
-      }
-    }
-  };
-
-  errc refuse(errc why) {
-    std::lock_guard lock(state_->mutex);
-    ++state_->stats.refused;
-    return why;
+    table_->on_reply(std::move(packet));
   }
 
+  // Stamps and encodes, opens the pending entry (before publishing: a reply
+  // may complete the request at once), publishes, then arms the deadline.
   errc dispatch(envelope<Request> env, const std::string& subject, duration timeout, callback cb) {
-    if (subject.empty()) return refuse(errc::invalid_argument);
-    const auto& clk = state_->timers->get_clock();
-    env.correlation_id = message_id::generate(clk);
-    const message_id corr = env.correlation_id;
-    const std::string reply_subject = state_->prefix + corr.to_string();
+    if (subject.empty()) return table_->refuse(errc::invalid_argument);
+    const message_id corr = table_->stamp(env, timeout, opts_.producer);
+    const std::string reply_subject = prefix_ + corr.to_string();
     env.headers.set(std::string(header_names::reply_to), reply_subject);
-    env.deadline = clk.now() + timeout;
-    if (!state_->opts.producer.empty()) env.producer = state_->opts.producer;
     auto msg = to_nats_msg(env, subject, reply_subject);
-    if (!msg.has_value()) return refuse(msg.status());
-    {
-      std::lock_guard lock(state_->mutex);
-      if (state_->pending_map.size() >= state_->opts.max_pending) {
-        ++state_->stats.refused;
-        return errc::busy;
-      }
-      pending p;
-      p.cb = std::move(cb);
-      state_->pending_map.emplace(corr, std::move(p));
-    }
-    // Publish before arming the timer: a reply may complete the request at once.
+    if (!msg.has_value()) return table_->refuse(msg.status());
+    if (const errc s = table_->open(corr, std::move(cb)); s != errc::ok) return s;
     const natsStatus s = natsConnection_PublishMsg(conn_->native(), msg->get());
     if (s != NATS_OK) {
-      std::lock_guard lock(state_->mutex);
-      state_->pending_map.erase(corr);
-      ++state_->stats.refused;
       const errc e = detail::nats_errc(s);
-      return e == errc::ok ? errc::store_error : e;
+      return table_->abandon(corr, e == errc::ok ? errc::store_error : e);
     }
-    std::weak_ptr<state> weak = state_;
-    const auto id = state_->timers->schedule_at(*env.deadline, [weak, corr] {
-      if (auto st = weak.lock()) st->on_timeout(corr);
-    });
-    std::lock_guard lock(state_->mutex);
-    ++state_->stats.sent;
-    auto it = state_->pending_map.find(corr);
-    if (it != state_->pending_map.end()) it->second.timer = id;
-    else state_->timers->cancel(id);  // already completed by a fast reply
+    table_->arm(corr, *env.deadline);
     return errc::ok;
   }
 
   nats_connection* conn_;
-  std::shared_ptr<state> state_;
+  nats_requester_options opts_;
+  std::string prefix_;  // "<inbox>."
+  std::shared_ptr<table> table_;
   std::unique_ptr<detail::nats_async_subscription> sub_;  // destroyed first (in the destructor)
 };
 
