@@ -724,7 +724,8 @@ class durable_log {
     for (std::size_t i = 0; i < n; ++i) {
       parts_.push_back(std::make_unique<durable_partition>());
       auto& part = *parts_.back();
-      part.dir = dir_ / ("p" + std::to_string(i));
+      // append rather than "p" + to_string: GCC 12 at -O2 flags the latter with a false -Wrestrict.
+      part.dir = dir_ / std::string("p").append(std::to_string(i));
       std::filesystem::create_directories(part.dir, ec);
       if (ec) durable_fail(errc::store_error, "create " + part.dir.string(), ec.value());
       recover_partition(part, recovery_.partitions[i]);
