@@ -1186,3 +1186,85 @@ TEST_CASE("teardown: a started relay stopped or destroyed while parked, mid-batc
   CHECK(parked + mid_batch + blocked == iterations);
 }
 
+
+// ---------------------------------------------------------------------------
+// Durable scheduling: stage_at
+// ---------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("a row staged with stage_at is published exactly at its due time, not before", "[outbox]",
+                   STORE_FIXTURES) {
+  TestType f;
+  auto& store = f.get();
+  postbox::manual_clock clock;
+  postbox::outbox box(store, postbox::json::codec{}, clock);
+  {
+    auto tx = store.begin();
+    REQUIRE(box.stage_at(tx, order("a", 1, clock), clock.now() + 10s) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+  }
+  sink out;
+  postbox::outbox_relay relay(store, out.destination(), fixed_options(), clock);
+  const auto early = relay.run_once();
+  CHECK(early.published == 0);
+  REQUIRE(early.next_due.has_value());
+  CHECK(*early.next_due == postbox::manual_clock::default_start + 10s);  // the relay knows when to wake
+  clock.advance(10s - 1ms);
+  CHECK(relay.run_once().published == 0);
+  clock.advance(1ms);
+  CHECK(relay.run_once().published == 1);
+  CHECK(out.labels() == std::vector<std::string>{"a#1"});
+}
+
+TEMPLATE_TEST_CASE("a row not yet due does not hold its key: later rows of the key are published first", "[outbox]",
+                   STORE_FIXTURES) {
+  TestType f;
+  auto& store = f.get();
+  postbox::manual_clock clock;
+  postbox::outbox box(store, postbox::json::codec{}, clock);
+  {
+    auto tx = store.begin();
+    REQUIRE(box.stage(tx, order("a", 1, clock)) == errc::ok);
+    REQUIRE(box.stage_after(tx, order("a", 2, clock), 5s) == errc::ok);
+    REQUIRE(box.stage(tx, order("a", 3, clock)) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+  }
+  sink out;
+  postbox::outbox_relay relay(store, out.destination(), fixed_options(), clock);
+  CHECK(relay.run_once().published == 2);
+  CHECK(out.labels() == std::vector<std::string>{"a#1", "a#3"});
+  clock.advance(5s);
+  CHECK(relay.run_once().published == 1);
+  CHECK(out.labels() == std::vector<std::string>{"a#1", "a#3", "a#2"});
+}
+
+TEMPLATE_TEST_CASE("a pending scheduled row survives a restart and is published at its due time afterwards",
+                   "[outbox]", STORE_FIXTURES) {
+  TestType f;
+  postbox::manual_clock clock;
+  postbox::message_id id;
+  {
+    postbox::outbox box(f.get(), postbox::json::codec{}, clock);
+    auto tx = f.get().begin();
+    const auto e = order("k", 7, clock);
+    id = e.id;
+    REQUIRE(box.stage_at(tx, e, clock.now() + 1h) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+    sink out;
+    postbox::outbox_relay relay(f.get(), out.destination(), fixed_options(), clock);
+    CHECK(relay.run_once().published == 0);
+  }
+  f.reopen();  // a restart: SQLite opens the file again
+  auto& store = f.get();
+  auto pending = store.outbox_pending();
+  REQUIRE(pending.has_value());
+  REQUIRE(pending->size() == 1);
+  CHECK(pending->front().due == postbox::manual_clock::default_start + 1h);
+  sink out;
+  postbox::outbox_relay relay(store, out.destination(), fixed_options(), clock);
+  clock.advance(59min);
+  CHECK(relay.run_once().published == 0);
+  clock.advance(1min);
+  CHECK(relay.run_once().published == 1);
+  REQUIRE(out.size() == 1);
+  CHECK(out.got.front().id == id);
+}

@@ -168,10 +168,68 @@ TEST_CASE("a version 1 database migrates to version 2 on open and keeps its outb
     CHECK(dead->front().first_failure == t0);  // unknown before the migration: the dead-lettering time
   }
   raw_db raw(path);
-  CHECK(raw.text("SELECT value FROM postbox_meta WHERE key = 'schema_version'") == "2");
+  CHECK(raw.text("SELECT value FROM postbox_meta WHERE key = 'schema_version'") ==
+        std::to_string(sqlite_store::schema_version));
   CHECK(raw.text("SELECT COUNT(*) FROM pragma_table_info('postbox_outbox') WHERE name = 'first_failure_at'") == "1");
-  sqlite_store again(path, fast());  // a second open finds version 2 and changes nothing
+  CHECK(raw.text("SELECT COUNT(*) FROM pragma_table_info('postbox_outbox') WHERE name = 'due_at'") == "1");
+  sqlite_store again(path, fast());  // a second open finds the current version and changes nothing
   CHECK(again.outbox_summary()->dead_lettered == 1);
+}
+
+TEST_CASE("a version 2 database migrates to version 3 on open: old rows are due at once, new rows can wait",
+          "[sqlite]") {
+  postbox_test::temp_dir dir;
+  const std::string path = dir.file("v2.db");
+  const auto old_id = message_id::generate();
+  {
+    raw_db raw(path);  // the version 2 outbox tables, as postbox wrote them before scheduled rows
+    REQUIRE(raw.exec("PRAGMA journal_mode=WAL") == SQLITE_OK);
+    REQUIRE(raw.exec("CREATE TABLE postbox_meta (key TEXT PRIMARY KEY, value ANY NOT NULL) WITHOUT ROWID;"
+                     "CREATE TABLE postbox_outbox ("
+                     " seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,"
+                     " partition_key TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL,"
+                     " staged_at INTEGER NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+                     " lease_owner TEXT, lease_until INTEGER, next_attempt_at INTEGER, dispatched_at INTEGER,"
+                     " last_error TEXT, first_failure_at INTEGER);"
+                     "CREATE TABLE postbox_outbox_dead ("
+                     " seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,"
+                     " partition_key TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL,"
+                     " staged_at INTEGER NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL, reason TEXT NOT NULL,"
+                     " error TEXT NOT NULL, first_failure_at INTEGER NOT NULL, last_failure_at INTEGER NOT NULL);"
+                     "INSERT INTO postbox_meta VALUES ('schema_version', 2);") == SQLITE_OK);
+    REQUIRE(raw.exec("INSERT INTO postbox_outbox (message_id, type, partition_key, correlation_id, causation_id,"
+                     " staged_at, body) VALUES ('" +
+                     old_id.to_string() + "', 'test', 'a', '', '', 0, 'a#1')") == SQLITE_OK);
+  }
+  sqlite_store s(path, fast());
+  {
+    raw_db raw(path);
+    CHECK(raw.text("SELECT value FROM postbox_meta WHERE key = 'schema_version'") == "3");
+    CHECK(raw.text("SELECT COUNT(*) FROM pragma_table_info('postbox_outbox') WHERE name = 'due_at'") == "1");
+  }
+  auto tx = s.begin();
+  stored_message later;
+  later.id = message_id::generate();
+  later.type = "test";
+  later.partition_key = "a";
+  later.staged_at = t0;
+  later.body = "a#2";
+  later.due = t0 + std::chrono::seconds(10);
+  REQUIRE(s.outbox_stage(tx, later) == errc::ok);
+  REQUIRE(tx.commit() == errc::ok);
+  auto c = s.outbox_claim("r1", t0, t0 + std::chrono::seconds(30), 10);
+  REQUIRE(c.has_value());
+  REQUIRE(c->messages.size() == 1);  // the migrated row; the scheduled one waits without holding key "a"
+  CHECK(c->messages[0].id == old_id);
+  REQUIRE(c->next_due.has_value());
+  CHECK(*c->next_due == t0 + std::chrono::seconds(10));
+  const std::uint64_t seqs[] = {c->messages[0].sequence};
+  REQUIRE(s.outbox_mark_dispatched("r1", seqs, t0).has_value());
+  auto d = s.outbox_claim("r1", t0 + std::chrono::seconds(10), t0 + std::chrono::seconds(40), 10);
+  REQUIRE(d.has_value());
+  REQUIRE(d->messages.size() == 1);
+  CHECK(d->messages[0].id == later.id);
+  CHECK(d->messages[0].due == later.due);
 }
 
 TEST_CASE("a database made by the saga-only store gains the outbox tables and keeps its sagas", "[sqlite]") {

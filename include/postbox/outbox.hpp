@@ -123,7 +123,28 @@ class outbox {
   template <class T>
     requires envelope_codec<Codec, T>
   [[nodiscard]] errc stage(transaction& tx, const envelope<T>& env) {
-    return stage_impl<false>(tx, env);
+    return stage_impl<false>(tx, env, time_point{});
+  }
+
+  /// As `stage`, for publication at `due` (outbox clock) or later: durable
+  /// scheduling. The row is stored now, in `tx`; a relay does not publish it
+  /// before `due` (it wakes for it: `relay_step::next_due`), also after a
+  /// restart. Until it is due the row does NOT hold its partition key: rows
+  /// of the key staged after it are published first, and at `due` it goes
+  /// out in staging order with what is still pending of its key. Revoke it
+  /// by not committing `tx`, or later by deleting the row yourself; the
+  /// in-process `scheduler` is the revocable, non-durable form. Allocates;
+  /// blocks on the store's I/O.
+  template <class T>
+    requires envelope_codec<Codec, T>
+  [[nodiscard]] errc stage_at(transaction& tx, const envelope<T>& env, time_point due) {
+    return stage_impl<false>(tx, env, due);
+  }
+  /// `stage_at(tx, env, now + delay)` on the outbox clock.
+  template <class T>
+    requires envelope_codec<Codec, T>
+  [[nodiscard]] errc stage_after(transaction& tx, const envelope<T>& env, duration delay) {
+    return stage_impl<false>(tx, env, clock_->now() + delay);
   }
 
   /// As `stage`, and also decodes what it encoded before adding it, so a
@@ -135,11 +156,12 @@ class outbox {
   template <class T>
     requires envelope_codec<Codec, T>
   [[nodiscard]] errc stage_round_trip(transaction& tx, const envelope<T>& env) {
-    return stage_impl<true>(tx, env);
+    return stage_impl<true>(tx, env, time_point{});
   }
 
   /// Adds an already encoded message (its `sequence` is assigned by the
-  /// store; `staged_at` is set from the clock when left at its default).
+  /// store; `staged_at` is set from the clock when left at its default;
+  /// `m.due` schedules it as `stage_at` does).
   /// Same results as `stage`, without the envelope check: the caller vouches
   /// that `m.body` decodes (a row that does not is dead-lettered by the relay).
   [[nodiscard]] errc stage_encoded(transaction& tx, stored_message m) {
@@ -156,7 +178,7 @@ class outbox {
   // RoundTrip is a template parameter so that `stage` never instantiates a
   // decode (a producer's payload type need not be decodable).
   template <bool RoundTrip, class T>
-  errc stage_impl(transaction& tx, const envelope<T>& env) {
+  errc stage_impl(transaction& tx, const envelope<T>& env, time_point due) {
     if (const envelope_problem p = check_envelope(env); p.code != errc::ok) {
       tx.fail(p.code, "outbox: message " + env.id.to_string() + " cannot be read back: " + std::string(p.field) +
                           ": " + std::string(p.why));
@@ -169,6 +191,7 @@ class outbox {
     m.correlation_id = env.correlation_id;
     m.causation_id = env.causation_id;
     m.staged_at = clock_->now();
+    m.due = due;
     bool encoded = false;
     POSTBOX_TRY {
       m.body = codec_.encode(env);

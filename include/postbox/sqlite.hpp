@@ -217,7 +217,9 @@ class sqlite_store {
   /// The schema version this postbox writes and reads. Version 2 added the
   /// outbox dead letters (`postbox_outbox_dead`) and the outbox's
   /// `first_failure_at` column; a version 1 file is migrated on open.
-  static constexpr int schema_version = 2;
+  ///  Version 3 added `due_at` (scheduled rows,
+  /// `stored_message::due`); version 1 and 2 files are migrated on open.
+  static constexpr int schema_version = 3;
 
   /// A write transaction (`BEGIN IMMEDIATE`) on the store's connection,
   /// holding the store's mutex until it ends. Write your own rows with
@@ -531,6 +533,11 @@ class sqlite_store {
     detail::sqlite_bind_text(s, 5, m.causation_id.is_nil() ? std::string_view() : std::string_view(cause, 36));
     sqlite3_bind_int64(s, 6, detail::sqlite_time(m.staged_at));
     sqlite3_bind_blob(s, 7, m.body.empty() ? "" : m.body.data(), static_cast<int>(m.body.size()), SQLITE_STATIC);
+    if (m.due == time_point{}) {
+      sqlite3_bind_null(s, 8);  // due at once
+    } else {
+      sqlite3_bind_int64(s, 8, detail::sqlite_time(m.due));
+    }
     const int rc = sqlite3_step(s);
     if (rc != SQLITE_DONE) {
       const errc code = detail::sqlite_errc(rc);
@@ -1140,7 +1147,7 @@ class sqlite_store {
         " partition_key TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL,"
         " staged_at INTEGER NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
         " lease_owner TEXT, lease_until INTEGER, next_attempt_at INTEGER, dispatched_at INTEGER, last_error TEXT,"
-        " first_failure_at INTEGER);"
+        " first_failure_at INTEGER, due_at INTEGER);"
         "CREATE INDEX IF NOT EXISTS postbox_outbox_pending ON postbox_outbox(seq) WHERE dispatched_at IS NULL;"
         "CREATE INDEX IF NOT EXISTS postbox_outbox_leased ON postbox_outbox(lease_until)"
         " WHERE dispatched_at IS NULL AND lease_until IS NOT NULL;"
@@ -1171,10 +1178,15 @@ class sqlite_store {
         " error TEXT NOT NULL, first_failure_at INTEGER NOT NULL, last_failure_at INTEGER NOT NULL);"
         "CREATE INDEX IF NOT EXISTS postbox_outbox_dead_key ON postbox_outbox_dead(partition_key, seq);"
         "CREATE INDEX IF NOT EXISTS postbox_outbox_dead_reason ON postbox_outbox_dead(reason, seq);"
-        "INSERT OR REPLACE INTO postbox_meta (key, value) VALUES ('schema_version', 2);";
-    // A version 1 file has postbox_outbox without first_failure_at.
+        "CREATE INDEX IF NOT EXISTS postbox_outbox_due ON postbox_outbox(due_at)"
+        " WHERE dispatched_at IS NULL AND due_at IS NOT NULL;"
+        "INSERT OR REPLACE INTO postbox_meta (key, value) VALUES ('schema_version', 3);";
+    // A version 1 file has postbox_outbox without first_failure_at; versions
+    // 1 and 2 have it without due_at (NULL: due at once, as every old row is).
+    // The ALTERs run before dead_ddl, which indexes due_at.
     const std::string script = std::string(ddl) +
                                (inside == 1 ? "ALTER TABLE postbox_outbox ADD COLUMN first_failure_at INTEGER;" : "") +
+                               (inside == 1 || inside == 2 ? "ALTER TABLE postbox_outbox ADD COLUMN due_at INTEGER;" : "") +
                                dead_ddl;
     const int rc = sqlite3_exec(db_, script.c_str(), nullptr, nullptr, nullptr);
     if (rc != SQLITE_OK) {
@@ -1194,7 +1206,7 @@ class sqlite_store {
   }
 
   static constexpr const char* message_columns =
-      "seq, message_id, type, partition_key, correlation_id, causation_id, staged_at, body, attempts";
+      "seq, message_id, type, partition_key, correlation_id, causation_id, staged_at, body, attempts, due_at";
   static constexpr const char* saga_columns =
       "saga_id, definition, data, correlation_id, last_event_id, phase, outcome, step_count, current_step,"
       " completed_steps, attempt, step_deadline, next_attempt_at, failure_reason, started_at, updated_at, version";
@@ -1207,14 +1219,15 @@ class sqlite_store {
     prepare(sp_release_, "RELEASE postbox_sp");
     prepare(sp_rollback_, "ROLLBACK TO postbox_sp");
     prepare(stage_,
-            "INSERT INTO postbox_outbox (message_id, type, partition_key, correlation_id, causation_id, staged_at, body)"
-            " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
+            "INSERT INTO postbox_outbox (message_id, type, partition_key, correlation_id, causation_id, staged_at, body,"
+            " due_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)");
     prepare(claim_select_, std::string("SELECT ") + message_columns +
                                " FROM postbox_outbox WHERE dispatched_at IS NULL AND partition_key NOT IN ("
                                " SELECT partition_key FROM postbox_outbox WHERE dispatched_at IS NULL"
                                " AND lease_until > ?1 AND lease_owner <> ?2"
                                " UNION SELECT partition_key FROM postbox_outbox WHERE dispatched_at IS NULL"
                                " AND next_attempt_at > ?1)"
+                               " AND (due_at IS NULL OR due_at <= ?1)"  // not yet due: skipped, key not held
                                " ORDER BY seq LIMIT ?3");
     prepare(claim_update_, "UPDATE postbox_outbox SET lease_owner = ?1, lease_until = ?2 WHERE seq = ?3");
     prepare(next_due_,
@@ -1222,7 +1235,8 @@ class sqlite_store {
             " SELECT MIN(lease_until) AS t FROM postbox_outbox WHERE dispatched_at IS NULL"
             " AND lease_until > ?1 AND lease_owner <> ?2"
             " UNION ALL SELECT MIN(next_attempt_at) FROM postbox_outbox WHERE dispatched_at IS NULL"
-            " AND next_attempt_at > ?1)");
+            " AND next_attempt_at > ?1"
+            " UNION ALL SELECT MIN(due_at) FROM postbox_outbox WHERE dispatched_at IS NULL AND due_at > ?1)");
     prepare(mark_,
             "UPDATE postbox_outbox SET dispatched_at = ?3, lease_owner = NULL, lease_until = NULL"
             " WHERE seq = ?1 AND lease_owner = ?2 AND dispatched_at IS NULL");
@@ -1309,6 +1323,7 @@ class sqlite_store {
     m.staged_at = detail::sqlite_time_of(sqlite3_column_int64(s, 6));
     m.body = detail::sqlite_column_string(s, 7);
     m.attempts = static_cast<std::uint32_t>(sqlite3_column_int64(s, 8));
+    if (sqlite3_column_type(s, 9) != SQLITE_NULL) m.due = detail::sqlite_time_of(sqlite3_column_int64(s, 9));
     return m;
   }
 

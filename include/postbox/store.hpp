@@ -44,6 +44,11 @@ struct stored_message {
   time_point staged_at{};      ///< when it was staged (outbox clock)
   std::string body;            ///< the encoded envelope (the codec's text)
   std::uint32_t attempts = 0;  ///< failed publish attempts so far
+  /// Not published before this time (outbox clock); the default (epoch)
+  /// means at once. A row not yet due is skipped by claims and does NOT hold
+  /// its key: later rows of the key are published before it (delayed
+  /// messages are independent, as in MassTransit and NServiceBus).
+  time_point due{};
 };
 
 /// A batch taken by `outbox_claim`: messages in staging order (so each key's
@@ -191,7 +196,9 @@ concept transactional_store = requires(S& s) {
 /// and is used by relays: `outbox_claim(owner, now, lease_until, max)` leases
 /// up to `max` pending rows in staging order, skipping every key that has a
 /// row leased by another owner (lease not expired) or waiting for a retry, so
-/// one key is never published by two relays or out of order;
+/// one key is never published by two relays or out of order; rows whose
+/// `due` is after `now` are skipped without blocking their key, and the
+/// earliest such `due` counts for `next_due`;
 /// `outbox_mark_dispatched` marks rows the owner still leases;
 /// `outbox_release` drops the owner's leases on some rows and
 /// `outbox_release_owner` on all of them; `outbox_retry_later(owner, seq,
@@ -443,6 +450,10 @@ class memory_store {
     }
     for (auto& [seq, r] : pending_) {
       if (out.messages.size() >= max) break;
+      if (r.message.due > now) {  // scheduled for later: skipped, its key not held
+        earliest(r.message.due);
+        continue;
+      }
       if (blocked.count(r.message.partition_key) != 0) continue;
       r.lease_owner.assign(owner);
       r.lease_until = lease_until;
@@ -567,6 +578,7 @@ class memory_store {
         m.sequence = ++last_seq_;
         m.attempts = 0;
         m.staged_at = now;
+        m.due = time_point{};  // a redriven row is due at once
         const std::uint64_t seq = m.sequence;
         pending_.emplace(seq, row{std::move(m), {}, {}, {}, {}, {}});
         ++n;
