@@ -667,10 +667,9 @@ std::vector<scenario> make_scenarios() {
   }
 
   // --- select rows -------------------------------------------------------------------
-  // The select rows of issue 14 go here, once postbox::select (select.hpp)
-  // exists: a receive over two channels against moodycamel/atomic_queue
-  // polled in turn, a select with an after(d) case, and the parked wake-up
-  // of a select, each as a scenario like the ones above.
+  // Issue 14's select rows come here, each a scenario like the ones above:
+  // postbox::select over two channels against peers polled in turn, a select
+  // with an after(d) case, and the parked wake-up of a select.
 
   // --- postbox against itself ----------------------------------------------------------
   s.push_back({"stats() cost", "MPMC 1P1C try calls, without and with a thread reading stats() every 50 us (ratio to without)",
