@@ -906,7 +906,11 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
     // relaxed: see above; a stale `open` is impossible after close()'s
     // heavy fence unless close() then waits for this send.
     if (closed_.load(std::memory_order_relaxed) != open_state) {
-      in_send_.store(0, std::memory_order_relaxed);  // relaxed: nothing was published
+      // release, though nothing was published: since C++20 a release
+      // sequence continues only through RMWs, so a close() that reads this 0
+      // must synchronize with this store itself, which the previous send's
+      // publish precedes in program order.
+      in_send_.store(0, std::memory_order_release);
       return send_status::closed;
     }
     // relaxed: our own index.
@@ -916,7 +920,7 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
       // the consumer's move-out and destruction precede our construction.
       head_cache_ = head_.load(std::memory_order_acquire);
       if (t - head_cache_ >= capacity_) {
-        in_send_.store(0, std::memory_order_relaxed);  // relaxed: nothing was published
+        in_send_.store(0, std::memory_order_release);  // release: as on the closed return
         return send_status::full;
       }
     }

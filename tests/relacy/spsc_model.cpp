@@ -76,7 +76,7 @@
 // Relacy implements C++11 release sequences (a later plain store by the same
 // thread continues a release sequence). C++20 removed that rule, so a
 // model that passes here may still rely on it; see the note at
-// `send_fail_end` below.
+// `send_fail_end` below (those stores release, as channel.hpp now does).
 //
 // Usage: relacy_spsc_model            run every test on the real orders
 //        relacy_spsc_model --mutants  run every test on each weakened site
@@ -393,17 +393,18 @@ struct spsc_channel {
     in_send.store(1, rl::mo_relaxed);
     // light_fence(): nothing.
     if (closed.load(rl::mo_relaxed) != open_state) {
-      // send_fail_end: relaxed, as in channel.hpp. Relacy's C++11 release
-      // sequences let a later close() that reads this 0 still synchronize
-      // with the previous send's release store of 0; C++20 does not.
-      in_send.store(0, rl::mo_relaxed);
+      // send_fail_end: release, as in channel.hpp. Relacy's C++11 release
+      // sequences would let a later close() that reads a relaxed 0 here
+      // still synchronize with the previous send's release store of 0;
+      // C++20 does not, so the store itself releases.
+      in_send.store(0, rl::mo_release);
       return status::closed;
     }
     const u64 t = tail.load(rl::mo_relaxed);
     if (t - head_cache >= capacity) {
       head_cache = head.load(mo(send_head_acquire));
       if (t - head_cache >= capacity) {
-        in_send.store(0, rl::mo_relaxed);  // send_fail_end, as above
+        in_send.store(0, rl::mo_release);  // send_fail_end, as above
         return status::full;
       }
     }
