@@ -25,6 +25,14 @@
 #include <postbox/async.hpp>
 #include <postbox/config.hpp>
 
+// Asio 1.22 looks for <experimental/coroutine> to enable co_await under
+// clang; clang 14+ with libstdc++ has the standard <coroutine>, which Asio
+// uses once it knows co_await works (as it does for g++). Include this
+// header before other Asio headers so the choice is consistent.
+#if defined(__clang__) && defined(__cpp_impl_coroutine) && __has_include(<coroutine>) && !defined(ASIO_HAS_CO_AWAIT)
+#  define ASIO_HAS_CO_AWAIT 1
+#endif
+
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>

@@ -124,13 +124,13 @@ class resumption {
   detail::resume_token* t_ = nullptr;
 };
 
-/// A scheduler: where suspended postbox operations resume. `post(r)` must
+/// An async scheduler: where suspended postbox operations resume. `post(r)` must
 /// queue the resumption and return without running it (it is called while an
 /// event count's registry mutex is held), must not block on anything that
 /// can wait for a postbox event count, and must not throw. Whoever runs the
 /// queue later runs `r()`, and that is the thread the coroutine resumes on.
 template <class S>
-concept scheduler = requires(S& s, resumption r) {
+concept async_scheduler = requires(S& s, resumption r) {
   { s.post(std::move(r)) } noexcept;
 };
 
@@ -139,7 +139,7 @@ concept scheduler = requires(S& s, resumption r) {
 class scheduler_ref {
  public:
   scheduler_ref() = default;
-  template <scheduler S>
+  template <async_scheduler S>
     requires(!std::is_same_v<std::remove_cvref_t<S>, scheduler_ref>)
   scheduler_ref(S& s) noexcept  // NOLINT(google-explicit-constructor)
       : self_(&s), post_([](void* self, resumption&& r) noexcept { static_cast<S*>(self)->post(std::move(r)); }) {}
@@ -248,7 +248,7 @@ class run_queue {
   std::size_t size_ = 0;                  // guarded by mutex_
 };
 
-static_assert(scheduler<run_queue>);
+static_assert(async_scheduler<run_queue>);
 
 /// A deadline for an awaitable operation: the operation gives up with
 /// `timeout` once `timers` has run the timer set for `at` (on the timer
