@@ -392,6 +392,48 @@ TEST_CASE("the deadline timer of a step that finished in time is canceled", "[sa
   CHECK(timers.pending() == 0);
 }
 
+TEST_CASE("with a scheduler a step's timeout requests its stop token when due", "[saga][scheduler]") {
+  postbox::manual_clock clock;
+  postbox::scheduler sched(clock, postbox::timer_service::manual_drive);
+  postbox::memory_saga_store store;
+  postbox::saga_options o;
+  o.step_scheduler = &sched;
+  postbox::saga_coordinator coord(store, o, clock);
+  bool stopped_after = false;
+  postbox::saga_definition def("watched");
+  def.step(
+      "poll",
+      [&](step_context& ctx) {
+        clock.advance(3s);
+        sched.run_due();  // the step's timeout fires here
+        stopped_after = ctx.stop_token().stop_requested();
+        return step_result::failure("gave up on stop");
+      },
+      nullptr, 3s);
+  coord.add(std::move(def));
+  auto r = coord.run("watched");
+  REQUIRE(r.has_value());
+  CHECK(stopped_after);
+  CHECK(r->outcome == saga_outcome::compensated);
+}
+
+TEST_CASE("a step that completes revokes its scheduled timeout, which then never fires", "[saga][scheduler]") {
+  postbox::manual_clock clock;
+  postbox::scheduler sched(clock, postbox::timer_service::manual_drive);
+  postbox::memory_saga_store store;
+  postbox::saga_options o;
+  o.step_scheduler = &sched;
+  postbox::saga_coordinator coord(store, o, clock);
+  postbox::saga_definition def("fast");
+  def.step("one", [](step_context&) {}, nullptr, 3s);
+  coord.add(std::move(def));
+  REQUIRE(coord.run("fast")->outcome == saga_outcome::completed);
+  clock.advance(10s);
+  CHECK(sched.run_due() == 0);  // nothing due: the timeout was revoked
+  CHECK(sched.stats().canceled == 1);
+  CHECK(sched.stats().delivered == 0);
+}
+
 TEST_CASE("saga state round-trips through the memory store", "[saga]") {
   postbox::memory_saga_store store;
   check_round_trip(store);

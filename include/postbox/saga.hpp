@@ -29,6 +29,7 @@
 #include <vector>
 
 #include <postbox/retry.hpp>
+#include <postbox/scheduler.hpp>
 
 POSTBOX_BEGIN_NAMESPACE
 /// The policy sagas retry compensations with (postbox/retry.hpp).
@@ -345,6 +346,11 @@ struct saga_options {
   /// timer on this service); without it the deadline is checked when the
   /// action returns. Must outlive the coordinator.
   timer_service* timers = nullptr;
+  /// As `timers`, through a postbox::scheduler: the step's deadline is a
+  /// revocable `call_at`, canceled as soon as the action returns, so a
+  /// completed step's timeout never fires (its stats count the cancel).
+  /// Used when `timers` is not set. Must outlive the coordinator.
+  scheduler* step_scheduler = nullptr;
   /// `producer` of every event envelope.
   std::string producer = "postbox.saga";
 };
@@ -615,12 +621,16 @@ class saga_coordinator {
       std::stop_source step_stop;
       std::stop_callback forward_stop(stop_.get_token(), [&step_stop]() noexcept { step_stop.request_stop(); });
       std::optional<timer_service::timer_id> timer;
+      std::optional<scheduled> timeout;
       if (options_.timers && st.step_deadline) {
         timer = options_.timers->schedule_at(*st.step_deadline, [s = step_stop]() mutable { s.request_stop(); });
+      } else if (options_.step_scheduler && st.step_deadline) {
+        timeout = options_.step_scheduler->call_at(*st.step_deadline, [s = step_stop]() mutable { s.request_stop(); });
       }
       step_context ctx(st, spec.name, k, st.attempt, data, step_stop.get_token(), *clock_);
       r = invoke(spec.action, ctx);
       if (timer) (void)options_.timers->cancel(*timer);
+      if (timeout) (void)timeout->cancel();  // revoked: a completed step's timeout never fires
     }
     const bool late = st.step_deadline && clock_->now() >= *st.step_deadline;
     if (late) {
