@@ -10,7 +10,9 @@
 // header directly. Headers that need a library linked are never included here:
 // <postbox/sqlite.hpp> (link postbox::sqlite) and the NATS bridge
 // <postbox/nats.hpp>, <postbox/nats_request_reply.hpp>, <postbox/nats_outbox.hpp>,
-// <postbox/nats_consumer.hpp> (link postbox::nats).
+// <postbox/nats_consumer.hpp> (link postbox::nats), <postbox/asio.hpp> (link
+// postbox::asio), <postbox/saga_sqlite.hpp> (link postbox::sqlite); nor is the
+// POSIX-only <postbox/durable_stream.hpp> (segment files, Linux).
 #pragma once
 
 #include <postbox/version.hpp>
@@ -25,6 +27,7 @@
 #include <postbox/topic.hpp>
 #include <postbox/stream.hpp>
 #include <postbox/select.hpp>
+#include <postbox/async.hpp>
 #include <postbox/scheduler.hpp>
 #include <postbox/observer.hpp>
 #include <postbox/dead_letter.hpp>
