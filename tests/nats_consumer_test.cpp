@@ -16,15 +16,11 @@
 
 #include "support.hpp"
 
-#include "nats_harness.hpp"
+#include "nats_fixture.hpp"
 
 namespace {
 
-struct order {
-  int n = 0;
-};
-void to_json(nlohmann::json& j, const order& o) { j = {{"n", o.n}}; }
-void from_json(const nlohmann::json& j, order& o) { j.at("n").get_to(o.n); }
+using order = postbox_test::nats::order;
 
 using namespace std::chrono_literals;
 namespace pn = postbox_test::nats;
@@ -34,34 +30,11 @@ static_assert(postbox::consumer_source<source_t>, "the adapter satisfies the con
 static_assert(source_t::redelivers, "JetStream redelivers: the consumer hands retries to the server");
 static_assert(std::is_same_v<source_t::payload_type, order>);
 
-#define NATS_REQUIRE_SERVER()                \
-  if (!pn::available()) {                    \
-    WARN("nats-server not found: skipping"); \
-    return;                                  \
-  }
-
-// A server with stream ORDERS on orders.>, a connection and a context.
-struct rig {
-  pn::server srv;
-  std::optional<postbox::nats_connection> conn;
-  std::optional<postbox::jetstream> js;
-
-  rig() {
-    srv.start();
-    postbox::nats_connection_options o;
-    o.urls = srv.url();
-    conn.emplace(std::move(o));
-    js.emplace(*conn);
-    auto rc = postbox::errc::timeout;
-    for (int i = 0; i < 100 && rc != postbox::errc::ok; ++i) {  // JetStream may lag the port by a moment
-      rc = js->ensure_stream({"ORDERS", {"orders.>"}});
-      if (rc != postbox::errc::ok) pn::detail::pause_ms(100);
-    }
-    REQUIRE(rc == postbox::errc::ok);
-  }
-
+// The NATS fixture (server, connection, context, stream ORDERS on orders.>),
+// plus publishing and reading a durable's state.
+struct rig : pn::jetstream_rig {
   std::vector<postbox::message_id> publish(int from, int to) {
-    postbox::jetstream_publisher pub(*js);
+    postbox::jetstream_publisher pub(js);
     std::vector<postbox::message_id> ids;
     for (int i = from; i < to; ++i) {
       auto env = postbox::make_envelope("orders.placed", order{i});
@@ -72,7 +45,7 @@ struct rig {
   }
 
   [[nodiscard]] postbox::durable_state state(const std::string& durable) {
-    auto s = js->consumer_state("ORDERS", durable);
+    auto s = js.consumer_state("ORDERS", durable);
     REQUIRE(s.has_value());
     return *s;
   }
@@ -109,6 +82,28 @@ struct journal {
   }
 };
 
+// A consumer of one durable with its own dead-letter queue and the source's
+// monitor, whose handler journals (payload n, attempt) and then runs `then`
+// (which may return a settlement). Members in construction order: the
+// consumer last, so it is stopped first.
+struct journaled {
+  journal j;
+  postbox::dead_letter_queue<order> dlq;
+  postbox::jetstream_source_monitor mon;
+  postbox::consumer<order> c;
+
+  template <class Then>
+  journaled(source_t src, Then then, postbox::consumer_options o = threaded())
+      : mon(src.monitor()),
+        c(
+            std::move(src),
+            [this, then](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
+              j.add(e.payload.n, ctx.attempt());
+              return then(e, ctx);
+            },
+            dlq, std::move(o)) {}
+};
+
 }  // namespace
 
 TEST_CASE("max_deliver_for gives the retry policy's attempts plus slack so the consumer decides dead-lettering",
@@ -129,25 +124,15 @@ TEST_CASE("an acked delivery is confirmed by the server before the consumer coun
   NATS_REQUIRE_SERVER();
   rig r;
   r.publish(0, 3);
-  source_t src(*r.js, durable("acker"));
-  const auto mon = src.monitor();
-  journal j;
-  postbox::dead_letter_queue<order> dlq;
-  postbox::consumer<order> c(
-      std::move(src),
-      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
-        j.add(e.payload.n, ctx.attempt());
-        return postbox::settlement::ack();
-      },
-      dlq, threaded());
-  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 3; }));
+  journaled t(source_t(r.js, durable("acker")), [](auto&, auto&) { return postbox::settlement::ack(); });
+  REQUIRE(postbox_test::eventually([&] { return t.c.stats().acked == 3; }));
   // AckSync returned before the consumer counted: the server has nothing pending.
   const auto st = r.state("acker");
   CHECK(st.ack_pending == 0);
   CHECK(st.redelivered == 0);
-  CHECK(mon.stats().acked == 3);
-  for (const auto& [n, attempt] : j.all()) CHECK(attempt == 1);
-  CHECK(c.source_name() == "acker");
+  CHECK(t.mon.stats().acked == 3);
+  for (const auto& [n, attempt] : t.j.all()) CHECK(attempt == 1);
+  CHECK(t.c.source_name() == "acker");
 }
 
 TEST_CASE("retry(after) naks with that delay and the redelivery carries the next attempt",
@@ -155,22 +140,15 @@ TEST_CASE("retry(after) naks with that delay and the redelivery carries the next
   NATS_REQUIRE_SERVER();
   rig r;
   r.publish(0, 2);  // 0 first, then 1
-  source_t src(*r.js, durable("retrier"));
-  const auto mon = src.monitor();
-  journal j;
-  postbox::dead_letter_queue<order> dlq;
-  postbox::consumer<order> c(
-      std::move(src),
-      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
-        j.add(e.payload.n, ctx.attempt());
-        if (ctx.attempt() > 1) return postbox::settlement::ack();
-        // Message 0 waits 2 s on the server, message 1 comes back at once:
-        // the second deliveries arrive in the opposite order of the stream.
-        return postbox::settlement::retry(e.payload.n == 0 ? postbox::duration(2s) : postbox::duration(0));
-      },
-      dlq, threaded());
-  REQUIRE(postbox_test::eventually([&] { return j.size() == 4; }));
-  const auto runs = j.all();
+  journaled t(source_t(r.js, durable("retrier")),
+              [](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
+                if (ctx.attempt() > 1) return postbox::settlement::ack();
+                // Message 0 waits 2 s on the server, message 1 comes back at once:
+                // the second deliveries arrive in the opposite order of the stream.
+                return postbox::settlement::retry(e.payload.n == 0 ? postbox::duration(2s) : postbox::duration(0));
+              });
+  REQUIRE(postbox_test::eventually([&] { return t.j.size() == 4; }));
+  const auto runs = t.j.all();
   // nats-server 2.9.10 now and then redelivers a nak'd message with an
   // unchanged NumDelivered (seen once in ~20 runs: CI, ASan); postbox takes
   // the attempt from that count, so the exact attempts and nak counts are
@@ -179,11 +157,11 @@ TEST_CASE("retry(after) naks with that delay and the redelivery carries the next
   CHECK(runs[3].first == 0);
   CHECK_NOFAIL(runs[2] == std::pair<int, std::uint32_t>{1, 2});
   CHECK_NOFAIL(runs[3] == std::pair<int, std::uint32_t>{0, 2});
-  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 2; }));
-  CHECK_NOFAIL(mon.stats().naked == 2);
-  CHECK_NOFAIL(c.stats().retried == 2);
+  REQUIRE(postbox_test::eventually([&] { return t.c.stats().acked == 2; }));
+  CHECK_NOFAIL(t.mon.stats().naked == 2);
+  CHECK_NOFAIL(t.c.stats().retried == 2);
   REQUIRE(postbox_test::eventually([&] { return r.state("retrier").ack_pending == 0; }));
-  CHECK(dlq.size() == 0);
+  CHECK(t.dlq.size() == 0);
 }
 
 TEST_CASE("reject terms the message on the server after the consumer dead-lettered it locally",
@@ -191,28 +169,19 @@ TEST_CASE("reject terms the message on the server after the consumer dead-letter
   NATS_REQUIRE_SERVER();
   rig r;
   r.publish(0, 1);
-  source_t src(*r.js, durable("rejecter"));
-  const auto mon = src.monitor();
-  journal j;
-  postbox::dead_letter_queue<order> dlq;
-  postbox::consumer<order> c(
-      std::move(src),
-      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
-        j.add(e.payload.n, ctx.attempt());
-        return postbox::settlement::reject("invalid order");
-      },
-      dlq, threaded());
-  REQUIRE(postbox_test::eventually([&] { return dlq.size() == 1; }));
-  const auto d = dlq.list().front();
+  journaled t(source_t(r.js, durable("rejecter")),
+              [](auto&, auto&) { return postbox::settlement::reject("invalid order"); });
+  REQUIRE(postbox_test::eventually([&] { return t.dlq.size() == 1; }));
+  const auto d = t.dlq.list().front();
   CHECK(d.reason == "invalid order");
   CHECK(d.source == "rejecter");
   CHECK(d.attempts == 1);
   REQUIRE(d.message.has_value());
   CHECK(d.message->payload.n == 0);
   // Term is fire-and-forget: the server forgets the message shortly after.
-  REQUIRE(postbox_test::eventually([&] { return mon.stats().termed == 1 && r.state("rejecter").ack_pending == 0; }));
+  REQUIRE(postbox_test::eventually([&] { return t.mon.stats().termed == 1 && r.state("rejecter").ack_pending == 0; }));
   CHECK(r.state("rejecter").redelivered == 0);
-  CHECK(j.size() == 1);
+  CHECK(t.j.size() == 1);
 }
 
 TEST_CASE("an undecodable message is dead-lettered locally as poison with its bytes and termed",
@@ -220,26 +189,19 @@ TEST_CASE("an undecodable message is dead-lettered locally as poison with its by
   NATS_REQUIRE_SERVER();
   rig r;
   // A valid envelope whose payload is a string, read as an order: the payload does not decode.
-  postbox::jetstream_publisher pub(*r.js);
+  postbox::jetstream_publisher pub(r.js);
   REQUIRE(pub.publish(postbox::make_envelope("orders.placed", std::string("not an order"))).has_value());
   r.publish(1, 2);  // a good one behind it
-  source_t src(*r.js, durable("poison"));
-  const auto mon = src.monitor();
-  journal j;
-  postbox::dead_letter_queue<order> dlq;
-  postbox::consumer<order> c(
-      std::move(src),
-      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) { j.add(e.payload.n, ctx.attempt()); },
-      dlq, threaded());
-  REQUIRE(postbox_test::eventually([&] { return dlq.size() == 1 && j.size() == 1; }));
-  const auto d = dlq.list().front();
+  journaled t(source_t(r.js, durable("poison")), [](auto&, auto&) {});
+  REQUIRE(postbox_test::eventually([&] { return t.dlq.size() == 1 && t.j.size() == 1; }));
+  const auto d = t.dlq.list().front();
   CHECK_FALSE(d.message.has_value());
   CHECK(d.reason == "parse_error");
   CHECK(d.raw == "\"not an order\"");
   CHECK(d.source == "poison");
-  CHECK(c.stats().poison == 1);
-  REQUIRE(postbox_test::eventually([&] { return mon.stats().termed == 1 && r.state("poison").ack_pending == 0; }));
-  CHECK(mon.stats().malformed == 1);
+  CHECK(t.c.stats().poison == 1);
+  REQUIRE(postbox_test::eventually([&] { return t.mon.stats().termed == 1 && r.state("poison").ack_pending == 0; }));
+  CHECK(t.mon.stats().malformed == 1);
   CHECK(r.state("poison").redelivered == 0);
 }
 
@@ -252,35 +214,27 @@ TEST_CASE("a message failing every attempt is dead-lettered after max_attempts d
   policy.max_attempts = 3;
   policy.initial_backoff = 10ms;
   policy.full_jitter = false;
-  source_t src(*r.js, durable("exhaust", 30s, postbox::max_deliver_for(policy)));
-  const auto mon = src.monitor();
-  journal j;
-  postbox::dead_letter_queue<order> dlq;
   auto opts = threaded();
   opts.retry = policy;
-  postbox::consumer<order> c(
-      std::move(src),
-      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
-        j.add(e.payload.n, ctx.attempt());
-        throw std::runtime_error("downstream unavailable");
-      },
-      dlq, opts);
-  REQUIRE(postbox_test::eventually([&] { return dlq.size() == 1; }));
-  const auto d = dlq.list().front();
+  journaled t(
+      source_t(r.js, durable("exhaust", 30s, postbox::max_deliver_for(policy))),
+      [](auto&, auto&) { throw std::runtime_error("downstream unavailable"); }, opts);
+  REQUIRE(postbox_test::eventually([&] { return t.dlq.size() == 1; }));
+  const auto d = t.dlq.list().front();
   std::string attempts_seen;
-  for (const auto& run : j.all()) attempts_seen += std::to_string(run.second) + " ";
-  CAPTURE(attempts_seen, mon.stats().naked, mon.stats().released, r.state("exhaust").redelivered);
+  for (const auto& run : t.j.all()) attempts_seen += std::to_string(run.second) + " ";
+  CAPTURE(attempts_seen, t.mon.stats().naked, t.mon.stats().released, r.state("exhaust").redelivered);
   CHECK(d.reason == "retries_exhausted");
   CHECK(d.error == "downstream unavailable");
-  REQUIRE(postbox_test::eventually([&] { return mon.stats().termed == 1 && r.state("exhaust").ack_pending == 0; }));
+  REQUIRE(postbox_test::eventually([&] { return t.mon.stats().termed == 1 && r.state("exhaust").ack_pending == 0; }));
   // attempt = NumDelivered, one per delivery. nats-server 2.9.10 now and then
   // redelivers a nak'd message with an unchanged NumDelivered, which costs one
   // more delivery: recorded, not required (see the retry(after) case).
-  const auto runs = j.all();
+  const auto runs = t.j.all();
   CHECK_NOFAIL(d.attempts == 3);
   CHECK_NOFAIL(runs.size() == 3);
   for (std::size_t i = 0; i < runs.size() && i < 3; ++i) CHECK_NOFAIL(runs[i].second == i + 1);
-  CHECK_NOFAIL(mon.stats().naked == 2);
+  CHECK_NOFAIL(t.mon.stats().naked == 2);
   CHECK(d.attempts >= 3);
 }
 
@@ -289,22 +243,17 @@ TEST_CASE("the heartbeat keeps a slow handler's message from being redelivered p
   NATS_REQUIRE_SERVER();
   rig r;
   r.publish(0, 1);
-  source_t src(*r.js, durable("slow", 1000ms));  // heartbeat every ~333 ms
-  const auto mon = src.monitor();
-  journal j;
-  postbox::dead_letter_queue<order> dlq;
   // Two workers: a redelivery would run on the second while the first is held.
-  postbox::consumer<order> c(
-      std::move(src),
-      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
-        j.add(e.payload.n, ctx.attempt());
+  journaled t(
+      source_t(r.js, durable("slow", 1000ms)),  // heartbeat every ~333 ms
+      [&](auto&, auto&) {
         // Hold the message for six heartbeats (~2 s, twice the ack wait).
-        (void)postbox_test::eventually([&] { return mon.stats().in_progress >= 6; });
+        (void)postbox_test::eventually([&] { return t.mon.stats().in_progress >= 6; });
       },
-      dlq, threaded(2));
-  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 1; }));
-  CHECK(mon.stats().in_progress >= 6);
-  CHECK(j.size() == 1);
+      threaded(2));
+  REQUIRE(postbox_test::eventually([&] { return t.c.stats().acked == 1; }));
+  CHECK(t.mon.stats().in_progress >= 6);
+  CHECK(t.j.size() == 1);
   const auto st = r.state("slow");
   CHECK(st.redelivered == 0);
   CHECK(st.ack_pending == 0);
@@ -317,19 +266,15 @@ TEST_CASE("without the heartbeat a handler slower than the ack wait sees its mes
   r.publish(0, 1);
   postbox::jetstream_source_options so;
   so.heartbeat = -1ms;
-  source_t src(*r.js, durable("unbeaten", 1000ms), so);
-  journal j;
-  postbox::dead_letter_queue<order> dlq;
-  postbox::consumer<order> c(
-      std::move(src),
-      [&](const postbox::envelope<order>& e, postbox::consume_context& ctx) {
-        j.add(e.payload.n, ctx.attempt());
+  journaled t(
+      source_t(r.js, durable("unbeaten", 1000ms), so),
+      [&](const postbox::envelope<order>&, postbox::consume_context& ctx) {
         // The first run waits for the server's redelivery to reach the second worker.
-        if (ctx.attempt() == 1) (void)postbox_test::eventually([&] { return j.size() == 2; });
+        if (ctx.attempt() == 1) (void)postbox_test::eventually([&] { return t.j.size() == 2; });
       },
-      dlq, threaded(2));
-  REQUIRE(postbox_test::eventually([&] { return j.size() == 2; }));
-  const auto runs = j.all();
+      threaded(2));
+  REQUIRE(postbox_test::eventually([&] { return t.j.size() == 2; }));
+  const auto runs = t.j.all();
   CHECK(runs[0].second == 1);
   // The server's redelivery, while the first run still held it, normally
   // carries NumDelivered 2. Once in about 15 runs (ASan, -O0) nats-server
@@ -337,7 +282,7 @@ TEST_CASE("without the heartbeat a handler slower than the ack wait sees its mes
   // so this is recorded, not failed. The redelivery itself is required above.
   CHECK_NOFAIL(runs[1].second == 2);
   // The first delivery's late ack may or may not be accepted; the second settles the message.
-  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 2; }, 60s));
+  REQUIRE(postbox_test::eventually([&] { return t.c.stats().acked == 2; }, 60s));
 }
 
 TEST_CASE("two consumers on one durable split the messages without overlap", "[nats][nats_consumer]") {
@@ -345,9 +290,7 @@ TEST_CASE("two consumers on one durable split the messages without overlap", "[n
   rig r;
   const int n = 40;
   r.publish(0, n);
-  postbox::nats_connection_options o;
-  o.urls = r.srv.url();
-  postbox::nats_connection conn_b(std::move(o));  // as if in another process
+  auto conn_b = pn::connect(r.srv.url());  // as if in another process
   postbox::jetstream js_b(conn_b);
   std::mutex m;
   std::multiset<int> seen_a, seen_b;
@@ -356,7 +299,7 @@ TEST_CASE("two consumers on one durable split the messages without overlap", "[n
   one.batch = 1;
   // A holds its first message until B has handled one, so both get work.
   postbox::consumer<order> a(
-      source_t(*r.js, durable("group"), one),
+      source_t(r.js, durable("group"), one),
       [&](const postbox::envelope<order>& e) {
         bool first = false;
         {
@@ -389,11 +332,7 @@ TEST_CASE("two consumers on one durable split the messages without overlap", "[n
 TEST_CASE("a consumer keeps handling across a server restart and every message is acked", "[nats][nats_consumer]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  postbox::nats_connection_options o;
-  o.urls = r.srv.url();
-  o.reconnect_wait = 20ms;
-  o.reconnect_wait_max = 200ms;
-  postbox::nats_connection conn(std::move(o));
+  auto conn = pn::connect(r.srv.url(), pn::settings().quick());
   postbox::jetstream js(conn);
   const auto before = r.publish(0, 20);
   source_t src(js, durable("restart", 2000ms));
@@ -432,7 +371,7 @@ TEST_CASE("a released or dropped delivery is redelivered at once, not after the 
   NATS_REQUIRE_SERVER();
   rig r;
   r.publish(0, 1);
-  source_t src(*r.js, durable("release", 60s));  // far beyond the receive loops below
+  source_t src(r.js, durable("release", 60s));  // far beyond the receive loops below
   auto next = [&]() -> std::optional<postbox::inbound<order>> {
     for (int i = 0; i < 20; ++i) {
       auto got = src.receive(1s);
@@ -470,7 +409,7 @@ TEST_CASE("destroying a source gives its buffered deliveries back and backlog co
   two.batch = 2;
   std::optional<postbox::inbound<order>> held;
   {
-    source_t src(*r.js, durable("buffered", 60s), two);
+    source_t src(r.js, durable("buffered", 60s), two);
     for (int i = 0; i < 20 && !held; ++i) {
       auto got = src.receive(1s);
       if (got.has_value()) held.emplace(std::move(*got));
@@ -481,7 +420,7 @@ TEST_CASE("destroying a source gives its buffered deliveries back and backlog co
   }
   // The buffered one (order 1) comes back at once to a new source; the held one
   // is still unsettled and its delivery still works after its source is gone.
-  source_t again(*r.js, durable("buffered", 60s));
+  source_t again(r.js, durable("buffered", 60s));
   std::set<int> got;
   for (int i = 0; i < 20 && got.size() < 4; ++i) {
     auto in = again.receive(1s);
@@ -498,7 +437,7 @@ TEST_CASE("destroying a source gives its buffered deliveries back and backlog co
 TEST_CASE("receive with zero wait returns what the server has without waiting for more", "[nats][nats_consumer]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  source_t src(*r.js, durable("nowait"));
+  source_t src(r.js, durable("nowait"));
   CHECK(src.receive(postbox::duration::zero()).status() == postbox::receive_status::empty);
   r.publish(0, 2);
   std::vector<int> got;

@@ -9,7 +9,6 @@
 #include <catch2/catch.hpp>
 
 #include <map>
-#include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -17,15 +16,11 @@
 
 #include "support.hpp"
 
-#include "nats_harness.hpp"
+#include "nats_fixture.hpp"
 
 namespace {
 
-struct order {
-  int n = 0;
-};
-void to_json(nlohmann::json& j, const order& o) { j = {{"n", o.n}}; }
-void from_json(const nlohmann::json& j, order& o) { j.at("n").get_to(o.n); }
+using order = postbox_test::nats::order;
 
 struct refund {
   std::string reason;
@@ -37,12 +32,6 @@ using namespace std::chrono_literals;
 namespace pn = postbox_test::nats;
 using postbox::errc;
 
-#define NATS_REQUIRE_SERVER()                \
-  if (!pn::available()) {                    \
-    WARN("nats-server not found: skipping"); \
-    return;                                  \
-  }
-
 postbox::stream_options stream_of(std::string name, std::vector<std::string> subjects) {
   postbox::stream_options so;
   so.name = std::move(name);
@@ -50,35 +39,14 @@ postbox::stream_options stream_of(std::string name, std::vector<std::string> sub
   return so;
 }
 
-// A server, a connection (quick to notice a stopped server), a context, a
+// The NATS fixture with a connection quick to notice a stopped server, plus a
 // memory outbox and a manual clock for the relay.
-struct rig {
-  pn::server srv;
-  std::optional<postbox::nats_connection> conn;
-  std::optional<postbox::jetstream> js;
+struct rig : pn::jetstream_rig {
   postbox::manual_clock clock;
   postbox::memory_store store;
   postbox::outbox<postbox::memory_store, postbox::json::codec> box{store, postbox::json::codec{}, clock};
 
-  rig() {
-    srv.start();
-    postbox::nats_connection_options o;
-    o.urls = srv.url();
-    o.reconnect_wait = 20ms;
-    o.reconnect_wait_max = 200ms;
-    conn.emplace(std::move(o));
-    js.emplace(*conn);
-    ensure(stream_of("ORDERS", {"orders.>"}));
-  }
-
-  void ensure(const postbox::stream_options& so) {
-    auto rc = errc::timeout;
-    for (int i = 0; i < 100 && rc != errc::ok; ++i) {  // JetStream may lag the port by a moment
-      rc = js->ensure_stream(so);
-      if (rc != errc::ok) pn::detail::pause_ms(100);
-    }
-    REQUIRE(rc == errc::ok);
-  }
+  rig() : pn::jetstream_rig(pn::settings().quick()) {}
 
   template <class T>
   postbox::message_id stage(const std::string& type, T payload, const std::string& key = {}) {
@@ -91,7 +59,7 @@ struct rig {
   }
 
   [[nodiscard]] std::uint64_t stored(const std::string& stream = "ORDERS") {
-    auto n = js->stream_messages(stream);
+    auto n = js.stream_messages(stream);
     REQUIRE(n.has_value());
     return *n;
   }
@@ -102,7 +70,7 @@ struct rig {
     postbox::envelope<nlohmann::json> env;
   };
   std::vector<seen> read(const std::string& stream, const std::string& filter, std::size_t expected) {
-    postbox::jetstream_pull_source<nlohmann::json> src(*js, {stream, "reader", filter, 30000ms, -1});
+    postbox::jetstream_pull_source<nlohmann::json> src(js, {stream, "reader", filter, 30000ms, -1});
     std::vector<seen> out;
     for (int i = 0; i < 50 && out.size() < expected; ++i) {
       auto got = src.fetch(64, 1000ms);
@@ -141,7 +109,7 @@ TEST_CASE("a relay to JetStream marks a message dispatched only after the stream
   rig r;
   std::vector<postbox::message_id> ids;
   for (int i = 0; i < 3; ++i) ids.push_back(r.stage("orders.placed", order{i}, "cust-1"));
-  postbox::jetstream_publisher pub(*r.js);
+  postbox::jetstream_publisher pub(r.js);
   auto opts = relay_opts();
   std::vector<std::uint64_t> stored_at_publish, pending_at_publish;
   opts.on_point = [&](postbox::relay_point p, const postbox::stored_message*) {
@@ -173,7 +141,7 @@ TEST_CASE("a publish no stream acknowledges fails, stays pending and is retried 
   NATS_REQUIRE_SERVER();
   rig r;
   const auto id = r.stage("returns.opened", order{1});  // no stream listens on returns.> yet
-  postbox::jetstream_publisher pub(*r.js, one_attempt());
+  postbox::jetstream_publisher pub(r.js, one_attempt());
   postbox::outbox_relay relay(r.store, postbox::to_jetstream<order>(pub, postbox::json::codec{}), relay_opts(),
                               r.clock);
   const auto first = relay.run_once();
@@ -200,7 +168,7 @@ TEST_CASE("an ack timeout while the server is down is an unknown outcome: republ
   NATS_REQUIRE_SERVER();
   rig r;
   r.stage("orders.placed", order{1});
-  postbox::jetstream_publisher pub(*r.js, one_attempt(300ms));
+  postbox::jetstream_publisher pub(r.js, one_attempt(300ms));
   std::vector<bool> duplicates;
   postbox::jetstream_destination_options dopts;
   dopts.on_ack = [&](const postbox::stored_message&, const postbox::publish_ack& a) {
@@ -209,12 +177,12 @@ TEST_CASE("an ack timeout while the server is down is an unknown outcome: republ
   postbox::outbox_relay relay(r.store, postbox::to_jetstream<order>(pub, postbox::json::codec{}, dopts),
                               relay_opts(), r.clock);
   r.srv.stop();
-  REQUIRE(postbox_test::eventually([&] { return r.conn->status() == postbox::connection_status::reconnecting; }));
+  REQUIRE(postbox_test::eventually([&] { return r.conn.status() == postbox::connection_status::reconnecting; }));
   const auto first = relay.run_once();  // libnats keeps the publish for the reconnect; no PubAck comes
   CHECK(first.failed == 1);
   CHECK(r.store.outbox_summary()->pending == 1);
   r.srv.start();
-  REQUIRE(postbox_test::eventually([&] { return r.conn->status() == postbox::connection_status::connected; }));
+  REQUIRE(postbox_test::eventually([&] { return r.conn.status() == postbox::connection_status::connected; }));
   r.clock.advance(1s);
   postbox::relay_step second;
   // JetStream may need a moment after the restart before it answers publishes.
@@ -240,7 +208,7 @@ TEST_CASE("a relay crash between publish and mark republishes the batch and the 
   rig r;
   const int n = 5;
   for (int i = 0; i < n; ++i) r.stage("orders.placed", order{i}, "k" + std::to_string(i % 2));
-  postbox::jetstream_publisher pub(*r.js);
+  postbox::jetstream_publisher pub(r.js);
   std::vector<bool> duplicates;
   postbox::jetstream_destination_options dopts;
   dopts.on_ack = [&](const postbox::stored_message&, const postbox::publish_ack& a) {
@@ -277,7 +245,7 @@ TEST_CASE("a key's messages reach the stream in staging order while a failure ho
   std::map<postbox::message_id, std::string> label;
   for (const auto& [key, i] : std::vector<std::pair<std::string, int>>{{"a", 1}, {"b", 1}, {"a", 2}, {"b", 2}, {"a", 3}})
     label[r.stage("orders.placed", order{i}, key)] = key + std::to_string(i);
-  postbox::jetstream_publisher pub(*r.js);
+  postbox::jetstream_publisher pub(r.js);
   auto to_js = postbox::to_jetstream<order>(pub, postbox::json::codec{});
   bool failed_once = false;
   // The first publish of a1 has an unknown outcome (as an ack timeout would).
@@ -307,7 +275,7 @@ TEST_CASE("one relay with json payloads carries every message type, each to its 
   r.stage("refund.issued", refund{"damaged"});
   postbox::publisher_options po;
   po.subjects.prefix = "shop.";  // subject = prefix + envelope type
-  postbox::jetstream_publisher pub(*r.js, po);
+  postbox::jetstream_publisher pub(r.js, po);
   postbox::outbox_relay relay(r.store, postbox::to_jetstream<nlohmann::json>(pub, postbox::json::codec{}),
                               relay_opts(), r.clock);
   CHECK(relay.run_once().marked == 2);
@@ -324,7 +292,7 @@ TEST_CASE("a subject function maps each stored message to its subject", "[nats][
   rig r;
   r.stage("orders.placed", order{1}, "eu");
   r.stage("orders.placed", order{2}, "us");
-  postbox::jetstream_publisher pub(*r.js);
+  postbox::jetstream_publisher pub(r.js);
   postbox::jetstream_destination_options dopts;
   dopts.subject = [](const postbox::stored_message& m) { return "orders.by-region." + m.partition_key; };
   postbox::outbox_relay relay(r.store, postbox::to_jetstream<order>(pub, postbox::json::codec{}, dopts),

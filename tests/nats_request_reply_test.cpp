@@ -16,41 +16,26 @@
 
 #include "support.hpp"
 
-#include "nats_harness.hpp"
+#include "nats_fixture.hpp"
 
 using namespace std::chrono_literals;
 namespace pn = postbox_test::nats;
 
 namespace {
 
-#define NATS_REQUIRE_SERVER()                \
-  if (!pn::available()) {                    \
-    WARN("nats-server not found: skipping"); \
-    return;                                  \
-  }
-
-postbox::nats_connection connect(const pn::server& srv) {
-  postbox::nats_connection_options o;
-  o.urls = srv.url();
-  return postbox::nats_connection(std::move(o));
-}
-
 int twice(const postbox::envelope<int>& e) { return e.payload * 2; }
 
-// One server, a requester connection and a responder connection; timers and
+// The NATS fixture without a stream: its connection is the requesters'
+// (client), and a second one is the responders' (service); timers and
 // deadlines on a manual clock. Responders get their own manual clock (still
 // at its start) unless a case wants them to see expiry.
-struct rig {
-  pn::server srv;
+struct rig : pn::jetstream_rig {
+  postbox::nats_connection& client = conn;
+  postbox::nats_connection service{pn::connect(srv.url())};
   postbox::manual_clock clock;
   postbox::manual_clock responder_clock;
   postbox::timer_service timers{clock, postbox::timer_service::manual_drive};
-  std::optional<postbox::nats_connection> client, service;
-  rig() {
-    srv.start();
-    client.emplace(connect(srv));
-    service.emplace(connect(srv));
-  }
+  rig() : pn::jetstream_rig(pn::settings().without_orders()) {}
   postbox::nats_requester_options to(std::string subject) {
     postbox::nats_requester_options o;
     o.subject = std::move(subject);
@@ -73,14 +58,14 @@ TEST_CASE("a request over NATS is answered with the reply carrying correlation a
   std::mutex m;
   std::optional<postbox::envelope<int>> seen;
   postbox::nats_responder<int, int> resp(
-      *r.service,
+      r.service,
       [&](const postbox::envelope<int>& e) {
         std::lock_guard lock(m);
         seen = e;
         return e.payload * 2;
       },
       r.at("svc.double"), r.responder_clock);
-  postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.double"));
+  postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.double"));
   auto f = req.request(21, 5s);
   REQUIRE(f.has_value());
   REQUIRE(postbox_test::eventually([&] { return f->ready(); }));
@@ -105,7 +90,7 @@ TEST_CASE("a request over NATS is answered with the reply carrying correlation a
 TEST_CASE("a NATS request nobody answers completes with timeout from the clock", "[nats_request_reply]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.nobody"));
+  postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.nobody"));
   auto f = req.request(1, 2s);
   REQUIRE(f.has_value());
   // The server says nobody listens; the request still ends only at its deadline.
@@ -125,8 +110,8 @@ TEST_CASE("a NATS reply after the timeout is dropped and counted as late", "[nat
   NATS_REQUIRE_SERVER();
   rig r;
   // Manual responder: it holds the request until the test lets it reply.
-  postbox::nats_responder<int, int> resp(*r.service, twice, r.at("svc.slow", true), r.responder_clock);
-  postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.slow"));
+  postbox::nats_responder<int, int> resp(r.service, twice, r.at("svc.slow", true), r.responder_clock);
+  postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.slow"));
   std::atomic<int> calls{0};
   std::atomic<postbox::errc> status{postbox::errc::ok};
   REQUIRE(req.request(1, 1s, [&](postbox::reply_outcome<int> o) {
@@ -147,9 +132,9 @@ TEST_CASE("a duplicate NATS reply is dropped and counted and never delivered twi
   NATS_REQUIRE_SERVER();
   rig r;
   // Two responders outside any queue group: both answer the one request.
-  postbox::nats_responder<int, int> a(*r.service, twice, r.at("svc.twice"), r.responder_clock);
-  postbox::nats_responder<int, int> b(*r.service, twice, r.at("svc.twice"), r.responder_clock);
-  postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.twice"));
+  postbox::nats_responder<int, int> a(r.service, twice, r.at("svc.twice"), r.responder_clock);
+  postbox::nats_responder<int, int> b(r.service, twice, r.at("svc.twice"), r.responder_clock);
+  postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.twice"));
   std::atomic<int> calls{0}, ok{0};  // callbacks run on a libnats thread: no Catch2 there
   REQUIRE(req.request(3, 5s, [&](postbox::reply_outcome<int> o) {
     if (o.ok()) ok.fetch_add(1);
@@ -170,7 +155,7 @@ TEST_CASE("destroying a NATS requester completes its pending requests with cance
   rig r;
   std::vector<postbox::reply_future<postbox::reply_outcome<int>>> fs;
   {
-    postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.nobody"));
+    postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.nobody"));
     for (int i = 0; i < 3; ++i) fs.push_back(*req.request(i, 1s));
     CHECK_FALSE(fs[0].ready());
   }
@@ -187,7 +172,7 @@ TEST_CASE("destroying a NATS requester waits for a callback running on another t
   rig r;
   std::atomic<bool> entered{false}, release{false}, destroyed{false};
   std::optional<postbox::nats_requester<int, int>> req;
-  req.emplace(*r.client, r.timers, r.to("svc.nobody"));
+  req.emplace(r.client, r.timers, r.to("svc.nobody"));
   REQUIRE(req->request(1, 1s, [&](postbox::reply_outcome<int>) {
     entered = true;
     (void)postbox_test::eventually([&] { return release.load(); });
@@ -214,7 +199,7 @@ TEST_CASE("a timeout callback may destroy its own NATS requester", "[nats_reques
   NATS_REQUIRE_SERVER();
   rig r;
   std::optional<postbox::nats_requester<int, int>> req;
-  req.emplace(*r.client, r.timers, r.to("svc.nobody"));
+  req.emplace(r.client, r.timers, r.to("svc.nobody"));
   postbox::errc status = postbox::errc::ok;
   REQUIRE(req->request(1, 1s, [&](postbox::reply_outcome<int> o) {
     status = o.status;
@@ -231,7 +216,7 @@ TEST_CASE("a NATS requester at its pending limit refuses with busy", "[nats_requ
   rig r;
   auto o = r.to("svc.nobody");
   o.max_pending = 2;
-  postbox::nats_requester<int, int> req(*r.client, r.timers, o);
+  postbox::nats_requester<int, int> req(r.client, r.timers, o);
   REQUIRE(req.request(1, 1s).has_value());
   REQUIRE(req.request(2, 1s).has_value());
   CHECK(req.request(3, 1s).status() == postbox::errc::busy);
@@ -244,8 +229,8 @@ TEST_CASE("a NATS requester at its pending limit refuses with busy", "[nats_requ
 TEST_CASE("a NATS request on a closed connection is refused with closed", "[nats_request_reply]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.double"));
-  natsConnection_Close(r.client->native());
+  postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.double"));
+  natsConnection_Close(r.client.native());
   CHECK(req.request(1, 1s).status() == postbox::errc::closed);
   CHECK(req.stats().pending == 0);
   CHECK(req.stats().refused == 1);
@@ -254,7 +239,7 @@ TEST_CASE("a NATS request on a closed connection is refused with closed", "[nats
 TEST_CASE("a request without a subject is refused as invalid_argument", "[nats_request_reply]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  postbox::nats_requester<int, int> req(*r.client, r.timers);  // no subject, and int has no type name
+  postbox::nats_requester<int, int> req(r.client, r.timers);  // no subject, and int has no type name
   CHECK(req.request(1, 1s).status() == postbox::errc::invalid_argument);
   CHECK(req.stats().refused == 1);
 }
@@ -263,13 +248,13 @@ TEST_CASE("a handler exception over NATS becomes an error reply with its code an
   NATS_REQUIRE_SERVER();
   rig r;
   postbox::nats_responder<int, int> resp(
-      *r.service,
+      r.service,
       [](const postbox::envelope<int>& e) -> int {
         if (e.payload < 0) throw postbox::error(postbox::errc::invalid_argument, "negative");
         throw std::runtime_error("boom\r\nline two");
       },
       r.at("svc.fail"), r.responder_clock);
-  postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.fail"));
+  postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.fail"));
   auto a = req.request(-1, 5s);
   auto b = req.request(1, 5s);
   REQUIRE(postbox_test::eventually([&] { return a->ready() && b->ready(); }));
@@ -291,9 +276,9 @@ TEST_CASE("an expired NATS request is not started and is answered expired", "[na
   std::atomic<int> handled{0};
   // This responder reads the requester's clock, so it sees the deadline pass.
   postbox::nats_responder<int, int> resp(
-      *r.service, [&](const postbox::envelope<int>& e) { handled.fetch_add(1); return e.payload; },
+      r.service, [&](const postbox::envelope<int>& e) { handled.fetch_add(1); return e.payload; },
       r.at("svc.late", true), r.clock);
-  postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.late"));
+  postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.late"));
   auto f = req.request(1, 1s);
   REQUIRE(f.has_value());
   r.clock.advance(1001ms);  // the timer is not run yet: the responder sees it first
@@ -307,9 +292,9 @@ TEST_CASE("an expired NATS request is not started and is answered expired", "[na
 TEST_CASE("responders in one queue group share the requests and each is answered once", "[nats_request_reply]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  postbox::nats_responder<int, int> a(*r.service, twice, r.at("svc.pool", false, "workers"), r.responder_clock);
-  postbox::nats_responder<int, int> b(*r.service, twice, r.at("svc.pool", false, "workers"), r.responder_clock);
-  postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.pool"));
+  postbox::nats_responder<int, int> a(r.service, twice, r.at("svc.pool", false, "workers"), r.responder_clock);
+  postbox::nats_responder<int, int> b(r.service, twice, r.at("svc.pool", false, "workers"), r.responder_clock);
+  postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.pool"));
   std::vector<postbox::reply_future<postbox::reply_outcome<int>>> fs;
   for (int i = 0; i < 40; ++i) fs.push_back(*req.request(i, 30s));
   REQUIRE(postbox_test::eventually([&] { return req.stats().replied == 40; }));
@@ -327,8 +312,8 @@ TEST_CASE("responders in one queue group share the requests and each is answered
 TEST_CASE("a request that does not decode gets its decode error as the reply", "[nats_request_reply]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  postbox::nats_responder<int, int> resp(*r.service, twice, r.at("svc.int"), r.responder_clock);
-  postbox::nats_requester<std::string, int> req(*r.client, r.timers, r.to("svc.int"));
+  postbox::nats_responder<int, int> resp(r.service, twice, r.at("svc.int"), r.responder_clock);
+  postbox::nats_requester<std::string, int> req(r.client, r.timers, r.to("svc.int"));
   auto f = req.request("not a number", 5s);
   REQUIRE(postbox_test::eventually([&] { return f->ready(); }));
   auto o = f->get();
@@ -341,8 +326,8 @@ TEST_CASE("a request that does not decode gets its decode error as the reply", "
 TEST_CASE("a reply that does not decode completes the request with its decode error", "[nats_request_reply]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  postbox::nats_responder<int, int> resp(*r.service, twice, r.at("svc.int"), r.responder_clock);
-  postbox::nats_requester<int, std::string> req(*r.client, r.timers, r.to("svc.int"));
+  postbox::nats_responder<int, int> resp(r.service, twice, r.at("svc.int"), r.responder_clock);
+  postbox::nats_requester<int, std::string> req(r.client, r.timers, r.to("svc.int"));
   auto f = req.request(2, 5s);
   REQUIRE(postbox_test::eventually([&] { return f->ready(); }));
   auto o = f->get();
@@ -354,11 +339,11 @@ TEST_CASE("a reply that does not decode completes the request with its decode er
 TEST_CASE("messages on the inbox that match no request are counted unmatched", "[nats_request_reply]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  postbox::nats_requester<int, int> req(*r.client, r.timers, r.to("svc.double"));
+  postbox::nats_requester<int, int> req(r.client, r.timers, r.to("svc.double"));
   const std::string stranger = req.inbox() + "." + postbox::message_id::generate().to_string();
   const std::string garbage = req.inbox() + ".not-an-id";
-  REQUIRE(natsConnection_PublishString(r.service->native(), stranger.c_str(), "{}") == NATS_OK);
-  REQUIRE(natsConnection_PublishString(r.service->native(), garbage.c_str(), "{}") == NATS_OK);
+  REQUIRE(natsConnection_PublishString(r.service.native(), stranger.c_str(), "{}") == NATS_OK);
+  REQUIRE(natsConnection_PublishString(r.service.native(), garbage.c_str(), "{}") == NATS_OK);
   REQUIRE(postbox_test::eventually([&] { return req.stats().unmatched_replies == 2; }));
   CHECK(req.stats().replied == 0);
 }
@@ -366,11 +351,11 @@ TEST_CASE("messages on the inbox that match no request are counted unmatched", "
 TEST_CASE("a NATS request with no reply address is handled and counted unroutable", "[nats_request_reply]") {
   NATS_REQUIRE_SERVER();
   rig r;
-  postbox::nats_responder<int, int> resp(*r.service, twice, r.at("svc.oneway", true), r.responder_clock);
+  postbox::nats_responder<int, int> resp(r.service, twice, r.at("svc.oneway", true), r.responder_clock);
   auto env = postbox::make_envelope(std::string("n"), 1, postbox::message_kind::command, r.clock);
   auto msg = postbox::to_nats_msg(env, "svc.oneway");
   REQUIRE(msg.has_value());
-  REQUIRE(natsConnection_PublishMsg(r.client->native(), msg->get()) == NATS_OK);
+  REQUIRE(natsConnection_PublishMsg(r.client.native(), msg->get()) == NATS_OK);
   CHECK(resp.poll(30000ms) == 1);
   CHECK(resp.stats().handled == 1);
   CHECK(resp.stats().unroutable == 1);
@@ -381,26 +366,23 @@ TEST_CASE("a bad inbox subject is refused at construction", "[nats_request_reply
   rig r;
   auto o = r.to("svc.double");
   o.inbox = "bad inbox.*";
-  CHECK_THROWS_AS((postbox::nats_requester<int, int>(*r.client, r.timers, o)), postbox::error);
+  CHECK_THROWS_AS((postbox::nats_requester<int, int>(r.client, r.timers, o)), postbox::error);
 }
 
 TEST_CASE("concurrent NATS requests each end in exactly one outcome with the right reply", "[nats_request_reply][stress]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto client = connect(srv);
-  auto service = connect(srv);
+  rig r;
   postbox::timer_service timers;  // real clock: every request here is answered well before 60 s
   auto plus = [](const postbox::envelope<int>& e) { return e.payload + 1; };
   postbox::nats_responder_options ro;
   ro.subject = "svc.plus";
   ro.queue_group = "workers";
-  postbox::nats_responder<int, int> a(service, plus, ro);
-  postbox::nats_responder<int, int> b(service, plus, ro);
+  postbox::nats_responder<int, int> a(r.service, plus, ro);
+  postbox::nats_responder<int, int> b(r.service, plus, ro);
   postbox::nats_requester_options qo;
   qo.subject = "svc.plus";
   qo.max_pending = 100000;
-  postbox::nats_requester<int, int> req(client, timers, qo);
+  postbox::nats_requester<int, int> req(r.client, timers, qo);
   const int threads = 4;
   const int per = static_cast<int>(postbox_test::scaled(500));
   std::atomic<long long> sum{0};

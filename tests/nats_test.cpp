@@ -13,7 +13,7 @@
 
 #include "support.hpp"
 
-#include "nats_harness.hpp"
+#include "nats_fixture.hpp"
 
 namespace {
 
@@ -30,28 +30,6 @@ void from_json(const nlohmann::json& j, order& o) {
 using namespace std::chrono_literals;
 namespace pn = postbox_test::nats;
 
-#define NATS_REQUIRE_SERVER()                          \
-  if (!pn::available()) {                              \
-    WARN("nats-server not found: skipping");           \
-    return;                                            \
-  }
-
-postbox::nats_connection connect(const std::string& urls) {
-  postbox::nats_connection_options o;
-  o.urls = urls;
-  return postbox::nats_connection(std::move(o));
-}
-
-// JetStream may take a moment after the port opens (and an election in a cluster).
-void ensure_stream(postbox::jetstream& js, postbox::stream_options so) {
-  auto rc = postbox::errc::timeout;
-  for (int i = 0; i < 100 && rc != postbox::errc::ok; ++i) {
-    rc = js.ensure_stream(so);
-    if (rc != postbox::errc::ok) pn::detail::pause_ms(100);
-  }
-  REQUIRE(rc == postbox::errc::ok);
-}
-
 // Every stored message of ORDERS in stream order (payload n), through a fresh durable.
 std::vector<int> stored_orders(postbox::jetstream& js, const std::string& durable, std::size_t expected) {
   postbox::jetstream_pull_source<order> src(js, {"ORDERS", durable, "orders.>", 30000ms, -1});
@@ -65,15 +43,6 @@ std::vector<int> stored_orders(postbox::jetstream& js, const std::string& durabl
     }
   }
   return out;
-}
-
-// A connection that notices a stopped server quickly and retries often.
-postbox::nats_connection connect_fast(const std::string& urls) {
-  postbox::nats_connection_options o;
-  o.urls = urls;
-  o.reconnect_wait = 20ms;
-  o.reconnect_wait_max = 200ms;
-  return postbox::nats_connection(std::move(o));
 }
 
 postbox::buffered_publisher_options buffer_of(std::size_t capacity, postbox::overflow policy) {
@@ -185,12 +154,8 @@ TEST_CASE("a message without Nats-Msg-Id fails to decode naming the header", "[n
 
 TEST_CASE("publishing the same id twice stores one message", "[nats]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
-  postbox::jetstream_publisher pub(js);
+  pn::jetstream_rig r;
+  postbox::jetstream_publisher pub(r.js);
   auto env = postbox::make_envelope("orders.placed", order{1, "a"});
   auto a = pub.publish(env);
   auto b = pub.publish(env);
@@ -198,19 +163,15 @@ TEST_CASE("publishing the same id twice stores one message", "[nats]") {
   REQUIRE(b.has_value());
   CHECK_FALSE(a->duplicate);
   CHECK(b->duplicate);
-  CHECK(js.stream_messages("ORDERS").value() == 1);
+  CHECK(r.js.stream_messages("ORDERS").value() == 1);
 }
 
 TEST_CASE("pull ack nak-with-delay and term settle messages as JetStream does", "[nats]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
-  postbox::jetstream_publisher pub(js);
+  pn::jetstream_rig r;
+  postbox::jetstream_publisher pub(r.js);
   for (int i = 0; i < 3; ++i) REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{i, "x"})).has_value());
-  postbox::jetstream_pull_source<order> src(js, {"ORDERS", "worker", "orders.>", 30000ms, -1});
+  postbox::jetstream_pull_source<order> src(r.js, {"ORDERS", "worker", "orders.>", 30000ms, -1});
   auto first = src.fetch(3, 2000ms);
   REQUIRE(first.has_value());
   REQUIRE(first->size() == 3);
@@ -234,16 +195,12 @@ TEST_CASE("pull ack nak-with-delay and term settle messages as JetStream does", 
 
 TEST_CASE("a recreated pull source resumes from the durable position", "[nats]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
-  postbox::jetstream_publisher pub(js);
+  pn::jetstream_rig r;
+  postbox::jetstream_publisher pub(r.js);
   for (int i = 0; i < 10; ++i) REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{i, "x"})).has_value());
   std::vector<int> seen;
   {
-    postbox::jetstream_pull_source<order> src(js, {"ORDERS", "resume", "orders.>", 30000ms, -1});
+    postbox::jetstream_pull_source<order> src(r.js, {"ORDERS", "resume", "orders.>", 30000ms, -1});
     auto got = src.fetch(4, 2000ms);
     REQUIRE(got.has_value());
     for (auto& d : *got) {
@@ -251,7 +208,7 @@ TEST_CASE("a recreated pull source resumes from the durable position", "[nats]")
       REQUIRE(d.ack() == postbox::errc::ok);
     }
   }
-  postbox::jetstream_pull_source<order> src(js, {"ORDERS", "resume", "orders.>", 30000ms, -1});
+  postbox::jetstream_pull_source<order> src(r.js, {"ORDERS", "resume", "orders.>", 30000ms, -1});
   for (int i = 0; i < 20 && seen.size() < 10; ++i) {
     auto got = src.fetch(10, 2000ms);
     if (!got.has_value()) continue;
@@ -266,28 +223,21 @@ TEST_CASE("a recreated pull source resumes from the durable position", "[nats]")
 
 TEST_CASE("after a file-storage server restart every acknowledged publish is still stored", "[nats]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  postbox::nats_connection_options o;
-  o.urls = srv.url();
   std::atomic<int> reconnecting{0};
-  o.on_status = [&](postbox::connection_status s) {
+  pn::jetstream_rig r(pn::settings().status([&](postbox::connection_status s) {
     if (s == postbox::connection_status::reconnecting) reconnecting.fetch_add(1);
-  };
-  postbox::nats_connection conn(std::move(o));
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
-  postbox::jetstream_publisher pub(js, {{}, 1000ms, 30});
+  }));
+  postbox::jetstream_publisher pub(r.js, {{}, 1000ms, 30});
   std::set<postbox::message_id> acked;
   const int n = 200;
   for (int i = 0; i < n; ++i) {
-    if (i == n / 2) srv.restart();
+    if (i == n / 2) r.srv.restart();
     auto env = postbox::make_envelope("orders.placed", order{i, "x"});
     if (pub.publish(env).has_value()) acked.insert(env.id);
   }
   CHECK(reconnecting.load() >= 1);
   REQUIRE(acked.size() >= static_cast<std::size_t>(n / 2));
-  postbox::jetstream_pull_source<order> src(js, {"ORDERS", "check", "orders.>", 30000ms, -1});
+  postbox::jetstream_pull_source<order> src(r.js, {"ORDERS", "check", "orders.>", 30000ms, -1});
   std::set<postbox::message_id> stored;
   for (int i = 0; i < 50 && stored.size() < acked.size(); ++i) {
     auto got = src.fetch(100, 1000ms);
@@ -302,16 +252,12 @@ TEST_CASE("after a file-storage server restart every acknowledged publish is sti
 
 TEST_CASE("two pull sources sharing a durable name split the messages without overlap", "[nats]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
-  postbox::jetstream_publisher pub(js);
+  pn::jetstream_rig r;
+  postbox::jetstream_publisher pub(r.js);
   for (int i = 0; i < 20; ++i) REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{i, "x"})).has_value());
   postbox::jetstream_consumer_options co{"ORDERS", "group", "orders.>", 30000ms, -1};
-  postbox::jetstream_pull_source<order> a(js, co);
-  postbox::jetstream_pull_source<order> b(js, co);
+  postbox::jetstream_pull_source<order> a(r.js, co);
+  postbox::jetstream_pull_source<order> b(r.js, co);
   std::multiset<int> seen;
   std::size_t from_a = 0, from_b = 0;
   for (int round = 0; round < 20 && seen.size() < 20; ++round) {
@@ -333,32 +279,22 @@ TEST_CASE("two pull sources sharing a durable name split the messages without ov
 
 TEST_CASE("a stopped server shows as reconnecting and a restarted one as connected again", "[nats]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  postbox::nats_connection_options o;
-  o.urls = srv.url();
-  o.reconnect_wait = 20ms;
-  o.reconnect_wait_max = 100ms;
-  postbox::nats_connection conn(std::move(o));
-  REQUIRE(conn.status() == postbox::connection_status::connected);
-  srv.stop();
-  REQUIRE(postbox_test::eventually([&] { return conn.status() == postbox::connection_status::reconnecting; }));
-  CHECK(conn.flush(100ms) != postbox::errc::ok);
-  srv.start();
-  REQUIRE(postbox_test::eventually([&] { return conn.status() == postbox::connection_status::connected; }));
-  CHECK(conn.flush(2000ms) == postbox::errc::ok);
+  pn::jetstream_rig r(pn::settings().quick().without_orders());
+  REQUIRE(r.conn.status() == postbox::connection_status::connected);
+  r.srv.stop();
+  REQUIRE(postbox_test::eventually([&] { return r.conn.status() == postbox::connection_status::reconnecting; }));
+  CHECK(r.conn.flush(100ms) != postbox::errc::ok);
+  r.srv.start();
+  REQUIRE(postbox_test::eventually([&] { return r.conn.status() == postbox::connection_status::connected; }));
+  CHECK(r.conn.flush(2000ms) == postbox::errc::ok);
 }
 
 TEST_CASE("in_progress keeps a slow message from being redelivered past its ack wait", "[nats][realtime]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
-  postbox::jetstream_publisher pub(js);
+  pn::jetstream_rig r;
+  postbox::jetstream_publisher pub(r.js);
   REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{1, "slow"})).has_value());
-  postbox::jetstream_pull_source<order> src(js, {"ORDERS", "slow", "orders.>", 1000ms, -1});
+  postbox::jetstream_pull_source<order> src(r.js, {"ORDERS", "slow", "orders.>", 1000ms, -1});
   auto got = src.fetch(1, 2000ms);
   REQUIRE(got.has_value());
   REQUIRE(got->size() == 1);
@@ -376,11 +312,9 @@ TEST_CASE("in_progress keeps a slow message from being redelivered past its ack 
 TEST_CASE("killing the R3 stream leader of a three-node cluster loses and duplicates nothing", "[nats][cluster]") {
   NATS_REQUIRE_SERVER();
   pn::cluster cl(3);
-  postbox::nats_connection_options o;
-  o.urls = cl.urls();
-  postbox::nats_connection conn(std::move(o));
+  auto conn = pn::connect(cl.urls());
   postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}, 3});
+  pn::ensure_stream(js, {"ORDERS", {"orders.>"}, 3});
   std::string leader;
   for (int i = 0; i < 100 && leader.empty(); ++i) {
     auto l = js.stream_leader("ORDERS");
@@ -439,27 +373,23 @@ TEST_CASE("killing the R3 stream leader of a three-node cluster loses and duplic
 TEST_CASE("a buffered publisher holds envelopes while the server is down and publishes them in order once it is back",
           "[nats][buffered]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect_fast(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  pn::jetstream_rig r(pn::settings().quick());
   outcome_log log;
-  postbox::buffered_jetstream_publisher pub(js, buffer_of(64, postbox::overflow::block));
+  postbox::buffered_jetstream_publisher pub(r.js, buffer_of(64, postbox::overflow::block));
   REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{0, "x"}), log.cb()) == postbox::errc::ok);
   REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 1; }));
-  take_down(srv, pub);
+  take_down(r.srv, pub);
   for (int i = 1; i <= 10; ++i)
     REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{i, "x"}), log.cb()) == postbox::errc::ok);
   REQUIRE(postbox_test::eventually([&] { return pub.stats().in_flight == 1 && pub.stats().buffered == 9; }));
   // Nothing is reported ok while no server can acknowledge it.
   CHECK(pub.stats().published == 1);
   CHECK(pub.stats().connection == postbox::connection_status::reconnecting);
-  srv.start();
+  r.srv.start();
   REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 11; }));
   CHECK(pub.status() == postbox::connection_status::connected);
   CHECK(log.count(postbox::errc::ok) == 11);
-  auto stored = stored_orders(js, "check", 11);
+  auto stored = stored_orders(r.js, "check", 11);
   REQUIRE(stored.size() == 11);
   for (int i = 0; i <= 10; ++i) CHECK(stored[static_cast<std::size_t>(i)] == i);
   CHECK(pub.flush(std::chrono::seconds(1)) == postbox::errc::ok);
@@ -468,14 +398,10 @@ TEST_CASE("a buffered publisher holds envelopes while the server is down and pub
 TEST_CASE("a full buffer with drop_oldest discards the oldest queued envelopes and reports them full",
           "[nats][buffered]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect_fast(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  pn::jetstream_rig r(pn::settings().quick());
   outcome_log log;
-  postbox::buffered_jetstream_publisher pub(js, buffer_of(4, postbox::overflow::drop_oldest));
-  take_down(srv, pub);
+  postbox::buffered_jetstream_publisher pub(r.js, buffer_of(4, postbox::overflow::drop_oldest));
+  take_down(r.srv, pub);
   std::vector<postbox::message_id> ids;
   for (int i = 0; i < 10; ++i) {
     auto env = postbox::make_envelope("orders.placed", order{i, "x"});
@@ -494,42 +420,34 @@ TEST_CASE("a full buffer with drop_oldest discards the oldest queued envelopes a
       CHECK(log.all[i].id == ids[i + 1]);
     }
   }
-  srv.start();
+  r.srv.start();
   REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 5; }));
-  CHECK(stored_orders(js, "check", 5) == std::vector<int>{0, 6, 7, 8, 9});
+  CHECK(stored_orders(r.js, "check", 5) == std::vector<int>{0, 6, 7, 8, 9});
 }
 
 TEST_CASE("a full buffer with drop_newest discards the new envelope and reports it full", "[nats][buffered]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect_fast(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  pn::jetstream_rig r(pn::settings().quick());
   outcome_log log;
-  postbox::buffered_jetstream_publisher pub(js, buffer_of(2, postbox::overflow::drop_newest));
-  take_down(srv, pub);
+  postbox::buffered_jetstream_publisher pub(r.js, buffer_of(2, postbox::overflow::drop_newest));
+  take_down(r.srv, pub);
   for (int i = 0; i < 5; ++i) {
     REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{i, "x"}), log.cb()) == postbox::errc::ok);
     if (i == 0) REQUIRE(postbox_test::eventually([&] { return pub.stats().in_flight == 1; }));
   }
   CHECK(pub.stats().dropped == 2);
   CHECK(log.count(postbox::errc::full) == 2);
-  srv.start();
+  r.srv.start();
   REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 3; }));
-  CHECK(stored_orders(js, "check", 3) == std::vector<int>{0, 1, 2});
+  CHECK(stored_orders(r.js, "check", 3) == std::vector<int>{0, 1, 2});
 }
 
 TEST_CASE("a full buffer with fail refuses the new envelope and never calls its callback", "[nats][buffered]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect_fast(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  pn::jetstream_rig r(pn::settings().quick());
   outcome_log log;
-  postbox::buffered_jetstream_publisher pub(js, buffer_of(2, postbox::overflow::fail));
-  take_down(srv, pub);
+  postbox::buffered_jetstream_publisher pub(r.js, buffer_of(2, postbox::overflow::fail));
+  take_down(r.srv, pub);
   for (int i = 0; i < 3; ++i) {
     REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{i, "x"}), log.cb()) == postbox::errc::ok);
     if (i == 0) REQUIRE(postbox_test::eventually([&] { return pub.stats().in_flight == 1; }));
@@ -537,21 +455,17 @@ TEST_CASE("a full buffer with fail refuses the new envelope and never calls its 
   CHECK(pub.enqueue(postbox::make_envelope("orders.placed", order{3, "x"}), log.cb()) == postbox::errc::full);
   CHECK(pub.stats().refused == 1);
   CHECK(log.size() == 0);
-  srv.start();
+  r.srv.start();
   REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 3; }));
   CHECK(log.size() == 3);
-  CHECK(stored_orders(js, "check", 3) == std::vector<int>{0, 1, 2});
+  CHECK(stored_orders(r.js, "check", 3) == std::vector<int>{0, 1, 2});
 }
 
 TEST_CASE("a full buffer with block makes the producer wait until the server is back", "[nats][buffered]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect_fast(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
-  postbox::buffered_jetstream_publisher pub(js, buffer_of(2, postbox::overflow::block));
-  take_down(srv, pub);
+  pn::jetstream_rig r(pn::settings().quick());
+  postbox::buffered_jetstream_publisher pub(r.js, buffer_of(2, postbox::overflow::block));
+  take_down(r.srv, pub);
   REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{0, "x"})) == postbox::errc::ok);
   REQUIRE(postbox_test::eventually([&] { return pub.stats().in_flight == 1; }));
   std::atomic<int> returned{0}, not_ok{0};  // Catch2 assertions are for the main thread only
@@ -564,24 +478,20 @@ TEST_CASE("a full buffer with block makes the producer wait until the server is 
   REQUIRE(postbox_test::eventually([&] { return pub.stats().waiting_producers == 1; }));
   CHECK(returned.load() == 2);  // the third is waiting for room
   CHECK(pub.stats().buffered == 2);
-  srv.start();
+  r.srv.start();
   producer.join();
   CHECK(not_ok.load() == 0);
   REQUIRE(postbox_test::eventually([&] { return pub.stats().published == 5; }));
-  CHECK(stored_orders(js, "check", 5) == std::vector<int>{0, 1, 2, 3, 4});
+  CHECK(stored_orders(r.js, "check", 5) == std::vector<int>{0, 1, 2, 3, 4});
 }
 
 TEST_CASE("destroying a buffered publisher completes what it still holds with canceled", "[nats][buffered]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect_fast(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  pn::jetstream_rig r(pn::settings().quick());
   outcome_log log;
   {
-    postbox::buffered_jetstream_publisher pub(js, buffer_of(8, postbox::overflow::block));
-    take_down(srv, pub);
+    postbox::buffered_jetstream_publisher pub(r.js, buffer_of(8, postbox::overflow::block));
+    take_down(r.srv, pub);
     for (int i = 0; i < 3; ++i)
       REQUIRE(pub.enqueue(postbox::make_envelope("orders.placed", order{i, "x"}), log.cb()) == postbox::errc::ok);
   }
@@ -592,13 +502,9 @@ TEST_CASE("destroying a buffered publisher completes what it still holds with ca
 TEST_CASE("concurrent producers through a buffered publisher across a server restart lose, duplicate and reorder nothing",
           "[nats][buffered][stress]") {
   NATS_REQUIRE_SERVER();
-  pn::server srv;
-  srv.start();
-  auto conn = connect_fast(srv.url());
-  postbox::jetstream js(conn);
-  ensure_stream(js, {"ORDERS", {"orders.>"}});
+  pn::jetstream_rig r(pn::settings().quick());
   outcome_log log;
-  postbox::buffered_jetstream_publisher pub(js, buffer_of(8, postbox::overflow::block));
+  postbox::buffered_jetstream_publisher pub(r.js, buffer_of(8, postbox::overflow::block));
   const int producers = 3;
   const int per = static_cast<int>(postbox_test::scaled(200));
   const int n = producers * per;
@@ -612,7 +518,7 @@ TEST_CASE("concurrent producers through a buffered publisher across a server res
           not_ok.fetch_add(1);
     });
   REQUIRE(postbox_test::eventually([&] { return pub.stats().published >= static_cast<std::uint64_t>(n / 4); }));
-  srv.restart();  // mid-run: attempts in flight end unknown and are republished with the same id
+  r.srv.restart();  // mid-run: attempts in flight end unknown and are republished with the same id
   for (auto& t : ts) t.join();
   CHECK(not_ok.load() == 0);
   REQUIRE(postbox_test::eventually([&] { return log.size() == static_cast<std::size_t>(n); }, 60s));
@@ -623,8 +529,8 @@ TEST_CASE("concurrent producers through a buffered publisher across a server res
     for (auto& o : log.all) ids.insert(o.id);
   }
   CHECK(ids.size() == static_cast<std::size_t>(n));  // one outcome per envelope
-  CHECK(js.stream_messages("ORDERS").value() == static_cast<std::uint64_t>(n));  // stored once each
-  auto stored = stored_orders(js, "check", static_cast<std::size_t>(n));
+  CHECK(r.js.stream_messages("ORDERS").value() == static_cast<std::uint64_t>(n));  // stored once each
+  auto stored = stored_orders(r.js, "check", static_cast<std::size_t>(n));
   REQUIRE(stored.size() == static_cast<std::size_t>(n));
   std::vector<int> last(producers, -1);
   for (int v : stored) {
