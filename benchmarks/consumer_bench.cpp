@@ -88,6 +88,35 @@ double consumer_drain(std::size_t n, unsigned keys) {
   return ns / static_cast<double>(n);
 }
 
+// The same drain through a batch consumer: one handler call and one
+// settlement per batch of up to `batch` messages (window 0: whatever is
+// ready; unkeyed, so a batch is never cut short by a repeated key).
+double batch_drain(std::size_t n, std::size_t batch) {
+  postbox::channel<env_t> ch(n);
+  for (auto& e : make_messages(n, 0)) (void)ch.try_send(std::move(e));
+  postbox::manual_clock clock;
+  postbox::dead_letter_queue<int> dlq(postbox::dead_letter_options{}, clock);
+  std::uint64_t sum = 0;
+  postbox::consumer_options o;
+  o.threads = 0;
+  o.max_in_flight = 256;
+  o.clock = &clock;
+  o.jitter_seed = 1;
+  postbox::batch_options b;
+  b.max_size = batch;
+  b.window = postbox::duration::zero();
+  postbox::consumer c(postbox::channel_source<int>(ch, "bench"), b, [&](const postbox::message_batch<int>& msgs) {
+    for (const auto& e : msgs) sum += static_cast<std::uint64_t>(e.payload);
+    return postbox::settlement::ack();
+  }, dlq, o);
+  const auto t0 = steady::now();
+  while (c.poll() > 0) {
+  }
+  const double ns = std::chrono::duration<double, std::nano>(steady::now() - t0).count();
+  if (sum != expected(n) || c.stats().acked != n) fail("batch drain sum");
+  return ns / static_cast<double>(n);
+}
+
 // Two threads or more: a producer sends (blocking) while the receiver side runs. ns/msg of wall time.
 double bare_threaded(std::size_t n) {
   postbox::channel<env_t> ch(1024);
@@ -179,6 +208,8 @@ int main(int argc, char** argv) {
   all.back().entries.push_back({"bare try_receive loop", [=] { return bare_drain(n); }});
   all.back().entries.push_back({"consumer poll(), unkeyed", [=] { return consumer_drain(n, 0); }});
   all.back().entries.push_back({"consumer poll(), 16 keys", [=] { return consumer_drain(n, 16); }});
+  all.back().entries.push_back({"batch consumer poll(), batches of 16", [=] { return batch_drain(n, 16); }});
+  all.back().entries.push_back({"batch consumer poll(), batches of 64", [=] { return batch_drain(n, 64); }});
   all.push_back({"producer + receiver", "a producer thread sends while the receiving side runs: receive loop vs consumer threads",
                  {}});
   all.back().entries.push_back({"bare receive loop", [=] { return bare_threaded(n); }});
