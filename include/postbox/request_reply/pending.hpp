@@ -14,6 +14,7 @@
 #include <postbox/config.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
+#include <postbox/timer_service.hpp>
 
 #include <algorithm>
 #include <condition_variable>
@@ -195,6 +196,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       timer_service& timers, std::size_t max_pending, callback_exceptions on_throw = callback_exceptions::propagate) {
     return std::make_shared<pending_requests>(private_tag{}, timers, max_pending, on_throw);
   }
+  /// For `create` only (the tag is private).
   pending_requests(private_tag, timer_service& timers, std::size_t max_pending, callback_exceptions on_throw)
       : timers_(&timers), max_pending_(max_pending), on_throw_(on_throw) {}
   pending_requests(const pending_requests&) = delete;
@@ -234,6 +236,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
 
   /// The transport could not send the opened request: forgets `corr` (its
   /// callback is never called), counts a refusal and returns `why`.
+  /// Thread-safe.
   errc abandon(const message_id& corr, errc why) {
     std::lock_guard lock(mutex_);
     pending_.erase(corr);
@@ -263,8 +266,9 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   }
 
   /// A reply (or a responder error) for `packet.correlation_id`: completes
-  /// its request on the calling thread, or is dropped and counted as late,
-  /// duplicate or unmatched. Thread-safe.
+  /// its request on the calling thread (running its callback, outside the
+  /// lock), or is dropped and counted as late, duplicate or unmatched. A
+  /// gather completes once `want` replies or errors are in. Thread-safe.
   void on_reply(reply_packet<Reply> packet) {
     // Declared first, so destroyed last: the callback and everything it
     // captured are gone before close() may stop waiting.
@@ -318,6 +322,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   /// thread, then blocks until every callback already running on another
   /// thread (a reply or a timeout) has returned. A callback running on this
   /// thread (one that destroys its own requester) is not waited for.
+  /// Blocks. Call once.
   void close() {
     cancel_all();
     wait_callbacks();
