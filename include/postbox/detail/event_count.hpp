@@ -93,7 +93,7 @@ class event_count {
       // makes this write and the push visible to it.
       registered_.store(static_cast<std::uint32_t>(wakers_.size()), std::memory_order_relaxed);
     }
-    waiters_.fetch_add(1, std::memory_order_seq_cst);  // seq_cst: see prepare_wait()
+    waiters_.fetch_add(waker_unit, std::memory_order_seq_cst);  // seq_cst: see prepare_wait()
     if (asymmetric) heavy_fence();
   }
 
@@ -111,7 +111,7 @@ class event_count {
       // relaxed: see register_waker().
       registered_.store(static_cast<std::uint32_t>(wakers_.size()), std::memory_order_relaxed);
     }
-    waiters_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: see finish_wait()
+    waiters_.fetch_sub(waker_unit, std::memory_order_relaxed);  // relaxed: see finish_wait()
   }
 
   /// Withdraws the waiter announced by prepare_wait().
@@ -161,7 +161,9 @@ class event_count {
   /// Wakes up to `n` parked threads if any waiter is announced; otherwise
   /// does nothing at all (no write, no syscall).
   void notify(int n) noexcept {
-    if (has_waiters()) wake(n);
+    // seq_cst: as in has_waiters().
+    const std::uint64_t w = waiters_.load(std::memory_order_seq_cst);
+    if (w != 0) wake(n, w);
   }
   void notify_one() noexcept { notify(1); }
   void notify_all() noexcept { notify(INT_MAX); }
@@ -176,7 +178,8 @@ class event_count {
     // and the waiter's heavy fence (see prepare_wait_asymmetric); acquire
     // (free on x86) so a waiter's registration (register_waker) is visible
     // to wake() once its increment is seen.
-    if (waiters_.load(std::memory_order_acquire) != 0) wake(n);
+    const std::uint64_t w = waiters_.load(std::memory_order_acquire);
+    if (w != 0) wake(n, w);
   }
 
   /// Wakes every parked thread whether or not a waiter is announced: for a
@@ -184,10 +187,15 @@ class event_count {
   /// request, a handle detached). A waiter that read the epoch before this
   /// bump does not sleep; one that reads it after synchronizes with the bump
   /// and so sees whatever was written before it. Makes a syscall.
-  void wake_all() noexcept { wake(INT_MAX); }
+  void wake_all() noexcept { wake(INT_MAX, thread_mask); }
 
  private:
-  void wake(int n) noexcept {
+  /// `seen` is the waiters_ value the notifier read. With no thread among
+  /// it (only registered wakers: coroutines, selects), the epoch bump and
+  /// the futex syscall are skipped: a thread whose prepare_wait increment
+  /// the read missed re-checks its condition after the notifier's change
+  /// (the Dekker argument in the class comment), so it needs no wake-up.
+  void wake(int n, std::uint64_t seen) noexcept {
     // relaxed: a waker registered before the waiters_ increment this
     // notifier observed is visible here (see register_waker); one registered
     // later re-checks its condition itself.
@@ -198,6 +206,7 @@ class event_count {
       // message while another select or thread sleeps.
       for (waker* w : wakers_) w->wake();
     }
+    if ((seen & thread_mask) == 0) return;
     // seq_cst: a waiter that read the old epoch in prepare_wait() either sees
     // this new value in the futex check or is woken below.
     epoch_.fetch_add(1, std::memory_order_seq_cst);
@@ -217,9 +226,13 @@ class event_count {
   /// Futex word. Bumped (seq_cst RMW) only by notifiers that saw a waiter;
   /// read (seq_cst) by waiters in prepare_wait() and by the kernel.
   std::atomic<std::uint32_t> epoch_{0};
-  /// Threads between prepare_wait() and finish_wait(). Incremented seq_cst by
+  /// Threads between prepare_wait() and finish_wait() (low 32 bits, unit 1)
+  /// plus registered wakers (high 32 bits, unit waker_unit), one word so a
+  /// notifier reads both with its one Dekker load. Incremented seq_cst by
   /// waiters, read seq_cst by notifiers (has_waiters); see the class comment.
-  std::atomic<std::uint32_t> waiters_{0};
+  std::atomic<std::uint64_t> waiters_{0};
+  static constexpr std::uint64_t waker_unit = std::uint64_t{1} << 32;
+  static constexpr std::uint64_t thread_mask = waker_unit - 1;
   /// Wakers registered by selects in progress; guarded by registry_busy_.
   std::vector<waker*> wakers_;
   /// wakers_.size(), readable without the mutex: lets wake() skip the lock
