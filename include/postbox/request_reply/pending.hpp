@@ -14,7 +14,6 @@
 #include <postbox/config.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
-#include <postbox/timer_service.hpp>
 
 #include <algorithm>
 #include <condition_variable>
