@@ -750,6 +750,36 @@ template <class T>
           {std::move(stop), {&timers, deadline}}};
 }
 
+// --- timers ---------------------------------------------------------------------
+
+namespace detail {
+/// Waits for nothing but its deadline: the deadline's "timeout" is success.
+struct sleep_op {
+  using result_type = errc;
+  std::optional<result_type> try_once() noexcept { return std::nullopt; }
+  void park(waker&) noexcept {}
+  void unpark(waker&) noexcept {}
+  static result_type canceled() noexcept { return errc::canceled; }
+  static result_type timeout() noexcept { return errc::ok; }
+};
+}  // namespace detail
+
+/// `co_await async_sleep_until(timers, at)`: `errc::ok` once `timers` has
+/// run the timer set for `at` (or at once when `at` has passed on its
+/// clock), `errc::canceled` when `stop` is stopped first. Suspends, never
+/// blocks a thread; resumes on the awaiting task's scheduler. Allocates one
+/// timer (and a resume token) when it suspends; destroying the suspended
+/// frame cancels the timer. `timers` must outlive the wait.
+[[nodiscard]] inline detail::op_awaiter<detail::sleep_op> async_sleep_until(timer_service& timers, time_point at,
+                                                                            std::stop_token stop = {}) {
+  return {{}, {std::move(stop), {&timers, at}}};
+}
+/// As async_sleep_until, for `delay` from now on the timer service's clock.
+[[nodiscard]] inline detail::op_awaiter<detail::sleep_op> async_sleep_for(timer_service& timers, duration delay,
+                                                                          std::stop_token stop = {}) {
+  return async_sleep_until(timers, timers.get_clock().now() + delay, std::move(stop));
+}
+
 // --- task -----------------------------------------------------------------------
 
 template <class T = void>

@@ -2,6 +2,7 @@
 // postbox::operations: an in-process "202 Accepted + status resource" tracker for long-running work.
 #pragma once
 
+#include <postbox/async.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/operations/executor.hpp>
@@ -300,6 +301,24 @@ class operations {
     return watch_handle(link_, id, token);
   }
 
+  /// `co_await ops.async_watch(caller, id, after_version)`: the first
+  /// snapshot of `caller`'s operation `id` whose `version` is above
+  /// `after_version` (pass the version you have seen to await the next
+  /// change; a terminal snapshot always completes it). `canceled` when `stop`
+  /// is stopped first (nothing changes), `not_found` as get (also when the
+  /// record is swept meanwhile). Suspends (no thread blocks) and resumes on the awaiting task's
+  /// scheduler. Allocates a copy, and a registration when it suspends.
+  /// The tracker must outlive the wait (destroy a suspended frame first).
+  [[nodiscard]] auto async_watch(const std::string& caller, const std::string& id, std::uint64_t after_version,
+                                 std::stop_token stop = {}) {
+    return detail::op_awaiter<watch_op>(watch_op{this, caller, id, after_version, false}, {std::move(stop), {}});
+  }
+  /// `co_await ops.async_wait(caller, id)`: the awaitable form of `wait`: the
+  /// terminal snapshot, or `canceled` or `not_found` as async_watch.
+  [[nodiscard]] auto async_wait(const std::string& caller, const std::string& id, std::stop_token stop = {}) {
+    return detail::op_awaiter<watch_op>(watch_op{this, caller, id, 0, true}, {std::move(stop), {}});
+  }
+
   /// Removes terminal records older than the retention period (their
   /// idempotency keys with them); returns how many. Thread-safe.
   std::size_t sweep() {
@@ -328,6 +347,58 @@ class operations {
     std::map<std::uint64_t, std::shared_ptr<watcher>> watchers;
   };
 
+  /// What async_watch/async_wait try and where they register (see
+  /// detail::op_awaiter): a waker in async_waiters_, woken under mutex_ by
+  /// every change and removal.
+  struct watch_op {
+    using result_type = result<operation_snapshot<Result>>;
+    operations* self;
+    std::string caller, id;
+    std::uint64_t after = 0;
+    bool terminal_only = false;
+
+    std::optional<result_type> try_once() noexcept { return self->poll_watch(*this); }
+    void park(detail::waker& w) {
+      std::lock_guard lock(self->mutex_);
+      self->async_waiters_.push_back(&w);
+    }
+    void unpark(detail::waker& w) noexcept {
+      std::lock_guard lock(self->mutex_);
+      auto& v = self->async_waiters_;
+      for (auto it = v.begin(); it != v.end(); ++it) {
+        if (*it == &w) {
+          v.erase(it);
+          break;
+        }
+      }
+    }
+    static result_type canceled() noexcept { return errc::canceled; }
+    static result_type timeout() noexcept { return errc::timeout; }
+  };
+
+  // The snapshot a watch_op is waiting for, if it is there. Copies under the
+  // lock; an allocation failure here terminates (it runs in a noexcept re-try).
+  std::optional<result<operation_snapshot<Result>>> poll_watch(const watch_op& w) noexcept {
+    std::lock_guard lock(mutex_);
+    expire_locked();
+    if (closing_) return result<operation_snapshot<Result>>(errc::stopped);
+    auto it = records_.find(w.id);
+    if (it == records_.end() || it->second.caller != w.caller) {
+      return result<operation_snapshot<Result>>(errc::not_found);
+    }
+    const operation_snapshot<Result>& snap = it->second.snap;
+    if (is_terminal(snap.state) || (!w.terminal_only && snap.version > w.after)) {
+      return result<operation_snapshot<Result>>(snap);
+    }
+    return std::nullopt;
+  }
+
+  // Wakes every suspended async_watch/async_wait (each re-checks). Under
+  // mutex_: wake() only posts to the waiter's scheduler.
+  void wake_async_locked() noexcept {
+    for (detail::waker* w : async_waiters_) w->wake();
+  }
+
   static std::shared_ptr<watch_link> make_link(operations* self) {
     auto l = std::make_shared<watch_link>();
     l->owner = self;
@@ -354,6 +425,7 @@ class operations {
     r.snap.updated_at = clock_->now();
     r.snap.retry_after = is_terminal(r.snap.state) ? duration::zero() : opts_.poll_interval;
     ++r.snap.version;
+    wake_async_locked();
     // A record turns terminal exactly once (transitions refuse to leave a
     // terminal state), so it gets exactly one expiry entry.
     if (is_terminal(r.snap.state)) {
@@ -386,6 +458,7 @@ class operations {
     if (it == records_.end()) return;
     if (!it->second.key.empty()) keys_.erase(key_of(it->second.caller, it->second.key));
     records_.erase(it);
+    wake_async_locked();
     if (waiting_ > 0) changed_.notify_all();  // a waiter on this record sees not_found
   }
 
@@ -490,6 +563,7 @@ class operations {
   // that. _any: it waits with a std::stop_token.
   std::condition_variable_any changed_;
   std::size_t waiting_ = 0;  // threads inside wait(); guarded by mutex_
+  std::vector<detail::waker*> async_waiters_;  // suspended async_watch/async_wait; guarded by mutex_
   bool closing_ = false;     // set once by the destructor; guarded by mutex_
   std::shared_ptr<watch_link> link_ = make_link(this);
   std::unique_ptr<detail::op_executor> executor_;  // last: joined before the maps go
