@@ -2,6 +2,7 @@
 // Tests for the awaitable forms of the patterns: timer sleeps, operations watch/wait, request-reply.
 #include <postbox/async.hpp>
 #include <postbox/operations.hpp>
+#include <postbox/request_reply.hpp>
 #include <postbox/testing.hpp>
 
 #include <catch2/catch.hpp>
@@ -10,9 +11,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <stop_token>
 #include <string>
+#include <thread>
 
 using namespace std::chrono_literals;
 using postbox_test::eventually;
@@ -56,6 +59,21 @@ postbox::task<snapshot_result> watch_after(postbox::operations<int>& ops, std::s
 postbox::task<snapshot_result> wait_for(postbox::operations<int>& ops, std::string caller, std::string id,
                                         std::stop_token stop = {}) {
   co_return co_await ops.async_wait(caller, id, stop);
+}
+
+struct rr_rig {
+  postbox::manual_clock clock;
+  postbox::timer_service timers{clock, postbox::timer_service::manual_drive};
+  postbox::channel<postbox::envelope<int>> requests{64};
+  postbox::endpoint_registry<int> registry;
+};
+
+int twice(const postbox::envelope<int>& e) { return e.payload * 2; }
+
+using outcome = postbox::reply_outcome<int>;
+
+postbox::task<outcome> ask(postbox::requester<int, int>& req, int v, std::stop_token stop = {}) {
+  co_return co_await req.async_request(v, 5s, stop);
 }
 
 }  // namespace
@@ -240,4 +258,160 @@ TEST_CASE("async_watch completes at once on a terminal record, and with not_foun
   t2.start(q);
   REQUIRE(t2.done());
   REQUIRE(t2.get().status() == postbox::errc::not_found);
+}
+
+// --- request-reply ----------------------------------------------------------------
+
+TEST_CASE("async_request resumes with the responder's reply", "[async][request_reply]") {
+  rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  postbox::run_queue q;
+  auto t = ask(req, 21);
+  t.start(q);
+  REQUIRE_FALSE(t.done());
+  REQUIRE(resp.poll() == 1);  // replies on this thread: the completion posts the coroutine
+  REQUIRE_FALSE(t.done());
+  REQUIRE(q.poll() == 1);
+  REQUIRE(t.done());
+  auto o = t.get();
+  REQUIRE(o.ok());
+  REQUIRE(o.reply->payload == 42);
+  REQUIRE(req.stats().replied == 1);
+}
+
+TEST_CASE("async_request completes with timeout when the deadline timer runs", "[async][request_reply]") {
+  rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::run_queue q;
+  auto t = ask(req, 1);
+  t.start(q);
+  r.clock.advance(4s);
+  r.timers.run_due();
+  q.poll();
+  REQUIRE_FALSE(t.done());
+  r.clock.advance(1s);
+  r.timers.run_due();
+  REQUIRE(q.poll() == 1);
+  REQUIRE(t.done());
+  REQUIRE(t.get().status == postbox::errc::timeout);
+}
+
+TEST_CASE("a responder's error reaches the awaiting coroutine", "[async][request_reply]") {
+  rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(
+      r.requests, r.registry,
+      [](const postbox::envelope<int>&) -> int { POSTBOX_THROW(postbox::error(postbox::errc::conflict, "taken")); },
+      r.clock, 0);
+  postbox::run_queue q;
+  auto t = ask(req, 1);
+  t.start(q);
+  REQUIRE(resp.poll() == 1);
+  REQUIRE(q.poll() == 1);
+  auto o = t.get();
+  REQUIRE(o.status == postbox::errc::conflict);
+  REQUIRE(o.error.has_value());
+  REQUIRE_FALSE(o.reply.has_value());
+}
+
+TEST_CASE("a refused async_request completes at once with the refusal", "[async][request_reply]") {
+  rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::run_queue q;
+  r.requests.close();
+  auto t = ask(req, 1);
+  t.start(q);
+  REQUIRE(t.done());
+  REQUIRE(t.get().status == postbox::errc::closed);
+  REQUIRE(req.stats().refused == 1);
+}
+
+TEST_CASE("a stop request cancels async_request's wait while the request stays pending", "[async][request_reply]") {
+  rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::run_queue q;
+  std::stop_source stop;
+  auto t = ask(req, 1, stop.get_token());
+  t.start(q);
+  REQUIRE_FALSE(t.done());
+  stop.request_stop();
+  REQUIRE(q.poll() == 1);
+  REQUIRE(t.done());
+  REQUIRE(t.get().status == postbox::errc::canceled);
+  REQUIRE(req.stats().pending == 1);  // its deadline still ends it
+  r.clock.advance(5s);
+  r.timers.run_due();
+  REQUIRE(req.stats().timed_out == 1);
+}
+
+TEST_CASE("async_get canceled by a stop consumes nothing: the outcome stays in the future",
+          "[async][request_reply]") {
+  rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  postbox::run_queue q;
+  std::stop_source stop;
+  auto f = req.request(4, 5s);
+  REQUIRE(f.has_value());
+  auto body = [](postbox::reply_future<outcome>& fut, std::stop_token st) -> postbox::task<postbox::result<outcome>> {
+    co_return co_await postbox::async_get(fut, st);
+  };
+  auto t = body(*f, stop.get_token());
+  t.start(q);
+  REQUIRE_FALSE(t.done());
+  stop.request_stop();
+  REQUIRE(q.poll() == 1);
+  REQUIRE(t.get().status() == postbox::errc::canceled);
+  REQUIRE(resp.poll() == 1);
+  REQUIRE(q.poll() == 0);  // the canceled wait left the continuation slot
+  auto o = f->get();
+  REQUIRE(o.ok());
+  REQUIRE(o.reply->payload == 8);
+}
+
+TEST_CASE("async_get resumes with an outcome set by another thread", "[async][request_reply]") {
+  rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  postbox::run_queue q;
+  auto f = req.request(5, 5s);
+  REQUIRE(f.has_value());
+  auto body = [](postbox::reply_future<outcome>& fut) -> postbox::task<postbox::result<outcome>> {
+    co_return co_await postbox::async_get(fut);
+  };
+  auto t = body(*f);
+  t.start(q);
+  std::thread replier([&] { (void)resp.poll(); });
+  REQUIRE(drive_until_done(q, t));
+  replier.join();
+  auto o = t.get();
+  REQUIRE(o.has_value());
+  REQUIRE(o->reply->payload == 10);
+}
+
+TEST_CASE("destroying a frame suspended in async_request withdraws it before the reply", "[async][request_reply]") {
+  rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  postbox::run_queue q;
+  {
+    auto t = ask(req, 1);
+    t.start(q);
+  }
+  REQUIRE(resp.poll() == 1);
+  REQUIRE(q.size_approx() == 0);  // nothing posted for the destroyed frame
+  REQUIRE(req.stats().replied == 1);
+}
+
+TEST_CASE("destroying the requester completes a suspended async_request with canceled", "[async][request_reply]") {
+  rr_rig r;
+  auto req = std::make_unique<postbox::requester<int, int>>(r.requests, r.registry, r.timers);
+  postbox::run_queue q;
+  auto t = ask(*req, 1);
+  t.start(q);
+  req.reset();
+  REQUIRE(q.poll() == 1);
+  REQUIRE(t.done());
+  REQUIRE(t.get().status == postbox::errc::canceled);
 }

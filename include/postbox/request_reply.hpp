@@ -2,6 +2,7 @@
 // postbox request-reply: requester, responder, reply endpoints and scatter-gather over channels.
 #pragma once
 
+#include <postbox/async.hpp>
 #include <postbox/channel.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
@@ -69,6 +70,87 @@ class endpoint_registry {
   mutable std::mutex mutex_;
   std::unordered_map<std::string, std::shared_ptr<sink>> sinks_;
 };
+
+namespace detail {
+template <class V>
+struct reply_future_access {
+  static std::shared_ptr<rr_future_state<V>>& state(reply_future<V>& f) noexcept { return f.state_; }
+};
+
+/// Registers `w` in a future's continuation slot (one coroutine at a time).
+template <class V>
+void park_on_future(rr_future_state<V>& s, waker& w) {
+  std::lock_guard lock(s.mutex);
+  if (s.continuation != nullptr && s.continuation != &w) {
+    POSTBOX_THROW(error(errc::busy, "postbox: a reply future is already awaited by another coroutine"));
+  }
+  s.continuation = &w;
+}
+template <class V>
+void unpark_from_future(rr_future_state<V>& s, waker& w) noexcept {
+  std::lock_guard lock(s.mutex);
+  if (s.continuation == &w) s.continuation = nullptr;
+}
+
+/// async_get's operation: takes the outcome from a future the caller keeps.
+template <class V>
+struct future_get_op {
+  using result_type = result<V>;
+  rr_future_state<V>* s;
+
+  std::optional<result_type> try_once() noexcept {
+    std::lock_guard lock(s->mutex);
+    if (!s->value) return std::nullopt;
+    return result_type(std::move(*s->value));
+  }
+  void park(waker& w) { park_on_future(*s, w); }
+  void unpark(waker& w) noexcept { unpark_from_future(*s, w); }
+  static result_type canceled() noexcept { return errc::canceled; }
+  static result_type timeout() noexcept { return errc::timeout; }
+};
+
+/// async_request's operation: owns the request's future (or its refusal).
+template <class Reply>
+struct request_op {
+  using result_type = reply_outcome<Reply>;
+  errc refused = errc::ok;
+  std::shared_ptr<rr_future_state<result_type>> s;
+
+  static result_type with(errc status) noexcept {
+    result_type r;
+    r.status = status;
+    return r;
+  }
+  std::optional<result_type> try_once() noexcept {
+    if (!s) return with(refused);
+    std::lock_guard lock(s->mutex);
+    if (!s->value) return std::nullopt;
+    return std::move(*s->value);
+  }
+  void park(waker& w) {
+    if (s) park_on_future(*s, w);
+  }
+  void unpark(waker& w) noexcept {
+    if (s) unpark_from_future(*s, w);
+  }
+  static result_type canceled() noexcept { return with(errc::canceled); }
+  static result_type timeout() noexcept { return with(errc::timeout); }
+};
+}  // namespace detail
+
+/// `co_await async_get(f)`: the outcome of a reply future, taken from it
+/// (call once), without blocking a thread: the future's completion posts the
+/// coroutine to its scheduler instead of notifying a condition variable.
+/// `canceled` when `stop` is stopped first, and then nothing is consumed (a
+/// later get or async_get returns the outcome). One coroutine at a time may
+/// await a future (a second gets error(busy) thrown into it). Allocates only
+/// when it suspends. `f` must be valid and outlive the wait. Thread-safe
+/// with the completing thread.
+template <class V>
+[[nodiscard]] detail::op_awaiter<detail::future_get_op<V>> async_get(reply_future<V>& f, std::stop_token stop = {}) {
+  if (!f.valid()) POSTBOX_THROW(error(errc::invalid_argument, "postbox::async_get: the future refers to no request"));
+  return {{detail::reply_future_access<V>::state(f).get()}, {std::move(stop), {}}};
+}
 
 /// Requester configuration.
 struct requester_options {
@@ -138,6 +220,29 @@ class requester {
     const errc s = request(std::move(payload), timeout, std::move(link.callback), kind);
     if (s != errc::ok) return s;
     return std::move(link.future);
+  }
+
+  /// `co_await req.async_request(payload, timeout)`: sends as `request` does
+  /// (when called), then the awaiting coroutine suspends, without blocking a
+  /// thread, until the one outcome: the reply (`ok()`), the responder's error,
+  /// `timeout` (the deadline timer on the requester's timer service) or
+  /// `canceled` (the requester destroyed). A refusal completes at once with
+  /// `busy`, `full` or `closed` as the status. A stop request on `stop`
+  /// completes the wait with `canceled`; the request itself stays pending
+  /// until its reply or deadline, and that outcome is dropped. Resumes on the
+  /// awaiting task's scheduler. Allocates (as `request`, plus a resume token
+  /// when it suspends).
+  [[nodiscard]] detail::op_awaiter<detail::request_op<Reply>> async_request(Request payload, duration timeout,
+                                                                            std::stop_token stop = {},
+                                                                            message_kind kind = message_kind::query) {
+    auto f = request(std::move(payload), timeout, kind);
+    detail::request_op<Reply> op;
+    if (f.has_value()) {
+      op.s = std::move(detail::reply_future_access<reply_outcome<Reply>>::state(*f));
+    } else {
+      op.refused = f.status();
+    }
+    return {std::move(op), {std::move(stop), {}}};
   }
 
   /// Sends a caller-built request envelope (its id, type, headers kept; the

@@ -12,6 +12,7 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/waker.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
 
@@ -79,14 +80,23 @@ struct requester_stats {
 
 namespace detail {
 template <class V>
+struct reply_future_access;
+
+template <class V>
 struct rr_future_state {
   std::mutex mutex;
   std::condition_variable cv;
   std::optional<V> value;
+  /// The continuation slot: the waker of a coroutine suspended on this
+  /// outcome (async_request, async_get in request_reply.hpp), or null.
+  /// Guarded by mutex; set() wakes it under the mutex (a waker only posts a
+  /// resumption), so unregistering under the mutex ends every wake.
+  waker* continuation = nullptr;
   void set(V v) {
     {
       std::lock_guard lock(mutex);
       value.emplace(std::move(v));
+      if (continuation != nullptr) continuation->wake();
     }
     cv.notify_all();
   }
@@ -144,6 +154,7 @@ class reply_future {
   [[nodiscard]] bool valid() const noexcept { return state_ != nullptr; }
 
  private:
+  friend struct detail::reply_future_access<V>;
   std::shared_ptr<detail::rr_future_state<V>> state_;
 };
 
