@@ -32,7 +32,7 @@ set(POSTBOX_LAYER_3
 # 4. patterns: consumers, settlement, retry, dead letters, stores, inbox,
 #    outbox, request-reply, operations, sagas, scheduling.
 set(POSTBOX_LAYER_4
-  retry.hpp dead_letter.hpp consumer.hpp consumer/*.hpp scheduler.hpp
+  retry.hpp dead_letter.hpp settlement.hpp consumer.hpp consumer/*.hpp scheduler.hpp
   store.hpp sqlite.hpp inbox.hpp outbox.hpp
   request_reply.hpp request_reply/*.hpp operations.hpp operations/*.hpp
   saga.hpp saga_sqlite.hpp)
