@@ -3,6 +3,7 @@
 #pragma once
 
 #include <postbox/config.hpp>
+#include <postbox/error.hpp>
 
 #include <array>
 #include <atomic>
@@ -10,10 +11,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <random>
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <sys/random.h>
+#include <unistd.h>
 
 POSTBOX_BEGIN_NAMESPACE
 namespace detail {
@@ -95,10 +97,36 @@ inline void on_fork_child() noexcept {
   return fork_epoch_counter.load(std::memory_order_relaxed);
 }
 
+/// Fills `out` with `n` bytes read from /dev/urandom: the fallback of
+/// os_random_bytes() for a kernel (or a seccomp filter) without getrandom(2).
+/// Retries on EINTR and short reads. Throws `postbox::error` (`not_found`)
+/// when the device cannot be opened or read. Never allocates (but the throw).
+/// Thread-safe.
+inline void urandom_bytes(unsigned char* p, std::size_t n) {
+  int fd = -1;
+  do {
+    fd = ::open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) POSTBOX_THROW(error(errc::not_found, "postbox: no OS randomness (getrandom(2) failed, /dev/urandom cannot be opened)"));
+  while (n > 0) {
+    const ssize_t got = ::read(fd, p, n);
+    if (got > 0) {
+      p += got;
+      n -= static_cast<std::size_t>(got);
+    } else if (got < 0 && errno == EINTR) {
+      continue;
+    } else {
+      ::close(fd);
+      POSTBOX_THROW(error(errc::not_found, "postbox: no OS randomness (getrandom(2) failed, /dev/urandom cannot be read)"));
+    }
+  }
+  ::close(fd);
+}
+
 /// Fills `out` with `n` bytes from the kernel's CSPRNG (getrandom(2), blocking
 /// only until the pool is first initialized at boot). Retries on EINTR and
-/// short reads; on a kernel without getrandom falls back to
-/// `std::random_device` (which throws if no entropy source exists).
+/// short reads; on a kernel without getrandom falls back to /dev/urandom
+/// (`urandom_bytes`, which throws `postbox::error` when that cannot be read).
 /// Never allocates. Thread-safe.
 inline void os_random_bytes(void* out, std::size_t n) {
   auto* p = static_cast<unsigned char*>(out);
@@ -110,14 +138,8 @@ inline void os_random_bytes(void* out, std::size_t n) {
       continue;
     }
     if (got < 0 && errno == EINTR) continue;
-    std::random_device rd;  // ENOSYS and anything unexpected
-    while (n > 0) {
-      const auto word = static_cast<std::uint32_t>(rd());
-      const std::size_t take = n < sizeof(word) ? n : sizeof(word);
-      std::memcpy(p, &word, take);
-      p += take;
-      n -= take;
-    }
+    urandom_bytes(p, n);  // ENOSYS and anything unexpected
+    return;
   }
 }
 
