@@ -155,8 +155,9 @@ class scheduler_ref {
 /// A thread-safe FIFO of resumptions: the simplest scheduler. Coroutines
 /// resume on whichever thread calls `run_one`, `poll` or `run` (one thread
 /// for a deterministic event loop, several for a pool). `post` takes a
-/// mutex and never allocates (the queue is intrusive). Destroying the queue
-/// drops what is still queued (those coroutines stay suspended).
+/// mutex and never allocates (the queue is intrusive); it makes a futex
+/// syscall only when a `run` thread sleeps. Destroying the queue drops what
+/// is still queued (those coroutines stay suspended).
 class run_queue {
  public:
   run_queue() = default;
@@ -167,7 +168,7 @@ class run_queue {
   }
 
   /// Queues `r`. Thread-safe; never blocks beyond the queue's mutex; never
-  /// allocates; wakes one thread blocked in `run`.
+  /// allocates; wakes one thread sleeping in `run`, if any.
   void post(resumption r) noexcept {
     detail::resume_token* t = r.release_token();
     if (t == nullptr) return;
@@ -182,7 +183,10 @@ class run_queue {
       tail_ = t;
       ++size_;
     }
-    cv_.notify_one();
+    // seq_cst: the Dekker half of post; a runner's seq_cst increment of
+    // sleepers_ is followed by its re-check under mutex_ (see run), so either
+    // we see it here or its re-check sees our push.
+    if (sleepers_.load(std::memory_order_seq_cst) != 0) signal(false);
   }
 
   /// Runs one queued resumption if there is one. Never blocks (beyond the
@@ -208,16 +212,29 @@ class run_queue {
   /// threads may run one queue (a pool).
   std::size_t run(std::stop_token stop) {
     std::size_t n = 0;
+    const std::stop_callback on_stop(stop, [this] { signal(true); });
     for (;;) {
-      detail::resume_token* t = nullptr;
-      {
-        std::unique_lock lock(mutex_);
-        if (!cv_.wait(lock, stop, [&] { return head_ != nullptr; })) return n;
-        t = pop_locked();
+      if (detail::resume_token* t = pop()) {
+        resumption r = resumption::adopt(t);
+        r();
+        ++n;
+        continue;
       }
-      resumption r = resumption::adopt(t);
-      r();
-      ++n;
+      if (stop.stop_requested()) return n;
+      // acquire: pairs with signal()'s release bump, though the mutex in the
+      // re-check below already orders what matters; read before announcing
+      // ourselves, so a signal after the re-check changes it and wait returns.
+      const std::uint32_t key = epoch_.load(std::memory_order_acquire);
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);  // seq_cst: see post()
+      bool idle = false;
+      {
+        std::lock_guard lock(mutex_);
+        idle = head_ == nullptr;
+      }
+      if (idle && !stop.stop_requested()) epoch_.wait(key, std::memory_order_acquire);
+      // relaxed: only gates whether post() signals; a stale count costs one
+      // spurious signal, never a lost one.
+      sleepers_.fetch_sub(1, std::memory_order_relaxed);
     }
   }
 
@@ -241,8 +258,29 @@ class run_queue {
     return t;
   }
 
+  /// Bumps the epoch and wakes one sleeping runner (a post: one resumption
+  /// to run) or all of them (a stop request). A runner not yet in its wait
+  /// sees the new epoch and does not sleep.
+  void signal(bool all) noexcept {
+    // release: pairs with the acquire loads in run(); the futex word changes
+    // before the wake, so a runner about to wait on the old value returns.
+    epoch_.fetch_add(1, std::memory_order_release);
+    if (all) {
+      epoch_.notify_all();
+    } else {
+      epoch_.notify_one();
+    }
+  }
+
   mutable std::mutex mutex_;
-  std::condition_variable_any cv_;
+  /// Futex word of the sleeping runners: bumped (release) by signal(), read
+  /// (acquire) by run() before it announces itself and waits on it.
+  std::atomic<std::uint32_t> epoch_{0};
+  /// Runners between announcing themselves and leaving the wait. Incremented
+  /// seq_cst in run() (then the queue is re-checked under mutex_), read
+  /// seq_cst by post() after its push: the Dekker pair that keeps a post from
+  /// going unseen by a runner about to sleep.
+  std::atomic<std::uint32_t> sleepers_{0};
   detail::resume_token* head_ = nullptr;  // guarded by mutex_
   detail::resume_token* tail_ = nullptr;  // guarded by mutex_
   std::size_t size_ = 0;                  // guarded by mutex_

@@ -1,19 +1,12 @@
 // SPDX-License-Identifier: MIT
-// The injectable clock behind every timed behaviour in postbox, and a timer service on it.
+// The injectable clock behind every timed behaviour in postbox (the timer service on it is in timer_service.hpp).
 #pragma once
 
 #include <postbox/error.hpp>
 
-#include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <cstdint>
-#include <functional>
 #include <mutex>
-#include <queue>
-#include <thread>
-#include <unordered_set>
-#include <vector>
 
 POSTBOX_BEGIN_NAMESPACE
 
@@ -63,167 +56,5 @@ class real_clock final : public clock {
   static const real_clock instance;
   return instance;
 }
-
-/// Runs callbacks at time points of a `postbox::clock`: delayed redelivery,
-/// retry backoff, request timeouts, expiry. One background thread per service
-/// (or none, in `manual_drive` mode, where only `run_due()` runs timers).
-/// A callback that throws is caught and counted; the service keeps running.
-/// All members are thread-safe; `schedule_*` allocates (one heap node).
-class timer_service {
- public:
-  using timer_id = std::uint64_t;
-  using callback = std::function<void()>;
-
-  /// Tag: construct without a thread; timers run only from `run_due()`.
-  struct manual_drive_t {};
-  static constexpr manual_drive_t manual_drive{};
-
-  /// Starts the service's thread, which waits on `clk`.
-  explicit timer_service(const clock& clk = default_clock()) : clock_(&clk) {
-    thread_ = std::thread([this] { run(); });
-  }
-  /// A service with no thread: deterministic tests call `run_due()`.
-  timer_service(const clock& clk, manual_drive_t) noexcept : clock_(&clk) {}
-
-  timer_service(const timer_service&) = delete;
-  timer_service& operator=(const timer_service&) = delete;
-
-  /// Stops the thread; timers still pending never run.
-  ~timer_service() { stop(); }
-
-  /// Runs `fn` once at or after `when`. Returns an id for `cancel`.
-  /// Allocates. Thread-safe; may be called from inside a callback.
-  timer_id schedule_at(time_point when, callback fn) {
-    std::lock_guard lock(mutex_);
-    const timer_id id = ++last_id_;
-    // The service thread sleeps until the earliest deadline; only a timer
-    // that becomes the new earliest one needs to wake it (request-reply
-    // schedules one timer per request, nearly always later than the top).
-    const bool earliest = heap_.empty() || when < heap_.top().when;
-    heap_.push(entry{when, id, std::move(fn)});
-    live_.insert(id);
-    if (earliest) cv_.notify_all();
-    return id;
-  }
-
-  /// Runs `fn` once after `delay` has passed on the clock.
-  timer_id schedule_after(duration delay, callback fn) {
-    return schedule_at(clock_->now() + delay, std::move(fn));
-  }
-
-  /// Cancels a pending timer. Returns true if it had not started and now
-  /// never will; false if it already ran, is running, or was canceled.
-  bool cancel(timer_id id) {
-    std::lock_guard lock(mutex_);
-    return live_.erase(id) == 1;
-  }
-
-  /// Runs, in the calling thread, every timer due at `clock.now()`.
-  /// Returns how many ran. Thread-safe (each timer runs exactly once).
-  std::size_t run_due() {
-    std::size_t ran = 0;
-    std::unique_lock lock(mutex_);
-    while (auto fn = pop_due(lock)) {
-      lock.unlock();
-      invoke(*fn);
-      ++ran;
-      lock.lock();
-    }
-    return ran;
-  }
-
-  /// Number of timers scheduled and not yet run or canceled.
-  [[nodiscard]] std::size_t pending() const {
-    std::lock_guard lock(mutex_);
-    return live_.size();
-  }
-
-  /// Earliest pending deadline, or `time_point::max()` when none.
-  [[nodiscard]] time_point next_deadline() const {
-    std::lock_guard lock(mutex_);
-    auto& self = const_cast<timer_service&>(*this);
-    self.drop_canceled_top();
-    return heap_.empty() ? time_point::max() : heap_.top().when;
-  }
-
-  /// Callbacks that threw (the exception was swallowed).
-  [[nodiscard]] std::uint64_t callback_failures() const noexcept {
-    // relaxed: a statistic; no data is published through it.
-    return failures_.load(std::memory_order_relaxed);
-  }
-
-  /// Stops the background thread (idempotent). Pending timers stay pending
-  /// and can still be run with `run_due()`.
-  void stop() {
-    {
-      std::lock_guard lock(mutex_);
-      stopping_ = true;
-      cv_.notify_all();
-    }
-    if (thread_.joinable()) thread_.join();
-  }
-
-  [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
-
- private:
-  struct entry {
-    time_point when;
-    timer_id id;
-    callback fn;
-  };
-  struct later {
-    bool operator()(const entry& a, const entry& b) const noexcept {
-      return a.when != b.when ? a.when > b.when : a.id > b.id;  // FIFO among equal deadlines
-    }
-  };
-
-  void drop_canceled_top() {
-    while (!heap_.empty() && live_.count(heap_.top().id) == 0) heap_.pop();
-  }
-
-  std::optional<callback> pop_due(std::unique_lock<std::mutex>&) {
-    drop_canceled_top();
-    if (heap_.empty() || heap_.top().when > clock_->now()) return std::nullopt;
-    auto& top = const_cast<entry&>(heap_.top());
-    callback fn = std::move(top.fn);
-    live_.erase(top.id);
-    heap_.pop();
-    return fn;
-  }
-
-  void invoke(callback& fn) noexcept {
-    POSTBOX_TRY { fn(); }
-    POSTBOX_CATCH_ALL {
-      // relaxed: a statistic only.
-      failures_.fetch_add(1, std::memory_order_relaxed);
-    }
-  }
-
-  void run() {
-    std::unique_lock lock(mutex_);
-    while (!stopping_) {
-      if (auto fn = pop_due(lock)) {
-        lock.unlock();
-        invoke(*fn);
-        lock.lock();
-        continue;
-      }
-      const time_point next = heap_.empty() ? time_point::max() : heap_.top().when;
-      clock_->wait_until(lock, cv_, next);
-    }
-  }
-
-  const clock* clock_;
-  mutable std::mutex mutex_;
-  std::condition_variable cv_;
-  std::priority_queue<entry, std::vector<entry>, later> heap_;
-  std::unordered_set<timer_id> live_;
-  timer_id last_id_ = 0;
-  bool stopping_ = false;
-  /// Count of callbacks that threw. Written by whichever thread ran the
-  /// callback, read by `callback_failures()`; relaxed both ways (statistic).
-  std::atomic<std::uint64_t> failures_{0};
-  std::thread thread_;
-};
 
 POSTBOX_END_NAMESPACE

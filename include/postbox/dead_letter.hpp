@@ -23,6 +23,7 @@
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
 #include <postbox/retry.hpp>
+#include <postbox/timer_service.hpp>
 
 #include <algorithm>
 #include <concepts>

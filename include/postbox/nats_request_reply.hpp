@@ -22,6 +22,7 @@
 #include <postbox/nats.hpp>
 #include <postbox/request_reply.hpp>
 #include <postbox/request_reply/pending.hpp>
+#include <postbox/timer_service.hpp>
 
 #include <nats/nats.h>
 

@@ -10,6 +10,7 @@
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
 #include <postbox/request_reply/pending.hpp>
+#include <postbox/timer_service.hpp>
 
 #include <cstddef>
 #include <cstdint>

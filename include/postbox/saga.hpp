@@ -7,6 +7,7 @@
 #include <postbox/clock.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
+#include <postbox/timer_service.hpp>
 
 #include <algorithm>
 #include <atomic>

@@ -35,6 +35,7 @@
 #include <postbox/config.hpp>
 #include <postbox/error.hpp>
 #include <postbox/stream.hpp>
+#include <postbox/timer_service.hpp>
 #include <postbox/topic.hpp>
 
 #include <algorithm>

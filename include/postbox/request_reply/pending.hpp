@@ -15,6 +15,7 @@
 #include <postbox/detail/waker.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
+#include <postbox/timer_service.hpp>
 
 #include <algorithm>
 #include <condition_variable>
