@@ -31,6 +31,7 @@
 #include <postbox/detail/waker.hpp>
 #include <postbox/error.hpp>
 #include <postbox/select.hpp>
+#include <postbox/timer_service.hpp>
 #include <postbox/topic.hpp>
 
 #include <atomic>
