@@ -38,7 +38,9 @@ template <class T>
 class dead_letter_queue;
 template <class T>
 class consumer;
-class memory_store;
+template <class Dummy>
+class basic_memory_store;
+using memory_store = basic_memory_store<void>;
 template <class Request, class Reply>
 class requester;
 template <class Request, class Reply>

@@ -273,7 +273,13 @@ concept message_store = outbox_store<S> && inbox_store<S> && version_store<S>;
 /// by another commit since this transaction read it makes the commit fail
 /// with `conflict`. Every member is thread-safe and allocates; none blocks
 /// on I/O. A transaction object itself is not thread-safe.
-class memory_store {
+///
+/// Use it as `memory_store`. It is a class template only so that its member
+/// bodies (and the containers they instantiate) are compiled in the
+/// translation units that use a memory store, not in every one that includes
+/// this header (issue 17); `Dummy` has no meaning.
+template <class Dummy = void>
+class basic_memory_store {
   struct staged_op {
     stored_message message;
   };
@@ -364,10 +370,10 @@ class memory_store {
     }
 
    private:
-    friend class memory_store;
-    transaction(memory_store* s, std::uint64_t id) noexcept : store_(s), id_(id) {}
+    friend class basic_memory_store;
+    transaction(basic_memory_store* s, std::uint64_t id) noexcept : store_(s), id_(id) {}
 
-    memory_store* store_;
+    basic_memory_store* store_;
     std::uint64_t id_;
     std::vector<op> ops_;
     std::vector<std::size_t> savepoints_;
@@ -378,11 +384,11 @@ class memory_store {
     std::string error_;
   };
 
-  memory_store() = default;
-  memory_store(const memory_store&) = delete;
-  memory_store& operator=(const memory_store&) = delete;
+  basic_memory_store() = default;
+  basic_memory_store(const basic_memory_store&) = delete;
+  basic_memory_store& operator=(const basic_memory_store&) = delete;
   /// Precondition: no transaction of this store is still active.
-  ~memory_store() = default;
+  ~basic_memory_store() = default;
 
   /// Starts a transaction. Never fails, never blocks.
   [[nodiscard]] transaction begin() {
@@ -878,7 +884,8 @@ class memory_store {
   commit_signal commits_;
 };
 
-static_assert(message_store<memory_store>);
+/// The in-memory message store (see `basic_memory_store`).
+using memory_store = basic_memory_store<void>;
 
 /// Registers a store's counters (commits, rollbacks, failures). `store`
 /// must outlive the handle. Allocates.
