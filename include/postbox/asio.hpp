@@ -81,15 +81,22 @@ struct asio_cancel_to_stop {
 };
 
 /// One pending Asio operation: an async_op on the heap that owns the handler.
-/// Deleted just before the handler is posted.
+/// Deleted just before the handler runs (or is posted, on immediate completion).
 template <class Op, class Handler>
 class asio_op final : public async_op {
  public:
   using result_type = typename Op::result_type;
   using executor_type = ::asio::associated_executor_t<Handler, ::asio::system_executor>;
 
-  /// Tries `op` at once; otherwise allocates the operation and waits.
+  /// Tries `op` at once (then only the handler's post allocates); otherwise
+  /// allocates the operation and waits.
   static void start(Op op, Handler handler) {
+    // A cancellation is an event, not a state: none can be pending before
+    // the slot has a handler, so the first try needs no stop check.
+    if (std::optional<result_type> r = op.try_once()) {
+      post_result(std::move(handler), std::move(*r));
+      return;
+    }
     auto slot = ::asio::get_associated_cancellation_slot(handler);
     std::stop_token stop;
     if (slot.is_connected()) {
@@ -145,19 +152,36 @@ class asio_op final : public async_op {
     op_.unpark(*this);
     limits_.unregister_sources();
   }
-  // Runs on the handler's executor (a posted resumption), so the handler
-  // could run here; it is posted anyway, like the immediate completion, so
-  // both paths behave alike and the resumption returns at once.
-  void complete() override { finish(); }
+  // Runs in a resumption that executor_scheduler posted to the handler's
+  // associated executor, so this is already the handler's context (not the
+  // initiating call): the handler runs here, as Asio's own operations run
+  // theirs from the scheduler's queue, saving a second post per wait.
+  void complete() override {
+    ::asio::get_associated_cancellation_slot(handler_).clear();
+    Handler handler = std::move(handler_);
+    result_type result = std::move(*result_);
+    auto work = std::move(work_);
+    delete this;
+    std::move(handler)(std::move(result));
+  }
 
-  /// Frees the operation, then posts the handler with the outcome.
+  /// For an operation completing inside the initiating call: frees the
+  /// operation, then posts the handler with the outcome (a handler never runs
+  /// inside the initiating function).
   void finish() {
     ::asio::get_associated_cancellation_slot(handler_).clear();
     Handler handler = std::move(handler_);
     result_type result = std::move(*result_);
-    auto ex = sched_.get_executor();
-    auto work = std::move(work_);
+    auto keep = std::move(work_);  // the work count never drops to zero in between
     delete this;
+    post_result(std::move(handler), std::move(result));
+  }
+
+  /// Posts `handler(result)` to the handler's associated executor, keeping
+  /// that executor's work count up until it has run.
+  static void post_result(Handler handler, result_type result) {
+    auto ex = ::asio::get_associated_executor(handler, ::asio::system_executor());
+    auto work = ::asio::prefer(ex, ::asio::execution::outstanding_work.tracked);
     ::asio::post(ex, [h = std::move(handler), r = std::move(result), w = std::move(work)]() mutable {
       std::move(h)(std::move(r));
     });
