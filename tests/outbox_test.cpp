@@ -14,8 +14,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -893,6 +897,80 @@ TEMPLATE_TEST_CASE("two live relays on one store get different default owners", 
   postbox::outbox_relay again(f.get(), out.destination(), opts, postbox::default_clock());
   CHECK(again.owner() == first_name);  // the slot is free again
 }
+
+TEST_CASE("a store path is made canonical exactly as std::filesystem::weakly_canonical does", "[outbox]") {
+  namespace fs = std::filesystem;
+  postbox_test::temp_dir d{"postbox_outbox_owner"};
+  fs::create_directories(d.path / "real");
+  { std::FILE* f = std::fopen((d.path / "real" / "db.sqlite").c_str(), "w"); REQUIRE(f != nullptr); std::fclose(f); }
+  fs::create_directory_symlink(d.path / "real", d.path / "link");
+  const std::vector<fs::path> paths = {
+      d.path / "link" / "db.sqlite",                // an existing file through a symbolic link
+      d.path / "link" / "new.sqlite",               // not created yet: its directory resolves
+      d.path / "link" / ".." / "real" / "db.sqlite",  // dot-dot after a link
+      fs::relative(d.path / "link" / "db.sqlite"),  // relative to the working directory
+  };
+  for (const auto& p : paths) {
+    CAPTURE(p.string());
+    CHECK(postbox::detail::canonical_store_path(p.string()) == fs::weakly_canonical(p).string());
+  }
+}
+
+TEST_CASE("the default owner's prefix names the host and the executable as /proc/self/exe links it", "[outbox]") {
+  const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
+  const std::string owner = postbox::detail::relay_host_and_executable();
+  REQUIRE(owner.size() > exe.size() + 1);
+  CHECK(owner.substr(owner.size() - exe.size() - 1) == ":" + exe);
+  CHECK(owner.substr(0, owner.size() - exe.size() - 1) != "?");
+}
+
+#if POSTBOX_TEST_HAVE_SQLITE
+namespace {
+/// Sets TMPDIR for one scope and puts the previous value back.
+struct scoped_tmpdir {
+  std::optional<std::string> old;
+  explicit scoped_tmpdir(const std::string& value) {
+    if (const char* v = std::getenv("TMPDIR")) old = v;
+    ::setenv("TMPDIR", value.c_str(), 1);
+  }
+  ~scoped_tmpdir() {
+    if (old) {
+      ::setenv("TMPDIR", old->c_str(), 1);
+    } else {
+      ::unsetenv("TMPDIR");
+    }
+  }
+};
+}  // namespace
+
+TEST_CASE("a relay on a store file locks its default owner's slot in $TMPDIR and falls back to a random owner when that is no directory",
+          "[outbox]") {
+  namespace fs = std::filesystem;
+  postbox_test::temp_dir d{"postbox_outbox_slot"};
+  fs::create_directories(d.path / "locks");
+  postbox::sqlite_store store(d.file("store.db"));
+  sink out;
+  auto opts = fixed_options();
+  opts.owner.clear();
+  {
+    scoped_tmpdir tmp((d.path / "locks").string());
+    postbox::outbox_relay relay(store, out.destination(), opts, postbox::default_clock());
+    CHECK(relay.owner() == postbox::detail::relay_host_and_executable() + ":" +
+                               fs::weakly_canonical(d.file("store.db")).string() + "#1");
+    std::vector<std::string> locks;
+    for (const auto& e : fs::directory_iterator(d.path / "locks")) locks.push_back(e.path().filename().string());
+    REQUIRE(locks.size() == 1);
+    CHECK(locks.front().rfind("postbox-relay-", 0) == 0);
+    CHECK(locks.front().size() > 7);
+    CHECK(locks.front().substr(locks.front().size() - 7) == "-1.lock");
+  }
+  {
+    scoped_tmpdir tmp(d.file("store.db"));  // a file, not a directory: no lock file can be made
+    postbox::outbox_relay relay(store, out.destination(), opts, postbox::default_clock());
+    CHECK(relay.owner().rfind("relay-", 0) == 0);
+  }
+}
+#endif
 
 TEST_CASE("stop releases the leases the relay still holds so another relay takes the key at once", "[outbox]") {
   postbox::memory_store store;

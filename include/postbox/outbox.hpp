@@ -20,7 +20,6 @@
 #include <concepts>
 #include <cstdint>
 #include <cstdio>
-#include <filesystem>
 #include <functional>
 #include <limits>
 #include <mutex>
@@ -29,14 +28,16 @@
 #include <stop_token>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
+#  include <climits>
+#  include <cstdlib>
 #  include <fcntl.h>
 #  include <sys/file.h>
+#  include <sys/stat.h>
 #  include <unistd.h>
 #  define POSTBOX_OUTBOX_POSIX 1
 #else
@@ -362,6 +363,34 @@ struct relay_stats {
 
 namespace detail {
 
+#if POSTBOX_OUTBOX_POSIX
+/// realpath(3) of `path` as a string, or nothing when it cannot be resolved.
+[[nodiscard]] inline std::optional<std::string> real_path(const std::string& path) {
+  char* resolved = ::realpath(path.c_str(), nullptr);  // malloc'd: no PATH_MAX limit
+  if (resolved == nullptr) return std::nullopt;
+  std::string out(resolved);
+  std::free(resolved);
+  return out;
+}
+#endif
+
+/// A store file's path made absolute with every symbolic link resolved: the
+/// file's own realpath(3), or, for a file that does not exist (yet), its
+/// directory's realpath joined with its name; `path` unchanged when neither
+/// resolves. (The plain POSIX calls keep <filesystem> out of this header:
+/// issue 17.) Allocates.
+[[nodiscard]] inline std::string canonical_store_path(const std::string& path) {
+#if POSTBOX_OUTBOX_POSIX
+  if (auto whole = real_path(path)) return *whole;
+  const std::size_t slash = path.find_last_of('/');
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  if (name.empty() || name == "." || name == "..") return path;
+  const std::string dir = slash == std::string::npos ? std::string(".") : slash == 0 ? std::string("/") : path.substr(0, slash);
+  if (auto parent = real_path(dir)) return *parent + (parent->back() == '/' ? "" : "/") + name;
+#endif
+  return path;
+}
+
 /// The part of a default relay owner name that names the store: a SQLite
 /// store's path (canonical), else the store object's address (a memory store
 /// lives and dies with its process).
@@ -369,11 +398,7 @@ template <class Store>
 [[nodiscard]] std::string relay_store_identity(Store& store) {
   if constexpr (requires { { store.path() } -> std::convertible_to<std::string>; }) {
     const std::string path = store.path();
-    if (!path.empty() && path != ":memory:" && path.rfind("file:", 0) != 0) {
-      std::error_code ec;
-      const auto canonical = std::filesystem::weakly_canonical(std::filesystem::path(path), ec);
-      return ec ? path : canonical.string();
-    }
+    if (!path.empty() && path != ":memory:" && path.rfind("file:", 0) != 0) return canonical_store_path(path);
   }
   char text[2 + 2 * sizeof(void*) + 1];
   std::snprintf(text, sizeof text, "%p", static_cast<const void*>(&store));
@@ -386,9 +411,17 @@ template <class Store>
 #if POSTBOX_OUTBOX_POSIX
   char name[256] = {};
   if (::gethostname(name, sizeof name - 1) == 0 && name[0] != '\0') host = name;
-  std::error_code ec;
-  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (!ec) exe = self.string();
+  std::string self(256, '\0');
+  for (;;) {  // readlink(2) truncates silently: grow until the link fits
+    const ssize_t n = ::readlink("/proc/self/exe", self.data(), self.size());
+    if (n < 0) break;
+    if (static_cast<std::size_t>(n) < self.size()) {
+      self.resize(static_cast<std::size_t>(n));
+      if (!self.empty()) exe = std::move(self);
+      break;
+    }
+    self.resize(self.size() * 2);
+  }
 #endif
   return host + ":" + exe;
 }
@@ -452,6 +485,27 @@ class relay_owner_slot {
     return names;
   }
 
+#if POSTBOX_OUTBOX_POSIX
+  // The directory for temporary files, as std::filesystem::temp_directory_path
+  // chooses it: $TMPDIR, $TMP, $TEMP or $TEMPDIR (the first one set), else
+  // "/tmp"; empty when that is not a directory.
+  static std::string temp_directory() {
+    const char* dir = nullptr;
+    for (const char* var : {"TMPDIR", "TMP", "TEMP", "TEMPDIR"}) {
+#  if defined(__GLIBC__)
+      dir = ::secure_getenv(var);
+#  else
+      dir = std::getenv(var);
+#  endif
+      if (dir != nullptr) break;
+    }
+    if (dir == nullptr) dir = "/tmp";
+    struct stat st {};
+    if (::stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) return {};
+    return dir;
+  }
+#endif
+
   // Takes the slot's lock file; false when another process holds it or the
   // file cannot be opened (then fd_failed_).
   bool lock_file([[maybe_unused]] const std::string& base, [[maybe_unused]] int slot) {
@@ -460,13 +514,14 @@ class relay_owner_slot {
     for (const char ch : base) h = (h ^ static_cast<unsigned char>(ch)) * 1099511628211ull;
     char file[64];
     std::snprintf(file, sizeof file, "postbox-relay-%016llx-%d.lock", static_cast<unsigned long long>(h), slot);
-    std::error_code ec;
-    const auto dir = std::filesystem::temp_directory_path(ec);
-    if (ec) {
+    std::string path = temp_directory();
+    if (path.empty()) {
       fd_failed_ = true;
       return false;
     }
-    const int fd = ::open((dir / file).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (path.back() != '/') path.push_back('/');
+    path += file;
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
     if (fd < 0) {
       fd_failed_ = true;
       return false;
