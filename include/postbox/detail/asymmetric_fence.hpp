@@ -20,8 +20,10 @@
 // thread of the process runs, about 0.35 us otherwise; the light fence is
 // free. Where membarrier is unavailable (not Linux, an old kernel, seccomp)
 // both sides fall back to std::atomic_thread_fence(seq_cst), chosen once at
-// run time. Under ThreadSanitizer, which cannot see membarrier, both sides
-// always use the real fence (POSTBOX_TSAN), so TSan checks the same protocol.
+// run time. Under ThreadSanitizer (POSTBOX_TSAN), which sees neither
+// membarrier nor std::atomic_thread_fence, both sides always use a seq_cst
+// read-modify-write of one shared word instead, which TSan does model, so
+// TSan checks the same protocols with a real barrier on both sides.
 
 #include <postbox/config.hpp>
 
@@ -55,6 +57,15 @@ namespace detail {
 }
 
 namespace fence_detail {
+#if POSTBOX_TSAN
+/// Under ThreadSanitizer, which does not model std::atomic_thread_fence (g++
+/// says so with -Wtsan), every fence of this header is a seq_cst RMW on this
+/// one word instead. On x86 that is a full barrier as well; TSan sees the
+/// RMWs as a total order with acquire and release, so it checks the
+/// asymmetric protocols as if both sides fenced (a stronger model than the
+/// membarrier build, which TSan cannot see at all).
+inline std::atomic<unsigned> tsan_fence_word{0};
+#endif
 /// Cached copy of membarrier_available(), read by every light fence. Written
 /// once (relaxed) before the first heavy fence can run: every protocol that
 /// relies on it makes its rare side call asymmetric_fence_init() (through
@@ -74,12 +85,17 @@ inline void asymmetric_fence_init() noexcept {
 /// following ones against a concurrent heavy_fence(). A compiler barrier
 /// when membarrier is available, else a seq_cst fence. Never blocks.
 inline void light_fence() noexcept {
+#if POSTBOX_TSAN
+  // seq_cst RMW: see tsan_fence_word.
+  fence_detail::tsan_fence_word.fetch_add(0, std::memory_order_seq_cst);
+#else
   // relaxed: a flag set once at start-up; see light_is_compiler_only.
   if (POSTBOX_LIKELY(fence_detail::light_is_compiler_only.load(std::memory_order_relaxed))) {
     std::atomic_signal_fence(std::memory_order_seq_cst);
   } else {
     std::atomic_thread_fence(std::memory_order_seq_cst);
   }
+#endif
 }
 
 /// The rare side's half: a full barrier on this thread and, through
@@ -102,7 +118,11 @@ inline void heavy_fence() noexcept {
     std::abort();
   }
 #endif
+#if POSTBOX_TSAN
+  fence_detail::tsan_fence_word.fetch_add(0, std::memory_order_seq_cst);
+#else
   std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
 }
 
 }  // namespace detail

@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstdint>
+#include <new>
 #include <optional>
 #include <stop_token>
 #include <vector>
@@ -291,16 +292,41 @@ class stop_wakeup {
     event_count* ev;
     void operator()() const noexcept { ev->wake_all(); }
   };
+  using callback = std::stop_callback<wake_fn>;
+  // Storage for an optional callback, by hand: g++ 12 at -O1 under
+  // ThreadSanitizer reports std::optional<std::stop_callback> as maybe
+  // uninitialized (a false positive in its engaged check).
+  union slot {
+    slot() noexcept {}
+    ~slot() {}
+    slot(const slot&) = delete;
+    slot& operator=(const slot&) = delete;
+    callback cb;
+  };
 
  public:
   stop_wakeup(event_count& ev, const stop_tokens& tokens) {
-    if (tokens.first != nullptr && tokens.first->stop_possible()) a_.emplace(*tokens.first, wake_fn{&ev});
-    if (tokens.second != nullptr && tokens.second->stop_possible()) b_.emplace(*tokens.second, wake_fn{&ev});
+    if (tokens.first != nullptr && tokens.first->stop_possible()) {
+      ::new (static_cast<void*>(&a_.cb)) callback(*tokens.first, wake_fn{&ev});
+      has_a_ = true;
+    }
+    if (tokens.second != nullptr && tokens.second->stop_possible()) {
+      ::new (static_cast<void*>(&b_.cb)) callback(*tokens.second, wake_fn{&ev});
+      has_b_ = true;
+    }
   }
+  ~stop_wakeup() {
+    if (has_b_) b_.cb.~callback();
+    if (has_a_) a_.cb.~callback();
+  }
+  stop_wakeup(const stop_wakeup&) = delete;
+  stop_wakeup& operator=(const stop_wakeup&) = delete;
 
  private:
-  std::optional<std::stop_callback<wake_fn>> a_;
-  std::optional<std::stop_callback<wake_fn>> b_;
+  slot a_;
+  slot b_;
+  bool has_a_ = false;
+  bool has_b_ = false;
 };
 
 /// Converts a deadline on any clock to steady_clock (the clock futex and the
