@@ -37,6 +37,7 @@
 #include <postbox/observer.hpp>
 #include <postbox/retry.hpp>
 #include <postbox/settlement.hpp>
+#include <postbox/timer_service.hpp>
 #include <postbox/detail/random.hpp>
 
 #include <algorithm>
