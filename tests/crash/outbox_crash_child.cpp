@@ -54,6 +54,7 @@ constexpr std::size_t batch = 8;
 constexpr int keys = 7;
 
 struct order_placed {
+  static constexpr const char* message_type = "crash.order_placed";
   long long n = 0;
 };
 
