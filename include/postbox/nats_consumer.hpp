@@ -5,7 +5,7 @@
 // Opt-in edge (layer 5): needs libnats and nlohmann/json (CMake target
 // `postbox::nats`). Design notes: docs/design/nats.md ("Consumer source").
 //
-// Settlement mapping (see `settle_action` in consumer.hpp):
+// Settlement mapping (see `settle_action` in settlement.hpp):
 //   ack          -> AckSync (waits for the server's confirmation)
 //   redeliver(d) -> Nak with delay d (retry(after), retry() backoff, defer)
 //   dead_letter  -> Term (the consumer already put it in its local dead-letter queue)
