@@ -30,10 +30,18 @@
 #include <atomic>
 #include <cstdlib>
 
-#if defined(__linux__)
-#  include <linux/membarrier.h>
-#  include <sys/syscall.h>
-#  include <unistd.h>
+// membarrier's commands are enumerators, not macros, so availability is
+// decided by the header's presence, never by `defined(MEMBARRIER_CMD_...)`.
+#if defined(__linux__) && defined(__has_include)
+#  if __has_include(<linux/membarrier.h>) && !POSTBOX_TSAN && !defined(POSTBOX_NO_MEMBARRIER)
+#    define POSTBOX_HAS_MEMBARRIER 1
+#    include <linux/membarrier.h>
+#    include <sys/syscall.h>
+#    include <unistd.h>
+#  endif
+#endif
+#ifndef POSTBOX_HAS_MEMBARRIER
+#  define POSTBOX_HAS_MEMBARRIER 0
 #endif
 
 POSTBOX_BEGIN_NAMESPACE
@@ -43,8 +51,7 @@ namespace detail {
 /// fences). Decided once, on first use, by registering the process for
 /// private expedited membarriers. Thread-safe (a function-local static).
 [[nodiscard]] inline bool membarrier_available() noexcept {
-#if defined(__linux__) && !POSTBOX_TSAN && defined(MEMBARRIER_CMD_PRIVATE_EXPEDITED) && \
-    !defined(POSTBOX_NO_MEMBARRIER)
+#if POSTBOX_HAS_MEMBARRIER
   static const bool available = [] {
     const long cmds = ::syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
     if (cmds < 0 || (cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0) return false;
@@ -102,8 +109,7 @@ inline void light_fence() noexcept {
 /// membarrier(2), on every other running thread of the process. Makes a
 /// syscall (microseconds); use only when parking, closing or similar.
 inline void heavy_fence() noexcept {
-#if defined(__linux__) && !POSTBOX_TSAN && defined(MEMBARRIER_CMD_PRIVATE_EXPEDITED) && \
-    !defined(POSTBOX_NO_MEMBARRIER)
+#if POSTBOX_HAS_MEMBARRIER
   if (membarrier_available()) {
     // The call itself is a full barrier for this thread too.
     if (::syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0) return;
