@@ -12,6 +12,7 @@
 int main() {
   std::atomic<bool> ready{false};  // declared before ops: ops' destructor joins
   std::atomic<bool> go{false};     // workers whose jobs still read these
+  std::atomic<bool> watched_end{false};  // the watch callback has printed the final state
   postbox::operations<std::string> ops;
   auto job = [](postbox::operation_context& ctx) -> std::string {
     for (int pct = 25; pct <= 100; pct += 25) {
@@ -24,8 +25,9 @@ int main() {
     while (!ready.load()) std::this_thread::yield();  // hold until the watch is attached
     return job(ctx);
   });
-  auto w = ops.watch("alice", first->id, [](const postbox::operation_snapshot<std::string>& s) {
+  auto w = ops.watch("alice", first->id, [&](const postbox::operation_snapshot<std::string>& s) {
     std::printf("  %s %d%%\n", std::string(postbox::to_string(s.state)).c_str(), s.progress);
+    if (postbox::is_terminal(s.state)) watched_end = true;
   });
   std::printf("submitted: created id of %zu hex digits\n", first->id.size());
   auto retry = ops.submit("alice", "report-7", "fp:v1", job);
@@ -35,9 +37,8 @@ int main() {
               changed->disposition == postbox::submit_disposition::conflict ? "conflict" : "?");
   std::printf("bob sees it: %s\n", ops.get("bob", first->id).has_value() ? "yes" : "no (not_found)");
   ready = true;
-  postbox::operation_snapshot<std::string> s;
-  do s = *ops.get("alice", first->id);
-  while (!postbox::is_terminal(s.state));
+  const postbox::operation_snapshot<std::string> s = *ops.wait("alice", first->id);  // blocks until terminal
+  while (!watched_end) std::this_thread::yield();  // the watcher's last line comes first in the output
   std::printf("result: %s\n", s.result->c_str());
 
   auto second = ops.submit("alice", "", "", [&](postbox::operation_context& ctx) -> std::string {

@@ -539,7 +539,9 @@ TEMPLATE_TEST_CASE("dead letters are listed by key, reason, type and id, oldest 
     REQUIRE(s.outbox_dead_letter("r1", got[i].sequence, t0, reasons[i], "x") == errc::ok);
   auto bodies_of = [&](const postbox::outbox_dead_letter_filter& flt) {
     std::vector<std::string> out;
-    for (const auto& d : *s.outbox_dead_letters(flt)) out.push_back(d.message.body);
+    const auto listed = s.outbox_dead_letters(flt);
+    REQUIRE(listed.has_value());
+    for (const auto& d : *listed) out.push_back(d.message.body);
     return out;
   };
   CHECK(bodies_of({}) == std::vector<std::string>{"a#1", "a#2", "b#1", "c#1"});

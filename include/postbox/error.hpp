@@ -148,7 +148,9 @@ class [[nodiscard]] result {
 
   [[nodiscard]] T& operator*() & noexcept { return *value_; }
   [[nodiscard]] const T& operator*() const& noexcept { return *value_; }
-  [[nodiscard]] T&& operator*() && noexcept { return std::move(*value_); }
+  /// On an rvalue result, the value moved out by value (not a reference
+  /// into the dying result), so `for (auto& x : *make_result())` is safe.
+  [[nodiscard]] T operator*() && noexcept(std::is_nothrow_move_constructible_v<T>) { return std::move(*value_); }
   [[nodiscard]] T* operator->() noexcept { return &*value_; }
   [[nodiscard]] const T* operator->() const noexcept { return &*value_; }
 
@@ -161,7 +163,8 @@ class [[nodiscard]] result {
     check();
     return *value_;
   }
-  [[nodiscard]] T&& value() && {
+  /// As operator* on an rvalue: the value by value; throws if there is none.
+  [[nodiscard]] T value() && {
     check();
     return std::move(*value_);
   }
