@@ -255,6 +255,44 @@ TEMPLATE_TEST_CASE("mark_dispatched marks only what the owner still leases", "[s
   CHECK(bodies(claim(s, "r3", 100, t0 + 13s)) == std::vector<std::string>{"a#1"});
 }
 
+TEMPLATE_TEST_CASE("renew extends the owner's lease on the rows it still leases and counts only those", "[store]",
+                   STORE_FIXTURES) {
+  TestType f;
+  auto& s = f.get();
+  commit_staged(s, {msg("a", 1), msg("b", 1), msg("c", 1)});
+  const auto r1 = claim(s, "r1", 100, t0, 10s);
+  REQUIRE(r1.size() == 3);
+  // Renewed at t0+5s until t0+25s: at t0+11s (the first lease's end) r2 finds every key still held.
+  auto renewed = s.outbox_renew("r1", seqs(r1), t0 + 5s, t0 + 25s);
+  REQUIRE(renewed.has_value());
+  CHECK(*renewed == 3);
+  auto held = s.outbox_claim("r2", t0 + 11s, t0 + 41s, 100);
+  REQUIRE(held.has_value());
+  CHECK(held->messages.empty());
+  REQUIRE(held->next_due.has_value());
+  CHECK(*held->next_due == t0 + 25s);
+  // Another owner renews nothing; r1 does not renew what it released.
+  CHECK(*s.outbox_renew("r2", seqs(r1), t0 + 12s, t0 + 42s) == 0);
+  REQUIRE(s.outbox_release("r1", std::vector<std::uint64_t>{r1[0].sequence}) == errc::ok);
+  CHECK(*s.outbox_renew("r1", seqs(r1), t0 + 12s, t0 + 30s) == 2);
+  // Once r1's lease has run out and r2 re-leased the rows, r1's renewal finds none of them.
+  const auto r2 = claim(s, "r2", 100, t0 + 31s);
+  REQUIRE(r2.size() == 3);
+  CHECK(*s.outbox_renew("r1", seqs(r1), t0 + 32s, t0 + 60s) == 0);
+  REQUIRE(*s.outbox_mark_dispatched("r2", std::vector<std::uint64_t>{r2[0].sequence}, t0 + 33s) == 1);
+  CHECK(*s.outbox_renew("r2", seqs(r2), t0 + 34s, t0 + 60s) == 2);  // a dispatched row is no one's lease
+}
+
+TEMPLATE_TEST_CASE("renew refuses a lease end that is not after now", "[store]", STORE_FIXTURES) {
+  TestType f;
+  auto& s = f.get();
+  commit_staged(s, {msg("a", 1)});
+  const auto r1 = claim(s, "r1", 100, t0, 10s);
+  REQUIRE(r1.size() == 1);
+  CHECK(s.outbox_renew("r1", seqs(r1), t0 + 5s, t0 + 5s).status() == errc::invalid_argument);
+  CHECK(*s.outbox_renew("r1", seqs(r1), t0 + 5s, t0 + 6s) == 1);
+}
+
 TEMPLATE_TEST_CASE("released messages are claimable again at once", "[store]", STORE_FIXTURES) {
   TestType f;
   auto& s = f.get();

@@ -592,6 +592,33 @@ class sqlite_store {
     return out;
   }
 
+  /// Extends `owner`'s lease on the rows of `seqs` it still leases to
+  /// `lease_until` in one short write transaction; returns how many (see
+  /// `outbox_store`). `invalid_argument` when `lease_until` is not after
+  /// `now`. Blocks on the database.
+  [[nodiscard]] result<std::size_t> outbox_renew(std::string_view owner, std::span<const std::uint64_t> seqs,
+                                                 time_point now, time_point lease_until) {
+    if (lease_until <= now) return errc::invalid_argument;
+    auto lock = lock_for("outbox_renew");
+    std::size_t n = 0;
+    const errc r = write_tx("outbox renew", [&]() -> int {
+      n = 0;
+      for (const std::uint64_t seq : seqs) {
+        sqlite3_stmt* s = renew_.get();
+        detail::sqlite_use use(s);
+        sqlite3_bind_int64(s, 1, static_cast<sqlite3_int64>(seq));
+        detail::sqlite_bind_text(s, 2, owner);
+        sqlite3_bind_int64(s, 3, detail::sqlite_time(lease_until));
+        const int rc = sqlite3_step(s);
+        if (rc != SQLITE_DONE) return rc;
+        n += static_cast<std::size_t>(sqlite3_changes(db_));
+      }
+      return SQLITE_DONE;
+    });
+    if (r != errc::ok) return r;
+    return n;
+  }
+
   /// Marks the rows of `seqs` that `owner` still leases as dispatched at
   /// `now`; returns how many.
   [[nodiscard]] result<std::size_t> outbox_mark_dispatched(std::string_view owner, std::span<const std::uint64_t> seqs,
@@ -1240,6 +1267,9 @@ class sqlite_store {
     prepare(mark_,
             "UPDATE postbox_outbox SET dispatched_at = ?3, lease_owner = NULL, lease_until = NULL"
             " WHERE seq = ?1 AND lease_owner = ?2 AND dispatched_at IS NULL");
+    prepare(renew_,
+            "UPDATE postbox_outbox SET lease_until = ?3"
+            " WHERE seq = ?1 AND lease_owner = ?2 AND dispatched_at IS NULL");
     prepare(release_,
             "UPDATE postbox_outbox SET lease_owner = NULL, lease_until = NULL"
             " WHERE seq = ?1 AND lease_owner = ?2 AND dispatched_at IS NULL");
@@ -1300,7 +1330,7 @@ class sqlite_store {
   void close() noexcept {
     user_stmts_.clear();
     for (auto* s : {&begin_, &commit_, &rollback_, &sp_begin_, &sp_release_, &sp_rollback_, &stage_, &claim_select_,
-                    &claim_update_, &next_due_, &mark_, &release_, &retry_, &purge_, &counts_, &pending_,
+                    &claim_update_, &next_due_, &renew_, &mark_, &release_, &retry_, &purge_, &counts_, &pending_,
                     &release_owner_, &dead_exists_, &dead_insert_, &dead_delete_pending_, &dead_select_,
                     &redrive_insert_, &dead_delete_,
                     &inbox_insert_, &inbox_contains_, &inbox_prune_time_, &inbox_prune_count_, &inbox_size_,
@@ -1441,7 +1471,7 @@ class sqlite_store {
   std::atomic<std::uint64_t> commits_n_{0}, rollbacks_n_{0}, failures_n_{0};
   std::unordered_map<std::string, detail::sqlite_stmt> user_stmts_;  // under mutex_
   detail::sqlite_stmt begin_, commit_, rollback_, sp_begin_, sp_release_, sp_rollback_;
-  detail::sqlite_stmt stage_, claim_select_, claim_update_, next_due_, mark_, release_, retry_, purge_, counts_,
+  detail::sqlite_stmt stage_, claim_select_, claim_update_, next_due_, renew_, mark_, release_, retry_, purge_, counts_,
       pending_;
   detail::sqlite_stmt release_owner_, dead_exists_, dead_insert_, dead_delete_pending_, dead_select_, redrive_insert_,
       dead_delete_;

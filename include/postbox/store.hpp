@@ -199,6 +199,12 @@ concept transactional_store = requires(S& s) {
 /// one key is never published by two relays or out of order; rows whose
 /// `due` is after `now` are skipped without blocking their key, and the
 /// earliest such `due` counts for `next_due`;
+/// `outbox_renew(owner, seqs, now, lease_until)` extends the owner's lease on
+/// the rows of `seqs` it still leases (expired or not: a row nobody took
+/// since is still its own) to `lease_until` and returns how many it renewed,
+/// so fewer than `seqs.size()` means another owner re-leased (and may have
+/// dispatched) the rest; `invalid_argument` when `lease_until` is not after
+/// `now`;
 /// `outbox_mark_dispatched` marks rows the owner still leases;
 /// `outbox_release` drops the owner's leases on some rows and
 /// `outbox_release_owner` on all of them; `outbox_retry_later(owner, seq,
@@ -219,6 +225,7 @@ concept outbox_store =
              std::size_t n, std::span<const std::uint64_t> seqs, const outbox_dead_letter_filter& f) {
       { s.outbox_stage(tx, m) } -> std::same_as<errc>;
       { s.outbox_claim(text, t, t, n) } -> std::same_as<result<outbox_batch>>;
+      { s.outbox_renew(text, seqs, t, t) } -> std::same_as<result<std::size_t>>;
       { s.outbox_mark_dispatched(text, seqs, t) } -> std::same_as<result<std::size_t>>;
       { s.outbox_release(text, seqs) } -> std::same_as<errc>;
       { s.outbox_release_owner(text) } -> std::same_as<result<std::size_t>>;
@@ -468,6 +475,24 @@ class basic_memory_store {
     }
     if (out.messages.size() < max) out.next_due = due;
     return out;
+  }
+
+  /// Extends `owner`'s lease on the rows of `seqs` it still leases to
+  /// `lease_until`; returns how many (see `outbox_store`). `invalid_argument`
+  /// when `lease_until` is not after `now`. Blocks on the store's mutex only;
+  /// never allocates. Thread-safe.
+  [[nodiscard]] result<std::size_t> outbox_renew(std::string_view owner, std::span<const std::uint64_t> seqs,
+                                                 time_point now, time_point lease_until) {
+    if (lease_until <= now) return errc::invalid_argument;
+    std::lock_guard lock(mutex_);
+    std::size_t n = 0;
+    for (const std::uint64_t seq : seqs) {
+      auto it = pending_.find(seq);
+      if (it == pending_.end() || it->second.lease_owner.empty() || it->second.lease_owner != owner) continue;
+      it->second.lease_until = lease_until;
+      ++n;
+    }
+    return n;
   }
 
   /// Marks the rows of `seqs` that `owner` still leases as dispatched at
