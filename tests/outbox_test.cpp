@@ -335,22 +335,70 @@ TEMPLATE_TEST_CASE("a second relay skips a key while the first is publishing it"
   CHECK(out_b.labels() == std::vector<std::string>{"b#1", "a#2"});
 }
 
-TEMPLATE_TEST_CASE("a relay whose lease runs out mid-batch stops publishing and leaves the rest", "[outbox]",
-                   STORE_FIXTURES) {
+TEMPLATE_TEST_CASE("a relay renews its lease mid-batch so a second relay claims nothing and nothing is published twice",
+                   "[outbox]", STORE_FIXTURES) {
   TestType f;
   postbox::manual_clock clock;
   postbox::outbox box(f.get(), postbox::json::codec{}, clock);
-  sink out;
-  out.during = [&](const stored_message&) { clock.advance(20s); };  // a slow destination
-  postbox::outbox_relay relay(f.get(), out.destination(), fixed_options(), clock);
-  stage_committed(f.get(), box, {order("a", 1), order("a", 2), order("a", 3)});
-  const auto step = relay.run_once();
-  CHECK(step.published == 2);  // the third would start after the 30 s lease
-  CHECK(step.marked == 2);
+  sink out_b;
+  auto opts_b = fixed_options();
+  opts_b.owner = "relay-b";
+  postbox::outbox_relay relay_b(f.get(), out_b.destination(), opts_b, clock);
+  sink out_a;
+  auto opts_a = fixed_options();
+  opts_a.lease = 10s;
+  postbox::outbox_relay relay_a(f.get(), out_a.destination(), opts_a, clock);
+  std::size_t b_claimed = 0;
+  // Each publish takes 4 s; the whole batch (24 s) outlives the 10 s lease.
+  // Relay b tries to claim during every publish.
+  out_a.during = [&](const stored_message&) {
+    clock.advance(4s);
+    b_claimed += relay_b.run_once().claimed;
+  };
+  stage_committed(f.get(), box, {order("a", 1), order("b", 1), order("a", 2), order("c", 1), order("a", 3), order("b", 2)});
+  const auto step = relay_a.run_once();
+  CHECK(step.published == 6);
+  CHECK(step.marked == 6);
+  CHECK(b_claimed == 0);
+  CHECK(out_b.size() == 0);
+  CHECK(out_a.labels() == std::vector<std::string>{"a#1", "b#1", "a#2", "c#1", "a#3", "b#2"});
+  const auto stats = relay_a.stats();
+  CHECK(stats.lease_renewals == 2);  // at 8 s and at 16 s, each once half the lease had passed
+  CHECK(stats.lease_lost == 0);
+  out_a.during = nullptr;
+  CHECK(relay_b.drain() == 0);
+  CHECK(relay_a.drain() == 0);
+}
+
+TEMPLATE_TEST_CASE("a relay whose rows another relay re-leased after its lease ran out stops the batch and counts lease_lost",
+                   "[outbox]", STORE_FIXTURES) {
+  TestType f;
+  postbox::manual_clock clock;
+  postbox::outbox box(f.get(), postbox::json::codec{}, clock);
+  sink out_a;
+  postbox::outbox_relay relay_a(f.get(), out_a.destination(), fixed_options(), clock);
+  std::vector<std::uint64_t> taken;
+  // The first publish takes longer than the whole 30 s lease, and meanwhile
+  // relay b re-leases the expired batch.
+  out_a.during = [&](const stored_message&) {
+    if (!taken.empty()) return;
+    clock.advance(40s);
+    auto b = f.get().outbox_claim("relay-b", clock.now(), clock.now() + 30s, 100);
+    REQUIRE(b.has_value());
+    for (const auto& m : b->messages) taken.push_back(m.sequence);
+  };
+  stage_committed(f.get(), box, {order("a", 1), order("b", 1), order("c", 1)});
+  const auto step = relay_a.run_once();
+  REQUIRE(taken.size() == 3);
+  CHECK(step.published == 1);  // b#1 and c#1 are relay b's now
+  CHECK(step.marked == 0);     // a#1 too: relay b publishes it again (at-least-once)
   CHECK(step.more);
-  out.during = nullptr;
-  CHECK(relay.drain() == 1);
-  CHECK(out.labels() == std::vector<std::string>{"a#1", "a#2", "a#3"});
+  CHECK(out_a.labels() == std::vector<std::string>{"a#1"});
+  const auto stats = relay_a.stats();
+  CHECK(stats.lease_lost == 3);  // counted once, at the renewal, not again at marking
+  CHECK(stats.lease_renewals == 0);
+  // Relay a released nothing of relay b's.
+  CHECK(*f.get().outbox_renew("relay-b", taken, clock.now(), clock.now() + 30s) == 3);
 }
 
 TEMPLATE_TEST_CASE("a crash after publishing and before marking republishes that batch with the same ids", "[outbox]",

@@ -275,8 +275,11 @@ struct relay_options {
   /// Most messages leased and published per batch; also the bound on
   /// duplicates after a crash.
   std::size_t batch_size = 64;
-  /// How long a claimed batch stays leased to this relay. The relay checks
-  /// the lease before each publish and stops the batch when it has run out.
+  /// How long a claimed batch stays leased to this relay. Before each
+  /// publish, once half of it has passed on the relay's clock, the relay
+  /// renews the lease of the rows it still holds (`outbox_renew`); if another
+  /// relay has re-leased any of them, or the lease has run out without a
+  /// renewal, the batch stops there and the rest is released.
   duration lease = std::chrono::seconds(30);
   /// Fallback wake-up period, for commits made by other processes (commits
   /// in this process wake the relay at once).
@@ -348,7 +351,8 @@ struct relay_stats {
   std::uint64_t dispatched = 0;        ///< messages marked dispatched
   std::uint64_t publish_failures = 0;  ///< failed destination calls
   std::uint64_t store_errors = 0;      ///< store operations that failed
-  std::uint64_t lease_lost = 0;        ///< published messages another relay had re-leased (will be republished)
+  std::uint64_t lease_lost = 0;        ///< batch rows another relay had re-leased (found at renewal or marking; published ones will be republished)
+  std::uint64_t lease_renewals = 0;    ///< successful lease renewals of a batch
   std::uint64_t purged = 0;            ///< dispatched rows deleted
   std::uint64_t dead_lettered = 0;     ///< rows this relay moved to the outbox dead letters
   std::string last_error;              ///< text of the latest failure (destination or store)
@@ -617,7 +621,8 @@ class outbox_relay {
     relay_step step;
     const time_point now = clock_->now();
     if (now >= next_purge_) purge(now, step);
-    const time_point lease_until = now + options_.lease;
+    time_point lease_until = now + options_.lease;
+    time_point renew_at = now + options_.lease / 2;
     auto claim = store_->outbox_claim(options_.owner, now, lease_until, options_.batch_size);
     if (!claim) {
       note_store_error(claim.status(), "claim");
@@ -636,12 +641,35 @@ class outbox_relay {
     std::vector<std::uint64_t> published, untouched;
     std::vector<std::string_view> failed_keys;
     bool cut_short = false;
-    for (const auto& m : batch) {
+    std::size_t lost_at_renewal = 0;
+    std::vector<std::uint64_t> held;  // rows of the batch still leased to us: published, untouched, not yet tried
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      const auto& m = batch[i];
       const bool key_failed =
           std::find(failed_keys.begin(), failed_keys.end(), std::string_view(m.partition_key)) != failed_keys.end();
       if (cut_short || key_failed) {
         untouched.push_back(m.sequence);
         continue;
+      }
+      if (const time_point t = clock_->now(); t >= renew_at && !stopping_.load(std::memory_order_relaxed)) {
+        held.assign(published.begin(), published.end());
+        held.insert(held.end(), untouched.begin(), untouched.end());
+        for (std::size_t j = i; j < batch.size(); ++j) held.push_back(batch[j].sequence);
+        auto renewed = store_->outbox_renew(options_.owner, held, t, t + options_.lease);
+        if (!renewed) {
+          note_store_error(renewed.status(), "renew");  // the old lease still counts below
+          renew_at = t + options_.lease / 4;               // try again later, not before every message
+        } else if (*renewed < held.size()) {  // another relay took some: it publishes them; stop here
+          lost_at_renewal = held.size() - *renewed;
+          bump(&relay_stats::lease_lost, lost_at_renewal);
+          cut_short = true;
+          untouched.push_back(m.sequence);
+          continue;
+        } else {
+          lease_until = t + options_.lease;
+          renew_at = t + options_.lease / 2;
+          bump(&relay_stats::lease_renewals, 1);
+        }
       }
       // relaxed: a hint to stop early; the batch stays consistent either way.
       if (stopping_.load(std::memory_order_relaxed) || clock_->now() >= lease_until) {
@@ -695,7 +723,9 @@ class outbox_relay {
       } else {
         step.marked = *marked;
         bump(&relay_stats::dispatched, *marked);
-        if (*marked < published.size()) bump(&relay_stats::lease_lost, published.size() - *marked);
+        // Rows lost at a renewal were counted then; count only losses beyond those.
+        const std::size_t unmarked = published.size() - *marked;
+        if (unmarked > lost_at_renewal) bump(&relay_stats::lease_lost, unmarked - lost_at_renewal);
         point(relay_point::marked, nullptr);
       }
     }
@@ -1000,7 +1030,7 @@ template <class Store>
               static_cast<double>(s.publish_failures));
     w.counter("postbox_outbox_store_errors_total", "Store operations of the relay that failed.",
               static_cast<double>(s.store_errors));
-    w.counter("postbox_outbox_lease_lost_total", "Published messages another relay had re-leased.",
+    w.counter("postbox_outbox_lease_lost_total", "Batch rows another relay had re-leased (at renewal or marking).",
               static_cast<double>(s.lease_lost));
     w.counter("postbox_outbox_purged_total", "Dispatched rows deleted after retention.", static_cast<double>(s.purged));
     w.counter("postbox_outbox_dead_lettered_total", "Rows the relay moved to the outbox dead letters.",
