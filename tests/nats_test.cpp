@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -287,6 +288,51 @@ TEST_CASE("a stopped server shows as reconnecting and a restarted one as connect
   r.srv.start();
   REQUIRE(postbox_test::eventually([&] { return r.conn.status() == postbox::connection_status::connected; }));
   CHECK(r.conn.flush(2000ms) == postbox::errc::ok);
+}
+
+TEST_CASE("a fetch while the connection is reconnecting waits out its timeout with a bounded backoff and returns timeout",
+          "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::jetstream_rig r(pn::settings().quick());
+  postbox::jetstream_pull_source<order> src(r.js, {"ORDERS", "outage", "orders.>", 30000ms, -1});
+  r.srv.stop();
+  REQUIRE(postbox_test::eventually([&] { return r.conn.status() == postbox::connection_status::reconnecting; }));
+  auto got = src.fetch(10, 300ms);
+  CHECK(got.status() == postbox::errc::timeout);  // not busy at once: the caller's loop does not spin
+  // It slept between checks (1, 2, 4, 8, 16, then 32 ms steps): at least once,
+  // and at most 14 times within 300 ms (63 ms + 7 x 32 ms < 300 ms), however
+  // slow the machine, since every sleep lasts at least its step.
+  CHECK(src.reconnect_polls() >= 1);
+  CHECK(src.reconnect_polls() <= 14);
+  // A zero timeout still reports the state at once without waiting.
+  const auto polls = src.reconnect_polls();
+  CHECK(src.fetch(10, 0ms).status() == postbox::errc::busy);
+  CHECK(src.reconnect_polls() == polls);
+}
+
+TEST_CASE("a fetch waiting for a reconnect sends its request once the server is back and returns the message",
+          "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::jetstream_rig r(pn::settings().quick());
+  postbox::jetstream_publisher pub(r.js);
+  REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{7, "x"})).has_value());
+  postbox::jetstream_pull_source<order> src(r.js, {"ORDERS", "comeback", "orders.>", 30000ms, -1});
+  r.srv.stop();
+  REQUIRE(postbox_test::eventually([&] { return r.conn.status() == postbox::connection_status::reconnecting; }));
+  std::optional<postbox::result<std::vector<postbox::jetstream_delivery<order>>>> got;
+  std::thread fetcher([&] { got.emplace(src.fetch(1, 20000ms)); });
+  r.srv.start();  // while the fetch waits for the connection
+  fetcher.join();
+  REQUIRE(got.has_value());
+  CHECK(src.reconnect_polls() >= 1);  // it waited for the reconnect instead of returning busy
+  // Right after the reconnect JetStream may still be recovering the stream, so
+  // the first request can come back empty (timeout), never busy.
+  if (!got->has_value()) CHECK(got->status() == postbox::errc::timeout);
+  for (int i = 0; i < 20 && !(got->has_value() && !(*got)->empty()); ++i) got.emplace(src.fetch(1, 1000ms));
+  REQUIRE(got->has_value());
+  REQUIRE((*got)->size() == 1);
+  CHECK((**got)[0]->payload.n == 7);
+  CHECK((**got)[0].ack() == postbox::errc::ok);
 }
 
 TEST_CASE("in_progress keeps a slow message from being redelivered past its ack wait", "[nats][realtime]") {

@@ -1141,17 +1141,22 @@ class jetstream_pull_source {
   /// earlier requests left queued, else what the server has now (a "no
   /// wait" request), else a request that waits for one message (then
   /// whatever else has arrived). Returns as soon as it has any. `timeout`
-  /// when none arrived; `busy` while the connection is being restored (no
-  /// request is sent); `closed` when it is closed; other codes on server
-  /// errors. Blocks up to `timeout` (a "no wait" answer is allowed the API
-  /// timeout when `timeout` is zero); allocates.
+  /// when none arrived, also when the connection was being restored for the
+  /// whole `timeout` (it waits for the reconnect with a bounded backoff, 1 ms
+  /// doubling to 32 ms, as libnats' own fetch waits out its timeout, so a
+  /// fetch loop does not spin through an outage; nothing arrived, which is
+  /// what `timeout` says, and the next fetch is the right retry); `busy`
+  /// while reconnecting only for a zero `timeout` (no request is sent);
+  /// `closed` when it is closed; other codes on server errors. Blocks up to
+  /// `timeout` (a "no wait" answer is allowed the API timeout when `timeout`
+  /// is zero); allocates.
   [[nodiscard]] result<std::vector<jetstream_delivery<T>>> fetch(int max, std::chrono::milliseconds timeout) {
     if (max < 1) return errc::invalid_argument;
     const auto until = std::chrono::steady_clock::now() + (timeout.count() > 0 ? timeout : ack_timeout_);
     std::vector<jetstream_delivery<T>> out;
     queued(max, out);
     if (!out.empty()) return out;
-    if (const errc c = connected(); c != errc::ok) return c;
+    if (const errc c = timeout.count() > 0 ? await_connected(until) : connected(); c != errc::ok) return c;
     errc e = request(max, false, until, out);
     if (!out.empty()) return out;
     if (e != errc::ok) return e;
@@ -1182,6 +1187,11 @@ class jetstream_pull_source {
 
   /// The reply-inbox subscription. Owned by this source.
   [[nodiscard]] natsSubscription* native() const noexcept { return sub_.get(); }
+
+  /// How many times `fetch` has checked the connection again while waiting
+  /// for a reconnect (one per backoff step), since construction. Never
+  /// blocks. Not thread-safe: call it on the thread that fetches.
+  [[nodiscard]] std::uint64_t reconnect_polls() const noexcept { return reconnect_polls_; }
 
  private:
   // A JetStream status reply (404 no messages, 408 request expired, 409
@@ -1215,6 +1225,22 @@ class jetstream_pull_source {
       case NATS_CONN_STATUS_CONNECTED: return errc::ok;
       case NATS_CONN_STATUS_CLOSED: return errc::closed;
       default: return errc::busy;  // reconnecting: a request would only be buffered
+    }
+  }
+
+  // Waits until the connection is connected (`ok`), closed (`closed`) or
+  // `until` passes (`timeout`), checking its status after sleeps of 1 ms
+  // doubling to 32 ms (never past `until`). Blocks; never allocates.
+  errc await_connected(std::chrono::steady_clock::time_point until) noexcept {
+    auto step = std::chrono::milliseconds(1);
+    for (;;) {
+      const errc c = connected();
+      if (c != errc::busy) return c;
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= until) return errc::timeout;
+      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(step, until - now));
+      step = std::min(step * 2, std::chrono::milliseconds(32));
+      ++reconnect_polls_;
     }
   }
 
@@ -1270,6 +1296,7 @@ class jetstream_pull_source {
   std::string next_subject_;
   std::string inbox_;            // "<inbox>." ; requests reply to inbox_ + token
   std::uint64_t requests_ = 0;   // tokens; one thread at a time
+  std::uint64_t reconnect_polls_ = 0;  // connection re-checks while a fetch awaited a reconnect; fetching thread only
   std::unique_ptr<natsSubscription, detail::nats_sub_deleter> sub_;
 };
 
