@@ -335,6 +335,35 @@ TEST_CASE("a fetch waiting for a reconnect sends its request once the server is 
   CHECK((**got)[0].ack() == postbox::errc::ok);
 }
 
+TEST_CASE("binding an existing durable whose configuration differs from the options throws conflict naming the fields",
+          "[nats]") {
+  NATS_REQUIRE_SERVER();
+  pn::jetstream_rig r;
+  { postbox::jetstream_pull_source<order> first(r.js, {"ORDERS", "billing", "orders.>", 30000ms, 5}); }
+  // The same options bind again.
+  { postbox::jetstream_pull_source<order> again(r.js, {"ORDERS", "billing", "orders.>", 30000ms, 5}); }
+  try {
+    postbox::jetstream_pull_source<order> other(r.js, {"ORDERS", "billing", "orders.placed", 10000ms, 5});
+    FAIL("bound a durable with another filter and ack wait");
+  } catch (const postbox::error& e) {
+    CHECK(e.code() == postbox::errc::conflict);
+    const std::string what = e.what();
+    CHECK(what.find("filter_subject \"orders.>\" (options: \"orders.placed\")") != std::string::npos);
+    CHECK(what.find("ack_wait 30000ms (options: 10000ms)") != std::string::npos);
+    CHECK(what.find("max_deliver") == std::string::npos);
+  }
+  try {
+    postbox::jetstream_pull_source<order> other(r.js, {"ORDERS", "billing", "orders.>", 30000ms, -1});
+    FAIL("bound a durable with another max_deliver");
+  } catch (const postbox::error& e) {
+    CHECK(e.code() == postbox::errc::conflict);
+    CHECK(std::string(e.what()).find("max_deliver 5 (options: -1)") != std::string::npos);
+  }
+  // A max_deliver below 1 means unlimited on both sides: 0 matches -1.
+  { postbox::jetstream_pull_source<order> unlimited(r.js, {"ORDERS", "unlimited", "orders.>", 30000ms, -1}); }
+  { postbox::jetstream_pull_source<order> again(r.js, {"ORDERS", "unlimited", "orders.>", 30000ms, 0}); }
+}
+
 TEST_CASE("in_progress keeps a slow message from being redelivered past its ack wait", "[nats][realtime]") {
   NATS_REQUIRE_SERVER();
   pn::jetstream_rig r;

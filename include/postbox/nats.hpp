@@ -1098,13 +1098,19 @@ template <class T>
 class jetstream_pull_source {
  public:
   /// Binds the durable consumer, creating it (explicit ack, deliver all)
-  /// when it does not exist; an existing durable keeps its configuration.
-  /// Throws on failure.
+  /// when it does not exist. An existing durable (or one another source
+  /// created meanwhile) must match the options: a pull consumer with explicit
+  /// ack and the same `filter_subject`, `ack_wait` and `max_deliver` (any
+  /// value below 1 meaning unlimited); otherwise it throws `postbox::error`
+  /// with `errc::conflict` naming each field that differs, server value
+  /// first (the durable is left as it is). Throws on other failures. Blocks
+  /// for the API round trips; allocates.
   jetstream_pull_source(jetstream& js, const jetstream_consumer_options& co)
       : nc_(js.connection().native()), ack_timeout_(js.api_timeout()) {
     jsConsumerInfo* ci = nullptr;
     jsErrCode jerr = static_cast<jsErrCode>(0);
     natsStatus s = js_GetConsumerInfo(&ci, js.native(), co.stream.c_str(), co.durable.c_str(), nullptr, &jerr);
+    bool existing = s == NATS_OK;
     if (s == NATS_NOT_FOUND || jerr == JSConsumerNotFoundErr) {
       jsConsumerConfig cfg;
       jsConsumerConfig_Init(&cfg);
@@ -1119,10 +1125,16 @@ class jetstream_pull_source {
       if (s != NATS_OK && (jerr == JSConsumerNameExistErr || jerr == JSConsumerExistingActiveErr)) {
         // Another source created it meanwhile.
         s = js_GetConsumerInfo(&ci, js.native(), co.stream.c_str(), co.durable.c_str(), nullptr, &jerr);
+        existing = s == NATS_OK;
       }
     }
+    const std::string mismatch =
+        existing && ci != nullptr && ci->Config != nullptr ? config_mismatch(*ci->Config, co) : std::string();
     if (ci != nullptr) jsConsumerInfo_Destroy(ci);
     detail::nats_check(s, "bind durable consumer");
+    if (!mismatch.empty())
+      POSTBOX_THROW(error(errc::conflict, "jetstream_pull_source: durable " + co.durable + " on stream " + co.stream +
+                                              " exists with another configuration: " + mismatch));
     next_subject_ = "$JS.API.CONSUMER.MSG.NEXT." + co.stream + "." + co.durable;
     natsInbox* inbox = nullptr;
     detail::nats_check(natsInbox_Create(&inbox), "inbox");
@@ -1194,6 +1206,28 @@ class jetstream_pull_source {
   [[nodiscard]] std::uint64_t reconnect_polls() const noexcept { return reconnect_polls_; }
 
  private:
+  // The fields of an existing durable's configuration that differ from the
+  // options ("" when none), as "field server-value (options: value)".
+  static std::string config_mismatch(const jsConsumerConfig& cfg, const jetstream_consumer_options& co) {
+    std::string out;
+    auto differs = [&out](const char* field, const std::string& server, const std::string& ours) {
+      if (!out.empty()) out += ", ";
+      out += std::string(field) + " " + server + " (options: " + ours + ")";
+    };
+    if (cfg.DeliverSubject != nullptr && *cfg.DeliverSubject != '\0')
+      differs("deliver_subject", cfg.DeliverSubject, "none: a pull consumer");
+    if (cfg.AckPolicy != js_AckExplicit) differs("ack_policy", cfg.AckPolicy == js_AckNone ? "none" : "all", "explicit");
+    const std::string filter = cfg.FilterSubject != nullptr ? cfg.FilterSubject : "";
+    if (filter != co.filter_subject) differs("filter_subject", '"' + filter + '"', '"' + co.filter_subject + '"');
+    const auto ack_wait = std::chrono::duration_cast<std::chrono::nanoseconds>(co.ack_wait).count();
+    if (cfg.AckWait != ack_wait)
+      differs("ack_wait", std::to_string(cfg.AckWait / 1000000) + "ms", std::to_string(co.ack_wait.count()) + "ms");
+    const std::int64_t server_max = cfg.MaxDeliver < 1 ? -1 : cfg.MaxDeliver;
+    const std::int64_t our_max = co.max_deliver < 1 ? -1 : co.max_deliver;
+    if (server_max != our_max) differs("max_deliver", std::to_string(server_max), std::to_string(our_max));
+    return out;
+  }
+
   // A JetStream status reply (404 no messages, 408 request expired, 409
   // conflict) carries a Status header and no ack subject.
   static bool is_status(natsMsg* m, std::string_view& code) {
