@@ -27,6 +27,7 @@
 //   one receiver (the others wait), so with one worker a message goes from
 //   the source to the handler on one thread, with no hand-off.
 
+#include <postbox/async.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/consumer/sources.hpp>
@@ -46,6 +47,7 @@
 #include <chrono>
 #include <concepts>
 #include <condition_variable>
+#include <coroutine>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -62,6 +64,7 @@
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
+#include <variant>
 #include <vector>
 
 POSTBOX_BEGIN_NAMESPACE
@@ -72,7 +75,8 @@ POSTBOX_BEGIN_NAMESPACE
 
 /// What a handler may ask about the delivery it runs: the attempt number,
 /// a stop token (requested when shutdown's grace period ends), the clock,
-/// the source name and the message deadline. Valid during the handler call.
+/// the source name and the message deadline. Valid during the handler call
+/// (for a coroutine handler: until its task completes).
 class consume_context {
  public:
   consume_context(std::uint32_t attempt, std::stop_token stop, const clock& clk, std::string_view source,
@@ -126,6 +130,12 @@ struct consumer_options {
   /// timed behaviour; a retry that falls due meanwhile waits at most this
   /// long when every worker is busy receiving or running).
   duration receive_wait = std::chrono::milliseconds(20);
+  /// Where coroutine handlers (returning `task<settlement>` or `task<void>`)
+  /// resume after they suspend; required for them, unused otherwise. Must
+  /// outlive the consumer. A `run_queue` drained by the caller keeps every
+  /// handler on one thread (with `threads == 0`: the thread calling `poll()`
+  /// and the queue's `poll()`).
+  scheduler_ref scheduler{};
 };
 
 /// A consumer's counters and gauges (snapshot).
@@ -304,6 +314,45 @@ struct source_model final : source_base<T> {
   S src;
 };
 
+/// Whether a handler's result makes it a coroutine handler.
+template <class R>
+inline constexpr bool is_consumer_task_v = false;
+template <>
+inline constexpr bool is_consumer_task_v<task<settlement>> = true;
+template <>
+inline constexpr bool is_consumer_task_v<task<void>> = true;
+
+/// A handler callable as `(const envelope<T>&[, consume_context&])` that
+/// returns `task<settlement>` or `task<void>`.
+template <class H, class T>
+concept coroutine_consumer_handler =
+    (std::is_invocable_v<std::decay_t<H>&, const envelope<T>&, consume_context&> &&
+     is_consumer_task_v<std::invoke_result_t<std::decay_t<H>&, const envelope<T>&, consume_context&>>) ||
+    (!std::is_invocable_v<std::decay_t<H>&, const envelope<T>&, consume_context&> &&
+     std::is_invocable_v<std::decay_t<H>&, const envelope<T>&> &&
+     is_consumer_task_v<std::invoke_result_t<std::decay_t<H>&, const envelope<T>&>>);
+
+/// The coroutine that runs one coroutine handler to its settlement. The
+/// consumer creates it suspended, starts it, and destroys it only when it is
+/// still suspended at the consumer's destruction; otherwise it destroys
+/// itself when it ends. Exposes its scheduler so the awaited task inherits it.
+struct consumer_handler_run {
+  struct promise_type {
+    consumer_handler_run get_return_object() noexcept {
+      return consumer_handler_run{std::coroutine_handle<promise_type>::from_promise(*this)};
+    }
+    std::suspend_always initial_suspend() const noexcept { return {}; }
+    std::suspend_never final_suspend() const noexcept { return {}; }
+    void return_void() const noexcept {}
+    // The body catches the handler's exceptions; only the consumer's own
+    // bookkeeping (an allocation failure) could get here.
+    [[noreturn]] void unhandled_exception() const noexcept { std::terminate(); }
+    [[nodiscard]] scheduler_ref postbox_scheduler() const noexcept { return sched; }
+    scheduler_ref sched;
+  };
+  std::coroutine_handle<promise_type> handle;
+};
+
 template <class Int>
 Int header_number(const header_map& h, std::string_view name) noexcept {
   const auto v = h.get(name);
@@ -323,6 +372,14 @@ Int header_number(const header_map& h, std::string_view name) noexcept {
 ///   is classified (`consumer_options::classify`, transient by default):
 ///   transient retries by policy, permanent dead-letters ("permanent_error");
 ///   its `what()` is kept as the error text.
+/// * Coroutine handler: the same signatures returning `task<settlement>` or
+///   `task<void>` (= ack). The consumer starts the task on the calling
+///   worker (or `poll()`) and it resumes on `consumer_options::scheduler`;
+///   it counts as running (and in flight) until it completes, so several
+///   may be suspended at once, bounded by `max_in_flight`. Its result (or
+///   exception, classified as above) settles exactly like a synchronous
+///   handler's: retries, dead letters, deadlines and per-key order are the
+///   same. The envelope and the context stay valid until the task completes.
 /// * Attempts: `envelope.attempt` is incremented when a delivery starts;
 ///   after a failure, `retry.exhausted(attempt)` dead-letters it
 ///   ("retries_exhausted"), else it waits `retry.backoff(attempt,
@@ -357,11 +414,19 @@ class consumer {
   /// into `dead_letters`. Starts `options.threads` workers and a timer
   /// thread (none when `threads == 0`). Throws error(invalid_argument) when
   /// `max_in_flight` is 0. Allocates.
+  ///
+  /// A coroutine handler (returning `task<settlement>` or `task<void>`)
+  /// resumes on `options.scheduler` (see the class comment); without one
+  /// this throws error(invalid_argument). Suspended handlers still there
+  /// when the consumer is destroyed are destroyed with it (their messages
+  /// released): destroy the consumer where no resumption of them can run
+  /// concurrently (on the scheduler's thread, or after its threads stopped).
+  /// Each delivery then allocates a driver frame (plus the handler's own).
   template <consumer_source Source, class Handler>
     requires std::same_as<typename Source::payload_type, T>
   consumer(Source source, Handler&& handler, dead_letter_queue<T>& dead_letters, consumer_options options = {})
       : consumer(std::make_unique<detail::source_model<T, Source>>(std::move(source)),
-                 wrap(std::forward<Handler>(handler)), batch_handler_type{}, std::nullopt, dead_letters,
+                 wrap_single(std::forward<Handler>(handler)), batch_handler_type{}, std::nullopt, dead_letters,
                  std::move(options), static_cast<bool>(Source::redelivers)) {}
 
   /// A batch consumer: runs `handler` on batches of up to `batch.max_size`
@@ -379,7 +444,7 @@ class consumer {
     requires std::same_as<typename Source::payload_type, T>
   consumer(Source source, batch_options batch, BatchHandler&& handler, dead_letter_queue<T>& dead_letters,
            consumer_options options = {})
-      : consumer(std::make_unique<detail::source_model<T, Source>>(std::move(source)), handler_type{},
+      : consumer(std::make_unique<detail::source_model<T, Source>>(std::move(source)), single_handler{},
                  wrap_batch(std::forward<BatchHandler>(handler)), validate(batch, options), dead_letters,
                  std::move(options), static_cast<bool>(Source::redelivers)) {}
 
@@ -388,6 +453,24 @@ class consumer {
 
  private:
   using batch_handler_type = std::function<batch_settlement(const message_batch<T>&)>;
+  // A coroutine handler's task: awaited directly by run_async (task<void>
+  // too: no adapter coroutine, one frame less per delivery).
+  using async_task = std::variant<task<settlement>, task<void>>;
+  using async_handler_type = std::function<async_task(const envelope<T>&, consume_context&)>;
+  // A single-message consumer's handler: one of the two is set.
+  struct single_handler {
+    handler_type sync;
+    async_handler_type async;
+  };
+
+  template <class H>
+  static single_handler wrap_single(H&& h) {
+    if constexpr (detail::coroutine_consumer_handler<H, T>) {
+      return single_handler{handler_type{}, wrap_async(std::forward<H>(h))};
+    } else {
+      return single_handler{wrap(std::forward<H>(h)), async_handler_type{}};
+    }
+  }
 
   static batch_options validate(batch_options b, const consumer_options& o) {
     if (b.max_size == 0)
@@ -402,11 +485,12 @@ class consumer {
     return b;
   }
 
-  consumer(std::unique_ptr<detail::source_base<T>> source, handler_type handler, batch_handler_type batch_handler,
+  consumer(std::unique_ptr<detail::source_base<T>> source, single_handler handler, batch_handler_type batch_handler,
            std::optional<batch_options> batch, dead_letter_queue<T>& dead_letters, consumer_options options,
            bool redelivers)
       : source_(std::move(source)),
-        handler_(std::move(handler)),
+        handler_(std::move(handler.sync)),
+        async_handler_(std::move(handler.async)),
         batch_handler_(std::move(batch_handler)),
         batch_(batch),
         dlq_(&dead_letters),
@@ -418,6 +502,9 @@ class consumer {
         jitter_(opts_.jitter_seed ? *opts_.jitter_seed : detail::entropy64()) {
     if (opts_.max_in_flight == 0)
       POSTBOX_THROW(error(errc::invalid_argument, "postbox::consumer: max_in_flight must be at least 1"));
+    if (async_handler_ && !opts_.scheduler)
+      POSTBOX_THROW(error(errc::invalid_argument,
+                          "postbox::consumer: a coroutine handler needs consumer_options::scheduler"));
     source_name_ = std::string(source_->name());
     if (threaded_) {
       timers_ = std::make_unique<timer_service>(*clock_);
@@ -431,7 +518,8 @@ class consumer {
  public:
   /// `shutdown(0)` if not done yet (its report is dropped: call shutdown
   /// yourself to get returned messages back), then waits for abandoned
-  /// handlers to return and stops the timer thread.
+  /// handlers to return and stops the timer thread. Coroutine handlers
+  /// still suspended are destroyed and their messages released.
   ~consumer() {
     bool done = false;
     {
@@ -442,13 +530,15 @@ class consumer {
     for (auto& w : workers_)
       if (w.joinable()) w.join();
     timers_->stop();
+    destroy_suspended_handlers();
   }
 
   /// Manual drive (`threads == 0` only): runs due retry/defer timers, then
   /// receives (without blocking, up to `max_in_flight`) and handles messages
   /// on the calling thread until nothing is ready; messages waiting for a
   /// timer wait for a later poll. Returns the deliveries processed (handler
-  /// runs, expiries and poison items). Throws error(invalid_argument) when
+  /// runs, expiries and poison items; a coroutine handler counts when it
+  /// starts: it resumes on `options.scheduler`, not in this call). Throws error(invalid_argument) when
   /// the consumer has threads. Thread-safe (concurrent polls run handlers
   /// concurrently, still one per key).
   std::size_t poll() {
@@ -656,6 +746,7 @@ class consumer {
     time_point due{};  // when waiting: when its timer fires
     std::vector<failure_record> history;
     timer_service::timer_id timer = 0;
+    std::coroutine_handle<> frame;  // a coroutine handler's run while it is running; else null
   };
   using item_list = std::list<item>;
   using item_iter = typename item_list::iterator;
@@ -703,6 +794,20 @@ class consumer {
           return settlement(f(e));
         };
       }
+    }
+  }
+
+  template <class H>
+  static async_handler_type wrap_async(H&& h) {
+    using F = std::decay_t<H>;
+    if constexpr (std::is_invocable_v<F&, const envelope<T>&, consume_context&>) {
+      return [f = F(std::forward<H>(h))](const envelope<T>& e, consume_context& c) mutable {
+        return async_task(f(e, c));
+      };
+    } else {
+      return [f = F(std::forward<H>(h))](const envelope<T>& e, consume_context&) mutable {
+        return async_task(f(e));
+      };
     }
   }
 
@@ -1028,6 +1133,11 @@ class consumer {
     lock.unlock();
 
     if (obs_ != nullptr) obs_->notify_receive(make_message_event(it.env, source_name_));
+    if (async_handler_) {
+      start_async(pos);
+      lock.lock();
+      return;
+    }
     consume_context ctx(it.env.attempt, stop_.get_token(), *clock_, source_name_, it.env.deadline);
     const time_point start = clock_->now();
     settlement s;
@@ -1048,17 +1158,98 @@ class consumer {
 #endif
     const duration elapsed = clock_->now() - start;
     handle_duration_.observe(elapsed);
+    settle_run(pos, s, std::move(err), threw, elapsed);
+    lock.lock();
+  }
 
-    lock.lock();
-    --running_count_;
-    if (threw) ++handler_errors_;
-    ++settled_;
-    conclusion c = decide(pos, s, std::move(err));
-    c.elapsed = elapsed;
-    if (settle_waiters_ > 0) idle_cv_.notify_all();  // a parked message may be all that is left
-    lock.unlock();
+  // Caller does not hold mu_; `pos` is in running_ and its handler has
+  // returned (or its task completed). Settles the delivery.
+  void settle_run(item_iter pos, const settlement& s, std::string err, bool threw, duration elapsed) {
+    conclusion c;
+    {
+      std::lock_guard lock(mu_);
+      pos->frame = nullptr;
+      --running_count_;
+      if (threw) ++handler_errors_;
+      ++settled_;
+      c = decide(pos, s, std::move(err));
+      c.elapsed = elapsed;
+      if (settle_waiters_ > 0) idle_cv_.notify_all();  // a parked message may be all that is left
+    }
     conclude(std::move(c));
-    lock.lock();
+  }
+
+  // Caller does not hold mu_; `pos` was just moved to running_. Creates the
+  // run of a coroutine handler and starts it here: it runs until the
+  // handler's task first suspends (or completes and settles).
+  void start_async(item_iter pos) {
+    detail::consumer_handler_run run = run_async(pos);
+    run.handle.promise().sched = opts_.scheduler;
+    pos->frame = run.handle;  // read by the destructor only, after every worker has stopped
+    run.handle.resume();
+  }
+
+  // The run of one coroutine handler: awaits its task (which inherits the
+  // consumer's scheduler), classifies an exception as run_one does, then
+  // settles. The envelope and the context live until the task completes.
+  detail::consumer_handler_run run_async(item_iter pos) {
+    item& it = *pos;
+    consume_context ctx(it.env.attempt, stop_.get_token(), *clock_, source_name_, it.env.deadline);
+    const time_point start = clock_->now();
+    settlement s;
+    std::string err;
+    bool threw = false;
+#if POSTBOX_HAS_EXCEPTIONS
+    try {
+      async_task t = async_handler_(it.env, ctx);
+      if (auto* with_settlement = std::get_if<task<settlement>>(&t)) {
+        s = co_await std::move(*with_settlement);
+      } else {
+        co_await std::move(std::get<task<void>>(t));
+        s = settlement::ack();
+      }
+    } catch (...) {
+      const auto ep = std::current_exception();
+      err = describe(ep);
+      s = classify(ep) == error_class::permanent ? settlement::reject(std::string(dead_letter_reasons::permanent_error))
+                                                 : settlement::retry();
+      threw = true;
+    }
+#else
+    async_task t = async_handler_(it.env, ctx);
+    if (auto* with_settlement = std::get_if<task<settlement>>(&t)) {
+      s = co_await std::move(*with_settlement);
+    } else {
+      co_await std::move(std::get<task<void>>(t));
+      s = settlement::ack();
+    }
+#endif
+    const duration elapsed = clock_->now() - start;
+    handle_duration_.observe(elapsed);
+    settle_run(pos, s, std::move(err), threw, elapsed);
+  }
+
+  // The destructor, after shutdown: coroutine handlers abandoned and still
+  // suspended are destroyed (their tasks with them: a postbox operation they
+  // await is abandoned safely) and their messages released to the source.
+  void destroy_suspended_handlers() noexcept {
+    item_list left;
+    {
+      std::lock_guard lock(mu_);
+      for (auto p = running_.begin(); p != running_.end();) {
+        const auto next = std::next(p);
+        if (p->frame) left.splice(left.end(), running_, p);
+        p = next;
+      }
+      running_count_ -= left.size();
+      held_ -= left.size();
+      released_ += left.size();
+    }
+    for (auto& it : left) {
+      std::exchange(it.frame, nullptr).destroy();
+      call_hook(it, settle_action{settle_action::kind::release, {}});
+      notify_settle(it.env, settle_outcome::released, {}, {});
+    }
   }
 
   static std::string describe(const std::exception_ptr& ep) {
@@ -1343,6 +1534,7 @@ class consumer {
 
   std::unique_ptr<detail::source_base<T>> source_;
   handler_type handler_;              // single-message consumers
+  async_handler_type async_handler_;  // single-message consumers of coroutine handlers
   batch_handler_type batch_handler_;  // batch consumers
   const std::optional<batch_options> batch_;  // set: a batch consumer
   dead_letter_queue<T>* dlq_;
