@@ -115,6 +115,40 @@ TEST_CASE("a task<void> coroutine handler acks when its task completes", "[consu
   CHECK(c.stats().acked == 1);
 }
 
+TEST_CASE("a coroutine handler that completes without suspending is settled within poll", "[consumer][async]") {
+  rig r;
+  r.send(1);
+  r.send(2);
+  postbox::consumer<int> c(
+      r.source(),
+      [](const env_t& e) -> postbox::task<postbox::settlement> {
+        co_return e.payload == 1 ? postbox::settlement::ack() : postbox::settlement::reject("no");
+      },
+      r.dlq, r.options());
+  CHECK(c.poll() == 2);
+  const auto s = c.stats();
+  CHECK(s.acked == 1);
+  CHECK(s.dead_lettered == 1);
+  CHECK(s.running == 0);
+  CHECK(r.rq.size_approx() == 0);
+}
+
+TEST_CASE("shutdown abandons a suspended coroutine handler, whose later ack still settles", "[consumer][async]") {
+  rig r;
+  r.send(1);
+  postbox::consumer<int> c(r.source(), r.handler(), r.dlq, r.options());
+  CHECK(c.poll() == 1);
+  const auto report = c.shutdown(0s);
+  CHECK(report.abandoned == 1);
+  CHECK(report.returned.empty());
+  CHECK(c.stats().acked == 0);
+  r.open(1);
+  CHECK(r.finished == std::vector<int>{1});
+  const auto s = c.stats();
+  CHECK(s.acked == 1);
+  CHECK(s.in_flight == 0);
+}
+
 TEST_CASE("a coroutine consumer without a scheduler is refused", "[consumer][async]") {
   rig r;
   auto o = r.options();
