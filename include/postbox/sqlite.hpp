@@ -600,23 +600,7 @@ class sqlite_store {
                                                  time_point now, time_point lease_until) {
     if (lease_until <= now) return errc::invalid_argument;
     auto lock = lock_for("outbox_renew");
-    std::size_t n = 0;
-    const errc r = write_tx("outbox renew", [&]() -> int {
-      n = 0;
-      for (const std::uint64_t seq : seqs) {
-        sqlite3_stmt* s = renew_.get();
-        detail::sqlite_use use(s);
-        sqlite3_bind_int64(s, 1, static_cast<sqlite3_int64>(seq));
-        detail::sqlite_bind_text(s, 2, owner);
-        sqlite3_bind_int64(s, 3, detail::sqlite_time(lease_until));
-        const int rc = sqlite3_step(s);
-        if (rc != SQLITE_DONE) return rc;
-        n += static_cast<std::size_t>(sqlite3_changes(db_));
-      }
-      return SQLITE_DONE;
-    });
-    if (r != errc::ok) return r;
-    return n;
+    return update_leased_rows("outbox renew", renew_, owner, seqs, lease_until);
   }
 
   /// Marks the rows of `seqs` that `owner` still leases as dispatched at
@@ -624,23 +608,7 @@ class sqlite_store {
   [[nodiscard]] result<std::size_t> outbox_mark_dispatched(std::string_view owner, std::span<const std::uint64_t> seqs,
                                                            time_point now) {
     auto lock = lock_for("outbox_mark_dispatched");
-    std::size_t n = 0;
-    const errc r = write_tx("outbox mark dispatched", [&]() -> int {
-      n = 0;
-      for (const std::uint64_t seq : seqs) {
-        sqlite3_stmt* s = mark_.get();
-        detail::sqlite_use use(s);
-        sqlite3_bind_int64(s, 1, static_cast<sqlite3_int64>(seq));
-        detail::sqlite_bind_text(s, 2, owner);
-        sqlite3_bind_int64(s, 3, detail::sqlite_time(now));
-        const int rc = sqlite3_step(s);
-        if (rc != SQLITE_DONE) return rc;
-        n += static_cast<std::size_t>(sqlite3_changes(db_));
-      }
-      return SQLITE_DONE;
-    });
-    if (r != errc::ok) return r;
-    return n;
+    return update_leased_rows("outbox mark dispatched", mark_, owner, seqs, now);
   }
 
   /// Drops `owner`'s leases on `seqs`.
@@ -1000,6 +968,30 @@ class sqlite_store {
   }
 
  private:
+  // Runs `stmt` (parameters: sequence, owner, time) once per row of `seqs`
+  // in one write transaction and counts the rows it changed: the rows
+  // `owner` still leases. Caller holds the connection lock.
+  result<std::size_t> update_leased_rows(const char* what, detail::sqlite_stmt& stmt, std::string_view owner,
+                                         std::span<const std::uint64_t> seqs, time_point at) {
+    std::size_t n = 0;
+    const errc r = write_tx(what, [&]() -> int {
+      n = 0;
+      for (const std::uint64_t seq : seqs) {
+        sqlite3_stmt* s = stmt.get();
+        detail::sqlite_use use(s);
+        sqlite3_bind_int64(s, 1, static_cast<sqlite3_int64>(seq));
+        detail::sqlite_bind_text(s, 2, owner);
+        sqlite3_bind_int64(s, 3, detail::sqlite_time(at));
+        const int rc = sqlite3_step(s);
+        if (rc != SQLITE_DONE) return rc;
+        n += static_cast<std::size_t>(sqlite3_changes(db_));
+      }
+      return SQLITE_DONE;
+    });
+    if (r != errc::ok) return r;
+    return n;
+  }
+
   // ---- connection plumbing ----
 
   std::unique_lock<std::mutex> lock_for(const char* what) {
