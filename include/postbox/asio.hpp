@@ -134,20 +134,7 @@ class asio_op final : public async_op {
     }
     return false;
   }
-  void register_sources() override {
-#if POSTBOX_HAS_EXCEPTIONS
-    try {
-      limits_.register_sources(*this);
-      op_.park(*this);
-    } catch (...) {
-      limits_.unregister_sources();
-      throw;
-    }
-#else
-    limits_.register_sources(*this);
-    op_.park(*this);
-#endif
-  }
+  void register_sources() override { detail::register_op_sources(limits_, op_, *this); }
   void unregister_sources() noexcept override {
     op_.unpark(*this);
     limits_.unregister_sources();

@@ -586,6 +586,26 @@ scheduler_ref scheduler_of(std::coroutine_handle<Promise> h, scheduler_ref expli
   }
 }
 
+/// Registers an operation's wait sources (stop token, deadline timer) and
+/// the operation's own event-count waker for `waiter`. Either registration
+/// may allocate; a throw leaves nothing registered. Shared by the coroutine
+/// awaiter and the Asio adapter's operation.
+template <class Limits, class Op, class Waiter>
+void register_op_sources(Limits& limits, Op& op, Waiter& waiter) {
+#if POSTBOX_HAS_EXCEPTIONS
+  try {
+    limits.register_sources(waiter);
+    op.park(waiter);
+  } catch (...) {
+    limits.unregister_sources();
+    throw;
+  }
+#else
+  limits.register_sources(waiter);
+  op.park(waiter);
+#endif
+}
+
 /// The awaiter of every awaitable operation. Movable until awaited.
 template <class Op>
 class [[nodiscard]] op_awaiter final : public async_op {
@@ -633,21 +653,7 @@ class [[nodiscard]] op_awaiter final : public async_op {
     }
     return false;
   }
-  void register_sources() override {
-    // Either registration may allocate; a throw leaves nothing registered.
-#if POSTBOX_HAS_EXCEPTIONS
-    try {
-      limits_.register_sources(*this);
-      op_.park(*this);
-    } catch (...) {
-      limits_.unregister_sources();
-      throw;
-    }
-#else
-    limits_.register_sources(*this);
-    op_.park(*this);
-#endif
-  }
+  void register_sources() override { register_op_sources(limits_, op_, *this); }
   void unregister_sources() noexcept override {
     op_.unpark(*this);
     limits_.unregister_sources();
