@@ -592,19 +592,19 @@ class durable_log {
   void sync_to(durable_partition& part, std::uint64_t target) {
     std::lock_guard s(part.sync_mu);
     if (part.synced.load(std::memory_order_relaxed) >= target) return;  // relaxed: only we (under sync_mu) store it
-    std::vector<std::shared_ptr<durable_segment>> todo;
+    std::vector<std::shared_ptr<durable_segment>> to_sync;
     std::uint64_t upto = 0;
     {
       std::lock_guard a(part.append_mu);
       std::lock_guard meta(part.meta_mu);
       upto = part.end.load(std::memory_order_relaxed);  // relaxed: under append_mu, the writers' mutex
       if (opt_.sync.mode == fsync_mode::never) {
-        todo = part.segments;  // rolls did not sync: every segment may hold unsynced bytes
+        to_sync = part.segments;  // rolls did not sync: every segment may hold unsynced bytes
       } else if (!part.segments.empty()) {
-        todo.push_back(part.segments.back());  // older segments were synced when they rolled
+        to_sync.push_back(part.segments.back());  // older segments were synced when they rolled
       }
     }
-    for (const auto& seg : todo) {
+    for (const auto& seg : to_sync) {
       if (::fdatasync(seg->fd) != 0) {
         const int err = errno;
         mark_failed();  // after a failed fdatasync the page state is unknown: refuse further appends
