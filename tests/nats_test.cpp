@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <optional>
 #include <set>
@@ -249,6 +250,48 @@ TEST_CASE("after a file-storage server restart every acknowledged publish is sti
     }
   }
   for (const auto& id : acked) CHECK(stored.count(id) == 1);
+}
+
+TEST_CASE("destroying pull sources while messages stream into their inboxes never frees one the read loop still holds",
+          "[nats][stress]") {
+  // libnats 3.4 looks a subscription up, drops the connection lock, then
+  // locks the subscription: a destroy in between freed that lock under the
+  // read loop (TSan: use of an invalid mutex; plain build: abort). Every
+  // source here is destroyed while another connection floods its inbox.
+  NATS_REQUIRE_SERVER();
+  pn::jetstream_rig r;
+  auto flood_conn = pn::connect(r.srv.url());
+  const int rounds = 100;  // not scaled: the cost is round trips, and the race needs the count
+  std::uint64_t delivered_total = 0;
+  for (int round = 0; round < rounds; ++round) {
+    std::optional<postbox::jetstream_pull_source<order>> src;
+    src.emplace(r.js, postbox::jetstream_consumer_options{"ORDERS", "flood", "orders.>", 30000ms, -1});
+    const std::string inbox = natsSubscription_GetSubject(src->native());
+    const std::string target = inbox.substr(0, inbox.size() - 1) + "x";  // "<inbox>.x"
+    std::atomic<bool> stop{false};
+    std::atomic<std::uint64_t> sent{0};
+    std::thread flood([&] {
+      while (!stop.load(std::memory_order_relaxed)) {
+        if (natsConnection_PublishString(flood_conn.native(), target.c_str(), "x") == NATS_OK)
+          sent.fetch_add(1, std::memory_order_relaxed);
+        if (sent.load(std::memory_order_relaxed) % 64 == 0) (void)natsConnection_FlushTimeout(flood_conn.native(), 1000);
+      }
+    });
+    // Destroy only once messages are arriving, so the read loop is busy with this subscription.
+    REQUIRE(postbox_test::eventually([&] {
+      int pending = 0;
+      (void)natsSubscription_GetPending(src->native(), &pending, nullptr);
+      return pending > 0;
+    }));
+    int pending = 0;
+    (void)natsSubscription_GetPending(src->native(), &pending, nullptr);
+    delivered_total += static_cast<std::uint64_t>(pending);
+    src.reset();
+    stop = true;
+    flood.join();
+  }
+  CHECK(delivered_total >= static_cast<std::uint64_t>(rounds));
+  CHECK(r.conn.status() == postbox::connection_status::connected);
 }
 
 TEST_CASE("two pull sources sharing a durable name split the messages without overlap", "[nats]") {

@@ -41,6 +41,9 @@ enum class errc {
   corrupt,              ///< the store's file is not a valid database
   handler_error,        ///< a user handler failed
   stopped,              ///< the component was stopped
+  permission_denied,    ///< the caller (or its credentials) may not do this: a server's authorization, another tenant's data
+  unauthenticated,      ///< no valid credentials or signature: a refused login, an unsigned or tampered message
+  rate_limited,         ///< too many calls for this caller right now; retry later
 };
 
 /// Stable lower-case name of an error code, e.g. "missing_field".
@@ -71,6 +74,9 @@ enum class errc {
     case errc::corrupt: return "corrupt";
     case errc::handler_error: return "handler_error";
     case errc::stopped: return "stopped";
+    case errc::permission_denied: return "permission_denied";
+    case errc::unauthenticated: return "unauthenticated";
+    case errc::rate_limited: return "rate_limited";
   }
   return "unknown";
 }

@@ -99,8 +99,32 @@ struct nats_conn_deleter {
 struct nats_js_deleter {
   void operator()(jsCtx* j) const noexcept { jsCtx_Destroy(j); }
 };
+/// Unsubscribes `s`, waits (up to 5 s) until `nc`'s read loop can no longer
+/// be handing it a message, then destroys it. libnats before 3.6 (Debian 12
+/// ships 3.4) looks a subscription up and drops the connection's lock before
+/// locking the subscription, so a destroy racing an arriving message frees
+/// the mutex the read loop is about to take (nats.c issue 637, fixed in 3.6).
+/// The read loop handles a message before a PONG that follows it on the
+/// wire; once the unsubscribe has removed `s` from the connection's table
+/// and a flush's PONG came back, no message in flight can still reach it.
+/// When the connection is not connected no read loop is reading, and when
+/// the flush fails while connected the subscription is kept rather than
+/// freed under the read loop (a small leak on a connection that has just
+/// failed, instead of a use after free). Blocks for one round trip.
+inline void nats_retire_subscription(natsConnection* nc, natsSubscription* s) noexcept {
+  if (s == nullptr) return;
+  (void)natsSubscription_Unsubscribe(s);  // fails only when already closed: still out of the table
+  if (nc != nullptr && natsConnection_Status(nc) == NATS_CONN_STATUS_CONNECTED &&
+      natsConnection_FlushTimeout(nc, 5000) != NATS_OK &&
+      natsConnection_Status(nc) == NATS_CONN_STATUS_CONNECTED)
+    return;  // NOLINT: deliberately leaked, see above
+  natsSubscription_Destroy(s);
+}
+
+/// Owns a subscription made on `nc`; retires it as nats_retire_subscription.
 struct nats_sub_deleter {
-  void operator()(natsSubscription* s) const noexcept { natsSubscription_Destroy(s); }
+  natsConnection* nc = nullptr;
+  void operator()(natsSubscription* s) const noexcept { nats_retire_subscription(nc, s); }
 };
 
 /// True when `v` may be a NATS header value (no CR or LF).
@@ -1142,7 +1166,7 @@ class jetstream_pull_source {
     natsInbox_Destroy(inbox);
     natsSubscription* sub = nullptr;
     detail::nats_check(natsConnection_SubscribeSync(&sub, nc_, (inbox_ + "*").c_str()), "subscribe inbox");
-    sub_.reset(sub);
+    sub_ = {sub, detail::nats_sub_deleter{nc_}};
     // Unlimited pending: deliveries are bounded by what this source asked for.
     (void)natsSubscription_SetPendingLimits(sub, -1, -1);
     // The server must know the subscription before the first request.

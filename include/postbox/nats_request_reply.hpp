@@ -84,11 +84,12 @@ class nats_async_subscription {
                    : natsConnection_QueueSubscribe(&sub, nc, subject.c_str(), queue.c_str(), &on_msg, shared_.get()),
                "subscribe");
     const natsStatus s = natsSubscription_SetOnCompleteCB(sub, &on_complete, shared_.get());
+    sub_ = {sub, nats_sub_deleter{nc}};
     if (s != NATS_OK) {
-      natsSubscription_Destroy(sub);
+      // No completion callback: retire it here, before the handler state goes.
+      sub_.reset();
       nats_check(s, "subscription completion callback");
     }
-    sub_.reset(sub);
   }
   nats_async_subscription(const nats_async_subscription&) = delete;
   nats_async_subscription& operator=(const nats_async_subscription&) = delete;
@@ -356,7 +357,7 @@ class nats_responder {
                              : natsConnection_QueueSubscribeSync(&s, conn.native(), opts_.subject.c_str(),
                                                                  opts_.queue_group.c_str()),
                          "subscribe");
-      sync_.reset(s);
+      sync_ = {s, detail::nats_sub_deleter{conn.native()}};
     } else {
       async_ = std::make_unique<detail::nats_async_subscription>(conn.native(), opts_.subject, opts_.queue_group,
                                                                  [this](nats_msg_ptr m) { serve(m.get()); });
