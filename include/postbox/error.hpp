@@ -43,7 +43,7 @@ enum class errc {
   stopped,              ///< the component was stopped
   permission_denied,    ///< the caller (or its credentials) may not do this: a server's authorization, another tenant's data
   unauthenticated,      ///< no valid credentials or signature: a refused login, an unsigned or tampered message
-  rate_limited,         ///< too many calls for this caller right now; retry later
+  rate_limited,         ///< too many calls for this caller right now; retry later (keep last: parse_errc iterates to it)
 };
 
 /// Stable lower-case name of an error code, e.g. "missing_field".

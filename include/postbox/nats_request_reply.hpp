@@ -53,7 +53,7 @@ namespace detail {
 
 /// The errc whose `to_string` is `name`; `handler_error` for an unknown name.
 [[nodiscard]] inline errc parse_errc(std::string_view name) noexcept {
-  for (int i = 1; i <= static_cast<int>(errc::stopped); ++i)
+  for (int i = 1; i <= static_cast<int>(errc::rate_limited); ++i)  // the last errc
     if (to_string(static_cast<errc>(i)) == name) return static_cast<errc>(i);
   return errc::handler_error;
 }
