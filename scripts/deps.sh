@@ -16,7 +16,7 @@ case "${1:-all}" in
       catch2 libfmt-dev nlohmann-json3-dev libsqlite3-dev relacy-dev
       libconcurrentqueue-dev libreaderwriterqueue-dev libatomic-queue-dev
       libboost-dev libtbb-dev libzmq3-dev
-      nats-server libnats-dev
+      nats-server libnats-dev openssl libasio-dev
       doxygen pkg-config git
     )
     ;;
