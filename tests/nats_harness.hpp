@@ -266,4 +266,11 @@ class cluster {
   std::vector<std::unique_ptr<server>> servers_;
 };
 
+/// A crash and a recovery: SIGKILL `s` (nothing is flushed) and start it
+/// again on the same port with the same store. Throws as `start` does.
+inline void crash_restart(server& s) {
+  s.kill();
+  s.start();
+}
+
 }  // namespace postbox_test::nats

@@ -1069,9 +1069,10 @@ class jetstream_delivery {
   [[nodiscard]] natsMsg* native() const noexcept { return msg_.get(); }
 
   /// Acknowledges and waits for the server to confirm (blocks up to the ack
-  /// timeout), so an acknowledged message is never redelivered once this
-  /// returns `ok`. `timeout` leaves the outcome unknown (the message may be
-  /// redelivered after its ack wait); it may be called again.
+  /// timeout). `ok`: not redelivered while the server runs or after a clean
+  /// restart; after a server crash it may be (nats-server writes ack state
+  /// asynchronously; see docs/design/nats.md). `timeout` leaves the outcome
+  /// unknown (redelivered after its ack wait); it may be called again.
   [[nodiscard]] errc ack() { return settle("+ACK", ack_timeout_); }
   /// Redelivery after `delay` (at once when zero). Does not wait for the server.
   [[nodiscard]] errc nak(std::chrono::milliseconds delay = {}) {

@@ -6,7 +6,8 @@
 // `postbox::nats`). Design notes: docs/design/nats.md ("Consumer source").
 //
 // Settlement mapping (see `settle_action` in settlement.hpp):
-//   ack          -> AckSync (waits for the server's confirmation)
+//   ack          -> AckSync (waits for the server's confirmation; see "Ack
+//                   guarantee" on jetstream_consumer_source)
 //   redeliver(d) -> Nak with delay d (retry(after), retry() backoff, defer)
 //   dead_letter  -> Term (the consumer already put it in its local dead-letter queue)
 //   release      -> Nak now (shutdown, or the dead-letter queue refused it)
@@ -271,6 +272,11 @@ class jetstream_source_monitor {
 ///   (or -1) so the consumer's retry policy decides dead-lettering.
 /// * Per-key order holds within what one source fetched, not across a
 ///   broker redelivery (as in JetStream).
+/// * Ack guarantee: an ack counted in `acked` was confirmed by the server,
+///   so the message is not redelivered while that server runs or after a
+///   clean restart. After a server crash (SIGKILL) it may be: nats-server
+///   writes a durable's ack state asynchronously. Delivery is at-least-once;
+///   make effects exactly-once with an `inbox` in the handler.
 ///
 /// Move-constructible (the consumer takes it by value). `receive` is for one
 /// thread at a time; settle hooks may run on any thread, also after the
