@@ -13,8 +13,11 @@
 # Placement: the layers DESIGN.md names place the headers of its concepts
 # (retry is a pattern). A header DESIGN.md does not place (clock, testing,
 # metrics, observer) sits at the lowest layer its includes allow, so lower
-# layers may use it: clock and testing (manual_clock) include only the core;
-# metrics includes the clock; observer includes envelope.
+# layers may use it: clock includes only the core; metrics includes the
+# clock; observer includes envelope. testing.hpp is the test kit (manual_clock
+# plus testing/: harness, capture sinks, fault injectors, assertions), which
+# drives and decorates patterns, so it sits with them; no library header
+# includes it.
 set(POSTBOX_LAYER_NAMES core channels messages patterns edges)
 
 # 1. core: the lock-free core shared by several concepts; standard library
@@ -24,7 +27,7 @@ set(POSTBOX_LAYER_1
   version.hpp config.hpp error.hpp fwd.hpp)
 # 2. channels: typed in-process transports, and what waiting on them needs.
 set(POSTBOX_LAYER_2
-  clock.hpp timer_service.hpp testing.hpp metrics.hpp
+  clock.hpp timer_service.hpp metrics.hpp
   channel.hpp topic.hpp stream.hpp durable_stream.hpp select.hpp async.hpp)
 # 3. messages: envelopes, codecs (nlohmann/json, fmt), message hooks.
 set(POSTBOX_LAYER_3
@@ -35,7 +38,7 @@ set(POSTBOX_LAYER_4
   retry.hpp dead_letter.hpp settlement.hpp consumer.hpp consumer/*.hpp scheduler.hpp
   store.hpp sqlite.hpp inbox.hpp outbox.hpp
   request_reply.hpp request_reply/*.hpp operations.hpp operations/*.hpp
-  saga.hpp saga_sqlite.hpp)
+  saga.hpp saga_sqlite.hpp testing.hpp testing/*.hpp)
 # 5. edges: opt-in bridges, each with its own target (postbox::nats, postbox::asio).
 set(POSTBOX_LAYER_5
   nats.hpp nats_consumer.hpp nats_outbox.hpp nats_request_reply.hpp asio.hpp)

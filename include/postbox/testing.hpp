@@ -119,3 +119,6 @@ class manual_clock final : public clock {
 };
 
 POSTBOX_END_NAMESPACE
+
+// Capture sinks: a destination that records every envelope, with queries.
+#include <postbox/testing/capture.hpp>
