@@ -56,6 +56,8 @@ inline constexpr std::string_view retries_exhausted = "retries_exhausted";
 inline constexpr std::string_view permanent_error = "permanent_error";
 /// `settlement::reject()` without a reason.
 inline constexpr std::string_view rejected = "rejected";
+/// A source that requires signatures refused it: unsigned, unknown key id, or tampered (signing.hpp).
+inline constexpr std::string_view unauthenticated = "unauthenticated";  // = to_string(errc::unauthenticated)
 }  // namespace dead_letter_reasons
 
 /// The `errc` of a send outcome: ok, full, closed, timeout or canceled. Never allocates.
