@@ -122,3 +122,5 @@ POSTBOX_END_NAMESPACE
 
 // Capture sinks: a destination that records every envelope, with queries.
 #include <postbox/testing/capture.hpp>
+// Fault injectors: seeded source and destination decorators, with counters.
+#include <postbox/testing/faults.hpp>
