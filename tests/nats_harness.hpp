@@ -13,8 +13,11 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -133,12 +136,18 @@ class server {
     peers_ = std::move(peer_ports);
   }
 
+  /// A configuration file the server reads (`-c`), for what has no
+  /// command-line flag (TLS, users, permissions); the flags still set the
+  /// address, port, store and name. Takes effect at the next start.
+  void set_config_file(std::filesystem::path file) { config_file_ = std::move(file); }
+
   /// Starts the process and waits (bounded, ~10 s) until its client port
   /// accepts connections. Throws when it does not come up.
   void start() {
     if (pid_ > 0) return;
     std::vector<std::string> args{detail_binary(), "-a", "127.0.0.1", "-p", std::to_string(port_), "-js", "-sd",
                                   (dir_ / "store").string(), "--server_name", name_};
+    if (!config_file_.empty()) args.insert(args.end(), {"-c", config_file_.string()});
     if (cluster_port_ > 0) {
       args.insert(args.end(), {"--cluster_name", cluster_name_, "--cluster",
                                "nats://127.0.0.1:" + std::to_string(cluster_port_)});
@@ -225,6 +234,7 @@ class server {
   std::string cluster_name_;
   int cluster_port_ = 0;
   std::vector<int> peers_;
+  std::filesystem::path config_file_;
 };
 
 /// A three-node JetStream cluster on loopback: routes between all nodes,
@@ -271,6 +281,150 @@ class cluster {
 inline void crash_restart(server& s) {
   s.kill();
   s.start();
+}
+
+/// Writes `text` to `file` (replacing it). Throws when it cannot.
+inline void write_file(const std::filesystem::path& file, const std::string& text) {
+  std::ofstream out(file, std::ios::binary | std::ios::trunc);
+  out << text;
+  if (!out) throw std::runtime_error("nats harness: cannot write " + file.string());
+}
+
+/// The bytes of `file`. Throws when it cannot be read.
+inline std::string read_file(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw std::runtime_error("nats harness: cannot read " + file.string());
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+/// Runs `command` through the shell with its output discarded; throws with
+/// the command when it fails.
+inline void run(const std::string& command) {
+  if (std::system((command + " >/dev/null 2>&1").c_str()) != 0)
+    throw std::runtime_error("nats harness: command failed: " + command);
+}
+
+/// True when the `openssl` command-line tool can run (certificates and
+/// NKeys are generated with it at test time).
+inline bool openssl_available() { return std::system("openssl version >/dev/null 2>&1") == 0; }
+
+/// A temporary directory removed with everything in it at destruction.
+class temp_dir {
+ public:
+  temp_dir() : path_(detail::make_temp_dir()) {}
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  ~temp_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
+  [[nodiscard]] std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+/// Certificates made at test time with the openssl CLI (P-256 keys, valid
+/// one day): a CA, a server certificate it signs for 127.0.0.1 and localhost,
+/// a client certificate it signs, and a second, unrelated CA ("rogue") with
+/// its own server certificate, for verification failures. File paths.
+struct test_pki {
+  std::string ca, server_cert, server_key, client_cert, client_key, rogue_ca, rogue_server_cert, rogue_server_key;
+};
+
+/// Generates a `test_pki` in `dir`. Throws when openssl fails.
+inline test_pki make_test_pki(const temp_dir& dir) {
+  const std::string p = (dir.path() / "").string();  // "<dir>/"
+  const std::string key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+  auto ca = [&](const std::string& name, const std::string& cn) {
+    run("openssl req -x509 " + key + " -keyout " + p + name + ".key -out " + p + name + ".pem -days 1 -subj /CN=" +
+        cn);
+  };
+  auto leaf = [&](const std::string& name, const std::string& cn, const std::string& issuer, const std::string& ext) {
+    write_file(p + name + ".ext", ext + "\n");
+    run("openssl req -new " + key + " -keyout " + p + name + ".key -out " + p + name + ".csr -subj /CN=" + cn);
+    run("openssl x509 -req -in " + p + name + ".csr -CA " + p + issuer + ".pem -CAkey " + p + issuer +
+        ".key -CAcreateserial -out " + p + name + ".pem -days 1 -extfile " + p + name + ".ext");
+  };
+  ca("ca", "postbox-test-ca");
+  ca("rogue", "postbox-rogue-ca");
+  const std::string server_ext = "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth";
+  leaf("server", "localhost", "ca", server_ext);
+  leaf("rogue-server", "localhost", "rogue", server_ext);
+  leaf("client", "postbox-client", "ca", "extendedKeyUsage=clientAuth");
+  return {p + "ca.pem", p + "server.pem", p + "server.key", p + "client.pem", p + "client.key", p + "rogue.pem",
+          p + "rogue-server.pem", p + "rogue-server.key"};
+}
+
+namespace detail {
+
+/// CRC-16/XMODEM (polynomial 0x1021, initial 0), as NKeys append it.
+inline std::uint16_t crc16(const std::string& bytes) {
+  std::uint16_t crc = 0;
+  for (const unsigned char c : bytes) {
+    crc = static_cast<std::uint16_t>(crc ^ (c << 8));
+    for (int i = 0; i < 8; ++i)
+      crc = static_cast<std::uint16_t>((crc & 0x8000) != 0 ? (crc << 1) ^ 0x1021 : crc << 1);
+  }
+  return crc;
+}
+
+/// RFC 4648 base32 without padding, as NKeys are written.
+inline std::string base32(const std::string& bytes) {
+  static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+  std::string out;
+  unsigned buffer = 0;
+  int bits = 0;
+  for (const unsigned char c : bytes) {
+    buffer = (buffer << 8) | c;
+    bits += 8;
+    while (bits >= 5) {
+      out += alphabet[(buffer >> (bits - 5)) & 31u];
+      bits -= 5;
+    }
+  }
+  if (bits > 0) out += alphabet[(buffer << (5 - bits)) & 31u];
+  return out;
+}
+
+/// `payload` framed as an NKey: prefix bytes, payload, CRC-16 little-endian, base32.
+inline std::string nkey_encode(std::string prefix, const std::string& payload) {
+  std::string raw = std::move(prefix) + payload;
+  const std::uint16_t crc = crc16(raw);
+  raw += static_cast<char>(crc & 0xff);
+  raw += static_cast<char>(crc >> 8);
+  return base32(raw);
+}
+
+}  // namespace detail
+
+/// A user NKey: the public key ("U...") a server config lists and the seed
+/// ("SU...") a client signs with, written to `seed_file`.
+struct user_nkey {
+  std::string public_key, seed, seed_file;
+};
+
+/// Generates a user NKey (an Ed25519 key made by the openssl CLI, framed as
+/// NKeys frame it) and writes its seed to `<dir>/<name>.nk`.
+inline user_nkey make_user_nkey(const temp_dir& dir, const std::string& name) {
+  const std::string pem = dir.file(name + ".ed25519.pem");
+  run("openssl genpkey -algorithm ed25519 -out " + pem);
+  run("openssl pkey -in " + pem + " -outform DER -out " + pem + ".der");
+  run("openssl pkey -in " + pem + " -pubout -outform DER -out " + pem + ".pub.der");
+  const std::string priv = read_file(pem + ".der"), pub = read_file(pem + ".pub.der");
+  if (priv.size() < 32 || pub.size() < 32) throw std::runtime_error("nats harness: unexpected Ed25519 DER");
+  const std::string raw_seed = priv.substr(priv.size() - 32), raw_pub = pub.substr(pub.size() - 32);
+  constexpr unsigned char seed_prefix = 18 << 3, user_prefix = 20 << 3;  // 'S' and 'U' in base32
+  user_nkey k;
+  k.public_key = detail::nkey_encode(std::string(1, static_cast<char>(user_prefix)), raw_pub);
+  std::string two;
+  two += static_cast<char>(seed_prefix | (user_prefix >> 5));
+  two += static_cast<char>((user_prefix & 31) << 3);
+  k.seed = detail::nkey_encode(two, raw_seed);
+  k.seed_file = dir.file(name + ".nk");
+  write_file(k.seed_file, k.seed + "\n");
+  return k;
 }
 
 }  // namespace postbox_test::nats

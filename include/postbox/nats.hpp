@@ -25,6 +25,7 @@
 #include <string>
 #include <thread>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -73,6 +74,15 @@ namespace detail {
     case NATS_NO_RESPONDERS: return errc::busy;
     case NATS_NO_MEMORY: return errc::too_large;
     case NATS_INSUFFICIENT_BUFFER: return errc::full;  // reconnect buffer full while disconnected
+    case NATS_NOT_PERMITTED: return errc::permission_denied;  // the server's authorization refused a subject
+    // A refused login, and every way TLS cannot be set up: a failed handshake
+    // or certificate check, a server that requires TLS from a client not
+    // configured for it, a server without TLS when the options require it.
+    // None of them goes away by retrying with the same options.
+    case NATS_CONNECTION_AUTH_FAILED:
+    case NATS_SSL_ERROR:
+    case NATS_SECURE_CONNECTION_WANTED:
+    case NATS_SECURE_CONNECTION_REQUIRED: return errc::unauthenticated;
     default: return errc::store_error;
   }
 }
@@ -283,6 +293,40 @@ enum class connection_status { connected, reconnecting, closed };
   return "unknown";
 }
 
+/// TLS settings of a `nats_connection` (`nats_connection_options::tls`). A
+/// plain value. TLS is used when `required` is set, when the server demands
+/// it, or for `tls://` URLs; the files configure it whenever it is used.
+struct nats_tls_options {
+  /// Refuse a server that does not offer TLS (connect fails with
+  /// `unauthenticated`) instead of talking plaintext to it. Set it in production.
+  bool required = false;
+  std::string ca_file{};    ///< PEM CA certificates the server's certificate must chain to (empty: OpenSSL's defaults)
+  std::string cert_file{};  ///< PEM client certificate chain, for servers that verify clients (needs `key_file`)
+  std::string key_file{};   ///< PEM private key of `cert_file`
+  /// Check the server's certificate chain. `false` accepts any certificate
+  /// (an attacker's too): for tests only.
+  bool verify_server = true;
+  /// When set, the server's certificate must name this host. libnats 3.4
+  /// checks no name otherwise: any certificate the CA signed is accepted.
+  std::string expected_hostname{};
+  std::string ciphers{};        ///< TLS 1.2 cipher list in OpenSSL syntax (empty: OpenSSL's default)
+  std::string cipher_suites{};  ///< TLS 1.3 cipher suites (empty: OpenSSL's default)
+};
+
+/// How a `nats_connection` logs in (`nats_connection_options::credentials`):
+/// at most one form, user and password, a token, an NKey, or a `.creds`
+/// file (JWT and seed, as nsc writes them); none for an open server. A plain
+/// value. Secrets never appear in postbox's error texts or in `to_string`.
+struct nats_credentials {
+  std::string user{};      ///< user name (with `password`)
+  std::string password{};  ///< the user's password (secret)
+  std::string token{};     ///< an authorization token (secret)
+  std::string nkey{};             ///< public user NKey ("U..."), with `nkey_seed_file`
+  std::string nkey_seed_file{};   ///< file holding that NKey's seed ("SU...", secret); read by libnats at connect
+  std::string creds_file{};       ///< `.creds` file: the user JWT and, normally, its seed
+  std::string creds_seed_file{};  ///< the seed's file when `creds_file` holds only the JWT
+};
+
 /// Options for `nats_connection`. A plain value.
 struct nats_connection_options {
   std::string urls = "nats://127.0.0.1:4222";  ///< comma-separated server URLs
@@ -302,7 +346,131 @@ struct nats_connection_options {
   bool send_asap = true;
   /// Called from a libnats thread on every status change; must not block.
   std::function<void(connection_status)> on_status{};
+  nats_tls_options tls{};            ///< TLS: CA, client certificate, verification
+  nats_credentials credentials{};    ///< login: at most one form (see nats_credentials)
+  /// Called from a libnats thread on every asynchronous error the server or
+  /// libnats reports (a permission violation: `permission_denied`, with the
+  /// server's text naming the subject); must not block. Also kept in
+  /// `nats_connection::last_error()`.
+  std::function<void(errc, std::string_view)> on_error{};
 };
+
+namespace detail {
+
+/// `text` with every occurrence of each non-empty `secrets` entry replaced by
+/// "***", and the user information of any URL in it ("nats://u:p@h" becomes
+/// "nats://***@h"). Allocates. Thread-safe.
+[[nodiscard]] inline std::string nats_redact(std::string text, const std::vector<std::string>& secrets) {
+  for (const auto& secret : secrets) {
+    if (secret.empty()) continue;
+    for (auto pos = text.find(secret); pos != std::string::npos; pos = text.find(secret, pos + 3))
+      text.replace(pos, secret.size(), "***");
+  }
+  for (auto scheme = text.find("://"); scheme != std::string::npos; scheme = text.find("://", scheme + 3)) {
+    const auto start = scheme + 3;
+    const auto end = text.find_first_of(" ,/\"'", start);
+    const auto at = text.rfind('@', end == std::string::npos ? text.size() : end);
+    if (at != std::string::npos && at >= start && (end == std::string::npos || at < end))
+      text.replace(start, at - start, "***");
+  }
+  return text;
+}
+
+/// The secrets in `o` (password, token), for nats_redact.
+[[nodiscard]] inline std::vector<std::string> nats_secrets(const nats_connection_options& o) {
+  return {o.credentials.password, o.credentials.token};
+}
+
+/// Which credential form `c` uses ("" for none); throws postbox::error
+/// (`invalid_argument`) when it sets more than one form or half of one. The
+/// message names the fields, never their values.
+inline std::string nats_credential_form(const nats_credentials& c) {
+  std::vector<std::string> forms;
+  if (!c.user.empty() || !c.password.empty()) forms.emplace_back("user/password");
+  if (!c.token.empty()) forms.emplace_back("token");
+  if (!c.nkey.empty() || !c.nkey_seed_file.empty()) forms.emplace_back("nkey");
+  if (!c.creds_file.empty() || !c.creds_seed_file.empty()) forms.emplace_back("creds_file");
+  auto fail = [](const std::string& why) {
+    POSTBOX_THROW(postbox::error(errc::invalid_argument, "postbox::nats_connection_options: credentials: " + why));
+  };
+  if (forms.size() > 1) {
+    std::string all;
+    for (const auto& f : forms) all += (all.empty() ? "" : ", ") + f;
+    fail("set exactly one form, not several (" + all + ")");
+  }
+  if (forms.empty()) return {};
+  if (forms[0] == "user/password" && c.user.empty()) fail("a password needs a user");
+  if (forms[0] == "nkey" && (c.nkey.empty() || c.nkey_seed_file.empty()))
+    fail("an nkey needs both the public key and nkey_seed_file");
+  if (forms[0] == "creds_file" && c.creds_file.empty()) fail("creds_seed_file needs creds_file");
+  return forms[0];
+}
+
+}  // namespace detail
+
+/// `o` for logs: URLs (user information replaced by "***"), name, TLS
+/// settings and the credential form with public parts only (user name, NKey,
+/// file names); passwords, tokens and seeds never appear. Allocates;
+/// thread-safe.
+[[nodiscard]] inline std::string to_string(const nats_connection_options& o) {
+  const auto secrets = detail::nats_secrets(o);
+  std::string out = "urls=" + detail::nats_redact(o.urls, secrets) + " name=" + detail::nats_redact(o.name, secrets);
+  const auto& t = o.tls;
+  out += std::string(" tls={required=") + (t.required ? "true" : "false");
+  if (!t.ca_file.empty()) out += " ca_file=" + t.ca_file;
+  if (!t.cert_file.empty()) out += " cert_file=" + t.cert_file;
+  if (!t.key_file.empty()) out += " key_file=" + t.key_file;
+  out += std::string(" verify_server=") + (t.verify_server ? "true" : "false");
+  if (!t.expected_hostname.empty()) out += " expected_hostname=" + t.expected_hostname;
+  out += "}";
+  const auto& c = o.credentials;
+  out += " credentials=";
+  if (!c.user.empty() || !c.password.empty()) out += "{user=" + c.user + " password=***}";
+  if (!c.token.empty()) out += "{token=***}";
+  if (!c.nkey.empty() || !c.nkey_seed_file.empty())
+    out += "{nkey=" + c.nkey + " nkey_seed_file=" + c.nkey_seed_file + "}";
+  if (!c.creds_file.empty() || !c.creds_seed_file.empty())
+    out += "{creds_file=" + c.creds_file + (c.creds_seed_file.empty() ? "" : " creds_seed_file=" + c.creds_seed_file) +
+           "}";
+  if (out.back() == '=') out += "none";
+  return detail::nats_redact(std::move(out), secrets);
+}
+
+/// An asynchronous error of a `nats_connection` (`last_error()`): its code
+/// (`ok` when none happened yet), the text libnats or the server gave
+/// (secrets removed) and how many asynchronous errors there were so far.
+struct nats_error_info {
+  errc code = errc::ok;
+  std::string text{};
+  std::uint64_t count = 0;
+};
+
+namespace detail {
+
+/// The operation ("Publish", "Subscription") and subject of a server's
+/// permission violation text (`Permissions Violation for Publish to "a.b"`),
+/// or nullopt for another text. Allocates; thread-safe.
+[[nodiscard]] inline std::optional<std::pair<std::string, std::string>> parse_violation(std::string_view text) {
+  constexpr std::string_view head = "Violation for ";
+  const auto h = text.find(head);
+  if (h == std::string_view::npos) return std::nullopt;
+  text.remove_prefix(h + head.size());
+  const auto to = text.find(" to ");
+  if (to == std::string_view::npos) return std::nullopt;
+  std::string op(text.substr(0, to));
+  text.remove_prefix(to + 4);
+  std::string_view subject;
+  if (!text.empty() && text.front() == '"') {
+    const auto close = text.find('"', 1);
+    if (close == std::string_view::npos) return std::nullopt;
+    subject = text.substr(1, close - 1);
+  } else {
+    subject = text.substr(0, text.find(' '));
+  }
+  return std::make_pair(std::move(op), std::string(subject));
+}
+
+}  // namespace detail
 
 /// A NATS connection with reconnect and exponential backoff. Move-only;
 /// `status()` is thread-safe; the connection may be shared by threads
@@ -310,9 +478,19 @@ struct nats_connection_options {
 class nats_connection {
  public:
   /// Connects (blocks up to `connect_timeout` per server). Throws
-  /// postbox::error (`timeout`, `closed`, `store_error`) when it cannot.
+  /// postbox::error when it cannot: `invalid_argument` for contradictory
+  /// options (two credential forms, half of one, a certificate without its
+  /// key) or unreadable TLS files; `unauthenticated` when the server refuses
+  /// the login or TLS cannot be set up (handshake or certificate check failed,
+  /// TLS required by one side and not offered by the other); `timeout`,
+  /// `closed`, `store_error` otherwise. Error texts never hold secrets.
   explicit nats_connection(nats_connection_options opts) : state_(std::make_shared<state>()) {
     state_->on_status = std::move(opts.on_status);
+    state_->on_error = std::move(opts.on_error);
+    state_->secrets = detail::nats_secrets(opts);
+    const std::string form = detail::nats_credential_form(opts.credentials);
+    if (opts.tls.cert_file.empty() != opts.tls.key_file.empty())
+      POSTBOX_THROW(error(errc::invalid_argument, "postbox::nats_connection_options: tls: cert_file and key_file go together"));
     detail::nats_library_open();
     natsOptions* o = nullptr;
     detail::nats_check(natsOptions_Create(&o), "options");
@@ -341,12 +519,24 @@ class nats_connection {
                        "reconnected cb");
     detail::nats_check(natsOptions_SetClosedCB(o, &nats_connection::closed_cb, state_.get()), "closed cb");
     detail::nats_check(natsOptions_SetSendAsap(o, opts.send_asap), "send asap");
+    detail::nats_check(natsOptions_SetErrorHandler(o, &nats_connection::error_cb, state_.get()), "error handler");
     if (opts.retry_on_failed_connect)
       detail::nats_check(natsOptions_SetRetryOnFailedConnect(o, true, &nats_connection::reconnected_cb, state_.get()), "retry connect");
+    configure_tls(o, opts.tls);
+    configure_credentials(o, opts.credentials, form);
     natsConnection* c = nullptr;
     const natsStatus s = natsConnection_Connect(&c, o);
+    // Under TLS 1.3 a server that rejects the client's certificate (or its
+    // absence) does so after the client's handshake has finished: libnats
+    // then sees the connection end during its first PING, with no -ERR as a
+    // refused login would send. With TLS in use that is the server refusing us.
+    const bool tls_in_use = opts.tls.required || !opts.tls.ca_file.empty() || !opts.tls.cert_file.empty() ||
+                            opts.urls.find("tls://") != std::string::npos;
+    if (tls_in_use && (s == NATS_PROTOCOL_ERROR || s == NATS_IO_ERROR || s == NATS_CONNECTION_CLOSED))
+      fail(s, "connect: the server ended the TLS session during login (is a client certificate it trusts missing?)",
+           errc::unauthenticated);
     if (s != NATS_OK && !(opts.retry_on_failed_connect && s == NATS_NOT_YET_CONNECTED))
-      detail::nats_check(s, "connect");
+      fail(s, "connect");
     conn_.reset(c);
     state_->status.store(s == NATS_OK ? connection_status::connected : connection_status::reconnecting);
   }
@@ -399,7 +589,89 @@ class nats_connection {
     return detail::nats_errc(natsConnection_FlushTimeout(conn_.get(), timeout.count()));
   }
 
+  /// The latest asynchronous error (a permission violation, a slow
+  /// consumer, a login refused on reconnect), secrets removed; code `ok` and
+  /// count 0 when there was none. Allocates; thread-safe.
+  [[nodiscard]] nats_error_info last_error() const {
+    std::lock_guard<std::mutex> lock(state_->errors_m);
+    return state_->last;
+  }
+  /// Permission violations the server reported on this connection so far;
+  /// also the mark for `permission_denied_since`. Blocks only on a brief
+  /// internal lock. Thread-safe.
+  [[nodiscard]] std::uint64_t permission_violations() const {
+    std::lock_guard<std::mutex> lock(state_->errors_m);
+    return state_->violations_seen;
+  }
+  /// True when, after `mark` (a `permission_violations()` value), the server refused `op` ("Publish" or
+  /// "Subscription") on a subject for which `matches(subject)` holds (the
+  /// last 64 violations are kept). The server reports a violation
+  /// asynchronously and otherwise drops the message, so callers that waited
+  /// in vain ask this to tell `permission_denied` from a timeout. Thread-safe.
+  template <class Match>
+    requires std::is_invocable_r_v<bool, Match&, std::string_view> &&
+             (!std::is_convertible_v<Match, std::string_view>)
+  [[nodiscard]] bool permission_denied_since(std::uint64_t mark, std::string_view op, Match&& matches) const {
+    std::vector<std::string> texts;
+    {
+      std::lock_guard<std::mutex> lock(state_->errors_m);
+      const std::uint64_t kept = state_->violations.size();
+      const std::uint64_t first = state_->violations_seen - kept;
+      for (std::uint64_t i = std::max(mark, first); i < state_->violations_seen; ++i)
+        texts.push_back(state_->violations[static_cast<std::size_t>(i - first)]);
+    }
+    // libnats also keeps the latest error on the connection, set by its read
+    // loop before the error callback runs on another thread: it covers a
+    // caller that asks before that callback has recorded the violation.
+    const char* latest = nullptr;
+    if (conn_ && natsConnection_GetLastError(conn_.get(), &latest) == NATS_NOT_PERMITTED && latest != nullptr)
+      texts.emplace_back(latest);
+    for (const auto& t : texts) {
+      const auto v = detail::parse_violation(t);
+      if (v && v->first == op && matches(std::string_view(v->second))) return true;
+    }
+    return false;
+  }
+  /// permission_denied_since for one subject.
+  [[nodiscard]] bool permission_denied_since(std::uint64_t mark, std::string_view op, std::string_view subject) const {
+    return permission_denied_since(mark, op, [subject](std::string_view s) { return s == subject; });
+  }
+
  private:
+  [[noreturn]] void fail(natsStatus s, const char* what, std::optional<errc> code = std::nullopt) const {
+    // libnats' thread-local detail ("SSL handshake error: certificate verify
+    // failed") helps; it names files and hosts, and is scrubbed of secrets anyway.
+    std::string text = std::string("postbox::nats: ") + what + ": " + natsStatus_GetText(s);
+    natsStatus ignored = NATS_OK;
+    if (const char* d = nats_GetLastError(&ignored); d != nullptr && *d != '\0') text += std::string(" (") + d + ")";
+    POSTBOX_THROW(error(code.value_or(detail::nats_errc(s)), detail::nats_redact(std::move(text), state_->secrets)));
+  }
+  void check(natsStatus s, const char* what) const {
+    if (s != NATS_OK) fail(s, what);
+  }
+
+  void configure_tls(natsOptions* o, const nats_tls_options& t) const {
+    if (t.required) check(natsOptions_SetSecure(o, true), "tls: secure");
+    if (!t.ca_file.empty()) check(natsOptions_LoadCATrustedCertificates(o, t.ca_file.c_str()), "tls: ca_file");
+    if (!t.cert_file.empty())
+      check(natsOptions_LoadCertificatesChain(o, t.cert_file.c_str(), t.key_file.c_str()), "tls: cert_file/key_file");
+    if (!t.verify_server) check(natsOptions_SkipServerVerification(o, true), "tls: verify_server");
+    if (!t.expected_hostname.empty())
+      check(natsOptions_SetExpectedHostname(o, t.expected_hostname.c_str()), "tls: expected_hostname");
+    if (!t.ciphers.empty()) check(natsOptions_SetCiphers(o, t.ciphers.c_str()), "tls: ciphers");
+    if (!t.cipher_suites.empty()) check(natsOptions_SetCipherSuites(o, t.cipher_suites.c_str()), "tls: cipher_suites");
+  }
+
+  void configure_credentials(natsOptions* o, const nats_credentials& c, const std::string& form) const {
+    if (form == "user/password") check(natsOptions_SetUserInfo(o, c.user.c_str(), c.password.c_str()), "credentials: user");
+    if (form == "token") check(natsOptions_SetToken(o, c.token.c_str()), "credentials: token");
+    if (form == "nkey") check(natsOptions_SetNKeyFromSeed(o, c.nkey.c_str(), c.nkey_seed_file.c_str()), "credentials: nkey");
+    if (form == "creds_file")
+      check(natsOptions_SetUserCredentialsFromFiles(o, c.creds_file.c_str(),
+                                                    c.creds_seed_file.empty() ? nullptr : c.creds_seed_file.c_str()),
+            "credentials: creds_file");
+  }
+
   struct state {
     // Written by libnats callback threads and the constructor; read by any
     // thread through status(). seq_cst: a lone flag, no ordering partner.
@@ -414,6 +686,14 @@ class nats_connection {
     std::mutex listeners_m;
     std::vector<std::pair<std::uint64_t, std::function<void(connection_status)>>> listeners;
     std::uint64_t last_listener = 0;
+    std::function<void(errc, std::string_view)> on_error;
+    std::vector<std::string> secrets;  // scrubbed from error texts; set before connecting
+    // Asynchronous errors, written by libnats' callback thread, read by any
+    // thread through last_error() / permission_denied_since().
+    mutable std::mutex errors_m;  // guards last, violations, violations_seen
+    nats_error_info last;
+    std::vector<std::string> violations;  // the latest permission violations' texts, at most 64, oldest first
+    std::uint64_t violations_seen = 0;
     void set(connection_status s) {
       status.store(s);
       if (on_status) {
@@ -432,6 +712,31 @@ class nats_connection {
     std::int64_t d = st->wait_ms;
     for (int i = 1; i < attempts && d < st->wait_max_ms; ++i) d *= 2;
     return d < st->wait_max_ms ? d : st->wait_max_ms;
+  }
+  static void error_cb(natsConnection* nc, natsSubscription*, natsStatus err, void* c) {
+    auto* st = static_cast<state*>(c);
+    const char* raw = nullptr;
+    std::string text = natsConnection_GetLastError(nc, &raw) == err && raw != nullptr && *raw != '\0'
+                           ? std::string(raw)
+                           : std::string(natsStatus_GetText(err));
+    POSTBOX_TRY { text = detail::nats_redact(std::move(text), st->secrets); }
+    POSTBOX_CATCH_ALL { text = natsStatus_GetText(err); }
+    const errc code = detail::nats_errc(err);
+    {
+      std::lock_guard<std::mutex> lock(st->errors_m);
+      st->last.code = code;
+      st->last.text = text;
+      ++st->last.count;
+      if (err == NATS_NOT_PERMITTED) {
+        if (st->violations.size() == 64) st->violations.erase(st->violations.begin());
+        st->violations.push_back(text);
+        ++st->violations_seen;
+      }
+    }
+    if (st->on_error) {
+      POSTBOX_TRY { st->on_error(code, text); }
+      POSTBOX_CATCH_ALL {}
+    }
   }
   static void disconnected_cb(natsConnection*, void* c) { static_cast<state*>(c)->set(connection_status::reconnecting); }
   static void reconnected_cb(natsConnection*, void* c) { static_cast<state*>(c)->set(connection_status::connected); }
@@ -495,7 +800,8 @@ class jetstream {
   }
 
   /// Creates the stream, or updates it if it exists. Blocks on the server.
-  /// Returns `ok` or an error code. Thread-safe.
+  /// Returns `ok` or an error code (`permission_denied`, after the API
+  /// timeout, when the user may not manage streams). Thread-safe.
   [[nodiscard]] errc ensure_stream(const stream_options& so) {
     jsStreamConfig cfg;
     jsStreamConfig_Init(&cfg);
@@ -509,9 +815,14 @@ class jetstream {
     cfg.Duplicates = std::chrono::duration_cast<std::chrono::nanoseconds>(so.duplicate_window).count();
     jsErrCode jerr = static_cast<jsErrCode>(0);
     jsStreamInfo* si = nullptr;
+    const std::uint64_t mark = conn_->permission_violations();
     natsStatus s = js_AddStream(&si, js_.get(), &cfg, nullptr, &jerr);
     if (s != NATS_OK && jerr == JSStreamNameExistErr) s = js_UpdateStream(&si, js_.get(), &cfg, nullptr, &jerr);
     if (si) jsStreamInfo_Destroy(si);
+    if (s != NATS_OK && conn_->permission_denied_since(mark, "Publish", [](std::string_view subj) {
+          return subj.rfind("$JS.API.STREAM.", 0) == 0;
+        }))
+      return errc::permission_denied;  // the API request was refused, and timed out
     return detail::nats_errc(s);
   }
 
@@ -640,7 +951,9 @@ class jetstream_publisher {
 
   /// Publishes on the mapped subject. `ok` only after a PubAck; `timeout`
   /// or `busy` when every attempt's outcome stayed unknown (retry later
-  /// with the same id). Blocks; allocates. Thread-safe.
+  /// with the same id); `permission_denied` when the server refused the
+  /// subject (known once the first attempt's `ack_timeout` has passed: the
+  /// server reports it out of band; not retried). Blocks; allocates. Thread-safe.
   template <class T>
   [[nodiscard]] result<publish_ack> publish(const envelope<T>& env) {
     return publish(env, opts_.subjects(env.type));
@@ -657,8 +970,12 @@ class jetstream_publisher {
     for (int attempt = 1; attempt <= opts_.max_attempts; ++attempt) {
       publish_ack ack;
       ack.attempts = attempt;
+      const std::uint64_t mark = js_->connection().permission_violations();
       const natsStatus s = detail::js_publish_once(js_->native(), msg->get(), id, opts_.ack_timeout, ack);
       if (s == NATS_OK) return ack;
+      // The server drops a publish outside the user's permissions and says so
+      // only out of band: the attempt times out, and retrying cannot help.
+      if (js_->connection().permission_denied_since(mark, "Publish", subject)) return errc::permission_denied;
       last = detail::nats_errc(s);
       // Unknown outcome: republish with the same id (detail::js_unknown_outcome).
       if (!detail::js_unknown_outcome(s) || attempt == opts_.max_attempts) break;
@@ -684,7 +1001,8 @@ class jetstream_publisher {
 /// stream acknowledged it; `ack` says where), `full` (discarded by
 /// drop_oldest or drop_newest), `canceled` (the publisher was destroyed
 /// first: not acknowledged, so the outcome is unknown if it was in flight),
-/// `closed` (the connection closed for good) or a permanent publish error.
+/// `closed` (the connection closed for good) or a permanent publish error
+/// (`permission_denied` when the server's authorization refused the subject).
 struct buffered_outcome {
   message_id id;
   errc status = errc::ok;
@@ -920,9 +1238,14 @@ class buffered_jetstream_publisher {
       if (status() == connection_status::closed) return errc::closed;
       lock.unlock();
       ack.attempts = attempt;
+      const std::uint64_t mark = js_->connection().permission_violations();
       const natsStatus s = detail::js_publish_once(js_->native(), it.msg.get(), id, opts_.ack_timeout, ack);
+      const char* subject = natsMsg_GetSubject(it.msg.get());
+      const bool denied = s != NATS_OK && subject != nullptr &&
+                          js_->connection().permission_denied_since(mark, "Publish", std::string_view(subject));
       lock.lock();
       if (s == NATS_OK) return errc::ok;
+      if (denied) return errc::permission_denied;  // refused by the server's authorization: permanent
       if (!detail::js_unknown_outcome(s)) return detail::nats_errc(s);
       bump(republished_);
       if (s != NATS_TIMEOUT) {  // an instant failure: back off on the clock
@@ -1131,7 +1454,8 @@ class jetstream_pull_source {
   /// first (the durable is left as it is). Throws on other failures. Blocks
   /// for the API round trips; allocates.
   jetstream_pull_source(jetstream& js, const jetstream_consumer_options& co)
-      : nc_(js.connection().native()), ack_timeout_(js.api_timeout()) {
+      : nc_(js.connection().native()), conn_(&js.connection()), ack_timeout_(js.api_timeout()) {
+    const std::uint64_t mark = conn_->permission_violations();
     jsConsumerInfo* ci = nullptr;
     jsErrCode jerr = static_cast<jsErrCode>(0);
     natsStatus s = js_GetConsumerInfo(&ci, js.native(), co.stream.c_str(), co.durable.c_str(), nullptr, &jerr);
@@ -1156,6 +1480,9 @@ class jetstream_pull_source {
     const std::string mismatch =
         existing && ci != nullptr && ci->Config != nullptr ? config_mismatch(*ci->Config, co) : std::string();
     if (ci != nullptr) jsConsumerInfo_Destroy(ci);
+    if (s != NATS_OK && denied_since(mark))
+      POSTBOX_THROW(error(errc::permission_denied, "jetstream_pull_source: durable " + co.durable + " on stream " +
+                                                       co.stream + ": the server's authorization refused the consumer API"));
     detail::nats_check(s, "bind durable consumer");
     if (!mismatch.empty())
       POSTBOX_THROW(error(errc::conflict, "jetstream_pull_source: durable " + co.durable + " on stream " + co.stream +
@@ -1172,6 +1499,11 @@ class jetstream_pull_source {
     (void)natsSubscription_SetPendingLimits(sub, -1, -1);
     // The server must know the subscription before the first request.
     detail::nats_check(natsConnection_FlushTimeout(nc_, ack_timeout_.count()), "flush");
+    // The server answers a refused subscription with an error before the
+    // flush's PONG, so it is known by now (or at the latest by the first fetch).
+    if (denied_since(mark))
+      POSTBOX_THROW(error(errc::permission_denied, "jetstream_pull_source: durable " + co.durable + " on stream " +
+                                                       co.stream + ": the server's authorization refused its reply inbox"));
   }
 
   /// Up to `max` deliveries, waiting up to `timeout` for the first: what
@@ -1189,6 +1521,8 @@ class jetstream_pull_source {
   /// is zero); allocates.
   [[nodiscard]] result<std::vector<jetstream_delivery<T>>> fetch(int max, std::chrono::milliseconds timeout) {
     if (max < 1) return errc::invalid_argument;
+    const std::uint64_t mark = conn_->permission_violations();
+    auto denied_or = [&](errc e) -> errc { return e == errc::timeout && denied_since(mark) ? errc::permission_denied : e; };
     const auto until = std::chrono::steady_clock::now() + (timeout.count() > 0 ? timeout : ack_timeout_);
     std::vector<jetstream_delivery<T>> out;
     queued(max, out);
@@ -1196,14 +1530,14 @@ class jetstream_pull_source {
     if (const errc c = timeout.count() > 0 ? await_connected(until) : connected(); c != errc::ok) return c;
     errc e = request(max, false, until, out);
     if (!out.empty()) return out;
-    if (e != errc::ok) return e;
-    if (timeout.count() <= 0) return errc::timeout;
+    if (e != errc::ok) return denied_or(e);
+    if (timeout.count() <= 0) return denied_or(errc::timeout);
     e = request(1, true, until, out);
     if (!out.empty()) {
       queued(max, out);  // and whatever else is already here
       return out;
     }
-    return e == errc::ok ? errc::timeout : e;
+    return denied_or(e == errc::ok ? errc::timeout : e);
   }
 
   /// Up to `max` deliveries the server has right now: what earlier requests
@@ -1217,8 +1551,10 @@ class jetstream_pull_source {
     queued(max, out);
     if (!out.empty()) return out;
     if (const errc c = connected(); c != errc::ok) return c;
+    const std::uint64_t mark = conn_->permission_violations();
     const errc e = request(max, false, std::chrono::steady_clock::now() + reply_wait, out);
     if (!out.empty()) return out;
+    if (e == errc::timeout && denied_since(mark)) return errc::permission_denied;
     return e == errc::ok ? errc::timeout : e;
   }
 
@@ -1251,6 +1587,16 @@ class jetstream_pull_source {
     const std::int64_t our_max = co.max_deliver < 1 ? -1 : co.max_deliver;
     if (server_max != our_max) differs("max_deliver", std::to_string(server_max), std::to_string(our_max));
     return out;
+  }
+
+  // True when the server refused, after `mark`, a subject this source uses:
+  // the JetStream API (consumer info and create, pull requests) or a reply
+  // inbox (its own, or libnats' request inbox). On a connection shared with
+  // another denied JetStream user this may name that user's refusal.
+  bool denied_since(std::uint64_t mark) const {
+    auto ours = [](std::string_view s) { return s.rfind("$JS.API.", 0) == 0 || s.rfind("_INBOX.", 0) == 0; };
+    return conn_->permission_denied_since(mark, "Publish", ours) ||
+           conn_->permission_denied_since(mark, "Subscription", ours);
   }
 
   // A JetStream status reply (404 no messages, 408 request expired, 409
@@ -1351,6 +1697,7 @@ class jetstream_pull_source {
   }
 
   natsConnection* nc_;
+  nats_connection* conn_;  // for its permission violations; outlives this source
   std::chrono::milliseconds ack_timeout_;
   std::string next_subject_;
   std::string inbox_;            // "<inbox>." ; requests reply to inbox_ + token

@@ -14,6 +14,12 @@
 // envelope.attempt = the producer's attempt + NumDelivered - 1 (deliveries
 // started before this one). Undecodable messages become `inbound::malformed`
 // (dead-lettered locally, then termed).
+//
+// Signed messages (signing.hpp): wrap the source in `verified_source` with a
+// payload encoder giving the JSON body (`nlohmann::json(p).dump()`, what
+// to_nats_msg sends); unsigned, unknown-key and tampered messages are then
+// dead-lettered as `unauthenticated` and termed. Publish through a
+// `signing_publisher` over `jetstream_publisher`.
 
 #include <postbox/consumer.hpp>
 #include <postbox/nats.hpp>
