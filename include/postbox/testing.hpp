@@ -124,3 +124,5 @@ POSTBOX_END_NAMESPACE
 #include <postbox/testing/capture.hpp>
 // Fault injectors: seeded source and destination decorators, with counters.
 #include <postbox/testing/faults.hpp>
+// Assertions for messaging code: idempotency, saga compensation, no message lost.
+#include <postbox/testing/assertions.hpp>
