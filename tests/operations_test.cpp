@@ -168,7 +168,7 @@ TEST_CASE("racing cancel and completion agree on the first terminal transition",
   CHECK(canceled + succeeded == n);
 }
 
-TEST_CASE("a failing operation records a structured error", "[operations]") {
+TEST_CASE("a failing operation records a structured error with a generic message and an incident", "[operations]") {
   postbox::manual_clock clock;
   postbox::operations<int> ops(clock);
   auto a = ops.submit("alice", "", "", [](postbox::operation_context&) -> int {
@@ -178,7 +178,8 @@ TEST_CASE("a failing operation records a structured error", "[operations]") {
   CHECK(s.state == operation_state::failed);
   REQUIRE(s.error.has_value());
   CHECK(s.error->code == postbox::errc::store_error);
-  CHECK(s.error->message == "disk");
+  CHECK(s.error->incident.size() == 32);
+  CHECK(s.error->message == "the operation failed; reference " + s.error->incident);
 }
 
 TEST_CASE("a watcher is pushed every state change in version order", "[operations]") {

@@ -6,10 +6,13 @@
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/operations/executor.hpp>
+#include <postbox/operations/poll_limit.hpp>
 #include <postbox/detail/random.hpp>
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
 
+#include <algorithm>
+#include <array>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -26,7 +29,9 @@
 #include <utility>
 #include <vector>
 
-// Design notes: docs/design/request_reply.md ("operations").
+// Design notes: docs/design/request_reply.md ("operations") and, for the
+// security properties (error split, polling rate limit, tenants, ids),
+// docs/design/operations.md.
 
 POSTBOX_BEGIN_NAMESPACE
 
@@ -51,10 +56,60 @@ enum class operation_state { pending, running, succeeded, failed, canceled };
   return s == operation_state::succeeded || s == operation_state::failed || s == operation_state::canceled;
 }
 
-/// A failed operation's structured error.
+/// A failed operation's structured error, as the polling client sees it.
+/// `message` is the work's own text only when it threw `public_error`;
+/// otherwise it is "the operation failed; reference <incident>" and the
+/// detail went to `operations_options::on_incident` only. `incident` is an
+/// unguessable 32-hex-digit handle naming the failure in both places (empty
+/// for cancellations, which are not incidents).
 struct operation_error {
   errc code = errc::handler_error;
   std::string message;
+  std::string incident{};
+};
+
+/// Thrown by an operation's work to fail it with a message meant for the
+/// client: the only exception whose text reaches `get`/`watch`/`wait`.
+/// Everything else a work throws is internal (see `operation_error`).
+/// Say nothing in it you would not show the client.
+class public_error : public error {
+ public:
+  /// A public failure with `code` (handler_error unless given).
+  explicit public_error(const std::string& message, errc code = errc::handler_error) : error(code, message) {}
+  public_error(errc code, const std::string& message) : error(code, message) {}
+};
+
+/// The full detail of one failed operation, for operators only: passed to
+/// `operations_options::on_incident`, never to `get`/`watch`/`wait`. The
+/// views are valid only during the call; copy what you keep.
+struct operation_incident {
+  std::string_view incident;      ///< as in the snapshot's `error->incident`
+  std::string_view operation_id;  ///< the failed operation
+  std::string_view tenant;        ///< its tenant (empty: the default tenant)
+  std::string_view owner;         ///< its owner
+  errc code = errc::handler_error;  ///< as in the snapshot
+  std::string_view detail;        ///< the exception's full what() ("unknown exception" for a non-std one)
+  bool is_public = false;         ///< thrown as public_error (its text is also in the snapshot)
+  time_point at{};                ///< on the tracker's clock
+};
+
+/// Who reads or writes an operation: an `owner` inside a `tenant`. Every call
+/// matches both, so another owner's or another tenant's operation answers
+/// `not_found`, exactly as a missing one, and listing never crosses either.
+/// Implicit from one string, the owner in the default (empty) tenant, so
+/// `ops.get("alice", id)` keeps its meaning; `{"acme", "alice"}` names a tenant.
+struct operation_caller {
+  std::string tenant;
+  std::string owner;
+
+  operation_caller() = default;
+  operation_caller(const char* owner_name) : owner(owner_name) {}  // NOLINT(google-explicit-constructor)
+  operation_caller(std::string owner_name) : owner(std::move(owner_name)) {}  // NOLINT(google-explicit-constructor)
+  operation_caller(std::string_view owner_name) : owner(owner_name) {}  // NOLINT(google-explicit-constructor)
+  operation_caller(std::string tenant_name, std::string owner_name)
+      : tenant(std::move(tenant_name)), owner(std::move(owner_name)) {}
+
+  friend bool operator==(const operation_caller&, const operation_caller&) = default;
 };
 
 /// A copy of one operation's record at one moment. `version` grows by one per
@@ -103,11 +158,23 @@ struct operations_options {
   std::size_t queue_capacity = 256; ///< queued (not started) operations before `submit` refuses with `busy`
   duration retention = std::chrono::hours(1);  ///< a terminal record lives this long after its last change
   duration poll_interval = std::chrono::seconds(1);  ///< retry_after suggested while not terminal
+  /// Polls (`get`, `watch`, `list`) per second allowed to each owner of each
+  /// tenant, refilled on the tracker's clock; beyond it they answer
+  /// `rate_limited` with `retry_after()`. 0 (the default) disables the limit:
+  /// set it when these calls serve untrusted clients.
+  double poll_rate = 0;
+  std::size_t poll_burst = 10;  ///< polls an owner may make at once (bucket size); 0 counts as 1
+  /// Told every failure of a work, with its full text and incident id, on the
+  /// worker thread that ran the work, outside the tracker's lock. Must be
+  /// thread-safe; an exception from it is caught and counted. May be empty.
+  std::function<void(const operation_incident&)> on_incident{};
 };
 
-/// Tracks long-running work: idempotent submit, owner-scoped get, cooperative
-/// cancel, push watch, clock-driven expiry (lazily on access and by
-/// `sweep()`). Work runs on a bounded executor. All members thread-safe.
+/// Tracks long-running work: idempotent submit, owner- and tenant-scoped
+/// reads, cooperative cancel, push watch, clock-driven expiry (lazily on
+/// access and by `sweep()`), an optional per-owner polling rate limit, and
+/// failures whose internal detail goes to `on_incident`, never to the
+/// client. Work runs on a bounded executor. All members thread-safe.
 template <class Result>
 class operations {
  public:
@@ -182,11 +249,12 @@ class operations {
     link_->owner = nullptr;
   }
 
-  /// Submits `fn` for `caller`. Same (caller, key) and fingerprint returns the
-  /// existing id; other fingerprint is `conflict`. An empty key disables
-  /// deduplication. Status `busy` when the executor queue is full (nothing
-  /// recorded). Allocates. Never blocks on the work.
-  [[nodiscard]] result<submission> submit(const std::string& caller, const std::string& idempotency_key,
+  /// Submits `fn` for `caller` (an owner, optionally in a tenant). Same
+  /// (tenant, owner, key) and fingerprint returns the existing id; other
+  /// fingerprint is `conflict`. An empty key disables deduplication. Status
+  /// `busy` when the executor queue is full (nothing recorded). Not rate
+  /// limited. Allocates. Never blocks on the work.
+  [[nodiscard]] result<submission> submit(const operation_caller& caller, const std::string& idempotency_key,
                                           const std::string& fingerprint, work fn) {
     // Built before the lock and, when refused, destroyed after it (declared
     // before the lock): destroying `fn` runs user code, which must not run
@@ -212,26 +280,47 @@ class operations {
     // the record.
     if (!executor_->try_post(t)) return errc::busy;
     record r;
-    r.caller = caller;
+    r.tenant = caller.tenant;
+    r.owner = caller.owner;
     r.key = idempotency_key;
     r.fingerprint = fingerprint;
     r.snap.id = id;
     r.snap.created_at = r.snap.updated_at = clock_->now();
-    r.snap.retry_after = opts_.poll_interval;
+    r.snap.retry_after = suggested_poll();
     records_.emplace(id, std::move(r));
     if (!idempotency_key.empty()) keys_.emplace(key_of(caller, idempotency_key), id);
     return submission{std::move(id), submit_disposition::created};
   }
 
-  /// The record of `id` if it belongs to `caller` and has not expired;
-  /// otherwise `not_found` (another caller's operation looks absent).
-  /// Allocates (a copy). Thread-safe.
-  [[nodiscard]] result<operation_snapshot<Result>> get(const std::string& caller, const std::string& id) {
+  /// The record of `id` if it belongs to `caller` (owner and tenant) and has
+  /// not expired; otherwise `not_found` (another owner's or tenant's
+  /// operation looks absent). With `poll_rate` set, a poll beyond the
+  /// owner's budget answers `rate_limited` and `retry_after()` before any
+  /// lookup (unknown ids cost a poll too). Allocates (a copy). Thread-safe.
+  [[nodiscard]] poll_result<operation_snapshot<Result>> get(const operation_caller& caller, const std::string& id) {
     std::lock_guard lock(mutex_);
+    if (const duration delay = charge_locked(caller); delay > duration::zero()) return {errc::rate_limited, delay};
     expire_locked();
     auto it = records_.find(id);
-    if (it == records_.end() || it->second.caller != caller) return errc::not_found;
+    if (it == records_.end() || !owned_by(it->second, caller)) return errc::not_found;
     return it->second.snap;
+  }
+
+  /// Snapshots of every live operation of `caller` (its owner in its tenant
+  /// only; never another tenant's), oldest first. Rate limited as `get`.
+  /// Scans every record. Allocates (copies). Thread-safe.
+  [[nodiscard]] poll_result<std::vector<operation_snapshot<Result>>> list(const operation_caller& caller) {
+    std::vector<operation_snapshot<Result>> out;
+    std::lock_guard lock(mutex_);
+    if (const duration delay = charge_locked(caller); delay > duration::zero()) return {errc::rate_limited, delay};
+    expire_locked();
+    for (const auto& [id, r] : records_) {
+      if (owned_by(r, caller)) out.push_back(r.snap);
+    }
+    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
+      return a.created_at != b.created_at ? a.created_at < b.created_at : a.id < b.id;
+    });
+    return out;
   }
 
   /// Blocks until `caller`'s operation `id` is terminal and returns that
@@ -240,12 +329,12 @@ class operations {
   /// when the record is swept meanwhile); `stopped` when the tracker is
   /// destroyed first (its destructor wakes every waiter and waits for it to
   /// leave). Allocates (a copy). Thread-safe.
-  [[nodiscard]] result<operation_snapshot<Result>> wait(const std::string& caller, const std::string& id,
+  [[nodiscard]] result<operation_snapshot<Result>> wait(const operation_caller& caller, const std::string& id,
                                                         std::stop_token stop = {}) {
     std::unique_lock lock(mutex_);
     expire_locked();
     auto it = records_.find(id);
-    if (it == records_.end() || it->second.caller != caller) return errc::not_found;
+    if (it == records_.end() || !owned_by(it->second, caller)) return errc::not_found;
     if (closing_) return errc::stopped;
     ++waiting_;
     // Re-found after each wake: the record may be swept while we sleep.
@@ -267,14 +356,14 @@ class operations {
   /// running one becomes canceled and its stop_token is signalled (a result
   /// it returns later is discarded). Returns the final state: `canceled`
   /// if cancel won, or the terminal state that came first; `not_found` as get.
-  [[nodiscard]] result<operation_state> cancel(const std::string& caller, const std::string& id) {
+  [[nodiscard]] result<operation_state> cancel(const operation_caller& caller, const std::string& id) {
     std::vector<watcher> ws;
     operation_snapshot<Result> snap;
     {
       std::lock_guard lock(mutex_);
       expire_locked();
       auto it = records_.find(id);
-      if (it == records_.end() || it->second.caller != caller) return errc::not_found;
+      if (it == records_.end() || !owned_by(it->second, caller)) return errc::not_found;
       record& r = it->second;
       if (is_terminal(r.snap.state)) return r.snap.state;
       r.stop.request_stop();
@@ -290,12 +379,13 @@ class operations {
 
   /// Calls `fn` with a snapshot after every change of `caller`'s operation
   /// `id` (on the thread making the change, outside the lock; order by
-  /// `version`). `not_found` as get. Allocates. Thread-safe.
-  [[nodiscard]] result<watch_handle> watch(const std::string& caller, const std::string& id, watcher fn) {
+  /// `version`). `not_found` and `rate_limited` as get. Allocates. Thread-safe.
+  [[nodiscard]] poll_result<watch_handle> watch(const operation_caller& caller, const std::string& id, watcher fn) {
     std::lock_guard lock(mutex_);
+    if (const duration delay = charge_locked(caller); delay > duration::zero()) return {errc::rate_limited, delay};
     expire_locked();
     auto it = records_.find(id);
-    if (it == records_.end() || it->second.caller != caller) return errc::not_found;
+    if (it == records_.end() || !owned_by(it->second, caller)) return errc::not_found;
     const auto token = ++next_watch_;
     it->second.watchers.emplace(token, std::make_shared<watcher>(std::move(fn)));
     return watch_handle(link_, id, token);
@@ -309,21 +399,50 @@ class operations {
   /// record is swept meanwhile). Suspends (no thread blocks) and resumes on the awaiting task's
   /// scheduler. Allocates a copy, and a registration when it suspends.
   /// The tracker must outlive the wait (destroy a suspended frame first).
-  [[nodiscard]] auto async_watch(const std::string& caller, const std::string& id, std::uint64_t after_version,
+  [[nodiscard]] auto async_watch(const operation_caller& caller, const std::string& id, std::uint64_t after_version,
                                  std::stop_token stop = {}) {
     return detail::op_awaiter<watch_op>(watch_op{this, caller, id, after_version, false}, {std::move(stop), {}});
   }
   /// `co_await ops.async_wait(caller, id)`: the awaitable form of `wait`: the
   /// terminal snapshot, or `canceled` or `not_found` as async_watch.
-  [[nodiscard]] auto async_wait(const std::string& caller, const std::string& id, std::stop_token stop = {}) {
+  [[nodiscard]] auto async_wait(const operation_caller& caller, const std::string& id, std::stop_token stop = {}) {
     return detail::op_awaiter<watch_op>(watch_op{this, caller, id, 0, true}, {std::move(stop), {}});
   }
 
   /// Removes terminal records older than the retention period (their
-  /// idempotency keys with them); returns how many. Thread-safe.
+  /// idempotency keys with them) and the polling buckets that are full
+  /// again; returns how many records. Thread-safe.
   std::size_t sweep() {
     std::lock_guard lock(mutex_);
+    if (limiter_.enabled()) limiter_.scan(clock_->now());
     return expire_locked();
+  }
+
+  /// Failures of work so far (each one an incident) whose code is `code`:
+  /// `handler_error` for std::exception and unknown ones, the thrown code
+  /// for postbox::error and public_error. Thread-safe.
+  [[nodiscard]] std::uint64_t failures(errc code) const {
+    std::lock_guard lock(mutex_);
+    return failures_[static_cast<std::size_t>(code)];
+  }
+
+  /// Polls (`get`, `watch`, `list`) refused with `rate_limited` so far. Thread-safe.
+  [[nodiscard]] std::uint64_t polls_refused() const {
+    std::lock_guard lock(mutex_);
+    return polls_refused_;
+  }
+
+  /// Polling buckets held: owners that polled within one refill period
+  /// (plus full ones not yet dropped). Zero when the limit is off. Thread-safe.
+  [[nodiscard]] std::size_t poll_buckets_approx() const {
+    std::lock_guard lock(mutex_);
+    return limiter_.size();
+  }
+
+  /// Calls of `on_incident` that threw so far. Thread-safe.
+  [[nodiscard]] std::uint64_t incident_hook_failures() const {
+    std::lock_guard lock(mutex_);
+    return incident_hook_failures_;
   }
 
   /// Records held (including expired ones not yet swept). Thread-safe.
@@ -341,7 +460,7 @@ class operations {
 
  private:
   struct record {
-    std::string caller, key, fingerprint;
+    std::string tenant, owner, key, fingerprint;
     operation_snapshot<Result> snap;
     std::stop_source stop;
     std::map<std::uint64_t, std::shared_ptr<watcher>> watchers;
@@ -353,7 +472,8 @@ class operations {
   struct watch_op {
     using result_type = result<operation_snapshot<Result>>;
     operations* self;
-    std::string caller, id;
+    operation_caller caller;
+    std::string id;
     std::uint64_t after = 0;
     bool terminal_only = false;
 
@@ -383,7 +503,7 @@ class operations {
     expire_locked();
     if (closing_) return result<operation_snapshot<Result>>(errc::stopped);
     auto it = records_.find(w.id);
-    if (it == records_.end() || it->second.caller != w.caller) {
+    if (it == records_.end() || !owned_by(it->second, w.caller)) {
       return result<operation_snapshot<Result>>(errc::not_found);
     }
     const operation_snapshot<Result>& snap = it->second.snap;
@@ -405,11 +525,36 @@ class operations {
     return l;
   }
 
-  static std::string key_of(const std::string& caller, const std::string& key) {
-    std::string k = caller;
-    k.push_back('\0');
+  // tenant and owner length-prefixed, so no two (tenant, owner, key)
+  // triples share a string whatever bytes they hold.
+  static std::string key_of(const std::string& tenant, const std::string& owner, const std::string& key) {
+    std::string k = std::to_string(tenant.size());
+    k.push_back(':');
+    k += tenant;
+    k += std::to_string(owner.size());
+    k.push_back(':');
+    k += owner;
     k += key;
     return k;
+  }
+  static std::string key_of(const operation_caller& c, const std::string& key) { return key_of(c.tenant, c.owner, key); }
+
+  static bool owned_by(const record& r, const operation_caller& c) noexcept {
+    return r.owner == c.owner && r.tenant == c.tenant;
+  }
+
+  // Takes one poll from `caller`'s bucket: zero when allowed, else the wait.
+  duration charge_locked(const operation_caller& caller) {
+    if (!limiter_.enabled()) return duration::zero();
+    const duration delay = limiter_.charge(key_of(caller, {}), clock_->now());
+    if (delay > duration::zero()) ++polls_refused_;
+    return delay;
+  }
+
+  // The poll interval a live snapshot suggests: never shorter than one
+  // token's refill, so a client that follows it is never refused.
+  [[nodiscard]] duration suggested_poll() const noexcept {
+    return std::max(opts_.poll_interval, limiter_.interval());
   }
 
   static std::string new_id() {
@@ -423,7 +568,7 @@ class operations {
 
   void touch_locked(record& r) {
     r.snap.updated_at = clock_->now();
-    r.snap.retry_after = is_terminal(r.snap.state) ? duration::zero() : opts_.poll_interval;
+    r.snap.retry_after = is_terminal(r.snap.state) ? duration::zero() : suggested_poll();
     ++r.snap.version;
     wake_async_locked();
     // A record turns terminal exactly once (transitions refuse to leave a
@@ -456,7 +601,7 @@ class operations {
   void drop_locked(const std::string& id) {
     auto it = records_.find(id);
     if (it == records_.end()) return;
-    if (!it->second.key.empty()) keys_.erase(key_of(it->second.caller, it->second.key));
+    if (!it->second.key.empty()) keys_.erase(key_of(it->second.tenant, it->second.owner, it->second.key));
     records_.erase(it);
     wake_async_locked();
     if (waiting_ > 0) changed_.notify_all();  // a waiter on this record sees not_found
@@ -500,11 +645,14 @@ class operations {
       return;
     }
     std::stop_token token;
+    std::string tenant, owner;  // for the incident report
     {
       std::lock_guard lock(mutex_);
       auto it = records_.find(id);
       if (it == records_.end()) return;
       token = it->second.stop.get_token();
+      tenant = it->second.tenant;
+      owner = it->second.owner;
     }
     if (!transition(id, [](auto& s) { s.state = operation_state::running; })) return;  // canceled while pending
     operation_context ctx(token, [this, &id](int pct, std::string msg) {
@@ -521,12 +669,14 @@ class operations {
         s.progress = 100;
         s.result.emplace(std::move(r));
       });
+    } catch (const public_error& e) {
+      fail(id, tenant, owner, e.code(), e.what(), true);
     } catch (const error& e) {
-      fail(id, e.code(), e.what());
+      fail(id, tenant, owner, e.code(), e.what(), false);
     } catch (const std::exception& e) {
-      fail(id, errc::handler_error, e.what());
+      fail(id, tenant, owner, errc::handler_error, e.what(), false);
     } catch (...) {
-      fail(id, errc::handler_error, "unknown exception");
+      fail(id, tenant, owner, errc::handler_error, "unknown exception", false);
     }
 #else
     Result r = fn(ctx);
@@ -538,10 +688,37 @@ class operations {
 #endif
   }
 
-  void fail(const std::string& id, errc code, std::string msg) {
+  // Records a failure: the detail goes to on_incident (first, so an
+  // operator has it by the time the client sees the failure) and the counters;
+  // the snapshot carries the detail only when the work declared it public.
+  // The incident is reported even when a cancel already won the record.
+  void fail(const std::string& id, const std::string& tenant, const std::string& owner, errc code,
+            std::string_view text, bool is_public) {
+    std::string incident = new_id();
+    {
+      std::lock_guard lock(mutex_);
+      ++failures_[static_cast<std::size_t>(code)];
+    }
+    if (opts_.on_incident) {
+      operation_incident e;
+      e.incident = incident;
+      e.operation_id = id;
+      e.tenant = tenant;
+      e.owner = owner;
+      e.code = code;
+      e.detail = text;
+      e.is_public = is_public;
+      e.at = clock_->now();
+      POSTBOX_TRY { opts_.on_incident(e); }
+      POSTBOX_CATCH_ALL {
+        std::lock_guard lock(mutex_);
+        ++incident_hook_failures_;
+      }
+    }
+    std::string message = is_public ? std::string(text) : "the operation failed; reference " + incident;
     transition(id, [&](auto& s) {
       s.state = operation_state::failed;
-      s.error = operation_error{code, std::move(msg)};
+      s.error = operation_error{code, std::move(message), std::move(incident)};
     });
   }
 
@@ -555,7 +732,7 @@ class operations {
   operations_options opts_;
   mutable std::mutex mutex_;
   std::unordered_map<std::string, record> records_;
-  std::unordered_map<std::string, std::string> keys_;  // caller '\0' key -> id
+  std::unordered_map<std::string, std::string> keys_;  // key_of(tenant, owner, key) -> id
   std::multimap<time_point, std::string> expiry_;       // expiry time -> id of a terminal record
   std::uint64_t next_watch_ = 0;
   // Signalled (under mutex_) when a record turns terminal or is removed, when
@@ -565,18 +742,35 @@ class operations {
   std::size_t waiting_ = 0;  // threads inside wait(); guarded by mutex_
   std::vector<detail::waker*> async_waiters_;  // suspended async_watch/async_wait; guarded by mutex_
   bool closing_ = false;     // set once by the destructor; guarded by mutex_
+  detail::poll_limiter limiter_{opts_.poll_rate, opts_.poll_burst};  // guarded by mutex_
+  std::array<std::uint64_t, static_cast<std::size_t>(errc::rate_limited) + 1> failures_{};  // by errc; guarded by mutex_
+  std::uint64_t polls_refused_ = 0;           // guarded by mutex_
+  std::uint64_t incident_hook_failures_ = 0;  // guarded by mutex_
   std::shared_ptr<watch_link> link_ = make_link(this);
   std::unique_ptr<detail::op_executor> executor_;  // last: joined before the maps go
 };
 
-/// Registers an operation tracker's record count under `name`. `ops` must
-/// outlive the handle. Allocates; thread-safe.
+/// Registers an operation tracker's record count, failures by error code
+/// (`postbox_operations_failures_total{code=...}`, codes seen so far only;
+/// never any error text), refused polls and polling buckets under `name`.
+/// `ops` must outlive the handle. Allocates; thread-safe.
 template <class Result>
 [[nodiscard]] metrics_registry::registration register_operations(metrics_registry& registry, std::string name,
                                                                  const operations<Result>& ops) {
   return registry.add("operations", std::move(name), [&ops](metric_writer& w) {
     w.gauge("postbox_operations_records", "Operations tracked (expired ones not yet swept included).",
             static_cast<double>(ops.size_approx()));
+    for (std::size_t i = 1; i <= static_cast<std::size_t>(errc::rate_limited); ++i) {
+      const auto code = static_cast<errc>(i);
+      if (const auto n = ops.failures(code); n > 0) {
+        w.counter("postbox_operations_failures_total", "Operations whose work failed, by error code.",
+                  static_cast<double>(n), {{"code", std::string(to_string(code))}});
+      }
+    }
+    w.counter("postbox_operations_polls_refused_total", "get/watch/list calls refused by the polling rate limit.",
+              static_cast<double>(ops.polls_refused()));
+    w.gauge("postbox_operations_poll_buckets", "Owners holding a polling rate-limit bucket.",
+            static_cast<double>(ops.poll_buckets_approx()));
   });
 }
 
