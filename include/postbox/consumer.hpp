@@ -731,6 +731,12 @@ class consumer {
   [[nodiscard]] const std::string& source_name() const noexcept { return source_name_; }
   /// The consumer's clock. Never blocks.
   [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
+  /// When the earliest pending retry, defer, deadline or batch-window timer
+  /// falls due on the consumer's clock (`time_point::max()`: none), so a
+  /// test advances the clock straight to it and calls `poll()`
+  /// (postbox::testing::harness). Briefly takes the timer service's lock;
+  /// never allocates. Thread-safe.
+  [[nodiscard]] time_point next_due() const { return timers_->next_deadline(); }
 
  private:
   struct item {
