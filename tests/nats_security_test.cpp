@@ -37,8 +37,9 @@ const std::string wrong_token = "t0ken-wr0ng-d0-not-leak";
 
 // A nats-server that requires TLS and verifies client certificates, with
 // users: admin (everything), orders (publishes only orders.>, subscribes
-// only to reply inboxes), reader (may not subscribe to reply inboxes) and an
-// NKey user. Certificates and the NKey are generated for this rig.
+// only to reply inboxes), reader (may not subscribe to reply inboxes),
+// puller (may create consumers but not pull from them) and an NKey user.
+// Certificates and the NKey are generated for this rig.
 struct secure_rig {
   pn::temp_dir dir;
   pn::test_pki pki;
@@ -61,6 +62,9 @@ struct secure_rig {
                    "      permissions: { publish: { allow: [\"orders.>\"] }, subscribe: { allow: [\"_INBOX.>\"] } } }\n"
                    "    { user: reader, password: \"" + orders_password + "\",\n"
                    "      permissions: { subscribe: { deny: [\"_INBOX.>\"] } } }\n"
+                   "    { user: puller, password: \"" + orders_password + "\",\n"
+                   "      permissions: { publish: { allow: [\"$JS.API.CONSUMER.>\"], deny: [\"$JS.API.CONSUMER.MSG.NEXT.>\"] },\n"
+                   "                     subscribe: { allow: [\"_INBOX.>\"] } } }\n"
                    "    { nkey: \"" + nkey.public_key + "\" }\n"
                    "  ]\n"
                    "}\n");
@@ -381,6 +385,28 @@ TEST_CASE("a pull source a user may not create throws permission_denied", "[nats
   } catch (const postbox::error& e) {
     CHECK(e.code() == postbox::errc::permission_denied);
   }
+}
+
+TEST_CASE("a fetch whose pull request the server refuses returns permission_denied", "[nats_security]") {
+  NATS_REQUIRE_SERVER();
+  NATS_REQUIRE_OPENSSL();
+  secure_rig rig;
+  {
+    postbox::nats_connection admin(rig.as("admin", admin_password));
+    postbox::jetstream js(admin);
+    ensure_orders(js);
+    postbox::jetstream_publisher pub(js);
+    REQUIRE(pub.publish(postbox::make_envelope("orders.placed", order{1}), "orders.placed").has_value());
+  }
+  postbox::nats_connection conn(rig.as("puller", orders_password));
+  postbox::jetstream js(conn, 2000ms);
+  postbox::jetstream_pull_source<order> src(js, {"ORDERS", "billing", "orders.>"});  // allowed
+  auto got = src.fetch(1, 300ms);
+  REQUIRE_FALSE(got.has_value());
+  CHECK(got.status() == postbox::errc::permission_denied);
+  auto now = src.fetch_available(1, 300ms);
+  REQUIRE_FALSE(now.has_value());
+  CHECK(now.status() == postbox::errc::permission_denied);
 }
 
 TEST_CASE("a subscription outside the permissions surfaces as permission_denied", "[nats_security]") {

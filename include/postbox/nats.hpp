@@ -1451,7 +1451,9 @@ class jetstream_pull_source {
   /// ack and the same `filter_subject`, `ack_wait` and `max_deliver` (any
   /// value below 1 meaning unlimited); otherwise it throws `postbox::error`
   /// with `errc::conflict` naming each field that differs, server value
-  /// first (the durable is left as it is). Throws on other failures. Blocks
+  /// first (the durable is left as it is). Throws `permission_denied` when
+  /// the server's authorization refuses the consumer API or the reply inbox
+  /// (after the API timeout), and on other failures. Blocks
   /// for the API round trips; allocates.
   jetstream_pull_source(jetstream& js, const jetstream_consumer_options& co)
       : nc_(js.connection().native()), conn_(&js.connection()), ack_timeout_(js.api_timeout()) {
@@ -1516,7 +1518,8 @@ class jetstream_pull_source {
   /// fetch loop does not spin through an outage; nothing arrived, which is
   /// what `timeout` says, and the next fetch is the right retry); `busy`
   /// while reconnecting only for a zero `timeout` (no request is sent);
-  /// `closed` when it is closed; other codes on server errors. Blocks up to
+  /// `closed` when it is closed; `permission_denied` when the server refused
+  /// the pull request's subject; other codes on server errors. Blocks up to
   /// `timeout` (a "no wait" answer is allowed the API timeout when `timeout`
   /// is zero); allocates.
   [[nodiscard]] result<std::vector<jetstream_delivery<T>>> fetch(int max, std::chrono::milliseconds timeout) {
@@ -1542,8 +1545,8 @@ class jetstream_pull_source {
 
   /// Up to `max` deliveries the server has right now: what earlier requests
   /// left queued, else one "no wait" round trip (allowed up to
-  /// `reply_wait`). `timeout` when there are none; `busy` / `closed` as
-  /// `fetch`. Blocks for the round trip; allocates.
+  /// `reply_wait`). `timeout` when there are none; `busy` / `closed` /
+  /// `permission_denied` as `fetch`. Blocks for the round trip; allocates.
   [[nodiscard]] result<std::vector<jetstream_delivery<T>>> fetch_available(
       int max, std::chrono::milliseconds reply_wait = std::chrono::milliseconds(1000)) {
     if (max < 1) return errc::invalid_argument;
