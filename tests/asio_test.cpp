@@ -3,6 +3,8 @@
 #if defined(POSTBOX_WITH_ASIO)
 
 #include <postbox/asio.hpp>
+#include <postbox/consumer.hpp>
+#include <postbox/testing.hpp>
 
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/bind_executor.hpp>
@@ -19,10 +21,15 @@
 
 #include <atomic>
 #include <cstdint>
+#include <exception>
+#include <memory>
+#include <stdexcept>
 #include <optional>
 #include <thread>
 #include <vector>
 
+using namespace std::chrono_literals;
+using postbox_test::eventually;
 using postbox_test::scaled;
 
 TEST_CASE("a use_awaitable coroutine on an io_context receives what a blocking thread sends", "[asio]") {
@@ -198,6 +205,294 @@ TEST_CASE("a postbox::task on an executor_scheduler resumes on the io_context", 
   REQUIRE(t.done());
   REQUIRE(t.get() == 11);
   REQUIRE(resumed_on == std::this_thread::get_id());
+}
+
+// --- async_select -------------------------------------------------------------
+
+TEST_CASE("an Asio async_select with use_awaitable completes the case whose channel receives", "[asio][select]") {
+  asio::io_context io;
+  postbox::channel<int> a(1);
+  postbox::channel<int> b(1);
+  int from_a = 0;
+  int from_b = 0;
+  std::optional<postbox::select_result> result;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        result = co_await postbox::async_select(postbox::on_receive(a, [&](int v) { from_a = v; }),
+                                                postbox::on_receive(b, [&](int v) { from_b = v; }),
+                                                asio::use_awaitable);
+      },
+      asio::detached);
+  io.poll();
+  REQUIRE_FALSE(result.has_value());
+  std::thread sender([&] { (void)b.send(8); });
+  sender.join();
+  io.run();
+  REQUIRE(result.has_value());
+  REQUIRE(result->ok());
+  REQUIRE(result->index == 1);
+  REQUIRE(from_b == 8);
+  REQUIRE(from_a == 0);
+  REQUIRE(a.try_send(1) == postbox::send_status::ok);
+  REQUIRE(a.try_receive() == 1);
+}
+
+TEST_CASE("an Asio cancellation completes a pending async_select with canceled and consumes nothing",
+          "[asio][select]") {
+  asio::io_context io;
+  postbox::channel<int> in(1);
+  postbox::channel<int> out(1);
+  REQUIRE(out.try_send(0) == postbox::send_status::ok);
+  asio::cancellation_signal signal;
+  std::optional<postbox::select_result> result;
+  bool ran = false;
+  postbox::async_select(postbox::on_receive(in, [&](int) { ran = true; }),
+                        postbox::on_send(out, 1, [&] { ran = true; }),
+                        asio::bind_cancellation_slot(
+                            signal.slot(), asio::bind_executor(io, [&](std::exception_ptr e, postbox::select_result r) {
+                              REQUIRE_FALSE(e);
+                              result = r;
+                            })));
+  io.poll();
+  REQUIRE_FALSE(result.has_value());
+  signal.emit(asio::cancellation_type::terminal);
+  REQUIRE(in.try_send(3) == postbox::send_status::ok);
+  io.run();
+  REQUIRE(result.has_value());
+  REQUIRE(result->status == postbox::select_status::canceled);
+  REQUIRE_FALSE(ran);
+  REQUIRE(in.try_receive() == 3);
+  REQUIRE(out.try_receive() == 0);
+}
+
+TEST_CASE("an Asio async_select's after case and deadline run on a timer service's manual clock",
+          "[asio][select][timer]") {
+  asio::io_context io;
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  postbox::channel<int> ch(1);
+  std::optional<postbox::select_result> first;
+  std::optional<postbox::select_result> second;
+  postbox::select_options opts;
+  opts.deadline = clock.now() + 5s;
+  postbox::async_select(timers, opts, postbox::on_receive(ch, [](int) {}), postbox::after(2s, [] {}),
+                        asio::bind_executor(io, [&](std::exception_ptr, postbox::select_result r) { first = r; }));
+  postbox::async_select(timers, opts, postbox::on_receive(ch, [](int) {}), postbox::after(1h, [] {}),
+                        asio::bind_executor(io, [&](std::exception_ptr, postbox::select_result r) { second = r; }));
+  io.poll();
+  REQUIRE_FALSE(first.has_value());
+  clock.advance(2s);
+  REQUIRE(timers.run_due() == 1);
+  REQUIRE(eventually([&] {
+    io.poll();
+    return first.has_value();
+  }));
+  REQUIRE(first->index == 1);
+  REQUIRE(first->ok());
+  REQUIRE_FALSE(second.has_value());
+  clock.advance(3s);
+  timers.run_due();
+  REQUIRE(eventually([&] {
+    io.poll();
+    return second.has_value();
+  }));
+  REQUIRE(second->status == postbox::select_status::timeout);
+  REQUIRE(timers.pending() == 0);
+  REQUIRE(ch.try_send(1) == postbox::send_status::ok);
+  REQUIRE(ch.try_receive() == 1);
+}
+
+TEST_CASE("a case handler's exception reaches a use_awaitable async_select's coroutine", "[asio][select]") {
+  asio::io_context io;
+  postbox::channel<int> ch(1);
+  REQUIRE(ch.try_send(1) == postbox::send_status::ok);
+  bool caught = false;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        try {
+          (void)co_await postbox::async_select(postbox::on_receive(ch, [](int) { throw std::runtime_error("x"); }),
+                                               asio::use_awaitable);
+        } catch (const std::runtime_error&) {
+          caught = true;
+        }
+      },
+      asio::detached);
+  io.run();
+  REQUIRE(caught);
+  REQUIRE(ch.size_approx() == 0);
+}
+
+TEST_CASE("Asio async_select cancel racing delivery: every message is taken once or left", "[asio][select][stress]") {
+  const int rounds = static_cast<int>(scaled(1000));
+  asio::io_context io;
+  postbox::channel<int> a(4);
+  postbox::channel<int> b(4);
+  std::int64_t taken = 0;
+  std::int64_t left = 0;
+  for (int i = 1; i <= rounds; ++i) {
+    asio::cancellation_signal signal;
+    std::optional<postbox::select_result> result;
+    int handled = 0;
+    postbox::async_select(
+        postbox::on_receive(a, [&](int v) { taken += v; ++handled; }),
+        postbox::on_receive(b, [&](int v) { taken += v; ++handled; }),
+        asio::bind_cancellation_slot(signal.slot(), asio::bind_executor(io, [&](std::exception_ptr,
+                                                                                postbox::select_result r) {
+                                       result = r;
+                                     })));
+    io.restart();
+    io.poll();
+    std::thread sender([&] { (void)((i % 2) != 0 ? a : b).try_send(i); });
+    signal.emit(asio::cancellation_type::terminal);  // the slot is used on this (the io) thread only
+    sender.join();
+    io.restart();
+    io.run();
+    REQUIRE(result.has_value());
+    REQUIRE(handled == (result->ok() ? 1 : 0));
+    if (!result->ok()) REQUIRE(result->status == postbox::select_status::canceled);
+    while (auto v = a.try_receive()) left += *v;
+    while (auto v = b.try_receive()) left += *v;
+  }
+  REQUIRE(taken + left == static_cast<std::int64_t>(rounds) * (rounds + 1) / 2);
+}
+
+// --- deadlines --------------------------------------------------------------------
+
+TEST_CASE("Asio async_receive_until and async_send_until time out on a manual clock and move nothing",
+          "[asio][timer]") {
+  asio::io_context io;
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  postbox::channel<int> empty(1);
+  postbox::channel<int> full(1);
+  REQUIRE(full.try_send(1) == postbox::send_status::ok);
+  std::optional<postbox::receive_status> r;
+  std::optional<postbox::send_status> s;
+  postbox::async_receive_until(empty, timers, clock.now() + 1s,
+                               asio::bind_executor(io, [&](postbox::receive_result<int> x) { r = x.status(); }));
+  postbox::async_send_until(full, 2, timers, clock.now() + 2s,
+                            asio::bind_executor(io, [&](postbox::send_status x) { s = x; }));
+  io.poll();
+  REQUIRE(timers.pending() == 2);
+  clock.advance(1s);
+  REQUIRE(timers.run_due() == 1);
+  REQUIRE(eventually([&] {
+    io.poll();
+    return r.has_value();
+  }));
+  REQUIRE(r == postbox::receive_status::timeout);
+  REQUIRE_FALSE(s.has_value());
+  clock.advance(1s);
+  REQUIRE(timers.run_due() == 1);
+  io.restart();
+  io.run();
+  REQUIRE(s == postbox::send_status::timeout);
+  REQUIRE(full.try_receive() == 1);
+  REQUIRE(full.size_approx() == 0);
+}
+
+TEST_CASE("an Asio receive completing before its deadline withdraws its timer", "[asio][timer]") {
+  asio::io_context io;
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  postbox::channel<int> ch(1);
+  std::optional<int> got;
+  postbox::async_receive_until(ch, timers, clock.now() + 1s,
+                               asio::bind_executor(io, [&](postbox::receive_result<int> x) { got = *x; }));
+  io.poll();
+  REQUIRE(timers.pending() == 1);
+  REQUIRE(ch.try_send(4) == postbox::send_status::ok);
+  io.run();
+  REQUIRE(got == 4);
+  REQUIRE(timers.pending() == 0);
+}
+
+// --- consumer handlers as asio::awaitable ----------------------------------------------
+
+namespace {
+
+using env_t = postbox::envelope<int>;
+
+struct awaitable_rig {
+  asio::io_context io;
+  postbox::executor_scheduler<asio::io_context::executor_type> sched{io.get_executor()};
+  postbox::manual_clock clock;
+  postbox::channel<env_t> ch{16};
+  postbox::dead_letter_queue<int> dlq{postbox::dead_letter_options{}, clock};
+  postbox::channel<int> gate{16};
+
+  [[nodiscard]] postbox::consumer_options options() {
+    postbox::consumer_options o;
+    o.threads = 0;
+    o.max_in_flight = 8;
+    o.jitter_seed = 7;
+    o.clock = &clock;
+    o.scheduler = sched;
+    o.retry.max_attempts = 3;
+    o.retry.initial_backoff = 10s;
+    o.retry.multiplier = 1.0;
+    o.retry.full_jitter = false;
+    return o;
+  }
+  void send(int n) {
+    REQUIRE(ch.try_send(postbox::make_envelope(std::string("test.int"), n, postbox::message_kind::event, clock)) ==
+            postbox::send_status::ok);
+  }
+  // Runs the io_context until `done` holds (the handlers wait on the gate).
+  template <class Cond>
+  bool drive(Cond done) {
+    return eventually([&] {
+      io.restart();
+      io.poll();
+      return done();
+    });
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a consumer handler returning asio::awaitable<settlement> settles with its result", "[asio][consumer]") {
+  awaitable_rig r;
+  r.send(1);
+  r.send(2);
+  std::vector<int> seen;
+  auto handler = [&](const env_t& e, postbox::consume_context& ctx) -> asio::awaitable<postbox::settlement> {
+    const int payload = e.payload;  // read before suspending
+    const auto attempt = ctx.attempt();
+    auto g = co_await postbox::async_receive(r.gate, asio::use_awaitable);
+    seen.push_back(payload);
+    co_return (*g == 1 && attempt == 1) ? postbox::settlement::retry() : postbox::settlement::ack();
+  };
+  postbox::consumer<int> c(postbox::channel_source<int>(r.ch, "numbers"),
+                           postbox::awaitable_handler(r.io.get_executor(), handler), r.dlq, r.options());
+  REQUIRE(c.poll() == 2);
+  REQUIRE(r.drive([&] { return c.stats().running == 2; }));
+  REQUIRE(r.gate.try_send(0) == postbox::send_status::ok);
+  REQUIRE(r.gate.try_send(1) == postbox::send_status::ok);
+  REQUIRE(r.drive([&] { return c.stats().running == 0; }));
+  REQUIRE(seen.size() == 2);
+  const auto s = c.stats();
+  REQUIRE(s.acked == 1);
+  REQUIRE(s.retried == 1);
+}
+
+TEST_CASE("an exception from an asio::awaitable handler is the handler's exception: a transient one retries",
+          "[asio][consumer]") {
+  awaitable_rig r;
+  r.send(1);
+  auto handler = [&](const env_t&) -> asio::awaitable<postbox::settlement> {
+    (void)co_await postbox::async_receive(r.gate, asio::use_awaitable);
+    throw std::runtime_error("transient");
+  };
+  postbox::consumer<int> c(postbox::channel_source<int>(r.ch, "numbers"),
+                           postbox::awaitable_handler(r.io.get_executor(), handler), r.dlq, r.options());
+  REQUIRE(c.poll() == 1);
+  REQUIRE(r.gate.try_send(0) == postbox::send_status::ok);
+  REQUIRE(r.drive([&] { return c.stats().running == 0; }));
+  REQUIRE(c.stats().retried == 1);
+  REQUIRE(c.stats().acked == 0);
 }
 
 #endif  // POSTBOX_WITH_ASIO

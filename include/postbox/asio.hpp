@@ -24,6 +24,8 @@
 
 #include <postbox/async.hpp>
 #include <postbox/config.hpp>
+#include <postbox/envelope.hpp>
+#include <postbox/settlement.hpp>
 
 // Asio 1.22 looks for <experimental/coroutine> to enable co_await under
 // clang; clang 14+ with libstdc++ has the standard <coroutine>, which Asio
@@ -34,6 +36,10 @@
 #endif
 
 #include <asio/associated_cancellation_slot.hpp>
+#include <asio/awaitable.hpp>
+#include <asio/bind_cancellation_slot.hpp>
+#include <asio/cancellation_signal.hpp>
+#include <asio/co_spawn.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
 #include <asio/cancellation_type.hpp>
@@ -42,8 +48,12 @@
 #include <asio/prefer.hpp>
 #include <asio/system_executor.hpp>
 
+#include <cstddef>
+#include <exception>
+#include <memory>
 #include <optional>
 #include <stop_token>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -90,7 +100,7 @@ class asio_op final : public async_op {
 
   /// Tries `op` at once (then only the handler's post allocates); otherwise
   /// allocates the operation and waits.
-  static void start(Op op, Handler handler) {
+  static void start(Op op, Handler handler, async_deadline deadline = {}) {
     // A cancellation is an event, not a state: none can be pending before
     // the slot has a handler, so the first try needs no stop check.
     if (std::optional<result_type> r = op.try_once()) {
@@ -104,7 +114,7 @@ class asio_op final : public async_op {
       auto& cancel = slot.template emplace<asio_cancel_to_stop>();
       stop = cancel.src.get_token();
     }
-    auto* self = new asio_op(std::move(op), std::move(handler), std::move(stop));
+    auto* self = new asio_op(std::move(op), std::move(handler), std::move(stop), deadline);
     if (self->try_complete()) {
       self->finish();
       return;
@@ -116,9 +126,9 @@ class asio_op final : public async_op {
   ~asio_op() { abandon(); }
 
  private:
-  asio_op(Op op, Handler handler, std::stop_token stop)
+  asio_op(Op op, Handler handler, std::stop_token stop, async_deadline deadline)
       : op_(std::move(op)),
-        limits_(std::move(stop), {}),
+        limits_(std::move(stop), deadline),
         handler_(std::move(handler)),
         sched_(::asio::get_associated_executor(handler_, ::asio::system_executor())),
         work_(::asio::prefer(sched_.get_executor(), ::asio::execution::outstanding_work.tracked)) {}
@@ -130,6 +140,10 @@ class asio_op final : public async_op {
     }
     if (std::optional<result_type> r = op_.try_once()) {
       result_.emplace(std::move(*r));
+      return true;
+    }
+    if (limits_.timed_out()) {
+      result_.emplace(Op::timeout());
       return true;
     }
     return false;
@@ -149,7 +163,7 @@ class asio_op final : public async_op {
     result_type result = std::move(*result_);
     auto work = std::move(work_);
     delete this;
-    std::move(handler)(std::move(result));
+    invoke(std::move(handler), std::move(result));
   }
 
   /// For an operation completing inside the initiating call: frees the
@@ -170,8 +184,18 @@ class asio_op final : public async_op {
     auto ex = ::asio::get_associated_executor(handler, ::asio::system_executor());
     auto work = ::asio::prefer(ex, ::asio::execution::outstanding_work.tracked);
     ::asio::post(ex, [h = std::move(handler), r = std::move(result), w = std::move(work)]() mutable {
-      std::move(h)(std::move(r));
+      invoke(std::move(h), std::move(r));
     });
+  }
+
+  /// Calls the handler with the outcome: one argument, or as the operation
+  /// says (async_select completes with an exception_ptr and its result).
+  static void invoke(Handler&& handler, result_type&& result) {
+    if constexpr (requires { Op::complete_with(std::move(handler), std::move(result)); }) {
+      Op::complete_with(std::move(handler), std::move(result));
+    } else {
+      std::move(handler)(std::move(result));
+    }
   }
 
   Op op_;
@@ -187,8 +211,8 @@ class asio_op final : public async_op {
 template <class Op, class Sig>
 struct asio_initiation {
   template <class Handler>
-  void operator()(Handler&& handler, Op op) const {
-    asio_op<Op, std::decay_t<Handler>>::start(std::move(op), std::forward<Handler>(handler));
+  void operator()(Handler&& handler, Op op, async_deadline deadline = {}) const {
+    asio_op<Op, std::decay_t<Handler>>::start(std::move(op), std::forward<Handler>(handler), deadline);
   }
 };
 
@@ -246,5 +270,208 @@ auto async_receive(subscription<T>& sub, CompletionToken&& token) {
       },
       token, &sub);
 }
+
+// --- deadlines ------------------------------------------------------------------
+//
+// The `_until` forms take their deadline on a postbox timer_service (as the
+// coroutine forms in async.hpp do), not on an Asio steady_timer: one timer
+// mechanism for both layers, a manual_clock in tests, and no timer object per
+// operation in the io_context. The operation completes with `timeout` (nothing
+// taken or sent) once the service runs the timer set for `deadline`, or when a
+// re-try finds `deadline` passed on the service's clock.
+
+/// As async_receive(ch, token); `timeout` (nothing taken) once `deadline`
+/// passes on `timers`' clock. `timers` must outlive the operation.
+template <class T, class Shape, class CompletionToken>
+  requires ::asio::completion_token_for<CompletionToken, void(receive_result<T>)>
+auto async_receive_until(channel<T, Shape>& ch, timer_service& timers, time_point deadline, CompletionToken&& token) {
+  using op = detail::channel_receive_op<T, Shape>;
+  return ::asio::async_initiate<CompletionToken, void(receive_result<T>)>(
+      detail::asio_initiation<op, void(receive_result<T>)>{}, token, op{&ch}, async_deadline{&timers, deadline});
+}
+
+/// As above, on a `make_channel` receiver endpoint.
+template <class T, class Shape, class CompletionToken>
+  requires ::asio::completion_token_for<CompletionToken, void(receive_result<T>)>
+auto async_receive_until(receiver<T, Shape>& rx, timer_service& timers, time_point deadline,
+                         CompletionToken&& token) {
+  return async_receive_until(detail::select_access::channel_of(rx), timers, deadline,
+                             std::forward<CompletionToken>(token));
+}
+
+/// As async_send(ch, value, token); `timeout` (nothing sent) once `deadline`
+/// passes on `timers`' clock. `timers` must outlive the operation.
+template <class T, class Shape, class U, class CompletionToken>
+  requires std::is_constructible_v<T, U&&> && ::asio::completion_token_for<CompletionToken, void(send_status)>
+auto async_send_until(channel<T, Shape>& ch, U&& value, timer_service& timers, time_point deadline,
+                      CompletionToken&& token) {
+  using op = detail::channel_send_op<T, Shape, T>;
+  return ::asio::async_initiate<CompletionToken, void(send_status)>(
+      detail::asio_initiation<op, void(send_status)>{}, token, op{&ch, T(std::forward<U>(value))},
+      async_deadline{&timers, deadline});
+}
+
+/// As above, on a `make_channel` sender endpoint.
+template <class T, class Shape, class U, class CompletionToken>
+  requires std::is_constructible_v<T, U&&> && ::asio::completion_token_for<CompletionToken, void(send_status)>
+auto async_send_until(sender<T, Shape>& tx, U&& value, timer_service& timers, time_point deadline,
+                      CompletionToken&& token) {
+  return async_send_until(detail::select_access::channel_of(tx), std::forward<U>(value), timers, deadline,
+                          std::forward<CompletionToken>(token));
+}
+
+// --- select -----------------------------------------------------------------------
+
+namespace detail {
+
+template <class Tuple, std::size_t... I>
+constexpr bool leading_select_cases(std::index_sequence<I...>) {
+  return (is_async_select_case<std::remove_cvref_t<std::tuple_element_t<I, Tuple>>> && ...);
+}
+
+/// Arguments of the Asio async_select: one or more cases, then a token.
+template <class... Args>
+concept asio_select_args =
+    sizeof...(Args) >= 2 &&
+    leading_select_cases<std::tuple<Args...>>(std::make_index_sequence<sizeof...(Args) - 1>{}) &&
+    !is_select_case<std::remove_cvref_t<std::tuple_element_t<sizeof...(Args) - 1, std::tuple<Args...>>>>;
+
+using asio_select_signature = void(std::exception_ptr, select_result);
+
+template <class Tuple, std::size_t... I>
+auto initiate_select(timer_service* timers, const clock& clk, async_deadline deadline, Tuple&& all,
+                     std::index_sequence<I...>) {
+  using op = select_op<std::remove_cvref_t<std::tuple_element_t<I, std::remove_reference_t<Tuple>>>...>;
+  using token_type = std::tuple_element_t<sizeof...(I), std::remove_reference_t<Tuple>>;
+  return ::asio::async_initiate<token_type, asio_select_signature>(
+      asio_initiation<op, asio_select_signature>{}, std::get<sizeof...(I)>(all),
+      op(timers, clk, std::get<I>(std::move(all))...), deadline);
+}
+
+}  // namespace detail
+
+/// The Asio form of postbox::select: `async_select(case..., token)` waits
+/// until one channel case can complete, completes exactly that one (its
+/// handler runs on the completion's executor, or in the initiating call if
+/// a case is ready at once) and completes with
+/// `void(std::exception_ptr, select_result)`: the exception a case's handler
+/// threw (the case has completed), else null. use_awaitable rethrows it.
+/// Cancellation (the token's slot) completes with `canceled`, consuming and
+/// sending nothing. Cases: on_receive/on_send on channels and endpoints
+/// (timer cases need the form with a timer service). Allocates the pending
+/// operation when it must wait.
+template <class... Args>
+  requires detail::asio_select_args<Args...>
+auto async_select(Args&&... args) {
+  return detail::initiate_select(nullptr, default_clock(), {}, std::forward_as_tuple(std::forward<Args>(args)...),
+                                 std::make_index_sequence<sizeof...(Args) - 1>{});
+}
+
+/// As above, with after/ticker cases and `options.deadline` (`timeout`) run
+/// by `timers` on its clock (`options.clock` must be null or that clock).
+/// The delays of `after` count from this call. Cancel through the token's
+/// cancellation slot: a stoppable `options.stop` throws
+/// error(invalid_argument) here (Asio has its own cancellation).
+template <class... Args>
+  requires detail::asio_select_args<Args...>
+auto async_select(timer_service& timers, const select_options& options, Args&&... args) {
+  if (options.stop.stop_possible())
+    POSTBOX_THROW(error(errc::invalid_argument, "postbox::async_select (Asio): cancel through the completion "
+                                                "token's cancellation slot, not select_options::stop"));
+  return detail::initiate_select(&timers, detail::select_clock(timers, options), {&timers, options.deadline},
+                                 std::forward_as_tuple(std::forward<Args>(args)...),
+                                 std::make_index_sequence<sizeof...(Args) - 1>{});
+}
+
+// --- consumer handlers as asio::awaitable ---------------------------------------------
+
+class consume_context;  // consumer.hpp
+
+namespace detail {
+
+/// What the spawned awaitable hands to the consumer's task.
+struct awaitable_outcome {
+  std::exception_ptr error;
+  settlement result;
+};
+
+/// Shared by one handler run's task and its spawned awaitable: the
+/// envelope the awaitable reads (a copy, alive as long as either side), the
+/// outcome hand-off, and the cancellation signal the task emits (on the
+/// executor) if it is destroyed before the awaitable completes.
+template <class T>
+struct awaitable_run {
+  explicit awaitable_run(const envelope<T>& e) : env(e) {}
+  envelope<T> env;
+  channel<awaitable_outcome> done{1};
+  ::asio::cancellation_signal cancel;  // used on the executor's thread only
+};
+
+/// The consumer's task for one awaitable handler run: spawns the awaitable
+/// on `ex` and waits (suspended) for its outcome.
+template <class Executor, class T, class Awaitable>
+task<settlement> await_on(Executor ex, std::shared_ptr<awaitable_run<T>> run, Awaitable a) {
+  struct cancel_if_abandoned {
+    Executor ex;
+    std::shared_ptr<awaitable_run<T>> run;
+    bool armed = true;
+    ~cancel_if_abandoned() {
+      if (!armed) return;
+      POSTBOX_TRY {
+        ::asio::post(ex, [r = run] { r->cancel.emit(::asio::cancellation_type::terminal); });
+      }
+      POSTBOX_CATCH_ALL {}
+    }
+  } guard{ex, run};
+  ::asio::co_spawn(ex, std::move(a),
+                   ::asio::bind_cancellation_slot(run->cancel.slot(), [r = run](std::exception_ptr e, settlement s) {
+                     // Capacity 1, one completion: never full.
+                     (void)r->done.try_send(awaitable_outcome{std::move(e), std::move(s)});
+                   }));
+  receive_result<awaitable_outcome> out = co_await async_receive(run->done);
+  guard.armed = false;
+  if (out->error) std::rethrow_exception(out->error);
+  co_return std::move(out->result);
+}
+
+template <class H, class T>
+concept awaitable_handler_with_context = std::is_invocable_v<H&, const envelope<T>&, consume_context&>;
+
+}  // namespace detail
+
+/// A consumer handler that runs `handler`, a coroutine returning
+/// `asio::awaitable<settlement>` and callable as `(const envelope<T>&)` or
+/// `(const envelope<T>&, consume_context&)`, on `ex` (co_spawn), and settles
+/// with its result: pass it where a consumer takes a handler, with
+/// `consumer_options::scheduler` set (for instance an executor_scheduler on
+/// the same io_context). It is a postbox coroutine handler (task<settlement>),
+/// so max_in_flight, per-key order, retries and exception classification are
+/// unchanged; an exception from the awaitable is the handler's exception.
+/// The awaitable reads a copy of the envelope; the consume_context is valid
+/// until the awaitable completes or is canceled: when the consumer is
+/// destroyed with the handler still running, a terminal cancellation is
+/// emitted on `ex` and the awaitable must not touch the context after it.
+/// Allocates per delivery (the spawned frame and the shared run state).
+template <class Executor, class H>
+class awaitable_handler {
+ public:
+  awaitable_handler(Executor ex, H handler) : ex_(std::move(ex)), h_(std::move(handler)) {}
+
+  template <class T>
+    requires(detail::awaitable_handler_with_context<H, T> || std::is_invocable_v<H&, const envelope<T>&>)
+  task<settlement> operator()(const envelope<T>& env, consume_context& ctx) {
+    auto run = std::make_shared<detail::awaitable_run<T>>(env);
+    if constexpr (detail::awaitable_handler_with_context<H, T>) {
+      return detail::await_on(ex_, run, h_(run->env, ctx));
+    } else {
+      return detail::await_on(ex_, run, h_(run->env));
+    }
+  }
+
+ private:
+  Executor ex_;
+  H h_;
+};
+
 
 POSTBOX_END_NAMESPACE

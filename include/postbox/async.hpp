@@ -880,13 +880,16 @@ class select_op {
  public:
   using result_type = select_outcome;
 
-  /// `timers` wakes timer cases (null only when there are none); `clk` is
-  /// the clock they are measured on. Throws error(invalid_argument) for a
-  /// ticker on another clock.
+  /// `timers` wakes timer cases; `clk` is the clock they are measured on.
+  /// Throws error(invalid_argument) for timer cases without a timer service
+  /// and for a ticker on another clock.
   template <class... Args>
-  select_op(timer_service* timers, const clock& clk, Args&&... cases)
+  explicit select_op(timer_service* timers, const clock& clk, Args&&... cases)
       : timers_(timers), frame_{&clk, clk.now(), nullptr}, rotation_(next_rotation()),
         cases_(std::forward<Args>(cases)...) {
+    if (timers_ == nullptr && (is_timer_case<Cases> || ...))
+      POSTBOX_THROW(error(errc::invalid_argument, "postbox::async_select: after() and ticker cases need a "
+                                                  "timer_service (the form taking one)"));
     std::apply([&](auto&... c) { (c.enter(frame_), ...); }, cases_);
   }
   /// Moves the cases; only before park() (as every operation, see op_awaiter).
@@ -940,6 +943,11 @@ class select_op {
 
   static result_type canceled() noexcept { return {{0, select_status::canceled}, {}}; }
   static result_type timeout() noexcept { return {{0, select_status::timeout}, {}}; }
+  /// How the Asio adapter completes: `handler(std::exception_ptr, select_result)`.
+  template <class Handler>
+  static void complete_with(Handler&& handler, result_type&& o) {
+    std::forward<Handler>(handler)(std::move(o.error), o.result);
+  }
   /// What co_await returns: the result, or the handler's exception rethrown.
   static select_result unwrap(result_type&& o) {
     if (o.error) std::rethrow_exception(o.error);
