@@ -120,8 +120,11 @@ class manual_clock final : public clock {
 
 POSTBOX_END_NAMESPACE
 
-// Capture sinks: a destination that records every envelope, with queries.
-#include <postbox/testing/capture.hpp>
-
 // The harness that drives time for every attached component (below manual_clock: it uses it).
 #include <postbox/testing/harness.hpp>
+// Capture sinks: a destination that records every envelope, with queries.
+#include <postbox/testing/capture.hpp>
+// Fault injectors: seeded source and destination decorators, with counters.
+#include <postbox/testing/faults.hpp>
+// Assertions for messaging code: idempotency, saga compensation, no message lost.
+#include <postbox/testing/assertions.hpp>
