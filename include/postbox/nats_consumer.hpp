@@ -12,8 +12,10 @@
 //   dead_letter  -> Term (the consumer already put it in its local dead-letter queue)
 //   release      -> Nak now (shutdown, or the dead-letter queue refused it)
 // envelope.attempt = the producer's attempt + NumDelivered - 1 (deliveries
-// started before this one). Undecodable messages become `inbound::malformed`
-// (dead-lettered locally, then termed).
+// started before this one), where NumDelivered is raised to one more than
+// the last delivery this source saw of the same stream sequence when the
+// server repeats a count (the redelivery guard). Undecodable messages become
+// `inbound::malformed` (dead-lettered locally, then termed).
 //
 // Signed messages (signing.hpp): wrap the source in `verified_source` with a
 // payload encoder giving the JSON body (`nlohmann::json(p).dump()`, what
@@ -32,6 +34,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -80,6 +83,13 @@ struct jetstream_source_options {
   /// this long (real time, at most its `wait`) before reporting empty, so a
   /// consumer does not spin while the connection is being restored.
   std::chrono::milliseconds error_pause{50};
+  /// Redelivery guard: how many stream sequences the source remembers the
+  /// last delivery count of, from a delivery until it is acked or termed, so
+  /// a redelivery the server numbers no higher than an earlier one still
+  /// counts one more attempt (nats-server 2.9.10 now and then redelivers a
+  /// nak'd message with an unchanged NumDelivered). Beyond this the lowest
+  /// sequence is forgotten. Zero: no guard (the server's count as given).
+  std::size_t tracked_sequences = 4096;
 };
 
 /// Counters of a `jetstream_consumer_source` (snapshot).
@@ -96,6 +106,7 @@ struct jetstream_source_stats {
   std::uint64_t in_progress = 0;      ///< in-progress signals sent by the heartbeat
   std::size_t unsettled = 0;          ///< deliveries taken from the server and not settled yet
   std::uint64_t lag = 0;              ///< NumPending of the latest delivery (the server's backlog then)
+  std::uint64_t recounted = 0;        ///< deliveries whose NumDelivered the redelivery guard raised
 };
 
 namespace detail {
@@ -106,7 +117,7 @@ namespace detail {
 // through them.
 struct js_source_counters {
   std::atomic<std::uint64_t> fetched{0}, malformed{0}, fetch_errors{0}, acked{0}, ack_failures{0}, naked{0},
-      termed{0}, released{0}, settle_failures{0}, in_progress{0}, lag{0};
+      termed{0}, released{0}, settle_failures{0}, in_progress{0}, lag{0}, recounted{0};
   std::atomic<std::size_t> unsettled{0};
 
   static void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
@@ -127,8 +138,51 @@ struct js_source_counters {
     s.in_progress = in_progress.load(std::memory_order_relaxed);
     s.unsettled = unsettled.load(std::memory_order_relaxed);
     s.lag = lag.load(std::memory_order_relaxed);
+    s.recounted = recounted.load(std::memory_order_relaxed);
     return s;
   }
+};
+
+// The redelivery guard: per stream sequence, the delivery count this source
+// last used for a message not yet acked or termed. A delivery counts
+// max(server's NumDelivered, last count + 1), so attempts strictly increase
+// per message even when the server repeats a count. Bounded: beyond
+// `capacity` sequences the lowest (oldest message) is forgotten. Capacity
+// zero: no guard. Thread-safe (fetches and settlements run on different
+// threads); allocates in `observe`.
+class js_delivery_counts {
+ public:
+  explicit js_delivery_counts(std::size_t capacity) : capacity_(capacity) {}
+
+  // The count to use for a delivery of `seq` that the server numbered
+  // `server_count` (0: the server gave none; passed through, not tracked).
+  [[nodiscard]] std::uint32_t observe(std::uint64_t seq, std::uint32_t server_count) {
+    if (capacity_ == 0 || server_count == 0) return server_count;
+    std::lock_guard lock(m_);
+    auto [it, fresh] = seen_.try_emplace(seq, server_count);
+    if (!fresh) {
+      const std::uint32_t next = it->second == UINT32_MAX ? it->second : it->second + 1;
+      it->second = std::max(server_count, next);
+    }
+    const std::uint32_t counted = it->second;
+    while (seen_.size() > capacity_) seen_.erase(seen_.begin());
+    return counted;
+  }
+  // `seq` is settled for good (acked or termed): drop its count.
+  void forget(std::uint64_t seq) {
+    if (capacity_ == 0) return;
+    std::lock_guard lock(m_);
+    seen_.erase(seq);
+  }
+  [[nodiscard]] std::size_t size() const {
+    std::lock_guard lock(m_);
+    return seen_.size();
+  }
+
+ private:
+  const std::size_t capacity_;
+  mutable std::mutex m_;                        // guards seen_
+  std::map<std::uint64_t, std::uint32_t> seen_;  // stream sequence -> last delivery count used
 };
 
 template <class T>
@@ -140,12 +194,13 @@ struct js_tracked;
 // ack subject, so they need the connection, not the subscription.)
 template <class T>
 struct js_source_core {
-  js_source_core(jetstream& js, const jetstream_consumer_options& co, std::string n)
-      : pull(js, co), name(std::move(n)), counters(std::make_shared<js_source_counters>()) {}
+  js_source_core(jetstream& js, const jetstream_consumer_options& co, std::string n, std::size_t tracked)
+      : pull(js, co), name(std::move(n)), counters(std::make_shared<js_source_counters>()), deliveries(tracked) {}
 
   jetstream_pull_source<T> pull;  // fetched from the receiving thread only
   const std::string name;
   const std::shared_ptr<js_source_counters> counters;
+  js_delivery_counts deliveries;  // the redelivery guard: observed at fetch, forgotten at ack or term
   std::mutex registry_m;  // guards registry and next_key
   std::unordered_map<std::uint64_t, std::weak_ptr<js_tracked<T>>> registry;
   std::uint64_t next_key = 0;
@@ -210,8 +265,12 @@ struct js_tracked {
       auto& c = *core->counters;
       switch (a.what) {
         case settle_action::kind::ack:
-          if (d.ack() == errc::ok) js_source_counters::bump(c.acked);
-          else js_source_counters::bump(c.ack_failures);
+          if (d.ack() == errc::ok) {
+            js_source_counters::bump(c.acked);
+            core->deliveries.forget(d.stream_sequence());
+          } else {
+            js_source_counters::bump(c.ack_failures);  // may come back: keep its count
+          }
           break;
         case settle_action::kind::redeliver: {
           // Round up: a 0.4 ms retry is a 1 ms nak, not an immediate one.
@@ -220,7 +279,9 @@ struct js_tracked {
           count(d.nak(ms), c.naked);
           break;
         }
-        case settle_action::kind::dead_letter: count(d.term(), c.termed); break;
+        case settle_action::kind::dead_letter:
+          if (count(d.term(), c.termed)) core->deliveries.forget(d.stream_sequence());
+          break;
         case settle_action::kind::release: count(d.nak(), c.released); break;
       }
     }
@@ -234,8 +295,9 @@ struct js_tracked {
     if (d.in_progress() == errc::ok) js_source_counters::bump(core->counters->in_progress);
   }
 
-  void count(errc rc, std::atomic<std::uint64_t>& ok_counter) {
+  bool count(errc rc, std::atomic<std::uint64_t>& ok_counter) {
     js_source_counters::bump(rc == errc::ok ? ok_counter : core->counters->settle_failures);
+    return rc == errc::ok;
   }
 
   const std::shared_ptr<js_source_core<T>> core;
@@ -303,7 +365,8 @@ class jetstream_consumer_source {
   /// thread (unless disabled). Throws postbox::error when the durable cannot
   /// be bound, or `invalid_argument` for a batch below 1. Allocates.
   jetstream_consumer_source(jetstream& js, const jetstream_consumer_options& co, jetstream_source_options so = {})
-      : core_(std::make_shared<detail::js_source_core<T>>(js, co, so.name.empty() ? co.durable : so.name)),
+      : core_(std::make_shared<detail::js_source_core<T>>(js, co, so.name.empty() ? co.durable : so.name,
+                                                          so.tracked_sequences)),
         local_(std::make_unique<local>()) {
     if (so.batch < 1) POSTBOX_THROW(error(errc::invalid_argument, "jetstream_consumer_source: batch must be >= 1"));
     local_->batch = so.batch;
@@ -445,11 +508,16 @@ class jetstream_consumer_source {
     local_->drained = got->empty() || got->back().pending() == 0;
     for (auto& d : *got) {
       entry e;
+      // The redelivery guard: at least one more than the last delivery of this
+      // sequence seen here (the server may repeat a count).
+      const std::uint32_t counted = core_->deliveries.observe(d.stream_sequence(), d.delivered());
+      if (counted != d.delivered()) detail::js_source_counters::bump(c.recounted);
       if (d.has_value()) {
         envelope<T>& env = *d;
         // The delivery counts this delivery (producer's attempt + NumDelivered);
         // the consumer wants the deliveries started before it.
-        if (d.delivered() > 0 && env.attempt > 0) --env.attempt;
+        env.attempt += counted - d.delivered();
+        if (counted > 0 && env.attempt > 0) --env.attempt;
         e.env.emplace(std::move(env));
       } else {
         e.poison.reason = std::string(to_string(d.error().code));
