@@ -125,6 +125,15 @@ struct consumer_options {
   const postbox::clock* clock = nullptr;
   /// Observer hooks; null: none. Must outlive the consumer.
   const postbox::observer* observer = nullptr;
+  /// Tenants whose messages the consumer handles (exact `envelope::tenant`,
+  /// "" = untenanted messages). Empty, with no `accept_tenant`: every
+  /// tenant. A message of any other tenant is dead-lettered with reason
+  /// `dead_letter_reasons::tenant` without running the handler (attempts 0).
+  std::vector<std::string> tenants{};
+  /// Accepts a tenant the `tenants` list does not name; runs on the
+  /// receiving thread for each message, must be thread-safe and not throw
+  /// (a throw counts as refusal).
+  std::function<bool(std::string_view)> accept_tenant{};
   /// Real-time slice a receiving worker blocks in the source before it
   /// re-checks for ready work and shutdown (a stop-check interval, not a
   /// timed behaviour; a retry that falls due meanwhile waits at most this
@@ -902,8 +911,52 @@ class consumer {
     }
   }
 
+  // Whether the options let the consumer handle messages of `tenant`.
+  bool tenant_accepted(std::string_view tenant) const noexcept {
+    if (opts_.tenants.empty() && !opts_.accept_tenant) return true;
+    for (const auto& t : opts_.tenants)
+      if (t == tenant) return true;
+    if (!opts_.accept_tenant) return false;
+    POSTBOX_TRY { return opts_.accept_tenant(tenant); }
+    POSTBOX_CATCH_ALL {}
+    return false;
+  }
+
+  // A message of a tenant the consumer does not accept: dead-lettered
+  // (reason "tenant") without a delivery, as poison input is.
+  void dead_letter_foreign(inbound<T>&& in) {
+    dead_letter<T> d;
+    d.reason = std::string(dead_letter_reasons::tenant);
+    d.error = "the consumer does not accept tenant '" + in.message->tenant + "'";
+    d.source = source_name_;
+    d.first_failure = d.last_failure = clock_->now();
+    std::optional<detail::published_meta> meta;
+    if (obs_ != nullptr && obs_->on_settle) meta.emplace(*in.message);
+    d.message.emplace(std::move(*in.message));
+    const bool ok = add_dead_letter(d);
+    run_hook(in.settle, settle_action{ok ? settle_action::kind::dead_letter : settle_action::kind::release, {}});
+    const auto outcome = ok ? settle_outcome::dead_lettered : settle_outcome::dead_letter_refused;
+    if (meta) notify(meta->event(source_name_), outcome, {}, dead_letter_reasons::tenant);
+    std::lock_guard lock(mu_);
+    if (ok) {
+      ++dead_lettered_;
+    } else {
+      ++dead_letter_refused_;
+      refused_.push_back(std::move(d));
+    }
+  }
+
   // Takes one item in. Returns whether more may be received now.
   bool admit(inbound<T>&& in) {
+    if (in.message && !tenant_accepted(in.message->tenant)) {
+      {
+        std::lock_guard lock(mu_);
+        ++received_;
+      }
+      dead_letter_foreign(std::move(in));
+      std::lock_guard lock(mu_);
+      return accepting_ && held_ < opts_.max_in_flight;
+    }
     if (!in.message) {
       {
         std::lock_guard lock(mu_);

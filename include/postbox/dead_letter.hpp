@@ -16,12 +16,22 @@
 //   the queue schedules itself at the next token; without one, call
 //   `pump_redrive()`. A redriven envelope gets a fresh retry budget
 //   (`attempt = 0`) and carries its history in headers (see below).
+// * Secrets: `add` scrubs the reason and error texts (exception messages)
+//   with the queue's redaction policy and the message's sensitive header
+//   values, so they are never stored; listings (`list`, `get`, `describe`,
+//   `export_text`) show sensitive header values as "[redacted]". The stored
+//   envelope keeps its headers whole for redrive (and `on_evict`).
+// * Tenants: the queue itself is the operator's interface and sees every
+//   tenant; `view(tenant)` is what a tenant gets: every query through it is
+//   pinned to that tenant and cannot widen. A queue built with
+//   `dead_letter_options::tenant` refuses other tenants' entries.
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
+#include <postbox/redaction.hpp>
 #include <postbox/retry.hpp>
 #include <postbox/timer_service.hpp>
 
@@ -56,6 +66,9 @@ inline constexpr std::string_view retries_exhausted = "retries_exhausted";
 inline constexpr std::string_view permanent_error = "permanent_error";
 /// `settlement::reject()` without a reason.
 inline constexpr std::string_view rejected = "rejected";
+/// The message's tenant is not one the consumer accepts
+/// (`consumer_options::tenants` / `accept_tenant`).
+inline constexpr std::string_view tenant = "tenant";
 /// A source that requires signatures refused it: unsigned, unknown key id, or tampered (signing.hpp).
 inline constexpr std::string_view unauthenticated = "unauthenticated";  // = to_string(errc::unauthenticated)
 }  // namespace dead_letter_reasons
@@ -106,6 +119,10 @@ struct dead_letter {
   [[nodiscard]] std::string_view key() const noexcept {
     return message ? std::string_view(message->partition_key) : std::string_view{};
   }
+  /// The message's tenant (empty for poison input and untenanted messages). Never allocates.
+  [[nodiscard]] std::string_view tenant() const noexcept {
+    return message ? std::string_view(message->tenant) : std::string_view{};
+  }
   /// Attempts over every round.
   [[nodiscard]] std::uint32_t total_attempts() const noexcept { return prior_attempts + attempts; }
 };
@@ -119,10 +136,14 @@ struct dead_letter_filter {
   std::optional<duration> older_than{};   ///< dead-lettered at least this long ago
   std::optional<duration> newer_than{};   ///< dead-lettered less than this long ago
   std::optional<bool> poison{};           ///< true: only undecodable input; false: only envelopes
+  /// Exact tenant of the message ("" = untenanted messages); poison input
+  /// has no tenant and never matches a set tenant.
+  std::optional<std::string> tenant{};
 
   /// Whether `d` matches at time `now`. Never allocates.
   template <class T>
   [[nodiscard]] bool matches(const dead_letter<T>& d, time_point now) const noexcept {
+    if (tenant && (!d.message || d.message->tenant != *tenant)) return false;
     if (reason && d.reason != *reason) return false;
     if (type && d.type() != *type) return false;
     if (key && d.key() != *key) return false;
@@ -147,6 +168,12 @@ struct dead_letter_options {
   dead_letter_full when_full = dead_letter_full::refuse;
   double redrive_rate = 10;                          ///< redriven messages per second (> 0)
   double redrive_burst = 0;                          ///< token bucket depth; 0 = the rate (at least 1)
+  /// Scope: when set, `add` refuses envelopes of any other tenant with
+  /// `errc::permission_denied` (poison input, which has no tenant, is kept).
+  std::optional<std::string> tenant{};
+  /// Redaction for stored texts and listings; null: the process-wide policy
+  /// at the time of each call (redaction.hpp).
+  std::shared_ptr<const redaction_policy> redaction{};
 };
 
 /// What `redrive` sends back. A plain value.
@@ -169,6 +196,9 @@ struct dead_letter_stats {
   std::size_t redrive_pending = 0;   ///< entries waiting for a token
   duration oldest_age{0};            ///< age of the oldest entry (queue clock)
 };
+
+template <class T>
+class dead_letter_view;
 
 /// A bounded, thread-safe store of dead letters with list, filter, remove
 /// and redrive. All members are thread-safe; most allocate (this is the slow
@@ -214,11 +244,25 @@ class dead_letter_queue {
     if (state_->timers != nullptr && state_->timer != 0) state_->timers->cancel(state_->timer);
   }
 
-  /// Stores `entry` (assigning `id` and `dead_lettered_at`). Returns `ok`,
-  /// or `full` under `refuse` when at capacity, in which case `entry` is
-  /// untouched (moved from only on `ok`). Under `drop_oldest` it always
-  /// succeeds and the evicted entry goes to `on_evict`. Allocates. Thread-safe.
+  /// Stores `entry` (assigning `id` and `dead_lettered_at`, scrubbing
+  /// secrets from its reason and error texts, see the file comment). Returns
+  /// `ok`; `full` under `refuse` when at capacity; `permission_denied` when
+  /// the queue is scoped to another tenant. On failure `entry` is untouched
+  /// (moved from only on `ok`). Under `drop_oldest` a full queue evicts its
+  /// oldest entry to `on_evict`. Allocates. Thread-safe.
   [[nodiscard]] errc add(dead_letter<T>&& entry) {
+    if (state_->opts.tenant && entry.message && entry.message->tenant != *state_->opts.tenant) {
+      std::lock_guard lock(state_->mu);
+      ++state_->stats.refused;
+      return errc::permission_denied;
+    }
+    // Scrubbed before the lock; assigned only once the entry is accepted.
+    const auto p = policy();
+    std::string reason = scrub(*p, entry, entry.reason);
+    std::string error = scrub(*p, entry, entry.error);
+    std::vector<std::string> history;
+    history.reserve(entry.history.size());
+    for (const auto& f : entry.history) history.push_back(scrub(*p, entry, f.error));
     std::optional<dead_letter<T>> evicted;
     evict_handler on_evict;
     {
@@ -235,6 +279,9 @@ class dead_letter_queue {
         ++s.stats.evicted;
         on_evict = s.on_evict;
       }
+      entry.reason = std::move(reason);
+      entry.error = std::move(error);
+      for (std::size_t i = 0; i < history.size(); ++i) entry.history[i].error = std::move(history[i]);
       entry.id = ++s.last_id;
       entry.dead_lettered_at = s.clk->now();
       const auto id = entry.id;
@@ -248,23 +295,78 @@ class dead_letter_queue {
     return errc::ok;
   }
 
-  /// Copies of the entries matching `filter`, oldest first. Allocates. Thread-safe.
+  /// Copies of the entries matching `filter`, oldest first, with sensitive
+  /// header values redacted. Every tenant's entries (use `view(tenant)` for
+  /// one tenant). Allocates. Thread-safe.
   [[nodiscard]] std::vector<dead_letter<T>> list(const dead_letter_filter& filter = {}) const {
     std::vector<dead_letter<T>> out;
+    const auto p = policy();
     std::lock_guard lock(state_->mu);
     const auto now = state_->clk->now();
     for (const auto& [id, d] : state_->entries)
-      if (filter.matches(d, now)) out.push_back(d);
+      if (filter.matches(d, now)) out.push_back(redacted(*p, d));
     return out;
   }
 
-  /// A copy of entry `id`, if present. Allocates. Thread-safe.
+  /// A copy of entry `id`, if present, with sensitive header values
+  /// redacted. Allocates. Thread-safe.
   [[nodiscard]] std::optional<dead_letter<T>> get(std::uint64_t id) const {
+    const auto p = policy();
     std::lock_guard lock(state_->mu);
     auto it = state_->entries.find(id);
     if (it == state_->entries.end()) return std::nullopt;
-    return it->second;
+    return redacted(*p, it->second);
   }
+
+  /// One line per entry matching `filter` (see `describe`), oldest first:
+  /// a listing safe to log or show an operator. Allocates. Thread-safe.
+  [[nodiscard]] std::string export_text(const dead_letter_filter& filter = {}) const {
+    const auto p = policy();
+    std::string out;
+    for (const auto& d : list(filter)) {
+      out += describe(d, *p);
+      out += '\n';
+    }
+    return out;
+  }
+
+  /// A one-line text of `d`: id, reason, source, tenant, type, message id,
+  /// attempts, error and headers, with sensitive header values redacted and
+  /// the texts scrubbed by `policy`. Never the payload or the raw bytes
+  /// (their size only). Allocates. Thread-safe (pure).
+  [[nodiscard]] static std::string describe(const dead_letter<T>& d, const redaction_policy& policy) {
+    std::string out = "dead_letter " + std::to_string(d.id) + " reason=" + scrub(policy, d, d.reason);
+    if (!d.source.empty()) out += " source=" + d.source;
+    if (d.message) {
+      if (!d.message->tenant.empty()) out += " tenant=" + d.message->tenant;
+      if (!d.message->type.empty()) out += " type=" + d.message->type;
+      out += " id=" + d.message->id.to_string();
+    } else {
+      out += " poison bytes=" + std::to_string(d.raw.size());
+    }
+    out += " attempts=" + std::to_string(d.total_attempts());
+    if (!d.error.empty()) out += " error=" + scrub(policy, d, d.error);
+    if (d.message && !d.message->headers.empty()) {
+      out += " headers={";
+      bool first = true;
+      for (const auto& [k, v] : d.message->headers) {
+        if (!first) out += ", ";
+        first = false;
+        out += k;
+        out += '=';
+        out += policy.is_sensitive(k) ? std::string(redacted_text) : scrub(policy, d, v);
+      }
+      out += '}';
+    }
+    return out;
+  }
+  /// As above with the process-wide policy. Allocates. Thread-safe.
+  [[nodiscard]] static std::string describe(const dead_letter<T>& d) { return describe(d, *current_redaction_policy()); }
+
+  /// The entries of one tenant: every query through the view is pinned to
+  /// `tenant` ("" = untenanted messages; poison input is never in a view).
+  /// The queue must outlive the view. Never blocks; allocates the name.
+  [[nodiscard]] dead_letter_view<T> view(std::string tenant) { return dead_letter_view<T>(*this, std::move(tenant)); }
 
   /// Number of entries matching `filter`. Thread-safe.
   [[nodiscard]] std::size_t count(const dead_letter_filter& filter = {}) const {
@@ -392,6 +494,13 @@ class dead_letter_queue {
     return s;
   }
 
+  /// The redaction policy in effect: the options' or the process-wide one. Thread-safe.
+  [[nodiscard]] std::shared_ptr<const redaction_policy> policy() const {
+    return state_->opts.redaction ? state_->opts.redaction : current_redaction_policy();
+  }
+  /// The tenant the queue is scoped to (options), if any. Never blocks.
+  [[nodiscard]] const std::optional<std::string>& tenant() const noexcept { return state_->opts.tenant; }
+
   /// The envelope an entry's redrive sends: `attempt` reset to 0 (a fresh
   /// retry budget), history in the `dead-letter-*` headers (attempts of all
   /// rounds, redrive count, first and last failure, last reason, error and
@@ -412,6 +521,16 @@ class dead_letter_queue {
   }
 
  private:
+  static std::string scrub(const redaction_policy& p, const dead_letter<T>& d, std::string_view text) {
+    if (text.empty()) return {};
+    return d.message ? p.scrub(text, d.message->headers) : p.scrub(text);
+  }
+  static dead_letter<T> redacted(const redaction_policy& p, const dead_letter<T>& d) {
+    dead_letter<T> out = d;
+    if (out.message) out.message->headers = p.redact(out.message->headers);
+    return out;
+  }
+
   struct stored : dead_letter<T> {
     explicit stored(dead_letter<T>&& d) : dead_letter<T>(std::move(d)) {}
     bool redrive_queued = false;
@@ -515,6 +634,58 @@ class dead_letter_queue {
   };
 
   std::shared_ptr<state> state_;
+};
+
+/// One tenant's window on a dead-letter queue (`dead_letter_queue::view`):
+/// list, count, get, remove and redrive see only entries whose message has
+/// this tenant. A filter's own `tenant` cannot widen it: a filter naming
+/// another tenant matches nothing. A cheap handle (a pointer and the
+/// name); the queue must outlive it. Thread-safe as the queue.
+template <class T>
+class dead_letter_view {
+ public:
+  /// A view of `queue` pinned to `tenant`. Allocates the name.
+  dead_letter_view(dead_letter_queue<T>& queue, std::string tenant) : queue_(&queue), tenant_(std::move(tenant)) {}
+
+  /// The tenant. Never allocates.
+  [[nodiscard]] const std::string& tenant() const noexcept { return tenant_; }
+  /// The tenant's entries matching `filter` (redacted, as `dead_letter_queue::list`).
+  [[nodiscard]] std::vector<dead_letter<T>> list(const dead_letter_filter& filter = {}) const {
+    return queue_->list(pinned(filter));
+  }
+  /// How many of the tenant's entries match `filter`.
+  [[nodiscard]] std::size_t count(const dead_letter_filter& filter = {}) const { return queue_->count(pinned(filter)); }
+  /// Entry `id` when it is the tenant's (redacted), else empty.
+  [[nodiscard]] std::optional<dead_letter<T>> get(std::uint64_t id) const {
+    auto d = queue_->get(id);
+    if (d && (!d->message || d->message->tenant != tenant_)) return std::nullopt;
+    return d;
+  }
+  /// The tenant's entries matching `filter` as text (`dead_letter_queue::export_text`).
+  [[nodiscard]] std::string export_text(const dead_letter_filter& filter = {}) const {
+    return queue_->export_text(pinned(filter));
+  }
+  /// Removes the tenant's entries matching `filter`; returns how many.
+  std::size_t remove(const dead_letter_filter& filter) { return queue_->remove(pinned(filter)); }
+  /// Redrives the tenant's entries matching `options.filter` (as `dead_letter_queue::redrive`).
+  std::size_t redrive(redrive_options options = {}) {
+    options.filter = pinned(options.filter);
+    return queue_->redrive(options);
+  }
+
+ private:
+  // The caller's filter AND this tenant: a different tenant in the filter
+  // can match nothing, which a tenant name that no message can carry gives.
+  [[nodiscard]] dead_letter_filter pinned(dead_letter_filter f) const {
+    if (f.tenant && *f.tenant != tenant_) {
+      f.poison = true;  // tenant set AND poison only: matches nothing
+    }
+    f.tenant = tenant_;
+    return f;
+  }
+
+  dead_letter_queue<T>* queue_;
+  std::string tenant_;
 };
 
 /// Registers a dead-letter queue under its name: size, capacity, added,

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
-// fmt formatters for message ids, postbox's status enums and a one-line envelope summary.
+// fmt formatters for message ids, postbox's status enums, header maps and a one-line envelope summary.
 #pragma once
 
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
+#include <postbox/redaction.hpp>
 
 #include <fmt/format.h>
 
@@ -50,17 +51,52 @@ struct fmt::formatter<postbox::send_status> : postbox::detail::enum_formatter<po
 template <>
 struct fmt::formatter<postbox::receive_status> : postbox::detail::enum_formatter<postbox::receive_status> {};
 
+/// A header map as `{name=value, ...}` in key order, the value of every
+/// header the process-wide redaction policy calls sensitive shown as
+/// `[redacted]` (see redaction.hpp). Only the empty spec `{}` is accepted.
+/// Allocates nothing beyond fmt's buffer (takes the policy snapshot's mutex
+/// briefly). Thread-safe.
+template <>
+struct fmt::formatter<postbox::header_map> {
+  constexpr auto parse(fmt::format_parse_context& ctx) -> decltype(ctx.begin()) {
+    auto it = ctx.begin();
+    if (it != ctx.end() && *it != '}') FMT_THROW(fmt::format_error("postbox::header_map takes no format spec"));
+    return it;
+  }
+
+  template <class FormatContext>
+  auto format(const postbox::header_map& headers, FormatContext& ctx) const -> decltype(ctx.out()) {
+    const auto policy = postbox::current_redaction_policy();
+    auto out = ctx.out();
+    *out++ = '{';
+    bool first = true;
+    for (const auto& [k, v] : headers) {
+      out = fmt::format_to(out, "{}{}={}", first ? "" : ", ", k, policy->render(k, v));
+      first = false;
+    }
+    *out++ = '}';
+    return out;
+  }
+};
+
 /// A one-line summary of an envelope's metadata; the payload is never
-/// printed (it may be large or sensitive). Only the empty spec `{}` is
-/// accepted. Example output:
+/// printed (it may be large or sensitive). Specs: `{}`, or `{:h}` to append
+/// the headers as ` headers={...}` with sensitive values redacted (as the
+/// header_map formatter does). Example output:
 ///   `event order.placed v2 id=0190... corr=0190... attempt=0`
 /// followed, when set, by ` cause=<id>`, ` key=<partition key>`,
 /// ` tenant=<tenant>` and ` trace=<trace-id>`. Thread-safe.
 template <class T>
 struct fmt::formatter<postbox::envelope<T>> {
+  bool headers_ = false;  ///< `{:h}`: append the (redacted) headers
+
   constexpr auto parse(fmt::format_parse_context& ctx) -> decltype(ctx.begin()) {
     auto it = ctx.begin();
-    if (it != ctx.end() && *it != '}') FMT_THROW(fmt::format_error("postbox::envelope takes no format spec"));
+    if (it != ctx.end() && *it == 'h') {
+      headers_ = true;
+      ++it;
+    }
+    if (it != ctx.end() && *it != '}') FMT_THROW(fmt::format_error("postbox::envelope takes {} or {:h}"));
     return it;
   }
 
@@ -74,6 +110,7 @@ struct fmt::formatter<postbox::envelope<T>> {
     if (!env.partition_key.empty()) out = fmt::format_to(out, " key={}", env.partition_key);
     if (!env.tenant.empty()) out = fmt::format_to(out, " tenant={}", env.tenant);
     if (const auto trace = env.trace.trace_id(); !trace.empty()) out = fmt::format_to(out, " trace={}", trace);
+    if (headers_) out = fmt::format_to(out, " headers={}", env.headers);
     return out;
   }
 };

@@ -17,6 +17,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -28,6 +29,22 @@ POSTBOX_BEGIN_NAMESPACE
 namespace detail {
 template <class>
 inline constexpr bool inbox_always_false = false;
+
+/// Separates the consumer name from the tenant in an inbox's store key.
+inline constexpr char inbox_tenant_separator = '\x1f';
+
+/// The store key of `consumer`'s ids for messages of `tenant`: the name
+/// itself for untenanted messages (so inboxes from before tenants keep
+/// their ids), else `consumer <US> tenant`. Unambiguous because a consumer
+/// name never holds the separator. Allocates.
+[[nodiscard]] inline std::string inbox_scope(std::string_view consumer, std::string_view tenant) {
+  std::string key(consumer);
+  if (!tenant.empty()) {
+    key += inbox_tenant_separator;
+    key.append(tenant);
+  }
+  return key;
+}
 
 /// The outcome of one handler call: `ok`, or the error and its text.
 struct handler_result {
@@ -124,6 +141,9 @@ struct inbox_options {
   /// Pruning by count walks the consumer's ids in SQLite, so it is paced by
   /// time rather than run per message.
   duration prune_interval = std::chrono::minutes(1);
+  /// Scope: when set, a message of any other tenant is `failed` with
+  /// `errc::permission_denied` before anything is recorded or run.
+  std::optional<std::string> tenant{};
 };
 
 /// Counters of an inbox since it was built. A plain value.
@@ -142,7 +162,10 @@ struct inbox_stats {
 /// the SQLite store a record is durable exactly when the handler's rows are;
 /// with the memory store it is atomic with completion, and two threads
 /// handling one id at the same time produce one effect (the second waits,
-/// then sees a duplicate). Thread-safe; allocates; blocks on the store.
+/// then sees a duplicate). Ids are kept per tenant: the same message id in
+/// two tenants is two entries (and each tenant has its own `max_ids`); an
+/// inbox may be scoped to one tenant (`inbox_options::tenant`).
+/// Thread-safe; allocates; blocks on the store.
 ///
 /// **Example**:
 ///   postbox::inbox in(db, "billing");
@@ -153,13 +176,17 @@ class inbox {
  public:
   using transaction = typename Store::transaction;
 
-  /// An inbox for `consumer` (a stable name: ids are recorded per name) on
-  /// `store` (not owned; must outlive it); times on `clk`. Throws
-  /// `invalid_argument` for an empty name.
+  /// An inbox for `consumer` (a stable name: ids are recorded per name and
+  /// tenant) on `store` (not owned; must outlive it); times on `clk`. Throws
+  /// `invalid_argument` for an empty name or one holding the byte 0x1f
+  /// (the separator of the tenant in the store key).
   inbox(Store& store, std::string consumer, inbox_options options = {}, const clock& clk = default_clock())
-      : store_(&store), consumer_(std::move(consumer)), options_(options), clock_(&clk),
-        next_prune_(clk.now() + options.prune_interval) {
+      : store_(&store), consumer_(std::move(consumer)), options_(std::move(options)), clock_(&clk),
+        next_prune_(clk.now() + options_.prune_interval) {
     if (consumer_.empty()) POSTBOX_THROW(error(errc::invalid_argument, "inbox: the consumer name is empty"));
+    if (consumer_.find(detail::inbox_tenant_separator) != std::string::npos)
+      POSTBOX_THROW(error(errc::invalid_argument, "inbox: the consumer name holds the byte 0x1f"));
+    if (options_.tenant) scopes_.insert(detail::inbox_scope(consumer_, *options_.tenant));
   }
   inbox(const inbox&) = delete;
   inbox& operator=(const inbox&) = delete;
@@ -211,20 +238,58 @@ class inbox {
     return o;
   }
 
-  /// Forgets ids outside the window (older than `window`, beyond `max_ids`).
-  /// Returns how many were forgotten, or the store error. Must not be called
-  /// while this thread has a transaction open on a SQLite store.
+  /// Forgets ids outside the window (older than `window`, beyond `max_ids`
+  /// per tenant) for the untenanted messages and every tenant this inbox
+  /// has handled since it was built (a tenant seen only before a restart:
+  /// `prune(tenant)`). Returns how many were forgotten, or the first store
+  /// error. Must not be called while this thread has a transaction open on
+  /// a SQLite store.
   result<std::size_t> prune() {
-    auto n = store_->inbox_prune(consumer_, clock_->now() - options_.window, options_.max_ids);
-    if (n) {
+    std::vector<std::string> scopes;
+    {
       std::lock_guard lock(mutex_);
-      stats_.pruned += *n;
+      scopes.assign(scopes_.begin(), scopes_.end());
     }
-    return n;
+    if (!options_.tenant) scopes.push_back(consumer_);
+    std::size_t total = 0;
+    for (const auto& scope : scopes) {
+      auto n = prune_scope(scope);
+      if (!n) return n;
+      total += *n;
+    }
+    return total;
   }
 
-  /// Whether `id` is recorded (committed) for this consumer.
-  [[nodiscard]] result<bool> contains(message_id id) const { return store_->inbox_contains(consumer_, id); }
+  /// As `prune()` for the ids of `tenant`'s messages only ("" = untenanted).
+  result<std::size_t> prune(std::string_view tenant) { return prune_scope(detail::inbox_scope(consumer_, tenant)); }
+
+  /// Whether `id` is recorded (committed) for this consumer's untenanted
+  /// messages (the inbox's tenant when it is scoped to one).
+  [[nodiscard]] result<bool> contains(message_id id) const {
+    return contains(options_.tenant ? std::string_view(*options_.tenant) : std::string_view{}, id);
+  }
+  /// Whether `id` is recorded (committed) for this consumer and `tenant`.
+  [[nodiscard]] result<bool> contains(std::string_view tenant, message_id id) const {
+    return store_->inbox_contains(detail::inbox_scope(consumer_, tenant), id);
+  }
+
+  /// Ids recorded for the untenanted messages and every tenant handled
+  /// since construction, summed. Blocks on the store.
+  [[nodiscard]] result<std::size_t> size() const {
+    std::vector<std::string> scopes;
+    {
+      std::lock_guard lock(mutex_);
+      scopes.assign(scopes_.begin(), scopes_.end());
+    }
+    if (!options_.tenant) scopes.push_back(consumer_);
+    std::size_t total = 0;
+    for (const auto& scope : scopes) {
+      auto n = store_->inbox_size(scope);
+      if (!n) return n;
+      total += *n;
+    }
+    return total;
+  }
 
   /// Counters since construction. Thread-safe.
   [[nodiscard]] inbox_stats stats() const {
@@ -238,13 +303,26 @@ class inbox {
   [[nodiscard]] Store& store() const noexcept { return *store_; }
 
  private:
+  result<std::size_t> prune_scope(const std::string& scope) {
+    auto n = store_->inbox_prune(scope, clock_->now() - options_.window, options_.max_ids);
+    if (n) {
+      std::lock_guard lock(mutex_);
+      stats_.pruned += *n;
+    }
+    return n;
+  }
+
   template <class T, class Fn>
   inbox_outcome handle_in(transaction& tx, const envelope<T>& env, Fn& fn) {
     if (!tx.active()) return {inbox_status::failed, errc::invalid_argument, "inbox: the transaction is not active"};
     if (env.id.is_nil()) return {inbox_status::failed, errc::invalid_argument, "inbox: message with a nil id"};
+    if (options_.tenant && env.tenant != *options_.tenant)
+      return {inbox_status::failed, errc::permission_denied,
+              "inbox: the inbox of tenant '" + *options_.tenant + "' refuses a message of tenant '" + env.tenant + "'"};
+    std::string scope = detail::inbox_scope(consumer_, env.tenant);
     if (const errc sp = tx.savepoint(); sp != errc::ok)
       return {inbox_status::failed, sp, "inbox: cannot open a savepoint: " + std::string(tx.last_error())};
-    const errc r = store_->inbox_record(tx, consumer_, env.id, clock_->now());
+    const errc r = store_->inbox_record(tx, scope, env.id, clock_->now());
     if (r == errc::conflict) {
       (void)tx.rollback_to_savepoint();
       return {inbox_status::duplicate, errc::ok, {}};
@@ -266,6 +344,10 @@ class inbox {
       tx.fail(rel, "inbox: cannot release the savepoint");
       return {inbox_status::failed, rel, std::string(tx.last_error())};
     }
+    if (!env.tenant.empty()) {
+      std::lock_guard lock(mutex_);
+      scopes_.insert(std::move(scope));
+    }
     return {inbox_status::processed, errc::ok, {}};
   }
 
@@ -285,6 +367,7 @@ class inbox {
   mutable std::mutex mutex_;
   inbox_stats stats_;
   time_point next_prune_;  // under mutex_
+  std::set<std::string> scopes_;  // store keys of the tenants handled (and the scoped tenant); under mutex_
 };
 
 /// Registers an inbox's counters and its recorded-id count. `in` must
@@ -299,8 +382,8 @@ template <class Store>
               static_cast<double>(s.duplicates));
     w.counter("postbox_inbox_failed_total", "Handler or store failures (retried later).", static_cast<double>(s.failed));
     w.counter("postbox_inbox_pruned_total", "Ids forgotten by the dedup window.", static_cast<double>(s.pruned));
-    if (auto n = in.store().inbox_size(in.consumer()))
-      w.gauge("postbox_inbox_ids", "Message ids recorded for this consumer.", static_cast<double>(*n));
+    if (auto n = in.size())
+      w.gauge("postbox_inbox_ids", "Message ids recorded for this consumer (all tenants).", static_cast<double>(*n));
   });
 }
 

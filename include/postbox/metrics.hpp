@@ -2,8 +2,13 @@
 // Metrics: lock-free counters and duration histograms, a registry of components and Prometheus text exposition.
 #pragma once
 
+// Samples carry numbers and labels only: no message payload or header can
+// reach a metrics page except through a label a collector chose, and every
+// label is redacted on the way in (metric_writer).
+
 #include <postbox/clock.hpp>
 #include <postbox/error.hpp>
+#include <postbox/redaction.hpp>
 
 #include <algorithm>
 #include <array>
@@ -121,10 +126,16 @@ struct metric_sample {
 };
 
 /// What a component's collector writes its samples to; it adds the
-/// component's labels to every sample. Allocates; used during collection only.
+/// component's labels to every sample. Every label passes the process-wide
+/// redaction policy (redaction.hpp): a label whose name is sensitive gets
+/// the value "[redacted]", and other values are scrubbed of secrets (URL
+/// passwords, `token=...` pairs). Allocates; used during collection only.
 class metric_writer {
  public:
-  explicit metric_writer(std::vector<metric_label> base) : base_(std::move(base)) {}
+  explicit metric_writer(std::vector<metric_label> base)
+      : base_(std::move(base)), policy_(current_redaction_policy()) {
+    for (auto& l : base_) redact(l);
+  }
 
   /// A monotonically increasing count.
   void counter(std::string_view name, std::string_view help, double value, std::vector<metric_label> extra = {}) {
@@ -151,14 +162,26 @@ class metric_writer {
     s.help = std::string(help);
     s.type = type;
     s.labels = base_;
-    for (auto& l : extra) s.labels.push_back(std::move(l));
+    for (auto& l : extra) {
+      redact(l);
+      s.labels.push_back(std::move(l));
+    }
     s.value = value;
     s.histogram = std::move(h);
     samples_.push_back(std::move(s));
   }
 
+  void redact(metric_label& l) const {
+    if (policy_->is_sensitive(l.first)) {
+      l.second.assign(redacted_text);
+    } else if (l.second.find_first_of(":=") != std::string::npos) {  // only such values can hold a secret
+      l.second = policy_->scrub(l.second);
+    }
+  }
+
   std::vector<metric_label> base_;
   std::vector<metric_sample> samples_;
+  std::shared_ptr<const redaction_policy> policy_;  ///< snapshot taken at construction
 };
 
 namespace detail {

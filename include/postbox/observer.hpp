@@ -12,6 +12,7 @@
 #include <postbox/config.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
+#include <postbox/redaction.hpp>
 
 #include <atomic>
 #include <cstdint>
@@ -51,8 +52,10 @@ enum class settle_outcome : std::uint8_t {
 
 /// What a hook is told about one message: envelope metadata plus, for
 /// settle events, the outcome, the handler's duration (on the consumer's
-/// clock) and the reason or error text. The views are valid only during the
-/// call; copy what you keep. A plain value.
+/// clock) and the reason or error text. Headers and payload are never part
+/// of an event, and `observer` scrubs `reason` with the process-wide
+/// redaction policy before a hook sees it. The views are valid only during
+/// the call; copy what you keep. A plain value.
 struct message_event {
   message_id id;                             ///< the envelope id (nil for undecodable input)
   std::string_view type;                     ///< message type name
@@ -60,6 +63,7 @@ struct message_event {
   message_id causation_id;                   ///< parent message id
   std::uint32_t attempt = 0;                 ///< deliveries started so far (this one included on receive/settle)
   std::string_view partition_key;            ///< ordering key
+  std::string_view tenant;                   ///< the envelope's tenant, empty when none
   std::string_view traceparent;              ///< W3C traceparent, empty when none
   std::string_view source;                   ///< channel / topic / stream / consumer name
   settle_outcome outcome = settle_outcome::none;  ///< settle events only
@@ -77,9 +81,25 @@ template <class T>
   e.causation_id = env.causation_id;
   e.attempt = env.attempt;
   e.partition_key = env.partition_key;
+  e.tenant = env.tenant;
   e.traceparent = env.trace.traceparent;
   e.source = source;
   return e;
+}
+
+/// A one-line text of an event, e.g. `settle dead_lettered order.placed
+/// id=0190... attempt=3 source=orders tenant=acme reason=...` (the
+/// outcome part only for settle events; empty fields left out). The reason
+/// is scrubbed with the process-wide redaction policy. Allocates. Thread-safe.
+[[nodiscard]] inline std::string describe(const message_event& e) {
+  std::string out = e.outcome == settle_outcome::none ? "event" : "settle " + std::string(to_string(e.outcome));
+  if (!e.type.empty()) (out += ' ') += e.type;
+  out += " id=" + e.id.to_string() + " attempt=" + std::to_string(e.attempt);
+  if (!e.source.empty()) (out += " source=") += e.source;
+  if (!e.partition_key.empty()) (out += " key=") += e.partition_key;
+  if (!e.tenant.empty()) (out += " tenant=") += e.tenant;
+  if (!e.reason.empty()) out += " reason=" + current_redaction_policy()->scrub(e.reason);
+  return out;
 }
 
 /// Observer hooks: set any of the three functions before sharing the
@@ -105,8 +125,24 @@ class observer {
   void notify_publish(const message_event& e) const noexcept { call(on_publish, e); }
   /// Calls `on_receive` if set. Never throws. Thread-safe.
   void notify_receive(const message_event& e) const noexcept { call(on_receive, e); }
-  /// Calls `on_settle` if set. Never throws. Thread-safe.
-  void notify_settle(const message_event& e) const noexcept { call(on_settle, e); }
+  /// Calls `on_settle` if set, with `reason` scrubbed of secrets by the
+  /// process-wide redaction policy (URL passwords, `token=...` pairs; a
+  /// copy is made only when the reason holds one). Never throws. Thread-safe.
+  void notify_settle(const message_event& e) const noexcept {
+    if (!on_settle) return;
+    if (e.reason.find_first_of(":=") == std::string_view::npos) return call(on_settle, e);
+    POSTBOX_TRY {
+      const std::string scrubbed = current_redaction_policy()->scrub(e.reason);
+      message_event copy = e;
+      copy.reason = scrubbed;
+      return call(on_settle, copy);
+    }
+    POSTBOX_CATCH_ALL {  // no memory to scrub: report without the reason rather than leak it
+      message_event copy = e;
+      copy.reason = redacted_text;
+      call(on_settle, copy);
+    }
+  }
 
   /// Hook calls that threw so far. Never blocks. Thread-safe.
   [[nodiscard]] std::uint64_t failures() const noexcept {
@@ -134,12 +170,12 @@ namespace detail {
 struct published_meta {
   message_id id, correlation_id, causation_id;
   std::uint32_t attempt = 0;
-  std::string type, partition_key, traceparent;
+  std::string type, partition_key, tenant, traceparent;
 
   template <class T>
   explicit published_meta(const envelope<T>& env)
       : id(env.id), correlation_id(env.correlation_id), causation_id(env.causation_id), attempt(env.attempt),
-        type(env.type), partition_key(env.partition_key), traceparent(env.trace.traceparent) {}
+        type(env.type), partition_key(env.partition_key), tenant(env.tenant), traceparent(env.trace.traceparent) {}
 
   [[nodiscard]] message_event event(std::string_view source) const noexcept {
     message_event e;
@@ -149,6 +185,7 @@ struct published_meta {
     e.causation_id = causation_id;
     e.attempt = attempt;
     e.partition_key = partition_key;
+    e.tenant = tenant;
     e.traceparent = traceparent;
     e.source = source;
     return e;

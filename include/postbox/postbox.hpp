@@ -20,6 +20,7 @@
 #include <postbox/fwd.hpp>
 #include <postbox/error.hpp>
 #include <postbox/clock.hpp>
+#include <postbox/redaction.hpp>
 #include <postbox/timer_service.hpp>
 #include <postbox/retry.hpp>
 #include <postbox/metrics.hpp>

@@ -1,0 +1,112 @@
+// SPDX-License-Identifier: MIT
+// Specification tests for redaction.hpp: sensitive header names, scrubbing secrets from texts, the process-wide policy.
+#include <postbox/envelope.hpp>
+#include <postbox/metrics.hpp>
+#include <postbox/redaction.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+namespace {
+
+// Restores the process-wide policy when a test that replaced it ends.
+struct policy_guard {
+  std::shared_ptr<const postbox::redaction_policy> saved = postbox::current_redaction_policy();
+  ~policy_guard() { postbox::set_redaction_policy(*saved); }
+};
+
+}  // namespace
+
+TEST_CASE("the default policy calls authorization, cookie and token headers sensitive, ignoring case and _ versus -",
+          "[redaction]") {
+  const auto p = postbox::redaction_policy::defaults();
+  CHECK(p.is_sensitive("authorization"));
+  CHECK(p.is_sensitive("Authorization"));
+  CHECK(p.is_sensitive("COOKIE"));
+  CHECK(p.is_sensitive("x_api_key"));
+  CHECK(p.is_sensitive("token"));
+  CHECK(p.is_sensitive("x-secret-pin"));
+  CHECK(p.is_sensitive("X-Secret-Anything"));
+  CHECK_FALSE(p.is_sensitive("content-type"));
+  CHECK_FALSE(p.is_sensitive("tokens-used"));  // exact names are exact
+  CHECK_FALSE(p.is_sensitive("x-secret"));     // a prefix needs its whole text
+}
+
+TEST_CASE("an empty policy has nothing sensitive, and added names and prefixes become sensitive", "[redaction]") {
+  postbox::redaction_policy p;
+  CHECK_FALSE(p.is_sensitive("authorization"));
+  p.add_name("x-tenant-key").add_prefix("x-vault-");
+  CHECK(p.is_sensitive("X-Tenant-Key"));
+  CHECK(p.is_sensitive("x-vault-db"));
+  CHECK_FALSE(p.is_sensitive("x-tenant"));
+  CHECK(p.render("x-vault-db", "s3cr3t") == postbox::redacted_text);
+  CHECK(p.render("content-type", "text/plain") == "text/plain");
+}
+
+TEST_CASE("redact replaces only the sensitive values of a header map", "[redaction]") {
+  const auto p = postbox::redaction_policy::defaults();
+  const postbox::header_map h{{"authorization", "Bearer abc"}, {"content-type", "application/json"}};
+  const auto r = p.redact(h);
+  CHECK(r.get("authorization") == std::optional<std::string_view>("[redacted]"));
+  CHECK(r.get("content-type") == std::optional<std::string_view>("application/json"));
+  CHECK(h.get("authorization") == std::optional<std::string_view>("Bearer abc"));  // the original is untouched
+}
+
+TEST_CASE("scrub hides a URL's password and keeps the user, host and path", "[redaction]") {
+  const auto p = postbox::redaction_policy::defaults();
+  CHECK(p.scrub("connect failed: postgres://svc:hunter2@10.0.0.7/orders") ==
+        "connect failed: postgres://svc:[redacted]@10.0.0.7/orders");
+  CHECK(p.scrub("nats://s3cr3ttoken@nats.internal:4222 refused") == "nats://[redacted]@nats.internal:4222 refused");
+  CHECK(p.scrub("see https://example.com/a?b=c") == "see https://example.com/a?b=c");
+}
+
+TEST_CASE("scrub hides the values of sensitive name=value and name: value pairs", "[redaction]") {
+  const auto p = postbox::redaction_policy::defaults();
+  CHECK(p.scrub("login failed password=hunter2 user=bob") == "login failed password=[redacted] user=bob");
+  CHECK(p.scrub("Authorization: Bearer eyJhbGciOi.x.y rejected") == "Authorization: Bearer [redacted] rejected");
+  CHECK(p.scrub("api_key = 'k-123', retry") == "api_key = '[redacted]', retry");
+  CHECK(p.scrub("x-secret-pin: 4711;") == "x-secret-pin: [redacted];");
+  CHECK(p.scrub("timeout: 5s") == "timeout: 5s");
+}
+
+TEST_CASE("scrubbing a scrubbed text changes nothing", "[redaction]") {
+  const auto p = postbox::redaction_policy::defaults();
+  const std::string once = p.scrub("token=abc, postgres://u:pw@h/db, Authorization: Bearer xyz");
+  CHECK(once == "token=[redacted], postgres://u:[redacted]@h/db, Authorization: Bearer [redacted]");
+  CHECK(p.scrub(once) == once);
+}
+
+TEST_CASE("scrub with headers hides every occurrence of a sensitive header's value", "[redaction]") {
+  const auto p = postbox::redaction_policy::defaults();
+  const postbox::header_map h{{"x-secret-pin", "pin-4711"}, {"content-type", "text/plain"}, {"cookie", "abc"}};
+  CHECK(p.scrub("bad pin pin-4711 (pin-4711) for text/plain", h) ==
+        "bad pin [redacted] ([redacted]) for text/plain");
+  // Values shorter than min_scrubbed_value would hide unrelated text: left alone.
+  CHECK(p.scrub("abc", h) == "abc");
+}
+
+TEST_CASE("set_redaction_policy replaces the process-wide policy and earlier snapshots keep the old one",
+          "[redaction]") {
+  policy_guard guard;
+  const auto before = postbox::current_redaction_policy();
+  postbox::redaction_policy p;
+  p.add_name("x-only");
+  postbox::set_redaction_policy(std::move(p));
+  CHECK(postbox::current_redaction_policy()->is_sensitive("x-only"));
+  CHECK_FALSE(postbox::current_redaction_policy()->is_sensitive("authorization"));
+  CHECK(before->is_sensitive("authorization"));
+}
+
+TEST_CASE("a metrics label with a sensitive name is redacted and other label values are scrubbed", "[redaction]") {
+  postbox::metrics_registry registry;
+  auto reg = registry.add("bridge", "nats://svc:pw-hunter2@nats:4222", [](postbox::metric_writer& w) {
+    w.gauge("postbox_test_up", "Up.", 1, {{"token", "tok-777"}, {"server", "nats"}});
+  });
+  const std::string page = registry.render_prometheus();
+  CHECK(page.find("pw-hunter2") == std::string::npos);
+  CHECK(page.find("tok-777") == std::string::npos);
+  CHECK(page.find("token=\"[redacted]\"") != std::string::npos);
+  CHECK(page.find("name=\"nats://svc:[redacted]@nats:4222\"") != std::string::npos);
+  CHECK(page.find("server=\"nats\"") != std::string::npos);
+}
