@@ -402,6 +402,9 @@ Int header_number(const header_map& h, std::string_view name) noexcept {
 ///   and unkeyed messages proceed. (With a `redelivers` source the broker
 ///   owns redelivery, so a retried message leaves the line.)
 /// * Poison input is dead-lettered with the decoder's reason and raw bytes.
+/// * Tenants: with `tenants` or `accept_tenant` set, a message of another
+///   tenant is dead-lettered with reason "tenant" when it is received,
+///   without a delivery (attempts 0, no receive event).
 /// * Concurrency: `threads` workers, which also take turns receiving (one
 ///   at a time), and a timer thread; at most `max_in_flight` unsettled
 ///   messages. With `threads == 0` nothing runs until `poll()`.
