@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Tests of postbox::scheduler: send_at / send_after with cancel and reschedule, on manual_clock.
+// Tests of postbox::scheduler: send_at / send_after with cancel and reschedule, driven by postbox::testing::harness.
 #include <postbox/scheduler.hpp>
 #include <postbox/testing.hpp>
 
@@ -16,10 +16,18 @@ using namespace std::chrono_literals;
 using postbox::schedule_state;
 
 namespace {
+// A manual-drive scheduler attached to a harness: `h.advance(d)` moves the
+// clock and runs each delivery at its own due time; `clock.advance` alone
+// moves time without running anything.
 struct fixture {
-  postbox::manual_clock clock;
-  postbox::scheduler sched{clock, postbox::timer_service::manual_drive};
-  postbox::time_point t0 = clock.now();
+  explicit fixture(postbox::scheduler_options options = {})
+      : sched(h.get_clock(), postbox::timer_service::manual_drive, options) {
+    h.attach(sched, "scheduler");
+  }
+  postbox::testing::harness h;
+  postbox::manual_clock& clock = h.get_clock();
+  postbox::scheduler sched;
+  postbox::time_point t0 = h.now();
 };
 }  // namespace
 
@@ -28,12 +36,10 @@ TEST_CASE("send_at delivers exactly at its due time and not a nanosecond before"
   postbox::channel<int> ch(4);
   auto h = f.sched.send_at(ch, f.t0 + 5s, 42);
   CHECK(h.due() == f.t0 + 5s);
-  f.clock.advance(5s - 1ns);
-  f.sched.run_due();
+  f.h.advance(5s - 1ns);
   CHECK_FALSE(ch.try_receive().has_value());
   CHECK(h.state() == schedule_state::pending);
-  f.clock.advance(1ns);
-  f.sched.run_due();
+  f.h.advance(1ns);
   CHECK(ch.try_receive() == 42);
   CHECK(h.state() == schedule_state::delivered);
   CHECK(f.sched.stats().delivered == 1);
@@ -46,11 +52,9 @@ TEST_CASE("send_after measures the delay on the scheduler's clock", "[scheduler]
   f.clock.advance(1h);
   auto h = postbox::send_after(f.sched, ch, 10s, std::string("ping"));
   CHECK(h.due() == f.t0 + 1h + 10s);
-  f.clock.advance(9s);
-  f.sched.run_due();
+  f.h.advance(9s);
   CHECK(ch.size_approx() == 0);
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   CHECK(ch.try_receive() == std::string("ping"));
 }
 
@@ -60,8 +64,7 @@ TEST_CASE("a canceled message is never delivered, even when its due time passes"
   auto h = f.sched.send_after(ch, 1s, 7);
   CHECK(h.cancel());
   CHECK(h.state() == schedule_state::canceled);
-  f.clock.advance(10s);
-  f.sched.run_due();
+  f.h.advance(10s);
   CHECK_FALSE(ch.try_receive().has_value());
   CHECK_FALSE(h.cancel());  // only the first cancel wins
   CHECK(f.sched.stats().canceled == 1);
@@ -72,8 +75,7 @@ TEST_CASE("cancel after delivery returns false", "[scheduler]") {
   fixture f;
   postbox::channel<int> ch(4);
   auto h = f.sched.send_after(ch, 1s, 7);
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   CHECK_FALSE(h.cancel());
   CHECK(h.state() == schedule_state::delivered);
   CHECK(ch.try_receive() == 7);
@@ -95,14 +97,11 @@ TEST_CASE("reschedule moves the due time later and the old time delivers nothing
   auto h = f.sched.send_at(ch, f.t0 + 5s, 1);
   CHECK(h.reschedule(f.t0 + 20s));
   CHECK(h.due() == f.t0 + 20s);
-  f.clock.advance(5s);
-  f.sched.run_due();
+  f.h.advance(5s);
   CHECK_FALSE(ch.try_receive().has_value());
-  f.clock.advance(15s - 1ns);
-  f.sched.run_due();
+  f.h.advance(15s - 1ns);
   CHECK_FALSE(ch.try_receive().has_value());
-  f.clock.advance(1ns);
-  f.sched.run_due();
+  f.h.advance(1ns);
   CHECK(ch.try_receive() == 1);
   CHECK_FALSE(ch.try_receive().has_value());  // exactly once
   CHECK(f.sched.stats().rescheduled == 1);
@@ -113,11 +112,9 @@ TEST_CASE("reschedule moves the due time earlier", "[scheduler]") {
   postbox::channel<int> ch(4);
   auto h = f.sched.send_at(ch, f.t0 + 1h, 1);
   CHECK(h.reschedule_after(2s));
-  f.clock.advance(2s);
-  f.sched.run_due();
+  f.h.advance(2s);
   CHECK(ch.try_receive() == 1);
-  f.clock.advance(1h);
-  f.sched.run_due();
+  f.h.advance(1h);
   CHECK_FALSE(ch.try_receive().has_value());
 }
 
@@ -127,62 +124,51 @@ TEST_CASE("reschedule after delivery or cancel returns false", "[scheduler]") {
   auto a = f.sched.send_after(ch, 1s, 1);
   auto b = f.sched.send_after(ch, 1s, 2);
   CHECK(b.cancel());
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   CHECK_FALSE(a.reschedule(f.t0 + 1h));
   CHECK_FALSE(b.reschedule(f.t0 + 1h));
 }
 
 TEST_CASE("a full channel at due time is retried with backoff without blocking, and stays cancelable", "[scheduler]") {
-  postbox::manual_clock clock;
-  postbox::scheduler sched(clock, postbox::timer_service::manual_drive,
-                           postbox::scheduler_options{.retry_initial = 10ms, .retry_max = 40ms, .max_retries = 0});
+  fixture f({.retry_initial = 10ms, .retry_max = 40ms, .max_retries = 0});
   postbox::channel<int> ch(1);
   REQUIRE(ch.try_send(0) == postbox::send_status::ok);
-  auto h = sched.send_after(ch, 1s, 1);
-  clock.advance(1s);
-  CHECK(sched.run_due() == 1);  // tried once, found full, returned
+  auto h = f.sched.send_after(ch, 1s, 1);
+  CHECK(f.h.advance(1s) == 1);  // tried once, found full, returned
   CHECK(h.state() == schedule_state::pending);
-  CHECK(sched.stats().retried == 1);
-  CHECK(sched.next_deadline() == clock.now() + 10ms);
-  clock.advance(10ms);
-  sched.run_due();  // second try, still full: next in 20 ms
-  CHECK(sched.next_deadline() == clock.now() + 20ms);
+  CHECK(f.sched.stats().retried == 1);
+  CHECK(f.h.next_due() == f.t0 + 1s + 10ms);
+  CHECK(f.h.advance_to_next() == f.t0 + 1s + 10ms);  // second try, still full: next in 20 ms
+  CHECK(f.h.next_due() == f.t0 + 1s + 30ms);
   CHECK(ch.try_receive() == 0);  // room now
-  clock.advance(20ms);
-  sched.run_due();
+  CHECK(f.h.advance_to_next() == f.t0 + 1s + 30ms);
   CHECK(ch.try_receive() == 1);
   CHECK(h.state() == schedule_state::delivered);
-  CHECK(sched.stats().retried == 2);
+  CHECK(f.sched.stats().retried == 2);
 
   // Between retries a cancel still wins.
   REQUIRE(ch.try_send(0) == postbox::send_status::ok);
-  auto g = sched.send_after(ch, 1s, 2);
-  clock.advance(1s);
-  sched.run_due();
+  auto g = f.sched.send_after(ch, 1s, 2);
+  f.h.advance(1s);
   CHECK(g.state() == schedule_state::pending);
   CHECK(g.cancel());
+  CHECK(f.h.next_due() == postbox::time_point::max());  // the retry timer went with it
   CHECK(ch.try_receive() == 0);
-  clock.advance(1s);
-  sched.run_due();
+  f.h.advance(1s);
   CHECK_FALSE(ch.try_receive().has_value());
 }
 
 TEST_CASE("a message out of retries on a full channel is dropped and counted", "[scheduler]") {
-  postbox::manual_clock clock;
-  postbox::scheduler sched(clock, postbox::timer_service::manual_drive,
-                           postbox::scheduler_options{.retry_initial = 1ms, .retry_max = 1ms, .max_retries = 2});
+  fixture f({.retry_initial = 1ms, .retry_max = 1ms, .max_retries = 2});
   postbox::channel<int> ch(1);
   REQUIRE(ch.try_send(0) == postbox::send_status::ok);
-  auto h = sched.send_after(ch, 1s, 1);
-  clock.advance(1s);
-  for (int i = 0; i < 5; ++i) {
-    sched.run_due();
-    clock.advance(1ms);
-  }
+  auto h = f.sched.send_after(ch, 1s, 1);
+  std::vector<postbox::time_point> tries;
+  while (auto t = f.h.advance_to_next()) tries.push_back(*t);
+  CHECK(tries == std::vector<postbox::time_point>{f.t0 + 1s, f.t0 + 1001ms, f.t0 + 1002ms});
   CHECK(h.state() == schedule_state::dropped);
-  CHECK(sched.stats().dropped_full == 1);
-  CHECK(sched.stats().retried == 3);
+  CHECK(f.sched.stats().dropped_full == 1);
+  CHECK(f.sched.stats().retried == 3);
   CHECK_FALSE(h.cancel());
 }
 
@@ -191,8 +177,7 @@ TEST_CASE("a closed channel at due time drops the message and counts it", "[sche
   postbox::channel<int> ch(4);
   auto h = f.sched.send_after(ch, 1s, 1);
   ch.close();
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   CHECK(h.state() == schedule_state::dropped);
   CHECK(f.sched.stats().dropped_closed == 1);
   CHECK(f.sched.stats().delivered == 0);
@@ -205,14 +190,12 @@ TEST_CASE("send_at publishes on a topic at its due time, with or without a subje
   auto orders = tp.subscribe("orders.*");
   (void)f.sched.send_after(tp, 1s, std::string("hello"));
   (void)f.sched.send_after(tp, 2s, std::string("orders.created"), std::string("o-1"));
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   auto d = all.try_receive();
   REQUIRE(d.has_value());
   CHECK(**d == "hello");
   CHECK_FALSE(orders.try_receive().has_value());
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   auto o = orders.try_receive();
   REQUIRE(o.has_value());
   CHECK(**o == "o-1");
@@ -225,8 +208,7 @@ TEST_CASE("a closed topic at due time drops the message and counts it", "[schedu
   auto sub = tp.subscribe();
   auto h = f.sched.send_after(tp, 1s, 5);
   tp.close();
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   CHECK(h.state() == schedule_state::dropped);
   CHECK(f.sched.stats().dropped_closed == 1);
 }
@@ -235,11 +217,9 @@ TEST_CASE("send_at appends to a stream under its key at its due time", "[schedul
   fixture f;
   postbox::stream<int> s(1, {}, f.clock);
   auto h = f.sched.send_at(s, f.t0 + 3s, std::string("k"), 9);
-  f.clock.advance(2s);
-  f.sched.run_due();
+  f.h.advance(2s);
   CHECK(s.end_offset(0) == 0);
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   REQUIRE(s.end_offset(0) == 1);
   auto r = s.read(0, 0, 10);
   REQUIRE(r.records.size() == 1);
@@ -254,8 +234,7 @@ TEST_CASE("call_at runs a revocable callback at its due time", "[scheduler]") {
   auto a = f.sched.call_after(1s, [&] { ++ran; });
   auto b = f.sched.call_after(1s, [&] { ran += 100; });
   CHECK(b.cancel());
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   CHECK(ran == 1);
   CHECK_FALSE(a.cancel());
 }
@@ -280,8 +259,7 @@ TEST_CASE("a move-only message is delivered through a scheduled send", "[schedul
   fixture f;
   postbox::channel<std::unique_ptr<int>> ch(2);
   (void)f.sched.send_after(ch, 1s, std::make_unique<int>(3));
-  f.clock.advance(1s);
-  f.sched.run_due();
+  f.h.advance(1s);
   auto v = ch.try_receive();
   REQUIRE(v.has_value());
   CHECK(**v == 3);
