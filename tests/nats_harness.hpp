@@ -399,15 +399,23 @@ inline std::string nkey_encode(std::string prefix, const std::string& payload) {
 
 }  // namespace detail
 
-/// A user NKey: the public key ("U...") a server config lists and the seed
-/// ("SU...") a client signs with, written to `seed_file`.
+/// An NKey: the public key ("U..." for a user, "A..." an account, "O..." an
+/// operator) a server config or JWT names, the seed ("SU...") its owner signs
+/// with, written to `seed_file`, and the same key as a PEM file for openssl.
 struct user_nkey {
-  std::string public_key, seed, seed_file;
+  std::string public_key, seed, seed_file, pem;
 };
 
-/// Generates a user NKey (an Ed25519 key made by the openssl CLI, framed as
-/// NKeys frame it) and writes its seed to `<dir>/<name>.nk`.
-inline user_nkey make_user_nkey(const temp_dir& dir, const std::string& name) {
+/// NKey type prefixes (the first base32 letter of a public key).
+namespace nkey_type {
+inline constexpr unsigned char user = 20 << 3;      // 'U'
+inline constexpr unsigned char account = 0;         // 'A'
+inline constexpr unsigned char operator_ = 14 << 3;  // 'O'
+}  // namespace nkey_type
+
+/// Generates an NKey of `type` (an Ed25519 key made by the openssl CLI,
+/// framed as NKeys frame it) and writes its seed to `<dir>/<name>.nk`.
+inline user_nkey make_nkey(const temp_dir& dir, const std::string& name, unsigned char type) {
   const std::string pem = dir.file(name + ".ed25519.pem");
   run("openssl genpkey -algorithm ed25519 -out " + pem);
   run("openssl pkey -in " + pem + " -outform DER -out " + pem + ".der");
@@ -415,16 +423,96 @@ inline user_nkey make_user_nkey(const temp_dir& dir, const std::string& name) {
   const std::string priv = read_file(pem + ".der"), pub = read_file(pem + ".pub.der");
   if (priv.size() < 32 || pub.size() < 32) throw std::runtime_error("nats harness: unexpected Ed25519 DER");
   const std::string raw_seed = priv.substr(priv.size() - 32), raw_pub = pub.substr(pub.size() - 32);
-  constexpr unsigned char seed_prefix = 18 << 3, user_prefix = 20 << 3;  // 'S' and 'U' in base32
+  constexpr unsigned char seed_prefix = 18 << 3;  // 'S' in base32
   user_nkey k;
-  k.public_key = detail::nkey_encode(std::string(1, static_cast<char>(user_prefix)), raw_pub);
+  k.public_key = detail::nkey_encode(std::string(1, static_cast<char>(type)), raw_pub);
   std::string two;
-  two += static_cast<char>(seed_prefix | (user_prefix >> 5));
-  two += static_cast<char>((user_prefix & 31) << 3);
+  two += static_cast<char>(seed_prefix | (type >> 5));
+  two += static_cast<char>((type & 31) << 3);
   k.seed = detail::nkey_encode(two, raw_seed);
   k.seed_file = dir.file(name + ".nk");
+  k.pem = pem;
   write_file(k.seed_file, k.seed + "\n");
   return k;
+}
+
+/// A user NKey (see make_nkey).
+inline user_nkey make_user_nkey(const temp_dir& dir, const std::string& name) {
+  return make_nkey(dir, name, nkey_type::user);
+}
+
+namespace detail {
+
+/// RFC 4648 base64url without padding, as JWTs are written.
+inline std::string base64url(const std::string& bytes) {
+  static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  std::string out;
+  unsigned buffer = 0;
+  int bits = 0;
+  for (const unsigned char c : bytes) {
+    buffer = (buffer << 8) | c;
+    bits += 8;
+    while (bits >= 6) {
+      out += alphabet[(buffer >> (bits - 6)) & 63u];
+      bits -= 6;
+    }
+  }
+  if (bits > 0) out += alphabet[(buffer << (6 - bits)) & 63u];
+  return out;
+}
+
+}  // namespace detail
+
+/// A NATS JWT (header {"typ":"JWT","alg":"ed25519-nkey"}) with `claims`
+/// (a JSON object text), signed by `issuer` with the openssl CLI.
+inline std::string make_jwt(const temp_dir& dir, const user_nkey& issuer, const std::string& claims) {
+  static int serial = 0;
+  const std::string signing_input =
+      detail::base64url(R"({"typ":"JWT","alg":"ed25519-nkey"})") + "." + detail::base64url(claims);
+  const std::string in = dir.file("jwt-" + std::to_string(++serial) + ".in");
+  write_file(in, signing_input);
+  run("openssl pkeyutl -sign -rawin -inkey " + issuer.pem + " -in " + in + " -out " + in + ".sig");
+  return signing_input + "." + detail::base64url(read_file(in + ".sig"));
+}
+
+/// Decentralized ("operator mode") authentication for a test server: an
+/// operator, one account it signs and one user the account signs, as JWTs,
+/// the server configuration lines that trust them (memory resolver), and the
+/// user's `.creds` file (its JWT and seed, as nsc writes them).
+struct operator_setup {
+  user_nkey op, system, account, user;
+  std::string operator_jwt, system_jwt, account_jwt, user_jwt, creds_file, config;
+};
+
+/// Builds an `operator_setup` in `dir`; `name` prefixes its files.
+inline operator_setup make_operator_setup(const temp_dir& dir, const std::string& name) {
+  operator_setup s;
+  s.op = make_nkey(dir, name + "-operator", nkey_type::operator_);
+  s.system = make_nkey(dir, name + "-system", nkey_type::account);  // JetStream needs a system account
+  s.account = make_nkey(dir, name + "-account", nkey_type::account);
+  s.user = make_nkey(dir, name + "-user", nkey_type::user);
+  auto claims = [](const std::string& jti, const std::string& iss, const std::string& sub, const std::string& nats) {
+    return R"({"jti":")" + jti + R"(","iat":1700000000,"iss":")" + iss + R"(","name":"postbox-test","sub":")" + sub +
+           R"(","nats":)" + nats + "}";
+  };
+  s.operator_jwt = make_jwt(dir, s.op, claims("OPJTI", s.op.public_key, s.op.public_key,
+                                              R"({"type":"operator","version":2})"));
+  const std::string account_nats =
+      R"({"limits":{"subs":-1,"data":-1,"payload":-1,"imports":-1,"exports":-1,"wildcards":true,"conn":-1,"leaf":-1},"type":"account","version":2})";
+  s.system_jwt = make_jwt(dir, s.op, claims("SYJTI", s.op.public_key, s.system.public_key, account_nats));
+  s.account_jwt = make_jwt(dir, s.op, claims("ACJTI", s.op.public_key, s.account.public_key, account_nats));
+  s.user_jwt = make_jwt(dir, s.account,
+                        claims("USJTI", s.account.public_key, s.user.public_key,
+                               R"({"pub":{},"sub":{},"subs":-1,"data":-1,"payload":-1,"type":"user","version":2})"));
+  s.creds_file = dir.file(name + ".creds");
+  write_file(s.creds_file, "-----BEGIN NATS USER JWT-----\n" + s.user_jwt +
+                               "\n------END NATS USER JWT------\n\n"
+                               "-----BEGIN USER NKEY SEED-----\n" + s.user.seed +
+                               "\n------END USER NKEY SEED------\n");
+  s.config = "operator: \"" + s.operator_jwt + "\"\nsystem_account: " + s.system.public_key +
+             "\nresolver: MEMORY\nresolver_preload: {\n  " + s.system.public_key + ": \"" + s.system_jwt + "\"\n  " +
+             s.account.public_key + ": \"" + s.account_jwt + "\"\n}\n";
+  return s;
 }
 
 }  // namespace postbox_test::nats

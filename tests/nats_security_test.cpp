@@ -276,6 +276,35 @@ TEST_CASE("an NKey seed logs in and an NKey the server does not know is refused"
   CHECK(failed->text.find(rig.nkey.seed) == std::string::npos);
 }
 
+TEST_CASE("a .creds file logs in to an operator-mode server and a user of another operator is refused",
+          "[nats_security]") {
+  NATS_REQUIRE_SERVER();
+  NATS_REQUIRE_OPENSSL();
+  pn::temp_dir dir;
+  const auto trusted = pn::make_operator_setup(dir, "trusted");
+  const auto foreign = pn::make_operator_setup(dir, "foreign");
+  pn::write_file(dir.file("server.conf"), trusted.config);
+  pn::server srv;
+  srv.set_config_file(dir.file("server.conf"));
+  srv.start();
+  postbox::nats_connection_options o;
+  o.urls = srv.url();
+  o.credentials.creds_file = trusted.creds_file;
+  {
+    postbox::nats_connection conn(o);
+    CHECK(conn.status() == postbox::connection_status::connected);
+    CHECK(conn.flush(2000ms) == postbox::errc::ok);
+  }
+  o.credentials.creds_file = foreign.creds_file;
+  const auto failed = connect_fails(o);
+  REQUIRE(failed);
+  INFO(failed->text);
+  CHECK(failed->code == postbox::errc::unauthenticated);
+  CHECK(failed->text.find(foreign.user.seed) == std::string::npos);
+  CHECK(failed->text.find(trusted.user.seed) == std::string::npos);
+  CHECK(postbox::to_string(o).find(foreign.user.seed) == std::string::npos);
+}
+
 TEST_CASE("a token logs in and a wrong token is refused with unauthenticated", "[nats_security]") {
   NATS_REQUIRE_SERVER();
   token_rig rig;
