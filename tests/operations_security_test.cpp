@@ -53,6 +53,22 @@ std::string client_text(const postbox::operation_snapshot<int>& s) {
 
 constexpr const char* leaky = "connect failed: postgres://svc:hunter2@10.0.0.7/orders";
 
+postbox::task<postbox::result<postbox::operation_snapshot<int>>> wait_async(postbox::operations<int>& ops,
+                                                                            postbox::operation_caller caller,
+                                                                            std::string id) {
+  co_return co_await ops.async_wait(caller, id);
+}
+
+// Runs the queue on the test thread until `t` is done (the resumption may be
+// posted from a worker thread, so it waits for it).
+template <class Task>
+bool drive_until_done(postbox::run_queue& q, Task& t) {
+  return postbox_test::eventually([&] {
+    q.poll();
+    return t.done();
+  });
+}
+
 }  // namespace
 
 // --- public / internal error split -------------------------------------------
@@ -266,6 +282,21 @@ TEST_CASE("polling buckets of idle owners are dropped, so memory follows the act
   CHECK(ops.poll_buckets_approx() == 0);
 }
 
+TEST_CASE("extreme polling settings are capped instead of overflowing the clock arithmetic",
+          "[operations][security][rate_limit]") {
+  postbox::manual_clock clock;
+  postbox::operations<int> slow(clock, {.poll_rate = 1e-30, .poll_burst = 1});
+  CHECK(slow.get("alice", "x").status() == errc::not_found);
+  auto refused = slow.get("alice", "x");
+  CHECK(refused.status() == errc::rate_limited);
+  CHECK(refused.retry_after() == postbox::duration(static_cast<postbox::duration::rep>(1e18)));
+  postbox::operations<int> wide(clock, {.poll_rate = 1, .poll_burst = static_cast<std::size_t>(-1)});
+  for (int i = 0; i < 100; ++i) CHECK(wide.get("alice", "x").status() == errc::not_found);
+  clock.advance(std::chrono::hours(24 * 365 * 10));  // years on: every bucket is full again
+  CHECK(wide.get("alice", "x").status() == errc::not_found);
+  CHECK(wide.poll_buckets_approx() == 1);
+}
+
 TEST_CASE("without poll_rate get and watch are never rate limited", "[operations][security][rate_limit]") {
   postbox::manual_clock clock;
   postbox::operations<int> ops(clock);
@@ -329,6 +360,25 @@ TEST_CASE("another tenant's operation answers not_found to get, watch, wait, can
   CHECK(ops.get({"acme", "alice"}, sub->id).has_value());
   go = true;
   CHECK(ops.wait({"acme", "alice"}, sub->id)->state == operation_state::succeeded);
+}
+
+TEST_CASE("async_wait by another tenant completes with not_found and by the owner with the result",
+          "[operations][security][tenant]") {
+  postbox::manual_clock clock;
+  postbox::operations<int> ops(clock);
+  postbox::run_queue q;
+  auto sub = ops.submit({"acme", "alice"}, "", "", [](postbox::operation_context&) { return 9; });
+  REQUIRE(sub.has_value());
+  auto other = wait_async(ops, {"globex", "alice"}, sub->id);
+  other.start(q);
+  REQUIRE(drive_until_done(q, other));
+  CHECK(other.get().status() == errc::not_found);
+  auto own = wait_async(ops, {"acme", "alice"}, sub->id);
+  own.start(q);
+  REQUIRE(drive_until_done(q, own));
+  auto r = own.get();
+  REQUIRE(r.has_value());
+  CHECK(r->result == 9);
 }
 
 TEST_CASE("idempotency keys are scoped per tenant", "[operations][security][tenant]") {

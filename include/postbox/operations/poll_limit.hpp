@@ -47,13 +47,19 @@ namespace detail {
 /// period. Not thread-safe: the tracker calls it under its own mutex.
 class poll_limiter {
  public:
-  /// `rate` <= 0 disables the limiter (every charge is allowed, nothing is
-  /// stored). A `burst` of 0 counts as 1. Never allocates.
+  /// `rate` <= 0 (or NaN) disables the limiter (every charge is allowed,
+  /// nothing is stored). A `burst` of 0 counts as 1. A token's interval and
+  /// the burst's span are each capped at about 31 years, so the arithmetic on
+  /// time points cannot overflow. Never allocates.
   poll_limiter(double rate, std::size_t burst) noexcept {
     if (rate > 0) {
-      const auto ticks = std::chrono::duration_cast<duration>(std::chrono::duration<double>(1.0 / rate));
-      interval_ = ticks > duration::zero() ? ticks : duration(1);
-      tolerance_ = interval_ * static_cast<duration::rep>((burst == 0 ? 1 : burst) - 1);
+      const double ticks_per_token = static_cast<double>(duration::period::den) / rate / static_cast<double>(duration::period::num);
+      interval_ = ticks_per_token >= max_span ? duration(static_cast<duration::rep>(max_span))
+                  : ticks_per_token < 1   ? duration(1)
+                                          : duration(static_cast<duration::rep>(ticks_per_token));
+      const double span = static_cast<double>(interval_.count()) * static_cast<double>((burst == 0 ? 1 : burst) - 1);
+      tolerance_ = span >= max_span ? duration(static_cast<duration::rep>(max_span))
+                                    : interval_ * static_cast<duration::rep>((burst == 0 ? 1 : burst) - 1);
     }
   }
 
@@ -100,6 +106,7 @@ class poll_limiter {
 
  private:
   static constexpr std::size_t min_high_water = 64;
+  static constexpr double max_span = 1e18;  // ticks (ns: ~31 years); three spans past now fit in int64
 
   duration interval_{};   // time per token; zero: disabled
   duration tolerance_{};  // interval_ * (burst - 1): how far ahead of now a bucket's tat may run
