@@ -25,11 +25,11 @@ namespace {
 
 using event_env = postbox::envelope<postbox::saga_event>;
 
-// Records every call and every event, in order, for assertions.
+// Records every call, in order, and captures every event, for assertions.
 struct recorder {
   std::mutex mutex;
   std::vector<std::string> calls;  // "do:<step>" / "undo:<step>"
-  std::vector<event_env> events;
+  postbox::testing::capture_sink events{"saga-events"};
 
   void call(std::string what) {
     std::lock_guard lock(mutex);
@@ -39,17 +39,13 @@ struct recorder {
     std::lock_guard lock(mutex);
     return calls;
   }
-  std::vector<std::string> event_types() {
-    std::lock_guard lock(mutex);
+  std::vector<std::string> event_types() const {
     std::vector<std::string> out;
-    for (const auto& e : events) out.push_back(e.type);
+    for (const auto& c : events.all()) out.push_back(c.type);
     return out;
   }
   std::function<void(const event_env&)> sink() {
-    return [this](const event_env& e) {
-      std::lock_guard lock(mutex);
-      events.push_back(e);
-    };
+    return [this](const event_env& e) { (void)events.record(e); };
   }
 };
 
@@ -281,14 +277,11 @@ TEST_CASE("a failing compensation is retried after the policy's backoff on the c
   REQUIRE(out->has_value());
   CHECK((*out)->outcome == saga_outcome::compensated);
   CHECK(undo_calls.load() == 2);
-  const auto types = rec.event_types();
-  CHECK(std::count(types.begin(), types.end(), "saga.compensation_failed") == 1);
-  for (const auto& e : rec.events) {
-    if (e.type == "saga.compensation_failed") {
-      CHECK(e.payload.attempt == 1);
-      CHECK(e.payload.reason == "inventory service down");
-    }
-  }
+  const auto failed = rec.events.published_where(
+      [](const postbox::testing::captured_message& c) { return c.type == "saga.compensation_failed"; });
+  REQUIRE(failed.size() == 1);
+  CHECK(failed[0].as<postbox::saga_event>()->payload.attempt == 1);
+  CHECK(failed[0].as<postbox::saga_event>()->payload.reason == "inventory service down");
 }
 
 TEST_CASE("a compensation that keeps failing exhausts the policy and the saga ends failed", "[saga]") {
@@ -635,19 +628,21 @@ TEST_CASE("every event carries the saga's correlation id and the previous event'
       "saga.step_completed",  "saga.step_started", "saga.step_failed",      "saga.step_compensated",
       "saga.step_compensated", "saga.compensated"};
   CHECK(rec.event_types() == expected);
-  postbox::message_id previous = order_event;
-  for (const auto& e : rec.events) {
-    CHECK(e.correlation_id == order_id);
-    CHECK(e.causation_id == previous);
-    CHECK(e.partition_key == r->saga_id);
-    CHECK(e.payload.saga_id == r->saga_id);
-    CHECK(e.kind == postbox::message_kind::event);
-    previous = e.id;
+  // One unbroken causation chain through every event, in emission order, from the order's event.
+  const auto chain = rec.events.causation_chain(r->last_event_id);
+  REQUIRE(chain.size() == expected.size());
+  CHECK(chain.front().causation_id == order_event);
+  for (std::size_t i = 0; i < chain.size(); ++i) {
+    CHECK(chain[i].sequence == i);
+    CHECK(chain[i].correlation_id == order_id);
+    CHECK(chain[i].partition_key == r->saga_id);
+    CHECK(chain[i].kind == postbox::message_kind::event);
+    CHECK(chain[i].as<postbox::saga_event>()->payload.saga_id == r->saga_id);
   }
-  CHECK(r->last_event_id == previous);
-  CHECK(rec.events[6].payload.step == "c");
-  CHECK(rec.events[6].payload.reason == "boom at c");
-  CHECK(rec.events[7].payload.step == "b");
+  const auto events = rec.events.published<postbox::saga_event>();
+  CHECK(events[6].payload.step == "c");
+  CHECK(events[6].payload.reason == "boom at c");
+  CHECK(events[7].payload.step == "b");
 }
 
 TEST_CASE("a saga started without a correlation id is correlated by its started event", "[saga]") {
@@ -657,10 +652,11 @@ TEST_CASE("a saga started without a correlation id is correlated by its started 
   coord.add(four_steps(rec));
   auto r = coord.run("four");
   REQUIRE(r.has_value());
-  REQUIRE_FALSE(rec.events.empty());
-  CHECK(rec.events.front().causation_id.is_nil());
-  CHECK(rec.events.front().correlation_id == rec.events.front().id);
-  CHECK(r->correlation_id == rec.events.front().id);
+  const auto events = rec.events.all();
+  REQUIRE_FALSE(events.empty());
+  CHECK(events.front().causation_id.is_nil());
+  CHECK(events.front().correlation_id == events.front().id);
+  CHECK(r->correlation_id == events.front().id);
 }
 
 TEST_CASE("resume continues the causation chain from the last stored event", "[saga]") {
@@ -680,10 +676,13 @@ TEST_CASE("resume continues the causation chain from the last stored event", "[s
   REQUIRE(r.has_value());
   CHECK(r->outcome == saga_outcome::completed);
   CHECK(rec.calls_copy() == std::vector<std::string>{"do:d"});
-  REQUIRE(rec.events.size() == 4);  // resumed, step_started, step_completed, completed
-  CHECK(rec.events[0].type == "saga.resumed");
-  CHECK(rec.events[0].causation_id == st.last_event_id);
-  for (const auto& e : rec.events) CHECK(e.correlation_id == st.correlation_id);
+  const auto events = rec.events.all();
+  REQUIRE(events.size() == 4);  // resumed, step_started, step_completed, completed
+  CHECK(events[0].type == "saga.resumed");
+  CHECK(events[0].causation_id == st.last_event_id);
+  CHECK(rec.events.count_where([&](const postbox::testing::captured_message& c) {
+          return c.correlation_id == st.correlation_id;
+        }) == 4);
 }
 
 TEST_CASE("resume_all reports sagas whose definition is not registered and leaves them stored", "[saga]") {
