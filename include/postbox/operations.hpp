@@ -164,9 +164,10 @@ struct operations_options {
   /// set it when these calls serve untrusted clients.
   double poll_rate = 0;
   std::size_t poll_burst = 10;  ///< polls an owner may make at once (bucket size); 0 counts as 1
-  /// Told every failure of a work, with its full text and incident id, on the
-  /// worker thread that ran the work, outside the tracker's lock. Must be
-  /// thread-safe; an exception from it is caught and counted. May be empty.
+  /// Told every failure of a work, with its full text (unscrubbed: see
+  /// redaction.hpp before logging it somewhere less trusted) and incident id,
+  /// on the worker thread that ran the work, outside the tracker's lock. Must
+  /// be thread-safe; an exception from it is caught and counted. May be empty.
   std::function<void(const operation_incident&)> on_incident{};
 };
 
