@@ -38,7 +38,7 @@ set(POSTBOX_LAYER_4
   retry.hpp dead_letter.hpp settlement.hpp consumer.hpp consumer/*.hpp scheduler.hpp
   store.hpp sqlite.hpp inbox.hpp outbox.hpp
   request_reply.hpp request_reply/*.hpp operations.hpp operations/*.hpp
-  saga.hpp saga_sqlite.hpp testing.hpp testing/*.hpp signing.hpp)
+  saga.hpp saga_sqlite.hpp testing.hpp testing/*.hpp signing.hpp sqlcipher.hpp)
 # 5. edges: opt-in bridges, each with its own target (postbox::nats, postbox::asio).
 set(POSTBOX_LAYER_5
   nats.hpp nats_consumer.hpp nats_outbox.hpp nats_request_reply.hpp asio.hpp)

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -75,7 +76,11 @@ class sqlite_stmt {
   /// Prepares `sql` (kept for reuse); the unused tail, if any, in `tail`.
   int prepare(sqlite3* db, std::string_view sql, const char** tail = nullptr) noexcept {
     finalize();
+#if SQLITE_VERSION_NUMBER >= 3020000
     return sqlite3_prepare_v3(db, sql.data(), static_cast<int>(sql.size()), SQLITE_PREPARE_PERSISTENT, &stmt_, tail);
+#else  // SQLCipher 3.4 (SQLite 3.15): no prepare_v3; PERSISTENT is only an allocation hint
+    return sqlite3_prepare_v2(db, sql.data(), static_cast<int>(sql.size()), &stmt_, tail);
+#endif
   }
   [[nodiscard]] sqlite3_stmt* get() const noexcept { return stmt_; }
 
@@ -187,6 +192,11 @@ struct sqlite_store_options {
   std::string vfs{};
   /// Create the file when it does not exist (else `store_error`).
   bool create = true;
+  /// Called on the store's connection right after it opens, before any
+  /// other statement: where an encrypted build sets its key (sqlcipher.hpp,
+  /// `sqlcipher_key`). A result other than `ok` closes the connection and
+  /// the constructor throws postbox::error with that code. Empty: nothing.
+  std::function<errc(sqlite3*)> on_open{};
 };
 
 /// Outbox, inbox, projection versions and saga state in one SQLite database
@@ -404,6 +414,13 @@ class sqlite_store {
     const int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX | (options_.create ? SQLITE_OPEN_CREATE : 0);
     const int rc = sqlite3_open_v2(path_.c_str(), &db_, flags, options_.vfs.empty() ? nullptr : options_.vfs.c_str());
     if (rc != SQLITE_OK) fail_open(rc, "open");
+    if (options_.on_open) {
+      const errc e = options_.on_open(db_);
+      if (e != errc::ok) {
+        close();
+        POSTBOX_THROW(error(e, "sqlite_store: open " + path_ + ": the on_open callback failed"));
+      }
+    }
     sqlite3_extended_result_codes(db_, 1);
     sqlite3_busy_timeout(db_, static_cast<int>(options_.busy_timeout.count()));
     if (sqlite3_db_readonly(db_, "main") == 1) {
@@ -1309,8 +1326,12 @@ class sqlite_store {
     prepare(inbox_size_, "SELECT COUNT(*) FROM postbox_inbox WHERE consumer = ?1");
     prepare(version_select_, "SELECT version FROM postbox_versions WHERE scope = ?1 AND key = ?2");
     prepare(version_upsert_,
+#if SQLITE_VERSION_NUMBER >= 3024000
             "INSERT INTO postbox_versions (scope, key, version) VALUES (?1, ?2, ?3)"
             " ON CONFLICT (scope, key) DO UPDATE SET version = excluded.version");
+#else  // no upsert before SQLite 3.24 (SQLCipher 3.4); the same row results (three columns, key = PK)
+            "INSERT OR REPLACE INTO postbox_versions (scope, key, version) VALUES (?1, ?2, ?3)");
+#endif
     static constexpr const char* values = " VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)";
     prepare(saga_insert_, std::string("INSERT INTO postbox_saga (") + saga_columns + ")" + values);
     prepare(saga_upsert_, std::string("INSERT OR REPLACE INTO postbox_saga (") + saga_columns + ")" + values);

@@ -11,6 +11,9 @@
 #if __has_include(<sqlite3.h>)
 #  include <postbox/sqlite.hpp>
 #  include <sqlite3.h>
+#  ifdef POSTBOX_TEST_SQLCIPHER_KEY  // store_sqlcipher_test: the conformance suite on encrypted files
+#    include <postbox/sqlcipher.hpp>
+#  endif
 #  define POSTBOX_TEST_HAVE_SQLITE 1
 #else
 #  define POSTBOX_TEST_HAVE_SQLITE 0
@@ -233,6 +236,9 @@ struct sqlite_fixture {
     postbox::sqlite_store_options o;
     o.synchronous = postbox::sqlite_synchronous::normal;
     o.vfs = faulty_vfs::instance().name;
+#ifdef POSTBOX_TEST_SQLCIPHER_KEY
+    o.on_open = postbox::sqlcipher_key([] { return std::string(POSTBOX_TEST_SQLCIPHER_KEY); });
+#endif
     return o;
   }
   sqlite_fixture() {
