@@ -40,6 +40,7 @@
 #include <postbox/request_reply.hpp>
 #include <postbox/operations.hpp>
 #include <postbox/saga.hpp>
+#include <postbox/signing.hpp>
 
 #if defined(POSTBOX_WITH_JSON)
 #  include <postbox/json.hpp>
