@@ -18,9 +18,13 @@ using namespace std::chrono_literals;
 
 namespace {
 
+// Requesters time out on the harness timers: `h.advance(d)` moves the clock
+// and fires each timeout at its own time; `clock.advance` alone moves time
+// and fires nothing (a responder sees the deadline first).
 struct rig {
-  postbox::manual_clock clock;
-  postbox::timer_service timers{clock, postbox::timer_service::manual_drive};
+  postbox::testing::harness h;
+  postbox::manual_clock& clock = h.get_clock();
+  postbox::timer_service& timers = h.timers();
   postbox::channel<postbox::envelope<int>> requests{64};
   postbox::endpoint_registry<int> registry;
 };
@@ -59,11 +63,10 @@ TEST_CASE("a request nobody answers completes with timeout from the clock", "[re
   postbox::requester<int, int> req(r.requests, r.registry, r.timers);
   auto f = req.request(1, 2s);
   REQUIRE(f.has_value());
-  r.clock.advance(1999ms);
-  r.timers.run_due();
+  CHECK(r.h.next_due() == r.clock.now() + 2s);  // the deadline's timer
+  r.h.advance(1999ms);
   CHECK_FALSE(f->ready());
-  r.clock.advance(1ms);
-  r.timers.run_due();
+  r.h.advance(1ms);
   REQUIRE(f->ready());
   CHECK(f->get().status == postbox::errc::timeout);
   CHECK(req.stats().timed_out == 1);
@@ -80,8 +83,7 @@ TEST_CASE("a reply after the timeout is dropped and counted as late", "[request_
   }) == postbox::errc::ok);
   auto sent = r.requests.try_receive();
   REQUIRE(sent.has_value());
-  r.clock.advance(1s);
-  r.timers.run_due();
+  r.h.advance(1s);
   CHECK(calls == 1);
   // The responder answers anyway (as if it had started before the deadline).
   REQUIRE(r.registry.deliver(req.endpoint(), {sent->correlation_id, postbox::reply_to(*sent, 2, r.clock)}) ==
@@ -102,8 +104,7 @@ TEST_CASE("a duplicate reply is dropped and counted and never delivered twice", 
             postbox::errc::ok);
   CHECK(calls == 1);
   CHECK(req.stats().duplicate_replies == 2);
-  r.clock.advance(2s);
-  r.timers.run_due();
+  r.h.advance(2s);
   CHECK(calls == 1);
 }
 
@@ -119,8 +120,7 @@ TEST_CASE("destroying a requester completes its pending requests with canceled",
     REQUIRE(f.ready());
     CHECK(f.get().status == postbox::errc::canceled);
   }
-  r.clock.advance(2s);
-  CHECK(r.timers.run_due() == 0);
+  CHECK(r.h.advance(2s) == 0);
 }
 
 TEST_CASE("a requester at its pending limit refuses with busy", "[request_reply]") {
@@ -131,8 +131,7 @@ TEST_CASE("a requester at its pending limit refuses with busy", "[request_reply]
   auto third = req.request(3, 1s);
   CHECK(third.status() == postbox::errc::busy);
   CHECK(req.stats().refused == 1);
-  r.clock.advance(1s);
-  r.timers.run_due();
+  r.h.advance(1s);
   CHECK(req.request(4, 1s).has_value());
 }
 
@@ -226,8 +225,7 @@ TEST_CASE("scatter-gather returns what it has at the deadline", "[request_reply]
   postbox::requester<int, int> req(r.requests, r.registry, r.timers);
   auto f = req.gather({&c1, &c2}, 5, 2, 1s);
   s1.poll();
-  r.clock.advance(1s);
-  r.timers.run_due();
+  r.h.advance(1s);
   auto o = f->get();
   CHECK(o.status == postbox::errc::timeout);
   REQUIRE(o.replies.size() == 1);
@@ -365,8 +363,7 @@ TEST_CASE("a stop request wakes wait(stop_token) on a gather future with cancele
   waiter.join();
   CHECK(got == postbox::errc::canceled);
   CHECK_FALSE(f->ready());
-  r.clock.advance(10s);
-  CHECK(r.timers.run_due() == 1);
+  CHECK(r.h.advance(10s) == 1);
   auto o = f->get(std::stop_token{});
   REQUIRE(o.has_value());
   CHECK(o->status == postbox::errc::timeout);
