@@ -2,7 +2,7 @@
 // postbox::redaction_policy: which header names are sensitive, and how their values and secrets in texts are hidden.
 #pragma once
 
-// Design: docs/design/security.md ("Sensitive headers").
+// Design: docs/design/security.md ("Secret-free telemetry", "Restricted dead-letter access").
 //
 // * A policy is a set of header names and name prefixes, matched ASCII
 //   case-insensitively with '_' and '-' equal ("X_Api_Key" matches
