@@ -24,9 +24,12 @@ namespace {
 
 using env_t = postbox::envelope<int>;
 
-// A consumer in manual-drive mode on a manual clock with a seeded jitter.
+// A consumer in manual-drive mode on a manual clock with a seeded jitter. A
+// test that drives time attaches its consumer to `h` (postbox::testing::harness)
+// and lets it jump to each due retry; `clock` is the harness clock.
 struct rig {
-  postbox::manual_clock clock;
+  postbox::testing::harness h;
+  postbox::manual_clock& clock = h.get_clock();
   postbox::channel<env_t> ch{256};
   postbox::dead_letter_queue<int> dlq{postbox::dead_letter_options{}, clock};
 
@@ -108,16 +111,10 @@ TEST_CASE("retries follow the policy's exact backoff schedule with a seeded jitt
   std::vector<postbox::duration> expected;
   for (std::uint32_t n = 1; n < 4; ++n) expected.push_back(p.backoff(n, expected_jitter.next()));
 
+  r.h.attach(c);
   const auto t0 = r.clock.now();
   r.send(7);
-  CHECK(c.poll() == 1);
-  auto due = t0;
-  for (std::size_t i = 0; i < expected.size(); ++i) {
-    due += expected[i];
-    r.clock.set(due - 1ns);
-    CHECK(c.poll() == 0);  // not a nanosecond early
-    r.clock.set(due);
-    CHECK(c.poll() == 1);
+  while (r.h.advance_to_next()) {
   }
   REQUIRE(starts.size() == 4);
   CHECK(attempts == std::vector<std::uint32_t>{1, 2, 3, 4});
@@ -135,13 +132,11 @@ TEST_CASE("after the last attempt the message is dead-lettered with attempts and
   rig r;
   postbox::consumer c(r.source(), [&](const env_t&) -> postbox::settlement { throw std::runtime_error("boom"); },
                       r.dlq, r.options(policy(3, 1s, false)));
+  r.h.attach(c);
   const auto t0 = r.clock.now();
   r.send(5);
-  CHECK(c.poll() == 1);
-  r.clock.advance(1s);
-  CHECK(c.poll() == 1);
-  r.clock.advance(2s);
-  CHECK(c.poll() == 1);
+  while (r.h.advance_to_next()) {  // each attempt at its due time, until the dead letter
+  }
   REQUIRE(r.dlq.size() == 1);
   const auto d = r.dlq.list().front();
   CHECK(d.reason == "retries_exhausted");
@@ -167,13 +162,13 @@ TEST_CASE("retry(after) redelivers after exactly that delay, bounded by max atte
     starts.push_back(r.clock.now());
     return postbox::settlement::retry(250ms);
   }, r.dlq, r.options(policy(2, 10s)));
+  r.h.attach(c);
   const auto t0 = r.clock.now();
   r.send(1);
-  CHECK(c.poll() == 1);
-  r.clock.advance(249ms);
-  CHECK(c.poll() == 0);
-  r.clock.advance(1ms);
-  CHECK(c.poll() == 1);
+  CHECK(r.h.run_until_idle() == 1);
+  CHECK(c.next_due() == t0 + 250ms);
+  CHECK(r.h.advance_to_next() == t0 + 250ms);
+  CHECK_FALSE(r.h.advance_to_next());  // dead-lettered: nothing more is scheduled
   CHECK(starts == std::vector<postbox::time_point>{t0, t0 + 250ms});
   REQUIRE(r.dlq.size() == 1);
   CHECK(r.dlq.list().front().reason == "retries_exhausted");
@@ -259,12 +254,14 @@ TEST_CASE("a message whose deadline passes while it waits for a retry is dead-le
     ++calls;
     return postbox::settlement::retry(10s);
   }, r.dlq, r.options(policy(5, 1s)));
+  r.h.attach(c);
   auto e = r.msg(1);
   e.deadline = r.clock.now() + 3s;
   REQUIRE(r.ch.try_send(std::move(e)) == postbox::send_status::ok);
-  CHECK(c.poll() == 1);
-  r.clock.advance(3s);  // the retry would be at 10s; the deadline comes first
-  CHECK(c.poll() == 1);
+  CHECK(r.h.run_until_idle() == 1);
+  CHECK(c.next_due() == postbox::manual_clock::default_start + 3s);  // the retry would be at 10s; the deadline comes first
+  CHECK(r.h.advance_to_next() == postbox::manual_clock::default_start + 3s);
+  CHECK_FALSE(r.h.advance_to_next());  // the retry at 10 s never comes
   CHECK(calls == 1);
   REQUIRE(r.dlq.size() == 1);
   CHECK(r.dlq.list().front().reason == "expired");
@@ -281,14 +278,12 @@ TEST_CASE("defer puts a message aside for defer_delay without consuming an attem
     attempts.push_back(e.attempt);
     return attempts.size() < 3 ? postbox::settlement::defer() : postbox::settlement::ack();
   }, r.dlq, o);
+  r.h.attach(c);
+  const auto t0 = r.clock.now();
   r.send(1);
-  CHECK(c.poll() == 1);
-  r.clock.advance(4s);
-  CHECK(c.poll() == 0);
-  r.clock.advance(1s);
-  CHECK(c.poll() == 1);
-  r.clock.advance(5s);
-  CHECK(c.poll() == 1);
+  std::vector<postbox::time_point> stops;
+  while (auto t = r.h.advance_to_next()) stops.push_back(*t);
+  CHECK(stops == std::vector<postbox::time_point>{t0 + 5s, t0 + 10s});
   CHECK(attempts == std::vector<std::uint32_t>{1, 1, 1});
   CHECK(c.stats().deferred == 2);
   CHECK(c.stats().acked == 1);
@@ -1140,15 +1135,15 @@ TEST_CASE("a partial batch is handed over exactly when its window ends on the co
   postbox::consumer c(r.source(), postbox::batch_options{.max_size = 10, .window = 50ms},
                       [&](const postbox::message_batch<int>& b) { batches.push_back(payloads(b)); }, r.dlq,
                       r.options());
+  r.h.attach(c);
+  const auto t0 = r.clock.now();
   r.send(1);
-  CHECK(c.poll() == 0);  // the window starts when 1 becomes ready
-  r.clock.advance(20ms);
+  CHECK(r.h.run_until_idle() == 0);  // the window starts when 1 becomes ready
+  CHECK(r.h.next_due() == t0 + 50ms);
+  CHECK(r.h.advance(20ms) == 0);
   r.send(2);
-  CHECK(c.poll() == 0);
-  r.clock.advance(30ms - 1ns);
-  CHECK(c.poll() == 0);
-  r.clock.advance(1ns);
-  CHECK(c.poll() == 2);
+  CHECK(r.h.run_until_idle() == 0);  // the window is the first message's
+  CHECK(r.h.advance_to_next() == t0 + 50ms);
   CHECK(batches == std::vector<std::vector<int>>{{1, 2}});
 }
 

@@ -743,12 +743,18 @@ class consumer {
   [[nodiscard]] const std::string& source_name() const noexcept { return source_name_; }
   /// The consumer's clock. Never blocks.
   [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
-  /// When the earliest pending retry, defer, deadline or batch-window timer
-  /// falls due on the consumer's clock (`time_point::max()`: none), so a
-  /// test advances the clock straight to it and calls `poll()`
-  /// (postbox::testing::harness). Briefly takes the timer service's lock;
-  /// never allocates. Thread-safe.
-  [[nodiscard]] time_point next_due() const { return timers_->next_deadline(); }
+  /// When the consumer next has timed work on its clock: the earliest
+  /// pending retry, defer or deadline timer, or the window end of a partial
+  /// batch (`time_point::max()`: none), so a test advances the clock straight
+  /// to it and calls `poll()` (postbox::testing::harness). Briefly takes the
+  /// consumer's and the timer service's locks, one after the other; never
+  /// allocates. Thread-safe.
+  [[nodiscard]] time_point next_due() const {
+    const time_point timer = timers_->next_deadline();
+    std::lock_guard lock(mu_);
+    if (!batch_ || ready_.empty()) return timer;
+    return std::min(timer, window_end_locked());
+  }
 
  private:
   struct item {
