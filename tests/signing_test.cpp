@@ -2,6 +2,9 @@
 // Specification tests for envelope authentication: SHA-256 and HMAC-SHA256 test vectors, the canonical form, signer, key ring and verified_source.
 #include <postbox/signing.hpp>
 #include <postbox/testing.hpp>
+#if __has_include(<nlohmann/json.hpp>)
+#  include <postbox/json.hpp>
+#endif
 
 #include <catch2/catch.hpp>
 
@@ -188,6 +191,23 @@ TEST_CASE("the signature does not cover attempt, trace context or dead-letter bo
   e.headers.set("dead-letter-redrives", "2");
   CHECK(ring.verify(e) == postbox::verify_status::ok);
 }
+
+#if __has_include(<nlohmann/json.hpp>)
+TEST_CASE("a signed envelope still verifies after a round trip through the JSON codec (the outbox's form)",
+          "[signing]") {
+  postbox::manual_clock clk;
+  postbox::key_ring ring;
+  ring.add("k1", key_a);
+  auto e = sample(clk);
+  e.occurred_at += 123ns;  // sub-millisecond precision must survive
+  const auto sent = postbox::envelope_signer("k1", key_a).sign_copy(e);
+  auto back = postbox::json::decode<std::string>(postbox::json::encode(sent));
+  REQUIRE(back.has_value());
+  CHECK(ring.verify(*back) == postbox::verify_status::ok);
+  back->payload += "!";
+  CHECK(ring.verify(*back) == postbox::verify_status::bad_signature);
+}
+#endif
 
 TEST_CASE("signing again replaces the earlier signature", "[signing]") {
   postbox::manual_clock clk;
