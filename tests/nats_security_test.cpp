@@ -40,13 +40,25 @@ const std::string wrong_token = "t0ken-wr0ng-d0-not-leak";
 // only to reply inboxes), reader (may not subscribe to reply inboxes),
 // puller (may create consumers but not pull from them) and an NKey user.
 // Certificates and the NKey are generated for this rig.
-struct secure_rig {
+// Generated once per process (openssl runs take most of a rig's setup).
+struct shared_keys {
   pn::temp_dir dir;
   pn::test_pki pki;
   pn::user_nkey nkey;
+  shared_keys() : pki(pn::make_test_pki(dir)), nkey(pn::make_user_nkey(dir, "alice")) {}
+};
+const shared_keys& keys() {
+  static const shared_keys k;
+  return k;
+}
+
+struct secure_rig {
+  pn::temp_dir dir;
+  const pn::test_pki& pki = keys().pki;
+  const pn::user_nkey& nkey = keys().nkey;
   pn::server srv;
 
-  secure_rig() : pki(pn::make_test_pki(dir)), nkey(pn::make_user_nkey(dir, "alice")) {
+  secure_rig() {
     pn::write_file(dir.file("server.conf"),
                    "tls {\n"
                    "  cert_file: \"" + pki.server_cert + "\"\n"
