@@ -13,8 +13,9 @@
 # Placement: the layers DESIGN.md names place the headers of its concepts
 # (retry is a pattern). A header DESIGN.md does not place (clock, testing,
 # metrics, observer) sits at the lowest layer its includes allow, so lower
-# layers may use it: clock includes only the core; metrics includes the
-# clock; observer includes envelope. testing.hpp is the test kit (manual_clock
+# layers may use it: clock and redaction include only the core; metrics
+# includes the clock and redaction (its labels are redacted); observer
+# includes envelope. testing.hpp is the test kit (manual_clock
 # plus testing/: harness, capture sinks, fault injectors, assertions), which
 # drives and decorates patterns, so it sits with them; no library header
 # includes it.
@@ -27,7 +28,7 @@ set(POSTBOX_LAYER_1
   version.hpp config.hpp error.hpp fwd.hpp)
 # 2. channels: typed in-process transports, and what waiting on them needs.
 set(POSTBOX_LAYER_2
-  clock.hpp timer_service.hpp metrics.hpp
+  clock.hpp timer_service.hpp redaction.hpp metrics.hpp
   channel.hpp topic.hpp stream.hpp durable_stream.hpp select.hpp async.hpp)
 # 3. messages: envelopes, codecs (nlohmann/json, fmt), message hooks.
 set(POSTBOX_LAYER_3
