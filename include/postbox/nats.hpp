@@ -482,7 +482,9 @@ class nats_connection {
   /// options (two credential forms, half of one, a certificate without its
   /// key) or unreadable TLS files; `unauthenticated` when the server refuses
   /// the login or TLS cannot be set up (handshake or certificate check failed,
-  /// TLS required by one side and not offered by the other); `timeout`,
+  /// TLS required by one side and not offered by the other, or a TLS server
+  /// ending the session during login without a reason, as one that rejects
+  /// the client's certificate under TLS 1.3 does); `timeout`,
   /// `closed`, `store_error` otherwise. Error texts never hold secrets.
   explicit nats_connection(nats_connection_options opts) : state_(std::make_shared<state>()) {
     state_->on_status = std::move(opts.on_status);
