@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Tests for postbox/sqlcipher.hpp: the SQLite store encrypted at rest (the key callback, no plaintext in the files, wrong and missing keys). The store conformance suite runs encrypted as store_sqlcipher_test.
+#include <postbox/saga_sqlite.hpp>
 #include <postbox/sqlcipher.hpp>
 
 #include <catch2/catch.hpp>
@@ -146,6 +147,28 @@ TEST_CASE("the key provider is asked once per opened connection", "[sqlcipher]")
   CHECK(calls == 1);
   { postbox::sqlite_store b(path, opts); }
   CHECK(calls == 2);
+}
+
+TEST_CASE("a saga store keyed through its options keeps saga data encrypted and reads it back", "[sqlcipher]") {
+  postbox_test::temp_dir dir("postbox_sqlcipher");
+  const std::string path = dir.file("sagas.db");
+  postbox::sqlite_saga_store_options o;
+  o.on_open = postbox::sqlcipher_key([] { return passphrase; });
+  postbox::saga_state st;
+  st.saga_id = "saga-1";
+  st.definition = "order";
+  st.data = planted;
+  st.correlation_id = postbox::message_id::generate();
+  {
+    postbox::sqlite_saga_store sagas(path, o);
+    REQUIRE(sagas.create(st) == postbox::errc::ok);
+  }
+  CHECK(all_bytes(path).find(planted) == std::string::npos);
+  postbox::sqlite_saga_store sagas(path, o);
+  auto back = sagas.load("saga-1");
+  REQUIRE(back.has_value());
+  CHECK(back->data == planted);
+  CHECK_THROWS_AS(postbox::sqlite_saga_store(path), postbox::error);
 }
 
 TEST_CASE("sqlcipher_key refuses an empty provider with invalid_argument", "[sqlcipher]") {

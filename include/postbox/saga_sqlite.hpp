@@ -16,6 +16,7 @@
 #include <postbox/sqlite.hpp>
 
 #include <chrono>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -29,6 +30,9 @@ struct sqlite_saga_store_options {
   std::string synchronous = "FULL";
   /// How long a statement waits on another connection's lock before `busy`.
   int busy_timeout_ms = 5000;
+  /// Called on the connection right after it opens (`sqlite_store_options::on_open`):
+  /// an encrypted build's key (sqlcipher.hpp, `sqlcipher_key`). Empty: nothing.
+  std::function<errc(sqlite3*)> on_open{};
 };
 
 /// Saga state in the `postbox_saga` table of a SQLite database in WAL mode,
@@ -71,6 +75,7 @@ class sqlite_saga_store {
       POSTBOX_THROW(error(errc::invalid_argument, "sqlite_saga_store: synchronous must be FULL, NORMAL or OFF"));
     }
     out.busy_timeout = std::chrono::milliseconds(o.busy_timeout_ms < 0 ? 0 : o.busy_timeout_ms);
+    out.on_open = o.on_open;
     return out;
   }
 
