@@ -567,3 +567,20 @@ TEST_CASE("frames destroyed while wakes race from another thread are never resum
   REQUIRE(resumed.load() == 0);
   REQUIRE(sent == rounds);
 }
+
+TEST_CASE("one notify wakes more suspended coroutines than it can defer past the registry lock", "[async]") {
+  // event_count defers up to 8 posts per notify; the rest post under the lock.
+  postbox::channel<int> ch(4);
+  postbox::run_queue q;
+  std::vector<postbox::task<postbox::receive_result<int>>> tasks;
+  for (int i = 0; i < 12; ++i) tasks.push_back(receive_one(ch));
+  for (auto& t : tasks) t.start(q);
+  REQUIRE(q.size_approx() == 0);
+  ch.close();
+  REQUIRE(q.size_approx() == 12);
+  q.poll();
+  for (auto& t : tasks) {
+    REQUIRE(t.done());
+    REQUIRE(t.get().status() == postbox::receive_status::closed);
+  }
+}

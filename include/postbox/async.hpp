@@ -8,10 +8,12 @@
 //   operation. Only when that finds nothing to do does it register a waker
 //   (detail::async_op) with the event count blocking callers park on, re-try,
 //   and suspend. Nothing is allocated and no lock is taken on the fast path.
-// * A notifier calls waker::wake() with the event count's registry mutex
-//   held, so wake() must not run the coroutine: it claims the one-shot resume
+// * A notifier calls waker::claim() with the event count's registry lock
+//   held, so it must not run the coroutine: it claims the one-shot resume
 //   (a state word: a wake, a stop request and a deadline race for it and
-//   exactly one wins) and posts a `resumption` to the operation's scheduler.
+//   exactly one wins) and returns the post of a `resumption` to the
+//   operation's scheduler, which the notifier runs after releasing the lock
+//   (stop callbacks and timers call wake(), which claims and posts at once).
 //   The resumption runs later on a scheduler thread: it re-tries, and either
 //   resumes the coroutine with the outcome or re-arms (a spurious wake).
 // * There is no scheduler that resumes on the notifying thread: the notifier
@@ -20,14 +22,16 @@
 //   lock it may need itself. Every scheduler posts; the coroutine resumes on
 //   whatever thread runs the scheduler (run_queue::run, an io_context, ...).
 // * Destroying a suspended frame is safe: the awaiter's destructor
-//   unregisters its waker (the registry mutex orders this after any wake()
-//   in progress), drops its stop callbacks and timer, and cancels the
+//   unregisters its waker (the registry lock orders this after any claim in
+//   progress), waits for a claimed post still under way (resume_token::
+//   posting), drops its stop callbacks and timer, and cancels the
 //   heap-allocated resume token a claimed wake may already have posted; the
 //   scheduler then runs a canceled token, which does nothing.
 
 #include <postbox/channel.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/backoff.hpp>
 #include <postbox/detail/waker.hpp>
 #include <postbox/error.hpp>
 #include <postbox/select.hpp>
@@ -49,6 +53,8 @@
 #include <utility>
 
 POSTBOX_BEGIN_NAMESPACE
+
+class resumption;
 
 namespace detail {
 
@@ -77,6 +83,19 @@ struct resume_token {
   async_op* const op;
   /// Link in a run_queue; guarded by that queue's mutex.
   resume_token* next = nullptr;
+  /// Where a claimed wake posts (async_op::claim, after the event count's
+  /// registry lock is released): the operation's scheduler, copied by
+  /// begin() before the arming CAS (release) publishes the token; read by
+  /// the claiming notifier after its acquire load of the state.
+  void* sched_self = nullptr;
+  void (*sched_post)(void*, resumption&&) noexcept = nullptr;
+  /// Notifiers between a claim and the end of its deferred post. Incremented
+  /// (relaxed) under the registry lock, which the owner's unregister takes
+  /// after it (so the owner sees it); decremented (release) after the post;
+  /// abandon() waits (acquire) for zero, so no post reaches the scheduler
+  /// once the operation is gone. A counter, not a flag: a re-armed operation
+  /// can be claimed again before the previous notifier has finished.
+  std::atomic<std::uint32_t> posting{0};
 };
 
 inline void release(resume_token* t) noexcept {
@@ -127,8 +146,9 @@ class resumption {
 };
 
 /// An async scheduler: where suspended postbox operations resume. `post(r)` must
-/// queue the resumption and return without running it (it is called while an
-/// event count's registry mutex is held), must not block on anything that
+/// queue the resumption and return without running it (it may be called
+/// with a lock held: a stop callback's, a timer's, an operations registry's;
+/// a destroyed frame waits for a post in progress), must not block on anything that
 /// can wait for a postbox event count, and must not throw. Whoever runs the
 /// queue later runs `r()`, and that is the thread the coroutine resumes on.
 template <class S>
@@ -150,6 +170,7 @@ class scheduler_ref {
   explicit operator bool() const noexcept { return self_ != nullptr; }
 
  private:
+  friend class detail::async_op;  // copies the scheduler into its resume token
   void* self_ = nullptr;
   void (*post_)(void*, resumption&&) noexcept = nullptr;
 };
@@ -332,6 +353,33 @@ class async_op : public waker {
     }
   }
 
+  /// Called by a notifying event count with its registry lock held: the
+  /// claim of wake(), with the post returned to run after the lock is
+  /// released (the token, not this object, carries it: the operation may be
+  /// gone by then, and abandon() waits for the post to finish). Thread-safe;
+  /// never blocks; never allocates.
+  deferred_wake claim() noexcept final {
+    // acquire: as in wake().
+    std::uint32_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+      if (s == checking) {
+        // acq_rel: as in wake().
+        if (state_.compare_exchange_weak(s, notified, std::memory_order_acq_rel, std::memory_order_acquire)) return {};
+      } else if (s == armed) {
+        if (state_.compare_exchange_weak(s, fired, std::memory_order_acq_rel, std::memory_order_acquire)) {
+          // relaxed: two new owners made from ours, the resumption and the
+          // deferred post itself (released when it has posted).
+          token_->refs.fetch_add(2, std::memory_order_relaxed);
+          // relaxed: see resume_token::posting.
+          token_->posting.fetch_add(1, std::memory_order_relaxed);
+          return {&post_claimed, token_};
+        }
+      } else {
+        return {};
+      }
+    }
+  }
+
   /// Run by a resumption on its scheduler's thread (never concurrently with
   /// the owner): re-try; re-arm, or finish and complete.
   void resumed() {
@@ -374,6 +422,8 @@ class async_op : public waker {
     if (!s) POSTBOX_THROW(error(errc::invalid_argument, "postbox async operation awaited without a scheduler"));
     sched_ = s;
     if (token_ == nullptr) token_ = new resume_token(this);
+    token_->sched_self = s.self_;
+    token_->sched_post = s.post_;
     // relaxed: no claim can run before register_sources publishes us.
     state_.store(checking, std::memory_order_relaxed);
     register_sources();
@@ -388,6 +438,11 @@ class async_op : public waker {
   void abandon() noexcept {
     disarm();
     if (token_ != nullptr) {
+      // A notifier that claimed us before disarm() may still be posting:
+      // wait for it (it is inside a non-blocking post), so nothing reaches
+      // the scheduler after we are gone. acquire: pairs with its release.
+      backoff wait;
+      while (token_->posting.load(std::memory_order_acquire) != 0) wait.snooze();
       std::uint32_t expected = resume_token::queued;
       // acq_rel: races the resumption's CAS; see resume_token::state.
       token_->state.compare_exchange_strong(expected, resume_token::canceled, std::memory_order_acq_rel,
@@ -398,6 +453,16 @@ class async_op : public waker {
   }
 
  private:
+  /// The deferred part of claim(): posts the claimed resumption, then lets
+  /// abandon() go on and drops the post's own reference.
+  static void post_claimed(void* p) noexcept {
+    auto* t = static_cast<resume_token*>(p);
+    t->sched_post(t->sched_self, resumption(t));
+    // release: pairs with the acquire in abandon().
+    t->posting.fetch_sub(1, std::memory_order_release);
+    release(t);
+  }
+
   void disarm() noexcept {
     if (registered_) unregister_sources();
     registered_ = false;

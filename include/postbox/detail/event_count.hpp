@@ -7,10 +7,12 @@
 #include <postbox/detail/backoff.hpp>
 #include <postbox/detail/waker.hpp>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cerrno>
 #include <climits>
+#include <cstddef>
 #include <cstdint>
 #include <new>
 #include <optional>
@@ -99,7 +101,8 @@ class event_count {
   }
 
   /// Withdraws a waker registered with register_waker(). Takes the registry
-  /// mutex, so no wake() is still calling `w` once this returns.
+  /// lock, so no wake() or claim() is still calling `w` once this returns
+  /// (a deferred wake a claim returned may still run: it does not use `w`).
   void unregister_waker(waker& w) noexcept {
     {
       const registry_lock lock(registry_busy_);
@@ -201,11 +204,29 @@ class event_count {
     // notifier observed is visible here (see register_waker); one registered
     // later re-checks its condition itself.
     if (registered_.load(std::memory_order_relaxed) != 0) {
-      const registry_lock lock(registry_busy_);
-      // Every registered select is woken, whatever `n`: a select woken for
-      // one case may complete another, so waking only some could strand a
-      // message while another select or thread sleeps.
-      for (waker* w : wakers_) w->wake();
+      // The claims are made under the registry lock (a waker stays alive
+      // while registered), the posts they return after it is released, so
+      // the lock is held for a few CASes, not for a scheduler's post (a
+      // mutex, an allocation, maybe a syscall) per waker. Past the buffer,
+      // a claim's post runs under the lock: correct, only slower.
+      std::array<deferred_wake, deferred_capacity> later{};
+      std::size_t n_later = 0;
+      {
+        const registry_lock lock(registry_busy_);
+        // Every registered select is woken, whatever `n`: a select woken for
+        // one case may complete another, so waking only some could strand a
+        // message while another select or thread sleeps.
+        for (waker* w : wakers_) {
+          const deferred_wake d = w->claim();
+          if (!d) continue;
+          if (n_later < later.size()) {
+            later[n_later++] = d;
+          } else {
+            d();
+          }
+        }
+      }
+      for (std::size_t i = 0; i < n_later; ++i) later[i]();
     }
     if ((seen & thread_mask) == 0) return;
     // seq_cst: a waiter that read the old epoch in prepare_wait() either sees
@@ -234,6 +255,8 @@ class event_count {
   std::atomic<std::uint64_t> waiters_{0};
   static constexpr std::uint64_t waker_unit = std::uint64_t{1} << 32;
   static constexpr std::uint64_t thread_mask = waker_unit - 1;
+  /// Deferred wakes one notify keeps on its stack (see wake()).
+  static constexpr std::size_t deferred_capacity = 8;
   /// Wakers registered by selects in progress; guarded by registry_busy_.
   std::vector<waker*> wakers_;
   /// wakers_.size(), readable without the mutex: lets wake() skip the lock
