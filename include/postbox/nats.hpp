@@ -615,18 +615,24 @@ class nats_connection {
              (!std::is_convertible_v<Match, std::string_view>)
   [[nodiscard]] bool permission_denied_since(std::uint64_t mark, std::string_view op, Match&& matches) const {
     std::vector<std::string> texts;
+    std::string recorded_last;  // the newest violation the callback has recorded
     {
       std::lock_guard<std::mutex> lock(state_->errors_m);
       const std::uint64_t kept = state_->violations.size();
       const std::uint64_t first = state_->violations_seen - kept;
       for (std::uint64_t i = std::max(mark, first); i < state_->violations_seen; ++i)
         texts.push_back(state_->violations[static_cast<std::size_t>(i - first)]);
+      if (!state_->violations.empty()) recorded_last = state_->violations.back();
     }
     // libnats also keeps the latest error on the connection, set by its read
     // loop before the error callback runs on another thread: it covers a
-    // caller that asks before that callback has recorded the violation.
+    // caller that asks before that callback has recorded the violation. Only
+    // a text the callback has not recorded yet counts, so an old refusal of
+    // the same subject does not turn a later timeout into permission_denied
+    // (a repeat of it is then caught by the caller's next attempt).
     const char* latest = nullptr;
-    if (conn_ && natsConnection_GetLastError(conn_.get(), &latest) == NATS_NOT_PERMITTED && latest != nullptr)
+    if (conn_ && natsConnection_GetLastError(conn_.get(), &latest) == NATS_NOT_PERMITTED && latest != nullptr &&
+        detail::nats_redact(latest, state_->secrets) != recorded_last)
       texts.emplace_back(latest);
     for (const auto& t : texts) {
       const auto v = detail::parse_violation(t);
