@@ -268,6 +268,8 @@ class faulty_source {
   using payload_type = typename Source::payload_type;
   static constexpr bool redelivers = Source::redelivers;
 
+  /// Decorates `inner` with `engine`'s faults (made by `fault_injector::source`;
+  /// `codec` encodes and decodes for poison). Allocates the holding queue.
   faulty_source(Source inner, std::shared_ptr<detail::fault_engine> engine, Codec codec = {})
       : inner_(std::move(inner)), engine_(std::move(engine)), codec_(std::move(codec)),
         held_(std::make_unique<std::deque<held_item>>()) {}
