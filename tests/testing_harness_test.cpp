@@ -5,6 +5,7 @@
 #include <postbox/consumer.hpp>
 #include <postbox/dead_letter.hpp>
 #include <postbox/request_reply.hpp>
+#include <postbox/saga.hpp>
 #include <postbox/scheduler.hpp>
 #include <postbox/testing.hpp>
 #include <postbox/timer_service.hpp>
@@ -15,11 +16,14 @@
 
 #include <catch2/catch.hpp>
 
+#include "support.hpp"
+
 #include <cstdint>
 #include <limits>
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace std::chrono_literals;
@@ -363,4 +367,71 @@ TEST_CASE("a component that reports due work it never does is an error, not an e
     CHECK(e.code() == postbox::errc::timeout);
     CHECK_THAT(e.what(), Catch::Contains("stuck"));
   }
+}
+
+TEST_CASE("with auto_advance a saga's compensation backoff jumps the clock instead of blocking the test",
+          "[testing][harness][saga]") {
+  harness h(5, {.auto_advance = true});
+  postbox::memory_saga_store store;
+  auto options = h.configure(postbox::saga_options{});
+  options.compensation_retry.max_attempts = 4;
+  options.compensation_retry.initial_backoff = 10s;
+  options.compensation_retry.multiplier = 2.0;
+  options.compensation_retry.full_jitter = false;
+  postbox::saga_coordinator coord(store, options, h.get_clock());
+  std::vector<postbox::time_point> undo_at;
+  postbox::saga_definition def("retry");
+  def.step("reserve", [](postbox::step_context&) {},
+           [&](postbox::step_context&) {
+             undo_at.push_back(h.now());
+             return undo_at.size() < 3 ? postbox::step_result::failure("inventory down")
+                                       : postbox::step_result::success();
+           })
+      .step("charge", [](postbox::step_context&) { return false; }, nullptr);
+  coord.add(std::move(def));
+  const auto t0 = h.now();
+  const auto out = coord.run("retry");  // on this thread: no other thread could move the clock
+  REQUIRE(out.has_value());
+  CHECK(out->outcome == postbox::saga_outcome::compensated);
+  CHECK(undo_at == std::vector<postbox::time_point>{t0, t0 + 10s, t0 + 30s});
+  CHECK(h.now() == t0 + 30s);
+}
+
+TEST_CASE("with auto_advance a manual consumer's drain waits for its retries on the harness clock",
+          "[testing][harness][consumer]") {
+  harness h(6, {.auto_advance = true});
+  rig p(h);
+  std::vector<postbox::time_point> starts;
+  postbox::consumer c(p.source(), [&](const env_t& e) {
+    starts.push_back(h.now());
+    return e.attempt == 1 ? postbox::settlement::retry(2s) : postbox::settlement::ack();
+  }, p.dlq, h.configure(postbox::consumer_options{}));
+  const auto t0 = h.now();
+  p.send(1);
+  p.ch.close();
+  const auto report = c.drain(1min);
+  CHECK(report.finished);
+  CHECK(starts == std::vector<postbox::time_point>{t0, t0 + 2s});
+  CHECK(h.now() == t0 + 2s);
+}
+
+TEST_CASE("auto_advance jumps only the waits of the thread that built the harness", "[testing][harness]") {
+  harness h(1, {.auto_advance = true});
+  const auto t0 = h.now();
+  std::mutex m;
+  std::condition_variable cv;
+  {
+    std::unique_lock lock(m);
+    h.get_clock().wait_until(lock, cv, t0 + 5s);  // this thread: returns at once, the clock at the deadline
+  }
+  CHECK(h.now() == t0 + 5s);
+  std::thread other([&] {
+    std::unique_lock lock(m);
+    while (h.now() < t0 + 1h) h.get_clock().wait_until(lock, cv, t0 + 1h);
+  });
+  REQUIRE(postbox_test::eventually([&] { return h.get_clock().waiters() == 1; }));
+  CHECK(h.now() == t0 + 5s);  // another thread waits as on any manual clock
+  h.get_clock().set(t0 + 1h);
+  other.join();
+  CHECK(h.now() == t0 + 1h);
 }

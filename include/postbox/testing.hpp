@@ -24,7 +24,8 @@ POSTBOX_BEGIN_NAMESPACE
 ///
 /// Thread-safe. `advance` must not be called while holding a mutex that a
 /// thread passes to `wait_until` on this clock (it would wait for itself).
-class manual_clock final : public clock {
+/// Not final: the test harness's clock (testing/harness.hpp) derives from it.
+class manual_clock : public clock {
  public:
   /// 2026-01-01T00:00:00Z: a readable default that is not the epoch.
   static constexpr time_point default_start = time_point(std::chrono::seconds(1767225600));

@@ -26,6 +26,13 @@
 //   With the components' jitter seeded from the harness (`configure`,
 //   `next_seed`), the same seed and the same test give the same events at
 //   the same times, which `trace()` records.
+// * Auto-advance (`harness_options::auto_advance`): a component that blocks
+//   on the clock inside a call on the driving thread (a saga's compensation
+//   backoff in `run`, a manual consumer's `drain` waiting for a retry) would
+//   wait forever, since no other thread moves time. With auto-advance the
+//   harness clock jumps to that wait's deadline instead, as tokio's paused
+//   clock does when every task sleeps. Only the thread that built the harness
+//   jumps; other threads wait as on any manual_clock.
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
@@ -35,13 +42,16 @@
 
 #include <algorithm>
 #include <concepts>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -59,7 +69,42 @@ struct harness_options {
   std::size_t max_steps = 100000;
   /// Record one `harness_event` per component call that did work.
   bool record_trace = true;
+  /// When the thread that built the harness blocks on the harness clock with
+  /// a deadline (inside a component call: a saga's compensation backoff, a
+  /// consumer's drain), move the clock to that deadline at once instead of
+  /// waiting for another thread to move it. Waits without a deadline block
+  /// as usual. Off: the clock moves only when the harness or the test moves it.
+  bool auto_advance = false;
 };
+
+namespace detail {
+
+/// The harness clock: a manual_clock that, with auto-advance on, turns a
+/// wait of the owner thread into a jump to the wait's deadline (returning as
+/// a wake-up: the caller re-checks its condition). Thread-safe as manual_clock.
+class harness_clock final : public manual_clock {
+ public:
+  harness_clock(time_point start, bool auto_advance) noexcept
+      : manual_clock(start), auto_advance_(auto_advance), owner_(std::this_thread::get_id()) {}
+
+  void wait_until(std::unique_lock<std::mutex>& lock, std::condition_variable& cv,
+                  time_point deadline) const override {
+    if (auto_advance_ && deadline != time_point::max() && std::this_thread::get_id() == owner_) {
+      // The object is never const (the harness owns it); only the owner
+      // thread gets here, and set() never waits for the caller's mutex
+      // unless another thread waits on this clock with that same mutex.
+      if (now() < deadline) const_cast<harness_clock*>(this)->set(deadline);
+      return;
+    }
+    manual_clock::wait_until(lock, cv, deadline);
+  }
+
+ private:
+  const bool auto_advance_;
+  const std::thread::id owner_;
+};
+
+}  // namespace detail
 
 /// One component call that did work: when (harness clock), who (the name
 /// given at attach time, "timers" for the harness timers) and how much
@@ -98,7 +143,10 @@ class harness {
   /// A harness whose clock starts at `options.start`; `seed` seeds every
   /// jitter handed out by `configure` and `next_seed`. Allocates.
   explicit harness(std::uint64_t seed = 0, harness_options options = {})
-      : options_(options), seed_(seed), clock_(options.start), timers_(clock_, timer_service::manual_drive) {
+      : options_(options),
+        seed_(seed),
+        clock_(options.start, options.auto_advance),
+        timers_(clock_, timer_service::manual_drive) {
     participants_.push_back(participant{"timers", [this] { return timers_.run_due(); },
                                         [this] { return timers_.next_deadline(); }, true});
   }
@@ -341,7 +389,7 @@ class harness {
   harness_options options_;
   std::uint64_t seed_;
   std::uint64_t seeds_drawn_ = 0;
-  manual_clock clock_;
+  detail::harness_clock clock_;
   timer_service timers_;
   // A deque: a component may attach another while it runs, and the running
   // participant's functions must not move.
