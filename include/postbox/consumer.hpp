@@ -1242,6 +1242,14 @@ class consumer {
       ++settled_;
       c = decide(pos, s, std::move(err));
       c.elapsed = elapsed;
+      if (c.what == fate::ack && !c.node.front().hook && (obs_ == nullptr || !obs_->on_settle)) {
+        // An ack with nothing to run outside the lock (no settle hook, no
+        // settle observer): counted here as conclude would count it, saving
+        // conclude's second lock. The envelope is freed with `c`, unlocked.
+        ++acked_;
+        concluded_locked();
+        return;
+      }
       if (settle_waiters_ > 0) idle_cv_.notify_all();  // a parked message may be all that is left
     }
     conclude(std::move(c));
@@ -1485,6 +1493,12 @@ class consumer {
       default: break;  // retried/deferred were counted when decided
     }
     if (c.what == fate::release) released_late_.push_back(std::move(it.env));
+    concluded_locked();
+  }
+
+  // Caller holds mu_: a delivery that left (settled with its source) gives
+  // its budget back.
+  void concluded_locked() {
     --settling_;
     --held_;
     // The budget was exhausted and came back: an idle worker may receive now.
