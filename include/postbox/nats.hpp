@@ -605,15 +605,19 @@ class nats_connection {
     std::lock_guard<std::mutex> lock(state_->errors_m);
     return state_->violations_seen;
   }
-  /// True when, after `mark` (a `permission_violations()` value), the server refused `op` ("Publish" or
-  /// "Subscription") on a subject for which `matches(subject)` holds (the
+  /// True when, after `mark` (a `permission_violations()` value), the server
+  /// refused `op` ("Publish", "Subscription"; empty: either) on a subject for which `matches(subject)` holds (the
   /// last 64 violations are kept). The server reports a violation
   /// asynchronously and otherwise drops the message, so callers that waited
-  /// in vain ask this to tell `permission_denied` from a timeout. Thread-safe.
+  /// in vain ask this to tell `permission_denied` from a timeout. First
+  /// flushes (one round trip, at most 1 s): the server answers in order, so a
+  /// refusal it sent before the PONG has been read by then. Blocks; thread-safe.
   template <class Match>
     requires std::is_invocable_r_v<bool, Match&, std::string_view> &&
              (!std::is_convertible_v<Match, std::string_view>)
   [[nodiscard]] bool permission_denied_since(std::uint64_t mark, std::string_view op, Match&& matches) const {
+    if (conn_ && natsConnection_Status(conn_.get()) == NATS_CONN_STATUS_CONNECTED)
+      (void)natsConnection_FlushTimeout(conn_.get(), 1000);  // best effort: a failed flush leaves what is known
     std::vector<std::string> texts;
     std::string recorded_last;  // the newest violation the callback has recorded
     {
@@ -636,7 +640,7 @@ class nats_connection {
       texts.emplace_back(latest);
     for (const auto& t : texts) {
       const auto v = detail::parse_violation(t);
-      if (v && v->first == op && matches(std::string_view(v->second))) return true;
+      if (v && (op.empty() || v->first == op) && matches(std::string_view(v->second))) return true;
     }
     return false;
   }
@@ -1606,8 +1610,7 @@ class jetstream_pull_source {
   // another denied JetStream user this may name that user's refusal.
   bool denied_since(std::uint64_t mark) const {
     auto ours = [](std::string_view s) { return s.rfind("$JS.API.", 0) == 0 || s.rfind("_INBOX.", 0) == 0; };
-    return conn_->permission_denied_since(mark, "Publish", ours) ||
-           conn_->permission_denied_since(mark, "Subscription", ours);
+    return conn_->permission_denied_since(mark, "", ours);  // a publish or a subscription
   }
 
   // A JetStream status reply (404 no messages, 408 request expired, 409
