@@ -6,7 +6,12 @@
 
 #include <catch2/catch.hpp>
 
+#include "support.hpp"
+
+#include <atomic>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -109,4 +114,48 @@ TEST_CASE("a metrics label with a sensitive name is redacted and other label val
   CHECK(page.find("token=\"[redacted]\"") != std::string::npos);
   CHECK(page.find("name=\"nats://svc:[redacted]@nats:4222\"") != std::string::npos);
   CHECK(page.find("server=\"nats\"") != std::string::npos);
+}
+
+TEST_CASE("readers racing set_redaction_policy each see one whole policy, never a mix", "[redaction][stress]") {
+  policy_guard guard;
+  postbox::redaction_policy a;
+  a.add_name("x-a");
+  postbox::redaction_policy b;
+  b.add_name("x-b");
+  postbox::set_redaction_policy(a);
+  const postbox::header_map h{{"x-a", "value-a"}, {"x-b", "value-b"}};
+  const auto only_a = a.redact(h);
+  const auto only_b = b.redact(h);
+
+  const std::uint64_t per_reader = postbox_test::scaled(20000);
+  constexpr int readers = 3;
+  std::atomic<bool> stop{false};  // written by the test thread after the readers joined; read by the swapper (relaxed: a flag)
+  std::atomic<std::uint64_t> seen_a{0}, seen_b{0}, mixed{0};  // counts only (relaxed)
+  std::thread swapper([&] {
+    bool flip = false;
+    while (!stop.load(std::memory_order_relaxed)) {
+      postbox::set_redaction_policy(flip ? a : b);
+      flip = !flip;
+    }
+  });
+  std::vector<std::thread> ts;
+  for (int r = 0; r < readers; ++r) {
+    ts.emplace_back([&] {
+      for (std::uint64_t i = 0; i < per_reader; ++i) {
+        const auto out = postbox::current_redaction_policy()->redact(h);
+        if (out == only_a) {
+          seen_a.fetch_add(1, std::memory_order_relaxed);
+        } else if (out == only_b) {
+          seen_b.fetch_add(1, std::memory_order_relaxed);
+        } else {
+          mixed.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  stop.store(true, std::memory_order_relaxed);
+  swapper.join();
+  CHECK(mixed.load() == 0);
+  CHECK(seen_a.load() + seen_b.load() == per_reader * readers);  // every rendering counted once
 }
