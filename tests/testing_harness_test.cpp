@@ -200,6 +200,57 @@ TEST_CASE("run_until_idle drains a pipeline of an outbox relay feeding a consume
 #endif
 }
 
+TEST_CASE("an attached relay retries a failing destination at its backoff time with advance_to_next",
+          "[testing][harness][outbox]") {
+#if __has_include(<nlohmann/json.hpp>)
+  harness h(4);
+  postbox::memory_store store;
+  postbox::outbox box(store, postbox::json::codec{}, h.get_clock());
+  std::vector<postbox::time_point> tries;
+  auto options = h.configure(postbox::relay_options{.batch_size = 8, .owner = "relay-1"});
+  options.retry.full_jitter = false;
+  options.retry.initial_backoff = 1s;
+  options.retry.multiplier = 2.0;
+  postbox::outbox_relay relay(
+      store,
+      [&](const postbox::stored_message&) {
+        tries.push_back(h.now());
+        return tries.size() < 3 ? postbox::errc::full : postbox::errc::ok;
+      },
+      options, h.get_clock());
+  h.attach(relay, "relay");
+  const auto t0 = h.now();
+  {
+    auto tx = store.begin();
+    REQUIRE(box.stage(tx, postbox::make_envelope(std::string("test.int"), 1, postbox::message_kind::event,
+                                                 h.get_clock())) == postbox::errc::ok);
+    REQUIRE(tx.commit() == postbox::errc::ok);
+  }
+  while (h.advance_to_next()) {
+  }
+  CHECK(tries == std::vector<postbox::time_point>{t0, t0 + 1s, t0 + 3s});
+  CHECK(relay.stats().dispatched == 1);
+#else
+  SUCCEED("nlohmann/json not installed: the outbox needs a codec");
+#endif
+}
+
+TEST_CASE("an attached responder answers a requester within run_until_idle", "[testing][harness][request_reply]") {
+  harness h;
+  postbox::channel<env_t> requests{8};
+  postbox::endpoint_registry<int> registry;
+  postbox::requester<int, int> req(requests, registry, h.timers());
+  postbox::responder<int, int> resp(requests, registry, [](const env_t& e) { return e.payload * 2; }, h.get_clock(),
+                                    0);
+  h.attach(resp, "responder");
+  auto f = req.request(21, 5s);
+  REQUIRE(f.has_value());
+  CHECK(h.run_until_idle() == 1);
+  REQUIRE(f->ready());
+  CHECK(f->get().reply->payload == 42);
+  CHECK(h.next_due() == postbox::time_point::max());  // the answered request's timer is gone
+}
+
 TEST_CASE("the same seed gives the same events at the same times, another seed does not",
           "[testing][harness]") {
   const auto first = run_scenario(7);
