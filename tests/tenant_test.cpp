@@ -278,3 +278,48 @@ TEST_CASE("a dead-letter queue scoped to a tenant refuses another tenant's entry
   CHECK(dlq.size() == 1);
   CHECK(dlq.stats().refused == 1);
 }
+
+TEST_CASE("a threaded consumer under load handles every accepted tenant's message once and dead-letters every other once",
+          "[tenant][consumer][stress]") {
+  postbox::manual_clock clock;
+  postbox::channel<env_t> ch{256};
+  const auto n = static_cast<int>(postbox_test::scaled(4000));
+  postbox::dead_letter_queue<int> dlq({.capacity = static_cast<std::size_t>(n)}, clock);
+  std::mutex mu;
+  std::vector<int> handled;  // under mu
+  postbox::consumer_options o;
+  o.threads = 2;
+  o.clock = &clock;
+  o.tenants = {"a"};
+  o.receive_wait = 1ms;
+  postbox::consumer c(postbox::channel_source<int>(ch, "numbers"), [&](const env_t& e) {
+    std::lock_guard lock(mu);
+    handled.push_back(e.payload);
+  }, dlq, o);
+  long long want_a = 0, want_b = 0;
+  for (int i = 1; i <= n; ++i) {
+    auto e = postbox::make_envelope(std::string("test.int"), i, postbox::message_kind::event, clock);
+    e.tenant = i % 3 == 0 ? "b" : "a";
+    (i % 3 == 0 ? want_b : want_a) += i;
+    REQUIRE(ch.send(std::move(e)) == postbox::send_status::ok);
+  }
+  REQUIRE(postbox_test::eventually([&] {
+    const auto s = c.stats();
+    return s.acked + s.dead_lettered == static_cast<std::uint64_t>(n);
+  }));
+  long long got_a = 0, got_b = 0;
+  {
+    std::lock_guard lock(mu);
+    for (int v : handled) got_a += v;
+    CHECK(handled.size() == static_cast<std::size_t>(n - n / 3));
+  }
+  const auto dead = dlq.list();
+  for (const auto& d : dead) {
+    got_b += d.message->payload;
+    CHECK(d.message->tenant == "b");
+    CHECK(d.reason == "tenant");
+  }
+  CHECK(dead.size() == static_cast<std::size_t>(n / 3));
+  CHECK(got_a == want_a);  // nothing lost, nothing handled twice
+  CHECK(got_b == want_b);
+}
