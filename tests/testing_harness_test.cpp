@@ -4,6 +4,7 @@
 
 #include <postbox/consumer.hpp>
 #include <postbox/dead_letter.hpp>
+#include <postbox/operations.hpp>
 #include <postbox/request_reply.hpp>
 #include <postbox/saga.hpp>
 #include <postbox/scheduler.hpp>
@@ -485,4 +486,21 @@ TEST_CASE("auto_advance jumps only the waits of the thread that built the harnes
   h.get_clock().set(t0 + 1h);
   other.join();
   CHECK(h.now() == t0 + 1h);
+}
+
+TEST_CASE("an attached operations tracker's finished records expire at their retention time",
+          "[testing][harness][operations]") {
+  harness h;
+  postbox::operations<int> ops(h.get_clock(), {.workers = 1, .retention = 10min});
+  h.attach(ops, "operations");
+  const auto t0 = h.now();
+  auto a = ops.submit("alice", "k", "fp", [](postbox::operation_context&) { return 1; });
+  REQUIRE(a.has_value());
+  auto done = ops.wait(postbox::operation_caller("alice"), a->id);  // the work runs on the tracker's executor
+  REQUIRE(done.has_value());
+  CHECK(h.next_due() == t0 + 10min);
+  CHECK(h.advance_to_next() == t0 + 10min);
+  CHECK(ops.size_approx() == 0);
+  CHECK(ops.get("alice", a->id).status() == postbox::errc::not_found);
+  CHECK(h.next_due() == postbox::time_point::max());
 }

@@ -452,6 +452,15 @@ class operations {
     return records_.size();
   }
 
+  /// When the earliest terminal record expires on the clock
+  /// (`time_point::max()`: none), so a test advances the clock to it and
+  /// calls `sweep()` (postbox::testing::harness attaches both). Takes the
+  /// tracker's lock; never allocates. Thread-safe.
+  [[nodiscard]] time_point next_expiry() const {
+    std::lock_guard lock(mutex_);
+    return expiry_.empty() ? time_point::max() : expiry_.begin()->first;
+  }
+
   /// Threads blocked in `wait` right now (so a caller can know they went to
   /// sleep, e.g. before destroying the tracker). Thread-safe.
   [[nodiscard]] std::size_t waiting_approx() const {

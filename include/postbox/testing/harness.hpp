@@ -16,6 +16,8 @@
 //       manual-drive scheduler;
 //     - `run_once()` returning a step with `claimed`, `purged` and
 //       `next_due`: an outbox relay that was not started;
+//     - `sweep()` and `next_expiry()`: an operations tracker (its expiry;
+//       the work itself runs on the tracker's executor threads);
 //     - any pair of callables (`run` -> work done, `next_due` -> time point).
 //   Components that take a `timer_service&` (requesters, dead-letter queues
 //   with paced redrive, saga step deadlines) use `timers()` and need no
@@ -194,13 +196,17 @@ class harness {
 
   /// Attaches a component by its shape (see the header's design notes): a
   /// consumer (`threads == 0`), a responder (0 threads), a manual-drive
-  /// timer_service or scheduler, an outbox relay that was not started.
+  /// timer_service or scheduler, an outbox relay that was not started, an
+  /// operations tracker (expiry sweeps).
   /// `name` labels its `trace()` events (default: its `name()` if it has
   /// one, else its kind, plus "#<attachment>"). `c` must stay alive until
   /// detached or the harness is no longer driven. Allocates.
   template <class Component>
   attachment attach(Component& c, std::string name = {}) {
-    if constexpr (requires { c.run_due(); c.next_deadline(); }) {
+    if constexpr (requires { c.sweep(); c.next_expiry(); }) {
+      return attach(label(c, "operations", std::move(name)), [&c] { return static_cast<std::size_t>(c.sweep()); },
+                    [&c]() -> time_point { return c.next_expiry(); });
+    } else if constexpr (requires { c.run_due(); c.next_deadline(); }) {
       if constexpr (std::same_as<Component, timer_service>) {
         if (&c == &timers_) return 0;  // already driven
       }
@@ -227,7 +233,8 @@ class harness {
     } else {
       static_assert(sizeof(Component) == 0,
                     "postbox::testing::harness::attach: the component has none of poll(), run_due() with "
-                    "next_deadline(), run_once(); attach(name, run, next_due) takes any pair of callables");
+                    "next_deadline(), run_once(), sweep() with next_expiry(); attach(name, run, next_due) "
+                    "takes any pair of callables");
     }
   }
 
