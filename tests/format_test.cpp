@@ -45,3 +45,21 @@ TEST_CASE("an envelope rejects a format spec", "[format]") {
   CHECK_THROWS_AS(fmt::format(fmt::runtime("{:x}"), env), fmt::format_error);
   CHECK(fmt::format("{}", env).rfind("event (untyped) v1", 0) == 0);
 }
+
+TEST_CASE("a header map formats in key order with sensitive values redacted", "[format]") {
+  const postbox::header_map h{{"content-type", "text/plain"}, {"Authorization", "Bearer abc"}, {"x-secret-pin", "42"}};
+  CHECK(fmt::format("{}", h) == "{Authorization=[redacted], content-type=text/plain, x-secret-pin=[redacted]}");
+  CHECK(fmt::format("{}", postbox::header_map{}) == "{}");
+}
+
+TEST_CASE("an envelope formatted with {:h} appends its redacted headers, and {} leaves them out", "[format]") {
+  postbox::manual_clock clock;
+  auto e = postbox::make_envelope(std::string("order.placed"), 7, postbox::message_kind::event, clock);
+  e.headers.set("cookie", "session=s3cr3t");
+  e.headers.set("reply-to", "orders.replies");
+  const std::string with = fmt::format("{:h}", e);
+  CHECK(with.size() > fmt::format("{}", e).size());
+  CHECK(with.find(" headers={cookie=[redacted], reply-to=orders.replies}") != std::string::npos);
+  CHECK(fmt::format("{}", e).find("headers") == std::string::npos);
+  CHECK(with.find("s3cr3t") == std::string::npos);
+}
