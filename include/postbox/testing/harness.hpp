@@ -317,11 +317,11 @@ class harness {
   std::size_t advance(duration d) {
     if (d < duration::zero())
       POSTBOX_THROW(error(errc::invalid_argument, "postbox::testing::harness::advance: negative duration"));
-    const time_point target = clock_.now() + d;
+    const time_point target = later_by(clock_.now(), d);
     std::size_t total = run_until_idle();
     for (;;) {
       const time_point t = next_due();
-      if (t > target) break;
+      if (t == time_point::max() || t > target) break;
       total += step_to(t);
     }
     clock_.set(target);
@@ -345,7 +345,7 @@ class harness {
   /// checks `done()` before each step. Returns whether `done()` held.
   /// Throws as `advance`.
   bool run_until(const std::function<bool()>& done, duration limit = std::chrono::hours(24 * 365)) {
-    const time_point end = clock_.now() + limit;
+    const time_point end = later_by(clock_.now(), limit);
     (void)run_until_idle();
     for (;;) {
       if (done()) return true;
@@ -375,6 +375,12 @@ class harness {
     std::string base = kind;
     if constexpr (requires { std::string(c.name()); }) base = std::string(c.name());
     return base + "#" + std::to_string(participants_.size());
+  }
+
+  // `t + d`, saturating at time_point::max() (a test may pass duration::max()).
+  static time_point later_by(time_point t, duration d) noexcept {
+    if (d <= duration::zero()) return t;
+    return d >= time_point::max() - t ? time_point::max() : t + d;
   }
 
   // Moves the clock to `t` (never back) and runs until idle there. When
