@@ -25,6 +25,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <span>
 #include <stop_token>
 #include <string>
 #include <string_view>
@@ -236,6 +237,15 @@ using outbox_destination = std::function<errc(const stored_message&)>;
 /// relay's stop token and returns `canceled` when it is stopped first; the
 /// relay then releases the row without counting an attempt.
 using outbox_stoppable_destination = std::function<errc(const stored_message&, std::stop_token)>;
+
+/// A destination that takes a whole leased batch at once (to pipeline it):
+/// it fills `results[i]` for `batch[i]`, `ok` only once that message is
+/// published. A key's messages must reach the destination in batch order;
+/// once one of a key fails the relay ignores the results of that key's later
+/// messages (it releases them unmarked, retried in order), so the destination
+/// should stop sending them. `canceled` when the stop token fired first.
+using outbox_batch_destination =
+    std::function<void(std::span<const stored_message> batch, std::span<errc> results, std::stop_token)>;
 
 /// The default `relay_options::is_permanent`: the codes that retrying cannot
 /// change, i.e. a body the codec refuses (`parse_error`, `too_deep`,
@@ -579,6 +589,15 @@ class outbox_relay {
                const clock& clk = default_clock())
       : outbox_relay(store, wrap(std::move(destination)), std::move(options), clk) {}
 
+  /// A relay to a batch destination (e.g. a pipelined JetStream publisher):
+  /// each leased batch goes to it in one call, then the results are treated
+  /// in batch order as `run_once` treats one call per message.
+  outbox_relay(Store& store, outbox_batch_destination destination, relay_options options = {},
+               const clock& clk = default_clock())
+      : outbox_relay(store, one_at_a_time(destination), std::move(options), clk) {
+    batch_destination_ = std::move(destination);
+  }
+
   /// A relay to a destination that may block; it gets a stop token that
   /// `stop()` (and destruction) triggers before joining the thread.
   outbox_relay(Store& store, outbox_stoppable_destination destination, relay_options options = {},
@@ -643,6 +662,8 @@ class outbox_relay {
     bool cut_short = false;
     std::size_t lost_at_renewal = 0;
     std::vector<std::uint64_t> held;  // rows of the batch still leased to us: published, untouched, not yet tried
+    std::vector<errc> batch_results;  // a batch destination's answers, read in order below
+    if (batch_destination_) batch_results = publish_batch(batch, stop);
     for (std::size_t i = 0; i < batch.size(); ++i) {
       const auto& m = batch[i];
       const bool key_failed =
@@ -678,7 +699,7 @@ class outbox_relay {
         continue;
       }
       std::string why;
-      const errc rc = publish(m, stop, why);
+      const errc rc = batch_destination_ ? batch_result(batch_results[i], m, why) : publish(m, stop, why);
       if (rc == errc::ok) {
         published.push_back(m.sequence);
         ++step.published;
@@ -822,6 +843,27 @@ class outbox_relay {
     return [d = std::move(d)](const stored_message& m, std::stop_token) { return d(m); };
   }
 
+  static outbox_stoppable_destination one_at_a_time(const outbox_batch_destination& d) {
+    if (!d) return {};
+    return [d](const stored_message& m, std::stop_token stop) {
+      errc rc = errc::handler_error;
+      d(std::span<const stored_message>(&m, 1), std::span<errc>(&rc, 1), std::move(stop));
+      return rc;
+    };
+  }
+
+  std::vector<errc> publish_batch(const std::vector<stored_message>& batch, const std::stop_token& stop) {
+    std::vector<errc> results(batch.size(), errc::handler_error);
+    POSTBOX_TRY { batch_destination_(std::span<const stored_message>(batch), std::span<errc>(results), stop); }
+    POSTBOX_CATCH_ALL { std::fill(results.begin(), results.end(), errc::handler_error); }
+    return results;
+  }
+
+  static errc batch_result(errc rc, const stored_message& m, std::string& why) {
+    if (rc != errc::ok) why = "outbox_relay: publishing " + m.id.to_string() + " failed: " + std::string(to_string(rc));
+    return rc;
+  }
+
   std::stop_token stop_token() const {
     std::lock_guard token(token_mutex_);
     return stop_source_.get_token();
@@ -909,6 +951,7 @@ class outbox_relay {
 
   Store* store_;
   outbox_stoppable_destination destination_;
+  outbox_batch_destination batch_destination_;  // set: run_once hands it each batch at once
   relay_options options_;
   const clock* clock_;
   detail::relay_owner_slot slot_;  // holds the default owner name's slot while the relay lives
