@@ -304,4 +304,152 @@ TEST_CASE("a subject function maps each stored message to its subject", "[nats][
   CHECK(got[1].subject == "orders.by-region.us");
 }
 
+// ---- Pipelined relay (issue 18): a bounded window of PubAcks outstanding ----
+
+namespace {
+
+postbox::jetstream_pipeline_options pipeline(std::size_t window, std::chrono::milliseconds ack_timeout = 2000ms) {
+  postbox::jetstream_pipeline_options o;
+  o.window = window;
+  o.ack_timeout = ack_timeout;
+  return o;
+}
+
+// The stream's messages grouped by key, as labels "<key>:<n>" in stream order.
+std::map<std::string, std::vector<int>> per_key(const std::vector<rig::seen>& got) {
+  std::map<std::string, std::vector<int>> out;
+  for (const auto& s : got) out[s.env.partition_key].push_back(s.env.payload.at("n").get<int>());
+  return out;
+}
+
+std::vector<int> one_to(int n) {
+  std::vector<int> v;
+  for (int i = 1; i <= n; ++i) v.push_back(i);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("a pipelined relay publishes every row once, in staging order per key, and marks each after its PubAck",
+          "[nats][nats_outbox][pipelined]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  const int per = 100;
+  const std::vector<std::string> keys{"k1", "k2", "k3"};
+  for (int i = 1; i <= per; ++i)
+    for (const auto& k : keys) r.stage("orders.placed", order{i}, k);
+  const auto total = static_cast<std::size_t>(per) * keys.size();
+  auto opts = relay_opts();
+  opts.batch_size = total;
+  std::set<postbox::message_id> acked;
+  bool every_ok_was_acked = true;
+  auto popts = pipeline(16);
+  popts.on_ack = [&](const postbox::stored_message& m, const postbox::publish_ack& a) {
+    CHECK(a.stream == "ORDERS");
+    CHECK_FALSE(a.duplicate);
+    acked.insert(m.id);
+  };
+  opts.on_point = [&](postbox::relay_point p, const postbox::stored_message* m) {
+    // The relay counts a row published only when its PubAck came.
+    if (p == postbox::relay_point::published && acked.count(m->id) == 0) every_ok_was_acked = false;
+  };
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream_pipelined<order>(r.js, postbox::json::codec{}, popts),
+                              opts, r.clock);
+  const auto step = relay.run_once();
+  CHECK(step.published == total);
+  CHECK(step.marked == total);
+  CHECK(every_ok_was_acked);
+  CHECK(acked.size() == total);
+  CHECK(r.store.outbox_summary()->pending == 0);
+  CHECK(r.stored() == total);
+  const auto got = r.read("ORDERS", "orders.>", total);
+  REQUIRE(got.size() == total);
+  std::set<postbox::message_id> ids;
+  for (const auto& s : got) ids.insert(s.env.id);
+  CHECK(ids == acked);  // each row once, under its outbox id
+  for (const auto& [key, ns] : per_key(got)) {
+    INFO(key);
+    CHECK(ns == one_to(per));
+  }
+}
+
+TEST_CASE("a pipelined relay marks nothing the stream did not acknowledge and holds back only the failing key",
+          "[nats][nats_outbox][pipelined]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  for (int i = 1; i <= 3; ++i) {
+    r.stage("orders.placed", order{i}, "ret");  // routed to returns.>: no stream listens there yet
+    r.stage("orders.placed", order{i}, "ord");
+  }
+  auto popts = pipeline(4);
+  popts.subject = [](const postbox::stored_message& m) {
+    return m.partition_key == "ret" ? std::string("returns.opened") : std::string("orders.placed");
+  };
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream_pipelined<order>(r.js, postbox::json::codec{}, popts),
+                              relay_opts(), r.clock);
+  const auto first = relay.run_once();
+  CHECK(first.marked == 3);  // ord 1..3
+  CHECK(first.failed == 1);  // ret 1 (no responders); ret 2 and 3 are released, not attempted
+  CHECK(r.store.outbox_summary()->pending == 3);
+  CHECK(r.store.outbox_summary()->retrying == 1);
+  CHECK(relay.stats().last_error.find("busy") != std::string::npos);
+  r.ensure(stream_of("RETURNS", {"returns.>"}));
+  r.clock.advance(1s);
+  const auto second = relay.run_once();
+  CHECK(second.marked == 3);
+  CHECK(r.store.outbox_summary()->pending == 0);
+  const auto got = r.read("RETURNS", "returns.>", 3);
+  REQUIRE(got.size() == 3);
+  CHECK(per_key(got)["ret"] == one_to(3));
+  CHECK(r.stored("ORDERS") == 3);
+}
+
+TEST_CASE("a server stop in the middle of a pipelined batch loses nothing, duplicates nothing and keeps each key's order",
+          "[nats][nats_outbox][pipelined]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  const int per = 60;
+  const std::vector<std::string> keys{"a", "b", "c", "d"};
+  for (int i = 1; i <= per; ++i)
+    for (const auto& k : keys) r.stage("orders.placed", order{i}, k);
+  const auto total = static_cast<std::size_t>(per) * keys.size();
+  auto opts = relay_opts();
+  opts.batch_size = total;
+  std::size_t sent = 0;
+  auto popts = pipeline(8, 500ms);
+  popts.subject = [&](const postbox::stored_message&) {
+    // Called on the relay's thread as each message is sent: stop the server
+    // with part of the batch acknowledged and part in flight.
+    if (++sent == total / 2) r.srv.stop();
+    return std::string("orders.placed");
+  };
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream_pipelined<order>(r.js, postbox::json::codec{}, popts),
+                              opts, r.clock);
+  const auto first = relay.run_once();
+  CHECK(first.marked < total / 2 + 8);  // nothing past the stop was acknowledged
+  CHECK(first.failed >= 1);
+  CHECK(r.store.outbox_summary()->pending == total - first.marked);
+  r.srv.start();
+  REQUIRE(postbox_test::eventually([&] { return r.conn.status() == postbox::connection_status::connected; }));
+  // Retry (each failed key after its backoff) until the outbox is empty;
+  // JetStream may refuse publishes for a moment after its restart.
+  std::size_t marked = first.marked;
+  REQUIRE(postbox_test::eventually([&] {
+    r.clock.advance(60s);
+    marked += relay.run_once().marked;
+    return r.store.outbox_summary()->pending == 0;
+  }));
+  CHECK(marked == total);
+  CHECK(r.stored() == total);  // every retry of a stored message was absorbed by the duplicate window
+  const auto got = r.read("ORDERS", "orders.>", total);
+  REQUIRE(got.size() == total);
+  std::set<postbox::message_id> ids;
+  for (const auto& s : got) ids.insert(s.env.id);
+  CHECK(ids.size() == total);
+  for (const auto& [key, ns] : per_key(got)) {
+    INFO(key);
+    CHECK(ns == one_to(per));
+  }
+}
+
 #endif  // POSTBOX_NATS_SERVER
