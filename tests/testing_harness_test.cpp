@@ -2,6 +2,7 @@
 // Specification tests for postbox::testing::harness: one clock and one driver for every attached component.
 #include <postbox/testing/harness.hpp>
 
+#include <postbox/async.hpp>
 #include <postbox/consumer.hpp>
 #include <postbox/dead_letter.hpp>
 #include <postbox/operations.hpp>
@@ -504,4 +505,36 @@ TEST_CASE("an attached operations tracker's finished records expire at their ret
   CHECK(ops.size_approx() == 0);
   CHECK(ops.get("alice", a->id).status() == postbox::errc::not_found);
   CHECK(h.next_due() == postbox::time_point::max());
+}
+
+TEST_CASE("coroutine handlers resume on an attached run_queue and retry at the backoff time",
+          "[testing][harness][consumer]") {
+  harness h(8);
+  rig p(h);
+  postbox::run_queue rq;
+  postbox::channel<int> gate{4};
+  std::vector<postbox::time_point> starts;
+  auto options = h.configure(postbox::consumer_options{});
+  options.scheduler = rq;
+  options.retry.initial_backoff = 10s;
+  options.retry.full_jitter = false;
+  postbox::consumer c(p.source(), [&](const env_t& e) -> postbox::task<postbox::settlement> {
+    starts.push_back(h.now());
+    (void)co_await postbox::async_receive(gate);
+    co_return e.attempt == 1 ? postbox::settlement::retry() : postbox::settlement::ack();
+  }, p.dlq, options);
+  h.attach(c, "consumer");
+  h.attach(rq, "run_queue");
+  const auto t0 = h.now();
+  p.send(1);
+  CHECK(h.run_until_idle() == 1);  // started, suspended on the gate
+  REQUIRE(gate.try_send(0) == postbox::send_status::ok);
+  CHECK(h.run_until_idle() == 1);  // resumed on the run_queue: retry
+  CHECK(h.next_due() == t0 + 10s);
+  CHECK(h.advance_to_next() == t0 + 10s);  // the second attempt starts and suspends
+  REQUIRE(gate.try_send(0) == postbox::send_status::ok);
+  CHECK(h.run_until_idle() == 1);
+  CHECK(starts == std::vector<postbox::time_point>{t0, t0 + 10s});
+  CHECK(c.stats().acked == 1);
+  CHECK(c.stats().retried == 1);
 }

@@ -11,7 +11,8 @@
 // * Attaching needs no knowledge of the component's type, only its shape
 //   (the harness sits below the patterns layer and includes none of them):
 //     - `poll()` and `next_due()`: a consumer built with `threads = 0`;
-//     - `poll()` alone: a responder built with 0 threads;
+//     - `poll()` alone: a responder built with 0 threads, a run_queue (where
+//       a consumer's coroutine handlers resume);
 //     - `run_due()` and `next_deadline()`: another manual timer_service, a
 //       manual-drive scheduler;
 //     - `run_once()` returning a step with `claimed`, `purged` and
@@ -195,7 +196,7 @@ class harness {
   }
 
   /// Attaches a component by its shape (see the header's design notes): a
-  /// consumer (`threads == 0`), a responder (0 threads), a manual-drive
+  /// consumer (`threads == 0`), a responder (0 threads), a run_queue, a manual-drive
   /// timer_service or scheduler, an outbox relay that was not started, an
   /// operations tracker (expiry sweeps).
   /// `name` labels its `trace()` events (default: its `name()` if it has
