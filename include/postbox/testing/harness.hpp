@@ -164,7 +164,7 @@ class harness {
   [[nodiscard]] timer_service& timers() noexcept { return timers_; }
   /// The harness clock's current time. Never blocks.
   [[nodiscard]] time_point now() const noexcept { return clock_.now(); }
-  /// The seed the harness was built with.
+  /// The seed the harness was built with. Never blocks.
   [[nodiscard]] std::uint64_t seed() const noexcept { return seed_; }
 
   /// The next seed of the sequence derived from the harness seed (never 0,
@@ -183,7 +183,7 @@ class harness {
   /// `clock` (a `const postbox::clock*`) = the harness clock, `threads` = 0,
   /// `jitter_seed` = `next_seed()`, `timers` (a `timer_service*`) = `timers()`.
   /// Fits consumer_options, relay_options and saga_options; other members
-  /// are kept. Never blocks.
+  /// are kept. Never blocks; allocates as copying `Options` does.
   template <class Options>
   [[nodiscard]] Options configure(Options options) {
     if constexpr (requires { requires std::same_as<decltype(options.clock), const postbox::clock*>; })
@@ -258,8 +258,9 @@ class harness {
 
   /// The earliest time at which anything attached (or the harness timers)
   /// has timed work; `time_point::max()` when nothing is scheduled. May be
-  /// at or before `now()` when something is already due. Never blocks on
-  /// handlers.
+  /// at or before `now()` when something is already due. Asks each attached
+  /// component (each takes its own lock briefly); never runs handlers, never
+  /// allocates.
   [[nodiscard]] time_point next_due() const {
     time_point t = time_point::max();
     for (const participant& p : participants_)
