@@ -495,4 +495,46 @@ TEST_CASE("an exception from an asio::awaitable handler is the handler's excepti
   REQUIRE(c.stats().acked == 0);
 }
 
+TEST_CASE("destroying the consumer cancels a still running asio::awaitable handler on its executor",
+          "[asio][consumer]") {
+  awaitable_rig r;
+  r.send(1);
+  std::optional<postbox::receive_status> seen;
+  auto handler = [&](const env_t&) -> asio::awaitable<postbox::settlement> {
+    auto g = co_await postbox::async_receive(r.gate, asio::use_awaitable);
+    seen = g.status();
+    co_return postbox::settlement::ack();
+  };
+  {
+    postbox::consumer<int> c(postbox::channel_source<int>(r.ch, "numbers"),
+                             postbox::awaitable_handler(r.io.get_executor(), handler), r.dlq, r.options());
+    REQUIRE(c.poll() == 1);
+    r.io.poll();  // the awaitable starts and suspends on the gate
+    REQUIRE_FALSE(seen.has_value());
+  }  // the consumer destroys the suspended task, which posts a terminal cancellation
+  r.io.restart();
+  r.io.run();  // returns once the canceled awaitable has completed
+  REQUIRE(seen == postbox::receive_status::canceled);
+  REQUIRE(r.gate.try_send(5) == postbox::send_status::ok);
+  REQUIRE(r.gate.try_receive() == 5);  // the canceled wait took nothing
+}
+
+TEST_CASE("a deferred async_select runs its cases only when launched", "[asio][select]") {
+  asio::io_context io;
+  postbox::channel<int> ch(1);
+  REQUIRE(ch.try_send(4) == postbox::send_status::ok);
+  int got = 0;
+  auto op = postbox::async_select(postbox::on_receive(ch, [&](int v) { got = v; }), asio::experimental::deferred);
+  REQUIRE(ch.size_approx() == 1);  // nothing happens until launched
+  std::optional<postbox::select_result> result;
+  std::move(op)(asio::bind_executor(io, [&](std::exception_ptr e, postbox::select_result x) {
+    REQUIRE_FALSE(e);
+    result = x;
+  }));
+  io.run();
+  REQUIRE(result.has_value());
+  REQUIRE(result->ok());
+  REQUIRE(got == 4);
+}
+
 #endif  // POSTBOX_WITH_ASIO

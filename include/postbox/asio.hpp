@@ -401,8 +401,12 @@ struct awaitable_outcome {
 /// executor) if it is destroyed before the awaitable completes.
 template <class T>
 struct awaitable_run {
-  explicit awaitable_run(const envelope<T>& e) : env(e) {}
+  awaitable_run(const envelope<T>& e, std::shared_ptr<void> h) : env(e), handler(std::move(h)) {}
   envelope<T> env;
+  /// The handler object: a coroutine lambda's frame refers to its captures
+  /// through it, so it must live as long as the awaitable, also after the
+  /// consumer holding the awaitable_handler is gone.
+  std::shared_ptr<void> handler;
   channel<awaitable_outcome> done{1};
   ::asio::cancellation_signal cancel;  // used on the executor's thread only
 };
@@ -447,7 +451,8 @@ concept awaitable_handler_with_context = std::is_invocable_v<H&, const envelope<
 /// the same io_context). It is a postbox coroutine handler (task<settlement>),
 /// so max_in_flight, per-key order, retries and exception classification are
 /// unchanged; an exception from the awaitable is the handler's exception.
-/// The awaitable reads a copy of the envelope; the consume_context is valid
+/// The awaitable reads a copy of the envelope, and the handler object (a
+/// lambda's captures) is kept alive until it completes; the consume_context is valid
 /// until the awaitable completes or is canceled: when the consumer is
 /// destroyed with the handler still running, a terminal cancellation is
 /// emitted on `ex` and the awaitable must not touch the context after it.
@@ -455,22 +460,22 @@ concept awaitable_handler_with_context = std::is_invocable_v<H&, const envelope<
 template <class Executor, class H>
 class awaitable_handler {
  public:
-  awaitable_handler(Executor ex, H handler) : ex_(std::move(ex)), h_(std::move(handler)) {}
+  awaitable_handler(Executor ex, H handler) : ex_(std::move(ex)), h_(std::make_shared<H>(std::move(handler))) {}
 
   template <class T>
     requires(detail::awaitable_handler_with_context<H, T> || std::is_invocable_v<H&, const envelope<T>&>)
   task<settlement> operator()(const envelope<T>& env, consume_context& ctx) {
-    auto run = std::make_shared<detail::awaitable_run<T>>(env);
+    auto run = std::make_shared<detail::awaitable_run<T>>(env, h_);
     if constexpr (detail::awaitable_handler_with_context<H, T>) {
-      return detail::await_on(ex_, run, h_(run->env, ctx));
+      return detail::await_on(ex_, run, (*h_)(run->env, ctx));
     } else {
-      return detail::await_on(ex_, run, h_(run->env));
+      return detail::await_on(ex_, run, (*h_)(run->env));
     }
   }
 
  private:
   Executor ex_;
-  H h_;
+  std::shared_ptr<H> h_;  // shared with every run still going (see awaitable_run::handler)
 };
 
 
