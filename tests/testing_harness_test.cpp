@@ -9,6 +9,7 @@
 #include <postbox/request_reply.hpp>
 #include <postbox/saga.hpp>
 #include <postbox/scheduler.hpp>
+#include <postbox/stream.hpp>
 #include <postbox/testing.hpp>
 #include <postbox/timer_service.hpp>
 #if __has_include(<nlohmann/json.hpp>)
@@ -537,4 +538,20 @@ TEST_CASE("coroutine handlers resume on an attached run_queue and retry at the b
   CHECK(starts == std::vector<postbox::time_point>{t0, t0 + 10s});
   CHECK(c.stats().acked == 1);
   CHECK(c.stats().retried == 1);
+}
+
+TEST_CASE("a stream's age retention and a scheduled append follow the harness clock with nothing attached for the stream",
+          "[testing][harness][stream]") {
+  harness h;
+  postbox::stream<int> s(1, postbox::retention{0, 0, 60s}, h.get_clock());
+  postbox::scheduler sched(h.get_clock(), postbox::timer_service::manual_drive);
+  h.attach(sched, "scheduler");
+  (void)s.append("k", 1);
+  (void)sched.send_after(s, 30s, std::string("k"), 2);
+  CHECK(h.advance_to_next() == postbox::manual_clock::default_start + 30s);
+  CHECK(s.read(0, 0, 10).records.size() == 2);
+  h.advance(31s);  // the first record is 61 s old, the second 31 s
+  const auto r = s.read(0, 0, 10);
+  CHECK(r.status == postbox::errc::out_of_range);
+  CHECK(r.earliest == 1);
 }
