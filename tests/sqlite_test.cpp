@@ -409,6 +409,11 @@ TEST_CASE("another connection holding the write lock makes begin and relay calls
   auto o = fast();
   o.busy_timeout = std::chrono::milliseconds(0);  // fail at once instead of waiting
   sqlite_store s(dir.file("locked.db"), o);
+  {
+    auto staged = s.begin();  // a claimable row: leasing it needs the write lock
+    REQUIRE(s.outbox_stage(staged, msg("k", 1)) == errc::ok);
+    REQUIRE(staged.commit() == errc::ok);
+  }
   raw_db other(dir.file("locked.db"));
   REQUIRE(other.exec("BEGIN IMMEDIATE") == SQLITE_OK);
   auto tx = s.try_begin();
@@ -421,6 +426,32 @@ TEST_CASE("another connection holding the write lock makes begin and relay calls
   REQUIRE(other.exec("COMMIT") == SQLITE_OK);
   auto again = s.begin();
   CHECK(again.commit() == errc::ok);
+}
+
+TEST_CASE("a claim reads pending rows on its own connection: nothing claimable needs no write lock", "[sqlite]") {
+  postbox_test::temp_dir dir;
+  auto o = fast();
+  o.busy_timeout = std::chrono::milliseconds(0);  // fail at once instead of waiting
+  sqlite_store s(dir.file("reader.db"), o);
+  raw_db other(dir.file("reader.db"));
+  REQUIRE(other.exec("BEGIN IMMEDIATE") == SQLITE_OK);
+  auto empty = s.outbox_claim("r", t0, t0 + 1s, 10);  // reads only: the writer's lock does not matter
+  REQUIRE(empty.has_value());
+  CHECK(empty->messages.empty());
+  REQUIRE(other.exec("COMMIT") == SQLITE_OK);
+  {
+    auto tx = s.begin();
+    REQUIRE(s.outbox_stage(tx, msg("k", 1)) == errc::ok);
+    REQUIRE(s.outbox_stage(tx, msg("k", 2)) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+  }
+  // Another relay leases the key: a claim through the read connection gets none of it.
+  auto first = s.outbox_claim("r1", t0, t0 + 10s, 10);
+  REQUIRE(first.has_value());
+  CHECK(first->messages.size() == 2);
+  auto second = s.outbox_claim("r2", t0 + 1s, t0 + 11s, 10);
+  REQUIRE(second.has_value());
+  CHECK(second->messages.empty());
 }
 
 TEST_CASE("a store member called while this thread has a transaction open throws instead of deadlocking", "[sqlite]") {

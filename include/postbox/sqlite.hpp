@@ -14,6 +14,7 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -209,8 +210,11 @@ struct sqlite_store_options {
 /// `corrupt` (not a database, or damaged), `full`. Operations return those
 /// codes; the text of the latest failure is `last_error()`.
 ///
-/// One connection per store, serialized by a mutex that a `transaction`
-/// holds for its whole life (`BEGIN IMMEDIATE`): in-process writers queue on
+/// One write connection per store, serialized by a mutex that a `transaction`
+/// holds for its whole life (`BEGIN IMMEDIATE`), plus, from the first
+/// `outbox_claim` on a database file, a read-only connection on which a
+/// relay's claim reads pending rows (a WAL reader: it waits for no writer
+/// and blocks none; only the leases go through the writer). In-process writers queue on
 /// the mutex, other processes on SQLite's lock with the busy timeout. Calling
 /// a store member from a thread that has a transaction of the same store
 /// open would deadlock, so it throws `invalid_argument` instead. Every
@@ -569,9 +573,20 @@ class sqlite_store {
 
   /// Leases up to `max` claimable rows to `owner` until `lease_until` in one
   /// short write transaction (see `outbox_store`).
+  ///
+  /// For a database file the candidate rows are read on the store's second,
+  /// read-only connection (a WAL reader: it neither waits for nor blocks the
+  /// writer), outside the store's mutex; only the leases are written, each
+  /// row leased only if it is still claimable (a key whose row another relay
+  /// took meanwhile is dropped from the batch from that row on). Nothing
+  /// claimable: no write transaction at all.
   [[nodiscard]] result<outbox_batch> outbox_claim(std::string_view owner, time_point now, time_point lease_until,
                                                   std::size_t max) {
     auto lock = lock_for("outbox_claim");
+    if (has_reader()) {
+      lock.unlock();
+      return claim_through_reader(std::move(lock), owner, now, lease_until, max);
+    }
     postbox::outbox_batch out;
     const errc r = write_tx("outbox claim", [&]() -> int {
       out.messages.clear();
@@ -1009,6 +1024,119 @@ class sqlite_store {
     return n;
   }
 
+  // ---- the relay's read connection ----
+
+  // Opens the read connection at the first claim (a store that never relays
+  // never opens it); true when there is one.
+  bool has_reader() {
+    std::lock_guard read(reader_mutex_);
+    if (!reader_tried_) {
+      reader_tried_ = true;
+      open_reader();
+    }
+    return reader_ != nullptr;
+  }
+
+  // A second connection, read-only, for outbox_claim's read of pending rows:
+  // only for a database file (":memory:" and URI names would open another
+  // database). Without it (or when it cannot be opened) claims read on the
+  // writer connection as before. Under reader_mutex_.
+  void open_reader() noexcept {
+    if (path_.empty() || path_ == ":memory:" || path_.rfind("file:", 0) == 0) return;
+    sqlite3* r = nullptr;
+    const int flags = SQLITE_OPEN_READONLY | SQLITE_OPEN_FULLMUTEX;
+    bool ok = sqlite3_open_v2(path_.c_str(), &r, flags, options_.vfs.empty() ? nullptr : options_.vfs.c_str()) ==
+              SQLITE_OK;
+    if (ok && options_.on_open) {
+      errc e = errc::store_error;
+      POSTBOX_TRY { e = options_.on_open(r); }
+      POSTBOX_CATCH_ALL { e = errc::store_error; }
+      ok = e == errc::ok;
+    }
+    if (ok) {
+      sqlite3_extended_result_codes(r, 1);
+      sqlite3_busy_timeout(r, static_cast<int>(options_.busy_timeout.count()));
+      ok = reader_claim_select_.prepare(r, claim_select_sql()) == SQLITE_OK &&
+           reader_next_due_.prepare(r, next_due_sql) == SQLITE_OK;
+    }
+    if (!ok) {
+      reader_claim_select_.finalize();
+      reader_next_due_.finalize();
+      if (r != nullptr) sqlite3_close_v2(r);
+      return;
+    }
+    reader_ = r;
+  }
+
+  result<outbox_batch> claim_through_reader(std::unique_lock<std::mutex> lock, std::string_view owner, time_point now,
+                                            time_point lease_until, std::size_t max) {
+    postbox::outbox_batch out;
+    {
+      std::lock_guard read(reader_mutex_);
+      sqlite3_stmt* s = reader_claim_select_.get();
+      int rc = 0;
+      {
+        detail::sqlite_use use(s);
+        sqlite3_bind_int64(s, 1, detail::sqlite_time(now));
+        detail::sqlite_bind_text(s, 2, owner);
+        sqlite3_bind_int64(s, 3, static_cast<sqlite3_int64>(max));
+        while ((rc = sqlite3_step(s)) == SQLITE_ROW) out.messages.push_back(read_message(s));
+      }
+      if (rc == SQLITE_DONE && out.messages.size() < max) {
+        sqlite3_stmt* d = reader_next_due_.get();
+        detail::sqlite_use use(d);
+        sqlite3_bind_int64(d, 1, detail::sqlite_time(now));
+        detail::sqlite_bind_text(d, 2, owner);
+        rc = sqlite3_step(d);
+        if (rc == SQLITE_ROW) {
+          if (sqlite3_column_type(d, 0) != SQLITE_NULL) out.next_due = detail::sqlite_time_of(sqlite3_column_int64(d, 0));
+          rc = SQLITE_DONE;
+        }
+      }
+      if (rc != SQLITE_DONE) {
+        count_failure();
+        note_text(std::string("sqlite_store: outbox claim (read): ") + sqlite3_errmsg(reader_) + " (" + path_ + ")");
+        return detail::sqlite_errc(rc) == errc::ok ? errc::store_error : detail::sqlite_errc(rc);
+      }
+    }
+    if (out.messages.empty()) return out;
+    lock.lock();
+    std::vector<stored_message> kept;
+    const errc r = write_tx("outbox claim", [&]() -> int {
+      kept.clear();
+      std::vector<std::string_view> seen_keys, dropped_keys;
+      for (const auto& m : out.messages) {
+        const std::string_view key(m.partition_key);
+        if (std::find(dropped_keys.begin(), dropped_keys.end(), key) != dropped_keys.end()) continue;
+        // The first row of a key also checks that no earlier row of the key
+        // was leased elsewhere or failed since the read (one that was not
+        // due then); a later row of the key follows the first one's fate,
+        // since another relay can take it only by taking the first one too.
+        const bool first = std::find(seen_keys.begin(), seen_keys.end(), key) == seen_keys.end();
+        if (first) seen_keys.push_back(key);
+        sqlite3_stmt* s = first ? claim_lease_first_.get() : claim_lease_.get();
+        detail::sqlite_use use(s);
+        detail::sqlite_bind_text(s, 1, owner);
+        sqlite3_bind_int64(s, 2, detail::sqlite_time(lease_until));
+        sqlite3_bind_int64(s, 3, static_cast<sqlite3_int64>(m.sequence));
+        sqlite3_bind_int64(s, 4, detail::sqlite_time(now));
+        sqlite3_bind_int64(s, 5, static_cast<sqlite3_int64>(m.attempts));
+        const int rc = sqlite3_step(s);
+        if (rc != SQLITE_DONE) return rc;
+        if (sqlite3_changes(db_) == 1) {
+          kept.push_back(m);
+        } else {
+          dropped_keys.push_back(key);  // taken, failed or dispatched meanwhile: the rest of the key waits
+        }
+      }
+      return SQLITE_DONE;
+    });
+    if (r != errc::ok) return r;
+    if (kept.size() < out.messages.size() && !out.next_due) out.next_due = now;  // some were dropped: look again soon
+    out.messages = std::move(kept);
+    return out;
+  }
+
   // ---- connection plumbing ----
 
   std::unique_lock<std::mutex> lock_for(const char* what) {
@@ -1241,6 +1369,31 @@ class sqlite_store {
     if (rc != SQLITE_OK) fail_open(rc, "prepare statements for");
   }
 
+  static std::string claim_select_sql() {
+    return std::string("SELECT ") + message_columns +
+           " FROM postbox_outbox WHERE dispatched_at IS NULL AND partition_key NOT IN ("
+           " SELECT partition_key FROM postbox_outbox WHERE dispatched_at IS NULL"
+           " AND lease_until > ?1 AND lease_owner <> ?2"
+           " UNION SELECT partition_key FROM postbox_outbox WHERE dispatched_at IS NULL"
+           " AND next_attempt_at > ?1)"
+           " AND (due_at IS NULL OR due_at <= ?1)"  // not yet due: skipped, key not held
+           " ORDER BY seq LIMIT ?3";
+  }
+  static constexpr const char* next_due_sql =
+      "SELECT MIN(t) FROM ("
+      " SELECT MIN(lease_until) AS t FROM postbox_outbox WHERE dispatched_at IS NULL"
+      " AND lease_until > ?1 AND lease_owner <> ?2"
+      " UNION ALL SELECT MIN(next_attempt_at) FROM postbox_outbox WHERE dispatched_at IS NULL"
+      " AND next_attempt_at > ?1"
+      " UNION ALL SELECT MIN(due_at) FROM postbox_outbox WHERE dispatched_at IS NULL AND due_at > ?1)";
+  // Leases row ?3 to ?1 until ?2 if it is still claimable at ?4 and has not
+  // failed since it was read (attempts = ?5).
+  static constexpr const char* claim_lease_sql =
+      "UPDATE postbox_outbox SET lease_owner = ?1, lease_until = ?2"
+      " WHERE seq = ?3 AND dispatched_at IS NULL AND attempts = ?5"
+      " AND (lease_owner IS NULL OR lease_owner = ?1 OR lease_until IS NULL OR lease_until <= ?4)"
+      " AND (next_attempt_at IS NULL OR next_attempt_at <= ?4)";
+
   static constexpr const char* message_columns =
       "seq, message_id, type, partition_key, correlation_id, causation_id, staged_at, body, attempts, due_at";
   static constexpr const char* saga_columns =
@@ -1257,22 +1410,15 @@ class sqlite_store {
     prepare(stage_,
             "INSERT INTO postbox_outbox (message_id, type, partition_key, correlation_id, causation_id, staged_at, body,"
             " due_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)");
-    prepare(claim_select_, std::string("SELECT ") + message_columns +
-                               " FROM postbox_outbox WHERE dispatched_at IS NULL AND partition_key NOT IN ("
-                               " SELECT partition_key FROM postbox_outbox WHERE dispatched_at IS NULL"
-                               " AND lease_until > ?1 AND lease_owner <> ?2"
-                               " UNION SELECT partition_key FROM postbox_outbox WHERE dispatched_at IS NULL"
-                               " AND next_attempt_at > ?1)"
-                               " AND (due_at IS NULL OR due_at <= ?1)"  // not yet due: skipped, key not held
-                               " ORDER BY seq LIMIT ?3");
+    prepare(claim_select_, claim_select_sql());
     prepare(claim_update_, "UPDATE postbox_outbox SET lease_owner = ?1, lease_until = ?2 WHERE seq = ?3");
-    prepare(next_due_,
-            "SELECT MIN(t) FROM ("
-            " SELECT MIN(lease_until) AS t FROM postbox_outbox WHERE dispatched_at IS NULL"
-            " AND lease_until > ?1 AND lease_owner <> ?2"
-            " UNION ALL SELECT MIN(next_attempt_at) FROM postbox_outbox WHERE dispatched_at IS NULL"
-            " AND next_attempt_at > ?1"
-            " UNION ALL SELECT MIN(due_at) FROM postbox_outbox WHERE dispatched_at IS NULL AND due_at > ?1)");
+    prepare(claim_lease_, std::string(claim_lease_sql));
+    prepare(claim_lease_first_,
+            std::string(claim_lease_sql) +
+                " AND NOT EXISTS (SELECT 1 FROM postbox_outbox o WHERE o.dispatched_at IS NULL AND o.seq < ?3"
+                " AND o.partition_key = postbox_outbox.partition_key"
+                " AND ((o.lease_until > ?4 AND o.lease_owner <> ?1) OR o.next_attempt_at > ?4))");
+    prepare(next_due_, next_due_sql);
     prepare(mark_,
             "UPDATE postbox_outbox SET dispatched_at = ?3, lease_owner = NULL, lease_until = NULL"
             " WHERE seq = ?1 AND lease_owner = ?2 AND dispatched_at IS NULL");
@@ -1348,9 +1494,12 @@ class sqlite_store {
                     &redrive_insert_, &dead_delete_,
                     &inbox_insert_, &inbox_contains_, &inbox_prune_time_, &inbox_prune_count_, &inbox_size_,
                     &version_select_, &version_upsert_, &saga_insert_, &saga_upsert_, &saga_select_,
-                    &saga_unfinished_}) {
+                    &saga_unfinished_, &claim_lease_, &claim_lease_first_, &reader_claim_select_,
+                    &reader_next_due_}) {
       s->finalize();
     }
+    if (reader_ != nullptr) sqlite3_close_v2(reader_);
+    reader_ = nullptr;
     if (db_ != nullptr) sqlite3_close_v2(db_);
     db_ = nullptr;
   }
@@ -1491,6 +1640,14 @@ class sqlite_store {
   detail::sqlite_stmt inbox_insert_, inbox_contains_, inbox_prune_time_, inbox_prune_count_, inbox_size_;
   detail::sqlite_stmt version_select_, version_upsert_;
   detail::sqlite_stmt saga_insert_, saga_upsert_, saga_select_, saga_unfinished_;
+  detail::sqlite_stmt claim_lease_, claim_lease_first_;  // the writer's half of a claim through reader_
+  /// The relay's read connection (read-only; a WAL reader), or null (see
+  /// open_reader). It and its statements are used under reader_mutex_ only,
+  /// never under mutex_, so a claim's read waits for no transaction of the store.
+  sqlite3* reader_ = nullptr;
+  bool reader_tried_ = false;  // under reader_mutex_: open_reader ran (at the first claim)
+  std::mutex reader_mutex_;
+  detail::sqlite_stmt reader_claim_select_, reader_next_due_;
 };
 
 static_assert(message_store<sqlite_store>);
