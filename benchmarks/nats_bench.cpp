@@ -22,6 +22,17 @@
 //              to_jetstream (decode the stored JSON, publish with Nats-Msg-Id,
 //              PubAck each, mark dispatched per batch of 256).
 //              raw: js_Publish of the same JSON bytes with a Nats-Msg-Id.
+//   relay-pipe outbox -> JetStream pipelined (issue 18): the same staged
+//              outbox drained by an outbox_relay through to_jetstream_pipelined
+//              (js_PublishMsgAsync with Nats-Msg-Id, window 256 PubAcks,
+//              batches of 1024, a row marked only after its PubAck).
+//              raw: the peer in its strongest configuration, js_PublishMsgAsync
+//              of the same JSON bytes with a Nats-Msg-Id on a context with
+//              MaxPending 4096, then js_PublishAsyncComplete (no store at all).
+//              relay-hdr: the same raw loop sending postbox's exact NATS messages
+//              (to_nats_msg: envelope headers + payload), to separate the cost of
+//              the envelope format from the relay's own.
+//              `--only relay` runs just the relay scenarios.
 //   request    request-reply round trip over core NATS: nats_requester /
 //              nats_responder vs natsConnection_Request / a raw responder;
 //              once with libnats' default write batching (its flusher waits
@@ -302,6 +313,80 @@ double raw_relay(rig& r, int n) {
   return seconds_since(t0);
 }
 
+double postbox_relay_pipelined(rig& r, int n) {
+  postbox::memory_store store;
+  postbox::outbox box(store, postbox::json::codec{});
+  const std::string subject = r.next_subject();
+  for (int i = 0; i < n; ++i) {
+    auto tx = store.begin();
+    if (box.stage(tx, postbox::make_envelope(subject, order{i, "widget"})) != postbox::errc::ok ||
+        tx.commit() != postbox::errc::ok)
+      die("stage");
+  }
+  postbox::jetstream_pipeline_options po;  // subject = the envelope type
+  po.window = 512;
+  postbox::relay_options ro;
+  ro.batch_size = 4096;
+
+  postbox::outbox_relay relay(store, postbox::to_jetstream_pipelined<order>(*r.ja, postbox::json::codec{}, po), ro);
+  const auto t0 = bench_clock::now();
+  if (relay.drain() != static_cast<std::size_t>(n)) die("pipelined relay drain");
+  return seconds_since(t0);
+}
+
+struct raw_async_ctx {
+  jsCtx* js = nullptr;
+  std::atomic<int> failed{0};
+  explicit raw_async_ctx(rig& r) {
+    jsOptions o;
+    jsOptions_Init(&o);
+    o.PublishAsync.MaxPending = 4096;
+    o.PublishAsync.ErrHandler = [](jsCtx*, jsPubAckErr*, void* closure) {
+      static_cast<raw_async_ctx*>(closure)->failed.fetch_add(1, std::memory_order_relaxed);
+    };
+    o.PublishAsync.ErrHandlerClosure = this;
+    if (natsConnection_JetStream(&js, r.a->native(), &o) != NATS_OK) die("raw async context");
+  }
+  ~raw_async_ctx() { jsCtx_Destroy(js); }
+};
+
+// with_headers: the raw side sends postbox's exact NATS message (to_nats_msg of
+// a prepared envelope: its headers and payload), so the difference to the
+// pipelined relay is the relay itself (lease, decode, window, marking).
+double raw_relay_async(rig& r, int n, bool with_headers = false) {
+  raw_async_ctx ctx(r);
+  const std::string subject = r.next_subject();
+  std::vector<std::string> ids;
+  std::vector<postbox::envelope<order>> envs;
+  for (int i = 0; i < n; ++i) {
+    envs.push_back(postbox::make_envelope(subject, order{i, "widget"}));
+    ids.push_back(envs.back().id.to_string());
+  }
+  const auto t0 = bench_clock::now();
+  for (int i = 0; i < n; ++i) {
+    natsMsg* msg = nullptr;
+    if (with_headers) {
+      auto m = postbox::to_nats_msg(envs[static_cast<std::size_t>(i)], subject);
+      if (!m.has_value()) die("raw envelope msg");
+      msg = m->release();
+    } else {
+      const std::string body = raw_payload(i);
+      if (natsMsg_Create(&msg, subject.c_str(), nullptr, body.data(), static_cast<int>(body.size())) != NATS_OK)
+        die("raw msg");
+    }
+    jsPubOptions po;
+    jsPubOptions_Init(&po);
+    po.MsgId = ids[static_cast<std::size_t>(i)].c_str();
+    if (js_PublishMsgAsync(ctx.js, &msg, &po) != NATS_OK) die("raw async publish");
+    natsMsg_Destroy(msg);
+  }
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  po.MaxWait = 30000;
+  if (js_PublishAsyncComplete(ctx.js, &po) != NATS_OK || ctx.failed.load() != 0) die("raw async complete");
+  return seconds_since(t0);
+}
+
 // --- request-reply --------------------------------------------------------------
 
 std::vector<double> postbox_request(rig& r, int m, bool asap) {
@@ -391,11 +476,16 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
   int rounds = 5;
   bool quick = false;
+  bool only_relay = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) quick = true;
     else if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) rounds = std::max(1, std::atoi(argv[++i]));
+    else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc && std::strcmp(argv[i + 1], "relay") == 0) {
+      only_relay = true;
+      ++i;
+    }
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--rounds N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only relay]\n", argv[0]);
       return 64;
     }
   }
@@ -421,9 +511,10 @@ int main(int argc, char** argv) {
               quick ? ", quick" : "");
   const int n = quick ? 300 : 2000;  // messages per throughput run
   const int m = quick ? 200 : 1000;  // samples per latency run
+  const int np = quick ? 2000 : 20000;  // messages per pipelined relay run
 
   rig r;
-  std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw, relay_pb, relay_raw;
+  std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw, relay_pb, relay_raw, pipe_pb, pipe_raw, pipe_hdr;
   std::vector<double> lat_pb[2], lat_raw[2], lat99_pb[2], lat99_raw[2];  // [0]: libnats batching, [1]: send_asap
   std::vector<double> rr_pb[2], rr_raw[2], rr99_pb[2], rr99_raw[2];  // [0]: libnats batching, [1]: send_asap
   for (int round = 0; round < rounds; ++round) {
@@ -437,9 +528,18 @@ int main(int argc, char** argv) {
         p();
       }
     };
+    both([&] { relay_pb.push_back(n / postbox_relay(r, n)); }, [&] { relay_raw.push_back(n / raw_relay(r, n)); });
+    both([&] { pipe_pb.push_back(np / postbox_relay_pipelined(r, np)); },
+         [&] {
+           pipe_raw.push_back(np / raw_relay_async(r, np));
+           pipe_hdr.push_back(np / raw_relay_async(r, np, true));
+         });
+    if (only_relay) {
+      std::printf("  round %d/%d done\n", round + 1, rounds);
+      continue;
+    }
     both([&] { pub_pb.push_back(n / postbox_publish(r, n)); }, [&] { pub_raw.push_back(n / raw_publish(r, n)); });
     both([&] { e2e_pb.push_back(n / postbox_e2e(r, n)); }, [&] { e2e_raw.push_back(n / raw_e2e(r, n)); });
-    both([&] { relay_pb.push_back(n / postbox_relay(r, n)); }, [&] { relay_raw.push_back(n / raw_relay(r, n)); });
     for (int asap = 0; asap < 2; ++asap)
       both(
           [&] {
@@ -472,9 +572,12 @@ int main(int argc, char** argv) {
   auto row = [](const char* name, const char* what, double pb, double raw, const char* unit) {
     std::printf("%-10s %-44s %11.0f %-2s %11.0f %-2s %9.2f\n", name, what, pb, unit, raw, unit, pb / raw);
   };
+  row("relay", "outbox drained to JetStream, msgs/s", median(relay_pb), median(relay_raw), "/s");
+  row("relay-pipe", "pipelined relay vs js_PublishMsgAsync, msgs/s", median(pipe_pb), median(pipe_raw), "/s");
+  row("relay-hdr", "same, raw sends postbox's headers, msgs/s", median(pipe_pb), median(pipe_hdr), "/s");
+  if (only_relay) return 0;
   row("publish", "sync JetStream publish, msgs/s", median(pub_pb), median(pub_raw), "/s");
   row("e2e", "publish + pull + AckSync pipeline, msgs/s", median(e2e_pb), median(e2e_raw), "/s");
-  row("relay", "outbox drained to JetStream, msgs/s", median(relay_pb), median(relay_raw), "/s");
   row("latency", "publish -> fetch -> ack, p50 us", median(lat_pb[0]), median(lat_raw[0]), "us");
   row("latency", "publish -> fetch -> ack, p99 us", median(lat99_pb[0]), median(lat99_raw[0]), "us");
   row("lat-asap", "same, connections with send_asap, p50 us", median(lat_pb[1]), median(lat_raw[1]), "us");

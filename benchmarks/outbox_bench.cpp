@@ -9,6 +9,12 @@
 //                  (ratio stage/raw: what postbox's plumbing costs over hand-written SQL)
 //   relay/sqlite/B relay.drain() of pre-staged messages to a no-op destination, batch B
 //   relay/memory   the same on memory_store
+//   relay/raw/B    raw sqlite3 on the same pre-staged file (written by postbox, closed, reopened raw):
+//                  per batch BEGIN IMMEDIATE; SELECT seq, id, type, key, body of the next B pending rows;
+//                  UPDATE dispatched_at per row; COMMIT (prepared statements). No leases, one
+//                  connection, so no second relay could share it: the floor postbox's leases
+//                  (claim tx, mark tx) are measured against (ratio relay/sqlite/B over relay/raw/B).
+//                  postbox reads pending rows on its own read-only connection (a WAL reader).
 //   inbox/sqlite/new, /dup   inbox.handle(env, noop) in its own transaction: new ids, then redeliveries
 //   inbox/raw/new  raw sqlite3: BEGIN IMMEDIATE; INSERT (consumer, id); COMMIT per message
 //   inbox/memory/new, /dup   the same on memory_store
@@ -189,6 +195,92 @@ double relay_drain(Store& store, int rows, std::size_t batch) {
   return rate;
 }
 
+// Stages `rows` messages through postbox into a fresh file and closes it (not timed).
+std::string staged_file(temp_dir& dir, int rows) {
+  const std::string path = dir.fresh();
+  postbox::sqlite_store store(path, opts(false));
+  postbox::outbox box(store, postbox::json::codec{});
+  for (int i = 0; i < rows; i += 100) {
+    auto tx = store.begin();
+    for (int k = i; k < i + 100; ++k) (void)box.stage(tx, make(k));
+    if (tx.commit() != postbox::errc::ok) std::abort();
+  }
+  return path;
+}
+
+double relay_sqlite(temp_dir& dir, int rows, std::size_t batch) {
+  const std::string path = staged_file(dir, rows);
+  postbox::sqlite_store store(path, opts(false));
+  long long sink = 0;
+  postbox::relay_options ro;
+  ro.batch_size = batch;
+  postbox::outbox_relay relay(
+      store,
+      [&](const postbox::stored_message& m) {
+        sink += static_cast<long long>(m.body.size());
+        return postbox::errc::ok;
+      },
+      ro);
+  const auto t0 = bench_clock::now();
+  const auto n = relay.drain();
+  const double rate = static_cast<double>(n) / seconds_since(t0);
+  if (n != static_cast<std::size_t>(rows) || sink == 0) std::abort();
+  return rate;
+}
+
+double relay_raw(temp_dir& dir, int rows, int batch) {
+  const std::string path = staged_file(dir, rows);
+  sqlite3* db = nullptr;
+  check(sqlite3_open(path.c_str(), &db), db);
+  check(sqlite3_exec(db, "PRAGMA journal_mode=WAL", nullptr, nullptr, nullptr), db);
+  check(sqlite3_exec(db, "PRAGMA synchronous=NORMAL", nullptr, nullptr, nullptr), db);
+  sqlite3_stmt *begin = nullptr, *commit = nullptr, *select = nullptr, *mark = nullptr;
+  check(sqlite3_prepare_v2(db, "BEGIN IMMEDIATE", -1, &begin, nullptr), db);
+  check(sqlite3_prepare_v2(db, "COMMIT", -1, &commit, nullptr), db);
+  check(sqlite3_prepare_v2(db,
+                           "SELECT seq, message_id, type, partition_key, body FROM postbox_outbox"
+                           " WHERE dispatched_at IS NULL ORDER BY seq LIMIT ?1",
+                           -1, &select, nullptr),
+        db);
+  check(sqlite3_prepare_v2(db, "UPDATE postbox_outbox SET dispatched_at = ?2 WHERE seq = ?1", -1, &mark, nullptr),
+        db);
+  long long sink = 0;
+  int n = 0;
+  std::vector<sqlite3_int64> seqs;
+  const auto t0 = bench_clock::now();
+  for (;;) {
+    check(sqlite3_step(begin), db);
+    sqlite3_reset(begin);
+    seqs.clear();
+    sqlite3_bind_int(select, 1, batch);
+    while (sqlite3_step(select) == SQLITE_ROW) {
+      seqs.push_back(sqlite3_column_int64(select, 0));
+      const std::string id(reinterpret_cast<const char*>(sqlite3_column_text(select, 1)));
+      const std::string type(reinterpret_cast<const char*>(sqlite3_column_text(select, 2)));
+      const std::string key(reinterpret_cast<const char*>(sqlite3_column_text(select, 3)));
+      const std::string body(static_cast<const char*>(sqlite3_column_blob(select, 4)),
+                             static_cast<std::size_t>(sqlite3_column_bytes(select, 4)));
+      sink += static_cast<long long>(body.size() + id.size() + type.size() + key.size());
+    }
+    sqlite3_reset(select);
+    for (const auto seq : seqs) {
+      sqlite3_bind_int64(mark, 1, seq);
+      sqlite3_bind_int64(mark, 2, 1);
+      check(sqlite3_step(mark), db);
+      sqlite3_reset(mark);
+    }
+    check(sqlite3_step(commit), db);
+    sqlite3_reset(commit);
+    n += static_cast<int>(seqs.size());
+    if (seqs.empty()) break;
+  }
+  const double rate = n / seconds_since(t0);
+  for (auto* s : {begin, commit, select, mark}) sqlite3_finalize(s);
+  sqlite3_close(db);
+  if (n != rows || sink == 0) std::abort();
+  return rate;
+}
+
 // ---- inbox ----
 
 template <class Store>
@@ -268,7 +360,7 @@ int main() {
                                     {"tx=10", 10, false, rows, {}, {}},
                                     {"tx=100", 100, false, rows * 5, {}, {}},
                                     {"tx=10/full", 10, true, rows / 4, {}, {}}};
-  std::vector<double> relay_sqlite_64, relay_sqlite_8, relay_memory, in_sql_new, in_sql_dup, in_raw, in_mem_new,
+  std::vector<double> relay_sqlite_64, relay_raw_64, relay_sqlite_256, relay_raw_256, relay_sqlite_8, relay_memory, in_sql_new, in_sql_dup, in_raw, in_mem_new,
       in_mem_dup;
   for (int rep = 0; rep < reps; ++rep) {
     for (auto& s : stage) {
@@ -281,14 +373,18 @@ int main() {
         s.postbox.push_back(stage_commit(dir, s.rows, s.per_tx, s.full));
       }
     }
-    {
-      postbox::sqlite_store store(dir.fresh(), opts(false));
-      relay_sqlite_64.push_back(relay_drain(store, 10000, 64));
+    if (rep % 2 == 0) {
+      relay_sqlite_64.push_back(relay_sqlite(dir, 10000, 64));
+      relay_raw_64.push_back(relay_raw(dir, 10000, 64));
+      relay_sqlite_256.push_back(relay_sqlite(dir, 10000, 256));
+      relay_raw_256.push_back(relay_raw(dir, 10000, 256));
+    } else {
+      relay_raw_64.push_back(relay_raw(dir, 10000, 64));
+      relay_sqlite_64.push_back(relay_sqlite(dir, 10000, 64));
+      relay_raw_256.push_back(relay_raw(dir, 10000, 256));
+      relay_sqlite_256.push_back(relay_sqlite(dir, 10000, 256));
     }
-    {
-      postbox::sqlite_store store(dir.fresh(), opts(false));
-      relay_sqlite_8.push_back(relay_drain(store, 10000, 8));
-    }
+    relay_sqlite_8.push_back(relay_sqlite(dir, 10000, 8));
     {
       postbox::memory_store store;
       relay_memory.push_back(relay_drain(store, 10000, 64));
@@ -315,6 +411,11 @@ int main() {
   }
   std::printf("\n%-22s %14s\n", "relay (no-op sink)", "messages/s");
   std::printf("%-22s %14.0f\n", "relay/sqlite/64", median(relay_sqlite_64));
+  std::printf("%-22s %14.0f   ratio relay/sqlite/64 / raw: %.2f\n", "relay/raw/64", median(relay_raw_64),
+              median(relay_sqlite_64) / median(relay_raw_64));
+  std::printf("%-22s %14.0f\n", "relay/sqlite/256", median(relay_sqlite_256));
+  std::printf("%-22s %14.0f   ratio relay/sqlite/256 / raw: %.2f\n", "relay/raw/256", median(relay_raw_256),
+              median(relay_sqlite_256) / median(relay_raw_256));
   std::printf("%-22s %14.0f\n", "relay/sqlite/8", median(relay_sqlite_8));
   std::printf("%-22s %14.0f\n", "relay/memory/64", median(relay_memory));
   std::printf("ratio relay/sqlite/64 vs stage tx=100: %.2f\n", median(relay_sqlite_64) / median(stage[2].postbox));
