@@ -7,6 +7,7 @@
 
 #include "crash/store_fixtures.hpp"
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -147,6 +148,26 @@ TEST_CASE("the key provider is asked once per opened connection", "[sqlcipher]")
   CHECK(calls == 1);
   { postbox::sqlite_store b(path, opts); }
   CHECK(calls == 2);
+}
+
+TEST_CASE("outbox claims on an encrypted store read through a second connection that is keyed too",
+          "[sqlcipher]") {
+  postbox_test::temp_dir dir("postbox_sqlcipher");
+  const std::string path = dir.file("store.db");
+  int calls = 0;
+  postbox::sqlite_store store(path, postbox::with_sqlcipher_key({}, [&] {
+                                ++calls;
+                                return passphrase;
+                              }));
+  plant(store);
+  CHECK(calls == 1);  // the writer
+  const auto now = postbox::default_clock().now();
+  auto batch = store.outbox_claim("relay-1", now, now + std::chrono::seconds(30), 10);
+  REQUIRE(batch.has_value());
+  REQUIRE(batch->messages.size() == 1);
+  CHECK(batch->messages.front().body.find(planted) != std::string::npos);
+  CHECK(calls == 2);  // the read-only reader the first claim opens
+  CHECK(all_bytes(path).find(planted) == std::string::npos);
 }
 
 TEST_CASE("a saga store keyed through its options keeps saga data encrypted and reads it back", "[sqlcipher]") {
