@@ -16,10 +16,13 @@
 //   so retention can drop a chunk while a reader still holds it: the reader
 //   finishes with intact (immutable) data, and any later read gets
 //   `out_of_range` with the earliest retained offset.
-// * Appends to ONE partition are serialized by a per-partition mutex held for
+// * Appends to ONE partition are serialized by a per-partition lock held for
 //   the slot write and the retention step only (no allocation inside except
-//   one chunk per 256 records). Appends to different partitions never
-//   contend. Readers take no lock at all, so they never block appenders.
+//   one chunk per 256 records). The lock is an inline futex word
+//   (`detail::stream_append_lock`): uncontended, one CAS and one exchange, no
+//   syscall; the retention step is skipped when no limit is set. Appends to
+//   different partitions never contend. Readers take no lock at all, so they
+//   never block appenders.
 // * Consumer groups: deterministic round-robin assignment (partition p goes to
 //   the (p mod m)-th member in join order); every join/leave bumps a
 //   generation. A member's commit succeeds only in the generation in which it
@@ -31,6 +34,7 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/backoff.hpp>
 #include <postbox/detail/topic_snapshot.hpp>
 #include <postbox/error.hpp>
 
@@ -156,9 +160,49 @@ struct stream_dir {
   std::vector<std::shared_ptr<stream_chunk<T>>> chunks;
 };
 
+/// The per-partition append lock: Drepper's three-state futex mutex, inline,
+/// so an uncontended append pays one CAS and one exchange and no call into
+/// libpthread; a contended one spins briefly, then parks on the word
+/// (std::atomic::wait), and an unlock makes a syscall only when a thread may
+/// be parked. Lockable (std::lock_guard). Not recursive.
+class stream_append_lock {
+ public:
+  void lock() noexcept {
+    std::uint32_t s = 0;
+    // acquire: pairs with the release exchange in unlock(); the previous
+    // holder's writes to the partition happen before ours.
+    if (state_.compare_exchange_strong(s, 1, std::memory_order_acquire, std::memory_order_relaxed)) return;
+    lock_contended();
+  }
+  void unlock() noexcept {
+    // release: pairs with the acquire CAS/exchange in lock(). A previous
+    // value of 2 means a thread may be parked: wake one.
+    if (state_.exchange(0, std::memory_order_release) == 2) state_.notify_one();
+  }
+
+ private:
+  void lock_contended() noexcept {
+    for (int i = 0; i < 64; ++i) {
+      cpu_relax();
+      std::uint32_t s = 0;
+      // relaxed load: only a hint; the CAS acquires (see lock()).
+      if (state_.load(std::memory_order_relaxed) == 0 &&
+          state_.compare_exchange_weak(s, 1, std::memory_order_acquire, std::memory_order_relaxed))
+        return;
+    }
+    // From here we hold the lock as 2 ("may have waiters"), so our own unlock
+    // wakes the next parked thread. acquire: as in lock().
+    while (state_.exchange(2, std::memory_order_acquire) != 0) state_.wait(2, std::memory_order_relaxed);
+  }
+
+  // 0 free, 1 held, 2 held and a thread may be parked. Every transition is
+  // an RMW: acquiring ones (lock) pair with the releasing exchange (unlock).
+  std::atomic<std::uint32_t> state_{0};
+};
+
 template <class T>
 struct stream_partition {
-  std::mutex append_mu;  // appenders and trim only; readers never take it
+  stream_append_lock append_mu;  // appenders and trim only; readers never take it
   // Earliest retained offset. Writer: appender/trim under append_mu (release:
   // pairs with the acquire in readers, who then report out_of_range below it).
   // Invariant: begin <= end.
@@ -199,7 +243,10 @@ class stream_log {
   using size_function = std::function<std::size_t(const T&)>;
 
   stream_log(std::size_t partitions, retention keep, const clock& clk, size_function size_of)
-      : keep_(keep), clock_(&clk), size_of_(std::move(size_of)) {
+      : keep_(keep),
+        retains_(keep.max_count != 0 || keep.max_bytes != 0 || keep.max_age.count() > 0),
+        clock_(&clk),
+        size_of_(std::move(size_of)) {
     if (partitions == 0) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: at least one partition"));
     if (partitions > (std::size_t{1} << 20))
       POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: too many partitions"));
@@ -215,13 +262,18 @@ class stream_log {
     auto& part = *parts_[p];
     std::lock_guard lock(part.append_mu);
     const auto off = part.end.load(std::memory_order_relaxed);  // relaxed: only writers (under mu) store it
-    auto dir = part.writer_dir;
+    // A plain pointer: writer_dir (guarded by the lock we hold) keeps it alive,
+    // so no reference count is touched per append.
+    const stream_dir<T>* dir = part.writer_dir.get();
     if (off - dir->base == dir->chunks.size() * stream_chunk_size) {
       auto next = std::make_shared<stream_dir<T>>(*dir);
-      next->chunks.push_back(std::make_shared<stream_chunk<T>>());
+      // for_overwrite: default-initialized, so the slots' constructors run but
+      // the 256 slots are not first zero-filled (value-initialization would
+      // memset the whole chunk: a quarter of an append's instructions).
+      next->chunks.push_back(std::make_shared_for_overwrite<stream_chunk<T>>());
+      dir = next.get();
       part.dir.store(next);
-      part.writer_dir = next;
-      dir = std::move(next);
+      part.writer_dir = std::move(next);
     }
     auto& slot = dir->chunks[(off - dir->base) / stream_chunk_size]->slots[(off - dir->base) % stream_chunk_size];
     // resize + copy rather than assign(string_view): GCC 12 inlines assign
@@ -235,7 +287,7 @@ class stream_log {
     slot.value.emplace(std::move(value));
     part.bytes += slot.bytes;
     part.end.store(off + 1, std::memory_order_release);  // release: publishes the slot; pairs with readers' acquire
-    trim_locked(part, now);
+    if (retains_) trim_locked(part, now);  // without limits there is nothing to trim
     return {p, off};
   }
 
@@ -349,6 +401,7 @@ class stream_log {
   }
 
   retention keep_;
+  bool retains_;  // some limit is set: appends apply retention
   const clock* clock_;
   size_function size_of_;
   std::vector<std::unique_ptr<stream_partition<T>>> parts_;

@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: MIT
+// postbox::stream's append path (issue 18): the per-partition append lock
+// under contention, and appends without retention limits.
+#include <postbox/stream.hpp>
+
+#include <catch2/catch.hpp>
+
+#include "support.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <thread>
+#include <vector>
+
+TEST_CASE("threads appending to one partition get every offset once and every record reads back once", "[stream][stress]") {
+  // Four appenders on two cores contend for one partition's lock often enough
+  // to park on it. Checksum: the offsets handed out are exactly [0, total),
+  // and reading the partition back gives every appended value once.
+  constexpr std::uint64_t appenders = 4;
+  const std::uint64_t per = postbox_test::scaled(20000);
+  const std::uint64_t total = appenders * per;
+  postbox::stream<std::uint64_t> s(3);
+  const auto part = postbox::stream_partition_of("one", 3);
+  std::vector<std::vector<std::uint64_t>> offsets(appenders);
+  std::vector<std::thread> threads;
+  for (std::uint64_t a = 0; a < appenders; ++a)
+    threads.emplace_back([&, a] {
+      auto& mine = offsets[a];
+      mine.reserve(per);
+      for (std::uint64_t i = 0; i < per; ++i) {
+        const auto pos = s.append("one", (a << 32) | i);
+        mine.push_back(pos.partition == part ? pos.offset : ~std::uint64_t{0});
+      }
+    });
+  for (auto& t : threads) t.join();
+
+  std::vector<int> offset_seen(total, 0);
+  std::uint64_t bad_offsets = 0;
+  for (const auto& v : offsets)
+    for (const auto o : v) {
+      if (o >= total) ++bad_offsets;
+      else ++offset_seen[o];
+    }
+  CHECK(bad_offsets == 0);
+  CHECK(std::count(offset_seen.begin(), offset_seen.end(), 1) == static_cast<std::ptrdiff_t>(total));
+  REQUIRE(s.end_offset(part) == total);
+
+  std::vector<std::uint64_t> next(appenders, 0);  // per appender, values arrive in its own order
+  std::uint64_t count = 0;
+  std::uint64_t sum = 0;
+  std::uint64_t out_of_order = 0;
+  std::uint64_t wrong_keys = 0;
+  for (std::uint64_t o = 0; o < total;) {
+    auto r = s.read(part, o, 1000);
+    REQUIRE(r.ok());
+    REQUIRE_FALSE(r.records.empty());
+    for (const auto& rec : r.records) {
+      const auto a = rec.value >> 32;
+      const auto i = rec.value & 0xffffffffu;
+      REQUIRE(a < appenders);
+      if (i != next[a]) ++out_of_order;
+      next[a] = i + 1;
+      if (rec.key != "one") ++wrong_keys;
+      ++count;
+      sum += rec.value;
+    }
+    o += r.records.size();
+  }
+  std::uint64_t expected_sum = 0;
+  for (std::uint64_t a = 0; a < appenders; ++a)
+    for (std::uint64_t i = 0; i < per; ++i) expected_sum += (a << 32) | i;
+  CHECK(count == total);
+  CHECK(sum == expected_sum);
+  CHECK(out_of_order == 0);
+  CHECK(wrong_keys == 0);
+}
+
+TEST_CASE("a stream without retention limits keeps every record across chunk boundaries", "[stream]") {
+  postbox::stream<std::uint64_t> s(1);
+  const std::uint64_t n = 3 * 256 + 17;
+  for (std::uint64_t i = 0; i < n; ++i) REQUIRE(s.append("k", i * 3).offset == i);
+  s.trim();
+  CHECK(s.earliest_offset(0) == 0);
+  CHECK(s.end_offset(0) == n);
+  auto r = s.read(0, 0, n);
+  REQUIRE(r.ok());
+  REQUIRE(r.records.size() == n);
+  for (std::uint64_t i = 0; i < n; ++i) CHECK(r.records[i].value == i * 3);
+}
+
+TEST_CASE("a count limit still trims on append once limits are set", "[stream]") {
+  postbox::stream<int> s(1, postbox::retention{.max_count = 300});
+  for (int i = 0; i < 1000; ++i) (void)s.append("k", i);
+  CHECK(s.earliest_offset(0) == 700);
+  auto r = s.read(0, 699, 1);
+  CHECK(r.status == postbox::errc::out_of_range);
+  CHECK(r.earliest == 700);
+}
