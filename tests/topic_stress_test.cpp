@@ -96,9 +96,12 @@ bool topic_teardown_round(int round, std::uint64_t messages) {
       while (auto d = subs[i].receive()) got[i].push_back(**d);
     });
   }
+  std::atomic<std::uint64_t> started{0};  // the publish the publisher is in (or about to enter)
   std::thread publisher([&, topic = t.get()] {
-    for (std::uint64_t n = 0; n < messages; ++n)
+    for (std::uint64_t n = 0; n < messages; ++n) {
+      started.store(n);
       if (topic->publish(n).closed) return;  // the topic may be destroyed from here on
+    }
   });
   for (int k = 0; k < round % 5; ++k) std::this_thread::yield();
   subs[0].reset();  // unsubscribe while its reader blocks in receive
@@ -108,7 +111,13 @@ bool topic_teardown_round(int round, std::uint64_t messages) {
     publisher.join();
     t.reset();
   } else {
-    REQUIRE(postbox_test::eventually([&] { return t->stats().publishing == 1 && subs[1].size_approx() == 1; }));
+    // Inside publish(1) or later: publish(0) has returned, so the one
+    // publish in progress cannot finish before the close (subs[1] is full
+    // and its reader waits at the gate). "subs[1] holds one message" alone
+    // also held inside publish(0), which could then return and call
+    // publish(1) on the destroyed topic.
+    REQUIRE(postbox_test::eventually(
+        [&] { return started.load() >= 1 && t->stats().publishing == 1 && subs[1].size_approx() == 1; }));
     t.reset();  // closes, and waits for the blocked publisher to leave
     gate.store(true);
     publisher.join();

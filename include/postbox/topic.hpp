@@ -11,10 +11,19 @@
 //   a publisher copies the current `shared_ptr<const list>` in a critical
 //   section of a few instructions (what libstdc++'s atomic<shared_ptr> does
 //   with a lock bit, but visible to ThreadSanitizer); subscribe/unsubscribe
-//   copy the list under the writer mutex and swap in a new one. Cost:
-//   subscribe/unsubscribe are O(subscriptions) and allocate; a publish pays
-//   one short uncontended lock and two refcount updates, then delivers with
-//   no lock of ours (each queue is a lock-free postbox::channel).
+//   copy the list under the writer mutex and swap in a new one, stamped with
+//   a process-wide unique number. A publishing thread caches the last list it
+//   used with its stamp (thread-local, per message type): while the topic's
+//   stamp is unchanged a publish reads the list with one acquire load, no
+//   lock and no reference count; after a change it copies the list once under
+//   the writer mutex. Cost: subscribe/unsubscribe are O(subscriptions) and
+//   allocate; a publish allocates the shared item, makes no syscall when no
+//   subscriber is parked, and delivers with no lock of ours (each queue is a
+//   lock-free postbox::channel); the last matching queue gets the publish's
+//   own item pointer (no reference-count round trip with one subscriber).
+//   An unsubscribed queue may stay referenced by a thread's cache until that
+//   thread publishes on a changed list or exits; it is drained when removed,
+//   so only its empty buffer lingers.
 // * A subscription's state lives in a shared_ptr owned by the snapshot and by
 //   the handle, so destroying the handle during an in-flight publish is safe:
 //   the destructor removes it from the list and closes its channel, which
@@ -220,9 +229,11 @@ struct topic_queue {
   std::atomic<std::uint64_t> lag_total{0};
   std::size_t members = 0;  // group members; guarded by the topic's writer mutex
 
-  // Pushes `p` under this queue's policy. Returns 0 delivered, 1 dropped, 2 refused, 3 closed.
-  int push(const item_ptr& p) {
-    item_ptr copy = p;
+  // Pushes a copy of `p` under this queue's policy. Returns 0 delivered, 1
+  // dropped, 2 refused, 3 closed.
+  int push(const item_ptr& p) { return push(item_ptr(p)); }
+  // Pushes `copy` itself (moved in; released when not queued).
+  int push(item_ptr&& copy) {
     switch (opts.policy) {
       case overflow::block:
         return ch.send(std::move(copy)) == send_status::ok ? 0 : 3;
@@ -255,6 +266,28 @@ struct topic_queue {
   }
 };
 
+/// A process-wide unique stamp for a subscription list (never 0).
+inline std::uint64_t topic_next_stamp() noexcept {
+  // relaxed: only uniqueness matters; the stamp is published by the release
+  // store into topic_state::subs_stamp.
+  static std::atomic<std::uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+/// A publishing thread's copy of the last subscription list it used (one per
+/// message type): the list stamped `stamp`, kept alive by `list`. `busy` is
+/// set while a publish iterates it, so a publish re-entered from a message's
+/// destructor (drop_oldest) takes its own reference instead of replacing the
+/// list under the outer iteration. Holding it keeps the list's queues (and
+/// what they still hold) alive until this thread publishes on another list or
+/// exits. Thread-local; no synchronization.
+template <class List>
+struct topic_list_cache {
+  std::uint64_t stamp = 0;
+  std::shared_ptr<const List> list;
+  bool busy = false;
+};
+
 template <class T>
 struct topic_state {
   using queue_ptr = std::shared_ptr<topic_queue<T>>;
@@ -265,6 +298,15 @@ struct topic_state {
   // removed queue (the snapshot's mutex orders them).
   snapshot_ptr<list> subs{std::make_shared<const list>()};
   std::mutex mu;
+  // Identity of the list in `subs`: a process-wide unique stamp
+  // (topic_next_stamp), stored (release) under `mu` right after every
+  // subs.store. A publisher loads it (acquire, pairing with that store) and,
+  // when it equals the stamp of the list its thread cached, uses the cached
+  // list without the snapshot's lock or a reference count (topic_list_cache).
+  // Stamps are never reused across topics, so equality means "the same list".
+  // A publish that starts after an unsubscribe returned acquires the new
+  // stamp (or a later one), so it still never sees the removed queue.
+  std::atomic<std::uint64_t> subs_stamp{topic_next_stamp()};
   subscription_id next_id = 1;  // guarded by mu
   bool closed_locked = false;   // guarded by mu: close() ran
   // Set once by close() (seq_cst, under mu, before any queue is closed);
@@ -314,19 +356,37 @@ struct topic_state {
     auto next = std::make_shared<list>(*cur);
     next->push_back(q);
     subs.store(std::move(next));
+    // release: pairs with the publishers' acquire (see subs_stamp).
+    subs_stamp.store(topic_next_stamp(), std::memory_order_release);
     return q;
   }
 
   void remove(const queue_ptr& q) {
-    std::lock_guard lock(mu);
-    if (--q->members != 0) return;
+    {
+      std::lock_guard lock(mu);
+      if (!remove_locked(q)) return;
+    }
+    // Nobody receives from it any more, but a publishing thread's cached list
+    // (topic_list_cache) may keep the queue itself alive for a while: let
+    // what it still holds go now, outside the mutex (T's destructors may run).
+    // The channel is closed, so nothing is queued after this.
+    while (q->ch.try_receive()) {
+    }
+  }
+
+  // Whether the last member left (the queue is then out of the list and closed).
+  bool remove_locked(const queue_ptr& q) {
+    if (--q->members != 0) return false;
     auto cur = subs.load();
     auto next = std::make_shared<list>();
     next->reserve(cur->size());
     for (const auto& e : *cur)
       if (e != q) next->push_back(e);
     subs.store(std::move(next));
+    // release: pairs with the publishers' acquire (see subs_stamp).
+    subs_stamp.store(topic_next_stamp(), std::memory_order_release);
     q->ch.close();  // releases a publisher blocked on it
+    return true;
   }
 
   void close() {
@@ -686,14 +746,55 @@ class topic {
     }
     auto item = std::make_shared<const detail::topic_item<T>>(detail::topic_item<T>{std::move(subject), std::move(value)});
     st.published.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic, read by stats()
-    const auto list = st.subs.load();
-    for (const auto& q : *list) {
-      if (!q->opts.pattern.empty() && (item->subject.empty() || !subject_matches(q->opts.pattern, item->subject)))
-        continue;
-      switch (q->push(item)) {
+    using list_type = typename detail::topic_state<T>::list;
+    // The subscription list: this thread's cached copy when its stamp is
+    // current (no lock, no reference count), else a fresh copy taken under
+    // the writer mutex, which also refreshes the cache.
+    thread_local detail::topic_list_cache<list_type> cache;
+    // acquire: pairs with the release store after subs.store in add/remove.
+    const auto stamp = st.subs_stamp.load(std::memory_order_acquire);
+    std::shared_ptr<const list_type> own;  // only when the cache is in use further up this thread's stack
+    const list_type* list = nullptr;
+    if (!cache.busy && cache.stamp == stamp) {
+      list = cache.list.get();
+    } else {
+      std::shared_ptr<const list_type> fresh;
+      std::uint64_t fresh_stamp = 0;
+      {
+        std::lock_guard lock(st.mu);
+        fresh = st.subs.load();
+        fresh_stamp = st.subs_stamp.load(std::memory_order_relaxed);  // relaxed: written under mu, which we hold
+      }
+      if (cache.busy) {
+        own = std::move(fresh);
+        list = own.get();
+      } else {
+        // The replaced list lives in `own` until we return, so whatever its
+        // release runs cannot touch the cache while we iterate.
+        own = std::exchange(cache.list, std::move(fresh));
+        cache.stamp = fresh_stamp;
+        list = cache.list.get();
+      }
+    }
+    struct in_use {
+      bool& flag;
+      bool was;
+      explicit in_use(bool& f) noexcept : flag(f), was(f) { flag = true; }
+      ~in_use() { flag = was; }
+      in_use(const in_use&) = delete;
+      in_use& operator=(const in_use&) = delete;
+    };
+    const in_use pin(cache.busy);
+    // Each matching queue gets a copy of the item pointer except the last,
+    // which gets ours (one reference-count round trip fewer per publish; with
+    // one subscriber, none).
+    detail::topic_queue<T>* pending = nullptr;
+    const auto push = [&](detail::topic_queue<T>& q, bool last) {
+      const int outcome = last ? q.push(std::move(item)) : q.push(item);
+      switch (outcome) {
         case 0: ++r.delivered; break;
         case 1: ++r.dropped; break;
-        case 2: r.refused.push_back(q->id); break;
+        case 2: r.refused.push_back(q.id); break;
         default:
           // Its queue was closed: unsubscribed concurrently (it is gone), or
           // the topic closed while we were publishing.
@@ -701,7 +802,14 @@ class topic {
           if (st.closed.load(std::memory_order_acquire)) r.closed = true;
           break;
       }
+    };
+    for (const auto& q : *list) {
+      if (!q->opts.pattern.empty() && (item->subject.empty() || !subject_matches(q->opts.pattern, item->subject)))
+        continue;
+      if (pending != nullptr) push(*pending, false);
+      pending = q.get();
     }
+    if (pending != nullptr) push(*pending, true);
     return r;
   }
 
