@@ -3,11 +3,21 @@
 //
 // Scenarios (median records/s over 5 interleaved repetitions; 8-byte values):
 //   append/1p     one producer appending to 4 partitions
-//   append/2p     two producers appending to the same partition (serialized by its mutex)
+//   chan/1p       the same records ({key, value}) sent by one producer into a
+//                 postbox::channel (default shape) large enough never to fill:
+//                 the transport baseline for an append
+//   append/2p     two producers appending to the same partition (serialized by its lock)
 //   read          one reader replaying everything from earliest, 256 per poll
 //   group/1m      one group member poll(256)+commit over 4 partitions
 //   group/2m      two members (2 partitions each) polling concurrently
-// Printed ratio: read/append and group/append.
+// Printed ratios: every row vs append/1p, and append/1p vs chan/1p (issue
+// 18's row: at least 0.8).
+//
+// Profile mode, for instruction counts independent of the machine's load:
+//   valgrind --tool=callgrind stream_bench --profile append|channel [n]
+// appends (or sends) n records (default 20000) on one thread and prints a
+// checksum; instructions per record = (Ir(n) - Ir(0)) / n.
+#include <postbox/channel.hpp>
 #include <postbox/stream.hpp>
 
 #include <algorithm>
@@ -15,6 +25,8 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -37,6 +49,18 @@ double append_1p() {
   postbox::stream<std::uint64_t> s(4);
   const auto t0 = bench_clock::now();
   fill(s);
+  return static_cast<double>(n) / seconds_since(t0);
+}
+
+struct chan_record {
+  std::string key;
+  std::uint64_t value;
+};
+
+double channel_1p() {
+  postbox::channel<chan_record> c(n);
+  const auto t0 = bench_clock::now();
+  for (std::uint64_t i = 0; i < n; ++i) (void)c.try_send(chan_record{keys[i % 4], i});
   return static_cast<double>(n) / seconds_since(t0);
 }
 
@@ -87,23 +111,43 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+std::uint64_t profile(const char* what, std::uint64_t count) {
+  std::uint64_t sum = 0;
+  if (std::strcmp(what, "append") == 0) {
+    postbox::stream<std::uint64_t> s(4);
+    for (std::uint64_t i = 0; i < count; ++i) sum += s.append(keys[i % 4], i).offset;
+  } else if (std::strcmp(what, "channel") == 0) {
+    postbox::channel<chan_record> c(count == 0 ? 1 : count);
+    for (std::uint64_t i = 0; i < count; ++i) sum += c.try_send(chan_record{keys[i % 4], i}) == postbox::send_status::ok;
+  }
+  return sum;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc >= 3 && std::strcmp(argv[1], "--profile") == 0) {
+    const auto count = argc >= 4 ? std::strtoull(argv[3], nullptr, 10) : 20000;
+    std::printf("%llu\n", static_cast<unsigned long long>(profile(argv[2], count)));
+    return 0;
+  }
   std::printf("stream_bench: %llu records of 8 bytes, 4 partitions; median of 5 interleaved runs\ncompiler: %s\n",
               static_cast<unsigned long long>(n), __VERSION__);
-  std::vector<double> a1, a2, rd, g1, g2;
+  std::vector<double> a1, c1, a2, rd, g1, g2;
   for (int rep = 0; rep < 5; ++rep) {
     a1.push_back(append_1p());
+    c1.push_back(channel_1p());
     a2.push_back(append_2p());
     rd.push_back(read_all());
     g1.push_back(group_poll(1));
     g2.push_back(group_poll(2));
   }
   const double base = median(a1);
-  const struct { const char* name; double v; } rows[] = {
-      {"append/1p", base}, {"append/2p", median(a2)}, {"read", median(rd)}, {"group/1m", median(g1)}, {"group/2m", median(g2)}};
+  const struct { const char* name; double v; } rows[] = {{"append/1p", base},     {"chan/1p", median(c1)},
+                                                         {"append/2p", median(a2)}, {"read", median(rd)},
+                                                         {"group/1m", median(g1)}, {"group/2m", median(g2)}};
   std::printf("%-12s %14s %12s\n", "scenario", "records/s", "vs append/1p");
   for (const auto& r : rows) std::printf("%-12s %14.0f %12.2f\n", r.name, r.v, r.v / base);
+  std::printf("append/1p vs chan/1p: %.2f (target >= 0.80)\n", base / median(c1));
   return 0;
 }
