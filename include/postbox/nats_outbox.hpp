@@ -318,6 +318,8 @@ class js_pipeline {
 ///   by the relay with backoff under the same ids.
 /// * Decode failures and envelopes NATS headers cannot carry fail with the
 ///   codec's code or `invalid_argument`, permanent for the default classifier.
+/// * A call lasts about batch / window PubAck round trips, plus
+///   `ack_timeout` when acks stop coming: keep that below the relay's lease.
 ///
 /// `js` (and its connection) must outlive the destination (copies share one
 /// libnats context). Throws `postbox::error` when the context cannot be

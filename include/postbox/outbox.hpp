@@ -244,6 +244,9 @@ using outbox_stoppable_destination = std::function<errc(const stored_message&, s
 /// once one of a key fails the relay ignores the results of that key's later
 /// messages (it releases them unmarked, retried in order), so the destination
 /// should stop sending them. `canceled` when the stop token fired first.
+/// The relay renews the batch's lease only after the call: one that outlasts
+/// the lease lets another relay lease and publish the same rows meanwhile
+/// (same ids), so keep a batch's worst case well below the lease.
 using outbox_batch_destination =
     std::function<void(std::span<const stored_message> batch, std::span<errc> results, std::stop_token)>;
 
