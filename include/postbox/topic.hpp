@@ -180,6 +180,9 @@ namespace detail {
 
 template <class T>
 struct topic_item {
+  // Built in place by make_shared from the publish's own arguments (one move
+  // of each, not a temporary item moved again).
+  topic_item(std::string&& s, T&& v) : subject(std::move(s)), value(std::move(v)) {}
   std::string subject;
   T value;
 };
@@ -672,7 +675,10 @@ class topic {
 
   /// Publishes to every subscription without a pattern. Allocates the message
   /// once; blocks only on full `block` subscriptions. Thread-safe.
-  publish_result publish(T value) { return deliver({}, std::move(value)); }
+  publish_result publish(T value) {
+    std::string no_subject;
+    return deliver(std::move(no_subject), std::move(value));
+  }
 
   /// Publishes on `subject` (to pattern-less subscriptions and matching
   /// patterns). Throws error(invalid_argument) for an invalid subject, before
@@ -722,7 +728,7 @@ class topic {
   }
 
  private:
-  publish_result deliver(std::string subject, T value) {
+  publish_result deliver(std::string&& subject, T&& value) {
     struct inside {
       std::atomic<std::uint32_t>& count;
       // seq_cst: announces the publish before `closed` is read (see publishing).
@@ -737,14 +743,14 @@ class topic {
     return deliver_inside(st, std::move(subject), std::move(value));
   }
 
-  static publish_result deliver_inside(detail::topic_state<T>& st, std::string subject, T value) {
+  static publish_result deliver_inside(detail::topic_state<T>& st, std::string&& subject, T&& value) {
     publish_result r;
     // seq_cst: the Dekker read; pairs with the store in close().
     if (st.closed.load(std::memory_order_seq_cst)) {
       r.closed = true;
       return r;
     }
-    auto item = std::make_shared<const detail::topic_item<T>>(detail::topic_item<T>{std::move(subject), std::move(value)});
+    auto item = std::make_shared<const detail::topic_item<T>>(std::move(subject), std::move(value));
     st.published.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic, read by stats()
     using list_type = typename detail::topic_state<T>::list;
     // The subscription list: this thread's cached copy when its stamp is
