@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <stop_token>
 #include <string>
@@ -48,6 +49,20 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#  define POSTBOX_DETAIL_TOPIC_ASAN 1
+#elif defined(__has_feature)
+#  if __has_feature(address_sanitizer)
+#    define POSTBOX_DETAIL_TOPIC_ASAN 1
+#  endif
+#endif
+#ifndef POSTBOX_DETAIL_TOPIC_ASAN
+#  define POSTBOX_DETAIL_TOPIC_ASAN 0
+#endif
+#if POSTBOX_DETAIL_TOPIC_ASAN
+#  include <sanitizer/asan_interface.h>
+#endif
 
 POSTBOX_BEGIN_NAMESPACE
 
@@ -177,6 +192,109 @@ struct topic_stats {
 };
 
 namespace detail {
+
+/// Recycles the fixed-size blocks a publish allocates for its shared item (the
+/// item and its reference counts, one block), so a steady publish/receive
+/// flow does not go through malloc: freed blocks are pushed (one CAS,
+/// release) onto a process-wide stack per block size; a publishing thread
+/// takes the whole stack at once (one exchange, acquire: pairs with the
+/// pushes) into its own stash and pops from that with no atomics. Taking the
+/// whole stack, never one node, is what keeps the stack free of ABA. Blocks
+/// are never returned to the system: the pool holds at most the peak number
+/// of items alive at once (bounded by the queues' capacities plus the
+/// deliveries callers keep). Under AddressSanitizer a pooled block is
+/// poisoned beyond its link word, so a use after free is still reported.
+template <std::size_t Size, std::size_t Align>
+class topic_block_pool {
+  struct node {
+    node* next;
+  };
+  static_assert(Size >= sizeof(node) && Align >= alignof(node));
+
+  struct shared_stack {
+    // Freed blocks. Pushed with a release CAS by any thread freeing an item;
+    // taken whole with an acquire exchange by allocating threads (pairs with
+    // the pushes, so a block's link is visible to the thread that takes it).
+    std::atomic<node*> head{nullptr};
+  };
+  // Immortal (never destroyed): blocks may be freed after static destruction
+  // began (a delivery kept in a static), and the pool must still be there.
+  static shared_stack& shared() noexcept {
+    static shared_stack* const s = new shared_stack;
+    return *s;
+  }
+  struct stash {
+    node* head = nullptr;
+    stash() = default;
+    stash(const stash&) = delete;
+    stash& operator=(const stash&) = delete;
+    ~stash() {  // a thread that ends hands its unused blocks back
+      while (node* n = head) {
+        head = n->next;
+        push(n);
+      }
+    }
+  };
+  static stash& mine() noexcept {
+    thread_local stash s;
+    return s;
+  }
+  static void push(node* n) noexcept {
+    auto& h = shared().head;
+    n->next = h.load(std::memory_order_relaxed);  // relaxed: the CAS below re-reads it
+    // release: publishes n->next (and the block's last use) to the taker.
+    while (!h.compare_exchange_weak(n->next, n, std::memory_order_release, std::memory_order_relaxed)) {
+    }
+  }
+
+ public:
+  static void* allocate() {
+    stash& st = mine();
+    if (st.head == nullptr) st.head = shared().head.exchange(nullptr, std::memory_order_acquire);  // see shared_stack
+    if (node* n = st.head) {
+#if POSTBOX_DETAIL_TOPIC_ASAN
+      ASAN_UNPOISON_MEMORY_REGION(n, Size);
+#endif
+      st.head = n->next;
+      return n;
+    }
+    return ::operator new(Size, std::align_val_t{Align});
+  }
+  static void release(void* p) noexcept {
+    node* n = ::new (p) node{nullptr};
+#if POSTBOX_DETAIL_TOPIC_ASAN
+    // Before the push (after it, another thread may already own the block):
+    // only the part past the link, which whoever takes the block reads.
+    ASAN_POISON_MEMORY_REGION(reinterpret_cast<char*>(p) + sizeof(node), Size - sizeof(node));
+#endif
+    push(n);
+  }
+};
+
+/// Allocator for the publish's shared item block (see topic_block_pool).
+/// Stateless; every instance is interchangeable.
+template <class U>
+struct topic_item_allocator {
+  using value_type = U;
+  topic_item_allocator() = default;
+  template <class V>
+  topic_item_allocator(const topic_item_allocator<V>&) noexcept {}
+  U* allocate(std::size_t n) {
+    if (n != 1) return static_cast<U*>(::operator new(n * sizeof(U), std::align_val_t{alignof(U)}));
+    return static_cast<U*>(topic_block_pool<sizeof(U), alignof(U)>::allocate());
+  }
+  void deallocate(U* p, std::size_t n) noexcept {
+    if (n != 1) {
+      ::operator delete(p, std::align_val_t{alignof(U)});
+      return;
+    }
+    topic_block_pool<sizeof(U), alignof(U)>::release(p);
+  }
+  template <class V>
+  bool operator==(const topic_item_allocator<V>&) const noexcept {
+    return true;
+  }
+};
 
 template <class T>
 struct topic_item {
@@ -750,7 +868,9 @@ class topic {
       r.closed = true;
       return r;
     }
-    auto item = std::make_shared<const detail::topic_item<T>>(std::move(subject), std::move(value));
+    // One pooled block for the item and its counts (no malloc in a steady flow).
+    auto item = std::allocate_shared<const detail::topic_item<T>>(detail::topic_item_allocator<detail::topic_item<T>>{},
+                                                                  std::move(subject), std::move(value));
     st.published.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic, read by stats()
     using list_type = typename detail::topic_state<T>::list;
     // The subscription list: this thread's cached copy when its stamp is
