@@ -4,7 +4,8 @@
 
 // Design: docs/design/topic.md.
 //
-// * A publish allocates the message once (`std::shared_ptr<const item>`) and
+// * A publish makes the message once (`std::shared_ptr<const item>`, one
+//   block from `detail::topic_block_pool`, so no malloc in a steady flow) and
 //   pushes that pointer into each matching subscription's bounded
 //   `postbox::channel`; subscribers get a `delivery<T>` handle that shares it.
 // * The subscription list is a copy-on-write snapshot (`detail::snapshot_ptr`):
@@ -791,8 +792,10 @@ class topic {
     return subscribe(std::move(options));
   }
 
-  /// Publishes to every subscription without a pattern. Allocates the message
-  /// once; blocks only on full `block` subscriptions. Thread-safe.
+  /// Publishes to every subscription without a pattern. Makes the shared
+  /// message once (a pooled block: allocates only while the pool grows);
+  /// blocks only on full `block` subscriptions; makes a syscall only to wake
+  /// a parked subscriber. Thread-safe.
   publish_result publish(T value) {
     std::string no_subject;
     return deliver(std::move(no_subject), std::move(value));
