@@ -1104,17 +1104,36 @@ class sqlite_store {
     std::vector<stored_message> kept;
     const errc r = write_tx("outbox claim", [&]() -> int {
       kept.clear();
+      // Keys with a row leased elsewhere or waiting for a retry now, and the
+      // first such row: a key whose blocking row comes before its first row
+      // in the batch (one that was not due at the read and was taken or
+      // failed since) is dropped whole. A later row of the key follows the
+      // first one's fate: another relay can take it only by taking the
+      // first one too, which the conditional lease below notices.
+      std::vector<std::pair<std::string, std::uint64_t>> blocked;
+      {
+        sqlite3_stmt* s = claim_blocked_.get();
+        detail::sqlite_use use(s);
+        sqlite3_bind_int64(s, 1, detail::sqlite_time(now));
+        detail::sqlite_bind_text(s, 2, owner);
+        int rc = 0;
+        while ((rc = sqlite3_step(s)) == SQLITE_ROW)
+          blocked.emplace_back(detail::sqlite_column_string(s, 0), static_cast<std::uint64_t>(sqlite3_column_int64(s, 1)));
+        if (rc != SQLITE_DONE) return rc;
+      }
       std::vector<std::string_view> seen_keys, dropped_keys;
       for (const auto& m : out.messages) {
         const std::string_view key(m.partition_key);
         if (std::find(dropped_keys.begin(), dropped_keys.end(), key) != dropped_keys.end()) continue;
-        // The first row of a key also checks that no earlier row of the key
-        // was leased elsewhere or failed since the read (one that was not
-        // due then); a later row of the key follows the first one's fate,
-        // since another relay can take it only by taking the first one too.
-        const bool first = std::find(seen_keys.begin(), seen_keys.end(), key) == seen_keys.end();
-        if (first) seen_keys.push_back(key);
-        sqlite3_stmt* s = first ? claim_lease_first_.get() : claim_lease_.get();
+        if (std::find(seen_keys.begin(), seen_keys.end(), key) == seen_keys.end()) {
+          seen_keys.push_back(key);
+          const auto b = std::find_if(blocked.begin(), blocked.end(), [&](const auto& e) { return e.first == key; });
+          if (b != blocked.end() && b->second < m.sequence) {
+            dropped_keys.push_back(key);
+            continue;
+          }
+        }
+        sqlite3_stmt* s = claim_lease_.get();
         detail::sqlite_use use(s);
         detail::sqlite_bind_text(s, 1, owner);
         sqlite3_bind_int64(s, 2, detail::sqlite_time(lease_until));
@@ -1413,11 +1432,12 @@ class sqlite_store {
     prepare(claim_select_, claim_select_sql());
     prepare(claim_update_, "UPDATE postbox_outbox SET lease_owner = ?1, lease_until = ?2 WHERE seq = ?3");
     prepare(claim_lease_, std::string(claim_lease_sql));
-    prepare(claim_lease_first_,
-            std::string(claim_lease_sql) +
-                " AND NOT EXISTS (SELECT 1 FROM postbox_outbox o WHERE o.dispatched_at IS NULL AND o.seq < ?3"
-                " AND o.partition_key = postbox_outbox.partition_key"
-                " AND ((o.lease_until > ?4 AND o.lease_owner <> ?1) OR o.next_attempt_at > ?4))");
+    prepare(claim_blocked_,
+            "SELECT partition_key, MIN(seq) FROM ("
+            " SELECT partition_key, seq FROM postbox_outbox WHERE dispatched_at IS NULL"
+            " AND lease_until > ?1 AND lease_owner <> ?2"
+            " UNION ALL SELECT partition_key, seq FROM postbox_outbox WHERE dispatched_at IS NULL"
+            " AND next_attempt_at > ?1) GROUP BY partition_key");
     prepare(next_due_, next_due_sql);
     prepare(mark_,
             "UPDATE postbox_outbox SET dispatched_at = ?3, lease_owner = NULL, lease_until = NULL"
@@ -1494,7 +1514,7 @@ class sqlite_store {
                     &redrive_insert_, &dead_delete_,
                     &inbox_insert_, &inbox_contains_, &inbox_prune_time_, &inbox_prune_count_, &inbox_size_,
                     &version_select_, &version_upsert_, &saga_insert_, &saga_upsert_, &saga_select_,
-                    &saga_unfinished_, &claim_lease_, &claim_lease_first_, &reader_claim_select_,
+                    &saga_unfinished_, &claim_lease_, &claim_blocked_, &reader_claim_select_,
                     &reader_next_due_}) {
       s->finalize();
     }
@@ -1640,7 +1660,7 @@ class sqlite_store {
   detail::sqlite_stmt inbox_insert_, inbox_contains_, inbox_prune_time_, inbox_prune_count_, inbox_size_;
   detail::sqlite_stmt version_select_, version_upsert_;
   detail::sqlite_stmt saga_insert_, saga_upsert_, saga_select_, saga_unfinished_;
-  detail::sqlite_stmt claim_lease_, claim_lease_first_;  // the writer's half of a claim through reader_
+  detail::sqlite_stmt claim_lease_, claim_blocked_;  // the writer's half of a claim through reader_
   /// The relay's read connection (read-only; a WAL reader), or null (see
   /// open_reader). It and its statements are used under reader_mutex_ only,
   /// never under mutex_, so a claim's read waits for no transaction of the store.
