@@ -201,10 +201,12 @@ namespace detail {
 /// takes the whole stack at once (one exchange, acquire: pairs with the
 /// pushes) into its own stash and pops from that with no atomics. Taking the
 /// whole stack, never one node, is what keeps the stack free of ABA. Blocks
-/// are never returned to the system: the pool holds at most the peak number
-/// of items alive at once (bounded by the queues' capacities plus the
-/// deliveries callers keep). Under AddressSanitizer a pooled block is
-/// poisoned beyond its link word, so a use after free is still reported.
+/// are never returned to the system: the pool grows to the peak number of
+/// items alive at once (bounded by the queues' capacities plus the deliveries
+/// callers keep), and with several publishing threads to about that peak per
+/// thread, since a stash keeps what its thread took until it publishes again
+/// or ends. Under AddressSanitizer a pooled block is poisoned beyond its link
+/// word, so a use after free is still reported.
 template <std::size_t Size, std::size_t Align>
 class topic_block_pool {
   struct node {
