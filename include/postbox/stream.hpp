@@ -31,16 +31,26 @@
 // * Lifetime: partitions, retention and clock pointer live in a shared
 //   `detail::stream_log`; readers, group handles and members hold it by
 //   shared_ptr, so any of them may outlive the `stream` object.
+// * Waiting: one event count per stream (`stream_log::appended_`). An
+//   append, after its release store of `end` and outside the partition lock,
+//   calls notify_light: a compiler fence and one load of the waiter word, no
+//   RMW, no syscall when nobody waits. Waiters (poll_wait, async_poll) use
+//   the asymmetric side (prepare_wait_asymmetric / register_waker(.., true)),
+//   which pays the membarrier. Destroying the `stream` closes the log and
+//   wakes every waiter, which then reports errc::closed once drained.
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/detail/backoff.hpp>
+#include <postbox/detail/event_count.hpp>
 #include <postbox/detail/topic_snapshot.hpp>
 #include <postbox/error.hpp>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -49,6 +59,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <stop_token>
 #include <string_view>
 #include <vector>
 
@@ -232,6 +243,11 @@ template <class T>
 class group_member;
 
 namespace detail {
+/// Lets the awaitable forms (async.hpp) reach a reader's or member's log.
+struct stream_wait_access;
+}  // namespace detail
+
+namespace detail {
 
 /// The log itself: partitions, retention, clock. Shared (`shared_ptr`) by the
 /// stream, its readers and its consumer groups, so a reader or a group member
@@ -258,6 +274,32 @@ class stream_log {
   /// Takes that partition's mutex briefly (never blocked by readers); allocates
   /// one chunk per 256 records. If copying the key throws, nothing is appended.
   position append(std::string_view key, T value) {
+    const position at = append_locked(key, std::move(value));
+    // After the release store of `end` (in append_locked): a compiler fence
+    // and one load when nobody waits; see stream_log::appended_.
+    appended_.notify_light(INT_MAX);
+    return at;
+  }
+
+  /// The stream's wait side: readers waiting for an append park here (see
+  /// appended_). Thread-safe.
+  [[nodiscard]] event_count& appended() const noexcept { return appended_; }
+
+  /// Marks the log closed (the `stream` object is gone: nothing more is
+  /// appended) and wakes every waiter. Thread-safe; makes a syscall.
+  void close() noexcept {
+    // seq_cst: a waiter re-checks closed() after announcing itself; the
+    // wake_all below reaches every waiter announced before it.
+    closed_.store(true, std::memory_order_seq_cst);
+    appended_.wake_all();
+  }
+  /// Whether close() ran: no record will be appended any more. Lock-free.
+  [[nodiscard]] bool closed() const noexcept {
+    return closed_.load(std::memory_order_seq_cst);  // seq_cst: pairs with the store in close()
+  }
+
+ private:
+  position append_locked(std::string_view key, T value) {
     const auto p = stream_partition_of(key, parts_.size());
     auto& part = *parts_[p];
     std::lock_guard lock(part.append_mu);
@@ -290,6 +332,8 @@ class stream_log {
     if (retains_) trim_locked(part, now);  // without limits there is nothing to trim
     return {p, off};
   }
+
+ public:
 
   /// Applies retention (count, bytes, age) to every partition now. Takes each
   /// partition's append mutex in turn.
@@ -402,6 +446,15 @@ class stream_log {
 
   retention keep_;
   bool retains_;  // some limit is set: appends apply retention
+  // Waiters for an append. Notifier: append, after its release store of a
+  // partition's `end`, with notify_light; its partner is the waiters' heavy
+  // fence (prepare_wait_asymmetric / register_waker(w, true)), after which
+  // they re-read `end` (acquire). close() wakes everyone with wake_all.
+  // Mutable: readers hold the log const, and waiting changes no record.
+  mutable event_count appended_;
+  // Set once by close() (seq_cst store, before wake_all); read seq_cst by
+  // waiters after announcing themselves.
+  std::atomic<bool> closed_{false};
   const clock* clock_;
   size_function size_of_;
   std::vector<std::unique_ptr<stream_partition<T>>> parts_;
@@ -432,6 +485,51 @@ struct stream_group {
   }
 };
 
+/// A read_result carrying only `status`.
+template <class T>
+read_result<T> stream_status(errc status) {
+  read_result<T> r;
+  r.status = status;
+  return r;
+}
+
+/// The blocking wait of reader::poll_wait and group_member::poll_wait:
+/// `poll()` until it returns records or an error, the log is closed and
+/// drained (`closed`), `stop` is stopped (`canceled`, nothing read) or
+/// `deadline` passes (`timeout`, nothing read). Parks on the log's event
+/// count (asymmetric side: a membarrier per park, none per append).
+template <class T, class Poll>
+read_result<T> stream_wait(const stream_log<T>& log, Poll&& poll, std::optional<std::chrono::steady_clock::time_point> deadline,
+                           const std::stop_token& stop) {
+  event_count& ev = log.appended();
+  const stop_wakeup wake_on_stop(ev, stop_tokens{&stop, nullptr});
+  for (;;) {
+    if (stop.stop_requested()) return stream_status<T>(errc::canceled);
+    // Read before the poll: closed means nothing is appended any more, so a
+    // poll after it that finds nothing means drained.
+    const bool was_closed = log.closed();
+    read_result<T> r = poll();
+    if (!r.ok() || !r.records.empty()) return r;
+    if (was_closed) return stream_status<T>(errc::closed);
+    const std::uint32_t key = ev.prepare_wait_asymmetric();
+    // Re-check after announcing (the Dekker half of notify_light).
+    const bool closed_now = log.closed();
+    r = poll();
+    if (!r.ok() || !r.records.empty() || closed_now || stop.stop_requested()) {
+      ev.finish_wait();
+      if (!r.ok() || !r.records.empty()) return r;
+      continue;  // the loop's top reports closed or canceled
+    }
+    const bool woken = ev.wait(key, deadline);
+    ev.finish_wait();
+    if (!woken) {
+      r = poll();
+      if (!r.ok() || !r.records.empty()) return r;
+      return stream_status<T>(errc::timeout);
+    }
+  }
+}
+
 }  // namespace detail
 
 /// Retained, partitioned, replayable log. All members are thread-safe.
@@ -452,6 +550,10 @@ class stream {
       : log_(std::make_shared<detail::stream_log<T>>(partitions, keep, clk, std::move(size_of))) {}
   stream(const stream&) = delete;
   stream& operator=(const stream&) = delete;
+  /// Closes the log: readers and group members waiting in poll_wait or
+  /// async_poll wake and, once drained, get errc::closed. Readers and members
+  /// still read what was retained. Makes a syscall.
+  ~stream() { log_->close(); }
 
   /// Appends `value` under `key` to partition fnv1a_64(key) % partitions.
   /// Takes that partition's mutex briefly (never blocked by readers); allocates
@@ -486,6 +588,7 @@ class stream {
   /// valid after the stream is destroyed.
   class reader {
    public:
+    using value_type = T;  ///< the stream's record value type
     /// Copies up to `max` records, partitions in turn. out_of_range names the
     /// first partition whose position fell behind retention; use seek(). A
     /// poll that already copied records returns them and reports the
@@ -507,6 +610,22 @@ class stream {
       rr_ = (rr_ + 1) % next_.size();
       return out;
     }
+    /// Blocks until there are records to return (up to `max`, as poll()),
+    /// a partition fell behind retention (out_of_range, as poll()), the
+    /// stream was destroyed and this reader has read everything (closed), or
+    /// `stop` is stopped (canceled, nothing read). Parks on the stream's
+    /// event count (a membarrier per park; appends pay nothing while nobody
+    /// waits). Allocates the result. Not thread-safe (one reader per thread).
+    [[nodiscard]] read_result<T> poll_wait(std::size_t max = 64, std::stop_token stop = {}) {
+      return detail::stream_wait<T>(*s_, [&] { return poll(max); }, std::nullopt, stop);
+    }
+    /// As above; timeout (nothing read) once `deadline` passes (a steady
+    /// clock deadline, converted as channel::receive_until does).
+    template <class Clock, class Duration>
+    [[nodiscard]] read_result<T> poll_wait(std::size_t max, std::chrono::time_point<Clock, Duration> deadline,
+                                           std::stop_token stop = {}) {
+      return detail::stream_wait<T>(*s_, [&] { return poll(max); }, detail::to_steady_deadline(deadline), stop);
+    }
     /// Moves this reader's position in `partition`.
     void seek(std::uint32_t partition, std::uint64_t offset) { next_.at(partition) = offset; }
     /// This reader's next offset in `partition`.
@@ -514,6 +633,7 @@ class stream {
 
    private:
     friend class stream;
+    friend struct detail::stream_wait_access;
     reader(std::shared_ptr<const detail::stream_log<T>> s, start_from from) : s_(std::move(s)), next_(s_->partitions()) {
       for (std::uint32_t p = 0; p < next_.size(); ++p) {
         switch (from.where) {
@@ -651,6 +771,20 @@ class group_member {
     return out;
   }
 
+  /// Blocks as stream::reader::poll_wait does, for this member's records;
+  /// errc::not_found at once after leave(). Not thread-safe (one thread per member).
+  [[nodiscard]] read_result<T> poll_wait(std::size_t max = 64, std::stop_token stop = {}) {
+    if (!g_) return detail::stream_status<T>(errc::not_found);
+    return detail::stream_wait<T>(*g_->owner, [&] { return poll(max); }, std::nullopt, stop);
+  }
+  /// As above; timeout (nothing read) once `deadline` passes.
+  template <class Clock, class Duration>
+  [[nodiscard]] read_result<T> poll_wait(std::size_t max, std::chrono::time_point<Clock, Duration> deadline,
+                                         std::stop_token stop = {}) {
+    if (!g_) return detail::stream_status<T>(errc::not_found);
+    return detail::stream_wait<T>(*g_->owner, [&] { return poll(max); }, detail::to_steady_deadline(deadline), stop);
+  }
+
   /// Commits everything polled so far. errc::ok, or errc::conflict when the
   /// group rebalanced since this member's last poll (nothing is committed; the
   /// next poll resumes from the committed offsets), or errc::not_found after
@@ -697,6 +831,7 @@ class group_member {
  private:
   template <class>
   friend class stream;
+  friend struct detail::stream_wait_access;
   explicit group_member(std::shared_ptr<detail::stream_group<T>> g) : g_(std::move(g)) {
     std::lock_guard lock(g_->mu);
     id_ = g_->next_member++;
@@ -720,5 +855,20 @@ class group_member {
   std::vector<std::uint32_t> parts_;
   std::vector<std::uint64_t> next_;
 };
+
+namespace detail {
+struct stream_wait_access {
+  /// The log `r` reads. Never null.
+  template <class Reader>
+  static auto log_of(const Reader& r) noexcept {
+    return r.s_.get();
+  }
+  /// The log `m` reads; null after leave().
+  template <class T>
+  static const stream_log<T>* log_of(const group_member<T>& m) noexcept {
+    return m.g_ ? m.g_->owner.get() : nullptr;
+  }
+};
+}  // namespace detail
 
 POSTBOX_END_NAMESPACE
