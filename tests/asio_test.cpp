@@ -537,4 +537,230 @@ TEST_CASE("a deferred async_select runs its cases only when launched", "[asio][s
   REQUIRE(got == 4);
 }
 
+// --- streams, request-reply, operations, timers ----------------------------------
+
+TEST_CASE("a use_awaitable stream reader fed by an appender thread reads every record once", "[asio][stream]") {
+  const std::uint64_t n = scaled(20000);
+  asio::io_context io;
+  postbox::stream<std::uint64_t> s(4);
+  auto reader = s.read_from();
+  std::uint64_t sum = 0;
+  std::uint64_t count = 0;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        while (count < n) {
+          auto r = co_await postbox::async_poll(reader, 64, asio::use_awaitable);
+          if (!r.ok()) co_return;
+          for (const auto& rec : r.records) {
+            sum += rec.value;
+            ++count;
+          }
+        }
+      },
+      asio::detached);
+  std::thread appender([&] {
+    for (std::uint64_t i = 1; i <= n; ++i) (void)s.append(std::to_string(i % 7), i);
+  });
+  io.run();  // returns once the coroutine has read n records
+  appender.join();
+  REQUIRE(count == n);
+  REQUIRE(sum == n * (n + 1) / 2);
+  REQUIRE(reader.poll().records.empty());
+}
+
+TEST_CASE("a use_awaitable group member poll resumes with an append and commits it", "[asio][stream]") {
+  asio::io_context io;
+  postbox::stream<int> s(1);
+  auto member = s.group("g").join();
+  std::optional<postbox::read_result<int>> got;
+  asio::co_spawn(
+      io, [&]() -> asio::awaitable<void> { got = co_await postbox::async_poll(member, 8, asio::use_awaitable); },
+      asio::detached);
+  io.poll();
+  REQUIRE_FALSE(got.has_value());
+  std::thread appender([&] { (void)s.append("k", 9); });
+  io.run();
+  appender.join();
+  REQUIRE(got.has_value());
+  REQUIRE(got->records.size() == 1);
+  REQUIRE(got->records[0].value == 9);
+  REQUIRE(member.commit() == postbox::errc::ok);
+}
+
+TEST_CASE("an Asio cancellation completes a pending stream poll with canceled and reads nothing", "[asio][stream]") {
+  asio::io_context io;
+  postbox::stream<int> s(1);
+  auto reader = s.read_from();
+  asio::cancellation_signal signal;
+  std::optional<postbox::errc> status;
+  postbox::async_poll(reader, 8, asio::bind_cancellation_slot(signal.slot(), asio::bind_executor(io, [&](auto r) {
+                                                                status = r.status;
+                                                              })));
+  io.poll();
+  REQUIRE_FALSE(status.has_value());
+  signal.emit(asio::cancellation_type::terminal);
+  (void)s.append("a", 1);  // appended after the cancel: left for the next poll
+  io.run();
+  REQUIRE(status == postbox::errc::canceled);
+  REQUIRE(reader.poll().records.size() == 1);
+}
+
+namespace {
+struct asio_rr_rig {
+  postbox::manual_clock clock;
+  postbox::timer_service timers{clock, postbox::timer_service::manual_drive};
+  postbox::channel<postbox::envelope<int>> requests{64};
+  postbox::endpoint_registry<int> registry;
+};
+int asio_twice(const postbox::envelope<int>& e) { return e.payload * 2; }
+}  // namespace
+
+TEST_CASE("a use_awaitable async_request on an io_context gets the responder's reply", "[asio][request_reply]") {
+  asio_rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, asio_twice, r.clock, 0);
+  asio::io_context io;
+  std::optional<postbox::reply_outcome<int>> got;
+  asio::co_spawn(
+      io, [&]() -> asio::awaitable<void> { got = co_await postbox::async_request(req, 21, 5s, asio::use_awaitable); },
+      asio::detached);
+  io.poll();  // the request is sent; the coroutine waits
+  REQUIRE_FALSE(got.has_value());
+  bool replied = false;
+  std::thread replier([&] { replied = eventually([&] { return resp.poll() == 1; }); });
+  io.run();
+  replier.join();
+  REQUIRE(replied);
+  REQUIRE(got.has_value());
+  REQUIRE(got->ok());
+  REQUIRE(got->reply->payload == 42);
+}
+
+TEST_CASE("a use_awaitable async_get on an io_context takes a future's outcome set by another thread",
+          "[asio][request_reply]") {
+  asio_rr_rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, asio_twice, r.clock, 0);
+  auto f = req.request(5, 5s);
+  REQUIRE(f.has_value());
+  asio::io_context io;
+  std::optional<postbox::result<postbox::reply_outcome<int>>> got;
+  asio::co_spawn(
+      io, [&]() -> asio::awaitable<void> { got = co_await postbox::async_get(*f, asio::use_awaitable); },
+      asio::detached);
+  io.poll();
+  REQUIRE_FALSE(got.has_value());
+  std::thread replier([&] { (void)resp.poll(); });
+  io.run();
+  replier.join();
+  REQUIRE(got.has_value());
+  REQUIRE(got->has_value());
+  REQUIRE((*got)->reply->payload == 10);
+}
+
+namespace {
+// Work that waits until released (or stopped), so tests choose the order.
+struct asio_gate {
+  std::atomic<bool> open{false};
+  postbox::operations<int>::work make(int value) {
+    return [this, value](postbox::operation_context& ctx) {
+      ctx.report_progress(10, "started");
+      postbox_test::eventually([&] { return open.load() || ctx.stop_token().stop_requested(); });
+      return value;
+    };
+  }
+};
+}  // namespace
+
+TEST_CASE("use_awaitable async_watch and async_wait on an io_context see the next and the terminal snapshot",
+          "[asio][operations]") {
+  postbox::manual_clock clock;
+  asio_gate g;  // before ops: ops' destructor joins workers that may still run the gate's work
+  postbox::operations<int> ops(clock);
+  auto sub = ops.submit("alice", "", "", g.make(42));
+  REQUIRE(sub.has_value());
+  REQUIRE(eventually([&] { return ops.get("alice", sub->id)->progress == 10; }));
+  const std::uint64_t seen = ops.get("alice", sub->id)->version;
+  asio::io_context io;
+  std::optional<postbox::result<postbox::operation_snapshot<int>>> watched;
+  std::optional<postbox::result<postbox::operation_snapshot<int>>> waited;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        watched = co_await postbox::async_watch(ops, "alice", sub->id, seen, asio::use_awaitable);
+      },
+      asio::detached);
+  asio::co_spawn(
+      io, [&]() -> asio::awaitable<void> { waited = co_await postbox::async_wait(ops, "alice", sub->id, asio::use_awaitable); },
+      asio::detached);
+  io.poll();
+  REQUIRE_FALSE(watched.has_value());  // nothing changed since `seen`
+  REQUIRE_FALSE(waited.has_value());
+  g.open = true;
+  io.run();
+  REQUIRE(watched.has_value());
+  REQUIRE(watched->has_value());
+  REQUIRE((*watched)->version > seen);
+  REQUIRE(waited.has_value());
+  REQUIRE(waited->has_value());
+  REQUIRE((*waited)->state == postbox::operation_state::succeeded);
+  REQUIRE((*waited)->result == 42);
+}
+
+TEST_CASE("use_awaitable async_sleep_for and async_sleep_until complete when the timer service runs them",
+          "[asio][timer]") {
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  asio::io_context io;
+  std::optional<postbox::errc> slept_for;
+  std::optional<postbox::errc> slept_until;
+  asio::co_spawn(
+      io, [&]() -> asio::awaitable<void> { slept_for = co_await postbox::async_sleep_for(timers, 5s, asio::use_awaitable); },
+      asio::detached);
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        slept_until = co_await postbox::async_sleep_until(timers, clock.now() + 8s, asio::use_awaitable);
+      },
+      asio::detached);
+  io.poll();
+  REQUIRE(timers.pending() == 2);
+  clock.advance(4s);
+  REQUIRE(timers.run_due() == 0);
+  io.poll();
+  REQUIRE_FALSE(slept_for.has_value());
+  clock.advance(1s);
+  REQUIRE(timers.run_due() == 1);
+  REQUIRE(eventually([&] {
+    io.poll();
+    return slept_for.has_value();
+  }));
+  REQUIRE(slept_for == postbox::errc::ok);
+  REQUIRE_FALSE(slept_until.has_value());
+  clock.advance(3s);
+  REQUIRE(timers.run_due() == 1);
+  io.restart();
+  io.run();
+  REQUIRE(slept_until == postbox::errc::ok);
+}
+
+TEST_CASE("an Asio cancellation completes a pending async_sleep_for with canceled and withdraws its timer",
+          "[asio][timer]") {
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  asio::io_context io;
+  asio::cancellation_signal signal;
+  std::optional<postbox::errc> status;
+  postbox::async_sleep_for(timers, 5s, asio::bind_cancellation_slot(signal.slot(), asio::bind_executor(io, [&](postbox::errc e) {
+                                                                       status = e;
+                                                                     })));
+  io.poll();
+  REQUIRE(timers.pending() == 1);
+  signal.emit(asio::cancellation_type::terminal);
+  io.run();
+  REQUIRE(status == postbox::errc::canceled);
+  REQUIRE(timers.pending() == 0);
+}
+
 #endif  // POSTBOX_WITH_ASIO

@@ -21,11 +21,20 @@
 //   from asio::bind_cancellation_slot, or awaitable operators) maps to a
 //   stop request: the operation completes with `canceled` and has consumed
 //   or sent nothing.
+// * The same holds for async_poll (stream readers and group members),
+//   async_get / async_request (request-reply), async_watch / async_wait
+//   (operations) and async_sleep_until / async_sleep_for (timer service):
+//   each runs the operation of its coroutine form (async.hpp and the pattern
+//   headers) as an Asio operation.
 
 #include <postbox/async.hpp>
 #include <postbox/config.hpp>
 #include <postbox/envelope.hpp>
+#include <postbox/operations.hpp>
+#include <postbox/request_reply.hpp>
 #include <postbox/settlement.hpp>
+#include <postbox/stream.hpp>
+#include <postbox/timer_service.hpp>
 
 // Asio 1.22 looks for <experimental/coroutine> to enable co_await under
 // clang; clang 14+ with libstdc++ has the standard <coroutine>, which Asio
@@ -318,6 +327,122 @@ auto async_send_until(sender<T, Shape>& tx, U&& value, timer_service& timers, ti
                       CompletionToken&& token) {
   return async_send_until(detail::select_access::channel_of(tx), std::forward<U>(value), timers, deadline,
                           std::forward<CompletionToken>(token));
+}
+
+// --- streams, request-reply, operations, timers ----------------------------------
+
+namespace detail {
+/// Runs `op` (a postbox operation, as its awaitable form builds it) as an
+/// Asio operation completing with `Sig`.
+template <class Sig, class Op, class CompletionToken>
+auto asio_run(CompletionToken& token, Op op, async_deadline deadline = {}) {
+  return ::asio::async_initiate<CompletionToken, Sig>(asio_initiation<Op, Sig>{}, token, std::move(op), deadline);
+}
+}  // namespace detail
+
+/// Polls a stream reader as an Asio operation: completes with
+/// `void(read_result<T>)` once there are records (up to `max`, as
+/// reader.poll()) or an out_of_range; `closed` once the stream object is
+/// destroyed and everything was read; `canceled` (nothing read) on an Asio
+/// cancellation. Appends pay nothing while nobody waits. The reader must
+/// outlive the operation and not be used meanwhile. Allocates the result
+/// (and the pending operation when it must wait).
+template <class Reader, class CompletionToken>
+  requires detail::stream_reader<Reader> &&
+           ::asio::completion_token_for<CompletionToken, void(read_result<typename Reader::value_type>)>
+auto async_poll(Reader& r, std::size_t max, CompletionToken&& token) {
+  using T = typename Reader::value_type;
+  return detail::asio_run<void(read_result<T>)>(token, detail::reader_poll_op<Reader>{&r, detail::stream_wait_access::log_of(r), max});
+}
+
+/// As above, for a consumer group member (its assignment); `not_found` at
+/// once after leave().
+template <class T, class CompletionToken>
+  requires ::asio::completion_token_for<CompletionToken, void(read_result<T>)>
+auto async_poll(group_member<T>& m, std::size_t max, CompletionToken&& token) {
+  return detail::asio_run<void(read_result<T>)>(token, detail::member_poll_op<T>{&m, detail::stream_wait_access::log_of(m), max});
+}
+
+/// As async_poll(reader, max, token); `timeout` (nothing read) once
+/// `deadline` passes on `timers`' clock. `timers` must outlive the operation.
+template <class Reader, class CompletionToken>
+  requires detail::stream_reader<Reader> &&
+           ::asio::completion_token_for<CompletionToken, void(read_result<typename Reader::value_type>)>
+auto async_poll_until(Reader& r, std::size_t max, timer_service& timers, time_point deadline, CompletionToken&& token) {
+  using T = typename Reader::value_type;
+  return detail::asio_run<void(read_result<T>)>(
+      token, detail::reader_poll_op<Reader>{&r, detail::stream_wait_access::log_of(r), max},
+      async_deadline{&timers, deadline});
+}
+
+/// Takes the outcome of a reply future as an Asio operation; completes with
+/// `void(result<V>)`, or `canceled` on an Asio cancellation (nothing taken: a
+/// later get returns the outcome). One wait at a time per future; `f` must
+/// be valid (else error(invalid_argument) is thrown here) and outlive the
+/// operation.
+template <class V, class CompletionToken>
+  requires ::asio::completion_token_for<CompletionToken, void(result<V>)>
+auto async_get(reply_future<V>& f, CompletionToken&& token) {
+  return detail::asio_run<void(result<V>)>(token, postbox::async_get(f).release_op());
+}
+
+/// Sends `payload` through `req` as requester::async_request does, when the
+/// operation is initiated (for a deferred token: when launched), and
+/// completes with `void(reply_outcome<Reply>)`: the reply, the responder's
+/// error, `timeout` (after `timeout` on the requester's timer service),
+/// `canceled` (requester destroyed, or an Asio cancellation: the request
+/// stays pending and its outcome is dropped), or a refusal (busy, full,
+/// closed) at once. `req` must outlive the operation. Allocates.
+template <class Request, class Reply, class CompletionToken>
+  requires ::asio::completion_token_for<CompletionToken, void(reply_outcome<Reply>)>
+auto async_request(requester<Request, Reply>& req, Request payload, duration timeout, CompletionToken&& token) {
+  using sig = void(reply_outcome<Reply>);
+  using op = detail::request_op<Reply>;
+  return ::asio::async_initiate<CompletionToken, sig>(
+      [](auto handler, requester<Request, Reply>* rq, Request p, duration to) {
+        detail::asio_initiation<op, sig>{}(std::move(handler), rq->async_request(std::move(p), to).release_op());
+      },
+      token, &req, std::move(payload), timeout);
+}
+
+/// operations::async_watch as an Asio operation: completes with
+/// `void(result<operation_snapshot<Result>>)`: the first snapshot of
+/// `caller`'s operation `id` above `after_version` (or a terminal one),
+/// `not_found`, `stopped` (tracker shutting down), or `canceled` on an Asio
+/// cancellation. `ops` must outlive the operation. Allocates.
+template <class Result, class CompletionToken>
+  requires ::asio::completion_token_for<CompletionToken, void(result<operation_snapshot<Result>>)>
+auto async_watch(operations<Result>& ops, const operation_caller& caller, const std::string& id,
+                 std::uint64_t after_version, CompletionToken&& token) {
+  return detail::asio_run<void(result<operation_snapshot<Result>>)>(
+      token, ops.async_watch(caller, id, after_version).release_op());
+}
+
+/// operations::async_wait as an Asio operation: the terminal snapshot, or
+/// the outcomes of async_watch.
+template <class Result, class CompletionToken>
+  requires ::asio::completion_token_for<CompletionToken, void(result<operation_snapshot<Result>>)>
+auto async_wait(operations<Result>& ops, const operation_caller& caller, const std::string& id,
+                CompletionToken&& token) {
+  return detail::asio_run<void(result<operation_snapshot<Result>>)>(token, ops.async_wait(caller, id).release_op());
+}
+
+/// Completes with `void(errc)`: `ok` once `timers` has run the timer set for
+/// `at` (posted at once when `at` has passed on its clock), `canceled` on an
+/// Asio cancellation (the timer is withdrawn). `timers` must outlive the
+/// operation. Allocates one timer and the pending operation.
+template <class CompletionToken>
+  requires ::asio::completion_token_for<CompletionToken, void(errc)>
+auto async_sleep_until(timer_service& timers, time_point at, CompletionToken&& token) {
+  return detail::asio_run<void(errc)>(token, detail::sleep_op{}, async_deadline{&timers, at});
+}
+
+/// As async_sleep_until, `delay` from now on the timer service's clock
+/// (read when called).
+template <class CompletionToken>
+  requires ::asio::completion_token_for<CompletionToken, void(errc)>
+auto async_sleep_for(timer_service& timers, duration delay, CompletionToken&& token) {
+  return async_sleep_until(timers, timers.get_clock().now() + delay, std::forward<CompletionToken>(token));
 }
 
 // --- select -----------------------------------------------------------------------
