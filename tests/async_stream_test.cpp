@@ -255,3 +255,19 @@ TEST_CASE("a coroutine reader fed by an appender thread reads every record exact
   REQUIRE(in_order);
   REQUIRE(r.poll().records.empty());
 }
+
+TEST_CASE("destroying a frame suspended in async_poll withdraws it: a later append resumes nothing",
+          "[async][stream]") {
+  postbox::manual_clock clock;
+  postbox::stream<int> s(1, {}, clock);
+  auto r = s.read_from();
+  postbox::run_queue q;
+  {
+    auto t = poll_one(r, 8);
+    t.start(q);
+    REQUIRE_FALSE(t.done());
+  }  // the frame goes while suspended
+  (void)s.append("a", 4);
+  REQUIRE(q.size_approx() == 0);  // no registration left to post a resumption
+  REQUIRE(r.poll().records.size() == 1);
+}

@@ -268,6 +268,9 @@ class stream_log {
       POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: too many partitions"));
     parts_.reserve(partitions);
     for (std::size_t i = 0; i < partitions; ++i) parts_.push_back(std::make_unique<stream_partition<T>>());
+    // Before the first append: lets notify_light's fence be a compiler
+    // barrier when membarrier is available (see asymmetric_fence.hpp).
+    asymmetric_fence_init();
   }
 
   /// Appends `value` under `key` to partition fnv1a_64(key) % partitions.
