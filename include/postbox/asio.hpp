@@ -395,7 +395,8 @@ auto async_get(reply_future<V>& f, CompletionToken&& token) {
 /// closed) at once. `req` must outlive the operation. Allocates.
 template <class Request, class Reply, class CompletionToken>
   requires ::asio::completion_token_for<CompletionToken, void(reply_outcome<Reply>)>
-auto async_request(requester<Request, Reply>& req, Request payload, duration timeout, CompletionToken&& token) {
+auto async_request(requester<Request, Reply>& req, std::type_identity_t<Request> payload, duration timeout,
+                   CompletionToken&& token) {
   using sig = void(reply_outcome<Reply>);
   using op = detail::request_op<Reply>;
   return ::asio::async_initiate<CompletionToken, sig>(
