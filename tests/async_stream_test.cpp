@@ -271,3 +271,20 @@ TEST_CASE("destroying a frame suspended in async_poll withdraws it: a later appe
   REQUIRE(q.size_approx() == 0);  // no registration left to post a resumption
   REQUIRE(r.poll().records.size() == 1);
 }
+
+TEST_CASE("destroying the stream ends a blocked poll_wait with closed", "[stream]") {
+  postbox::manual_clock clock;
+  auto s = std::make_unique<postbox::stream<int>>(2, postbox::retention{}, clock);
+  auto m = s->group("g").join();
+  std::atomic<bool> entered{false};
+  postbox::read_result<int> got;
+  std::thread waiter([&] {
+    entered.store(true);
+    got = m.poll_wait(8);
+  });
+  REQUIRE(eventually([&] { return entered.load(); }));
+  s.reset();
+  waiter.join();
+  REQUIRE(got.status == postbox::errc::closed);
+  REQUIRE(got.records.empty());
+}

@@ -743,10 +743,12 @@ class group_member {
   /// Leaves now (idempotent); uncommitted progress is abandoned.
   void leave() {
     if (!g_) return;
-    std::lock_guard lock(g_->mu);
-    g_->members.erase(std::remove(g_->members.begin(), g_->members.end(), id_), g_->members.end());
-    g_->generation.fetch_add(1, std::memory_order_release);  // release: pairs with the acquire in poll
-    g_.reset();
+    // Ours may be the group's last reference (the stream and every handle
+    // gone): keep it alive until the lock below is released.
+    const std::shared_ptr<detail::stream_group<T>> g = std::move(g_);
+    std::lock_guard lock(g->mu);
+    g->members.erase(std::remove(g->members.begin(), g->members.end(), id_), g->members.end());
+    g->generation.fetch_add(1, std::memory_order_release);  // release: pairs with the acquire in poll
   }
 
   /// Copies up to `max` records from this member's partitions, continuing
