@@ -1141,11 +1141,7 @@ class consumer {
     try {
       result = batch_handler_(batch);
     } catch (...) {
-      const auto ep = std::current_exception();
-      err = describe(ep);
-      result = classify(ep) == error_class::permanent
-                   ? settlement::reject(std::string(dead_letter_reasons::permanent_error))
-                   : settlement::retry();
+      result = settlement_for(std::current_exception(), err);
       threw = true;
     }
 #else
@@ -1215,10 +1211,7 @@ class consumer {
     try {
       s = handler_(it.env, ctx);
     } catch (...) {
-      const auto ep = std::current_exception();
-      err = describe(ep);
-      s = classify(ep) == error_class::permanent ? settlement::reject(std::string(dead_letter_reasons::permanent_error))
-                                                 : settlement::retry();
+      s = settlement_for(std::current_exception(), err);
       threw = true;
     }
 #else
@@ -1285,10 +1278,7 @@ class consumer {
         s = settlement::ack();
       }
     } catch (...) {
-      const auto ep = std::current_exception();
-      err = describe(ep);
-      s = classify(ep) == error_class::permanent ? settlement::reject(std::string(dead_letter_reasons::permanent_error))
-                                                 : settlement::retry();
+      s = settlement_for(std::current_exception(), err);
       threw = true;
     }
 #else
@@ -1341,6 +1331,16 @@ class consumer {
     (void)ep;
     return {};
 #endif
+  }
+
+  // What a handler's exception settles as (reject when the classifier calls
+  // it permanent, else retry); its text goes to `err`. One rule for the
+  // synchronous, coroutine and batch handlers.
+  settlement settlement_for(const std::exception_ptr& ep, std::string& err) {
+    err = describe(ep);
+    return classify(ep) == error_class::permanent
+               ? settlement::reject(std::string(dead_letter_reasons::permanent_error))
+               : settlement::retry();
   }
 
   error_class classify(const std::exception_ptr& ep) {
