@@ -8,7 +8,7 @@
 # An entry is a path relative to include/postbox/, or `<folder>/*.hpp` for a
 # folder that belongs to one layer as a whole: detail/ is the shared core by
 # definition, and a folder named after a concept (json/, operations/,
-# request_reply/, consumer/) holds internals of that concept's header.
+# request_reply/, consumer/, async/) holds internals of that concept's header.
 #
 # Placement: the layers DESIGN.md names place the headers of its concepts
 # (retry is a pattern). A header DESIGN.md does not place (clock, testing,
@@ -29,7 +29,7 @@ set(POSTBOX_LAYER_1
 # 2. channels: typed in-process transports, and what waiting on them needs.
 set(POSTBOX_LAYER_2
   clock.hpp timer_service.hpp redaction.hpp metrics.hpp
-  channel.hpp topic.hpp stream.hpp durable_stream.hpp select.hpp async.hpp)
+  channel.hpp topic.hpp stream.hpp durable_stream.hpp select.hpp async.hpp async/*.hpp)
 # 3. messages: envelopes, codecs (nlohmann/json, fmt), message hooks.
 set(POSTBOX_LAYER_3
   envelope.hpp observer.hpp json.hpp json/*.hpp schema.hpp format.hpp)

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Specification tests for postbox::consumer with coroutine handlers: suspension, max_in_flight, retries, per-key order, exceptions.
 #include <postbox/consumer.hpp>
+#include <postbox/async.hpp>
 #include <postbox/testing.hpp>
 
 #include <catch2/catch.hpp>

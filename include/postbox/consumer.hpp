@@ -27,7 +27,7 @@
 //   one receiver (the others wait), so with one worker a message goes from
 //   the source to the handler on one thread, with no hand-off.
 
-#include <postbox/async.hpp>
+#include <postbox/async/core.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/consumer/sources.hpp>
