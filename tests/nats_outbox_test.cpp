@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <stdexcept>
@@ -450,6 +451,188 @@ TEST_CASE("a server stop in the middle of a pipelined batch loses nothing, dupli
     INFO(key);
     CHECK(ns == one_to(per));
   }
+}
+
+// ---- Pipelined relay: NATS messages built from the stored bytes ----
+
+namespace {
+
+// The headers of a NATS message, name -> value.
+std::map<std::string, std::string> headers_of(natsMsg* msg) {
+  std::map<std::string, std::string> out;
+  const char** keys = nullptr;
+  int count = 0;
+  if (natsMsgHeader_Keys(msg, &keys, &count) != NATS_OK || keys == nullptr) return out;
+  for (int i = 0; i < count; ++i) {
+    const char* v = nullptr;
+    if (natsMsgHeader_Get(msg, keys[i], &v) == NATS_OK && v != nullptr) out[keys[i]] = v;
+  }
+  std::free(static_cast<void*>(keys));
+  return out;
+}
+
+nlohmann::json body_of(natsMsg* msg) {
+  return nlohmann::json::parse(std::string_view(natsMsg_GetData(msg), static_cast<std::size_t>(natsMsg_GetDataLength(msg))));
+}
+
+// Every message of `stream` in stream order, as libnats received it.
+std::vector<postbox::nats_msg_ptr> read_raw(postbox::jetstream& js, const std::string& stream, std::size_t expected) {
+  postbox::jetstream_pull_source<nlohmann::json> src(js, {stream, "raw-reader", "orders.>", 30000ms, -1});
+  std::vector<postbox::nats_msg_ptr> out;
+  for (int i = 0; i < 50 && out.size() < expected; ++i) {
+    auto got = src.fetch(64, 1000ms);
+    if (!got.has_value()) continue;
+    for (auto& d : *got) {
+      natsMsg* copy = nullptr;
+      // A copy of what arrived: subject, headers and body.
+      REQUIRE(natsMsg_Create(&copy, natsMsg_GetSubject(d.native()), nullptr, natsMsg_GetData(d.native()),
+                             natsMsg_GetDataLength(d.native())) == NATS_OK);
+      postbox::nats_msg_ptr owned(copy);
+      for (const auto& [k, v] : headers_of(d.native())) REQUIRE(natsMsgHeader_Set(copy, k.c_str(), v.c_str()) == NATS_OK);
+      out.push_back(std::move(owned));
+      (void)d.ack();
+    }
+  }
+  return out;
+}
+
+// An envelope using every field the NATS headers carry.
+postbox::envelope<nlohmann::json> every_field(const postbox::clock& clk, int n) {
+  auto env = postbox::make_envelope("orders.placed", nlohmann::json{{"n", n}, {"text", "é \" \\ \n 😀"}, {"x", 0.25}},
+                                    postbox::message_kind::command, clk);
+  env.schema_version = 3;
+  env.causation_id = postbox::message_id::generate();
+  env.producer = "shop";
+  env.partition_key = "cust-" + std::to_string(n % 2);
+  env.tenant = "acme";
+  env.trace = *postbox::trace_context::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "congo=t61rcWkgMzE");
+  env.deadline = env.occurred_at + 30s;
+  env.attempt = 2;
+  env.headers.set("x-region", "eu");
+  env.headers.set("x-empty", "");
+  return env;
+}
+
+}  // namespace
+
+TEST_CASE("a pipelined relay publishes each stored envelope as the same NATS message the bridge builds from it",
+          "[nats][nats_outbox][pipelined]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  std::vector<postbox::envelope<nlohmann::json>> staged;
+  for (int n = 0; n < 4; ++n) {
+    staged.push_back(every_field(r.clock, n));
+    auto tx = r.store.begin();
+    REQUIRE(r.box.stage(tx, staged.back()) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+  }
+  // A minimal envelope too: the optional headers stay absent.
+  staged.push_back(postbox::make_envelope("orders.placed", nlohmann::json{{"n", 9}}, postbox::message_kind::event, r.clock));
+  {
+    auto tx = r.store.begin();
+    REQUIRE(r.box.stage(tx, staged.back()) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+  }
+  postbox::outbox_relay relay(r.store,
+                              postbox::to_jetstream_pipelined<nlohmann::json>(r.js, postbox::json::codec{}, pipeline(4)),
+                              relay_opts(), r.clock);
+  CHECK(relay.run_once().marked == staged.size());
+  const auto got = read_raw(r.js, "ORDERS", staged.size());
+  REQUIRE(got.size() == staged.size());
+  for (std::size_t i = 0; i < staged.size(); ++i) {
+    INFO("message " << i);
+    auto want = postbox::to_nats_msg(staged[i], "orders.placed");
+    REQUIRE(want.has_value());
+    CHECK(std::string(natsMsg_GetSubject(got[i].get())) == "orders.placed");
+    CHECK(headers_of(got[i].get()) == headers_of(want->get()));
+    CHECK(body_of(got[i].get()) == body_of(want->get()));
+    // And the consumer side decodes the same envelope.
+    postbox::nats_decode_error e;
+    auto back = postbox::from_nats_msg<nlohmann::json>(got[i].get(), e);
+    REQUIRE(back.has_value());
+    CHECK(back->id == staged[i].id);
+    CHECK(back->payload == staged[i].payload);
+    CHECK(back->headers.get("x-region") == staged[i].headers.get("x-region"));
+  }
+}
+
+TEST_CASE("a pipelined relay takes rows the stored-bytes view refuses through the full decode, with the same results",
+          "[nats][nats_outbox][pipelined]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  const auto id = [] { return postbox::message_id::generate(); };
+  auto stage_text = [&](postbox::message_id mid, const std::string& key, std::string body) {
+    postbox::stored_message m;
+    m.id = mid;
+    m.type = "orders.placed";
+    m.partition_key = key;
+    m.body = std::move(body);
+    auto tx = r.store.begin();
+    REQUIRE(r.box.stage_encoded(tx, std::move(m)) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+  };
+  const auto a = id(), b = id(), c = id();
+  // Valid, but not as json::encode writes it: spaces, an escaped type, a
+  // timestamp with an offset and a member the envelope does not define.
+  stage_text(a, "k1",
+             "{ \"id\" : \"" + a.to_string() +
+                 "\", \"type\": \"orders.plac\\u0065d\", \"occurred_at\": \"2026-12-06T11:00:00+01:00\","
+                 " \"extra\": true, \"payload\": { \"n\" : 1 } }");
+  // A payload that does not convert to `order`: bad_type, dead-lettered.
+  stage_text(b, "k2",
+             "{\"id\":\"" + b.to_string() +
+                 "\",\"type\":\"orders.placed\",\"occurred_at\":\"2026-12-06T10:00:00.000000000Z\",\"payload\":{\"m\":2}}");
+  // Not JSON at all: parse_error, dead-lettered.
+  stage_text(c, "k3", "{\"id\":");
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream_pipelined<order>(r.js, postbox::json::codec{}, pipeline(4)),
+                              relay_opts(), r.clock);
+  const auto step = relay.run_once();
+  CHECK(step.marked == 1);
+  CHECK(step.dead_lettered == 2);
+  auto dead = r.store.outbox_dead_letters({});
+  REQUIRE(dead.has_value());
+  std::map<postbox::message_id, std::string> reason;
+  for (const auto& d : *dead) reason[d.message.id] = d.reason;
+  CHECK(reason[b] == "bad_type");
+  CHECK(reason[c] == "parse_error");
+  const auto got = read_raw(r.js, "ORDERS", 1);
+  REQUIRE(got.size() == 1);
+  const auto headers = headers_of(got[0].get());
+  CHECK(headers.at(postbox::nats_headers::id) == a.to_string());
+  CHECK(headers.at(postbox::nats_headers::type) == "orders.placed");
+  CHECK(headers.at(postbox::nats_headers::occurred_at) == "2026-12-06T10:00:00.000000000Z");  // normalized, as before
+  CHECK(body_of(got[0].get()) == nlohmann::json{{"n", 1}});
+}
+
+TEST_CASE("with check_payload off a pipelined relay sends a stored payload that does not convert to T unchanged",
+          "[nats][nats_outbox][pipelined]") {
+  NATS_REQUIRE_SERVER();
+  rig r;
+  const auto mid = postbox::message_id::generate();
+  postbox::stored_message m;
+  m.id = mid;
+  m.type = "orders.placed";
+  m.body = "{\"id\":\"" + mid.to_string() +
+           "\",\"type\":\"orders.placed\",\"occurred_at\":\"2026-12-06T10:00:00.000000000Z\",\"payload\":{\"m\":2}}";
+  {
+    auto tx = r.store.begin();
+    REQUIRE(r.box.stage_encoded(tx, std::move(m)) == errc::ok);
+    REQUIRE(tx.commit() == errc::ok);
+  }
+  auto popts = pipeline(4);
+  popts.check_payload = false;
+  postbox::outbox_relay relay(r.store, postbox::to_jetstream_pipelined<order>(r.js, postbox::json::codec{}, popts),
+                              relay_opts(), r.clock);
+  const auto step = relay.run_once();
+  CHECK(step.marked == 1);
+  CHECK(step.dead_lettered == 0);
+  const auto got = read_raw(r.js, "ORDERS", 1);
+  REQUIRE(got.size() == 1);
+  CHECK(body_of(got[0].get()) == nlohmann::json{{"m", 2}});
+  // The consumer is where it now fails to become an `order`.
+  postbox::nats_decode_error e;
+  CHECK_FALSE(postbox::from_nats_msg<order>(got[0].get(), e).has_value());
+  CHECK(e.field == "payload");
 }
 
 #endif  // POSTBOX_NATS_SERVER

@@ -5,9 +5,11 @@
 // Opt-in edge (layer 5): needs libnats and nlohmann/json (CMake target
 // `postbox::nats`). Design notes: docs/design/nats.md ("Outbox destination").
 
+#include <postbox/json/envelope_view.hpp>
 #include <postbox/nats.hpp>
 #include <postbox/outbox.hpp>
 
+#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -15,11 +17,13 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <span>
 #include <stop_token>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -91,6 +95,13 @@ struct jetstream_pipeline_options {
   /// As in `jetstream_destination_options`: after each PubAck, on the
   /// relay's thread, in batch order, before the relay marks the batch.
   std::function<void(const stored_message&, const publish_ack&)> on_ack{};
+  /// With `json::codec` and a typed `T`: convert each stored payload to `T`
+  /// (as a consumer will) before sending its bytes, so a payload that does
+  /// not convert fails here with `bad_type` (permanent: dead-lettered) as
+  /// the full decode reports it. Off: the stored payload bytes go out
+  /// unconverted (saves one payload parse per message); a payload that does
+  /// not convert then fails at the consumer. No effect for `nlohmann::json`.
+  bool check_payload = true;
 };
 
 namespace detail {
@@ -134,7 +145,8 @@ class js_pipeline {
       std::lock_guard lock(m_);
       slots_.assign(n, slot{});
       index_.clear();
-      for (std::size_t i = 0; i < n; ++i) index_.emplace(batch[i].id.to_string(), i);
+      index_.reserve(n);
+      for (std::size_t i = 0; i < n; ++i) index_.emplace(batch[i].id, i);
       failed_keys_.clear();
       outstanding_ = 0;
     }
@@ -149,29 +161,36 @@ class js_pipeline {
         stalled = !await_locked(lock, options_.window - 1);
         if (stalled) break;
       }
+      // The NATS message from the stored bytes when the view takes them
+      // (no decode, no re-encode); else through the full decode, which
+      // also gives the exact error for a row the view refuses.
+      const bool viewed = view<T, Codec>(m);
       envelope<T> env;
-      errc rc = errc::ok;
-      if (!outbox_decode<T>(codec, m, env, rc)) {
-        fail(i, m, rc);
-        continue;
+      if (!viewed) {
+        errc rc = errc::ok;
+        if (!outbox_decode<T>(codec, m, env, rc)) {
+          fail(i, m, rc);
+          continue;
+        }
+        env.id = m.id;  // the outbox row's id is the dedup identity, whatever the codec kept
       }
-      env.id = m.id;  // the outbox row's id is the dedup identity, whatever the codec kept
-      const std::string subject = options_.subject ? options_.subject(m) : options_.subjects(env.type);
-      auto msg = to_nats_msg(env, subject);
+      std::string subject =
+          options_.subject ? options_.subject(m) : options_.subjects(viewed ? view_.type : std::string_view(env.type));
+      auto msg = viewed ? viewed_nats_msg(m, subject) : to_nats_msg(env, subject);
       if (!msg.has_value()) {
         fail(i, m, msg.status());
         continue;
       }
-      const std::string id = m.id.to_string();
-      jsPubOptions po;
-      jsPubOptions_Init(&po);
-      po.MsgId = id.c_str();
       {
         std::lock_guard lock(m_);
         slots_[i].sent = true;
-        slots_[i].subject = subject;
+        slots_[i].subject = std::move(subject);
         ++outstanding_;
       }
+      // The message carries Nats-Msg-Id already (no jsPubOptions::MsgId,
+      // which would set the header a second time).
+      jsPubOptions po;
+      jsPubOptions_Init(&po);
       natsMsg* raw = msg->release();
       const natsStatus s = js_PublishMsgAsync(ctx_.get(), &raw, &po);
       natsMsg_Destroy(raw);  // null when libnats took it
@@ -224,6 +243,106 @@ class js_pipeline {
   }
 
  private:
+  struct message_id_hash {
+    std::size_t operator()(const message_id& id) const noexcept {
+      return static_cast<std::size_t>(id.low() ^ (id.high() * 0x9e3779b97f4a7c15ull));
+    }
+  };
+
+  // Views the stored JSON envelope of `m` into view_ when the codec is
+  // json::codec and the text is one the view takes (see
+  // json/envelope_view.hpp), with the checks `json::decode<T>` makes beyond
+  // the envelope itself: type and schema version against message_traits<T>
+  // and, with check_payload, the payload's conversion to T. False: decode.
+  template <class T, class Codec>
+  bool view(const stored_message& m) {
+    if constexpr (!std::is_same_v<Codec, json::codec>) {
+      (void)m;
+      return false;
+    } else {
+      if (!view_json_envelope(m.body, view_)) return false;
+      for (std::size_t h = 0; h < view_.header_count; ++h) {
+        const std::string_view k = view_.headers[h].first;
+        if (k.empty() || k.find_first_of(":\r\n ") != std::string_view::npos) return false;  // invalid_argument
+      }
+      if constexpr (!std::is_same_v<T, nlohmann::json>) {
+        constexpr std::string_view want = message_traits<T>::type_name();
+        if (!want.empty() && (view_.type != want || view_.schema_version != message_traits<T>::schema_version()))
+          return false;  // unknown_type / unsupported_version
+        if (options_.check_payload) {
+          bool converts = false;
+          POSTBOX_TRY {
+            (void)nlohmann::json::parse(view_.payload).template get<T>();
+            converts = true;
+          }
+          POSTBOX_CATCH_ALL {}
+          if (!converts) return false;  // bad_type on "payload"
+        }
+      }
+      return true;
+    }
+  }
+
+  // The NATS message of the viewed envelope: the same subject, body value
+  // and headers (names, values and presence) as to_nats_msg of the decoded
+  // envelope, with the stored payload text as the body. invalid_argument as
+  // to_nats_msg when libnats refuses the subject or a header.
+  result<nats_msg_ptr> viewed_nats_msg(const stored_message& m, const std::string& subject) {
+    const json_envelope_view& v = view_;
+    natsMsg* raw = nullptr;
+    if (natsMsg_Create(&raw, subject.c_str(), nullptr, v.payload.data(), static_cast<int>(v.payload.size())) !=
+        NATS_OK)
+      return errc::invalid_argument;
+    nats_msg_ptr msg(raw);
+    bool ok = true;
+    // Header values need a terminator: copied into value_ (its capacity is
+    // kept, so a steady flow does not allocate). No viewed value holds CR or
+    // LF: the view takes only strings without escapes, and raw control
+    // characters are not valid JSON.
+    auto set = [&](const char* k, std::string_view value) {
+      if (!ok || value.empty()) return;
+      value_.assign(value);
+      ok = natsMsgHeader_Set(msg.get(), k, value_.c_str()) == NATS_OK;
+    };
+    char text[40];
+    auto set_id = [&](const char* k, const message_id& id) {
+      id.write_to(text);
+      set(k, std::string_view(text, 36));
+    };
+    auto set_u32 = [&](const char* k, std::uint32_t n) {
+      const auto end = std::to_chars(text, text + sizeof text, n).ptr;
+      set(k, std::string_view(text, static_cast<std::size_t>(end - text)));
+    };
+    auto set_time = [&](const char* k, std::string_view stored, time_point t) {
+      if (json_view_canonical_time(stored)) {
+        set(k, stored);
+      } else {
+        set(k, json::detail::format_time(t));
+      }
+    };
+    set_id(nats_headers::id, m.id);  // the outbox row's id is the dedup identity
+    set(nats_headers::type, v.type);
+    set_u32(nats_headers::schema_version, v.schema_version);
+    set(nats_headers::kind, to_string(v.kind));
+    set_time(nats_headers::occurred_at, v.occurred_at_text, v.occurred_at);
+    if (!v.correlation_id.is_nil()) set_id(nats_headers::correlation_id, v.correlation_id);
+    if (!v.causation_id.is_nil()) set_id(nats_headers::causation_id, v.causation_id);
+    set(nats_headers::producer, v.producer);
+    set(nats_headers::partition_key, v.partition_key);
+    set(nats_headers::tenant, v.tenant);
+    set(nats_headers::traceparent, v.traceparent);
+    set(nats_headers::tracestate, v.tracestate);
+    if (v.deadline) set_time(nats_headers::deadline, v.deadline_text, *v.deadline);
+    if (v.attempt != 0) set_u32(nats_headers::attempt, v.attempt);
+    for (std::size_t h = 0; h < v.header_count; ++h) {
+      name_.assign(nats_headers::user_prefix);
+      name_.append(v.headers[h].first);
+      set(name_.c_str(), v.headers[h].second);
+    }
+    if (!ok) return errc::invalid_argument;
+    return msg;
+  }
+
   struct slot {
     bool sent = false;  // handed to libnats
     bool done = false;  // outcome known (PubAck, error answer, or a failed send)
@@ -254,10 +373,13 @@ class js_pipeline {
   // outcome of the message named by its Nats-Msg-Id header. Owns `msg`.
   static void on_pub_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* closure) {
     auto* self = static_cast<js_pipeline*>(closure);
-    const char* id = nullptr;
-    if (msg != nullptr && natsMsgHeader_Get(msg, nats_headers::id, &id) == NATS_OK && id != nullptr) {
+    const char* text = nullptr;
+    std::optional<message_id> id;
+    if (msg != nullptr && natsMsgHeader_Get(msg, nats_headers::id, &text) == NATS_OK && text != nullptr)
+      id = message_id::parse(text);
+    if (id) {
       std::lock_guard lock(self->m_);
-      auto it = self->index_.find(id);
+      auto it = self->index_.find(*id);
       if (it != self->index_.end()) {
         slot& sl = self->slots_[it->second];
         if (sl.sent && !sl.done) {
@@ -289,9 +411,14 @@ class js_pipeline {
   std::mutex m_;          // guards what follows; the PubAck callback takes it
   std::condition_variable cv_;  // a PubAck arrived (outstanding_ dropped)
   std::vector<slot> slots_;
-  std::unordered_map<std::string, std::size_t> index_;  // message id text -> slot (this batch only)
+  std::unordered_map<message_id, std::size_t, message_id_hash> index_;  // message id -> slot (this batch only)
   std::set<std::string, std::less<>> failed_keys_;       // keys with a failure in this batch
   std::size_t outstanding_ = 0;                          // sent, outcome not yet known
+  // The run's thread only (under run_mutex_): the current row's view and
+  // the header scratch strings whose capacity is kept across messages.
+  json_envelope_view view_;
+  std::string value_;
+  std::string name_;
 };
 
 }  // namespace detail
@@ -316,6 +443,16 @@ class js_pipeline {
 /// * No PubAck for `ack_timeout`: the rest are unknown outcomes (`timeout`,
 ///   or `permission_denied` when the server refused the subject), retried
 ///   by the relay with backoff under the same ids.
+/// * With `json::codec` each NATS message is built from the stored bytes:
+///   one non-allocating pass views the envelope's fields in the row's JSON
+///   text, the headers are those texts and the body is the stored payload
+///   text (no decode, no re-encode). The view takes only texts the decode
+///   reads with the same values (what `json::encode` writes); any other row,
+///   and every row of another codec, goes through the full decode and
+///   `to_nats_msg` as before. Either way the message carries the same
+///   subject, headers and payload value, so consumers decode the same
+///   envelope. For a typed `T`, `check_payload` keeps the decode's check that
+///   the payload converts to `T`.
 /// * Decode failures and envelopes NATS headers cannot carry fail with the
 ///   codec's code or `invalid_argument`, permanent for the default classifier.
 /// * A call lasts about batch / window PubAck round trips, plus

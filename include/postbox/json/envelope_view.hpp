@@ -1,0 +1,413 @@
+// SPDX-License-Identifier: MIT
+// Internal to postbox/nats_outbox.hpp: one non-allocating pass over an envelope's JSON text (as json::encode writes it) that views each field in place instead of building a document.
+#pragma once
+
+// The pipelined JetStream relay builds each NATS message from the stored
+// bytes with this view: the header values are the envelope's own field
+// texts and the NATS body is the payload's text as stored. Design notes:
+// docs/design/nats.md ("Outbox destination").
+//
+// The view is deliberately narrower than `json::decode`: it accepts only
+// texts for which the decode is known to succeed with the same values, and
+// refuses (returns false) everything else, including texts the decode would
+// accept but the view does not handle (a string field with an escape, a null
+// member, a member the envelope does not define, a number near the range of
+// double). A caller falls back to the full decode for a refused text, so the
+// decode's result (or its exact error) still decides.
+
+#include <postbox/envelope.hpp>
+#include <postbox/json.hpp>
+#include <postbox/json/scan.hpp>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+#include <utility>
+
+POSTBOX_BEGIN_NAMESPACE
+namespace detail {
+
+/// The fields of one envelope viewed in its JSON text (views into that
+/// text: valid while it lives). A plain value.
+struct json_envelope_view {
+  /// User headers held at most; an envelope with more is refused.
+  static constexpr std::size_t max_headers = 32;
+
+  message_id id;
+  std::string_view type;
+  std::uint32_t schema_version = 1;
+  message_kind kind = message_kind::event;
+  time_point occurred_at{};
+  std::string_view occurred_at_text;  ///< as stored
+  message_id correlation_id;
+  message_id causation_id;
+  std::string_view producer;
+  std::string_view partition_key;
+  std::string_view tenant;
+  std::string_view traceparent;
+  std::string_view tracestate;
+  std::optional<time_point> deadline;
+  std::string_view deadline_text;  ///< as stored; empty without a deadline
+  std::uint32_t attempt = 0;
+  std::array<std::pair<std::string_view, std::string_view>, max_headers> headers{};  ///< in stored order
+  std::size_t header_count = 0;
+  std::string_view payload;  ///< the payload value's whole JSON text
+};
+
+/// A strict RFC 8259 reader over a text, with nlohmann's own limits: each
+/// call consumes one token or value and returns false at the first thing
+/// the fast path does not take (malformed, or well-formed but left to the
+/// full decode). Never allocates; recursion is bounded by `max_depth`.
+class json_view_reader {
+ public:
+  explicit json_view_reader(std::string_view text) noexcept : p_(text.data()), end_(text.data() + text.size()) {}
+
+  void skip_ws() noexcept {
+    while (p_ != end_ && (*p_ == ' ' || *p_ == '\t' || *p_ == '\n' || *p_ == '\r')) ++p_;
+  }
+  [[nodiscard]] bool at_end() const noexcept { return p_ == end_; }
+  [[nodiscard]] bool peek(char c) const noexcept { return p_ != end_ && *p_ == c; }
+  [[nodiscard]] bool take(char c) noexcept {
+    if (!peek(c)) return false;
+    ++p_;
+    return true;
+  }
+  [[nodiscard]] const char* pos() const noexcept { return p_; }
+
+  /// A string at the cursor: `contents` views it without the quotes;
+  /// `escaped` tells whether it holds an escape (then `contents` is the
+  /// escaped text). Validates UTF-8, control characters and `\u` surrogate
+  /// pairs as nlohmann does.
+  [[nodiscard]] bool string(std::string_view& contents, bool& escaped) noexcept {
+    escaped = false;
+    if (!take('"')) return false;
+    const char* start = p_;
+    while (p_ != end_) {
+      // Printable ASCII other than the quote and the backslash: the bulk of
+      // an envelope, one table load per byte.
+      while (p_ != end_ && plain_[static_cast<unsigned char>(*p_)]) ++p_;
+      if (p_ == end_) break;
+      const auto c = static_cast<unsigned char>(*p_);
+      if (c == '"') {
+        contents = std::string_view(start, static_cast<std::size_t>(p_ - start));
+        ++p_;
+        return true;
+      }
+      if (c == '\\') {
+        escaped = true;
+        if (!escape()) return false;
+        continue;
+      }
+      if (c < 0x20) return false;
+      if (c >= 0x80) {
+        const std::size_t len = utf8_sequence_length(reinterpret_cast<const unsigned char*>(p_),
+                                                     static_cast<std::size_t>(end_ - p_));
+        if (len == 0) return false;
+        p_ += len;
+        continue;
+      }
+      ++p_;
+    }
+    return false;
+  }
+
+  /// A number at the cursor; `text` views it. Refuses numbers whose value
+  /// could leave the range of double (nlohmann reports those as errors).
+  [[nodiscard]] bool number(std::string_view& text) noexcept {
+    const char* start = p_;
+    (void)take('-');
+    std::size_t int_digits = 0;
+    if (take('0')) {
+      int_digits = 0;
+    } else if (p_ != end_ && *p_ >= '1' && *p_ <= '9') {
+      while (p_ != end_ && *p_ >= '0' && *p_ <= '9') {
+        ++p_;
+        ++int_digits;
+      }
+    } else {
+      return false;
+    }
+    if (take('.')) {
+      if (!digits()) return false;
+    }
+    long exponent = 0;
+    if (p_ != end_ && (*p_ == 'e' || *p_ == 'E')) {
+      ++p_;
+      bool negative = false;
+      if (p_ != end_ && (*p_ == '+' || *p_ == '-')) negative = *p_++ == '-';
+      if (p_ == end_ || *p_ < '0' || *p_ > '9') return false;
+      while (p_ != end_ && *p_ >= '0' && *p_ <= '9') {
+        if (exponent < 100000) exponent = exponent * 10 + (*p_ - '0');
+        ++p_;
+      }
+      if (negative) exponent = -exponent;
+    }
+    text = std::string_view(start, static_cast<std::size_t>(p_ - start));
+    // |value| < 10^(int_digits + exponent) <= 10^308, below DBL_MAX; tiny
+    // exponents (underflow to 0 or a subnormal) are left to the decode.
+    return text.size() <= 400 && static_cast<long>(int_digits) + exponent <= 308 && exponent >= -300;
+  }
+
+  /// Any value at the cursor, at container depth `depth` (the envelope
+  /// object is depth 1); refuses containers deeper than `max_depth`.
+  [[nodiscard]] bool value(std::size_t depth, std::size_t max_depth) noexcept {
+    if (p_ == end_) return false;
+    switch (*p_) {
+      case '"': {
+        std::string_view s;
+        bool escaped = false;
+        return string(s, escaped);
+      }
+      case '{': {
+        if (depth + 1 > max_depth) return false;
+        ++p_;
+        skip_ws();
+        if (take('}')) return true;
+        for (;;) {
+          std::string_view key;
+          bool escaped = false;
+          if (!string(key, escaped)) return false;
+          skip_ws();
+          if (!take(':')) return false;
+          skip_ws();
+          if (!value(depth + 1, max_depth)) return false;
+          skip_ws();
+          if (take('}')) return true;
+          if (!take(',')) return false;
+          skip_ws();
+        }
+      }
+      case '[': {
+        if (depth + 1 > max_depth) return false;
+        ++p_;
+        skip_ws();
+        if (take(']')) return true;
+        for (;;) {
+          if (!value(depth + 1, max_depth)) return false;
+          skip_ws();
+          if (take(']')) return true;
+          if (!take(',')) return false;
+          skip_ws();
+        }
+      }
+      case 't': return word("true");
+      case 'f': return word("false");
+      case 'n': return word("null");
+      default: {
+        std::string_view n;
+        return number(n);
+      }
+    }
+  }
+
+ private:
+  static constexpr std::array<bool, 256> plain_ = [] {
+    std::array<bool, 256> t{};
+    for (unsigned c = 0x20; c < 0x80; ++c) t[c] = c != '"' && c != '\\';
+    return t;
+  }();
+
+  bool digits() noexcept {
+    if (p_ == end_ || *p_ < '0' || *p_ > '9') return false;
+    while (p_ != end_ && *p_ >= '0' && *p_ <= '9') ++p_;
+    return true;
+  }
+  bool word(std::string_view w) noexcept {
+    if (static_cast<std::size_t>(end_ - p_) < w.size() || std::string_view(p_, w.size()) != w) return false;
+    p_ += w.size();
+    return true;
+  }
+  // Four hex digits after "\u".
+  bool hex4(unsigned& out) noexcept {
+    if (end_ - p_ < 4) return false;
+    out = 0;
+    for (int i = 0; i < 4; ++i) {
+      const int v = hex_value(*p_++);
+      if (v < 0) return false;
+      out = out * 16 + static_cast<unsigned>(v);
+    }
+    return true;
+  }
+  // One escape at the backslash.
+  bool escape() noexcept {
+    ++p_;
+    if (p_ == end_) return false;
+    const char e = *p_++;
+    switch (e) {
+      case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't': return true;
+      case 'u': {
+        unsigned cp = 0;
+        if (!hex4(cp)) return false;
+        if (cp >= 0xdc00 && cp <= 0xdfff) return false;  // a low surrogate first
+        if (cp >= 0xd800 && cp <= 0xdbff) {  // a high surrogate: a low one must follow
+          unsigned low = 0;
+          if (!take('\\') || !take('u') || !hex4(low)) return false;
+          return low >= 0xdc00 && low <= 0xdfff;
+        }
+        return true;
+      }
+      default: return false;
+    }
+  }
+
+  const char* p_;
+  const char* end_;
+};
+
+/// An unsigned 32-bit JSON integer as `read_u32` takes it: plain digits.
+[[nodiscard]] constexpr bool json_view_u32(std::string_view text, std::uint32_t& out) noexcept {
+  if (text.empty() || text.size() > 10) return false;
+  std::uint64_t v = 0;
+  for (const char c : text) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<std::uint64_t>(c - '0');
+  }
+  if (v > 0xffffffffu) return false;
+  out = static_cast<std::uint32_t>(v);
+  return true;
+}
+
+/// Views the envelope in `text`. True only when `json::decode<nlohmann::json>`
+/// (default options) succeeds on `text` and yields exactly these fields, the
+/// payload being the JSON value of `out.payload`; false for anything else
+/// (the decode then decides). Never allocates, never throws. Thread-safe.
+[[nodiscard]] inline bool view_json_envelope(std::string_view text, json_envelope_view& out) noexcept {
+  const json::decode_options limits{};
+  if (text.size() > limits.max_bytes) return false;
+  out.schema_version = 1;
+  out.kind = message_kind::event;
+  out.correlation_id = message_id{};
+  out.causation_id = message_id{};
+  out.deadline.reset();
+  out.deadline_text = {};
+  out.attempt = 0;
+  out.header_count = 0;
+  enum : unsigned {
+    f_id, f_type, f_schema_version, f_kind, f_occurred_at, f_correlation_id, f_causation_id, f_producer,
+    f_partition_key, f_tenant, f_traceparent, f_tracestate, f_deadline, f_attempt, f_headers, f_payload, f_count
+  };
+  static constexpr std::array<std::string_view, f_count> names{
+      "id",          "type",        "schema_version", "kind",          "occurred_at", "correlation_id",
+      "causation_id", "producer",   "partition_key",  "tenant",        "traceparent", "tracestate",
+      "deadline",    "attempt",     "headers",        "payload"};
+  std::array<std::string_view, f_count> value{};
+  std::uint32_t seen = 0;
+  json_view_reader r(text);
+  r.skip_ws();
+  if (!r.take('{')) return false;
+  r.skip_ws();
+  if (!r.take('}')) {
+    for (;;) {
+      std::string_view key;
+      bool escaped = false;
+      if (!r.string(key, escaped) || escaped) return false;
+      unsigned f = 0;
+      while (f < f_count && names[f] != key) ++f;
+      if (f == f_count || (seen & (1u << f)) != 0) return false;  // unknown or duplicate member
+      seen |= 1u << f;
+      r.skip_ws();
+      if (!r.take(':')) return false;
+      r.skip_ws();
+      switch (f) {
+        case f_schema_version:
+        case f_attempt:
+          if (!r.number(value[f])) return false;
+          break;
+        case f_headers: {
+          if (!r.take('{')) return false;
+          r.skip_ws();
+          if (r.take('}')) break;
+          for (;;) {
+            if (out.header_count == json_envelope_view::max_headers) return false;
+            auto& [k, v] = out.headers[out.header_count];
+            bool ek = false, ev = false;
+            if (!r.string(k, ek) || ek) return false;
+            for (std::size_t i = 0; i < out.header_count; ++i)
+              if (out.headers[i].first == k) return false;  // nlohmann would keep the last one
+            r.skip_ws();
+            if (!r.take(':')) return false;
+            r.skip_ws();
+            if (!r.string(v, ev) || ev) return false;
+            ++out.header_count;
+            r.skip_ws();
+            if (r.take('}')) break;
+            if (!r.take(',')) return false;
+            r.skip_ws();
+          }
+          break;
+        }
+        case f_payload: {
+          const char* start = r.pos();
+          if (!r.value(1, limits.max_depth)) return false;
+          value[f] = std::string_view(start, static_cast<std::size_t>(r.pos() - start));
+          break;
+        }
+        default:
+          if (!r.string(value[f], escaped) || escaped) return false;
+          break;
+      }
+      r.skip_ws();
+      if (r.take('}')) break;
+      if (!r.take(',')) return false;
+      r.skip_ws();
+    }
+  }
+  r.skip_ws();
+  if (!r.at_end()) return false;
+  constexpr std::uint32_t required = (1u << f_id) | (1u << f_type) | (1u << f_occurred_at) | (1u << f_payload);
+  if ((seen & required) != required) return false;
+
+  // The field rules of json::detail::decode_raw, on the viewed texts.
+  auto id_of = [&](unsigned f, message_id& id) {
+    if ((seen & (1u << f)) == 0) return true;
+    const auto parsed = message_id::parse(value[f]);
+    if (!parsed) return false;
+    id = *parsed;
+    return true;
+  };
+  if (!id_of(f_id, out.id) || !id_of(f_correlation_id, out.correlation_id) ||
+      !id_of(f_causation_id, out.causation_id))
+    return false;
+  out.type = value[f_type];
+  if (out.type.empty()) return false;
+  if ((seen & (1u << f_schema_version)) != 0 && !json_view_u32(value[f_schema_version], out.schema_version))
+    return false;
+  if ((seen & (1u << f_attempt)) != 0 && !json_view_u32(value[f_attempt], out.attempt)) return false;
+  if (!value[f_kind].empty()) {
+    const auto k = parse_message_kind(value[f_kind]);
+    if (!k) return false;
+    out.kind = *k;
+  }
+  const auto occurred = json::detail::parse_time(value[f_occurred_at]);
+  if (!occurred) return false;
+  out.occurred_at = *occurred;
+  out.occurred_at_text = value[f_occurred_at];
+  if ((seen & (1u << f_deadline)) != 0) {
+    const auto d = json::detail::parse_time(value[f_deadline]);
+    if (!d) return false;
+    out.deadline = *d;
+    out.deadline_text = value[f_deadline];
+  }
+  out.producer = value[f_producer];
+  out.partition_key = value[f_partition_key];
+  out.tenant = value[f_tenant];
+  out.traceparent = value[f_traceparent];
+  out.tracestate = value[f_tracestate];
+  if (!out.traceparent.empty() && !trace_context::is_valid_traceparent(out.traceparent)) return false;
+  if (!out.tracestate.empty() && (out.traceparent.empty() || !trace_context::is_valid_tracestate(out.tracestate)))
+    return false;
+  out.payload = value[f_payload];
+  return true;
+}
+
+/// True when `text` is exactly what `json::detail::format_time` writes for
+/// the time it names ("YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ"), so it can be sent as
+/// is. `text` must already parse. Never allocates.
+[[nodiscard]] constexpr bool json_view_canonical_time(std::string_view text) noexcept {
+  return text.size() == 30 && text[10] == 'T' && text[19] == '.' && text[29] == 'Z';
+}
+
+}  // namespace detail
+POSTBOX_END_NAMESPACE
