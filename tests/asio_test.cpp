@@ -266,6 +266,94 @@ TEST_CASE("an Asio cancellation completes a pending async_select with canceled a
   REQUIRE(out.try_receive() == 0);
 }
 
+TEST_CASE("an Asio async_select completes its subscription case when a blocking thread publishes",
+          "[asio][select][topic]") {
+  asio::io_context io;
+  postbox::topic<int> topic;
+  auto sub = topic.subscribe();
+  postbox::channel<int> ch(1);
+  int from_sub = 0;
+  int from_ch = 0;
+  std::optional<postbox::select_result> result;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        result = co_await postbox::async_select(
+            postbox::on_receive(sub, [&](postbox::delivery<int> d) { from_sub = *d; }),
+            postbox::on_receive(ch, [&](int v) { from_ch = v; }), asio::use_awaitable);
+      },
+      asio::detached);
+  io.poll();
+  REQUIRE_FALSE(result.has_value());
+  std::thread publisher([&] { (void)topic.publish(6); });
+  publisher.join();
+  io.run();
+  REQUIRE(result.has_value());
+  REQUIRE(result->ok());
+  REQUIRE(result->index == 0);
+  REQUIRE(from_sub == 6);
+  REQUIRE(from_ch == 0);
+  REQUIRE(topic.publish(7).delivered == 1);
+  REQUIRE(**sub.try_receive() == 7);  // the completed select left no waker on the subscription
+}
+
+TEST_CASE("resetting a group subscription completes a pending Asio async_select with closed for its case",
+          "[asio][select][topic]") {
+  asio::io_context io;
+  postbox::topic<int> topic;
+  postbox::subscription_options opts;
+  opts.group = "g";
+  auto other = topic.subscribe(opts);  // keeps the group's queue open: only the handle's detach wakes the select
+  auto sub = topic.subscribe(opts);
+  postbox::channel<int> ch(1);
+  bool ran = false;
+  std::optional<postbox::select_result> result;
+  postbox::async_select(postbox::on_receive(sub, [&](postbox::delivery<int>) { ran = true; }),
+                        postbox::on_receive(ch, [&](int) { ran = true; }),
+                        asio::bind_executor(io, [&](std::exception_ptr e, postbox::select_result r) {
+                          REQUIRE_FALSE(e);
+                          result = r;
+                        }));
+  io.poll();
+  REQUIRE_FALSE(result.has_value());
+  std::thread resetter([&] { sub.reset(); });  // must not wait for the pending operation
+  resetter.join();
+  io.run();
+  REQUIRE(result.has_value());
+  REQUIRE(result->status == postbox::select_status::closed);
+  REQUIRE(result->index == 0);
+  REQUIRE_FALSE(ran);
+  REQUIRE(topic.publish(2).delivered == 1);
+  REQUIRE(**other.try_receive() == 2);
+}
+
+TEST_CASE("an Asio cancellation completes a pending async_select on a subscription with canceled and takes nothing",
+          "[asio][select][topic]") {
+  asio::io_context io;
+  postbox::topic<int> topic;
+  auto sub = topic.subscribe();
+  postbox::channel<int> ch(1);
+  asio::cancellation_signal signal;
+  bool ran = false;
+  std::optional<postbox::select_result> result;
+  postbox::async_select(postbox::on_receive(sub, [&](postbox::delivery<int>) { ran = true; }),
+                        postbox::on_receive(ch, [&](int) { ran = true; }),
+                        asio::bind_cancellation_slot(
+                            signal.slot(), asio::bind_executor(io, [&](std::exception_ptr e, postbox::select_result r) {
+                              REQUIRE_FALSE(e);
+                              result = r;
+                            })));
+  io.poll();
+  REQUIRE_FALSE(result.has_value());
+  signal.emit(asio::cancellation_type::terminal);
+  REQUIRE(topic.publish(3).delivered == 1);
+  io.run();
+  REQUIRE(result.has_value());
+  REQUIRE(result->status == postbox::select_status::canceled);
+  REQUIRE_FALSE(ran);
+  REQUIRE(**sub.try_receive() == 3);
+}
+
 TEST_CASE("an Asio async_select's after case and deadline run on a timer service's manual clock",
           "[asio][select][timer]") {
   asio::io_context io;

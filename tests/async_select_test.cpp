@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <stop_token>
@@ -443,4 +444,307 @@ TEST_CASE("coroutine selectors on a pool and blocking senders on two channels lo
   const std::int64_t n = per_sender;
   REQUIRE(count.load() == 2 * per_sender);
   REQUIRE(sum.load() == n * (n + 1) / 2 - n * (n + 1));
+}
+
+// --- topic subscription cases ------------------------------------------------------
+
+namespace {
+
+/// What a select over a subscription and a channel picked.
+struct picked_sub {
+  postbox::select_result result;
+  int from_sub = 0;
+  int from_channel = 0;
+};
+
+/// Selects over a receive on `sub` (case 0) and one on `ch` (case 1).
+postbox::task<picked_sub> receive_sub_or_channel(postbox::subscription<int>& sub, postbox::channel<int>& ch) {
+  picked_sub p;
+  p.result = co_await postbox::async_select(postbox::on_receive(sub, [&](postbox::delivery<int> d) { p.from_sub = *d; }),
+                                            postbox::on_receive(ch, [&](int v) { p.from_channel = v; }));
+  co_return p;
+}
+
+}  // namespace
+
+TEST_CASE("an async_select subscription case takes a published message and the channel case takes nothing",
+          "[async][select][topic]") {
+  postbox::topic<int> topic;
+  auto sub = topic.subscribe();
+  postbox::channel<int> ch(2);
+  REQUIRE(topic.publish(5).delivered == 1);
+  postbox::run_queue q;
+  auto t = receive_sub_or_channel(sub, ch);
+  t.start(q);
+  REQUIRE(t.done());  // ready at once: no suspension
+  auto p = t.get();
+  REQUIRE(p.result.ok());
+  REQUIRE(p.result.index == 0);
+  REQUIRE(p.from_sub == 5);
+  REQUIRE(p.from_channel == 0);
+  REQUIRE_FALSE(sub.try_receive().has_value());
+}
+
+TEST_CASE("a suspended async_select resumes with the subscription or the channel a blocking thread feeds",
+          "[async][select][topic]") {
+  postbox::topic<int> topic;
+  auto sub = topic.subscribe();
+  postbox::channel<int> ch(2);
+  postbox::run_queue q;
+  const bool publish = GENERATE(true, false);
+  auto t = receive_sub_or_channel(sub, ch);
+  t.start(q);
+  REQUIRE_FALSE(t.done());
+  std::thread feeder([&] {
+    if (publish) {
+      (void)topic.publish(42);
+    } else {
+      (void)ch.send(42);
+    }
+  });
+  REQUIRE(drive_until_done(q, t));
+  feeder.join();
+  auto p = t.get();
+  REQUIRE(p.result.ok());
+  REQUIRE(p.result.index == (publish ? 0u : 1u));
+  REQUIRE((publish ? p.from_sub : p.from_channel) == 42);
+  REQUIRE((publish ? p.from_channel : p.from_sub) == 0);
+  REQUIRE_FALSE(sub.try_receive().has_value());
+  REQUIRE(ch.size_approx() == 0);
+  // The finished select withdrew its wakers: a later message stays queued.
+  REQUIRE(topic.publish(7).delivered == 1);
+  REQUIRE(q.size_approx() == 0);
+  REQUIRE(**sub.try_receive() == 7);
+}
+
+TEST_CASE("resetting a subscription wakes an async_select waiting on it with closed for that case",
+          "[async][select][topic]") {
+  postbox::topic<int> topic;
+  // A group member's reset leaves the group's queue open for the other
+  // member: only the handle's detach wakes the select then.
+  const bool grouped = GENERATE(false, true);
+  postbox::subscription_options opts;
+  if (grouped) opts.group = "g";
+  auto other = topic.subscribe(opts);
+  auto sub = topic.subscribe(opts);
+  postbox::channel<int> ch(2);
+  postbox::run_queue q;
+  auto t = receive_sub_or_channel(sub, ch);
+  t.start(q);
+  REQUIRE_FALSE(t.done());
+  std::thread resetter([&] { sub.reset(); });  // must not wait for the suspended coroutine
+  resetter.join();
+  REQUIRE(drive_until_done(q, t));
+  auto p = t.get();
+  REQUIRE(p.result.status == postbox::select_status::closed);
+  REQUIRE(p.result.index == 0);
+  REQUIRE(p.from_sub == 0);
+  REQUIRE(p.from_channel == 0);
+  REQUIRE(ch.try_send(1) == postbox::send_status::ok);
+  REQUIRE(ch.try_receive() == 1);  // the channel case took nothing and left no waker behind
+  REQUIRE(topic.publish(4).delivered == 1);
+  REQUIRE(**other.try_receive() == 4);  // the remaining subscriber (or group member) gets it
+}
+
+TEST_CASE("destroying the topic while an async_select waits on its subscription ends it with closed",
+          "[async][select][topic]") {
+  auto topic = std::make_unique<postbox::topic<int>>();
+  auto sub = topic->subscribe();
+  postbox::channel<int> ch(2);
+  postbox::run_queue q;
+  auto t = receive_sub_or_channel(sub, ch);
+  t.start(q);
+  REQUIRE_FALSE(t.done());
+  std::thread destroyer([&] { topic.reset(); });
+  destroyer.join();
+  REQUIRE(drive_until_done(q, t));
+  auto p = t.get();
+  REQUIRE(p.result.status == postbox::select_status::closed);
+  REQUIRE(p.result.index == 0);
+  REQUIRE(p.from_channel == 0);
+}
+
+TEST_CASE("an async_select drains what a closed topic queued before its subscription case reports closed",
+          "[async][select][topic]") {
+  postbox::topic<int> topic;
+  auto sub = topic.subscribe();
+  postbox::channel<int> ch(2);
+  REQUIRE(topic.publish(1).delivered == 1);
+  REQUIRE(topic.publish(2).delivered == 1);
+  topic.close();
+  postbox::run_queue q;
+  std::vector<int> got;
+  for (int i = 0; i < 3; ++i) {
+    auto t = receive_sub_or_channel(sub, ch);
+    t.start(q);
+    REQUIRE(t.done());
+    auto p = t.get();
+    REQUIRE(p.result.index == 0);
+    if (!p.result.ok()) {
+      REQUIRE(p.result.status == postbox::select_status::closed);
+      break;
+    }
+    got.push_back(p.from_sub);
+  }
+  REQUIRE(got == std::vector<int>{1, 2});
+}
+
+TEST_CASE("an async_select on a subscription reset before the call reports closed at once",
+          "[async][select][topic]") {
+  postbox::topic<int> topic;
+  auto sub = topic.subscribe();
+  postbox::channel<int> ch(2);
+  sub.reset();
+  postbox::run_queue q;
+  auto t = receive_sub_or_channel(sub, ch);
+  t.start(q);
+  REQUIRE(t.done());
+  auto p = t.get();
+  REQUIRE(p.result.status == postbox::select_status::closed);
+  REQUIRE(p.result.index == 0);
+}
+
+TEST_CASE("a stop request cancels an async_select waiting on a subscription and consumes nothing",
+          "[async][select][topic]") {
+  postbox::topic<int> topic;
+  auto sub = topic.subscribe();
+  postbox::channel<int> ch(2);
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  postbox::run_queue q;
+  std::stop_source stop;
+  postbox::select_options opts;
+  opts.stop = stop.get_token();
+  int handled = 0;
+  auto body = [&]() -> postbox::task<postbox::select_result> {
+    co_return co_await postbox::async_select(timers, opts,
+                                             postbox::on_receive(sub, [&](postbox::delivery<int>) { ++handled; }),
+                                             postbox::on_receive(ch, [&](int) { ++handled; }));
+  };
+  auto t = body();
+  t.start(q);
+  REQUIRE_FALSE(t.done());
+  std::thread stopper([&] { stop.request_stop(); });
+  stopper.join();
+  REQUIRE(drive_until_done(q, t));
+  REQUIRE(t.get().status == postbox::select_status::canceled);
+  REQUIRE(handled == 0);
+  REQUIRE(topic.publish(3).delivered == 1);
+  REQUIRE(**sub.try_receive() == 3);
+}
+
+TEST_CASE("destroying a suspended async_select frame withdraws its subscription registration",
+          "[async][select][topic]") {
+  postbox::topic<int> topic;
+  auto sub = topic.subscribe();
+  postbox::channel<int> ch(2);
+  postbox::run_queue q;
+  {
+    auto t = receive_sub_or_channel(sub, ch);
+    t.start(q);
+    REQUIRE_FALSE(t.done());
+  }
+  REQUIRE(topic.publish(9).delivered == 1);
+  REQUIRE(q.size_approx() == 0);  // nothing left registered to wake
+  REQUIRE(**sub.try_receive() == 9);
+  sub.reset();  // returns: the destroyed select holds no call on the handle
+}
+
+TEST_CASE("topic publishers and a channel sender feed selecting coroutines: every subscription gets every "
+          "message once and the channel's messages are taken once",
+          "[async][select][topic][stress]") {
+  const int per_publisher = static_cast<int>(scaled(5000));
+  const int channel_messages = static_cast<int>(scaled(10000));
+  constexpr int publishers = 2;
+  constexpr int selectors = 3;
+  postbox::topic<int> topic;
+  postbox::channel<int> ch(8);
+  std::vector<postbox::subscription<int>> subs;
+  for (int i = 0; i < selectors; ++i) subs.push_back(topic.subscribe({.capacity = 16}));
+  struct tally {
+    std::int64_t sub_sum = 0;
+    int sub_count = 0;
+    bool sub_in_order = true;
+    int last[publishers] = {0, 0};  // per publisher: the last sequence number seen
+    std::int64_t channel_sum = 0;
+    int channel_count = 0;
+  };
+  std::vector<tally> tallies(selectors);
+  std::vector<postbox::task<void>> tasks;
+  {
+    pool p(2);
+    // A message from publisher k carries k + publishers * sequence (sequence from 1).
+    auto selector = [&](postbox::subscription<int>& sub, tally& tl) -> postbox::task<void> {
+      auto on_delivery = [&tl](postbox::delivery<int> d) {
+        const int v = *d;
+        const int k = v % publishers;
+        const int seq = v / publishers;
+        if (seq <= tl.last[k]) tl.sub_in_order = false;
+        tl.last[k] = seq;
+        tl.sub_sum += v;
+        ++tl.sub_count;
+      };
+      auto on_message = [&tl](int v) {
+        tl.channel_sum += v;
+        ++tl.channel_count;
+      };
+      for (;;) {
+        const auto r = co_await postbox::async_select(postbox::on_receive(sub, on_delivery),
+                                                      postbox::on_receive(ch, on_message));
+        if (r.status != postbox::select_status::closed) continue;
+        if (r.index == 0) {  // the topic is closed and this subscription drained: finish the channel
+          for (;;) {
+            auto m = co_await postbox::async_receive(ch);
+            if (!m.has_value()) co_return;
+            on_message(*m);
+          }
+        }
+        for (;;) {  // the channel is closed and drained: finish the subscription
+          auto d = co_await postbox::async_receive(sub);
+          if (!d.has_value()) co_return;
+          on_delivery(std::move(*d));
+        }
+      }
+    };
+    for (int i = 0; i < selectors; ++i) tasks.push_back(selector(subs[static_cast<std::size_t>(i)],
+                                                                 tallies[static_cast<std::size_t>(i)]));
+    for (auto& t : tasks) t.start(p.q);
+    std::atomic<int> failed_sends{0};  // checked below: Catch2 assertions stay on this thread
+    std::vector<std::thread> feeders;
+    for (int k = 0; k < publishers; ++k) {
+      feeders.emplace_back([&, k] {
+        for (int s = 1; s <= per_publisher; ++s)
+          if (topic.publish(k + publishers * s).delivered != selectors) failed_sends.fetch_add(1);
+      });
+    }
+    feeders.emplace_back([&] {
+      for (int i = 1; i <= channel_messages; ++i)
+        if (ch.send(i) != postbox::send_status::ok) failed_sends.fetch_add(1);
+      ch.close();
+    });
+    for (int k = 0; k < publishers; ++k) feeders[static_cast<std::size_t>(k)].join();
+    topic.close();
+    feeders.back().join();
+    REQUIRE(failed_sends.load() == 0);
+    REQUIRE(eventually([&] {
+      for (auto& t : tasks)
+        if (!t.done()) return false;
+      return true;
+    }));
+  }
+  std::int64_t published_sum = 0;
+  for (int k = 0; k < publishers; ++k)
+    for (int s = 1; s <= per_publisher; ++s) published_sum += k + publishers * s;
+  std::int64_t channel_sum = 0;
+  int channel_count = 0;
+  for (const tally& tl : tallies) {
+    REQUIRE(tl.sub_count == publishers * per_publisher);
+    REQUIRE(tl.sub_sum == published_sum);
+    REQUIRE(tl.sub_in_order);
+    channel_sum += tl.channel_sum;
+    channel_count += tl.channel_count;
+  }
+  const std::int64_t n = channel_messages;
+  REQUIRE(channel_count == channel_messages);
+  REQUIRE(channel_sum == n * (n + 1) / 2);
 }

@@ -467,7 +467,7 @@ using asio_select_signature = void(std::exception_ptr, select_result);
 template <class Tuple, std::size_t... I>
 auto initiate_select(timer_service* timers, const clock& clk, async_deadline deadline, Tuple&& all,
                      std::index_sequence<I...>) {
-  using op = select_op<std::remove_cvref_t<std::tuple_element_t<I, std::remove_reference_t<Tuple>>>...>;
+  using op = select_op<async_case_t<std::tuple_element_t<I, std::remove_reference_t<Tuple>>>...>;
   using token_type = std::tuple_element_t<sizeof...(I), std::remove_reference_t<Tuple>>;
   return ::asio::async_initiate<token_type, asio_select_signature>(
       asio_initiation<op, asio_select_signature>{}, std::get<sizeof...(I)>(all),
@@ -477,15 +477,17 @@ auto initiate_select(timer_service* timers, const clock& clk, async_deadline dea
 }  // namespace detail
 
 /// The Asio form of postbox::select: `async_select(case..., token)` waits
-/// until one channel case can complete, completes exactly that one (its
-/// handler runs on the completion's executor, or in the initiating call if
-/// a case is ready at once) and completes with
+/// until one channel or subscription case can complete, completes exactly
+/// that one (its handler runs on the completion's executor, or in the
+/// initiating call if a case is ready at once) and completes with
 /// `void(std::exception_ptr, select_result)`: the exception a case's handler
 /// threw (the case has completed), else null. use_awaitable rethrows it.
 /// Cancellation (the token's slot) completes with `canceled`, consuming and
-/// sending nothing. Cases: on_receive/on_send on channels and endpoints
-/// (timer cases need the form with a timer service). Allocates the pending
-/// operation when it must wait.
+/// sending nothing. Cases: on_receive/on_send on channels and endpoints,
+/// on_receive on topic subscriptions (as in the coroutine async_select: the
+/// case ends `closed` when the handle is reset or destroyed or the topic is
+/// closed or destroyed, also while pending), timer cases with the form
+/// taking a timer service. Allocates the pending operation when it must wait.
 template <class... Args>
   requires detail::asio_select_args<Args...>
 auto async_select(Args&&... args) {
