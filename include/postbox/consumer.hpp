@@ -67,6 +67,20 @@
 #include <variant>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#  define POSTBOX_DETAIL_CONSUMER_ASAN 1
+#elif defined(__has_feature)
+#  if __has_feature(address_sanitizer)
+#    define POSTBOX_DETAIL_CONSUMER_ASAN 1
+#  endif
+#endif
+#ifndef POSTBOX_DETAIL_CONSUMER_ASAN
+#  define POSTBOX_DETAIL_CONSUMER_ASAN 0
+#endif
+#if POSTBOX_DETAIL_CONSUMER_ASAN
+#  include <sanitizer/asan_interface.h>
+#endif
+
 POSTBOX_BEGIN_NAMESPACE
 
 // ---------------------------------------------------------------------------
@@ -82,13 +96,22 @@ class consume_context {
   consume_context(std::uint32_t attempt, std::stop_token stop, const clock& clk, std::string_view source,
                   std::optional<time_point> deadline) noexcept
       : attempt_(attempt), stop_(std::move(stop)), clock_(&clk), source_(source), deadline_(deadline) {}
+  /// As above, reading stop from `stop` (which must outlive the context):
+  /// no stop-state reference is taken unless the handler asks for the token.
+  consume_context(std::uint32_t attempt, const std::stop_source& stop, const clock& clk, std::string_view source,
+                  std::optional<time_point> deadline) noexcept
+      : attempt_(attempt), stop_source_(&stop), clock_(&clk), source_(source), deadline_(deadline) {}
 
   /// Deliveries started so far, this one included (1 on the first).
   [[nodiscard]] std::uint32_t attempt() const noexcept { return attempt_; }
   /// Requested when the consumer abandons running handlers (end of shutdown grace).
-  [[nodiscard]] std::stop_token stop_token() const noexcept { return stop_; }
+  [[nodiscard]] std::stop_token stop_token() const noexcept {
+    return stop_source_ != nullptr ? stop_source_->get_token() : stop_;
+  }
   /// Whether stop was requested. Never blocks.
-  [[nodiscard]] bool stop_requested() const noexcept { return stop_.stop_requested(); }
+  [[nodiscard]] bool stop_requested() const noexcept {
+    return stop_source_ != nullptr ? stop_source_->stop_requested() : stop_.stop_requested();
+  }
   /// The consumer's clock.
   [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
   /// The source name.
@@ -99,6 +122,7 @@ class consume_context {
  private:
   std::uint32_t attempt_;
   std::stop_token stop_;
+  const std::stop_source* stop_source_ = nullptr;  // set: the stop state is read from it
   const clock* clock_;
   std::string_view source_;
   std::optional<time_point> deadline_;
@@ -303,15 +327,34 @@ namespace detail {
 template <class T>
 struct source_base {
   virtual ~source_base() = default;
-  virtual receive_result<inbound<T>> receive(duration wait) = 0;
+  // One item into `sink` (ok), or empty/timeout/closed with no sink call.
+  virtual receive_status receive_into(duration wait, inbound_sink<T>& sink) = 0;
   [[nodiscard]] virtual std::string_view name() const noexcept = 0;
   [[nodiscard]] virtual std::optional<std::uint64_t> backlog() const = 0;
 };
 
-template <class T, class S>
+// `Sink`: the consumer's own sink type (the only sink passed in), so a
+// source whose receive_into is a template calls it without a virtual call.
+template <class T, class S, class Sink = inbound_sink<T>>
 struct source_model final : source_base<T> {
   explicit source_model(S s) : src(std::move(s)) {}
-  receive_result<inbound<T>> receive(duration wait) override { return src.receive(wait); }
+  receive_status receive_into(duration wait, inbound_sink<T>& sink) override {
+    if constexpr (requires(Sink& k) { { src.receive_into(wait, k) } -> std::same_as<receive_status>; }) {
+      return src.receive_into(wait, static_cast<Sink&>(sink));
+    } else if constexpr (in_place_consumer_source<S>) {
+      return src.receive_into(wait, sink);
+    } else {
+      // A source with `receive` only (users' own, broker adapters): unpack its item.
+      auto r = src.receive(wait);
+      if (!r.has_value()) return r.status();
+      if (r->message) {
+        sink.accept(std::move(*r->message), std::move(r->settle));
+      } else {
+        sink.accept_poison(std::move(r->poison), std::move(r->settle));
+      }
+      return receive_status::ok;
+    }
+  }
   [[nodiscard]] std::string_view name() const noexcept override { return std::string_view(src.name()); }
   [[nodiscard]] std::optional<std::uint64_t> backlog() const override {
     if constexpr (requires(const S& s) { static_cast<std::uint64_t>(s.backlog()); }) {
@@ -360,6 +403,134 @@ struct consumer_handler_run {
     scheduler_ref sched;
   };
   std::coroutine_handle<promise_type> handle;
+};
+
+/// The pool of one consumer's item nodes, so a steady flow allocates none:
+/// a freed node is pushed onto a lock-free stack by whichever thread frees
+/// it (release CAS), and the consumer's receiving side, one thread at a time
+/// (the consumer's receive mutex), takes the whole stack with one acquire
+/// exchange and allocates from its private list with no atomics. Push-only
+/// on the shared stack, so no ABA. Every block starts with a header naming
+/// its pool (null: an ordinary heap block), so any list may free any node.
+/// It never shrinks: it holds as many nodes as were ever live at once (about
+/// max_in_flight plus one receive chunk); the consumer frees them all when
+/// it is destroyed, after its last node. Under ASan a pooled block is
+/// poisoned past its header.
+class consumer_node_pool {
+ public:
+  consumer_node_pool() = default;
+  consumer_node_pool(const consumer_node_pool&) = delete;
+  consumer_node_pool& operator=(const consumer_node_pool&) = delete;
+  ~consumer_node_pool() {
+    free_list(local_);
+    // acquire: pairs with the release CAS in deallocate (every push is done: no node outlives the consumer).
+    free_list(shared_.exchange(nullptr, std::memory_order_acquire));
+  }
+
+  /// A block for `bytes`; only the consumer's receiving side calls it
+  /// (serialized). Allocates only while the pool grows.
+  void* allocate(std::size_t bytes) {
+    if (size_ == 0) size_ = bytes;
+    if (bytes == size_) {
+      // acquire: pairs with the release CAS in deallocate (the node's last use happens before its reuse).
+      if (local_ == nullptr) local_ = shared_.exchange(nullptr, std::memory_order_acquire);
+      if (header* h = local_) {
+#if POSTBOX_DETAIL_CONSUMER_ASAN
+        ASAN_UNPOISON_MEMORY_REGION(h + 1, size_);
+#endif
+        local_ = h->next;
+        h->next = nullptr;
+        return h + 1;
+      }
+    }
+    auto* h = static_cast<header*>(::operator new(sizeof(header) + bytes));
+    h->pool = bytes == size_ ? this : nullptr;
+    h->next = nullptr;
+    return h + 1;
+  }
+
+  /// A heap block with a header naming no pool (any thread).
+  static void* allocate_unpooled(std::size_t bytes) {
+    auto* h = static_cast<header*>(::operator new(sizeof(header) + bytes));
+    h->pool = nullptr;
+    h->next = nullptr;
+    return h + 1;
+  }
+
+  /// Frees a block from `allocate` (any thread): back to its pool, or to the heap.
+  static void deallocate(void* p) noexcept {
+    header* h = static_cast<header*>(p) - 1;
+    consumer_node_pool* pool = h->pool;
+    if (pool == nullptr) {
+      ::operator delete(h);
+      return;
+    }
+#if POSTBOX_DETAIL_CONSUMER_ASAN
+    // Before the push: afterwards the receiving side may already own it.
+    ASAN_POISON_MEMORY_REGION(h + 1, pool->size_);
+#endif
+    h->next = pool->shared_.load(std::memory_order_relaxed);  // relaxed: the CAS re-reads it
+    // release: publishes h->next and the node's last use; pairs with the acquire exchange in allocate.
+    while (!pool->shared_.compare_exchange_weak(h->next, h, std::memory_order_release, std::memory_order_relaxed)) {
+    }
+  }
+
+ private:
+  struct alignas(std::max_align_t) header {
+    consumer_node_pool* pool;  // null: a heap block (another size)
+    header* next;              // the next free block while pooled
+  };
+  static void free_list(header* h) noexcept {
+    while (h != nullptr) {
+#if POSTBOX_DETAIL_CONSUMER_ASAN
+      ASAN_UNPOISON_MEMORY_REGION(h, sizeof(header));
+#endif
+      header* next = h->next;
+      ::operator delete(h);
+      h = next;
+    }
+  }
+
+  /// Freed blocks, pushed by any thread with a release CAS, taken whole by
+  /// the receiving side with an acquire exchange (or by the destructor).
+  std::atomic<header*> shared_{nullptr};
+  header* local_ = nullptr;  // the receiving side's private free list (serialized by the consumer)
+  std::size_t size_ = 0;     // the pooled block size, fixed by the first allocation (receiving side)
+};
+
+/// The allocator of the consumer's item lists: blocks from a
+/// consumer_node_pool (a default-constructed one never allocates: only the
+/// receiver's list does). Every instance frees every block, so lists splice
+/// freely.
+template <class U>
+struct consumer_node_allocator {
+  using value_type = U;
+  using is_always_equal = std::true_type;
+  using propagate_on_container_move_assignment = std::true_type;
+
+  consumer_node_allocator() noexcept = default;
+  explicit consumer_node_allocator(consumer_node_pool* p) noexcept : pool(p) {}
+  template <class V>
+  consumer_node_allocator(const consumer_node_allocator<V>& o) noexcept : pool(o.pool) {}  // NOLINT
+
+  U* allocate(std::size_t n) {
+    if constexpr (alignof(U) > alignof(std::max_align_t)) {
+      return std::allocator<U>().allocate(n);
+    } else {
+      return static_cast<U*>(pool != nullptr ? pool->allocate(n * sizeof(U))
+                                             : consumer_node_pool::allocate_unpooled(n * sizeof(U)));
+    }
+  }
+  void deallocate(U* p, std::size_t n) noexcept {
+    if constexpr (alignof(U) > alignof(std::max_align_t)) {
+      std::allocator<U>().deallocate(p, n);
+    } else {
+      consumer_node_pool::deallocate(p);
+    }
+  }
+  friend bool operator==(const consumer_node_allocator&, const consumer_node_allocator&) noexcept { return true; }
+
+  consumer_node_pool* pool = nullptr;
 };
 
 template <class Int>
@@ -437,7 +608,7 @@ class consumer {
   template <consumer_source Source, class Handler>
     requires std::same_as<typename Source::payload_type, T>
   consumer(Source source, Handler&& handler, dead_letter_queue<T>& dead_letters, consumer_options options = {})
-      : consumer(std::make_unique<detail::source_model<T, Source>>(std::move(source)),
+      : consumer(std::make_unique<detail::source_model<T, Source, receiver>>(std::move(source)),
                  wrap_single(std::forward<Handler>(handler)), batch_handler_type{}, std::nullopt, dead_letters,
                  std::move(options), static_cast<bool>(Source::redelivers)) {}
 
@@ -456,7 +627,7 @@ class consumer {
     requires std::same_as<typename Source::payload_type, T>
   consumer(Source source, batch_options batch, BatchHandler&& handler, dead_letter_queue<T>& dead_letters,
            consumer_options options = {})
-      : consumer(std::make_unique<detail::source_model<T, Source>>(std::move(source)), single_handler{},
+      : consumer(std::make_unique<detail::source_model<T, Source, receiver>>(std::move(source)), single_handler{},
                  wrap_batch(std::forward<BatchHandler>(handler)), validate(batch, options), dead_letters,
                  std::move(options), static_cast<bool>(Source::redelivers)) {}
 
@@ -557,13 +728,14 @@ class consumer {
     if (threaded_) POSTBOX_THROW(error(errc::invalid_argument, "postbox::consumer::poll: the consumer has threads"));
     timers_->run_due();
     std::size_t n = 0;
+    item_list trash;  // declared before the lock: emptied after it is released
     for (;;) {
       n += receive_some(duration::zero());
       std::unique_lock lock(mu_);
       if (stopped_ || !work_ready_locked()) break;
       // Receive again once half the budget is free: batches, not one by one.
       do {
-        n += run_next(lock);
+        n += run_next(lock, trash);
       } while (!stopped_ && work_ready_locked() && held_ * 2 > opts_.max_in_flight);
     }
     return n;
@@ -758,13 +930,14 @@ class consumer {
 
  private:
   struct item {
-    item(envelope<T>&& e, settle_hook&& h, std::uint64_t s, time_point now)
-        : env(std::move(e)), hook(std::move(h)), seq(s), received_at(now), ready_at(now) {}
+    // Built by the receiver right from the source's envelope; seq and the
+    // times are set when it is admitted.
+    item(envelope<T>&& e, settle_hook&& h) : env(std::move(e)), hook(std::move(h)) {}
     envelope<T> env;
     settle_hook hook;
-    std::uint64_t seq;
-    time_point received_at;
-    time_point ready_at;  // batch consumers: when it last entered ready_ (the window starts there)
+    std::uint64_t seq = 0;
+    time_point received_at{};
+    time_point ready_at{};  // batch consumers: when it last entered ready_ (the window starts there)
     time_point first_failure{};
     time_point last_failure{};
     time_point due{};  // when waiting: when its timer fires
@@ -772,7 +945,7 @@ class consumer {
     timer_service::timer_id timer = 0;
     std::coroutine_handle<> frame;  // a coroutine handler's run while it is running; else null
   };
-  using item_list = std::list<item>;
+  using item_list = std::list<item, detail::consumer_node_allocator<item>>;
   using item_iter = typename item_list::iterator;
 
   // What happens to a delivery after the decision: it stays in the consumer
@@ -859,11 +1032,12 @@ class consumer {
   // threads == 0: the caller runs due timers, receives and handles until done
   // or the deadline. Returns whether the drain finished.
   bool drain_manual(time_point deadline) {
+    item_list trash;  // declared before the lock: emptied after it is released
     for (;;) {
       timers_->run_due();
       (void)receive_some(duration::zero());
       std::unique_lock lock(mu_);
-      while (!stopped_ && work_ready_locked()) (void)run_next(lock);
+      while (!stopped_ && work_ready_locked()) (void)run_next(lock, trash);
       if (shut_down_) return false;
       if (drain_done_locked()) return true;
       if (clock_->now() >= deadline) return false;
@@ -893,31 +1067,70 @@ class consumer {
     return accepting_ && !source_closed_ && !receiving_ && held_ < opts_.max_in_flight;
   }
 
+  // The receiving side's sink: sources construct the item right in its
+  // pooled node (one envelope move), poison and foreign-tenant input is
+  // dead-lettered at once. Used under receive_mu_ only.
+  class receiver final : public inbound_sink<T> {
+   public:
+    explicit receiver(consumer& c) : self_(&c), pending_(detail::consumer_node_allocator<item>(&c.pool_)) {}
+    void accept(envelope<T>&& env, settle_hook&& hook) override {
+      if (self_->filters_tenants_ && !self_->tenant_accepted(env.tenant)) {
+        ++handled_;
+        self_->dead_letter_foreign(std::move(env), std::move(hook));
+        return;
+      }
+      pending_.emplace_back(std::move(env), std::move(hook));
+    }
+    void accept_poison(poison_input&& p, settle_hook&& hook) override {
+      ++handled_;
+      self_->dead_letter_poison(std::move(p), std::move(hook));
+    }
+    consumer* self_;
+    item_list pending_;        // received, not admitted yet
+    std::size_t handled_ = 0;  // poison and foreign items dead-lettered at receipt
+  };
+
+  // Items received per admission (one lock of mu_ admits them all).
+  static constexpr std::size_t admit_chunk = 16;
+
   // Receives while there is budget: the first call waits up to `first_wait`
   // (real time), the rest do not block. Serialized by receive_mu_ (the
-  // source is called from one thread at a time). Returns poison items handled.
+  // source is called from one thread at a time). Messages are admitted in
+  // chunks of up to admit_chunk under one lock. Returns poison (and
+  // foreign-tenant) items handled.
   std::size_t receive_some(duration first_wait) {
     std::lock_guard receiving(receive_mu_);
+    std::size_t budget = 0;
     {
       std::lock_guard lock(mu_);
       if (!accepting_ || source_closed_ || held_ >= opts_.max_in_flight) return 0;
+      budget = opts_.max_in_flight - held_;  // held_ grows only here (serialized): a safe bound
     }
-    std::size_t poison = 0;
+    receiver_.handled_ = 0;
     duration wait = first_wait;
+    bool closed = false;
     for (;;) {
-      auto r = source_->receive(wait);
+      const receive_status st = source_->receive_into(wait, receiver_);
       wait = duration::zero();
-      if (!r.has_value()) {
-        if (r.status() == receive_status::closed) {
-          std::lock_guard lock(mu_);
-          source_closed_ = true;
-          if (settle_waiters_ > 0) idle_cv_.notify_all();  // a drain may be finished now
-        }
-        return poison;
+      if (st != receive_status::ok) {
+        closed = st == receive_status::closed;
+        break;
       }
-      if (!r->message) ++poison;
-      if (!admit(std::move(*r))) return poison;
+      if (receiver_.pending_.size() >= budget) break;
+      if (receiver_.pending_.size() >= admit_chunk) {
+        budget -= receiver_.pending_.size();
+        std::lock_guard lock(mu_);
+        admit_pending_locked();
+        if (!accepting_) break;
+      }
     }
+    std::lock_guard lock(mu_);
+    admit_pending_locked();
+    if (closed) {
+      source_closed_ = true;
+      if (settle_waiters_ > 0) idle_cv_.notify_all();  // a drain may be finished now
+    }
+    return receiver_.handled_;
   }
 
   // Whether the options let the consumer handle messages of `tenant`.
@@ -933,17 +1146,21 @@ class consumer {
 
   // A message of a tenant the consumer does not accept: dead-lettered
   // (reason "tenant") without a delivery, as poison input is.
-  void dead_letter_foreign(inbound<T>&& in) {
+  void dead_letter_foreign(envelope<T>&& env, settle_hook&& hook) {
+    {
+      std::lock_guard lock(mu_);
+      ++received_;
+    }
     dead_letter<T> d;
     d.reason = std::string(dead_letter_reasons::tenant);
-    d.error = "the consumer does not accept tenant '" + in.message->tenant + "'";
+    d.error = "the consumer does not accept tenant '" + env.tenant + "'";
     d.source = source_name_;
     d.first_failure = d.last_failure = clock_->now();
     std::optional<detail::published_meta> meta;
-    if (obs_ != nullptr && obs_->on_settle) meta.emplace(*in.message);
-    d.message.emplace(std::move(*in.message));
+    if (obs_ != nullptr && obs_->on_settle) meta.emplace(env);
+    d.message.emplace(std::move(env));
     const bool ok = add_dead_letter(d);
-    run_hook(in.settle, settle_action{ok ? settle_action::kind::dead_letter : settle_action::kind::release, {}});
+    run_hook(hook, settle_action{ok ? settle_action::kind::dead_letter : settle_action::kind::release, {}});
     const auto outcome = ok ? settle_outcome::dead_lettered : settle_outcome::dead_letter_refused;
     if (meta) notify(meta->event(source_name_), outcome, {}, dead_letter_reasons::tenant);
     std::lock_guard lock(mu_);
@@ -955,48 +1172,38 @@ class consumer {
     }
   }
 
-  // Takes one item in. Returns whether more may be received now.
-  bool admit(inbound<T>&& in) {
-    if (in.message && !tenant_accepted(in.message->tenant)) {
-      {
-        std::lock_guard lock(mu_);
-        ++received_;
-      }
-      dead_letter_foreign(std::move(in));
-      std::lock_guard lock(mu_);
-      return accepting_ && held_ < opts_.max_in_flight;
-    }
-    if (!in.message) {
-      {
-        std::lock_guard lock(mu_);
-        ++received_;
-        ++poison_;
-      }
-      dead_letter_poison(std::move(in));
-      std::lock_guard lock(mu_);
-      return accepting_ && held_ < opts_.max_in_flight;
-    }
+  // Caller holds mu_ (and receive_mu_). Takes the received items in: each
+  // gets its sequence number and goes to ready_, or behind its key.
+  void admit_pending_locked() {
+    item_list& pending = receiver_.pending_;
+    if (pending.empty()) return;
     const time_point now = clock_->now();
-    item_list node;
-    node.emplace_back(std::move(*in.message), std::move(in.settle), 0, now);
-    std::string_view key = node.front().env.partition_key;
-    std::lock_guard lock(mu_);
-    node.front().seq = ++last_seq_;
-    ++received_;
-    ++held_;
-    if (key.empty()) {
-      ready_.splice(ready_.end(), node);
-      wake_worker();
-    } else {
-      auto [k, fresh] = keys_.try_emplace(std::string(key));
+    std::size_t woken = 0;
+    // Unkeyed items stay in `pending` and go to ready_ as one run (one
+    // splice), flushed before a keyed item is placed so arrival order holds.
+    for (item_iter pos = pending.begin(); pos != pending.end();) {
+      pos->seq = ++last_seq_;
+      pos->received_at = pos->ready_at = now;
+      ++received_;
+      ++held_;
+      const std::string& key = pos->env.partition_key;
+      if (key.empty()) {
+        ++pos;
+        ++woken;
+        continue;
+      }
+      ready_.splice(ready_.end(), pending, pending.begin(), pos);  // the unkeyed run before it
+      const item_iter keyed = pos++;
+      auto [k, fresh] = keys_.try_emplace(key);
       if (fresh) {
-        ready_.splice(ready_.end(), node);
-        wake_worker();
+        ready_.splice(ready_.end(), pending, keyed);
+        ++woken;
       } else {
-        k->second.splice(k->second.end(), node);
+        k->second.splice(k->second.end(), pending, keyed);
       }
     }
-    return accepting_ && held_ < opts_.max_in_flight;
+    ready_.splice(ready_.end(), pending);
+    for (std::size_t i = 0; i < woken && i < idle_workers_; ++i) work_cv_.notify_one();
   }
 
   // ---- running -------------------------------------------------------------
@@ -1005,11 +1212,18 @@ class consumer {
   // receiver (the others wait), so a message received by an idle worker
   // runs on that worker without a hand-off.
   void work_loop() {
+    item_list trash;  // declared before the lock: emptied after it is released
     std::unique_lock lock(mu_);
     for (;;) {
       if (stopped_) return;
       if (work_ready_locked()) {
-        (void)run_next(lock);
+        (void)run_next(lock, trash);
+        continue;
+      }
+      if (!trash.empty()) {  // free the last acked node before going idle or receiving
+        lock.unlock();
+        trash.clear();
+        lock.lock();
         continue;
       }
       if (may_receive_locked()) {
@@ -1088,9 +1302,12 @@ class consumer {
 
   // Caller holds `lock` and work_ready_locked(); returns holding it, with
   // the deliveries processed.
-  std::size_t run_next(std::unique_lock<std::mutex>& lock) {
+  //
+  // `trash` holds a node acked on the fast path (see run_one) until the
+  // caller next releases the lock: the caller empties it outside the lock.
+  std::size_t run_next(std::unique_lock<std::mutex>& lock, item_list& trash) {
     if (batch_) return run_batch(lock);
-    run_one(lock);
+    run_one(lock, trash);
     return 1;
   }
 
@@ -1175,17 +1392,22 @@ class consumer {
     return expired.size() + taken.size();
   }
 
-  // Caller holds `lock` and ready_ is not empty; returns holding it.
-  void run_one(std::unique_lock<std::mutex>& lock) {
+  // Caller holds `lock` and ready_ is not empty; returns holding it. An ack
+  // with nothing to run outside the lock (no settle hook, no settle
+  // observer) is counted here, under the lock the next message needs
+  // anyway, and its node goes to `trash`, freed (envelope destroyed) at the
+  // next unlock, outside the lock.
+  void run_one(std::unique_lock<std::mutex>& lock, item_list& trash) {
     const item_iter pos = ready_.begin();
     item& it = *pos;
-    if (it.env.expired(clock_->now())) {
+    if (it.env.deadline && it.env.expired(clock_->now())) {
       ++expired_;
       ++settled_;
       conclusion c = leave(ready_, pos, fate::dead_letter, settle_outcome::dead_lettered);
       c.reason = std::string(dead_letter_reasons::expired);
       c.error = "the deadline passed before delivery " + std::to_string(it.env.attempt + 1) + " started";
       lock.unlock();
+      trash.clear();
       conclude(std::move(c));
       lock.lock();
       return;
@@ -1195,6 +1417,7 @@ class consumer {
     ++running_count_;
     running_.splice(running_.end(), ready_, pos);
     lock.unlock();
+    trash.clear();
 
     if (obs_ != nullptr) obs_->notify_receive(make_message_event(it.env, source_name_));
     if (async_handler_) {
@@ -1202,23 +1425,37 @@ class consumer {
       lock.lock();
       return;
     }
-    consume_context ctx(it.env.attempt, stop_.get_token(), *clock_, source_name_, it.env.deadline);
+    consume_context ctx(it.env.attempt, stop_, *clock_, source_name_, it.env.deadline);
     const time_point start = clock_->now();
-    settlement s;
     std::string err;
     bool threw = false;
+    const settlement s = [&]() -> settlement {
 #if POSTBOX_HAS_EXCEPTIONS
-    try {
-      s = handler_(it.env, ctx);
-    } catch (...) {
-      s = settlement_for(std::current_exception(), err);
-      threw = true;
-    }
+      try {
+        return handler_(it.env, ctx);
+      } catch (...) {
+        threw = true;
+        return settlement_for(std::current_exception(), err);
+      }
 #else
-    s = handler_(it.env, ctx);
+      return handler_(it.env, ctx);
 #endif
+    }();
     const duration elapsed = clock_->now() - start;
     handle_duration_.observe(elapsed);
+    lock.lock();
+    if (s.what() == settlement::kind::ack && !it.hook && (obs_ == nullptr || !obs_->on_settle)) {
+      --running_count_;
+      ++settled_;
+      ++acked_;
+      if (threw) ++handler_errors_;
+      trash.splice(trash.end(), running_, pos);
+      release_key(it.env.partition_key);
+      --held_;
+      budget_returned_locked();
+      return;
+    }
+    lock.unlock();
     settle_run(pos, s, std::move(err), threw, elapsed);
     lock.lock();
   }
@@ -1263,7 +1500,7 @@ class consumer {
   // settles. The envelope and the context live until the task completes.
   detail::consumer_handler_run run_async(item_iter pos) {
     item& it = *pos;
-    consume_context ctx(it.env.attempt, stop_.get_token(), *clock_, source_name_, it.env.deadline);
+    consume_context ctx(it.env.attempt, stop_, *clock_, source_name_, it.env.deadline);
     const time_point start = clock_->now();
     settlement s;
     std::string err;
@@ -1501,6 +1738,11 @@ class consumer {
   void concluded_locked() {
     --settling_;
     --held_;
+    budget_returned_locked();
+  }
+
+  // Caller holds mu_, held_ just went down by one.
+  void budget_returned_locked() {
     // The budget was exhausted and came back: an idle worker may receive now.
     if (held_ + 1 == opts_.max_in_flight && idle_workers_ > 0 && may_receive_locked()) work_cv_.notify_one();
     if (settle_waiters_ > 0) idle_cv_.notify_all();
@@ -1528,16 +1770,21 @@ class consumer {
     return outcome;
   }
 
-  void dead_letter_poison(inbound<T>&& in) {
+  void dead_letter_poison(poison_input&& p, settle_hook&& hook) {
+    {
+      std::lock_guard lock(mu_);
+      ++received_;
+      ++poison_;
+    }
     dead_letter<T> d;
-    d.reason = std::move(in.poison.reason);
-    d.error = std::move(in.poison.error);
-    d.raw = std::move(in.poison.raw);
+    d.reason = std::move(p.reason);
+    d.error = std::move(p.error);
+    d.raw = std::move(p.raw);
     d.source = source_name_;
     d.first_failure = d.last_failure = clock_->now();
     const std::string reason = d.reason;
     const bool ok = add_dead_letter(d);
-    run_hook(in.settle, settle_action{ok ? settle_action::kind::dead_letter : settle_action::kind::release, {}});
+    run_hook(hook, settle_action{ok ? settle_action::kind::dead_letter : settle_action::kind::release, {}});
     const auto outcome = ok ? settle_outcome::dead_lettered : settle_outcome::dead_letter_refused;
     if (obs_ != nullptr && obs_->on_settle) {
       message_event e;
@@ -1625,10 +1872,13 @@ class consumer {
   const observer* obs_;
   const bool redelivers_;
   const bool threaded_;
+  const bool filters_tenants_ = !opts_.tenants.empty() || static_cast<bool>(opts_.accept_tenant);
   std::string source_name_;
 
   mutable std::mutex mu_;
-  std::mutex receive_mu_;             // serializes source_->receive (workers, poll, shutdown)
+  std::mutex receive_mu_;             // serializes source_->receive_into (workers, poll, shutdown)
+  detail::consumer_node_pool pool_;   // item nodes; declared before every list so it outlives them
+  receiver receiver_{*this};          // guarded by receive_mu_
   std::condition_variable work_cv_;   // workers: ready work, a chance to receive, or stopped_
   std::condition_variable idle_cv_;   // shutdown: work finished (waited on the clock)
   item_list ready_;                   // guarded by mu_

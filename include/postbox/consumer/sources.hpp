@@ -113,6 +113,40 @@ concept consumer_source = std::move_constructible<S> && requires(S& s, const S& 
   { cs.name() } -> std::convertible_to<std::string_view>;
 };
 
+/// Where a source that fills the consumer's item in place puts one item
+/// (the consumer implements it). Called on the receiving thread from inside
+/// the source's `receive_into`, at most once per call; either member may
+/// allocate and throw (the consumer's item node), in which case the item is
+/// lost to the consumer: call it after the transport's own bookkeeping.
+template <class T>
+class inbound_sink {
+ public:
+  /// Takes an envelope, moved from (the consumer constructs its item from
+  /// it: one move), and its settle hook (may be empty).
+  virtual void accept(envelope<T>&& env, settle_hook&& hook) = 0;
+  /// Takes undecodable input and its settle hook.
+  virtual void accept_poison(poison_input&& poison, settle_hook&& hook) = 0;
+
+ protected:
+  inbound_sink() = default;
+  inbound_sink(const inbound_sink&) = default;
+  inbound_sink& operator=(const inbound_sink&) = default;
+  ~inbound_sink() = default;
+};
+
+/// The optional in-place form of a source's `receive`: `s.receive_into(wait,
+/// sink) -> receive_status` behaves as `receive(wait)` but hands its item to
+/// `sink` (exactly one `accept` or `accept_poison` call, then `ok`) instead
+/// of returning it, so the envelope is moved once into the consumer's item
+/// rather than through an `inbound` and a `receive_result`. Returns `empty`,
+/// `timeout` or `closed` (no sink call) as `receive` would. A source without
+/// it works unchanged: the consumer adapts `receive`.
+template <class S>
+concept in_place_consumer_source =
+    consumer_source<S> && requires(S& s, duration wait, inbound_sink<typename S::payload_type>& sink) {
+      { s.receive_into(wait, sink) } -> std::same_as<receive_status>;
+    };
+
 namespace detail {
 template <class T>
 receive_result<inbound<T>> empty_or_closed(receive_status s) {
@@ -138,6 +172,17 @@ class channel_source {
     auto r = wait.count() <= 0 ? ch_->try_receive_result() : ch_->receive_for(wait);
     if (!r.has_value()) return detail::empty_or_closed<T>(r.status());
     return inbound<T>::of(std::move(*r));
+  }
+  /// As `receive`, handing the envelope to `sink` (one move from the
+  /// channel's slot into the consumer's item). Never allocates itself. A
+  /// template so the consumer's own (final) sink is called directly.
+  template <class Sink>
+    requires std::derived_from<Sink, inbound_sink<T>>
+  [[nodiscard]] receive_status receive_into(duration wait, Sink& sink) {
+    auto r = wait.count() <= 0 ? ch_->try_receive_result() : ch_->receive_for(wait);
+    if (!r.has_value()) return r.status();
+    sink.accept(std::move(*r), settle_hook{});
+    return receive_status::ok;
   }
   /// The source name. Never blocks.
   [[nodiscard]] std::string_view name() const noexcept { return name_; }
@@ -172,6 +217,19 @@ class subscription_source {
     auto r = sub_->receive_for(wait);
     if (!r.has_value()) return detail::empty_or_closed<T>(r.status());
     return inbound<T>::of(envelope<T>(**r));
+  }
+  /// As `receive`, handing the copy to `sink` (copied, then moved once).
+  [[nodiscard]] receive_status receive_into(duration wait, inbound_sink<T>& sink) {
+    if (wait.count() <= 0) {
+      auto d = sub_->try_receive();
+      if (!d) return receive_status::empty;
+      sink.accept(envelope<T>(**d), settle_hook{});
+      return receive_status::ok;
+    }
+    auto r = sub_->receive_for(wait);
+    if (!r.has_value()) return r.status();
+    sink.accept(envelope<T>(**r), settle_hook{});
+    return receive_status::ok;
   }
   /// The source name. Never blocks.
   [[nodiscard]] std::string_view name() const noexcept { return name_; }
@@ -413,11 +471,29 @@ class raw_source {
 
   /// Receives bytes (`try_receive` when `wait` is zero) and decodes them. Allocates.
   [[nodiscard]] receive_result<inbound<T>> receive(duration wait) {
+    struct collect final : inbound_sink<T> {
+      std::optional<inbound<T>> out;
+      void accept(envelope<T>&& env, settle_hook&& hook) override { out = inbound<T>::of(std::move(env), std::move(hook)); }
+      void accept_poison(poison_input&& p, settle_hook&& hook) override {
+        out = inbound<T>::malformed(std::move(p), std::move(hook));
+      }
+    } sink;
+    const receive_status st = receive_into(wait, sink);
+    if (st != receive_status::ok) return detail::empty_or_closed<T>(st);
+    return std::move(*sink.out);
+  }
+  /// As `receive`, handing the decoded envelope (moved once) or the poison
+  /// item to `sink`. Allocates (decoding).
+  [[nodiscard]] receive_status receive_into(duration wait, inbound_sink<T>& sink) {
     auto r = wait.count() <= 0 ? ch_->try_receive_result() : ch_->receive_for(wait);
-    if (!r.has_value()) return detail::empty_or_closed<T>(r.status());
+    if (!r.has_value()) return r.status();
     std::string bytes = std::move(*r);
     auto d = decode_(std::string_view(bytes));
-    if (d.has_value()) return inbound<T>::of(envelope<T>(std::move(*d)));
+    if (d.has_value()) {
+      envelope<T>& env = *d;
+      sink.accept(std::move(env), settle_hook{});
+      return receive_status::ok;
+    }
     const auto& e = d.error();
     poison_input p;
     p.reason = std::string(to_string(static_cast<errc>(e.code)));
@@ -429,7 +505,8 @@ class raw_source {
     }
     p.error += std::string_view(e.message);
     p.raw = std::move(bytes);
-    return inbound<T>::malformed(std::move(p));
+    sink.accept_poison(std::move(p), settle_hook{});
+    return receive_status::ok;
   }
   /// The source name. Never blocks.
   [[nodiscard]] std::string_view name() const noexcept { return name_; }
