@@ -89,3 +89,74 @@ TEST_CASE("concurrent requesters and responders give every request exactly one o
   for (auto& s : stats) sent += s.sent;
   CHECK(sent == static_cast<std::uint64_t>(total));
 }
+
+TEST_CASE("threads blocked in get() on their futures each take exactly their own outcome", "[request_reply][stress]") {
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  postbox::channel<postbox::envelope<int>> requests(64);
+  postbox::endpoint_registry<int> registry;
+  const int requesters = 3;
+  const int per = static_cast<int>(postbox_test::scaled(4000));
+  const int total = requesters * per;
+  std::atomic<long long> reply_sum{0}, expected_sum{0};
+  std::atomic<int> ok{0}, timeouts{0}, wrong{0};
+  // Two workers: the requesters' get() calls alternately find their reply
+  // while spinning and sleep for it.
+  auto responders = std::make_unique<postbox::responder<int, int>>(
+      requests, registry, [](const postbox::envelope<int>& e) { return e.payload * 3; }, clock, 2);
+  std::atomic<bool> done{false};
+  std::thread ticker([&] {  // some requests (every 16th, 1 ms timeout) expire before an answer
+    while (!done.load()) {
+      clock.advance(1ms);
+      timers.run_due();
+      std::this_thread::yield();
+    }
+  });
+  std::vector<std::thread> threads;
+  std::vector<postbox::requester_stats> stats(requesters);
+  for (int t = 0; t < requesters; ++t) {
+    threads.emplace_back([&, t] {
+      postbox::requester<int, int> req(requests, registry, timers);
+      for (int i = 0; i < per; ++i) {
+        const int id = t * per + i;
+        const auto timeout = i % 16 == 0 ? 1ms : 10min;
+        auto f = req.request(id, timeout);
+        while (!f.has_value()) {
+          std::this_thread::yield();
+          f = req.request(id, timeout);
+        }
+        auto o = f->get();
+        if (o.ok()) {
+          ++ok;
+          if (o.reply->payload != 3 * id) ++wrong;
+          reply_sum += o.reply->payload;
+          expected_sum += 3LL * id;
+        } else if (o.status == postbox::errc::timeout || o.status == postbox::errc::expired) {
+          ++timeouts;
+        } else {
+          ++wrong;
+        }
+      }
+      stats[static_cast<std::size_t>(t)] = req.stats();
+    });
+  }
+  for (auto& th : threads) th.join();
+  done = true;
+  ticker.join();
+  responders.reset();
+  INFO("ok " << ok << " timeouts " << timeouts);
+  CHECK(wrong == 0);
+  CHECK(ok + timeouts == total);
+  CHECK(ok > 0);
+  CHECK(reply_sum.load() == expected_sum.load());
+  std::uint64_t replied = 0, timed_out = 0, errors = 0, sent = 0;
+  for (auto& s : stats) {
+    replied += s.replied;
+    timed_out += s.timed_out;
+    errors += s.errors;  // `expired` error replies
+    sent += s.sent;
+  }
+  CHECK(sent == static_cast<std::uint64_t>(total));
+  CHECK(replied == static_cast<std::uint64_t>(ok.load()));
+  CHECK(replied + timed_out + errors == static_cast<std::uint64_t>(total));
+}

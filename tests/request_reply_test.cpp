@@ -8,6 +8,7 @@
 #include "support.hpp"
 
 #include <atomic>
+#include <memory>
 #include <optional>
 #include <stop_token>
 #include <string>
@@ -367,4 +368,166 @@ TEST_CASE("a stop request wakes wait(stop_token) on a gather future with cancele
   auto o = f->get(std::stop_token{});
   REQUIRE(o.has_value());
   CHECK(o->status == postbox::errc::timeout);
+}
+
+// --- deadlines share one timer; futures spin, then sleep on their word -----------
+
+TEST_CASE("overlapping requests share one timer and each times out at its own deadline", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto a = req.request(1, 3s);
+  r.clock.advance(1s);
+  auto b = req.request(2, 3s);
+  r.clock.advance(1s);
+  auto c = req.request(3, 3s);
+  REQUIRE((a.has_value() && b.has_value() && c.has_value()));
+  CHECK(r.timers.pending() == 1);  // later deadlines schedule nothing
+  r.h.advance(1s);                 // t = 3 s: a's deadline, equal to now, is due
+  REQUIRE(a->ready());
+  CHECK(a->get().status == postbox::errc::timeout);
+  CHECK_FALSE(b->ready());
+  CHECK(r.timers.pending() == 1);  // re-armed for b
+  r.h.advance(999ms);
+  CHECK_FALSE(b->ready());
+  r.h.advance(1ms);
+  REQUIRE(b->ready());
+  CHECK(b->get().status == postbox::errc::timeout);
+  CHECK_FALSE(c->ready());
+  r.h.advance(1s);
+  REQUIRE(c->ready());
+  CHECK(c->get().status == postbox::errc::timeout);
+  CHECK(req.stats().timed_out == 3);
+  CHECK(r.timers.pending() == 0);
+}
+
+TEST_CASE("a request with an earlier deadline than the armed one times out first", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto slow = req.request(1, 10s);
+  auto fast = req.request(2, 1s);
+  REQUIRE((slow.has_value() && fast.has_value()));
+  CHECK(r.h.next_due() == r.clock.now() + 1s);
+  r.h.advance(1s);
+  REQUIRE(fast->ready());
+  CHECK(fast->get().status == postbox::errc::timeout);
+  CHECK_FALSE(slow->ready());
+  CHECK(r.h.next_due() == r.clock.now() + 9s);
+  r.h.advance(9s);
+  REQUIRE(slow->ready());
+  CHECK(slow->get().status == postbox::errc::timeout);
+}
+
+TEST_CASE("answering every pending request withdraws the requester's timer", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  auto a = req.request(1, 2s);
+  auto b = req.request(2, 5s);
+  REQUIRE((a.has_value() && b.has_value()));
+  CHECK(r.timers.pending() == 1);
+  CHECK(resp.poll() == 2);
+  CHECK(a->get().reply->payload == 2);
+  CHECK(b->get().reply->payload == 4);
+  CHECK(r.timers.pending() == 0);
+  CHECK(r.h.next_due() == postbox::time_point::max());
+  // A new request arms a timer again, and still times out.
+  auto c = req.request(3, 1s);
+  REQUIRE(c.has_value());
+  CHECK(r.timers.pending() == 1);
+  r.h.advance(1s);
+  REQUIRE(c->ready());
+  CHECK(c->get().status == postbox::errc::timeout);
+}
+
+TEST_CASE("a reply after a shared timer expired its request is counted late, the others still answered",
+          "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  auto early = req.request(1, 1s);
+  auto later = req.request(2, 5s);
+  REQUIRE((early.has_value() && later.has_value()));
+  r.h.advance(1s);  // only `early` is due; the responder has not run yet
+  REQUIRE(early->ready());
+  CHECK(early->get().status == postbox::errc::timeout);
+  CHECK(resp.poll() == 2);  // answers both: early's reply is late
+  CHECK(later->get().reply->payload == 4);
+  auto s = req.stats();
+  CHECK(s.late_replies == 1);
+  CHECK(s.replied == 1);
+  CHECK(s.timed_out == 1);
+  CHECK(r.timers.pending() == 0);
+}
+
+namespace {
+// Whether a thread is asleep (past its spin) on `f`'s word.
+bool has_sleeper(postbox::reply_future<postbox::reply_outcome<int>>& f) {
+  auto& s = postbox::detail::reply_future_access<postbox::reply_outcome<int>>::state(f);
+  using state = postbox::detail::rr_future_state<postbox::reply_outcome<int>>;
+  return (s->word.load() & state::sleeper_bit) != 0;
+}
+}  // namespace
+
+TEST_CASE("a thread asleep in get() wakes with the reply delivered on another thread", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  auto f = req.request(8, 10s);
+  REQUIRE(f.has_value());
+  std::atomic<int> got{0};
+  std::thread waiter([&] { got = f->get().reply->payload; });
+  REQUIRE(postbox_test::eventually([&] { return has_sleeper(*f); }));  // spun, then went to sleep
+  CHECK(got.load() == 0);
+  CHECK(resp.poll() == 1);
+  waiter.join();
+  CHECK(got.load() == 16);
+}
+
+TEST_CASE("a stop request wakes a thread asleep in wait(stop_token) with canceled", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto f = req.request(1, 10s);
+  REQUIRE(f.has_value());
+  std::stop_source stop;
+  std::optional<postbox::errc> got;
+  std::thread waiter([&] { got = f->wait(stop.get_token()); });
+  REQUIRE(postbox_test::eventually([&] { return has_sleeper(*f); }));
+  stop.request_stop();
+  waiter.join();
+  CHECK(got == postbox::errc::canceled);
+  CHECK_FALSE(f->ready());
+  r.h.advance(10s);
+  CHECK(f->get().status == postbox::errc::timeout);
+}
+
+TEST_CASE("a timeout on the timer's thread wakes a thread asleep in get()", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto f = req.request(1, 2s);
+  REQUIRE(f.has_value());
+  std::optional<postbox::errc> got;
+  std::thread waiter([&] { got = f->get().status; });
+  REQUIRE(postbox_test::eventually([&] { return has_sleeper(*f); }));
+  r.h.advance(2s);
+  waiter.join();
+  CHECK(got == postbox::errc::timeout);
+}
+
+TEST_CASE("a responder thread delivers to a re-registered endpoint name, not the removed one", "[request_reply]") {
+  rig r;
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 1);  // one worker, one cache
+  auto first = std::make_unique<postbox::requester<int, int>>(r.requests, r.registry, r.timers,
+                                                                postbox::requester_options{.endpoint = "ep"});
+  auto a = first->request(1, 5s);
+  REQUIRE(a.has_value());
+  REQUIRE(postbox_test::eventually([&] { return a->ready(); }));  // the worker now caches "ep"
+  CHECK(a->get().reply->payload == 2);
+  first.reset();  // "ep" removed
+  postbox::requester<int, int> second(r.requests, r.registry, r.timers, {.endpoint = "ep"});
+  auto b = second.request(2, 5s);
+  REQUIRE(b.has_value());
+  REQUIRE(postbox_test::eventually([&] { return b->ready(); }));
+  CHECK(b->get().reply->payload == 4);
+  CHECK(resp.stats().unroutable == 0);
+  CHECK(resp.stats().handled == 2);
 }

@@ -12,6 +12,7 @@
 #include <postbox/request_reply/pending.hpp>
 #include <postbox/timer_service.hpp>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -19,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <stop_token>
 #include <string>
 #include <thread>
@@ -36,17 +38,35 @@ POSTBOX_BEGIN_NAMESPACE
 template <class Reply>
 class endpoint_registry {
  public:
-  using sink = std::function<void(reply_packet<Reply>)>;
+  /// Takes the packet by rvalue reference: delivery moves it only where the
+  /// sink keeps it (a sink taking it by value still converts).
+  using sink = std::function<void(reply_packet<Reply>&&)>;
+
+  /// A caller's memo of the last endpoint it delivered to (see `deliver`
+  /// with a cache): one per thread, never shared.
+  struct delivery_cache {
+    std::string name;
+    std::shared_ptr<sink> target;
+    std::uint64_t generation = 0;
+  };
 
   /// Registers `name`; false if the name is taken. Allocates. Thread-safe.
   [[nodiscard]] bool add(const std::string& name, sink s) {
     std::lock_guard lock(mutex_);
-    return sinks_.emplace(name, std::make_shared<sink>(std::move(s))).second;
+    const bool added = sinks_.emplace(name, std::make_shared<sink>(std::move(s))).second;
+    // release: a cache that reads this generation also sees the new map
+    // (it re-resolves under the mutex anyway); pairs with the acquire in deliver.
+    if (added) generation_.fetch_add(1, std::memory_order_release);
+    return added;
   }
-  /// Removes `name`; true if it existed. Thread-safe.
+  /// Removes `name`; true if it existed. A delivery that read the registry
+  /// before the removal may still reach the removed sink. Thread-safe.
   bool remove(const std::string& name) {
     std::lock_guard lock(mutex_);
-    return sinks_.erase(name) > 0;
+    const bool removed = sinks_.erase(name) > 0;
+    // release: see add().
+    if (removed) generation_.fetch_add(1, std::memory_order_release);
+    return removed;
   }
   /// Delivers `packet` to `name`: `ok`, or `not_found` (packet dropped). The
   /// sink runs on the calling thread, outside the registry lock. Thread-safe.
@@ -61,6 +81,24 @@ class endpoint_registry {
     (*s)(std::move(packet));
     return errc::ok;
   }
+  /// As `deliver`, remembering the resolved sink in `cache`: a delivery to
+  /// the endpoint delivered to last, with no add or remove since, takes no
+  /// lock and allocates nothing. Thread-safe; `cache` belongs to the caller.
+  [[nodiscard]] errc deliver(std::string_view name, reply_packet<Reply>&& packet, delivery_cache& cache) {
+    // acquire: pairs with the release increments in add() and remove().
+    const std::uint64_t g = generation_.load(std::memory_order_acquire);
+    if (cache.target == nullptr || cache.generation != g || cache.name != name) {
+      std::lock_guard lock(mutex_);
+      cache.target.reset();
+      cache.name.assign(name);
+      auto it = sinks_.find(cache.name);
+      if (it == sinks_.end()) return errc::not_found;
+      cache.target = it->second;
+      cache.generation = g;
+    }
+    (*cache.target)(std::move(packet));
+    return errc::ok;
+  }
   /// Whether `name` is registered. Thread-safe.
   [[nodiscard]] bool contains(const std::string& name) const {
     std::lock_guard lock(mutex_);
@@ -69,7 +107,11 @@ class endpoint_registry {
 
  private:
   mutable std::mutex mutex_;
-  std::unordered_map<std::string, std::shared_ptr<sink>> sinks_;
+  std::unordered_map<std::string, std::shared_ptr<sink>> sinks_;  // guarded by mutex_
+  /// Bumped (release, under mutex_) by every add and remove that changed
+  /// sinks_; read (acquire) by a cached deliver to see whether its cached
+  /// sink may be stale. Only ever grows.
+  std::atomic<std::uint64_t> generation_{0};
 };
 
 namespace detail {
@@ -81,16 +123,11 @@ struct reply_future_access {
 /// Registers `w` in a future's continuation slot (one coroutine at a time).
 template <class V>
 void park_on_future(rr_future_state<V>& s, waker& w) {
-  std::lock_guard lock(s.mutex);
-  if (s.continuation != nullptr && s.continuation != &w) {
-    POSTBOX_THROW(error(errc::busy, "postbox: a reply future is already awaited by another coroutine"));
-  }
-  s.continuation = &w;
+  s.park_continuation(w);
 }
 template <class V>
 void unpark_from_future(rr_future_state<V>& s, waker& w) noexcept {
-  std::lock_guard lock(s.mutex);
-  if (s.continuation == &w) s.continuation = nullptr;
+  s.unpark_continuation(w);
 }
 
 /// async_get's operation: takes the outcome from a future the caller keeps.
@@ -100,8 +137,7 @@ struct future_get_op {
   rr_future_state<V>* s;
 
   std::optional<result_type> try_once() noexcept {
-    std::lock_guard lock(s->mutex);
-    if (!s->value) return std::nullopt;
+    if (!s->ready()) return std::nullopt;  // acquire: the value is readable after it
     return result_type(std::move(*s->value));
   }
   void park(waker& w) { park_on_future(*s, w); }
@@ -124,8 +160,7 @@ struct request_op {
   }
   std::optional<result_type> try_once() noexcept {
     if (!s) return with(refused);
-    std::lock_guard lock(s->mutex);
-    if (!s->value) return std::nullopt;
+    if (!s->ready()) return std::nullopt;  // acquire: the value is readable after it
     return std::move(*s->value);
   }
   void park(waker& w) {
@@ -182,7 +217,7 @@ class requester {
         table_(pending_requests<Reply>::create(timers, opts_.max_pending)) {
     if (opts_.endpoint.empty()) opts_.endpoint = "rr." + message_id::generate().to_string();
     std::weak_ptr<pending_requests<Reply>> weak = table_;
-    if (!registry.add(opts_.endpoint, [weak](reply_packet<Reply> p) {
+    if (!registry.add(opts_.endpoint, [weak](reply_packet<Reply>&& p) {
           if (auto t = weak.lock()) t->on_reply(std::move(p));
         }))
       POSTBOX_THROW(error(errc::conflict, "postbox::requester: endpoint name taken: " + opts_.endpoint));
@@ -211,16 +246,22 @@ class requester {
                              message_kind kind = message_kind::query) {
     auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
                              table_->get_clock());
-    return send(std::move(env), timeout, std::move(cb));
+    return dispatch(one_target(), std::move(env), timeout,
+                    [&](const message_id& corr) { return table_->open(corr, std::move(cb)); });
   }
 
   /// Future form of `request`: the refusal status, or a future of the outcome.
+  /// The reply is moved once, into the future; waiting on it spins
+  /// briefly, then sleeps. Allocates (the future's state).
   [[nodiscard]] result<reply_future<reply_outcome<Reply>>> request(Request payload, duration timeout,
                                                                    message_kind kind = message_kind::query) {
-    auto link = detail::make_future_link<reply_outcome<Reply>>();
-    const errc s = request(std::move(payload), timeout, std::move(link.callback), kind);
+    auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
+                             table_->get_clock());
+    auto fs = std::make_shared<detail::rr_future_state<reply_outcome<Reply>>>();
+    const errc s = dispatch(one_target(), std::move(env), timeout,
+                            [&](const message_id& corr) { return table_->open(corr, fs); });
     if (s != errc::ok) return s;
-    return std::move(link.future);
+    return reply_future<reply_outcome<Reply>>(std::move(fs));
   }
 
   /// `co_await req.async_request(payload, timeout)`: sends as `request` does
@@ -249,7 +290,7 @@ class requester {
   /// Sends a caller-built request envelope (its id, type, headers kept; the
   /// correlation id is replaced by a fresh one, reply-to and deadline set).
   [[nodiscard]] errc send(envelope<Request> env, duration timeout, callback cb) {
-    return dispatch({requests_}, std::move(env), timeout,
+    return dispatch(one_target(), std::move(env), timeout,
                     [&](const message_id& corr) { return table_->open(corr, std::move(cb)); });
   }
 
@@ -278,22 +319,31 @@ class requester {
   [[nodiscard]] requester_stats stats() const { return table_->stats(); }
 
  private:
+  std::span<request_channel* const> one_target() const noexcept { return {&requests_, 1}; }
+
   // Stamps, opens the pending entry (before sending: a reply may complete
   // the request at once), sends to every target, then arms the deadline.
+  // The last target gets the envelope itself (try_send moves only on ok),
+  // the others a copy each.
   template <class Open>
-  errc dispatch(const std::vector<request_channel*>& targets, envelope<Request> env, duration timeout, Open open) {
+  errc dispatch(std::span<request_channel* const> targets, envelope<Request>&& env, duration timeout, Open open) {
     const message_id corr = table_->stamp(env, timeout, opts_.producer);
-    env.headers.set(std::string(header_names::reply_to), opts_.endpoint);
+    const time_point deadline = *env.deadline;
+    env.headers.set(header_names::reply_to, opts_.endpoint);
     if (const errc s = open(corr); s != errc::ok) return s;
     std::size_t delivered = 0;
     send_status last = send_status::ok;
-    for (auto* ch : targets) {
-      envelope<Request> copy = env;
-      last = ch->try_send(std::move(copy));
+    for (std::size_t i = 0; i < targets.size(); ++i) {
+      if (i + 1 < targets.size()) {
+        envelope<Request> copy = env;
+        last = targets[i]->try_send(std::move(copy));
+      } else {
+        last = targets[i]->try_send(std::move(env));
+      }
       if (last == send_status::ok) ++delivered;
     }
     if (delivered == 0) return table_->abandon(corr, last == send_status::closed ? errc::closed : errc::full);
-    table_->arm(corr, *env.deadline);
+    table_->arm(corr, deadline);
     return errc::ok;
   }
 
@@ -339,67 +389,79 @@ class responder {
   /// many were taken. Does not block on an empty channel.
   std::size_t poll() {
     std::size_t n = 0;
+    typename endpoint_registry<Reply>::delivery_cache cache;
     while (auto req = requests_->try_receive()) {
-      serve(*req);
+      serve(*req, cache);
       ++n;
     }
     return n;
   }
 
-  /// Counters snapshot. Thread-safe.
+  /// Counters snapshot (each counter exact; the four read one by one).
+  /// Thread-safe.
   [[nodiscard]] responder_stats stats() const {
-    std::lock_guard lock(mutex_);
-    return stats_;
+    responder_stats s;
+    // relaxed: statistics; nothing is published through them.
+    s.handled = handled_.load(std::memory_order_relaxed);
+    s.failed = failed_.load(std::memory_order_relaxed);
+    s.expired = expired_.load(std::memory_order_relaxed);
+    s.unroutable = unroutable_.load(std::memory_order_relaxed);
+    return s;
   }
 
  private:
   void run() {
     const std::stop_token stop = stop_.get_token();
+    // This worker's memo of the reply endpoint it delivered to last: a
+    // steady requester's replies take no registry lock.
+    typename endpoint_registry<Reply>::delivery_cache cache;
     // receive(stop) answers empty when the channel is closed and drained or
     // when stop was requested first (then nothing was taken).
-    while (auto r = requests_->receive(stop)) serve(*r);
+    while (auto r = requests_->receive(stop)) serve(*r, cache);
   }
 
-  void bump(std::uint64_t responder_stats::*field) {
-    std::lock_guard lock(mutex_);
-    ++(stats_.*field);
+  static void bump(std::atomic<std::uint64_t>& counter) noexcept {
+    // relaxed: a statistic (see stats()).
+    counter.fetch_add(1, std::memory_order_relaxed);
   }
 
-  void serve(const envelope<Request>& req) {
+  void serve(const envelope<Request>& req, typename endpoint_registry<Reply>::delivery_cache& cache) {
     auto to = req.headers.get(header_names::reply_to);
     reply_packet<Reply> packet{req.correlation_id, reply_error{}};
     if (req.expired(clock_->now())) {  // the envelope's rule: expired at its deadline
-      bump(&responder_stats::expired);
+      bump(expired_);
       packet.body = reply_error{errc::expired, "request expired before it was started"};
     } else {
 #if defined(__cpp_exceptions)
       try {
         packet.body = reply_to(req, handler_(req), *clock_);
-        bump(&responder_stats::handled);
+        bump(handled_);
       } catch (const error& e) {
-        bump(&responder_stats::failed);
+        bump(failed_);
         packet.body = reply_error{e.code(), e.what()};
       } catch (const std::exception& e) {
-        bump(&responder_stats::failed);
+        bump(failed_);
         packet.body = reply_error{errc::handler_error, e.what()};
       } catch (...) {
-        bump(&responder_stats::failed);
+        bump(failed_);
         packet.body = reply_error{errc::handler_error, "unknown exception"};
       }
 #else
       packet.body = reply_to(req, handler_(req), *clock_);
-      bump(&responder_stats::handled);
+      bump(handled_);
 #endif
     }
-    if (!to || registry_->deliver(*to, std::move(packet)) != errc::ok) bump(&responder_stats::unroutable);
+    if (!to || registry_->deliver(*to, std::move(packet), cache) != errc::ok) bump(unroutable_);
   }
 
   channel<envelope<Request>>* requests_;
   endpoint_registry<Reply>* registry_;
   handler handler_;
   const clock* clock_;
-  mutable std::mutex mutex_;
-  responder_stats stats_;
+  // Counters, bumped (relaxed) by whichever worker or poll() served the
+  // request; read one by one (relaxed) by stats(). No data is published
+  // through them.
+  std::atomic<std::uint64_t> handled_{0}, failed_{0}, expired_{0}, unroutable_{0};
   // Stopped once by the destructor; every worker's blocking receive watches
   // its token (std::stop_source does its own synchronization).
   std::stop_source stop_;

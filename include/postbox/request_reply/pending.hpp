@@ -12,17 +12,20 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/backoff.hpp>
 #include <postbox/detail/waker.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
 #include <postbox/timer_service.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
+#include <exception>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -83,23 +86,121 @@ namespace detail {
 template <class V>
 struct reply_future_access;
 
+/// One outcome, set once, and its waiters. The waiting protocol is one
+/// atomic word (`word`), so a requester that finds its reply while spinning
+/// makes no syscall, and set() makes one only when a thread sleeps:
+///  - set() constructs `value`, then sets `ready_bit` with one RMW; the bits
+///    that RMW returns say whom to wake (a sleeping thread, a coroutine).
+///  - a thread waits by spinning on `ready_bit` (bounded, as a channel's
+///    receive does), then announces itself with `sleeper_bit` in one RMW and
+///    sleeps on the word (std::atomic::wait: a futex on Linux).
+///  - a coroutine registers its waker in `continuation` under `mutex` and
+///    then sets `continuation_bit`.
+/// Every announcement and set() are RMWs of the same word, so they are
+/// totally ordered: either set() sees the bit (and wakes), or the announcing
+/// side's RMW returns `ready_bit` (and does not wait). No wake-up is lost.
 template <class V>
 struct rr_future_state {
+  static constexpr std::uint32_t ready_bit = 1;         ///< value is set
+  static constexpr std::uint32_t sleeper_bit = 2;       ///< a thread may sleep on word (sticky)
+  static constexpr std::uint32_t continuation_bit = 4;  ///< a waker may be in continuation (sticky)
+  static constexpr std::uint32_t stop_unit = 8;         ///< added by a stop callback to wake sleepers
+
+  /// The state word. Written with RMWs only: set() (release: publishes
+  /// value; acquire: sees the continuation registered before the bit),
+  /// waiters (sleeper_bit), park (continuation_bit), stop callbacks
+  /// (stop_unit). Read with acquire loads by waiters, which then read value.
+  std::atomic<std::uint32_t> word{0};
+  std::optional<V> value;  // written once by set() before ready_bit; read after seeing ready_bit
+  /// Guards continuation (the coroutine side only; never taken by a thread
+  /// that waits or a set() that finds no continuation_bit).
   std::mutex mutex;
-  std::condition_variable cv;
-  std::optional<V> value;
   /// The continuation slot: the waker of a coroutine suspended on this
   /// outcome (async_request, async_get in request_reply.hpp), or null.
-  /// Guarded by mutex; set() wakes it under the mutex (a waker only posts a
-  /// resumption), so unregistering under the mutex ends every wake.
+  /// set() wakes it under the mutex (a waker only posts a resumption), so
+  /// unregistering under the mutex ends every wake.
   waker* continuation = nullptr;
-  void set(V v) {
-    {
+
+  /// Sets the outcome (once) and wakes its waiters. Never blocks (a
+  /// coroutine's waker only posts); makes a syscall only when a thread sleeps.
+  void set(V&& v) {
+    value.emplace(std::move(v));
+    publish();
+  }
+  /// Makes `value`, filled in place by the one setter, visible and wakes the
+  /// waiters. Never blocks; makes a syscall only when a thread sleeps.
+  void publish() {
+    // acq_rel: release publishes value to the acquire loads that see
+    // ready_bit; acquire pairs with park_continuation's release RMW, so the
+    // continuation written before it is visible below.
+    const std::uint32_t old = word.fetch_or(ready_bit, std::memory_order_acq_rel);
+    if ((old & continuation_bit) != 0) {
       std::lock_guard lock(mutex);
-      value.emplace(std::move(v));
       if (continuation != nullptr) continuation->wake();
     }
-    cv.notify_all();
+    if ((old & sleeper_bit) != 0) word.notify_all();
+  }
+
+  /// Whether the outcome is set. Never blocks.
+  [[nodiscard]] bool ready() const noexcept {
+    // acquire: pairs with set()'s release RMW; value is readable after it.
+    return (word.load(std::memory_order_acquire) & ready_bit) != 0;
+  }
+
+  /// Spins briefly (the channel's bounded spin: pauses, then a few yields)
+  /// until the outcome is set or `stop` says to give up; true if it is set.
+  template <class Stop>
+  bool spin(Stop stop) const noexcept {
+    backoff b;
+    while (!b.completed()) {
+      if (ready()) return true;
+      if (stop()) return false;
+      b.snooze();
+    }
+    return ready();
+  }
+
+  /// Blocks until the outcome is set or `stopped()` is true after a wake of
+  /// the word (a stop callback adds stop_unit). True when set.
+  template <class Stop>
+  bool wait(Stop stopped) noexcept {
+    if (spin(stopped)) return true;
+    if (stopped()) return false;
+    // acq_rel: announces the sleeper to set() (same word); acquire sees value.
+    std::uint32_t w = word.fetch_or(sleeper_bit, std::memory_order_acq_rel) | sleeper_bit;
+    while ((w & ready_bit) == 0) {
+      if (stopped()) return false;
+      word.wait(w, std::memory_order_acquire);
+      // acquire: pairs with set() (value) and with a stop callback's release
+      // RMW (the stop request made before it is visible to stopped()).
+      w = word.load(std::memory_order_acquire);
+    }
+    return true;
+  }
+
+  /// Wakes threads sleeping in wait() so they re-check their stop token.
+  void poke() noexcept {
+    // release: pairs with the acquire reload in wait(): the stop request
+    // that ran this is visible to the woken thread's stop check.
+    const std::uint32_t old = word.fetch_add(stop_unit, std::memory_order_acq_rel);
+    if ((old & sleeper_bit) != 0) word.notify_all();
+  }
+
+  /// Registers `w` in the continuation slot (one coroutine at a time).
+  void park_continuation(waker& w) {
+    {
+      std::lock_guard lock(mutex);
+      if (continuation != nullptr && continuation != &w) {
+        POSTBOX_THROW(error(errc::busy, "postbox: a reply future is already awaited by another coroutine"));
+      }
+      continuation = &w;
+    }
+    // release: publishes continuation to set()'s acquire RMW (same word).
+    word.fetch_or(continuation_bit, std::memory_order_acq_rel);
+  }
+  void unpark_continuation(waker& w) noexcept {
+    std::lock_guard lock(mutex);
+    if (continuation == &w) continuation = nullptr;
   }
 };
 }  // namespace detail
@@ -111,36 +212,26 @@ class reply_future {
   reply_future() = default;
   explicit reply_future(std::shared_ptr<detail::rr_future_state<V>> s) : state_(std::move(s)) {}
   /// Whether the outcome is there. Never blocks. Thread-safe.
-  [[nodiscard]] bool ready() const {
-    std::lock_guard lock(state_->mutex);
-    return state_->value.has_value();
-  }
+  [[nodiscard]] bool ready() const noexcept { return state_->ready(); }
   /// Blocks until the outcome is there (a requester always produces one:
-  /// the deadline timer bounds the wait). Thread-safe.
-  void wait() const {
-    std::unique_lock lock(state_->mutex);
-    state_->cv.wait(lock, [&] { return state_->value.has_value(); });
-  }
+  /// the deadline timer bounds the wait): spins briefly, then sleeps on the
+  /// future's word (no syscall when the outcome comes while spinning).
+  /// Thread-safe.
+  void wait() const { (void)state_->wait([] { return false; }); }
   /// Blocks until the outcome is there (`ok`) or `stop` is stopped first
   /// (`canceled`; the request goes on and the outcome stays for a later
   /// wait or get). An outcome already there wins over a stop. Thread-safe.
   [[nodiscard]] errc wait(std::stop_token stop) const {
-    // Constructed before taking the lock: a stop already requested runs the
-    // callback right here, and it takes the lock itself. Taking the lock in
-    // the callback orders the notify after a waiter's predicate check, so
-    // the wake-up cannot be lost.
-    std::stop_callback wake(stop, [s = state_.get()] {
-      std::lock_guard lock(s->mutex);
-      s->cv.notify_all();
-    });
-    std::unique_lock lock(state_->mutex);
-    state_->cv.wait(lock, [&] { return state_->value.has_value() || stop.stop_requested(); });
-    return state_->value.has_value() ? errc::ok : errc::canceled;
+    if (state_->ready()) return errc::ok;
+    // The callback only bumps the word and wakes sleepers; a stop already
+    // requested runs it here, harmlessly.
+    std::stop_callback wake(stop, [s = state_.get()] { s->poke(); });
+    if (state_->wait([&] { return stop.stop_requested(); })) return errc::ok;
+    return state_->ready() ? errc::ok : errc::canceled;
   }
   /// Waits, then moves the outcome out; call once. Blocks.
   [[nodiscard]] V get() {
     wait();
-    std::lock_guard lock(state_->mutex);
     return std::move(*state_->value);
   }
   /// Waits as `wait(stop)`, then moves the outcome out; `canceled` when
@@ -148,7 +239,6 @@ class reply_future {
   /// outcome). Blocks. Thread-safe with waiters; call get once.
   [[nodiscard]] result<V> get(std::stop_token stop) {
     if (wait(std::move(stop)) != errc::ok) return errc::canceled;
-    std::lock_guard lock(state_->mutex);
     return std::move(*state_->value);
   }
   /// Whether this handle refers to a request. Never blocks.
@@ -181,17 +271,26 @@ enum class callback_exceptions : std::uint8_t {
 };
 
 /// The pending-request table a requester transport plugs into. The transport
-/// stamps and sends each request; the table records it (`open`), arms its
-/// deadline on `timers` (`arm`), matches replies by correlation id
-/// (`on_reply`) and completes each accepted request exactly once: reply,
-/// responder error, `timeout` or `canceled` (`close`). Removal of the entry
-/// under the table's mutex is the single point that decides the outcome; the
-/// callback runs after it, outside the lock. Finished correlation ids are
-/// remembered (at most 4 x `max_pending`, FIFO) to tell late and duplicate
-/// replies from unmatched ones; all three are dropped and counted. `Stats`
-/// is `requester_stats` or a transport's extension of it. Held by
-/// `shared_ptr` (create it with `create`): timers keep a weak reference, so a
-/// timer firing after the table is gone does nothing. Thread-safe.
+/// stamps and sends each request; the table records it (`open`), tracks its
+/// deadline (`arm`), matches replies by correlation id (`on_reply`) and
+/// completes each accepted request exactly once: reply, responder error,
+/// `timeout` or `canceled` (`close`). Removal of the entry under the table's
+/// mutex is the single point that decides the outcome; the callback runs
+/// after it, outside the lock. Finished correlation ids are remembered (at
+/// most 4 x `max_pending`, FIFO) to tell late and duplicate replies from
+/// unmatched ones; all three are dropped and counted. `Stats` is
+/// `requester_stats` or a transport's extension of it.
+///
+/// Deadlines: the table keeps its own min-heap of deadlines and holds at most
+/// one timer on `timers`, for the earliest one; that timer expires every
+/// request due and re-arms for the next. While requests overlap, one with a
+/// later deadline than the armed one schedules nothing; a table that empties
+/// cancels its timer (so no timer outlives the requests). Map nodes are
+/// recycled, so the table itself allocates only while it grows.
+///
+/// Held by `shared_ptr` (create it with `create`): the timer keeps a weak
+/// reference, so a timer firing after the table is gone does nothing.
+/// Thread-safe.
 template <class Reply, class Stats = requester_stats>
 class pending_requests : public std::enable_shared_from_this<pending_requests<Reply, Stats>> {
   static_assert(std::is_base_of_v<requester_stats, Stats>, "Stats must extend requester_stats");
@@ -200,6 +299,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
  public:
   using callback = std::function<void(reply_outcome<Reply>)>;
   using gather_callback = std::function<void(gather_outcome<Reply>)>;
+  using future_state = detail::rr_future_state<reply_outcome<Reply>>;
 
   /// A table whose deadlines run on `timers` (which must outlive it) and that
   /// refuses with `busy` beyond `max_pending` requests. Allocates.
@@ -209,7 +309,11 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   }
   /// For `create` only (the tag is private).
   pending_requests(private_tag, timer_service& timers, std::size_t max_pending, callback_exceptions on_throw)
-      : timers_(&timers), max_pending_(max_pending), on_throw_(on_throw) {}
+      : timers_(&timers),
+        max_pending_(max_pending),
+        done_capacity_(max_pending > std::numeric_limits<std::size_t>::max() / 8 ? std::numeric_limits<std::size_t>::max() / 2
+                                                                               : 4 * (max_pending == 0 ? 1 : max_pending)),
+        on_throw_(on_throw) {}
   pending_requests(const pending_requests&) = delete;
   pending_requests& operator=(const pending_requests&) = delete;
 
@@ -230,10 +334,18 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
 
   /// Records `corr` as pending, completed through `cb`, before the transport
   /// sends it (a reply may come back at once). `busy` (counted as refused)
-  /// at the pending limit; then `cb` is never called. Allocates. Thread-safe.
+  /// at the pending limit; then `cb` is never called. Allocates only while
+  /// the table grows (map nodes are recycled). Thread-safe.
   [[nodiscard]] errc open(const message_id& corr, callback cb) {
     entry e;
     e.single = std::move(cb);
+    return insert(corr, std::move(e));
+  }
+  /// As `open`, completing `future` directly (the future form of a request:
+  /// no callback object; the outcome is moved once, into the future).
+  [[nodiscard]] errc open(const message_id& corr, std::shared_ptr<future_state> future) {
+    entry e;
+    e.future = std::move(future);
     return insert(corr, std::move(e));
   }
   /// As `open`, for a scatter-gather completing once `want` (at least 1)
@@ -252,6 +364,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     std::lock_guard lock(mutex_);
     pending_.erase(corr);
     ++stats_.refused;
+    disarm_if_idle();
     return why;
   }
   /// Counts a refusal decided before `open` (say, the request did not encode)
@@ -262,32 +375,33 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     return why;
   }
 
-  /// The opened request was sent: counts it and arms its timer at
-  /// `deadline`, unless a reply already completed it. Allocates. Thread-safe.
+  /// The opened request was sent: counts it and tracks its `deadline`,
+  /// unless a reply already completed it. Schedules a timer only when this
+  /// deadline is earlier than the one armed. Thread-safe.
   void arm(const message_id& corr, time_point deadline) {
-    std::weak_ptr<pending_requests> weak = this->weak_from_this();
-    const auto id = timers_->schedule_at(deadline, [weak, corr] {
-      if (auto self = weak.lock()) self->on_timeout(corr);
-    });
     std::lock_guard lock(mutex_);
     ++stats_.sent;
-    auto it = pending_.find(corr);
-    if (it != pending_.end()) it->second.timer = id;
-    else timers_->cancel(id);  // already completed by a fast reply
+    if (closed_ || pending_.find(corr) == pending_.end()) return;  // already completed by a fast reply
+    // Stale heap items (requests finished before their deadline) are
+    // dropped in bulk once they outnumber the live ones: amortized O(1).
+    if (deadlines_.size() > 2 * pending_.size() + 64) compact_deadlines();
+    deadlines_.push_back({deadline, corr});
+    std::push_heap(deadlines_.begin(), deadlines_.end(), later{});
+    if (!armed_ || deadline < armed_at_) arm_timer(deadline);
   }
 
   /// A reply (or a responder error) for `packet.correlation_id`: completes
-  /// its request on the calling thread (running its callback, outside the
-  /// lock), or is dropped and counted as late, duplicate or unmatched. A
-  /// gather completes once `want` replies or errors are in. Thread-safe.
-  void on_reply(reply_packet<Reply> packet) {
-    // Declared first, so destroyed last: the callback and everything it
-    // captured are gone before close() may stop waiting.
+  /// its request on the calling thread (running its callback or setting its
+  /// future, outside the lock), or is dropped and counted as late, duplicate
+  /// or unmatched. A gather completes once `want` replies or errors are in.
+  /// Thread-safe.
+  void on_reply(reply_packet<Reply>&& packet) {
+    // Declared first, so destroyed last: it clears the entry (the callback
+    // and everything it captured) before close() may stop waiting.
     std::optional<callback_run> run;
-    std::optional<entry> finished_e;
     errc status = errc::ok;
-    std::optional<envelope<Reply>> reply;
-    std::optional<reply_error> err;
+    envelope<Reply>* reply = nullptr;  // in packet, taken by the completion
+    reply_error* err = nullptr;
     {
       std::lock_guard lock(mutex_);
       auto it = pending_.find(packet.correlation_id);
@@ -305,20 +419,33 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         ++stats_.replied;
         if (e.collected.replies.size() + e.collected.errors.size() < e.want) return;
       } else if (auto* env = std::get_if<envelope<Reply>>(&packet.body)) {
-        reply.emplace(std::move(*env));
+        reply = env;
         ++stats_.replied;
       } else {
-        err.emplace(std::get<reply_error>(std::move(packet.body)));
+        err = &std::get<reply_error>(packet.body);
         status = err->code == errc::ok ? errc::handler_error : err->code;
         ++stats_.errors;
       }
-      finished_e.emplace(std::move(e));
-      pending_.erase(it);
+      run.emplace(*this, pending_.extract(it));
       remember(packet.correlation_id, finished::replied);
-      run.emplace(*this);
+      disarm_if_idle();
     }
-    timers_->cancel(finished_e->timer);
-    complete(*finished_e, status, std::move(reply), std::move(err));
+    entry& e = run->taken();
+    if (e.future) {
+      // The future form: the outcome is built in place in the future (the
+      // reply moved once) and then published.
+      auto& o = e.future->value.emplace();
+      o.status = status;
+      if (reply != nullptr) o.reply.emplace(std::move(*reply));
+      if (err != nullptr) o.error.emplace(std::move(*err));
+      e.future->publish();
+      return;
+    }
+    reply_outcome<Reply> outcome;
+    outcome.status = status;
+    if (reply != nullptr) outcome.reply.emplace(std::move(*reply));
+    if (err != nullptr) outcome.error.emplace(std::move(*err));
+    complete(e, status, std::move(outcome));
   }
 
   /// Adds one to a counter (a transport's own, or a requester_stats one)
@@ -351,60 +478,135 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   struct entry {
     callback single;
     gather_callback multi;
+    std::shared_ptr<future_state> future;
     std::size_t want = 1;
     gather_outcome<Reply> collected;
-    timer_service::timer_id timer = 0;
+    // Drops the callbacks (and what they captured) and the future.
+    void clear() noexcept {
+      single = nullptr;
+      future.reset();
+      if (multi) {
+        multi = nullptr;
+        collected = gather_outcome<Reply>{};
+        want = 1;
+      }
+    }
   };
+  using map_type = std::unordered_map<message_id, entry>;
+  using node_type = typename map_type::node_type;
   enum class finished : std::uint8_t { replied, expired };
+  struct deadline_item {
+    time_point when;
+    message_id corr;
+  };
+  struct later {  // std::push_heap's "less" for a min-heap of deadlines
+    bool operator()(const deadline_item& a, const deadline_item& b) const noexcept { return a.when > b.when; }
+  };
+  static constexpr std::size_t spare_nodes_max = 64;
 
   // Registers the calling thread as running a callback (construct under
   // mutex_, in the critical section that takes the entry out of pending_, so
-  // close() sees every request either pending or running) and unregisters it
-  // when destroyed, also when the callback throws.
+  // close() sees every request either pending or running) and holds the
+  // taken map node(s). Its destructor, also when a callback throws, clears
+  // the entries (the callbacks' captures die first), then under the lock
+  // unregisters the thread and keeps a node for reuse.
   class callback_run {
    public:
+    callback_run(pending_requests& t, node_type node) : t_(&t) {
+      t.running_.push_back(std::this_thread::get_id());
+      node_ = std::move(node);
+    }
     explicit callback_run(pending_requests& t) : t_(&t) { t.running_.push_back(std::this_thread::get_id()); }
     callback_run(const callback_run&) = delete;
     callback_run& operator=(const callback_run&) = delete;
     ~callback_run() {
+      if (!node_.empty()) node_.mapped().clear();
       {
         std::lock_guard lock(t_->mutex_);
         auto it = std::find(t_->running_.begin(), t_->running_.end(), std::this_thread::get_id());
         if (it != t_->running_.end()) t_->running_.erase(it);
+        if (!node_.empty() && t_->spare_nodes_.size() < spare_nodes_max) t_->spare_nodes_.push_back(std::move(node_));
       }
       t_->idle_.notify_all();
     }
+    entry& taken() noexcept { return node_.mapped(); }
 
    private:
     pending_requests* t_;
+    node_type node_;
   };
 
-  errc insert(const message_id& corr, entry e) {
+  errc insert(const message_id& corr, entry&& e) {
     std::lock_guard lock(mutex_);
     if (pending_.size() >= max_pending_) {
       ++stats_.refused;
       return errc::busy;
     }
-    pending_.emplace(corr, std::move(e));
+    if (!spare_nodes_.empty()) {
+      node_type n = std::move(spare_nodes_.back());
+      spare_nodes_.pop_back();
+      n.key() = corr;
+      n.mapped() = std::move(e);
+      pending_.insert(std::move(n));
+    } else {
+      pending_.emplace(corr, std::move(e));
+    }
     return errc::ok;
   }
 
+  // Under mutex_. The FIFO of finished ids is a ring that grows to
+  // done_capacity_; once full, the oldest id's map node is reused.
   void remember(const message_id& id, finished f) {
-    done_[id] = f;
-    done_order_.push_back(id);
-    while (done_order_.size() > 4 * (max_pending_ == 0 ? 1 : max_pending_)) {
-      done_.erase(done_order_.front());
-      done_order_.pop_front();
+    if (done_ring_.size() < done_capacity_) {
+      done_ring_.push_back(id);
+      done_[id] = f;
+      return;
     }
+    message_id& slot = done_ring_[done_head_];
+    done_head_ = (done_head_ + 1) % done_ring_.size();
+    auto n = done_.extract(slot);
+    slot = id;
+    if (n.empty()) {
+      done_[id] = f;
+      return;
+    }
+    n.key() = id;
+    n.mapped() = f;
+    auto r = done_.insert(std::move(n));
+    if (!r.inserted) r.position->second = f;
   }
 
-  void complete(entry& e, errc status, std::optional<envelope<Reply>> r, std::optional<reply_error> err) {
+  // Under mutex_: drops heap items whose request is no longer pending.
+  void compact_deadlines() {
+    std::erase_if(deadlines_, [&](const deadline_item& d) { return pending_.find(d.corr) == pending_.end(); });
+    std::make_heap(deadlines_.begin(), deadlines_.end(), later{});
+  }
+
+  // Under mutex_: with nothing pending, no timer stays scheduled (a test
+  // driving the timers sees no deadline left once every request finished).
+  void disarm_if_idle() {
+    if (!pending_.empty()) return;
+    deadlines_.clear();
+    if (armed_) timers_->cancel(armed_id_);
+    armed_ = false;
+  }
+
+  // Under mutex_: (re)arms the one timer at `when`.
+  void arm_timer(time_point when) {
+    if (armed_) timers_->cancel(armed_id_);
+    std::weak_ptr<pending_requests> weak = this->weak_from_this();
+    armed_id_ = timers_->schedule_at(when, [weak] {
+      if (auto self = weak.lock()) self->on_deadline();
+    });
+    armed_ = true;
+    armed_at_ = when;
+  }
+
+  void complete(entry& e, errc status, reply_outcome<Reply>&& o) {
     auto call = [&] {
-      if (e.single) {
-        reply_outcome<Reply> o;
-        o.status = status;
-        o.reply = std::move(r);
-        o.error = std::move(err);
+      if (e.future) {
+        e.future->set(std::move(o));
+      } else if (e.single) {
         e.single(std::move(o));
       } else if (e.multi) {
         e.collected.status = status;
@@ -418,34 +620,73 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     POSTBOX_TRY { call(); }
     POSTBOX_CATCH_ALL {}  // contained: the completing thread must not unwind
   }
+  void complete_with(entry& e, errc status) {
+    reply_outcome<Reply> o;
+    o.status = status;
+    complete(e, status, std::move(o));
+  }
 
-  void on_timeout(const message_id& id) {
-    std::optional<callback_run> run;  // first: destroyed after the callback (see on_reply)
-    std::optional<entry> e;
+  // The timer: expires every request due now (a deadline equal to now is
+  // due), re-arms for the next deadline, then runs the timeouts outside the
+  // lock, on this (the timer's) thread.
+  void on_deadline() {
+    std::optional<callback_run> run;  // first: destroyed after the callbacks (see on_reply)
+    std::vector<entry> expired;
     {
       std::lock_guard lock(mutex_);
-      auto it = pending_.find(id);
-      if (it == pending_.end()) return;
-      e.emplace(std::move(it->second));
-      pending_.erase(it);
-      remember(id, finished::expired);
-      ++stats_.timed_out;
+      armed_ = false;
+      const time_point now = get_clock().now();
+      while (!deadlines_.empty() && deadlines_.front().when <= now) {
+        const message_id id = deadlines_.front().corr;
+        std::pop_heap(deadlines_.begin(), deadlines_.end(), later{});
+        deadlines_.pop_back();
+        auto it = pending_.find(id);
+        if (it == pending_.end()) continue;  // finished before its deadline
+        expired.push_back(std::move(it->second));
+        pending_.erase(it);
+        remember(id, finished::expired);
+        ++stats_.timed_out;
+      }
+      while (!deadlines_.empty() && pending_.find(deadlines_.front().corr) == pending_.end()) {
+        std::pop_heap(deadlines_.begin(), deadlines_.end(), later{});
+        deadlines_.pop_back();
+      }
+      if (!closed_ && !deadlines_.empty()) arm_timer(deadlines_.front().when);
+      if (expired.empty()) return;
       run.emplace(*this);
     }
-    complete(*e, errc::timeout, std::nullopt, std::nullopt);
+    // Each timeout runs even if an earlier callback throws (propagate):
+    // the rest are completed first, then the first exception is rethrown.
+    std::exception_ptr first;
+    for (auto& e : expired) {
+#if POSTBOX_HAS_EXCEPTIONS
+      try {
+        complete_with(e, errc::timeout);
+      } catch (...) {
+        if (!first) first = std::current_exception();
+      }
+#else
+      complete_with(e, errc::timeout);
+#endif
+      e = entry{};
+    }
+#if POSTBOX_HAS_EXCEPTIONS
+    if (first) std::rethrow_exception(first);
+#endif
   }
 
   void cancel_all() {
-    std::unordered_map<message_id, entry> taken;
+    map_type taken;
     {
       std::lock_guard lock(mutex_);
+      closed_ = true;
+      if (armed_) timers_->cancel(armed_id_);
+      armed_ = false;
+      deadlines_.clear();
       taken.swap(pending_);
       stats_.canceled += taken.size();
     }
-    for (auto& [id, e] : taken) {
-      timers_->cancel(e.timer);
-      complete(e, errc::canceled, std::nullopt, std::nullopt);
-    }
+    for (auto& [id, e] : taken) complete_with(e, errc::canceled);
   }
 
   void wait_callbacks() {
@@ -458,11 +699,19 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
 
   timer_service* timers_;
   const std::size_t max_pending_;
+  const std::size_t done_capacity_;  // 4 x max_pending_ (at least 4), saturated
   const callback_exceptions on_throw_;
   mutable std::mutex mutex_;  // guards everything below
-  std::unordered_map<message_id, entry> pending_;
+  map_type pending_;
+  std::vector<node_type> spare_nodes_;             // recycled pending_ nodes (at most spare_nodes_max)
   std::unordered_map<message_id, finished> done_;  // recently finished, for late/duplicate
-  std::deque<message_id> done_order_;             // done_'s FIFO eviction order
+  std::vector<message_id> done_ring_;              // done_'s FIFO eviction order (a ring once full)
+  std::size_t done_head_ = 0;                      // oldest entry of done_ring_ once full
+  std::vector<deadline_item> deadlines_;           // min-heap (later{}); may hold finished requests' items
+  bool armed_ = false;                             // a timer is scheduled, at armed_at_, id armed_id_
+  time_point armed_at_{};
+  timer_service::timer_id armed_id_ = 0;
+  bool closed_ = false;  // close() began: nothing is armed any more
   Stats stats_;
   // Threads running a completion callback now (one entry per run); close()
   // waits on idle_ until only its own thread is left.
