@@ -774,7 +774,7 @@ class consumer {
     stop_.request_stop();
     report.completed = static_cast<std::size_t>(settled_ - settled_before);
     report.abandoned = running_count_;
-    for (const auto& it : running_) report.abandoned_ids.push_back(it.env.id);
+    for (const auto& it : running_) report.abandoned_ids.push_back(it.env().id);
     item_list left;
     left.splice(left.end(), ready_);
     for (auto& it : waiting_) {
@@ -789,8 +789,8 @@ class consumer {
     lock.unlock();
     for (auto& it : left) {
       call_hook(it, settle_action{settle_action::kind::release, {}});
-      notify_settle(it.env, settle_outcome::released, {}, {});
-      report.returned.push_back(std::move(it.env));
+      notify_settle(it.env(), settle_outcome::released, {}, {});
+      report.returned.push_back(std::move(it.env()));
     }
     lock.lock();
     held_ -= left.size();
@@ -930,10 +930,46 @@ class consumer {
 
  private:
   struct item {
-    // Built by the receiver right from the source's envelope; seq and the
-    // times are set when it is admitted.
-    item(envelope<T>&& e, settle_hook&& h) : env(std::move(e)), hook(std::move(h)) {}
-    envelope<T> env;
+    struct returned_tag {};
+    // Built by the receiver right from the source's envelope (one move);
+    // seq and the times are set when it is admitted.
+    item(envelope<T>&& e, settle_hook&& h) : hook(std::move(h)) {
+      ::new (static_cast<void*>(&store_.moved)) envelope<T>(std::move(e));
+      env_ = &store_.moved;
+    }
+    // Built around the receive_result a channel returned: `make()`'s result
+    // is constructed right here, so the envelope is never moved again. Has
+    // no envelope when the channel had none (the receiver drops the node).
+    template <class F>
+    item(returned_tag, F&& make) : in_result_(true) {
+      ::new (static_cast<void*>(&store_.returned)) receive_result<envelope<T>>(std::forward<F>(make)());
+      env_ = store_.returned.has_value() ? &*store_.returned : nullptr;
+    }
+    item(const item&) = delete;
+    item& operator=(const item&) = delete;
+    ~item() {
+      if (in_result_) {
+        store_.returned.~result();
+      } else {
+        store_.moved.~envelope();
+      }
+    }
+    [[nodiscard]] envelope<T>& env() noexcept { return *env_; }
+    [[nodiscard]] const envelope<T>& env() const noexcept { return *env_; }
+    [[nodiscard]] bool has_env() const noexcept { return env_ != nullptr; }
+    [[nodiscard]] receive_status returned_status() const noexcept { return store_.returned.status(); }
+
+   private:
+    union storage {
+      storage() noexcept {}
+      ~storage() {}
+      envelope<T> moved;                          // handed over by a source's sink call
+      receive_result<envelope<T>> returned;       // as the channel returned it
+    } store_;
+    envelope<T>* env_ = nullptr;
+    bool in_result_ = false;
+
+   public:
     settle_hook hook;
     std::uint64_t seq = 0;
     time_point received_at{};
@@ -1081,6 +1117,27 @@ class consumer {
       }
       pending_.emplace_back(std::move(env), std::move(hook));
     }
+    // channel_source's path: the item is built around the receive_result
+    // the channel returns (no envelope move at all); `make()` receives.
+    static constexpr bool takes_receive_results = true;
+    template <class F>
+    receive_status emplace_returned(F&& make) {
+      pending_.emplace_back(typename item::returned_tag{}, std::forward<F>(make));
+      item& it = pending_.back();
+      if (!it.has_env()) {
+        const receive_status st = it.returned_status();
+        pending_.pop_back();
+        return st;
+      }
+      if (self_->filters_tenants_ && !self_->tenant_accepted(it.env().tenant)) {
+        envelope<T> env = std::move(it.env());
+        settle_hook hook = std::move(it.hook);
+        pending_.pop_back();
+        ++handled_;
+        self_->dead_letter_foreign(std::move(env), std::move(hook));
+      }
+      return receive_status::ok;
+    }
     void accept_poison(poison_input&& p, settle_hook&& hook) override {
       ++handled_;
       self_->dead_letter_poison(std::move(p), std::move(hook));
@@ -1186,7 +1243,7 @@ class consumer {
       pos->received_at = pos->ready_at = now;
       ++received_;
       ++held_;
-      const std::string& key = pos->env.partition_key;
+      const std::string& key = pos->env().partition_key;
       if (key.empty()) {
         ++pos;
         ++woken;
@@ -1320,16 +1377,16 @@ class consumer {
     taken.reserve(std::min(batch_->max_size, ready_.size()));
     while (taken.size() < batch_->max_size && !ready_.empty()) {
       const item_iter pos = ready_.begin();
-      if (pos->env.expired(clock_->now())) {
+      if (pos->env().expired(clock_->now())) {
         ++expired_;
         ++settled_;
         conclusion c = leave(ready_, pos, fate::dead_letter, settle_outcome::dead_lettered);
         c.reason = std::string(dead_letter_reasons::expired);
-        c.error = "the deadline passed before delivery " + std::to_string(pos->env.attempt + 1) + " started";
+        c.error = "the deadline passed before delivery " + std::to_string(pos->env().attempt + 1) + " started";
         expired.push_back(std::move(c));
         continue;
       }
-      ++pos->env.attempt;
+      ++pos->env().attempt;
       ++started_;
       ++running_count_;
       running_.splice(running_.end(), ready_, pos);
@@ -1346,8 +1403,8 @@ class consumer {
     std::vector<const envelope<T>*> envs;
     envs.reserve(taken.size());
     for (const auto& pos : taken) {
-      if (obs_ != nullptr) obs_->notify_receive(make_message_event(pos->env, source_name_));
-      envs.push_back(&pos->env);
+      if (obs_ != nullptr) obs_->notify_receive(make_message_event(pos->env(), source_name_));
+      envs.push_back(&pos->env());
     }
     const message_batch<T> batch(std::move(envs), stop_.get_token(), *clock_, source_name_);
     const time_point start = clock_->now();
@@ -1400,45 +1457,45 @@ class consumer {
   void run_one(std::unique_lock<std::mutex>& lock, item_list& trash) {
     const item_iter pos = ready_.begin();
     item& it = *pos;
-    if (it.env.deadline && it.env.expired(clock_->now())) {
+    if (it.env().deadline && it.env().expired(clock_->now())) {
       ++expired_;
       ++settled_;
       conclusion c = leave(ready_, pos, fate::dead_letter, settle_outcome::dead_lettered);
       c.reason = std::string(dead_letter_reasons::expired);
-      c.error = "the deadline passed before delivery " + std::to_string(it.env.attempt + 1) + " started";
+      c.error = "the deadline passed before delivery " + std::to_string(it.env().attempt + 1) + " started";
       lock.unlock();
       trash.clear();
       conclude(std::move(c));
       lock.lock();
       return;
     }
-    ++it.env.attempt;
+    ++it.env().attempt;
     ++started_;
     ++running_count_;
     running_.splice(running_.end(), ready_, pos);
     lock.unlock();
     trash.clear();
 
-    if (obs_ != nullptr) obs_->notify_receive(make_message_event(it.env, source_name_));
+    if (obs_ != nullptr) obs_->notify_receive(make_message_event(it.env(), source_name_));
     if (async_handler_) {
       start_async(pos);
       lock.lock();
       return;
     }
-    consume_context ctx(it.env.attempt, stop_, *clock_, source_name_, it.env.deadline);
+    consume_context ctx(it.env().attempt, stop_, *clock_, source_name_, it.env().deadline);
     const time_point start = clock_->now();
     std::string err;
     bool threw = false;
     const settlement s = [&]() -> settlement {
 #if POSTBOX_HAS_EXCEPTIONS
       try {
-        return handler_(it.env, ctx);
+        return handler_(it.env(), ctx);
       } catch (...) {
         threw = true;
         return settlement_for(std::current_exception(), err);
       }
 #else
-      return handler_(it.env, ctx);
+      return handler_(it.env(), ctx);
 #endif
     }();
     const duration elapsed = clock_->now() - start;
@@ -1450,7 +1507,7 @@ class consumer {
       ++acked_;
       if (threw) ++handler_errors_;
       trash.splice(trash.end(), running_, pos);
-      release_key(it.env.partition_key);
+      release_key(it.env().partition_key);
       --held_;
       budget_returned_locked();
       return;
@@ -1500,14 +1557,14 @@ class consumer {
   // settles. The envelope and the context live until the task completes.
   detail::consumer_handler_run run_async(item_iter pos) {
     item& it = *pos;
-    consume_context ctx(it.env.attempt, stop_, *clock_, source_name_, it.env.deadline);
+    consume_context ctx(it.env().attempt, stop_, *clock_, source_name_, it.env().deadline);
     const time_point start = clock_->now();
     settlement s;
     std::string err;
     bool threw = false;
 #if POSTBOX_HAS_EXCEPTIONS
     try {
-      async_task t = async_handler_(it.env, ctx);
+      async_task t = async_handler_(it.env(), ctx);
       if (auto* with_settlement = std::get_if<task<settlement>>(&t)) {
         s = co_await std::move(*with_settlement);
       } else {
@@ -1519,7 +1576,7 @@ class consumer {
       threw = true;
     }
 #else
-    async_task t = async_handler_(it.env, ctx);
+    async_task t = async_handler_(it.env(), ctx);
     if (auto* with_settlement = std::get_if<task<settlement>>(&t)) {
       s = co_await std::move(*with_settlement);
     } else {
@@ -1551,7 +1608,7 @@ class consumer {
     for (auto& it : left) {
       std::exchange(it.frame, nullptr).destroy();
       call_hook(it, settle_action{settle_action::kind::release, {}});
-      notify_settle(it.env, settle_outcome::released, {}, {});
+      notify_settle(it.env(), settle_outcome::released, {}, {});
     }
   }
 
@@ -1605,18 +1662,18 @@ class consumer {
       }
       case settlement::kind::retry: {
         record_failure(it, now, err.empty() ? std::string("retry requested") : err);
-        if (opts_.retry.exhausted(it.env.attempt)) {
+        if (opts_.retry.exhausted(it.env().attempt)) {
           conclusion c = leave(running_, pos, fate::dead_letter, settle_outcome::dead_lettered);
           c.reason = std::string(dead_letter_reasons::retries_exhausted);
           c.error = err.empty() ? std::string("retry requested") : std::move(err);
           return c;
         }
         ++retried_;
-        const duration delay = s.after() ? *s.after() : opts_.retry.backoff(it.env.attempt, jitter_.next());
+        const duration delay = s.after() ? *s.after() : opts_.retry.backoff(it.env().attempt, jitter_.next());
         return put_back(pos, delay, settle_outcome::retried);
       }
       case settlement::kind::defer:
-        --it.env.attempt;
+        --it.env().attempt;
         ++deferred_;
         return put_back(pos, opts_.defer_delay, settle_outcome::deferred);
     }
@@ -1635,9 +1692,9 @@ class consumer {
     item& it = *pos;
     conclusion c;
     c.outcome = outcome;
-    if (obs_ != nullptr && obs_->on_settle) c.kept_meta.emplace(it.env);
+    if (obs_ != nullptr && obs_->on_settle) c.kept_meta.emplace(it.env());
     time_point at = clock_->now() + delay;
-    if (it.env.deadline && *it.env.deadline < at) at = *it.env.deadline;  // expire on time
+    if (it.env().deadline && *it.env().deadline < at) at = *it.env().deadline;  // expire on time
     it.due = at;
     waiting_.splice(waiting_.end(), running_, pos);
     waiting_index_[it.seq] = pos;
@@ -1665,7 +1722,7 @@ class consumer {
     c.outcome = outcome;
     c.node.splice(c.node.end(), from, pos);
     ++settling_;
-    release_key(c.node.front().env.partition_key);
+    release_key(c.node.front().env().partition_key);
     return c;
   }
 
@@ -1686,7 +1743,7 @@ class consumer {
   static void record_failure(item& it, time_point now, std::string error) {
     if (it.first_failure == time_point{}) it.first_failure = now;
     it.last_failure = now;
-    it.history.push_back(failure_record{it.env.attempt, now, std::move(error)});
+    it.history.push_back(failure_record{it.env().attempt, now, std::move(error)});
   }
 
   // Caller holds mu_.
@@ -1706,15 +1763,15 @@ class consumer {
     switch (c.what) {
       case fate::ack:
         call_hook(it, settle_action{settle_action::kind::ack, {}});
-        notify_settle(it.env, outcome, c.elapsed, {});
+        notify_settle(it.env(), outcome, c.elapsed, {});
         break;
       case fate::redeliver:
         call_hook(it, settle_action{settle_action::kind::redeliver, c.delay});
-        notify_settle(it.env, outcome, c.elapsed, {});
+        notify_settle(it.env(), outcome, c.elapsed, {});
         break;
       case fate::release:  // an abandoned handler asked for a retry or defer after shutdown
         call_hook(it, settle_action{settle_action::kind::release, {}});
-        notify_settle(it.env, outcome, c.elapsed, {});
+        notify_settle(it.env(), outcome, c.elapsed, {});
         break;
       case fate::dead_letter:
         outcome = dead_letter_item(it, std::move(c.reason), std::move(c.error), c.elapsed);
@@ -1729,7 +1786,7 @@ class consumer {
       case settle_outcome::released: ++released_; break;
       default: break;  // retried/deferred were counted when decided
     }
-    if (c.what == fate::release) released_late_.push_back(std::move(it.env));
+    if (c.what == fate::release) released_late_.push_back(std::move(it.env()));
     concluded_locked();
   }
 
@@ -1753,7 +1810,7 @@ class consumer {
   // path carries no dead_letter on its stack.
   settle_outcome dead_letter_item(item& it, std::string reason, std::string error, duration elapsed) {
     std::optional<detail::published_meta> meta;
-    if (obs_ != nullptr && obs_->on_settle) meta.emplace(it.env);
+    if (obs_ != nullptr && obs_->on_settle) meta.emplace(it.env());
     settle_hook hook = std::move(it.hook);
     dead_letter<T> d = make_dead_letter(it, std::move(reason), std::move(error));
     const std::string why = d.reason;
@@ -1805,17 +1862,17 @@ class consumer {
     dead_letter<T> d;
     d.reason = std::move(reason);
     d.error = std::move(error);
-    d.attempts = it.env.attempt;
-    d.prior_attempts = detail::header_number<std::uint32_t>(it.env.headers, header_names::dead_letter_attempts);
-    d.redrives = detail::header_number<std::uint32_t>(it.env.headers, header_names::dead_letter_redrives);
+    d.attempts = it.env().attempt;
+    d.prior_attempts = detail::header_number<std::uint32_t>(it.env().headers, header_names::dead_letter_attempts);
+    d.redrives = detail::header_number<std::uint32_t>(it.env().headers, header_names::dead_letter_redrives);
     d.first_failure = it.first_failure == time_point{} ? now : it.first_failure;
     d.last_failure = it.last_failure == time_point{} ? now : it.last_failure;
-    if (const auto first = detail::header_number<std::int64_t>(it.env.headers, header_names::dead_letter_first_failure);
+    if (const auto first = detail::header_number<std::int64_t>(it.env().headers, header_names::dead_letter_first_failure);
         first != 0 && time_point(duration(first)) < d.first_failure)
       d.first_failure = time_point(duration(first));
     d.source = source_name_;
     d.history = std::move(it.history);
-    d.message.emplace(std::move(it.env));
+    d.message.emplace(std::move(it.env()));
     return d;
   }
 

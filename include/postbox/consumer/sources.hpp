@@ -179,6 +179,12 @@ class channel_source {
   template <class Sink>
     requires std::derived_from<Sink, inbound_sink<T>>
   [[nodiscard]] receive_status receive_into(duration wait, Sink& sink) {
+    if constexpr (requires { Sink::takes_receive_results; }) {
+      // The consumer's own sink keeps the envelope inside the result the
+      // channel returned: no move at all after the channel's own.
+      if (wait.count() <= 0) return sink.emplace_returned([this] { return ch_->try_receive_result(); });
+      return sink.emplace_returned([this, wait] { return ch_->receive_for(wait); });
+    }
     auto r = wait.count() <= 0 ? ch_->try_receive_result() : ch_->receive_for(wait);
     if (!r.has_value()) return r.status();
     sink.accept(std::move(*r), settle_hook{});
