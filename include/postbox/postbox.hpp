@@ -6,6 +6,9 @@
 //                         the CMake target postbox::json and postbox-json.pc define it)
 //   POSTBOX_WITH_FMT      <postbox/format.hpp> (fmt; postbox::fmt and postbox-fmt.pc define it)
 //   POSTBOX_WITH_TESTING  <postbox/testing.hpp> (postbox::manual_clock)
+//   POSTBOX_WITH_SIGNING  <postbox/signing.hpp> (envelope_signer, key_ring,
+//                         verified_source, signing_publisher; HMAC-SHA256 in
+//                         the standard library only, opt-in for its compile time)
 // Define one before the include (or with -D) to add that part, or include its
 // header directly. Headers that need a library linked are never included here:
 // <postbox/sqlite.hpp> (link postbox::sqlite) and the NATS bridge
@@ -40,7 +43,6 @@
 #include <postbox/request_reply.hpp>
 #include <postbox/operations.hpp>
 #include <postbox/saga.hpp>
-#include <postbox/signing.hpp>
 
 #if defined(POSTBOX_WITH_JSON)
 #  include <postbox/json.hpp>
@@ -51,4 +53,7 @@
 #endif
 #if defined(POSTBOX_WITH_TESTING)
 #  include <postbox/testing.hpp>
+#endif
+#if defined(POSTBOX_WITH_SIGNING)
+#  include <postbox/signing.hpp>
 #endif
