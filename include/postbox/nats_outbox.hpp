@@ -102,6 +102,16 @@ struct jetstream_pipeline_options {
   /// unconverted (saves one payload parse per message); a payload that does
   /// not convert then fails at the consumer. No effect for `nlohmann::json`.
   bool check_payload = true;
+  /// Chain each batch: every message sent after the batch's first carries
+  /// `Nats-Expected-Last-Msg-Id` = the id sent just before it, so the stream
+  /// refuses a message whose predecessor it does not hold. This keeps each
+  /// key's order across a lost connection, where the publishes still in the
+  /// dead socket are lost while libnats resends those it had buffered (which
+  /// could otherwise store a key's later message before the retried earlier
+  /// one). Needs every message of a batch to go to one stream that nothing
+  /// else publishes to meanwhile; another publisher's message breaks the
+  /// chain and the rest of that batch is refused (retried later).
+  bool expect_last_id = false;
 };
 
 namespace detail {
@@ -149,7 +159,10 @@ class js_pipeline {
       for (std::size_t i = 0; i < n; ++i) index_.emplace(batch[i].id, i);
       failed_keys_.clear();
       outstanding_ = 0;
+      stored_ = false;
     }
+    bool chained = false;  // a message of this batch was sent: the next one names it (expect_last_id)
+    char last_id[40] = {};
     const std::uint64_t mark = js_->connection().permission_violations();
     bool stalled = false;
     for (std::size_t i = 0; i < n && !stalled; ++i) {
@@ -158,7 +171,11 @@ class js_pipeline {
       {
         std::unique_lock lock(m_);
         if (failed_keys_.count(m.partition_key) != 0) continue;  // held back: the relay releases it
-        stalled = !await_locked(lock, options_.window - 1);
+        // Slow start: one message at a time until a PubAck of this batch
+        // says the stream stores. A stream that refuses while it starts (no
+        // responders just after a restart) then fails a key's message before
+        // its next one is sent, which could otherwise be stored first.
+        stalled = !await_locked(lock, stored_ ? options_.window - 1 : 0);
         if (stalled) break;
       }
       // The NATS message from the stored bytes when the view takes them
@@ -177,6 +194,9 @@ class js_pipeline {
       std::string subject =
           options_.subject ? options_.subject(m) : options_.subjects(viewed ? view_.type : std::string_view(env.type));
       auto msg = viewed ? viewed_nats_msg(m, subject) : to_nats_msg(env, subject);
+      if (msg.has_value() && options_.expect_last_id && chained &&
+          natsMsgHeader_Set(msg->get(), "Nats-Expected-Last-Msg-Id", last_id) != NATS_OK)
+        msg = errc::invalid_argument;
       if (!msg.has_value()) {
         fail(i, m, msg.status());
         continue;
@@ -194,7 +214,10 @@ class js_pipeline {
       natsMsg* raw = msg->release();
       const natsStatus s = js_PublishMsgAsync(ctx_.get(), &raw, &po);
       natsMsg_Destroy(raw);  // null when libnats took it
-      if (s != NATS_OK) {
+      if (s == NATS_OK) {
+        m.id.write_to(last_id);
+        chained = true;
+      } else {
         std::lock_guard lock(m_);
         if (!slots_[i].done) {
           slots_[i].done = true;
@@ -385,6 +408,7 @@ class js_pipeline {
         if (sl.sent && !sl.done) {
           sl.done = true;
           if (pa != nullptr) {
+            self->stored_ = true;
             sl.status = errc::ok;
             sl.ack = publish_ack{pa->Stream ? pa->Stream : "", pa->Sequence, pa->Duplicate, 1};
           } else {
@@ -414,6 +438,7 @@ class js_pipeline {
   std::unordered_map<message_id, std::size_t, message_id_hash> index_;  // message id -> slot (this batch only)
   std::set<std::string, std::less<>> failed_keys_;       // keys with a failure in this batch
   std::size_t outstanding_ = 0;                          // sent, outcome not yet known
+  bool stored_ = false;  // a PubAck of this batch said stored: the window opens (slow start before)
   // The run's thread only (under run_mutex_): the current row's view and
   // the header scratch strings whose capacity is kept across messages.
   json_envelope_view view_;
@@ -431,15 +456,21 @@ class js_pipeline {
 /// it. About one round trip per `window` messages instead of per message.
 ///
 /// * Order: one connection, publishes sent in batch order, so each key's
-///   messages reach the stream in staging order. Once a message of a key
+///   messages reach the stream in staging order. Each batch sends one
+///   message at a time until a PubAck says the stream stores (one round
+///   trip), then opens the window, so a stream still refusing after a
+///   restart cannot store a key's next message before the refused one. Once a message of a key
 ///   fails (an error PubAck, a decode or send failure) the later messages of
 ///   that key are not sent; those already in flight are not marked by the
 ///   relay either: they are retried in order with the failed one (the
 ///   duplicate window absorbs a stored copy). A failure that the stream
 ///   reports for one message while it stores the next of the same key (e.g.
 ///   a stream limit reached in between) can let that next one precede the
-///   retried one in the stream; a lost connection cannot (libnats resends
-///   its buffered publishes in order).
+///   retried one in the stream. So can a lost connection: the publishes
+///   still in the dead socket are lost while libnats resends those it had
+///   buffered. `expect_last_id` closes both (the stream refuses a message
+///   whose predecessor in the batch it does not hold), for a relay that is
+///   its stream's only publisher.
 /// * No PubAck for `ack_timeout`: the rest are unknown outcomes (`timeout`,
 ///   or `permission_denied` when the server refused the subject), retried
 ///   by the relay with backoff under the same ids.

@@ -22,6 +22,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string_view>
 #include <utility>
@@ -86,8 +87,8 @@ class json_view_reader {
     const char* start = p_;
     while (p_ != end_) {
       // Printable ASCII other than the quote and the backslash: the bulk of
-      // an envelope, one table load per byte.
-      while (p_ != end_ && plain_[static_cast<unsigned char>(*p_)]) ++p_;
+      // an envelope, eight bytes per step while they last, then per byte.
+      skip_plain();
       if (p_ == end_) break;
       const auto c = static_cast<unsigned char>(*p_);
       if (c == '"') {
@@ -203,6 +204,25 @@ class json_view_reader {
   }
 
  private:
+  // Advances over bytes that need no attention inside a string (0x20..0x7f
+  // but '"' and '\\'): eight at a time while a whole word is plain (the
+  // usual SWAR zero-byte test on the word xor each special byte), then one
+  // at a time through the table.
+  void skip_plain() noexcept {
+    constexpr std::uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    while (end_ - p_ >= 8) {
+      std::uint64_t w = 0;
+      std::memcpy(&w, p_, 8);
+      const std::uint64_t quote = w ^ (ones * '"'), slash = w ^ (ones * '\\');
+      const std::uint64_t special = ((quote - ones) & ~quote) | ((slash - ones) & ~slash) |  // a '"' or '\\' byte
+                                    (w - ones * 0x20) |                                    // a byte below 0x20
+                                    w;                                                     // a byte >= 0x80
+      if ((special & highs) != 0) break;
+      p_ += 8;
+    }
+    while (p_ != end_ && plain_[static_cast<unsigned char>(*p_)]) ++p_;
+  }
+
   static constexpr std::array<bool, 256> plain_ = [] {
     std::array<bool, 256> t{};
     for (unsigned c = 0x20; c < 0x80; ++c) t[c] = c != '"' && c != '\\';
@@ -256,6 +276,37 @@ class json_view_reader {
   const char* end_;
 };
 
+/// `message_id::parse` of a viewed id: the canonical 8-4-4-4-12 form, hex
+/// digits of either case. One table load per digit. Never allocates.
+[[nodiscard]] inline bool json_view_id(std::string_view text, message_id& out) noexcept {
+  static constexpr std::array<signed char, 256> hex = [] {
+    std::array<signed char, 256> t{};
+    for (auto& v : t) v = -1;
+    for (int c = '0'; c <= '9'; ++c) t[static_cast<std::size_t>(c)] = static_cast<signed char>(c - '0');
+    for (int c = 'a'; c <= 'f'; ++c) t[static_cast<std::size_t>(c)] = static_cast<signed char>(c - 'a' + 10);
+    for (int c = 'A'; c <= 'F'; ++c) t[static_cast<std::size_t>(c)] = static_cast<signed char>(c - 'A' + 10);
+    return t;
+  }();
+  if (text.size() != 36 || text[8] != '-' || text[13] != '-' || text[18] != '-' || text[23] != '-') return false;
+  int bad = 0;
+  auto digits = [&](std::size_t from, std::size_t count, std::uint64_t& acc) {
+    for (std::size_t i = from; i < from + count; ++i) {
+      const int v = hex[static_cast<unsigned char>(text[i])];
+      bad |= v;  // negative once any digit is not hex
+      acc = (acc << 4) | static_cast<std::uint64_t>(v & 0xf);
+    }
+  };
+  std::uint64_t half[2] = {0, 0};
+  digits(0, 8, half[0]);
+  digits(9, 4, half[0]);
+  digits(14, 4, half[0]);
+  digits(19, 4, half[1]);
+  digits(24, 12, half[1]);
+  if (bad < 0) return false;
+  out = message_id(half[0], half[1]);
+  return true;
+}
+
 /// An unsigned 32-bit JSON integer as `read_u32` takes it: plain digits.
 [[nodiscard]] constexpr bool json_view_u32(std::string_view text, std::uint32_t& out) noexcept {
   if (text.empty() || text.size() > 10) return false;
@@ -303,8 +354,14 @@ class json_view_reader {
       std::string_view key;
       bool escaped = false;
       if (!r.string(key, escaped) || escaped) return false;
-      unsigned f = 0;
-      while (f < f_count && names[f] != key) ++f;
+      // The member names differ in length or first letter but for a few
+      // pairs: compare only the names of this length.
+      unsigned f = f_count;
+      for (unsigned c = 0; c < f_count; ++c)
+        if (names[c].size() == key.size() && names[c][0] == key[0] && names[c] == key) {
+          f = c;
+          break;
+        }
       if (f == f_count || (seen & (1u << f)) != 0) return false;  // unknown or duplicate member
       seen |= 1u << f;
       r.skip_ws();
@@ -362,10 +419,7 @@ class json_view_reader {
   // The field rules of json::detail::decode_raw, on the viewed texts.
   auto id_of = [&](unsigned f, message_id& id) {
     if ((seen & (1u << f)) == 0) return true;
-    const auto parsed = message_id::parse(value[f]);
-    if (!parsed) return false;
-    id = *parsed;
-    return true;
+    return json_view_id(value[f], id);
   };
   if (!id_of(f_id, out.id) || !id_of(f_correlation_id, out.correlation_id) ||
       !id_of(f_causation_id, out.causation_id))
