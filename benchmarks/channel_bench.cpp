@@ -58,6 +58,7 @@ struct options {
   bool quick = false;
   bool pin = false;
   bool verbose = false;
+  std::vector<std::string> only;  // --only NAME: run the scenarios whose name contains NAME
   int rounds = 7;
 };
 options g_opt;
@@ -751,10 +752,12 @@ int main(int argc, char** argv) {
       g_opt.pin = true;
     } else if (std::strcmp(argv[i], "--verbose") == 0) {
       g_opt.verbose = true;
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+      g_opt.only.emplace_back(argv[++i]);
     } else if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) {
       g_opt.rounds = std::max(1, std::atoi(argv[++i]));
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--pin] [--rounds N] [--verbose]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--pin] [--rounds N] [--only NAME]... [--verbose]\n", argv[0]);
       return 64;
     }
   }
@@ -824,6 +827,13 @@ int main(int argc, char** argv) {
               " mutex+condvar");
 
   auto scenarios = make_scenarios();
+  if (!g_opt.only.empty()) {
+    // Keep the scenarios whose name contains one of the --only strings.
+    std::erase_if(scenarios, [](const scenario& sc) {
+      return std::none_of(g_opt.only.begin(), g_opt.only.end(),
+                          [&](const std::string& o) { return sc.name.find(o) != std::string::npos; });
+    });
+  }
   for (const auto& sc : scenarios) std::printf("  %-18s %s\n", sc.name.c_str(), sc.description.c_str());
   std::fflush(stdout);
   const auto t0 = std::chrono::steady_clock::now();

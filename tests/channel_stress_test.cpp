@@ -190,6 +190,53 @@ TEST_CASE("capacity one channels hand over every message exactly once", "[channe
   check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(100'000), 1}));
 }
 
+TEST_CASE("spsc on a tiny ring with both sides spinning on try operations hands over every message once",
+          "[channel][stress]") {
+  // The per-slot states: the consumer keeps up, so it reads each cell's
+  // state while the producer writes the next one, on every lap of the ring.
+  check(run_stress<postbox::spsc>({1, 1, postbox_test::scaled(300'000), 1, 0, false, mode::spinning}));
+  check(run_stress<postbox::spsc>({1, 1, postbox_test::scaled(300'000), 2, near_wrap, false, mode::spinning}));
+}
+
+TEST_CASE("spsc with both sides blocking on a capacity-one ring loses and duplicates nothing", "[channel][stress]") {
+  check(run_stress<postbox::spsc>({1, 1, postbox_test::scaled(100'000), 1, near_wrap, false, mode::blocking}));
+}
+
+TEST_CASE("spsc stats never count more received than sent nor more queued than capacity while messages flow",
+          "[channel][stress]") {
+  postbox::channel<std::uint64_t, postbox::spsc> ch(2);
+  const std::uint64_t n = postbox_test::scaled(100'000);
+  std::atomic<bool> done{false};
+  std::uint64_t bad = 0;
+  std::uint64_t sum = 0;
+  std::thread producer([&] {
+    for (std::uint64_t i = 1; i <= n; ++i)
+      while (ch.try_send(i) != send_status::ok) std::this_thread::yield();
+  });
+  std::thread consumer([&] {
+    for (std::uint64_t got = 0; got < n;) {
+      if (auto v = ch.try_receive()) {
+        sum += *v;
+        ++got;
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    done.store(true, std::memory_order_release);
+  });
+  while (!done.load(std::memory_order_acquire)) {
+    const postbox::channel_stats s = ch.stats();
+    if (s.received > s.sent || s.depth > s.capacity || ch.size_approx() > ch.capacity()) ++bad;
+    std::this_thread::yield();  // three threads on as few as two cores
+  }
+  producer.join();
+  consumer.join();
+  CHECK(bad == 0);
+  CHECK(sum == n * (n + 1) / 2);
+  CHECK(ch.stats().sent == n);
+  CHECK(ch.stats().received == n);
+}
+
 TEST_CASE("a close racing the senders: every ok send is received once and later sends fail", "[channel][stress]") {
   for (int round = 0; round < 3; ++round) {
     check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(100'000), 1, near_wrap, true}));

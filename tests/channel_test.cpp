@@ -354,6 +354,38 @@ TEST_CASE("the ticket counters wrap around without breaking FIFO", "[channel]") 
   CHECK(ch.stats().received == 15);
 }
 
+TEST_CASE("spsc: messages left in the ring after its indices wrapped are destroyed with it exactly once",
+          "[channel]") {
+  {
+    channel<tracked, postbox::spsc> ch(4, postbox::detail::initial_ticket{(std::uint64_t{1} << 63) - 3});
+    for (int i = 0; i < 6; ++i) {
+      REQUIRE(ch.try_send(tracked(i)) == send_status::ok);
+      REQUIRE(ch.try_receive());
+    }
+    // Three queued in cells that straddle the end of the ring.
+    for (int i = 0; i < 3; ++i) REQUIRE(ch.try_send(tracked(10 + i)) == send_status::ok);
+    CHECK(ch.size_approx() == 3);
+    CHECK(tracked::count() == 3);
+  }
+  CHECK(tracked::count() == 0);
+}
+
+TEST_CASE("spsc: FIFO, full, empty and stats hold across the wrap of its indices", "[channel]") {
+  channel<int, postbox::spsc> ch(2, postbox::detail::initial_ticket{(std::uint64_t{1} << 63) - 3});
+  for (int round = 0; round < 5; ++round) {
+    REQUIRE(ch.try_send(round * 10) == send_status::ok);
+    REQUIRE(ch.try_send(round * 10 + 1) == send_status::ok);
+    CHECK(ch.try_send(-1) == send_status::full);
+    CHECK(ch.stats().depth == 2);
+    CHECK(ch.try_receive() == std::optional<int>(round * 10));
+    CHECK(ch.try_receive() == std::optional<int>(round * 10 + 1));
+    CHECK(ch.try_receive_result().status() == receive_status::empty);
+  }
+  CHECK(ch.stats().sent == 10);
+  CHECK(ch.stats().received == 10);
+  CHECK(ch.size_approx() == 0);
+}
+
 // --- endpoints ------------------------------------------------------------------------
 
 TEST_CASE("the channel closes for receivers when the last sender is destroyed", "[channel][endpoint]") {

@@ -747,14 +747,56 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
                 "tail_ and head_ must sit on different cache lines to avoid false sharing");
 };
 
-/// The single-producer/single-consumer channel: owned indices, no
+namespace detail {
+/// The spsc ring's cell: a state word and a T. A small cell is aligned to its
+/// size rounded up to a power of two, so it never straddles two cache lines
+/// and its state and message move as one line.
+template <class T>
+struct spsc_cell_layout {
+  std::atomic<std::uint32_t> full;
+  alignas(T) unsigned char bytes[sizeof(T)];
+};
+template <class T>
+constexpr std::size_t spsc_cell_alignment() noexcept {
+  std::size_t a = alignof(spsc_cell_layout<T>);
+  if (sizeof(spsc_cell_layout<T>) > 32) return a;
+  while (a < sizeof(spsc_cell_layout<T>)) a <<= 1;
+  return a;
+}
+}  // namespace detail
+
+/// The single-producer/single-consumer channel: per-slot states, no
 /// read-modify-write and no hardware fence on the message path.
 ///
-/// **Algorithm.** The producer owns `tail_` and the consumer owns `head_`;
-/// each writes its own index with a release store and reads the other's
-/// with an acquire load only when its cached copy says the ring is full
-/// (producer) or empty (consumer). A slot holds only the message: the
-/// indices say which slots are live.
+/// **Algorithm.** Each slot holds the message and its own state word, `full`,
+/// on the same cache line for a small T. The producer, at its private index
+/// t, writes slot t only once the slot reads free (acquire), constructs the
+/// message, and publishes it by storing full (release). The consumer, at its
+/// private index h, takes slot h only once it reads full (acquire), moves the
+/// message out, destroys it and frees the slot (release). Neither side reads
+/// the other's index, so a consumer that keeps up moves only the slot's line
+/// per message (a ring of indices moves the index line too). `tail_` and
+/// `head_` are kept (relaxed stores on each owner's own line) only for
+/// stats(), size_approx() and the destructor.
+///
+/// **Why one flag is enough.** Slot h can hold only message h when the
+/// consumer reads it: message h - capacity was taken and freed by the
+/// consumer itself (so "full" can only be a later store: the producer's for
+/// h), and message h + capacity cannot be written before the consumer frees
+/// h. Symmetrically, "free" read by the producer at t is the consumer's store
+/// for t - capacity (or the initial state on the first lap).
+///
+/// **Linearizable emptiness and fullness.** The producer publishes in index
+/// order, so the abstract queue is the run of published, unfreed slots from
+/// the consumer's index h. A send takes effect at its `full` store, a receive
+/// at its `free` store. A receive that reads slot h not full reports empty:
+/// at the instant of that read message h is unpublished, so no message after
+/// it is either, and every message before h was freed by this consumer: the
+/// queue is empty at that instant. A send that reads slot t still full (the
+/// message of t - capacity) reports full: messages t - capacity .. t - 1 are
+/// all published and unfreed at that instant, exactly `capacity` of them.
+/// These are the same single-location arguments as for a ring of indices
+/// (slot h full <=> tail > h, slot t full <=> t - head >= capacity).
 ///
 /// **Closing without a barrier per send.** A send announces itself in the
 /// producer-private `in_send_`, then reads `closed_`, separated only by a
@@ -763,21 +805,22 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
 /// barrier), waits until no send is in progress, and only then marks the
 /// channel `closed`. So a send that saw the channel open is published before
 /// receivers can see `closed`, and a send that starts later sees the mark
-/// and fails: every send lands before close() or fails, and receivers never
-/// report "closed and drained" while an accepted send is still in flight.
+/// and fails: every send lands before close() or fails. The consumer reports
+/// closed only when slot h reads not full again after it acquired `closed`:
+/// every accepted send's `full` store happens before that re-read.
 ///
 /// **Waiting.** Parked threads use the same event counts as the other
 /// shapes with the asymmetric protocol: a thread about to park pays the
 /// heavy fence (event_count::prepare_wait_asymmetric), and the other side,
 /// after each publish or free, pays a light fence and a relaxed read of the
 /// waiter count (notify_light): no syscall and no write when nobody waits.
+/// The condition the waiter re-checks is the slot state itself.
 /// Where membarrier is unavailable, and under ThreadSanitizer, both fences
 /// are seq_cst fences (detail/asymmetric_fence.hpp).
 ///
-/// **Cost.** Per message: the slot write or read, one release store of the
-/// owner's index, two stores to a producer-private line (in_send_), relaxed
-/// reads of lines that are written only when closing or parking, and the
-/// other side's index when the cached copy runs out.
+/// **Cost.** Per message: the slot's line (message and state), stores to the
+/// owner's private line (its index, and in_send_ for the producer), and
+/// relaxed reads of lines that are written only when closing or parking.
 template <class T>
 class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   friend class detail::channel_api<channel<T, spsc>, T>;
@@ -806,8 +849,6 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
     detail::asymmetric_fence_init();
     tail_.store(start_, std::memory_order_relaxed);
     head_.store(start_, std::memory_order_relaxed);
-    head_cache_ = start_;
-    tail_cache_ = start_;
   }
 
   channel(const channel&) = delete;
@@ -815,8 +856,10 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
 
   /// Destroys the messages still queued. Must not race with other calls.
   ~channel() {
-    const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
-    for (std::uint64_t h = head_.load(std::memory_order_relaxed); h != tail; ++h) slot(h)->~T();
+    for (std::size_t k = 0; k < capacity_; ++k) {
+      // relaxed: no other thread runs (the caller guarantees it).
+      if (cells_[k].full.load(std::memory_order_relaxed) != 0) cells_[k].value()->~T();
+    }
   }
 
   /// Closes the channel: later sends return `closed`; receivers drain what is
@@ -834,10 +877,10 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
       detail::heavy_fence();
       detail::backoff backoff;
       // acquire: pairs with the release store that ends a send, so its
-      // tail_ store is visible to whoever acquires closed_state below.
+      // slot's `full` store is visible to whoever acquires closed_state.
       while (in_send_.load(std::memory_order_acquire) != 0) backoff.snooze();
-      // release: pairs with the acquire load in receive_quiet; the final
-      // tail is published before a receiver can report closed.
+      // release: pairs with the acquire load in receive_quiet; every
+      // accepted send's publish happens before a receiver reports closed.
       closed_.store(closed_state, std::memory_order_release);
       not_empty_.wake_all();
       not_full_.wake_all();
@@ -854,11 +897,14 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
     return closed_.load(std::memory_order_acquire) != open_state;
   }
 
-  /// Messages queued, as of some recent instant.
+  /// Messages queued, as of some recent instant (a send counts from just
+  /// before its publish, a receive from just before it frees the slot).
   [[nodiscard]] std::size_t size_approx() const noexcept {
-    // relaxed: a snapshot; head is read first so the difference is never
-    // negative.
-    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    // acquire: pairs with the release store of head_ in receive_quiet, which
+    // follows the consumer's acquire of the slot, which follows the
+    // producer's tail_ store: the tail read below is never behind this head.
+    const std::uint64_t head = head_.load(std::memory_order_acquire);
+    // relaxed: a snapshot.
     const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
     const std::uint64_t d = tail - head;
     return d > capacity_ ? capacity_ : static_cast<std::size_t>(d);
@@ -873,12 +919,13 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   /// Counter snapshot, derived from the indices: costs nothing to keep.
   [[nodiscard]] channel_stats stats() const noexcept {
     channel_stats s;
-    // relaxed: statistics only.
-    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    // acquire, then relaxed: as in size_approx().
+    const std::uint64_t head = head_.load(std::memory_order_acquire);
     const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
     s.received = head - start_;
     s.sent = tail - start_;
     s.depth = s.sent > s.received ? static_cast<std::size_t>(s.sent - s.received) : 0;
+    if (s.depth > capacity_) s.depth = capacity_;
     s.capacity = capacity_;
     s.closed = is_closed();
     return s;
@@ -890,11 +937,22 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   static constexpr std::uint32_t closing_state = 1;
   static constexpr std::uint32_t closed_state = 2;
 
-  struct cell {
+  struct alignas(detail::spsc_cell_alignment<T>()) cell {
+    /// 1 while the cell holds a message, else 0. Written by the producer
+    /// (release store of 1 after constructing: publishes the message; pairs
+    /// with the consumer's acquire load in receive_quiet) and by the consumer
+    /// (release store of 0 after moving out and destroying: frees the cell;
+    /// pairs with the producer's acquire load in emplace_quiet). Read by the
+    /// producer (acquire: is the cell free?) and the consumer (acquire: is
+    /// there a message?). The pairs hand the storage from one side to the
+    /// other, so construction and destruction of T never race.
+    std::atomic<std::uint32_t> full{0};
     alignas(T) unsigned char bytes[sizeof(T)];
-  };
 
-  T* slot(std::uint64_t index) noexcept { return std::launder(reinterpret_cast<T*>(cells_[index & mask_].bytes)); }
+    T* value() noexcept { return std::launder(reinterpret_cast<T*>(bytes)); }
+  };
+  static_assert(sizeof(cell) > 32 || detail::cache_line_size % sizeof(cell) == 0,
+                "a small cell must not straddle two cache lines, so its state and message move together");
 
   /// Producer only.
   template <class... Args>
@@ -915,20 +973,22 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
     }
     // relaxed: our own index.
     const std::uint64_t t = tail_.load(std::memory_order_relaxed);
-    if (t - head_cache_ >= capacity_) {
-      // acquire: pairs with the release store of head_ in receive_quiet, so
-      // the consumer's move-out and destruction precede our construction.
-      head_cache_ = head_.load(std::memory_order_acquire);
-      if (t - head_cache_ >= capacity_) {
-        in_send_.store(0, std::memory_order_release);  // release: as on the closed return
-        return send_status::full;
-      }
+    cell& c = cells_[t & mask_];
+    // acquire: pairs with the consumer's release store of 0 in receive_quiet,
+    // so its move-out and destruction precede our construction.
+    if (c.full.load(std::memory_order_acquire) != 0) {
+      in_send_.store(0, std::memory_order_release);  // release: as on the closed return
+      return send_status::full;
     }
     detail::after_open_check();
-    ::new (static_cast<void*>(cells_[t & mask_].bytes)) T(std::forward<Args>(args)...);
-    // release: publishes the message; pairs with the acquire loads of tail_
+    ::new (static_cast<void*>(c.bytes)) T(std::forward<Args>(args)...);
+    // relaxed: for stats() and size_approx() only; ordered before the
+    // publish below, so a reader that saw the consumer take this message
+    // (head_ acquire) sees this tail.
+    tail_.store(t + 1, std::memory_order_relaxed);
+    // release: publishes the message; pairs with the acquire loads of `full`
     // in receive_quiet.
-    tail_.store(t + 1, std::memory_order_release);
+    c.full.store(1, std::memory_order_release);
     // release: ends the send; pairs with the acquire load in close().
     in_send_.store(0, std::memory_order_release);
     return send_status::ok;
@@ -938,46 +998,43 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   receive_result<T> receive_quiet() noexcept {
     // relaxed: our own index.
     const std::uint64_t h = head_.load(std::memory_order_relaxed);
-    if (h == tail_cache_) {
-      // acquire: pairs with the release store of tail_ in emplace_quiet.
-      tail_cache_ = tail_.load(std::memory_order_acquire);
-      if (h == tail_cache_) {
-        // acquire: pairs with the release store of closed_state in close():
-        // every send accepted before the close has published by then.
-        if (closed_.load(std::memory_order_acquire) != closed_state) return receive_status::empty;
-        // acquire: as above; the final tail.
-        tail_cache_ = tail_.load(std::memory_order_acquire);
-        if (h == tail_cache_) return receive_status::closed;
-      }
+    cell& c = cells_[h & mask_];
+    // acquire: pairs with the producer's release store of 1 in emplace_quiet,
+    // making the constructed message visible before we move it out.
+    if (c.full.load(std::memory_order_acquire) == 0) {
+      // acquire: pairs with the release store of closed_state in close():
+      // every send accepted before the close has published by then.
+      if (closed_.load(std::memory_order_acquire) != closed_state) return receive_status::empty;
+      // acquire: as the first load; the last accepted send's publish happens
+      // before this read, so "not full" now means closed and drained.
+      if (c.full.load(std::memory_order_acquire) == 0) return receive_status::closed;
     }
-    T* p = slot(h);
+    T* p = c.value();
     receive_result<T> out(std::move(*p));
     p->~T();
-    // release: frees the slot; pairs with the acquire load of head_ in
-    // emplace_quiet.
+    // release: for size_approx() and stats() (pairs with their acquire
+    // load); never read by the producer.
     head_.store(h + 1, std::memory_order_release);
+    // release: frees the cell; pairs with the acquire load in emplace_quiet.
+    c.full.store(0, std::memory_order_release);
     return out;
   }
 
-  // Layout: each side's index, each side's private state, the read-mostly
-  // state and each event count on separate cache lines.
+  // Layout: each side's private line, the read-mostly state and each event
+  // count on separate cache lines; the slots carry the traffic.
 
-  /// Next index to write. Written by the producer (release store per send);
-  /// read by the consumer (acquire, when its cached copy runs out), by
-  /// close() indirectly and by stats (relaxed).
+  /// Next index to write. Written only by the producer (relaxed store per
+  /// send, before the publish); read by the producer itself (relaxed) and by
+  /// stats()/size_approx() (relaxed, after their acquire of head_).
   alignas(detail::cache_line_size) std::atomic<std::uint64_t> tail_{0};
-  /// Producer-private: its last view of head_.
-  alignas(detail::cache_line_size) std::uint64_t head_cache_ = 0;
   /// 1 while a send is between its announcement and its end. Written by the
   /// producer (relaxed store of 1, release store of 0; its own line), read by
   /// close() (acquire, after the heavy fence).
   std::atomic<std::uint32_t> in_send_{0};
-  /// Next index to read. Written by the consumer (release store per
-  /// receive); read by the producer (acquire, when its cached copy runs out)
-  /// and by stats (relaxed).
+  /// Next index to read. Written only by the consumer (release store per
+  /// receive, after the move-out); read by the consumer itself (relaxed) and
+  /// by stats()/size_approx() (acquire). The producer never reads it.
   alignas(detail::cache_line_size) std::atomic<std::uint64_t> head_{0};
-  /// Consumer-private: its last view of tail_.
-  alignas(detail::cache_line_size) std::uint64_t tail_cache_ = 0;
   /// open, closing or closed. Written only by close() (acq_rel CAS, then a
   /// release store of closed_state); read by the producer per send (relaxed,
   /// after its light fence), by the consumer when empty (acquire) and by
@@ -992,7 +1049,7 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   /// The producer parks here; the consumer notifies (light) after freeing.
   alignas(detail::cache_line_size) detail::event_count not_full_;
 
-  static_assert(detail::cache_line_size >= sizeof(std::atomic<std::uint64_t>) + sizeof(std::uint64_t),
+  static_assert(detail::cache_line_size >= sizeof(std::atomic<std::uint64_t>) + sizeof(std::uint32_t),
                 "tail_ and head_ must sit on different cache lines to avoid false sharing");
 };
 
