@@ -330,3 +330,217 @@ TEST_CASE("coroutine handlers resumed on another thread settle every message onc
     CHECK(std::is_sorted(seq.begin(), seq.end()));
   }
 }
+
+namespace {
+
+// Batches of up to three messages, handed over as soon as they are ready.
+postbox::batch_options batches_of_three() {
+  postbox::batch_options b;
+  b.max_size = 3;
+  b.window = postbox::duration::zero();
+  return b;
+}
+
+std::vector<int> payloads(const postbox::message_batch<int>& b) {
+  std::vector<int> out;
+  for (const auto& e : b) out.push_back(e.payload);
+  return out;
+}
+
+// A receive-only source (adapted by the consumer) whose items carry a settle
+// hook recording each action, to see what happens to messages with no
+// consumer left to ask.
+struct hooked_source {
+  using payload_type = int;
+  static constexpr bool redelivers = false;
+  postbox::channel<env_t>* ch;
+  std::vector<postbox::settle_action::kind>* actions;
+  postbox::receive_result<postbox::inbound<int>> receive(postbox::duration) {
+    auto r = ch->try_receive_result();
+    if (!r.has_value()) return postbox::receive_result<postbox::inbound<int>>(postbox::receive_status::empty);
+    return postbox::inbound<int>::of(std::move(*r), postbox::settle_hook([a = actions](const postbox::settle_action& x) {
+                                        a->push_back(x.what);
+                                      }));
+  }
+  [[nodiscard]] std::string_view name() const noexcept { return "hooked"; }
+};
+
+}  // namespace
+
+TEST_CASE("a coroutine batch handler settles each message of its batch by the settlements it returns",
+          "[consumer][async][batch]") {
+  rig r;
+  r.send(1);
+  r.send(2);
+  r.send(3);
+  std::vector<int> seen;
+  postbox::consumer<int> c(
+      r.source(), batches_of_three(),
+      [&](const postbox::message_batch<int>& b) -> postbox::task<std::vector<postbox::settlement>> {
+        seen = payloads(b);
+        (void)co_await postbox::async_receive(r.gate(b[0].payload));
+        CHECK(payloads(b) == seen);  // the batch is still valid after resuming
+        co_return std::vector<postbox::settlement>{postbox::settlement::ack(), postbox::settlement::retry(),
+                                                   postbox::settlement::reject("no")};
+      },
+      r.dlq, r.options());
+  CHECK(c.poll() == 3);
+  CHECK(seen == std::vector<int>{1, 2, 3});
+  auto s = c.stats();
+  CHECK(s.batches == 1);
+  CHECK(s.running == 3);
+  CHECK(s.acked == 0);
+  r.open(1);
+  s = c.stats();
+  CHECK(s.running == 0);
+  CHECK(s.acked == 1);
+  CHECK(s.retried == 1);
+  CHECK(s.waiting_retry == 1);
+  CHECK(s.dead_lettered == 1);
+  const auto dead = r.dlq.list();
+  REQUIRE(dead.size() == 1);
+  CHECK(dead[0].reason == "no");
+  REQUIRE(dead[0].message);
+  CHECK(dead[0].message->payload == 3);
+}
+
+TEST_CASE("a task<void> coroutine batch handler acks its whole batch when its task completes",
+          "[consumer][async][batch]") {
+  rig r;
+  r.send(1);
+  r.send(2);
+  postbox::consumer<int> c(
+      r.source(), batches_of_three(),
+      [&](const postbox::message_batch<int>& b) -> postbox::task<void> {
+        (void)co_await postbox::async_receive(r.gate(b[0].payload));
+      },
+      r.dlq, r.options());
+  CHECK(c.poll() == 2);
+  CHECK(c.stats().acked == 0);
+  r.open(1);
+  const auto s = c.stats();
+  CHECK(s.acked == 2);
+  CHECK(s.in_flight == 0);
+}
+
+TEST_CASE("an exception thrown inside a coroutine batch handler settles every message of its batch as the classifier says",
+          "[consumer][async][batch]") {
+  rig r;
+  for (int i = 1; i <= 6; ++i) r.send(i);
+  auto o = r.options();
+  o.classify = postbox::permanent_on<std::invalid_argument>();
+  postbox::consumer<int> c(
+      r.source(), batches_of_three(),
+      [&](const postbox::message_batch<int>& b) -> postbox::task<postbox::settlement> {
+        auto v = co_await postbox::async_receive(r.gate(b[0].payload));
+        if (v.has_value() && *v == 2) throw std::runtime_error("transient failure");
+        throw std::invalid_argument("bad batch");
+      },
+      r.dlq, o);
+  CHECK(c.poll() == 6);
+  CHECK(c.stats().batches == 2);
+  r.open(1, 2);  // the batch 1, 2, 3: runtime_error, transient: each retried
+  r.open(4, 3);  // the batch 4, 5, 6: invalid_argument, permanent: each dead-lettered now
+  const auto s = c.stats();
+  CHECK(s.handler_errors == 2);
+  CHECK(s.retried == 3);
+  CHECK(s.waiting_retry == 3);
+  CHECK(s.dead_lettered == 3);
+  const auto dead = r.dlq.list();
+  REQUIRE(dead.size() == 3);
+  std::vector<int> dead_payloads;
+  for (const auto& d : dead) {
+    CHECK(d.reason == "permanent_error");
+    CHECK(d.error == "bad batch");
+    REQUIRE(d.message);
+    dead_payloads.push_back(d.message->payload);
+  }
+  std::sort(dead_payloads.begin(), dead_payloads.end());
+  CHECK(dead_payloads == std::vector<int>{4, 5, 6});
+}
+
+TEST_CASE("shutdown while a coroutine batch handler is suspended abandons its messages, and its later result still settles them",
+          "[consumer][async][batch]") {
+  rig r;
+  r.send(1);
+  r.send(2);
+  r.send(3);
+  postbox::consumer<int> c(
+      r.source(), batches_of_three(),
+      [&](const postbox::message_batch<int>& b) -> postbox::task<postbox::settlement> {
+        (void)co_await postbox::async_receive(r.gate(b[0].payload));
+        co_return postbox::settlement::ack();
+      },
+      r.dlq, r.options());
+  CHECK(c.poll() == 3);
+  const auto report = c.shutdown(0s);
+  CHECK(report.abandoned == 3);
+  CHECK(report.abandoned_ids.size() == 3);
+  CHECK(report.returned.empty());
+  CHECK(c.stats().acked == 0);
+  r.open(1);
+  const auto s = c.stats();
+  CHECK(s.acked == 3);
+  CHECK(s.in_flight == 0);
+}
+
+TEST_CASE("a retry a coroutine batch handler returns after shutdown releases its messages to take_released",
+          "[consumer][async][batch]") {
+  rig r;
+  r.send(1);
+  r.send(2);
+  postbox::consumer<int> c(
+      r.source(), batches_of_three(),
+      [&](const postbox::message_batch<int>& b) -> postbox::task<postbox::settlement> {
+        (void)co_await postbox::async_receive(r.gate(b[0].payload));
+        co_return postbox::settlement::retry();
+      },
+      r.dlq, r.options());
+  CHECK(c.poll() == 2);
+  CHECK(c.shutdown(0s).abandoned == 2);
+  r.open(1);
+  const auto released = c.take_released();
+  REQUIRE(released.size() == 2);
+  CHECK(released[0].payload + released[1].payload == 3);
+  CHECK(c.stats().in_flight == 0);
+}
+
+TEST_CASE("destroying a consumer destroys its suspended coroutine batch handler once and releases each message",
+          "[consumer][async][batch]") {
+  rig r;
+  r.send(1);
+  r.send(2);
+  r.send(3);
+  std::vector<postbox::settle_action::kind> actions;
+  int frames_destroyed = 0;
+  struct on_destroy {
+    int* n;
+    ~on_destroy() { ++*n; }
+  };
+  {
+    postbox::consumer<int> c(
+        hooked_source{&r.ch, &actions}, batches_of_three(),
+        [&](const postbox::message_batch<int>& b) -> postbox::task<void> {
+          on_destroy guard{&frames_destroyed};
+          (void)co_await postbox::async_receive(r.gate(b[0].payload));
+          FAIL_CHECK("the abandoned batch handler resumed");
+        },
+        r.dlq, r.options());
+    CHECK(c.poll() == 3);
+    CHECK(c.stats().running == 3);
+    CHECK(frames_destroyed == 0);
+  }
+  CHECK(frames_destroyed == 1);
+  CHECK(actions == std::vector<postbox::settle_action::kind>(3, postbox::settle_action::kind::release));
+  // The gate's waiter went with the frame: a later value wakes nothing.
+  REQUIRE(r.gate(1).try_send(0) == postbox::send_status::ok);
+  CHECK(r.rq.poll() == 0);
+}
+
+TEST_CASE("a coroutine batch consumer without a scheduler is refused", "[consumer][async][batch]") {
+  rig r;
+  auto o = r.options();
+  o.scheduler = {};
+  auto handler = [](const postbox::message_batch<int>&) -> postbox::task<void> { co_return; };
+  CHECK_THROWS_AS(postbox::consumer<int>(r.source(), batches_of_three(), handler, r.dlq, o), postbox::error);
+}

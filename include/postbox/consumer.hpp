@@ -374,6 +374,18 @@ inline constexpr bool is_consumer_task_v<task<settlement>> = true;
 template <>
 inline constexpr bool is_consumer_task_v<task<void>> = true;
 
+/// Whether a batch handler's result makes it a coroutine batch handler.
+template <class R>
+inline constexpr bool is_batch_task_v = false;
+template <>
+inline constexpr bool is_batch_task_v<task<void>> = true;
+template <>
+inline constexpr bool is_batch_task_v<task<settlement>> = true;
+template <>
+inline constexpr bool is_batch_task_v<task<std::vector<settlement>>> = true;
+template <>
+inline constexpr bool is_batch_task_v<task<batch_settlement>> = true;
+
 /// A handler callable as `(const envelope<T>&[, consume_context&])` that
 /// returns `task<settlement>` or `task<void>`.
 template <class H, class T>
@@ -609,7 +621,7 @@ class consumer {
     requires std::same_as<typename Source::payload_type, T>
   consumer(Source source, Handler&& handler, dead_letter_queue<T>& dead_letters, consumer_options options = {})
       : consumer(std::make_unique<detail::source_model<T, Source, receiver>>(std::move(source)),
-                 wrap_single(std::forward<Handler>(handler)), batch_handler_type{}, std::nullopt, dead_letters,
+                 wrap_single(std::forward<Handler>(handler)), batch_handlers{}, std::nullopt, dead_letters,
                  std::move(options), static_cast<bool>(Source::redelivers)) {}
 
   /// A batch consumer: runs `handler` on batches of up to `batch.max_size`
@@ -623,12 +635,23 @@ class consumer {
   /// at most one message per partition key. Throws error(invalid_argument)
   /// when `max_in_flight` is 0, `batch.max_size` is 0 or larger than
   /// `max_in_flight` (such a batch could never fill), or `batch.window` < 0.
+  ///
+  /// A coroutine batch handler returns `task<void>`, `task<settlement>`,
+  /// `task<std::vector<settlement>>` or `task<batch_settlement>` and resumes
+  /// on `options.scheduler` (required, else error(invalid_argument)); its
+  /// messages count as running until the task completes, then each is
+  /// settled by its result (an exception as `classify` says), as for a
+  /// synchronous batch handler. The batch stays valid until then. Shutdown
+  /// while it is suspended abandons its messages (in `abandoned_ids`; its
+  /// later result still settles them, a retry releasing them to
+  /// `take_released()`); destroying the consumer destroys the suspended
+  /// task once and releases each of its messages.
   template <consumer_source Source, class BatchHandler>
     requires std::same_as<typename Source::payload_type, T>
   consumer(Source source, batch_options batch, BatchHandler&& handler, dead_letter_queue<T>& dead_letters,
            consumer_options options = {})
       : consumer(std::make_unique<detail::source_model<T, Source, receiver>>(std::move(source)), single_handler{},
-                 wrap_batch(std::forward<BatchHandler>(handler)), validate(batch, options), dead_letters,
+                 wrap_batch_any(std::forward<BatchHandler>(handler)), validate(batch, options), dead_letters,
                  std::move(options), static_cast<bool>(Source::redelivers)) {}
 
   consumer(const consumer&) = delete;
@@ -636,6 +659,12 @@ class consumer {
 
  private:
   using batch_handler_type = std::function<batch_settlement(const message_batch<T>&)>;
+  using async_batch_handler_type = std::function<task<batch_settlement>(const message_batch<T>&)>;
+  // A batch consumer's handler: at most one of the two is set.
+  struct batch_handlers {
+    batch_handler_type sync;
+    async_batch_handler_type async;
+  };
   // A coroutine handler's task: awaited directly by run_async (task<void>
   // too: no adapter coroutine, one frame less per delivery).
   using async_task = std::variant<task<settlement>, task<void>>;
@@ -668,13 +697,14 @@ class consumer {
     return b;
   }
 
-  consumer(std::unique_ptr<detail::source_base<T>> source, single_handler handler, batch_handler_type batch_handler,
+  consumer(std::unique_ptr<detail::source_base<T>> source, single_handler handler, batch_handlers batch_handler,
            std::optional<batch_options> batch, dead_letter_queue<T>& dead_letters, consumer_options options,
            bool redelivers)
       : source_(std::move(source)),
         handler_(std::move(handler.sync)),
         async_handler_(std::move(handler.async)),
-        batch_handler_(std::move(batch_handler)),
+        batch_handler_(std::move(batch_handler.sync)),
+        async_batch_handler_(std::move(batch_handler.async)),
         batch_(batch),
         dlq_(&dead_letters),
         opts_(std::move(options)),
@@ -685,7 +715,7 @@ class consumer {
         jitter_(opts_.jitter_seed ? *opts_.jitter_seed : detail::entropy64()) {
     if (opts_.max_in_flight == 0)
       POSTBOX_THROW(error(errc::invalid_argument, "postbox::consumer: max_in_flight must be at least 1"));
-    if (async_handler_ && !opts_.scheduler)
+    if ((async_handler_ || async_batch_handler_) && !opts_.scheduler)
       POSTBOX_THROW(error(errc::invalid_argument,
                           "postbox::consumer: a coroutine handler needs consumer_options::scheduler"));
     source_name_ = std::string(source_->name());
@@ -1310,6 +1340,41 @@ class consumer {
   // ---- batches -------------------------------------------------------------
 
   template <class H>
+  static batch_handlers wrap_batch_any(H&& h) {
+    using F = std::decay_t<H>;
+    static_assert(std::is_invocable_v<F&, const message_batch<T>&>,
+                  "a batch handler is callable as (const message_batch<T>&)");
+    using R = std::invoke_result_t<F&, const message_batch<T>&>;
+    if constexpr (detail::is_batch_task_v<R>) {
+      return batch_handlers{batch_handler_type{}, wrap_async_batch(std::forward<H>(h))};
+    } else {
+      return batch_handlers{wrap_batch(std::forward<H>(h)), async_batch_handler_type{}};
+    }
+  }
+
+  // A coroutine batch handler as one returning task<batch_settlement>: the
+  // adapter coroutine runs in the std::function's stored closure, which the
+  // consumer keeps alive, and awaits the handler's task (which inherits the
+  // consumer's scheduler through it).
+  template <class H>
+  static async_batch_handler_type wrap_async_batch(H&& h) {
+    using F = std::decay_t<H>;
+    using R = std::invoke_result_t<F&, const message_batch<T>&>;
+    if constexpr (std::is_same_v<R, task<batch_settlement>>) {
+      return async_batch_handler_type(F(std::forward<H>(h)));
+    } else if constexpr (std::is_same_v<R, task<void>>) {
+      return [f = F(std::forward<H>(h))](const message_batch<T>& b) mutable -> task<batch_settlement> {
+        co_await f(b);
+        co_return batch_settlement();
+      };
+    } else {
+      return [f = F(std::forward<H>(h))](const message_batch<T>& b) mutable -> task<batch_settlement> {
+        co_return batch_settlement(co_await f(b));
+      };
+    }
+  }
+
+  template <class H>
   static batch_handler_type wrap_batch(H&& h) {
     using F = std::decay_t<H>;
     static_assert(std::is_invocable_v<F&, const message_batch<T>&>,
@@ -1406,6 +1471,12 @@ class consumer {
       if (obs_ != nullptr) obs_->notify_receive(make_message_event(pos->env(), source_name_));
       envs.push_back(&pos->env());
     }
+    const std::size_t n = expired.size() + taken.size();
+    if (async_batch_handler_) {
+      start_async_batch(std::move(taken), std::move(envs));
+      lock.lock();
+      return n;
+    }
     const message_batch<T> batch(std::move(envs), stop_.get_token(), *clock_, source_name_);
     const time_point start = clock_->now();
     batch_settlement result;
@@ -1421,32 +1492,71 @@ class consumer {
 #else
     result = batch_handler_(batch);
 #endif
+    settle_batch(taken, std::move(result), std::move(err), threw, clock_->now() - start);
+    lock.lock();
+    return n;
+  }
+
+  // Caller does not hold mu_; the batch's handler returned (or its task
+  // completed) with `result`. Settles each message of `taken` (in running_).
+  void settle_batch(const std::vector<item_iter>& taken, batch_settlement result, std::string err, bool threw,
+                    duration elapsed) {
     if (result.per_message() && result.each().size() != taken.size()) {
       err = "the batch handler returned " + std::to_string(result.each().size()) + " settlements for " +
             std::to_string(taken.size()) + " messages";
       result = settlement::retry();
       threw = true;
     }
-    const duration elapsed = clock_->now() - start;
     handle_duration_.observe(elapsed);
-
     std::vector<conclusion> done;
     done.reserve(taken.size());
-    lock.lock();
-    if (threw) ++handler_errors_;
-    for (std::size_t i = 0; i < taken.size(); ++i) {
-      --running_count_;
-      ++settled_;
-      const settlement& s = result.per_message() ? result.each()[i] : result.for_batch();
-      conclusion c = decide(taken[i], s, err);
-      c.elapsed = elapsed;
-      done.push_back(std::move(c));
+    {
+      std::lock_guard lock(mu_);
+      if (threw) ++handler_errors_;
+      for (std::size_t i = 0; i < taken.size(); ++i) {
+        taken[i]->frame = nullptr;
+        --running_count_;
+        ++settled_;
+        const settlement& s = result.per_message() ? result.each()[i] : result.for_batch();
+        conclusion c = decide(taken[i], s, err);
+        c.elapsed = elapsed;
+        done.push_back(std::move(c));
+      }
+      if (settle_waiters_ > 0) idle_cv_.notify_all();
     }
-    if (settle_waiters_ > 0) idle_cv_.notify_all();
-    lock.unlock();
     for (auto& c : done) conclude(std::move(c));
-    lock.lock();
-    return expired.size() + taken.size();
+  }
+
+  // Caller does not hold mu_; `taken` was just moved to running_. Creates
+  // the run of a coroutine batch handler, marks each message with its frame
+  // (read by the destructor only, after every worker has stopped) and starts
+  // it here: it runs until the handler's task first suspends (or completes).
+  void start_async_batch(std::vector<item_iter> taken, std::vector<const envelope<T>*> envs) {
+    detail::consumer_handler_run run = run_async_batch(taken, std::move(envs));
+    run.handle.promise().sched = opts_.scheduler;
+    for (const auto& pos : taken) pos->frame = run.handle;
+    run.handle.resume();
+  }
+
+  // The run of one coroutine batch handler: the batch lives in this frame
+  // until the task completes; an exception is classified as run_batch does.
+  detail::consumer_handler_run run_async_batch(std::vector<item_iter> taken, std::vector<const envelope<T>*> envs) {
+    const message_batch<T> batch(std::move(envs), stop_.get_token(), *clock_, source_name_);
+    const time_point start = clock_->now();
+    batch_settlement result;
+    std::string err;
+    bool threw = false;
+#if POSTBOX_HAS_EXCEPTIONS
+    try {
+      result = co_await async_batch_handler_(batch);
+    } catch (...) {
+      result = settlement_for(std::current_exception(), err);
+      threw = true;
+    }
+#else
+    result = co_await async_batch_handler_(batch);
+#endif
+    settle_batch(taken, std::move(result), std::move(err), threw, clock_->now() - start);
   }
 
   // Caller holds `lock` and ready_ is not empty; returns holding it. An ack
@@ -1605,8 +1715,13 @@ class consumer {
       held_ -= left.size();
       released_ += left.size();
     }
+    std::vector<std::coroutine_handle<>> destroyed;  // a batch's messages share one frame
     for (auto& it : left) {
-      std::exchange(it.frame, nullptr).destroy();
+      const std::coroutine_handle<> frame = std::exchange(it.frame, nullptr);
+      if (std::find(destroyed.begin(), destroyed.end(), frame) == destroyed.end()) {
+        destroyed.push_back(frame);
+        frame.destroy();
+      }
       call_hook(it, settle_action{settle_action::kind::release, {}});
       notify_settle(it.env(), settle_outcome::released, {}, {});
     }
@@ -1922,6 +2037,7 @@ class consumer {
   handler_type handler_;              // single-message consumers
   async_handler_type async_handler_;  // single-message consumers of coroutine handlers
   batch_handler_type batch_handler_;  // batch consumers
+  async_batch_handler_type async_batch_handler_;  // batch consumers of coroutine handlers
   const std::optional<batch_options> batch_;  // set: a batch consumer
   dead_letter_queue<T>* dlq_;
   consumer_options opts_;
