@@ -34,6 +34,8 @@
 //              relay-hdr: the same raw loop sending postbox's exact NATS messages
 //              (to_nats_msg: envelope headers + payload), to separate the cost of
 //              the envelope format from the relay's own.
+//   relay-sql  relay-pipe drained from a SQLite outbox (WAL, synchronous=normal)
+//              instead of the memory store, against the same raw figure.
 //              `--only relay` runs just the relay scenarios. For callgrind,
 //              the inclusive counts of postbox_relay_pipelined_drain and
 //              raw_relay_async_loop are the timed parts alone (divide by the
@@ -47,6 +49,12 @@
 #include <postbox/nats.hpp>
 #include <postbox/nats_outbox.hpp>
 #include <postbox/nats_request_reply.hpp>
+
+#if __has_include(<sqlite3.h>)
+#include <postbox/sqlite.hpp>
+#define NATS_BENCH_SQLITE 1
+#include <filesystem>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -354,6 +362,45 @@ double postbox_relay_pipelined(rig& r, int n) {
   return postbox_relay_pipelined_drain(r, s, n);
 }
 
+#ifdef NATS_BENCH_SQLITE
+// The same drain from a SQLite outbox (WAL, synchronous=normal; claims on the
+// read connection, leases and marks in write transactions): the store's share
+// once the message build is cheap.
+[[gnu::noinline]] double postbox_relay_pipelined_sqlite_drain(rig& r, postbox::sqlite_store& store, int n) {
+  postbox::jetstream_pipeline_options po;
+  po.window = 512;
+  po.check_payload = check_payload;
+  postbox::relay_options ro;
+  ro.batch_size = 4096;
+  postbox::outbox_relay relay(store, postbox::to_jetstream_pipelined<order>(*r.ja, postbox::json::codec{}, po), ro);
+  const auto t0 = bench_clock::now();
+  if (relay.drain() != static_cast<std::size_t>(n)) die("pipelined sqlite relay drain");
+  return seconds_since(t0);
+}
+
+double postbox_relay_pipelined_sqlite(rig& r, int n) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("postbox_nats_bench_" + postbox::message_id::generate().to_string());
+  std::filesystem::create_directories(dir);
+  double t = 0;
+  {
+    postbox::sqlite_store_options so;
+    so.synchronous = postbox::sqlite_synchronous::normal;
+    postbox::sqlite_store store((dir / "outbox.db").string(), so);
+    postbox::outbox box(store, postbox::json::codec{});
+    const std::string subject = r.next_subject();
+    auto tx = store.begin();
+    for (int i = 0; i < n; ++i)
+      if (box.stage(tx, postbox::make_envelope(subject, order{i, "widget"})) != postbox::errc::ok) die("stage");
+    if (tx.commit() != postbox::errc::ok) die("stage commit");
+    t = postbox_relay_pipelined_sqlite_drain(r, store, n);
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+  return t;
+}
+#endif
+
 struct raw_async_ctx {
   jsCtx* js = nullptr;
   std::atomic<int> failed{0};
@@ -548,7 +595,7 @@ int main(int argc, char** argv) {
   const int np = quick ? 2000 : 20000;  // messages per pipelined relay run
 
   rig r;
-  std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw, relay_pb, relay_raw, pipe_pb, pipe_raw, pipe_hdr;
+  std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw, relay_pb, relay_raw, pipe_pb, pipe_raw, pipe_hdr, pipe_sql;
   std::vector<double> lat_pb[2], lat_raw[2], lat99_pb[2], lat99_raw[2];  // [0]: libnats batching, [1]: send_asap
   std::vector<double> rr_pb[2], rr_raw[2], rr99_pb[2], rr99_raw[2];  // [0]: libnats batching, [1]: send_asap
   for (int round = 0; round < rounds; ++round) {
@@ -563,7 +610,12 @@ int main(int argc, char** argv) {
       }
     };
     both([&] { relay_pb.push_back(n / postbox_relay(r, n)); }, [&] { relay_raw.push_back(n / raw_relay(r, n)); });
-    both([&] { pipe_pb.push_back(np / postbox_relay_pipelined(r, np)); },
+    both([&] {
+           pipe_pb.push_back(np / postbox_relay_pipelined(r, np));
+#ifdef NATS_BENCH_SQLITE
+           pipe_sql.push_back(np / postbox_relay_pipelined_sqlite(r, np));
+#endif
+         },
          [&] {
            pipe_raw.push_back(np / raw_relay_async(r, np));
            pipe_hdr.push_back(np / raw_relay_async(r, np, true));
@@ -609,6 +661,8 @@ int main(int argc, char** argv) {
   row("relay", "outbox drained to JetStream, msgs/s", median(relay_pb), median(relay_raw), "/s");
   row("relay-pipe", "pipelined relay vs js_PublishMsgAsync, msgs/s", median(pipe_pb), median(pipe_raw), "/s");
   row("relay-hdr", "same, raw sends postbox's headers, msgs/s", median(pipe_pb), median(pipe_hdr), "/s");
+  if (!pipe_sql.empty())
+    row("relay-sql", "pipelined relay from SQLite vs the same raw, msgs/s", median(pipe_sql), median(pipe_raw), "/s");
   if (only_relay) return 0;
   row("publish", "sync JetStream publish, msgs/s", median(pub_pb), median(pub_raw), "/s");
   row("e2e", "publish + pull + AckSync pipeline, msgs/s", median(e2e_pb), median(e2e_raw), "/s");
