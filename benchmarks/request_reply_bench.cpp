@@ -19,8 +19,20 @@
 // is polled after each request, so nobody waits) for callgrind; instructions
 // per round trip = (Ir(n) - Ir(0)) / n.
 //
-// Profile (callgrind, g++ 12 -O2, per round trip, requester + responder):
-//   before (one timer per request, mutex+condvar future, maps per request): see docs note in the commit
+// Profile (callgrind, g++ 12 -O2, --profile, per round trip, requester + responder):
+//   ZeroMQ REQ/REP inproc, zmq_send/zmq_recv                            4,359 instructions
+//   postbox before issue 18 (a timer scheduled and canceled per request,
+//   mutex+condvar future behind a std::function, map nodes and the done
+//   list allocated per request, a registry lookup allocating its key)  12,567
+//   postbox now (one table timer; the future is one atomic word; nodes
+//   recycled; the reply moved once into the future; cached endpoint)     6,975
+//   What is left is mostly the envelope itself: 4 moves of ~290
+//   instructions (7 strings, headers, trace), 3 message ids, 5 clock reads,
+//   the reply-to header's allocation, and the table's two locks.
+// Syscalls (strace -f -c, --only "postbox requester", 20,000 round trips):
+//   futex 60,016 before (3 per round trip: the future's condvar, the
+//   responder's park) -> 41 now; a requester that gets its reply while
+//   spinning makes no syscall, nor does the responder that sets it.
 #include <postbox/operations.hpp>
 #include <postbox/request_reply.hpp>
 

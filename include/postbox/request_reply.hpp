@@ -247,7 +247,7 @@ class requester {
     auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
                              table_->get_clock());
     return dispatch(one_target(), std::move(env), timeout,
-                    [&](const message_id& corr) { return table_->open(corr, std::move(cb)); });
+                    [&](const message_id& corr, time_point) { return table_->open(corr, std::move(cb)); });
   }
 
   /// Future form of `request`: the refusal status, or a future of the outcome.
@@ -258,8 +258,9 @@ class requester {
     auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
                              table_->get_clock());
     auto fs = std::make_shared<detail::rr_future_state<reply_outcome<Reply>>>();
-    const errc s = dispatch(one_target(), std::move(env), timeout,
-                            [&](const message_id& corr) { return table_->open(corr, fs); });
+    const errc s = dispatch(one_target(), std::move(env), timeout, [&](const message_id& corr, time_point deadline) {
+      return table_->open(corr, fs, deadline);
+    }, true);
     if (s != errc::ok) return s;
     return reply_future<reply_outcome<Reply>>(std::move(fs));
   }
@@ -291,7 +292,7 @@ class requester {
   /// correlation id is replaced by a fresh one, reply-to and deadline set).
   [[nodiscard]] errc send(envelope<Request> env, duration timeout, callback cb) {
     return dispatch(one_target(), std::move(env), timeout,
-                    [&](const message_id& corr) { return table_->open(corr, std::move(cb)); });
+                    [&](const message_id& corr, time_point) { return table_->open(corr, std::move(cb)); });
   }
 
   /// Scatter-gather: one request to every channel in `targets`; completes
@@ -302,7 +303,7 @@ class requester {
     auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
                              table_->get_clock());
     return dispatch(targets, std::move(env), timeout,
-                    [&](const message_id& corr) { return table_->open_gather(corr, want, std::move(cb)); });
+                    [&](const message_id& corr, time_point) { return table_->open_gather(corr, want, std::move(cb)); });
   }
 
   /// Future form of `gather`.
@@ -325,12 +326,14 @@ class requester {
   // the request at once), sends to every target, then arms the deadline.
   // The last target gets the envelope itself (try_send moves only on ok),
   // the others a copy each.
+  // `tracked`: `open` also took the deadline (then only `sent` remains).
   template <class Open>
-  errc dispatch(std::span<request_channel* const> targets, envelope<Request>&& env, duration timeout, Open open) {
+  errc dispatch(std::span<request_channel* const> targets, envelope<Request>&& env, duration timeout, Open open,
+                bool tracked = false) {
     const message_id corr = table_->stamp(env, timeout, opts_.producer);
     const time_point deadline = *env.deadline;
     env.headers.set(header_names::reply_to, opts_.endpoint);
-    if (const errc s = open(corr); s != errc::ok) return s;
+    if (const errc s = open(corr, deadline); s != errc::ok) return s;
     std::size_t delivered = 0;
     send_status last = send_status::ok;
     for (std::size_t i = 0; i < targets.size(); ++i) {
@@ -343,7 +346,11 @@ class requester {
       if (last == send_status::ok) ++delivered;
     }
     if (delivered == 0) return table_->abandon(corr, last == send_status::closed ? errc::closed : errc::full);
-    table_->arm(corr, deadline);
+    if (tracked) {
+      table_->sent();
+    } else {
+      table_->arm(corr, deadline);
+    }
     return errc::ok;
   }
 

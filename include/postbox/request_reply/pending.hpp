@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -86,6 +87,53 @@ namespace detail {
 template <class V>
 struct reply_future_access;
 
+/// How long a thread waiting for a reply spins before it sleeps, learned per
+/// thread. A wait answered while spinning moves the budget toward twice the
+/// spins it took. A wait that had to sleep is timed (two clock reads, on the
+/// sleeping path only): if the outcome came within what the longest spin
+/// would have covered, the budget grows to cover that wait; if it took
+/// longer (a slow handler, or a machine with more runnable threads than
+/// cores, where spinning only delays the responder), the budget halves.
+/// Spins are pauses only: a yield on an overloaded machine costs a time
+/// slice. Thread-local; never blocks.
+class reply_spin {
+ public:
+  using steady = std::chrono::steady_clock;
+  static constexpr std::uint32_t min_spins = 64;    // about 2 us of pauses (25 ns each, measured)
+  static constexpr std::uint32_t max_spins = 8192;  // about 200 us
+
+  [[nodiscard]] std::uint32_t limit() const noexcept {
+    const std::uint32_t l = 2 * avg_ + min_spins;
+    return l < max_spins ? l : max_spins;
+  }
+  void succeeded(std::uint32_t spins) noexcept { avg_ = avg_ - avg_ / 8 + spins / 8; }
+  /// After a wait that spun `spins` from `start` to `gave_up`, then slept
+  /// until `woke`.
+  void slept(std::uint32_t spins, steady::time_point start, steady::time_point gave_up,
+             steady::time_point woke) noexcept {
+    const auto spun = std::chrono::duration_cast<std::chrono::nanoseconds>(gave_up - start).count();
+    const auto total = std::chrono::duration_cast<std::chrono::nanoseconds>(woke - start).count();
+    if (spins == 0 || spun <= 0) {
+      avg_ /= 2;
+      return;
+    }
+    const double per_spin = static_cast<double>(spun) / spins;
+    const double needed = static_cast<double>(total) / per_spin;  // spins that would have covered it
+    if (needed < max_spins) {
+      avg_ = static_cast<std::uint32_t>(needed);  // limit() = 2 x that, clamped
+    } else {
+      avg_ /= 2;
+    }
+  }
+  [[nodiscard]] static reply_spin& of_this_thread() noexcept {
+    static thread_local reply_spin s;
+    return s;
+  }
+
+ private:
+  std::uint32_t avg_ = 1024;  // start generous: a quiet machine answers within it
+};
+
 /// One outcome, set once, and its waiters. The waiting protocol is one
 /// atomic word (`word`), so a requester that finds its reply while spinning
 /// makes no syscall, and set() makes one only when a thread sleeps:
@@ -147,15 +195,18 @@ struct rr_future_state {
     return (word.load(std::memory_order_acquire) & ready_bit) != 0;
   }
 
-  /// Spins briefly (the channel's bounded spin: pauses, then a few yields)
-  /// until the outcome is set or `stop` says to give up; true if it is set.
+  /// Spins (pauses only, no yields) until the outcome is set or `stop` says
+  /// to give up, for at most this thread's adaptive budget (reply_spin);
+  /// true if it is set.
   template <class Stop>
-  bool spin(Stop stop) const noexcept {
-    backoff b;
-    while (!b.completed()) {
-      if (ready()) return true;
+  bool spin(Stop stop, std::uint32_t limit) const noexcept {
+    for (std::uint32_t i = 0; i < limit; ++i) {
+      if (ready()) {
+        reply_spin::of_this_thread().succeeded(i);
+        return true;
+      }
       if (stop()) return false;
-      b.snooze();
+      cpu_relax();
     }
     return ready();
   }
@@ -164,8 +215,21 @@ struct rr_future_state {
   /// the word (a stop callback adds stop_unit). True when set.
   template <class Stop>
   bool wait(Stop stopped) noexcept {
-    if (spin(stopped)) return true;
+    if (ready()) return true;
+    reply_spin& budget = reply_spin::of_this_thread();
+    const std::uint32_t limit = budget.limit();
+    const auto start = reply_spin::steady::now();
+    if (spin(stopped, limit)) return true;
     if (stopped()) return false;
+    const auto gave_up = reply_spin::steady::now();
+    const bool set = sleep(stopped);
+    if (set) budget.slept(limit, start, gave_up, reply_spin::steady::now());
+    return set;
+  }
+
+  /// The sleeping half of wait().
+  template <class Stop>
+  bool sleep(Stop stopped) noexcept {
     // acq_rel: announces the sleeper to set() (same word); acquire sees value.
     std::uint32_t w = word.fetch_or(sleeper_bit, std::memory_order_acq_rel) | sleeper_bit;
     while ((w & ready_bit) == 0) {
@@ -348,6 +412,22 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     e.future = std::move(future);
     return insert(corr, std::move(e));
   }
+  /// As the future form of `open`, also tracking `deadline` at once (one
+  /// lock for both); after sending, the transport calls `sent()` instead of
+  /// `arm`, or `abandon`. Thread-safe.
+  [[nodiscard]] errc open(const message_id& corr, std::shared_ptr<future_state> future, time_point deadline) {
+    entry e;
+    e.future = std::move(future);
+    std::lock_guard lock(mutex_);
+    const errc s = insert_locked(corr, std::move(e));
+    if (s == errc::ok) track(corr, deadline);
+    return s;
+  }
+  /// Counts a request opened with a deadline as sent. Never blocks.
+  void sent() noexcept {
+    // relaxed: a statistic, read by stats().
+    sent_.fetch_add(1, std::memory_order_relaxed);
+  }
   /// As `open`, for a scatter-gather completing once `want` (at least 1)
   /// replies or errors arrived, or at the deadline with what it collected.
   [[nodiscard]] errc open_gather(const message_id& corr, std::size_t want, gather_callback cb) {
@@ -379,15 +459,10 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   /// unless a reply already completed it. Schedules a timer only when this
   /// deadline is earlier than the one armed. Thread-safe.
   void arm(const message_id& corr, time_point deadline) {
+    sent();
     std::lock_guard lock(mutex_);
-    ++stats_.sent;
-    if (closed_ || pending_.find(corr) == pending_.end()) return;  // already completed by a fast reply
-    // Stale heap items (requests finished before their deadline) are
-    // dropped in bulk once they outnumber the live ones: amortized O(1).
-    if (deadlines_.size() > 2 * pending_.size() + 64) compact_deadlines();
-    deadlines_.push_back({deadline, corr});
-    std::push_heap(deadlines_.begin(), deadlines_.end(), later{});
-    if (!armed_ || deadline < armed_at_) arm_timer(deadline);
+    if (pending_.find(corr) == pending_.end()) return;  // already completed by a fast reply
+    track(corr, deadline);
   }
 
   /// A reply (or a responder error) for `packet.correlation_id`: completes
@@ -403,7 +478,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     envelope<Reply>* reply = nullptr;  // in packet, taken by the completion
     reply_error* err = nullptr;
     {
-      std::lock_guard lock(mutex_);
+      std::unique_lock lock(mutex_);
       auto it = pending_.find(packet.correlation_id);
       if (it == pending_.end()) {
         auto d = done_.find(packet.correlation_id);
@@ -426,21 +501,28 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         status = err->code == errc::ok ? errc::handler_error : err->code;
         ++stats_.errors;
       }
-      run.emplace(*this, pending_.extract(it));
       remember(packet.correlation_id, finished::replied);
+      if (it->second.future) {
+        // The future form runs no user code: the outcome is built in place
+        // in the future (the reply moved once), the node goes back to the
+        // spares, all under this one lock; only the publication (a wake)
+        // comes after it. Nothing here needs close() to wait.
+        std::shared_ptr<future_state> fs = std::move(it->second.future);
+        auto node = pending_.extract(it);
+        recycle(std::move(node));
+        disarm_if_idle();
+        auto& o = fs->value.emplace();
+        o.status = status;
+        if (reply != nullptr) o.reply.emplace(std::move(*reply));
+        if (err != nullptr) o.error.emplace(std::move(*err));
+        lock.unlock();
+        fs->publish();
+        return;
+      }
+      run.emplace(*this, pending_.extract(it));
       disarm_if_idle();
     }
     entry& e = run->taken();
-    if (e.future) {
-      // The future form: the outcome is built in place in the future (the
-      // reply moved once) and then published.
-      auto& o = e.future->value.emplace();
-      o.status = status;
-      if (reply != nullptr) o.reply.emplace(std::move(*reply));
-      if (err != nullptr) o.error.emplace(std::move(*err));
-      e.future->publish();
-      return;
-    }
     reply_outcome<Reply> outcome;
     outcome.status = status;
     if (reply != nullptr) outcome.reply.emplace(std::move(*reply));
@@ -470,6 +552,8 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   [[nodiscard]] Stats stats() const {
     std::lock_guard lock(mutex_);
     Stats s = stats_;
+    // relaxed: a statistic (see sent()).
+    s.sent = sent_.load(std::memory_order_relaxed);
     s.pending = pending_.size();
     return s;
   }
@@ -525,7 +609,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         std::lock_guard lock(t_->mutex_);
         auto it = std::find(t_->running_.begin(), t_->running_.end(), std::this_thread::get_id());
         if (it != t_->running_.end()) t_->running_.erase(it);
-        if (!node_.empty() && t_->spare_nodes_.size() < spare_nodes_max) t_->spare_nodes_.push_back(std::move(node_));
+        if (!node_.empty()) t_->recycle(std::move(node_));
       }
       t_->idle_.notify_all();
     }
@@ -538,6 +622,9 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
 
   errc insert(const message_id& corr, entry&& e) {
     std::lock_guard lock(mutex_);
+    return insert_locked(corr, std::move(e));
+  }
+  errc insert_locked(const message_id& corr, entry&& e) {
     if (pending_.size() >= max_pending_) {
       ++stats_.refused;
       return errc::busy;
@@ -574,6 +661,26 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     n.mapped() = f;
     auto r = done_.insert(std::move(n));
     if (!r.inserted) r.position->second = f;
+  }
+
+  // Under mutex_: keeps a finished request's map node (its entry cleared)
+  // for the next insert.
+  void recycle(node_type&& n) noexcept {
+    if (spare_nodes_.size() >= spare_nodes_max) return;  // n frees its node
+    n.mapped().clear();
+    spare_nodes_.push_back(std::move(n));
+  }
+
+  // Under mutex_: tracks a pending request's deadline, arming the timer
+  // when it is the earliest.
+  void track(const message_id& corr, time_point deadline) {
+    if (closed_) return;
+    // Stale heap items (requests finished before their deadline) are
+    // dropped in bulk once they outnumber the live ones: amortized O(1).
+    if (deadlines_.size() > 2 * pending_.size() + 64) compact_deadlines();
+    deadlines_.push_back({deadline, corr});
+    std::push_heap(deadlines_.begin(), deadlines_.end(), later{});
+    if (!armed_ || deadline < armed_at_) arm_timer(deadline);
   }
 
   // Under mutex_: drops heap items whose request is no longer pending.
@@ -712,7 +819,10 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   time_point armed_at_{};
   timer_service::timer_id armed_id_ = 0;
   bool closed_ = false;  // close() began: nothing is armed any more
-  Stats stats_;
+  Stats stats_;  // all but sent
+  /// Requests sent: bumped (relaxed) by sent() and arm() on the requesting
+  /// thread, read (relaxed) by stats(). A statistic; publishes nothing.
+  std::atomic<std::uint64_t> sent_{0};
   // Threads running a completion callback now (one entry per run); close()
   // waits on idle_ until only its own thread is left.
   std::vector<std::thread::id> running_;
