@@ -584,3 +584,57 @@ TEST_CASE("one notify wakes more suspended coroutines than it can defer past the
     REQUIRE(t.get().status() == postbox::receive_status::closed);
   }
 }
+
+namespace {
+
+/// A scheduler whose post queues the resumption, then holds its notifier
+/// inside post() until the test opens the gate. It tracks posts (as
+/// run_queue and executor_scheduler do), so an operation it resumes must not
+/// wait for that notifier to return.
+class gated_scheduler {
+ public:
+  gated_scheduler() = default;
+  gated_scheduler(const gated_scheduler&) = delete;
+  gated_scheduler& operator=(const gated_scheduler&) = delete;
+  ~gated_scheduler() { tracker_.wait_idle(); }
+
+  void post(postbox::resumption r) noexcept {
+    q.post(std::move(r));
+    posted.store(true);
+    gate_.wait(false);  // held here until open()
+  }
+  [[nodiscard]] postbox::detail::post_tracker& postbox_post_tracker() noexcept { return tracker_; }
+  void open() noexcept {
+    gate_.store(true);
+    gate_.notify_all();
+  }
+
+  postbox::run_queue q;
+  std::atomic<bool> posted{false};
+
+ private:
+  std::atomic<bool> gate_{false};
+  postbox::detail::post_tracker tracker_;
+};
+
+}  // namespace
+
+TEST_CASE("a coroutine resumed through a post-tracking scheduler completes while its notifier is still in post",
+          "[async]") {
+  gated_scheduler sched;
+  postbox::channel<int> ch(1);
+  auto t = receive_one(ch);
+  t.start(sched);
+  REQUIRE_FALSE(t.done());
+  std::thread sender([&] { (void)ch.send(5); });  // its notify posts, then waits at the gate
+  REQUIRE(eventually([&] { return sched.posted.load(); }));
+  // Runs the resumption on another thread, so a wait for the notifier (which
+  // the gate holds) shows as "not done" here instead of a hang.
+  std::thread runner([&] { (void)sched.q.poll(); });
+  const bool done_while_gated = eventually([&] { return t.done(); });
+  sched.open();
+  runner.join();
+  sender.join();
+  REQUIRE(done_while_gated);
+  REQUIRE(*t.get() == 5);
+}

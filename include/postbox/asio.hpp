@@ -72,12 +72,18 @@ POSTBOX_BEGIN_NAMESPACE
 /// coroutine resumes on a thread running that executor (an io_context's
 /// run()). `post` allocates (Asio's handler); an allocation failure there
 /// terminates, since it happens inside a notifier's noexcept wake-up.
-/// Thread-safe as the executor is. Must outlive the operations using it.
+/// Thread-safe as the executor is. Must outlive the operations using it,
+/// and its execution context must outlive it (declare it after its
+/// io_context): its destructor waits for notifiers still inside a post into
+/// it, so the coroutine such a post resumed need not wait for them.
 template <class Executor>
 class executor_scheduler {
  public:
   explicit executor_scheduler(Executor ex) noexcept(std::is_nothrow_move_constructible_v<Executor>)
       : ex_(std::move(ex)) {}
+  executor_scheduler(const executor_scheduler&) = delete;
+  executor_scheduler& operator=(const executor_scheduler&) = delete;
+  ~executor_scheduler() { posts_.wait_idle(); }
 
   void post(resumption r) noexcept {
     ::asio::post(ex_, [r = std::move(r)]() mutable { r(); });
@@ -85,8 +91,12 @@ class executor_scheduler {
 
   [[nodiscard]] const Executor& get_executor() const noexcept { return ex_; }
 
+  /// See async_scheduler.
+  [[nodiscard]] detail::post_tracker& postbox_post_tracker() noexcept { return posts_; }
+
  private:
   Executor ex_;
+  detail::post_tracker posts_;
 };
 
 namespace detail {
@@ -99,6 +109,34 @@ struct asio_cancel_to_stop {
   }
 };
 
+/// The resume token of an asio_op: it owns the scheduler the operation
+/// posts to, a work-tracked copy of the handler's executor. A notifier's
+/// deferred post keeps the token (so the executor) alive until it returns,
+/// and the tracked work keeps the io_context's run() from returning
+/// meanwhile, so the operation may complete and free itself while that post
+/// is still in flight (no wait for it: see post_tracker).
+template <class Executor>
+struct asio_resume_token final : resume_token {
+  using tracked_executor = std::decay_t<decltype(::asio::prefer(std::declval<const Executor&>(),
+                                                                ::asio::execution::outstanding_work.tracked))>;
+  struct poster {
+    tracked_executor ex;
+    /// Counts the claims as any tracked scheduler's do, so the operation
+    /// does not wait for them; nobody waits for it to drain: the token
+    /// (this) lives until the last post in flight has returned.
+    post_tracker posts{};
+    void post(resumption r) noexcept {
+      ::asio::post(ex, [r = std::move(r)]() mutable { r(); });
+    }
+    [[nodiscard]] post_tracker& postbox_post_tracker() noexcept { return posts; }
+  };
+
+  asio_resume_token(async_op* o, const Executor& ex)
+      : resume_token(o), sched{::asio::prefer(ex, ::asio::execution::outstanding_work.tracked)} {}
+
+  poster sched;
+};
+
 /// One pending Asio operation: an async_op on the heap that owns the handler.
 /// Deleted just before the handler runs (or is posted, on immediate completion).
 template <class Op, class Handler>
@@ -106,6 +144,7 @@ class asio_op final : public async_op {
  public:
   using result_type = typename Op::result_type;
   using executor_type = ::asio::associated_executor_t<Handler, ::asio::system_executor>;
+  using token_type = asio_resume_token<executor_type>;
 
   /// Tries `op` at once (then only the handler's post allocates); otherwise
   /// allocates the operation and waits.
@@ -128,7 +167,7 @@ class asio_op final : public async_op {
       self->finish();
       return;
     }
-    if (self->begin(self->sched_)) self->finish();
+    if (self->begin(self->token_sched_)) self->finish();
     // else armed: `self` may already be completing on another thread.
   }
 
@@ -136,11 +175,11 @@ class asio_op final : public async_op {
 
  private:
   asio_op(Op op, Handler handler, std::stop_token stop, async_deadline deadline)
-      : op_(std::move(op)),
-        limits_(std::move(stop), deadline),
-        handler_(std::move(handler)),
-        sched_(::asio::get_associated_executor(handler_, ::asio::system_executor())),
-        work_(::asio::prefer(sched_.get_executor(), ::asio::execution::outstanding_work.tracked)) {}
+      : op_(std::move(op)), limits_(std::move(stop), deadline), handler_(std::move(handler)) {
+    auto* t = new token_type(this, ::asio::get_associated_executor(handler_, ::asio::system_executor()));
+    adopt_token(t);
+    token_sched_ = scheduler_ref(t->sched);
+  }
 
   bool try_complete() noexcept override {
     if (limits_.stop_requested()) {
@@ -170,7 +209,8 @@ class asio_op final : public async_op {
     ::asio::get_associated_cancellation_slot(handler_).clear();
     Handler handler = std::move(handler_);
     result_type result = std::move(*result_);
-    auto work = std::move(work_);
+    // The running resumption holds the token, whose tracked executor keeps
+    // the io_context's work count up until the handler has returned.
     delete this;
     invoke(std::move(handler), std::move(result));
   }
@@ -182,7 +222,9 @@ class asio_op final : public async_op {
     ::asio::get_associated_cancellation_slot(handler_).clear();
     Handler handler = std::move(handler_);
     result_type result = std::move(*result_);
-    auto keep = std::move(work_);  // the work count never drops to zero in between
+    // post_result takes its own tracked work before the token's goes.
+    auto ex = ::asio::get_associated_executor(handler, ::asio::system_executor());
+    auto keep = ::asio::prefer(ex, ::asio::execution::outstanding_work.tracked);
     delete this;
     post_result(std::move(handler), std::move(result));
   }
@@ -210,10 +252,7 @@ class asio_op final : public async_op {
   Op op_;
   op_limits limits_;
   Handler handler_;
-  executor_scheduler<executor_type> sched_;
-  std::decay_t<decltype(::asio::prefer(std::declval<const executor_type&>(),
-                                       ::asio::execution::outstanding_work.tracked))>
-      work_;
+  scheduler_ref token_sched_;  // the token's poster (the token outlives us while a post is in flight)
   std::optional<result_type> result_;
 };
 

@@ -26,10 +26,16 @@
 //   whatever thread runs the scheduler (run_queue::run, an io_context, ...).
 // * Destroying a suspended frame is safe: the awaiter's destructor
 //   unregisters its waker (the registry lock orders this after any claim in
-//   progress), waits for a claimed post still under way (resume_token::
-//   posting), drops its stop callbacks and timer, and cancels the
+//   progress), drops its stop callbacks and timer, and cancels the
 //   heap-allocated resume token a claimed wake may already have posted; the
 //   scheduler then runs a canceled token, which does nothing.
+// * A notifier's post may still be running after the operation it woke has
+//   completed and gone: the post uses only the token (it holds a reference)
+//   and the scheduler. Schedulers with a detail::post_tracker (run_queue,
+//   executor_scheduler, the Asio adapter's per-operation token) count such
+//   posts and their destructors wait for them, so the woken coroutine never
+//   waits for its notifier; for any other scheduler the operation waits for
+//   the post to return before it goes (resume_token::posting).
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
@@ -39,6 +45,7 @@
 #include <postbox/timer_service.hpp>
 
 #include <atomic>
+#include <concepts>
 #include <coroutine>
 #include <cstddef>
 #include <cstdint>
@@ -58,6 +65,42 @@ namespace detail {
 
 class async_op;
 
+/// A scheduler's count of notifiers between claiming a wake (under an event
+/// count's registry lock) and returning from the deferred post into that
+/// scheduler. A scheduler that has one (`postbox_post_tracker()`, see
+/// async_scheduler) waits for it in its destructor, so an operation that
+/// uses it need not wait for a post still in flight when it completes: the
+/// woken coroutine goes on at once (see async_op::abandon). Thread-safe;
+/// never allocates.
+class post_tracker {
+ public:
+  post_tracker() = default;
+  post_tracker(const post_tracker&) = delete;
+  post_tracker& operator=(const post_tracker&) = delete;
+  ~post_tracker() = default;
+
+  /// A claim that will post here (under the registry lock; relaxed: the
+  /// owner's unregister takes that lock after it, and whoever destroys the
+  /// scheduler is ordered after the operation's end, so wait_idle sees it).
+  void enter() noexcept { n_.fetch_add(1, std::memory_order_relaxed); }
+  /// The claimed post has returned: the notifier touches the scheduler no
+  /// more. release: pairs with the acquire in wait_idle().
+  void leave() noexcept { n_.fetch_sub(1, std::memory_order_release); }
+  /// Waits (yielding) until no claimed post is in flight. A post is a few
+  /// non-blocking steps, so this is short.
+  void wait_idle() const noexcept {
+    backoff wait;
+    // acquire: pairs with leave(), so the notifier's accesses to the
+    // scheduler happen before the scheduler goes.
+    while (n_.load(std::memory_order_acquire) != 0) wait.snooze();
+  }
+
+ private:
+  /// Claimed posts not yet returned: incremented (relaxed) by a claim,
+  /// decremented (release) after its post, read (acquire) by wait_idle().
+  std::atomic<std::uint32_t> n_{0};
+};
+
 /// The one-shot "resume this operation" that a claimed wake posts to a
 /// scheduler. Lives on the heap so a scheduler queue may outlive the frame
 /// that owns the operation; the operation cancels it when it goes away.
@@ -67,6 +110,11 @@ struct resume_token {
   static constexpr std::uint32_t canceled = 2;  // the operation is gone: running does nothing
 
   explicit resume_token(async_op* o) noexcept : op(o) {}
+  resume_token(const resume_token&) = delete;
+  resume_token& operator=(const resume_token&) = delete;
+  /// Virtual: an operation may allocate a token that owns its scheduler
+  /// (the Asio adapter's), freed by the last owner through release().
+  virtual ~resume_token() = default;
 
   /// Owners: the operation (while it keeps the token for the next wait) and
   /// each posted resumption. Increment relaxed (a new owner is made by an
@@ -87,7 +135,11 @@ struct resume_token {
   /// the claiming notifier after its acquire load of the state.
   void* sched_self = nullptr;
   void (*sched_post)(void*, resumption&&) noexcept = nullptr;
-  /// Notifiers between a claim and the end of its deferred post. Incremented
+  /// The scheduler's post_tracker, or null (then `posting` below counts the
+  /// claims instead); copied by begin() with the two above.
+  post_tracker* sched_posts = nullptr;
+  /// Notifiers between a claim and the end of its deferred post, for a
+  /// scheduler without a post_tracker. Incremented
   /// (relaxed) under the registry lock, which the owner's unregister takes
   /// after it (so the owner sees it); decremented (release) after the post;
   /// abandon() waits (acquire) for zero, so no post reaches the scheduler
@@ -149,10 +201,21 @@ class resumption {
 /// a destroyed frame waits for a post in progress), must not block on anything that
 /// can wait for a postbox event count, and must not throw. Whoever runs the
 /// queue later runs `r()`, and that is the thread the coroutine resumes on.
+/// Optionally, `s.postbox_post_tracker()` returns a detail::post_tracker
+/// whose wait_idle() the scheduler's destructor calls first: then an
+/// operation completing on it does not wait for the notifier that woke it to
+/// return from `post` (run_queue and executor_scheduler do this).
 template <class S>
 concept async_scheduler = requires(S& s, resumption r) {
   { s.post(std::move(r)) } noexcept;
 };
+
+namespace detail {
+template <class S>
+concept tracks_posts = requires(S& s) {
+  { s.postbox_post_tracker() } noexcept -> std::same_as<post_tracker&>;
+};
+}  // namespace detail
 
 /// A non-owning, type-erased reference to a scheduler. The scheduler must
 /// outlive every operation that uses it. Trivially copyable.
@@ -162,7 +225,9 @@ class scheduler_ref {
   template <async_scheduler S>
     requires(!std::is_same_v<std::remove_cvref_t<S>, scheduler_ref>)
   scheduler_ref(S& s) noexcept  // NOLINT(google-explicit-constructor)
-      : self_(&s), post_([](void* self, resumption&& r) noexcept { static_cast<S*>(self)->post(std::move(r)); }) {}
+      : self_(&s), post_([](void* self, resumption&& r) noexcept { static_cast<S*>(self)->post(std::move(r)); }) {
+    if constexpr (detail::tracks_posts<S>) posts_ = &s.postbox_post_tracker();
+  }
 
   void post(resumption r) const noexcept { post_(self_, std::move(r)); }
   explicit operator bool() const noexcept { return self_ != nullptr; }
@@ -171,22 +236,29 @@ class scheduler_ref {
   friend class detail::async_op;  // copies the scheduler into its resume token
   void* self_ = nullptr;
   void (*post_)(void*, resumption&&) noexcept = nullptr;
+  detail::post_tracker* posts_ = nullptr;  // the scheduler's, if it has one
 };
 
 /// A thread-safe FIFO of resumptions: the simplest scheduler. Coroutines
 /// resume on whichever thread calls `run_one`, `poll` or `run` (one thread
 /// for a deterministic event loop, several for a pool). `post` takes a
 /// mutex and never allocates (the queue is intrusive); it makes a futex
-/// syscall only when a `run` thread sleeps. Destroying the queue drops what
-/// is still queued (those coroutines stay suspended).
+/// syscall only when a `run` thread sleeps. Destroying the queue first
+/// waits for notifiers still inside a post into it (a few instructions
+/// each), then drops what is still queued (those coroutines stay suspended).
 class run_queue {
  public:
   run_queue() = default;
   run_queue(const run_queue&) = delete;
   run_queue& operator=(const run_queue&) = delete;
   ~run_queue() {
+    posts_.wait_idle();
     while (detail::resume_token* t = pop()) detail::release(t);
   }
+
+  /// See async_scheduler: lets operations leave the wait for a notifier's
+  /// post to this destructor.
+  [[nodiscard]] detail::post_tracker& postbox_post_tracker() noexcept { return posts_; }
 
   /// Queues `r`. Thread-safe; never blocks beyond the queue's mutex; never
   /// allocates; wakes one thread sleeping in `run`, if any.
@@ -293,6 +365,7 @@ class run_queue {
     }
   }
 
+  detail::post_tracker posts_;
   mutable std::mutex mutex_;
   /// Futex word of the sleeping runners: bumped (release) by signal(), read
   /// (acquire) by run() before it announces itself and waits on it.
@@ -368,8 +441,12 @@ class async_op : public waker {
           // relaxed: two new owners made from ours, the resumption and the
           // deferred post itself (released when it has posted).
           token_->refs.fetch_add(2, std::memory_order_relaxed);
-          // relaxed: see resume_token::posting.
-          token_->posting.fetch_add(1, std::memory_order_relaxed);
+          if (token_->sched_posts != nullptr) {
+            token_->sched_posts->enter();  // the scheduler waits for it, not we
+          } else {
+            // relaxed: see resume_token::posting.
+            token_->posting.fetch_add(1, std::memory_order_relaxed);
+          }
           return {&post_claimed, token_};
         }
       } else {
@@ -422,6 +499,7 @@ class async_op : public waker {
     if (token_ == nullptr) token_ = new resume_token(this);
     token_->sched_self = s.self_;
     token_->sched_post = s.post_;
+    token_->sched_posts = s.posts_;
     // relaxed: no claim can run before register_sources publishes us.
     state_.store(checking, std::memory_order_relaxed);
     register_sources();
@@ -431,12 +509,18 @@ class async_op : public waker {
     return true;
   }
 
+  /// Before begin(): use `t` (made for this operation, refs 1) as the resume
+  /// token, e.g. one that owns the scheduler begin() is given, so a post in
+  /// flight never outlives what it posts into. Takes ownership.
+  void adopt_token(resume_token* t) noexcept { token_ = t; }
+
   /// For the owner's destructor (the most derived one, so the virtual calls
   /// reach it): unregisters, then cancels a resumption already posted.
   void abandon() noexcept {
     disarm();
     if (token_ != nullptr) {
       // A notifier that claimed us before disarm() may still be posting:
+      // unless the scheduler waits for such posts itself (post_tracker),
       // wait for it (it is inside a non-blocking post), so nothing reaches
       // the scheduler after we are gone. acquire: pairs with its release.
       backoff wait;
@@ -455,9 +539,14 @@ class async_op : public waker {
   /// abandon() go on and drops the post's own reference.
   static void post_claimed(void* p) noexcept {
     auto* t = static_cast<resume_token*>(p);
+    post_tracker* posts = t->sched_posts;
     t->sched_post(t->sched_self, resumption(t));
-    // release: pairs with the acquire in abandon().
-    t->posting.fetch_sub(1, std::memory_order_release);
+    if (posts != nullptr) {
+      posts->leave();  // the scheduler's destructor may go on now
+    } else {
+      // release: pairs with the acquire in abandon().
+      t->posting.fetch_sub(1, std::memory_order_release);
+    }
     release(t);
   }
 
