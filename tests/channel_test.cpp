@@ -370,6 +370,28 @@ TEST_CASE("spsc: messages left in the ring after its indices wrapped are destroy
   CHECK(tracked::count() == 0);
 }
 
+TEST_CASE("spsc: a ring spanning many cache lines keeps FIFO, fills exactly and destroys what is left",
+          "[channel]") {
+  // 64 small cells over several cache lines, its indices past the wrap.
+  {
+    channel<tracked, postbox::spsc> ch(64, postbox::detail::initial_ticket{(std::uint64_t{1} << 63) - 40});
+    int next_in = 0;
+    int next_out = 0;
+    for (int round = 0; round < 3; ++round) {
+      while (ch.try_send(tracked(next_in)) == send_status::ok) ++next_in;
+      CHECK(next_in - next_out == 64);
+      for (int i = 0; i < 45; ++i) {
+        auto v = ch.try_receive();
+        REQUIRE(v);
+        CHECK(v->value == next_out++);
+      }
+    }
+    CHECK(ch.size_approx() == 19);
+    CHECK(tracked::count() == 19);
+  }
+  CHECK(tracked::count() == 0);
+}
+
 TEST_CASE("spsc: FIFO, full, empty and stats hold across the wrap of its indices", "[channel]") {
   channel<int, postbox::spsc> ch(2, postbox::detail::initial_ticket{(std::uint64_t{1} << 63) - 3});
   for (int round = 0; round < 5; ++round) {
