@@ -159,7 +159,7 @@ class js_pipeline {
       for (std::size_t i = 0; i < n; ++i) index_.emplace(batch[i].id, i);
       failed_keys_.clear();
       outstanding_ = 0;
-      stored_ = false;
+      stored_ = !cautious_;
     }
     bool chained = false;  // a message of this batch was sent: the next one names it (expect_last_id)
     char last_id[40] = {};
@@ -171,10 +171,11 @@ class js_pipeline {
       {
         std::unique_lock lock(m_);
         if (failed_keys_.count(m.partition_key) != 0) continue;  // held back: the relay releases it
-        // Slow start: one message at a time until a PubAck of this batch
-        // says the stream stores. A stream that refuses while it starts (no
-        // responders just after a restart) then fails a key's message before
-        // its next one is sent, which could otherwise be stored first.
+        // Slow start after a troubled batch (and for the first): one message
+        // at a time until a PubAck of this batch says the stream stores. A
+        // stream that refuses while it starts (no responders just after a
+        // restart) then fails a key's message before its next one is sent,
+        // which could otherwise be stored first.
         stalled = !await_locked(lock, stored_ ? options_.window - 1 : 0);
         if (stalled) break;
       }
@@ -239,6 +240,7 @@ class js_pipeline {
     }
     std::map<std::string, bool> denied;  // subject -> refused by the server's authorization
     std::lock_guard lock(m_);
+    cautious_ = stalled || !failed_keys_.empty();
     index_.clear();  // a late callback finds nothing
     outstanding_ = 0;
     for (std::size_t i = 0; i < n; ++i) {
@@ -439,6 +441,7 @@ class js_pipeline {
   std::set<std::string, std::less<>> failed_keys_;       // keys with a failure in this batch
   std::size_t outstanding_ = 0;                          // sent, outcome not yet known
   bool stored_ = false;  // a PubAck of this batch said stored: the window opens (slow start before)
+  bool cautious_ = true;  // the last batch stalled or failed a key (or none ran yet): slow start
   // The run's thread only (under run_mutex_): the current row's view and
   // the header scratch strings whose capacity is kept across messages.
   json_envelope_view view_;
@@ -456,10 +459,11 @@ class js_pipeline {
 /// it. About one round trip per `window` messages instead of per message.
 ///
 /// * Order: one connection, publishes sent in batch order, so each key's
-///   messages reach the stream in staging order. Each batch sends one
-///   message at a time until a PubAck says the stream stores (one round
-///   trip), then opens the window, so a stream still refusing after a
-///   restart cannot store a key's next message before the refused one. Once a message of a key
+///   messages reach the stream in staging order. The first batch, and each
+///   after one that stalled or failed a key, sends one message at a time
+///   until a PubAck says the stream stores (one round trip), then opens the
+///   window, so a stream still refusing after a restart cannot store a key's
+///   next message before the refused one. Once a message of a key
 ///   fails (an error PubAck, a decode or send failure) the later messages of
 ///   that key are not sent; those already in flight are not marked by the
 ///   relay either: they are retried in order with the failed one (the
