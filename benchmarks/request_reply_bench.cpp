@@ -13,7 +13,9 @@
 // Printed ratios (issue 18's row): postbox / best ZeroMQ (target <= 0.1) and
 // postbox / channel ping-pong (target <= 3), both from medians of one run.
 //
-// Usage: request_reply_bench [--rounds N] [--n N] [--only ROW]
+// Usage: request_reply_bench [--rounds N] [--n N] [--only ROW] [--pin]
+// --pin: every row's serving thread (echo, responder, ZeroMQ REP, timer) on
+// cpu 1, the requesting thread on cpu 0: the same placement for every row.
 //        request_reply_bench --profile postbox|zmq [n]
 // --profile runs n (default 20000) round trips on ONE thread (the responder
 // is polled after each request, so nobody waits) for callgrind; instructions
@@ -48,6 +50,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
 #if POSTBOX_BENCH_HAVE_ZMQ
 #include <zmq.h>
 #endif
@@ -55,6 +61,26 @@
 namespace {
 
 using bench_clock = std::chrono::steady_clock;
+bool g_pin = false;
+
+void pin_to(int cpu) {
+#if defined(__linux__)
+  if (!g_pin) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+#else
+  (void)cpu;
+#endif
+}
+
+// Threads started inside a row inherit cpu 1; the requesting thread moves
+// to cpu 0 once they are started (requester_side()).
+struct placement {
+  placement() { pin_to(1); }
+  void requester_side() const { pin_to(0); }
+};
 
 double seconds_since(bench_clock::time_point t0) {
   return std::chrono::duration<double>(bench_clock::now() - t0).count();
@@ -68,9 +94,11 @@ double seconds_since(bench_clock::time_point t0) {
 // The floor: one round trip through two channels, blocking on both sides.
 double channel_ping_pong(int n) {
   postbox::channel<int> there(64), back(64);
+  placement p;
   std::thread echo([&] {
     while (auto v = there.receive()) (void)back.send(*v + 1);
   });
+  p.requester_side();
   long long sum = 0;
   const auto t0 = bench_clock::now();
   for (int i = 0; i < n; ++i) {
@@ -87,9 +115,11 @@ double channel_ping_pong(int n) {
 // Bare handoff: the caller passes a promise to a server thread and waits on its future.
 double promise_round_trip(int n) {
   postbox::channel<std::promise<int>*> ch(64);
+  placement place;
   std::thread server([&] {
     while (auto p = ch.receive()) (*p)->set_value(1);
   });
+  place.requester_side();
   const auto t0 = bench_clock::now();
   for (int i = 0; i < n; ++i) {
     std::promise<int> p;
@@ -116,7 +146,9 @@ struct rr_rig {
 };
 
 double postbox_round_trip(int n) {
+  placement place;
   rr_rig rig(1);
+  place.requester_side();
   long long sum = 0;
   const auto t0 = bench_clock::now();
   for (int i = 0; i < n; ++i) {
@@ -132,7 +164,9 @@ double postbox_round_trip(int n) {
 }
 
 double postbox_callback_round_trip(int n) {
+  placement place;
   rr_rig rig(1);
+  place.requester_side();
   long long sum = 0;
   std::atomic<int> done{0};
   const auto t0 = bench_clock::now();
@@ -158,6 +192,7 @@ double zmq_round_trip(int n, bool msg_api) {
   void* ctx = zmq_ctx_new();
   void* rep = zmq_socket(ctx, ZMQ_REP);
   if (zmq_bind(rep, "inproc://rr-bench") != 0) fail("zmq_bind");
+  placement place;
   std::thread server([&] {
     if (msg_api) {
       zmq_msg_t m;
@@ -182,6 +217,7 @@ double zmq_round_trip(int n, bool msg_api) {
       }
     }
   });
+  place.requester_side();
   void* req = zmq_socket(ctx, ZMQ_REQ);
   zmq_connect(req, "inproc://rr-bench");
   long long sum = 0;
@@ -309,10 +345,12 @@ int main(int argc, char** argv) {
       rounds = std::max(1, std::atoi(argv[++i]));
     } else if (std::strcmp(argv[i], "--n") == 0 && i + 1 < argc) {
       n = std::max(1, std::atoi(argv[++i]));
+    } else if (std::strcmp(argv[i], "--pin") == 0) {
+      g_pin = true;
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
       only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--rounds N] [--n N] [--only ROW] | --profile postbox|zmq [n]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--rounds N] [--n N] [--only ROW] [--pin] | --profile postbox|zmq [n]\n", argv[0]);
       return 2;
     }
   }
@@ -331,8 +369,9 @@ int main(int argc, char** argv) {
     if (rows.empty()) fail("--only: no such row");
   }
   std::printf("request-reply round trip: %d sequential requests per row, %d interleaved rounds, %u hardware threads, "
-              "load %.2f, %s\n",
-              n, rounds, std::thread::hardware_concurrency(), load_average(), __VERSION__);
+              "load %.2f, %s%s\n",
+              n, rounds, std::thread::hardware_concurrency(), load_average(), __VERSION__,
+              g_pin ? ", pinned (serving threads cpu 1, requester cpu 0)" : "");
   for (int r = 0; r < rounds; ++r) {
     for (std::size_t k = 0; k < rows.size(); ++k) {
       auto& x = rows[(k + static_cast<std::size_t>(r)) % rows.size()];
