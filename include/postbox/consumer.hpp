@@ -42,6 +42,7 @@
 #include <postbox/detail/random.hpp>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <charconv>
 #include <chrono>
@@ -415,6 +416,41 @@ struct consumer_handler_run {
     scheduler_ref sched;
   };
   std::coroutine_handle<promise_type> handle;
+};
+
+/// A consumer's handler-duration histogram: duration_histogram's buckets as
+/// plain counters, guarded by the consumer's mutex, which the consumer holds
+/// right after every handler anyway: an observation costs no atomic RMW.
+class locked_duration_histogram {
+ public:
+  /// Records one duration (negative counts as zero). Caller holds the consumer's mutex.
+  void observe(duration d) noexcept {
+    const std::int64_t ns = d.count() < 0 ? 0 : d.count();
+    const auto& bounds = duration_histogram::default_bounds;
+    std::size_t i = 0;
+    while (i < bounds.size() && static_cast<double>(ns) > bounds[i] * 1e9) ++i;
+    ++buckets_[i];
+    sum_ns_ += static_cast<std::uint64_t>(ns);
+  }
+  /// The buckets as duration_histogram::snapshot gives them. Caller holds the consumer's mutex; allocates.
+  [[nodiscard]] histogram_snapshot snapshot() const {
+    const auto& bounds = duration_histogram::default_bounds;
+    histogram_snapshot s;
+    s.bounds.assign(bounds.begin(), bounds.end());
+    s.cumulative.reserve(bounds.size());
+    std::uint64_t running = 0;
+    for (std::size_t i = 0; i < bounds.size(); ++i) {
+      running += buckets_[i];
+      s.cumulative.push_back(running);
+    }
+    s.count = running + buckets_[bounds.size()];
+    s.sum = static_cast<double>(sum_ns_) / 1e9;
+    return s;
+  }
+
+ private:
+  std::array<std::uint64_t, duration_histogram::default_bounds.size() + 1> buckets_{};  // the last: beyond every bound
+  std::uint64_t sum_ns_ = 0;
 };
 
 /// The pool of one consumer's item nodes, so a steady flow allocates none:
@@ -912,12 +948,12 @@ class consumer {
       oldest = std::min(oldest, oldest_waiting);
       s.oldest_in_flight_age = now - oldest;
       s.oldest_waiting_age = now - oldest_waiting;
+      s.handle_duration = handle_duration_.snapshot();
     }
     // relaxed: statistics.
     s.hook_failures = hook_failures_.load(std::memory_order_relaxed);
     s.observer_failures = obs_ != nullptr ? obs_->failures() : 0;
     s.lag = source_->backlog();
-    s.handle_duration = handle_duration_.snapshot();
     return s;
   }
 
@@ -1507,11 +1543,11 @@ class consumer {
       result = settlement::retry();
       threw = true;
     }
-    handle_duration_.observe(elapsed);
     std::vector<conclusion> done;
     done.reserve(taken.size());
     {
       std::lock_guard lock(mu_);
+      handle_duration_.observe(elapsed);
       if (threw) ++handler_errors_;
       for (std::size_t i = 0; i < taken.size(); ++i) {
         taken[i]->frame = nullptr;
@@ -1609,8 +1645,8 @@ class consumer {
 #endif
     }();
     const duration elapsed = clock_->now() - start;
-    handle_duration_.observe(elapsed);
     lock.lock();
+    handle_duration_.observe(elapsed);
     if (s.what() == settlement::kind::ack && !it.hook && (obs_ == nullptr || !obs_->on_settle)) {
       --running_count_;
       ++settled_;
@@ -1623,16 +1659,18 @@ class consumer {
       return;
     }
     lock.unlock();
-    settle_run(pos, s, std::move(err), threw, elapsed);
+    settle_run(pos, s, std::move(err), threw, elapsed, false);
     lock.lock();
   }
 
   // Caller does not hold mu_; `pos` is in running_ and its handler has
   // returned (or its task completed). Settles the delivery.
-  void settle_run(item_iter pos, const settlement& s, std::string err, bool threw, duration elapsed) {
+  // `observe`: record `elapsed` in the duration histogram (run_one already did).
+  void settle_run(item_iter pos, const settlement& s, std::string err, bool threw, duration elapsed, bool observe) {
     conclusion c;
     {
       std::lock_guard lock(mu_);
+      if (observe) handle_duration_.observe(elapsed);
       pos->frame = nullptr;
       --running_count_;
       if (threw) ++handler_errors_;
@@ -1694,9 +1732,7 @@ class consumer {
       s = settlement::ack();
     }
 #endif
-    const duration elapsed = clock_->now() - start;
-    handle_duration_.observe(elapsed);
-    settle_run(pos, s, std::move(err), threw, elapsed);
+    settle_run(pos, s, std::move(err), threw, clock_->now() - start, true);
   }
 
   // The destructor, after shutdown: coroutine handlers abandoned and still
@@ -2074,7 +2110,7 @@ class consumer {
   /// Settle hooks and classifiers that threw. Written by any worker
   /// (relaxed fetch_add), read by stats() (relaxed): a statistic only.
   std::atomic<std::uint64_t> hook_failures_{0};
-  duration_histogram handle_duration_;
+  detail::locked_duration_histogram handle_duration_;  // guarded by mu_
   std::stop_source stop_;
   std::unique_ptr<timer_service> timers_;
   std::vector<std::thread> workers_;
