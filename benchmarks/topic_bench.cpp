@@ -15,6 +15,8 @@
 //
 // Profile mode, for instruction counts independent of the machine's load:
 //   valgrind --tool=callgrind topic_bench --profile topic|channel|zmq [n]
+// topic_bench [--subs S] [--pin]: only the rows with S subscribers; --pin puts
+// the publisher on cpu 0 and subscriber i on cpu (1 + i) mod n.
 // runs n (default 20000) publish+receive pairs on ONE thread (the subscriber
 // drains after every publish, so nobody parks) and prints nothing but a
 // checksum; instructions per message = (Ir(n) - Ir(0)) / n.
@@ -53,10 +55,30 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#  include <pthread.h>
+#  include <sched.h>
+#endif
+
 namespace {
 
 using bench_clock = std::chrono::steady_clock;
 const std::string payload(256, 'x');
+bool g_pin = false;
+
+// --pin: the publisher on cpu 0, subscriber i on cpu (1 + i) mod n.
+void pin_to(unsigned cpu) {
+#if defined(__linux__)
+  if (!g_pin) return;
+  const unsigned n = std::max(1u, std::thread::hardware_concurrency());
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu % n, &set);
+  (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+#else
+  (void)cpu;
+#endif
+}
 
 double run_topic(int subs, int n) {
   postbox::topic<std::string> t;
@@ -66,6 +88,7 @@ double run_topic(int subs, int n) {
   std::atomic<std::size_t> bytes{0};
   for (int i = 0; i < subs; ++i)
     th.emplace_back([&, i] {
+      pin_to(1 + static_cast<unsigned>(i));
       std::size_t b = 0;
       for (int k = 0; k < n; ++k) b += (*s[static_cast<std::size_t>(i)].receive())->size();
       bytes += b;
@@ -83,6 +106,7 @@ double run_channels(int subs, int n) {
   std::atomic<std::size_t> bytes{0};
   for (int i = 0; i < subs; ++i)
     th.emplace_back([&, i] {
+      pin_to(1 + static_cast<unsigned>(i));
       std::size_t b = 0;
       for (int k = 0; k < n; ++k) b += ch[static_cast<std::size_t>(i)]->receive()->size();
       bytes += b;
@@ -107,7 +131,8 @@ double run_zmq(int subs, int n, bool zero_copy) {
   std::atomic<std::size_t> bytes{0};
   std::vector<std::thread> th;
   for (int i = 0; i < subs; ++i)
-    th.emplace_back([&] {
+    th.emplace_back([&, i] {
+      pin_to(1 + static_cast<unsigned>(i));
       void* sub = zmq_socket(ctx, ZMQ_SUB);
       zmq_setsockopt(sub, ZMQ_RCVHWM, &zero, sizeof zero);
       zmq_setsockopt(sub, ZMQ_SUBSCRIBE, "", 0);
@@ -214,11 +239,17 @@ int main(int argc, char** argv) {
     std::printf("%zu\n", profile(argv[2], n));
     return 0;
   }
+  std::vector<int> sub_counts{1, 4, 16};
+  for (int a = 1; a < argc; ++a) {
+    if (std::strcmp(argv[a], "--subs") == 0 && a + 1 < argc) sub_counts = {std::max(1, std::atoi(argv[++a]))};
+    else if (std::strcmp(argv[a], "--pin") == 0) g_pin = true;
+  }
+  pin_to(0);
   std::printf("topic_bench: 1 publisher, 256-byte payload, block policy, capacity 1024; median of 5 interleaved runs\n");
   std::printf("compiler: %s\n", __VERSION__);
   std::printf("%-6s %14s %14s %14s %14s %10s %10s\n", "subs", "topic msg/s", "channels", "zmq copy", "zmq 0-copy",
               "t/chan", "t/zmq");
-  for (int subs : {1, 4, 16}) {
+  for (int subs : sub_counts) {
     const int n = subs == 16 ? 20000 : 100000;
     std::vector<double> a, b, c, d;
     for (int rep = 0; rep < 5; ++rep) {
