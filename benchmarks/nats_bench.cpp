@@ -408,6 +408,10 @@ struct raw_async_ctx {
     jsOptions o;
     jsOptions_Init(&o);
     o.PublishAsync.MaxPending = 4096;
+    // A publish at MaxPending waits for room up to StallWait (default 200 ms)
+    // and then fails: on a loaded VM, with the server still writing the
+    // previous run's messages, that killed the bench. Wait as long as it takes.
+    o.PublishAsync.StallWait = 30000;
     o.PublishAsync.ErrHandler = [](jsCtx*, jsPubAckErr*, void* closure) {
       static_cast<raw_async_ctx*>(closure)->failed.fetch_add(1, std::memory_order_relaxed);
     };
