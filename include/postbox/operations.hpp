@@ -2,7 +2,7 @@
 // postbox::operations: an in-process "202 Accepted + status resource" tracker for long-running work.
 #pragma once
 
-#include <postbox/async.hpp>
+#include <postbox/async/core.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/operations/executor.hpp>
