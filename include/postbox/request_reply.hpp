@@ -247,7 +247,8 @@ class requester {
     auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
                              table_->get_clock());
     return dispatch(one_target(), std::move(env), timeout,
-                    [&](const message_id& corr, time_point) { return table_->open(corr, std::move(cb)); });
+                    [&](const message_id& corr, time_point) { return table_->open(corr, std::move(cb)); }, false,
+                    true);
   }
 
   /// Future form of `request`: the refusal status, or a future of the outcome.
@@ -260,7 +261,7 @@ class requester {
     auto fs = std::make_shared<detail::rr_future_state<reply_outcome<Reply>>>();
     const errc s = dispatch(one_target(), std::move(env), timeout, [&](const message_id& corr, time_point deadline) {
       return table_->open(corr, fs, deadline);
-    }, true);
+    }, true, true);
     if (s != errc::ok) return s;
     return reply_future<reply_outcome<Reply>>(std::move(fs));
   }
@@ -303,7 +304,8 @@ class requester {
     auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
                              table_->get_clock());
     return dispatch(targets, std::move(env), timeout,
-                    [&](const message_id& corr, time_point) { return table_->open_gather(corr, want, std::move(cb)); });
+                    [&](const message_id& corr, time_point) { return table_->open_gather(corr, want, std::move(cb)); },
+                    false, true);
   }
 
   /// Future form of `gather`.
@@ -327,10 +329,12 @@ class requester {
   // The last target gets the envelope itself (try_send moves only on ok),
   // the others a copy each.
   // `tracked`: `open` also took the deadline (then only `sent` remains).
+  // `fresh`: `env` was made just now by make_envelope (see stamp_fresh).
   template <class Open>
   errc dispatch(std::span<request_channel* const> targets, envelope<Request>&& env, duration timeout, Open open,
-                bool tracked = false) {
-    const message_id corr = table_->stamp(env, timeout, opts_.producer);
+                bool tracked = false, bool fresh = false) {
+    const message_id corr =
+        fresh ? table_->stamp_fresh(env, timeout, opts_.producer) : table_->stamp(env, timeout, opts_.producer);
     const time_point deadline = *env.deadline;
     env.headers.set(header_names::reply_to, opts_.endpoint);
     if (const errc s = open(corr, deadline); s != errc::ok) return s;

@@ -395,6 +395,17 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     if (!producer.empty()) env.producer = producer;
     return env.correlation_id;
   }
+  /// `stamp` for an envelope the transport made just now with make_envelope
+  /// on the timers' clock: its own fresh id is already its correlation id,
+  /// and its `occurred_at` is now, so it keeps both (no second id, no second
+  /// clock read): deadline = occurred_at + `timeout`.
+  template <class Request>
+  [[nodiscard]] message_id stamp_fresh(envelope<Request>& env, duration timeout, const std::string& producer) const {
+    env.correlation_id = env.id;
+    env.deadline = env.occurred_at + timeout;
+    if (!producer.empty()) env.producer = producer;
+    return env.correlation_id;
+  }
 
   /// Records `corr` as pending, completed through `cb`, before the transport
   /// sends it (a reply may come back at once). `busy` (counted as refused)
