@@ -244,3 +244,37 @@ TEST_CASE("shutdown while producers run loses nothing: every message is settled,
   CHECK(wrong == 0);
   CHECK(sum == static_cast<std::uint64_t>(n) * static_cast<std::uint64_t>(n - 1) / 2);
 }
+
+TEST_CASE("nodes freed on other threads come back to the consumer's node pool intact", "[consumer][stress]") {
+  // The receiving side allocates blocks, stamps each with a number and hands
+  // it to one of two freeing threads (as settling workers free item nodes),
+  // which check the stamp and free it while the allocator keeps reusing what
+  // comes back. Every number is checked once (checksum); TSan sees the pool's
+  // release CAS and acquire exchange.
+  const std::uint64_t n = postbox_test::scaled(100'000);
+  postbox::detail::consumer_node_pool pool;
+  postbox::channel<std::uint64_t*> handoff(256);
+  std::atomic<std::uint64_t> sum{0};
+  std::atomic<std::uint64_t> bad{0};
+  auto freer = [&] {
+    while (auto p = handoff.receive()) {
+      std::uint64_t* block = *p;
+      if (block[1] != ~block[0]) bad.fetch_add(1, std::memory_order_relaxed);
+      sum.fetch_add(block[0], std::memory_order_relaxed);
+      postbox::detail::consumer_node_pool::deallocate(block);
+    }
+  };
+  std::thread f1(freer);
+  std::thread f2(freer);
+  for (std::uint64_t i = 1; i <= n; ++i) {
+    auto* block = static_cast<std::uint64_t*>(pool.allocate(4 * sizeof(std::uint64_t)));
+    block[0] = i;
+    block[1] = ~i;
+    REQUIRE(handoff.send(block) == postbox::send_status::ok);
+  }
+  handoff.close();
+  f1.join();
+  f2.join();
+  CHECK(bad.load() == 0);
+  CHECK(sum.load() == n * (n + 1) / 2);
+}

@@ -1348,3 +1348,68 @@ TEST_CASE("a threaded batch consumer handles every message exactly once", "[cons
   CHECK(largest.load() <= 16);
   CHECK(c.stats().acked == static_cast<std::uint64_t>(n));
 }
+
+namespace {
+
+// A source with both forms: the consumer must use receive_into (the in-place
+// form) and never receive.
+struct in_place_only_source {
+  using payload_type = int;
+  static constexpr bool redelivers = false;
+  postbox::channel<env_t>* ch;
+  int* in_place_calls;
+  int* receive_calls;
+  postbox::receive_result<postbox::inbound<int>> receive(postbox::duration) {
+    ++*receive_calls;
+    return postbox::receive_result<postbox::inbound<int>>(postbox::receive_status::empty);
+  }
+  postbox::receive_status receive_into(postbox::duration, postbox::inbound_sink<int>& sink) {
+    ++*in_place_calls;
+    auto r = ch->try_receive_result();
+    if (!r.has_value()) return r.status();
+    sink.accept(std::move(*r), postbox::settle_hook{});
+    return postbox::receive_status::ok;
+  }
+  [[nodiscard]] std::string_view name() const noexcept { return "in-place"; }
+};
+static_assert(postbox::in_place_consumer_source<in_place_only_source>);
+static_assert(postbox::in_place_consumer_source<postbox::channel_source<int>>);
+
+}  // namespace
+
+TEST_CASE("a source with receive_into hands its items in place and its receive is never called", "[consumer]") {
+  postbox::manual_clock clock;
+  postbox::channel<env_t> ch(8);
+  for (int i = 1; i <= 3; ++i)
+    REQUIRE(ch.try_send(postbox::make_envelope(std::string("t"), i, postbox::message_kind::event, clock)) ==
+            postbox::send_status::ok);
+  postbox::dead_letter_queue<int> dlq{postbox::dead_letter_options{}, clock};
+  int in_place = 0;
+  int received = 0;
+  int sum = 0;
+  postbox::consumer_options o;
+  o.threads = 0;
+  o.clock = &clock;
+  postbox::consumer<int> c(in_place_only_source{&ch, &in_place, &received}, [&](const env_t& e) { sum += e.payload; },
+                           dlq, o);
+  CHECK(c.poll() == 3);
+  CHECK(sum == 6);
+  CHECK(c.stats().acked == 3);
+  CHECK(in_place >= 3);
+  CHECK(received == 0);
+}
+
+TEST_CASE("the consumer's node pool hands a freed node to the next allocation of its size, and frees other sizes to the heap",
+          "[consumer]") {
+  postbox::detail::consumer_node_pool pool;
+  void* a = pool.allocate(96);
+  void* b = pool.allocate(96);
+  CHECK(a != b);
+  postbox::detail::consumer_node_pool::deallocate(a);
+  void* other = pool.allocate(48);  // another size: a heap block, never pooled
+  CHECK(other != a);
+  postbox::detail::consumer_node_pool::deallocate(other);
+  CHECK(pool.allocate(96) == a);  // the freed node, not the other-size block
+  postbox::detail::consumer_node_pool::deallocate(a);
+  postbox::detail::consumer_node_pool::deallocate(b);
+}
