@@ -15,9 +15,13 @@
 //   delivery: ack, retry (after a delay), reject (dead-letter now) or defer.
 // * All bookkeeping sits behind one mutex; items live in std::list nodes that
 //   move between the ready, running and waiting lists and per-key backlogs by
-//   splicing (one allocation per message, at admission). Handlers, source
-//   calls, settle hooks, the dead-letter queue and observer hooks always run
-//   outside that mutex.
+//   splicing. The nodes come from a per-consumer pool (no allocation in a
+//   steady flow) and a source fills its node in place (`receive_into`: one
+//   envelope move, none for a channel source); received items are admitted
+//   up to 16 per lock, and a synchronous ack is counted under the lock the
+//   next message takes anyway. Handlers, source calls, settle hooks, the
+//   dead-letter queue and observer hooks always run outside that mutex, and
+//   so does freeing an item (its envelope).
 // * Every timed behaviour reads `options.clock`: retry and defer delays are
 //   timers on a `timer_service` on that clock (its own thread, or driven by
 //   `poll()` when `threads == 0`), deadlines compare with its `now()`, and
