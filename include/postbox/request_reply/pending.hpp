@@ -90,37 +90,28 @@ struct reply_future_access;
 /// How long a thread waiting for a reply spins before it sleeps, learned per
 /// thread. A wait answered while spinning moves the budget toward twice the
 /// spins it took. A wait that had to sleep is timed (two clock reads, on the
-/// sleeping path only): if the outcome came within what the longest spin
-/// would have covered, the budget grows to cover that wait; if it took
-/// longer (a slow handler, or a machine with more runnable threads than
-/// cores, where spinning only delays the responder), the budget halves.
-/// Spins are pauses only: a yield on an overloaded machine costs a time
-/// slice. Thread-local; never blocks.
+/// sleeping path only): if it slept for less time than it had spun, the
+/// reply came just too late and the budget doubles; if it slept longer (a
+/// slow handler, or a machine with more runnable threads than cores, where
+/// spinning only takes CPU from the responder), the budget halves. Capped at
+/// about 25 us of pauses, about a futex wake-up on a VM. Pauses only: a
+/// yield on an overloaded machine costs a whole time slice. Thread-local;
+/// never blocks.
 class reply_spin {
  public:
   using steady = std::chrono::steady_clock;
-  static constexpr std::uint32_t min_spins = 64;    // about 2 us of pauses (25 ns each, measured)
-  static constexpr std::uint32_t max_spins = 8192;  // about 200 us
+  static constexpr std::uint32_t min_spins = 64;    // about 1.6 us of pauses (25 ns each, measured)
+  static constexpr std::uint32_t max_spins = 1024;  // about 25 us
 
   [[nodiscard]] std::uint32_t limit() const noexcept {
     const std::uint32_t l = 2 * avg_ + min_spins;
     return l < max_spins ? l : max_spins;
   }
   void succeeded(std::uint32_t spins) noexcept { avg_ = avg_ - avg_ / 8 + spins / 8; }
-  /// After a wait that spun `spins` from `start` to `gave_up`, then slept
-  /// until `woke`.
-  void slept(std::uint32_t spins, steady::time_point start, steady::time_point gave_up,
-             steady::time_point woke) noexcept {
-    const auto spun = std::chrono::duration_cast<std::chrono::nanoseconds>(gave_up - start).count();
-    const auto total = std::chrono::duration_cast<std::chrono::nanoseconds>(woke - start).count();
-    if (spins == 0 || spun <= 0) {
-      avg_ /= 2;
-      return;
-    }
-    const double per_spin = static_cast<double>(spun) / spins;
-    const double needed = static_cast<double>(total) / per_spin;  // spins that would have covered it
-    if (needed < max_spins) {
-      avg_ = static_cast<std::uint32_t>(needed);  // limit() = 2 x that, clamped
+  /// After a wait that spun from `start` to `gave_up`, then slept until `woke`.
+  void slept(steady::time_point start, steady::time_point gave_up, steady::time_point woke) noexcept {
+    if (woke - gave_up < gave_up - start) {
+      avg_ = avg_ < max_spins / 2 ? 2 * avg_ + min_spins : max_spins / 2;
     } else {
       avg_ /= 2;
     }
@@ -131,7 +122,7 @@ class reply_spin {
   }
 
  private:
-  std::uint32_t avg_ = 1024;  // start generous: a quiet machine answers within it
+  std::uint32_t avg_ = 128;  // a limit of 320 spins (about 8 us) to begin with
 };
 
 /// One outcome, set once, and its waiters. The waiting protocol is one
@@ -223,7 +214,7 @@ struct rr_future_state {
     if (stopped()) return false;
     const auto gave_up = reply_spin::steady::now();
     const bool set = sleep(stopped);
-    if (set) budget.slept(limit, start, gave_up, reply_spin::steady::now());
+    if (set) budget.slept(start, gave_up, reply_spin::steady::now());
     return set;
   }
 
