@@ -851,4 +851,74 @@ TEST_CASE("an Asio cancellation completes a pending async_sleep_for with cancele
   REQUIRE(timers.pending() == 0);
 }
 
+namespace {
+/// A stand-in channel operation for the adapter's spin: try_once succeeds on
+/// its `ready_at`-th call (never when 0) and counts the calls.
+struct counted_op {
+  using result_type = int;
+  std::uint32_t ready_at = 0;
+  std::uint32_t calls = 0;
+  std::optional<int> try_once() noexcept {
+    ++calls;
+    if (ready_at != 0 && calls == ready_at) return 7;
+    return std::nullopt;
+  }
+};
+}  // namespace
+
+TEST_CASE("the adapter's spin halves its budget on each failed poll, then only probes every 64th suspension",
+          "[asio]") {
+  using spin = postbox::detail::adapter_spin;
+  spin s;
+  s.budget = 32;
+  std::uint32_t expect = 32;
+  while (expect != 0) {
+    counted_op op;
+    REQUIRE_FALSE(s.poll(op).has_value());
+    REQUIRE(op.calls == expect);  // polled the whole budget
+    expect /= 2;
+    REQUIRE(s.budget == expect);
+  }
+  // Budget zero: nothing polled, except a short probe on every 64th suspension.
+  std::uint32_t polled = 0;
+  for (std::uint32_t k = 1; k <= 2 * spin::probe_every; ++k) {
+    counted_op op;
+    REQUIRE_FALSE(s.poll(op).has_value());
+    polled += op.calls;
+    REQUIRE(op.calls == (k % spin::probe_every == 0 ? spin::probe_polls : 0U));
+  }
+  REQUIRE(polled == 2 * spin::probe_polls);
+  REQUIRE(s.budget == 0);
+}
+
+TEST_CASE("a spin that finds the operation ready returns its result and doubles the budget up to the cap", "[asio]") {
+  using spin = postbox::detail::adapter_spin;
+  spin s;
+  s.budget = 0;
+  s.idle = spin::probe_every - 1;  // the next suspension probes
+  counted_op probe{3};
+  REQUIRE(s.poll(probe) == std::optional<int>(7));
+  REQUIRE(probe.calls == 3);
+  REQUIRE(s.budget == 2 * spin::probe_polls);
+  for (int k = 0; k < 10; ++k) {
+    counted_op op{1};
+    REQUIRE(s.poll(op) == std::optional<int>(7));
+  }
+  REQUIRE(s.budget == spin::max_polls);
+}
+
+TEST_CASE("an adapter receive pending on an empty channel still completes when a later send wakes it", "[asio]") {
+  // The spin before suspending gives up (nothing arrives on this thread);
+  // the operation then waits without a thread until the send.
+  asio::io_context io;
+  postbox::channel<int> ch(4);
+  std::optional<int> got;
+  postbox::async_receive(ch, asio::bind_executor(io, [&](postbox::receive_result<int> r) { got = *r; }));
+  REQUIRE(io.poll() == 0);
+  REQUIRE_FALSE(got.has_value());
+  REQUIRE(ch.try_send(5) == postbox::send_status::ok);
+  io.run();
+  REQUIRE(got == std::optional<int>(5));
+}
+
 #endif  // POSTBOX_WITH_ASIO

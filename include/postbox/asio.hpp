@@ -17,6 +17,9 @@
 //   asio::bind_executor; a bare callback gets asio::system_executor), never
 //   inside the initiating call. A pending operation keeps that executor's
 //   work count up, so io_context::run() does not return while it waits.
+//   A channel send or receive that cannot complete at once polls the channel
+//   a bounded, per-thread adaptive number of times before it suspends
+//   (detail::adapter_spin); once suspended it costs no thread and no syscall.
 // * Cancellation: the handler's associated cancellation slot (for example
 //   from asio::bind_cancellation_slot, or awaitable operators) maps to a
 //   stop request: the operation completes with `canceled` and has consumed
@@ -54,10 +57,15 @@
 #include <asio/cancellation_type.hpp>
 #include <asio/execution/outstanding_work.hpp>
 #include <asio/post.hpp>
+#include <asio/require.hpp>
+#include <asio/execution/blocking.hpp>
+#include <asio/execution/execute.hpp>
 #include <asio/prefer.hpp>
 #include <asio/system_executor.hpp>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <memory>
 #include <optional>
@@ -114,28 +122,87 @@ struct asio_cancel_to_stop {
 /// deferred post keeps the token (so the executor) alive until it returns,
 /// and the tracked work keeps the io_context's run() from returning
 /// meanwhile, so the operation may complete and free itself while that post
-/// is still in flight (no wait for it: see post_tracker).
+/// is still in flight (no wait for it, and no count of it:
+/// resume_token::owns_scheduler).
 template <class Executor>
 struct asio_resume_token final : resume_token {
-  using tracked_executor = std::decay_t<decltype(::asio::prefer(std::declval<const Executor&>(),
-                                                                ::asio::execution::outstanding_work.tracked))>;
+  /// The handler's executor with blocking.never required (what asio::post
+  /// requires on every call, converted once here) and outstanding work
+  /// tracked.
+  using tracked_executor = std::decay_t<decltype(::asio::prefer(
+      ::asio::require(std::declval<const Executor&>(), ::asio::execution::blocking.never),
+      ::asio::execution::outstanding_work.tracked))>;
   struct poster {
     tracked_executor ex;
-    /// Counts the claims as any tracked scheduler's do, so the operation
-    /// does not wait for them; nobody waits for it to drain: the token
-    /// (this) lives until the last post in flight has returned.
-    post_tracker posts{};
+    /// Queues `r` on the executor (never runs it here: blocking.never).
     void post(resumption r) noexcept {
-      ::asio::post(ex, [r = std::move(r)]() mutable { r(); });
+      ::asio::execution::execute(ex, [r = std::move(r)]() mutable { r(); });
     }
-    [[nodiscard]] post_tracker& postbox_post_tracker() noexcept { return posts; }
   };
 
   asio_resume_token(async_op* o, const Executor& ex)
-      : resume_token(o), sched{::asio::prefer(ex, ::asio::execution::outstanding_work.tracked)} {}
+      : resume_token(o),
+        sched{::asio::prefer(::asio::require(ex, ::asio::execution::blocking.never),
+                             ::asio::execution::outstanding_work.tracked)} {
+    owns_scheduler = true;
+  }
 
   poster sched;
 };
+
+/// Whether `Op` is a channel send or receive (a plain re-try is cheap and
+/// has no side effect until it succeeds): those spin briefly before they
+/// suspend (see adapter_spin).
+template <class Op>
+inline constexpr bool spins_before_suspending = false;
+template <class T, class Shape>
+inline constexpr bool spins_before_suspending<channel_receive_op<T, Shape>> = true;
+template <class T, class Shape, class Holder>
+inline constexpr bool spins_before_suspending<channel_send_op<T, Shape, Holder>> = true;
+
+/// A thread's adaptive budget of re-tries before an adapter channel
+/// operation suspends. A wait costs a pending operation, a token, a
+/// registration and, when the io_context sleeps, a futex wake-up; when the
+/// other side runs on another thread (a blocking producer feeding a
+/// coroutine consumer) the next item is often a few hundred nanoseconds
+/// away, and a short poll takes it without suspending. A successful spin
+/// doubles the budget (up to max_polls); a failed one halves it, so on one
+/// thread (the peer cannot run while we spin) it falls to zero after a few
+/// suspensions, and then only every probe_every-th suspension polls
+/// probe_polls times to notice a change. Thread-local: no synchronization.
+/// Never blocks, never allocates; the suspended operation still costs no
+/// thread and no syscall.
+struct adapter_spin {
+  static constexpr std::uint32_t max_polls = 128;
+  static constexpr std::uint32_t probe_polls = 8;
+  static constexpr std::uint32_t probe_every = 64;
+  std::uint32_t budget = probe_polls;
+  std::uint32_t idle = 0;  // suspensions since the budget reached zero
+
+  template <class Op>
+  std::optional<typename Op::result_type> poll(Op& op) noexcept {
+    std::uint32_t polls = budget;
+    if (polls == 0) {
+      if (++idle % probe_every != 0) return std::nullopt;
+      polls = probe_polls;
+    }
+    for (std::uint32_t i = 0; i < polls; ++i) {
+      cpu_relax();
+      if (std::optional<typename Op::result_type> r = op.try_once()) {
+        budget = std::min(max_polls, std::max(probe_polls, polls * 2));
+        idle = 0;
+        return r;
+      }
+    }
+    budget /= 2;
+    return std::nullopt;
+  }
+};
+
+inline adapter_spin& this_thread_spin() noexcept {
+  static thread_local adapter_spin s;
+  return s;
+}
 
 /// One pending Asio operation: an async_op on the heap that owns the handler.
 /// Deleted just before the handler runs (or is posted, on immediate completion).
@@ -154,6 +221,12 @@ class asio_op final : public async_op {
     if (std::optional<result_type> r = op.try_once()) {
       post_result(std::move(handler), std::move(*r));
       return;
+    }
+    if constexpr (spins_before_suspending<Op>) {
+      if (std::optional<result_type> r = this_thread_spin().poll(op)) {
+        post_result(std::move(handler), std::move(*r));
+        return;
+      }
     }
     auto slot = ::asio::get_associated_cancellation_slot(handler);
     std::stop_token stop;
@@ -222,21 +295,20 @@ class asio_op final : public async_op {
     ::asio::get_associated_cancellation_slot(handler_).clear();
     Handler handler = std::move(handler_);
     result_type result = std::move(*result_);
-    // post_result takes its own tracked work before the token's goes.
+    // The token's tracked work (released by `delete this`) must not end
+    // before post_result has queued the handler: `keep` bridges the two.
     auto ex = ::asio::get_associated_executor(handler, ::asio::system_executor());
     auto keep = ::asio::prefer(ex, ::asio::execution::outstanding_work.tracked);
     delete this;
     post_result(std::move(handler), std::move(result));
   }
 
-  /// Posts `handler(result)` to the handler's associated executor, keeping
-  /// that executor's work count up until it has run.
+  /// Posts `handler(result)` to the handler's associated executor. A
+  /// function queued on an executor is outstanding work there until it has
+  /// run (an io_context counts it), so no tracked copy rides along.
   static void post_result(Handler handler, result_type result) {
     auto ex = ::asio::get_associated_executor(handler, ::asio::system_executor());
-    auto work = ::asio::prefer(ex, ::asio::execution::outstanding_work.tracked);
-    ::asio::post(ex, [h = std::move(handler), r = std::move(result), w = std::move(work)]() mutable {
-      invoke(std::move(h), std::move(r));
-    });
+    ::asio::post(ex, [h = std::move(handler), r = std::move(result)]() mutable { invoke(std::move(h), std::move(r)); });
   }
 
   /// Calls the handler with the outcome: one argument, or as the operation

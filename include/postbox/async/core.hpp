@@ -32,10 +32,12 @@
 // * A notifier's post may still be running after the operation it woke has
 //   completed and gone: the post uses only the token (it holds a reference)
 //   and the scheduler. Schedulers with a detail::post_tracker (run_queue,
-//   executor_scheduler, the Asio adapter's per-operation token) count such
-//   posts and their destructors wait for them, so the woken coroutine never
-//   waits for its notifier; for any other scheduler the operation waits for
-//   the post to return before it goes (resume_token::posting).
+//   executor_scheduler) count such posts and their destructors wait for
+//   them, and a token that owns its scheduler (the Asio adapter's
+//   per-operation token, resume_token::owns_scheduler) keeps it alive through
+//   the post's own reference, so the woken coroutine never waits for its
+//   notifier; for any other scheduler the operation waits for the post to
+//   return before it goes (resume_token::posting).
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
@@ -138,6 +140,11 @@ struct resume_token {
   /// The scheduler's post_tracker, or null (then `posting` below counts the
   /// claims instead); copied by begin() with the two above.
   post_tracker* sched_posts = nullptr;
+  /// Set (before the token is published) by a derived token that owns the
+  /// scheduler it posts to (the Asio adapter's): a claim then counts nowhere,
+  /// since the deferred post's own reference keeps that scheduler alive
+  /// until it returns and nobody else waits for it.
+  bool owns_scheduler = false;
   /// Notifiers between a claim and the end of its deferred post, for a
   /// scheduler without a post_tracker. Incremented
   /// (relaxed) under the registry lock, which the owner's unregister takes
@@ -441,7 +448,9 @@ class async_op : public waker {
           // relaxed: two new owners made from ours, the resumption and the
           // deferred post itself (released when it has posted).
           token_->refs.fetch_add(2, std::memory_order_relaxed);
-          if (token_->sched_posts != nullptr) {
+          if (token_->owns_scheduler) {
+            // nothing to count: the post's reference keeps the scheduler
+          } else if (token_->sched_posts != nullptr) {
             token_->sched_posts->enter();  // the scheduler waits for it, not we
           } else {
             // relaxed: see resume_token::posting.
@@ -540,8 +549,11 @@ class async_op : public waker {
   static void post_claimed(void* p) noexcept {
     auto* t = static_cast<resume_token*>(p);
     post_tracker* posts = t->sched_posts;
+    const bool owned = t->owns_scheduler;
     t->sched_post(t->sched_self, resumption(t));
-    if (posts != nullptr) {
+    if (owned) {
+      // the release below ends the post's hold on the token's scheduler
+    } else if (posts != nullptr) {
       posts->leave();  // the scheduler's destructor may go on now
     } else {
       // release: pairs with the acquire in abandon().
