@@ -9,6 +9,7 @@
 #include "support.hpp"
 
 #include <atomic>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -158,4 +159,28 @@ TEST_CASE("readers racing set_redaction_policy each see one whole policy, never 
   swapper.join();
   CHECK(mixed.load() == 0);
   CHECK(seen_a.load() + seen_b.load() == per_reader * readers);  // every rendering counted once
+}
+
+TEST_CASE("Prometheus text writes NaN, both infinities, integral and fractional values in the exposition format",
+          "[metrics]") {
+  auto rendered = [](double v) {
+    postbox::metric_sample s;
+    s.name = "postbox_test_value";
+    s.help = "a value";
+    s.value = v;
+    const std::string text = postbox::render_prometheus({s});
+    const auto line = text.rfind("postbox_test_value ");
+    REQUIRE(line != std::string::npos);
+    return text.substr(line + 19, text.find('\n', line) - line - 19);
+  };
+  CHECK(rendered(std::numeric_limits<double>::quiet_NaN()) == "NaN");
+  CHECK(rendered(std::numeric_limits<double>::infinity()) == "+Inf");
+  CHECK(rendered(-std::numeric_limits<double>::infinity()) == "-Inf");
+  CHECK(rendered(std::numeric_limits<double>::max()) == "1.79769313e+308");
+  CHECK(rendered(0.0) == "0");
+  CHECK(rendered(-42.0) == "-42");
+  CHECK(rendered(8.0e15) == "8000000000000000");
+  CHECK(rendered(0.25) == "0.25");
+  CHECK(rendered(-1.5) == "-1.5");
+  CHECK(rendered(1.0e16) == "1e+16");
 }
