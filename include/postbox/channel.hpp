@@ -13,7 +13,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
-#include <memory>
 #include <new>
 #include <optional>
 #include <stop_token>
@@ -75,6 +74,26 @@ inline constexpr std::uint64_t ticket_mask = (std::uint64_t{1} << 63) - 1;
 /// Test hook: start the ticket counters at `value` (e.g. just below the wrap).
 struct initial_ticket {
   std::uint64_t value = 0;
+};
+
+/// The rings' slot array: `n` default-constructed elements made with `new[]`
+/// (which honours an over-aligned element type) and freed with `delete[]`.
+/// Not copyable or movable. Our own type rather than `std::unique_ptr<T[]>`
+/// so that channel.hpp need not include <memory> (issue 17: compile time).
+template <class E>
+class owned_array {
+ public:
+  /// Allocates; throws std::bad_alloc when out of memory.
+  explicit owned_array(std::size_t n) : p_(new E[n]) {}
+  owned_array(const owned_array&) = delete;
+  owned_array& operator=(const owned_array&) = delete;
+  ~owned_array() { delete[] p_; }
+
+  /// Element `i`; as `std::unique_ptr<T[]>`, constness is not deep.
+  [[nodiscard]] E& operator[](std::size_t i) const noexcept { return p_[i]; }
+
+ private:
+  E* const p_;
 };
 
 #if defined(POSTBOX_CHANNEL_TEST_HOOKS)
@@ -503,7 +522,7 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
       : capacity_(detail::round_up_capacity(capacity)),
         mask_(capacity_ - 1),
         start_(start.value & detail::ticket_mask),
-        slots_(new slot_type[capacity_]) {
+        slots_(capacity_) {
     // Ticket start_ lives in slot start_ & mask_, so each slot starts out
     // expecting the first ticket of the first lap that maps to it.
     for (std::size_t k = 0; k < capacity_; ++k) {
@@ -741,7 +760,7 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
   alignas(detail::cache_line_size) const std::size_t capacity_;
   const std::size_t mask_;
   const std::uint64_t start_;
-  const std::unique_ptr<slot_type[]> slots_;
+  const detail::owned_array<slot_type> slots_;
 
   static_assert(detail::cache_line_size >= sizeof(std::atomic<std::uint64_t>),
                 "tail_ and head_ must sit on different cache lines to avoid false sharing");
@@ -845,7 +864,7 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
       : capacity_(detail::round_up_capacity(capacity)),
         mask_(capacity_ - 1),
         start_((start.value & detail::ticket_mask) << 1),
-        cells_(new cell[capacity_]) {
+        cells_(capacity_) {
     detail::asymmetric_fence_init();
     tail_.store(start_, std::memory_order_relaxed);
     head_.store(start_, std::memory_order_relaxed);
@@ -1043,7 +1062,7 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   const std::size_t capacity_;
   const std::size_t mask_;
   const std::uint64_t start_;
-  const std::unique_ptr<cell[]> cells_;
+  const detail::owned_array<cell> cells_;
   /// Receivers park here; the producer notifies (light) after publishing.
   alignas(detail::cache_line_size) detail::event_count not_empty_;
   /// The producer parks here; the consumer notifies (light) after freeing.
@@ -1064,7 +1083,22 @@ struct endpoint_state {
   std::atomic<std::size_t> senders{1};
   /// Live receiver endpoints; same discipline as `senders`.
   std::atomic<std::size_t> receivers{1};
+  /// Live endpoints of either side: owns this state (an intrusive count, so
+  /// channel.hpp needs no std::shared_ptr and no <memory>). relaxed increment
+  /// on copy (a copy comes from a live endpoint, so it cannot reach zero
+  /// meanwhile); acq_rel decrement in release_endpoint: the release half of
+  /// every decrement pairs with the acquire half of the one that reaches
+  /// zero, so each endpoint's last use of the state happens before `delete`.
+  std::atomic<std::size_t> endpoints{2};
 };
+
+/// Drops one endpoint's reference to `s` (non-null) and frees the state with
+/// the last one. Never blocks; thread-safe.
+template <class T, class Shape>
+void release_endpoint(endpoint_state<T, Shape>* s) noexcept {
+  // acq_rel: see `endpoints`; pairs with the other endpoints' decrements.
+  if (s->endpoints.fetch_sub(1, std::memory_order_acq_rel) == 1) delete s;
+}
 }  // namespace detail
 
 template <class T, channel_shape Shape>
@@ -1080,9 +1114,13 @@ class sender {
   sender(const sender& other) noexcept
     requires Shape::multi_producer
       : state_(other.state_) {
-    if (state_) state_->senders.fetch_add(1, std::memory_order_relaxed);
+    if (state_) {
+      // relaxed: see `senders` and `endpoints` in endpoint_state.
+      state_->senders.fetch_add(1, std::memory_order_relaxed);
+      state_->endpoints.fetch_add(1, std::memory_order_relaxed);
+    }
   }
-  sender(sender&&) noexcept = default;
+  sender(sender&& other) noexcept : state_(std::exchange(other.state_, nullptr)) {}
   sender& operator=(sender other) noexcept {
     std::swap(state_, other.state_);
     return *this;
@@ -1115,12 +1153,15 @@ class sender {
   friend struct detail::select_access;
   template <class U, channel_shape S>
   friend std::pair<sender<U, S>, receiver<U, S>> make_channel(std::size_t);
-  explicit sender(std::shared_ptr<detail::endpoint_state<T, Shape>> s) noexcept : state_(std::move(s)) {}
+  /// Adopts one of the references `make_channel` counted in `endpoints`.
+  explicit sender(detail::endpoint_state<T, Shape>* s) noexcept : state_(s) {}
   void release() noexcept {
-    if (state_ && state_->senders.fetch_sub(1, std::memory_order_acq_rel) == 1) state_->ch.close();
-    state_.reset();
+    if (state_ == nullptr) return;  // moved from
+    if (state_->senders.fetch_sub(1, std::memory_order_acq_rel) == 1) state_->ch.close();
+    detail::release_endpoint(std::exchange(state_, nullptr));
   }
-  std::shared_ptr<detail::endpoint_state<T, Shape>> state_;
+  /// Shared with the other endpoints; null once moved from.
+  detail::endpoint_state<T, Shape>* state_;
 };
 
 /// The receiving end of a channel made by `make_channel`. When the last
@@ -1132,9 +1173,13 @@ class receiver {
   receiver(const receiver& other) noexcept
     requires Shape::multi_consumer
       : state_(other.state_) {
-    if (state_) state_->receivers.fetch_add(1, std::memory_order_relaxed);
+    if (state_) {
+      // relaxed: see `receivers` and `endpoints` in endpoint_state.
+      state_->receivers.fetch_add(1, std::memory_order_relaxed);
+      state_->endpoints.fetch_add(1, std::memory_order_relaxed);
+    }
   }
-  receiver(receiver&&) noexcept = default;
+  receiver(receiver&& other) noexcept : state_(std::exchange(other.state_, nullptr)) {}
   receiver& operator=(receiver other) noexcept {
     std::swap(state_, other.state_);
     return *this;
@@ -1164,12 +1209,15 @@ class receiver {
   friend struct detail::select_access;
   template <class U, channel_shape S>
   friend std::pair<sender<U, S>, receiver<U, S>> make_channel(std::size_t);
-  explicit receiver(std::shared_ptr<detail::endpoint_state<T, Shape>> s) noexcept : state_(std::move(s)) {}
+  /// Adopts one of the references `make_channel` counted in `endpoints`.
+  explicit receiver(detail::endpoint_state<T, Shape>* s) noexcept : state_(s) {}
   void release() noexcept {
-    if (state_ && state_->receivers.fetch_sub(1, std::memory_order_acq_rel) == 1) state_->ch.close();
-    state_.reset();
+    if (state_ == nullptr) return;  // moved from
+    if (state_->receivers.fetch_sub(1, std::memory_order_acq_rel) == 1) state_->ch.close();
+    detail::release_endpoint(std::exchange(state_, nullptr));
   }
-  std::shared_ptr<detail::endpoint_state<T, Shape>> state_;
+  /// Shared with the other endpoints; null once moved from.
+  detail::endpoint_state<T, Shape>* state_;
 };
 
 /// Makes a channel owned by its endpoints (crossbeam-style disconnection):
@@ -1178,7 +1226,8 @@ class receiver {
 /// messages are then destroyed with the channel). Allocates once.
 template <class T, channel_shape Shape = mpmc>
 [[nodiscard]] std::pair<sender<T, Shape>, receiver<T, Shape>> make_channel(std::size_t capacity) {
-  auto state = std::make_shared<detail::endpoint_state<T, Shape>>(capacity);
+  // Counts one sender, one receiver and two endpoints: the two made here.
+  auto* state = new detail::endpoint_state<T, Shape>(capacity);
   return {sender<T, Shape>(state), receiver<T, Shape>(state)};
 }
 
