@@ -254,21 +254,7 @@ class asio_op final : public async_op {
     token_sched_ = scheduler_ref(t->sched);
   }
 
-  bool try_complete() noexcept override {
-    if (limits_.stop_requested()) {
-      result_.emplace(Op::canceled());
-      return true;
-    }
-    if (std::optional<result_type> r = op_.try_once()) {
-      result_.emplace(std::move(*r));
-      return true;
-    }
-    if (limits_.timed_out()) {
-      result_.emplace(Op::timeout());
-      return true;
-    }
-    return false;
-  }
+  bool try_complete() noexcept override { return detail::complete_op_once(limits_, op_, result_); }
   void register_sources() override { detail::register_op_sources(limits_, op_, *this); }
   void unregister_sources() noexcept override {
     op_.unpark(*this);

@@ -653,6 +653,28 @@ scheduler_ref scheduler_of(std::coroutine_handle<Promise> h, scheduler_ref expli
   }
 }
 
+/// One attempt at an operation under its limits, in the order every waiter
+/// uses: a stop request wins, then the operation itself, then the deadline
+/// (so a result that is ready at the deadline is still taken). Stores the
+/// outcome in `result` and returns true when there is one. Never blocks.
+/// Shared by the coroutine awaiter and the Asio adapter's operation.
+template <class Op, class Result>
+bool complete_op_once(op_limits& limits, Op& op, std::optional<Result>& result) noexcept {
+  if (limits.stop_requested()) {
+    result.emplace(Op::canceled());
+    return true;
+  }
+  if (std::optional<Result> r = op.try_once()) {
+    result.emplace(std::move(*r));
+    return true;
+  }
+  if (limits.timed_out()) {
+    result.emplace(Op::timeout());
+    return true;
+  }
+  return false;
+}
+
 /// Registers an operation's wait sources (stop token, deadline timer) and
 /// the operation's own event-count waker for `waiter`. Either registration
 /// may allocate; a throw leaves nothing registered. Shared by the coroutine
@@ -716,21 +738,7 @@ class [[nodiscard]] op_awaiter final : public async_op {
   }
 
  private:
-  bool try_complete() noexcept override {
-    if (limits_.stop_requested()) {
-      result_.emplace(Op::canceled());
-      return true;
-    }
-    if (std::optional<result_type> r = op_.try_once()) {
-      result_.emplace(std::move(*r));
-      return true;
-    }
-    if (limits_.timed_out()) {
-      result_.emplace(Op::timeout());
-      return true;
-    }
-    return false;
-  }
+  bool try_complete() noexcept override { return complete_op_once(limits_, op_, result_); }
   void register_sources() override { register_op_sources(limits_, op_, *this); }
   void unregister_sources() noexcept override {
     op_.unpark(*this);
