@@ -87,52 +87,15 @@ namespace detail {
 template <class V>
 struct reply_future_access;
 
-/// How long a thread waiting for a reply spins before it sleeps, learned per
-/// thread. A wait answered while spinning moves the budget toward twice the
-/// spins it took. A wait that had to sleep is timed (two clock reads, on the
-/// sleeping path only): if it slept for less time than it had spun, the
-/// reply came just too late and the budget doubles; if it slept longer (a
-/// slow handler, or a machine with more runnable threads than cores, where
-/// spinning only takes CPU from the responder), the budget halves. Capped at
-/// about 25 us of pauses, about a futex wake-up on a VM. Pauses only: a
-/// yield on an overloaded machine costs a whole time slice. Thread-local;
-/// never blocks.
-class reply_spin {
- public:
-  using steady = std::chrono::steady_clock;
-  static constexpr std::uint32_t min_spins = 64;    // about 1.6 us of pauses (25 ns each, measured)
-  static constexpr std::uint32_t max_spins = 1024;  // about 25 us
-
-  [[nodiscard]] std::uint32_t limit() const noexcept {
-    const std::uint32_t l = 2 * avg_ + min_spins;
-    return l < max_spins ? l : max_spins;
-  }
-  void succeeded(std::uint32_t spins) noexcept { avg_ = avg_ - avg_ / 8 + spins / 8; }
-  /// After a wait that spun from `start` to `gave_up`, then slept until `woke`.
-  void slept(steady::time_point start, steady::time_point gave_up, steady::time_point woke) noexcept {
-    if (woke - gave_up < gave_up - start) {
-      avg_ = avg_ < max_spins / 2 ? 2 * avg_ + min_spins : max_spins / 2;
-    } else {
-      avg_ /= 2;
-    }
-  }
-  [[nodiscard]] static reply_spin& of_this_thread() noexcept {
-    static thread_local reply_spin s;
-    return s;
-  }
-
- private:
-  std::uint32_t avg_ = 128;  // a limit of 320 spins (about 8 us) to begin with
-};
-
 /// One outcome, set once, and its waiters. The waiting protocol is one
 /// atomic word (`word`), so a requester that finds its reply while spinning
 /// makes no syscall, and set() makes one only when a thread sleeps:
 ///  - set() constructs `value`, then sets `ready_bit` with one RMW; the bits
 ///    that RMW returns say whom to wake (a sleeping thread, a coroutine).
-///  - a thread waits by spinning on `ready_bit` (bounded, as a channel's
-///    receive does), then announces itself with `sleeper_bit` in one RMW and
-///    sleeps on the word (std::atomic::wait: a futex on Linux).
+///  - a thread waits as a channel's blocking receive does: it checks
+///    `ready_bit` between the steps of a `detail::backoff` (pauses doubling
+///    to 64, then a few yields), then announces itself with `sleeper_bit` in
+///    one RMW and sleeps on the word (std::atomic::wait: a futex on Linux).
 ///  - a coroutine registers its waker in `continuation` under `mutex` and
 ///    then sets `continuation_bit`.
 /// Every announcement and set() are RMWs of the same word, so they are
@@ -186,36 +149,26 @@ struct rr_future_state {
     return (word.load(std::memory_order_acquire) & ready_bit) != 0;
   }
 
-  /// Spins (pauses only, no yields) until the outcome is set or `stop` says
-  /// to give up, for at most this thread's adaptive budget (reply_spin);
-  /// true if it is set.
-  template <class Stop>
-  bool spin(Stop stop, std::uint32_t limit) const noexcept {
-    for (std::uint32_t i = 0; i < limit; ++i) {
-      if (ready()) {
-        reply_spin::of_this_thread().succeeded(i);
-        return true;
-      }
-      if (stop()) return false;
-      cpu_relax();
-    }
-    return ready();
-  }
-
   /// Blocks until the outcome is set or `stopped()` is true after a wake of
-  /// the word (a stop callback adds stop_unit). True when set.
+  /// the word (a stop callback adds stop_unit). True when set. Spins and
+  /// yields first, exactly as a channel's blocking receive (detail::backoff:
+  /// about 130 pauses, then 4 yields), so a reply that comes within a few
+  /// microseconds costs no syscall on either side; then sleeps. The yields
+  /// matter on a machine with more runnable threads than cores: they let
+  /// the responder (or anyone) run instead of this thread pausing, where a
+  /// pause-only spin of the same length made the waiter sleep, and the
+  /// replier pay a futex wake, on most round trips.
   template <class Stop>
   bool wait(Stop stopped) noexcept {
+    backoff b;
+    while (!b.completed()) {
+      if (ready()) return true;
+      if (stopped()) return false;
+      b.snooze();
+    }
     if (ready()) return true;
-    reply_spin& budget = reply_spin::of_this_thread();
-    const std::uint32_t limit = budget.limit();
-    const auto start = reply_spin::steady::now();
-    if (spin(stopped, limit)) return true;
     if (stopped()) return false;
-    const auto gave_up = reply_spin::steady::now();
-    const bool set = sleep(stopped);
-    if (set) budget.slept(start, gave_up, reply_spin::steady::now());
-    return set;
+    return sleep(stopped);
   }
 
   /// The sleeping half of wait().
