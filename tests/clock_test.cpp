@@ -1,0 +1,42 @@
+// SPDX-License-Identifier: MIT
+// postbox::coarse_clock: the kernel-tick real clock behind stream timestamps.
+#include <postbox/clock.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+
+TEST_CASE("coarse_clock is never ahead of system_clock and trails it by at most a tick or so", "[clock]") {
+  const postbox::coarse_clock c;
+  const auto res = postbox::coarse_clock::resolution();
+  REQUIRE(res > postbox::duration(0));
+  REQUIRE(res <= std::chrono::milliseconds(100));
+  for (int i = 0; i < 1000; ++i) {
+    const auto coarse = c.now();
+    const auto fine = std::chrono::time_point_cast<postbox::duration>(std::chrono::system_clock::now());
+    CHECK(coarse <= fine);
+    // Generous: a tick late plus a preempted thread; a wrong clock id or unit is off by far more.
+    CHECK(fine - coarse < res + std::chrono::seconds(1));
+  }
+}
+
+TEST_CASE("coarse_clock::wait_until returns once the coarse clock itself reached the deadline", "[clock]") {
+  // Callers loop on now() < deadline; waiting only until system_clock reached
+  // the deadline would leave the coarse clock up to a tick behind and make
+  // that loop spin. A handful of rounds (spurious wake-ups) is fine; a spin
+  // would be thousands.
+  const postbox::coarse_clock c;
+  std::mutex m;
+  std::condition_variable cv;
+  std::unique_lock lock(m);
+  const auto deadline = c.now() + postbox::coarse_clock::resolution();
+  int rounds = 0;
+  while (c.now() < deadline) {
+    c.wait_until(lock, cv, deadline);
+    ++rounds;
+  }
+  CHECK(rounds <= 10);
+  CHECK(&postbox::coarse_default_clock() == &postbox::coarse_default_clock());
+}
