@@ -7,7 +7,9 @@
 // This header is the whole consumer runtime and the one to include: it also
 // brings settlement.hpp (settlement values, error classification, settle
 // actions and hooks) and consumer/sources.hpp (the source concept and its
-// adapters).
+// adapters). It does not bring topic.hpp or stream.hpp: code that consumes a
+// topic subscription or a stream group includes the transport's header too,
+// in either order (the include rule in consumer/sources.hpp).
 //
 // * A consumer pulls `inbound<T>` items from a source (see `consumer_source`
 //   in consumer/sources.hpp: channel, topic subscription, stream consumer

@@ -5,15 +5,22 @@
 // Part of the consumer concept: <postbox/consumer.hpp> includes it, and is
 // the header to include. Design: docs/design/consumer.md ("The source
 // concept").
+//
+// Include rule: this header does not include topic.hpp or stream.hpp (they
+// cost a consumer of a channel about a quarter of its compile time). The
+// subscription and stream group sources name the topic's and the stream's
+// types only inside templates, declared ahead, so they compile wherever the
+// transport is there to read from: include <postbox/topic.hpp> or
+// <postbox/stream.hpp> (or the umbrella) for the transport itself, before or
+// after <postbox/consumer.hpp>, as you would to create the topic or stream.
 
 #include <postbox/channel.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
+#include <postbox/fwd.hpp>
 #include <postbox/settlement.hpp>
-#include <postbox/stream.hpp>
-#include <postbox/topic.hpp>
 
 #include <chrono>
 #include <concepts>
@@ -34,6 +41,17 @@
 #include <vector>
 
 POSTBOX_BEGIN_NAMESPACE
+
+// The stream types stream_group_source names, declared as <postbox/stream.hpp>
+// defines them (topic, subscription and stream are declared in fwd.hpp); only
+// used inside templates, so a source is complete once the user's code, which
+// holds the stream, includes stream.hpp.
+template <class T>
+struct record;
+template <class T>
+struct read_result;
+template <class T>
+class group_member;
 
 // ---------------------------------------------------------------------------
 // The source concept
@@ -203,6 +221,7 @@ class channel_source {
 /// Source over a topic subscription of envelopes (`subscription<envelope<T>>`).
 /// Each delivery's shared envelope is copied (the consumer increments
 /// `attempt`). No settle hook. The subscription must outlive the source.
+/// Used with <postbox/topic.hpp> included (see the include rule at the top).
 template <class T>
 class subscription_source {
  public:
@@ -257,6 +276,7 @@ class subscription_source {
 /// the stream is empty, `receive(wait)` polls it every `poll_interval` (real
 /// time) up to `wait`. The member shares the stream's log, so the source
 /// stays valid (reading what was retained) if the stream is destroyed first.
+/// Used with <postbox/stream.hpp> included (see the include rule at the top).
 template <class T>
 class stream_group_source {
  public:
