@@ -9,6 +9,7 @@ kept. Checks the targets of issue 17: channel.hpp at most 1.3x, each pattern
 header at most 3x, the umbrella at most 4x; exits 1 when one is missed.
 
   python3 benchmarks/compile_time.py [--cxx g++] [--cxx clang++-14] [--repeat 3]
+                                     [--instructions] [--only consumer.hpp ...]
 
 On a machine that others load, CPU seconds drift (a busy machine slows a
 large unit more than the small baseline, by cache contention), so the ratios
@@ -94,9 +95,11 @@ def count_once(cxx, path, obj, tmp):
     return total / 1e9, 0.0
 
 
-def measure(cxx, repeat, tmp, instructions=False):
+def measure(cxx, repeat, tmp, instructions=False, only=None):
     rows = []
     for label, includes, limit in UNITS:
+        if only and label != BASELINE and label not in only:
+            continue
         needs = {"fmt/format.h": "<fmt/format.h>", "nlohmann/json.hpp": "<nlohmann/json.hpp>",
                  "json.hpp": "<nlohmann/json.hpp>"}.get(label)
         if needs and not has_header(cxx, needs):
@@ -122,7 +125,14 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--instructions", action="store_true",
                     help="count instructions under valgrind instead of CPU seconds (load-independent)")
+    ap.add_argument("--only", action="append", metavar="LABEL",
+                    help="measure only this unit (repeatable, e.g. --only consumer.hpp); the baseline always runs")
     args = ap.parse_args()
+    labels = [u[0] for u in UNITS]
+    for label in args.only or []:
+        if label not in labels:
+            print("unknown unit %s; one of: %s" % (label, ", ".join(labels[1:])))
+            return 2
     if args.instructions and shutil.which("valgrind") is None:
         print("--instructions needs valgrind (apt-get install valgrind)")
         return 2
@@ -136,7 +146,7 @@ def main():
                 print("%s, -std=c++20 -O2 -c, instructions executed (cachegrind)" % version)
             else:
                 print("%s, -std=c++20 -O2 -c, best of %d (CPU s = user + system)" % (version, args.repeat))
-            rows = measure(cxx, args.repeat, tmp, args.instructions)
+            rows = measure(cxx, args.repeat, tmp, args.instructions, args.only)
             base = rows[0][1]
             print("  %-20s %8s %8s %8s %8s" % ("translation unit", "G instr" if args.instructions else "CPU s",
                                              "" if args.instructions else "peak MB", "ratio", "limit"))
