@@ -36,10 +36,15 @@
 //              the envelope format from the relay's own.
 //   relay-sql  relay-pipe drained from a SQLite outbox (WAL, synchronous=normal)
 //              instead of the memory store, against the same raw figure.
-//              `--only relay` runs just the relay scenarios. For callgrind,
-//              the inclusive counts of postbox_relay_pipelined_drain and
-//              raw_relay_async_loop are the timed parts alone (divide by the
-//              message count; the raw one runs twice, plain and relay-hdr).
+//              `--only relay` runs just the relay scenarios, `--only pipe` just
+//              relay-pipe and its raw peer; the stream is purged before each
+//              pipelined run (not timed), `--messages N` sets the run length
+//              (default 50000, about half a second), and the median of the
+//              per-round ratios is printed with the load average. For callgrind,
+//              the inclusive counts of postbox_relay_pipelined_drain,
+//              raw_relay_async_plain and raw_relay_async_headers are the timed
+//              parts alone (divide by the message count). The PubAck callback
+//              runs on libnats' thread: js_pipeline::on_pub_ack's count adds to it.
 //   request    request-reply round trip over core NATS: nats_requester /
 //              nats_responder vs natsConnection_Request / a raw responder;
 //              once with libnats' default write batching (its flusher waits
@@ -135,6 +140,12 @@ struct rig {
   }
   // A fresh subject and durable name per run, so runs do not see each other's messages.
   std::string next_subject() { return "bench.r" + std::to_string(++run); }
+  // Empties the stream (not timed), so every pipelined run starts against
+  // the same server state instead of a store that grows run after run.
+  void purge() {
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    if (js_PurgeStream(ja->native(), "BENCH", nullptr, &jerr) != NATS_OK) die("purge the stream");
+  }
 };
 
 // --- publish ---------------------------------------------------------------
@@ -359,6 +370,7 @@ bool check_payload = true;  // --no-check-payload: jetstream_pipeline_options::c
 
 double postbox_relay_pipelined(rig& r, int n) {
   staged_outbox s(r, n);
+  r.purge();
   return postbox_relay_pipelined_drain(r, s, n);
 }
 
@@ -393,6 +405,7 @@ double postbox_relay_pipelined_sqlite(rig& r, int n) {
     for (int i = 0; i < n; ++i)
       if (box.stage(tx, postbox::make_envelope(subject, order{i, "widget"})) != postbox::errc::ok) die("stage");
     if (tx.commit() != postbox::errc::ok) die("stage commit");
+    r.purge();
     t = postbox_relay_pipelined_sqlite_drain(r, store, n);
   }
   std::error_code ec;
@@ -465,10 +478,20 @@ struct raw_async_input {
   return seconds_since(t0);
 }
 
+// Separate symbols for the two raw forms, so callgrind's inclusive counts
+// give each its own figure (raw_relay_async_plain: the peer of relay-pipe).
+[[gnu::noinline]] double raw_relay_async_plain(raw_async_ctx& ctx, const raw_async_input& in, int n) {
+  return raw_relay_async_loop(ctx, in, n, false);
+}
+[[gnu::noinline]] double raw_relay_async_headers(raw_async_ctx& ctx, const raw_async_input& in, int n) {
+  return raw_relay_async_loop(ctx, in, n, true);
+}
+
 double raw_relay_async(rig& r, int n, bool with_headers = false) {
   raw_async_ctx ctx(r);
   const raw_async_input in(r, n);
-  return raw_relay_async_loop(ctx, in, n, with_headers);
+  r.purge();
+  return with_headers ? raw_relay_async_headers(ctx, in, n) : raw_relay_async_plain(ctx, in, n);
 }
 
 // --- request-reply --------------------------------------------------------------
@@ -542,6 +565,13 @@ std::string cpu_model() {
   return "unknown";
 }
 
+std::string load_average() {
+  std::ifstream in("/proc/loadavg");
+  std::string a, b, c;
+  in >> a >> b >> c;
+  return a + " " + b + " " + c;
+}
+
 std::string server_version() {
   std::string cmd = pn::server_binary() + " --version 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
@@ -561,16 +591,24 @@ int main(int argc, char** argv) {
   int rounds = 5;
   bool quick = false;
   bool only_relay = false;
+  bool only_pipe = false;  // --only pipe: just relay-pipe and its raw peer, interleaved
+  int messages = 0;        // --messages N: per pipelined relay run (default 50000, quick 2000)
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) quick = true;
     else if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) rounds = std::max(1, std::atoi(argv[++i]));
+    else if (std::strcmp(argv[i], "--messages") == 0 && i + 1 < argc) messages = std::max(1, std::atoi(argv[++i]));
     else if (std::strcmp(argv[i], "--no-check-payload") == 0) check_payload = false;
     else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc && std::strcmp(argv[i + 1], "relay") == 0) {
       only_relay = true;
       ++i;
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc && std::strcmp(argv[i + 1], "pipe") == 0) {
+      only_relay = only_pipe = true;
+      ++i;
     }
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--rounds N] [--only relay] [--no-check-payload]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--rounds N] [--only relay|pipe] [--messages N] [--no-check-payload]\n",
+                   argv[0]);
       return 64;
     }
   }
@@ -596,10 +634,15 @@ int main(int argc, char** argv) {
               quick ? ", quick" : "", check_payload ? "" : ", relay-pipe without check_payload");
   const int n = quick ? 300 : 2000;  // messages per throughput run
   const int m = quick ? 200 : 1000;  // samples per latency run
-  const int np = quick ? 2000 : 20000;  // messages per pipelined relay run
+  // Messages per pipelined relay run: about half a second each way on the
+  // reference VM (20000 made runs of 0.2 s, where one scheduling hiccup of the
+  // server moved the ratio by 0.1).
+  const int np = messages > 0 ? messages : quick ? 2000 : 50000;
+  std::printf("load average at start: %s\n", load_average().c_str());
 
   rig r;
   std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw, relay_pb, relay_raw, pipe_pb, pipe_raw, pipe_hdr, pipe_sql;
+  std::vector<double> pipe_ratio;  // relay-pipe / raw per round (the two ran back to back)
   std::vector<double> lat_pb[2], lat_raw[2], lat99_pb[2], lat99_raw[2];  // [0]: libnats batching, [1]: send_asap
   std::vector<double> rr_pb[2], rr_raw[2], rr99_pb[2], rr99_raw[2];  // [0]: libnats batching, [1]: send_asap
   for (int round = 0; round < rounds; ++round) {
@@ -613,19 +656,22 @@ int main(int argc, char** argv) {
         p();
       }
     };
-    both([&] { relay_pb.push_back(n / postbox_relay(r, n)); }, [&] { relay_raw.push_back(n / raw_relay(r, n)); });
+    if (!only_pipe)
+      both([&] { relay_pb.push_back(n / postbox_relay(r, n)); }, [&] { relay_raw.push_back(n / raw_relay(r, n)); });
     both([&] {
            pipe_pb.push_back(np / postbox_relay_pipelined(r, np));
 #ifdef NATS_BENCH_SQLITE
-           pipe_sql.push_back(np / postbox_relay_pipelined_sqlite(r, np));
+           if (!only_pipe) pipe_sql.push_back(np / postbox_relay_pipelined_sqlite(r, np));
 #endif
          },
          [&] {
            pipe_raw.push_back(np / raw_relay_async(r, np));
-           pipe_hdr.push_back(np / raw_relay_async(r, np, true));
+           if (!only_pipe) pipe_hdr.push_back(np / raw_relay_async(r, np, true));
          });
+    pipe_ratio.push_back(pipe_pb.back() / pipe_raw.back());
     if (only_relay) {
-      std::printf("  round %d/%d done\n", round + 1, rounds);
+      std::printf("  round %d/%d done: relay-pipe %.0f/s (%.2f s), raw %.0f/s (%.2f s), ratio %.2f\n", round + 1,
+                  rounds, pipe_pb.back(), np / pipe_pb.back(), pipe_raw.back(), np / pipe_raw.back(), pipe_ratio.back());
       continue;
     }
     both([&] { pub_pb.push_back(n / postbox_publish(r, n)); }, [&] { pub_raw.push_back(n / raw_publish(r, n)); });
@@ -662,11 +708,19 @@ int main(int argc, char** argv) {
   auto row = [](const char* name, const char* what, double pb, double raw, const char* unit) {
     std::printf("%-10s %-44s %11.0f %-2s %11.0f %-2s %9.2f\n", name, what, pb, unit, raw, unit, pb / raw);
   };
-  row("relay", "outbox drained to JetStream, msgs/s", median(relay_pb), median(relay_raw), "/s");
+  if (!relay_pb.empty()) row("relay", "outbox drained to JetStream, msgs/s", median(relay_pb), median(relay_raw), "/s");
   row("relay-pipe", "pipelined relay vs js_PublishMsgAsync, msgs/s", median(pipe_pb), median(pipe_raw), "/s");
-  row("relay-hdr", "same, raw sends postbox's headers, msgs/s", median(pipe_pb), median(pipe_hdr), "/s");
+  if (!pipe_hdr.empty())
+    row("relay-hdr", "same, raw sends postbox's headers, msgs/s", median(pipe_pb), median(pipe_hdr), "/s");
   if (!pipe_sql.empty())
     row("relay-sql", "pipelined relay from SQLite vs the same raw, msgs/s", median(pipe_sql), median(pipe_raw), "/s");
+  {
+    std::vector<double> sorted = pipe_ratio;
+    std::sort(sorted.begin(), sorted.end());
+    std::printf("relay-pipe per round (pb/raw of the same round): median %.2f, min %.2f, max %.2f over %zu rounds of "
+                "%d messages; load average at end: %s\n",
+                median(pipe_ratio), sorted.front(), sorted.back(), sorted.size(), np, load_average().c_str());
+  }
   if (only_relay) return 0;
   row("publish", "sync JetStream publish, msgs/s", median(pub_pb), median(pub_raw), "/s");
   row("e2e", "publish + pull + AckSync pipeline, msgs/s", median(e2e_pb), median(e2e_raw), "/s");

@@ -199,3 +199,141 @@ TEST_CASE("wherever the envelope view answers on mutated texts, json::decode suc
   CHECK(taken > 100);
   CHECK(refused > 1000);
 }
+
+namespace {
+
+// Equal values and the same number kinds all the way down (json's == takes
+// 1 == 1u == 1.0, and from_json may tell them apart).
+bool same_kinds(const json& a, const json& b) {
+  if (a.type() != b.type() || a != b) return false;
+  if (a.is_object()) {
+    for (auto ia = a.begin(), ib = b.begin(); ia != a.end(); ++ia, ++ib)
+      if (ia.key() != ib.key() || !same_kinds(*ia, *ib)) return false;
+  }
+  if (a.is_array())
+    for (std::size_t i = 0; i < a.size(); ++i)
+      if (!same_kinds(a[i], b[i])) return false;
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("the envelope view keeps each id's stored text only when it is the canonical lowercase form",
+          "[json][envelope_view]") {
+  postbox::manual_clock clk;
+  auto env = postbox::make_envelope("t", json{{"a", 1}}, postbox::message_kind::event, clk);
+  env.causation_id = postbox::message_id::generate();
+  pd::json_envelope_view v;
+  const std::string text = pj::encode(env);
+  REQUIRE(pd::view_json_envelope(text, v));
+  CHECK(v.id_text == env.id.to_string());
+  CHECK(v.correlation_id_text == env.correlation_id.to_string());
+  CHECK(v.causation_id_text == env.causation_id.to_string());
+  // The same ids in uppercase: the values are read, the texts are not kept.
+  std::string upper = text;
+  for (const auto* id : {&env.id, &env.causation_id}) {
+    const std::string lower = id->to_string();
+    std::string up = lower;
+    for (char& c : up)
+      if (c >= 'a' && c <= 'f') c = static_cast<char>(c - 'a' + 'A');
+    for (std::size_t at = upper.find(lower); at != std::string::npos; at = upper.find(lower)) upper.replace(at, 36, up);
+  }
+  REQUIRE(pd::view_json_envelope(upper, v));
+  CHECK(v.id == env.id);
+  CHECK(v.causation_id == env.causation_id);
+  CHECK(v.id_text.empty());
+  CHECK(v.causation_id_text.empty());
+  // Absent ids have no text.
+  const std::string minimal = R"({"id":"0190a5b2-7c3d-7e4f-8a1b-2c3d4e5f6a7b","type":"t","occurred_at":"2026-12-06T10:00:00Z","payload":null})";
+  REQUIRE(pd::view_json_envelope(minimal, v));
+  CHECK(v.id_text == "0190a5b2-7c3d-7e4f-8a1b-2c3d4e5f6a7b");
+  CHECK(v.correlation_id_text.empty());
+  CHECK(v.causation_id_text.empty());
+}
+
+TEST_CASE("the in-place payload value equals nlohmann's parse with the same number kinds, whatever it held before",
+          "[json][envelope_view]") {
+  const std::vector<std::string> texts{
+      R"({"n":0,"what":"widget"})",
+      R"({"n":1,"what":"gadget with a longer name than the last one"})",
+      R"({"n":-1,"what":""})",
+      R"({"n":-0,"what":"x"})",
+      R"({"a":18446744073709551615,"b":-9223372036854775808,"c":9223372036854775807,"d":0.1,"e":1e300,"f":-2.5E-300,"g":1E2,"h":-0.0})",
+      R"({"list":[1,"two",null,true,false,{},[]],"nested":{"a":{"b":[[1]]}}})",
+      R"({"list":[1],"nested":{"a":{"b":[[1,2,3]],"c":"d"}}})",
+      R"({"list":[],"z":1})",
+      R"({"n":"now a string","what":7})",
+      R"([{"a":1},{"b":2},3])",
+      R"([{"b":2}])",
+      R"("text é 日本 😀")",
+      "42",
+      "-42",
+      "4.5",
+      "true",
+      "null",
+      R"({})",
+      R"([])",
+      R"( { "a" : [ 1 , 2 ] , "b" : { } } )",
+  };
+  json j;
+  // Every text after every other, so each update starts from each shape.
+  for (const auto& before : texts) {
+    for (const auto& text : texts) {
+      INFO(before << " then " << text);
+      REQUIRE(pd::json_view_dom::assign(before, j));
+      REQUIRE(pd::json_view_dom::assign(text, j));
+      CHECK(same_kinds(j, json::parse(text)));
+    }
+  }
+}
+
+TEST_CASE("the in-place payload value leaves escapes, unsorted or repeated members and 64-bit overflow to the parser",
+          "[json][envelope_view]") {
+  json j = json::parse(R"({"a":1,"b":2})");
+  for (const std::string text : {R"({"b":1,"a":2})", R"({"a":1,"a":2})", R"({"a":"q\"uote"})", R"({"a\u0062":1})",
+                                 "18446744073709551616", "-9223372036854775809", R"([1,{"z":1,"y":2}])"}) {
+    INFO(text);
+    CHECK_FALSE(pd::json_view_dom::assign(text, j));
+    // Whatever it left, the next taken text makes it whole again.
+    REQUIRE(pd::json_view_dom::assign(R"({"a":[1,2],"c":"d"})", j));
+    CHECK(same_kinds(j, json::parse(R"({"a":[1,2],"c":"d"})")));
+  }
+}
+
+TEST_CASE("wherever the in-place payload value answers on mutated payloads, it equals nlohmann's parse",
+          "[json][envelope_view]") {
+  postbox::manual_clock clk;
+  std::vector<std::string> seeds{pj::encode(full_envelope(clk)),
+                                 pj::encode(postbox::make_envelope(
+                                     "t", json{{"a", 1}, {"b", json::array({-1, 2.5, "x"})}, {"c", {{"d", nullptr}}}},
+                                     postbox::message_kind::event, clk))};
+  std::mt19937 rng(6122026);
+  const std::string alphabet = "{}[]\":,\\ 0123456789.eE+-tfnulxabc";
+  std::size_t taken = 0, left = 0;
+  json j;
+  for (int round = 0; round < 20000; ++round) {
+    std::string text = seeds[static_cast<std::size_t>(round) % seeds.size()];
+    const std::size_t from = text.find("\"payload\":") + 10;
+    const int edits = 1 + static_cast<int>(rng() % 3);
+    for (int e = 0; e < edits; ++e) {
+      const std::size_t at = from + rng() % (text.size() - from - 1);
+      switch (rng() % 4) {
+        case 0: text.erase(at, 1); break;
+        case 1: text.insert(at, 1, alphabet[rng() % alphabet.size()]); break;
+        case 2: text[at] = alphabet[rng() % alphabet.size()]; break;
+        default: text.insert(at, text.substr(at, rng() % 12)); break;  // repeat a stretch (duplicates members)
+      }
+    }
+    pd::json_envelope_view v;
+    if (!pd::view_json_envelope(text, v)) continue;
+    INFO(v.payload);
+    if (!pd::json_view_dom::assign(v.payload, j)) {
+      ++left;
+      continue;
+    }
+    ++taken;
+    CHECK(same_kinds(j, json::parse(v.payload)));
+  }
+  CHECK(taken > 100);
+  CHECK(left > 100);
+}

@@ -154,9 +154,11 @@ class js_pipeline {
     {
       std::lock_guard lock(m_);
       slots_.assign(n, slot{});
-      index_.clear();
-      index_.reserve(n);
-      for (std::size_t i = 0; i < n; ++i) index_.emplace(batch[i].id, i);
+      index_.clear();  // built by the PubAck callback only if it needs it
+      indexed_ = false;
+      batch_ = batch;
+      next_ack_ = 0;
+      open_ = true;
       failed_keys_.clear();
       outstanding_ = 0;
       stored_ = !cautious_;
@@ -205,6 +207,7 @@ class js_pipeline {
       {
         std::lock_guard lock(m_);
         slots_[i].sent = true;
+        slots_[i].msg = msg->get();
         slots_[i].subject = std::move(subject);
         ++outstanding_;
       }
@@ -214,12 +217,12 @@ class js_pipeline {
       jsPubOptions_Init(&po);
       natsMsg* raw = msg->release();
       const natsStatus s = js_PublishMsgAsync(ctx_.get(), &raw, &po);
-      natsMsg_Destroy(raw);  // null when libnats took it
       if (s == NATS_OK) {
-        m.id.write_to(last_id);
+        if (options_.expect_last_id) m.id.write_to(last_id);
         chained = true;
       } else {
         std::lock_guard lock(m_);
+        slots_[i].msg = nullptr;  // not libnats': destroyed below
         if (!slots_[i].done) {
           slots_[i].done = true;
           slots_[i].status = nats_errc(s);
@@ -227,6 +230,7 @@ class js_pipeline {
           failed_keys_.emplace(m.partition_key);
         }
       }
+      natsMsg_Destroy(raw);  // null when libnats took it
     }
     {
       std::unique_lock lock(m_);
@@ -241,7 +245,9 @@ class js_pipeline {
     std::map<std::string, bool> denied;  // subject -> refused by the server's authorization
     std::lock_guard lock(m_);
     cautious_ = stalled || !failed_keys_.empty();
-    index_.clear();  // a late callback finds nothing
+    open_ = false;  // a late callback finds nothing
+    index_.clear();
+    batch_ = {};
     outstanding_ = 0;
     for (std::size_t i = 0; i < n; ++i) {
       slot& sl = slots_[i];
@@ -295,9 +301,15 @@ class js_pipeline {
         if (!want.empty() && (view_.type != want || view_.schema_version != message_traits<T>::schema_version()))
           return false;  // unknown_type / unsupported_version
         if (options_.check_payload) {
+          // The payload's value is built into payload_ in place (its
+          // members and strings reused from the last row: no allocation for
+          // a flow of one shape); nlohmann's parser builds it when the
+          // in-place pass leaves the text to it. Either way `get<T>` sees the
+          // value the full decode would have converted.
           bool converts = false;
           POSTBOX_TRY {
-            (void)nlohmann::json::parse(view_.payload).template get<T>();
+            if (!json_view_dom::assign(view_.payload, payload_)) payload_ = nlohmann::json::parse(view_.payload);
+            (void)payload_.template get<T>();
             converts = true;
           }
           POSTBOX_CATCH_ALL {}
@@ -330,7 +342,13 @@ class js_pipeline {
       ok = natsMsgHeader_Set(msg.get(), k, value_.c_str()) == NATS_OK;
     };
     char text[40];
-    auto set_id = [&](const char* k, const message_id& id) {
+    // An id goes out as its stored text when that is the canonical form
+    // write_to would produce (the view checked it; saves formatting it).
+    auto set_id = [&](const char* k, const message_id& id, const message_id& viewed, std::string_view stored) {
+      if (!stored.empty() && id == viewed) {
+        set(k, stored);
+        return;
+      }
       id.write_to(text);
       set(k, std::string_view(text, 36));
     };
@@ -345,13 +363,14 @@ class js_pipeline {
         set(k, json::detail::format_time(t));
       }
     };
-    set_id(nats_headers::id, m.id);  // the outbox row's id is the dedup identity
+    set_id(nats_headers::id, m.id, v.id, v.id_text);  // the outbox row's id is the dedup identity
     set(nats_headers::type, v.type);
     set_u32(nats_headers::schema_version, v.schema_version);
     set(nats_headers::kind, to_string(v.kind));
     set_time(nats_headers::occurred_at, v.occurred_at_text, v.occurred_at);
-    if (!v.correlation_id.is_nil()) set_id(nats_headers::correlation_id, v.correlation_id);
-    if (!v.causation_id.is_nil()) set_id(nats_headers::causation_id, v.causation_id);
+    if (!v.correlation_id.is_nil())
+      set_id(nats_headers::correlation_id, v.correlation_id, v.correlation_id, v.correlation_id_text);
+    if (!v.causation_id.is_nil()) set_id(nats_headers::causation_id, v.causation_id, v.causation_id, v.causation_id_text);
     set(nats_headers::producer, v.producer);
     set(nats_headers::partition_key, v.partition_key);
     set(nats_headers::tenant, v.tenant);
@@ -369,6 +388,7 @@ class js_pipeline {
   }
 
   struct slot {
+    natsMsg* msg = nullptr;  // non-null only while libnats holds the message (or is acking it): identity only
     bool sent = false;  // handed to libnats
     bool done = false;  // outcome known (PubAck, error answer, or a failed send)
     errc status = errc::timeout;
@@ -394,21 +414,42 @@ class js_pipeline {
     failed_keys_.emplace(m.partition_key);
   }
 
+  // The slot of a message whose PubAck came, or null. PubAcks come in
+  // publish order as a rule: the message is the one after the last acked
+  // (compared by address: a message libnats still holds, or hands to the
+  // callback, is alive, so no other live message of the batch shares its
+  // address). Otherwise (a row skipped, a resend, an ack of an earlier
+  // attempt) it is found by its Nats-Msg-Id in an index built on first need.
+  slot* slot_of_locked(natsMsg* msg) {
+    if (msg == nullptr) return nullptr;
+    if (next_ack_ < slots_.size() && slots_[next_ack_].msg == msg) return &slots_[next_ack_++];
+    const char* text = nullptr;
+    if (natsMsgHeader_Get(msg, nats_headers::id, &text) != NATS_OK || text == nullptr) return nullptr;
+    const auto id = message_id::parse(text);
+    if (!id) return nullptr;
+    if (!indexed_) {
+      index_.reserve(batch_.size());
+      for (std::size_t i = 0; i < batch_.size(); ++i) index_.emplace(batch_[i].id, i);
+      indexed_ = true;
+    }
+    const auto it = index_.find(*id);
+    if (it == index_.end()) return nullptr;
+    next_ack_ = it->second + 1;
+    return &slots_[it->second];
+  }
+
   // libnats' PubAck callback (its reply subscription's thread): records the
-  // outcome of the message named by its Nats-Msg-Id header. Owns `msg`.
+  // outcome of the message it acknowledges. Owns `msg`.
   static void on_pub_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* closure) {
     auto* self = static_cast<js_pipeline*>(closure);
-    const char* text = nullptr;
-    std::optional<message_id> id;
-    if (msg != nullptr && natsMsgHeader_Get(msg, nats_headers::id, &text) == NATS_OK && text != nullptr)
-      id = message_id::parse(text);
-    if (id) {
+    {
       std::lock_guard lock(self->m_);
-      auto it = self->index_.find(*id);
-      if (it != self->index_.end()) {
-        slot& sl = self->slots_[it->second];
+      slot* found = self->open_ ? self->slot_of_locked(msg) : nullptr;
+      if (found != nullptr) {
+        slot& sl = *found;
         if (sl.sent && !sl.done) {
           sl.done = true;
+          sl.msg = nullptr;  // destroyed below: its address may come back for a later message
           if (pa != nullptr) {
             self->stored_ = true;
             sl.status = errc::ok;
@@ -416,11 +457,7 @@ class js_pipeline {
           } else {
             sl.status = nats_errc(pae != nullptr ? pae->Err : NATS_ERR);
             if (sl.status == errc::ok) sl.status = errc::store_error;
-            const char* key = nullptr;
-            if (natsMsgHeader_Get(msg, nats_headers::partition_key, &key) == NATS_OK && key != nullptr)
-              self->failed_keys_.emplace(key);
-            else
-              self->failed_keys_.emplace(std::string());
+            self->failed_keys_.emplace(self->batch_[static_cast<std::size_t>(found - self->slots_.data())].partition_key);
           }
           --self->outstanding_;
           self->cv_.notify_all();
@@ -437,7 +474,11 @@ class js_pipeline {
   std::mutex m_;          // guards what follows; the PubAck callback takes it
   std::condition_variable cv_;  // a PubAck arrived (outstanding_ dropped)
   std::vector<slot> slots_;
-  std::unordered_map<message_id, std::size_t, message_id_hash> index_;  // message id -> slot (this batch only)
+  std::span<const stored_message> batch_;  // the batch being published (empty between batches)
+  std::unordered_map<message_id, std::size_t, message_id_hash> index_;  // message id -> slot (this batch; lazy)
+  bool indexed_ = false;      // index_ holds this batch
+  std::size_t next_ack_ = 0;  // the slot after the last one acked: the next PubAck's, as a rule
+  bool open_ = false;         // a batch is being published: PubAck callbacks count
   std::set<std::string, std::less<>> failed_keys_;       // keys with a failure in this batch
   std::size_t outstanding_ = 0;                          // sent, outcome not yet known
   bool stored_ = false;  // a PubAck of this batch said stored: the window opens (slow start before)
@@ -447,6 +488,7 @@ class js_pipeline {
   json_envelope_view view_;
   std::string value_;
   std::string name_;
+  nlohmann::json payload_;  // check_payload: the current row's payload value, reused in place
 };
 
 }  // namespace detail

@@ -20,11 +20,15 @@
 #include <postbox/json/scan.hpp>
 
 #include <array>
+#include <charconv>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
+#include <string>
 #include <string_view>
+#include <system_error>
 #include <utility>
 
 POSTBOX_BEGIN_NAMESPACE
@@ -37,6 +41,11 @@ struct json_envelope_view {
   static constexpr std::size_t max_headers = 32;
 
   message_id id;
+  /// The stored id texts when they are exactly what `message_id::write_to`
+  /// writes (lowercase hex), so they can be sent as they are; else empty.
+  std::string_view id_text;
+  std::string_view correlation_id_text;  ///< as `id_text`; empty also when absent
+  std::string_view causation_id_text;    ///< as `id_text`; empty also when absent
   std::string_view type;
   std::uint32_t schema_version = 1;
   message_kind kind = message_kind::event;
@@ -277,14 +286,17 @@ class json_view_reader {
 };
 
 /// `message_id::parse` of a viewed id: the canonical 8-4-4-4-12 form, hex
-/// digits of either case. One table load per digit. Never allocates.
-[[nodiscard]] inline bool json_view_id(std::string_view text, message_id& out) noexcept {
+/// digits of either case; `lowercase` tells whether all of them are lowercase
+/// (the text is then what `message_id::write_to` writes). One table load per
+/// digit. Never allocates.
+[[nodiscard]] inline bool json_view_id(std::string_view text, message_id& out, bool& lowercase) noexcept {
+  // Digit value, plus 0x10 for an uppercase digit; -1 for anything else.
   static constexpr std::array<signed char, 256> hex = [] {
     std::array<signed char, 256> t{};
     for (auto& v : t) v = -1;
     for (int c = '0'; c <= '9'; ++c) t[static_cast<std::size_t>(c)] = static_cast<signed char>(c - '0');
     for (int c = 'a'; c <= 'f'; ++c) t[static_cast<std::size_t>(c)] = static_cast<signed char>(c - 'a' + 10);
-    for (int c = 'A'; c <= 'F'; ++c) t[static_cast<std::size_t>(c)] = static_cast<signed char>(c - 'A' + 10);
+    for (int c = 'A'; c <= 'F'; ++c) t[static_cast<std::size_t>(c)] = static_cast<signed char>(0x10 | (c - 'A' + 10));
     return t;
   }();
   if (text.size() != 36 || text[8] != '-' || text[13] != '-' || text[18] != '-' || text[23] != '-') return false;
@@ -292,7 +304,7 @@ class json_view_reader {
   auto digits = [&](std::size_t from, std::size_t count, std::uint64_t& acc) {
     for (std::size_t i = from; i < from + count; ++i) {
       const int v = hex[static_cast<unsigned char>(text[i])];
-      bad |= v;  // negative once any digit is not hex
+      bad |= v;  // negative once any digit is not hex; bit 0x10 once one is uppercase
       acc = (acc << 4) | static_cast<std::uint64_t>(v & 0xf);
     }
   };
@@ -304,7 +316,14 @@ class json_view_reader {
   digits(24, 12, half[1]);
   if (bad < 0) return false;
   out = message_id(half[0], half[1]);
+  lowercase = (bad & 0x10) == 0;
   return true;
+}
+
+/// As above, for a caller that does not need the case.
+[[nodiscard]] inline bool json_view_id(std::string_view text, message_id& out) noexcept {
+  bool lowercase = false;
+  return json_view_id(text, out, lowercase);
 }
 
 /// An unsigned 32-bit JSON integer as `read_u32` takes it: plain digits.
@@ -331,6 +350,9 @@ class json_view_reader {
   out.kind = message_kind::event;
   out.correlation_id = message_id{};
   out.causation_id = message_id{};
+  out.id_text = {};
+  out.correlation_id_text = {};
+  out.causation_id_text = {};
   out.deadline.reset();
   out.deadline_text = {};
   out.attempt = 0;
@@ -417,12 +439,15 @@ class json_view_reader {
   if ((seen & required) != required) return false;
 
   // The field rules of json::detail::decode_raw, on the viewed texts.
-  auto id_of = [&](unsigned f, message_id& id) {
+  auto id_of = [&](unsigned f, message_id& id, std::string_view& id_text) {
     if ((seen & (1u << f)) == 0) return true;
-    return json_view_id(value[f], id);
+    bool lowercase = false;
+    if (!json_view_id(value[f], id, lowercase)) return false;
+    if (lowercase) id_text = value[f];
+    return true;
   };
-  if (!id_of(f_id, out.id) || !id_of(f_correlation_id, out.correlation_id) ||
-      !id_of(f_causation_id, out.causation_id))
+  if (!id_of(f_id, out.id, out.id_text) || !id_of(f_correlation_id, out.correlation_id, out.correlation_id_text) ||
+      !id_of(f_causation_id, out.causation_id, out.causation_id_text))
     return false;
   out.type = value[f_type];
   if (out.type.empty()) return false;
@@ -462,6 +487,158 @@ class json_view_reader {
 [[nodiscard]] constexpr bool json_view_canonical_time(std::string_view text) noexcept {
   return text.size() == 30 && text[10] == 'T' && text[19] == '.' && text[29] == 'Z';
 }
+
+/// Makes `j` equal to the JSON value of `text`, a value `view_json_envelope`
+/// took (its `payload`), updating `j` in place: the members, elements and
+/// strings `j` already holds are reused, so a flow of payloads of one shape
+/// allocates nothing. True: `j` now equals `nlohmann::json::parse(text)`,
+/// number kinds included (integer, unsigned, float), whatever `j` held before.
+/// False: the text holds something this pass leaves to nlohmann's parser (an
+/// escaped string, object members not in strictly increasing order as
+/// nlohmann writes them, an integer beyond 64 bits); `j` is then a valid but
+/// unspecified value. Not thread-safe on one `j`; may throw `std::bad_alloc`.
+class json_view_dom {
+ public:
+  [[nodiscard]] static bool assign(std::string_view text, nlohmann::json& j) {
+#if defined(JSON_DIAGNOSTICS) && JSON_DIAGNOSTICS
+    // Members inserted below the public API would lack their parent links.
+    (void)text;
+    (void)j;
+    return false;
+#else
+    json_view_dom d(text);
+    d.r_.skip_ws();
+    if (!d.value(j, 1)) return false;
+    d.r_.skip_ws();
+    return d.r_.at_end();
+#endif
+  }
+
+ private:
+  explicit json_view_dom(std::string_view text) noexcept : r_(text) {}
+
+  bool value(nlohmann::json& j, std::size_t depth) {
+    if (r_.at_end()) return false;
+    switch (*r_.pos()) {
+      case '"': {
+        std::string_view s;
+        bool escaped = false;
+        if (!r_.string(s, escaped) || escaped) return false;
+        if (j.is_string()) {
+          j.get_ref<std::string&>().assign(s.data(), s.size());  // keeps its capacity
+        } else {
+          j = std::string(s);
+        }
+        return true;
+      }
+      case '{': return object(j, depth);
+      case '[': return array(j, depth);
+      case 't':
+        if (!r_.value(depth, max_depth)) return false;
+        j = true;
+        return true;
+      case 'f':
+        if (!r_.value(depth, max_depth)) return false;
+        j = false;
+        return true;
+      case 'n':
+        if (!r_.value(depth, max_depth)) return false;
+        j = nullptr;
+        return true;
+      default: return number(j);
+    }
+  }
+
+  // Members must come in strictly increasing order of their names (as
+  // nlohmann, whose objects are sorted maps, writes them): then one walk
+  // along `j`'s own sorted members updates, inserts and erases, and a name
+  // cannot repeat.
+  bool object(nlohmann::json& j, std::size_t depth) {
+    if (depth + 1 > max_depth || !r_.take('{')) return false;
+    if (!j.is_object()) j = nlohmann::json::object();
+    auto& members = j.get_ref<nlohmann::json::object_t&>();
+    auto it = members.begin();
+    r_.skip_ws();
+    if (!r_.take('}')) {
+      std::string_view previous;
+      for (bool first = true;; first = false) {
+        std::string_view key;
+        bool escaped = false;
+        if (!r_.string(key, escaped) || escaped) return false;
+        if (!first && !(previous < key)) return false;
+        previous = key;
+        while (it != members.end() && std::string_view(it->first) < key) it = members.erase(it);
+        if (it == members.end() || std::string_view(it->first) != key)
+          it = members.emplace_hint(it, std::string(key), nullptr);
+        r_.skip_ws();
+        if (!r_.take(':')) return false;
+        r_.skip_ws();
+        if (!value(it->second, depth + 1)) return false;
+        ++it;
+        r_.skip_ws();
+        if (r_.take('}')) break;
+        if (!r_.take(',')) return false;
+        r_.skip_ws();
+      }
+    }
+    members.erase(it, members.end());
+    return true;
+  }
+
+  bool array(nlohmann::json& j, std::size_t depth) {
+    if (depth + 1 > max_depth || !r_.take('[')) return false;
+    if (!j.is_array()) j = nlohmann::json::array();
+    auto& elements = j.get_ref<nlohmann::json::array_t&>();
+    std::size_t n = 0;
+    r_.skip_ws();
+    if (!r_.take(']')) {
+      for (;;) {
+        if (n == elements.size()) elements.emplace_back();
+        if (!value(elements[n], depth + 1)) return false;
+        ++n;
+        r_.skip_ws();
+        if (r_.take(']')) break;
+        if (!r_.take(',')) return false;
+        r_.skip_ws();
+      }
+    }
+    elements.erase(elements.begin() + static_cast<std::ptrdiff_t>(n), elements.end());
+    return true;
+  }
+
+  // nlohmann's kinds: a '.' or an exponent makes a float (strtod, correctly
+  // rounded as from_chars is), else a leading '-' an integer, else unsigned.
+  bool number(nlohmann::json& j) {
+    std::string_view t;
+    if (!r_.number(t)) return false;
+    if (t.find_first_of(".eE") != std::string_view::npos) {
+      double d = 0;
+      const auto [end, ec] = std::from_chars(t.data(), t.data() + t.size(), d);
+      if (ec != std::errc{} || end != t.data() + t.size()) return false;
+      j = d;
+      return true;
+    }
+    const bool negative = t.front() == '-';
+    if (negative) t.remove_prefix(1);
+    std::uint64_t v = 0;
+    for (const char c : t) {
+      const auto digit = static_cast<std::uint64_t>(c - '0');
+      if (v > (~std::uint64_t{0} - digit) / 10) return false;  // beyond 64 bits: nlohmann makes a float
+      v = v * 10 + digit;
+    }
+    if (!negative) {
+      j = v;
+      return true;
+    }
+    constexpr std::uint64_t most_negative = std::uint64_t{1} << 63;
+    if (v > most_negative) return false;
+    j = v == most_negative ? std::numeric_limits<std::int64_t>::min() : -static_cast<std::int64_t>(v);
+    return true;
+  }
+
+  static constexpr std::size_t max_depth = json::decode_options{}.max_depth;
+  json_view_reader r_;
+};
 
 }  // namespace detail
 POSTBOX_END_NAMESPACE
