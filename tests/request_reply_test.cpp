@@ -198,6 +198,24 @@ TEST_CASE("two requesters cannot register the same endpoint name", "[request_rep
                   postbox::error);
 }
 
+TEST_CASE("generated reply endpoint names are short, distinct and registered", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> a(r.requests, r.registry, r.timers);
+  postbox::requester<int, int> b(r.requests, r.registry, r.timers);
+  for (const std::string& name : {a.endpoint(), b.endpoint()}) {
+    CHECK(name.size() == 15);  // fits std::string's inline buffer: the reply-to header allocates nothing
+    CHECK(name.rfind("rr.", 0) == 0);
+    CHECK(name.find_first_not_of("0123456789abcdef", 3) == std::string::npos);
+    CHECK(r.registry.contains(name));
+  }
+  CHECK(a.endpoint() != b.endpoint());
+  auto f = a.request(4, 1s);
+  REQUIRE(f.has_value());
+  auto req = r.requests.try_receive();
+  REQUIRE(req.has_value());
+  CHECK(req->headers.get(postbox::header_names::reply_to) == std::optional<std::string_view>(a.endpoint()));
+}
+
 TEST_CASE("scatter-gather completes once the wanted count of replies arrived", "[request_reply]") {
   rig r;
   postbox::channel<postbox::envelope<int>> c1(8), c2(8), c3(8);

@@ -190,7 +190,7 @@ template <class V>
 
 /// Requester configuration.
 struct requester_options {
-  std::string endpoint{};          ///< reply endpoint name; generated when empty
+  std::string endpoint{};          ///< reply endpoint name; generated (`rr.` + 12 hex digits) when empty
   std::size_t max_pending = 1024;  ///< requests in flight before refusing with `busy`
   std::string producer{};          ///< stamped on request envelopes
 };
@@ -215,12 +215,16 @@ class requester {
         registry_(&registry),
         opts_(std::move(opts)),
         table_(pending_requests<Reply>::create(timers, opts_.max_pending)) {
-    if (opts_.endpoint.empty()) opts_.endpoint = "rr." + message_id::generate().to_string();
+    const bool generated = opts_.endpoint.empty();
     std::weak_ptr<pending_requests<Reply>> weak = table_;
-    if (!registry.add(opts_.endpoint, [weak](reply_packet<Reply>&& p) {
-          if (auto t = weak.lock()) t->on_reply(std::move(p));
-        }))
-      POSTBOX_THROW(error(errc::conflict, "postbox::requester: endpoint name taken: " + opts_.endpoint));
+    const typename endpoint_registry<Reply>::sink sink = [weak](reply_packet<Reply>&& p) {
+      if (auto t = weak.lock()) t->on_reply(std::move(p));
+    };
+    for (;;) {
+      if (generated) opts_.endpoint = generated_endpoint();
+      if (registry.add(opts_.endpoint, sink)) break;
+      if (!generated) POSTBOX_THROW(error(errc::conflict, "postbox::requester: endpoint name taken: " + opts_.endpoint));
+    }
   }
   requester(const requester&) = delete;
   requester& operator=(const requester&) = delete;
@@ -324,6 +328,18 @@ class requester {
  private:
   std::span<request_channel* const> one_target() const noexcept { return {&requests_, 1}; }
 
+  // "rr." and 12 hex digits (48 random bits): short enough for a string's
+  // inline buffer, so the reply-to header every request carries (and every
+  // move of the request) allocates and copies nothing for its value. A name
+  // already taken is drawn again (the constructor's loop).
+  static std::string generated_endpoint() {
+    constexpr char digits[] = "0123456789abcdef";
+    std::uint64_t bits = detail::thread_rng()();
+    std::string name = "rr.";
+    for (int i = 0; i < 12; ++i, bits >>= 4) name.push_back(digits[bits & 0xfu]);
+    return name;
+  }
+
   // Stamps, opens the pending entry (before sending: a reply may complete
   // the request at once), sends to every target, then arms the deadline.
   // The last target gets the envelope itself (try_send moves only on ok),
@@ -401,7 +417,9 @@ class responder {
   std::size_t poll() {
     std::size_t n = 0;
     typename endpoint_registry<Reply>::delivery_cache cache;
-    while (auto req = requests_->try_receive()) {
+    for (;;) {
+      auto req = requests_->try_receive_result();  // served in place, as run() does
+      if (!req.has_value()) break;
       serve(*req, cache);
       ++n;
     }
@@ -426,10 +444,28 @@ class responder {
     // This worker's memo of the reply endpoint it delivered to last: a
     // steady requester's replies take no registry lock.
     typename endpoint_registry<Reply>::delivery_cache cache;
-    // receive(stop) answers empty when the channel is closed and drained or
-    // when stop was requested first (then nothing was taken).
-    while (auto r = requests_->receive(stop)) serve(*r, cache);
+    // The blocking receive's own result (empty when the channel is closed
+    // and drained or when stop was requested first, and then nothing was
+    // taken), served where it is: no move into an optional.
+    const detail::stop_tokens stops{&stop};
+    for (;;) {
+      auto r = detail::channel_access::receive_blocking(*requests_, std::nullopt, stops);
+      if (!r.has_value()) return;
+      serve(*r, cache);
+    }
   }
+
+  // Converts to the reply envelope by running the handler: emplaced into the
+  // packet's variant, the envelope reply_to returns is built in its place
+  // there (no move of the envelope; g++ and clang elide the conversion's
+  // prvalue into the variant's storage).
+  struct handled_reply {
+    responder* self;
+    const envelope<Request>* req;
+    operator envelope<Reply>() const {  // NOLINT(google-explicit-constructor)
+      return reply_to(*req, self->handler_(*req), *self->clock_);
+    }
+  };
 
   static void bump(std::atomic<std::uint64_t>& counter) noexcept {
     // relaxed: a statistic (see stats()).
@@ -445,7 +481,7 @@ class responder {
     } else {
 #if defined(__cpp_exceptions)
       try {
-        packet.body = reply_to(req, handler_(req), *clock_);
+        packet.body.template emplace<envelope<Reply>>(handled_reply{this, &req});
         bump(handled_);
       } catch (const error& e) {
         bump(failed_);
@@ -458,7 +494,7 @@ class responder {
         packet.body = reply_error{errc::handler_error, "unknown exception"};
       }
 #else
-      packet.body = reply_to(req, handler_(req), *clock_);
+      packet.body.template emplace<envelope<Reply>>(handled_reply{this, &req});
       bump(handled_);
 #endif
     }
