@@ -19,20 +19,29 @@
 // appends (or sends) n records (default 20000) on one thread and prints a
 // checksum; instructions per record = (Ir(n) - Ir(0)) / n.
 //
-// Profile of issue 18's row (callgrind, g++ 12 -O2, n = 20000, 2-core VM):
-//   append    405 -> 215 instructions/record (std::mutex -> inline futex-word
-//             lock: one CAS + one exchange; no shared_ptr copy of the
-//             directory: 2 RMWs fewer; no retention step without limits; no
-//             16 KB memset per 256-record chunk)
-//   channel   144 (one CAS and a slot write into a preallocated ring)
-// Why append/1p stays below 0.8x chan/1p in wall-clock: every append reads
-// the stream's clock for its timestamp (default_clock: system_clock, about
-// 24-28 ns per now() on this VM, measured over 1M calls: alone more than a
-// whole channel send, 9-19 ns here), takes the partition lock (2 RMWs vs the
-// channel's 1), and first-touches a fresh 16 KB chunk every 256 records
-// (page faults), while the channel's ring was faulted in by its constructor
-// outside the timed loop. Reaching the row needs a cheaper timestamp source
-// (e.g. a coarse or TSC clock), which changes what the timestamps mean.
+// Profile of issue 18's row (callgrind, g++ 12 -O2, 2-core VM; instructions
+// per record at n = 20000 / 400000):
+//   before    405 -> 225 / 251 (std::mutex -> inline futex-word lock, no
+//             shared_ptr copy of the directory per append, no retention step
+//             without limits, no 16 KB memset per chunk). Wall-clock 0.16x to
+//             0.67x chan/1p: per append a system_clock read (25-60 ns here,
+//             more than a whole channel send), 2 RMWs for the lock, a copy of
+//             the whole chunk directory per 256 records (O(n): about 1.5
+//             refcount RMWs per record at 100k records a partition) and
+//             default-constructed slots touched twice.
+//   now       163 / 163: slots constructed in place in uninitialized chunks,
+//             a chunk table grown in place and replaced in amortized O(1),
+//             lock released by a plain store (contended appenders park with
+//             a membarrier instead), a mask for 4 partitions instead of a
+//             64-bit division, and the default coarse_clock (about 2-5 ns per
+//             read; rdtsc alone costs about 25 ns on this VM, so a TSC clock
+//             could not reach the row). append/ns keeps system_clock.
+//   channel   134 / 128 (one CAS and a slot write into a preallocated ring)
+// Faults per 1M records (fresh process): stream 11.8k in the appends (was
+// 20.0k; 48-byte slots touched once), channel 12.3k, all in its constructor
+// outside the timed loop. In this benchmark only the first repetition
+// faults (glibc keeps the freed heap afterwards), so the medians compare
+// the appends themselves.
 #include <postbox/channel.hpp>
 #include <postbox/stream.hpp>
 
@@ -157,6 +166,12 @@ int main(int argc, char** argv) {
   }
   std::printf("stream_bench: %llu records of 8 bytes, 4 partitions; median of 5 interleaved runs\ncompiler: %s\n",
               static_cast<unsigned long long>(n), __VERSION__);
+  // The machine's load when the run started (shared cores make the ratios noisy).
+  if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
+    char line[128] = {};
+    if (std::fgets(line, sizeof line, f) != nullptr) std::printf("loadavg: %s", line);
+    std::fclose(f);
+  }
   std::vector<double> a1, ap, c1, a2, rd, g1, g2;
   for (int rep = 0; rep < 5; ++rep) {
     a1.push_back(append_1p());
