@@ -3,25 +3,36 @@
 //
 // Scenarios (one publisher thread, S subscriber threads, S in {1, 4, 16};
 // the payload is a 256-byte std::string; median msgs/s published over
-// interleaved repetitions: every repetition runs each contender once, in turn):
-//   topic      postbox::topic<std::string>, block policy: one shared message per publish
-//   channels   S postbox::channel<std::string>, the publisher copies the payload into each
-//   zmq        ZeroMQ inproc PUB/SUB at its fastest: unlimited HWM, zmq_msg_recv
-//              (no receive copy), and the better of two send modes each run:
-//              zmq_send (one copy into the message) and zmq_msg_init_data
-//              zero-copy of the shared payload (no copy at all)
+// interleaved repetitions: every repetition runs each contender once, in turn).
+// Two workloads, each compared only with its own kind:
+//   copy       the payload is copied per message
+//              topic     postbox::topic<std::string>, block policy: one shared item per publish
+//              channels  S postbox::channel<std::string, spsc>, a copy into each
+//              zmq       ZeroMQ inproc PUB/SUB, zmq_send (copies into the frame)
+//   zero-copy  the shared payload (alive for the whole run) is passed by reference
+//              topic     postbox::topic<std::string_view>
+//              channels  S postbox::channel<std::string_view, spsc>
+//              zmq       zmq_msg_init_data of the payload with no free function
+//                        (ZeroMQ's constant-data frame: no allocation, no count)
+// ZeroMQ: unlimited HWM, zmq_msg_recv (no receive copy). Every contender's
+// subscriber reads the size only, and checks the byte total at the end.
 // Printed ratios: topic/channels and topic/zmq (> 1 means the topic is faster).
-// Issue 18's row is subs = 1: target topic/zmq >= 1.0 and topic/channels >= 0.9.
+// Issue 18's row is zero-copy, subs = 1 (ZeroMQ at its fastest): target
+// topic/zmq >= 1.0 and topic/channels >= 0.9. The copy row is printed beside it.
+//
+// topic_bench [--subs S] [--pin] [--only NAME]: only the rows with S
+// subscribers; --pin puts the publisher on cpu 0 and subscriber i on cpu
+// (1 + i) mod n; --only runs one contender once (100,000 messages: topic,
+// topic-view, channels, channels-view, zmq, zmq0), for perf stat / strace.
 //
 // Profile mode, for instruction counts independent of the machine's load:
-//   valgrind --tool=callgrind topic_bench --profile topic|channel|zmq [n]
-// topic_bench [--subs S] [--pin]: only the rows with S subscribers; --pin puts
-// the publisher on cpu 0 and subscriber i on cpu (1 + i) mod n.
-// runs n (default 20000) publish+receive pairs on ONE thread (the subscriber
-// drains after every publish, so nobody parks) and prints nothing but a
-// checksum; instructions per message = (Ir(n) - Ir(0)) / n.
+//   valgrind --tool=callgrind topic_bench --profile NAME [n]
+// NAME: topic, topic-view, channel, channel-view, zmq, zmq0. Runs n (default
+// 20000) publish+receive pairs on ONE thread (the subscriber drains after
+// every publish, so nobody parks) and prints nothing but a checksum;
+// instructions per message = (Ir(n) - Ir(0)) / n.
 //
-// Profile of issue 18's row (callgrind, g++ 12 -O2, n = 20000, 2-core VM):
+// Profile history of issue 18's row (callgrind, g++ 12 -O2, n = 20000, 2-core VM):
 //   topic     905 -> 601 instructions/msg. Per publish before: 9 atomic RMWs
 //             (publishing +/-, published, the snapshot mutex lock/unlock,
 //             list refcount +/-, item refcount +/-, the channel's CAS), one
@@ -33,11 +44,23 @@
 //             is about 180 of those, and the topic pays the same copy since
 //             publish takes T by value)
 //   zmq       1070 (zero-copy send, zmq_msg_recv)
-// Wall-clock rows on the shared 2-core VM swing by 2-4x between runs (the
-// subscriber parks and is woken often), so the instruction counts are the
-// stable comparison; the remaining gap to the channel is the topic's own
-// bookkeeping (publishing/published counters, mpmc ring, the subscription's
-// receive wrapper), not locks or allocation.
+// Second pass (this file's --only and the perf counts, 100,000 messages, one
+// subscriber, pinned): the wall-clock gap was not instructions but syscalls.
+// `perf stat -e syscalls:sys_enter_futex`: the topic made 114,000 futex calls
+// per 100,000 messages (the channel row 112,000; ZeroMQ zero-copy 1): 80,000
+// FUTEX_WAKEs, 617 parks. Whoever waited (the subscriber on empty, or the
+// publisher on a full queue) left the event count's waiter count non-zero from
+// its park until it ran again, and the other side made a wake syscall per
+// message in that window. The topic now wakes once per park in both
+// directions (see docs/design/topic.md, "Waiting"): about 80 event-count
+// futex calls per 100,000 messages. The rest in the copy workload is glibc's
+// arena lock (payload malloc'd on the publisher, freed on the subscriber's
+// thread): FUTEX_WAIT/WAKE on main_arena, paid by ZeroMQ's zmq_send too.
+// Instructions/msg now (same method): topic 623, topic-view 372, channel 484,
+// channel-view 94, zmq copy 1323, zmq zero-copy 1071.
+// Wall-clock rows on the shared 2-core VM swing by 2-4x between runs with
+// the load of other jobs, so read the ratios of one interleaved run together
+// with the `uptime` load at the time.
 #include <postbox/channel.hpp>
 #include <postbox/topic.hpp>
 #if POSTBOX_BENCH_HAVE_ZMQ
@@ -52,6 +75,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -80,9 +104,13 @@ void pin_to(unsigned cpu) {
 #endif
 }
 
+// V = std::string: each publish copies the payload into a new string (the
+// copying workload). V = std::string_view: each publish passes a view of the
+// shared payload, which outlives the run (the zero-copy workload).
+template <class V>
 double run_topic(int subs, int n) {
-  postbox::topic<std::string> t;
-  std::vector<postbox::subscription<std::string>> s;
+  postbox::topic<V> t;
+  std::vector<postbox::subscription<V>> s;
   for (int i = 0; i < subs; ++i) s.push_back(t.subscribe({1024, postbox::overflow::block, {}, {}}));
   std::vector<std::thread> th;
   std::atomic<std::size_t> bytes{0};
@@ -94,14 +122,17 @@ double run_topic(int subs, int n) {
       bytes += b;
     });
   const auto t0 = bench_clock::now();
-  for (int k = 0; k < n; ++k) (void)t.publish(payload);
+  for (int k = 0; k < n; ++k) (void)t.publish(V(payload));
   for (auto& x : th) x.join();
-  return n / std::chrono::duration<double>(bench_clock::now() - t0).count();
+  const double rate = n / std::chrono::duration<double>(bench_clock::now() - t0).count();
+  if (bytes.load() != static_cast<std::size_t>(n) * static_cast<std::size_t>(subs) * payload.size()) std::abort();
+  return rate;
 }
 
+template <class V>
 double run_channels(int subs, int n) {
-  std::vector<std::unique_ptr<postbox::channel<std::string, postbox::spsc>>> ch;
-  for (int i = 0; i < subs; ++i) ch.push_back(std::make_unique<postbox::channel<std::string, postbox::spsc>>(1024));
+  std::vector<std::unique_ptr<postbox::channel<V, postbox::spsc>>> ch;
+  for (int i = 0; i < subs; ++i) ch.push_back(std::make_unique<postbox::channel<V, postbox::spsc>>(1024));
   std::vector<std::thread> th;
   std::atomic<std::size_t> bytes{0};
   for (int i = 0; i < subs; ++i)
@@ -113,9 +144,11 @@ double run_channels(int subs, int n) {
     });
   const auto t0 = bench_clock::now();
   for (int k = 0; k < n; ++k)
-    for (auto& c : ch) (void)c->send(std::string(payload));  // one copy per subscriber
+    for (auto& c : ch) (void)c->send(V(payload));  // one copy (or view) per subscriber
   for (auto& x : th) x.join();
-  return n / std::chrono::duration<double>(bench_clock::now() - t0).count();
+  const double rate = n / std::chrono::duration<double>(bench_clock::now() - t0).count();
+  if (bytes.load() != static_cast<std::size_t>(n) * static_cast<std::size_t>(subs) * payload.size()) std::abort();
+  return rate;
 }
 
 #if POSTBOX_BENCH_HAVE_ZMQ
@@ -176,54 +209,81 @@ double run_zmq(int subs, int n, bool zero_copy) {
 #endif
 
 // One thread: publish, then drain the one subscriber, n times (callgrind).
-std::size_t profile(const char* what, int n) {
+// topic / channel / zmq copy the payload per message; topic-view /
+// channel-view / zmq0 pass the shared payload without copying it.
+template <class V>
+std::size_t profile_topic(int n) {
+  postbox::topic<V> t;
+  auto s = t.subscribe({1024, postbox::overflow::block, {}, {}});
   std::size_t sum = 0;
-  if (std::strcmp(what, "topic") == 0) {
-    postbox::topic<std::string> t;
-    auto s = t.subscribe({1024, postbox::overflow::block, {}, {}});
-    for (int k = 0; k < n; ++k) {
-      (void)t.publish(payload);
-      sum += (*s.try_receive())->size();
-    }
-  } else if (std::strcmp(what, "channel") == 0) {
-    postbox::channel<std::string, postbox::spsc> c(1024);
-    for (int k = 0; k < n; ++k) {
-      (void)c.send(std::string(payload));
-      sum += c.try_receive()->size();
-    }
+  for (int k = 0; k < n; ++k) {
+    (void)t.publish(V(payload));
+    sum += (*s.try_receive())->size();
+  }
+  return sum;
+}
+
+template <class V>
+std::size_t profile_channel(int n) {
+  postbox::channel<V, postbox::spsc> c(1024);
+  std::size_t sum = 0;
+  for (int k = 0; k < n; ++k) {
+    (void)c.send(V(payload));
+    sum += c.try_receive()->size();
+  }
+  return sum;
+}
+
 #if POSTBOX_BENCH_HAVE_ZMQ
-  } else if (std::strcmp(what, "zmq") == 0) {
-    void* ctx = zmq_ctx_new();
-    void* pub = zmq_socket(ctx, ZMQ_PUB);
-    void* sub = zmq_socket(ctx, ZMQ_SUB);
-    int zero = 0;
-    zmq_setsockopt(pub, ZMQ_SNDHWM, &zero, sizeof zero);
-    zmq_setsockopt(sub, ZMQ_RCVHWM, &zero, sizeof zero);
-    zmq_setsockopt(sub, ZMQ_SUBSCRIBE, "", 0);
-    zmq_bind(pub, "inproc://topic_profile");
-    zmq_connect(sub, "inproc://topic_profile");
-    zmq_msg_t m;
-    zmq_msg_init(&m);
-    for (;;) {  // slow joiner: until the subscription is live
-      zmq_send(pub, "w", 1, 0);
-      if (zmq_msg_recv(&m, sub, ZMQ_DONTWAIT) >= 0) break;
-      std::this_thread::yield();
-    }
-    while (zmq_msg_recv(&m, sub, ZMQ_DONTWAIT) >= 0) {
-    }
-    for (int k = 0; k < n; ++k) {
+std::size_t profile_zmq(int n, bool zero_copy) {
+  std::size_t sum = 0;
+  void* ctx = zmq_ctx_new();
+  void* pub = zmq_socket(ctx, ZMQ_PUB);
+  void* sub = zmq_socket(ctx, ZMQ_SUB);
+  int zero = 0;
+  zmq_setsockopt(pub, ZMQ_SNDHWM, &zero, sizeof zero);
+  zmq_setsockopt(sub, ZMQ_RCVHWM, &zero, sizeof zero);
+  zmq_setsockopt(sub, ZMQ_SUBSCRIBE, "", 0);
+  zmq_bind(pub, "inproc://topic_profile");
+  zmq_connect(sub, "inproc://topic_profile");
+  zmq_msg_t m;
+  zmq_msg_init(&m);
+  for (;;) {  // slow joiner: until the subscription is live
+    zmq_send(pub, "w", 1, 0);
+    if (zmq_msg_recv(&m, sub, ZMQ_DONTWAIT) >= 0) break;
+    std::this_thread::yield();
+  }
+  while (zmq_msg_recv(&m, sub, ZMQ_DONTWAIT) >= 0) {
+  }
+  for (int k = 0; k < n; ++k) {
+    if (zero_copy) {
       zmq_msg_t out;
       zmq_msg_init_data(&out, const_cast<char*>(payload.data()), payload.size(), nullptr, nullptr);
       zmq_msg_send(&out, pub, 0);
-      if (zmq_msg_recv(&m, sub, 0) > 0) sum += zmq_msg_size(&m);
+    } else {
+      zmq_send(pub, payload.data(), payload.size(), 0);
     }
-    zmq_msg_close(&m);
-    zmq_close(sub);
-    zmq_close(pub);
-    zmq_ctx_term(ctx);
-#endif
+    if (zmq_msg_recv(&m, sub, 0) > 0) sum += zmq_msg_size(&m);
   }
+  zmq_msg_close(&m);
+  zmq_close(sub);
+  zmq_close(pub);
+  zmq_ctx_term(ctx);
   return sum;
+}
+#endif
+
+std::size_t profile(const char* what, int n) {
+  if (std::strcmp(what, "topic") == 0) return profile_topic<std::string>(n);
+  if (std::strcmp(what, "topic-view") == 0) return profile_topic<std::string_view>(n);
+  if (std::strcmp(what, "channel") == 0) return profile_channel<std::string>(n);
+  if (std::strcmp(what, "channel-view") == 0) return profile_channel<std::string_view>(n);
+#if POSTBOX_BENCH_HAVE_ZMQ
+  if (std::strcmp(what, "zmq") == 0) return profile_zmq(n, false);
+  if (std::strcmp(what, "zmq0") == 0) return profile_zmq(n, true);
+#endif
+  std::fprintf(stderr, "unknown profile '%s'\n", what);
+  std::exit(2);
 }
 
 double median(std::vector<double> v) {
@@ -240,31 +300,67 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::vector<int> sub_counts{1, 4, 16};
+  const char* only = nullptr;
   for (int a = 1; a < argc; ++a) {
     if (std::strcmp(argv[a], "--subs") == 0 && a + 1 < argc) sub_counts = {std::max(1, std::atoi(argv[++a]))};
     else if (std::strcmp(argv[a], "--pin") == 0) g_pin = true;
+    else if (std::strcmp(argv[a], "--only") == 0 && a + 1 < argc) only = argv[++a];
   }
   pin_to(0);
+  // The two workloads, each compared only with its own kind:
+  //   copy       topic<std::string>, channel<std::string>, zmq_send (copies into the frame)
+  //   zero-copy  topic<std::string_view>, channel<std::string_view>, zmq_msg_init_data
+  //              of the shared payload with no free function (ZeroMQ keeps a pointer)
+  if (only != nullptr) {  // one run of one contender, for strace -c -f / perf stat
+    const int subs = sub_counts.front();
+    const int n = 100000;
+    double rate = 0;
+    if (std::strcmp(only, "topic") == 0) rate = run_topic<std::string>(subs, n);
+    else if (std::strcmp(only, "topic-view") == 0) rate = run_topic<std::string_view>(subs, n);
+    else if (std::strcmp(only, "channels") == 0) rate = run_channels<std::string>(subs, n);
+    else if (std::strcmp(only, "channels-view") == 0) rate = run_channels<std::string_view>(subs, n);
+#if POSTBOX_BENCH_HAVE_ZMQ
+    else if (std::strcmp(only, "zmq") == 0) rate = run_zmq(subs, n, false);
+    else if (std::strcmp(only, "zmq0") == 0) rate = run_zmq(subs, n, true);
+#endif
+    else {
+      std::fprintf(stderr, "unknown contender '%s'\n", only);
+      return 2;
+    }
+    std::printf("%s subs=%d: %.0f msg/s\n", only, subs, rate);
+    return 0;
+  }
   std::printf("topic_bench: 1 publisher, 256-byte payload, block policy, capacity 1024; median of 5 interleaved runs\n");
-  std::printf("compiler: %s\n", __VERSION__);
-  std::printf("%-6s %14s %14s %14s %14s %10s %10s\n", "subs", "topic msg/s", "channels", "zmq copy", "zmq 0-copy",
-              "t/chan", "t/zmq");
+  std::printf("compiler: %s; pinned: %s\n", __VERSION__, g_pin ? "yes" : "no");
+  std::printf("Each row compares one workload only: 'copy' copies the payload per message (topic<std::string>,\n"
+              "channel<std::string> per subscriber, zmq_send); 'zero-copy' passes the shared payload\n"
+              "(topic<std::string_view>, channel<std::string_view>, zmq_msg_init_data without a free function).\n"
+              "Issue 18's row is 'zero-copy' with subs = 1 (ZeroMQ's fastest mode): target t/zmq >= 1.0, t/chan >= 0.9.\n");
+  std::printf("%-10s %-5s %14s %14s %14s %8s %8s\n", "workload", "subs", "topic msg/s", "channels", "zmq", "t/chan",
+              "t/zmq");
   for (int subs : sub_counts) {
     const int n = subs == 16 ? 20000 : 100000;
-    std::vector<double> a, b, c, d;
+    std::vector<double> tc, cc, zc, tv, cv, zv;
     for (int rep = 0; rep < 5; ++rep) {
-      a.push_back(run_topic(subs, n));
-      b.push_back(run_channels(subs, n));
+      tc.push_back(run_topic<std::string>(subs, n));
+      cc.push_back(run_channels<std::string>(subs, n));
 #if POSTBOX_BENCH_HAVE_ZMQ
-      c.push_back(run_zmq(subs, n, false));
-      d.push_back(run_zmq(subs, n, true));
+      zc.push_back(run_zmq(subs, n, false));
+#endif
+      tv.push_back(run_topic<std::string_view>(subs, n));
+      cv.push_back(run_channels<std::string_view>(subs, n));
+#if POSTBOX_BENCH_HAVE_ZMQ
+      zv.push_back(run_zmq(subs, n, true));
 #endif
     }
-    const double ta = median(a), tb = median(b);
-    const double tc = c.empty() ? 0.0 : median(c), td = d.empty() ? 0.0 : median(d);
-    const double best_zmq = std::max(tc, td);  // the peer in its stronger mode
-    std::printf("%-6d %14.0f %14.0f %14.0f %14.0f %10.2f %10.2f\n", subs, ta, tb, tc, td, ta / tb,
-                best_zmq > 0 ? ta / best_zmq : 0.0);
+    const auto row = [&](const char* name, const std::vector<double>& t, const std::vector<double>& c,
+                         const std::vector<double>& z) {
+      const double mt = median(t), mc = median(c), mz = z.empty() ? 0.0 : median(z);
+      std::printf("%-10s %-5d %14.0f %14.0f %14.0f %8.2f %8.2f\n", name, subs, mt, mc, mz, mt / mc,
+                  mz > 0 ? mt / mz : 0.0);
+    };
+    row("copy", tc, cc, zc);
+    row("zero-copy", tv, cv, zv);
   }
   return 0;
 }

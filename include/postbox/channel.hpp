@@ -161,6 +161,18 @@ struct channel_access {
                                stop_tokens stops) {
     return ch.receive_blocking(deadline, stops);
   }
+  /// try_receive_result() without waking parked senders: the topic's queue
+  /// wakes its publisher once per park instead (topic_queue::space_armed).
+  /// (General channel only: the spsc ring does not grant this access.)
+  template <class Channel>
+  static auto try_receive_quiet(Channel& ch) noexcept {
+    return ch.receive_quiet();
+  }
+  /// The event count senders of `ch` park on.
+  template <class Channel>
+  static event_count& not_full(Channel& ch) noexcept {
+    return ch.not_full_;
+  }
 };
 
 /// The public operations every channel ring shares: the non-blocking forms,
@@ -504,6 +516,7 @@ template <class T, channel_shape Shape = mpmc>
 class channel : public detail::channel_api<channel<T, Shape>, T> {
   friend class detail::channel_api<channel<T, Shape>, T>;
   friend struct detail::select_access;
+  friend struct detail::channel_access;
   static_assert(std::is_nothrow_move_constructible_v<T>,
                 "postbox::channel<T>: T must be nothrow move constructible, so a claimed slot is always filled");
   static_assert(std::is_nothrow_destructible_v<T>, "postbox::channel<T>: T must be nothrow destructible");

@@ -25,6 +25,12 @@
 //   An unsubscribed queue may stay referenced by a thread's cache until that
 //   thread publishes on a changed list or exits; it is drained when removed,
 //   so only its empty buffer lingers.
+// * Waiting wakes once per park, not once per message: a blocking receive
+//   spins briefly, then parks on its queue's own event count after setting
+//   `armed`; the first publish that finds the arm wakes it, later ones make
+//   no syscall until it parks again. A `block` publisher on a full queue does
+//   the same on the channel's not-full event count with `space_armed`, and
+//   the subscription's own receives wake it once per arm (topic_queue).
 // * A subscription's state lives in a shared_ptr owned by the snapshot and by
 //   the handle, so destroying the handle during an in-flight publish is safe:
 //   the destructor removes it from the list and closes its channel, which
@@ -353,14 +359,104 @@ struct topic_queue {
   std::atomic<std::uint64_t> lag_total{0};
   std::size_t members = 0;  // group members; guarded by the topic's writer mutex
 
+  // Blocking receivers of this queue (subscription::receive and its timed
+  // forms) park here, not on the channel's own event count: a publisher
+  // wakes them once per park, not once per message (see `armed`). Selects
+  // and awaitables still register with the channel's event count.
+  alignas(cache_line_size) event_count parked;
+  // Set (seq_cst store) by a receiver about to park, before it reads the
+  // epoch and re-checks the queue; taken (exchange, seq_cst) by the first
+  // publisher that finds it set after its push, which then wakes every
+  // thread parked here. Dekker's pattern with the channel's claim: the
+  // publisher's push is a seq_cst CAS on the channel's tail followed by a
+  // seq_cst load of `armed`; the receiver's store is followed by the seq_cst
+  // read of that tail in its re-check. So either the publisher sees the arm
+  // (and wakes), or the receiver's re-check sees the message. Later
+  // publishes see it clear and make no syscall until a receiver parks again:
+  // a subscriber woken once drains the whole backlog. Only publishers clear
+  // it (a receiver clearing its own arm could clear another's); a stale arm
+  // costs one wake-up syscall, never a lost one. Waking all parked threads,
+  // not one, is what keeps a group correct when two members are parked.
+  std::atomic<bool> armed{false};
+
+  // The publisher side, for `block`: a publisher that finds the queue full
+  // spins, then parks on the channel's own not_full event count (so a
+  // close(), and a receive through the channel's own API, such as a select's
+  // or an awaitable's, still wake it as they wake any sender). Before it
+  // parks it sets this (seq_cst store, then the epoch read and its re-check
+  // of the queue, whose decisive read is the seq_cst load of the channel's
+  // head). The subscription's own receives take messages without the
+  // channel's per-message notify (channel_access::try_receive_quiet: a
+  // seq_cst CAS on that head) and then load this (seq_cst); the first that
+  // finds it set takes it (exchange) and wakes every parked publisher, the
+  // rest make no syscall: the same Dekker argument and once-per-park rule as
+  // `armed`, in the other direction. Cleared only by receivers.
+  alignas(cache_line_size) std::atomic<bool> space_armed{false};
+
+  // Takes one message without the channel's notify of parked senders, then
+  // wakes them once per park (see space_armed). Never blocks.
+  receive_result<item_ptr> try_take() noexcept {
+    receive_result<item_ptr> r = channel_access::try_receive_quiet(ch);
+    // seq_cst load first: the common case (no publisher parked) writes nothing.
+    if (r.has_value() && space_armed.load(std::memory_order_seq_cst) &&
+        space_armed.exchange(false, std::memory_order_seq_cst))
+      channel_access::not_full(ch).wake_all();
+    return r;
+  }
+
+  // `block`: sends, waiting while the queue is full; ok or closed.
+  send_status send_blocking(item_ptr&& copy) {
+    for (backoff spin;;) {
+      const send_status s = ch.try_send(std::move(copy));  // moves only on ok
+      if (s != send_status::full) return s;
+      if (spin.completed()) break;
+      spin.snooze();
+    }
+    event_count& ev = channel_access::not_full(ch);
+    for (;;) {
+      // seq_cst: the arm, before the epoch read and the re-check; pairs with
+      // the receiver's seq_cst load in try_take (see space_armed).
+      space_armed.store(true, std::memory_order_seq_cst);
+      const std::uint32_t key = ev.prepare_wait();
+      send_status s = ch.try_send(std::move(copy));
+      if (s != send_status::full) {
+        ev.finish_wait();
+        return s;
+      }
+      (void)ev.wait(key, std::nullopt);
+      ev.finish_wait();
+      s = ch.try_send(std::move(copy));
+      if (s != send_status::full) return s;
+    }
+  }
+
+  // Wakes the receivers parked on this queue if one has armed since the last
+  // wake. After a successful push (its seq_cst claim is the Dekker partner).
+  void wake_parked() noexcept {
+    // seq_cst load first: the common case (nobody parked) writes nothing.
+    if (armed.load(std::memory_order_seq_cst) && armed.exchange(false, std::memory_order_seq_cst)) parked.wake_all();
+  }
+
+  // Closes the queue and wakes every thread parked on it (the channel's
+  // close wakes selects and awaitables; wake_all the blocking receivers).
+  void close() noexcept {
+    ch.close();
+    parked.wake_all();
+  }
+
   // Pushes a copy of `p` under this queue's policy. Returns 0 delivered, 1
   // dropped, 2 refused, 3 closed.
   int push(const item_ptr& p) { return push(item_ptr(p)); }
   // Pushes `copy` itself (moved in; released when not queued).
   int push(item_ptr&& copy) {
+    const int outcome = push_quiet(std::move(copy));
+    if (outcome == 0) wake_parked();
+    return outcome;
+  }
+  int push_quiet(item_ptr&& copy) {
     switch (opts.policy) {
       case overflow::block:
-        return ch.send(std::move(copy)) == send_status::ok ? 0 : 3;
+        return send_blocking(std::move(copy)) == send_status::ok ? 0 : 3;
       case overflow::drop_oldest:
         for (;;) {
           const auto s = ch.try_send(std::move(copy));
@@ -474,7 +570,7 @@ struct topic_state {
     q->members = 1;
     if (closed_locked) {
       // A subscription to a closed topic is born closed: receive() says so at once.
-      q->ch.close();
+      q->close();
       return q;
     }
     auto next = std::make_shared<list>(*cur);
@@ -509,7 +605,7 @@ struct topic_state {
     subs.store(std::move(next));
     // release: pairs with the publishers' acquire (see subs_stamp).
     subs_stamp.store(topic_next_stamp(), std::memory_order_release);
-    q->ch.close();  // releases a publisher blocked on it
+    q->close();  // releases a publisher blocked on it, wakes its receivers
     return true;
   }
 
@@ -523,7 +619,7 @@ struct topic_state {
     // Queues stay in the list (stats still report them); each is closed, so
     // its subscribers drain what was delivered and then see closed, and a
     // publisher blocked on a full `block` queue wakes with closed.
-    for (const auto& q : *subs.load()) q->ch.close();
+    for (const auto& q : *subs.load()) q->close();
   }
 };
 
@@ -618,8 +714,8 @@ class subscription {
   /// race with reset() or destruction of this handle (blocking calls may).
   [[nodiscard]] std::optional<delivery<T>> try_receive() noexcept {
     if (!core_ || !core_->q) return std::nullopt;
-    auto p = core_->q->ch.try_receive();
-    if (!p) return std::nullopt;
+    auto p = core_->q->try_take();
+    if (!p.has_value()) return std::nullopt;
     return delivery<T>(std::move(*p));
   }
   /// Blocks until a message arrives; empty once the topic is closed (or this
@@ -701,14 +797,65 @@ class subscription {
       leave(c);
       return receive_status::closed;
     }
-    const std::stop_token detached = c.detach.get_token();
-    auto r = detail::channel_access::receive_blocking(c.q->ch, deadline, detail::stop_tokens{stop, &detached});
+    auto r = take(c, deadline, stop);
     receive_result<delivery<T>> out = r.has_value() ? receive_result<delivery<T>>(delivery<T>(std::move(*r)))
-                                      : r.status() == receive_status::canceled && detached.stop_requested()
+                                      : r.status() == receive_status::canceled && c.detach.stop_requested()
                                           ? receive_result<delivery<T>>(receive_status::closed)
                                           : receive_result<delivery<T>>(r.status());
     leave(c);
     return out;
+  }
+
+  // The blocking receive: take at once if a message is queued; else spin
+  // briefly (detail::backoff: pauses, then yields), re-trying; then park on
+  // the queue's own event count under the arm protocol (topic_queue::armed),
+  // so a burst of publishes wakes this thread once and it drains the burst.
+  // `canceled` when `stop` or the handle's detach source is stopped.
+  static receive_result<typename detail::topic_queue<T>::item_ptr> take(
+      core& c, std::optional<std::chrono::steady_clock::time_point> deadline, const std::stop_token* stop) {
+    detail::topic_queue<T>& q = *c.q;
+    const auto stopped = [&]() noexcept {
+      return (stop != nullptr && stop->stop_requested()) || c.detach.stop_requested();
+    };
+    if (stopped()) return receive_status::canceled;
+    for (detail::backoff spin;;) {
+      {
+        auto r = q.try_take();
+        if (r.status() != receive_status::empty) return r;
+      }
+      if (stopped()) return receive_status::canceled;
+      if (spin.completed()) break;
+      spin.snooze();
+    }
+    // Only a receive that parks registers the stop callbacks (a stop while
+    // spinning is seen by the checks above).
+    const std::stop_token detached = c.detach.get_token();
+    const detail::stop_wakeup wakeup(q.parked, detail::stop_tokens{stop, &detached});
+    for (;;) {
+      // seq_cst: the arm, before the epoch read and the re-check; pairs with
+      // the publisher's seq_cst load in wake_parked (see topic_queue::armed).
+      q.armed.store(true, std::memory_order_seq_cst);
+      const std::uint32_t key = q.parked.prepare_wait();
+      {
+        auto r = q.try_take();
+        if (r.status() != receive_status::empty) {
+          q.parked.finish_wait();
+          return r;
+        }
+      }
+      if (stopped()) {
+        q.parked.finish_wait();
+        return receive_status::canceled;
+      }
+      const bool woke = q.parked.wait(key, deadline);
+      q.parked.finish_wait();
+      {
+        auto r = q.try_take();
+        if (r.status() != receive_status::empty) return r;
+      }
+      if (!woke) return receive_status::timeout;
+      if (stopped()) return receive_status::canceled;
+    }
   }
 
   template <class OutputIt>
