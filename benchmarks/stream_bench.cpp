@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Benchmark: postbox::stream append, replay read and consumer-group poll throughput.
 //
-// Scenarios (median records/s over 5 interleaved repetitions; 8-byte values):
+// Scenarios (median records/s over 9 interleaved repetitions; 8-byte values):
 //   append/1p     one producer appending to 4 partitions (default coarse clock)
 //   append/ns     the same with nanosecond timestamps (default_clock: system_clock)
 //   chan/1p       the same records ({key, value}) sent by one producer into a
@@ -164,7 +164,7 @@ int main(int argc, char** argv) {
     std::printf("%llu\n", static_cast<unsigned long long>(profile(argv[2], count)));
     return 0;
   }
-  std::printf("stream_bench: %llu records of 8 bytes, 4 partitions; median of 5 interleaved runs\ncompiler: %s\n",
+  std::printf("stream_bench: %llu records of 8 bytes, 4 partitions; median of 9 interleaved runs\ncompiler: %s\n",
               static_cast<unsigned long long>(n), __VERSION__);
   // The machine's load when the run started (shared cores make the ratios noisy).
   if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
@@ -173,7 +173,7 @@ int main(int argc, char** argv) {
     std::fclose(f);
   }
   std::vector<double> a1, ap, c1, a2, rd, g1, g2;
-  for (int rep = 0; rep < 5; ++rep) {
+  for (int rep = 0; rep < 9; ++rep) {
     a1.push_back(append_1p());
     c1.push_back(channel_1p());
     ap.push_back(append_1p_precise());
