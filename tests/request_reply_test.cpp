@@ -59,6 +59,36 @@ TEST_CASE("a request is answered with the reply carrying correlation and causati
   CHECK(req.stats().pending == 0);
 }
 
+TEST_CASE("request and reply are stamped from the clock when each is made, the reply after its handler ran",
+          "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  const postbox::time_point asked = r.clock.now();
+  postbox::responder<int, int> resp(
+      r.requests, r.registry,
+      [&](const postbox::envelope<int>& e) {
+        r.clock.advance(3s);  // a slow handler
+        return e.payload + 1;
+      },
+      r.clock, 0);
+  auto f = req.request(1, 10s);
+  REQUIRE(f.has_value());
+  auto sent = r.requests.try_receive();
+  REQUIRE(sent.has_value());
+  CHECK(sent->occurred_at == asked);
+  CHECK(sent->type == postbox::message_traits<int>::type_name());
+  CHECK(sent->schema_version == postbox::message_traits<int>::schema_version());
+  CHECK(sent->causation_id.is_nil());
+  REQUIRE(r.requests.try_send(postbox::envelope<int>(*sent)) == postbox::send_status::ok);
+  CHECK(resp.poll() == 1);
+  auto o = f->get();
+  REQUIRE(o.ok());
+  CHECK(o.reply->occurred_at == asked + 3s);
+  CHECK(o.reply->id > sent->id);
+  CHECK(o.reply->deadline == sent->deadline);
+  CHECK(o.reply->type == postbox::message_traits<int>::type_name());
+}
+
 TEST_CASE("a request nobody answers completes with timeout from the clock", "[request_reply]") {
   rig r;
   postbox::requester<int, int> req(r.requests, r.registry, r.timers);

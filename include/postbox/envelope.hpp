@@ -80,8 +80,13 @@ class message_id {
   /// skewed clock), the id carries the last id's millisecond. When more than
   /// 2^15 ids are drawn in one millisecond, the sequence carries into the
   /// timestamp (RFC 9562 §6.2, method 1). Thread-safe, lock-free.
-  [[nodiscard]] static message_id generate(const clock& clk) noexcept {
-    const std::uint64_t millis = detail::uuid7_millis(clk.now());
+  [[nodiscard]] static message_id generate(const clock& clk) noexcept { return generate_at(clk.now()); }
+
+  /// As `generate(clk)`, stamped with `now`, a time the caller just read
+  /// from its clock: one read can serve both a new envelope's id and its
+  /// `occurred_at`. Same guarantees. Thread-safe, lock-free.
+  [[nodiscard]] static message_id generate_at(time_point now) noexcept {
+    const std::uint64_t millis = detail::uuid7_millis(now);
     std::uint64_t random = 0;
     std::uint64_t extra = 0;
     POSTBOX_TRY {
@@ -577,6 +582,28 @@ template <class T>
 }
 
 namespace detail {
+/// As `derive` below, with the fresh id and `occurred_at` both from `now`
+/// (one clock read, made by the caller).
+template <class U, class P>
+envelope<U> derive_at(const envelope<P>& parent, std::string type, U&& payload, message_kind kind, time_point now) {
+  const message_id id = message_id::generate_at(now);
+  return envelope<U>{.id = id,
+                     .type = std::move(type),
+                     .schema_version = message_traits<U>::schema_version(),
+                     .kind = kind,
+                     .occurred_at = now,
+                     .correlation_id = parent.correlation_id.is_nil() ? parent.id : parent.correlation_id,
+                     .causation_id = parent.id,
+                     .producer = {},
+                     .partition_key = parent.partition_key,
+                     .tenant = parent.tenant,
+                     .trace = parent.trace,
+                     .deadline = parent.deadline,
+                     .attempt = 0,
+                     .headers = {},
+                     .payload = std::move(payload)};
+}
+
 template <class U, class P>
 envelope<U> derive(const envelope<P>& parent, std::string type, U&& payload, message_kind kind, const clock& clk) {
   const message_id id = message_id::generate(clk);

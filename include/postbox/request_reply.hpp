@@ -248,8 +248,7 @@ class requester {
   /// `closed` (request channel); on refusal `cb` is never called. Allocates.
   [[nodiscard]] errc request(Request payload, duration timeout, callback cb,
                              message_kind kind = message_kind::query) {
-    auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
-                             table_->get_clock());
+    auto env = make_request(std::move(payload), kind);
     return dispatch(one_target(), std::move(env), timeout,
                     [&](const message_id& corr, time_point) { return table_->open(corr, std::move(cb)); }, false,
                     true);
@@ -260,8 +259,7 @@ class requester {
   /// briefly, then sleeps. Allocates (the future's state).
   [[nodiscard]] result<reply_future<reply_outcome<Reply>>> request(Request payload, duration timeout,
                                                                    message_kind kind = message_kind::query) {
-    auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
-                             table_->get_clock());
+    auto env = make_request(std::move(payload), kind);
     auto fs = std::make_shared<detail::rr_future_state<reply_outcome<Reply>>>();
     const errc s = dispatch(one_target(), std::move(env), timeout, [&](const message_id& corr, time_point deadline) {
       return table_->open(corr, fs, deadline);
@@ -305,8 +303,7 @@ class requester {
   /// deadline with what was collected. Same refusals as `request`.
   [[nodiscard]] errc gather(const std::vector<request_channel*>& targets, Request payload, std::size_t want,
                             duration timeout, gather_callback cb, message_kind kind = message_kind::query) {
-    auto env = make_envelope(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
-                             table_->get_clock());
+    auto env = make_request(std::move(payload), kind);
     return dispatch(targets, std::move(env), timeout,
                     [&](const message_id& corr, time_point) { return table_->open_gather(corr, want, std::move(cb)); },
                     false, true);
@@ -328,6 +325,28 @@ class requester {
  private:
   std::span<request_channel* const> one_target() const noexcept { return {&requests_, 1}; }
 
+  // A new request envelope, as make_envelope(type name, payload, kind, the
+  // table's clock) makes it, with one clock read for its id and occurred_at.
+  envelope<Request> make_request(Request&& payload, message_kind kind) const {
+    const time_point now = table_->get_clock().now();
+    const message_id id = message_id::generate_at(now);
+    return envelope<Request>{.id = id,
+                             .type = std::string(message_traits<Request>::type_name()),
+                             .schema_version = message_traits<Request>::schema_version(),
+                             .kind = kind,
+                             .occurred_at = now,
+                             .correlation_id = id,
+                             .causation_id = {},
+                             .producer = {},
+                             .partition_key = {},
+                             .tenant = {},
+                             .trace = {},
+                             .deadline = {},
+                             .attempt = 0,
+                             .headers = {},
+                             .payload = std::move(payload)};
+  }
+
   // "rr." and 12 hex digits (48 random bits): short enough for a string's
   // inline buffer, so the reply-to header every request carries (and every
   // move of the request) allocates and copies nothing for its value. A name
@@ -345,7 +364,7 @@ class requester {
   // The last target gets the envelope itself (try_send moves only on ok),
   // the others a copy each.
   // `tracked`: `open` also took the deadline (then only `sent` remains).
-  // `fresh`: `env` was made just now by make_envelope (see stamp_fresh).
+  // `fresh`: `env` was made just now by make_request (see stamp_fresh).
   template <class Open>
   errc dispatch(std::span<request_channel* const> targets, envelope<Request>&& env, duration timeout, Open open,
                 bool tracked = false, bool fresh = false) {
@@ -456,14 +475,17 @@ class responder {
   }
 
   // Converts to the reply envelope by running the handler: emplaced into the
-  // packet's variant, the envelope reply_to returns is built in its place
-  // there (no move of the envelope; g++ and clang elide the conversion's
-  // prvalue into the variant's storage).
+  // packet's variant, the envelope is built in its place there (no move of
+  // the envelope; g++ and clang elide the conversion's prvalue into the
+  // variant's storage). The reply is reply_to(request, result), with its id
+  // and occurred_at from one clock read made after the handler returned.
   struct handled_reply {
     responder* self;
     const envelope<Request>* req;
     operator envelope<Reply>() const {  // NOLINT(google-explicit-constructor)
-      return reply_to(*req, self->handler_(*req), *self->clock_);
+      Reply result = self->handler_(*req);
+      return detail::derive_at<Reply>(*req, std::string(message_traits<Reply>::type_name()), std::move(result),
+                                      message_kind::reply, self->clock_->now());
     }
   };
 
