@@ -3,9 +3,9 @@
 //
 // A transcription of the spsc ring in include/postbox/channel.hpp
 // (emplace_quiet, receive_quiet, close), of the blocking loops of
-// detail::channel_api (try, prepare_wait_asymmetric, re-check, wait) and of
-// detail::event_count's asymmetric protocol (prepare_wait_asymmetric,
-// notify_light, wake_all) into Relacy's rl::atomic / rl::var, with the same
+// detail::channel_api (try, prepare_wait_sole, re-check, wait) and of
+// detail::event_count's asymmetric protocol in its sole-waiter form (prepare_wait_sole,
+// notify_light_sole, wake_all) into Relacy's rl::atomic / rl::var, with the same
 // memory orders. Every order the algorithm depends on is read from
 // `g_order[site]`, and so is the presence of every fence of the asymmetric
 // barrier, so the mutation driver (`--mutants`) can weaken one site at a time
@@ -83,6 +83,10 @@
 //        relacy_spsc_model --quick    fewer iterations (either mode)
 //        relacy_spsc_model --weaken N run every test with site N weakened,
 //                                     printing Relacy's failing interleavings
+//        relacy_spsc_model --mutants --part K/N
+//                                     only the sites s with s % N == K - 1 (and
+//                                     the unmutated run when K is 1), so ctest
+//                                     can spread the check over both cores
 #include <relacy/relacy.hpp>
 
 #include <cstdint>
@@ -112,14 +116,15 @@ enum site : int {
   close_closed_release,   // close: closed_.store(closed, release)
   is_closed_acquire,      // is_closed: closed_.load(acquire)
   // event_count
-  ec_waiters_inc,         // prepare_wait_asymmetric: waiters_.fetch_add(seq_cst)
-  ec_epoch_load,          // prepare_wait_asymmetric: epoch_.load(seq_cst)
+  ec_waiters_inc,         // prepare_wait_sole: waiters_.fetch_add(seq_cst)
+  ec_epoch_load,          // prepare_wait_sole: epoch_.fetch_and(~wake_pending, seq_cst)
   ec_epoch_bump,          // wake: epoch_.fetch_add(seq_cst)
-  ec_notify_acquire,      // notify_light: waiters_.load(acquire)
+  ec_notify_acquire,      // notify_light_sole: waiters_.load(acquire)
+  ec_pending_set,         // notify_light_sole: epoch_.fetch_or(wake_pending, seq_cst)
   // asymmetric fences (seq_cst = present, relaxed = removed)
   close_heavy_fence,      // close: heavy_fence() after marking closing
-  park_recv_heavy_fence,  // prepare_wait_asymmetric on not_empty_ (a receiver parks)
-  park_send_heavy_fence,  // prepare_wait_asymmetric on not_full_ (the sender parks)
+  park_recv_heavy_fence,  // prepare_wait_sole on not_empty_ (a receiver parks)
+  park_send_heavy_fence,  // prepare_wait_sole on not_full_ (the sender parks)
   hot_barrier_fence,      // membarrier's barrier in every other thread (B)
   heavy_entry_fence,      // membarrier's barrier in the caller, on entry
   heavy_exit_fence,       // membarrier's barrier in the caller, on return
@@ -140,10 +145,11 @@ const char* const site_names[] = {
     "close in_send_ acquire load",
     "close closed_=closed release store",
     "is_closed closed_ acquire load",
-    "prepare_wait_asymmetric waiters_ fetch_add seq_cst",
-    "prepare_wait_asymmetric epoch_ seq_cst load",
+    "prepare_wait_sole waiters_ fetch_add seq_cst",
+    "prepare_wait_sole epoch_ fetch_and seq_cst (clears wake_pending)",
     "wake epoch_ fetch_add seq_cst",
-    "notify_light waiters_ acquire load",
+    "notify_light_sole waiters_ acquire load",
+    "notify_light_sole epoch_ fetch_or seq_cst (sets wake_pending)",
     "close heavy fence (removed)",
     "receiver park heavy fence (removed)",
     "sender park heavy fence (removed)",
@@ -156,7 +162,7 @@ const char* const site_names[] = {
 const rl::memory_order real_order[] = {
     rl::mo_acquire, rl::mo_release, rl::mo_release, rl::mo_acquire, rl::mo_acquire, rl::mo_acquire, rl::mo_release,
     rl::mo_release, rl::mo_acquire, rl::mo_acq_rel, rl::mo_acquire, rl::mo_release, rl::mo_acquire, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst,
-    rl::mo_acquire, rl::mo_seq_cst,
+    rl::mo_acquire, rl::mo_seq_cst, rl::mo_seq_cst,
     rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst,
 };
 
@@ -289,6 +295,14 @@ struct hot_atomic {
     g_hub->poll();
     return a($).fetch_sub(v, m);
   }
+  T fetch_and(T v, rl::memory_order m) {
+    g_hub->poll();
+    return a($).fetch_and(v, m);
+  }
+  T fetch_or(T v, rl::memory_order m) {
+    g_hub->poll();
+    return a($).fetch_or(v, m);
+  }
   bool compare_exchange_strong(T& expected, T desired, rl::memory_order m, rl::memory_order fail) {
     g_hub->poll();
     return a($).compare_exchange_strong(expected, desired, m, fail);
@@ -312,19 +326,23 @@ struct event_count {
     epoch.init(0);
     waiters.init(0);
   }
-  unsigned prepare_wait_asymmetric() {
+  static constexpr unsigned wake_pending = 1;
+  unsigned prepare_wait_sole() {
     waiters.fetch_add(1, mo(ec_waiters_inc));
     g_hub->heavy_fence(heavy_site);
-    return epoch.load(mo(ec_epoch_load));
+    return epoch.fetch_and(~wake_pending, mo(ec_epoch_load)) & ~wake_pending;
   }
   void finish_wait() { waiters.fetch_sub(1, rl::mo_relaxed); }
   void wake() {
     epoch.fetch_add(1, mo(ec_epoch_bump));
     // FUTEX_WAKE follows: modelled by the waiter's loop in wait().
   }
-  void notify_light() {
+  void notify_light_sole() {
     // light_fence(): a compiler barrier, nothing in the model.
-    if (waiters.load(mo(ec_notify_acquire)) != 0) wake();
+    if (waiters.load(mo(ec_notify_acquire)) == 0) return;
+    // Only the notifier that sets wake_pending makes the FUTEX_WAKE (modelled
+    // by the waiter's loop in wait()); the others change nothing.
+    (void)epoch.fetch_or(wake_pending, mo(ec_pending_set));
     // The select waker registry (registered_, register_waker) is not modelled.
   }
   void wake_all() { wake(); }
@@ -454,12 +472,12 @@ struct spsc_channel {
   // channel_api: try_send / try_receive_result.
   status try_send(int value) {
     const status s = emplace_quiet(value);
-    if (s == status::ok) not_empty.notify_light();
+    if (s == status::ok) not_empty.notify_light_sole();
     return s;
   }
   status try_receive(int& out) {
     const status s = receive_quiet(out);
-    if (s == status::ok) not_full.notify_light();
+    if (s == status::ok) not_full.notify_light_sole();
     return s;
   }
 
@@ -469,7 +487,7 @@ struct spsc_channel {
     status s = try_send(value);
     if (s != status::full) return s;
     for (;;) {
-      const unsigned key = not_full.prepare_wait_asymmetric();
+      const unsigned key = not_full.prepare_wait_sole();
       s = try_send(value);
       if (s != status::full) {
         not_full.finish_wait();
@@ -487,7 +505,7 @@ struct spsc_channel {
     status s = try_receive(out);
     if (s != status::empty) return s;
     for (;;) {
-      const unsigned key = not_empty.prepare_wait_asymmetric();
+      const unsigned key = not_empty.prepare_wait_sole();
       s = try_receive(out);
       if (s != status::empty) {
         not_empty.finish_wait();
@@ -864,10 +882,17 @@ const char* undetectable_reason(int s) {
 int main(int argc, char** argv) {
   bool mutants = false;
   bool quick = false;
+  int part = 1;   // --part K/N: this run checks the mutants of
+  int parts = 1;  // the sites s with s % N == K - 1
   int weaken = -1;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--mutants") == 0) mutants = true;
     if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+    if (std::strcmp(argv[i], "--part") == 0 && i + 1 < argc &&
+        (std::sscanf(argv[++i], "%d/%d", &part, &parts) != 2 || parts < 1 || part < 1 || part > parts)) {
+      std::printf("--part takes K/N with 1 <= K <= N\n");
+      return 2;
+    }
     if (std::strcmp(argv[i], "--weaken") == 0 && i + 1 < argc) weaken = std::atoi(argv[++i]);
   }
   model::runner r;
@@ -890,12 +915,13 @@ int main(int argc, char** argv) {
   // undetectable_reason().
   r.quiet = true;
   r.iterations = quick ? 2000 : 10000;
-  if (r.run_all() != 0) {
+  if (part == 1 && r.run_all() != 0) {
     std::printf("FAILED: the unmutated model fails; mutants mean nothing\n");
     return 1;
   }
+  if (parts > 1) std::printf("part %d/%d: the sites s with s %% %d == %d\n", part, parts, parts, part - 1);
   int survived = 0;
-  for (int s = 0; s < model::site_count; ++s) {
+  for (int s = part - 1; s < model::site_count; s += parts) {
     for (int k = 0; k < model::site_count; ++k) model::g_order[k] = model::real_order[k];
     model::g_order[s] = rl::mo_relaxed;
     const int failed = r.run_all();
