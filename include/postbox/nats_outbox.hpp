@@ -13,6 +13,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
@@ -397,14 +398,28 @@ class js_pipeline {
   };
 
   // Waits until at most `limit` publishes await their PubAck; false when no
-  // PubAck arrived for ack_timeout meanwhile.
+  // PubAck arrived for ack_timeout meanwhile. A sender blocked by a full
+  // window waits until a quarter of it is free, so the PubAck thread wakes
+  // it once per window/4 acks rather than once per ack (each wake is a
+  // futex call on both threads, on cores the server needs).
   bool await_locked(std::unique_lock<std::mutex>& lock, std::size_t limit) {
-    while (outstanding_ > limit) {
-      const std::size_t before = outstanding_;
-      cv_.wait_for(lock, options_.ack_timeout, [&] { return outstanding_ < before; });
-      if (outstanding_ >= before) return false;
+    if (outstanding_ <= limit) return true;
+    const std::size_t target = limit - limit / 4;
+    wake_at_ = target;
+    waiting_ = true;
+    auto deadline = std::chrono::steady_clock::now() + options_.ack_timeout;
+    bool ok = true;
+    for (;;) {
+      const std::uint64_t seen = acks_;
+      if (cv_.wait_until(lock, deadline, [&] { return outstanding_ <= target; })) break;
+      if (acks_ == seen) {  // none since the deadline was set: ack_timeout without one
+        ok = false;
+        break;
+      }
+      deadline = last_ack_ + options_.ack_timeout;  // later than the passed deadline
     }
-    return true;
+    waiting_ = false;
+    return ok;
   }
 
   void fail(std::size_t i, const stored_message& m, errc rc) {
@@ -460,7 +475,11 @@ class js_pipeline {
             self->failed_keys_.emplace(self->batch_[static_cast<std::size_t>(found - self->slots_.data())].partition_key);
           }
           --self->outstanding_;
-          self->cv_.notify_all();
+          ++self->acks_;
+          if (self->waiting_) {
+            self->last_ack_ = std::chrono::steady_clock::now();
+            if (self->outstanding_ <= self->wake_at_) self->cv_.notify_all();
+          }
         }
       }
     }
@@ -472,7 +491,7 @@ class js_pipeline {
   std::unique_ptr<jsCtx, nats_js_deleter> ctx_;
   std::mutex run_mutex_;  // one batch at a time
   std::mutex m_;          // guards what follows; the PubAck callback takes it
-  std::condition_variable cv_;  // a PubAck arrived (outstanding_ dropped)
+  std::condition_variable cv_;  // outstanding_ dropped to wake_at_ while the sender waits
   std::vector<slot> slots_;
   std::span<const stored_message> batch_;  // the batch being published (empty between batches)
   std::unordered_map<message_id, std::size_t, message_id_hash> index_;  // message id -> slot (this batch; lazy)
@@ -481,6 +500,10 @@ class js_pipeline {
   bool open_ = false;         // a batch is being published: PubAck callbacks count
   std::set<std::string, std::less<>> failed_keys_;       // keys with a failure in this batch
   std::size_t outstanding_ = 0;                          // sent, outcome not yet known
+  std::uint64_t acks_ = 0;                               // PubAcks counted so far (any batch)
+  bool waiting_ = false;                                 // the sender waits in await_locked
+  std::size_t wake_at_ = 0;                              // ... until outstanding_ is at most this
+  std::chrono::steady_clock::time_point last_ack_{};     // ... and the last PubAck since it waits came then
   bool stored_ = false;  // a PubAck of this batch said stored: the window opens (slow start before)
   bool cautious_ = true;  // the last batch stalled or failed a key (or none ran yet): slow start
   // The run's thread only (under run_mutex_): the current row's view and
