@@ -8,6 +8,7 @@
 
 #include "support.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -228,6 +229,55 @@ TEST_CASE("a publish reuses the block of an item every holder has released", "[t
   REQUIRE(d);
   CHECK((*d)->value == 2);
   CHECK(static_cast<const void*>(&**d) == first);
+}
+
+namespace {
+// Another size of its own (see odd_sized).
+struct odd_sized_2 {
+  char bytes[555] = {};
+  int value = 0;
+};
+}  // namespace
+
+TEST_CASE("blocks freed on a thread that ends before a full batch are reused by the publisher", "[topic]") {
+  // A freeing thread hands blocks to the shared pool in batches; when it
+  // ends, it hands back what it still holds, so the publisher reuses those
+  // blocks instead of allocating new ones.
+  postbox::topic<odd_sized_2> t;
+  auto s = t.subscribe();
+  odd_sized_2 m;
+  for (int k = 0; k < 3; ++k) {
+    m.value = k;
+    REQUIRE(t.publish(m).delivered == 1);
+  }
+  std::vector<const void*> freed;
+  std::vector<int> values;
+  std::thread receiver([&] {
+    for (int k = 0; k < 3; ++k) {
+      auto d = s.try_receive();
+      if (!d) return;
+      values.push_back((*d)->value);
+      freed.push_back(&**d);
+    }  // each delivery is the last holder: its block is freed on this thread
+  });
+  receiver.join();
+  REQUIRE(values == std::vector<int>{0, 1, 2});
+  std::vector<const void*> reused;
+  for (int k = 0; k < 3; ++k) {
+    m.value = 10 + k;
+    REQUIRE(t.publish(m).delivered == 1);
+  }
+  std::vector<postbox::delivery<odd_sized_2>> held;
+  for (int k = 0; k < 3; ++k) {
+    auto d = s.try_receive();
+    REQUIRE(d);
+    CHECK((*d)->value == 10 + k);
+    reused.push_back(&**d);
+    held.push_back(std::move(*d));
+  }
+  std::sort(freed.begin(), freed.end());
+  std::sort(reused.begin(), reused.end());
+  CHECK(reused == freed);
 }
 
 TEST_CASE("items freed on subscriber threads and reused by publishers keep every message intact", "[topic][stress]") {
