@@ -73,6 +73,9 @@
 #include <thread>
 #include <vector>
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include "nats_harness.hpp"
 
 namespace {
@@ -107,6 +110,64 @@ double percentile(std::vector<double> v, double p) {
   std::sort(v.begin(), v.end());
   return v[std::min(v.size() - 1, static_cast<std::size_t>(p * static_cast<double>(v.size())))];
 }
+
+// CPU time of this process (all its threads: the relay or raw loop, libnats'
+// reader and flusher) and of the nats-server child, in seconds. On a shared
+// VM wall-clock rates swing with the load; the CPU both sides burn per
+// message swings much less, and on 2 cores it is what bounds the rate.
+double self_cpu_seconds() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+// utime + stime of `pid` from /proc (clock ticks); 0 when unreadable.
+double proc_cpu_seconds(long pid) {
+  if (pid <= 0) return 0;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto close = stat.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::vector<std::string> f;  // fields after the command name: state is f[0], utime f[11], stime f[12]
+  std::size_t at = close + 2;
+  while (at < stat.size() && f.size() < 13) {
+    const auto sp = stat.find(' ', at);
+    f.push_back(stat.substr(at, sp - at));
+    if (sp == std::string::npos) break;
+    at = sp + 1;
+  }
+  if (f.size() < 13) return 0;
+  return static_cast<double>(std::atoll(f[11].c_str()) + std::atoll(f[12].c_str())) /
+         static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+// The nats-server this process started (a child named nats-server).
+long find_server_pid() {
+  const std::string self = std::to_string(::getpid());
+  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(e.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const auto open = stat.find('('), close = stat.rfind(')');
+    if (open == std::string::npos || close == std::string::npos) continue;
+    if (stat.substr(open + 1, close - open - 1) != "nats-server") continue;
+    // after ") ": state, then ppid
+    const auto ppid_at = stat.find(' ', close + 2);
+    if (ppid_at == std::string::npos) continue;
+    if (stat.substr(ppid_at + 1, stat.find(' ', ppid_at + 1) - ppid_at - 1) == self) return std::atol(name.c_str());
+  }
+  return 0;
+}
+
+long server_pid = 0;
+// Client + server CPU seconds of the last pipelined run's timed part.
+double last_run_cpu = 0;
+struct cpu_meter {
+  double c0 = self_cpu_seconds(), s0 = proc_cpu_seconds(server_pid);
+  void stop() const { last_run_cpu = self_cpu_seconds() - c0 + proc_cpu_seconds(server_pid) - s0; }
+};
 
 // The raw side's payload: exactly the bytes postbox puts in the body.
 std::string raw_payload(int i) { return nlohmann::json(order{i, "widget"}).dump(); }
@@ -363,9 +424,12 @@ bool check_payload = true;  // --no-check-payload: jetstream_pipeline_options::c
   postbox::relay_options ro;
   ro.batch_size = 4096;
   postbox::outbox_relay relay(s.store, postbox::to_jetstream_pipelined<order>(*r.ja, postbox::json::codec{}, po), ro);
+  const cpu_meter cpu;
   const auto t0 = bench_clock::now();
   if (relay.drain() != static_cast<std::size_t>(n)) die("pipelined relay drain");
-  return seconds_since(t0);
+  const double t = seconds_since(t0);
+  cpu.stop();
+  return t;
 }
 
 double postbox_relay_pipelined(rig& r, int n) {
@@ -453,6 +517,7 @@ struct raw_async_input {
 
 // The timed loop alone (callgrind's inclusive count of this function).
 [[gnu::noinline]] double raw_relay_async_loop(raw_async_ctx& ctx, const raw_async_input& in, int n, bool with_headers) {
+  const cpu_meter cpu;
   const auto t0 = bench_clock::now();
   for (int i = 0; i < n; ++i) {
     natsMsg* msg = nullptr;
@@ -475,7 +540,9 @@ struct raw_async_input {
   jsPubOptions_Init(&po);
   po.MaxWait = 30000;
   if (js_PublishAsyncComplete(ctx.js, &po) != NATS_OK || ctx.failed.load() != 0) die("raw async complete");
-  return seconds_since(t0);
+  const double t = seconds_since(t0);
+  cpu.stop();
+  return t;
 }
 
 // Separate symbols for the two raw forms, so callgrind's inclusive counts
@@ -643,6 +710,8 @@ int main(int argc, char** argv) {
   rig r;
   std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw, relay_pb, relay_raw, pipe_pb, pipe_raw, pipe_hdr, pipe_sql;
   std::vector<double> pipe_ratio;  // relay-pipe / raw per round (the two ran back to back)
+  std::vector<double> cpu_pb, cpu_raw;  // client + server CPU microseconds per message, per round
+  server_pid = find_server_pid();
   std::vector<double> lat_pb[2], lat_raw[2], lat99_pb[2], lat99_raw[2];  // [0]: libnats batching, [1]: send_asap
   std::vector<double> rr_pb[2], rr_raw[2], rr99_pb[2], rr99_raw[2];  // [0]: libnats batching, [1]: send_asap
   for (int round = 0; round < rounds; ++round) {
@@ -660,18 +729,22 @@ int main(int argc, char** argv) {
       both([&] { relay_pb.push_back(n / postbox_relay(r, n)); }, [&] { relay_raw.push_back(n / raw_relay(r, n)); });
     both([&] {
            pipe_pb.push_back(np / postbox_relay_pipelined(r, np));
+           cpu_pb.push_back(last_run_cpu * 1e6 / np);
 #ifdef NATS_BENCH_SQLITE
            if (!only_pipe) pipe_sql.push_back(np / postbox_relay_pipelined_sqlite(r, np));
 #endif
          },
          [&] {
            pipe_raw.push_back(np / raw_relay_async(r, np));
+           cpu_raw.push_back(last_run_cpu * 1e6 / np);
            if (!only_pipe) pipe_hdr.push_back(np / raw_relay_async(r, np, true));
          });
     pipe_ratio.push_back(pipe_pb.back() / pipe_raw.back());
     if (only_relay) {
-      std::printf("  round %d/%d done: relay-pipe %.0f/s (%.2f s), raw %.0f/s (%.2f s), ratio %.2f\n", round + 1,
-                  rounds, pipe_pb.back(), np / pipe_pb.back(), pipe_raw.back(), np / pipe_raw.back(), pipe_ratio.back());
+      std::printf("  round %d/%d done: relay-pipe %.0f/s (%.2f s), raw %.0f/s (%.2f s), ratio %.2f; cpu per message "
+                  "(client + server) %.1f us vs %.1f us, raw/pb %.2f\n",
+                  round + 1, rounds, pipe_pb.back(), np / pipe_pb.back(), pipe_raw.back(), np / pipe_raw.back(),
+                  pipe_ratio.back(), cpu_pb.back(), cpu_raw.back(), cpu_raw.back() / cpu_pb.back());
       continue;
     }
     both([&] { pub_pb.push_back(n / postbox_publish(r, n)); }, [&] { pub_raw.push_back(n / raw_publish(r, n)); });
@@ -720,6 +793,10 @@ int main(int argc, char** argv) {
     std::printf("relay-pipe per round (pb/raw of the same round): median %.2f, min %.2f, max %.2f over %zu rounds of "
                 "%d messages; load average at end: %s\n",
                 median(pipe_ratio), sorted.front(), sorted.back(), sorted.size(), np, load_average().c_str());
+    if (server_pid > 0)
+      std::printf("relay-pipe cpu (this process + nats-server, per message, median over rounds): postbox %.1f us, raw "
+                  "%.1f us, raw/pb %.2f (1.00 = same cost, lower = postbox costlier)\n",
+                  median(cpu_pb), median(cpu_raw), median(cpu_raw) / median(cpu_pb));
   }
   if (only_relay) return 0;
   row("publish", "sync JetStream publish, msgs/s", median(pub_pb), median(pub_raw), "/s");
