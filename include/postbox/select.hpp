@@ -20,13 +20,13 @@
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/detail/backoff.hpp>
+#include <postbox/detail/chrono.hpp>
 #include <postbox/detail/waker.hpp>
 #include <postbox/error.hpp>
 #include <postbox/topic.hpp>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -37,6 +37,19 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+
+// The first pass of a select inlines into its caller; the waiting part stays
+// out of line (see run_select).
+#if defined(__GNUC__) || defined(__clang__)
+#  define POSTBOX_SELECT_ALWAYS_INLINE [[gnu::always_inline]] inline
+#  define POSTBOX_SELECT_NOINLINE [[gnu::noinline]]
+#elif defined(_MSC_VER)
+#  define POSTBOX_SELECT_ALWAYS_INLINE __forceinline
+#  define POSTBOX_SELECT_NOINLINE __declspec(noinline)
+#else
+#  define POSTBOX_SELECT_ALWAYS_INLINE inline
+#  define POSTBOX_SELECT_NOINLINE
+#endif
 
 POSTBOX_BEGIN_NAMESPACE
 
@@ -194,11 +207,16 @@ struct select_access {
 
 enum class attempt { not_ready, ok, closed };
 
-/// Everything a case may need while the select runs.
+/// Everything a case may need while the select runs. `started` is when the
+/// select began on `clk`, or `not_started` while a blocking select makes its
+/// first, clock-free pass over the cases (see run_select): timer cases are
+/// then ready only if their delay is not positive.
 struct select_frame {
+  static constexpr time_point not_started = time_point::min();
   const clock* clk;
   time_point started;
   waker* wake = nullptr;
+  [[nodiscard]] bool timing() const noexcept { return started != not_started; }
 };
 
 /// Wakes a select's waker from a stop callback.
@@ -305,7 +323,8 @@ struct after_case {
   void enter(select_frame&) noexcept {}
   void leave() noexcept {}
   attempt try_complete(select_frame& frame) {
-    if (frame.clk->now() < frame.started + delay) return attempt::not_ready;
+    // Before the select has read its clock, no time has passed since it began.
+    if (frame.timing() ? frame.clk->now() < frame.started + delay : delay > duration::zero()) return attempt::not_ready;
     handler();
     return attempt::ok;
   }
@@ -355,56 +374,54 @@ inline std::size_t next_rotation() noexcept {
   return counter++;
 }
 
+/// One pass over the cases in rotation order: completes the first ready one.
+/// Always inlined: it is most of a select whose case is ready.
 template <class Tuple, std::size_t... I>
-select_result try_cases(Tuple& cases, select_frame& frame, std::size_t rotation, std::index_sequence<I...>) {
+POSTBOX_SELECT_ALWAYS_INLINE select_result try_cases(Tuple& cases, select_frame& frame, std::size_t rotation,
+                                                      std::index_sequence<I...>) {
   constexpr std::size_t n = sizeof...(I);
+  std::size_t pick = rotation % n;
   for (std::size_t k = 0; k < n; ++k) {
-    const std::size_t pick = (rotation + k) % n;
     attempt a = attempt::not_ready;
     // Runs only the case whose position is `pick`.
     (void)((pick == I ? (a = std::get<I>(cases).try_complete(frame), true) : false) || ...);
     if (a == attempt::ok) return {pick, select_status::ok};
     if (a == attempt::closed) return {pick, select_status::closed};
+    if (++pick == n) pick = 0;
   }
   return {0, select_status::empty};
 }
 
+/// The part of a blocking select after a first pass found nothing ready:
+/// spin, then park the calling thread on a waker registered with every case.
+/// Kept out of line so the first pass stays small enough to inline into the
+/// caller. `opts` may be null (no stop token, no deadline).
 template <class... Cases>
-select_result run_select(const select_options& opts, bool may_wait, Cases&... case_refs) {
-  static_assert(sizeof...(Cases) > 0, "postbox::select needs at least one case");
-  static_assert((is_select_case<Cases> && ...), "postbox::select: every argument after the options must be a case "
-                                                 "(on_receive, on_send, after)");
-  const clock& clk = opts.clock != nullptr ? *opts.clock : default_clock();
-  auto cases = std::tie(case_refs...);
+POSTBOX_SELECT_NOINLINE select_result wait_cases(const select_options* opts, std::tuple<Cases&...>& cases,
+                                                 select_frame& frame, std::size_t rotation) {
   constexpr auto seq = std::index_sequence_for<Cases...>{};
-  thread_waker w;
-  select_frame frame{&clk, clk.now(), &w};
-  if (opts.stop.stop_requested()) return {0, select_status::canceled};
-
-  struct entered_guard {
-    std::tuple<Cases&...>& cases;
-    ~entered_guard() {
-      std::apply([](auto&... c) { (c.leave(), ...); }, cases);
-    }
-  } guard{cases};
-  std::apply([&](auto&... c) { (c.enter(frame), ...); }, cases);
-
-  const std::size_t rotation = next_rotation();
-  select_result r = try_cases(cases, frame, rotation, seq);
-  if (r.status != select_status::empty || !may_wait) return r;
+  const clock& clk = *frame.clk;
+  const time_point deadline = opts != nullptr ? opts->deadline : time_point::max();
+  const std::stop_token* stop = opts != nullptr ? &opts->stop : nullptr;
+  // The select begins, for its timer cases and deadline, here: at its first
+  // clock read, right after a pass that found nothing (and so changed nothing).
+  frame.started = clk.now();
+  select_result r{};
 
   backoff spin;
   while (!spin.completed()) {
     spin.snooze();
     r = try_cases(cases, frame, rotation, seq);
     if (r.status != select_status::empty) return r;
-    if (opts.stop.stop_requested()) return {0, select_status::canceled};
+    if (stop != nullptr && stop->stop_requested()) return {0, select_status::canceled};
   }
 
-  // Slow path: park on the waker until a case's event count, a timer, the
-  // deadline or a stop wakes us.
+  // Park on the waker until a case's event count, a timer, the deadline or
+  // a stop wakes us.
+  thread_waker w;
+  frame.wake = &w;
   std::optional<std::stop_callback<wake_waker>> on_stop;
-  if (opts.stop.stop_possible()) on_stop.emplace(opts.stop, wake_waker{&w});
+  if (stop != nullptr && stop->stop_possible()) on_stop.emplace(*stop, wake_waker{&w});
   for (;;) {
     std::apply([&](auto&... c) { (c.park(w), ...); }, cases);
     struct parked_guard {
@@ -418,20 +435,50 @@ select_result run_select(const select_options& opts, bool may_wait, Cases&... ca
     // registration was seen here (event_count::register_waker).
     r = try_cases(cases, frame, rotation, seq);
     if (r.status != select_status::empty) return r;
-    if (opts.stop.stop_requested()) return {0, select_status::canceled};
-    time_point wake_at = opts.deadline;
+    if (stop != nullptr && stop->stop_requested()) return {0, select_status::canceled};
+    time_point wake_at = deadline;
     std::apply(
         [&](auto&... c) {
           ((c.due(frame) ? (wake_at = std::min(wake_at, *c.due(frame)), 0) : 0), ...);
         },
         cases);
-    if (clk.now() >= opts.deadline) return {0, select_status::timeout};
+    if (clk.now() >= deadline) return {0, select_status::timeout};
     {
       std::unique_lock lock(w.mutex());
       while (!w.woken() && clk.now() < wake_at) clk.wait_until(lock, w.cv(), wake_at);
       w.reset();
     }
   }
+}
+
+/// select, select with options (`opts` non-null) and try_select (`may_wait`
+/// false). The first pass over the cases reads no clock, builds no waker and
+/// allocates nothing: when a case is ready the select costs its rotation and
+/// that case's own non-blocking operation; the other cases are not touched.
+template <class... Cases>
+select_result run_select(const select_options* opts, bool may_wait, Cases&... case_refs) {
+  static_assert(sizeof...(Cases) > 0, "postbox::select needs at least one case");
+  static_assert((is_select_case<Cases> && ...), "postbox::select: every argument after the options must be a case "
+                                                 "(on_receive, on_send, after)");
+  if (opts != nullptr && opts->stop.stop_requested()) return {0, select_status::canceled};
+  const clock* clk = opts != nullptr && opts->clock != nullptr ? opts->clock : &default_clock();
+  auto cases = std::tie(case_refs...);
+  select_frame frame{clk, select_frame::not_started, nullptr};
+
+  struct entered_guard {
+    std::tuple<Cases&...>& cases;
+    ~entered_guard() {
+      std::apply([](auto&... c) { (c.leave(), ...); }, cases);
+    }
+  } guard{cases};
+  std::apply([&](auto&... c) { (c.enter(frame), ...); }, cases);
+
+  const std::size_t rotation = next_rotation();
+  const select_result r = try_cases(cases, frame, rotation, std::index_sequence_for<Cases...>{});
+  // try_select makes this one pass: it begins and ends at once, so an
+  // after() case is ready in it only with a delay <= 0, as before any wait.
+  if (r.status != select_status::empty || !may_wait) return r;
+  return wait_cases(opts, cases, frame, rotation);
 }
 
 }  // namespace detail
@@ -509,7 +556,7 @@ template <class F>
 template <class... Cases>
   requires(sizeof...(Cases) > 0 && (detail::is_select_case<std::remove_cvref_t<Cases>> && ...))
 select_result select(Cases&&... cases) {
-  return detail::run_select(select_options{}, true, cases...);
+  return detail::run_select(nullptr, true, cases...);
 }
 
 /// As `select`, with a clock for timer cases, a deadline (`timeout`) and a
@@ -517,7 +564,7 @@ select_result select(Cases&&... cases) {
 template <class... Cases>
   requires(sizeof...(Cases) > 0 && (detail::is_select_case<std::remove_cvref_t<Cases>> && ...))
 select_result select(const select_options& options, Cases&&... cases) {
-  return detail::run_select(options, true, cases...);
+  return detail::run_select(&options, true, cases...);
 }
 
 /// Completes one ready case without waiting, or returns `empty`. Never
@@ -525,7 +572,7 @@ select_result select(const select_options& options, Cases&&... cases) {
 template <class... Cases>
   requires(sizeof...(Cases) > 0 && (detail::is_select_case<std::remove_cvref_t<Cases>> && ...))
 [[nodiscard]] select_result try_select(Cases&&... cases) {
-  return detail::run_select(select_options{}, false, cases...);
+  return detail::run_select(nullptr, false, cases...);
 }
 
 POSTBOX_END_NAMESPACE
