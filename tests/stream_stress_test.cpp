@@ -121,9 +121,11 @@ TEST_CASE("readers racing appends and retention see intact records or out_of_ran
   postbox::stream<std::uint64_t> s(1, postbox::retention{1000, 0, {}});
   std::atomic<bool> done{false};
   std::atomic<std::uint64_t> torn{0}, out_of_range{0}, read_records{0}, bad_earliest{0};
+  std::atomic<int> started{0};
   std::vector<std::thread> readers;
   for (int r = 0; r < 2; ++r)
     readers.emplace_back([&] {
+      started.fetch_add(1);
       std::uint64_t next = 0;
       while (!done.load()) {
         auto res = s.read(0, next, 300);
@@ -140,7 +142,13 @@ TEST_CASE("readers racing appends and retention see intact records or out_of_ran
         if (!res.records.empty()) next = res.records.back().pos.offset + 1;
       }
     });
+  // The appends take a few milliseconds: start them only once both readers
+  // run, and stop the readers only once they have read records (at the
+  // latest after the last append), so the count below does not depend on
+  // how the scheduler placed the threads.
+  CHECK(postbox_test::eventually([&] { return started.load() == 2; }));  // CHECK: the threads are joined below either way
   for (std::uint64_t i = 0; i < total; ++i) (void)s.append("k", i * 3);
+  CHECK(postbox_test::eventually([&] { return read_records.load() > 0; }));
   done = true;
   for (auto& t : readers) t.join();
   INFO("records read " << read_records.load() << ", out_of_range " << out_of_range.load());

@@ -183,7 +183,8 @@ struct channel_access {
 ///   not_empty_, not_full_               the event counts receivers and senders park on
 ///   asymmetric_waits                    true: parking pays a heavy fence and
 ///                                       notifiers a light one (event_count's
-///                                       asymmetric protocol); false: the
+///                                       asymmetric protocol, sole-waiter
+///                                       form: one wake per park); false: the
 ///                                       ring's own seq_cst RMWs pair with
 ///                                       the event count (symmetric protocol)
 template <class Ring, class T>
@@ -374,21 +375,24 @@ class channel_api {
 
   void wake_receivers(int n) noexcept {
     if constexpr (Ring::asymmetric_waits) {
-      ring().not_empty_.notify_light(n);
+      ring().not_empty_.notify_light_sole(n);
     } else {
       ring().not_empty_.notify(n);
     }
   }
   void wake_senders(int n) noexcept {
     if constexpr (Ring::asymmetric_waits) {
-      ring().not_full_.notify_light(n);
+      ring().not_full_.notify_light_sole(n);
     } else {
       ring().not_full_.notify(n);
     }
   }
   static std::uint32_t prepare(event_count& ec) noexcept {
     if constexpr (Ring::asymmetric_waits) {
-      return ec.prepare_wait_asymmetric();
+      // One receiving and one sending thread: each event count has a sole
+      // waiting thread, which gets one futex wake per wait (event_count::
+      // prepare_wait_sole).
+      return ec.prepare_wait_sole();
     } else {
       return ec.prepare_wait();
     }
