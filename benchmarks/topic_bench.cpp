@@ -56,8 +56,20 @@
 // futex calls per 100,000 messages. The rest in the copy workload is glibc's
 // arena lock (payload malloc'd on the publisher, freed on the subscriber's
 // thread): FUTEX_WAIT/WAKE on main_arena, paid by ZeroMQ's zmq_send too.
-// Instructions/msg now (same method): topic 623, topic-view 372, channel 484,
+// Instructions/msg now (same method): topic 634, topic-view 384, channel 484,
 // channel-view 94, zmq copy 1323, zmq zero-copy 1071.
+// Where the zero-copy topic's time goes (perf, cpu-clock samples, --only
+// topic-view --capacity 131072): on the subscriber, the first read of the
+// item (a line the publisher just wrote: one cross-core miss per message that
+// ZeroMQ's constant-data frame, read from the pipe's own sequential chunk,
+// does not pay) and the head CAS; on the publisher, the `publishing`
+// increment and the pool pop (the link word of a block the subscriber freed).
+// With capacity 1024 on a loaded machine the rows are bound by scheduling,
+// not by either side's work: a subscriber descheduled for a time slice lets
+// the queue fill, the publisher parks, and each refill waits for two
+// wake-ups of threads that must first get a CPU back (load 17: 73 context
+// switches and 72 ms of CPU in a 264 ms run of 100,000). ZeroMQ's publisher
+// with HWM 0 never waits, which is what the 0-copy/nb row reproduces.
 // Wall-clock rows on the shared 2-core VM swing by 2-4x between runs with
 // the load of other jobs, so read the ratios of one interleaved run together
 // with the `uptime` load at the time.
