@@ -174,6 +174,29 @@ TEST_CASE("a request to a closed channel is refused with closed", "[request_repl
   CHECK(req.stats().pending == 0);
 }
 
+TEST_CASE("a request to a full channel is refused with full and leaves the queued requests as they were",
+          "[request_reply]") {
+  rig r;
+  postbox::channel<postbox::envelope<int>> small(1);
+  postbox::requester<int, int> req(small, r.registry, r.timers);
+  auto first = req.request(1, 1s);
+  REQUIRE(first.has_value());
+  bool called = false;
+  CHECK(req.request(2, 1s, [&](postbox::reply_outcome<int>) { called = true; }) == postbox::errc::full);
+  CHECK(req.request(3, 1s).status() == postbox::errc::full);
+  const auto s = req.stats();
+  CHECK(s.refused == 2);
+  CHECK(s.pending == 1);
+  CHECK(s.sent == 1);
+  auto queued = small.try_receive();
+  REQUIRE(queued.has_value());
+  CHECK(queued->payload == 1);
+  CHECK(queued->correlation_id == queued->id);
+  CHECK_FALSE(small.try_receive().has_value());
+  CHECK_FALSE(called);
+}
+
+
 TEST_CASE("a handler exception becomes an error reply with its code", "[request_reply]") {
   rig r;
   postbox::requester<int, int> req(r.requests, r.registry, r.timers);

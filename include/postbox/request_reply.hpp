@@ -248,10 +248,8 @@ class requester {
   /// `closed` (request channel); on refusal `cb` is never called. Allocates.
   [[nodiscard]] errc request(Request payload, duration timeout, callback cb,
                              message_kind kind = message_kind::query) {
-    auto env = make_request(std::move(payload), kind);
-    return dispatch(one_target(), std::move(env), timeout,
-                    [&](const message_id& corr, time_point) { return table_->open(corr, std::move(cb)); }, false,
-                    true);
+    auto open = [&](const message_id& corr, time_point) { return table_->open(corr, std::move(cb)); };
+    return send_in_place(std::move(payload), timeout, kind, open, false);
   }
 
   /// Future form of `request`: the refusal status, or a future of the outcome.
@@ -259,11 +257,9 @@ class requester {
   /// briefly, then sleeps. Allocates (the future's state).
   [[nodiscard]] result<reply_future<reply_outcome<Reply>>> request(Request payload, duration timeout,
                                                                    message_kind kind = message_kind::query) {
-    auto env = make_request(std::move(payload), kind);
     auto fs = std::make_shared<detail::rr_future_state<reply_outcome<Reply>>>();
-    const errc s = dispatch(one_target(), std::move(env), timeout, [&](const message_id& corr, time_point deadline) {
-      return table_->open(corr, fs, deadline);
-    }, true, true);
+    auto open = [&](const message_id& corr, time_point deadline) { return table_->open(corr, fs, deadline); };
+    const errc s = send_in_place(std::move(payload), timeout, kind, open, true);
     if (s != errc::ok) return s;
     return reply_future<reply_outcome<Reply>>(std::move(fs));
   }
@@ -345,6 +341,73 @@ class requester {
                              .attempt = 0,
                              .headers = {},
                              .payload = std::move(payload)};
+  }
+
+  // The pieces of a request envelope, made before the channel slot is
+  // claimed (everything that allocates); the channel builds the envelope
+  // from them in its slot (try_emplace), moving each piece once, with
+  // nothing that can throw. As make_request + stamp_fresh + the reply-to
+  // header: correlation id = id, deadline = occurred_at + timeout.
+  struct request_parts {
+    message_id id;
+    message_kind kind;
+    time_point occurred_at;
+    time_point deadline;
+    std::string type;
+    std::string producer;
+    header_map headers;
+    Request* payload;
+
+    operator envelope<Request>() && noexcept {  // NOLINT(google-explicit-constructor)
+      // (A channel's message type is nothrow move constructible, so Request is.)
+      static_assert(std::is_nothrow_move_constructible_v<header_map> &&
+                        std::is_nothrow_move_constructible_v<Request>,
+                    "building the request in its slot must not throw");
+      return envelope<Request>{.id = id,
+                               .type = std::move(type),
+                               .schema_version = message_traits<Request>::schema_version(),
+                               .kind = kind,
+                               .occurred_at = occurred_at,
+                               .correlation_id = id,
+                               .causation_id = {},
+                               .producer = std::move(producer),
+                               .partition_key = {},
+                               .tenant = {},
+                               .trace = {},
+                               .deadline = deadline,
+                               .attempt = 0,
+                               .headers = std::move(headers),
+                               .payload = std::move(*payload)};
+    }
+  };
+
+  // One request to this requester's channel, built in place in the slot
+  // (one move fewer than dispatch). Opens the pending entry first (a reply
+  // may complete it at once); on a full or closed channel nothing was
+  // built and the entry is abandoned. `tracked`: as in dispatch.
+  template <class Open>
+  errc send_in_place(Request&& payload, duration timeout, message_kind kind, Open& open, bool tracked) {
+    const time_point now = table_->get_clock().now();
+    request_parts parts{.id = message_id::generate_at(now),
+                        .kind = kind,
+                        .occurred_at = now,
+                        .deadline = now + timeout,
+                        .type = std::string(message_traits<Request>::type_name()),
+                        .producer = opts_.producer,
+                        .headers = {},
+                        .payload = &payload};
+    parts.headers.set(header_names::reply_to, opts_.endpoint);
+    const message_id corr = parts.id;
+    const time_point deadline = parts.deadline;
+    if (const errc s = open(corr, deadline); s != errc::ok) return s;
+    const send_status sent = requests_->try_emplace(std::move(parts));
+    if (sent != send_status::ok) return table_->abandon(corr, sent == send_status::closed ? errc::closed : errc::full);
+    if (tracked) {
+      table_->sent();
+    } else {
+      table_->arm(corr, deadline);
+    }
+    return errc::ok;
   }
 
   // "rr." and 12 hex digits (48 random bits): short enough for a string's
