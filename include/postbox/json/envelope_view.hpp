@@ -365,18 +365,6 @@ class json_view_reader {
       "id",          "type",        "schema_version", "kind",          "occurred_at", "correlation_id",
       "causation_id", "producer",   "partition_key",  "tenant",        "traceparent", "tracestate",
       "deadline",    "attempt",     "headers",        "payload"};
-  // The fields whose names have each length (f_count: none more).
-  static constexpr auto by_length = [] {
-    std::array<std::array<unsigned char, 3>, 16> t{};
-    for (auto& row : t) row.fill(static_cast<unsigned char>(f_count));
-    for (unsigned c = 0; c < f_count; ++c) {
-      auto& row = t[names[c].size()];
-      std::size_t k = 0;
-      while (row[k] != f_count) ++k;  // a fourth name of one length fails to compile (out of bounds)
-      row[k] = static_cast<unsigned char>(c);
-    }
-    return t;
-  }();
   std::array<std::string_view, f_count> value{};
   std::uint32_t seen = 0;
   json_view_reader r(text);
@@ -388,15 +376,13 @@ class json_view_reader {
       std::string_view key;
       bool escaped = false;
       if (!r.string(key, escaped) || escaped) return false;
-      // At most three member names share a length: compare only those.
+      // The member names differ in length or first letter but for a few
+      // pairs: compare only the names of this length.
       unsigned f = f_count;
-      if (key.size() < by_length.size())
-        for (const unsigned char c : by_length[key.size()]) {
-          if (c == f_count) break;
-          if (names[c] == key) {
-            f = c;
-            break;
-          }
+      for (unsigned c = 0; c < f_count; ++c)
+        if (names[c].size() == key.size() && names[c][0] == key[0] && names[c] == key) {
+          f = c;
+          break;
         }
       if (f == f_count || (seen & (1u << f)) != 0) return false;  // unknown or duplicate member
       seen |= 1u << f;
