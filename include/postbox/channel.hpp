@@ -416,6 +416,14 @@ class channel_api {
         if (stops.stop_requested()) return send_status::canceled;
         if (!backoff.completed()) {
           backoff.snooze();
+          // A ring that can tell (the spsc ring) keeps a sender that found it
+          // full spinning until the receiver has freed a batch of slots, not
+          // just one: refilling each slot as soon as it frees hands that
+          // slot's cache line between the two cores once per message. The
+          // last spin step tries anyway, so the batch never costs a park.
+          if constexpr (requires(Ring& r) { r.room_ahead(); }) {
+            if (!backoff.completed() && !ring().room_ahead()) continue;
+          }
         } else {
           const std::uint32_t key = prepare(ring().not_full_);
           s = try_send(std::forward<U>(value));
@@ -846,11 +854,13 @@ constexpr std::size_t spsc_cell_alignment() noexcept {
 /// every accepted send's `full` store happens before that re-read.
 ///
 /// **Waiting.** Parked threads use the same event counts as the other
-/// shapes with the asymmetric protocol: a thread about to park pays the
-/// heavy fence (event_count::prepare_wait_asymmetric), and the other side,
-/// after each publish or free, pays a light fence and a relaxed read of the
-/// waiter count (notify_light): no syscall and no write when nobody waits.
-/// The condition the waiter re-checks is the slot state itself.
+/// shapes with the asymmetric protocol in its sole-waiter form (one thread
+/// per side): a thread about to park pays the heavy fence and re-arms its
+/// wake (event_count::prepare_wait_sole), and the other side, after each
+/// publish or free, pays a light fence and a relaxed read of the waiter
+/// count (notify_light_sole): no syscall and no write when nobody waits, and
+/// one FUTEX_WAKE per park, not one per message sent while the parked side
+/// is waking up. The condition the waiter re-checks is the slot state itself.
 /// Where membarrier is unavailable, and under ThreadSanitizer, both fences
 /// are seq_cst fences (detail/asymmetric_fence.hpp).
 ///
@@ -990,6 +1000,17 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   static_assert(sizeof(cell) > 32 || detail::cache_line_size % sizeof(cell) == 0,
                 "a small cell must not straddle two cache lines, so its state and message move together");
 
+  /// Producer only: whether the consumer has freed the slot `batch` ahead of
+  /// the next one to write (so at least batch + 1 are free). A hint for the
+  /// blocking send's spin (channel_api::send_blocking); emplace_quiet decides.
+  [[nodiscard]] bool room_ahead() const noexcept {
+    const std::size_t batch = capacity_ / 4 < 32 ? capacity_ / 4 : 32;
+    // relaxed: our own index.
+    const std::uint64_t t = tail_.load(std::memory_order_relaxed);
+    // relaxed: a hint only; the send that follows reads its own cell with acquire.
+    return batch == 0 || cells_[(t + batch) & mask_].full.load(std::memory_order_relaxed) == 0;
+  }
+
   /// Producer only.
   template <class... Args>
   send_status emplace_quiet(Args&&... args) noexcept {
@@ -1080,9 +1101,11 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   const std::size_t mask_;
   const std::uint64_t start_;
   const detail::owned_array<cell> cells_;
-  /// Receivers park here; the producer notifies (light) after publishing.
+  /// The consumer parks here (its sole waiter); the producer notifies
+  /// (notify_light_sole) after publishing.
   alignas(detail::cache_line_size) detail::event_count not_empty_;
-  /// The producer parks here; the consumer notifies (light) after freeing.
+  /// The producer parks here (its sole waiter); the consumer notifies
+  /// (notify_light_sole) after freeing.
   alignas(detail::cache_line_size) detail::event_count not_full_;
 
   static_assert(detail::cache_line_size >= sizeof(std::atomic<std::uint64_t>) + sizeof(std::uint32_t),
