@@ -21,32 +21,50 @@
 // is polled after each request, so nobody waits) for callgrind; instructions
 // per round trip = (Ir(n) - Ir(0)) / n.
 //
-// Profile (callgrind, g++ 12 -O2, --profile, per round trip, requester + responder):
-//   ZeroMQ REQ/REP inproc, zmq_send/zmq_recv                            4,359 instructions
+// Profile (callgrind, g++ 12 -O3, --profile, per round trip, requester + responder):
+//   ZeroMQ REQ/REP inproc, zmq_send/zmq_recv                            4,377 instructions
 //   postbox before issue 18 (a timer scheduled and canceled per request,
 //   mutex+condvar future behind a std::function, map nodes and the done
 //   list allocated per request, a registry lookup allocating its key)  12,567
-//   postbox now (one table timer; the future is one atomic word; nodes
-//   recycled; the reply moved once into the future; cached endpoint;
-//   the request's own fresh id is its correlation id)                   6,802
-//   What is left is mostly the envelope itself: 4 moves of ~290
-//   instructions (7 strings, headers, trace), 2 message ids, 4 clock reads,
-//   the reply-to header's allocation, the table's two locks, and ~980 for
-//   cancelling the table's timer when it empties and re-arming it on the
-//   next request (strict ping-pong empties it every round trip).
-// Syscalls (strace -f -c, --only "postbox requester", 20,000 round trips):
-//   before: futex 60,016 (3 per round trip: the future's condvar, the
-//   responder's park). Now, pinned under chrt -f 10: 472 futex and 916
-//   sched_yield (the responder's channel receive); ZeroMQ in the same
-//   conditions: about 19 syscalls per round trip (poll, getpid, read,
-//   write). A requester that gets its reply while spinning makes no
-//   syscall, nor does the responder that sets it.
-// Wall clock (2-core AMD EPYC VM shared with builds, load 12-18; --pin under
-// chrt -f 10, which stands in for a quiet machine): requester 1.5-1.8 us,
-// channel ping-pong 0.28-0.35 us, ZeroMQ 27-34 us: 0.054-0.063x ZeroMQ and
-// 5.1-6.1x the ping-pong. In slower phases of the VM (ping-pong 1.2-1.5 us)
-// 0.13x and 3.7-4.3x. Without chrt, at load 9: requester 15.6 us, channel
-// ping-pong 14.6 us, ZeroMQ 19.2 us (0.81x, 1.07x); every row swings widely.
+//   issue 18, first pass (one table timer; the future is one atomic
+//   word; nodes recycled; the reply moved once into the future; cached
+//   endpoint; the request's own fresh id is its correlation id)         6,805
+//   now                                                                 5,575
+//     responder serves the channel's receive result in place and
+//     builds the reply in the packet's variant (no optional, no variant
+//     move): -650; generated endpoint names fit std::string's inline
+//     buffer (rr. + 12 hex digits), so reply-to allocates nothing: -290;
+//     one clock read per envelope (5 -> 3 per round trip): -115; the
+//     request built in its channel slot (try_emplace): -165.
+//   What is left: the table's timer, cancelled when the table empties and
+//   re-armed by the next request (about 960: schedule_at allocates the
+//   callback and a live-set node, cancel frees both; an empty table must
+//   hold no timer, which strict ping-pong makes it every round trip), 3
+//   envelope moves (out of the slot, into the future, out of get()) at
+//   about 180 each plus destructors (~340), 2 ids (a process-wide CAS
+//   each, ~170), the reply-to header's vector (~290), the table's two
+//   locks and its map, done-ring and deadline-heap bookkeeping (~900).
+// Syscalls (perf stat -e syscalls:sys_enter_futex, --pin --rounds 3,
+// --only "postbox requester", 60,000 round trips):
+//   before issue 18: 3 futex calls per round trip (condvar future).
+//   first pass (pause-only adaptive spin in get(), then sleep): at load
+//   4-5, 54k-113k futex and 108k-227k sched_yield; at load 12-16, 18k-36k
+//   futex, 37k-75k yields. The pause-only spin made the requester sleep
+//   and the responder pay a futex wake on most round trips.
+//   now (get() waits as a channel's blocking receive: backoff pauses,
+//   4 yields, then sleep): load 4-5: 6k-34k futex, 33k-120k yields;
+//   load 12-16: 2.4k-2.5k futex, 8k-8.5k yields. No syscall on either side
+//   when the reply comes while the requester spins.
+// Wall clock: this VM (2-core AMD EPYC) was shared with builds at load 4-17
+// while this was measured, so only same-run comparisons mean anything:
+//   load 4-5, 20k round trips x3: requester 42-143 us before, 30-73 us now.
+//   load 15, 5k x3 (three alternating pairs): before 0.76-1.42 ms,
+//   now 0.09-0.47 ms. At that load ZeroMQ (threads asleep in poll, woken
+//   with the scheduler's wake-up preference) took 71 us and the channel's
+//   own ping-pong 137 us; spin-and-yield waits lose to sleeping ones when
+//   every core has several runnable threads. The quiet figures of the
+//   first pass (4.4 us vs 0.29 us ping-pong, ZeroMQ 50.5 us) still need a
+//   quiet re-run.
 #include <postbox/operations.hpp>
 #include <postbox/request_reply.hpp>
 
