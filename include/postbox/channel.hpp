@@ -5,11 +5,11 @@
 #include <postbox/config.hpp>
 #include <postbox/detail/asymmetric_fence.hpp>
 #include <postbox/detail/backoff.hpp>
+#include <postbox/detail/chrono.hpp>
 #include <postbox/detail/event_count.hpp>
 #include <postbox/error.hpp>
 
 #include <atomic>
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <iterator>

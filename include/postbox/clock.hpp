@@ -3,8 +3,8 @@
 #pragma once
 
 #include <postbox/error.hpp>
+#include <postbox/detail/chrono.hpp>
 
-#include <chrono>
 #include <cstdint>
 #include <condition_variable>
 #include <mutex>

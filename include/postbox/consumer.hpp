@@ -45,13 +45,13 @@
 #include <postbox/retry.hpp>
 #include <postbox/settlement.hpp>
 #include <postbox/timer_service.hpp>
+#include <postbox/detail/chrono.hpp>
 #include <postbox/detail/random.hpp>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <charconv>
-#include <chrono>
 #include <concepts>
 #include <condition_variable>
 #include <coroutine>

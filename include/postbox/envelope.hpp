@@ -5,11 +5,11 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/chrono.hpp>
 #include <postbox/detail/random.hpp>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <compare>
 #include <cstddef>
 #include <cstdint>

@@ -12,11 +12,11 @@
 #include <postbox/store.hpp>
 #include <postbox/stream.hpp>
 #include <postbox/topic.hpp>
+#include <postbox/detail/chrono.hpp>
 #include <postbox/detail/random.hpp>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <concepts>
 #include <cstdint>
 #include <cstdio>

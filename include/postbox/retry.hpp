@@ -3,9 +3,9 @@
 #pragma once
 
 #include <postbox/clock.hpp>
+#include <postbox/detail/chrono.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <mutex>
 

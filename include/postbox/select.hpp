@@ -20,13 +20,13 @@
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/detail/backoff.hpp>
+#include <postbox/detail/chrono.hpp>
 #include <postbox/detail/waker.hpp>
 #include <postbox/error.hpp>
 #include <postbox/topic.hpp>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>

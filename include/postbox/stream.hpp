@@ -50,6 +50,7 @@
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/detail/backoff.hpp>
+#include <postbox/detail/chrono.hpp>
 #include <postbox/detail/event_count.hpp>
 #include <postbox/detail/topic_snapshot.hpp>
 #include <postbox/error.hpp>
@@ -57,7 +58,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <chrono>
 #include <climits>
 #include <cstddef>
 #include <cstdint>

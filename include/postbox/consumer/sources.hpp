@@ -21,8 +21,8 @@
 #include <postbox/error.hpp>
 #include <postbox/fwd.hpp>
 #include <postbox/settlement.hpp>
+#include <postbox/detail/chrono.hpp>
 
-#include <chrono>
 #include <concepts>
 #include <condition_variable>
 #include <cstddef>

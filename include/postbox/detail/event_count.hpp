@@ -5,11 +5,11 @@
 #include <postbox/config.hpp>
 #include <postbox/detail/asymmetric_fence.hpp>
 #include <postbox/detail/backoff.hpp>
+#include <postbox/detail/chrono.hpp>
 #include <postbox/detail/waker.hpp>
 
 #include <array>
 #include <atomic>
-#include <chrono>
 #include <cerrno>
 #include <climits>
 #include <cstddef>

@@ -5,8 +5,8 @@
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/error.hpp>
+#include <postbox/detail/chrono.hpp>
 
-#include <chrono>
 #include <cstddef>
 #include <string>
 #include <unordered_map>

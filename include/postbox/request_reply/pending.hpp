@@ -13,6 +13,7 @@
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
 #include <postbox/detail/backoff.hpp>
+#include <postbox/detail/chrono.hpp>
 #include <postbox/detail/waker.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
@@ -20,7 +21,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
