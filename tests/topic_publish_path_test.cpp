@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -272,6 +273,57 @@ TEST_CASE("blocks freed on a thread that ends before a full batch are reused by 
     auto d = s.try_receive();
     REQUIRE(d);
     CHECK((*d)->value == 10 + k);
+    reused.push_back(&**d);
+    held.push_back(std::move(*d));
+  }
+  std::sort(freed.begin(), freed.end());
+  std::sort(reused.begin(), reused.end());
+  CHECK(reused == freed);
+}
+
+namespace {
+struct odd_sized_3 {
+  char bytes[777] = {};
+  int value = 0;
+};
+}  // namespace
+
+TEST_CASE("a delivery a thread_local keeps until after the thread handed back its blocks returns its block to the pool",
+          "[topic]") {
+  // The thread's pool state hands its blocks back at thread exit; a delivery
+  // destroyed later by another thread_local's destructor must still reach
+  // the shared pool (not a destroyed object), and so be reused.
+  postbox::topic<odd_sized_3> t;
+  auto s = t.subscribe();
+  odd_sized_3 m;
+  for (int k = 1; k <= 2; ++k) {
+    m.value = k;
+    REQUIRE(t.publish(m).delivered == 1);
+  }
+  std::vector<const void*> freed;
+  std::vector<int> values;
+  std::thread receiver([&] {
+    // Constructed before the pool's exit hook of this thread, so destroyed after it.
+    thread_local std::optional<postbox::delivery<odd_sized_3>> keep;
+    keep = s.try_receive();
+    if (!keep || !*keep) return;
+    values.push_back((*keep)->value);
+    freed.push_back(&**keep);
+    if (auto d = s.try_receive()) {  // freed now, on this thread: registers the pool's exit hook
+      values.push_back((*d)->value);
+      freed.push_back(&**d);
+    }
+  });
+  receiver.join();
+  REQUIRE(values == std::vector<int>{1, 2});
+  std::vector<const void*> reused;
+  std::vector<postbox::delivery<odd_sized_3>> held;
+  for (int k = 3; k <= 4; ++k) {
+    m.value = k;
+    REQUIRE(t.publish(m).delivered == 1);
+    auto d = s.try_receive();
+    REQUIRE(d);
+    CHECK((*d)->value == k);
     reused.push_back(&**d);
     held.push_back(std::move(*d));
   }

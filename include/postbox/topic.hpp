@@ -244,23 +244,19 @@ class topic_block_pool {
     static shared_stack* const s = new shared_stack;
     return *s;
   }
+  // A thread's blocks. Trivially destructible, so it stays usable until the
+  // thread's storage goes, also after the thread's destructors began (a block
+  // freed by another thread_local's destructor, or on the main thread by a
+  // static's, holding a delivery); `hand_back` runs at thread exit.
   struct local {
-    node* stash = nullptr;  // taken from the shared stack; popped by allocate()
-    node* out = nullptr;    // freed by this thread, not yet pushed
-    node* out_last = nullptr;
-    std::size_t out_count = 0;
-    local() = default;
-    local(const local&) = delete;
-    local& operator=(const local&) = delete;
-    ~local() {  // a thread that ends hands its blocks back
-      flush();
-      if (node* first = stash) {
-        node* last = first;
-        while (last->next != nullptr) last = last->next;
-        push_chain(first, last);
-        stash = nullptr;
-      }
-    }
+    node* stash;      // taken from the shared stack; popped by allocate()
+    node* out;        // freed by this thread, not yet pushed
+    node* out_last;
+    std::size_t out_count;
+    bool registered;  // hand_back is registered for this thread
+    // Set by hand_back: later frees on this thread go straight to the
+    // shared stack and later allocations to operator new.
+    bool gone;
     void flush() noexcept {
       if (out == nullptr) return;
       push_chain(out, out_last);
@@ -268,8 +264,30 @@ class topic_block_pool {
       out_count = 0;
     }
   };
+  // Hands a thread's blocks back when the thread ends.
+  struct hand_back {
+    local* l;
+    explicit hand_back(local* p) noexcept : l(p) {}
+    hand_back(const hand_back&) = delete;
+    hand_back& operator=(const hand_back&) = delete;
+    ~hand_back() {
+      l->gone = true;
+      l->flush();
+      if (node* first = l->stash) {
+        node* last = first;
+        while (last->next != nullptr) last = last->next;
+        push_chain(first, last);
+        l->stash = nullptr;
+      }
+    }
+  };
   static local& mine() noexcept {
-    thread_local local l;
+    thread_local local l{};
+    if (!l.registered) {
+      l.registered = true;
+      thread_local hand_back h(&l);  // constructed once per thread, here
+      (void)h;
+    }
     return l;
   }
   static void push_chain(node* first, node* last) noexcept {
@@ -285,6 +303,7 @@ class topic_block_pool {
 
   static void* allocate() {
     local& l = mine();
+    if (l.gone) return ::operator new(Size, std::align_val_t{block_align});  // see local::gone
     if (l.stash == nullptr) l.stash = shared().head.exchange(nullptr, std::memory_order_acquire);  // see shared_stack
     if (l.stash == nullptr && l.out != nullptr) {  // our own frees, not yet pushed
       l.stash = l.out;
@@ -307,6 +326,10 @@ class topic_block_pool {
     // Only the part past the link, which whoever takes the block reads.
     ASAN_POISON_MEMORY_REGION(reinterpret_cast<char*>(p) + sizeof(node), Size - sizeof(node));
 #endif
+    if (l.gone) {
+      push_chain(n, n);
+      return;
+    }
     if (l.out == nullptr) l.out_last = n;
     l.out = n;
     if (++l.out_count == batch) l.flush();
