@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <latch>
+#include <limits>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -1412,4 +1413,34 @@ TEST_CASE("the consumer's node pool hands a freed node to the next allocation of
   CHECK(pool.allocate(96) == a);  // the freed node, not the other-size block
   postbox::detail::consumer_node_pool::deallocate(a);
   postbox::detail::consumer_node_pool::deallocate(b);
+}
+
+TEST_CASE("a redriven message's counter headers are read as from_chars reads them, 0 when absent or out of range",
+          "[consumer][dead_letter]") {
+  const auto u32 = [](std::string text) {
+    postbox::header_map h;
+    h.set("n", std::move(text));
+    return postbox::detail::header_number<std::uint32_t>(h, "n");
+  };
+  const auto i64 = [](std::string text) {
+    postbox::header_map h;
+    h.set("n", std::move(text));
+    return postbox::detail::header_number<std::int64_t>(h, "n");
+  };
+  CHECK(postbox::detail::header_number<std::uint32_t>(postbox::header_map{}, "n") == 0);
+  CHECK(u32("12") == 12);
+  CHECK(u32("12abc") == 12);  // the leading digits, as from_chars
+  CHECK(u32("4294967295") == 4294967295U);
+  CHECK(u32("4294967296") == 0);  // out of range
+  CHECK(u32("-1") == 0);          // no sign for an unsigned counter
+  CHECK(u32("+1") == 0);
+  CHECK(u32(" 1") == 0);
+  CHECK(u32("") == 0);
+  CHECK(i64("-12") == -12);
+  CHECK(i64("-0") == 0);
+  CHECK(i64("-") == 0);
+  CHECK(i64("9223372036854775807") == std::numeric_limits<std::int64_t>::max());
+  CHECK(i64("9223372036854775808") == 0);
+  CHECK(i64("-9223372036854775808") == std::numeric_limits<std::int64_t>::min());
+  CHECK(i64("-9223372036854775809") == 0);
 }
