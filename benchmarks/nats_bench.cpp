@@ -162,11 +162,14 @@ long find_server_pid() {
 }
 
 long server_pid = 0;
-// Client + server CPU seconds of the last pipelined run's timed part.
-double last_run_cpu = 0;
+// Client + server CPU seconds of the last pipelined run's timed part, and the server's share.
+double last_run_cpu = 0, last_run_server_cpu = 0;
 struct cpu_meter {
   double c0 = self_cpu_seconds(), s0 = proc_cpu_seconds(server_pid);
-  void stop() const { last_run_cpu = self_cpu_seconds() - c0 + proc_cpu_seconds(server_pid) - s0; }
+  void stop() const {
+    last_run_server_cpu = proc_cpu_seconds(server_pid) - s0;
+    last_run_cpu = self_cpu_seconds() - c0 + last_run_server_cpu;
+  }
 };
 
 // The raw side's payload: exactly the bytes postbox puts in the body.
@@ -711,6 +714,7 @@ int main(int argc, char** argv) {
   std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw, relay_pb, relay_raw, pipe_pb, pipe_raw, pipe_hdr, pipe_sql;
   std::vector<double> pipe_ratio;  // relay-pipe / raw per round (the two ran back to back)
   std::vector<double> cpu_pb, cpu_raw;  // client + server CPU microseconds per message, per round
+  std::vector<double> srv_pb, srv_raw;  // the server's part of it
   server_pid = find_server_pid();
   std::vector<double> lat_pb[2], lat_raw[2], lat99_pb[2], lat99_raw[2];  // [0]: libnats batching, [1]: send_asap
   std::vector<double> rr_pb[2], rr_raw[2], rr99_pb[2], rr99_raw[2];  // [0]: libnats batching, [1]: send_asap
@@ -730,6 +734,7 @@ int main(int argc, char** argv) {
     both([&] {
            pipe_pb.push_back(np / postbox_relay_pipelined(r, np));
            cpu_pb.push_back(last_run_cpu * 1e6 / np);
+           srv_pb.push_back(last_run_server_cpu * 1e6 / np);
 #ifdef NATS_BENCH_SQLITE
            if (!only_pipe) pipe_sql.push_back(np / postbox_relay_pipelined_sqlite(r, np));
 #endif
@@ -737,6 +742,7 @@ int main(int argc, char** argv) {
          [&] {
            pipe_raw.push_back(np / raw_relay_async(r, np));
            cpu_raw.push_back(last_run_cpu * 1e6 / np);
+           srv_raw.push_back(last_run_server_cpu * 1e6 / np);
            if (!only_pipe) pipe_hdr.push_back(np / raw_relay_async(r, np, true));
          });
     pipe_ratio.push_back(pipe_pb.back() / pipe_raw.back());
@@ -794,9 +800,9 @@ int main(int argc, char** argv) {
                 "%d messages; load average at end: %s\n",
                 median(pipe_ratio), sorted.front(), sorted.back(), sorted.size(), np, load_average().c_str());
     if (server_pid > 0)
-      std::printf("relay-pipe cpu (this process + nats-server, per message, median over rounds): postbox %.1f us, raw "
-                  "%.1f us, raw/pb %.2f (1.00 = same cost, lower = postbox costlier)\n",
-                  median(cpu_pb), median(cpu_raw), median(cpu_raw) / median(cpu_pb));
+      std::printf("relay-pipe cpu (this process + nats-server, per message, median over rounds): postbox %.1f us "
+                  "(server %.1f), raw %.1f us (server %.1f), raw/pb %.2f (1.00 = same cost, lower = postbox costlier)\n",
+                  median(cpu_pb), median(srv_pb), median(cpu_raw), median(srv_raw), median(cpu_raw) / median(cpu_pb));
   }
   if (only_relay) return 0;
   row("publish", "sync JetStream publish, msgs/s", median(pub_pb), median(pub_raw), "/s");
