@@ -62,9 +62,15 @@
 //   now 0.09-0.47 ms. At that load ZeroMQ (threads asleep in poll, woken
 //   with the scheduler's wake-up preference) took 71 us and the channel's
 //   own ping-pong 137 us; spin-and-yield waits lose to sleeping ones when
-//   every core has several runnable threads. The quiet figures of the
-//   first pass (4.4 us vs 0.29 us ping-pong, ZeroMQ 50.5 us) still need a
-//   quiet re-run.
+//   every core has several runnable threads.
+//   Full runs (--pin --rounds 3, 20k), one after the other: first pass at
+//   load 6.5: requester 99 us, ping-pong 8.0 us, ZeroMQ 211 us (12.4x,
+//   0.47x); now at load 8.2: 16.9 us, 1.9 us, 202 us (8.9x, 0.084x); now at
+//   load 7.4: 23.5 us, 4.0 us, 92 us (5.8x, 0.25x). A bare futex sleep in
+//   get() (no yields, neither ours nor libstdc++'s atomic::wait's) was 2-4x
+//   slower at load 8 with 7-15x the futex calls: waiting longer before
+//   sleeping pays there. The quiet figures of the first pass (4.4 us vs
+//   0.29 us ping-pong, ZeroMQ 50.5 us) still need a quiet re-run.
 #include <postbox/operations.hpp>
 #include <postbox/request_reply.hpp>
 
