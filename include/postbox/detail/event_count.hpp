@@ -217,15 +217,10 @@ class event_count {
     light_fence();
     // acquire: as in notify_light().
     const std::uint64_t w = waiters_.load(std::memory_order_acquire);
-    if (w == 0) return;
-    wake(n, w & ~thread_mask);  // the registered wakers only: no epoch bump, no syscall
-    if ((w & thread_mask) == 0) return;
-    // seq_cst RMW: marks the wake pending; pairs with the fetch_and in
-    // prepare_wait_sole(). Only the notifier that sets the mark wakes; it
-    // wakes every sleeper, so the argument there holds even if a second
-    // thread (against the contract) waited too.
-    if ((epoch_.fetch_or(wake_pending, std::memory_order_seq_cst) & wake_pending) != 0) return;
-    futex_wake(INT_MAX);
+    // The per-message path ends here; the rest is out of line, so this
+    // inlines into every send and receive of the ring.
+    if (POSTBOX_LIKELY(w == 0)) return;
+    wake_sole(n, w);
   }
 
   /// Wakes every parked thread whether or not a waiter is announced: for a
@@ -236,6 +231,18 @@ class event_count {
   void wake_all() noexcept { wake(INT_MAX, thread_mask); }
 
  private:
+  /// notify_light_sole() once it has seen waiters (`seen`, non-zero).
+  void wake_sole(int n, std::uint64_t seen) noexcept {
+    wake(n, seen & ~thread_mask);  // the registered wakers only: no epoch bump, no syscall
+    if ((seen & thread_mask) == 0) return;
+    // seq_cst RMW: marks the wake pending; pairs with the fetch_and in
+    // prepare_wait_sole(). Only the notifier that sets the mark wakes; it
+    // wakes every sleeper, so the argument there holds even if a second
+    // thread (against the contract) waited too.
+    if ((epoch_.fetch_or(wake_pending, std::memory_order_seq_cst) & wake_pending) != 0) return;
+    futex_wake(INT_MAX);
+  }
+
   /// `seen` is the waiters_ value the notifier read. With no thread among
   /// it (only registered wakers: coroutines, selects), the epoch bump and
   /// the futex syscall are skipped: a thread whose prepare_wait increment
