@@ -56,8 +56,11 @@
 // futex calls per 100,000 messages. The rest in the copy workload is glibc's
 // arena lock (payload malloc'd on the publisher, freed on the subscriber's
 // thread): FUTEX_WAIT/WAKE on main_arena, paid by ZeroMQ's zmq_send too.
-// Instructions/msg now (same method): topic 634, topic-view 384, channel 484,
-// channel-view 94, zmq copy 1323, zmq zero-copy 1071.
+// Instructions/msg now (same method): topic 630 (537 at f44442e, before the
+// wake-once change, in this file's old profile loop), topic-view 378, channel
+// 508, channel-view 116 (the spsc channel changed in the same stop), zmq copy
+// 1323, zmq zero-copy 1070. The topic's extra is partly this loop's shape
+// (the payload copy is no longer inlined into main) and the waits' bookkeeping.
 // Where the zero-copy topic's time goes (perf, cpu-clock samples, --only
 // topic-view --capacity 131072): on the subscriber, the first read of the
 // item (a line the publisher just wrote: one cross-core miss per message that
