@@ -45,10 +45,10 @@
 #include <postbox/retry.hpp>
 #include <postbox/settlement.hpp>
 #include <postbox/timer_service.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/random.hpp>
 
-#include <algorithm>
 #include <array>
 #include <atomic>
 #include <concepts>

@@ -34,8 +34,8 @@
 #include <postbox/redaction.hpp>
 #include <postbox/retry.hpp>
 #include <postbox/timer_service.hpp>
+#include <postbox/detail/algorithm.hpp>
 
-#include <algorithm>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>

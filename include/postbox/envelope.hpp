@@ -5,10 +5,10 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/random.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <compare>
 #include <cstddef>

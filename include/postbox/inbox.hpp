@@ -8,9 +8,9 @@
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
 #include <postbox/store.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/chrono.hpp>
 
-#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <limits>

@@ -9,8 +9,8 @@
 #include <postbox/clock.hpp>
 #include <postbox/error.hpp>
 #include <postbox/redaction.hpp>
+#include <postbox/detail/algorithm.hpp>
 
-#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>

@@ -7,11 +7,11 @@
 #include <postbox/config.hpp>
 #include <postbox/operations/executor.hpp>
 #include <postbox/operations/poll_limit.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/random.hpp>
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
 
-#include <algorithm>
 #include <array>
 #include <condition_variable>
 #include <cstddef>

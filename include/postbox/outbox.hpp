@@ -12,10 +12,10 @@
 #include <postbox/store.hpp>
 #include <postbox/stream.hpp>
 #include <postbox/topic.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/random.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <concepts>
 #include <cstdint>

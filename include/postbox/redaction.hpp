@@ -23,8 +23,8 @@
 //   use it instead.
 
 #include <postbox/config.hpp>
+#include <postbox/detail/algorithm.hpp>
 
-#include <algorithm>
 #include <cstddef>
 #include <memory>
 #include <mutex>

@@ -3,9 +3,9 @@
 #pragma once
 
 #include <postbox/clock.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/chrono.hpp>
 
-#include <algorithm>
 #include <cstdint>
 #include <mutex>
 

@@ -9,7 +9,6 @@
 #include <postbox/error.hpp>
 #include <postbox/timer_service.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <concepts>
 #include <condition_variable>
@@ -31,6 +30,7 @@
 
 #include <postbox/retry.hpp>
 #include <postbox/scheduler.hpp>
+#include <postbox/detail/algorithm.hpp>
 
 POSTBOX_BEGIN_NAMESPACE
 /// The policy sagas retry compensations with (postbox/retry.hpp).

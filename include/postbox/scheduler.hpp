@@ -37,8 +37,8 @@
 #include <postbox/stream.hpp>
 #include <postbox/timer_service.hpp>
 #include <postbox/topic.hpp>
+#include <postbox/detail/algorithm.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>

@@ -19,13 +19,13 @@
 #include <postbox/channel.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/backoff.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/waker.hpp>
 #include <postbox/error.hpp>
 #include <postbox/topic.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>

@@ -7,8 +7,8 @@
 #include <postbox/envelope.hpp>
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
+#include <postbox/detail/algorithm.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <concepts>
 #include <condition_variable>

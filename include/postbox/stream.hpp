@@ -49,13 +49,13 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/backoff.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/event_count.hpp>
 #include <postbox/detail/topic_snapshot.hpp>
 #include <postbox/error.hpp>
 
-#include <algorithm>
 #include <array>
 #include <atomic>
 #include <climits>

@@ -4,8 +4,8 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/error.hpp>
+#include <postbox/detail/algorithm.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>

@@ -7,13 +7,13 @@
 #include <postbox/async/core.hpp>
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/waker.hpp>
 #include <postbox/error.hpp>
 #include <postbox/select.hpp>
 #include <postbox/timer_service.hpp>
 #include <postbox/topic.hpp>
 
-#include <algorithm>
 #include <cstddef>
 #include <exception>
 #include <memory>

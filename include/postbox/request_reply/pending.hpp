@@ -12,6 +12,7 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/backoff.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/waker.hpp>
@@ -19,7 +20,6 @@
 #include <postbox/error.hpp>
 #include <postbox/timer_service.hpp>
 
-#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
