@@ -531,18 +531,21 @@ struct envelope {
   [[nodiscard]] bool expired(time_point now) const noexcept { return deadline.has_value() && *deadline <= now; }
 };
 
-/// A new original message for `payload`: fresh id, `occurred_at =
-/// clk.now()`, correlation id = its own id, causation nil, type and schema
-/// version from `message_traits`. Allocates (strings). Thread-safe.
+namespace detail {
+/// A new original message with an explicit type name and kind: the fresh id
+/// and `occurred_at` both from `now` (one clock read, made by the caller),
+/// correlation id = its own id, causation nil, schema version from
+/// `message_traits`. Allocates only what `type` already holds.
 template <class T>
-[[nodiscard]] envelope<std::decay_t<T>> make_envelope(T&& payload, const clock& clk = default_clock()) {
+[[nodiscard]] envelope<std::decay_t<T>> make_envelope_at(std::string type, T&& payload, message_kind kind,
+                                                         time_point now) {
   using U = std::decay_t<T>;
-  const message_id id = message_id::generate(clk);
+  const message_id id = message_id::generate_at(now);
   return envelope<U>{.id = id,
-                     .type = std::string(message_traits<U>::type_name()),
+                     .type = std::move(type),
                      .schema_version = message_traits<U>::schema_version(),
-                     .kind = message_kind::event,
-                     .occurred_at = clk.now(),
+                     .kind = kind,
+                     .occurred_at = now,
                      .correlation_id = id,
                      .causation_id = {},
                      .producer = {},
@@ -554,6 +557,16 @@ template <class T>
                      .headers = {},
                      .payload = std::forward<T>(payload)};
 }
+}  // namespace detail
+
+/// A new original message for `payload`: fresh id, `occurred_at =
+/// clk.now()`, correlation id = its own id, causation nil, type and schema
+/// version from `message_traits`. Allocates (strings). Thread-safe.
+template <class T>
+[[nodiscard]] envelope<std::decay_t<T>> make_envelope(T&& payload, const clock& clk = default_clock()) {
+  return detail::make_envelope_at(std::string(message_traits<std::decay_t<T>>::type_name()), std::forward<T>(payload),
+                                  message_kind::event, clk.now());
+}
 
 /// As above, with an explicit type name and kind (the schema version still
 /// comes from `message_traits`). Allocates. Thread-safe.
@@ -562,23 +575,7 @@ template <class T>
 [[nodiscard]] envelope<std::decay_t<T>> make_envelope(std::string type, T&& payload,
                                                       message_kind kind = message_kind::event,
                                                       const clock& clk = default_clock()) {
-  using U = std::decay_t<T>;
-  const message_id id = message_id::generate(clk);
-  return envelope<U>{.id = id,
-                     .type = std::move(type),
-                     .schema_version = message_traits<U>::schema_version(),
-                     .kind = kind,
-                     .occurred_at = clk.now(),
-                     .correlation_id = id,
-                     .causation_id = {},
-                     .producer = {},
-                     .partition_key = {},
-                     .tenant = {},
-                     .trace = {},
-                     .deadline = {},
-                     .attempt = 0,
-                     .headers = {},
-                     .payload = std::forward<T>(payload)};
+  return detail::make_envelope_at(std::move(type), std::forward<T>(payload), kind, clk.now());
 }
 
 namespace detail {
@@ -606,22 +603,7 @@ envelope<U> derive_at(const envelope<P>& parent, std::string type, U&& payload, 
 
 template <class U, class P>
 envelope<U> derive(const envelope<P>& parent, std::string type, U&& payload, message_kind kind, const clock& clk) {
-  const message_id id = message_id::generate(clk);
-  return envelope<U>{.id = id,
-                     .type = std::move(type),
-                     .schema_version = message_traits<U>::schema_version(),
-                     .kind = kind,
-                     .occurred_at = clk.now(),
-                     .correlation_id = parent.correlation_id.is_nil() ? parent.id : parent.correlation_id,
-                     .causation_id = parent.id,
-                     .producer = {},
-                     .partition_key = parent.partition_key,
-                     .tenant = parent.tenant,
-                     .trace = parent.trace,
-                     .deadline = parent.deadline,
-                     .attempt = 0,
-                     .headers = {},
-                     .payload = std::move(payload)};
+  return derive_at<U>(parent, std::move(type), std::move(payload), kind, clk.now());
 }
 }  // namespace detail
 

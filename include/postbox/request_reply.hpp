@@ -324,23 +324,8 @@ class requester {
   // A new request envelope, as make_envelope(type name, payload, kind, the
   // table's clock) makes it, with one clock read for its id and occurred_at.
   envelope<Request> make_request(Request&& payload, message_kind kind) const {
-    const time_point now = table_->get_clock().now();
-    const message_id id = message_id::generate_at(now);
-    return envelope<Request>{.id = id,
-                             .type = std::string(message_traits<Request>::type_name()),
-                             .schema_version = message_traits<Request>::schema_version(),
-                             .kind = kind,
-                             .occurred_at = now,
-                             .correlation_id = id,
-                             .causation_id = {},
-                             .producer = {},
-                             .partition_key = {},
-                             .tenant = {},
-                             .trace = {},
-                             .deadline = {},
-                             .attempt = 0,
-                             .headers = {},
-                             .payload = std::move(payload)};
+    return detail::make_envelope_at(std::string(message_traits<Request>::type_name()), std::move(payload), kind,
+                                    table_->get_clock().now());
   }
 
   // The pieces of a request envelope, made before the channel slot is
