@@ -23,10 +23,10 @@ TEST_CASE("coarse_clock is never ahead of system_clock and trails it by at most 
 }
 
 TEST_CASE("coarse_clock::wait_until returns once the coarse clock itself reached the deadline", "[clock]") {
-  // Callers loop on now() < deadline; waiting only until system_clock reached
-  // the deadline would leave the coarse clock up to a tick behind and make
-  // that loop spin. A handful of rounds (spurious wake-ups) is fine; a spin
-  // would be thousands.
+  // Callers loop on now() < deadline; a wait that returned on system_clock's
+  // deadline alone would leave the coarse clock a tick or more behind (the
+  // kernel can update it late) and make that loop spin: hundreds of rounds.
+  // Only spurious wake-ups may end a round before the coarse deadline.
   const postbox::coarse_clock c;
   std::mutex m;
   std::condition_variable cv;

@@ -66,8 +66,8 @@ class real_clock final : public clock {
 /// on Linux (the time of the last tick: 1 to 4 ms, see `resolution()`), about
 /// 2 ns per read against 25-60 ns for system_clock in a VM, because it reads
 /// no hardware counter. Its `now()` is never ahead of system_clock and lags it
-/// by about one resolution at most (a tick; plus any NTP step); elsewhere it is
-/// system_clock. The default clock of postbox::stream, whose per-record
+/// by about one resolution (a tick; more when the kernel updates it late; plus
+/// any NTP step); elsewhere it is system_clock. The default clock of postbox::stream, whose per-record
 /// timestamps must cost less than the append itself. Thread-safe, never allocates.
 class coarse_clock final : public clock {
  public:
@@ -80,17 +80,25 @@ class coarse_clock final : public clock {
     return std::chrono::time_point_cast<duration>(std::chrono::system_clock::now());
 #endif
   }
-  /// Waits on system_clock until `deadline` plus one resolution, so that when
-  /// it returns because time passed, this clock's now() has reached
-  /// `deadline` too (callers re-check on now() and would otherwise spin for up
-  /// to a tick).
+  /// Waits until this clock's own now() has reached `deadline`, `cv` is
+  /// notified, or spuriously. A timed-out wait never returns early: the
+  /// kernel can update the coarse time late (a busy or virtualised host has
+  /// been seen trailing system_clock by several ticks), so each round waits on
+  /// system_clock for the time still missing plus one resolution, and on a
+  /// timeout re-reads now() before returning; callers that loop on
+  /// `now() < deadline` therefore never spin. Blocks; never allocates.
   void wait_until(std::unique_lock<std::mutex>& lock, std::condition_variable& cv,
                   time_point deadline) const override {
     const auto slack = resolution();
     if (deadline >= time_point::max() - slack) {
       cv.wait(lock);
-    } else {
-      cv.wait_until(lock, deadline + slack);
+      return;
+    }
+    for (;;) {
+      const auto missing = deadline - now();
+      if (missing <= duration::zero()) return;
+      const auto target = std::chrono::time_point_cast<duration>(std::chrono::system_clock::now()) + missing + slack;
+      if (cv.wait_until(lock, target) == std::cv_status::no_timeout) return;
     }
   }
   /// The interval at which now() advances (clock_getres; 1 ns off Linux).
