@@ -6,7 +6,7 @@
 // every row once, the order rotated each round):
 //   channel ping-pong     postbox::channel<int> x2, blocking send/receive on both sides (the floor)
 //   promise handoff       a promise pointer over a channel, the server sets it, the caller waits on the future
-//   postbox requester     requester::request(payload, timeout) -> future, get(); responder thread
+//   postbox requester     requester::request(payload, timeout) -> future, value(); responder thread
 //   postbox callback      requester::request(payload, timeout, callback); the callback sets a flag the caller awaits
 //   zeromq REQ/REP        ZeroMQ inproc REQ/REP, zmq_send/zmq_recv of 4 bytes (the form ZeroMQ's own
 //                         inproc_lat uses, zmq_msg_send/recv, is also timed; the better of the two is the peer)
@@ -190,7 +190,7 @@ double postbox_round_trip(int n) {
   for (int i = 0; i < n; ++i) {
     auto f = rig.req.request(i, std::chrono::seconds(10));
     if (!f.has_value()) fail("request refused");
-    auto o = f->get();
+    const auto& o = f->value();  // the outcome read where it lies (get() would move it out)
     if (!o.ok()) fail("request failed");
     sum += o.reply->payload;
   }
@@ -317,7 +317,7 @@ long long profile(const char* what, int n) {
     for (int i = 0; i < n; ++i) {
       auto f = rig.req.request(i, std::chrono::seconds(10));
       if (!f.has_value() || rig.resp.poll() != 1) fail("profile: request not served");
-      sum += f->get().reply->payload;
+      sum += f->value().reply->payload;
     }
 #if POSTBOX_BENCH_HAVE_ZMQ
   } else if (std::strcmp(what, "zmq") == 0) {
@@ -393,7 +393,7 @@ int main(int argc, char** argv) {
   std::vector<row> rows;
   rows.push_back({"channel ping-pong", "channel<int> x2, blocking send/receive both sides", channel_ping_pong, {}});
   rows.push_back({"promise handoff", "promise pointer over a channel, future.get()", promise_round_trip, {}});
-  rows.push_back({"postbox requester", "request -> future, get(); responder thread", postbox_round_trip, {}});
+  rows.push_back({"postbox requester", "request -> future, value(); responder thread", postbox_round_trip, {}});
   rows.push_back({"postbox callback", "request with a callback; caller awaits a flag", postbox_callback_round_trip, {}});
 #if POSTBOX_BENCH_HAVE_ZMQ
   rows.push_back({"zeromq send/recv", "inproc REQ/REP, zmq_send/zmq_recv 4 bytes", [](int k) { return zmq_round_trip(k, false); }, {}});

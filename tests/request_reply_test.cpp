@@ -488,8 +488,32 @@ TEST_CASE("a request with an earlier deadline than the armed one times out first
   CHECK(slow->get().status == postbox::errc::timeout);
 }
 
-TEST_CASE("answering every pending request withdraws the requester's timer", "[request_reply]") {
+TEST_CASE("value() reads a future's outcome where it lies, so it can be read again and still moved out by get()",
+          "[request_reply]") {
   rig r;
+  postbox::endpoint_registry<std::string> registry;
+  postbox::requester<int, std::string> req(r.requests, registry, r.timers);
+  // Longer than any inline string buffer: a move out empties the source.
+  const std::string answer(64, 'x');
+  postbox::responder<int, std::string> resp(
+      r.requests, registry, [&](const postbox::envelope<int>&) { return answer; }, r.clock, 0);
+  auto f = req.request(21, 5s);
+  REQUIRE(f.has_value());
+  CHECK(resp.poll() == 1);
+  auto& first = f->value();
+  REQUIRE(first.ok());
+  CHECK(first.reply->payload == answer);
+  auto& again = f->value();
+  CHECK(&again == &first);
+  CHECK(again.reply->payload == answer);  // not moved from by the first read
+  auto taken = f->get();
+  REQUIRE(taken.ok());
+  CHECK(taken.reply->payload == answer);
+}
+
+TEST_CASE("an emptied table keeps its one timer, which fires once into it and is not re-armed", "[request_reply]") {
+  rig r;
+  const auto t0 = r.clock.now();
   postbox::requester<int, int> req(r.requests, r.registry, r.timers);
   postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
   auto a = req.request(1, 2s);
@@ -499,15 +523,56 @@ TEST_CASE("answering every pending request withdraws the requester's timer", "[r
   CHECK(resp.poll() == 2);
   CHECK(a->get().reply->payload == 2);
   CHECK(b->get().reply->payload == 4);
-  CHECK(r.timers.pending() == 0);
-  CHECK(r.h.next_due() == postbox::time_point::max());
-  // A new request arms a timer again, and still times out.
-  auto c = req.request(3, 1s);
-  REQUIRE(c.has_value());
+  // Answered: the timer stays, due at the earliest deadline the table had.
   CHECK(r.timers.pending() == 1);
-  r.h.advance(1s);
-  REQUIRE(c->ready());
-  CHECK(c->get().status == postbox::errc::timeout);
+  CHECK(r.h.next_due() == t0 + 2s);
+  CHECK(r.h.advance(2s) == 1);  // it fires into the idle table ...
+  CHECK(r.timers.pending() == 0);  // ... and is not re-armed
+  CHECK(r.h.next_due() == postbox::time_point::max());
+  auto s = req.stats();
+  CHECK(s.timed_out == 0);
+  CHECK(s.replied == 2);
+  CHECK(s.late_replies == 0);
+}
+
+TEST_CASE("a request made while an emptied table's timer is armed still times out exactly at its deadline",
+          "[request_reply]") {
+  rig r;
+  const auto t0 = r.clock.now();
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  auto a = req.request(1, 1s);
+  REQUIRE(a.has_value());
+  CHECK(resp.poll() == 1);
+  CHECK(a->get().reply->payload == 2);
+  SECTION("a later deadline schedules nothing; the kept timer re-arms for it when it fires") {
+    auto later = req.request(2, 5s);
+    REQUIRE(later.has_value());
+    CHECK(r.timers.pending() == 1);
+    CHECK(r.h.next_due() == t0 + 1s);
+    r.h.advance(1s);
+    CHECK_FALSE(later->ready());
+    CHECK(r.h.next_due() == t0 + 5s);
+    r.h.advance(3999ms);
+    CHECK_FALSE(later->ready());
+    r.h.advance(1ms);
+    REQUIRE(later->ready());
+    CHECK(later->get().status == postbox::errc::timeout);
+  }
+  SECTION("an earlier deadline re-arms the timer for itself") {
+    r.clock.advance(100ms);
+    auto sooner = req.request(2, 500ms);
+    REQUIRE(sooner.has_value());
+    CHECK(r.timers.pending() == 1);
+    CHECK(r.h.next_due() == t0 + 600ms);
+    r.h.advance(499ms);
+    CHECK_FALSE(sooner->ready());
+    r.h.advance(1ms);
+    REQUIRE(sooner->ready());
+    CHECK(sooner->get().status == postbox::errc::timeout);
+  }
+  CHECK(r.timers.pending() == 0);
+  CHECK(req.stats().timed_out == 1);
 }
 
 TEST_CASE("a reply after a shared timer expired its request is counted late, the others still answered",
@@ -527,7 +592,10 @@ TEST_CASE("a reply after a shared timer expired its request is counted late, the
   CHECK(s.late_replies == 1);
   CHECK(s.replied == 1);
   CHECK(s.timed_out == 1);
+  CHECK(r.timers.pending() == 1);  // kept for `later`'s deadline, 4 s from now
+  CHECK(r.h.advance(4s) == 1);     // fires once into the idle table
   CHECK(r.timers.pending() == 0);
+  CHECK(req.stats().timed_out == 1);
 }
 
 namespace {

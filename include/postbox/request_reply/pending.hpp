@@ -242,6 +242,15 @@ class reply_future {
     wait();
     return std::move(*state_->value);
   }
+  /// Waits, then gives the outcome where it lies in the future: no move
+  /// (`get()` moves it once more). The reference is valid while this future
+  /// (or one it is moved to) lives, and until `get()` moves the outcome out;
+  /// may be called again. Blocks. Thread-safe with other waiters.
+  /// **Example**: `auto f = req.request(x, 1s); const auto& o = f->value();`
+  [[nodiscard]] V& value() {
+    wait();
+    return *state_->value;
+  }
   /// Waits as `wait(stop)`, then moves the outcome out; `canceled` when
   /// `stop` came first, and then nothing is consumed (a later get returns the
   /// outcome). Blocks. Thread-safe with waiters; call get once.
@@ -292,9 +301,16 @@ enum class callback_exceptions : std::uint8_t {
 /// Deadlines: the table keeps its own min-heap of deadlines and holds at most
 /// one timer on `timers`, for the earliest one; that timer expires every
 /// request due and re-arms for the next. While requests overlap, one with a
-/// later deadline than the armed one schedules nothing; a table that empties
-/// cancels its timer (so no timer outlives the requests). Map nodes are
-/// recycled, so the table itself allocates only while it grows.
+/// later deadline than the armed one schedules nothing. A table that empties
+/// keeps its timer armed (strict ping-pong empties it on every reply, and a
+/// cancel plus a schedule per round trip was a sixth of its cost): an idle
+/// table holds at most one timer, due at the deadline of a request it had;
+/// that timer fires once into the idle table, times out nothing and is not
+/// re-armed, so it is gone by then. A request made meanwhile re-arms only if
+/// its deadline is earlier; else the firing timer re-arms for it, so every
+/// request still times out exactly at its deadline. `close()` cancels the
+/// timer. Map nodes are recycled, so the table itself allocates only while
+/// it grows.
 ///
 /// Held by `shared_ptr` (create it with `create`): the timer keeps a weak
 /// reference, so a timer firing after the table is gone does nothing.
@@ -399,7 +415,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     std::lock_guard lock(mutex_);
     pending_.erase(corr);
     ++stats_.refused;
-    disarm_if_idle();
+    forget_deadlines_if_idle();
     return why;
   }
   /// Counts a refusal decided before `open` (say, the request did not encode)
@@ -465,7 +481,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         std::shared_ptr<future_state> fs = std::move(it->second.future);
         auto node = pending_.extract(it);
         recycle(std::move(node));
-        disarm_if_idle();
+        forget_deadlines_if_idle();
         auto& o = fs->value.emplace();
         o.status = status;
         if (reply != nullptr) o.reply.emplace(std::move(*reply));
@@ -475,7 +491,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         return;
       }
       run.emplace(*this, pending_.extract(it));
-      disarm_if_idle();
+      forget_deadlines_if_idle();
     }
     entry& e = run->taken();
     reply_outcome<Reply> outcome;
@@ -644,13 +660,13 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     std::make_heap(deadlines_.begin(), deadlines_.end(), later{});
   }
 
-  // Under mutex_: with nothing pending, no timer stays scheduled (a test
-  // driving the timers sees no deadline left once every request finished).
-  void disarm_if_idle() {
-    if (!pending_.empty()) return;
-    deadlines_.clear();
-    if (armed_) timers_->cancel(armed_id_);
-    armed_ = false;
+  // Under mutex_: with nothing pending, every heap item is stale: drop
+  // them. The armed timer stays (see the class comment): it fires once
+  // into the idle table, finds no deadline and is not re-armed, unless a
+  // new request came first (then it re-arms for that one, or that request
+  // re-armed it for an earlier deadline).
+  void forget_deadlines_if_idle() noexcept {
+    if (pending_.empty()) deadlines_.clear();
   }
 
   // Under mutex_: (re)arms the one timer at `when`.
