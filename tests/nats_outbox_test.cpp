@@ -558,7 +558,53 @@ TEST_CASE("a pipelined relay publishes each stored envelope as the same NATS mes
     CHECK(back->id == staged[i].id);
     CHECK(back->payload == staged[i].payload);
     CHECK(back->headers.get("x-region") == staged[i].headers.get("x-region"));
+    CHECK(back->kind == staged[i].kind);
+    CHECK(back->schema_version == staged[i].schema_version);
   }
+  // Schema version 1 and kind event (the minimal envelope) go without their
+  // headers; version 3 and command (every_field) carry them.
+  const auto minimal = headers_of(got.back().get());
+  CHECK(minimal.count("Postbox-Schema-Version") == 0);
+  CHECK(minimal.count("Postbox-Kind") == 0);
+  CHECK(minimal.size() == 4);  // Nats-Msg-Id, Postbox-Type, Postbox-Occurred-At, Postbox-Correlation-Id
+  const auto full = headers_of(got.front().get());
+  CHECK(full.at("Postbox-Schema-Version") == "3");
+  CHECK(full.at("Postbox-Kind") == "command");
+}
+
+TEST_CASE("a NATS message in the older layout, with schema version 1 and kind event written out, decodes as the "
+          "current layout that leaves them out",
+          "[nats][nats_outbox][pipelined]") {
+  auto env = postbox::make_envelope("orders.placed", nlohmann::json{{"n", 1}}, postbox::message_kind::event);
+  env.partition_key = "cust-1";
+  auto current = postbox::to_nats_msg(env, "orders.placed");
+  REQUIRE(current.has_value());
+  REQUIRE(headers_of(current->get()).count("Postbox-Kind") == 0);
+  auto older = postbox::to_nats_msg(env, "orders.placed");
+  REQUIRE(older.has_value());
+  REQUIRE(natsMsgHeader_Set(older->get(), "Postbox-Schema-Version", "1") == NATS_OK);
+  REQUIRE(natsMsgHeader_Set(older->get(), "Postbox-Kind", "event") == NATS_OK);
+  postbox::nats_decode_error e1, e2;
+  auto a = postbox::from_nats_msg<nlohmann::json>(current->get(), e1);
+  auto b = postbox::from_nats_msg<nlohmann::json>(older->get(), e2);
+  REQUIRE(a.has_value());
+  REQUIRE(b.has_value());
+  for (const auto* d : {&*a, &*b}) {
+    CHECK(d->id == env.id);
+    CHECK(d->type == "orders.placed");
+    CHECK(d->schema_version == 1);
+    CHECK(d->kind == postbox::message_kind::event);
+    CHECK(d->occurred_at == env.occurred_at);
+    CHECK(d->partition_key == "cust-1");
+    CHECK(d->payload == env.payload);
+  }
+  // A written-out value other than the default still wins over it.
+  REQUIRE(natsMsgHeader_Set(older->get(), "Postbox-Kind", "command") == NATS_OK);
+  REQUIRE(natsMsgHeader_Set(older->get(), "Postbox-Schema-Version", "2") == NATS_OK);
+  auto c = postbox::from_nats_msg<nlohmann::json>(older->get(), e2);
+  REQUIRE(c.has_value());
+  CHECK(c->kind == postbox::message_kind::command);
+  CHECK(c->schema_version == 2);
 }
 
 TEST_CASE("a pipelined relay takes rows the stored-bytes view refuses through the full decode, with the same results",

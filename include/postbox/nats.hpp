@@ -61,6 +61,12 @@ inline constexpr const char* attempt = "Postbox-Attempt";
 inline constexpr std::string_view user_prefix = "Postbox-H-";
 }  // namespace nats_headers
 
+/// The schema version and kind a NATS message without `Postbox-Schema-Version`
+/// or `Postbox-Kind` carries (the envelope's defaults): `to_nats_msg` leaves
+/// those headers out for them and `from_nats_msg` reads their absence so.
+inline constexpr std::uint32_t nats_default_schema_version = 1;
+inline constexpr message_kind nats_default_kind = message_kind::event;
+
 namespace detail {
 
 /// Maps a libnats status to a postbox error code.
@@ -148,8 +154,8 @@ struct nats_sub_deleter {
 using nats_msg_ptr = std::unique_ptr<natsMsg, detail::nats_msg_deleter>;
 
 /// Builds a NATS message on `subject` from `env`: JSON payload in the body,
-/// the other fields as headers; `reply` (when not empty) is the NATS reply
-/// subject. `invalid_argument` when a header value holds CR/LF or the payload
+/// the other fields as headers (schema version 1 and kind `event` left out);
+/// `reply` (when not empty) is the NATS reply subject. `invalid_argument` when a header value holds CR/LF or the payload
 /// cannot be encoded. Allocates. Thread-safe.
 template <class T>
 [[nodiscard]] result<nats_msg_ptr> to_nats_msg(const envelope<T>& env, const std::string& subject,
@@ -170,8 +176,13 @@ template <class T>
   };
   set(nats_headers::id, env.id.to_string());
   set(nats_headers::type, env.type);
-  set(nats_headers::schema_version, std::to_string(env.schema_version));
-  set(nats_headers::kind, std::string(to_string(env.kind)));
+  // Schema version 1 and kind `event` are the envelope's defaults, which
+  // from_nats_msg gives a message without the header: they are left out
+  // (two fewer headers for the server to parse and store per message).
+  // Messages that carry them, as this function wrote them before, read the same.
+  if (env.schema_version != nats_default_schema_version)
+    set(nats_headers::schema_version, std::to_string(env.schema_version));
+  if (env.kind != nats_default_kind) set(nats_headers::kind, std::string(to_string(env.kind)));
   set(nats_headers::occurred_at, json::detail::format_time(env.occurred_at));
   if (!env.correlation_id.is_nil()) set(nats_headers::correlation_id, env.correlation_id.to_string());
   if (!env.causation_id.is_nil()) set(nats_headers::causation_id, env.causation_id.to_string());
@@ -197,7 +208,8 @@ struct nats_decode_error {
 };
 
 /// Reads an envelope back from a NATS message made by `to_nats_msg` (or by
-/// any producer that sets the same headers). `attempt` is the header value.
+/// any producer that sets the same headers). `attempt` is the header value;
+/// a missing `Postbox-Schema-Version` / `Postbox-Kind` reads as 1 / `event`.
 /// Never throws; on failure `error` names the field. Allocates. Thread-safe
 /// for distinct messages.
 template <class T>
@@ -221,6 +233,8 @@ template <class T>
     return true;
   };
   if (!id_field(nats_headers::id, env.id, true)) return fail(errc::missing_field, nats_headers::id);
+  env.schema_version = nats_default_schema_version;  // when the headers are absent (to_nats_msg omits these)
+  env.kind = nats_default_kind;
   if (auto v = get(nats_headers::type)) env.type = *v;
   if (auto v = get(nats_headers::schema_version)) {
     POSTBOX_TRY { env.schema_version = static_cast<std::uint32_t>(std::stoul(*v)); }

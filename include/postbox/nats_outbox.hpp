@@ -366,8 +366,8 @@ class js_pipeline {
     };
     set_id(nats_headers::id, m.id, v.id, v.id_text);  // the outbox row's id is the dedup identity
     set(nats_headers::type, v.type);
-    set_u32(nats_headers::schema_version, v.schema_version);
-    set(nats_headers::kind, to_string(v.kind));
+    if (v.schema_version != nats_default_schema_version) set_u32(nats_headers::schema_version, v.schema_version);
+    if (v.kind != nats_default_kind) set(nats_headers::kind, to_string(v.kind));  // both as to_nats_msg
     set_time(nats_headers::occurred_at, v.occurred_at_text, v.occurred_at);
     if (!v.correlation_id.is_nil())
       set_id(nats_headers::correlation_id, v.correlation_id, v.correlation_id, v.correlation_id_text);
