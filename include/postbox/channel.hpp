@@ -862,7 +862,10 @@ constexpr std::size_t spsc_cell_alignment() noexcept {
 /// one FUTEX_WAKE per park, not one per message sent while the parked side
 /// is waking up. The condition the waiter re-checks is the slot state itself.
 /// Where membarrier is unavailable, and under ThreadSanitizer, both fences
-/// are seq_cst fences (detail/asymmetric_fence.hpp).
+/// are seq_cst fences (detail/asymmetric_fence.hpp). A send learns which from
+/// the closed_ load it makes anyway (fence_bit, set at construction when the
+/// light fence is a real one): with membarrier, a send that finds the channel
+/// open reads no separate fence-mode flag.
 ///
 /// **Cost.** Per message: the slot's line (message and state), stores to the
 /// owner's private line (its index, and in_send_ for the producer), and
@@ -893,6 +896,8 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
         start_((start.value & detail::ticket_mask) << 1),
         cells_(capacity_) {
     detail::asymmetric_fence_init();
+    // relaxed: before the channel is shared. See fence_bit.
+    if (!light_fence_is_compiler_only()) closed_.store(open_state | fence_bit, std::memory_order_relaxed);
     tail_.store(start_, std::memory_order_relaxed);
     head_.store(start_, std::memory_order_relaxed);
   }
@@ -914,9 +919,11 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   /// two futex wakes) and waits for a send in progress to finish: close is
   /// the rare side that pays for the barrier-free sends.
   void close() noexcept {
-    std::uint32_t expected = open_state;
+    // relaxed: fence_bit is fixed at construction.
+    const std::uint32_t mode = closed_.load(std::memory_order_relaxed) & fence_bit;
+    std::uint32_t expected = open_state | mode;
     // acq_rel: exactly one closer runs the protocol; the others wait below.
-    if (closed_.compare_exchange_strong(expected, closing_state, std::memory_order_acq_rel,
+    if (closed_.compare_exchange_strong(expected, closing_state | mode, std::memory_order_acq_rel,
                                         std::memory_order_acquire)) {
       // Partner of the light fence in emplace_quiet: after this, a send
       // either is visible in in_send_ or will read `closing` and fail.
@@ -927,20 +934,20 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
       while (in_send_.load(std::memory_order_acquire) != 0) backoff.snooze();
       // release: pairs with the acquire load in receive_quiet; every
       // accepted send's publish happens before a receiver reports closed.
-      closed_.store(closed_state, std::memory_order_release);
+      closed_.store(closed_state | mode, std::memory_order_release);
       not_empty_.wake_all();
       not_full_.wake_all();
     } else {
       detail::backoff backoff;
       // acquire: as above; close() returns once the close is in effect.
-      while (closed_.load(std::memory_order_acquire) != closed_state) backoff.snooze();
+      while ((closed_.load(std::memory_order_acquire) & ~fence_bit) != closed_state) backoff.snooze();
     }
   }
 
   /// Whether close() has been called. Lock-free, thread-safe.
   [[nodiscard]] bool is_closed() const noexcept {
     // acquire: pairs with the CAS and the store in close().
-    return closed_.load(std::memory_order_acquire) != open_state;
+    return (closed_.load(std::memory_order_acquire) & ~fence_bit) != open_state;
   }
 
   /// Messages queued, as of some recent instant (a send counts from just
@@ -982,6 +989,21 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   static constexpr std::uint32_t open_state = 0;
   static constexpr std::uint32_t closing_state = 1;
   static constexpr std::uint32_t closed_state = 2;
+  /// Set in closed_, beside the state, when light_fence() is not a compiler
+  /// barrier alone (no membarrier, or ThreadSanitizer), so a send's one
+  /// closed_ load also tells it whether to fence: with membarrier, a send
+  /// that finds the channel open reads no fence-mode flag.
+  static constexpr std::uint32_t fence_bit = 4;
+  /// Whether detail::light_fence() is a compiler barrier alone (decided by
+  /// asymmetric_fence_init(), which the constructor calls first).
+  static bool light_fence_is_compiler_only() noexcept {
+#if POSTBOX_TSAN
+    return false;  // light_fence() is a seq_cst RMW under ThreadSanitizer
+#else
+    // relaxed: written once by asymmetric_fence_init() on this thread or before.
+    return detail::fence_detail::light_is_compiler_only.load(std::memory_order_relaxed);
+#endif
+  }
 
   struct alignas(detail::spsc_cell_alignment<T>()) cell {
     /// 1 while the cell holds a message, else 0. Written by the producer
@@ -1011,16 +1033,30 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
     return batch == 0 || cells_[(t + batch) & mask_].full.load(std::memory_order_relaxed) == 0;
   }
 
+  /// Producer only, after its announcement in in_send_ and a closed_ load
+  /// that did not read plain `open`: whether the channel is open. Where the
+  /// light fence is a real fence (fence_bit set), fences and loads again.
+  [[nodiscard]] bool open_after_fence() const noexcept {
+    // relaxed: fence_bit is fixed at construction.
+    if ((closed_.load(std::memory_order_relaxed) & fence_bit) == 0) return false;
+    detail::light_fence();
+    // relaxed: as in emplace_quiet, now after the fence.
+    return (closed_.load(std::memory_order_relaxed) & ~fence_bit) == open_state;
+  }
+
   /// Producer only.
   template <class... Args>
   send_status emplace_quiet(Args&&... args) noexcept {
     // relaxed: the announcement is ordered before the closed_ read by the
     // light fence; its partner is the heavy fence in close().
     in_send_.store(1, std::memory_order_relaxed);
-    detail::light_fence();
+    // The light fence: a compiler barrier where light_fence() is one (the
+    // load below then finds fence_bit clear); else the load finds fence_bit
+    // set, and the send fences and loads again.
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     // relaxed: see above; a stale `open` is impossible after close()'s
     // heavy fence unless close() then waits for this send.
-    if (closed_.load(std::memory_order_relaxed) != open_state) {
+    if (POSTBOX_UNLIKELY(closed_.load(std::memory_order_relaxed) != open_state) && !open_after_fence()) {
       // release, though nothing was published: since C++20 a release
       // sequence continues only through RMWs, so a close() that reads this 0
       // must synchronize with this store itself, which the previous send's
@@ -1061,7 +1097,7 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
     if (c.full.load(std::memory_order_acquire) == 0) {
       // acquire: pairs with the release store of closed_state in close():
       // every send accepted before the close has published by then.
-      if (closed_.load(std::memory_order_acquire) != closed_state) return receive_status::empty;
+      if ((closed_.load(std::memory_order_acquire) & ~fence_bit) != closed_state) return receive_status::empty;
       // acquire: as the first load; the last accepted send's publish happens
       // before this read, so "not full" now means closed and drained.
       if (c.full.load(std::memory_order_acquire) == 0) return receive_status::closed;
@@ -1092,8 +1128,9 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   /// receive, after the move-out); read by the consumer itself (relaxed) and
   /// by stats()/size_approx() (acquire). The producer never reads it.
   alignas(detail::cache_line_size) std::atomic<std::uint64_t> head_{0};
-  /// open, closing or closed. Written only by close() (acq_rel CAS, then a
-  /// release store of closed_state); read by the producer per send (relaxed,
+  /// open, closing or closed, plus fence_bit (fixed at construction).
+  /// Written only by close() (acq_rel CAS, then a release store of
+  /// closed_state); read by the producer per send (relaxed,
   /// after its light fence), by the consumer when empty (acquire) and by
   /// is_closed (acquire). Shares its line with read-only fields only.
   alignas(detail::cache_line_size) std::atomic<std::uint32_t> closed_{open_state};
