@@ -33,7 +33,11 @@
 //              MaxPending 4096, then js_PublishAsyncComplete (no store at all).
 //              relay-hdr: the same raw loop sending postbox's exact NATS messages
 //              (to_nats_msg: envelope headers + payload), to separate the cost of
-//              the envelope format from the relay's own.
+//              the envelope format from the relay's own. Each round runs the
+//              relay-pipe pair in two halves of N/2, ABBA (BAAB on odd rounds),
+//              so a load that drifts through the round cancels; CPU per message
+//              (client, server) is printed for all three, and the header
+//              count and bytes each side puts on the wire.
 //   relay-sql  relay-pipe drained from a SQLite outbox (WAL, synchronous=normal)
 //              instead of the memory store, against the same raw figure.
 //              `--only relay` runs just the relay scenarios, `--only pipe` just
@@ -564,6 +568,38 @@ double raw_relay_async(rig& r, int n, bool with_headers = false) {
   return with_headers ? raw_relay_async_headers(ctx, in, n) : raw_relay_async_plain(ctx, in, n);
 }
 
+// What goes on the wire per message besides the protocol line: the header
+// block (count and bytes, as libnats encodes it: "NATS/1.0\r\n", each
+// "key: value\r\n", a closing "\r\n"), the subject and the payload, for the
+// relay's message (to_nats_msg of a staged envelope: the test "a pipelined
+// relay publishes each stored envelope as the same NATS message the bridge
+// builds from it" pins that they match) and for raw with Nats-Msg-Id only.
+// The server parses the header block and stores all of it with the message.
+void print_wire_sizes(rig& r) {
+  const std::string subject = r.next_subject();
+  auto env = postbox::make_envelope(subject, order{12345, "widget"});
+  auto msg = postbox::to_nats_msg(env, subject);
+  if (!msg.has_value()) die("wire sizes msg");
+  const char** keys = nullptr;
+  int count = 0;
+  std::size_t bytes = 10 + 2;  // "NATS/1.0\r\n" ... "\r\n"
+  std::string names;
+  if (natsMsgHeader_Keys(msg->get(), &keys, &count) == NATS_OK && keys != nullptr) {
+    for (int i = 0; i < count; ++i) {
+      const char* v = nullptr;
+      if (natsMsgHeader_Get(msg->get(), keys[i], &v) != NATS_OK || v == nullptr) die("wire sizes header");
+      bytes += std::strlen(keys[i]) + 2 + std::strlen(v) + 2;
+      names += names.empty() ? "" : ", ";
+      names += keys[i];
+    }
+    std::free(static_cast<void*>(keys));
+  }
+  const std::size_t raw_bytes = 10 + std::strlen("Nats-Msg-Id") + 2 + 36 + 2 + 2;
+  std::printf("wire per message: relay %d headers, %zu header bytes (%s); raw 1 header, %zu header bytes; "
+              "subject %zu bytes, payload %d bytes both\n",
+              count, bytes, names.c_str(), raw_bytes, subject.size(), natsMsg_GetDataLength(msg->get()));
+}
+
 // --- request-reply --------------------------------------------------------------
 
 std::vector<double> postbox_request(rig& r, int m, bool asap) {
@@ -713,8 +749,10 @@ int main(int argc, char** argv) {
   rig r;
   std::vector<double> pub_pb, pub_raw, e2e_pb, e2e_raw, relay_pb, relay_raw, pipe_pb, pipe_raw, pipe_hdr, pipe_sql;
   std::vector<double> pipe_ratio;  // relay-pipe / raw per round (the two ran back to back)
+  std::vector<double> cpu_ratio;   // raw / relay-pipe CPU per message per round
   std::vector<double> cpu_pb, cpu_raw;  // client + server CPU microseconds per message, per round
   std::vector<double> srv_pb, srv_raw;  // the server's part of it
+  std::vector<double> cpu_hdr, srv_hdr;  // the same for relay-hdr (raw sending postbox's headers)
   server_pid = find_server_pid();
   std::vector<double> lat_pb[2], lat_raw[2], lat99_pb[2], lat99_raw[2];  // [0]: libnats batching, [1]: send_asap
   std::vector<double> rr_pb[2], rr_raw[2], rr99_pb[2], rr99_raw[2];  // [0]: libnats batching, [1]: send_asap
@@ -731,21 +769,46 @@ int main(int argc, char** argv) {
     };
     if (!only_pipe)
       both([&] { relay_pb.push_back(n / postbox_relay(r, n)); }, [&] { relay_raw.push_back(n / raw_relay(r, n)); });
-    both([&] {
-           pipe_pb.push_back(np / postbox_relay_pipelined(r, np));
-           cpu_pb.push_back(last_run_cpu * 1e6 / np);
-           srv_pb.push_back(last_run_server_cpu * 1e6 / np);
+    {
+      // The issue's pair runs ABBA (BAAB on odd rounds) in two halves of np
+      // each: a load that drifts through the round (other work on the two
+      // cores, the server's own flushes) cancels to first order instead of
+      // favouring whichever side ran in the quieter half.
+      const int half = std::max(1, np / 2);
+      double t_pb = 0, t_raw = 0, c_pb = 0, s_pb = 0, c_raw = 0, s_raw = 0;
+      auto pb_half = [&] {
+        t_pb += postbox_relay_pipelined(r, half);
+        c_pb += last_run_cpu;
+        s_pb += last_run_server_cpu;
+      };
+      auto raw_half = [&] {
+        t_raw += raw_relay_async(r, half);
+        c_raw += last_run_cpu;
+        s_raw += last_run_server_cpu;
+      };
+      both(pb_half, raw_half);
+      both(raw_half, pb_half);
+      const double sent = 2.0 * half;
+      pipe_pb.push_back(sent / t_pb);
+      cpu_pb.push_back(c_pb * 1e6 / sent);
+      srv_pb.push_back(s_pb * 1e6 / sent);
+      pipe_raw.push_back(sent / t_raw);
+      cpu_raw.push_back(c_raw * 1e6 / sent);
+      srv_raw.push_back(s_raw * 1e6 / sent);
+    }
+    if (!only_pipe)
+      both([&] {
 #ifdef NATS_BENCH_SQLITE
-           if (!only_pipe) pipe_sql.push_back(np / postbox_relay_pipelined_sqlite(r, np));
+             pipe_sql.push_back(np / postbox_relay_pipelined_sqlite(r, np));
 #endif
-         },
-         [&] {
-           pipe_raw.push_back(np / raw_relay_async(r, np));
-           cpu_raw.push_back(last_run_cpu * 1e6 / np);
-           srv_raw.push_back(last_run_server_cpu * 1e6 / np);
-           if (!only_pipe) pipe_hdr.push_back(np / raw_relay_async(r, np, true));
-         });
+           },
+           [&] {
+             pipe_hdr.push_back(np / raw_relay_async(r, np, true));
+             cpu_hdr.push_back(last_run_cpu * 1e6 / np);
+             srv_hdr.push_back(last_run_server_cpu * 1e6 / np);
+           });
     pipe_ratio.push_back(pipe_pb.back() / pipe_raw.back());
+    cpu_ratio.push_back(cpu_raw.back() / cpu_pb.back());
     if (only_relay) {
       std::printf("  round %d/%d done: relay-pipe %.0f/s (%.2f s), raw %.0f/s (%.2f s), ratio %.2f; cpu per message "
                   "(client + server) %.1f us vs %.1f us, raw/pb %.2f\n",
@@ -799,10 +862,33 @@ int main(int argc, char** argv) {
     std::printf("relay-pipe per round (pb/raw of the same round): median %.2f, min %.2f, max %.2f over %zu rounds of "
                 "%d messages; load average at end: %s\n",
                 median(pipe_ratio), sorted.front(), sorted.back(), sorted.size(), np, load_average().c_str());
-    if (server_pid > 0)
+    if (server_pid > 0) {
+      std::vector<double> by_cpu = cpu_ratio;
+      std::sort(by_cpu.begin(), by_cpu.end());
+      std::printf("relay-pipe per round by cpu per message (raw/pb, client + server): median %.2f, min %.2f, max %.2f\n",
+                  median(cpu_ratio), by_cpu.front(), by_cpu.back());
+    }
+    if (server_pid > 0) {
       std::printf("relay-pipe cpu (this process + nats-server, per message, median over rounds): postbox %.1f us "
                   "(server %.1f), raw %.1f us (server %.1f), raw/pb %.2f (1.00 = same cost, lower = postbox costlier)\n",
                   median(cpu_pb), median(srv_pb), median(cpu_raw), median(srv_raw), median(cpu_raw) / median(cpu_pb));
+      // The round with the median total (the lower middle of an even count),
+      // split into this process and the server.
+      auto cpu_row = [](const char* what, const std::vector<double>& all, const std::vector<double>& srv) {
+        if (all.empty()) return;
+        std::vector<std::size_t> at(all.size());
+        for (std::size_t i = 0; i < at.size(); ++i) at[i] = i;
+        std::sort(at.begin(), at.end(), [&](std::size_t a, std::size_t b) { return all[a] < all[b]; });
+        const std::size_t mid = at[(at.size() - 1) / 2];
+        std::printf("  %-44s client %5.1f us  server %5.1f us  total %5.1f us\n", what, all[mid] - srv[mid], srv[mid],
+                    all[mid]);
+      };
+      std::printf("cpu per message, the round with the median total:\n");
+      cpu_row("relay-pipe (postbox relay)", cpu_pb, srv_pb);
+      cpu_row("raw js_PublishMsgAsync, Nats-Msg-Id only", cpu_raw, srv_raw);
+      cpu_row("raw js_PublishMsgAsync, postbox's header set", cpu_hdr, srv_hdr);
+    }
+    print_wire_sizes(r);
   }
   if (only_relay) return 0;
   row("publish", "sync JetStream publish, msgs/s", median(pub_pb), median(pub_raw), "/s");
