@@ -488,6 +488,25 @@ TEST_CASE("a request with an earlier deadline than the armed one times out first
   CHECK(slow->get().status == postbox::errc::timeout);
 }
 
+TEST_CASE("request-reply's spin checks its condition every few pauses, as long as a channel receive pauses",
+          "[request_reply]") {
+  using spin = postbox::detail::rr_spin;
+  // A condition that holds on its 20th check is seen on that check, not
+  // after a pause run doubling past it (backoff would check it ~8 times in all).
+  unsigned calls = 0;
+  CHECK(spin::spin_until([&] { return ++calls == 20; }, true));
+  CHECK(calls == 20);
+  // Never true: every step of the pause budget, every yield and a last check.
+  calls = 0;
+  CHECK_FALSE(spin::spin_until([&] { return ++calls == 0; }, true));
+  CHECK(calls == spin::pauses / spin::step + spin::yields + 1);
+  calls = 0;
+  CHECK_FALSE(spin::spin_until([&] { return ++calls == 0; }, false));
+  CHECK(calls == spin::pauses / spin::step + 1);
+  STATIC_REQUIRE(spin::pauses >= 127);  // backoff's pause phase: 1 + 2 + ... + 64
+  STATIC_REQUIRE(spin::step <= 8);
+}
+
 TEST_CASE("value() reads a future's outcome where it lies, so it can be read again and still moved out by get()",
           "[request_reply]") {
   rig r;

@@ -516,6 +516,14 @@ class responder {
     // taken), served where it is: no move into an optional.
     const detail::stop_tokens stops{&stop};
     for (;;) {
+      // Spin first for the next request, checking every few pauses (the
+      // reply future's rr_spin): the blocking receive below pauses in runs
+      // doubling to 64, so a request that came 1-2 us after the last reply
+      // was seen up to a 64-pause run late. What arrives meanwhile is taken
+      // by the receive's first try, with no stop-callback registration; an
+      // idle worker then spins the receive's own budget and parks.
+      (void)detail::rr_spin::spin_until(
+          [&] { return !requests_->empty_approx() || requests_->is_closed() || stop.stop_requested(); }, false);
       auto r = detail::channel_access::receive_blocking(*requests_, std::nullopt, stops);
       if (!r.has_value()) return;
       serve(*r, cache);
