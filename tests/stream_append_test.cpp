@@ -7,6 +7,8 @@
 
 #include "support.hpp"
 
+#include <condition_variable>
+
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
@@ -15,6 +17,29 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+namespace {
+
+// Every read returns a later time than every read before it, from any
+// thread, and every other read lingers before returning, so that
+// appenders, which read the clock outside the append lock, often take the
+// lock in another order than they read their times.
+class ticking_clock final : public postbox::clock {
+ public:
+  [[nodiscard]] postbox::time_point now() const noexcept override {
+    const auto t = ns_.fetch_add(1, std::memory_order_relaxed) + 1;
+    volatile std::int64_t linger = 0;
+    for (std::int64_t i = 0; i < (t % 2 == 1 ? 400 : 0); ++i) linger = linger + 1;  // odd reads linger
+    return postbox::time_point(postbox::duration(t));
+  }
+  void wait_until(std::unique_lock<std::mutex>&, std::condition_variable&, postbox::time_point) const override {}
+  [[nodiscard]] std::int64_t reads() const noexcept { return ns_.load(std::memory_order_relaxed); }
+
+ private:
+  mutable std::atomic<std::int64_t> ns_{0};
+};
+
+}  // namespace
 
 TEST_CASE("threads appending to one partition get every offset once and every record reads back once", "[stream][stress]") {
   // Four appenders on two cores contend for one partition's lock often enough
@@ -130,4 +155,94 @@ TEST_CASE("the append lock excludes and wakes parked threads: a plain counter in
   const std::uint64_t total = threads * per;
   CHECK(counter == total);
   CHECK(checksum == total * (total - 1) / 2);
+}
+
+TEST_CASE("appenders racing on one partition stamp timestamps that never decrease along its offsets", "[stream][stress]") {
+  // The clock is read before the append lock is taken, so a thread can hold
+  // an earlier time than the record the lock lets in before it; the clamp
+  // under the lock must still keep timestamps non-decreasing. Checksum: every
+  // value reads back once, and every timestamp is one the clock handed out.
+  constexpr std::uint64_t appenders = 4;
+  const std::uint64_t per = postbox_test::scaled(20000);
+  const std::uint64_t total = appenders * per;
+  ticking_clock clk;
+  postbox::stream<std::uint64_t> s(1, {}, clk);
+  std::atomic<std::uint64_t> ready{0};
+  std::vector<std::thread> threads;
+  for (std::uint64_t a = 0; a < appenders; ++a)
+    threads.emplace_back([&, a] {
+      // Start together, so the appends overlap instead of running one thread after another.
+      ready.fetch_add(1);
+      while (ready.load() < appenders) std::this_thread::yield();
+      for (std::uint64_t i = 0; i < per; ++i) (void)s.append("k", a * per + i);
+    });
+  for (auto& t : threads) t.join();
+  REQUIRE(s.end_offset(0) == total);
+  const auto last_read = clk.reads();
+  std::uint64_t decreasing = 0;
+  std::uint64_t out_of_clock = 0;
+  std::uint64_t count = 0;
+  std::uint64_t sum = 0;
+  std::int64_t prev = 0;
+  for (std::uint64_t o = 0; o < total;) {
+    auto r = s.read(0, o, 1000);
+    REQUIRE(r.ok());
+    REQUIRE_FALSE(r.records.empty());
+    for (const auto& rec : r.records) {
+      const auto ts = rec.timestamp.time_since_epoch().count();
+      if (ts < prev) ++decreasing;
+      if (ts < 1 || ts > last_read) ++out_of_clock;
+      prev = ts;
+      ++count;
+      sum += rec.value;
+    }
+    o += r.records.size();
+  }
+  CHECK(decreasing == 0);
+  CHECK(out_of_clock == 0);
+  CHECK(count == total);
+  CHECK(sum == total * (total - 1) / 2);
+}
+
+namespace {
+
+// The first read (the overtaken appender's) returns 1 and then holds its
+// thread until released; every later read returns 2. (An append that read
+// its clock under the append lock would hang here, the test's timeout.)
+class gate_clock final : public postbox::clock {
+ public:
+  [[nodiscard]] postbox::time_point now() const noexcept override {
+    if (calls_.fetch_add(1) == 0) {
+      first_read_.store(true);
+      while (!released_.load()) std::this_thread::yield();
+      return postbox::time_point(postbox::duration(1));
+    }
+    return postbox::time_point(postbox::duration(2));
+  }
+  void wait_until(std::unique_lock<std::mutex>&, std::condition_variable&, postbox::time_point) const override {}
+  [[nodiscard]] bool first_read() const noexcept { return first_read_.load(); }
+  void release() noexcept { released_.store(true); }
+
+ private:
+  mutable std::atomic<int> calls_{0};
+  mutable std::atomic<bool> first_read_{false};
+  std::atomic<bool> released_{false};
+};
+
+}  // namespace
+
+TEST_CASE("an append overtaken between its clock read and the lock takes the later timestamp of the append before it", "[stream]") {
+  gate_clock clk;
+  postbox::stream<int> s(1, {}, clk);
+  std::thread overtaken([&] { (void)s.append("k", 1); });  // reads time 1, then waits
+  while (!clk.first_read()) std::this_thread::yield();
+  CHECK(s.append("k", 2).offset == 0);  // reads time 2 and appends first
+  clk.release();
+  overtaken.join();
+  auto r = s.read(0, 0, 2);
+  REQUIRE(r.records.size() == 2);
+  CHECK(r.records[0].value == 2);
+  CHECK(r.records[1].value == 1);
+  CHECK(r.records[0].timestamp == postbox::time_point(postbox::duration(2)));
+  CHECK(r.records[1].timestamp == postbox::time_point(postbox::duration(2)));  // clamped, not 1
 }
