@@ -27,6 +27,7 @@
 
 #include <postbox/clock.hpp>
 #include <postbox/config.hpp>
+#include <postbox/detail/group_membership.hpp>
 #include <postbox/error.hpp>
 #include <postbox/stream.hpp>
 
@@ -804,27 +805,13 @@ class durable_log {
   std::vector<std::unique_ptr<durable_partition>> parts_;
 };
 
-struct durable_group_state {
+/// A durable consumer group: the shared bookkeeping
+/// (detail/group_membership.hpp), the open log and the group's name (its
+/// offsets file). `committed` is loaded from that file when the group opens.
+struct durable_group_state : group_membership {
   durable_group_state(std::shared_ptr<durable_log> l, std::string n) : log(std::move(l)), name(std::move(n)) {}
   std::shared_ptr<durable_log> log;  // the log stays open while a member or handle does
   std::string name;
-  std::mutex mu;
-  // Bumped (under mu) on every join/leave. Writer: join/leave (release: pairs
-  // with the acquire in durable_group_member::poll, which then refreshes under mu).
-  std::atomic<std::uint64_t> generation{0};
-  std::vector<std::uint64_t> members;    // member ids in join order; guarded by mu
-  std::vector<std::uint64_t> committed;  // per partition; guarded by mu
-  std::uint64_t next_member = 1;         // guarded by mu
-
-  std::vector<std::uint32_t> assignment_of(std::uint64_t member) const {
-    std::vector<std::uint32_t> out;
-    const auto it = std::find(members.begin(), members.end(), member);
-    if (it == members.end()) return out;
-    const auto idx = static_cast<std::size_t>(it - members.begin());
-    for (std::size_t p = 0; p < committed.size(); ++p)
-      if (p % members.size() == idx) out.push_back(static_cast<std::uint32_t>(p));
-    return out;
-  }
 };
 
 template <class T, class Codec>
@@ -1056,8 +1043,7 @@ template <class T, class Codec>
 class durable_group_member {
  public:
   durable_group_member(durable_group_member&& o) noexcept
-      : g_(std::move(o.g_)), codec_(std::move(o.codec_)), id_(o.id_), gen_(o.gen_), parts_(std::move(o.parts_)),
-        next_(std::move(o.next_)) {}
+      : g_(std::move(o.g_)), codec_(std::move(o.codec_)), cur_(std::move(o.cur_)) {}
   durable_group_member& operator=(durable_group_member&&) = delete;
   durable_group_member(const durable_group_member&) = delete;
   durable_group_member& operator=(const durable_group_member&) = delete;
@@ -1067,10 +1053,10 @@ class durable_group_member {
   /// Leaves now (idempotent); uncommitted progress is abandoned.
   void leave() {
     if (!g_) return;
-    std::lock_guard lock(g_->mu);
-    g_->members.erase(std::remove(g_->members.begin(), g_->members.end(), id_), g_->members.end());
-    g_->generation.fetch_add(1, std::memory_order_release);  // release: pairs with the acquire in poll
-    g_.reset();
+    // Ours may be the group's last reference: keep it alive until the group
+    // lock is released.
+    const std::shared_ptr<detail::durable_group_state> g = std::move(g_);
+    cur_.leave(*g);
   }
 
   /// Decodes up to `max` records from this member's partitions, continuing
@@ -1079,10 +1065,11 @@ class durable_group_member {
   [[nodiscard]] read_result<T> poll(std::size_t max = 64) {
     read_result<T> out;
     if (!g_) return out;
-    refresh_if_rebalanced();
-    for (std::size_t i = 0; i < parts_.size() && out.records.size() < max; ++i) {
-      auto r = detail::durable_read<T>(*g_->log, *codec_, parts_[i], next_[i], max - out.records.size());
-      next_[i] += r.records.size();
+    cur_.refresh_if_rebalanced(*g_);
+    const auto& parts = cur_.parts();
+    for (std::size_t i = 0; i < parts.size() && out.records.size() < max; ++i) {
+      auto r = detail::durable_read<T>(*g_->log, *codec_, parts[i], cur_.positions()[i], max - out.records.size());
+      cur_.advance(i, r.records.size());
       for (auto& rec : r.records) out.records.push_back(std::move(rec));
       if (!r.ok()) {
         if (out.records.empty()) {
@@ -1106,11 +1093,12 @@ class durable_group_member {
   [[nodiscard]] errc commit() {
     if (!g_) return errc::not_found;
     std::lock_guard lock(g_->mu);
-    if (g_->generation.load(std::memory_order_relaxed) != gen_) return errc::conflict;  // relaxed: under mu
+    if (g_->generation.load(std::memory_order_relaxed) != cur_.generation()) return errc::conflict;  // relaxed: under mu
     auto next = g_->committed;
-    for (std::size_t i = 0; i < parts_.size(); ++i) {
-      const auto p = parts_[i];
-      next[p] = std::max(next[p], std::min(next_[i], g_->log->end_offset(p)));
+    const auto& parts = cur_.parts();
+    for (std::size_t i = 0; i < parts.size(); ++i) {
+      const auto p = parts[i];
+      next[p] = std::max(next[p], std::min(cur_.positions()[i], g_->log->end_offset(p)));
     }
     if (next == g_->committed) return errc::ok;
     if (g_->log->options().sync.mode != fsync_mode::never)
@@ -1122,28 +1110,20 @@ class durable_group_member {
   }
 
   /// Moves this member's position in an assigned partition. Returns false if not assigned.
-  bool seek(std::uint32_t partition, std::uint64_t offset) {
-    for (std::size_t i = 0; i < parts_.size(); ++i)
-      if (parts_[i] == partition) {
-        next_[i] = offset;
-        return true;
-      }
-    return false;
-  }
+  bool seek(std::uint32_t partition, std::uint64_t offset) { return cur_.seek(partition, offset); }
   /// Partitions assigned to this member (refreshed after a rebalance).
   [[nodiscard]] const std::vector<std::uint32_t>& assignment() {
     if (!g_) {
-      parts_.clear();
-      next_.clear();
-      return parts_;
+      cur_.clear();
+      return cur_.parts();
     }
-    refresh_if_rebalanced();
-    return parts_;
+    cur_.refresh_if_rebalanced(*g_);
+    return cur_.parts();
   }
   /// This member's next offset per assigned partition (parallel to assignment()).
-  [[nodiscard]] const std::vector<std::uint64_t>& positions() const noexcept { return next_; }
+  [[nodiscard]] const std::vector<std::uint64_t>& positions() const noexcept { return cur_.positions(); }
   /// The generation this member's assignment belongs to.
-  [[nodiscard]] std::uint64_t generation() const noexcept { return gen_; }
+  [[nodiscard]] std::uint64_t generation() const noexcept { return cur_.generation(); }
 
  private:
   template <class U, class C>
@@ -1151,28 +1131,12 @@ class durable_group_member {
   friend class durable_stream;
   durable_group_member(std::shared_ptr<detail::durable_group_state> g, std::shared_ptr<const Codec> codec)
       : g_(std::move(g)), codec_(std::move(codec)) {
-    std::lock_guard lock(g_->mu);
-    id_ = g_->next_member++;
-    g_->members.push_back(id_);
-    g_->generation.fetch_add(1, std::memory_order_release);  // release: pairs with the acquire in poll
-    gen_ = ~std::uint64_t{0};
-  }
-
-  void refresh_if_rebalanced() {
-    if (g_->generation.load(std::memory_order_acquire) == gen_) return;  // acquire: pairs with join/leave
-    std::lock_guard lock(g_->mu);
-    gen_ = g_->generation.load(std::memory_order_relaxed);  // relaxed: under mu, writers hold mu
-    parts_ = g_->assignment_of(id_);
-    next_.resize(parts_.size());
-    for (std::size_t i = 0; i < parts_.size(); ++i) next_[i] = g_->committed[parts_[i]];
+    cur_.join(*g_);
   }
 
   std::shared_ptr<detail::durable_group_state> g_;
   std::shared_ptr<const Codec> codec_;
-  std::uint64_t id_ = 0;
-  std::uint64_t gen_ = 0;
-  std::vector<std::uint32_t> parts_;
-  std::vector<std::uint64_t> next_;
+  detail::group_cursor cur_;  // id, generation, assignment and positions
 };
 
 POSTBOX_END_NAMESPACE

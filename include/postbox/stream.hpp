@@ -57,6 +57,7 @@
 #include <postbox/detail/backoff.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/event_count.hpp>
+#include <postbox/detail/group_membership.hpp>
 #include <postbox/detail/topic_snapshot.hpp>
 #include <postbox/error.hpp>
 
@@ -673,29 +674,13 @@ class stream_log {
   std::vector<std::unique_ptr<stream_partition<T>>> parts_;
 };
 
+/// A consumer group of a stream: the shared bookkeeping
+/// (detail/group_membership.hpp) and the log it reads.
 template <class T>
-struct stream_group {
+struct stream_group : group_membership {
   stream_group(std::shared_ptr<const stream_log<T>> log, std::size_t partitions)
-      : owner(std::move(log)), committed(partitions, 0) {}
+      : group_membership(partitions), owner(std::move(log)) {}
   std::shared_ptr<const stream_log<T>> owner;  // the log stays alive while a member or handle does
-  std::mutex mu;
-  // Bumped (under mu) on every join/leave. Writer: join/leave (release: pairs
-  // with the acquire in group_member::poll, which then refreshes under mu).
-  std::atomic<std::uint64_t> generation{0};
-  std::vector<std::uint64_t> members;       // member ids in join order; guarded by mu
-  std::vector<std::uint64_t> committed;     // per partition; guarded by mu
-  std::uint64_t next_member = 1;            // guarded by mu
-
-  // Partitions of `member` in the current assignment; caller holds mu.
-  std::vector<std::uint32_t> assignment_of(std::uint64_t member) const {
-    std::vector<std::uint32_t> out;
-    const auto it = std::find(members.begin(), members.end(), member);
-    if (it == members.end()) return out;
-    const auto idx = static_cast<std::size_t>(it - members.begin());
-    for (std::size_t p = 0; p < committed.size(); ++p)
-      if (p % members.size() == idx) out.push_back(static_cast<std::uint32_t>(p));
-    return out;
-  }
 };
 
 /// A read_result carrying only `status`.
@@ -952,8 +937,7 @@ class stream {
 template <class T>
 class group_member {
  public:
-  group_member(group_member&& o) noexcept
-      : g_(std::move(o.g_)), id_(o.id_), gen_(o.gen_), parts_(std::move(o.parts_)), next_(std::move(o.next_)) {}
+  group_member(group_member&& o) noexcept : g_(std::move(o.g_)), cur_(std::move(o.cur_)) {}
   group_member& operator=(group_member&&) = delete;
   group_member(const group_member&) = delete;
   group_member& operator=(const group_member&) = delete;
@@ -964,11 +948,9 @@ class group_member {
   void leave() {
     if (!g_) return;
     // Ours may be the group's last reference (the stream and every handle
-    // gone): keep it alive until the lock below is released.
+    // gone): keep it alive until the group lock is released.
     const std::shared_ptr<detail::stream_group<T>> g = std::move(g_);
-    std::lock_guard lock(g->mu);
-    g->members.erase(std::remove(g->members.begin(), g->members.end(), id_), g->members.end());
-    g->generation.fetch_add(1, std::memory_order_release);  // release: pairs with the acquire in poll
+    cur_.leave(*g);
   }
 
   /// Copies up to `max` records from this member's partitions, continuing
@@ -980,9 +962,10 @@ class group_member {
   [[nodiscard]] read_result<T> poll(std::size_t max = 64) {
     read_result<T> out;
     if (!g_) return out;  // left the group: nothing assigned
-    refresh_if_rebalanced();
-    for (std::size_t i = 0; i < parts_.size() && out.records.size() < max; ++i) {
-      auto r = g_->owner->read(parts_[i], next_[i], max - out.records.size());
+    cur_.refresh_if_rebalanced(*g_);
+    const auto& parts = cur_.parts();
+    for (std::size_t i = 0; i < parts.size() && out.records.size() < max; ++i) {
+      auto r = g_->owner->read(parts[i], cur_.positions()[i], max - out.records.size());
       // Positions of earlier partitions already moved past the records in
       // `out`: hand those over (a commit then covers exactly them) and
       // report the partition behind retention on the next poll.
@@ -990,7 +973,7 @@ class group_member {
         if (out.records.empty()) return r;
         break;
       }
-      next_[i] += r.records.size();
+      cur_.advance(i, r.records.size());
       for (auto& rec : r.records) out.records.push_back(std::move(rec));
     }
     return out;
@@ -1017,36 +1000,29 @@ class group_member {
   [[nodiscard]] errc commit() {
     if (!g_) return errc::not_found;  // left the group
     std::lock_guard lock(g_->mu);
-    if (g_->generation.load(std::memory_order_relaxed) != gen_) return errc::conflict;  // relaxed: under mu, writers hold mu
-    for (std::size_t i = 0; i < parts_.size(); ++i) g_->committed[parts_[i]] = next_[i];
+    if (g_->generation.load(std::memory_order_relaxed) != cur_.generation()) return errc::conflict;  // relaxed: under mu, writers hold mu
+    const auto& parts = cur_.parts();
+    for (std::size_t i = 0; i < parts.size(); ++i) g_->committed[parts[i]] = cur_.positions()[i];
     return errc::ok;
   }
 
   /// Moves this member's position in an assigned partition (e.g. to the
   /// earliest offset after out_of_range). Returns false if not assigned.
-  bool seek(std::uint32_t partition, std::uint64_t offset) {
-    for (std::size_t i = 0; i < parts_.size(); ++i)
-      if (parts_[i] == partition) {
-        next_[i] = offset;
-        return true;
-      }
-    return false;
-  }
+  bool seek(std::uint32_t partition, std::uint64_t offset) { return cur_.seek(partition, offset); }
 
   /// Partitions assigned to this member as of its last poll.
   [[nodiscard]] const std::vector<std::uint32_t>& assignment() {
     if (!g_) {
-      parts_.clear();
-      next_.clear();
-      return parts_;
+      cur_.clear();
+      return cur_.parts();
     }
-    refresh_if_rebalanced();
-    return parts_;
+    cur_.refresh_if_rebalanced(*g_);
+    return cur_.parts();
   }
   /// This member's next offset per assigned partition (parallel to assignment()).
-  [[nodiscard]] const std::vector<std::uint64_t>& positions() const noexcept { return next_; }
+  [[nodiscard]] const std::vector<std::uint64_t>& positions() const noexcept { return cur_.positions(); }
   /// The generation this member's assignment belongs to.
-  [[nodiscard]] std::uint64_t generation() const noexcept { return gen_; }
+  [[nodiscard]] std::uint64_t generation() const noexcept { return cur_.generation(); }
   /// Offset the next append to `partition` gets (0 after leave()). Lock-free;
   /// valid after the stream is destroyed (the member shares the log).
   [[nodiscard]] std::uint64_t end_offset(std::uint32_t partition) const {
@@ -1057,28 +1033,10 @@ class group_member {
   template <class>
   friend class stream;
   friend struct detail::stream_wait_access;
-  explicit group_member(std::shared_ptr<detail::stream_group<T>> g) : g_(std::move(g)) {
-    std::lock_guard lock(g_->mu);
-    id_ = g_->next_member++;
-    g_->members.push_back(id_);
-    g_->generation.fetch_add(1, std::memory_order_release);  // release: pairs with the acquire in poll
-    gen_ = ~std::uint64_t{0};
-  }
-
-  void refresh_if_rebalanced() {
-    if (g_->generation.load(std::memory_order_acquire) == gen_) return;  // acquire: pairs with join/leave
-    std::lock_guard lock(g_->mu);
-    gen_ = g_->generation.load(std::memory_order_relaxed);  // relaxed: under mu, writers hold mu
-    parts_ = g_->assignment_of(id_);
-    next_.resize(parts_.size());
-    for (std::size_t i = 0; i < parts_.size(); ++i) next_[i] = g_->committed[parts_[i]];
-  }
+  explicit group_member(std::shared_ptr<detail::stream_group<T>> g) : g_(std::move(g)) { cur_.join(*g_); }
 
   std::shared_ptr<detail::stream_group<T>> g_;
-  std::uint64_t id_ = 0;
-  std::uint64_t gen_ = 0;
-  std::vector<std::uint32_t> parts_;
-  std::vector<std::uint64_t> next_;
+  detail::group_cursor cur_;  // id, generation, assignment and positions
 };
 
 namespace detail {
