@@ -13,6 +13,7 @@
 #include <iterator>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -677,4 +678,121 @@ TEST_CASE("dereferencing an rvalue result gives the value itself, so a range-for
   int sum = 0;
   for (int v : *make()) sum += v;
   CHECK(sum == 6);
+}
+
+// --- the armed waiting protocol (event_count::prepare_wait_armed), used by every shape but spsc ---
+
+TEST_CASE("notify_armed after prepare_wait_armed changes the word every armed waiter sleeps on", "[channel][armed]") {
+  postbox::detail::event_count ec;
+  const std::uint32_t first = ec.prepare_wait_armed();
+  const std::uint32_t second = ec.prepare_wait_armed();  // a second waiter shares the arm
+  CHECK(first == second);
+  ec.notify_armed(1);
+  // wait() returns at once when the word differs from the key; a word left
+  // equal to either key would put that waiter to sleep (the test would hang).
+  CHECK(ec.wait(first, std::nullopt));
+  CHECK(ec.wait(second, std::nullopt));
+  ec.finish_wait();
+  ec.finish_wait();
+}
+
+TEST_CASE("only the first notify_armed after a park takes the arm; later ones leave the word alone", "[channel][armed]") {
+  postbox::detail::event_count ec;
+  const std::uint32_t key = ec.prepare_wait_armed();
+  ec.notify_armed(1);  // takes the arm: one step of the epoch
+  ec.notify_armed(1);  // finds it clear: must not move the word
+  ec.notify_armed(1);
+  ec.finish_wait();
+  const std::uint32_t again = ec.prepare_wait_armed();
+  CHECK(again != key);
+  // Exactly one step between the two arms: the later notifies wrote nothing.
+  constexpr std::uint32_t armed = std::uint32_t{1} << 31;
+  CHECK(again == (((key + 1) & ~armed) | armed));
+  ec.finish_wait();
+}
+
+TEST_CASE("notify_armed without an announced waiter, or after the waiter left, leaves the word alone", "[channel][armed]") {
+  postbox::detail::event_count ec;
+  ec.notify_armed(1);
+  const std::uint32_t key = ec.prepare_wait_armed();
+  ec.finish_wait();
+  ec.notify_armed(1);  // the arm is stale but nobody is announced: the gate load ends it
+  CHECK(ec.prepare_wait_armed() == key);
+  ec.finish_wait();
+}
+
+TEST_CASE("wake_all wakes an armed waiter whose arm another notify already took", "[channel][armed]") {
+  postbox::detail::event_count ec;
+  const std::uint32_t key = ec.prepare_wait_armed();
+  ec.notify_armed(1);
+  const std::uint32_t rearmed = ec.prepare_wait_armed();
+  ec.wake_all();
+  CHECK(ec.wait(key, std::nullopt));
+  CHECK(ec.wait(rearmed, std::nullopt));
+  ec.finish_wait();
+  ec.finish_wait();
+}
+
+// The rule "only the first notify after a park wakes" is safe only because
+// that wake reaches every parked thread: had it woken one of the two, the
+// second send would find the arm taken and the other receiver would sleep
+// beside the second message.
+TEST_CASE("two receivers parked on an mpmc channel each get one of two sends", "[channel][armed]") {
+  const int rounds = static_cast<int>(postbox_test::scaled(200));
+  int stranded = 0;
+  for (int round = 0; round < rounds && stranded == 0; ++round) {
+    channel<int> ch(8);
+    std::atomic<int> got{0};
+    std::atomic<int> sum{0};
+    const auto receiver = [&] {
+      if (auto v = ch.receive()) {
+        sum.fetch_add(*v);
+        got.fetch_add(1);
+      }
+    };
+    std::thread a(receiver);
+    std::thread b(receiver);
+    // Both announced on the not-empty event count: past their spin, parking.
+    REQUIRE(postbox_test::eventually(
+        [&] { return postbox::detail::channel_access::not_empty(ch).threads_waiting_approx() == 2; }));
+    REQUIRE(ch.send(1) == send_status::ok);
+    REQUIRE(ch.send(2) == send_status::ok);
+    if (!postbox_test::eventually([&] { return got.load() == 2; }, std::chrono::seconds(10))) {
+      ++stranded;
+      ch.close();  // lets the stranded receiver return
+    }
+    a.join();
+    b.join();
+    if (got.load() == 2) CHECK(sum.load() == 3);
+  }
+  CHECK(stranded == 0);
+}
+
+TEST_CASE("two senders parked on a full mpmc channel are each released by one of two receives", "[channel][armed]") {
+  const int rounds = static_cast<int>(postbox_test::scaled(200));
+  int stranded = 0;
+  for (int round = 0; round < rounds && stranded == 0; ++round) {
+    channel<int> ch(2);
+    REQUIRE(ch.try_send(10) == send_status::ok);
+    REQUIRE(ch.try_send(20) == send_status::ok);
+    std::atomic<int> sent{0};
+    std::thread a([&] { sent.fetch_add(ch.send(1) == send_status::ok ? 1 : 0); });
+    std::thread b([&] { sent.fetch_add(ch.send(2) == send_status::ok ? 1 : 0); });
+    REQUIRE(postbox_test::eventually(
+        [&] { return postbox::detail::channel_access::not_full(ch).threads_waiting_approx() == 2; }));
+    REQUIRE(ch.try_receive() == 10);
+    REQUIRE(ch.try_receive() == 20);
+    if (!postbox_test::eventually([&] { return sent.load() == 2; }, std::chrono::seconds(10))) {
+      ++stranded;
+      ch.close();  // lets the stranded sender return
+    }
+    a.join();
+    b.join();
+    if (sent.load() == 2) {
+      const int x = ch.try_receive().value_or(0);
+      const int y = ch.try_receive().value_or(0);
+      CHECK(x + y == 3);
+    }
+  }
+  CHECK(stranded == 0);
 }

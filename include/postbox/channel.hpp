@@ -161,12 +161,10 @@ struct channel_access {
                                stop_tokens stops) {
     return ch.receive_blocking(deadline, stops);
   }
-  /// try_receive_result() without waking parked senders: the topic's queue
-  /// wakes its publisher once per park instead (topic_queue::space_armed).
-  /// (General channel only: the spsc ring does not grant this access.)
+  /// The event count receivers of `ch` park on.
   template <class Channel>
-  static auto try_receive_quiet(Channel& ch) noexcept {
-    return ch.receive_quiet();
+  static event_count& not_empty(Channel& ch) noexcept {
+    return ch.not_empty_;
   }
   /// The event count senders of `ch` park on.
   template <class Channel>
@@ -186,7 +184,8 @@ struct channel_access {
 ///                                       asymmetric protocol, sole-waiter
 ///                                       form: one wake per park); false: the
 ///                                       ring's own seq_cst RMWs pair with
-///                                       the event count (symmetric protocol)
+///                                       the event count (armed protocol:
+///                                       one wake of all sleepers per park)
 template <class Ring, class T>
 class channel_api {
   friend struct channel_access;
@@ -377,14 +376,14 @@ class channel_api {
     if constexpr (Ring::asymmetric_waits) {
       ring().not_empty_.notify_light_sole(n);
     } else {
-      ring().not_empty_.notify(n);
+      ring().not_empty_.notify_armed(n);
     }
   }
   void wake_senders(int n) noexcept {
     if constexpr (Ring::asymmetric_waits) {
       ring().not_full_.notify_light_sole(n);
     } else {
-      ring().not_full_.notify(n);
+      ring().not_full_.notify_armed(n);
     }
   }
   static std::uint32_t prepare(event_count& ec) noexcept {
@@ -394,7 +393,10 @@ class channel_api {
       // prepare_wait_sole).
       return ec.prepare_wait_sole();
     } else {
-      return ec.prepare_wait();
+      // Any number of waiting threads per side: each park arms the event
+      // count, and the first notify after it wakes every sleeper once
+      // (event_count::prepare_wait_armed), not one syscall per message.
+      return ec.prepare_wait_armed();
     }
   }
 
@@ -515,9 +517,14 @@ class channel_api {
 /// then see `closed` once the head reaches the final tail.
 ///
 /// **Waiting.** Blocking calls spin briefly, yield, then park on an event
-/// count (`detail::event_count`, a futex on Linux). A sender notifies only if
-/// a receiver is parked, so a send or receive makes no syscall and no extra
-/// write when nobody waits; see event_count for why no wake-up is lost.
+/// count (`detail::event_count`, a futex on Linux) under its armed protocol:
+/// a thread about to park sets the arm bit of the futex word, and the first
+/// send (or receive, for parked senders) that finds it set clears it and
+/// wakes every parked thread of that side; later ones find it clear and make
+/// no RMW and no syscall until a thread parks again. A send or receive makes
+/// no syscall and no extra write when nobody waits (one load), nor while the
+/// parked side has not yet run since its wake (two loads); see
+/// event_count::prepare_wait_armed for why no wake-up is lost.
 ///
 /// **Cost.** One compare-and-swap (or exchange) per send and per receive, no
 /// allocation after construction, no lock.

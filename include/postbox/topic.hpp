@@ -26,11 +26,11 @@
 //   thread publishes on a changed list or exits; it is drained when removed,
 //   so only its empty buffer lingers.
 // * Waiting wakes once per park, not once per message: a blocking receive
-//   spins briefly, then parks on its queue's own event count after setting
-//   `armed`; the first publish that finds the arm wakes it, later ones make
-//   no syscall until it parks again. A `block` publisher on a full queue does
-//   the same on the channel's not-full event count with `space_armed`, and
-//   the subscription's own receives wake it once per arm (topic_queue).
+//   spins briefly, then parks on its queue's channel under the event count's
+//   armed protocol (event_count::prepare_wait_armed); the first publish that
+//   finds the arm wakes it, later ones make no syscall until it parks again.
+//   A `block` publisher on a full queue does the same on the channel's
+//   not-full event count, woken by the subscription's receives (topic_queue).
 // * A subscription's state lives in a shared_ptr owned by the snapshot and by
 //   the handle, so destroying the handle during an in-flight publish is safe:
 //   the destructor removes it from the list and closes its channel, which
@@ -419,50 +419,22 @@ struct topic_queue {
   std::atomic<std::uint64_t> lag_total{0};
   std::size_t members = 0;  // group members; guarded by the topic's writer mutex
 
-  // Blocking receivers of this queue (subscription::receive and its timed
-  // forms) park here, not on the channel's own event count: a publisher
-  // wakes them once per park, not once per message (see `armed`). Selects
-  // and awaitables still register with the channel's event count.
-  alignas(cache_line_size) event_count parked;
-  // Set (seq_cst store) by a receiver about to park, before it reads the
-  // epoch and re-checks the queue; taken (exchange, seq_cst) by the first
-  // publisher that finds it set after its push, which then wakes every
-  // thread parked here. Dekker's pattern with the channel's claim: the
-  // publisher's push is a seq_cst CAS on the channel's tail followed by a
-  // seq_cst load of `armed`; the receiver's store is followed by the seq_cst
-  // read of that tail in its re-check. So either the publisher sees the arm
-  // (and wakes), or the receiver's re-check sees the message. Later
-  // publishes see it clear and make no syscall until a receiver parks again:
-  // a subscriber woken once drains the whole backlog. Only publishers clear
-  // it (a receiver clearing its own arm could clear another's); a stale arm
-  // costs one wake-up syscall, never a lost one. Waking all parked threads,
-  // not one, is what keeps a group correct when two members are parked.
-  std::atomic<bool> armed{false};
+  // Waiting wakes once per park, not once per message, in both directions,
+  // through the channel's own event counts and their armed protocol
+  // (event_count::prepare_wait_armed): a blocking receiver parks on the
+  // channel's not-empty event count, a `block` publisher on its not-full one,
+  // each arming it first; the channel's send (receive) wakes the parked side
+  // only when it finds the arm, then every thread parked there (a group's
+  // members included). So a close(), a select's or an awaitable's receive
+  // through the channel's own API, and the subscription's own calls all wake
+  // the same way, with no flag or event count of the queue's own.
 
-  // The publisher side, for `block`: a publisher that finds the queue full
-  // spins, then parks on the channel's own not_full event count (so a
-  // close(), and a receive through the channel's own API, such as a select's
-  // or an awaitable's, still wake it as they wake any sender). Before it
-  // parks it sets this (seq_cst store, then the epoch read and its re-check
-  // of the queue, whose decisive read is the seq_cst load of the channel's
-  // head). The subscription's own receives take messages without the
-  // channel's per-message notify (channel_access::try_receive_quiet: a
-  // seq_cst CAS on that head) and then load this (seq_cst); the first that
-  // finds it set takes it (exchange) and wakes every parked publisher, the
-  // rest make no syscall: the same Dekker argument and once-per-park rule as
-  // `armed`, in the other direction. Cleared only by receivers.
-  alignas(cache_line_size) std::atomic<bool> space_armed{false};
+  // Takes one message (waking parked publishers once per park). Never blocks.
+  receive_result<item_ptr> try_take() noexcept { return ch.try_receive_result(); }
 
-  // Takes one message without the channel's notify of parked senders, then
-  // wakes them once per park (see space_armed). Never blocks.
-  receive_result<item_ptr> try_take() noexcept {
-    receive_result<item_ptr> r = channel_access::try_receive_quiet(ch);
-    // seq_cst load first: the common case (no publisher parked) writes nothing.
-    if (r.has_value() && space_armed.load(std::memory_order_seq_cst) &&
-        space_armed.exchange(false, std::memory_order_seq_cst))
-      channel_access::not_full(ch).wake_all();
-    return r;
-  }
+  // The event counts of the channel's two sides.
+  event_count& not_empty() noexcept { return channel_access::not_empty(ch); }
+  event_count& not_full() noexcept { return channel_access::not_full(ch); }
 
   // `block`: sends, waiting while the queue is full; ok or closed. While it
   // spins on a full queue it waits for a batch of free slots (a quarter of
@@ -483,12 +455,11 @@ struct topic_queue {
       const send_status s = ch.try_send(std::move(copy));  // the last spin step tries anyway
       if (s != send_status::full) return s;
     }
-    event_count& ev = channel_access::not_full(ch);
+    event_count& ev = not_full();
     for (;;) {
-      // seq_cst: the arm, before the epoch read and the re-check; pairs with
-      // the receiver's seq_cst load in try_take (see space_armed).
-      space_armed.store(true, std::memory_order_seq_cst);
-      const std::uint32_t key = ev.prepare_wait();
+      // Arms the not-full event count before the re-check: the first receive
+      // after it wakes us (and every publisher parked on this queue).
+      const std::uint32_t key = ev.prepare_wait_armed();
       send_status s = ch.try_send(std::move(copy));
       if (s != send_status::full) {
         ev.finish_wait();
@@ -501,28 +472,16 @@ struct topic_queue {
     }
   }
 
-  // Wakes the receivers parked on this queue if one has armed since the last
-  // wake. After a successful push (its seq_cst claim is the Dekker partner).
-  void wake_parked() noexcept {
-    // seq_cst load first: the common case (nobody parked) writes nothing.
-    if (armed.load(std::memory_order_seq_cst) && armed.exchange(false, std::memory_order_seq_cst)) parked.wake_all();
-  }
-
   // Closes the queue and wakes every thread parked on it (the channel's
-  // close wakes selects and awaitables; wake_all the blocking receivers).
-  void close() noexcept {
-    ch.close();
-    parked.wake_all();
-  }
+  // close wakes both event counts: threads, selects and awaitables).
+  void close() noexcept { ch.close(); }
 
   // Pushes a copy of `p` under this queue's policy. Returns 0 delivered, 1
   // dropped, 2 refused, 3 closed.
   int push(const item_ptr& p) { return push(item_ptr(p)); }
   // Pushes `copy` itself (moved in; released when not queued).
   int push(item_ptr&& copy) {
-    const int outcome = push_quiet(std::move(copy));
-    if (outcome == 0) wake_parked();
-    return outcome;
+    return push_quiet(std::move(copy));  // the channel's send wakes parked receivers once per park
   }
   int push_quiet(item_ptr&& copy) {
     switch (opts.policy) {
@@ -879,7 +838,7 @@ class subscription {
 
   // The blocking receive: take at once if a message is queued; else spin
   // briefly (detail::backoff: pauses, then yields), re-trying; then park on
-  // the queue's own event count under the arm protocol (topic_queue::armed),
+  // the channel's not-empty event count under the armed protocol (topic_queue),
   // so a burst of publishes wakes this thread once and it drains the burst.
   // `canceled` when `stop` or the handle's detach source is stopped.
   static receive_result<typename detail::topic_queue<T>::item_ptr> take(
@@ -901,25 +860,25 @@ class subscription {
     // Only a receive that parks registers the stop callbacks (a stop while
     // spinning is seen by the checks above).
     const std::stop_token detached = c.detach.get_token();
-    const detail::stop_wakeup wakeup(q.parked, detail::stop_tokens{stop, &detached});
+    detail::event_count& parked = q.not_empty();
+    const detail::stop_wakeup wakeup(parked, detail::stop_tokens{stop, &detached});
     for (;;) {
-      // seq_cst: the arm, before the epoch read and the re-check; pairs with
-      // the publisher's seq_cst load in wake_parked (see topic_queue::armed).
-      q.armed.store(true, std::memory_order_seq_cst);
-      const std::uint32_t key = q.parked.prepare_wait();
+      // Arms the channel's not-empty event count before the re-check: the
+      // first publish after it wakes us (and every receiver parked here).
+      const std::uint32_t key = parked.prepare_wait_armed();
       {
         auto r = q.try_take();
         if (r.status() != receive_status::empty) {
-          q.parked.finish_wait();
+          parked.finish_wait();
           return r;
         }
       }
       if (stopped()) {
-        q.parked.finish_wait();
+        parked.finish_wait();
         return receive_status::canceled;
       }
-      const bool woke = q.parked.wait(key, deadline);
-      q.parked.finish_wait();
+      const bool woke = parked.wait(key, deadline);
+      parked.finish_wait();
       {
         auto r = q.try_take();
         if (r.status() != receive_status::empty) return r;

@@ -40,10 +40,11 @@ enum site : int {
   recv_tail_load,       // claim_receive: tail_.load(seq_cst) when the head slot is unpublished
   take_release,         // take: slot.seq.store(release)
   close_fetch_or,       // close: tail_.fetch_or(seq_cst)
-  ec_waiters_inc,       // event_count::prepare_wait: waiters_.fetch_add(seq_cst)
-  ec_epoch_load,        // event_count::prepare_wait: epoch_.load(seq_cst)
-  ec_has_waiters,       // event_count::has_waiters: waiters_.load(seq_cst)
-  ec_epoch_bump,        // event_count::wake: epoch_.fetch_add(seq_cst)
+  ec_waiters_inc,       // event_count::prepare_wait_armed: waiters_.fetch_add(seq_cst)
+  ec_arm,               // event_count::prepare_wait_armed: epoch_.fetch_or(armed_bit, seq_cst)
+  ec_has_waiters,       // event_count::notify_armed / notify: waiters_.load(seq_cst)
+  ec_armed_load,        // event_count::wake_armed: epoch_.load(seq_cst)
+  ec_epoch_bump,        // event_count::wake (close's notify_all): epoch_.fetch_add(seq_cst)
   site_count
 };
 
@@ -53,13 +54,15 @@ const char* const site_names[site_count] = {
     "publish slot.seq release store",     "claim_receive slot.seq acquire load",
     "claim_receive head CAS/store seq_cst", "claim_receive tail seq_cst load",
     "take slot.seq release store",        "close tail fetch_or seq_cst",
-    "prepare_wait waiters fetch_add seq_cst", "prepare_wait epoch seq_cst load",
-    "has_waiters seq_cst load",           "wake epoch fetch_add seq_cst",
+    "prepare_wait_armed waiters fetch_add seq_cst", "prepare_wait_armed arm fetch_or seq_cst",
+    "notify waiters seq_cst load",        "wake_armed epoch seq_cst load",
+    "wake epoch fetch_add seq_cst",
 };
 
 const rl::memory_order real_order[site_count] = {
     rl::mo_acquire, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_release, rl::mo_acquire, rl::mo_seq_cst,
     rl::mo_seq_cst, rl::mo_release, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst, rl::mo_seq_cst,
+    rl::mo_seq_cst,
 };
 
 // Relacy runs every simulated thread on one OS thread, so a plain global is
@@ -92,12 +95,29 @@ struct event_count {
     epoch($).store(0, rl::mo_relaxed);
     waiters($).store(0, rl::mo_relaxed);
   }
-  unsigned prepare_wait() {
+  static constexpr unsigned armed_bit = 1u << 31;
+
+  // The armed protocol (prepare_wait_armed / notify_armed): the waiter
+  // announces itself and sets the arm bit of the futex word, whose armed
+  // value is its key; the first notifier that finds the bit set takes it
+  // with a CAS that also steps the epoch (so no armed key matches any more)
+  // and wakes every sleeper; later notifiers see it clear and write nothing.
+  unsigned prepare_wait_armed() {
     waiters($).fetch_add(1, mo(ec_waiters_inc));
-    return epoch($).load(mo(ec_epoch_load));
+    return epoch($).fetch_or(armed_bit, mo(ec_arm)) | armed_bit;
   }
   void finish_wait() { waiters($).fetch_sub(1, rl::mo_relaxed); }
   bool has_waiters() { return waiters($).load(mo(ec_has_waiters)) != 0; }
+  void notify_armed() {
+    if (!has_waiters()) return;
+    unsigned e = epoch($).load(mo(ec_armed_load));
+    if ((e & armed_bit) == 0) return;  // the arm is taken: no RMW, no syscall
+    // Relaxed, as in event_count.hpp: only its atomicity matters (when it
+    // was a seq_cst site, weakening it was the one mutant that survived).
+    // The futex wake of every sleeper follows a successful CAS in the real code.
+    (void)epoch($).compare_exchange_strong(e, (e + 1) & ~armed_bit, rl::mo_relaxed, rl::mo_relaxed);
+  }
+  // notify_all(), as close() calls it: any announced waiter, armed or not.
   void notify() {
     if (has_waiters()) epoch($).fetch_add(1, mo(ec_epoch_bump));  // futex wake follows in the real code
   }
@@ -223,7 +243,7 @@ struct channel {
     const claim c = claim_send(t);
     if (c != claim::ok) return c;
     publish(t, value);
-    not_empty.notify();
+    not_empty.notify_armed();
     return claim::ok;
   }
   recv try_receive(int& out) {
@@ -231,7 +251,7 @@ struct channel {
     const claim c = claim_receive(t);
     if (c != claim::ok) return c == claim::closed ? recv::closed : recv::empty;
     out = take(t);
-    not_full.notify();
+    not_full.notify_armed();
     return recv::ok;
   }
   void close() {
@@ -248,7 +268,7 @@ struct channel {
     for (int round = 0; round < 3; ++round) {
       recv r = try_receive(out);
       if (r != recv::empty) return r;
-      const unsigned key = not_empty.prepare_wait();
+      const unsigned key = not_empty.prepare_wait_armed();
       r = try_receive(out);
       if (r != recv::empty) {
         not_empty.finish_wait();
@@ -268,7 +288,7 @@ struct channel {
     for (int round = 0; round < 3; ++round) {
       claim c = try_send(value);
       if (c != claim::full) return c;
-      const unsigned key = not_full.prepare_wait();
+      const unsigned key = not_full.prepare_wait_armed();
       c = try_send(value);
       if (c != claim::full) {
         not_full.finish_wait();
@@ -476,6 +496,42 @@ struct no_lost_wakeup_receiver : rl::test_suite<no_lost_wakeup_receiver<WithClos
   }
 };
 
+// Two receivers park on an empty channel while one sender sends twice: the
+// first send takes the arm and wakes every sleeper, the second finds the arm
+// taken (or re-armed by a receiver that parked again) and must not leave
+// either receiver asleep beside its message. The modelled futex sleep ends
+// only when the word moves off the key, which is what a wake of every
+// sleeper gives; a receiver the model leaves asleep on an unchanged word is
+// a lost wake-up.
+struct no_lost_wakeup_two_receivers : rl::test_suite<no_lost_wakeup_two_receivers, 3> {
+  channel<2, true> ch;
+  rl::var<int> asleep[2];
+  rl::var<unsigned> key[2];
+  rl::var<int> got[2];
+  void before() { ch.init(near_wrap); }
+  void thread(unsigned index) {
+    if (index == 2) {
+      RL_ASSERT(ch.try_send(1) == claim::ok);
+      RL_ASSERT(ch.try_send(2) == claim::ok);
+    } else {
+      int v = 0;
+      bool slept = false;
+      unsigned k = 0;
+      const recv r = ch.receive_blocking(v, slept, k);
+      RL_ASSERT(r != recv::closed);
+      got[index]($) = r == recv::ok ? v : 0;
+      asleep[index]($) = slept ? 1 : 0;
+      key[index]($) = k;
+    }
+  }
+  void after() {
+    for (int i = 0; i < 2; ++i) {
+      if (asleep[i]($)) RL_ASSERT(ch.not_empty.epoch($).load(rl::mo_relaxed) != key[i]($));
+    }
+    if (got[0]($) != 0 && got[1]($) != 0) RL_ASSERT(got[0]($) + got[1]($) == 3);
+  }
+};
+
 // A sender parks on a full channel (capacity 1, pre-filled) while a receiver
 // takes the message (or, in the second variant, another thread closes): the
 // sender must never sleep forever.
@@ -559,6 +615,7 @@ struct runner {
     failed += !run<no_lost_wakeup_receiver<false, true>>("no lost wake-up: parked receiver, send", rl::sched_random, iterations);
     failed += !run<no_lost_wakeup_receiver<false, false>>("no lost wake-up: parked receiver (spsc)", rl::sched_random, iterations);
     failed += !run<no_lost_wakeup_receiver<true, true>>("no lost wake-up: parked receiver, close", rl::sched_random, iterations);
+    failed += !run<no_lost_wakeup_two_receivers>("no lost wake-up: two parked receivers, two sends", rl::sched_random, iterations);
     failed += !run<no_lost_wakeup_sender<false>>("no lost wake-up: parked sender, receive", rl::sched_random, iterations);
     failed += !run<no_lost_wakeup_sender<true>>("no lost wake-up: parked sender, close", rl::sched_random, iterations);
     return failed;
@@ -572,12 +629,10 @@ struct runner {
 // order is not weakened in channel.hpp on the strength of this check.
 const char* undetectable_reason(int s) {
   switch (s) {
-    case model::ec_epoch_load:
-      return "needs acquire in C++: reading a bumped epoch must carry the notifier's condition RMW to the "
-             "waiter's re-check; Relacy runs seq_cst re-checks in an interleaving where they already see that RMW, "
-             "so the stale re-check the mutant allows never happens in the model";
     case model::ec_epoch_bump:
-      return "the release half of the same pair (epoch bump -> prepare_wait's epoch read); same reason";
+      return "needs release in C++: a waiter's arm (an RMW of the word) that reads the bump must see what the "
+             "notifier wrote before it; Relacy runs the waiter's seq_cst re-check in an interleaving where it "
+             "already sees the notifier's condition RMW, so the stale re-check the mutant allows never happens";
     default:
       return nullptr;
   }

@@ -49,6 +49,15 @@ namespace detail {
 /// than the notifier's RMW, observes the condition. This is Dekker's pattern
 /// expressed through seq_cst operations only, with no standalone fence.
 ///
+/// Three waiting protocols share the class: the symmetric one above
+/// (prepare_wait / notify), the asymmetric one for rings with no RMW per
+/// message (prepare_wait_asymmetric / notify_light, and its sole-waiter form
+/// prepare_wait_sole / notify_light_sole: one wake per park), and the armed
+/// one for several waiters (prepare_wait_armed / notify_armed: one wake of
+/// all sleepers per park, not one syscall per notify). One event count uses
+/// one protocol for its threads; wake_all() and registered wakers work with
+/// all three.
+///
 /// On Linux the epoch word is a futex (private, with absolute CLOCK_MONOTONIC
 /// timeouts); elsewhere a mutex and condition variable stand in, used only on
 /// the slow path. All members are thread-safe and never allocate.
@@ -97,6 +106,56 @@ class event_count {
     // (and wakes us) or set by a later notifier (who wakes us), and either
     // way the futex word no longer equals our key.
     return epoch_.fetch_and(~wake_pending, std::memory_order_seq_cst) & ~wake_pending;
+  }
+
+  /// prepare_wait() for the armed protocol, paired with notify_armed(): any
+  /// number of waiting threads (competing receivers or senders of an mpmc
+  /// ring, the members of a topic group), one futex wake per park instead of
+  /// one per notify. Announces the waiter, then sets the `armed` bit of the
+  /// futex word and returns the armed word as the key. The first
+  /// notify_armed() that finds the bit set clears it (and advances the
+  /// epoch) with one CAS and wakes every sleeping thread; later notifies see
+  /// it clear and make no RMW and no syscall until a waiter arms again.
+  /// Rare side only (one RMW more than prepare_wait()).
+  ///
+  /// Why every thread and not one: with the arm consumed, a second message
+  /// finds the bit clear and wakes nobody; had the wake taken only one of two
+  /// sleepers, that one takes the first message and the second sleeper stays
+  /// asleep beside the second message (the stranding the test
+  /// "two parked receivers and two sends: both messages are received" rules
+  /// out). Waking all costs the parked threads a herd, but once per arm, not
+  /// per message: each woken thread drains what it finds or re-arms; a
+  /// wake-one hand-off (the woken thread re-arms and re-checks for the
+  /// sleepers left) would add an RMW and a re-check to every woken receive.
+  [[nodiscard]] std::uint32_t prepare_wait_armed() noexcept {
+    // seq_cst: the Dekker half of prepare_wait(), for the notifier's gate
+    // load of waiters_ in notify_armed().
+    waiters_.fetch_add(1, std::memory_order_seq_cst);
+    // seq_cst RMW: the arm; pairs with the seq_cst load of the word in
+    // wake_armed(). Dekker with the caller's re-check (a seq_cst read of the
+    // condition): in the single total order S, if the re-check misses a
+    // notifier's condition RMW, that RMW, then its waiters_ gate load and its
+    // load of the word, all follow this arm; the load reads the arm or a
+    // later value: armed (the notifier takes it and wakes), or already taken
+    // by another notifier, which moved the word off our key and wakes every
+    // sleeper. A notifier whose load precedes the arm in S (it read a value
+    // before the arm in the word's modification order) had its condition RMW
+    // earlier still, so our re-check sees it.
+    return epoch_.fetch_or(armed_bit, std::memory_order_seq_cst) | armed_bit;
+  }
+
+  /// notify() for prepare_wait_armed(): after the caller's seq_cst RMW that
+  /// made the condition true. Nobody announced: one load (as notify()).
+  /// Threads announced but the arm already taken: one more load, no RMW, no
+  /// syscall. Armed: one CAS that disarms, then a FUTEX_WAKE of every
+  /// sleeper. Registered wakers (selects) are woken as by notify(). Never
+  /// blocks, never allocates; thread-safe.
+  void notify_armed(int n) noexcept {
+    // seq_cst: the gate, as in notify(); pairs with the waiters_ increment
+    // in prepare_wait_armed() (and register_waker()).
+    const std::uint64_t w = waiters_.load(std::memory_order_seq_cst);
+    if (POSTBOX_LIKELY(w == 0)) return;
+    wake_armed(n, w);
   }
 
   /// Registers `w` to be woken by every notify until unregister_waker(w):
@@ -181,6 +240,14 @@ class event_count {
     return waiters_.load(std::memory_order_seq_cst) != 0;
   }
 
+  /// Threads between a prepare_wait*() and its finish_wait(), as of some
+  /// recent instant (a snapshot for tests and statistics: a thread counted
+  /// may be about to sleep, asleep, or just woken). Never blocks; thread-safe.
+  [[nodiscard]] std::uint32_t threads_waiting_approx() const noexcept {
+    // relaxed: a snapshot; nothing is published through it.
+    return static_cast<std::uint32_t>(waiters_.load(std::memory_order_relaxed) & thread_mask);
+  }
+
   /// Wakes up to `n` parked threads if any waiter is announced; otherwise
   /// does nothing at all (no write, no syscall).
   void notify(int n) noexcept {
@@ -249,6 +316,30 @@ class event_count {
     futex_wake(INT_MAX);
   }
 
+  /// notify_armed() once it has seen waiters (`seen`, non-zero).
+  void wake_armed(int n, std::uint64_t seen) noexcept {
+    wake(n, seen & ~thread_mask);  // the registered wakers only: no epoch bump, no syscall
+    if ((seen & thread_mask) == 0) return;
+    // seq_cst: the notifier half of the arm's Dekker pattern; pairs with the
+    // fetch_or in prepare_wait_armed(). Ordered after our caller's condition
+    // RMW, so a waiter whose arm this load misses re-checks after that RMW.
+    std::uint32_t e = epoch_.load(std::memory_order_seq_cst);
+    if ((e & armed_bit) == 0) return;  // nobody armed since the last wake: no RMW, no syscall
+    // relaxed CAS: takes the arm and advances the epoch in one step, so no
+    // thread sleeps on the key it armed with; only its atomicity matters
+    // (one notifier takes an arm). No ordering pairs with it: the no-lost-
+    // wake-up argument (prepare_wait_armed) runs through the seq_cst load
+    // above and the waiter's seq_cst arm, and the futex syscall that follows
+    // orders this store with a sleeper's compare in the kernel. (Relacy's
+    // mutation check confirms nothing depends on a stronger order here.)
+    // Failing, the word changed since our load: another notifier took the
+    // arm and wakes everyone, or wake() bumped it and wakes everyone.
+    if (!epoch_.compare_exchange_strong(e, (e + 1) & ~armed_bit, std::memory_order_relaxed,
+                                        std::memory_order_relaxed))
+      return;
+    futex_wake(INT_MAX);  // every sleeper: see prepare_wait_armed()
+  }
+
   /// `seen` is the waiters_ value the notifier read. With no thread among
   /// it (only registered wakers: coroutines, selects), the epoch bump and
   /// the futex syscall are skipped: a thread whose prepare_wait increment
@@ -312,8 +403,15 @@ class event_count {
   /// sole-waiter protocol its bit `wake_pending` is set (seq_cst fetch_or)
   /// by the notifier that wakes and cleared (seq_cst fetch_and) by the
   /// waiter's prepare_wait_sole(); see there.
+  /// In the armed protocol its top bit `armed_bit` is set (seq_cst
+  /// fetch_or) by prepare_wait_armed() and cleared, with an epoch step, by
+  /// the one notify_armed() whose CAS (relaxed: atomicity only) takes it;
+  /// the arm's partner is the notifier's seq_cst load of the word in
+  /// wake_armed() (see both). wake()'s increment leaves the bit alone (a
+  /// stale arm costs one later wake, never a lost one).
   std::atomic<std::uint32_t> epoch_{0};
   static constexpr std::uint32_t wake_pending = 1;
+  static constexpr std::uint32_t armed_bit = std::uint32_t{1} << 31;
   /// Threads between prepare_wait() and finish_wait() (low 32 bits, unit 1)
   /// plus registered wakers (high 32 bits, unit waker_unit), one word so a
   /// notifier reads both with its one Dekker load. Incremented seq_cst by
