@@ -29,21 +29,25 @@
 //   issue 18, first pass (one table timer; the future is one atomic
 //   word; nodes recycled; the reply moved once into the future; cached
 //   endpoint; the request's own fresh id is its correlation id)         6,805
-//   now                                                                 5,575
+//   second pass                                                         5,575
 //     responder serves the channel's receive result in place and
 //     builds the reply in the packet's variant (no optional, no variant
 //     move): -650; generated endpoint names fit std::string's inline
 //     buffer (rr. + 12 hex digits), so reply-to allocates nothing: -290;
 //     one clock read per envelope (5 -> 3 per round trip): -115; the
 //     request built in its channel slot (try_emplace): -165.
-//   What is left: the table's timer, cancelled when the table empties and
-//   re-armed by the next request (about 960: schedule_at allocates the
-//   callback and a live-set node, cancel frees both; an empty table must
-//   hold no timer, which strict ping-pong makes it every round trip), 3
-//   envelope moves (out of the slot, into the future, out of get()) at
-//   about 180 each plus destructors (~340), 2 ids (a process-wide CAS
-//   each, ~170), the reply-to header's vector (~290), the table's two
-//   locks and its map, done-ring and deadline-heap bookkeeping (~900).
+//   now (same run: the second pass measured 5,592, ZeroMQ 4,377)        4,312
+//     an emptied table keeps its armed timer (it fires once into the idle
+//     table) instead of cancel + schedule_at per round trip: -960
+//     (cancel 509, arm_timer/schedule_at 449); the row reads the outcome
+//     with reply_future::value() in place: envelope moves 4 -> 2 (550 ->
+//     275 with their strings).
+//   What is left: 2 envelope moves (the request out of its slot is served
+//   in place; the reply into the future, about 140 each), envelope
+//   destructors (~210), 2 ids (a process-wide CAS each, strictly
+//   increasing ids are envelope.hpp's documented guarantee: ~175 both), the
+//   reply-to header's vector (header_map::set ~130 plus malloc/free), the
+//   table's two locks, its map, done-ring and deadline-heap bookkeeping.
 // Syscalls (perf stat -e syscalls:sys_enter_futex, --pin --rounds 3,
 // --only "postbox requester", 60,000 round trips):
 //   before issue 18: 3 futex calls per round trip (condvar future).
@@ -51,10 +55,18 @@
 //   4-5, 54k-113k futex and 108k-227k sched_yield; at load 12-16, 18k-36k
 //   futex, 37k-75k yields. The pause-only spin made the requester sleep
 //   and the responder pay a futex wake on most round trips.
-//   now (get() waits as a channel's blocking receive: backoff pauses,
-//   4 yields, then sleep): load 4-5: 6k-34k futex, 33k-120k yields;
-//   load 12-16: 2.4k-2.5k futex, 8k-8.5k yields. No syscall on either side
-//   when the reply comes while the requester spins.
+//   second pass (get() waits as a channel's blocking receive: backoff
+//   pauses, 4 yields, then sleep): load 4-5: 6k-34k futex, 33k-120k
+//   yields; load 12-16: 2.4k-2.5k futex, 8k-8.5k yields. No syscall on
+//   either side when the reply comes while the requester spins.
+//   now (both waits check every 4 pauses for the same 128-pause budget,
+//   detail::rr_spin; a pause is 25 ns here, so backoff's doubling runs
+//   noticed a 1-2 us wait's end up to 0.8-1.6 us late; the responder spins
+//   so before its blocking receive), perf trace -s, 20k round trips, load
+//   13.5, requester thread + responder thread: second pass 219 + 217 futex,
+//   5,826 + 5,481 yields; now 105 + 105 futex, 2,740 + 1,469 yields (about
+//   0.003 parks per round trip on each side). The channel ping-pong in the
+//   same minutes: 27-30 futex, 650-850 yields per thread.
 // Wall clock: this VM (2-core AMD EPYC) was shared with builds at load 4-17
 // while this was measured, so only same-run comparisons mean anything:
 //   load 4-5, 20k round trips x3: requester 42-143 us before, 30-73 us now.
