@@ -18,7 +18,11 @@
 // light_fence() is a compiler barrier only, so in the model it is nothing:
 // the hot side's accesses keep their real orders (relaxed, release, acquire)
 // and the processor may reorder the store before a light fence with the load
-// after it.
+// after it. This is the membarrier build, where channel<T, spsc>'s closed_
+// never carries fence_bit: emplace_quiet's compiler barrier, then its one
+// relaxed closed_ load, exactly as modelled below. (With fence_bit set, no
+// membarrier or TSan, a send that sees it runs a seq_cst fence and loads
+// closed_ again: the symmetric fallback, not modelled.)
 //
 // heavy_fence() is membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED): the caller
 // passes a full barrier on entry and on return (the kernel's smp_mb() around
