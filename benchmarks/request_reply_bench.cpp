@@ -83,6 +83,15 @@
 //   slower at load 8 with 7-15x the futex calls: waiting longer before
 //   sleeping pays there. The quiet figures of the first pass (4.4 us vs
 //   0.29 us ping-pong, ZeroMQ 50.5 us) still need a quiet re-run.
+//   Kept timer + value() + rr_spin, against the second pass in alternating
+//   runs (--pin, 20k x5; no quiet minute was to be had): load 7: requester
+//   4.7-5.4 us -> 2.5-2.7 us, channel ping-pong 0.48-0.63 us (4.2-5.4x);
+//   full runs at load 8-9: 5.2 us (10.7x ping-pong, 0.065x ZeroMQ) ->
+//   3.1-3.3 us (3.5-7.0x, 0.036-0.043x). One thread, nobody waiting
+//   (--profile postbox 200000): 0.55 -> 0.45 us per round trip, so about
+//   2 us of the two-thread round trip is cache lines crossing cores (the
+//   table's lock, map node, deadline heap and done ring; the future's
+//   state; the channel slot; the id counter) and noticing the other side.
 #include <postbox/operations.hpp>
 #include <postbox/request_reply.hpp>
 
