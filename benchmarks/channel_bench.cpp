@@ -721,6 +721,9 @@ std::vector<scenario> make_scenarios() {
 #ifdef POSTBOX_BENCH_HAVE_MOODYCAMEL
     e.push_back({"moodycamel ConcurrentQueue + tokens" POSTBOX_BENCH_UNBOUNDED, false,
                  [=] { return throughput<moodycamel_cq, T>(pc, pc, n); }});
+    // The blocking peers of "postbox channel<mpmc> send/receive" above.
+    e.push_back({"moodycamel BlockingConcurrentQueue + tokens enqueue/wait_dequeue" POSTBOX_BENCH_UNBOUNDED, false,
+                 [=] { return throughput<moodycamel_bcq, W>(pc, pc, n); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_BOOST_LOCKFREE
     e.push_back({"boost::lockfree::queue<capacity<1024>>", false, [=] { return throughput<boost_queue, T>(pc, pc, n); }});
@@ -734,6 +737,7 @@ std::vector<scenario> make_scenarios() {
     e.push_back({"asio concurrent_channel try_send/try_receive", false, [=] { return throughput<asio_channel, T>(pc, pc, n); }});
 #endif
     e.push_back({"mutex+condvar queue try", false, [=] { return throughput<mutex_queue, T>(pc, pc, n); }});
+    e.push_back({"mutex+condvar queue push/pop (blocking)", false, [=] { return throughput<mutex_queue, W>(pc, pc, n); }});
   }
 
   // --- blocking 1P1C --------------------------------------------------------------
