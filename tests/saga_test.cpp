@@ -112,6 +112,7 @@ struct failing_store {
   postbox::result<std::vector<postbox::saga_state>> load_unfinished() const { return inner.load_unfinished(); }
 };
 static_assert(postbox::saga_state_store<failing_store>);
+static_assert(postbox::saga_state_store<postbox::memory_saga_store>);
 
 postbox::saga_state sample_state() {
   postbox::saga_state st;

@@ -47,6 +47,7 @@
 #include <postbox/timer_service.hpp>
 #include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/chrono.hpp>
+#include <postbox/detail/dependent.hpp>
 #include <postbox/detail/random.hpp>
 
 #include <array>
@@ -729,7 +730,7 @@ class consumer {
   };
   // A coroutine handler's task: awaited directly by run_async (task<void>
   // too: no adapter coroutine, one frame less per delivery).
-  using async_task = std::variant<task<settlement>, task<void>>;
+  using async_task = detail::dependent_t<std::variant<task<settlement>, task<void>>, T>;  // dependent_t: detail/dependent.hpp
   using async_handler_type = std::function<async_task(const envelope<T>&, consume_context&)>;
   // A single-message consumer's handler: one of the two is set.
   struct single_handler {
@@ -1777,7 +1778,7 @@ class consumer {
       held_ -= left.size();
       released_ += left.size();
     }
-    std::vector<std::coroutine_handle<>> destroyed;  // a batch's messages share one frame
+    detail::dependent_t<std::vector<std::coroutine_handle<>>, T> destroyed;  // a batch's messages share one frame
     for (auto& it : left) {
       const std::coroutine_handle<> frame = std::exchange(it.frame, nullptr);
       if (std::find(destroyed.begin(), destroyed.end(), frame) == destroyed.end()) {
@@ -2100,7 +2101,7 @@ class consumer {
   async_handler_type async_handler_;  // single-message consumers of coroutine handlers
   batch_handler_type batch_handler_;  // batch consumers
   async_batch_handler_type async_batch_handler_;  // batch consumers of coroutine handlers
-  const std::optional<batch_options> batch_;  // set: a batch consumer
+  const detail::dependent_t<std::optional<batch_options>, T> batch_;  // set: a batch consumer
   dead_letter_queue<T>* dlq_;
   consumer_options opts_;
   const clock* clock_;
@@ -2138,8 +2139,8 @@ class consumer {
   std::atomic<std::uint64_t> hook_failures_{0};
   detail::locked_duration_histogram handle_duration_;  // guarded by mu_
   std::stop_source stop_;
-  std::unique_ptr<timer_service> timers_;
-  std::vector<std::thread> workers_;
+  detail::dependent_t<std::unique_ptr<timer_service>, T> timers_;
+  detail::dependent_t<std::vector<std::thread>, T> workers_;
 };
 
 /// Registers a consumer under its name: received, acked, retried, deferred,

@@ -35,6 +35,7 @@
 #include <postbox/retry.hpp>
 #include <postbox/timer_service.hpp>
 #include <postbox/detail/algorithm.hpp>
+#include <postbox/detail/dependent.hpp>
 
 #include <concepts>
 #include <cstddef>
@@ -624,7 +625,7 @@ class dead_letter_queue {
     timer_service* timers;
     mutable std::mutex mu;
     std::map<std::uint64_t, stored> entries;             // guarded by mu; id order = insertion order
-    std::deque<std::uint64_t> pending;                   // redrive queue (ids); guarded by mu
+    detail::dependent_t<std::deque<std::uint64_t>, T> pending;  // redrive queue (ids); guarded by mu; detail/dependent.hpp
     std::unordered_map<std::string, origin_pair> origins;  // guarded by mu
     evict_handler on_evict;                              // guarded by mu
     token_bucket bucket;                                 // its own lock

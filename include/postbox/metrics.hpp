@@ -10,6 +10,7 @@
 #include <postbox/error.hpp>
 #include <postbox/redaction.hpp>
 #include <postbox/detail/algorithm.hpp>
+#include <postbox/detail/dependent.hpp>
 
 #include <array>
 #include <atomic>
@@ -130,9 +131,12 @@ struct metric_sample {
 /// redaction policy (redaction.hpp): a label whose name is sensitive gets
 /// the value "[redacted]", and other values are scrubbed of secrets (URL
 /// passwords, `token=...` pairs). Allocates; used during collection only.
-class metric_writer {
+/// (`metric_writer` is the one instance of this template, which exists so
+/// that its bodies compile where a collector runs: issue 17.)
+template <class Dummy = void>
+class basic_metric_writer {
  public:
-  explicit metric_writer(std::vector<metric_label> base)
+  explicit basic_metric_writer(std::vector<metric_label> base)
       : base_(std::move(base)), policy_(current_redaction_policy()) {
     for (auto& l : base_) redact(l);
   }
@@ -155,9 +159,14 @@ class metric_writer {
   [[nodiscard]] std::vector<metric_sample>& samples() noexcept { return samples_; }
 
  private:
-  void add(std::string_view name, std::string_view help, metric_type type, double value,
-           std::vector<metric_label> extra, std::optional<histogram_snapshot> h) {
-    metric_sample s;
+  // Labels and samples are spelled with dependent_t so that these bodies
+  // compile only where a collector runs (see detail/dependent.hpp).
+  using labels_t = detail::dependent_t<std::vector<metric_label>, Dummy>;
+  using sample_t = detail::dependent_t<metric_sample, Dummy>;
+
+  void add(std::string_view name, std::string_view help, metric_type type, double value, labels_t extra,
+           std::optional<detail::dependent_t<histogram_snapshot, Dummy>> h) {
+    sample_t s;
     s.name = std::string(name);
     s.help = std::string(help);
     s.type = type;
@@ -171,7 +180,7 @@ class metric_writer {
     samples_.push_back(std::move(s));
   }
 
-  void redact(metric_label& l) const {
+  void redact(detail::dependent_t<metric_label, Dummy>& l) const {
     if (policy_->is_sensitive(l.first)) {
       l.second.assign(redacted_text);
     } else if (l.second.find_first_of(":=") != std::string::npos) {  // only such values can hold a secret
@@ -179,14 +188,16 @@ class metric_writer {
     }
   }
 
-  std::vector<metric_label> base_;
-  std::vector<metric_sample> samples_;
+  labels_t base_;
+  detail::dependent_t<std::vector<metric_sample>, Dummy> samples_;
   std::shared_ptr<const redaction_policy> policy_;  ///< snapshot taken at construction
 };
+using metric_writer = basic_metric_writer<void>;
 
 namespace detail {
 
-inline void prometheus_escape_label(std::string& out, std::string_view v) {
+template <class = void>
+void prometheus_escape_label(std::string& out, std::string_view v) {
   for (char c : v) {
     if (c == '\\') {
       out += "\\\\";
@@ -200,7 +211,8 @@ inline void prometheus_escape_label(std::string& out, std::string_view v) {
   }
 }
 
-inline void prometheus_escape_help(std::string& out, std::string_view v) {
+template <class = void>
+void prometheus_escape_help(std::string& out, std::string_view v) {
   for (char c : v) {
     if (c == '\\') {
       out += "\\\\";
@@ -212,7 +224,8 @@ inline void prometheus_escape_help(std::string& out, std::string_view v) {
   }
 }
 
-inline void prometheus_number(std::string& out, double v) {
+template <class = void>
+void prometheus_number(std::string& out, double v) {
   // Classified without <cmath>, whose declarations cost every includer of
   // consumer.hpp about 3% of its compile time: NaN is the one value unequal
   // to itself; any other value beyond the largest finite double is an
@@ -234,7 +247,8 @@ inline void prometheus_number(std::string& out, double v) {
   }
 }
 
-inline void prometheus_labels(std::string& out, const std::vector<metric_label>& labels,
+template <class = void>
+void prometheus_labels(std::string& out, const std::vector<metric_label>& labels,
                               const metric_label* extra = nullptr) {
   if (labels.empty() && extra == nullptr) return;
   out += '{';
@@ -258,7 +272,10 @@ inline void prometheus_labels(std::string& out, const std::vector<metric_label>&
 /// and `# TYPE` per family (families in first-seen order, all samples of a
 /// family together), histograms as `_bucket{le=...}`, `_sum` and `_count`.
 /// Allocates the text. Thread-safe (pure function).
-[[nodiscard]] inline std::string render_prometheus(const std::vector<metric_sample>& samples) {
+/// (A function template only so that its body compiles where it is called:
+/// issue 17.)
+template <class = void>
+[[nodiscard]] std::string render_prometheus(const std::vector<metric_sample>& samples) {
   std::vector<std::string_view> families;
   for (const auto& s : samples) {
     if (std::find(families.begin(), families.end(), std::string_view(s.name)) == families.end())
@@ -380,6 +397,7 @@ class metrics_registry {
   /// Registers `fn` for a component of `kind` ("channel", "consumer", ...)
   /// named `name`; every sample it writes carries `component` and `name`
   /// labels. Allocates. Thread-safe. The registry must outlive the handle.
+  template <class = void>  // a template so that its body compiles where it is called (issue 17)
   [[nodiscard]] registration add(std::string kind, std::string name, collector fn) {
     std::lock_guard lock(mutex_);
     const std::uint64_t id = ++last_id_;
@@ -389,7 +407,9 @@ class metrics_registry {
 
   /// Every registered component's samples, in registration order. A
   /// collector that throws is skipped (its samples are dropped) and counted.
-  /// Allocates. Thread-safe.
+  /// Allocates. Thread-safe. (A member template only so that its body
+  /// compiles where it is called: issue 17.)
+  template <class = void>
   [[nodiscard]] std::vector<metric_sample> collect() const {
     std::vector<metric_sample> out;
     std::lock_guard lock(mutex_);
@@ -405,6 +425,7 @@ class metrics_registry {
   }
 
   /// `collect()` rendered as Prometheus text. Allocates. Thread-safe.
+  template <class = void>
   [[nodiscard]] std::string render_prometheus() const { return postbox::render_prometheus(collect()); }
 
   /// Registered components.

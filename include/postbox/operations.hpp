@@ -8,6 +8,7 @@
 #include <postbox/operations/executor.hpp>
 #include <postbox/operations/poll_limit.hpp>
 #include <postbox/detail/algorithm.hpp>
+#include <postbox/detail/dependent.hpp>
 #include <postbox/detail/random.hpp>
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
@@ -757,7 +758,8 @@ class operations {
   std::uint64_t polls_refused_ = 0;           // guarded by mutex_
   std::uint64_t incident_hook_failures_ = 0;  // guarded by mutex_
   std::shared_ptr<watch_link> link_ = make_link(this);
-  std::unique_ptr<detail::op_executor> executor_;  // last: joined before the maps go
+  // last: joined before the maps go; dependent_t (detail/dependent.hpp) defers its instantiation
+  detail::dependent_t<std::unique_ptr<detail::op_executor>, Result> executor_;
 };
 
 /// Registers an operation tracker's record count, failures by error code

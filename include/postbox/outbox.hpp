@@ -14,6 +14,7 @@
 #include <postbox/topic.hpp>
 #include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/chrono.hpp>
+#include <postbox/detail/dependent.hpp>
 #include <postbox/detail/random.hpp>
 
 #include <atomic>
@@ -382,7 +383,8 @@ namespace detail {
 
 #if POSTBOX_OUTBOX_POSIX
 /// realpath(3) of `path` as a string, or nothing when it cannot be resolved.
-[[nodiscard]] inline std::optional<std::string> real_path(const std::string& path) {
+template <class = void>  // a template: compiled only where a relay is (issue 17)
+[[nodiscard]] std::optional<std::string> real_path(const std::string& path) {
   char* resolved = ::realpath(path.c_str(), nullptr);  // malloc'd: no PATH_MAX limit
   if (resolved == nullptr) return std::nullopt;
   std::string out(resolved);
@@ -396,7 +398,8 @@ namespace detail {
 /// directory's realpath joined with its name; `path` unchanged when neither
 /// resolves. (The plain POSIX calls keep <filesystem> out of this header:
 /// issue 17.) Allocates.
-[[nodiscard]] inline std::string canonical_store_path(const std::string& path) {
+template <class = void>  // a template: compiled only where a relay is (issue 17)
+[[nodiscard]] std::string canonical_store_path(const std::string& path) {
 #if POSTBOX_OUTBOX_POSIX
   if (auto whole = real_path(path)) return *whole;
   const std::size_t slash = path.find_last_of('/');
@@ -423,7 +426,8 @@ template <class Store>
 }
 
 /// "<hostname>:<executable path>", both read from the system ("?" when unknown).
-[[nodiscard]] inline std::string relay_host_and_executable() {
+template <class = void>  // a template: compiled only where a relay is (issue 17)
+[[nodiscard]] std::string relay_host_and_executable() {
   std::string host = "?", exe = "?";
 #if POSTBOX_OUTBOX_POSIX
   char name[256] = {};
@@ -447,13 +451,15 @@ template <class Store>
 /// lives: an in-process registry, and for names shared across processes an
 /// exclusive flock(2) on "<temp>/postbox-relay-<hash>-<slot>.lock", which the
 /// kernel drops when the process dies, so a restarted relay gets its slot
-/// back. Move-only; not thread-safe (one owner).
-class relay_owner_slot {
+/// back. Move-only; not thread-safe (one owner). A class template only so that
+/// its bodies compile where a relay is used (issue 17); `Dummy` is unused.
+template <class Dummy = void>
+class basic_relay_owner_slot {
  public:
-  relay_owner_slot() = default;
-  relay_owner_slot(const relay_owner_slot&) = delete;
-  relay_owner_slot& operator=(const relay_owner_slot&) = delete;
-  ~relay_owner_slot() { release(); }
+  basic_relay_owner_slot() = default;
+  basic_relay_owner_slot(const basic_relay_owner_slot&) = delete;
+  basic_relay_owner_slot& operator=(const basic_relay_owner_slot&) = delete;
+  ~basic_relay_owner_slot() { release(); }
 
   /// The name "<base>#<slot>" for the lowest free slot (1..64), or empty
   /// when none could be held (every slot busy, or `cross_process` and no
@@ -559,6 +565,7 @@ class relay_owner_slot {
   int fd_ = -1;
   bool fd_failed_ = false;
 };
+using relay_owner_slot = basic_relay_owner_slot<void>;
 
 }  // namespace detail
 
@@ -660,12 +667,12 @@ class outbox_relay {
     point(relay_point::claimed, nullptr);
 
     const std::stop_token stop = stop_token();
-    std::vector<std::uint64_t> published, untouched;
-    std::vector<std::string_view> failed_keys;
+    detail::dependent_t<std::vector<std::uint64_t>, Store> published, untouched;  // dependent_t: detail/dependent.hpp
+    detail::dependent_t<std::vector<std::string_view>, Store> failed_keys;
     bool cut_short = false;
     std::size_t lost_at_renewal = 0;
-    std::vector<std::uint64_t> held;  // rows of the batch still leased to us: published, untouched, not yet tried
-    std::vector<errc> batch_results;  // a batch destination's answers, read in order below
+    detail::dependent_t<std::vector<std::uint64_t>, Store> held;  // rows of the batch still leased to us: published, untouched, not yet tried
+    detail::dependent_t<std::vector<errc>, Store> batch_results;  // a batch destination's answers, read in order below
     if (batch_destination_) batch_results = publish_batch(batch, stop);
     for (std::size_t i = 0; i < batch.size(); ++i) {
       const auto& m = batch[i];
@@ -855,8 +862,9 @@ class outbox_relay {
     };
   }
 
-  std::vector<errc> publish_batch(const std::vector<stored_message>& batch, const std::stop_token& stop) {
-    std::vector<errc> results(batch.size(), errc::handler_error);
+  using results_t = detail::dependent_t<std::vector<errc>, Store>;
+  results_t publish_batch(const std::vector<stored_message>& batch, const std::stop_token& stop) {
+    results_t results(batch.size(), errc::handler_error);
     POSTBOX_TRY { batch_destination_(std::span<const stored_message>(batch), std::span<errc>(results), stop); }
     POSTBOX_CATCH_ALL { std::fill(results.begin(), results.end(), errc::handler_error); }
     return results;

@@ -31,6 +31,7 @@
 #include <postbox/retry.hpp>
 #include <postbox/scheduler.hpp>
 #include <postbox/detail/algorithm.hpp>
+#include <postbox/detail/dependent.hpp>
 
 POSTBOX_BEGIN_NAMESPACE
 /// The policy sagas retry compensations with (postbox/retry.hpp).
@@ -124,7 +125,10 @@ concept saga_state_store = requires(S& s, const S& cs, const saga_state& st, std
 
 /// Saga state kept in process memory: for tests and for processes that need
 /// no durability. Every member allocates (copies) and is thread-safe.
-class memory_saga_store {
+/// A class template only so that its bodies compile in the translation units
+/// that use it (`memory_saga_store` is the one instance; `Dummy` is unused).
+template <class Dummy = void>
+class basic_memory_saga_store {
  public:
   /// Inserts `st`; `conflict` if its id is already stored.
   [[nodiscard]] errc create(const saga_state& st) {
@@ -146,7 +150,7 @@ class memory_saga_store {
   }
   /// Copies of every running saga, oldest first (ties by id).
   [[nodiscard]] result<std::vector<saga_state>> load_unfinished() const {
-    std::vector<saga_state> out;
+    detail::dependent_t<std::vector<saga_state>, Dummy> out;
     {
       std::lock_guard lock(mutex_);
       for (const auto& [id, st] : sagas_) {
@@ -165,10 +169,12 @@ class memory_saga_store {
 
  private:
   mutable std::mutex mutex_;
-  std::map<std::string, saga_state, std::less<>> sagas_;
+  /// dependent_t: these bodies compile only where the store is used (detail/dependent.hpp).
+  detail::dependent_t<std::map<std::string, saga_state, std::less<>>, Dummy> sagas_;
 };
 
-static_assert(saga_state_store<memory_saga_store>);
+/// The in-memory saga store (`saga_state_store`).
+using memory_saga_store = basic_memory_saga_store<void>;
 
 /// What a step's action or compensation sees: which saga and step, the
 /// attempt, the step's deadline, a stop token and the saga's data, which the
@@ -452,7 +458,7 @@ class saga_coordinator {
   std::vector<saga_resumed> resume_all() {
     auto pending = store_->load_unfinished();
     if (!pending) POSTBOX_THROW(error(pending.status(), "saga_coordinator::resume_all: cannot list sagas"));
-    std::vector<saga_resumed> out;
+    detail::dependent_t<std::vector<saga_resumed>, Store> out;  // dependent_t: detail/dependent.hpp
     out.reserve(pending->size());
     for (const auto& st : *pending) out.push_back(saga_resumed{st.saga_id, resume(st.saga_id)});
     return out;
@@ -622,7 +628,7 @@ class saga_coordinator {
       std::stop_source step_stop;
       std::stop_callback forward_stop(stop_.get_token(), [&step_stop]() noexcept { step_stop.request_stop(); });
       std::optional<timer_service::timer_id> timer;
-      std::optional<scheduled> timeout;
+      detail::dependent_t<std::optional<scheduled>, Store> timeout;
       if (options_.timers && st.step_deadline) {
         timer = options_.timers->schedule_at(*st.step_deadline, [s = step_stop]() mutable { s.request_stop(); });
       } else if (options_.step_scheduler && st.step_deadline) {
@@ -703,8 +709,8 @@ class saga_coordinator {
   const postbox::clock* clock_;
   mutable std::mutex mutex_;  // guards definitions_, running_, jitter_; the wait mutex
   std::condition_variable cv_;
-  std::map<std::string, std::shared_ptr<const saga_definition>, std::less<>> definitions_;
-  std::set<std::string, std::less<>> running_;
+  detail::dependent_t<std::map<std::string, std::shared_ptr<const saga_definition>, std::less<>>, Store> definitions_;
+  detail::dependent_t<std::set<std::string, std::less<>>, Store> running_;
   detail::saga_jitter jitter_;
   std::stop_source stop_;
   /// Exceptions thrown by the event sink. Incremented by any thread running

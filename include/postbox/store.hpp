@@ -8,6 +8,7 @@
 #include <postbox/error.hpp>
 #include <postbox/metrics.hpp>
 #include <postbox/detail/algorithm.hpp>
+#include <postbox/detail/dependent.hpp>
 
 #include <atomic>
 #include <concepts>
@@ -383,10 +384,10 @@ class basic_memory_store {
     basic_memory_store* store_;
     std::uint64_t id_;
     std::vector<op> ops_;
-    std::vector<std::size_t> savepoints_;
+    detail::dependent_t<std::vector<std::size_t>, Dummy> savepoints_;
     // (scope '\0' key) -> committed version when this transaction first read
     // or wrote it; checked at commit (optimistic concurrency).
-    std::map<std::string, std::uint64_t> read_versions_;
+    detail::dependent_t<std::map<std::string, std::uint64_t>, Dummy> read_versions_;
     errc failure_ = errc::ok;
     std::string error_;
   };
@@ -444,8 +445,8 @@ class basic_memory_store {
   [[nodiscard]] result<outbox_batch> outbox_claim(std::string_view owner, time_point now, time_point lease_until,
                                                   std::size_t max) {
     std::lock_guard lock(mutex_);
-    outbox_batch out;
-    std::set<std::string_view> blocked;
+    detail::dependent_t<outbox_batch, Dummy> out;
+    detail::dependent_t<std::set<std::string_view>, Dummy> blocked;
     std::optional<time_point> due;
     auto earliest = [&due](time_point t) { due = due ? std::min(*due, t) : t; };
     for (const std::uint64_t seq : encumbered_) {
@@ -583,7 +584,7 @@ class basic_memory_store {
   [[nodiscard]] result<std::vector<outbox_dead_letter_entry>> outbox_dead_letters(
       const outbox_dead_letter_filter& filter) const {
     std::lock_guard lock(mutex_);
-    std::vector<outbox_dead_letter_entry> out;
+    detail::dependent_t<std::vector<outbox_dead_letter_entry>, Dummy> out;
     for (const auto& [seq, d] : dead_) {
       if (out.size() >= filter.max) break;
       if (filter.matches(d)) out.push_back(d);
@@ -667,7 +668,7 @@ class basic_memory_store {
   /// Every pending row in staging order (for inspection and tests).
   [[nodiscard]] result<std::vector<stored_message>> outbox_pending() const {
     std::lock_guard lock(mutex_);
-    std::vector<stored_message> out;
+    detail::dependent_t<std::vector<stored_message>, Dummy> out;
     out.reserve(pending_.size());
     for (const auto& [seq, r] : pending_) out.push_back(r.message);
     return out;
@@ -766,9 +767,9 @@ class basic_memory_store {
     time_point first_failure{};  // set with the first failed attempt
   };
   struct consumer_ids {
-    std::unordered_set<message_id> ids;
-    std::deque<std::pair<message_id, time_point>> order;  // recording order
-    std::unordered_map<message_id, std::uint64_t> in_flight;  // id -> transaction
+    detail::dependent_t<std::unordered_set<message_id>, Dummy> ids;
+    detail::dependent_t<std::deque<std::pair<message_id, time_point>>, Dummy> order;  // recording order
+    detail::dependent_t<std::unordered_map<message_id, std::uint64_t>, Dummy> in_flight;  // id -> transaction
   };
 
   static std::string version_key(std::string_view scope, std::string_view key) {
@@ -897,12 +898,12 @@ class basic_memory_store {
   std::uint64_t last_tx_ = 0;
   std::uint64_t last_seq_ = 0;
   std::map<std::uint64_t, row> pending_;
-  std::set<std::uint64_t> encumbered_;  // pending rows with a lease or a retry time
-  std::map<std::pair<time_point, std::uint64_t>, message_id> dispatched_;
-  std::map<std::uint64_t, outbox_dead_letter_entry> dead_;  // by last outbox sequence
-  std::unordered_set<message_id> outbox_ids_;  // pending, dispatched (until purged) and dead-lettered ids
+  detail::dependent_t<std::set<std::uint64_t>, Dummy> encumbered_;  // pending rows with a lease or a retry time
+  detail::dependent_t<std::map<std::pair<time_point, std::uint64_t>, message_id>, Dummy> dispatched_;
+  detail::dependent_t<std::map<std::uint64_t, outbox_dead_letter_entry>, Dummy> dead_;  // by last outbox sequence
+  detail::dependent_t<std::unordered_set<message_id>, Dummy> outbox_ids_;  // pending, dispatched (until purged) and dead-lettered ids
   std::unordered_map<std::string, consumer_ids> inbox_;
-  std::map<std::string, std::uint64_t> versions_;
+  detail::dependent_t<std::map<std::string, std::uint64_t>, Dummy> versions_;
   store_stats stats_;
   errc inject_code_ = errc::ok;
   std::size_t inject_after_ = 0;

@@ -18,17 +18,18 @@ namespace detail {
 /// Fixed worker threads and a queue of at most `capacity` tasks. `try_post`
 /// refuses when full. The destructor runs `on_drop` for queued tasks never
 /// started, then joins. Thread-safe.
-class op_executor {
+template <class Dummy = void>  // a template so that its bodies compile only where it is used (issue 17)
+class basic_op_executor {
  public:
   using task = std::function<void(bool run)>;  // run == false: dropped at shutdown
 
-  op_executor(std::size_t threads, std::size_t capacity) : capacity_(capacity == 0 ? 1 : capacity) {
+  basic_op_executor(std::size_t threads, std::size_t capacity) : capacity_(capacity == 0 ? 1 : capacity) {
     if (threads == 0) threads = 1;
     for (std::size_t i = 0; i < threads; ++i) workers_.emplace_back([this] { run(); });
   }
-  op_executor(const op_executor&) = delete;
-  op_executor& operator=(const op_executor&) = delete;
-  ~op_executor() { shutdown(); }
+  basic_op_executor(const basic_op_executor&) = delete;
+  basic_op_executor& operator=(const basic_op_executor&) = delete;
+  ~basic_op_executor() { shutdown(); }
 
   /// Queues `t`, moving from it only on success; false when the queue is
   /// full or shut down, and then `t` is left intact, so the caller decides
@@ -82,6 +83,7 @@ class op_executor {
   bool stopping_ = false;
   std::vector<std::thread> workers_;
 };
+using op_executor = basic_op_executor<void>;
 
 }  // namespace detail
 POSTBOX_END_NAMESPACE

@@ -45,13 +45,14 @@ namespace detail {
 /// twice its size at the last scan, and at the latest one full refill period
 /// after the last scan, so memory follows the owners active within one refill
 /// period. Not thread-safe: the tracker calls it under its own mutex.
-class poll_limiter {
+template <class Dummy = void>  // a template so that its bodies compile only where it is used (issue 17)
+class basic_poll_limiter {
  public:
   /// `rate` <= 0 (or NaN) disables the limiter (every charge is allowed,
   /// nothing is stored). A `burst` of 0 counts as 1. A token's interval and
   /// the burst's span are each capped at about 31 years, so the arithmetic on
   /// time points cannot overflow. Never allocates.
-  poll_limiter(double rate, std::size_t burst) noexcept {
+  basic_poll_limiter(double rate, std::size_t burst) noexcept {
     if (rate > 0) {
       const double ticks_per_token = static_cast<double>(duration::period::den) / rate / static_cast<double>(duration::period::num);
       interval_ = ticks_per_token >= max_span ? duration(static_cast<duration::rep>(max_span))
@@ -114,6 +115,7 @@ class poll_limiter {
   std::size_t high_water_ = min_high_water;
   time_point next_scan_{};
 };
+using poll_limiter = basic_poll_limiter<void>;
 
 }  // namespace detail
 POSTBOX_END_NAMESPACE
