@@ -161,6 +161,12 @@ struct channel_access {
                                stop_tokens stops) {
     return ch.receive_blocking(deadline, stops);
   }
+  /// receive_quiet(): claim and take, with no notify of parked senders (the
+  /// topic's queue notifies them itself, inline in its receive).
+  template <class Channel>
+  static auto try_receive_quiet(Channel& ch) noexcept {
+    return ch.receive_quiet();
+  }
   /// The event count receivers of `ch` park on.
   template <class Channel>
   static event_count& not_empty(Channel& ch) noexcept {

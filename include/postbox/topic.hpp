@@ -430,7 +430,15 @@ struct topic_queue {
   // the same way, with no flag or event count of the queue's own.
 
   // Takes one message (waking parked publishers once per park). Never blocks.
-  receive_result<item_ptr> try_take() noexcept { return ch.try_receive_result(); }
+  // What try_receive_result() does, written out so that it inlines into the
+  // subscription's receive (callgrind, topic_bench --profile topic: 635
+  // instructions per message, 643 through the channel's out-of-line call,
+  // 630 with the topic's own armed flags before).
+  receive_result<item_ptr> try_take() noexcept {
+    receive_result<item_ptr> r = channel_access::try_receive_quiet(ch);
+    if (r.has_value()) not_full().notify_armed(1);
+    return r;
+  }
 
   // The event counts of the channel's two sides.
   event_count& not_empty() noexcept { return channel_access::not_empty(ch); }

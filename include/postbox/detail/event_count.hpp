@@ -318,7 +318,7 @@ class event_count {
 
   /// notify_armed() once it has seen waiters (`seen`, non-zero). Out of
   /// line and cold, as wake_sole(): inlined, it cost every mpmc receive 3
-  /// instructions and every topic publish+receive 16 (callgrind).
+  /// instructions (callgrind, channel_bench --profile receive mpmc).
 #if defined(__GNUC__) || defined(__clang__)
   [[gnu::noinline, gnu::cold]]
 #endif
