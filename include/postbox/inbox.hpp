@@ -10,6 +10,7 @@
 #include <postbox/store.hpp>
 #include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/chrono.hpp>
+#include <postbox/detail/dependent.hpp>
 
 #include <cstdint>
 #include <exception>
@@ -245,7 +246,7 @@ class inbox {
   /// error. Must not be called while this thread has a transaction open on
   /// a SQLite store.
   result<std::size_t> prune() {
-    std::vector<std::string> scopes;
+    detail::dependent_t<std::vector<std::string>, Store> scopes;  // dependent_t: detail/dependent.hpp
     {
       std::lock_guard lock(mutex_);
       scopes.assign(scopes_.begin(), scopes_.end());
@@ -276,7 +277,7 @@ class inbox {
   /// Ids recorded for the untenanted messages and every tenant handled
   /// since construction, summed. Blocks on the store.
   [[nodiscard]] result<std::size_t> size() const {
-    std::vector<std::string> scopes;
+    detail::dependent_t<std::vector<std::string>, Store> scopes;  // dependent_t: detail/dependent.hpp
     {
       std::lock_guard lock(mutex_);
       scopes.assign(scopes_.begin(), scopes_.end());
@@ -367,7 +368,7 @@ class inbox {
   mutable std::mutex mutex_;
   inbox_stats stats_;
   time_point next_prune_;  // under mutex_
-  std::set<std::string> scopes_;  // store keys of the tenants handled (and the scoped tenant); under mutex_
+  detail::dependent_t<std::set<std::string>, Store> scopes_;  // store keys of the tenants handled (and the scoped tenant); under mutex_
 };
 
 /// Registers an inbox's counters and its recorded-id count. `in` must

@@ -397,11 +397,11 @@ class metrics_registry {
   /// Registers `fn` for a component of `kind` ("channel", "consumer", ...)
   /// named `name`; every sample it writes carries `component` and `name`
   /// labels. Allocates. Thread-safe. The registry must outlive the handle.
-  template <class = void>  // a template so that its body compiles where it is called (issue 17)
+  template <class D = void>  // a template so that its body compiles where it is called (issue 17)
   [[nodiscard]] registration add(std::string kind, std::string name, collector fn) {
     std::lock_guard lock(mutex_);
     const std::uint64_t id = ++last_id_;
-    entries_.push_back(entry{id, std::move(kind), std::move(name), std::move(fn)});
+    entries<D>().push_back(detail::dependent_t<entry, D>{id, std::move(kind), std::move(name), std::move(fn)});
     return registration(this, id);
   }
 
@@ -409,12 +409,12 @@ class metrics_registry {
   /// collector that throws is skipped (its samples are dropped) and counted.
   /// Allocates. Thread-safe. (A member template only so that its body
   /// compiles where it is called: issue 17.)
-  template <class = void>
+  template <class D = void>
   [[nodiscard]] std::vector<metric_sample> collect() const {
-    std::vector<metric_sample> out;
+    detail::dependent_t<std::vector<metric_sample>, D> out;
     std::lock_guard lock(mutex_);
-    for (const auto& e : entries_) {
-      metric_writer w({{"component", e.kind}, {"name", e.name}});
+    for (const auto& e : entries<D>()) {
+      detail::dependent_t<metric_writer, D> w({{"component", e.kind}, {"name", e.name}});
       POSTBOX_TRY {
         e.fn(w);
         for (auto& s : w.samples()) out.push_back(std::move(s));
@@ -447,6 +447,17 @@ class metrics_registry {
     std::string name;
     collector fn;
   };
+
+  // entries_ as a type that depends on `D`, for the member templates above:
+  // their bodies then compile only where they are called (detail/dependent.hpp).
+  template <class D>
+  [[nodiscard]] detail::dependent_t<std::vector<entry>, D>& entries() noexcept {
+    return entries_;
+  }
+  template <class D>
+  [[nodiscard]] const detail::dependent_t<std::vector<entry>, D>& entries() const noexcept {
+    return entries_;
+  }
 
   void remove(std::uint64_t id) noexcept {
     std::lock_guard lock(mutex_);

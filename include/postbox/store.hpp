@@ -304,6 +304,11 @@ class basic_memory_store {
   using op = std::variant<staged_op, inbox_op, version_op>;
 
  public:
+  /// `result<V>`, spelled through `Dummy` so that the bodies below compile only
+  /// where a memory store is used (issue 17; detail/dependent.hpp).
+  template <class V>
+  using result_t = result<detail::dependent_t<V, Dummy>>;
+
   /// A unit of work on a memory_store. Move-only; rolls back on destruction
   /// if still active. Not thread-safe (one thread at a time).
   class transaction {
@@ -442,7 +447,7 @@ class basic_memory_store {
 
   /// Leases up to `max` claimable rows to `owner` until `lease_until`
   /// (see `outbox_store`). Never fails.
-  [[nodiscard]] result<outbox_batch> outbox_claim(std::string_view owner, time_point now, time_point lease_until,
+  [[nodiscard]] result_t<outbox_batch> outbox_claim(std::string_view owner, time_point now, time_point lease_until,
                                                   std::size_t max) {
     std::lock_guard lock(mutex_);
     detail::dependent_t<outbox_batch, Dummy> out;
@@ -482,7 +487,7 @@ class basic_memory_store {
   /// `lease_until`; returns how many (see `outbox_store`). `invalid_argument`
   /// when `lease_until` is not after `now`. Blocks on the store's mutex only;
   /// never allocates. Thread-safe.
-  [[nodiscard]] result<std::size_t> outbox_renew(std::string_view owner, std::span<const std::uint64_t> seqs,
+  [[nodiscard]] result_t<std::size_t> outbox_renew(std::string_view owner, std::span<const std::uint64_t> seqs,
                                                  time_point now, time_point lease_until) {
     if (lease_until <= now) return errc::invalid_argument;
     std::lock_guard lock(mutex_);
@@ -498,7 +503,7 @@ class basic_memory_store {
 
   /// Marks the rows of `seqs` that `owner` still leases as dispatched at
   /// `now`; returns how many. Never fails.
-  [[nodiscard]] result<std::size_t> outbox_mark_dispatched(std::string_view owner, std::span<const std::uint64_t> seqs,
+  [[nodiscard]] result_t<std::size_t> outbox_mark_dispatched(std::string_view owner, std::span<const std::uint64_t> seqs,
                                                            time_point now) {
     std::lock_guard lock(mutex_);
     std::size_t n = 0;
@@ -525,7 +530,7 @@ class basic_memory_store {
   }
 
   /// Drops every lease `owner` holds; returns how many. Never fails.
-  [[nodiscard]] result<std::size_t> outbox_release_owner(std::string_view owner) {
+  [[nodiscard]] result_t<std::size_t> outbox_release_owner(std::string_view owner) {
     std::lock_guard lock(mutex_);
     std::size_t n = 0;
     for (auto it = encumbered_.begin(); it != encumbered_.end();) {
@@ -581,7 +586,7 @@ class basic_memory_store {
 
   /// Copies of the dead letters matching `filter`, oldest first, at most
   /// `filter.max`. Never fails.
-  [[nodiscard]] result<std::vector<outbox_dead_letter_entry>> outbox_dead_letters(
+  [[nodiscard]] result_t<std::vector<outbox_dead_letter_entry>> outbox_dead_letters(
       const outbox_dead_letter_filter& filter) const {
     std::lock_guard lock(mutex_);
     detail::dependent_t<std::vector<outbox_dead_letter_entry>, Dummy> out;
@@ -596,7 +601,7 @@ class basic_memory_store {
   /// `filter.max`) again as pending rows with new sequences, so each goes to
   /// the end of its key's order; same id, attempts 0, `staged_at` = `now`.
   /// Notifies the commit signal when any moved. Returns how many. Never fails.
-  [[nodiscard]] result<std::size_t> outbox_redrive(const outbox_dead_letter_filter& filter, time_point now) {
+  [[nodiscard]] result_t<std::size_t> outbox_redrive(const outbox_dead_letter_filter& filter, time_point now) {
     std::size_t n = 0;
     {
       std::lock_guard lock(mutex_);
@@ -622,7 +627,7 @@ class basic_memory_store {
 
   /// Deletes the dead letters matching `filter` (oldest first, at most
   /// `filter.max`); their ids may be staged again. Returns how many. Never fails.
-  [[nodiscard]] result<std::size_t> outbox_dead_letter_remove(const outbox_dead_letter_filter& filter) {
+  [[nodiscard]] result_t<std::size_t> outbox_dead_letter_remove(const outbox_dead_letter_filter& filter) {
     std::lock_guard lock(mutex_);
     std::size_t n = 0;
     for (auto it = dead_.begin(); it != dead_.end() && n < filter.max;) {
@@ -638,7 +643,7 @@ class basic_memory_store {
   }
 
   /// Deletes up to `max` rows dispatched before `cutoff`; returns how many.
-  [[nodiscard]] result<std::size_t> outbox_purge(time_point cutoff, std::size_t max) {
+  [[nodiscard]] result_t<std::size_t> outbox_purge(time_point cutoff, std::size_t max) {
     std::lock_guard lock(mutex_);
     std::size_t n = 0;
     while (n < max && !dispatched_.empty() && dispatched_.begin()->first.first < cutoff) {
@@ -650,7 +655,7 @@ class basic_memory_store {
   }
 
   /// Current row counts.
-  [[nodiscard]] result<outbox_counts> outbox_summary() const {
+  [[nodiscard]] result_t<outbox_counts> outbox_summary() const {
     std::lock_guard lock(mutex_);
     postbox::outbox_counts c;
     c.pending = pending_.size();
@@ -666,7 +671,7 @@ class basic_memory_store {
   }
 
   /// Every pending row in staging order (for inspection and tests).
-  [[nodiscard]] result<std::vector<stored_message>> outbox_pending() const {
+  [[nodiscard]] result_t<std::vector<stored_message>> outbox_pending() const {
     std::lock_guard lock(mutex_);
     detail::dependent_t<std::vector<stored_message>, Dummy> out;
     out.reserve(pending_.size());
@@ -700,7 +705,7 @@ class basic_memory_store {
   }
 
   /// Whether `id` is recorded (committed) for `consumer`.
-  [[nodiscard]] result<bool> inbox_contains(std::string_view consumer, message_id id) const {
+  [[nodiscard]] result_t<bool> inbox_contains(std::string_view consumer, message_id id) const {
     std::lock_guard lock(mutex_);
     auto it = inbox_.find(std::string(consumer));
     return it != inbox_.end() && it->second.ids.count(id) != 0;
@@ -709,7 +714,7 @@ class basic_memory_store {
   /// Forgets ids of `consumer` recorded before `cutoff`, then all but the
   /// newest `keep`; returns how many were forgotten. Ids leave in the order
   /// they were recorded.
-  [[nodiscard]] result<std::size_t> inbox_prune(std::string_view consumer, time_point cutoff, std::size_t keep) {
+  [[nodiscard]] result_t<std::size_t> inbox_prune(std::string_view consumer, time_point cutoff, std::size_t keep) {
     std::lock_guard lock(mutex_);
     auto it = inbox_.find(std::string(consumer));
     if (it == inbox_.end()) return std::size_t{0};
@@ -724,7 +729,7 @@ class basic_memory_store {
   }
 
   /// Ids recorded for `consumer`.
-  [[nodiscard]] result<std::size_t> inbox_size(std::string_view consumer) const {
+  [[nodiscard]] result_t<std::size_t> inbox_size(std::string_view consumer) const {
     std::lock_guard lock(mutex_);
     auto it = inbox_.find(std::string(consumer));
     return it == inbox_.end() ? std::size_t{0} : it->second.ids.size();
@@ -734,7 +739,7 @@ class basic_memory_store {
 
   /// The version of (scope, key) as `tx` sees it (its own writes first), 0
   /// when none.
-  [[nodiscard]] result<std::uint64_t> version_load(transaction& tx, std::string_view scope, std::string_view key) {
+  [[nodiscard]] result_t<std::uint64_t> version_load(transaction& tx, std::string_view scope, std::string_view key) {
     if (!tx.active() || tx.store_ != this) return errc::invalid_argument;  // inactive, or another store's
     for (auto it = tx.ops_.rbegin(); it != tx.ops_.rend(); ++it) {
       if (const auto* v = std::get_if<version_op>(&*it); v != nullptr && v->scope == scope && v->key == key)
