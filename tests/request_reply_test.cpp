@@ -290,6 +290,55 @@ TEST_CASE("scatter-gather completes once the wanted count of replies arrived", "
   CHECK(req.stats().duplicate_replies == 1);
 }
 
+TEST_CASE("a recycled pending entry carries nothing over from a finished request of any form",
+          "[request_reply]") {
+  rig r;
+  postbox::channel<postbox::envelope<int>> c1(8), c2(8), c3(8);
+  postbox::responder<int, int> s1(c1, r.registry, [](const postbox::envelope<int>& e) { return e.payload + 1; }, r.clock, 0);
+  postbox::responder<int, int> s2(c2, r.registry, [](const postbox::envelope<int>& e) { return e.payload + 2; }, r.clock, 0);
+  postbox::responder<int, int> s3(c3, r.registry, [](const postbox::envelope<int>& e) { return e.payload + 3; }, r.clock, 0);
+  postbox::responder<int, int> direct(r.requests, r.registry, twice, r.clock, 0);
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  // One request at a time: each reuses the map node the one before left.
+  auto g1 = req.gather({&c1, &c2, &c3}, 10, 2, 1s);
+  REQUIRE(g1.has_value());
+  s1.poll();
+  s2.poll();
+  REQUIRE(g1->ready());
+  CHECK(g1->get().replies.size() == 2);
+  s3.poll();  // after completion: a duplicate
+  auto f1 = req.request(5, 1s);
+  REQUIRE(f1.has_value());
+  CHECK(direct.poll() == 1);
+  REQUIRE(f1->ready());
+  CHECK(f1->get().reply->payload == 10);
+  int calls = 0;
+  REQUIRE(req.request(7, 1s, [&](postbox::reply_outcome<int> o) { calls += o.ok() && o.reply->payload == 14 ? 1 : 100; }) ==
+          postbox::errc::ok);
+  CHECK(direct.poll() == 1);
+  CHECK(calls == 1);
+  auto g2 = req.gather({&c1, &c2, &c3}, 20, 3, 1s);  // wants 3, not the 2 of the first gather
+  REQUIRE(g2.has_value());
+  s1.poll();
+  s2.poll();
+  CHECK_FALSE(g2->ready());
+  s3.poll();
+  REQUIRE(g2->ready());
+  auto o = g2->get();
+  REQUIRE(o.replies.size() == 3);  // none left over from the first gather
+  CHECK(o.replies[0].payload + o.replies[1].payload + o.replies[2].payload == 66);
+  auto f2 = req.request(8, 1s);
+  REQUIRE(f2.has_value());
+  CHECK(direct.poll() == 1);
+  REQUIRE(f2->ready());
+  CHECK(f2->get().reply->payload == 16);
+  CHECK(calls == 1);  // the callback form's callback did not stay behind
+  const auto st = req.stats();
+  CHECK(st.pending == 0);
+  CHECK(st.duplicate_replies == 1);
+  CHECK(st.unmatched_replies == 0);
+}
+
 TEST_CASE("scatter-gather returns what it has at the deadline", "[request_reply]") {
   rig r;
   postbox::channel<postbox::envelope<int>> c1(8), c2(8);

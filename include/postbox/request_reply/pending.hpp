@@ -495,7 +495,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         return;
       }
       entry& e = it->second;
-      if (e.multi) {
+      if (!e.future && e.multi) {  // (a future's entry: its multi is not read)
         if (auto* env = std::get_if<envelope<Reply>>(&packet.body)) e.collected.replies.push_back(std::move(*env));
         else e.collected.errors.push_back(std::get<reply_error>(std::move(packet.body)));
         ++stats_.replied;
@@ -566,16 +566,19 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   }
 
  private:
+  // The future form's fields first: next to the map node's link and key,
+  // so a future request's round trip writes one line of its node.
   struct entry {
-    callback single;
-    gather_callback multi;
     std::shared_ptr<future_state> future;
+    callback single;
     std::size_t want = 1;
+    gather_callback multi;
     gather_outcome<Reply> collected;
-    // Drops the callbacks (and what they captured) and the future.
+    // Drops the callbacks (and what they captured) and the future. Writes
+    // only the fields that hold something.
     void clear() noexcept {
-      single = nullptr;
-      future.reset();
+      single = nullptr;  // (a no-op on an empty function: no store)
+      if (future) future.reset();
       if (multi) {
         multi = nullptr;
         collected = gather_outcome<Reply>{};
@@ -636,11 +639,23 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       ++stats_.refused;
       return errc::busy;
     }
-    if (!spare_nodes_.empty()) {
-      node_type n = std::move(spare_nodes_.back());
-      spare_nodes_.pop_back();
+    if (!spare_.empty() || !spare_nodes_.empty()) {
+      node_type n;
+      if (!spare_.empty()) {
+        n = std::move(spare_);
+      } else {
+        n = std::move(spare_nodes_.back());
+        spare_nodes_.pop_back();
+      }
       n.key() = corr;
-      n.mapped() = std::move(e);
+      // A spare's entry is cleared: set only what this request uses.
+      entry& m = n.mapped();
+      if (e.future) m.future = std::move(e.future);
+      if (e.single) m.single = std::move(e.single);
+      if (e.multi) {
+        m.multi = std::move(e.multi);
+        m.want = e.want;
+      }
       pending_.insert(std::move(n));
     } else {
       pending_.emplace(corr, std::move(e));
@@ -673,6 +688,11 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // Under mutex_: keeps a finished request's map node (its entry cleared)
   // for the next insert.
   void recycle(node_type&& n) noexcept {
+    if (spare_.empty()) {
+      n.mapped().clear();
+      spare_ = std::move(n);
+      return;
+    }
     if (spare_nodes_.size() >= spare_nodes_max) return;  // n frees its node
     n.mapped().clear();
     spare_nodes_.push_back(std::move(n));
@@ -811,25 +831,35 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     });
   }
 
+  // Layout (issue 18): a round trip writes the table on two threads, the
+  // requesting one (open) and the replying one (on_reply). What both write
+  // on that path sits together from one cache-line boundary (3 x 64 bytes
+  // for requester_stats' table: mutex_, the spare node, pending_, sent_,
+  // the deadline heap's header, the timer fields); what only the replying
+  // side writes (counters, the finished-id ring) starts on a boundary of its
+  // own, so it stays in that core's cache; the read-only fields come first.
   timer_service* timers_;
   const std::size_t max_pending_;
   const std::size_t done_capacity_;  // 4 x max_pending_ (at least 4), saturated
   const callback_exceptions on_throw_;
-  mutable std::mutex mutex_;  // guards everything below
+  alignas(detail::cache_line_size) mutable std::mutex mutex_;  // guards everything below but sent_
+  std::vector<node_type> spare_nodes_;  // recycled pending_ nodes beyond spare_ (at most spare_nodes_max)
   map_type pending_;
-  std::vector<node_type> spare_nodes_;             // recycled pending_ nodes (at most spare_nodes_max)
-  std::unordered_map<message_id, finished> done_;  // recently finished, for late/duplicate
-  std::vector<message_id> done_ring_;              // done_'s FIFO eviction order (a ring once full)
-  std::size_t done_head_ = 0;                      // oldest entry of done_ring_ once full
-  std::vector<deadline_item> deadlines_;           // min-heap (later{}); may hold finished requests' items
-  bool armed_ = false;                             // a timer is scheduled, at armed_at_, id armed_id_
-  time_point armed_at_{};
-  timer_service::timer_id armed_id_ = 0;
-  bool closed_ = false;  // close() began: nothing is armed any more
-  Stats stats_;  // all but sent
   /// Requests sent: bumped (relaxed) by sent() and arm() on the requesting
   /// thread, read (relaxed) by stats(). A statistic; publishes nothing.
   std::atomic<std::uint64_t> sent_{0};
+  std::vector<deadline_item> deadlines_;  // min-heap (later{}); may hold finished requests' items
+  time_point armed_at_{};
+  timer_service::timer_id armed_id_ = 0;
+  bool armed_ = false;   // a timer is scheduled, at armed_at_, id armed_id_
+  bool closed_ = false;  // close() began: nothing is armed any more
+  // The first spare node: a strict ping-pong passes one node back and forth
+  // here, not through spare_nodes_' heap array (one cache line fewer).
+  node_type spare_;
+  alignas(detail::cache_line_size) Stats stats_;  // all but sent
+  std::unordered_map<message_id, finished> done_;  // recently finished, for late/duplicate
+  std::vector<message_id> done_ring_;              // done_'s FIFO eviction order (a ring once full)
+  std::size_t done_head_ = 0;                      // oldest entry of done_ring_ once full
   // Threads running a completion callback now (one entry per run); close()
   // waits on idle_ until only its own thread is left.
   std::vector<std::thread::id> running_;
