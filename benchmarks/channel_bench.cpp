@@ -11,14 +11,15 @@
 // aborts the run.
 //
 // Usage: channel_bench [--quick] [--pin] [--rounds N] [--only NAME]... [--verbose]
-//        channel_bench --profile receive|select2|select2_after spsc|mpmc [N]
+//        channel_bench --profile receive|try_receive|send|try_send|select2|select2_after spsc|mpmc [N]
 //   --quick    smaller runs, 3 rounds: a smoke check of well under 20 s
 //   --pin      pin benchmark thread i to cpu i mod n
 //   --only     run only the scenarios whose name contains NAME (e.g. "select")
 //   --verbose  also list the wall time each entry took over all rounds
 //   --profile  one select row's timed part alone, for
 //              valgrind --tool=callgrind --toggle-collect='*take_batch*'
-//              (instructions per message = take_batch's inclusive cost / N)
+//              (instructions per message = take_batch's inclusive cost / N;
+//              send and try_send: '*put_batch*')
 #include "peers.hpp"
 
 #include <postbox/detail/backoff.hpp>
@@ -341,7 +342,8 @@ double median(std::vector<double> v) {
 enum class take_kind {
   receive,       ///< receive() on each channel in turn (the reference)
   select2,       ///< postbox::select over on_receive(a), on_receive(b)
-  select2_after  ///< the same plus after(1 h): a timer case that never fires
+  select2_after,  ///< the same plus after(1 h): a timer case that never fires
+  try_receive     ///< try_receive() on each in turn: what receive() adds over it (--profile only)
 };
 
 template <class Shape>
@@ -364,6 +366,11 @@ template <take_kind Kind, class C>
       sum += *a.receive();
       sum += *b.receive();
     }
+  } else if constexpr (Kind == take_kind::try_receive) {
+    for (std::uint64_t k = 0; k < batch; k += 2) {
+      sum += *a.try_receive();
+      sum += *b.try_receive();
+    }
   } else {
     auto h = [&sum](item v) { sum += v; };
     for (std::uint64_t k = 0; k < batch; ++k) {
@@ -383,6 +390,42 @@ template <take_kind Kind, class C>
 /// so the median skips the batches another process preempted.
 double per_message_ns(std::vector<double>& batch_ns, std::uint64_t batch) {
   return median(std::move(batch_ns)) / static_cast<double>(batch);
+}
+
+/// Sends `batch` messages into two channels with room, blocking send() or
+/// try_send() by `Blocking` (--profile send|try_send: what send() adds over
+/// try_send()); adds them to `sum`. Not inlined, for callgrind
+/// (--toggle-collect='*put_batch*').
+template <bool Blocking, class C>
+[[gnu::noinline]] void put_batch(C& a, C& b, std::uint64_t batch, std::uint64_t& next, std::uint64_t& sum) {
+  for (std::uint64_t k = 0; k < batch; k += 2) {
+    for (C* c : {&a, &b}) {
+      const postbox::send_status st = Blocking ? c->send(next) : c->try_send(next);
+      if (st != postbox::send_status::ok) fail("send into a channel with room failed");
+      sum += next++;
+    }
+  }
+}
+
+/// Per-message cost (ns) of sending `total` messages into two channels with
+/// room (the receiving half is drained untimed).
+template <class Shape, bool Blocking>
+double send_ready(std::uint64_t total) {
+  bench_channel<Shape> a(bench_capacity), b(bench_capacity);
+  pin_thread(0);
+  const std::uint64_t batch = bench_capacity;
+  std::uint64_t next = 1, sent = 0, sum = 0, taken = 0;
+  std::vector<double> batch_ns;
+  while (taken < total) {
+    const auto t0 = clock_type::now();
+    put_batch<Blocking>(a, b, batch, next, sent);
+    batch_ns.push_back(std::chrono::duration<double, std::nano>(clock_type::now() - t0).count());
+    while (auto v = a.try_receive()) sum += *v;
+    while (auto v = b.try_receive()) sum += *v;
+    taken += batch;
+  }
+  check_totals(next - 1, next - 1, sum, sent);
+  return per_message_ns(batch_ns, batch);
 }
 
 /// Per-message cost (ns) of taking `total` messages from two ready channels.
@@ -604,6 +647,12 @@ int profile(const char* kind, const char* shape, std::uint64_t n) {
       ns = select_ready<S, take_kind::select2>(n);
     } else if (std::strcmp(kind, "select2_after") == 0) {
       ns = select_ready<S, take_kind::select2_after>(n);
+    } else if (std::strcmp(kind, "try_receive") == 0) {
+      ns = select_ready<S, take_kind::try_receive>(n);
+    } else if (std::strcmp(kind, "send") == 0) {
+      ns = send_ready<S, true>(n);
+    } else if (std::strcmp(kind, "try_send") == 0) {
+      ns = send_ready<S, false>(n);
     } else {
       return false;
     }
@@ -999,7 +1048,7 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--profile") == 0 && i + 2 < argc) {
       const std::uint64_t n = i + 3 < argc ? std::strtoull(argv[i + 3], nullptr, 10) : 1'000'000;
       const int rc = profile(argv[i + 1], argv[i + 2], n);
-      if (rc != 0) std::fprintf(stderr, "usage: %s --profile receive|select2|select2_after spsc|mpmc [N]\n", argv[0]);
+      if (rc != 0) std::fprintf(stderr, "usage: %s --profile receive|try_receive|send|try_send|select2|select2_after spsc|mpmc [N]\n", argv[0]);
       return rc;
     } else if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) {
       g_opt.rounds = std::max(1, std::atoi(argv[++i]));

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
-// Tests of the spsc ring's parking protocol (event_count's sole-waiter form): one futex wake per park, none lost.
+// Tests of the spsc ring's parking protocol (event_count's sole-waiter form): one futex wake per park, none lost;
+// and of the blocking calls' spin (detail::spin_until) and their stop callback, registered only before a park.
 #include <postbox/channel.hpp>
+#include <postbox/detail/backoff.hpp>
 #include <postbox/detail/event_count.hpp>
 
 #include <catch2/catch.hpp>
@@ -8,8 +10,11 @@
 #include "support.hpp"
 
 #include <atomic>
+#include <chrono>
+#include <memory>
 #include <cstdint>
 #include <optional>
+#include <stop_token>
 #include <thread>
 
 using postbox::detail::event_count;
@@ -87,4 +92,105 @@ TEST_CASE("bursts to a parking spsc consumer lose, duplicate and reorder nothing
   CHECK(count == n);
   CHECK(sum == n * (n + 1) / 2);
   CHECK(out_of_order == 0);
+}
+
+// --- the blocking calls' spin and stop callback -------------------------------------
+
+TEST_CASE("spin_until returns as soon as its condition holds, checking it every few pauses", "[channel]") {
+  unsigned calls = 0;
+  CHECK(postbox::detail::spin_until([&] { return ++calls == 5; }));
+  CHECK(calls == 5);  // 4 checks that failed, 4 x step pauses, then the one that held
+}
+
+TEST_CASE("spin_until checks its condition once per step of its pause budget, then before each yield", "[channel]") {
+  using budget = postbox::detail::spin_budget;
+  unsigned calls = 0;
+  CHECK_FALSE(postbox::detail::spin_until([&] { return ++calls == 0; }));
+  CHECK(calls == budget::pauses / budget::step + budget::yields + 1);
+  calls = 0;
+  CHECK_FALSE(postbox::detail::spin_until([&] { return ++calls == 0; }, false));
+  CHECK(calls == budget::pauses / budget::step + 1);
+}
+
+// The epoch moves on each wake_all (the stop callback's wake), so a key read
+// after it differs from one read before.
+TEST_CASE("a default stop_wakeup registers nothing until armed, and arms once", "[channel]") {
+  event_count ec;
+  auto key = [&ec] {
+    const std::uint32_t k = ec.prepare_wait();  // the raw word (the sole form masks the bit a wake sets)
+    ec.finish_wait();
+    return k;
+  };
+  std::stop_source source;
+  const std::stop_token token = source.get_token();
+  const postbox::detail::stop_tokens tokens{&token};
+  postbox::detail::stop_wakeup wakeup;
+  const std::uint32_t before = key();
+  source.request_stop();
+  CHECK(key() == before);  // nothing registered: the stop woke nobody
+  wakeup.arm(ec, tokens);  // registering on a stopped token runs the wake now
+  const std::uint32_t armed = key();
+  CHECK(armed != before);
+  wakeup.arm(ec, tokens);  // a second arm registers nothing more
+  CHECK(key() == armed);
+}
+
+namespace {
+
+// Waits until `parked()` (the call is between prepare and finish_wait, its
+// stop callback registered), then stops the token; the call must return
+// canceled. If it never returns, closing the channel releases it so the test
+// fails instead of hanging.
+template <class Channel, class Call, class Parked>
+int stop_while_parked(Channel& ch, Call call, Parked parked) {
+  std::stop_source stop;
+  std::atomic<int> outcome{-1};
+  std::thread waiter([&] { outcome.store(call(stop.get_token())); });
+  const bool was_parked = postbox_test::eventually(parked);
+  stop.request_stop();
+  const bool returned = postbox_test::eventually([&] { return outcome.load() != -1; });
+  if (!returned) ch.close();
+  waiter.join();
+  CHECK(was_parked);
+  CHECK(returned);
+  return outcome.load();
+}
+
+template <class Shape>
+void check_parked_receive_is_canceled() {
+  postbox::channel<int, Shape> ch(4);
+  using access = postbox::detail::channel_access;
+  const int got = stop_while_parked(
+      ch, [&](std::stop_token t) { return static_cast<int>(ch.receive_for(std::chrono::hours(1), t).status()); },
+      [&] { return access::not_empty(ch).threads_waiting_approx() == 1; });
+  CHECK(got == static_cast<int>(postbox::receive_status::canceled));
+  REQUIRE(ch.try_send(7) == postbox::send_status::ok);
+  CHECK(ch.try_receive() == 7);
+}
+
+template <class Shape>
+void check_parked_send_is_canceled() {
+  postbox::channel<std::unique_ptr<int>, Shape> ch(1);
+  REQUIRE(ch.try_send(std::make_unique<int>(1)) == postbox::send_status::ok);
+  auto value = std::make_unique<int>(2);
+  using access = postbox::detail::channel_access;
+  const int got = stop_while_parked(
+      ch, [&](std::stop_token t) { return static_cast<int>(ch.send(std::move(value), t)); },
+      [&] { return access::not_full(ch).threads_waiting_approx() == 1; });
+  CHECK(got == static_cast<int>(postbox::send_status::canceled));
+  REQUIRE(value);  // not moved from
+  CHECK(*value == 2);
+  CHECK(ch.size_approx() == 1);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("a stop requested after a receive has parked wakes it with canceled", "[channel]", postbox::spsc,
+                   postbox::mpsc, postbox::mpmc) {
+  check_parked_receive_is_canceled<TestType>();
+}
+
+TEMPLATE_TEST_CASE("a stop requested after a send has parked on a full channel wakes it with canceled", "[channel]",
+                   postbox::spsc, postbox::spmc, postbox::mpmc) {
+  check_parked_send_is_canceled<TestType>();
 }

@@ -479,6 +479,9 @@ struct stop_tokens {
 /// While alive, a stop request on any of `tokens` wakes every thread parked
 /// on `ev` (the waiter then re-checks its tokens). Registers only tokens that
 /// can be stopped; the registration allocates nothing beyond std::stop_callback.
+/// A registration is a few RMWs on the token's state: a waiter that may not
+/// park at all (the channel's blocking calls) default-constructs one and
+/// arm()s it only right before its first park. Not thread-safe (one waiter).
 class stop_wakeup {
   struct wake_fn {
     event_count* ev;
@@ -497,7 +500,16 @@ class stop_wakeup {
   };
 
  public:
-  stop_wakeup(event_count& ev, const stop_tokens& tokens) {
+  /// Registers nothing yet (see arm()).
+  stop_wakeup() noexcept = default;
+  stop_wakeup(event_count& ev, const stop_tokens& tokens) { arm(ev, tokens); }
+
+  /// Registers `tokens` to wake `ev`, once: a later call does nothing. A stop
+  /// already requested runs the wake here, before arm() returns. Never blocks;
+  /// allocates nothing (std::stop_callback keeps its node in this object).
+  void arm(event_count& ev, const stop_tokens& tokens) {
+    if (armed_) return;
+    armed_ = true;
     if (tokens.first != nullptr && tokens.first->stop_possible()) {
       ::new (static_cast<void*>(&a_.cb)) callback(*tokens.first, wake_fn{&ev});
       has_a_ = true;
@@ -519,6 +531,7 @@ class stop_wakeup {
   slot b_;
   bool has_a_ = false;
   bool has_b_ = false;
+  bool armed_ = false;
 };
 
 /// Converts a deadline on any clock to steady_clock (the clock futex and the

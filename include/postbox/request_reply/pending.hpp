@@ -96,28 +96,11 @@ struct reply_future_access;
 /// trip of about 1-2 us ended its wait inside the 32- or 64-pause run, so
 /// the waiter noticed the reply (or the next request) up to 0.8-1.6 us late
 /// on each side; a channel ping-pong's waits end within the first few runs.
-struct rr_spin {
-  static constexpr unsigned pauses = 128;
-  static constexpr unsigned step = 4;
-  static constexpr unsigned yields = backoff::yield_limit - backoff::spin_limit;
-  static_assert(pauses >= (2u << backoff::spin_limit) - 1, "at least as long as backoff's pause phase");
-
-  /// Spins until `done()` or the budget is spent (then yields `yields`
-  /// times, checking between them when `yield_too`). True when `done()`
-  /// held. Never blocks (beyond yielding); never allocates.
+struct rr_spin : spin_budget {
+  /// detail::spin_until (backoff.hpp), the channel's blocking waits' spin.
   template <class Done>
   static bool spin_until(Done done, bool yield_too) noexcept {
-    for (unsigned spent = 0; spent < pauses; spent += step) {
-      if (done()) return true;
-      for (unsigned i = 0; i < step; ++i) cpu_relax();
-    }
-    if (yield_too) {
-      for (unsigned i = 0; i < yields; ++i) {
-        if (done()) return true;
-        std::this_thread::yield();
-      }
-    }
-    return done();
+    return detail::spin_until(done, yield_too);
   }
 };
 
