@@ -103,6 +103,30 @@ TEST_CASE("a request nobody answers completes with timeout from the clock", "[re
   CHECK(req.stats().timed_out == 1);
 }
 
+TEST_CASE("a callback request times out exactly at its deadline and a refused one is never called", "[request_reply]") {
+  rig r;
+  postbox::channel<postbox::envelope<int>> small(1);
+  postbox::requester<int, int> req(small, r.registry, r.timers);
+  int timed_out = 0, refused_calls = 0;
+  REQUIRE(req.request(1, 2s, [&](postbox::reply_outcome<int> o) {
+    timed_out += o.status == postbox::errc::timeout ? 1 : 100;
+  }) == postbox::errc::ok);
+  CHECK(r.h.next_due() == r.clock.now() + 2s);  // tracked when it was opened
+  REQUIRE(req.request(2, 1s, [&](postbox::reply_outcome<int>) { ++refused_calls; }) == postbox::errc::full);
+  r.h.advance(1999ms);
+  CHECK(timed_out == 0);
+  r.h.advance(1ms);
+  CHECK(timed_out == 1);
+  r.h.advance(10s);
+  CHECK(timed_out == 1);
+  CHECK(refused_calls == 0);
+  const auto st = req.stats();
+  CHECK(st.sent == 1);
+  CHECK(st.refused == 1);
+  CHECK(st.timed_out == 1);
+  CHECK(st.pending == 0);
+}
+
 TEST_CASE("a reply after the timeout is dropped and counted as late", "[request_reply]") {
   rig r;
   postbox::requester<int, int> req(r.requests, r.registry, r.timers);

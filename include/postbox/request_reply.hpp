@@ -248,8 +248,13 @@ class requester {
   /// `closed` (request channel); on refusal `cb` is never called. Allocates.
   [[nodiscard]] errc request(Request payload, duration timeout, callback cb,
                              message_kind kind = message_kind::query) {
-    auto open = [&](const message_id& corr, time_point) { return table_->open(corr, std::move(cb)); };
-    return send_in_place(std::move(payload), timeout, kind, open, false);
+    // The deadline is tracked with the entry, under the one lock taken
+    // before the send: no second lock after it, where the replying thread
+    // may already hold it.
+    auto open = [&](const message_id& corr, time_point deadline) {
+      return table_->open(corr, std::move(cb), deadline);
+    };
+    return send_in_place(std::move(payload), timeout, kind, open, true);
   }
 
   /// Future form of `request`: the refusal status, or a future of the outcome.

@@ -413,6 +413,17 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     if (s == errc::ok) track(corr, deadline);
     return s;
   }
+  /// As `open` with a callback, also tracking `deadline` at once (one lock
+  /// for both, none after the send); after sending, the transport calls
+  /// `sent()` instead of `arm`, or `abandon`. Thread-safe.
+  [[nodiscard]] errc open(const message_id& corr, callback cb, time_point deadline) {
+    entry e;
+    e.single = std::move(cb);
+    std::lock_guard lock(mutex_);
+    const errc s = insert_locked(corr, std::move(e));
+    if (s == errc::ok) track(corr, deadline);
+    return s;
+  }
   /// Counts a request opened with a deadline as sent. Never blocks.
   void sent() noexcept {
     // relaxed: a statistic, read by stats().
