@@ -100,9 +100,10 @@
 //   field. --profile postbox 20000: 4,303 -> 4,205 instructions. The two
 //   binaries alternating (same tree but pending.hpp), --only "postbox
 //   requester", 20k x5, load 5.5: 10.3-12.4 us -> 8.8-11.0 us, lower in 8
-//   of 8 pairs; full runs alternating at load 3.3-4.8: requester 13.1 / 3.43
-//   us -> 3.36 / 1.99 us, 9.6x / 4.9x -> 4.9x / 3.7x the channel ping-pong
-//   of the same run.
+//   of 8 pairs; against channel 39f40d0 at load 2.4: 1.94-2.34 -> 1.79-2.09
+//   us, lower in 6 of 6. Full runs alternating do not settle the ratio to
+//   the channel ping-pong (one stalled round moves a median): 9.6x / 4.9x ->
+//   4.9x / 3.7x at load 3.3-4.8, 3.1x / 3.2x -> 9.4x / 5.1x at load 2.4-3.6.
 //   The callback form opens with its deadline under one lock (no arm() after
 //   the send): --profile callback 20000: 5,023 -> 4,910 instructions; wall
 //   clock the same (1.21 us, six alternating pairs at load 1.8).
