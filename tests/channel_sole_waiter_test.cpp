@@ -110,6 +110,9 @@ TEST_CASE("spin_until checks its condition once per step of its pause budget, th
   calls = 0;
   CHECK_FALSE(postbox::detail::spin_until([&] { return ++calls == 0; }, false));
   CHECK(calls == budget::pauses / budget::step + 1);
+  calls = 0;  // the channel's step: a check after every pause
+  CHECK_FALSE(postbox::detail::spin_until<1>([&] { return ++calls == 0; }, false));
+  CHECK(calls == budget::pauses + 1);
 }
 
 // The epoch moves on each wake_all (the stop callback's wake), so a key read

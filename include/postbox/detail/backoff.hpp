@@ -72,19 +72,23 @@ struct spin_budget {
 };
 
 /// Spins until `done()` returns true or the budget is spent: spin_budget::
-/// pauses pauses, calling `done()` every spin_budget::step of them, then
-/// (when `yield_too`) spin_budget::yields yields, calling `done()` before
-/// each. Returns true as soon as `done()` does; false after one last call
-/// found it false. Unlike backoff::snooze(), whose doubling runs check only
-/// between runs (a wait of 1-2 us ends inside a 32- or 64-pause run and is
-/// noticed up to 0.8-1.6 us late, a pause costing about 25 ns), a condition
-/// that comes true is seen within `step` pauses. Never blocks (beyond
-/// yielding), never allocates; `done` runs on the calling thread only.
-template <class Done>
+/// pauses pauses, calling `done()` every `Step` of them, then (when
+/// `yield_too`) spin_budget::yields yields, calling `done()` before each.
+/// Returns true as soon as `done()` does; false after one last call found it
+/// false. Unlike backoff::snooze(), whose doubling runs check only between
+/// runs (a wait of 1-2 us ends inside a 32- or 64-pause run and is noticed up
+/// to 0.8-1.6 us late, a pause costing about 25 ns), a condition that comes
+/// true is seen within `Step` pauses. The step suits the wait: request-reply's
+/// microsecond round trips use 4; a channel hand-off, a wait of about 100 ns
+/// (two cache-line transfers), uses 1 (channel_api::spin_step).
+/// Never blocks (beyond yielding), never allocates; `done` runs on the
+/// calling thread only.
+template <unsigned Step = spin_budget::step, class Done>
 bool spin_until(Done&& done, bool yield_too = true) noexcept(noexcept(done())) {
-  for (unsigned spent = 0; spent < spin_budget::pauses; spent += spin_budget::step) {
+  static_assert(Step >= 1 && spin_budget::pauses % Step == 0, "the budget is whole steps");
+  for (unsigned spent = 0; spent < spin_budget::pauses; spent += Step) {
     if (done()) return true;
-    for (unsigned i = 0; i < spin_budget::step; ++i) cpu_relax();
+    for (unsigned i = 0; i < Step; ++i) cpu_relax();
   }
   if (yield_too) {
     for (unsigned i = 0; i < spin_budget::yields; ++i) {
