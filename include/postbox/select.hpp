@@ -213,10 +213,14 @@ enum class attempt { not_ready, ok, closed };
 /// then ready only if their delay is not positive.
 struct select_frame {
   static constexpr time_point not_started = time_point::min();
+  /// The select's clock; null in a blocking select's first pass when no
+  /// clock was given (default_clock(), resolved only once the select waits:
+  /// a select whose case is ready does not touch it).
   const clock* clk;
   time_point started;
   waker* wake = nullptr;
   [[nodiscard]] bool timing() const noexcept { return started != not_started; }
+  [[nodiscard]] const clock& the_clock() const noexcept { return clk != nullptr ? *clk : default_clock(); }
 };
 
 /// Wakes a select's waker from a stop callback.
@@ -339,7 +343,7 @@ struct tick_case {
   F handler;
 
   void enter(select_frame& frame) {
-    if (&t->get_clock() != frame.clk)
+    if (&t->get_clock() != &frame.the_clock())
       POSTBOX_THROW(error(errc::invalid_argument, "postbox::select: a ticker must use the select's clock"));
   }
   void leave() noexcept {}
@@ -396,11 +400,16 @@ POSTBOX_SELECT_ALWAYS_INLINE select_result try_cases(Tuple& cases, select_frame&
 /// spin, then park the calling thread on a waker registered with every case.
 /// Kept out of line so the first pass stays small enough to inline into the
 /// caller. `opts` may be null (no stop token, no deadline).
+/// Takes the cases as a pack of references and builds its own frame, so that
+/// neither escapes from the first pass (whose stores would otherwise be paid
+/// by every select that finds a case ready).
 template <class... Cases>
-POSTBOX_SELECT_NOINLINE select_result wait_cases(const select_options* opts, std::tuple<Cases&...>& cases,
-                                                 select_frame& frame, std::size_t rotation) {
+POSTBOX_SELECT_NOINLINE select_result wait_cases(const select_options* opts, const clock* given_clock,
+                                                 std::size_t rotation, Cases&... case_refs) {
   constexpr auto seq = std::index_sequence_for<Cases...>{};
-  const clock& clk = *frame.clk;
+  auto cases = std::tie(case_refs...);
+  const clock& clk = given_clock != nullptr ? *given_clock : default_clock();
+  select_frame frame{&clk, select_frame::not_started, nullptr};
   const time_point deadline = opts != nullptr ? opts->deadline : time_point::max();
   const std::stop_token* stop = opts != nullptr ? &opts->stop : nullptr;
   // The select begins, for its timer cases and deadline, here: at its first
@@ -461,7 +470,7 @@ select_result run_select(const select_options* opts, bool may_wait, Cases&... ca
   static_assert((is_select_case<Cases> && ...), "postbox::select: every argument after the options must be a case "
                                                  "(on_receive, on_send, after)");
   if (opts != nullptr && opts->stop.stop_requested()) return {0, select_status::canceled};
-  const clock* clk = opts != nullptr && opts->clock != nullptr ? opts->clock : &default_clock();
+  const clock* clk = opts != nullptr ? opts->clock : nullptr;  // null: default_clock(), resolved in wait_cases
   auto cases = std::tie(case_refs...);
   select_frame frame{clk, select_frame::not_started, nullptr};
 
@@ -478,7 +487,7 @@ select_result run_select(const select_options* opts, bool may_wait, Cases&... ca
   // try_select makes this one pass: it begins and ends at once, so an
   // after() case is ready in it only with a delay <= 0, as before any wait.
   if (r.status != select_status::empty || !may_wait) return r;
-  return wait_cases(opts, cases, frame, rotation);
+  return wait_cases(opts, clk, rotation, case_refs...);
 }
 
 }  // namespace detail
