@@ -1113,12 +1113,7 @@ class durable_group_member {
   bool seek(std::uint32_t partition, std::uint64_t offset) { return cur_.seek(partition, offset); }
   /// Partitions assigned to this member (refreshed after a rebalance).
   [[nodiscard]] const std::vector<std::uint32_t>& assignment() {
-    if (!g_) {
-      cur_.clear();
-      return cur_.parts();
-    }
-    cur_.refresh_if_rebalanced(*g_);
-    return cur_.parts();
+    return cur_.assignment(g_.get());
   }
   /// This member's next offset per assigned partition (parallel to assignment()).
   [[nodiscard]] const std::vector<std::uint64_t>& positions() const noexcept { return cur_.positions(); }

@@ -1012,12 +1012,7 @@ class group_member {
 
   /// Partitions assigned to this member as of its last poll.
   [[nodiscard]] const std::vector<std::uint32_t>& assignment() {
-    if (!g_) {
-      cur_.clear();
-      return cur_.parts();
-    }
-    cur_.refresh_if_rebalanced(*g_);
-    return cur_.parts();
+    return cur_.assignment(g_.get());
   }
   /// This member's next offset per assigned partition (parallel to assignment()).
   [[nodiscard]] const std::vector<std::uint64_t>& positions() const noexcept { return cur_.positions(); }

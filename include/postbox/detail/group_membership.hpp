@@ -105,6 +105,18 @@ class group_cursor {
     next_.clear();
   }
 
+  /// The member's assignment, refreshed first if `g` rebalanced; empty (and
+  /// forgotten) once the member has left (`g` null). Takes g.mu only after a
+  /// rebalance.
+  const std::vector<std::uint32_t>& assignment(group_membership* g) {
+    if (g == nullptr) {
+      clear();
+    } else {
+      refresh_if_rebalanced(*g);
+    }
+    return parts_;
+  }
+
   /// Assigned partitions as of the last refresh.
   [[nodiscard]] const std::vector<std::uint32_t>& parts() const noexcept { return parts_; }
   /// Next offset per assigned partition (parallel to parts()).

@@ -408,10 +408,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   [[nodiscard]] errc open(const message_id& corr, std::shared_ptr<future_state> future, time_point deadline) {
     entry e;
     e.future = std::move(future);
-    std::lock_guard lock(mutex_);
-    const errc s = insert_locked(corr, std::move(e));
-    if (s == errc::ok) track(corr, deadline);
-    return s;
+    return open_tracked(corr, std::move(e), deadline);
   }
   /// As `open` with a callback, also tracking `deadline` at once (one lock
   /// for both, none after the send); after sending, the transport calls
@@ -419,10 +416,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   [[nodiscard]] errc open(const message_id& corr, callback cb, time_point deadline) {
     entry e;
     e.single = std::move(cb);
-    std::lock_guard lock(mutex_);
-    const errc s = insert_locked(corr, std::move(e));
-    if (s == errc::ok) track(corr, deadline);
-    return s;
+    return open_tracked(corr, std::move(e), deadline);
   }
   /// Counts a request opened with a deadline as sent. Never blocks.
   void sent() noexcept {
@@ -627,6 +621,13 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   errc insert(const message_id& corr, entry&& e) {
     std::lock_guard lock(mutex_);
     return insert_locked(corr, std::move(e));
+  }
+  /// insert() and, when it succeeds, track(corr, deadline) under one lock.
+  errc open_tracked(const message_id& corr, entry&& e, time_point deadline) {
+    std::lock_guard lock(mutex_);
+    const errc s = insert_locked(corr, std::move(e));
+    if (s == errc::ok) track(corr, deadline);
+    return s;
   }
   errc insert_locked(const message_id& corr, entry&& e) {
     if (pending_.size() >= max_pending_) {
