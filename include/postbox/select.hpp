@@ -293,7 +293,7 @@ struct subscription_case {
     detached_at_entry = core->detached.load(std::memory_order_seq_cst);
   }
   void leave() noexcept {
-    on_detach.reset();
+    on_detach.reset();  // normally already gone (unpark)
     // release: the select's last touch of the queue; pairs with reset().
     if (entered) core->calls.fetch_sub(1, std::memory_order_release);
     entered = false;
@@ -315,6 +315,12 @@ struct subscription_case {
   }
   void unpark(waker& w) noexcept {
     if (core != nullptr && !detached_at_entry) select_access::not_empty(core->q->ch).unregister_waker(w);
+    // The stop callback points at `w`, which dies when the wait returns: drop
+    // it here, while `w` lives. A reset() whose request_stop() is running the
+    // callback right now is waited for by this destructor; dropped only in
+    // leave(), the callback could still be waking `w` after the select saw
+    // `closed` and returned (a use after free that hung CI once under TSan).
+    on_detach.reset();
   }
   std::optional<time_point> due(const select_frame&) const noexcept { return std::nullopt; }
 };
