@@ -29,6 +29,28 @@
 #include <utility>
 #include <vector>
 
+// libnats' own constructor of a message from wire bytes (its received
+// messages are built with it): the header block "NATS/1.0\r\n...\r\n\r\n"
+// is kept as those bytes, and a publish copies them as they are. Exported by
+// libnats but not in its public header; the same signature since 2.2 (the
+// first release with headers) through 3.x. Declared weak, so a libnats that
+// does not export it leaves it null and the pipelined relay sets each header
+// with natsMsgHeader_Set instead. Define POSTBOX_NATS_RAW_HEADERS to 0 to
+// never use it.
+#ifndef POSTBOX_NATS_RAW_HEADERS
+#if defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && defined(NATS_VERSION_NUMBER) && \
+    NATS_VERSION_NUMBER >= 0x020200
+#define POSTBOX_NATS_RAW_HEADERS 1
+#else
+#define POSTBOX_NATS_RAW_HEADERS 0
+#endif
+#endif
+#if POSTBOX_NATS_RAW_HEADERS
+extern "C" __attribute__((weak)) natsStatus natsMsg_create(natsMsg** newMsg, const char* subject, int subjLen,
+                                                           const char* reply, int replyLen, const char* buf,
+                                                           int bufLen, int hdrLen);
+#endif
+
 POSTBOX_BEGIN_NAMESPACE
 
 /// Settings of `to_jetstream`. A plain value.
@@ -117,6 +139,94 @@ struct jetstream_pipeline_options {
 
 namespace detail {
 
+/// One NATS message's header block built as wire bytes, "NATS/1.0\r\n" then
+/// "Key: value\r\n" per header and "\r\n", and the message made from it
+/// with the payload in one libnats call (no header map, no allocation per
+/// header). Keys must be valid header names and values free of CR/LF (the
+/// caller's checks); an empty value adds nothing, as the envelope's
+/// absent fields. Reused across messages: the buffers keep their capacity,
+/// so a steady flow allocates only the libnats message. Not thread-safe.
+class nats_header_block {
+ public:
+  /// True when libnats exports the constructor that takes the block as
+  /// bytes (see POSTBOX_NATS_RAW_HEADERS); else `make` sets each header.
+  [[nodiscard]] static bool raw_available() noexcept {
+#if POSTBOX_NATS_RAW_HEADERS
+    return &::natsMsg_create != nullptr;
+#else
+    return false;
+#endif
+  }
+
+  /// Starts a new block (no headers).
+  void clear() {
+    buf_.assign(prefix);
+    fields_.clear();
+  }
+  /// Appends header `key` = `value` (nothing for an empty value).
+  void add(std::string_view key, std::string_view value) { add(std::string_view{}, key, value); }
+  /// Appends header `key_prefix` + `key` = `value` (nothing for an empty value).
+  void add(std::string_view key_prefix, std::string_view key, std::string_view value) {
+    if (value.empty()) return;
+    const std::size_t k = buf_.size();
+    buf_.append(key_prefix).append(key);
+    const std::size_t kn = buf_.size() - k;
+    buf_.append(": ", 2);
+    const std::size_t v = buf_.size();
+    buf_.append(value).append("\r\n", 2);
+    fields_.push_back(field{k, kn, v, value.size()});
+  }
+  /// Headers added since `clear`.
+  [[nodiscard]] std::size_t size() const noexcept { return fields_.size(); }
+  /// The block as it goes on the wire, with its closing empty line. Allocates.
+  [[nodiscard]] std::string bytes() const { return buf_ + "\r\n"; }
+
+  /// The message on `subject` with these headers and `payload` as its body:
+  /// built from the bytes when `raw` and libnats allows, else through
+  /// natsMsg_Create and natsMsgHeader_Set per header. `invalid_argument`
+  /// when libnats refuses (an empty subject, a header). Allocates the
+  /// message (and, when not raw, libnats' header map).
+  [[nodiscard]] result<nats_msg_ptr> make(std::string_view subject, std::string_view payload, bool raw = true) {
+    if (subject.empty()) return errc::invalid_argument;
+    natsMsg* m = nullptr;
+#if POSTBOX_NATS_RAW_HEADERS
+    if (raw && raw_available() && !fields_.empty()) {
+      // libnats copies header block and body from one buffer: both are
+      // appended to the open block, then cut off again.
+      const std::size_t open = buf_.size();
+      buf_.append("\r\n", 2).append(payload);
+      const natsStatus s = ::natsMsg_create(&m, subject.data(), static_cast<int>(subject.size()), nullptr, 0,
+                                            buf_.data(), static_cast<int>(buf_.size()), static_cast<int>(open + 2));
+      buf_.resize(open);
+      if (s != NATS_OK) return errc::invalid_argument;
+      return nats_msg_ptr(m);
+    }
+#else
+    (void)raw;
+#endif
+    subject_.assign(subject);
+    if (natsMsg_Create(&m, subject_.c_str(), nullptr, payload.data(), static_cast<int>(payload.size())) != NATS_OK)
+      return errc::invalid_argument;
+    nats_msg_ptr msg(m);
+    for (const field& f : fields_) {
+      key_.assign(buf_, f.key, f.key_size);
+      value_.assign(buf_, f.value, f.value_size);
+      if (natsMsgHeader_Set(msg.get(), key_.c_str(), value_.c_str()) != NATS_OK) return errc::invalid_argument;
+    }
+    return msg;
+  }
+
+ private:
+  static constexpr std::string_view prefix = "NATS/1.0\r\n";
+  struct field {
+    std::size_t key, key_size, value, value_size;  // offsets into buf_
+  };
+
+  std::string buf_{prefix};  // the open block: prefix and header lines, without the closing CRLF
+  std::vector<field> fields_;
+  std::string subject_, key_, value_;  // the natsMsgHeader_Set route's terminated copies
+};
+
 /// The state of a pipelined JetStream destination: its own libnats
 /// JetStream context whose PubAck callback records each message's outcome.
 /// One batch at a time (`run` is serialized).
@@ -197,9 +307,10 @@ class js_pipeline {
       }
       std::string subject =
           options_.subject ? options_.subject(m) : options_.subjects(viewed ? view_.type : std::string_view(env.type));
-      auto msg = viewed ? viewed_nats_msg(m, subject) : to_nats_msg(env, subject);
-      if (msg.has_value() && options_.expect_last_id && chained &&
-          natsMsgHeader_Set(msg->get(), "Nats-Expected-Last-Msg-Id", last_id) != NATS_OK)
+      const char* expect = options_.expect_last_id && chained ? last_id : nullptr;
+      auto msg = viewed ? viewed_nats_msg(m, subject, expect) : to_nats_msg(env, subject);
+      if (msg.has_value() && !viewed && expect != nullptr &&
+          natsMsgHeader_Set(msg->get(), expected_last_id_header, expect) != NATS_OK)
         msg = errc::invalid_argument;
       if (!msg.has_value()) {
         fail(i, m, msg.status());
@@ -321,71 +432,63 @@ class js_pipeline {
     }
   }
 
+  static constexpr const char* expected_last_id_header = "Nats-Expected-Last-Msg-Id";
+
   // The NATS message of the viewed envelope: the same subject, body value
   // and headers (names, values and presence) as to_nats_msg of the decoded
-  // envelope, with the stored payload text as the body. invalid_argument as
-  // to_nats_msg when libnats refuses the subject or a header.
-  result<nats_msg_ptr> viewed_nats_msg(const stored_message& m, const std::string& subject) {
+  // envelope, with the stored payload text as the body, plus
+  // Nats-Expected-Last-Msg-Id = `expect` when not null. The header block is
+  // written as wire bytes into block_ (capacity kept: no allocation but the
+  // libnats message) and handed to libnats whole, instead of one
+  // natsMsgHeader_Set per header (each a copy of key and value and a hash
+  // map entry, encoded again at publish and freed after the PubAck).
+  // invalid_argument as to_nats_msg when libnats refuses the subject.
+  result<nats_msg_ptr> viewed_nats_msg(const stored_message& m, const std::string& subject, const char* expect) {
     const json_envelope_view& v = view_;
-    natsMsg* raw = nullptr;
-    if (natsMsg_Create(&raw, subject.c_str(), nullptr, v.payload.data(), static_cast<int>(v.payload.size())) !=
-        NATS_OK)
-      return errc::invalid_argument;
-    nats_msg_ptr msg(raw);
-    bool ok = true;
-    // Header values need a terminator: copied into value_ (its capacity is
-    // kept, so a steady flow does not allocate). No viewed value holds CR or
-    // LF: the view takes only strings without escapes, and raw control
-    // characters are not valid JSON.
-    auto set = [&](const char* k, std::string_view value) {
-      if (!ok || value.empty()) return;
-      value_.assign(value);
-      ok = natsMsgHeader_Set(msg.get(), k, value_.c_str()) == NATS_OK;
-    };
+    nats_header_block& b = block_;
+    b.clear();
+    // No viewed value holds CR or LF: the view takes only strings without
+    // escapes, and raw control characters are not valid JSON.
     char text[40];
     // An id goes out as its stored text when that is the canonical form
     // write_to would produce (the view checked it; saves formatting it).
-    auto set_id = [&](const char* k, const message_id& id, const message_id& viewed, std::string_view stored) {
+    auto add_id = [&](std::string_view k, const message_id& id, const message_id& viewed, std::string_view stored) {
       if (!stored.empty() && id == viewed) {
-        set(k, stored);
+        b.add(k, stored);
         return;
       }
       id.write_to(text);
-      set(k, std::string_view(text, 36));
+      b.add(k, std::string_view(text, 36));
     };
-    auto set_u32 = [&](const char* k, std::uint32_t n) {
+    auto add_u32 = [&](std::string_view k, std::uint32_t n) {
       const auto end = std::to_chars(text, text + sizeof text, n).ptr;
-      set(k, std::string_view(text, static_cast<std::size_t>(end - text)));
+      b.add(k, std::string_view(text, static_cast<std::size_t>(end - text)));
     };
-    auto set_time = [&](const char* k, std::string_view stored, time_point t) {
+    auto add_time = [&](std::string_view k, std::string_view stored, time_point t) {
       if (json_view_canonical_time(stored)) {
-        set(k, stored);
+        b.add(k, stored);
       } else {
-        set(k, json::detail::format_time(t));
+        b.add(k, json::detail::format_time(t));
       }
     };
-    set_id(nats_headers::id, m.id, v.id, v.id_text);  // the outbox row's id is the dedup identity
-    set(nats_headers::type, v.type);
-    if (v.schema_version != nats_default_schema_version) set_u32(nats_headers::schema_version, v.schema_version);
-    if (v.kind != nats_default_kind) set(nats_headers::kind, to_string(v.kind));  // both as to_nats_msg
-    set_time(nats_headers::occurred_at, v.occurred_at_text, v.occurred_at);
+    add_id(nats_headers::id, m.id, v.id, v.id_text);  // the outbox row's id is the dedup identity
+    b.add(nats_headers::type, v.type);
+    if (v.schema_version != nats_default_schema_version) add_u32(nats_headers::schema_version, v.schema_version);
+    if (v.kind != nats_default_kind) b.add(nats_headers::kind, to_string(v.kind));  // both as to_nats_msg
+    add_time(nats_headers::occurred_at, v.occurred_at_text, v.occurred_at);
     if (!v.correlation_id.is_nil())
-      set_id(nats_headers::correlation_id, v.correlation_id, v.correlation_id, v.correlation_id_text);
-    if (!v.causation_id.is_nil()) set_id(nats_headers::causation_id, v.causation_id, v.causation_id, v.causation_id_text);
-    set(nats_headers::producer, v.producer);
-    set(nats_headers::partition_key, v.partition_key);
-    set(nats_headers::tenant, v.tenant);
-    set(nats_headers::traceparent, v.traceparent);
-    set(nats_headers::tracestate, v.tracestate);
-    if (v.deadline) set_time(nats_headers::deadline, v.deadline_text, *v.deadline);
-    if (v.attempt != 0) set_u32(nats_headers::attempt, v.attempt);
-    for (std::size_t h = 0; h < v.header_count; ++h) {
-      name_.assign(nats_headers::user_prefix);
-      name_.append(v.headers[h].first);
-      set(name_.c_str(), v.headers[h].second);
-    }
-    if (!ok) return errc::invalid_argument;
-    return msg;
+      add_id(nats_headers::correlation_id, v.correlation_id, v.correlation_id, v.correlation_id_text);
+    if (!v.causation_id.is_nil()) add_id(nats_headers::causation_id, v.causation_id, v.causation_id, v.causation_id_text);
+    b.add(nats_headers::producer, v.producer);
+    b.add(nats_headers::partition_key, v.partition_key);
+    b.add(nats_headers::tenant, v.tenant);
+    b.add(nats_headers::traceparent, v.traceparent);
+    b.add(nats_headers::tracestate, v.tracestate);
+    if (v.deadline) add_time(nats_headers::deadline, v.deadline_text, *v.deadline);
+    if (v.attempt != 0) add_u32(nats_headers::attempt, v.attempt);
+    for (std::size_t h = 0; h < v.header_count; ++h) b.add(nats_headers::user_prefix, v.headers[h].first, v.headers[h].second);
+    if (expect != nullptr) b.add(expected_last_id_header, expect);
+    return b.make(subject, v.payload);
   }
 
   struct slot {
@@ -507,10 +610,9 @@ class js_pipeline {
   bool stored_ = false;  // a PubAck of this batch said stored: the window opens (slow start before)
   bool cautious_ = true;  // the last batch stalled or failed a key (or none ran yet): slow start
   // The run's thread only (under run_mutex_): the current row's view and
-  // the header scratch strings whose capacity is kept across messages.
+  // header block, whose capacity is kept across messages.
   json_envelope_view view_;
-  std::string value_;
-  std::string name_;
+  nats_header_block block_;  // the current row's NATS header block
   nlohmann::json payload_;  // check_payload: the current row's payload value, reused in place
 };
 
