@@ -9,6 +9,9 @@
 #include <atomic>
 #include <string>
 #include <iterator>
+#include <memory>
+#include <string_view>
+#include <utility>
 #include <vector>
 #include <thread>
 
@@ -405,4 +408,56 @@ TEST_CASE("a subscription's receive_many takes up to max deliveries after waitin
   REQUIRE(r.has_value());
   CHECK(*r == 1);
   CHECK(sub.receive_many(std::back_inserter(out), 3).status() == postbox::receive_status::closed);
+}
+
+namespace {
+struct three_pointers {
+  void* a = nullptr;
+  void* b = nullptr;
+  void* c = nullptr;
+};
+}  // namespace
+
+// Which messages travel inline in the queue slots (a copy per subscription)
+// and which as one shared item; sharing an inline value allocates, so only
+// the shared form's share() is noexcept.
+static_assert(postbox::detail::topic_inline_v<int>);
+static_assert(postbox::detail::topic_inline_v<std::string_view>);
+static_assert(!postbox::detail::topic_inline_v<std::string>);
+static_assert(!postbox::detail::topic_inline_v<three_pointers>);
+static_assert(noexcept(std::declval<const postbox::delivery<std::string>&>().share()));
+static_assert(!noexcept(std::declval<const postbox::delivery<int>&>().share()));
+static_assert(sizeof(postbox::delivery<std::string>) == sizeof(std::shared_ptr<const std::string>),
+              "the shared form's delivery is the item pointer alone");
+
+TEST_CASE("a small trivially copyable message reaches each subscription as its own copy with its subject", "[topic]") {
+  postbox::topic<std::string_view> t;
+  auto all = t.subscribe();
+  auto orders = t.subscribe("orders.*");
+  auto other = t.subscribe("other.>");
+  const std::string text = "payload";
+  REQUIRE(t.publish("orders.new", std::string_view(text)).delivered == 2);
+  REQUIRE(t.publish(std::string_view(text).substr(0, 3)).delivered == 1);
+  auto a1 = all.try_receive();
+  auto o1 = orders.try_receive();
+  REQUIRE(a1);
+  REQUIRE(o1);
+  CHECK(**a1 == "payload");
+  CHECK((*a1)->data() == text.data());  // the view itself, not a copy of the text
+  CHECK(&**a1 != &**o1);                // each handle holds its own view
+  CHECK(a1->subject() == "orders.new");
+  CHECK(o1->subject() == "orders.new");
+  a1.reset();
+  CHECK(o1->subject() == "orders.new");  // the subject outlives the other subscription's delivery
+  auto a2 = all.try_receive();
+  REQUIRE(a2);
+  CHECK(**a2 == "pay");
+  CHECK(a2->subject().empty());
+  CHECK_FALSE(orders.try_receive());
+  CHECK_FALSE(other.try_receive());
+  const auto shared = o1->share();
+  REQUIRE(shared);
+  CHECK(*shared == "payload");
+  CHECK_FALSE(postbox::delivery<std::string_view>());
+  CHECK(static_cast<bool>(*o1));
 }

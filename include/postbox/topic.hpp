@@ -370,43 +370,104 @@ struct topic_item {
   // Built in place by make_shared from the publish's own arguments (one move
   // of each, not a temporary item moved again).
   topic_item(std::string&& s, T&& v) : subject(std::move(s)), value(std::move(v)) {}
+  // publish(value): no subject to move (an empty string is built in place).
+  explicit topic_item(T&& v) : value(std::move(v)) {}
   std::string subject;
   T value;
 };
 
+/// Whether topic<T> carries each message inline in its queue slots (a copy
+/// per matching subscription) instead of in one shared item block: T is
+/// trivially copyable, default constructible without throwing and at most
+/// two pointers wide (a std::string_view, an int, a pointer). Copying such a
+/// T costs less than the shared block's pool round trip and reference count,
+/// and the subscriber reads the message from the queue slot it takes instead
+/// of from a second line the publisher just wrote (issue 18).
+template <class T>
+inline constexpr bool topic_inline_v = std::is_trivially_copyable_v<T> && std::is_nothrow_default_constructible_v<T> &&
+                                       sizeof(T) <= 2 * sizeof(void*) && alignof(T) <= alignof(std::max_align_t);
+
+/// What a subscription's queue holds per message. Shared form: the pointer
+/// to the one immutable item of the publish (subject and value).
+template <class T, bool Inline = topic_inline_v<T>>
+struct topic_slot {
+  std::shared_ptr<const topic_item<T>> item;
+  [[nodiscard]] const T& value() const noexcept { return item->value; }
+  [[nodiscard]] const std::string* subject_ptr() const noexcept { return &item->subject; }
+  [[nodiscard]] std::shared_ptr<const T> share() const noexcept { return std::shared_ptr<const T>(item, &item->value); }
+};
+
+/// Inline form (topic_inline_v): the value itself, and the subject (shared by
+/// the publish's copies; null for publish(value), so that publish allocates
+/// nothing).
+template <class T>
+struct topic_slot<T, true> {
+  T val{};
+  std::shared_ptr<const std::string> subject;
+  [[nodiscard]] const T& value() const noexcept { return val; }
+  [[nodiscard]] const std::string* subject_ptr() const noexcept { return subject.get(); }
+  // A new shared copy of the value (allocates).
+  [[nodiscard]] std::shared_ptr<const T> share() const { return std::make_shared<const T>(val); }
+};
+
+/// Takes the place of delivery's flag in the shared form.
+struct topic_no_flag {
+  constexpr topic_no_flag() noexcept = default;
+  constexpr explicit topic_no_flag(bool) noexcept {}
+};
+
+/// An empty subject, for a delivery of publish(value) in the inline form.
+inline const std::string& topic_no_subject() noexcept {
+  static const std::string empty;
+  return empty;
+}
+
 }  // namespace detail
 
 /// A received message: a cheap handle sharing the one immutable copy made by
-/// the publish (no per-subscriber copy of `T`). Copying it never copies `T`.
+/// the publish (no per-subscriber copy of `T`); copying it never copies `T`.
+/// A small trivially copyable `T` (detail::topic_inline_v: at most two
+/// pointers wide, e.g. std::string_view or int) is instead carried by value
+/// in the queue and in the handle, so each subscription has its own copy.
 template <class T>
 class delivery {
+  static constexpr bool inline_value = detail::topic_inline_v<T>;
+
  public:
   delivery() = default;
-  explicit delivery(std::shared_ptr<const detail::topic_item<T>> p) noexcept : item_(std::move(p)) {}
+  explicit delivery(detail::topic_slot<T>&& s) noexcept : slot_(std::move(s)), engaged_(true) {}
   /// The message. Never blocks; thread-safe (immutable).
-  [[nodiscard]] const T& operator*() const noexcept { return item_->value; }
-  [[nodiscard]] const T* operator->() const noexcept { return &item_->value; }
+  [[nodiscard]] const T& operator*() const noexcept { return slot_.value(); }
+  [[nodiscard]] const T* operator->() const noexcept { return &slot_.value(); }
   /// The subject it was published on (empty for `publish(value)`).
-  [[nodiscard]] const std::string& subject() const noexcept { return item_->subject; }
-  /// A shared pointer to the message, aliasing the shared item.
-  [[nodiscard]] std::shared_ptr<const T> share() const noexcept {
-    return std::shared_ptr<const T>(item_, &item_->value);
+  [[nodiscard]] const std::string& subject() const noexcept {
+    const std::string* s = slot_.subject_ptr();
+    return s != nullptr ? *s : detail::topic_no_subject();
   }
-  explicit operator bool() const noexcept { return item_ != nullptr; }
+  /// A shared pointer to the message: aliasing the shared item (never
+  /// allocates), or for an inline `T` a new shared copy (allocates).
+  [[nodiscard]] std::shared_ptr<const T> share() const noexcept(!inline_value) { return slot_.share(); }
+  explicit operator bool() const noexcept {
+    if constexpr (inline_value) return engaged_;
+    else return slot_.item != nullptr;
+  }
 
  private:
-  std::shared_ptr<const detail::topic_item<T>> item_;
+  detail::topic_slot<T> slot_{};
+  // Inline form only: whether the handle holds a message (the shared form
+  // tests its pointer).
+  [[no_unique_address]] std::conditional_t<inline_value, bool, detail::topic_no_flag> engaged_{};
 };
 
 namespace detail {
 
 template <class T>
 struct topic_queue {
-  using item_ptr = std::shared_ptr<const topic_item<T>>;
+  using slot_type = topic_slot<T>;  // a queue element: the shared item's pointer, or the value inline
   topic_queue(subscription_id i, const subscription_options& o) : id(i), opts(o), ch(o.capacity) {}
   const subscription_id id;
   const subscription_options opts;
-  channel<item_ptr, mpmc> ch;
+  channel<slot_type, mpmc> ch;
   // Messages discarded by drop_oldest not yet reported. Writers: publishers
   // (fetch_add); reader: the subscriber (exchange). Relaxed: a pure counter,
   // nothing else is published through it.
@@ -434,8 +495,8 @@ struct topic_queue {
   // subscription's receive (callgrind, topic_bench --profile topic: 635
   // instructions per message, 643 through the channel's out-of-line call,
   // 630 with the topic's own armed flags before).
-  receive_result<item_ptr> try_take() noexcept {
-    receive_result<item_ptr> r = channel_access::try_receive_quiet(ch);
+  receive_result<slot_type> try_take() noexcept {
+    receive_result<slot_type> r = channel_access::try_receive_quiet(ch);
     if (r.has_value()) not_full().notify_armed(1);
     return r;
   }
@@ -444,17 +505,13 @@ struct topic_queue {
   event_count& not_empty() noexcept { return channel_access::not_empty(ch); }
   event_count& not_full() noexcept { return channel_access::not_full(ch); }
 
-  // `block`: sends, waiting while the queue is full; ok or closed. While it
-  // spins on a full queue it waits for a batch of free slots (a quarter of
-  // the queue, at most 32) before trying again: refilling each slot the
-  // moment the subscriber frees it moves that slot's line between the two
-  // cores once per message. The last spin step tries anyway, so the batch
-  // never delays a publish past the spin nor adds a park.
-  send_status send_blocking(item_ptr&& copy) {
-    const send_status first = ch.try_send(std::move(copy));  // moves only on ok
-    return first != send_status::full ? first : send_when_room(std::move(copy));
-  }
-  send_status send_when_room(item_ptr&& copy) {
+  // `block` on a full queue: sends, waiting while the queue is full; ok or
+  // closed. While it spins on a full queue it waits for a batch of free slots
+  // (a quarter of the queue, at most 32) before trying again: refilling each
+  // slot the moment the subscriber frees it moves that slot's line between
+  // the two cores once per message. The last spin step tries anyway, so the
+  // batch never delays a publish past the spin nor adds a park.
+  send_status send_when_room(slot_type&& copy) {
     const std::size_t cap = ch.capacity();
     const std::size_t room = cap / 4 == 0 ? 1 : cap / 4 < 32 ? cap / 4 : 32;
     for (backoff spin; !spin.completed();) {
@@ -484,41 +541,37 @@ struct topic_queue {
   // close wakes both event counts: threads, selects and awaitables).
   void close() noexcept { ch.close(); }
 
-  // Pushes a copy of `p` under this queue's policy. Returns 0 delivered, 1
-  // dropped, 2 refused, 3 closed.
-  int push(const item_ptr& p) { return push(item_ptr(p)); }
-  // Pushes `copy` itself (moved in; released when not queued).
-  int push(item_ptr&& copy) {
-    return push_quiet(std::move(copy));  // the channel's send wakes parked receivers once per park
+  // Pushes `copy` (moved in; released when not queued) under this queue's
+  // policy. Returns 0 delivered, 1 dropped, 2 refused, 3 closed. Every
+  // policy first tries the channel once: a queue with room takes the message
+  // here, inline; only a full one goes to the policy (push_full). The
+  // channel's send wakes parked receivers once per park.
+  int push(slot_type&& copy) {
+    const send_status s = ch.try_send(std::move(copy));  // moves only on ok
+    if (POSTBOX_LIKELY(s == send_status::ok)) return 0;
+    if (s == send_status::closed) return 3;
+    return push_full(std::move(copy));
   }
-  int push_quiet(item_ptr&& copy) {
+  [[gnu::noinline]] int push_full(slot_type&& copy) {
     switch (opts.policy) {
       case overflow::block:
-        return send_blocking(std::move(copy)) == send_status::ok ? 0 : 3;
+        return send_when_room(std::move(copy)) == send_status::ok ? 0 : 3;
       case overflow::drop_oldest:
         for (;;) {
-          const auto s = ch.try_send(std::move(copy));
-          if (s == send_status::ok) return 0;
-          if (s == send_status::closed) return 3;
           if (ch.try_receive()) {
             lag.fetch_add(1, std::memory_order_relaxed);        // relaxed: counter only
             lag_total.fetch_add(1, std::memory_order_relaxed);  // relaxed: counter only
           }
+          const auto s = ch.try_send(std::move(copy));
+          if (s == send_status::ok) return 0;
+          if (s == send_status::closed) return 3;
         }
-      case overflow::drop_newest: {
-        const auto s = ch.try_send(std::move(copy));
-        if (s == send_status::ok) return 0;
-        if (s == send_status::closed) return 3;
+      case overflow::drop_newest:
         dropped.fetch_add(1, std::memory_order_relaxed);  // relaxed: counter only
         return 1;
-      }
-      case overflow::fail: {
-        const auto s = ch.try_send(std::move(copy));
-        if (s == send_status::ok) return 0;
-        if (s == send_status::closed) return 3;
+      case overflow::fail:
         dropped.fetch_add(1, std::memory_order_relaxed);  // relaxed: counter only
         return 2;
-      }
     }
     return 3;
   }
@@ -849,7 +902,7 @@ class subscription {
   // the channel's not-empty event count under the armed protocol (topic_queue),
   // so a burst of publishes wakes this thread once and it drains the burst.
   // `canceled` when `stop` or the handle's detach source is stopped.
-  static receive_result<typename detail::topic_queue<T>::item_ptr> take(
+  static receive_result<typename detail::topic_queue<T>::slot_type> take(
       core& c, std::optional<std::chrono::steady_clock::time_point> deadline, const std::stop_token* stop) {
     detail::topic_queue<T>& q = *c.q;
     const auto stopped = [&]() noexcept {
@@ -983,10 +1036,7 @@ class topic {
   /// message once (a pooled block: allocates only while the pool grows);
   /// blocks only on full `block` subscriptions; makes a syscall only to wake
   /// a parked subscriber. Thread-safe.
-  publish_result publish(T value) {
-    std::string no_subject;
-    return deliver(std::move(no_subject), std::move(value));
-  }
+  publish_result publish(T value) { return deliver(nullptr, std::move(value)); }
 
   /// Publishes on `subject` (to pattern-less subscriptions and matching
   /// patterns). Throws error(invalid_argument) for an invalid subject, before
@@ -994,7 +1044,7 @@ class topic {
   publish_result publish(std::string subject, T value) {
     if (!is_valid_subject(subject))
       POSTBOX_THROW(error(errc::invalid_argument, "postbox::topic: invalid subject '" + subject + "'"));
-    return deliver(std::move(subject), std::move(value));
+    return deliver(&subject, std::move(value));
   }
 
   /// Current subscriptions (a group counts once). Never blocks on publishers.
@@ -1036,7 +1086,8 @@ class topic {
   }
 
  private:
-  publish_result deliver(std::string&& subject, T&& value) {
+  // `subject`: null for publish(value); else moved into the message.
+  publish_result deliver(std::string* subject, T&& value) {
     struct inside {
       std::atomic<std::uint32_t>& count;
       // seq_cst: announces the publish before `closed` is read (see publishing).
@@ -1048,19 +1099,35 @@ class topic {
     };
     detail::topic_state<T>& st = *state_;
     const inside announced(st.publishing);  // left even if allocating the item throws
-    return deliver_inside(st, std::move(subject), std::move(value));
+    return deliver_inside(st, subject, std::move(value));
   }
 
-  static publish_result deliver_inside(detail::topic_state<T>& st, std::string&& subject, T&& value) {
+  // The message as a queue element: one pooled shared item (no malloc in a
+  // steady flow), or for an inline T the value itself with the subject in a
+  // pooled shared string (none for publish(value): nothing allocated).
+  static detail::topic_slot<T> make_slot(std::string* subject, T&& value) {
+    using item = detail::topic_item<T>;
+    if constexpr (detail::topic_inline_v<T>) {
+      detail::topic_slot<T> s{std::move(value), nullptr};
+      if (subject != nullptr)
+        s.subject = std::allocate_shared<const std::string>(detail::topic_item_allocator<std::string>{}, std::move(*subject));
+      return s;
+    } else if (subject != nullptr) {
+      return {std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(*subject), std::move(value))};
+    } else {
+      return {std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(value))};
+    }
+  }
+
+  static publish_result deliver_inside(detail::topic_state<T>& st, std::string* subject, T&& value) {
     publish_result r;
     // seq_cst: the Dekker read; pairs with the store in close().
     if (st.closed.load(std::memory_order_seq_cst)) {
       r.closed = true;
       return r;
     }
-    // One pooled block for the item and its counts (no malloc in a steady flow).
-    auto item = std::allocate_shared<const detail::topic_item<T>>(detail::topic_item_allocator<detail::topic_item<T>>{},
-                                                                  std::move(subject), std::move(value));
+    detail::topic_slot<T> item = make_slot(subject, std::move(value));
+    const std::string* const subj = item.subject_ptr();  // null or empty: publish(value)
     st.published.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic, read by stats()
     using list_type = typename detail::topic_state<T>::list;
     // The subscription list: this thread's cached copy when its stamp is
@@ -1101,12 +1168,11 @@ class topic {
       in_use& operator=(const in_use&) = delete;
     };
     const in_use pin(cache.busy);
-    // Each matching queue gets a copy of the item pointer except the last,
-    // which gets ours (one reference-count round trip fewer per publish; with
-    // one subscriber, none).
+    // Each matching queue gets a copy of the slot except the last, which gets
+    // ours (one reference-count round trip fewer per publish; with one
+    // subscriber, none).
     detail::topic_queue<T>* pending = nullptr;
-    const auto push = [&](detail::topic_queue<T>& q, bool last) {
-      const int outcome = last ? q.push(std::move(item)) : q.push(item);
+    const auto record = [&](const detail::topic_queue<T>& q, int outcome) {
       switch (outcome) {
         case 0: ++r.delivered; break;
         case 1: ++r.dropped; break;
@@ -1120,12 +1186,12 @@ class topic {
       }
     };
     for (const auto& q : *list) {
-      if (!q->opts.pattern.empty() && (item->subject.empty() || !subject_matches(q->opts.pattern, item->subject)))
+      if (!q->opts.pattern.empty() && (subj == nullptr || subj->empty() || !subject_matches(q->opts.pattern, *subj)))
         continue;
-      if (pending != nullptr) push(*pending, false);
+      if (pending != nullptr) record(*pending, pending->push(detail::topic_slot<T>(item)));
       pending = q.get();
     }
-    if (pending != nullptr) push(*pending, true);
+    if (pending != nullptr) record(*pending, pending->push(std::move(item)));
     return r;
   }
 
