@@ -20,6 +20,11 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#  include <pthread.h>
+#  include <sched.h>
+#endif
+
 using postbox::channel;
 using postbox::receive_status;
 using postbox::send_status;
@@ -795,4 +800,105 @@ TEST_CASE("two senders parked on a full mpmc channel are each released by one of
     }
   }
   CHECK(stranded == 0);
+}
+
+// --- the general ring's spin: it gives the core away once the other side stands still -----
+
+TEST_CASE("spin_until_idle stops spinning after its idle limit of pauses with no progress, then yields", "[channel][spin]") {
+  using budget = postbox::detail::spin_budget;
+  unsigned calls = 0;
+  CHECK_FALSE(postbox::detail::spin_until_idle<16>([&] { return ++calls == 0; }, [] { return 7; }));
+  // A check before each of the 16 idle pauses, one before each yield, one last.
+  CHECK(calls == 16 + budget::yields + 1);
+}
+
+TEST_CASE("spin_until_idle spins its whole budget while the other side's progress keeps moving", "[channel][spin]") {
+  using budget = postbox::detail::spin_budget;
+  unsigned calls = 0;
+  unsigned moves = 0;
+  CHECK_FALSE(postbox::detail::spin_until_idle<16>([&] { return ++calls == 0; }, [&] { return ++moves; }));
+  CHECK(calls == budget::pauses + budget::yields + 1);
+}
+
+TEST_CASE("spin_until_idle counts idle pauses from the last move of the progress value", "[channel][spin]") {
+  using budget = postbox::detail::spin_budget;
+  unsigned calls = 0;
+  unsigned reads = 0;
+  // The value moves on its first 10 reads after the initial one, then stands still.
+  CHECK_FALSE(postbox::detail::spin_until_idle<16>([&] { return ++calls == 0; },
+                                                  [&] { return reads < 11 ? ++reads : reads; }));
+  CHECK(calls == 10 + 16 + budget::yields + 1);
+}
+
+TEST_CASE("spin_until_idle returns as soon as its condition holds", "[channel][spin]") {
+  unsigned calls = 0;
+  CHECK(postbox::detail::spin_until_idle<16>([&] { return ++calls == 5; }, [] { return 0; }));
+  CHECK(calls == 5);
+  calls = 0;  // and during the yields, after an idle spin
+  CHECK(postbox::detail::spin_until_idle<4>([&] { return ++calls == 6; }, [] { return 0; }));
+  CHECK(calls == 6);
+}
+
+namespace {
+#if defined(__linux__)
+// Pins the calling thread to the first CPU the process may run on, so the
+// threads of a test that all call it share one core; does nothing if the
+// affinity cannot be read or set.
+void pin_to_first_allowed_cpu() {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &allowed)) continue;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    (void)pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
+    return;
+  }
+}
+#else
+void pin_to_first_allowed_cpu() {}
+#endif
+}  // namespace
+
+// Four threads on one core: a blocking call of the general ring that finds the
+// channel full or empty gives the core to the thread it waits for (yields after
+// 16 idle pauses, then parks), and every message arrives once (checksum).
+TEST_CASE("mpmc blocking send and receive move every message once with producers and consumers sharing a core",
+          "[channel][spin]") {
+  const std::uint64_t per_producer = postbox_test::scaled(20'000);
+  channel<std::uint64_t> ch(8);
+  std::atomic<std::uint64_t> sum{0};
+  std::atomic<std::uint64_t> count{0};
+  std::atomic<int> failed_sends{0};
+  std::vector<std::thread> threads;
+  for (std::uint64_t p = 0; p < 2; ++p) {
+    threads.emplace_back([&, p] {
+      pin_to_first_allowed_cpu();
+      for (std::uint64_t i = 1; i <= per_producer; ++i) {
+        if (ch.send((p << 32) | i) != send_status::ok) failed_sends.fetch_add(1);
+      }
+    });
+  }
+  for (int c = 0; c < 2; ++c) {
+    threads.emplace_back([&] {
+      pin_to_first_allowed_cpu();
+      std::uint64_t local = 0, n = 0;
+      while (auto v = ch.receive()) {
+        local += *v;
+        ++n;
+      }
+      sum.fetch_add(local);
+      count.fetch_add(n);
+    });
+  }
+  threads[0].join();
+  threads[1].join();
+  ch.close();
+  for (std::size_t i = 2; i < threads.size(); ++i) threads[i].join();
+  const std::uint64_t each = per_producer * (per_producer + 1) / 2;
+  CHECK(failed_sends.load() == 0);
+  CHECK(count.load() == 2 * per_producer);
+  CHECK(sum.load() == each + ((std::uint64_t{1} << 32) * per_producer + each));
 }

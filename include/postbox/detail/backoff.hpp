@@ -99,5 +99,38 @@ bool spin_until(Done&& done, bool yield_too = true) noexcept(noexcept(done())) {
   return done();
 }
 
+/// spin_until<1>() for a wait whose partner may share this core: the spin
+/// also ends, and the yields begin, once `progress()` (a value the other
+/// side changes as it works, such as a ring index) has stayed the same for
+/// `IdleLimit` pauses in a row. A partner running on another core moves it
+/// every few tens of nanoseconds; when it stands still, whoever could make
+/// `done()` true is not running, most likely because it waits for this core,
+/// and spinning on would only burn the time slice it needs. Same budget
+/// otherwise (spin_budget::pauses pauses at most, then spin_budget::yields
+/// yields). Never blocks (beyond yielding), never allocates; `done` and
+/// `progress` run on the calling thread only.
+template <unsigned IdleLimit, class Done, class Progress>
+bool spin_until_idle(Done&& done, Progress&& progress) noexcept(noexcept(done()) && noexcept(progress())) {
+  static_assert(IdleLimit >= 1 && IdleLimit <= spin_budget::pauses, "the idle limit is within the budget");
+  auto seen = progress();
+  unsigned idle = 0;
+  for (unsigned spent = 0; spent < spin_budget::pauses; ++spent) {
+    if (done()) return true;
+    cpu_relax();
+    const auto now = progress();
+    if (now != seen) {
+      seen = now;
+      idle = 0;
+    } else if (++idle == IdleLimit) {
+      break;
+    }
+  }
+  for (unsigned i = 0; i < spin_budget::yields; ++i) {
+    if (done()) return true;
+    std::this_thread::yield();
+  }
+  return done();
+}
+
 }  // namespace detail
 POSTBOX_END_NAMESPACE
