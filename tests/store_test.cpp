@@ -255,6 +255,41 @@ TEMPLATE_TEST_CASE("mark_dispatched marks only what the owner still leases", "[s
   CHECK(bodies(claim(s, "r3", 100, t0 + 13s)) == std::vector<std::string>{"a#1"});
 }
 
+TEMPLATE_TEST_CASE("claims by owners in turn keep each row leased by its own owner, marked in any order", "[store]",
+                   STORE_FIXTURES) {
+  TestType f;
+  auto& s = f.get();
+  commit_staged(s, {msg("a", 1), msg("b", 1), msg("c", 1), msg("d", 1), msg("e", 1), msg("f", 1)});
+  // Long owner names (past any small-string buffer), claimed in turn: the
+  // memory store shares one name per claim between the rows it leases.
+  const std::string one(40, '1'), two(40, '2');
+  const auto r1 = claim(s, one.c_str(), 2);
+  const auto r2 = claim(s, two.c_str(), 2);
+  const auto r1b = claim(s, one.c_str(), 1);  // one's third row, after two's claim
+  REQUIRE(bodies(r1) == std::vector<std::string>{"a#1", "b#1"});
+  REQUIRE(bodies(r2) == std::vector<std::string>{"c#1", "d#1"});
+  REQUIRE(bodies(r1b) == std::vector<std::string>{"a#1"});  // one may claim its own leased rows again
+  const auto r1c = claim(s, one.c_str(), 5);
+  REQUIRE(bodies(r1c) == std::vector<std::string>{"a#1", "b#1", "e#1", "f#1"});  // c and d stay two's
+  // Every sequence, backwards and twice: only one's rows are marked, once.
+  std::vector<std::uint64_t> all;
+  for (const auto& m : r1c) all.push_back(m.sequence);
+  for (const auto& m : r2) all.push_back(m.sequence);
+  std::vector<std::uint64_t> backwards(all.rbegin(), all.rend());
+  backwards.insert(backwards.end(), all.begin(), all.end());
+  auto marked = s.outbox_mark_dispatched(one, backwards, t0 + 1s);
+  REQUIRE(marked.has_value());
+  CHECK(*marked == 4);
+  marked = s.outbox_mark_dispatched(two, all, t0 + 1s);
+  REQUIRE(marked.has_value());
+  CHECK(*marked == 2);
+  const auto sum = s.outbox_summary();
+  REQUIRE(sum.has_value());
+  CHECK(sum->pending == 0);
+  CHECK(sum->leased == 0);
+  CHECK(sum->dispatched == 6);
+}
+
 TEMPLATE_TEST_CASE("renew extends the owner's lease on the rows it still leases and counts only those", "[store]",
                    STORE_FIXTURES) {
   TestType f;

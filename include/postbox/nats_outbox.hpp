@@ -168,12 +168,21 @@ class nats_header_block {
   /// Appends header `key_prefix` + `key` = `value` (nothing for an empty value).
   void add(std::string_view key_prefix, std::string_view key, std::string_view value) {
     if (value.empty()) return;
+    // One resize and plain copies: "prefix+key: value\r\n".
     const std::size_t k = buf_.size();
-    buf_.append(key_prefix).append(key);
-    const std::size_t kn = buf_.size() - k;
-    buf_.append(": ", 2);
-    const std::size_t v = buf_.size();
-    buf_.append(value).append("\r\n", 2);
+    const std::size_t kn = key_prefix.size() + key.size();
+    const std::size_t v = k + kn + 2;
+    buf_.resize(v + value.size() + 2);
+    char* p = buf_.data() + k;
+    std::char_traits<char>::copy(p, key_prefix.data(), key_prefix.size());
+    std::char_traits<char>::copy(p + key_prefix.size(), key.data(), key.size());
+    p += kn;
+    *p++ = ':';
+    *p++ = ' ';
+    std::char_traits<char>::copy(p, value.data(), value.size());
+    p += value.size();
+    *p++ = '\r';
+    *p = '\n';
     fields_.push_back(field{k, kn, v, value.size()});
   }
   /// Headers added since `clear`.

@@ -18,6 +18,7 @@
 #include <deque>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -467,6 +468,11 @@ class basic_memory_store {
       }
       if (block) blocked.insert(r.message.partition_key);
     }
+    // Every row of this claim shares one owner string (no allocation per
+    // row); leased rows go into encumbered_ in ascending order, each after
+    // the last one inserted (a hint, not a search from the root).
+    const auto name = lease_name_locked(owner);
+    auto hint = encumbered_.begin();
     for (auto& [seq, r] : pending_) {
       if (out.messages.size() >= max) break;
       if (r.message.due > now) {  // scheduled for later: skipped, its key not held
@@ -474,9 +480,10 @@ class basic_memory_store {
         continue;
       }
       if (blocked.count(r.message.partition_key) != 0) continue;
-      r.lease_owner.assign(owner);
+      r.lease_owner.name = name;
       r.lease_until = lease_until;
-      encumbered_.insert(seq);
+      while (hint != encumbered_.end() && *hint < seq) ++hint;
+      if (hint == encumbered_.end() || *hint != seq) hint = encumbered_.emplace_hint(hint, seq);
       out.messages.push_back(r.message);
     }
     if (out.messages.size() < max) out.next_due = due;
@@ -507,12 +514,17 @@ class basic_memory_store {
                                                            time_point now) {
     std::lock_guard lock(mutex_);
     std::size_t n = 0;
+    // A relay marks in staging order: the next row to mark is usually the
+    // one after the last marked, and each dispatched entry goes at the end.
+    auto next = pending_.end();
+    auto next_encumbered = encumbered_.end();
     for (const std::uint64_t seq : seqs) {
-      auto it = pending_.find(seq);
+      auto it = next != pending_.end() && next->first == seq ? next : pending_.find(seq);
       if (it == pending_.end() || it->second.lease_owner != owner) continue;
-      dispatched_.emplace(std::make_pair(now, seq), it->second.message.id);
-      encumbered_.erase(seq);
-      pending_.erase(it);
+      dispatched_.emplace_hint(dispatched_.end(), std::make_pair(now, seq), it->second.message.id);
+      auto e = next_encumbered != encumbered_.end() && *next_encumbered == seq ? next_encumbered : encumbered_.find(seq);
+      if (e != encumbered_.end()) next_encumbered = encumbered_.erase(e);
+      next = pending_.erase(it);
       ++n;
     }
     return n;
@@ -763,9 +775,19 @@ class basic_memory_store {
   }
 
  private:
+  // A row's lease owner, shared by the rows one claim leases (one string
+  // per claim, not per row). Null or empty: not leased.
+  struct lease_owner_name {
+    std::shared_ptr<const std::string> name;
+    [[nodiscard]] bool empty() const noexcept { return name == nullptr || name->empty(); }
+    void clear() noexcept { name.reset(); }
+    [[nodiscard]] bool operator==(std::string_view owner) const noexcept {
+      return name == nullptr ? owner.empty() : std::string_view(*name) == owner;
+    }
+  };
   struct row {
     stored_message message;
-    std::string lease_owner;  // empty: not leased
+    lease_owner_name lease_owner;
     time_point lease_until{};
     time_point next_attempt_at{};
     std::string last_error;
@@ -786,6 +808,13 @@ class basic_memory_store {
   std::uint64_t committed_version(std::string_view scope, std::string_view key) const {
     auto it = versions_.find(version_key(scope, key));
     return it == versions_.end() ? 0 : it->second;
+  }
+
+  // The shared name string of `owner` (the last claim's when equal).
+  std::shared_ptr<const std::string> lease_name_locked(std::string_view owner) {
+    if (last_owner_ == nullptr || std::string_view(*last_owner_) != owner)
+      last_owner_ = std::make_shared<const std::string>(owner);
+    return last_owner_;
   }
 
   void clear_lease(std::uint64_t seq, row& r) {
@@ -904,6 +933,7 @@ class basic_memory_store {
   std::uint64_t last_seq_ = 0;
   std::map<std::uint64_t, row> pending_;
   detail::dependent_t<std::set<std::uint64_t>, Dummy> encumbered_;  // pending rows with a lease or a retry time
+  std::shared_ptr<const std::string> last_owner_;  // the last claim's owner name, shared by the rows it leased
   detail::dependent_t<std::map<std::pair<time_point, std::uint64_t>, message_id>, Dummy> dispatched_;
   detail::dependent_t<std::map<std::uint64_t, outbox_dead_letter_entry>, Dummy> dead_;  // by last outbox sequence
   detail::dependent_t<std::unordered_set<message_id>, Dummy> outbox_ids_;  // pending, dispatched (until purged) and dead-lettered ids
