@@ -8,6 +8,10 @@
 //   block from `detail::topic_block_pool`, so no malloc in a steady flow) and
 //   pushes that pointer into each matching subscription's bounded
 //   `postbox::channel`; subscribers get a `delivery<T>` handle that shares it.
+//   A small trivially copyable `T` (detail::topic_inline_v: at most two
+//   pointers wide, e.g. std::string_view) skips the shared item: the value
+//   itself goes into each queue slot (with the subject, when there is one, in
+//   a pooled shared string), so such a publish allocates nothing.
 // * The subscription list is a copy-on-write snapshot (`detail::snapshot_ptr`):
 //   a publisher copies the current `shared_ptr<const list>` in a critical
 //   section of a few instructions (what libstdc++'s atomic<shared_ptr> does
@@ -18,7 +22,8 @@
 //   stamp is unchanged a publish reads the list with one acquire load, no
 //   lock and no reference count; after a change it copies the list once under
 //   the writer mutex. Cost: subscribe/unsubscribe are O(subscriptions) and
-//   allocate; a publish allocates the shared item, makes no syscall when no
+//   allocate; a publish allocates the shared item (pooled; none for an
+//   inline `T` without a subject), makes no syscall when no
 //   subscriber is parked, and delivers with no lock of ours (each queue is a
 //   lock-free postbox::channel); the last matching queue gets the publish's
 //   own item pointer (no reference-count round trip with one subscriber).
