@@ -913,7 +913,9 @@ class subscription {
     const auto stopped = [&]() noexcept {
       return (stop != nullptr && stop->stop_requested()) || c.detach.stop_requested();
     };
-    if (stopped()) return receive_status::canceled;
+    // stopped(), written out: the lambda is not inlined, and this check is on
+    // every receive's path.
+    if ((stop != nullptr && stop->stop_requested()) || c.detach.stop_requested()) return receive_status::canceled;
     for (detail::backoff spin;;) {
       {
         auto r = q.try_take();
@@ -1124,6 +1126,31 @@ class topic {
     }
   }
 
+  // The list when this thread's cached one is stale (or in use further up the
+  // stack): a fresh copy taken under the writer mutex, which also refreshes
+  // the cache unless it is in use. Out of line, so the publish's common path
+  // stays small.
+  template <class List>
+  [[gnu::noinline]] static const List* refresh_list(detail::topic_state<T>& st, detail::topic_list_cache<List>& cache,
+                                                    std::shared_ptr<const List>& own) {
+    std::shared_ptr<const List> fresh;
+    std::uint64_t fresh_stamp = 0;
+    {
+      std::lock_guard lock(st.mu);
+      fresh = st.subs.load();
+      fresh_stamp = st.subs_stamp.load(std::memory_order_relaxed);  // relaxed: written under mu, which we hold
+    }
+    if (cache.busy) {
+      own = std::move(fresh);
+      return own.get();
+    }
+    // The replaced list lives in `own` until the publish returns, so whatever
+    // its release runs cannot touch the cache while the publish iterates.
+    own = std::exchange(cache.list, std::move(fresh));
+    cache.stamp = fresh_stamp;
+    return cache.list.get();
+  }
+
   static publish_result deliver_inside(detail::topic_state<T>& st, std::string* subject, T&& value) {
     publish_result r;
     // seq_cst: the Dekker read; pairs with the store in close().
@@ -1142,28 +1169,8 @@ class topic {
     // acquire: pairs with the release store after subs.store in add/remove.
     const auto stamp = st.subs_stamp.load(std::memory_order_acquire);
     std::shared_ptr<const list_type> own;  // only when the cache is in use further up this thread's stack
-    const list_type* list = nullptr;
-    if (!cache.busy && cache.stamp == stamp) {
-      list = cache.list.get();
-    } else {
-      std::shared_ptr<const list_type> fresh;
-      std::uint64_t fresh_stamp = 0;
-      {
-        std::lock_guard lock(st.mu);
-        fresh = st.subs.load();
-        fresh_stamp = st.subs_stamp.load(std::memory_order_relaxed);  // relaxed: written under mu, which we hold
-      }
-      if (cache.busy) {
-        own = std::move(fresh);
-        list = own.get();
-      } else {
-        // The replaced list lives in `own` until we return, so whatever its
-        // release runs cannot touch the cache while we iterate.
-        own = std::exchange(cache.list, std::move(fresh));
-        cache.stamp = fresh_stamp;
-        list = cache.list.get();
-      }
-    }
+    const list_type* const list =
+        POSTBOX_LIKELY(!cache.busy && cache.stamp == stamp) ? cache.list.get() : refresh_list(st, cache, own);
     struct in_use {
       bool& flag;
       bool was;
@@ -1193,10 +1200,18 @@ class topic {
     for (const auto& q : *list) {
       if (!q->opts.pattern.empty() && (subj == nullptr || subj->empty() || !subject_matches(q->opts.pattern, *subj)))
         continue;
-      if (pending != nullptr) record(*pending, pending->push(detail::topic_slot<T>(item)));
+      if (pending != nullptr) {
+        const int outcome = pending->push(detail::topic_slot<T>(item));
+        if (POSTBOX_LIKELY(outcome == 0)) ++r.delivered;
+        else record(*pending, outcome);
+      }
       pending = q.get();
     }
-    if (pending != nullptr) record(*pending, pending->push(std::move(item)));
+    if (pending != nullptr) {
+      const int outcome = pending->push(std::move(item));
+      if (POSTBOX_LIKELY(outcome == 0)) ++r.delivered;
+      else record(*pending, outcome);
+    }
     return r;
   }
 
