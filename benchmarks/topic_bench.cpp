@@ -72,17 +72,18 @@
 // Issue 18, second stop (same method, g++ 12 -O3, before/after built from one
 // source apart from topic.hpp): a small trivially copyable payload (the
 // std::string_view here) now travels inline in the queue slot instead of in a
-// pooled shared item, and a push tries the channel once before its policy.
-//   topic-view          385 -> 163 instructions/msg (channel-view 51-63 in
-//                       the same binaries: the TU's inlining moves it)
-//   topic-view-receive  441 -> 276 (channel-view-receive 52-67): the blocking
-//                       receive() the wall-clock rows use; its extra over
-//                       try_receive is the handle's call count (two RMWs, see
-//                       subscription_core::calls), the stop checks and the
-//                       result conversions
-//   topic (copy)        631 -> 531 (channel 450-468)
+// pooled shared item, and a push tries the channel once before its policy;
+// then the publish's list refresh went out of line, a delivered push is
+// counted inline and the receive's first stop check is written out.
+//   topic-view          385 -> 163 -> 166 instructions/msg (channel-view
+//                       51-63 in the same binaries: the TU's inlining moves it)
+//   topic-view-receive  441 -> 276 -> 235 (channel-view-receive 52-67): the
+//                       blocking receive() the wall-clock rows use; its extra
+//                       over try_receive is the handle's call count (two RMWs,
+//                       see subscription_core::calls) and the result conversions
+//   topic (copy)        631 -> 531 -> 520 (channel 450-468)
 // futex calls per 100,000 messages (strace -c -f, --only topic-view, pinned):
-// 35 before, 19 after (channels-view 21-25): waking is not the gap any more.
+// 35 before, 19-29 after (channels-view 21-25): waking is not the gap any more.
 // What is left per message against channel<std::string_view, spsc>: the
 // mpmc queue's two CASes (the topic's queue serves groups and any number of
 // receiving threads), three RMWs on the publisher (`publishing` in and out,
