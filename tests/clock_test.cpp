@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <mutex>
 
 TEST_CASE("coarse_clock is never ahead of system_clock and trails it by at most a tick or so", "[clock]") {
@@ -40,3 +41,30 @@ TEST_CASE("coarse_clock::wait_until returns once the coarse clock itself reached
   CHECK(rounds <= 10);
   CHECK(&postbox::coarse_default_clock() == &postbox::coarse_default_clock());
 }
+
+#if POSTBOX_VDSO_CLOCK
+TEST_CASE("coarse_clock reads the kernel's coarse time directly through the vDSO, between two libc reads of it", "[clock]") {
+  // Where the process has a vDSO (not under valgrind) the clock calls its
+  // clock_gettime itself; it must be the same CLOCK_REALTIME_COARSE that
+  // libc reads: coarse time never goes back, so a read between two libc
+  // reads lies between them (a wrong symbol, clock id or unit does not).
+  if (postbox::detail::vdso_gettime != nullptr) {
+    timespec probe{};
+    CHECK(postbox::detail::vdso_gettime(CLOCK_REALTIME_COARSE, &probe) == 0);
+  }
+  const postbox::coarse_clock c;
+  const auto libc = [] {
+    timespec ts{};
+    ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+    return postbox::time_point(postbox::duration(static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec));
+  };
+  int outside = 0;
+  for (int i = 0; i < 1000; ++i) {
+    const auto before = libc();
+    const auto mine = c.now();
+    const auto after = libc();
+    if (mine < before || mine > after) ++outside;
+  }
+  CHECK(outside == 0);
+}
+#endif

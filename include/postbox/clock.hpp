@@ -11,6 +11,17 @@
 
 #if defined(__linux__)
 #  include <time.h>
+#  if (defined(__x86_64__) || defined(__aarch64__)) && defined(__has_include)
+#    if __has_include(<sys/auxv.h>) && __has_include(<elf.h>)
+#      define POSTBOX_VDSO_CLOCK 1
+#      include <elf.h>
+#      include <sys/auxv.h>
+#      include <cstring>
+#    endif
+#  endif
+#endif
+#ifndef POSTBOX_VDSO_CLOCK
+#  define POSTBOX_VDSO_CLOCK 0
 #endif
 
 POSTBOX_BEGIN_NAMESPACE
@@ -62,10 +73,68 @@ class real_clock final : public clock {
   return instance;
 }
 
+namespace detail {
+#if POSTBOX_VDSO_CLOCK
+using vdso_gettime_fn = int (*)(clockid_t, timespec*);
+
+/// The kernel's own clock_gettime in the vDSO (found through the ELF image
+/// the kernel maps into every process, AT_SYSINFO_EHDR), or null when there
+/// is none (valgrind maps none) or its symbol table cannot be read. Calling
+/// it directly skips glibc's wrapper: a CLOCK_REALTIME_COARSE read took
+/// 3.0 ns instead of 4.7 (thread CPU time, 2-core AMD EPYC VM). Never
+/// allocates; reads only the mapped image.
+inline vdso_gettime_fn vdso_clock_gettime() noexcept {
+#  if defined(__x86_64__)
+  const char* const name = "__vdso_clock_gettime";
+#  else
+  const char* const name = "__kernel_clock_gettime";
+#  endif
+  const unsigned long base = ::getauxval(AT_SYSINFO_EHDR);
+  if (base == 0) return nullptr;
+  const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(base);
+  if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) != 0 || eh->e_ident[EI_CLASS] != ELFCLASS64) return nullptr;
+  const auto* ph = reinterpret_cast<const Elf64_Phdr*>(base + eh->e_phoff);
+  unsigned long bias = 0;  // run-time address minus link-time address
+  bool loaded = false;
+  const Elf64_Dyn* dyn = nullptr;
+  for (unsigned i = 0; i < eh->e_phnum; ++i) {
+    if (ph[i].p_type == PT_LOAD && !loaded) {
+      bias = base + ph[i].p_offset - ph[i].p_vaddr;
+      loaded = true;
+    } else if (ph[i].p_type == PT_DYNAMIC) {
+      dyn = reinterpret_cast<const Elf64_Dyn*>(base + ph[i].p_offset);
+    }
+  }
+  if (!loaded || dyn == nullptr) return nullptr;
+  const Elf64_Sym* syms = nullptr;
+  const char* strs = nullptr;
+  const Elf32_Word* hash = nullptr;  // DT_HASH: nbucket, nchain (= symbol count), ...
+  for (const Elf64_Dyn* d = dyn; d->d_tag != DT_NULL; ++d) {
+    if (d->d_tag == DT_SYMTAB) syms = reinterpret_cast<const Elf64_Sym*>(bias + d->d_un.d_ptr);
+    if (d->d_tag == DT_STRTAB) strs = reinterpret_cast<const char*>(bias + d->d_un.d_ptr);
+    if (d->d_tag == DT_HASH) hash = reinterpret_cast<const Elf32_Word*>(bias + d->d_un.d_ptr);
+  }
+  if (syms == nullptr || strs == nullptr || hash == nullptr) return nullptr;
+  for (Elf32_Word i = 0; i < hash[1]; ++i) {
+    const Elf64_Sym& sym = syms[i];
+    if (ELF64_ST_TYPE(sym.st_info) != STT_FUNC || sym.st_shndx == SHN_UNDEF) continue;
+    if (std::strcmp(strs + sym.st_name, name) == 0) return reinterpret_cast<vdso_gettime_fn>(bias + sym.st_value);
+  }
+  return nullptr;
+}
+
+/// vdso_clock_gettime(), found once during static initialization (null
+/// before it, and wherever there is no vDSO: readers then call libc's
+/// clock_gettime). Written once, before main; read by coarse_clock::now().
+inline const vdso_gettime_fn vdso_gettime = vdso_clock_gettime();
+#endif
+}  // namespace detail
+
 /// A real clock read at the kernel tick's resolution: CLOCK_REALTIME_COARSE
 /// on Linux (the time of the last tick: 1 to 4 ms, see `resolution()`), about
-/// 2 ns per read against 25-60 ns for system_clock in a VM, because it reads
-/// no hardware counter. Its `now()` is never ahead of system_clock and lags it
+/// 3 ns per read against 25-60 ns for system_clock in a VM, because it reads
+/// no hardware counter (it calls the vDSO's clock_gettime directly when it
+/// can find it, skipping glibc's wrapper). Its `now()` is never ahead of system_clock and lags it
 /// by about one resolution (a tick; more when the kernel updates it late; plus
 /// any NTP step); elsewhere it is system_clock. The default clock of postbox::stream, whose per-record
 /// timestamps must cost less than the append itself. Thread-safe, never allocates.
@@ -74,7 +143,14 @@ class coarse_clock final : public clock {
   [[nodiscard]] time_point now() const noexcept override {
 #if defined(__linux__)
     timespec ts{};
+#  if POSTBOX_VDSO_CLOCK
+    // The vDSO's clock_gettime when found (see detail::vdso_gettime), else
+    // libc's, which calls the same vDSO function or makes the syscall.
+    const detail::vdso_gettime_fn direct = detail::vdso_gettime;
+    if (direct == nullptr || direct(CLOCK_REALTIME_COARSE, &ts) != 0) ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+#  else
     ::clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+#  endif
     return time_point(duration(static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec));
 #else
     return std::chrono::time_point_cast<duration>(std::chrono::system_clock::now());
