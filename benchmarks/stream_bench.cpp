@@ -16,6 +16,11 @@
 //   read          one reader replaying everything from earliest, 256 per poll
 //   group/1m      one group member poll(256)+commit over 4 partitions
 //   group/2m      two members (2 partitions each) polling concurrently
+//   (last lines)  the coarse clock's read alone (coarse_clock::now(), n
+//                 times, interleaved with the rows), in ns, next to the ns
+//                 per record of append/1p and chan/1p; then those two rows
+//                 in the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), which
+//                 a loaded machine's descheduling does not inflate
 // Printed ratios: every row vs append/1p, and append/1p vs chan/1p (issue
 // 18's row: at least 0.8) and vs chan/ctor. Rows that append or send also
 // print the minor page faults their timed part took, per million records.
@@ -54,6 +59,16 @@
 //             lock and the default coarse clock called directly, the next
 //             chunk allocated and faulted in outside the lock by the append
 //             that half-fills the current one
+//   biased    159 (n = 20000; 147 before, channel 137, same build): the
+//             append lock biased to the partition's first appender (plain
+//             stores and a compiler fence instead of a CAS: a dozen plain
+//             instructions for one locked one) and the coarse clock calling
+//             the vDSO directly. Callgrind sees neither clock path (valgrind
+//             maps no vDSO), so time them in thread CPU time instead (the
+//             last line this prints; 3 alternating runs at load 12): append
+//             12.8-13.0 -> 11.6 ns a record, channel 8.7: 0.67-0.68x ->
+//             0.74-0.75x; the clock read alone 4.7 -> 3.0 ns
+//             (docs/design/stream.md, "The biased append lock")
 //   channel   134 / 128 (one CAS and a slot write into a preallocated ring)
 // Faults per 1M records (fresh process): stream 11.8k in the appends (was
 // 20.0k; 48-byte slots touched once), channel 12.3k, all in its constructor
@@ -103,6 +118,17 @@ long minor_faults() {
 // function stores its count here).
 long timed_faults = 0;
 
+// This thread's CPU time in seconds: it excludes the time the thread was not
+// running, so on a loaded machine (several engineers sharing 2 cores) the
+// single-threaded rows can also be compared in CPU time.
+double thread_cpu_seconds() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+// CPU seconds of the timed part of the current single-threaded scenario.
+double timed_cpu = 0;
+
 void fill(postbox::stream<std::uint64_t>& s) {
   for (std::uint64_t i = 0; i < n; ++i) (void)s.append(keys[i % 4], i);
 }
@@ -110,9 +136,11 @@ void fill(postbox::stream<std::uint64_t>& s) {
 double append_1p() {
   postbox::stream<std::uint64_t> s(4);
   const long f0 = minor_faults();
+  const double c0 = thread_cpu_seconds();
   const auto t0 = bench_clock::now();
   fill(s);
   const double secs = seconds_since(t0);
+  timed_cpu = thread_cpu_seconds() - c0;
   timed_faults = minor_faults() - f0;
   return static_cast<double>(n) / secs;
 }
@@ -125,6 +153,20 @@ double append_1p_precise() {
   return static_cast<double>(n) / seconds_since(t0);
 }
 
+// The default coarse clock read alone, n times, in the same minutes as the
+// rows it stamps: tells a slow clock from a slow append when append/1p
+// drops in one run and chan/1p does not.
+volatile std::int64_t clock_sink = 0;
+double clock_coarse() {
+  const postbox::coarse_clock clk;
+  std::int64_t sum = 0;
+  const auto t0 = bench_clock::now();
+  for (std::uint64_t i = 0; i < n; ++i) sum += clk.now().time_since_epoch().count();
+  const double secs = seconds_since(t0);
+  clock_sink = sum;
+  return static_cast<double>(n) / secs;
+}
+
 struct chan_record {
   std::string key;
   std::uint64_t value;
@@ -133,9 +175,11 @@ struct chan_record {
 double channel_1p() {
   postbox::channel<chan_record> c(n);  // faults its whole ring in here, before the timed loop
   const long f0 = minor_faults();
+  const double c0 = thread_cpu_seconds();
   const auto t0 = bench_clock::now();
   for (std::uint64_t i = 0; i < n; ++i) (void)c.try_send(chan_record{keys[i % 4], i});
   const double secs = seconds_since(t0);
+  timed_cpu = thread_cpu_seconds() - c0;
   timed_faults = minor_faults() - f0;
   return static_cast<double>(n) / secs;
 }
@@ -248,17 +292,21 @@ int main(int argc, char** argv) {
     if (std::fgets(line, sizeof line, f) != nullptr) std::printf("loadavg: %s", line);
     std::fclose(f);
   }
-  std::vector<double> a1, ap, c1, cc, a2, rd, g1, g2;
+  std::vector<double> a1, ap, c1, cc, a2, rd, g1, g2, ck;
   std::vector<double> fa1, fc1, fcc, fa2;  // timed faults per 1M records
+  std::vector<double> ca1, cc1;            // thread CPU records/s of append/1p and chan/1p
   const auto per_million = [] { return static_cast<double>(timed_faults) * 1e6 / static_cast<double>(n); };
   for (int rep = 0; rep < 9; ++rep) {
     a1.push_back(append_1p());
     fa1.push_back(per_million());
+    ca1.push_back(static_cast<double>(n) / timed_cpu);
     c1.push_back(channel_1p());
     fc1.push_back(per_million());
+    cc1.push_back(static_cast<double>(n) / timed_cpu);
     cc.push_back(channel_1p_with_ctor());
     fcc.push_back(per_million());
     ap.push_back(append_1p_precise());
+    ck.push_back(clock_coarse());
     a2.push_back(append_2p());
     fa2.push_back(per_million());
     rd.push_back(read_all());
@@ -277,5 +325,9 @@ int main(int argc, char** argv) {
     std::printf("\n");
   }
   std::printf("append/1p vs chan/1p: %.2f (target >= 0.80); vs chan/ctor: %.2f\n", base / median(c1), base / median(cc));
+  std::printf("coarse clock read alone: %.1f ns; append/1p %.1f ns, chan/1p %.1f ns per record\n", 1e9 / median(ck),
+              1e9 / base, 1e9 / median(c1));
+  std::printf("in thread CPU time: append/1p %.1f ns, chan/1p %.1f ns per record: %.2f\n", 1e9 / median(ca1),
+              1e9 / median(cc1), median(ca1) / median(cc1));
   return 0;
 }

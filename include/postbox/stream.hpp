@@ -23,10 +23,14 @@
 //   it, by the append that half-fills the current chunk (the partition's
 //   `spare`), so the lock covers no allocation but a chunk's small control
 //   block and no page fault of a fresh chunk. The lock
-//   (`detail::stream_append_lock`) is uncontended one CAS and a plain release
-//   store, no syscall; a contended appender spins an adaptive budget of
-//   pauses, yields a few times, and only then parks with the asymmetric
-//   protocol (it pays a membarrier, the unlock pays no fence). The retention
+//   (`detail::stream_append_lock`) is biased to the partition's first
+//   appender, which takes and releases it with plain stores and a compiler
+//   fence (no RMW, no hardware fence, no syscall); the first other thread to
+//   take it revokes the bias for good with one membarrier, after which it is
+//   uncontended one CAS and a plain release store; a contended appender spins
+//   an adaptive budget of pauses, yields a few times, and only then parks
+//   with the asymmetric protocol (it pays a membarrier, the unlock pays no
+//   fence). The retention
 //   step is skipped when no limit is set. Appends to different partitions
 //   never contend. Readers take no lock at all, so they never block appenders.
 // * Timestamps: a record's timestamp is the stream's clock at its append,
@@ -256,32 +260,68 @@ struct stream_dir {
   std::size_t capacity;
 };
 
-/// The per-partition append lock. Uncontended, it costs one CAS to take and
-/// a plain release store to give back, then a compiler fence and one load to
-/// see whether a thread is parked: no second read-modify-write and no
-/// syscall. A contended lock() spins (an adaptive budget of pauses), yields
-/// a few times, then parks on an event count
-/// with the asymmetric protocol (prepare_wait_asymmetric: the parking thread
-/// pays a membarrier, so that the holder's unlock needs no fence). Lockable
-/// (std::lock_guard). Not recursive. Never allocates.
+/// A process-unique, nonzero identity of the calling thread: a counter
+/// handed out on the thread's first call, never an address, so a thread
+/// started later never takes over a finished thread's identity. One
+/// thread-local load after the first call. Never blocks; thread-safe.
+POSTBOX_STREAM_NOINLINE inline std::uint64_t stream_new_thread_token() noexcept {
+  // relaxed: only uniqueness matters; no other memory is published with it.
+  static std::atomic<std::uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+inline std::uint64_t stream_thread_token() noexcept {
+  thread_local std::uint64_t token = 0;
+  if (POSTBOX_UNLIKELY(token == 0)) token = stream_new_thread_token();
+  return token;
+}
+
+/// The per-partition append lock, biased towards the first thread that takes
+/// it (the usual single appender of a partition). That owner takes and gives
+/// it back with no read-modify-write and no hardware fence: a plain store of
+/// its `busy` flag, a compiler fence and a re-check of the bias, then a
+/// release store and one load to see whether a thread waits. The first
+/// other thread that takes the lock (a second appender, a trim() from
+/// another thread) revokes the bias for good: it takes the CAS word, marks
+/// the bias revoked, pays one heavy fence (membarrier: the asymmetric Dekker
+/// pair of the owner's compiler fence, see asymmetric_fence.hpp), and waits
+/// until the owner is not inside. From then on every thread uses the CAS
+/// word: uncontended one CAS and a plain release store; contended it spins
+/// an adaptive budget of pauses, yields a few times, then parks on an event
+/// count with the asymmetric protocol (the parking thread pays a membarrier,
+/// so that unlock needs no fence). BasicLockable (std::lock_guard; the
+/// append path uses stream_append_guard). Not recursive. Never allocates.
 class stream_append_lock {
  public:
-  stream_append_lock() noexcept = default;
+  stream_append_lock() noexcept : bias_(bias_supported() ? unbiased : revoked) {}
   stream_append_lock(const stream_append_lock&) = delete;
   stream_append_lock& operator=(const stream_append_lock&) = delete;
 
-  void lock() noexcept {
-    if (try_lock()) return;
-    lock_contended();
+  /// Takes the lock; returns whether it holds through the bias (pass that
+  /// to leave()). Spins, yields, then parks while another thread holds it.
+  POSTBOX_STREAM_ALWAYS_INLINE bool enter() noexcept {
+    const std::uint64_t me = stream_thread_token();
+    // relaxed: bias_ equals `me` only if this thread stored it (under held_);
+    // a revocation by another thread is caught by the re-check below.
+    if (POSTBOX_LIKELY(bias_.load(std::memory_order_relaxed) == me)) {
+      // relaxed store, then the light fence: the hot half of the Dekker pair
+      // whose heavy half is revoke()'s store of `revoked` and heavy fence.
+      // Either revoke() sees this `true` (and waits for our release store of
+      // false), or our re-check sees `revoked`.
+      busy_.store(true, std::memory_order_relaxed);
+      bias_fence();
+      if (POSTBOX_LIKELY(bias_.load(std::memory_order_relaxed) == me)) return true;  // relaxed: see above
+      release_bias();  // revoked meanwhile: back out, take the CAS word
+    }
+    lock_unbiased(me);
+    return false;
   }
-  [[nodiscard]] bool try_lock() noexcept {
-    bool expected = false;
-    // acquire: pairs with the release store in unlock(); the previous
-    // holder's writes to the partition happen before ours.
-    return held_.compare_exchange_strong(expected, true, std::memory_order_acquire, std::memory_order_relaxed);
-  }
-  void unlock() noexcept {
-    // release: pairs with the acquire CAS in try_lock().
+  /// Gives the lock back; `biased` is what enter() returned. Never blocks.
+  POSTBOX_STREAM_ALWAYS_INLINE void leave(bool biased) noexcept {
+    if (POSTBOX_LIKELY(biased)) {
+      release_bias();
+      return;
+    }
+    // release: pairs with the acquire CAS in try_lock_word().
     held_.store(false, std::memory_order_release);
     // A light fence, then one load of the waiter count: wakes a parked thread
     // only if one announced itself. Partner: the heavy fence in
@@ -291,7 +331,109 @@ class stream_append_lock {
     parked_.notify_light(1);
   }
 
+  /// Lockable: enter() and leave(), the mode kept in the lock.
+  void lock() noexcept { biased_hold_ = enter(); }
+  void unlock() noexcept { leave(biased_hold_); }
+  /// Whether locks are biased at all: where membarrier(2) serves as the
+  /// heavy fence (and under ThreadSanitizer, whose fences are real RMWs on
+  /// both sides); elsewhere every lock() takes the CAS word. Never blocks.
+  [[nodiscard]] static bool bias_supported() noexcept {
+#if POSTBOX_TSAN
+    return true;
+#else
+    return membarrier_available();
+#endif
+  }
+
+  /// Whether the lock is still biased to a thread (false once revoked).
+  /// For tests; a snapshot. Never blocks.
+  [[nodiscard]] bool biased_approx() const noexcept {
+    const auto b = bias_.load(std::memory_order_relaxed);  // relaxed: a snapshot
+    return b != unbiased && b != revoked;
+  }
+
  private:
+  // Takes the CAS word if free.
+  [[nodiscard]] bool try_lock_word() noexcept {
+    bool expected = false;
+    // acquire: pairs with the release store in leave(); the previous
+    // holder's writes to the partition happen before ours.
+    return held_.compare_exchange_strong(expected, true, std::memory_order_acquire, std::memory_order_relaxed);
+  }
+
+  static constexpr std::uint64_t unbiased = 0;           // no owner yet: the next lock() through held_ claims it
+  static constexpr std::uint64_t revoked = UINT64_MAX;   // a second thread came: held_ only, for good
+
+  // The owner's fence between its busy_ store and its re-check of the bias.
+  // The bias exists only where membarrier is the heavy fence (see
+  // bias_supported()), so a compiler fence suffices; under ThreadSanitizer
+  // both sides are seq_cst RMWs of one word (see asymmetric_fence.hpp).
+  POSTBOX_STREAM_ALWAYS_INLINE static void bias_fence() noexcept {
+#if POSTBOX_TSAN
+    light_fence();
+#else
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+#endif
+  }
+
+  // The owner leaves (or backs out of) its biased hold.
+  POSTBOX_STREAM_ALWAYS_INLINE void release_bias() noexcept {
+    // release: pairs with the acquire load in revoke(); the owner's writes
+    // under the lock happen before the revoking thread's.
+    busy_.store(false, std::memory_order_release);
+    // A revoking thread may be parked until busy_ is false (revoke()): the
+    // fence, then one load of the waiter count, as notify_light does but
+    // inline (g++ called notify_light out of line). Partner: the heavy fence
+    // in prepare_wait_asymmetric (revoke()). Only threads wait here (no
+    // registered wakers), so the thread count is the whole answer. Wakes
+    // every parked thread, since threads waiting for held_ park here too.
+    bias_fence();
+    if (POSTBOX_UNLIKELY(parked_.threads_waiting_approx() != 0)) parked_.notify_light(INT_MAX);
+  }
+
+  // lock() through held_: claims the bias when nobody has it, revokes it
+  // when another thread has it.
+  POSTBOX_STREAM_NOINLINE void lock_unbiased(std::uint64_t me) noexcept {
+    if (!try_lock_word()) lock_contended();
+    // relaxed: bias_ is written only under held_, which we now hold.
+    const std::uint64_t b = bias_.load(std::memory_order_relaxed);
+    if (POSTBOX_LIKELY(b == revoked)) return;
+    if (b == unbiased) {
+      // relaxed: read by other threads only under held_ (ordered by its
+      // release/acquire), and by this thread itself in lock().
+      bias_.store(me, std::memory_order_relaxed);
+      return;
+    }
+    revoke();
+  }
+
+  // Under held_: ends the bias for good and waits until its owner is outside.
+  POSTBOX_STREAM_NOINLINE void revoke() noexcept {
+    // relaxed store, then the heavy fence: see lock()'s biased path.
+    bias_.store(revoked, std::memory_order_relaxed);
+    heavy_fence();
+    // acquire: pairs with release_bias(): the owner's writes before its
+    // release happen before our critical section.
+    const auto outside = [this] { return !busy_.load(std::memory_order_acquire); };
+    for (std::uint32_t i = 0; i < spin_cap; ++i) {
+      if (outside()) return;
+      cpu_relax();
+    }
+    for (int i = 0; i < yield_rounds; ++i) {
+      if (outside()) return;
+      std::this_thread::yield();
+    }
+    for (;;) {
+      const std::uint32_t key = parked_.prepare_wait_asymmetric();
+      if (outside()) {
+        parked_.finish_wait();
+        return;
+      }
+      parked_.wait(key, std::nullopt);
+      parked_.finish_wait();
+    }
+  }
+
   // Spinning before parking, in pause instructions (about 60 ns each on the
   // project's VMs). An appender holds the lock for tens of nanoseconds, so a
   // waiter normally gets it within a pause or two; parking costs a
@@ -315,7 +457,7 @@ class stream_append_lock {
       cpu_relax();
       ++spins;
       // relaxed load: only a hint; the CAS acquires.
-      if (!held_.load(std::memory_order_relaxed) && try_lock()) {
+      if (!held_.load(std::memory_order_relaxed) && try_lock_word()) {
         learn(hint, spins);
         return;
       }
@@ -323,17 +465,17 @@ class stream_append_lock {
     learn(hint, budget);
     for (int i = 0; i < yield_rounds; ++i) {
       std::this_thread::yield();
-      if (!held_.load(std::memory_order_relaxed) && try_lock()) return;  // relaxed: as above
+      if (!held_.load(std::memory_order_relaxed) && try_lock_word()) return;  // relaxed: as above
     }
     for (;;) {
       const std::uint32_t key = parked_.prepare_wait_asymmetric();
-      if (try_lock()) {
+      if (try_lock_word()) {
         parked_.finish_wait();
         return;
       }
       parked_.wait(key, std::nullopt);
       parked_.finish_wait();
-      if (try_lock()) return;
+      if (try_lock_word()) return;
     }
   }
 
@@ -343,10 +485,25 @@ class stream_append_lock {
     spin_hint_.store(static_cast<std::uint32_t>(next), std::memory_order_relaxed);  // relaxed: see spin_hint_
   }
 
-  // true while a thread holds the lock. Taken by an acquire CAS (try_lock),
-  // given back by a release store (unlock); the pair orders one holder's
-  // writes before the next holder's.
+  // true while a thread holds the lock through the CAS word (every thread
+  // but a bias owner in its biased hold). Taken by an acquire CAS
+  // (try_lock_word), given back by a release store (leave); the pair orders one
+  // holder's writes before the next holder's.
   std::atomic<bool> held_{false};
+  // The bias: `unbiased`, the owner's stream_thread_token(), or `revoked`
+  // (final). Written only under held_ (claim: unbiased -> owner; revoke():
+  // owner -> revoked, then a heavy fence); read relaxed by the owner in
+  // lock(), before and after its light fence (the Dekker pair with revoke()).
+  std::atomic<std::uint64_t> bias_{unbiased};
+  // true while the bias owner is inside through its biased path (also,
+  // briefly, while it checks the bias). Written by the owner only: relaxed
+  // store of true before its light fence, release store of false
+  // (release_bias); read with acquire by revoke(), after its heavy fence.
+  std::atomic<bool> busy_{false};
+  // Whether the current holder holds through the bias (unlock then clears
+  // busy_ instead of held_). Plain: written after the lock is taken and read
+  // before it is released, by the holder only; the lock orders holders.
+  bool biased_hold_ = false;
   // Threads parked in lock_contended (asymmetric side); unlock notifies it
   // with notify_light.
   event_count parked_;
@@ -355,6 +512,22 @@ class stream_append_lock {
   // waiters only (never by an uncontended lock or unlock): a heuristic, no
   // ordering depends on it.
   std::atomic<std::uint32_t> spin_hint_{0};
+};
+
+/// std::lock_guard for stream_append_lock with its constructor and
+/// destructor forced inline: g++ kept std::lock_guard's out of line around
+/// the biased path (a call each way, 36 instructions per append, callgrind).
+class stream_append_guard {
+ public:
+  POSTBOX_STREAM_ALWAYS_INLINE explicit stream_append_guard(stream_append_lock& l) noexcept
+      : l_(l), biased_(l.enter()) {}
+  POSTBOX_STREAM_ALWAYS_INLINE ~stream_append_guard() { l_.leave(biased_); }
+  stream_append_guard(const stream_append_guard&) = delete;
+  stream_append_guard& operator=(const stream_append_guard&) = delete;
+
+ private:
+  stream_append_lock& l_;
+  bool biased_;  // how l_ was taken (enter()'s answer)
 };
 
 template <class T>
@@ -444,7 +617,7 @@ class stream_log {
     std::uint64_t off = 0;
     bool prepare = false;
     {
-      std::lock_guard lock(part.append_mu);
+      stream_append_guard lock(part.append_mu);
       off = part.end.load(std::memory_order_relaxed);  // relaxed: only writers (under the lock) store it
       if (POSTBOX_UNLIKELY(part.tail_fill == stream_chunk_size)) add_chunk(part);  // once per 256 records
       const auto ts = std::max(now, part.last_ts);
@@ -458,8 +631,11 @@ class stream_log {
       prepare = part.tail_fill == stream_chunk_size / 2 && !part.spare;
     }
     // After the release store of `end` (above): a compiler fence and one
-    // load when nobody waits; see stream_log::appended_.
-    appended_.notify_light(INT_MAX);
+    // load when nobody waits; see stream_log::appended_. Spelled out inline
+    // (g++ called notify_light out of line); notify_light repeats both
+    // before it wakes anyone.
+    light_fence();
+    if (POSTBOX_UNLIKELY(appended_.has_waiters())) appended_.notify_light(INT_MAX);
     if (POSTBOX_UNLIKELY(prepare)) prepare_spare(part);
     return {p, off};
   }
@@ -522,7 +698,7 @@ class stream_log {
     std::unique_ptr<stream_chunk<T>> chunk(new (std::nothrow) stream_chunk<T>());
     if (!chunk) return;
     chunk->prefault();
-    std::lock_guard lock(part.append_mu);
+    stream_append_guard lock(part.append_mu);
     if (!part.spare) part.spare = std::move(chunk);
   }  // a chunk not installed is freed here, after the unlock
 
@@ -556,7 +732,7 @@ class stream_log {
   void trim() {
     const auto now = clock_->now();
     for (auto& part : parts_) {
-      std::lock_guard lock(part->append_mu);
+      stream_append_guard lock(part->append_mu);
       trim_locked(*part, now);
     }
   }
