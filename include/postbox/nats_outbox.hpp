@@ -657,7 +657,10 @@ class js_pipeline {
 /// * With `json::codec` each NATS message is built from the stored bytes:
 ///   one non-allocating pass views the envelope's fields in the row's JSON
 ///   text, the headers are those texts and the body is the stored payload
-///   text (no decode, no re-encode). The view takes only texts the decode
+///   text (no decode, no re-encode); the header lines are written as one
+///   wire-format block that libnats takes whole where it exports the
+///   constructor for that (see POSTBOX_NATS_RAW_HEADERS), with no
+///   per-header allocation. The view takes only texts the decode
 ///   reads with the same values (what `json::encode` writes); any other row,
 ///   and every row of another codec, goes through the full decode and
 ///   `to_nats_msg` as before. Either way the message carries the same
