@@ -251,6 +251,11 @@ TEST_CASE("the append lock is biased to the first thread that takes it until ano
   postbox::detail::stream_append_lock lock;
   CHECK_FALSE(lock.biased_approx());  // nobody took it yet
   { std::lock_guard guard(lock); }
+  if (!postbox::detail::stream_append_lock::bias_supported()) {
+    // No membarrier: every lock takes the CAS word, never a bias.
+    CHECK_FALSE(lock.biased_approx());
+    return;
+  }
   CHECK(lock.biased_approx());  // claimed by this thread
   { std::lock_guard guard(lock); }  // the owner's biased path, again
   CHECK(lock.biased_approx());
@@ -325,7 +330,8 @@ TEST_CASE("a thread revoking the append lock's bias while its owner is inside st
     exact += (b.counter == 2 * per + 1 && b.sum == (2 * per) * (2 * per - 1) / 2) ? 1 : 0;
     still_biased += b.lock.biased_approx() ? 1 : 0;
   }
-  CHECK(claimed_rounds == rounds);  // every round began biased to the owner
+  // every round began biased to the owner (where locks are biased at all)
+  CHECK(claimed_rounds == (postbox::detail::stream_append_lock::bias_supported() ? rounds : 0));
   CHECK(exact == rounds);           // nothing lost, nothing counted twice
   CHECK(still_biased == 0);         // every round's lock was revoked
 }
