@@ -57,6 +57,46 @@ TEST_CASE("select rotates among ready cases so that none is starved", "[select]"
   CHECK(from_b == 10);
 }
 
+TEST_CASE("select rotates among three and among five ready cases, each chosen in turn", "[select]") {
+  // Up to four cases the first pass is unrolled, beyond that it is a loop:
+  // both keep the round robin.
+  std::vector<std::unique_ptr<postbox::channel<int>>> chans;
+  for (int c = 0; c < 5; ++c) {
+    chans.push_back(std::make_unique<postbox::channel<int>>(64));
+    for (int i = 0; i < 20; ++i) REQUIRE(chans.back()->try_send(i) == postbox::send_status::ok);
+  }
+  int from[5] = {0, 0, 0, 0, 0};
+  auto take = [&](int c) { return on_receive(*chans[static_cast<std::size_t>(c)], [&from, c](int) { ++from[c]; }); };
+  for (int i = 0; i < 15; ++i) REQUIRE(postbox::select(take(0), take(1), take(2)).ok());
+  CHECK(from[0] == 5);
+  CHECK(from[1] == 5);
+  CHECK(from[2] == 5);
+  for (int& f : from) f = 0;
+  for (int i = 0; i < 20; ++i) REQUIRE(postbox::select(take(0), take(1), take(2), take(3), take(4)).ok());
+  for (int f : from) CHECK(f == 4);
+}
+
+TEST_CASE("a case passed as an lvalue keeps its handler's state when the select waits", "[select]") {
+  // A temporary case may be copied into the select's waiting part; a named
+  // one is used in place, so its handler's own state carries over.
+  postbox::manual_clock clk;
+  postbox::channel<int> a(4);
+  std::atomic<int> seen{0};
+  auto c = on_receive(a, [n = 0, &seen](int) mutable { seen.store(++n); });
+  const postbox::select_options opts{.clock = &clk};
+  REQUIRE(a.try_send(1) == postbox::send_status::ok);
+  REQUIRE(postbox::select(opts, c).ok());  // first pass
+  CHECK(seen.load() == 1);
+  std::thread selector([&] { (void)postbox::select(opts, c); });  // waits: the channel is empty
+  REQUIRE(postbox_test::eventually([&] { return clk.waiters() == 1; }));
+  REQUIRE(a.try_send(2) == postbox::send_status::ok);
+  selector.join();
+  CHECK(seen.load() == 2);
+  REQUIRE(a.try_send(3) == postbox::send_status::ok);
+  REQUIRE(postbox::select(opts, c).ok());
+  CHECK(seen.load() == 3);  // the waiting select ran c's own handler, not a copy
+}
+
 TEST_CASE("select wakes when a message arrives on any of its channels", "[select]") {
   postbox::channel<int> a(4);
   postbox::channel<int, postbox::spsc> b(4);
