@@ -808,8 +808,8 @@ TEST_CASE("spin_until_idle stops spinning after its idle limit of pauses with no
   using budget = postbox::detail::spin_budget;
   unsigned calls = 0;
   CHECK_FALSE(postbox::detail::spin_until_idle<16>([&] { return ++calls == 0; }, [] { return 7; }));
-  // A check before each of the 16 idle pauses, one before each yield, one last.
-  CHECK(calls == 16 + budget::yields + 1);
+  // A check before each of the 16 idle pauses, one before each of its yields, one last.
+  CHECK(calls == 16 + budget::idle_yields + 1);
 }
 
 TEST_CASE("spin_until_idle spins its whole budget while the other side's progress keeps moving", "[channel][spin]") {
@@ -817,7 +817,7 @@ TEST_CASE("spin_until_idle spins its whole budget while the other side's progres
   unsigned calls = 0;
   unsigned moves = 0;
   CHECK_FALSE(postbox::detail::spin_until_idle<16>([&] { return ++calls == 0; }, [&] { return ++moves; }));
-  CHECK(calls == budget::pauses + budget::yields + 1);
+  CHECK(calls == budget::pauses + budget::idle_yields + 1);
 }
 
 TEST_CASE("spin_until_idle counts idle pauses from the last move of the progress value", "[channel][spin]") {
@@ -827,7 +827,7 @@ TEST_CASE("spin_until_idle counts idle pauses from the last move of the progress
   // The value moves on its first 10 reads after the initial one, then stands still.
   CHECK_FALSE(postbox::detail::spin_until_idle<16>([&] { return ++calls == 0; },
                                                   [&] { return reads < 11 ? ++reads : reads; }));
-  CHECK(calls == 10 + 16 + budget::yields + 1);
+  CHECK(calls == 10 + 16 + budget::idle_yields + 1);
 }
 
 TEST_CASE("spin_until_idle returns as soon as its condition holds", "[channel][spin]") {

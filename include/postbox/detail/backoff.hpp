@@ -68,6 +68,13 @@ struct spin_budget {
   static constexpr unsigned pauses = 128;
   static constexpr unsigned step = 4;  ///< pauses between two checks
   static constexpr unsigned yields = backoff::yield_limit - backoff::spin_limit;
+  /// Yields of spin_until_idle(), which spends on yields what it saves on
+  /// pauses: a waiter that parks sooner than its partner answers makes the
+  /// partner's next send a FUTEX_WAKE and its own next wait a wake-up
+  /// latency (blocking mpmc ping-pong under load, 10 alternating runs:
+  /// median round trip 5.2 us spinning 128 pauses, 10 us after 16 idle
+  /// pauses and 4 yields, 3.7 us after 16 idle pauses and 16 yields).
+  static constexpr unsigned idle_yields = 16;
   static_assert(pauses >= (2u << backoff::spin_limit) - 1, "at least as long as backoff's pause phase");
 };
 
@@ -105,10 +112,10 @@ bool spin_until(Done&& done, bool yield_too = true) noexcept(noexcept(done())) {
 /// `IdleLimit` pauses in a row. A partner running on another core moves it
 /// every few tens of nanoseconds; when it stands still, whoever could make
 /// `done()` true is not running, most likely because it waits for this core,
-/// and spinning on would only burn the time slice it needs. Same budget
-/// otherwise (spin_budget::pauses pauses at most, then spin_budget::yields
-/// yields). Never blocks (beyond yielding), never allocates; `done` and
-/// `progress` run on the calling thread only.
+/// and spinning on would only burn the time slice it needs. At most
+/// spin_budget::pauses pauses, then spin_budget::idle_yields yields (more
+/// than spin_until's; spin_budget::idle_yields says why). Never blocks (beyond yielding), never
+/// allocates; `done` and `progress` run on the calling thread only.
 template <unsigned IdleLimit, class Done, class Progress>
 bool spin_until_idle(Done&& done, Progress&& progress) noexcept(noexcept(done()) && noexcept(progress())) {
   static_assert(IdleLimit >= 1 && IdleLimit <= spin_budget::pauses, "the idle limit is within the budget");
@@ -125,7 +132,7 @@ bool spin_until_idle(Done&& done, Progress&& progress) noexcept(noexcept(done())
       break;
     }
   }
-  for (unsigned i = 0; i < spin_budget::yields; ++i) {
+  for (unsigned i = 0; i < spin_budget::idle_yields; ++i) {
     if (done()) return true;
     std::this_thread::yield();
   }
