@@ -33,13 +33,14 @@
 // messages are built with it): the header block "NATS/1.0\r\n...\r\n\r\n"
 // is kept as those bytes, and a publish copies them as they are. Exported by
 // libnats but not in its public header; the same signature since 2.2 (the
-// first release with headers) through 3.x. Declared weak, so a libnats that
+// first release with headers) through 3.x, and used only for those major
+// versions: a later libnats could change it unseen. Declared weak, so a libnats that
 // does not export it leaves it null and the pipelined relay sets each header
 // with natsMsgHeader_Set instead. Define POSTBOX_NATS_RAW_HEADERS to 0 to
 // never use it.
 #ifndef POSTBOX_NATS_RAW_HEADERS
 #if defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && defined(NATS_VERSION_NUMBER) && \
-    NATS_VERSION_NUMBER >= 0x020200
+    NATS_VERSION_NUMBER >= 0x020200 && NATS_VERSION_NUMBER < 0x040000
 #define POSTBOX_NATS_RAW_HEADERS 1
 #else
 #define POSTBOX_NATS_RAW_HEADERS 0
