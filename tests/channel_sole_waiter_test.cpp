@@ -197,3 +197,75 @@ TEMPLATE_TEST_CASE("a stop requested after a send has parked on a full channel w
                    postbox::spsc, postbox::spmc, postbox::mpmc) {
   check_parked_send_is_canceled<TestType>();
 }
+
+// --- the spsc ring's own notify (emplace_notify / receive_notify) --------------------
+
+namespace {
+
+// Parks `call` (a receive_for or send_for of an hour on `ch`) until `parked()`,
+// then runs `act` on this thread: the parked call must return ok, woken by
+// act's notify. If it never returns, closing the channel releases it, so a
+// lost wake-up fails the test instead of hanging it.
+template <class Channel, class Call, class Parked, class Act>
+void check_woken(Channel& ch, Call call, Parked parked, Act act) {
+  std::atomic<int> outcome{-1};
+  std::thread waiter([&] { outcome.store(call()); });
+  const bool was_parked = postbox_test::eventually(parked);
+  act();
+  const bool returned = postbox_test::eventually([&] { return outcome.load() != -1; });
+  if (!returned) ch.close();
+  waiter.join();
+  CHECK(was_parked);
+  CHECK(returned);
+  CHECK(outcome.load() == 0);  // ok, for both status enums
+}
+
+}  // namespace
+
+TEST_CASE("every way into an spsc channel wakes its parked receiver", "[channel]") {
+  using access = postbox::detail::channel_access;
+  static_assert(static_cast<int>(postbox::receive_status::ok) == 0 && static_cast<int>(postbox::send_status::ok) == 0);
+  for (int way = 0; way < 4; ++way) {
+    postbox::channel<int, postbox::spsc> ch(4);
+    int got = 0;
+    check_woken(
+        ch,
+        [&] {
+          auto r = ch.receive_for(std::chrono::hours(1));
+          if (r.has_value()) got = *r;
+          return static_cast<int>(r.status());
+        },
+        [&] { return access::not_empty(ch).threads_waiting_approx() == 1; },
+        [&] {
+          const int v = 10 + way;
+          if (way == 0) REQUIRE(ch.try_send(v) == postbox::send_status::ok);
+          if (way == 1) REQUIRE(ch.try_emplace(v) == postbox::send_status::ok);
+          if (way == 2) REQUIRE(ch.send(v) == postbox::send_status::ok);
+          if (way == 3) REQUIRE(ch.try_send_batch(&v, &v + 1) == 1);
+        });
+    CHECK(got == 10 + way);
+  }
+}
+
+TEST_CASE("every way out of a full spsc channel wakes its parked sender", "[channel]") {
+  using access = postbox::detail::channel_access;
+  for (int way = 0; way < 5; ++way) {
+    postbox::channel<int, postbox::spsc> ch(1);
+    REQUIRE(ch.try_send(1) == postbox::send_status::ok);
+    check_woken(
+        ch, [&] { return static_cast<int>(ch.send_for(2, std::chrono::hours(1))); },
+        [&] { return access::not_full(ch).threads_waiting_approx() == 1; },
+        [&] {
+          if (way == 0) CHECK(ch.try_receive() == 1);
+          if (way == 1) CHECK(*ch.try_receive_result() == 1);
+          if (way == 2) CHECK(ch.receive() == 1);
+          if (way == 3) CHECK(*ch.receive_for(std::chrono::hours(1)) == 1);
+          if (way == 4) {
+            int out = 0;
+            CHECK(ch.try_receive_batch(&out, 1) == 1);
+            CHECK(out == 1);
+          }
+        });
+    CHECK(ch.try_receive() == 2);
+  }
+}
