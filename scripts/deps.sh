@@ -12,7 +12,7 @@ case "${1:-all}" in
     ;;
   all)
     packages=(
-      cmake ninja-build g++ clang-14 libclang-rt-14-dev
+      cmake ninja-build g++ clang-14 libclang-rt-14-dev lld-14
       catch2 libfmt-dev nlohmann-json3-dev libsqlite3-dev libsqlcipher-dev relacy-dev
       libconcurrentqueue-dev libreaderwriterqueue-dev libatomic-queue-dev
       libboost-dev libtbb-dev libzmq3-dev
