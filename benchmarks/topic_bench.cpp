@@ -12,6 +12,10 @@
 //   zero-copy  the shared payload (alive for the whole run) is passed by reference
 //              topic     postbox::topic<std::string_view>
 //              channels  S postbox::channel<std::string_view, spsc>
+//              mpsc      the same with channel<std::string_view, mpsc>: the
+//                        shape a subscription's queue has to have at least
+//                        (any thread may publish into it); every row prints
+//                        t/chan (against spsc) and t/mpsc (against mpsc)
 //              zmq       zmq_msg_init_data of the payload with no free function
 //                        (ZeroMQ's constant-data frame: no allocation, no count)
 // ZeroMQ: unlimited HWM, zmq_msg_recv (no receive copy). Every contender's
@@ -23,15 +27,15 @@
 // topic_bench [--subs S] [--pin] [--only NAME]: only the rows with S
 // subscribers; --pin puts the publisher on cpu 0 and subscriber i on cpu
 // (1 + i) mod n; --only runs one contender once (100,000 messages: topic,
-// topic-view, channels, channels-view, zmq, zmq0), for perf stat / strace.
+// topic-view, channels, channels-view, mpsc-view, zmq, zmq0), for perf stat / strace.
 //
 // Profile mode, for instruction counts independent of the machine's load:
 //   valgrind --tool=callgrind topic_bench --profile NAME [n]
-// NAME: topic, topic-view, channel, channel-view, zmq, zmq0. Runs n (default
+// NAME: topic, topic-view, channel, channel-view, mpsc-view, zmq, zmq0. Runs n (default
 // 20000) publish+receive pairs on ONE thread (the subscriber drains after
 // every publish, so nobody parks) and prints nothing but a checksum;
 // instructions per message = (Ir(n) - Ir(0)) / n. topic-view-receive and
-// channel-view-receive take with the blocking receive() instead of
+// channel-view-receive (and mpsc-view-receive) take with the blocking receive() instead of
 // try_receive(), as the wall-clock rows do.
 //
 // Profile history of issue 18's row (callgrind, g++ 12 -O2, n = 20000, 2-core VM):
@@ -165,10 +169,14 @@ double run_topic(int subs, int n, std::size_t capacity) {
   return rate;
 }
 
-template <class V>
+// Shape = spsc: the strongest channel (one producer, one consumer), the
+// issue's "one channel". Shape = mpsc: the shape a topic's subscription queue
+// has to have at least (any thread may publish into it), for a like-for-like
+// ratio beside it.
+template <class V, class Shape = postbox::spsc>
 double run_channels(int subs, int n, std::size_t capacity) {
-  std::vector<std::unique_ptr<postbox::channel<V, postbox::spsc>>> ch;
-  for (int i = 0; i < subs; ++i) ch.push_back(std::make_unique<postbox::channel<V, postbox::spsc>>(capacity));
+  std::vector<std::unique_ptr<postbox::channel<V, Shape>>> ch;
+  for (int i = 0; i < subs; ++i) ch.push_back(std::make_unique<postbox::channel<V, Shape>>(capacity));
   std::vector<std::thread> th;
   std::atomic<std::size_t> bytes{0};
   for (int i = 0; i < subs; ++i)
@@ -262,9 +270,9 @@ std::size_t profile_topic(int n) {
   return sum;
 }
 
-template <class V, bool Blocking = false>
+template <class V, bool Blocking = false, class Shape = postbox::spsc>
 std::size_t profile_channel(int n) {
-  postbox::channel<V, postbox::spsc> c(1024);
+  postbox::channel<V, Shape> c(1024);
   std::size_t sum = 0;
   for (int k = 0; k < n; ++k) {
     (void)c.send(V(payload));
@@ -320,6 +328,8 @@ std::size_t profile(const char* what, int n) {
   if (std::strcmp(what, "channel-view") == 0) return profile_channel<std::string_view>(n);
   if (std::strcmp(what, "topic-view-receive") == 0) return profile_topic<std::string_view, true>(n);
   if (std::strcmp(what, "channel-view-receive") == 0) return profile_channel<std::string_view, true>(n);
+  if (std::strcmp(what, "mpsc-view") == 0) return profile_channel<std::string_view, false, postbox::mpsc>(n);
+  if (std::strcmp(what, "mpsc-view-receive") == 0) return profile_channel<std::string_view, true, postbox::mpsc>(n);
 #if POSTBOX_BENCH_HAVE_ZMQ
   if (std::strcmp(what, "zmq") == 0) return profile_zmq(n, false);
   if (std::strcmp(what, "zmq0") == 0) return profile_zmq(n, true);
@@ -363,6 +373,7 @@ int main(int argc, char** argv) {
     else if (std::strcmp(only, "topic-view") == 0) rate = run_topic<std::string_view>(subs, n, cap);
     else if (std::strcmp(only, "channels") == 0) rate = run_channels<std::string>(subs, n, cap);
     else if (std::strcmp(only, "channels-view") == 0) rate = run_channels<std::string_view>(subs, n, cap);
+    else if (std::strcmp(only, "mpsc-view") == 0) rate = run_channels<std::string_view, postbox::mpsc>(subs, n, cap);
 #if POSTBOX_BENCH_HAVE_ZMQ
     else if (std::strcmp(only, "zmq") == 0) rate = run_zmq(subs, n, false);
     else if (std::strcmp(only, "zmq0") == 0) rate = run_zmq(subs, n, true);
@@ -382,36 +393,41 @@ int main(int argc, char** argv) {
               "(topic<std::string_view>, channel<std::string_view>, zmq_msg_init_data without a free function).\n"
               "'0-copy/nb': zero-copy with queues that hold the whole run (never block), as ZeroMQ's unlimited\n"
               "HWM never blocks its publisher; same ZeroMQ figure as 'zero-copy'.\n"
-              "Issue 18's row is 'zero-copy' with subs = 1 (ZeroMQ's fastest mode): target t/zmq >= 1.0, t/chan >= 0.9.\n");
-  std::printf("%-10s %-5s %14s %14s %14s %8s %8s\n", "workload", "subs", "topic msg/s", "channels", "zmq", "t/chan",
-              "t/zmq");
+              "Issue 18's row is 'zero-copy' with subs = 1 (ZeroMQ's fastest mode): target t/zmq >= 1.0, t/chan >= 0.9.\n"
+              "'channels' are spsc (the strongest channel); 'mpsc' is channel<V, mpsc>, the shape a subscription's\n"
+              "queue must at least have (any thread may publish): t/chan is against spsc, t/mpsc against mpsc.\n");
+  std::printf("%-10s %-5s %14s %14s %14s %14s %8s %8s %8s\n", "workload", "subs", "topic msg/s", "channels", "mpsc", "zmq",
+              "t/chan", "t/mpsc", "t/zmq");
   for (int subs : sub_counts) {
     const int n = subs == 16 ? 20000 : 100000;
     const std::size_t whole_run = static_cast<std::size_t>(n);  // rounded up to a power of two by the queues
-    std::vector<double> tc, cc, zc, tv, cv, zv, tn, cn;
+    std::vector<double> tc, cc, mc, zc, tv, cv, mv, zv, tn, cn, mn;
     for (int rep = 0; rep < 5; ++rep) {
       tc.push_back(run_topic<std::string>(subs, n, cap));
       cc.push_back(run_channels<std::string>(subs, n, cap));
+      mc.push_back(run_channels<std::string, postbox::mpsc>(subs, n, cap));
 #if POSTBOX_BENCH_HAVE_ZMQ
       zc.push_back(run_zmq(subs, n, false));
 #endif
       tv.push_back(run_topic<std::string_view>(subs, n, cap));
       cv.push_back(run_channels<std::string_view>(subs, n, cap));
+      mv.push_back(run_channels<std::string_view, postbox::mpsc>(subs, n, cap));
 #if POSTBOX_BENCH_HAVE_ZMQ
       zv.push_back(run_zmq(subs, n, true));
 #endif
       tn.push_back(run_topic<std::string_view>(subs, n, whole_run));
       cn.push_back(run_channels<std::string_view>(subs, n, whole_run));
+      mn.push_back(run_channels<std::string_view, postbox::mpsc>(subs, n, whole_run));
     }
     const auto row = [&](const char* name, const std::vector<double>& t, const std::vector<double>& c,
-                         const std::vector<double>& z) {
-      const double mt = median(t), mc = median(c), mz = z.empty() ? 0.0 : median(z);
-      std::printf("%-10s %-5d %14.0f %14.0f %14.0f %8.2f %8.2f\n", name, subs, mt, mc, mz, mt / mc,
-                  mz > 0 ? mt / mz : 0.0);
+                         const std::vector<double>& m, const std::vector<double>& z) {
+      const double mt = median(t), ms = median(c), mm = median(m), mz = z.empty() ? 0.0 : median(z);
+      std::printf("%-10s %-5d %14.0f %14.0f %14.0f %14.0f %8.2f %8.2f %8.2f\n", name, subs, mt, ms, mm, mz, mt / ms,
+                  mt / mm, mz > 0 ? mt / mz : 0.0);
     };
-    row("copy", tc, cc, zc);
-    row("zero-copy", tv, cv, zv);
-    row("0-copy/nb", tn, cn, zv);
+    row("copy", tc, cc, mc, zc);
+    row("zero-copy", tv, cv, mv, zv);
+    row("0-copy/nb", tn, cn, mn, zv);
   }
   return 0;
 }
