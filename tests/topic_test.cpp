@@ -461,3 +461,22 @@ TEST_CASE("a small trivially copyable message reaches each subscription as its o
   CHECK_FALSE(postbox::delivery<std::string_view>());
   CHECK(static_cast<bool>(*o1));
 }
+
+TEST_CASE("stats counts every publish on an open topic and none refused by close or an invalid subject", "[topic]") {
+  postbox::topic<std::string> t;
+  CHECK(t.publish("nobody listens").delivered == 0);  // published, delivered nowhere
+  auto s = t.subscribe({.capacity = 1, .policy = overflow::drop_newest});
+  CHECK(t.publish("one").delivered == 1);
+  CHECK(t.publish("two").dropped == 1);  // full: dropped, still published
+  CHECK(t.publish("a.b", "three").dropped == 1);
+  CHECK_THROWS_AS(t.publish("bad subject", "x"), postbox::error);
+  auto st = t.stats();
+  CHECK(st.published == 4);
+  CHECK(st.publishing == 0);
+  t.close();
+  CHECK(t.publish("after").closed);
+  CHECK(t.publish("a.b", "after").closed);
+  st = t.stats();
+  CHECK(st.published == 4);
+  CHECK(st.publishing == 0);
+}

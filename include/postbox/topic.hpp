@@ -627,21 +627,30 @@ struct topic_state {
   bool closed_locked = false;   // guarded by mu: close() ran
   // Set once by close() (seq_cst, under mu, before any queue is closed);
   // read by publishers (seq_cst) after they announce themselves in
-  // `publishing`. A publish that reads false may still race the close: each
+  // `entered`. A publish that reads false may still race the close: each
   // queue it reaches then accepts the message before its own close (and the
   // subscriber drains it) or refuses it.
   std::atomic<bool> closed{false};
-  // Publishes inside topic::publish. Incremented (seq_cst) before `closed`
-  // is read, decremented (release) as the publish's last touch of the state;
-  // ~topic stores `closed` (seq_cst) and then waits for zero (seq_cst loads,
-  // acquiring the decrements): Dekker's pattern, so a publisher blocked on a
-  // full `block` queue is woken by the close and has left before the topic
-  // is gone.
-  std::atomic<std::uint32_t> publishing{0};
-  // Publishes since creation (statistics). Writers: publishers (relaxed
-  // fetch_add, one per publish); reader: topic::stats(). Relaxed: a pure
-  // counter, nothing is published through it.
-  std::atomic<std::uint64_t> published{0};
+  // Publishes that entered topic::publish since creation: the announcement
+  // ~topic waits on and the `published` statistic in one RMW (issue 18: a
+  // publish made three, in/out of a `publishing` count and a separate
+  // `published` count). Incremented (seq_cst) before `closed` is read;
+  // ~topic stores `closed` (seq_cst), then loads `left` and then `entered`
+  // (seq_cst) and waits until they are equal: Dekker's pattern, as with one
+  // in/out count. Every leave that ~topic's (acquire) load of `left` counts
+  // follows its own entry, which therefore happens before the later load of
+  // `entered` and is counted there: left <= entered as read, and equality
+  // means every counted publish has left. A publish not counted in `entered`
+  // comes after close() in the seq_cst order, so it reads `closed`.
+  std::atomic<std::uint64_t> entered{0};
+  // Publishes that left topic::publish (release fetch_add, the publish's
+  // last touch of the state; pairs with ~topic's and stats()'s acquire load).
+  std::atomic<std::uint64_t> left{0};
+  // Publishes counted in `entered` that published nothing: the topic was
+  // closed, or making the message threw. Writers: those publishes (relaxed
+  // fetch_add, before their `left` increment); reader: stats(), for
+  // published = entered - not_published. Relaxed: a pure counter.
+  std::atomic<std::uint64_t> not_published{0};
 
   queue_ptr add(const subscription_options& o) {
     if (!o.pattern.empty() && !is_valid_pattern(o.pattern))
@@ -710,7 +719,7 @@ struct topic_state {
     if (closed_locked) return;
     closed_locked = true;
     // seq_cst: pairs with the seq_cst load in topic::deliver (Dekker with
-    // `publishing`) and the acquire load in is_closed().
+    // `entered`) and the acquire load in is_closed().
     closed.store(true, std::memory_order_seq_cst);
     // Queues stay in the list (stats still report them); each is closed, so
     // its subscribers drain what was delivered and then see closed, and a
@@ -1003,9 +1012,14 @@ class topic {
   ~topic() {
     close();
     detail::backoff backoff;
-    // seq_cst: the Dekker read after close()'s store; acquires the
-    // publishers' release decrements.
-    while (state_->publishing.load(std::memory_order_seq_cst) != 0) backoff.snooze();
+    // seq_cst: the Dekker reads after close()'s store; `left` first (also
+    // acquiring the publishers' release increments), then `entered` (see
+    // topic_state::entered for why equal counts mean nobody is inside).
+    for (;;) {
+      const std::uint64_t out = state_->left.load(std::memory_order_seq_cst);
+      if (out == state_->entered.load(std::memory_order_seq_cst)) break;
+      backoff.snooze();
+    }
   }
 
   /// Closes the topic: later publishes deliver nothing and report `closed`;
@@ -1062,8 +1076,16 @@ class topic {
   /// briefly (never blocks publishers). Allocates. Thread-safe.
   [[nodiscard]] topic_stats stats() const {
     topic_stats out;
-    out.published = state_->published.load(std::memory_order_relaxed);  // relaxed: statistic
-    out.publishing = state_->publishing.load(std::memory_order_relaxed);  // relaxed: a snapshot
+    {
+      // acquire: a leave counted here follows its entry, which the later load
+      // of `entered` then counts too, so out_count <= in_count.
+      const std::uint64_t out_count = state_->left.load(std::memory_order_acquire);
+      const std::uint64_t in_count = state_->entered.load(std::memory_order_relaxed);  // relaxed: statistic
+      const std::uint64_t none = state_->not_published.load(std::memory_order_relaxed);  // relaxed: statistic
+      out.publishing = static_cast<std::size_t>(in_count - out_count);
+      // A publish about to find the topic closed is counted until it says so.
+      out.published = in_count >= none ? in_count - none : 0;
+    }
     std::lock_guard lock(state_->mu);
     const auto list = state_->subs.load();
     out.subscriptions = list->size();
@@ -1095,34 +1117,54 @@ class topic {
  private:
   // `subject`: null for publish(value); else moved into the message.
   publish_result deliver(std::string* subject, T&& value) {
+    // Announces the publish (one seq_cst RMW: also the `published` count)
+    // and leaves on every path, also when making the message throws.
     struct inside {
-      std::atomic<std::uint32_t>& count;
-      // seq_cst: announces the publish before `closed` is read (see publishing).
-      explicit inside(std::atomic<std::uint32_t>& c) noexcept : count(c) { count.fetch_add(1, std::memory_order_seq_cst); }
+      std::atomic<std::uint64_t>& out;
+      // seq_cst: announces the publish before `closed` is read (see topic_state::entered).
+      inside(std::atomic<std::uint64_t>& in, std::atomic<std::uint64_t>& o) noexcept : out(o) {
+        in.fetch_add(1, std::memory_order_seq_cst);
+      }
       // release: our last touch of the state; pairs with ~topic's loads.
-      ~inside() { count.fetch_sub(1, std::memory_order_release); }
+      ~inside() { out.fetch_add(1, std::memory_order_release); }
       inside(const inside&) = delete;
       inside& operator=(const inside&) = delete;
     };
     detail::topic_state<T>& st = *state_;
-    const inside announced(st.publishing);  // left even if allocating the item throws
+    const inside announced(st.entered, st.left);
     return deliver_inside(st, subject, std::move(value));
   }
 
   // The message as a queue element: one pooled shared item (no malloc in a
   // steady flow), or for an inline T the value itself with the subject in a
   // pooled shared string (none for publish(value): nothing allocated).
-  static detail::topic_slot<T> make_slot(std::string* subject, T&& value) {
+  // `st.not_published` counts the publish when allocating throws (the entry
+  // counted it as published).
+  static detail::topic_slot<T> make_slot(detail::topic_state<T>& st, std::string* subject, T&& value) {
     using item = detail::topic_item<T>;
+    // On the normal path the compiler drops it: only the landing pad keeps the increment.
+    struct uncount_on_throw {
+      std::atomic<std::uint64_t>& none;
+      bool armed = true;
+      ~uncount_on_throw() {
+        if (armed) none.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
+      }
+    };
     if constexpr (detail::topic_inline_v<T>) {
       detail::topic_slot<T> s{std::move(value), nullptr};
-      if (subject != nullptr)
+      if (subject != nullptr) {
+        uncount_on_throw uncount{st.not_published};
         s.subject = std::allocate_shared<const std::string>(detail::topic_item_allocator<std::string>{}, std::move(*subject));
+        uncount.armed = false;
+      }
       return s;
-    } else if (subject != nullptr) {
-      return {std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(*subject), std::move(value))};
     } else {
-      return {std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(value))};
+      uncount_on_throw uncount{st.not_published};
+      detail::topic_slot<T> s = subject != nullptr
+          ? detail::topic_slot<T>{std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(*subject), std::move(value))}
+          : detail::topic_slot<T>{std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(value))};
+      uncount.armed = false;
+      return s;
     }
   }
 
@@ -1155,12 +1197,13 @@ class topic {
     publish_result r;
     // seq_cst: the Dekker read; pairs with the store in close().
     if (st.closed.load(std::memory_order_seq_cst)) {
+      // relaxed: statistic (the entry counted this publish; it published nothing).
+      st.not_published.fetch_add(1, std::memory_order_relaxed);
       r.closed = true;
       return r;
     }
-    detail::topic_slot<T> item = make_slot(subject, std::move(value));
+    detail::topic_slot<T> item = make_slot(st, subject, std::move(value));
     const std::string* const subj = item.subject_ptr();  // null or empty: publish(value)
-    st.published.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic, read by stats()
     using list_type = typename detail::topic_state<T>::list;
     // The subscription list: this thread's cached copy when its stamp is
     // current (no lock, no reference count), else a fresh copy taken under
