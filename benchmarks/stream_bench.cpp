@@ -69,6 +69,14 @@
 //             12.8-13.0 -> 11.6 ns a record, channel 8.7: 0.67-0.68x ->
 //             0.74-0.75x; the clock read alone 4.7 -> 3.0 ns
 //             (docs/design/stream.md, "The biased append lock")
+//   tail      145 (n = 20000; 159 before, channel 137, same build): the
+//             tail chunk's slot count kept in the partition and written into
+//             the chunk only when the partition lets it go (was a store per
+//             record to the chunk's first line), the coarse clock read
+//             inline, one retention test, no fence-mode load when biased.
+//             Thread CPU time, 8 alternating pairs at load 8: append
+//             11.5-11.8 -> 10.5-10.6 ns, channel 8.7: 0.73-0.75x ->
+//             0.82-0.83x (docs/design/stream.md, "Reaching 0.8")
 //   channel   134 / 128 (one CAS and a slot write into a preallocated ring)
 // Faults per 1M records (fresh process): stream 11.8k in the appends (was
 // 20.0k; 48-byte slots touched once), channel 12.3k, all in its constructor

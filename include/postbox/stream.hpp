@@ -232,10 +232,13 @@ class stream_chunk {
     bytes[sizeof(storage_) - 1] = 0;
   }
 
-  // Slots constructed so far. Written by the appender under the partition's
-  // append lock, after the slot's construction; read by the destructor,
-  // which runs once the last reference is gone (the shared_ptr count's
-  // acq_rel decrement orders it after every write).
+  // Slots constructed, for the destructor. Kept by the partition as its
+  // tail_fill while the chunk is its tail, and written here (under the
+  // append lock) only when the partition lets the chunk go: when the next
+  // chunk is added, when a rebuild may drop it, and by ~stream_partition
+  // (stream_partition::release_tail), not by every append. Read by the
+  // destructor, which runs once the last reference is gone (the
+  // shared_ptr count's acq_rel decrement orders it after that write).
   std::size_t constructed = 0;
 
  private:
@@ -345,6 +348,20 @@ class stream_append_lock {
 #endif
   }
 
+  /// The owner's fence between its busy_ store and its re-check of the bias,
+  /// and a light fence (asymmetric_fence.hpp) for any thread that holds or
+  /// held the lock through the bias. The bias exists only where membarrier
+  /// is the heavy fence (see bias_supported()), so a compiler fence
+  /// suffices; under ThreadSanitizer both sides are seq_cst RMWs of one
+  /// word (see asymmetric_fence.hpp). Never blocks.
+  POSTBOX_STREAM_ALWAYS_INLINE static void bias_fence() noexcept {
+#if POSTBOX_TSAN
+    light_fence();
+#else
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+#endif
+  }
+
   /// Whether the lock is still biased to a thread (false once revoked).
   /// For tests; a snapshot. Never blocks.
   [[nodiscard]] bool biased_approx() const noexcept {
@@ -363,18 +380,6 @@ class stream_append_lock {
 
   static constexpr std::uint64_t unbiased = 0;           // no owner yet: the next lock() through held_ claims it
   static constexpr std::uint64_t revoked = UINT64_MAX;   // a second thread came: held_ only, for good
-
-  // The owner's fence between its busy_ store and its re-check of the bias.
-  // The bias exists only where membarrier is the heavy fence (see
-  // bias_supported()), so a compiler fence suffices; under ThreadSanitizer
-  // both sides are seq_cst RMWs of one word (see asymmetric_fence.hpp).
-  POSTBOX_STREAM_ALWAYS_INLINE static void bias_fence() noexcept {
-#if POSTBOX_TSAN
-    light_fence();
-#else
-    std::atomic_signal_fence(std::memory_order_seq_cst);
-#endif
-  }
 
   // The owner leaves (or backs out of) its biased hold.
   POSTBOX_STREAM_ALWAYS_INLINE void release_bias() noexcept {
@@ -522,6 +527,8 @@ class stream_append_guard {
   POSTBOX_STREAM_ALWAYS_INLINE explicit stream_append_guard(stream_append_lock& l) noexcept
       : l_(l), biased_(l.enter()) {}
   POSTBOX_STREAM_ALWAYS_INLINE ~stream_append_guard() { l_.leave(biased_); }
+  /// Whether the lock is held through its bias (enter()'s answer).
+  [[nodiscard]] bool biased() const noexcept { return biased_; }
   stream_append_guard(const stream_append_guard&) = delete;
   stream_append_guard& operator=(const stream_append_guard&) = delete;
 
@@ -559,6 +566,18 @@ struct stream_partition {
   std::unique_ptr<stream_chunk<T>> spare;
   std::size_t bytes = 0;   // accounted bytes of [begin, end), kept only with a byte limit; guarded by append_mu
   time_point last_ts{};    // guarded by append_mu
+
+  stream_partition() = default;
+  stream_partition(const stream_partition&) = delete;
+  stream_partition& operator=(const stream_partition&) = delete;
+  ~stream_partition() { release_tail(); }
+
+  // Writes the tail chunk's slot count into the chunk (appends count in
+  // tail_fill only), before the partition may drop its reference. Caller
+  // holds append_mu, or is the destructor.
+  void release_tail() noexcept {
+    if (tail != nullptr) tail->constructed = tail_fill;
+  }
 };
 
 }  // namespace detail
@@ -609,32 +628,42 @@ class stream_log {
   /// one chunk per 256 records, ahead of need and outside the lock. If
   /// copying the key or moving the value throws, nothing is appended.
   POSTBOX_STREAM_ALWAYS_INLINE position append(std::string_view key, T&& value) {
-    const auto p = partition_of(key);
-    auto& part = *parts_[p];
     // Read before taking the lock, so the lock covers no clock read; the
     // clamp under the lock keeps timestamps non-decreasing per partition.
-    const auto now = coarse_ ? static_cast<const coarse_clock*>(clock_)->now() : clock_->now();
+    // The default coarse clock is read inline (coarse_clock::read()).
+    const auto now = POSTBOX_LIKELY(coarse_) ? coarse_clock::read() : clock_->now();
+    const auto p = partition_of(key);
+    auto& part = *parts_[p];
     std::uint64_t off = 0;
     bool prepare = false;
+    bool biased = false;
     {
       stream_append_guard lock(part.append_mu);
+      biased = lock.biased();
       off = part.end.load(std::memory_order_relaxed);  // relaxed: only writers (under the lock) store it
       if (POSTBOX_UNLIKELY(part.tail_fill == stream_chunk_size)) add_chunk(part);  // once per 256 records
       const auto ts = std::max(now, part.last_ts);
       part.tail->construct(part.tail_fill, ts, key, std::move(value));
-      part.tail->constructed = ++part.tail_fill;
+      ++part.tail_fill;  // the chunk's own count is written once, when the partition lets it go
       part.last_ts = ts;
-      if (keep_.max_bytes != 0) part.bytes += bytes_of(part.tail->slot(part.tail_fill - 1).value);
       part.end.store(off + 1, std::memory_order_release);  // release: publishes the slot; pairs with readers' acquire
-      if (retains_) trim_locked(part, now);  // without limits there is nothing to trim
+      // Without limits there is nothing to account or trim: one test of
+      // retains_ (true whenever max_bytes is set) covers both.
+      if (POSTBOX_UNLIKELY(retains_)) retain_locked(part, now);
       // Exactly one append half-fills a chunk; it prepares the next one.
       prepare = part.tail_fill == stream_chunk_size / 2 && !part.spare;
     }
     // After the release store of `end` (above): a compiler fence and one
     // load when nobody waits; see stream_log::appended_. Spelled out inline
     // (g++ called notify_light out of line); notify_light repeats both
-    // before it wakes anyone.
-    light_fence();
+    // before it wakes anyone. A biased hold implies membarrier is the heavy
+    // fence (stream_append_lock::bias_supported()), so the fence is a
+    // compiler barrier without light_fence()'s run-time check of the mode.
+    if (POSTBOX_LIKELY(biased)) {
+      stream_append_lock::bias_fence();
+    } else {
+      light_fence();
+    }
     if (POSTBOX_UNLIKELY(appended_.has_waiters())) appended_.notify_light(INT_MAX);
     if (POSTBOX_UNLIKELY(prepare)) prepare_spare(part);
     return {p, off};
@@ -666,6 +695,14 @@ class stream_log {
     return static_cast<std::uint32_t>(pow2_ ? (h & (n - 1)) : (h % n));
   }
 
+  // The retention step of an append (only with a limit set): accounts the
+  // bytes of the record at offset `end - 1` (with a byte limit), then trims.
+  // Caller holds the append lock.
+  POSTBOX_STREAM_NOINLINE void retain_locked(stream_partition<T>& part, time_point now) {
+    if (keep_.max_bytes != 0) part.bytes += bytes_of(part.tail->slot(part.tail_fill - 1).value);
+    trim_locked(part, now);
+  }
+
   // Accounted bytes of a record: the size function's answer (asked at append
   // and again when retention drops it), else sizeof(T).
   [[nodiscard]] std::size_t bytes_of(const T& v) const { return size_of_ ? size_of_(v) : sizeof(T); }
@@ -673,6 +710,7 @@ class stream_log {
   // A fresh chunk at the end of the table (in place, or in a new table when
   // full). Caller holds the append lock; on an exception nothing changed.
   POSTBOX_STREAM_NOINLINE void add_chunk(stream_partition<T>& part) {
+    part.release_tail();  // full: the next append goes to the new chunk
     // The spare prepared ahead when there is one (a control block is all
     // that is allocated here; if that throws, the spare stays), else a chunk
     // allocated and faulted in under the lock.
@@ -706,6 +744,7 @@ class stream_log {
   // `begin`) and `extra` (if any), with room for as many again, and publishes
   // it. Chunks dropped from it are freed once no reader's snapshot holds them.
   void rebuild(stream_partition<T>& part, std::shared_ptr<stream_chunk<T>> extra) {
+    part.release_tail();  // the tail may be dropped (all of it trimmed) or stay
     const stream_dir<T>& d = *part.writer_dir;
     const auto b = part.begin.load(std::memory_order_relaxed);  // relaxed: we are the writer (under the lock)
     const auto first = static_cast<std::size_t>((b - d.base) / stream_chunk_size);
