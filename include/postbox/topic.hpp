@@ -1138,6 +1138,20 @@ class topic {
   // The message as a queue element: one pooled shared item (no malloc in a
   // steady flow), or for an inline T the value itself with the subject in a
   // pooled shared string (none for publish(value): nothing allocated).
+  // The inline form's shared subject (out of line: publish(value) never needs it).
+  [[gnu::noinline]] static std::shared_ptr<const std::string> make_subject(detail::topic_state<T>& st, std::string* subject) {
+    struct uncount_on_throw {
+      std::atomic<std::uint64_t>& none;
+      bool armed = true;
+      ~uncount_on_throw() {
+        if (armed) none.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
+      }
+    } uncount{st.not_published};
+    auto s = std::allocate_shared<const std::string>(detail::topic_item_allocator<std::string>{}, std::move(*subject));
+    uncount.armed = false;
+    return s;
+  }
+
   // `st.not_published` counts the publish when allocating throws (the entry
   // counted it as published).
   static detail::topic_slot<T> make_slot(detail::topic_state<T>& st, std::string* subject, T&& value) {
@@ -1152,11 +1166,7 @@ class topic {
     };
     if constexpr (detail::topic_inline_v<T>) {
       detail::topic_slot<T> s{std::move(value), nullptr};
-      if (subject != nullptr) {
-        uncount_on_throw uncount{st.not_published};
-        s.subject = std::allocate_shared<const std::string>(detail::topic_item_allocator<std::string>{}, std::move(*subject));
-        uncount.armed = false;
-      }
+      if (subject != nullptr) s.subject = make_subject(st, subject);
       return s;
     } else {
       uncount_on_throw uncount{st.not_published};
