@@ -184,10 +184,6 @@ struct channel_access {
 /// a ring's hooks (CRTP, no virtual calls). `Ring` provides:
 ///   send_status emplace_quiet(args...)  nothrow construction: claim, build, publish
 ///   receive_result<T> receive_quiet()   claim and take; empty/closed otherwise
-///   emplace_notify(args...), receive_notify()  optional: the two above plus
-///                                       the notify of the other side, for a
-///                                       ring that can do it cheaper itself
-///                                       (spsc: channel_api then uses them)
 ///   not_empty_, not_full_               the event counts receivers and senders park on
 ///   asymmetric_waits                    true: parking pays a heavy fence and
 ///                                       notifiers a light one (event_count's
@@ -210,13 +206,9 @@ class channel_api {
   template <class U>
     requires std::is_constructible_v<T, U&&>
   [[nodiscard]] send_status try_send(U&& value) noexcept(std::is_nothrow_constructible_v<T, U&&>) {
-    if constexpr (std::is_nothrow_constructible_v<T, U&&>) {
-      return put_one(std::forward<U>(value));
-    } else {
-      // Construct first: a throwing conversion must not strand a claimed slot.
-      T converted(std::forward<U>(value));
-      return put_one(std::move(converted));
-    }
+    const send_status status = try_send_quiet(std::forward<U>(value));
+    if (status == send_status::ok) wake_receivers(1);
+    return status;
   }
 
   /// Constructs the message in place from `args` if there is room.
@@ -224,7 +216,9 @@ class channel_api {
     requires std::is_constructible_v<T, Args&&...>
   [[nodiscard]] send_status try_emplace(Args&&... args) noexcept(std::is_nothrow_constructible_v<T, Args&&...>) {
     if constexpr (std::is_nothrow_constructible_v<T, Args&&...>) {
-      return put_one(std::forward<Args>(args)...);
+      const send_status status = ring().emplace_quiet(std::forward<Args>(args)...);
+      if (status == send_status::ok) wake_receivers(1);
+      return status;
     } else {
       return try_send(T(std::forward<Args>(args)...));
     }
@@ -282,16 +276,16 @@ class channel_api {
   /// channel is closed and drained). Lock-free, never allocates.
   /// Thread-safe per the shape.
   [[nodiscard]] std::optional<T> try_receive() noexcept {
-    // take_one(), not try_receive_result(): g++ keeps the latter out of
-    // line where a program calls it too (select does); through it, the
-    // try_receive of channel_bench --profile cost 23.6 instructions per
-    // message (spsc) against 17.1, and 46.2 against 40.7 (mpmc).
-    receive_result<T> r = take_one();
+    receive_result<T> r = try_receive_result();
     return std::move(r).optional();
   }
 
   /// Receives without waiting and says why nothing came: `empty` or `closed`.
-  [[nodiscard]] receive_result<T> try_receive_result() noexcept { return take_one(); }
+  [[nodiscard]] receive_result<T> try_receive_result() noexcept {
+    receive_result<T> out = ring().receive_quiet();
+    if (out.has_value()) wake_senders(1);
+    return out;
+  }
 
   /// Receives, blocking while the channel is empty; an empty optional only
   /// once the channel is closed and drained.
@@ -384,46 +378,6 @@ class channel_api {
     }
   }
 
-  /// Whether the ring sends and receives with its own notify
-  /// (emplace_notify, receive_notify: the spsc ring).
-  static constexpr bool ring_notifies = requires(Ring& r) { r.receive_notify(); };
-
-  /// Sends one message (nothrow construction) and wakes a parked receiver:
-  /// the ring's emplace_notify() where it has one (spsc: it knows its fence
-  /// mode from the loads it makes anyway), else emplace_quiet() then
-  /// wake_receivers(1).
-  template <class... Args>
-  [[gnu::always_inline]] send_status put_one(Args&&... args) noexcept {
-    if constexpr (ring_notifies) {
-      return ring().emplace_notify(std::forward<Args>(args)...);
-    } else {
-      const send_status status = ring().emplace_quiet(std::forward<Args>(args)...);
-      if (status == send_status::ok) wake_receivers(1);
-      return status;
-    }
-  }
-
-  /// Receives one message and wakes a parked sender: the ring's
-  /// receive_notify() where it has one (spsc), else receive_quiet() then
-  /// wake_senders(1).
-  ///
-  /// Two overloads rather than one `if constexpr`: g++ gave up the named
-  /// return value optimisation for `out` when the discarded branch returned
-  /// something else (callgrind, channel_bench --profile try_receive mpmc:
-  /// 39 -> 50 instructions per message).
-  [[gnu::always_inline]] receive_result<T> take_one() noexcept
-    requires ring_notifies
-  {
-    return ring().receive_notify();
-  }
-  [[gnu::always_inline]] receive_result<T> take_one() noexcept
-    requires(!ring_notifies)
-  {
-    receive_result<T> out = ring().receive_quiet();
-    if (out.has_value()) wake_senders(1);
-    return out;
-  }
-
   void wake_receivers(int n) noexcept {
     if constexpr (Ring::asymmetric_waits) {
       ring().not_empty_.notify_light_sole(n);
@@ -503,8 +457,12 @@ class channel_api {
       return send_blocking(std::move(converted), deadline, stops);
     } else {
       if (POSTBOX_UNLIKELY(stop_now(stops))) return send_status::canceled;
-      const send_status s = put_one(std::forward<U>(value));
-      if (POSTBOX_LIKELY(s != send_status::full)) return s;
+      const send_status s = ring().emplace_quiet(std::forward<U>(value));
+      if (POSTBOX_LIKELY(s == send_status::ok)) {
+        wake_receivers(1);
+        return s;
+      }
+      if (s != send_status::full) return s;
       return send_wait(std::forward<U>(value), deadline, stops);
     }
   }
@@ -556,8 +514,12 @@ class channel_api {
                                      stop_tokens stops = {}) {
     if (POSTBOX_UNLIKELY(stop_now(stops))) return receive_status::canceled;
     {
-      receive_result<T> r = take_one();
-      if (POSTBOX_LIKELY(r.status() != receive_status::empty)) return r;
+      receive_result<T> r = ring().receive_quiet();
+      if (POSTBOX_LIKELY(r.has_value())) {
+        wake_senders(1);
+        return r;
+      }
+      if (r.status() != receive_status::empty) return r;
     }
     return receive_wait(deadline, stops);
   }
@@ -567,10 +529,13 @@ class channel_api {
   /// registered only right before the first park.
   [[gnu::noinline]] receive_result<T> receive_wait(std::optional<std::chrono::steady_clock::time_point> deadline,
                                                    stop_tokens stops) {
-    // take_one() in a lambda rather than try_receive_result(): one more
-    // caller of that made g++ keep it out of line in try_receive() too
-    // (mpmc: +2.5 instructions).
-    auto take = [this]() noexcept { return take_one(); };
+    // try_receive_result() without the call: one more caller of it made g++
+    // keep it out of line in try_receive() too (mpmc: +2.5 instructions).
+    auto take = [this]() noexcept {
+      receive_result<T> out = ring().receive_quiet();
+      if (out.has_value()) wake_senders(1);
+      return out;
+    };
     {
       std::optional<receive_result<T>> got;
       cpu_relax();  // the try just failed: pause before the first re-check
@@ -1149,12 +1114,11 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   }
 
   struct alignas(detail::spsc_cell_alignment<T>()) cell {
-    /// full_light or full_fenced while the cell holds a message, else 0.
-    /// Written by the producer (release store after constructing: publishes
-    /// the message; pairs with the consumer's acquire load in receive_impl)
-    /// and by the consumer (release store of 0 after moving out and
-    /// destroying: frees the cell; pairs with the producer's acquire load in
-    /// emplace_impl). Read by the
+    /// 1 while the cell holds a message, else 0. Written by the producer
+    /// (release store of 1 after constructing: publishes the message; pairs
+    /// with the consumer's acquire load in receive_quiet) and by the consumer
+    /// (release store of 0 after moving out and destroying: frees the cell;
+    /// pairs with the producer's acquire load in emplace_quiet). Read by the
     /// producer (acquire: is the cell free?) and the consumer (acquire: is
     /// there a message?). The pairs hand the storage from one side to the
     /// other, so construction and destruction of T never race.
@@ -1188,51 +1152,33 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
     return (closed_.load(std::memory_order_relaxed) & ~fence_bit) == open_state;
   }
 
-  /// Cell states: 0 free; a message is published as `full_light` when the
-  /// light fence is a compiler barrier alone (the send read plain `open` in
-  /// closed_), else as `full_fenced`. The consumer thus learns the fence
-  /// mode from the state word it loads anyway, and its notify reads no
-  /// fence-mode flag (emplace_notify, receive_notify).
-  static constexpr std::uint32_t full_light = 1;
-  static constexpr std::uint32_t full_fenced = 2;
-
-  /// The notify of emplace_impl()/receive_impl() once it found a waiter:
-  /// notify_light_sole() in full, out of line, so the per-message path
-  /// keeps its registers and stays small enough for clang to inline.
-#if defined(__GNUC__) || defined(__clang__)
-  [[gnu::noinline]]
-#endif
-  static void notify_slow(detail::event_count& ec) noexcept {
-    ec.notify_light_sole(1);
-  }
-
-  /// Producer only: emplace_quiet() (Notify false) or emplace_notify().
-  /// The path of a send into an open channel whose light fence is a
-  /// compiler barrier; any other (closing, closed, a real light fence) goes
-  /// out of line to emplace_slow(), which keeps this small enough to inline.
-  template <bool Notify, class... Args>
-  send_status emplace_impl(Args&&... args) noexcept {
-    // relaxed: our own index. Read, and the cell located, before the
-    // announcement: after the compiler barrier below the compiler would
-    // reload them.
-    const std::uint64_t t = tail_.load(std::memory_order_relaxed);
-    cell& c = cells_[t & mask_];
+  /// Producer only.
+  template <class... Args>
+  send_status emplace_quiet(Args&&... args) noexcept {
     // relaxed: the announcement is ordered before the closed_ read by the
     // light fence; its partner is the heavy fence in close().
     in_send_.store(1, std::memory_order_relaxed);
     // The light fence: a compiler barrier where light_fence() is one (the
     // load below then finds fence_bit clear); else the load finds fence_bit
-    // set, and emplace_slow() fences and loads again.
+    // set, and the send fences and loads again.
     std::atomic_signal_fence(std::memory_order_seq_cst);
     // relaxed: see above; a stale `open` is impossible after close()'s
     // heavy fence unless close() then waits for this send.
-    if (POSTBOX_UNLIKELY(closed_.load(std::memory_order_relaxed) != open_state)) {
-      return emplace_slow<Notify>(t, c, std::forward<Args>(args)...);
+    if (POSTBOX_UNLIKELY(closed_.load(std::memory_order_relaxed) != open_state) && !open_after_fence()) {
+      // release, though nothing was published: since C++20 a release
+      // sequence continues only through RMWs, so a close() that reads this 0
+      // must synchronize with this store itself, which the previous send's
+      // publish precedes in program order.
+      in_send_.store(0, std::memory_order_release);
+      return send_status::closed;
     }
-    // acquire: pairs with the consumer's release store of 0 in receive_impl,
+    // relaxed: our own index.
+    const std::uint64_t t = tail_.load(std::memory_order_relaxed);
+    cell& c = cells_[t & mask_];
+    // acquire: pairs with the consumer's release store of 0 in receive_quiet,
     // so its move-out and destruction precede our construction.
-    if (POSTBOX_UNLIKELY(c.full.load(std::memory_order_acquire) != 0)) {
-      in_send_.store(0, std::memory_order_release);  // release: as in emplace_slow's closed return
+    if (c.full.load(std::memory_order_acquire) != 0) {
+      in_send_.store(0, std::memory_order_release);  // release: as on the closed return
       return send_status::full;
     }
     detail::after_open_check();
@@ -1242,112 +1188,21 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
     // (head_ acquire) sees this tail.
     tail_.store(t + 1, std::memory_order_relaxed);
     // release: publishes the message; pairs with the acquire loads of `full`
-    // in receive_impl.
-    c.full.store(full_light, std::memory_order_release);
+    // in receive_quiet.
+    c.full.store(1, std::memory_order_release);
     // release: ends the send; pairs with the acquire load in close().
     in_send_.store(0, std::memory_order_release);
-    if constexpr (Notify) {
-      // notify_light_sole() with its light fence known to be a compiler
-      // barrier: the same fence and waiters_ load, without reading the
-      // fence-mode flag. seq_cst load (a plain load on x86; the model's
-      // acquire is weaker): the notifier half of the asymmetric Dekker
-      // pattern, paired with prepare_wait_sole()'s heavy fence.
-      std::atomic_signal_fence(std::memory_order_seq_cst);
-      if (POSTBOX_UNLIKELY(not_empty_.has_waiters())) notify_slow(not_empty_);
-    }
     return send_status::ok;
   }
 
-  /// emplace_impl() once its closed_ load did not read plain `open`: the
-  /// channel is closing or closed, or the light fence is a real fence
-  /// (fence_bit). The same steps as emplace_impl's, with the real fence
-  /// (open_after_fence), the message published as full_fenced and the full
-  /// notify_light_sole().
-  template <bool Notify, class... Args>
-#if defined(__GNUC__) || defined(__clang__)
-  [[gnu::noinline]]
-#endif
-  send_status emplace_slow(std::uint64_t t, cell& c, Args&&... args) noexcept {
-    if (!open_after_fence()) {
-      // release, though nothing was published: since C++20 a release
-      // sequence continues only through RMWs, so a close() that reads this 0
-      // must synchronize with this store itself, which the previous send's
-      // publish precedes in program order.
-      in_send_.store(0, std::memory_order_release);
-      return send_status::closed;
-    }
-    // acquire: as in emplace_impl.
-    if (c.full.load(std::memory_order_acquire) != 0) {
-      in_send_.store(0, std::memory_order_release);  // release: as on the closed return
-      return send_status::full;
-    }
-    detail::after_open_check();
-    ::new (static_cast<void*>(c.bytes)) T(std::forward<Args>(args)...);
-    tail_.store(t + 1, std::memory_order_relaxed);  // relaxed: as in emplace_impl
-    // release: publishes; pairs with the acquire loads in receive_impl.
-    c.full.store(full_fenced, std::memory_order_release);
-    // release: ends the send; pairs with the acquire load in close().
-    in_send_.store(0, std::memory_order_release);
-    if constexpr (Notify) not_empty_.notify_light_sole(1);
-    return send_status::ok;
-  }
-
-  /// Producer only: publishes with no notify (try_send_batch notifies once).
-  template <class... Args>
-  send_status emplace_quiet(Args&&... args) noexcept {
-    return emplace_impl<false>(std::forward<Args>(args)...);
-  }
-
-  /// Producer only: publishes, then wakes the consumer if it is parked.
-  template <class... Args>
-  send_status emplace_notify(Args&&... args) noexcept {
-    return emplace_impl<true>(std::forward<Args>(args)...);
-  }
-
-  /// Consumer only: receive_quiet() (Notify false) or receive_notify().
-  /// The path of a message published as full_light; empty, closed and
-  /// full_fenced go out of line to receive_slow().
-  template <bool Notify>
-  receive_result<T> receive_impl() noexcept {
+  /// Consumer only.
+  receive_result<T> receive_quiet() noexcept {
     // relaxed: our own index.
     const std::uint64_t h = head_.load(std::memory_order_relaxed);
     cell& c = cells_[h & mask_];
-    // acquire: pairs with the producer's release store of full_light or
-    // full_fenced in emplace_impl/emplace_slow, making the constructed
-    // message visible before we move it out.
-    const std::uint32_t state = c.full.load(std::memory_order_acquire);
-    if (POSTBOX_UNLIKELY(state != full_light)) return receive_slow<Notify>(h, c, state);
-    receive_result<T> out = take(h, c);
-    if constexpr (Notify) {
-      // As in emplace_impl: a message published as full_light means the
-      // light fence is a compiler barrier; seq_cst load of waiters_.
-      std::atomic_signal_fence(std::memory_order_seq_cst);
-      if (POSTBOX_UNLIKELY(not_full_.has_waiters())) notify_slow(not_full_);
-    }
-    return out;
-  }
-
-  /// Consumer only: moves message h out of `c`, destroys it, frees `c`.
-  receive_result<T> take(std::uint64_t h, cell& c) noexcept {
-    T* p = c.value();
-    receive_result<T> out(std::move(*p));
-    p->~T();
-    // release: for size_approx() and stats() (pairs with their acquire
-    // load); never read by the producer.
-    head_.store(h + 1, std::memory_order_release);
-    // release: frees the cell; pairs with the acquire load in emplace_impl.
-    c.full.store(0, std::memory_order_release);
-    return out;
-  }
-
-  /// receive_impl() once the cell did not read full_light: empty (then
-  /// closed?), or a message published as full_fenced.
-  template <bool Notify>
-#if defined(__GNUC__) || defined(__clang__)
-  [[gnu::noinline]]
-#endif
-  receive_result<T> receive_slow(std::uint64_t h, cell& c, std::uint32_t state) noexcept {
-    if (state == 0) {
+    // acquire: pairs with the producer's release store of 1 in emplace_quiet,
+    // making the constructed message visible before we move it out.
+    if (c.full.load(std::memory_order_acquire) == 0) {
       // acquire: pairs with the release store of closed_state in close():
       // every send accepted before the close has published by then.
       if ((closed_.load(std::memory_order_acquire) & ~fence_bit) != closed_state) return receive_status::empty;
@@ -1355,17 +1210,16 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
       // before this read, so "not full" now means closed and drained.
       if (c.full.load(std::memory_order_acquire) == 0) return receive_status::closed;
     }
-    receive_result<T> out = take(h, c);
-    if constexpr (Notify) not_full_.notify_light_sole(1);
+    T* p = c.value();
+    receive_result<T> out(std::move(*p));
+    p->~T();
+    // release: for size_approx() and stats() (pairs with their acquire
+    // load); never read by the producer.
+    head_.store(h + 1, std::memory_order_release);
+    // release: frees the cell; pairs with the acquire load in emplace_quiet.
+    c.full.store(0, std::memory_order_release);
     return out;
   }
-
-  /// Consumer only: takes with no notify (the topic's queue and
-  /// try_receive_batch notify themselves).
-  receive_result<T> receive_quiet() noexcept { return receive_impl<false>(); }
-
-  /// Consumer only: takes, then wakes the producer if it is parked.
-  receive_result<T> receive_notify() noexcept { return receive_impl<true>(); }
 
   // Layout: each side's private line, the read-mostly state and each event
   // count on separate cache lines; the slots carry the traffic.

@@ -2,9 +2,7 @@
 // Relacy model of channel<T, spsc> (per-slot states, in_send_/closed_ close protocol, asymmetric event count) plus a mutation check.
 //
 // A transcription of the spsc ring in include/postbox/channel.hpp
-// (emplace_impl, receive_impl with the closed check of receive_slow, close,
-// and the notify the ring makes itself: a waiters_ load that filters, then
-// notify_light_sole), of the blocking loops of
+// (emplace_quiet, receive_quiet, close), of the blocking loops of
 // detail::channel_api (try, prepare_wait_sole, re-check, wait) and of
 // detail::event_count's asymmetric protocol in its sole-waiter form (prepare_wait_sole,
 // notify_light_sole, wake_all) into Relacy's rl::atomic / rl::var, with the same
@@ -21,13 +19,10 @@
 // the hot side's accesses keep their real orders (relaxed, release, acquire)
 // and the processor may reorder the store before a light fence with the load
 // after it. This is the membarrier build, where channel<T, spsc>'s closed_
-// never carries fence_bit: emplace_impl's compiler barrier, then its one
-// relaxed closed_ load, exactly as modelled below, and the message is
-// published as full_light (1 here), which tells the consumer that its own
-// light fence is a compiler barrier too. (With fence_bit set, no membarrier
-// or TSan, a send that sees it goes to emplace_slow, runs a seq_cst fence,
-// loads closed_ again and publishes full_fenced, for which the consumer's
-// notify runs a real fence: the symmetric fallback, not modelled.)
+// never carries fence_bit: emplace_quiet's compiler barrier, then its one
+// relaxed closed_ load, exactly as modelled below. (With fence_bit set, no
+// membarrier or TSan, a send that sees it runs a seq_cst fence and loads
+// closed_ again: the symmetric fallback, not modelled.)
 //
 // heavy_fence() is membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED): the caller
 // passes a full barrier on entry and on return (the kernel's smp_mb() around
@@ -111,14 +106,14 @@ namespace model {
 
 enum site : int {
   // channel<T, spsc>
-  send_full_acquire,      // emplace_impl: cell.full.load(acquire) (is the cell free?)
-  publish_full_release,   // emplace_impl: cell.full.store(full_light, release)
-  send_end_release,       // emplace_impl: in_send_.store(0, release) after publishing
-  recv_full_acquire,      // receive_impl: cell.full.load(acquire) (is there a message?)
-  recv_closed_acquire,    // receive_slow: closed_.load(acquire)
-  recv_final_full_acquire,  // receive_slow: cell.full.load(acquire) again after seeing closed
-  take_full_release,      // take: cell.full.store(0, release)
-  take_head_release,      // take: head_.store(h + 1, release) (for stats)
+  send_full_acquire,      // emplace_quiet: cell.full.load(acquire) (is the cell free?)
+  publish_full_release,   // emplace_quiet: cell.full.store(1, release)
+  send_end_release,       // emplace_quiet: in_send_.store(0, release) after publishing
+  recv_full_acquire,      // receive_quiet: cell.full.load(acquire) (is there a message?)
+  recv_closed_acquire,    // receive_quiet: closed_.load(acquire)
+  recv_final_full_acquire,  // receive_quiet: cell.full.load(acquire) again after seeing closed
+  take_full_release,      // receive_quiet: cell.full.store(0, release)
+  take_head_release,      // receive_quiet: head_.store(h + 1, release) (for stats)
   stats_head_acquire,     // stats: head_.load(acquire) before the relaxed tail_ load
   close_cas_acq_rel,      // close: closed_ CAS open -> closing (acq_rel / acquire)
   close_in_send_acquire,  // close: in_send_.load(acquire) while a send is in progress
@@ -128,9 +123,7 @@ enum site : int {
   ec_waiters_inc,         // prepare_wait_sole: waiters_.fetch_add(seq_cst)
   ec_epoch_load,          // prepare_wait_sole: epoch_.fetch_and(~wake_pending, seq_cst)
   ec_epoch_bump,          // wake: epoch_.fetch_add(seq_cst)
-  ec_notify_acquire,      // notify_light_sole: waiters_.load(acquire); also the ring's
-                          // filtering waiters_ load before it (has_waiters(), seq_cst
-                          // in the code: the model checks the weaker acquire)
+  ec_notify_acquire,      // notify_light_sole: waiters_.load(acquire)
   ec_pending_set,         // notify_light_sole: epoch_.fetch_or(wake_pending, seq_cst)
   // asymmetric fences (seq_cst = present, relaxed = removed)
   close_heavy_fence,      // close: heavy_fence() after marking closing
@@ -143,14 +136,14 @@ enum site : int {
 };
 
 const char* const site_names[] = {
-    "emplace_impl cell.full acquire load",
-    "emplace_impl cell.full=full_light release store",
-    "emplace_impl in_send_=0 release store",
-    "receive_impl cell.full acquire load",
-    "receive_slow closed_ acquire load",
-    "receive_slow cell.full acquire re-load after closed",
-    "take cell.full=0 release store",
-    "take head_ release store",
+    "emplace_quiet cell.full acquire load",
+    "emplace_quiet cell.full=1 release store",
+    "emplace_quiet in_send_=0 release store",
+    "receive_quiet cell.full acquire load",
+    "receive_quiet closed_ acquire load",
+    "receive_quiet cell.full acquire re-load after closed",
+    "receive_quiet cell.full=0 release store",
+    "receive_quiet head_ release store",
     "stats head_ acquire load",
     "close closed_ CAS acq_rel",
     "close in_send_ acquire load",
@@ -356,14 +349,6 @@ struct event_count {
     (void)epoch.fetch_or(wake_pending, mo(ec_pending_set));
     // The select waker registry (registered_, register_waker) is not modelled.
   }
-  // The notify of emplace_impl/receive_impl: a compiler barrier (nothing),
-  // a waiters_ load that returns at 0 (seq_cst in the code; the model uses
-  // the same weaker site as notify_light_sole's load), then notify_slow():
-  // notify_light_sole() in full.
-  void notify_filtered() {
-    if (waiters.load(mo(ec_notify_acquire)) == 0) return;
-    notify_light_sole();
-  }
   void wake_all() { wake(); }
   // FUTEX_WAIT on epoch_ == key (see the file comment).
   void wait(unsigned key) {
@@ -428,10 +413,8 @@ struct spsc_channel {
     return out;
   }
 
-  // emplace_impl (producer only); its index read comes before the
-  // announcement, as in channel.hpp.
-  status emplace_impl(int value) {
-    const u64 t = tail.load(rl::mo_relaxed);
+  // emplace_quiet (producer only).
+  status emplace_quiet(int value) {
     in_send.store(1, rl::mo_relaxed);
     // light_fence(): nothing.
     if (closed.load(rl::mo_relaxed) != open_state) {
@@ -442,6 +425,7 @@ struct spsc_channel {
       in_send.store(0, rl::mo_release);
       return status::closed;
     }
+    const u64 t = tail.load(rl::mo_relaxed);
     if (full[t & mask].load(mo(send_full_acquire)) != 0) {
       in_send.store(0, rl::mo_release);  // send_fail_end, as above
       return status::full;
@@ -453,8 +437,8 @@ struct spsc_channel {
     return status::ok;
   }
 
-  // receive_impl, with receive_slow's closed check (consumer only).
-  status receive_impl(int& out) {
+  // receive_quiet (consumer only).
+  status receive_quiet(int& out) {
     const u64 h = head.load(rl::mo_relaxed);
     if (full[h & mask].load(mo(recv_full_acquire)) == 0) {
       if (closed.load(mo(recv_closed_acquire)) != closed_state) return status::empty;
@@ -489,16 +473,15 @@ struct spsc_channel {
 
   bool is_closed() { return closed.load(mo(is_closed_acquire)) != open_state; }
 
-  // channel_api: try_send / try_receive_result, through the ring's
-  // emplace_notify / receive_notify.
+  // channel_api: try_send / try_receive_result.
   status try_send(int value) {
-    const status s = emplace_impl(value);
-    if (s == status::ok) not_empty.notify_filtered();
+    const status s = emplace_quiet(value);
+    if (s == status::ok) not_empty.notify_light_sole();
     return s;
   }
   status try_receive(int& out) {
-    const status s = receive_impl(out);
-    if (s == status::ok) not_full.notify_filtered();
+    const status s = receive_quiet(out);
+    if (s == status::ok) not_full.notify_light_sole();
     return s;
   }
 
