@@ -159,6 +159,17 @@ class nats_header_block {
 #endif
   }
 
+  /// True once the libnats library is open, opening it on the first call
+  /// (nats_Open(-1), what creating a connection does; a no-op when already
+  /// open). A message built from bytes belongs to libnats' garbage collector:
+  /// natsMsg_Destroy hands it to the library's collector thread, whose lock
+  /// exists only while the library is open. Thread-safe (a function-local
+  /// static); blocks only on the first call.
+  [[nodiscard]] static bool library_open() noexcept {
+    static const bool open = nats_Open(-1) == NATS_OK;
+    return open;
+  }
+
   /// Starts a new block (no headers).
   void clear() {
     buf_.assign(prefix);
@@ -200,7 +211,7 @@ class nats_header_block {
     if (subject.empty()) return errc::invalid_argument;
     natsMsg* m = nullptr;
 #if POSTBOX_NATS_RAW_HEADERS
-    if (raw && raw_available() && !fields_.empty()) {
+    if (raw && raw_available() && !fields_.empty() && library_open()) {
       // libnats copies header block and body from one buffer: both are
       // appended to the open block, then cut off again.
       const std::size_t open = buf_.size();
