@@ -433,11 +433,17 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   }
 
   /// The transport could not send the opened request: forgets `corr` (its
-  /// callback is never called), counts a refusal and returns `why`.
-  /// Thread-safe.
+  /// callback is never called), counts a refusal and returns `why`. A
+  /// request opened with its deadline may already have reached it while the
+  /// send was tried, and the timer then completed it (`timeout`): it has had
+  /// its one outcome, so it counts as sent and `ok` is returned, and the
+  /// caller does not send it again. Thread-safe.
   errc abandon(const message_id& corr, errc why) {
     std::lock_guard lock(mutex_);
-    pending_.erase(corr);
+    if (pending_.erase(corr) == 0) {
+      sent();
+      return errc::ok;
+    }
     ++stats_.refused;
     forget_deadlines_if_idle();
     return why;
