@@ -184,19 +184,24 @@ class server {
     throw std::runtime_error("nats harness: nats-server did not accept on port " + std::to_string(port_));
   }
 
-  /// SIGTERM, then SIGKILL if the process has not exited within ~5 s.
-  void stop() {
-    if (pid_ <= 0) return;
+  /// SIGTERM, then SIGKILL if the process has not exited within ~30 s.
+  /// True when it exited on the SIGTERM (a clean stop: the server wrote its
+  /// state); false when it had to be killed or was not running. The bound is
+  /// generous because a clean stop that turns into a kill loses the durable
+  /// consumers' ack state, which a loaded CI machine must not make happen.
+  bool stop() {
+    if (pid_ <= 0) return false;
     ::kill(pid_, SIGTERM);
-    for (int i = 0; i < 250; ++i) {  // bounded: 250 x 20 ms
+    for (int i = 0; i < 1500; ++i) {  // bounded: 1500 x 20 ms
       int st = 0;
       if (::waitpid(pid_, &st, WNOHANG) == pid_) {
         pid_ = -1;
-        return;
+        return true;
       }
       detail::pause_ms(20);
     }
     kill();
+    return false;
   }
 
   /// SIGKILL now (a crash), and reap the process.
@@ -208,10 +213,12 @@ class server {
     pid_ = -1;
   }
 
-  /// Stops and starts again on the same port with the same store.
-  void restart() {
-    stop();
+  /// Stops and starts again on the same port with the same store. True when
+  /// the stop was clean (see stop()).
+  bool restart() {
+    const bool clean = stop();
     start();
+    return clean;
   }
 
   [[nodiscard]] bool running() const noexcept { return pid_ > 0; }
