@@ -421,6 +421,17 @@ struct topic_no_flag {
   constexpr explicit topic_no_flag(bool) noexcept {}
 };
 
+/// Counts a publish as not published when what follows it throws (making the
+/// queue element allocates): disarmed once that succeeded. On the normal path
+/// the compiler drops it; only the landing pad keeps the increment.
+struct topic_uncount_on_throw {
+  std::atomic<std::uint64_t>& none;
+  bool armed = true;
+  ~topic_uncount_on_throw() {
+    if (armed) none.fetch_add(1, std::memory_order_relaxed);  // relaxed: a statistic, read by stats()
+  }
+};
+
 /// An empty subject, for a delivery of publish(value) in the inline form.
 inline const std::string& topic_no_subject() noexcept {
   static const std::string empty;
@@ -1140,13 +1151,7 @@ class topic {
   // pooled shared string (none for publish(value): nothing allocated).
   // The inline form's shared subject (out of line: publish(value) never needs it).
   [[gnu::noinline]] static std::shared_ptr<const std::string> make_subject(detail::topic_state<T>& st, std::string* subject) {
-    struct uncount_on_throw {
-      std::atomic<std::uint64_t>& none;
-      bool armed = true;
-      ~uncount_on_throw() {
-        if (armed) none.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
-      }
-    } uncount{st.not_published};
+    detail::topic_uncount_on_throw uncount{st.not_published};
     auto s = std::allocate_shared<const std::string>(detail::topic_item_allocator<std::string>{}, std::move(*subject));
     uncount.armed = false;
     return s;
@@ -1156,20 +1161,12 @@ class topic {
   // counted it as published).
   static detail::topic_slot<T> make_slot(detail::topic_state<T>& st, std::string* subject, T&& value) {
     using item = detail::topic_item<T>;
-    // On the normal path the compiler drops it: only the landing pad keeps the increment.
-    struct uncount_on_throw {
-      std::atomic<std::uint64_t>& none;
-      bool armed = true;
-      ~uncount_on_throw() {
-        if (armed) none.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
-      }
-    };
     if constexpr (detail::topic_inline_v<T>) {
       detail::topic_slot<T> s{std::move(value), nullptr};
       if (subject != nullptr) s.subject = make_subject(st, subject);
       return s;
     } else {
-      uncount_on_throw uncount{st.not_published};
+      detail::topic_uncount_on_throw uncount{st.not_published};
       detail::topic_slot<T> s = subject != nullptr
           ? detail::topic_slot<T>{std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(*subject), std::move(value))}
           : detail::topic_slot<T>{std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(value))};
