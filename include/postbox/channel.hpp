@@ -167,13 +167,6 @@ struct channel_access {
   static auto try_receive_quiet(Channel& ch) noexcept {
     return ch.receive_quiet();
   }
-  /// Whether the slot the next receive of `ch` takes looks published (the
-  /// general ring's message_ahead_hint): a hint for a waiting receiver, never
-  /// an answer. Never blocks.
-  template <class Channel>
-  static bool message_ahead_hint(const Channel& ch) noexcept {
-    return ch.message_ahead_hint();
-  }
   /// The event count receivers of `ch` park on.
   template <class Channel>
   static event_count& not_empty(Channel& ch) noexcept {
@@ -759,19 +752,6 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
   /// (channel_api::spin). Relaxed: a hint only; the retried claim decides.
   std::uint64_t wait_progress(bool sender) const noexcept {
     return sender ? head_.load(std::memory_order_relaxed) : tail_.load(std::memory_order_relaxed);
-  }
-
-  /// Whether the head slot holds a message, or another receiver has moved
-  /// past it: a hint for a receiver that waits. Only a receive decides
-  /// empty, and its check reads tail_ (linearizable emptiness), the line
-  /// every send CASes; a receiver that keeps up with a running sender and
-  /// tries again and again pulls that line away from it once per message.
-  /// This reads head_ and the head slot's state only. Relaxed: a stale
-  /// answer only makes the waiter try early or a little late. Never blocks.
-  [[nodiscard]] bool message_ahead_hint() const noexcept {
-    const std::uint64_t head = head_.load(std::memory_order_relaxed);
-    const std::uint64_t seq = slots_[head & mask_].seq.load(std::memory_order_relaxed);
-    return detail::state_distance(seq, detail::full_state(head)) >= 0;
   }
 
   /// Claims the next send ticket: ok (ticket set), full, or closed.

@@ -943,17 +943,8 @@ class subscription {
     // stopped(), written out: the lambda is not inlined, and this check is on
     // every receive's path.
     if ((stop != nullptr && stop->stop_requested()) || c.detach.stop_requested()) return receive_status::canceled;
-    // While spinning, take only when the head slot looks published
-    // (channel::message_ahead_hint): a take that finds the queue empty reads
-    // the tail the publisher CASes, and a subscriber that kept up with its
-    // publisher that way slowed every publish (topic_bench zero-copy: a slow
-    // mode of about 8 M msg/s in 2 of 4 processes, none in 9 with the hint;
-    // the fast mode 15.5-16.7 against 16.9-18.7 without it). The park loop
-    // below takes unconditionally, so empty, closed and a send still between
-    // its claim and its publish are decided by the queue itself, a few
-    // microseconds of spin later at most.
     for (detail::backoff spin;;) {
-      if (detail::channel_access::message_ahead_hint(q.ch)) {
+      {
         auto r = q.try_take();
         if (r.status() != receive_status::empty) return r;
       }
