@@ -258,23 +258,32 @@ double ping_pong(std::uint64_t trips) {
   auto back = std::make_unique<Q>(bench_capacity);
   std::uint64_t sum = 0, count = 0;
   std::vector<std::function<void()>> bodies;
+  // Each side's loop touches only its own stack and the queues: the totals
+  // are written once at the end. (They were updated per trip in this frame,
+  // next to `trips`, which the other side read per trip: a line moving
+  // between the cores in every round trip, for every contender.)
   bodies.push_back([&] {
     auto&& tx = sender_of(*there);
     auto&& rx = receiver_of(*back);
     spin_wait w;
-    for (std::uint64_t i = 1; i <= trips; ++i) {
+    const std::uint64_t n = trips;
+    std::uint64_t local_sum = 0, local_count = 0;
+    for (std::uint64_t i = 1; i <= n; ++i) {
       put<M>(tx, i, w);
       const item v = take<M>(rx, w);
       if (v != i) fail("ping-pong answered out of turn");
-      sum += v;
-      ++count;
+      local_sum += v;
+      ++local_count;
     }
+    sum = local_sum;
+    count = local_count;
   });
   bodies.push_back([&] {
     auto&& rx = receiver_of(*there);
     auto&& tx = sender_of(*back);
     spin_wait w;
-    for (std::uint64_t i = 1; i <= trips; ++i) put<M>(tx, take<M>(rx, w), w);
+    const std::uint64_t n = trips;
+    for (std::uint64_t i = 1; i <= n; ++i) put<M>(tx, take<M>(rx, w), w);
   });
   const double secs = run_threads(std::move(bodies));
   check_totals(count, trips, sum, trips * (trips + 1) / 2);

@@ -24,10 +24,11 @@
 // Issue 18's row is zero-copy, subs = 1 (ZeroMQ at its fastest): target
 // topic/zmq >= 1.0 and topic/channels >= 0.9. The copy row is printed beside it.
 //
-// topic_bench [--subs S] [--pin] [--only NAME]: only the rows with S
-// subscribers; --pin puts the publisher on cpu 0 and subscriber i on cpu
-// (1 + i) mod n; --only runs one contender once (100,000 messages: topic,
-// topic-view, channels, channels-view, mpsc-view, zmq, zmq0), for perf stat / strace.
+// topic_bench [--subs S] [--pin] [--only NAME [--messages N]]: only the rows
+// with S subscribers; --pin puts the publisher on cpu 0 and subscriber i on
+// cpu (1 + i) mod n; --only runs one contender once (N messages, 100,000
+// unless given: topic, topic-view, channels, channels-view, mpsc-view, zmq,
+// zmq0), for perf stat / perf record / strace.
 //
 // Profile mode, for instruction counts independent of the machine's load:
 //   valgrind --tool=callgrind topic_bench --profile NAME [n]
@@ -144,6 +145,19 @@ void pin_to(unsigned cpu) {
 #endif
 }
 
+// subscriber_local: a subscriber thread's loop reads nothing on the
+// publisher's stack. Each one used to reach its handle through the captured
+// vector (and `n` through the capture) on every message; the compiler reloads
+// them after each receive, and the publisher's loop writes its temporaries
+// (the V it publishes, ZeroMQ's zmq_msg_t) to the same stack, in some
+// processes on the same cache line: line transfers per message that no
+// contender causes. With the stack's random placement (ASLR) that made the
+// zero-copy rows bimodal per process (about 8 or about 18 M msg/s for the
+// topic; without ASLR, `setarch -R`, 15 of 16 processes fast), and it cost
+// the channel rows too. With every subscriber reading only its own stack, one
+// interleaved run: zero-copy topic 8-18 -> 25-26 M msg/s, channels 25-28 ->
+// 47-54.
+//
 // The clock starts once every subscriber thread runs on its cpu, as the
 // ZeroMQ run's warm-up handshake makes it do. Before, the publisher could
 // start while a subscriber thread was still being created and moved to its
@@ -168,9 +182,12 @@ double run_topic(int subs, int n, std::size_t capacity) {
   for (int i = 0; i < subs; ++i)
     th.emplace_back([&, i] {
       pin_to(1 + static_cast<unsigned>(i));
+      // Only this thread's own stack in the loop (see subscriber_local).
+      postbox::subscription<V>& mine = s[static_cast<std::size_t>(i)];
+      const int count = n;
       ready.fetch_add(1);
       std::size_t b = 0;
-      for (int k = 0; k < n; ++k) b += (*s[static_cast<std::size_t>(i)].receive())->size();
+      for (int k = 0; k < count; ++k) b += (*mine.receive())->size();
       bytes += b;
     });
   wait_until_running(ready, subs);
@@ -196,9 +213,11 @@ double run_channels(int subs, int n, std::size_t capacity) {
   for (int i = 0; i < subs; ++i)
     th.emplace_back([&, i] {
       pin_to(1 + static_cast<unsigned>(i));
+      postbox::channel<V, Shape>& mine = *ch[static_cast<std::size_t>(i)];  // see subscriber_local
+      const int count = n;
       ready.fetch_add(1);
       std::size_t b = 0;
-      for (int k = 0; k < n; ++k) b += ch[static_cast<std::size_t>(i)]->receive()->size();
+      for (int k = 0; k < count; ++k) b += mine.receive()->size();
       bytes += b;
     });
   wait_until_running(ready, subs);
@@ -234,10 +253,11 @@ double run_zmq(int subs, int n, bool zero_copy) {
       zmq_msg_init(&m);
       // Warm-up frames (1 byte) until the subscription is live: ZeroMQ's slow joiner.
       (void)zmq_msg_recv(&m, sub, 0);  // only warm-ups are sent until all are ready
+      const int count = n;  // see subscriber_local
       ready.fetch_add(1);
       int got = 0;
       std::size_t b = 0;
-      while (got < n)
+      while (got < count)
         if (zmq_msg_recv(&m, sub, 0) > 1) {
           b += zmq_msg_size(&m);
           ++got;
@@ -370,10 +390,12 @@ int main(int argc, char** argv) {
   std::vector<int> sub_counts{1, 4, 16};
   const char* only = nullptr;
   std::size_t cap = 1024;
+  int only_messages = 100000;
   for (int a = 1; a < argc; ++a) {
     if (std::strcmp(argv[a], "--subs") == 0 && a + 1 < argc) sub_counts = {std::max(1, std::atoi(argv[++a]))};
     else if (std::strcmp(argv[a], "--pin") == 0) g_pin = true;
     else if (std::strcmp(argv[a], "--only") == 0 && a + 1 < argc) only = argv[++a];
+    else if (std::strcmp(argv[a], "--messages") == 0 && a + 1 < argc) only_messages = std::max(1, std::atoi(argv[++a]));
     else if (std::strcmp(argv[a], "--capacity") == 0 && a + 1 < argc) cap = std::strtoull(argv[++a], nullptr, 10);
   }
   pin_to(0);
@@ -383,7 +405,7 @@ int main(int argc, char** argv) {
   //              of the shared payload with no free function (ZeroMQ keeps a pointer)
   if (only != nullptr) {  // one run of one contender, for strace -c -f / perf stat
     const int subs = sub_counts.front();
-    const int n = 100000;
+    const int n = only_messages;
     double rate = 0;
     if (std::strcmp(only, "topic") == 0) rate = run_topic<std::string>(subs, n, cap);
     else if (std::strcmp(only, "topic-view") == 0) rate = run_topic<std::string_view>(subs, n, cap);
