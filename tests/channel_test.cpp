@@ -360,6 +360,25 @@ TEST_CASE("the ticket counters wrap around without breaking FIFO", "[channel]") 
   CHECK(ch.stats().received == 15);
 }
 
+TEST_CASE("room_for(n) tells whether the next n sends have free slots, across the wrap", "[channel]") {
+  // The hint a topic's `block` publisher polls while a subscription is full.
+  using access = postbox::detail::channel_access;
+  // The 63-bit tickets wrap between the second and the third send.
+  channel<int, postbox::mpmc> ch(4, postbox::detail::initial_ticket{(std::uint64_t{1} << 63) - 2});
+  CHECK(access::room_for(ch, 4));
+  for (int i = 0; i < 4; ++i) REQUIRE(ch.try_send(i) == send_status::ok);
+  CHECK_FALSE(access::room_for(ch, 1));
+  REQUIRE(ch.try_receive() == std::optional<int>(0));
+  CHECK(access::room_for(ch, 1));
+  CHECK_FALSE(access::room_for(ch, 2));
+  REQUIRE(ch.try_receive() == std::optional<int>(1));
+  CHECK(access::room_for(ch, 2));
+  CHECK_FALSE(access::room_for(ch, 3));
+  REQUIRE(ch.try_send(4) == send_status::ok);
+  CHECK(access::room_for(ch, 1));
+  CHECK_FALSE(access::room_for(ch, 2));
+}
+
 TEST_CASE("spsc: messages left in the ring after its indices wrapped are destroyed with it exactly once",
           "[channel]") {
   {

@@ -167,6 +167,11 @@ struct channel_access {
   static auto try_receive_quiet(Channel& ch) noexcept {
     return ch.receive_quiet();
   }
+  /// room_for() of the general ring (mpmc, mpsc, spmc).
+  template <class Channel>
+  static bool room_for(const Channel& ch, std::size_t n) noexcept {
+    return ch.room_for(n);
+  }
   /// The event count receivers of `ch` park on.
   template <class Channel>
   static event_count& not_empty(Channel& ch) noexcept {
@@ -752,6 +757,21 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
   /// (channel_api::spin). Relaxed: a hint only; the retried claim decides.
   std::uint64_t wait_progress(bool sender) const noexcept {
     return sender ? head_.load(std::memory_order_relaxed) : tail_.load(std::memory_order_relaxed);
+  }
+
+  /// Whether the next `n` (>= 1) send tickets have free slots, as far as the
+  /// slot of the last of them shows: a hint for a sender that waits for room
+  /// on a full ring (the topic's `block` publish). It reads the senders' own
+  /// index and that one slot, not `head_`, which every receive writes:
+  /// polling `head_` (as size_approx() does) pulls its line away from the
+  /// receiver once per poll, and the receiver's next claim pulls it back.
+  /// Relaxed: a hint only; the claim that follows decides. Never blocks;
+  /// thread-safe.
+  [[nodiscard]] bool room_for(std::size_t n) const noexcept {
+    const std::uint64_t t = tail_.load(std::memory_order_relaxed) >> 1;
+    const std::uint64_t last = detail::ticket_add(t, n - 1);
+    const std::uint64_t seq = slots_[last & mask_].seq.load(std::memory_order_relaxed);
+    return detail::state_distance(seq, detail::free_state(last)) >= 0;
   }
 
   /// Claims the next send ticket: ok (ticket set), full, or closed.
