@@ -197,8 +197,9 @@ TEST_CASE("close is idempotent", "[channel]") {
   CHECK(ch.try_send(1) == send_status::closed);
 }
 
-TEST_CASE("close wakes a receiver parked on an empty channel", "[channel]") {
-  channel<int> ch(2);
+TEMPLATE_TEST_CASE("close wakes a receiver parked on an empty channel", "[channel]", postbox::spsc, postbox::mpsc,
+                   postbox::spmc, postbox::mpmc) {
+  channel<int, TestType> ch(2);
   std::atomic<bool> returned{false};
   std::optional<int> got = 42;
   std::thread t([&] {
@@ -654,6 +655,32 @@ TEST_CASE("mpmc: a send that claimed its slot before close is received before re
   REQUIRE(received.size() == 1);
   CHECK(received[0] == 42);
   CHECK(final_status.load() == static_cast<int>(postbox::receive_status::closed));
+}
+
+TEST_CASE("mpsc: a receiver waiting behind a claimed, unpublished slot takes its message once it is published",
+          "[channel]") {
+  // The receiver finds the head slot claimed but not yet published: it must
+  // neither report empty nor skip the slot, whether it is spinning (watching
+  // the head slot) or parked when the send completes.
+  postbox::channel<int, postbox::mpsc> ch(4);
+  std::atomic<int> got{-1};
+  std::thread sender;
+  std::thread receiver;
+  {
+    hook_guard hook;
+    sender = std::thread([&] { (void)ch.try_send(42); });
+    REQUIRE(postbox_test::eventually([] { return g_sender_held.load(); }));
+    receiver = std::thread([&] {
+      auto r = ch.receive_for(std::chrono::hours(1));
+      got.store(r.has_value() ? *r : static_cast<int>(r.status()) + 1000);
+    });
+    g_release_sender.store(true);
+    sender.join();
+    receiver.join();
+  }
+  CHECK(got.load() == 42);
+  CHECK(ch.try_send(43) == send_status::ok);
+  CHECK(ch.receive() == std::optional<int>(43));
 }
 
 TEST_CASE("receive_many waits for one message and then takes what is queued, up to max", "[channel]") {

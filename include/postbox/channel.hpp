@@ -543,9 +543,15 @@ class channel_api {
     };
     {
       std::optional<receive_result<T>> got;
+      unsigned polls = 0;
       cpu_relax();  // the try just failed: pause before the first re-check
       const bool done = spin<false>([&] {
         if (stop_now(stops)) return true;
+        if constexpr (requires(const Ring& r) { r.head_looks_published(); }) {
+          // A single-consumer ring: try once the head slot looks published,
+          // and on every eighth poll (Ring::head_looks_published).
+          if (!ring().head_looks_published() && (++polls & 7) != 0) return false;
+        }
         receive_result<T> r = take();
         if (r.status() == receive_status::empty) return false;
         got.emplace(std::move(r));
@@ -752,11 +758,41 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
     return receive_result<T>(take(ticket));
   }
 
-  /// What a waiting sender (`sender`) or receiver watches while it spins:
-  /// the other side's index, which moves while a thread of that side runs
-  /// (channel_api::spin). Relaxed: a hint only; the retried claim decides.
+  /// What a waiting sender (`sender`) or receiver watches while it spins
+  /// (channel_api::spin): the other side's index, which moves while a thread
+  /// of that side runs; for the one receiver of a single-consumer ring, the
+  /// state of its head slot (see head_looks_published). Relaxed: a hint
+  /// only; the retried claim decides.
   std::uint64_t wait_progress(bool sender) const noexcept {
-    return sender ? head_.load(std::memory_order_relaxed) : tail_.load(std::memory_order_relaxed);
+    if (sender) return head_.load(std::memory_order_relaxed);
+    if constexpr (!Shape::multi_consumer) {
+      // relaxed: our own index.
+      const std::uint64_t head = head_.load(std::memory_order_relaxed);
+      return slots_[head & mask_].seq.load(std::memory_order_relaxed);
+    } else {
+      return tail_.load(std::memory_order_relaxed);
+    }
+  }
+
+  /// Single-consumer rings (mpsc): whether the head slot holds its message,
+  /// by a relaxed peek. A waiting receiver polls this, the line the next
+  /// message arrives on, and makes its full try (which reads `tail_`, the
+  /// line every sender's claim writes) only once the slot looks published
+  /// or every eighth poll (so a close is still seen within a few pauses):
+  /// a receiver that read `tail_` on every poll pulled that line from the
+  /// sender once per poll, and the sender's next claim waited to take it
+  /// back. topic_bench --only mpsc-view (10 M messages, pinned, blocking
+  /// send and receive, six interleaved pairs): 20.7-26.5 -> 22.9-27.9 M
+  /// msg/s, higher in five. The multi-consumer rings keep trying on every
+  /// poll: their head slot changes under them (and MPMC 2P2C, the row they
+  /// would change, was too noisy here to tell). Never blocks; receiver only.
+  [[nodiscard]] bool head_looks_published() const noexcept
+    requires(!Shape::multi_consumer)
+  {
+    // relaxed: our own index; the slot state is a hint (the claim re-reads it with acquire).
+    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    const std::uint64_t seq = slots_[head & mask_].seq.load(std::memory_order_relaxed);
+    return seq == detail::full_state(head);
   }
 
   /// Whether the next `n` (>= 1) send tickets have free slots, as far as the
