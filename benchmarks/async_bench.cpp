@@ -99,6 +99,15 @@ double run_threads(std::vector<std::function<void()>> bodies) {
   return seconds_since(t0);
 }
 
+// Every consumer and ping coroutine below (postbox's, the adapter's and
+// Asio's alike) adds up what it receives in its own frame and stores the
+// totals through `sum` and `count` once, when it finishes; every sync
+// producer copies its count before its loop. Those totals live on the frame
+// of the function that launched the run, next to the channels and whatever
+// else the other thread reaches there: updated per message (as they were),
+// they could put a line crossing the cores on every message, depending on
+// where the stack landed.
+
 // --- postbox tasks ----------------------------------------------------------------
 
 template <class Ch>
@@ -110,23 +119,29 @@ postbox::task<void> pb_produce(Ch& ch, std::uint64_t n) {
 
 template <class Ch>
 postbox::task<void> pb_consume(Ch& ch, std::uint64_t n, std::uint64_t* sum, std::uint64_t* count) {
+  std::uint64_t s = 0, c = 0;
   for (std::uint64_t k = 0; k < n; ++k) {
     auto r = co_await postbox::async_receive(ch);
     if (!r.has_value()) fail("postbox receive failed");
-    *sum += *r;
-    ++*count;
+    s += *r;
+    ++c;
   }
+  *sum += s;
+  *count += c;
 }
 
 template <class Ch>
 postbox::task<void> pb_ping(Ch& there, Ch& back, std::uint64_t trips, std::uint64_t* sum, std::uint64_t* count) {
+  std::uint64_t s = 0, c = 0;
   for (item i = 1; i <= trips; ++i) {
     if (co_await postbox::async_send(there, item(i)) != postbox::send_status::ok) fail("postbox send failed");
     auto r = co_await postbox::async_receive(back);
     if (!r.has_value() || *r != i) fail("postbox ping-pong answered out of turn");
-    *sum += *r;
-    ++*count;
+    s += *r;
+    ++c;
   }
+  *sum += s;
+  *count += c;
 }
 
 template <class Ch>
@@ -241,8 +256,10 @@ double pb_sync_producer(pb_sched kind, std::uint64_t n) {
   std::vector<postbox::task<void>> ts;
   ts.push_back(pb_consume(ch, n, &sum, &count));
   const double secs = run_pb_tasks(kind, 1, std::move(ts), [&] {
-    for (item i = 1; i <= n; ++i) {
-      if (ch.send(i) != postbox::send_status::ok) fail("postbox blocking send failed");
+    auto& mine = ch;
+    const std::uint64_t total = n;
+    for (item i = 1; i <= total; ++i) {
+      if (mine.send(i) != postbox::send_status::ok) fail("postbox blocking send failed");
     }
   });
   check(count, n, sum);
@@ -260,22 +277,28 @@ asio::awaitable<void> ad_produce(pb_chan* ch, std::uint64_t n) {
   }
 }
 asio::awaitable<void> ad_consume(pb_chan* ch, std::uint64_t n, std::uint64_t* sum, std::uint64_t* count) {
+  std::uint64_t s = 0, c = 0;
   for (std::uint64_t k = 0; k < n; ++k) {
     auto r = co_await postbox::async_receive(*ch, asio::use_awaitable);
     if (!r.has_value()) fail("adapter receive");
-    *sum += *r;
-    ++*count;
+    s += *r;
+    ++c;
   }
+  *sum += s;
+  *count += c;
 }
 asio::awaitable<void> ad_ping(pb_chan* there, pb_chan* back, std::uint64_t trips, std::uint64_t* sum,
                               std::uint64_t* count) {
+  std::uint64_t s = 0, c = 0;
   for (item i = 1; i <= trips; ++i) {
     if (co_await postbox::async_send(*there, i, asio::use_awaitable) != postbox::send_status::ok) fail("adapter send");
     auto r = co_await postbox::async_receive(*back, asio::use_awaitable);
     if (!r.has_value() || *r != i) fail("adapter ping-pong answered out of turn");
-    *sum += *r;
-    ++*count;
+    s += *r;
+    ++c;
   }
+  *sum += s;
+  *count += c;
 }
 asio::awaitable<void> ad_pong(pb_chan* there, pb_chan* back, std::uint64_t trips) {
   for (std::uint64_t k = 0; k < trips; ++k) {
@@ -289,20 +312,26 @@ asio::awaitable<void> as_produce(asio_chan* ch, std::uint64_t n) {
   for (item i = 1; i <= n; ++i) co_await ch->async_send(asio::error_code{}, i, asio::use_awaitable);
 }
 asio::awaitable<void> as_consume(asio_chan* ch, std::uint64_t n, std::uint64_t* sum, std::uint64_t* count) {
+  std::uint64_t s = 0, c = 0;
   for (std::uint64_t k = 0; k < n; ++k) {
-    *sum += co_await ch->async_receive(asio::use_awaitable);
-    ++*count;
+    s += co_await ch->async_receive(asio::use_awaitable);
+    ++c;
   }
+  *sum += s;
+  *count += c;
 }
 asio::awaitable<void> as_ping(asio_chan* there, asio_chan* back, std::uint64_t trips, std::uint64_t* sum,
                               std::uint64_t* count) {
+  std::uint64_t s = 0, c = 0;
   for (item i = 1; i <= trips; ++i) {
     co_await there->async_send(asio::error_code{}, i, asio::use_awaitable);
     const item v = co_await back->async_receive(asio::use_awaitable);
     if (v != i) fail("asio ping-pong answered out of turn");
-    *sum += v;
-    ++*count;
+    s += v;
+    ++c;
   }
+  *sum += s;
+  *count += c;
 }
 asio::awaitable<void> as_pong(asio_chan* there, asio_chan* back, std::uint64_t trips) {
   for (std::uint64_t k = 0; k < trips; ++k) {
@@ -354,8 +383,10 @@ double ad_sync_producer(std::uint64_t n) {
   std::uint64_t sum = 0, count = 0;
   asio::co_spawn(r.first(), ad_consume(&ch, n, &sum, &count), asio::detached);
   const double secs = r.run([&] {
-    for (item i = 1; i <= n; ++i) {
-      if (ch.send(i) != postbox::send_status::ok) fail("postbox blocking send failed");
+    pb_chan& mine = ch;
+    const std::uint64_t total = n;
+    for (item i = 1; i <= total; ++i) {
+      if (mine.send(i) != postbox::send_status::ok) fail("postbox blocking send failed");
     }
   });
   check(count, n, sum);
@@ -392,11 +423,13 @@ double as_sync_producer(std::uint64_t n) {
   auto work = asio::make_work_guard(r.first());  // the consumer's run() must outlive the producer's waits
   asio::co_spawn(r.first(), as_consume(&ch, n, &sum, &count), asio::detached);
   const double secs = r.run([&] {
+    asio_chan& mine = ch;
+    const std::uint64_t total = n;
     std::atomic<bool> sent{false};
-    for (item i = 1; i <= n; ++i) {
-      if (ch.try_send(asio::error_code{}, i)) continue;
+    for (item i = 1; i <= total; ++i) {
+      if (mine.try_send(asio::error_code{}, i)) continue;
       sent.store(false, std::memory_order_relaxed);
-      ch.async_send(asio::error_code{}, i, [&sent](asio::error_code ec) {
+      mine.async_send(asio::error_code{}, i, [&sent](asio::error_code ec) {
         if (ec) fail("asio send failed");
         sent.store(true, std::memory_order_release);
         sent.notify_one();

@@ -542,11 +542,19 @@ asio::awaitable<void> asio_produce(asio_channel_type* ch, std::uint64_t n) {
   for (std::uint64_t i = 1; i <= n; ++i) co_await ch->async_send(asio::error_code{}, make_item(0, i), asio::use_awaitable);
 }
 
+// The consuming and pinging coroutines add up in their own frames and store
+// the totals once, when they finish: `sum` and `count` live on the frame of
+// the row's function, next to the channel(s) and the io_contexts both
+// threads use (as the spinning and blocking rows keep their totals local
+// until the end).
 asio::awaitable<void> asio_consume(asio_channel_type* ch, std::uint64_t n, std::uint64_t* sum, std::uint64_t* count) {
+  std::uint64_t s = 0, c = 0;
   for (std::uint64_t k = 0; k < n; ++k) {
-    *sum += co_await ch->async_receive(asio::use_awaitable);
-    ++*count;
+    s += co_await ch->async_receive(asio::use_awaitable);
+    ++c;
   }
+  *sum += s;
+  *count += c;
 }
 
 /// Where the two coroutines run: both on one io_context that two threads
@@ -578,13 +586,16 @@ double asio_coro_throughput(std::uint64_t total, asio_contexts how) {
 
 asio::awaitable<void> asio_ping(asio_channel_type* there, asio_channel_type* back, std::uint64_t trips, std::uint64_t* sum,
                                 std::uint64_t* count) {
+  std::uint64_t s = 0, c = 0;
   for (std::uint64_t i = 1; i <= trips; ++i) {
     co_await there->async_send(asio::error_code{}, i, asio::use_awaitable);
     const item v = co_await back->async_receive(asio::use_awaitable);
     if (v != i) fail("asio ping-pong answered out of turn");
-    *sum += v;
-    ++*count;
+    s += v;
+    ++c;
   }
+  *sum += s;
+  *count += c;
 }
 
 asio::awaitable<void> asio_pong(asio_channel_type* there, asio_channel_type* back, std::uint64_t trips) {
