@@ -756,11 +756,10 @@ namespace detail {
 /// One subscription handle's own state, apart from the queue it may share
 /// with other members of its group. Owned by the handle only. Line-aligned:
 /// every blocking receive writes `calls` twice, so no heap neighbour that a
-/// publish touches may share its line. (topic_bench's zero-copy row runs at
-/// about 18 M msg/s or, in a slow mode, about 8: unaligned in 9 of 14
-/// processes, aligned in 3 of 19 that hour but 10 of 28 over the evening, so
-/// the alignment is not the whole story; the slow mode's publisher takes
-/// 130 ns a publish while its subscriber spins on an empty queue.)
+/// publish touches may share its line. (topic_bench's zero-copy row had a
+/// slow mode in some processes that this alignment was first thought to
+/// cure; it came from the benchmark itself, whose subscriber read the
+/// publisher's stack on every message: see topic_bench's subscriber_local.)
 template <class T>
 struct alignas(cache_line_size) subscription_core {
   std::shared_ptr<topic_state<T>> state;
