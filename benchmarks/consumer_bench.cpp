@@ -33,6 +33,8 @@
 #include <postbox/consumer.hpp>
 #include <postbox/testing.hpp>
 
+#include "bench_layout.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -165,14 +167,7 @@ double bare_threaded(std::size_t n) {
   return ns / static_cast<double>(n);
 }
 
-// An object on cache lines of its own: nothing else on the stack frame that
-// holds it shares a line with it.
-template <class T>
-struct alignas(64) own_lines {
-  template <class... A>
-  explicit own_lines(A&&... a) : value(std::forward<A>(a)...) {}
-  T value;
-};
+using postbox_bench::own_lines;
 
 // One consumer worker's tally, on a line no other thread writes.
 struct alignas(64) worker_tally {

@@ -110,6 +110,8 @@
 #include <postbox/operations.hpp>
 #include <postbox/request_reply.hpp>
 
+#include "bench_layout.hpp"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -334,14 +336,7 @@ double zmq_round_trip(int n, bool msg_api) {
 }
 #endif
 
-// An object on cache lines of its own: nothing else on the stack frame that
-// holds it shares a line with it.
-template <class T>
-struct alignas(64) own_lines {
-  template <class... A>
-  explicit own_lines(A&&... a) : value(std::forward<A>(a)...) {}
-  T value;
-};
+using postbox_bench::own_lines;
 
 // One worker's count of completed operations, on a line of its own.
 struct alignas(64) completion_tally {

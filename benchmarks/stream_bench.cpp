@@ -92,6 +92,8 @@
 #include <postbox/channel.hpp>
 #include <postbox/stream.hpp>
 
+#include "bench_layout.hpp"
+
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -206,14 +208,7 @@ double channel_1p_with_ctor() {
   return static_cast<double>(n) / secs;
 }
 
-// An object on cache lines of its own: nothing else on the stack frame that
-// holds it shares a line with it.
-template <class T>
-struct alignas(64) own_lines {
-  template <class... A>
-  explicit own_lines(A&&... a) : value(std::forward<A>(a)...) {}
-  T value;
-};
+using postbox_bench::own_lines;
 
 // The stream both threads append to sits on lines of its own, and thread a
 // reaches it through a reference of its own: its loop reads nothing else on
