@@ -196,16 +196,10 @@ double consumer_threaded(std::size_t n, std::size_t threads) {
   own_lines<postbox::consumer<int>> c(
       postbox::channel_source<int>(ch, "bench"),
       [all = tallies.data(), threads, &claimed](const env_t& e) {
-        thread_local const worker_tally* run = nullptr;  // the tallies this thread's slot belongs to
-        thread_local worker_tally* mine = nullptr;
-        if (run != all) {
-          const std::size_t k = claimed.fetch_add(1, std::memory_order_relaxed);
-          if (k >= threads) fail("a handler ran outside the consumer's workers");
-          run = all;
-          mine = &all[k];
-        }
-        mine->sum += static_cast<std::uint64_t>(e.payload);
-        mine->handled.store(mine->handled.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+        worker_tally& mine = postbox_bench::thread_slot(all, threads, claimed);
+        mine.sum += static_cast<std::uint64_t>(e.payload);
+        // release: pairs with the main thread's acquire loads; publishes `sum`.
+        mine.handled.store(mine.handled.load(std::memory_order_relaxed) + 1, std::memory_order_release);
       },
       dlq, o);
   const auto handled = [&tallies] {

@@ -367,15 +367,9 @@ double operations_throughput(int n) {
   for (int i = 0; i < n; ++i) {
     for (;;) {
       auto s = ops.submit("bench", "", "", [all = tallies.data(), &claimed](postbox::operation_context&) {
-        thread_local const completion_tally* run = nullptr;  // the tallies this thread's slot belongs to
-        thread_local completion_tally* mine = nullptr;
-        if (run != all) {
-          const std::size_t k = claimed.fetch_add(1, std::memory_order_relaxed);
-          if (k >= workers) fail("operations ran work on more threads than its workers");
-          run = all;
-          mine = &all[k];
-        }
-        mine->done.store(mine->done.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        completion_tally& mine = postbox_bench::thread_slot(all, workers, claimed);
+        // relaxed: a count the main thread polls; nothing else is published through it.
+        mine.done.store(mine.done.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
         return 1;
       });
       if (s.has_value()) break;
