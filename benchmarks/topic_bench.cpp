@@ -153,8 +153,8 @@ void pin_to(unsigned cpu) {
 // processes on the same cache line: line transfers per message that no
 // contender causes. With the stack's random placement (ASLR) that made the
 // zero-copy rows bimodal per process (about 8 or about 18 M msg/s for the
-// topic; without ASLR, `setarch -R`, 15 of 16 processes fast), and it cost
-// the channel rows too. With every subscriber reading only its own stack, one
+// topic: 13 of 24 processes under 11 M msg/s; without ASLR, `setarch -R`,
+// none of 24 under 10.7), and it cost the channel rows too. With every subscriber reading only its own stack, one
 // interleaved run: zero-copy topic 8-18 -> 25-26 M msg/s, channels 25-28 ->
 // 47-54.
 //
