@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
@@ -45,6 +46,7 @@ inline void emit(const std::string& line) {
 
 /// The child's deterministic crash point from POSTBOX_CRASH_AT, if any:
 /// `hit(name)` kills the process with SIGKILL at the k-th call for `name`.
+/// Thread-safe: a consumer with several workers reaches its points from each.
 class crash_point {
  public:
   crash_point() {
@@ -57,13 +59,14 @@ class crash_point {
   }
   void hit(const char* name) {
     if (name_ != name) return;
-    if (++count_ >= at_) ::kill(::getpid(), SIGKILL);
+    // relaxed: only the count matters; the kill needs no other memory.
+    if (count_.fetch_add(1, std::memory_order_relaxed) + 1 >= at_) ::kill(::getpid(), SIGKILL);
   }
 
  private:
   std::string name_;
   long long at_ = 0;
-  long long count_ = 0;
+  std::atomic<long long> count_{0};
 };
 
 /// A running child: its pid and the read end of its stdout.
