@@ -26,8 +26,19 @@
 
 namespace postbox_crash {
 
+/// Run by die() before the process exits: a parent that owns what exit()
+/// would leave behind (a nats-server it started: std::exit runs no
+/// destructors of the stack it leaves) releases it here. Children start from
+/// exec, so they never inherit it.
+inline void (*before_die)() = nullptr;
+
 [[noreturn]] inline void die(const char* who, const std::string& what) {
   std::fprintf(stderr, "%s: %s\n", who, what.c_str());
+  if (before_die != nullptr) {
+    void (*const release)() = before_die;
+    before_die = nullptr;  // once, even if it dies itself
+    release();
+  }
   std::exit(2);
 }
 

@@ -273,6 +273,22 @@ int run_parent() {
 
   pn::server srv("crash");
   srv.start();
+  // A failed check below ends the run through die() (std::exit, which runs
+  // no destructor of this frame): kill the server there, or it outlives the
+  // test. The guard withdraws the hook when the server goes.
+  static pn::server* running_server = nullptr;
+  struct kill_server_on_die {
+    explicit kill_server_on_die(pn::server& s) {
+      running_server = &s;
+      postbox_crash::before_die = [] { running_server->kill(); };
+    }
+    ~kill_server_on_die() {
+      postbox_crash::before_die = nullptr;
+      running_server = nullptr;
+    }
+    kill_server_on_die(const kill_server_on_die&) = delete;
+    kill_server_on_die& operator=(const kill_server_on_die&) = delete;
+  } const on_die(srv);
   const std::string url = srv.url();
   {
     // The connection (and its threads) ends before any fork below.
