@@ -123,7 +123,6 @@
 #include <future>
 #include <string>
 #include <thread>
-#include <utility>
 #include <vector>
 
 #if defined(__linux__)
