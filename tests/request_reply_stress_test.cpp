@@ -160,3 +160,110 @@ TEST_CASE("threads blocked in get() on their futures each take exactly their own
   CHECK(replied == static_cast<std::uint64_t>(ok.load()));
   CHECK(replied + timed_out + errors == static_cast<std::uint64_t>(total));
 }
+
+TEST_CASE("future requests on a few reused slots, with replies racing timeouts and duplicates, each end once",
+          "[request_reply][stress]") {
+  // The future form completes on slots without the table's lock (issue 18).
+  // Eight slots (max_pending 8) shared by three requesting threads are reused
+  // thousands of times; every reply is delivered twice, some are errors, some
+  // requests are never answered, and 1-3 ms timeouts under a ticking manual
+  // clock make replies and the timer race for the same slot. Each future must get exactly one outcome, the
+  // right one, and the counters must account for every delivery.
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  postbox::channel<postbox::envelope<int>> requests(64);
+  postbox::endpoint_registry<int> registry;
+  const int threads_n = 3;
+  const int per = static_cast<int>(postbox_test::scaled(6000));
+  auto req = std::make_unique<postbox::requester<int, int>>(requests, registry, timers,
+                                                            postbox::requester_options{.max_pending = 8});
+  std::atomic<bool> done{false};
+  std::atomic<long long> deliveries{0};
+  std::thread replier([&] {  // answers twice, every 5th with an error, never every 11th
+    postbox::endpoint_registry<int>::delivery_cache cache;
+    while (auto env = requests.receive()) {
+      if (env->payload % 11 == 0) continue;
+      const auto to = env->headers.get(postbox::header_names::reply_to);
+      for (int copy = 0; copy < 2; ++copy) {
+        postbox::reply_packet<int> p{env->correlation_id, {}};
+        if (env->payload % 5 == 0) {
+          p.body = postbox::reply_error{postbox::errc::handler_error, "fifth"};
+        } else {
+          p.body = postbox::reply_to(*env, env->payload * 2, clock);
+        }
+        if (registry.deliver(*to, std::move(p), cache) == postbox::errc::ok) ++deliveries;
+      }
+    }
+  });
+  std::thread ticker([&] {
+    while (!done.load()) {
+      clock.advance(1ms);
+      timers.run_due();
+      std::this_thread::yield();
+    }
+  });
+  std::atomic<long long> ok{0}, errors{0}, timeouts{0}, wrong{0}, accepted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < threads_n; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<std::pair<int, postbox::reply_future<postbox::reply_outcome<int>>>> outstanding;
+      auto finish = [&](std::pair<int, postbox::reply_future<postbox::reply_outcome<int>>>& f) {
+        auto o = f.second.get();
+        if (o.ok()) {
+          ++ok;
+          if (f.first % 5 == 0 || f.first % 11 == 0 || o.reply->payload != 2 * f.first) ++wrong;
+        } else if (o.status == postbox::errc::handler_error) {
+          ++errors;
+          if (f.first % 5 != 0 || f.first % 11 == 0) ++wrong;
+        } else if (o.status == postbox::errc::timeout) {
+          ++timeouts;
+        } else {
+          ++wrong;
+        }
+      };
+      for (int i = 0; i < per; ++i) {
+        const int id = t * per + i;
+        auto f = req->request(id, std::chrono::milliseconds(1 + i % 3));
+        if (!f.has_value()) {  // busy (eight in flight) or full (the channel): finish one first
+          if (f.status() != postbox::errc::busy && f.status() != postbox::errc::full) ++wrong;
+          if (!outstanding.empty()) {
+            finish(outstanding.front());
+            outstanding.erase(outstanding.begin());
+          }
+          std::this_thread::yield();
+          --i;
+          continue;
+        }
+        ++accepted;
+        outstanding.emplace_back(id, std::move(*f));
+        if (outstanding.size() > 2) {
+          finish(outstanding.front());
+          outstanding.erase(outstanding.begin());
+        }
+      }
+      for (auto& f : outstanding) finish(f);
+    });
+  }
+  for (auto& th : threads) th.join();
+  done = true;
+  ticker.join();
+  requests.close();
+  replier.join();  // every delivery is in (the requester is still there)
+  const auto st = req->stats();
+  req.reset();
+  INFO("ok " << ok << " errors " << errors << " timeouts " << timeouts << " deliveries " << deliveries);
+  CHECK(wrong == 0);
+  CHECK(accepted == threads_n * per);
+  CHECK(ok + errors + timeouts == accepted);
+  CHECK(st.sent == static_cast<std::uint64_t>(accepted.load()));
+  CHECK(st.replied == static_cast<std::uint64_t>(ok.load()));
+  CHECK(st.errors == static_cast<std::uint64_t>(errors.load()));
+  CHECK(st.timed_out == static_cast<std::uint64_t>(timeouts.load()));
+  CHECK(st.pending == 0);
+  CHECK(ok > 0);
+  CHECK(timeouts > 0);
+  // Every delivery that did not complete its request was dropped and counted.
+  const auto dropped = st.late_replies + st.duplicate_replies + st.unmatched_replies;
+  CHECK(dropped + st.replied + st.errors == static_cast<std::uint64_t>(deliveries.load()));
+  CHECK(st.duplicate_replies > 0);
+}

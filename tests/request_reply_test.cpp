@@ -762,3 +762,182 @@ TEST_CASE("a responder thread delivers to a re-registered endpoint name, not the
   CHECK(resp.stats().unroutable == 0);
   CHECK(resp.stats().handled == 2);
 }
+
+// The future form's slots (issue 18): a future request takes a slot of the
+// table, addressed by the low bits of its correlation id, and its reply
+// completes it without the table's lock.
+
+TEST_CASE("a future request's id is its correlation id and ids still increase", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto a = req.request(1, 1s);
+  auto b = req.request(2, 1s);
+  REQUIRE((a.has_value() && b.has_value()));
+  auto first = r.requests.try_receive();
+  auto second = r.requests.try_receive();
+  REQUIRE((first.has_value() && second.has_value()));
+  CHECK(first->correlation_id == first->id);
+  CHECK(second->correlation_id == second->id);
+  CHECK(first->id < second->id);
+  CHECK(postbox::message_id::generate() > second->id);
+}
+
+TEST_CASE("a late reply to a future request is counted late, also after its slot served the next request",
+          "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers, {.max_pending = 1});  // one slot
+  auto first = req.request(1, 1s);
+  REQUIRE(first.has_value());
+  auto first_sent = r.requests.try_receive();
+  REQUIRE(first_sent.has_value());
+  r.h.advance(1s);
+  REQUIRE(first->ready());
+  CHECK(first->get().status == postbox::errc::timeout);
+  auto late = [&] {
+    REQUIRE(r.registry.deliver(req.endpoint(), {first_sent->correlation_id, postbox::reply_to(*first_sent, 2, r.clock)}) ==
+            postbox::errc::ok);
+  };
+  late();  // the slot still holds the timed-out request
+  CHECK(req.stats().late_replies == 1);
+  auto second = req.request(2, 1s);  // reuses the one slot
+  REQUIRE(second.has_value());
+  late();
+  CHECK(req.stats().late_replies == 2);
+  CHECK_FALSE(second->ready());
+  auto second_sent = r.requests.try_receive();
+  REQUIRE(second_sent.has_value());
+  REQUIRE(r.registry.deliver(req.endpoint(), {second_sent->correlation_id, postbox::reply_to(*second_sent, 4, r.clock)}) ==
+          postbox::errc::ok);
+  REQUIRE(second->ready());
+  CHECK(second->get().reply->payload == 4);
+  const auto s = req.stats();
+  CHECK(s.late_replies == 2);
+  CHECK(s.replied == 1);
+  CHECK(s.unmatched_replies == 0);
+}
+
+TEST_CASE("a duplicate reply to a future request is counted duplicate, also after its slot served the next request",
+          "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers, {.max_pending = 1});
+  auto first = req.request(1, 1s);
+  REQUIRE(first.has_value());
+  auto sent = r.requests.try_receive();
+  REQUIRE(sent.has_value());
+  auto reply = [&](int v) {
+    REQUIRE(r.registry.deliver(req.endpoint(), {sent->correlation_id, postbox::reply_to(*sent, v, r.clock)}) ==
+            postbox::errc::ok);
+  };
+  reply(2);
+  reply(3);
+  REQUIRE(first->ready());
+  CHECK(first->get().reply->payload == 2);
+  auto second = req.request(2, 1s);
+  REQUIRE(second.has_value());
+  reply(4);
+  CHECK_FALSE(second->ready());
+  const auto s = req.stats();
+  CHECK(s.duplicate_replies == 2);
+  CHECK(s.replied == 1);
+  CHECK(s.pending == 1);
+}
+
+TEST_CASE("finished future requests are remembered for four times max_pending requests, then counted unmatched",
+          "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers, {.max_pending = 1});
+  std::vector<postbox::envelope<int>> sent;
+  for (int i = 0; i < 6; ++i) {  // each times out; the slot's last one plus 4 x 1 remembered
+    auto f = req.request(i, 1s);
+    REQUIRE(f.has_value());
+    sent.push_back(*r.requests.try_receive());
+    r.h.advance(1s);
+    REQUIRE(f->ready());
+  }
+  for (auto& e : sent)
+    REQUIRE(r.registry.deliver(req.endpoint(), {e.correlation_id, postbox::reply_to(e, 0, r.clock)}) ==
+            postbox::errc::ok);
+  const auto s = req.stats();
+  CHECK(s.late_replies == 5);
+  CHECK(s.unmatched_replies == 1);
+}
+
+TEST_CASE("a reply with a correlation id no request had is counted unmatched", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto f = req.request(1, 1s);
+  REQUIRE(f.has_value());
+  auto sent = r.requests.try_receive();
+  REQUIRE(sent.has_value());
+  // Same slot index (low bits), another id: not this request's reply.
+  const postbox::message_id other(sent->correlation_id.high() ^ 1, sent->correlation_id.low());
+  REQUIRE(r.registry.deliver(req.endpoint(), {other, postbox::reply_to(*sent, 2, r.clock)}) == postbox::errc::ok);
+  CHECK_FALSE(f->ready());
+  CHECK(req.stats().unmatched_replies == 1);
+  CHECK(req.stats().pending == 1);
+}
+
+TEST_CASE("a future request refused by a full channel leaves its slot to the next request", "[request_reply]") {
+  rig r;
+  postbox::channel<postbox::envelope<int>> small(1);
+  postbox::requester<int, int> req(small, r.registry, r.timers, {.max_pending = 2});
+  auto first = req.request(1, 1s);
+  REQUIRE(first.has_value());
+  CHECK(req.request(2, 1s).status() == postbox::errc::full);
+  CHECK(req.stats().pending == 1);
+  auto queued = small.try_receive();
+  REQUIRE(queued.has_value());
+  auto second = req.request(3, 1s);
+  auto third = small.try_receive();
+  REQUIRE((second.has_value() && third.has_value()));
+  CHECK(third->payload == 3);
+  CHECK(req.stats().pending == 2);
+  CHECK(req.request(4, 1s).status() == postbox::errc::busy);
+  r.h.advance(1s);
+  CHECK(first->get().status == postbox::errc::timeout);
+  CHECK(second->get().status == postbox::errc::timeout);
+  const auto s = req.stats();
+  CHECK(s.refused == 2);
+  CHECK(s.timed_out == 2);
+  CHECK(s.pending == 0);
+}
+
+TEST_CASE("future requests beyond the table's 4096 slots are answered and time out as the others", "[request_reply]") {
+  rig r;
+  postbox::channel<postbox::envelope<int>> big(8192);
+  postbox::requester<int, int> req(big, r.registry, r.timers, {.max_pending = 5000});
+  std::vector<postbox::reply_future<postbox::reply_outcome<int>>> fs;
+  for (int i = 0; i < 4100; ++i) {
+    auto f = req.request(i, i % 2 == 0 ? 1s : 2s);
+    REQUIRE(f.has_value());
+    fs.push_back(std::move(*f));
+  }
+  CHECK(req.stats().pending == 4100);
+  // Answer the first half of the requests, let the rest time out.
+  for (int i = 0; i < 4100; ++i) {
+    auto e = big.try_receive();
+    REQUIRE(e.has_value());
+    if (e->payload < 2050)
+      REQUIRE(r.registry.deliver(req.endpoint(), {e->correlation_id, postbox::reply_to(*e, 2 * e->payload, r.clock)}) ==
+              postbox::errc::ok);
+  }
+  r.h.advance(1s);
+  r.h.advance(1s);
+  int ok = 0, timeouts = 0;
+  for (int i = 0; i < 4100; ++i) {
+    REQUIRE(fs[static_cast<std::size_t>(i)].ready());
+    auto o = fs[static_cast<std::size_t>(i)].get();
+    if (o.ok()) {
+      ++ok;
+      CHECK(o.reply->payload == 2 * i);
+      CHECK(i < 2050);
+    } else {
+      ++timeouts;
+      CHECK(o.status == postbox::errc::timeout);
+      CHECK(i >= 2050);
+    }
+  }
+  CHECK(ok == 2050);
+  CHECK(timeouts == 2050);
+  CHECK(req.stats().pending == 0);
+}

@@ -263,7 +263,9 @@ class requester {
   [[nodiscard]] result<reply_future<reply_outcome<Reply>>> request(Request payload, duration timeout,
                                                                    message_kind kind = message_kind::query) {
     auto fs = std::make_shared<detail::rr_future_state<reply_outcome<Reply>>>();
-    auto open = [&](const message_id& corr, time_point deadline) { return table_->open(corr, fs, deadline); };
+    // On a slot: the reply completes it without the table's lock. The slot
+    // rewrites the id's low bits (the request carries the rewritten id).
+    auto open = [&](message_id& corr, time_point deadline) { return table_->open_slot(corr, fs, deadline); };
     const errc s = send_in_place(std::move(payload), timeout, kind, open, true);
     if (s != errc::ok) return s;
     return reply_future<reply_outcome<Reply>>(std::move(fs));
@@ -387,9 +389,10 @@ class requester {
                         .headers = {},
                         .payload = &payload};
     parts.headers.set(header_names::reply_to, opts_.endpoint);
-    const message_id corr = parts.id;
+    message_id corr = parts.id;
     const time_point deadline = parts.deadline;
     if (const errc s = open(corr, deadline); s != errc::ok) return s;
+    parts.id = corr;  // (open_slot addresses its slot in the id's low bits)
     const send_status sent = requests_->try_emplace(std::move(parts));
     if (sent != send_status::ok) return table_->abandon(corr, sent == send_status::closed ? errc::closed : errc::full);
     if (tracked) {

@@ -312,10 +312,13 @@ enum class callback_exceptions : std::uint8_t {
 /// completes each accepted request exactly once: reply, responder error,
 /// `timeout` or `canceled` (`close`). Removal of the entry under the table's
 /// mutex is the single point that decides the outcome; the callback runs
-/// after it, outside the lock. Finished correlation ids are remembered (at
-/// most 4 x `max_pending`, FIFO) to tell late and duplicate replies from
-/// unmatched ones; all three are dropped and counted. `Stats` is
-/// `requester_stats` or a transport's extension of it.
+/// after it, outside the lock. The future form can instead take a slot
+/// (`open_slot`): its correlation id addresses the slot, and one CAS on the
+/// slot's state word decides the outcome, so a reply completes it without
+/// the lock. Finished correlation ids are remembered (at most 4 x
+/// `max_pending`, FIFO; a slot's last one until the slot is reused) to tell
+/// late and duplicate replies from unmatched ones; all three are dropped and
+/// counted. `Stats` is `requester_stats` or a transport's extension of it.
 ///
 /// Deadlines: the table keeps its own min-heap of deadlines and holds at most
 /// one timer on `timers`, for the earliest one; that timer expires every
@@ -356,7 +359,9 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         max_pending_(max_pending),
         done_capacity_(max_pending > std::numeric_limits<std::size_t>::max() / 8 ? std::numeric_limits<std::size_t>::max() / 2
                                                                                : 4 * (max_pending == 0 ? 1 : max_pending)),
-        on_throw_(on_throw) {}
+        on_throw_(on_throw),
+        slots_usable_(max_pending < slot_limit ? max_pending : slot_limit),
+        chunks_(std::make_unique<std::atomic<future_slot*>[]>((slots_usable_ + slots_per_chunk - 1) / slots_per_chunk)) {}
   pending_requests(const pending_requests&) = delete;
   pending_requests& operator=(const pending_requests&) = delete;
 
@@ -418,6 +423,51 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     e.single = std::move(cb);
     return open_tracked(corr, std::move(e), deadline);
   }
+  /// As `open(corr, future, deadline)`, on a slot of the table: the reply
+  /// that completes it takes no lock (one CAS on the slot). Rewrites the low
+  /// 12 bits of `corr` (random bits of a UUIDv7, so the id stays unique) to
+  /// the slot's index: the transport sends the `corr` it gets back. With
+  /// every slot taken (4096, or `max_pending` if fewer) the request is
+  /// opened as `open(corr, future, deadline)` opens it, `corr` unchanged.
+  /// `busy` (counted as refused) at the pending limit. After sending,
+  /// `sent()` or `abandon`. Allocates only while the slots grow (32 at a
+  /// time). Thread-safe.
+  [[nodiscard]] errc open_slot(message_id& corr, std::shared_ptr<future_state> future, time_point deadline) {
+    std::lock_guard lock(mutex_);
+    if (in_flight_at_limit()) {
+      ++stats_.refused;
+      return errc::busy;
+    }
+    const std::size_t i = take_free_slot();
+    if (i == no_slot) {
+      entry e;
+      e.future = std::move(future);
+      const errc s = insert_locked(corr, std::move(e));
+      if (s == errc::ok) track(corr, deadline);
+      return s;
+    }
+    future_slot& s = *slot_at(i);
+    // acquire: pairs with the release store that ended the slot's last
+    // request (claim_slot's caller), after which its future was moved out.
+    const std::uint64_t old = s.state.load(std::memory_order_acquire);
+    if (tag_of(old) == slot_replied || tag_of(old) == slot_expired) {
+      remember(message_id(s.id_high.load(std::memory_order_relaxed), s.id_low.load(std::memory_order_relaxed)),
+               tag_of(old) == slot_replied ? finished::replied : finished::expired);
+    }
+    forget_deadlines_if_idle();
+    corr = message_id(corr.high(), (corr.low() & ~slot_index_mask) | i);
+    s.id_high.store(corr.high(), std::memory_order_relaxed);
+    s.id_low.store(corr.low(), std::memory_order_relaxed);
+    s.future = std::move(future);
+    s.counted = true;
+    ++slots_in_use_;
+    const std::uint64_t gen = gen_of(old) + 1;
+    // release: publishes the id and the future to claim_slot's acquire
+    // load (a replying thread, the timer, close(), abandon()).
+    s.state.store(make_state(gen, slot_pending), std::memory_order_release);
+    track_item({deadline, corr, static_cast<std::uint32_t>(i), gen});
+    return errc::ok;
+  }
   /// Counts a request opened with a deadline as sent. Never blocks.
   void sent() noexcept {
     // relaxed: a statistic, read by stats().
@@ -440,13 +490,26 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   /// caller does not send it again. Thread-safe.
   errc abandon(const message_id& corr, errc why) {
     std::lock_guard lock(mutex_);
-    if (pending_.erase(corr) == 0) {
-      sent();
-      return errc::ok;
+    if (pending_.erase(corr) != 0) {
+      ++stats_.refused;
+      forget_deadlines_if_idle();
+      return why;
     }
-    ++stats_.refused;
-    forget_deadlines_if_idle();
-    return why;
+    if (future_slot* s = slot_of(corr)) {
+      std::uint64_t st = s->state.load(std::memory_order_acquire);
+      if (claim_slot(*s, st)) {
+        s->future.reset();
+        s->counted = false;
+        --slots_in_use_;
+        // release: the partner of open_slot's acquire load (the future is
+        // gone); tagged free, the id is not remembered (it was never sent).
+        s->state.store(make_state(gen_of(st), slot_free), std::memory_order_release);
+        ++stats_.refused;
+        return why;
+      }
+    }
+    sent();
+    return errc::ok;
   }
   /// Counts a refusal decided before `open` (say, the request did not encode)
   /// and returns `why`. Thread-safe.
@@ -472,6 +535,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   /// or unmatched. A gather completes once `want` replies or errors are in.
   /// Thread-safe.
   void on_reply(reply_packet<Reply>&& packet) {
+    if (complete_slot(packet)) return;  // the future form's slot: no lock
     // Declared first, so destroyed last: it clears the entry (the callback
     // and everything it captured) before close() may stop waiting.
     std::optional<callback_run> run;
@@ -482,6 +546,20 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       std::unique_lock lock(mutex_);
       auto it = pending_.find(packet.correlation_id);
       if (it == pending_.end()) {
+        if (future_slot* s = slot_of(packet.correlation_id)) {
+          // The slot still holds this id (ids change only under this lock).
+          // acquire: pairs with the store that ended the request.
+          const std::uint64_t tag = tag_of(s->state.load(std::memory_order_acquire));
+          if (tag == slot_pending) {  // (not seen pending by complete_slot: cannot happen; try again)
+            lock.unlock();
+            on_reply(std::move(packet));
+            return;
+          }
+          if (tag != slot_free) {  // claimed: another reply is completing it
+            ++(tag == slot_expired ? stats_.late_replies : stats_.duplicate_replies);
+            return;
+          }
+        }
         auto d = done_.find(packet.correlation_id);
         if (d == done_.end()) ++stats_.unmatched_replies;
         else if (d->second == finished::replied) ++stats_.duplicate_replies;
@@ -553,9 +631,16 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   [[nodiscard]] Stats stats() const {
     std::lock_guard lock(mutex_);
     Stats s = stats_;
-    // relaxed: a statistic (see sent()).
+    // relaxed: statistics (see sent(), slot_replied_).
     s.sent = sent_.load(std::memory_order_relaxed);
+    s.replied += slot_replied_.load(std::memory_order_relaxed);
+    s.errors += slot_errors_.load(std::memory_order_relaxed);
     s.pending = pending_.size();
+    for (std::size_t i = 0; i < slots_allocated_; ++i) {
+      // relaxed: a snapshot count; nothing is read through it.
+      const std::uint64_t tag = tag_of(slot_at(i)->state.load(std::memory_order_relaxed));
+      if (tag == slot_pending || tag == slot_claimed) ++s.pending;
+    }
     return s;
   }
 
@@ -583,9 +668,50 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   using map_type = std::unordered_map<message_id, entry>;
   using node_type = typename map_type::node_type;
   enum class finished : std::uint8_t { replied, expired };
+  static constexpr std::uint32_t map_item = std::numeric_limits<std::uint32_t>::max();
   struct deadline_item {
     time_point when;
     message_id corr;
+    std::uint32_t slot = map_item;  // a slot's index, or map_item (the request is in pending_)
+    std::uint64_t gen = 0;          // the slot's generation for this request
+  };
+
+  // The future form's slots (open_slot). A slot's correlation id carries
+  // its index in its low 12 bits; its state word decides the outcome, so a
+  // reply completes it with one CAS, without the table's lock.
+  static constexpr unsigned slot_index_bits = 12;
+  static constexpr std::size_t slot_limit = std::size_t{1} << slot_index_bits;
+  static constexpr std::uint64_t slot_index_mask = slot_limit - 1;
+  static constexpr std::size_t slots_per_chunk = 32;
+  static constexpr std::size_t no_slot = std::numeric_limits<std::size_t>::max();
+  // state = generation << 3 | tag. A request is free/replied/expired(g) ->
+  // pending(g + 1) (open_slot) -> claimed (one CAS: the one outcome is
+  // decided) -> replied, expired, or free (canceled, abandoned).
+  static constexpr std::uint64_t slot_free = 0;
+  static constexpr std::uint64_t slot_pending = 1;
+  static constexpr std::uint64_t slot_claimed = 2;
+  static constexpr std::uint64_t slot_replied = 3;
+  static constexpr std::uint64_t slot_expired = 4;
+  static constexpr std::uint64_t tag_of(std::uint64_t state) noexcept { return state & 7u; }
+  static constexpr std::uint64_t gen_of(std::uint64_t state) noexcept { return state >> 3; }
+  static constexpr std::uint64_t make_state(std::uint64_t gen, std::uint64_t tag) noexcept { return gen << 3 | tag; }
+  // One cache line: what a round trip writes of the table, on both sides.
+  struct alignas(detail::cache_line_size) future_slot {
+    /// Written by open_slot under mutex_ (release: publishes id_* and
+    /// future; partner: claim_slot's and the classifiers' acquire loads), by
+    /// claim_slot's CAS (acquire: pairs with that release) and, once
+    /// claimed, by the claimer's release store of the final tag (partner:
+    /// open_slot's acquire load before it reuses the slot, so the future
+    /// was moved out before it is written again).
+    std::atomic<std::uint64_t> state{0};
+    /// The request's correlation id. Relaxed: written only under mutex_
+    /// while the slot is not pending (ordered by state's release store);
+    /// a claimer reads them between its acquire load of pending(g) and its
+    /// CAS, whose success proves no later request's id was written since.
+    std::atomic<std::uint64_t> id_high{0};
+    std::atomic<std::uint64_t> id_low{0};
+    std::shared_ptr<future_state> future;  // written while free; moved out by the claimer
+    bool counted = false;                  // under mutex_: counted in slots_in_use_
   };
   struct later {  // std::push_heap's "less" for a min-heap of deadlines
     bool operator()(const deadline_item& a, const deadline_item& b) const noexcept { return a.when > b.when; }
@@ -624,6 +750,113 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     node_type node_;
   };
 
+  // The slot at `index`, or null if its chunk is not there (yet). Never
+  // blocks; thread-safe.
+  future_slot* slot_at(std::size_t index) const noexcept {
+    if (index >= slots_usable_) return nullptr;
+    // acquire: pairs with take_free_slot's release store of the chunk.
+    future_slot* chunk = chunks_[index / slots_per_chunk].load(std::memory_order_acquire);
+    return chunk == nullptr ? nullptr : chunk + index % slots_per_chunk;
+  }
+  // Under mutex_ (ids change only under it): the slot whose request had or
+  // has `corr`, or null.
+  future_slot* slot_of(const message_id& corr) const noexcept {
+    future_slot* s = slot_at(corr.low() & slot_index_mask);
+    if (s == nullptr || s->id_high.load(std::memory_order_relaxed) != corr.high() ||
+        s->id_low.load(std::memory_order_relaxed) != corr.low())
+      return nullptr;
+    return s;
+  }
+  // Decides a slot's one outcome: pending(g), as `state` read it (with an
+  // acquire load), -> claimed(g). True for the one caller that wins; it
+  // then owns the slot until it stores the final tag.
+  static bool claim_slot(future_slot& s, std::uint64_t& state) noexcept {
+    if (tag_of(state) != slot_pending) return false;
+    // acquire: pairs with open_slot's release store (the future is visible).
+    return s.state.compare_exchange_strong(state, make_state(gen_of(state), slot_claimed), std::memory_order_acquire,
+                                           std::memory_order_relaxed);
+  }
+  // A reply on the slot path, without the lock: completes the slot's
+  // request if it is still pending with this id. False: not a slot's
+  // pending request (the caller takes the locked path and classifies it).
+  bool complete_slot(reply_packet<Reply>& packet) {
+    const message_id& corr = packet.correlation_id;
+    future_slot* s = slot_at(corr.low() & slot_index_mask);
+    if (s == nullptr) return false;
+    // acquire: pairs with open_slot's release store (id_* and the future).
+    std::uint64_t st = s->state.load(std::memory_order_acquire);
+    if (tag_of(st) != slot_pending) return false;
+    if (s->id_high.load(std::memory_order_relaxed) != corr.high() ||
+        s->id_low.load(std::memory_order_relaxed) != corr.low())
+      return false;
+    if (!claim_slot(*s, st)) return false;
+    std::shared_ptr<future_state> fs = std::move(s->future);
+    // relaxed: statistics, read by stats().
+    auto* env = std::get_if<envelope<Reply>>(&packet.body);
+    (env != nullptr ? slot_replied_ : slot_errors_).fetch_add(1, std::memory_order_relaxed);
+    // release: the partner of open_slot's acquire load (future moved out).
+    s->state.store(make_state(gen_of(st), slot_replied), std::memory_order_release);
+    auto& o = fs->value.emplace();
+    if (env != nullptr) {
+      o.reply.emplace(std::move(*env));
+    } else {
+      auto& err = std::get<reply_error>(packet.body);
+      o.status = err.code == errc::ok ? errc::handler_error : err.code;
+      o.error.emplace(std::move(err));
+    }
+    fs->publish();
+    return true;
+  }
+  // Under mutex_: pending_ plus the slots taken and not yet seen finished
+  // reach max_pending_ (slots seen finished first, only at the limit).
+  bool in_flight_at_limit() noexcept {
+    if (pending_.size() + slots_in_use_ < max_pending_) return false;
+    for (std::size_t i = 0; i < slots_allocated_; ++i) (void)slot_in_use(i);
+    return pending_.size() + slots_in_use_ >= max_pending_;
+  }
+  // Under mutex_: whether slot `i` holds a request in flight; uncounts it
+  // from slots_in_use_ once it is seen finished.
+  bool slot_in_use(std::size_t i) noexcept {
+    future_slot& s = *slot_at(i);
+    // relaxed: open_slot's acquire load orders the reuse itself.
+    const std::uint64_t tag = tag_of(s.state.load(std::memory_order_relaxed));
+    if (tag == slot_pending || tag == slot_claimed) return true;
+    if (s.counted) {
+      s.counted = false;
+      --slots_in_use_;
+    }
+    return false;
+  }
+  // Under mutex_: a slot that holds no request, from the last one taken on
+  // (a strict ping-pong reuses one slot, one cache line), growing the slots
+  // by a chunk when all are taken; no_slot at slots_usable_. Allocates
+  // only to grow.
+  std::size_t take_free_slot() {
+    for (std::size_t k = 0; k < slots_allocated_; ++k) {
+      std::size_t i = cursor_ + k;
+      if (i >= slots_allocated_) i -= slots_allocated_;
+      if (!slot_in_use(i)) {
+        cursor_ = i;
+        return i;
+      }
+    }
+    if (slots_allocated_ == slots_usable_) return no_slot;
+    const std::size_t i = slots_allocated_;
+    chunk_storage_.reserve(chunk_storage_.size() + 1);
+    chunk_storage_.push_back(std::make_unique<future_slot[]>(slots_per_chunk));
+    // release: publishes the constructed slots to slot_at's acquire load.
+    chunks_[i / slots_per_chunk].store(chunk_storage_.back().get(), std::memory_order_release);
+    slots_allocated_ = std::min(slots_usable_, i + slots_per_chunk);
+    cursor_ = i;
+    return i;
+  }
+  // Under mutex_: a heap item's request is still waiting for its outcome.
+  bool live(const deadline_item& d) const noexcept {
+    if (d.slot == map_item) return pending_.find(d.corr) != pending_.end();
+    // relaxed: a hint for dropping stale items; the timer claims with a CAS.
+    return slot_at(d.slot)->state.load(std::memory_order_relaxed) == make_state(d.gen, slot_pending);
+  }
+
   errc insert(const message_id& corr, entry&& e) {
     std::lock_guard lock(mutex_);
     return insert_locked(corr, std::move(e));
@@ -636,7 +869,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     return s;
   }
   errc insert_locked(const message_id& corr, entry&& e) {
-    if (pending_.size() >= max_pending_) {
+    if (in_flight_at_limit()) {
       ++stats_.refused;
       return errc::busy;
     }
@@ -701,19 +934,20 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
 
   // Under mutex_: tracks a pending request's deadline, arming the timer
   // when it is the earliest.
-  void track(const message_id& corr, time_point deadline) {
+  void track(const message_id& corr, time_point deadline) { track_item({deadline, corr}); }
+  void track_item(const deadline_item& item) {
     if (closed_) return;
     // Stale heap items (requests finished before their deadline) are
     // dropped in bulk once they outnumber the live ones: amortized O(1).
-    if (deadlines_.size() > 2 * pending_.size() + 64) compact_deadlines();
-    deadlines_.push_back({deadline, corr});
+    if (deadlines_.size() > 2 * (pending_.size() + slots_in_use_) + 64) compact_deadlines();
+    deadlines_.push_back(item);
     std::push_heap(deadlines_.begin(), deadlines_.end(), later{});
-    if (!armed_ || deadline < armed_at_) arm_timer(deadline);
+    if (!armed_ || item.when < armed_at_) arm_timer(item.when);
   }
 
   // Under mutex_: drops heap items whose request is no longer pending.
   void compact_deadlines() {
-    std::erase_if(deadlines_, [&](const deadline_item& d) { return pending_.find(d.corr) == pending_.end(); });
+    std::erase_if(deadlines_, [&](const deadline_item& d) { return !live(d); });
     std::make_heap(deadlines_.begin(), deadlines_.end(), later{});
   }
 
@@ -723,7 +957,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // new request came first (then it re-arms for that one, or that request
   // re-armed it for an earlier deadline).
   void forget_deadlines_if_idle() noexcept {
-    if (pending_.empty()) deadlines_.clear();
+    if (pending_.empty() && slots_in_use_ == 0) deadlines_.clear();
   }
 
   // Under mutex_: (re)arms the one timer at `when`.
@@ -767,29 +1001,43 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   void on_deadline() {
     std::optional<callback_run> run;  // first: destroyed after the callbacks (see on_reply)
     std::vector<entry> expired;
+    std::vector<std::shared_ptr<future_state>> expired_slots;
     {
       std::lock_guard lock(mutex_);
       armed_ = false;
       const time_point now = get_clock().now();
       while (!deadlines_.empty() && deadlines_.front().when <= now) {
-        const message_id id = deadlines_.front().corr;
+        const deadline_item d = deadlines_.front();
         std::pop_heap(deadlines_.begin(), deadlines_.end(), later{});
         deadlines_.pop_back();
-        auto it = pending_.find(id);
+        if (d.slot != map_item) {
+          future_slot& s = *slot_at(d.slot);
+          // acquire: as in complete_slot.
+          std::uint64_t st = s.state.load(std::memory_order_acquire);
+          if (st != make_state(d.gen, slot_pending) || !claim_slot(s, st)) continue;  // finished first
+          expired_slots.push_back(std::move(s.future));
+          // release: the partner of open_slot's acquire load (future moved out).
+          s.state.store(make_state(d.gen, slot_expired), std::memory_order_release);
+          ++stats_.timed_out;
+          continue;
+        }
+        auto it = pending_.find(d.corr);
         if (it == pending_.end()) continue;  // finished before its deadline
         expired.push_back(std::move(it->second));
         pending_.erase(it);
-        remember(id, finished::expired);
+        remember(d.corr, finished::expired);
         ++stats_.timed_out;
       }
-      while (!deadlines_.empty() && pending_.find(deadlines_.front().corr) == pending_.end()) {
+      while (!deadlines_.empty() && !live(deadlines_.front())) {
         std::pop_heap(deadlines_.begin(), deadlines_.end(), later{});
         deadlines_.pop_back();
       }
       if (!closed_ && !deadlines_.empty()) arm_timer(deadlines_.front().when);
-      if (expired.empty()) return;
+      if (expired.empty() && expired_slots.empty()) return;
       run.emplace(*this);
     }
+    // A slot's future runs no user code: set it first.
+    for (auto& fs : expired_slots) complete_future(*fs, errc::timeout);
     // Each timeout runs even if an earlier callback throws (propagate):
     // the rest are completed first, then the first exception is rethrown.
     std::exception_ptr first;
@@ -812,6 +1060,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
 
   void cancel_all() {
     map_type taken;
+    std::vector<std::shared_ptr<future_state>> taken_slots;
     {
       std::lock_guard lock(mutex_);
       closed_ = true;
@@ -819,9 +1068,26 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       armed_ = false;
       deadlines_.clear();
       taken.swap(pending_);
-      stats_.canceled += taken.size();
+      for (std::size_t i = 0; i < slots_allocated_; ++i) {
+        future_slot& s = *slot_at(i);
+        // acquire: as in complete_slot. A slot a reply has claimed is that
+        // reply's to complete.
+        std::uint64_t st = s.state.load(std::memory_order_acquire);
+        if (!claim_slot(s, st)) continue;
+        taken_slots.push_back(std::move(s.future));
+        // release: the partner of open_slot's acquire load (future moved out).
+        s.state.store(make_state(gen_of(st), slot_free), std::memory_order_release);
+      }
+      stats_.canceled += taken.size() + taken_slots.size();
     }
+    for (auto& fs : taken_slots) complete_future(*fs, errc::canceled);
     for (auto& [id, e] : taken) complete_with(e, errc::canceled);
+  }
+  // Sets a slot's future to an outcome without a reply. Runs no user code.
+  static void complete_future(future_state& fs, errc status) {
+    reply_outcome<Reply> o;
+    o.status = status;
+    fs.set(std::move(o));
   }
 
   void wait_callbacks() {
@@ -839,10 +1105,17 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // the deadline heap's header, the timer fields); what only the replying
   // side writes (counters, the finished-id ring) starts on a boundary of its
   // own, so it stays in that core's cache; the read-only fields come first.
-  timer_service* timers_;
+  // The read-only fields start a line of their own: the shared_ptr control
+  // block before them takes a replying thread's count increment and
+  // decrement (the sink's weak_ptr lock) on every reply.
+  alignas(detail::cache_line_size) timer_service* timers_;
   const std::size_t max_pending_;
   const std::size_t done_capacity_;  // 4 x max_pending_ (at least 4), saturated
   const callback_exceptions on_throw_;
+  // The slots (open_slot), by chunks of slots_per_chunk: chunks_[k] is
+  // null until chunk k is made (under mutex_), then never changes.
+  const std::size_t slots_usable_;  // min(max_pending_, slot_limit)
+  const std::unique_ptr<std::atomic<future_slot*>[]> chunks_;
   alignas(detail::cache_line_size) mutable std::mutex mutex_;  // guards everything below but sent_
   std::vector<node_type> spare_nodes_;  // recycled pending_ nodes beyond spare_ (at most spare_nodes_max)
   map_type pending_;
@@ -857,7 +1130,16 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // The first spare node: a strict ping-pong passes one node back and forth
   // here, not through spare_nodes_' heap array (one cache line fewer).
   node_type spare_;
-  alignas(detail::cache_line_size) Stats stats_;  // all but sent
+  // The slots' (open_slot) bookkeeping, on the requesting side.
+  std::vector<std::unique_ptr<future_slot[]>> chunk_storage_;  // under mutex_: owns the chunks
+  std::size_t slots_allocated_ = 0;  // under mutex_
+  std::size_t slots_in_use_ = 0;     // under mutex_: slots counted (taken, not yet seen finished)
+  std::size_t cursor_ = 0;           // under mutex_: the slot taken last
+  alignas(detail::cache_line_size) Stats stats_;  // all but sent and the slots' replies
+  /// Replies and error replies completed on the slot path (complete_slot,
+  /// without the lock). Relaxed: statistics, read by stats(); publish nothing.
+  std::atomic<std::uint64_t> slot_replied_{0};
+  std::atomic<std::uint64_t> slot_errors_{0};
   std::unordered_map<message_id, finished> done_;  // recently finished, for late/duplicate
   std::vector<message_id> done_ring_;              // done_'s FIFO eviction order (a ring once full)
   std::size_t done_head_ = 0;                      // oldest entry of done_ring_ once full
