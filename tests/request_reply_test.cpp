@@ -941,3 +941,30 @@ TEST_CASE("future requests beyond the table's 4096 slots are answered and time o
   CHECK(timeouts == 2050);
   CHECK(req.stats().pending == 0);
 }
+
+TEST_CASE("the finished-id FIFO finds exactly the newest ids up to its capacity", "[request_reply]") {
+  // detail::recent_ids: a ring and an open-addressing index with deletion by
+  // backward shift; checked against the plain FIFO it implements.
+  for (const std::size_t capacity : {std::size_t{1}, std::size_t{5}, std::size_t{37}, std::size_t{300}}) {
+    postbox::detail::recent_ids<int> ids(capacity);
+    std::vector<postbox::message_id> all;
+    int missing = 0, wrong_kind = 0, kept_too_long = 0;
+    for (int i = 0; i < 3000; ++i) {
+      all.push_back(postbox::message_id::generate());
+      ids.remember(all.back(), i);
+      const std::size_t kept = std::min(all.size(), capacity);
+      // The newest `kept` are found with their kinds; the one before them is gone.
+      for (std::size_t k = all.size() - kept; k < all.size(); ++k) {
+        const int* kind = ids.find(all[k]);
+        if (kind == nullptr) ++missing;
+        else if (*kind != static_cast<int>(k)) ++wrong_kind;
+      }
+      if (all.size() > capacity && ids.find(all[all.size() - kept - 1]) != nullptr) ++kept_too_long;
+    }
+    INFO("capacity " << capacity);
+    CHECK(missing == 0);
+    CHECK(wrong_kind == 0);
+    CHECK(kept_too_long == 0);
+    CHECK(ids.find(postbox::message_id::generate()) == nullptr);
+  }
+}

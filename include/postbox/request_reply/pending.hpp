@@ -300,6 +300,90 @@ template <class V>
 }
 }  // namespace detail
 
+namespace detail {
+/// The ids of recently finished requests and how each one finished, first
+/// in, first out, at most `capacity`: a ring of entries (the FIFO) and an
+/// open-addressing index of ring positions (linear probing, deletion by
+/// backward shift, at most half full). Remembering an id evicts the oldest
+/// once the ring is full. Allocates only while the ring and the index grow
+/// to their size; a lookup or a remember is a few probes of one array. Not
+/// thread-safe (the pending table's lock guards it).
+template <class Kind>
+class recent_ids {
+ public:
+  explicit recent_ids(std::size_t capacity) noexcept : capacity_(capacity == 0 ? 1 : capacity) {}
+
+  /// Remembers `id` as finished `kind`. (An id remembered twice takes two
+  /// entries; `find` returns one of them. The pending table never does that.)
+  void remember(const message_id& id, Kind kind) {
+    if (ring_.size() < capacity_) {
+      if (2 * (ring_.size() + 1) > index_.size()) grow_index(2 * (ring_.size() + 1));
+      ring_.push_back({id, kind});
+      index_insert(ring_.size() - 1);
+      return;
+    }
+    index_erase(oldest_);
+    ring_[oldest_] = {id, kind};
+    index_insert(oldest_);
+    oldest_ = oldest_ + 1 == ring_.size() ? 0 : oldest_ + 1;
+  }
+  /// How `id` finished, or null if it is not (or no longer) remembered.
+  [[nodiscard]] const Kind* find(const message_id& id) const noexcept {
+    const std::size_t at = find_slot(id);
+    return at == npos ? nullptr : &ring_[index_[at] - 1].kind;
+  }
+
+ private:
+  struct item {
+    message_id id;
+    Kind kind;
+  };
+  static constexpr std::size_t npos = std::numeric_limits<std::size_t>::max();
+
+  std::size_t home(const message_id& id) const noexcept { return std::hash<message_id>{}(id) & mask_; }
+  // The index slot holding `id`'s ring position, or npos.
+  std::size_t find_slot(const message_id& id) const noexcept {
+    if (index_.empty()) return npos;
+    for (std::size_t h = home(id);; h = (h + 1) & mask_) {
+      if (index_[h] == 0) return npos;
+      if (ring_[index_[h] - 1].id == id) return h;
+    }
+  }
+  void index_insert(std::size_t pos) noexcept {
+    std::size_t h = home(ring_[pos].id);
+    while (index_[h] != 0) h = (h + 1) & mask_;
+    index_[h] = pos + 1;
+  }
+  // Removes ring position `pos` from the index; the entries after it in its
+  // probe run move back into the hole when the hole is on their own path.
+  void index_erase(std::size_t pos) noexcept {
+    std::size_t hole = home(ring_[pos].id);
+    while (index_[hole] != pos + 1) hole = (hole + 1) & mask_;
+    for (std::size_t j = (hole + 1) & mask_; index_[j] != 0; j = (j + 1) & mask_) {
+      const std::size_t want = home(ring_[index_[j] - 1].id);
+      if (((j - want) & mask_) >= ((j - hole) & mask_)) {
+        index_[hole] = index_[j];
+        hole = j;
+      }
+    }
+    index_[hole] = 0;
+  }
+  void grow_index(std::size_t at_least) {
+    std::size_t n = index_.empty() ? 16 : 2 * index_.size();
+    while (n < at_least) n *= 2;
+    index_.assign(n, 0);
+    mask_ = n - 1;
+    for (std::size_t pos = 0; pos < ring_.size(); ++pos) index_insert(pos);
+  }
+
+  std::size_t capacity_;
+  std::vector<item> ring_;           // the FIFO: grows to capacity_, then a ring from oldest_
+  std::size_t oldest_ = 0;           // the next entry to evict once ring_ is full
+  std::vector<std::size_t> index_;   // ring position + 1 per slot, 0 = empty; a power of two
+  std::size_t mask_ = 0;             // index_.size() - 1
+};
+}  // namespace detail
+
 /// What happens to an exception thrown by a completion callback.
 enum class callback_exceptions : std::uint8_t {
   propagate,  ///< it unwinds into the thread that completed the request
@@ -361,7 +445,8 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
                                                                                : 4 * (max_pending == 0 ? 1 : max_pending)),
         on_throw_(on_throw),
         slots_usable_(max_pending < slot_limit ? max_pending : slot_limit),
-        chunks_(std::make_unique<std::atomic<future_slot*>[]>((slots_usable_ + slots_per_chunk - 1) / slots_per_chunk)) {}
+        chunks_(std::make_unique<std::atomic<future_slot*>[]>((slots_usable_ + slots_per_chunk - 1) / slots_per_chunk)),
+        done_(done_capacity_) {}
   pending_requests(const pending_requests&) = delete;
   pending_requests& operator=(const pending_requests&) = delete;
 
@@ -560,9 +645,9 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
             return;
           }
         }
-        auto d = done_.find(packet.correlation_id);
-        if (d == done_.end()) ++stats_.unmatched_replies;
-        else if (d->second == finished::replied) ++stats_.duplicate_replies;
+        const finished* d = done_.find(packet.correlation_id);
+        if (d == nullptr) ++stats_.unmatched_replies;
+        else if (*d == finished::replied) ++stats_.duplicate_replies;
         else ++stats_.late_replies;
         return;
       }
@@ -897,27 +982,8 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     return errc::ok;
   }
 
-  // Under mutex_. The FIFO of finished ids is a ring that grows to
-  // done_capacity_; once full, the oldest id's map node is reused.
-  void remember(const message_id& id, finished f) {
-    if (done_ring_.size() < done_capacity_) {
-      done_ring_.push_back(id);
-      done_[id] = f;
-      return;
-    }
-    message_id& slot = done_ring_[done_head_];
-    done_head_ = (done_head_ + 1) % done_ring_.size();
-    auto n = done_.extract(slot);
-    slot = id;
-    if (n.empty()) {
-      done_[id] = f;
-      return;
-    }
-    n.key() = id;
-    n.mapped() = f;
-    auto r = done_.insert(std::move(n));
-    if (!r.inserted) r.position->second = f;
-  }
+  // Under mutex_: the FIFO of finished ids (at most done_capacity_).
+  void remember(const message_id& id, finished f) { done_.remember(id, f); }
 
   // Under mutex_: keeps a finished request's map node (its entry cleared)
   // for the next insert.
@@ -1140,9 +1206,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   /// without the lock). Relaxed: statistics, read by stats(); publish nothing.
   std::atomic<std::uint64_t> slot_replied_{0};
   std::atomic<std::uint64_t> slot_errors_{0};
-  std::unordered_map<message_id, finished> done_;  // recently finished, for late/duplicate
-  std::vector<message_id> done_ring_;              // done_'s FIFO eviction order (a ring once full)
-  std::size_t done_head_ = 0;                      // oldest entry of done_ring_ once full
+  detail::recent_ids<finished> done_;  // recently finished, for late/duplicate
   // Threads running a completion callback now (one entry per run); close()
   // waits on idle_ until only its own thread is left.
   std::vector<std::thread::id> running_;
