@@ -272,3 +272,171 @@ TEST_CASE("future requests on a few reused slots, with replies racing timeouts a
   CHECK(dropped + st.replied + st.errors == static_cast<std::uint64_t>(deliveries.load()));
   CHECK(st.duplicate_replies > 0);
 }
+
+TEST_CASE("callback requests on a few reused slots, with replies racing timeouts and duplicates, each call back once",
+          "[request_reply][stress]") {
+  // The callback form runs on slots as the future form does: a reply claims
+  // its slot with one CAS and runs the callback there, without the table's
+  // lock. Eight slots shared by three requesting threads, every reply
+  // delivered twice by two repliers, every 5th an error, every 11th never
+  // answered, 1-3 ms timeouts on a ticking manual clock (every 4th request
+  // waits for its answer): each callback is called exactly once, with the
+  // right outcome, and the counters account for every delivery.
+  postbox::manual_clock clock;
+  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+  postbox::channel<postbox::envelope<int>> requests(64);
+  postbox::endpoint_registry<int> registry;
+  const int threads_n = 3;
+  const int per = static_cast<int>(postbox_test::scaled(6000));
+  const int total = threads_n * per;
+  auto req = std::make_unique<postbox::requester<int, int>>(requests, registry, timers,
+                                                            postbox::requester_options{.max_pending = 8});
+  std::atomic<long long> deliveries{0};
+  auto replier = [&] {  // each request answered twice, every 5th with an error, never every 11th
+    postbox::endpoint_registry<int>::delivery_cache cache;
+    while (auto env = requests.receive()) {
+      if (env->payload % 11 == 0) continue;
+      const auto to = env->headers.get(postbox::header_names::reply_to);
+      for (int copy = 0; copy < 2; ++copy) {
+        postbox::reply_packet<int> p{env->correlation_id, {}};
+        if (env->payload % 5 == 0) {
+          p.body = postbox::reply_error{postbox::errc::handler_error, "fifth"};
+        } else {
+          p.body = postbox::reply_to(*env, env->payload * 2, clock);
+        }
+        if (registry.deliver(*to, std::move(p), cache) == postbox::errc::ok) ++deliveries;
+      }
+    }
+  };
+  std::thread replier_a(replier), replier_b(replier);
+  std::atomic<bool> done{false};
+  std::thread ticker([&] {
+    while (!done.load()) {
+      clock.advance(1ms);
+      timers.run_due();
+      std::this_thread::yield();
+    }
+  });
+  std::vector<std::atomic<int>> calls(static_cast<std::size_t>(total));
+  std::atomic<long long> ok{0}, errors{0}, timeouts{0}, wrong{0}, accepted{0}, outcomes{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < threads_n; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < per; ++i) {
+        const int id = t * per + i;
+        const postbox::duration timeout =
+            id % 11 != 0 && i % 4 == 3 ? postbox::duration(10min) : postbox::duration(std::chrono::milliseconds(1 + i % 3));
+        const postbox::errc s = req->request(id, timeout, [&, id](postbox::reply_outcome<int> o) {
+          calls[static_cast<std::size_t>(id)].fetch_add(1);
+          if (o.ok()) {
+            ++ok;
+            if (id % 5 == 0 || id % 11 == 0 || o.reply->payload != 2 * id) ++wrong;
+          } else if (o.status == postbox::errc::handler_error) {
+            ++errors;
+            if (id % 5 != 0 || id % 11 == 0) ++wrong;
+          } else if (o.status == postbox::errc::timeout) {
+            ++timeouts;
+          } else {
+            ++wrong;
+          }
+          ++outcomes;
+        });
+        if (s != postbox::errc::ok) {  // busy (eight in flight) or full (the channel): try again
+          if (s != postbox::errc::busy && s != postbox::errc::full) ++wrong;
+          std::this_thread::yield();
+          --i;
+          continue;
+        }
+        ++accepted;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  REQUIRE(postbox_test::eventually([&] { return outcomes.load() == accepted.load(); }));
+  done = true;
+  ticker.join();
+  requests.close();
+  replier_a.join();
+  replier_b.join();  // every delivery is in (the requester is still there)
+  const auto st = req->stats();
+  req.reset();
+  int exactly_once = 0;
+  for (auto& c : calls) exactly_once += c.load() == 1 ? 1 : 0;
+  INFO("ok " << ok << " errors " << errors << " timeouts " << timeouts << " deliveries " << deliveries);
+  CHECK(exactly_once == total);
+  CHECK(wrong == 0);
+  CHECK(accepted == total);
+  CHECK(ok + errors + timeouts == accepted);
+  CHECK(st.sent == static_cast<std::uint64_t>(accepted.load()));
+  CHECK(st.replied == static_cast<std::uint64_t>(ok.load()));
+  CHECK(st.errors == static_cast<std::uint64_t>(errors.load()));
+  CHECK(st.timed_out == static_cast<std::uint64_t>(timeouts.load()));
+  CHECK(st.pending == 0);
+  CHECK(ok > 0);
+  CHECK(timeouts > 0);
+  const auto dropped = st.late_replies + st.duplicate_replies + st.unmatched_replies;
+  CHECK(dropped + st.replied + st.errors == static_cast<std::uint64_t>(deliveries.load()));
+  CHECK(st.duplicate_replies > 0);
+}
+
+TEST_CASE("destroying a requester while reply callbacks run on other threads returns after they ended",
+          "[request_reply][stress]") {
+  // Teardown: the destructor cancels what is pending and waits for every
+  // callback a reply is running on another thread (on its slot). What the
+  // callbacks touch dies right after the destructor returns, so a callback
+  // still running, or starting, after it would be a use after free
+  // (AddressSanitizer, ThreadSanitizer) and is counted here too.
+  const int rounds = static_cast<int>(postbox_test::scaled(300));
+  const int per_round = 24;
+  long long replied = 0, canceled = 0, late_calls = 0, not_once = 0;
+  for (int round = 0; round < rounds; ++round) {
+    postbox::manual_clock clock;
+    postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
+    postbox::channel<postbox::envelope<int>> requests(64);
+    postbox::endpoint_registry<int> registry;
+    auto req = std::make_unique<postbox::requester<int, int>>(requests, registry, timers,
+                                                              postbox::requester_options{.max_pending = 64});
+    auto touched = std::make_unique<std::vector<int>>(per_round, 0);  // what the callbacks use
+    std::vector<std::atomic<int>> calls(per_round);
+    std::atomic<int> inside{0}, started{0};
+    std::atomic<bool> gone{false};
+    std::atomic<int> outcome_ok{0}, outcome_canceled{0}, after_gone{0};
+    auto replier = [&] {
+      postbox::endpoint_registry<int>::delivery_cache cache;
+      while (auto env = requests.receive()) {
+        const auto to = env->headers.get(postbox::header_names::reply_to);
+        (void)registry.deliver(*to, {env->correlation_id, postbox::reply_to(*env, env->payload, clock)}, cache);
+      }
+    };
+    std::thread replier_a(replier), replier_b(replier);
+    for (int i = 0; i < per_round; ++i) {
+      REQUIRE(req->request(i, 10min, [&, i](postbox::reply_outcome<int> o) {
+        if (gone.load()) ++after_gone;
+        ++inside;
+        ++started;
+        (*touched)[static_cast<std::size_t>(i)] += 1;
+        for (int k = 0; k < 3; ++k) std::this_thread::yield();  // keep running while the destructor comes
+        calls[static_cast<std::size_t>(i)].fetch_add(1);
+        ++(o.ok() ? outcome_ok : outcome_canceled);
+        --inside;
+      }) == postbox::errc::ok);
+    }
+    REQUIRE(postbox_test::eventually([&] { return started.load() > 0; }));
+    req.reset();  // races the repliers' callbacks
+    if (inside.load() != 0) ++late_calls;
+    gone = true;
+    touched.reset();
+    requests.close();
+    replier_a.join();
+    replier_b.join();
+    late_calls += after_gone.load();
+    for (auto& c : calls) not_once += c.load() == 1 ? 0 : 1;
+    replied += outcome_ok.load();
+    canceled += outcome_canceled.load();
+  }
+  INFO("replied " << replied << " canceled " << canceled);
+  CHECK(late_calls == 0);
+  CHECK(not_once == 0);
+  CHECK(replied + canceled == static_cast<long long>(rounds) * per_round);
+  CHECK(replied > 0);
+}

@@ -8,6 +8,8 @@
 #include "support.hpp"
 
 #include <atomic>
+#include <functional>
+#include <stdexcept>
 #include <memory>
 #include <optional>
 #include <stop_token>
@@ -940,6 +942,137 @@ TEST_CASE("future requests beyond the table's 4096 slots are answered and time o
   CHECK(ok == 2050);
   CHECK(timeouts == 2050);
   CHECK(req.stats().pending == 0);
+}
+
+TEST_CASE("a callback request's id is its correlation id, addressing a slot reused by the next request",
+          "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers, {.max_pending = 1});  // one slot
+  std::vector<int> got;
+  auto cb = [&](postbox::reply_outcome<int> o) { got.push_back(o.ok() ? o.reply->payload : -1); };
+  REQUIRE(req.request(1, 1s, cb) == postbox::errc::ok);
+  auto first = r.requests.try_receive();
+  REQUIRE(first.has_value());
+  CHECK(first->correlation_id == first->id);
+  REQUIRE(r.registry.deliver(req.endpoint(), {first->correlation_id, postbox::reply_to(*first, 2, r.clock)}) ==
+          postbox::errc::ok);
+  REQUIRE(req.request(2, 1s, cb) == postbox::errc::ok);
+  auto second = r.requests.try_receive();
+  REQUIRE(second.has_value());
+  // The slot's index is in the id's 12 low bits: the same slot, another id.
+  CHECK((second->correlation_id.low() & 0xfffu) == (first->correlation_id.low() & 0xfffu));
+  CHECK(second->correlation_id > first->correlation_id);
+  REQUIRE(r.registry.deliver(req.endpoint(), {second->correlation_id, postbox::reply_to(*second, 4, r.clock)}) ==
+          postbox::errc::ok);
+  CHECK(got == std::vector<int>{2, 4});
+  CHECK(req.stats().replied == 2);
+}
+
+TEST_CASE("a reply's callback may make the next request at a pending limit of one", "[request_reply]") {
+  // The slot's request is finished once its reply is decided; the callback
+  // running on it does not count against max_pending.
+  rig r;
+  postbox::responder<int, int> resp(r.requests, r.registry, twice, r.clock, 0);
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers, {.max_pending = 1});
+  std::vector<int> got;
+  postbox::errc next = postbox::errc::not_found;
+  std::function<void(postbox::reply_outcome<int>)> cb = [&](postbox::reply_outcome<int> o) {
+    got.push_back(o.ok() ? o.reply->payload : -1);
+    if (got.size() < 3) next = req.request(static_cast<int>(got.size()) + 1, 1s, cb);
+  };
+  REQUIRE(req.request(1, 1s, cb) == postbox::errc::ok);
+  CHECK(resp.poll() == 3);
+  CHECK(next == postbox::errc::ok);
+  CHECK(got == std::vector<int>{2, 4, 6});
+  CHECK(req.stats().refused == 0);
+  CHECK(req.stats().pending == 0);
+}
+
+TEST_CASE("a duplicate reply arriving while a callback runs is counted duplicate and does not call it again",
+          "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  int calls = 0;
+  std::optional<postbox::envelope<int>> sent;
+  auto reply = [&] {
+    REQUIRE(r.registry.deliver(req.endpoint(), {sent->correlation_id, postbox::reply_to(*sent, 2, r.clock)}) ==
+            postbox::errc::ok);
+  };
+  REQUIRE(req.request(1, 1s, [&](postbox::reply_outcome<int>) {
+    ++calls;
+    reply();  // the same reply again, from inside the running callback
+  }) == postbox::errc::ok);
+  sent = r.requests.try_receive();
+  REQUIRE(sent.has_value());
+  reply();
+  CHECK(calls == 1);
+  CHECK(req.stats().duplicate_replies == 1);
+  CHECK(req.stats().replied == 1);
+}
+
+TEST_CASE("a callback that throws still ends its slot's run: the slot serves the next request", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers, {.max_pending = 1});
+  REQUIRE(req.request(1, 1s, [](postbox::reply_outcome<int>) { throw std::runtime_error("callback"); }) ==
+          postbox::errc::ok);
+  auto first = r.requests.try_receive();
+  REQUIRE(first.has_value());
+  CHECK_THROWS_AS(
+      (void)r.registry.deliver(req.endpoint(), {first->correlation_id, postbox::reply_to(*first, 2, r.clock)}),
+      std::runtime_error);
+  int got = 0;
+  REQUIRE(req.request(2, 1s, [&](postbox::reply_outcome<int> o) { got = o.reply->payload; }) == postbox::errc::ok);
+  auto second = r.requests.try_receive();
+  REQUIRE(second.has_value());
+  // Reused (the run ended): the same slot index in the id's low bits.
+  CHECK((second->correlation_id.low() & 0xfffu) == (first->correlation_id.low() & 0xfffu));
+  REQUIRE(r.registry.deliver(req.endpoint(), {second->correlation_id, postbox::reply_to(*second, 4, r.clock)}) ==
+          postbox::errc::ok);
+  CHECK(got == 4);
+}
+
+TEST_CASE("send() keeps a caller-built request's id and headers, stamps a fresh correlation id and calls back once",
+          "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto env = postbox::make_envelope(21, r.clock);
+  env.headers.set("tenant-hint", "eu");
+  const postbox::message_id own_id = env.id;
+  std::vector<int> got;
+  auto cb = [&](postbox::reply_outcome<int> o) { got.push_back(o.ok() ? o.reply->payload : -1); };
+  REQUIRE(req.send(env, 1s, cb) == postbox::errc::ok);
+  REQUIRE(req.send(postbox::make_envelope(5, r.clock), 1s, cb) == postbox::errc::ok);  // never answered
+  auto sent = r.requests.try_receive();
+  REQUIRE(sent.has_value());
+  CHECK(sent->id == own_id);
+  CHECK(sent->headers.get("tenant-hint") == "eu");
+  CHECK(sent->headers.get(postbox::header_names::reply_to) == req.endpoint());
+  CHECK(sent->correlation_id != own_id);
+  CHECK(sent->deadline == r.clock.now() + 1s);
+  for (int i = 0; i < 2; ++i)
+    REQUIRE(r.registry.deliver(req.endpoint(), {sent->correlation_id, postbox::reply_to(*sent, 42, r.clock)}) ==
+            postbox::errc::ok);
+  r.h.advance(1s);
+  CHECK(got == std::vector<int>{42, -1});
+  const auto s = req.stats();
+  CHECK(s.replied == 1);
+  CHECK(s.duplicate_replies == 1);
+  CHECK(s.timed_out == 1);
+  CHECK(s.pending == 0);
+}
+
+TEST_CASE("destroying a requester calls each pending callback once with canceled", "[request_reply]") {
+  rig r;
+  std::vector<postbox::errc> outcomes;
+  {
+    postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+    for (int i = 0; i < 3; ++i)
+      REQUIRE(req.request(i, 1s, [&](postbox::reply_outcome<int> o) { outcomes.push_back(o.status); }) ==
+              postbox::errc::ok);
+    CHECK(outcomes.empty());
+  }
+  CHECK(outcomes == std::vector<postbox::errc>(3, postbox::errc::canceled));
+  CHECK(r.h.advance(2s) == 0);
 }
 
 TEST_CASE("the finished-id FIFO finds exactly the newest ids up to its capacity", "[request_reply]") {

@@ -248,12 +248,10 @@ class requester {
   /// `closed` (request channel); on refusal `cb` is never called. Allocates.
   [[nodiscard]] errc request(Request payload, duration timeout, callback cb,
                              message_kind kind = message_kind::query) {
-    // The deadline is tracked with the entry, under the one lock taken
-    // before the send: no second lock after it, where the replying thread
-    // may already hold it.
-    auto open = [&](const message_id& corr, time_point deadline) {
-      return table_->open(corr, std::move(cb), deadline);
-    };
+    // On a slot, as the future form: the deadline is tracked under the one
+    // lock taken before the send, and the reply runs the callback after one
+    // CAS on the slot, without the table's lock.
+    auto open = [&](message_id& corr, time_point deadline) { return table_->open_slot(corr, std::move(cb), deadline); };
     return send_in_place(std::move(payload), timeout, kind, open, true);
   }
 
@@ -296,9 +294,11 @@ class requester {
 
   /// Sends a caller-built request envelope (its id, type, headers kept; the
   /// correlation id is replaced by a fresh one, reply-to and deadline set).
+  /// On a slot, as `request` with a callback.
   [[nodiscard]] errc send(envelope<Request> env, duration timeout, callback cb) {
-    return dispatch(one_target(), std::move(env), timeout,
-                    [&](const message_id& corr, time_point) { return table_->open(corr, std::move(cb)); });
+    return dispatch(
+        one_target(), std::move(env), timeout,
+        [&](message_id& corr, time_point deadline) { return table_->open_slot(corr, std::move(cb), deadline); }, true);
   }
 
   /// Scatter-gather: one request to every channel in `targets`; completes
@@ -424,11 +424,12 @@ class requester {
   template <class Open>
   errc dispatch(std::span<request_channel* const> targets, envelope<Request>&& env, duration timeout, Open open,
                 bool tracked = false, bool fresh = false) {
-    const message_id corr =
+    message_id corr =
         fresh ? table_->stamp_fresh(env, timeout, opts_.producer) : table_->stamp(env, timeout, opts_.producer);
     const time_point deadline = *env.deadline;
     env.headers.set(header_names::reply_to, opts_.endpoint);
     if (const errc s = open(corr, deadline); s != errc::ok) return s;
+    env.correlation_id = corr;  // (open_slot addresses its slot in the id's low bits)
     std::size_t delivered = 0;
     send_status last = send_status::ok;
     for (std::size_t i = 0; i < targets.size(); ++i) {

@@ -301,6 +301,21 @@ template <class V>
 }  // namespace detail
 
 namespace detail {
+/// A slot callback running on this thread (pending_requests' reply path):
+/// the table and the slot, on the running thread's stack, linked from
+/// `slot_runs_here`. close() skips these (a callback may destroy its own
+/// requester); it waits for every other slot run to end.
+struct slot_run_frame {
+  const void* table;
+  std::size_t slot;
+  slot_run_frame* next;
+};
+/// The innermost slot callback running on this thread, or null. Only this
+/// thread reads or writes it.
+inline thread_local slot_run_frame* slot_runs_here = nullptr;
+}  // namespace detail
+
+namespace detail {
 /// The ids of recently finished requests and how each one finished, first
 /// in, first out, at most `capacity`: a ring of entries (the FIFO) and an
 /// open-addressing index of ring positions (linear probing, deletion by
@@ -396,10 +411,10 @@ enum class callback_exceptions : std::uint8_t {
 /// completes each accepted request exactly once: reply, responder error,
 /// `timeout` or `canceled` (`close`). Removal of the entry under the table's
 /// mutex is the single point that decides the outcome; the callback runs
-/// after it, outside the lock. The future form can instead take a slot
-/// (`open_slot`): its correlation id addresses the slot, and one CAS on the
-/// slot's state word decides the outcome, so a reply completes it without
-/// the lock. Finished correlation ids are remembered (at most 4 x
+/// after it, outside the lock. A request can instead take a slot
+/// (`open_slot`, with a future or a callback): its correlation id addresses
+/// the slot, and one CAS on the slot's state word decides the outcome, so a
+/// reply completes it without the lock. Finished correlation ids are remembered (at most 4 x
 /// `max_pending`, FIFO; a slot's last one until the slot is reused) to tell
 /// late and duplicate replies from unmatched ones; all three are dropped and
 /// counted. `Stats` is `requester_stats` or a transport's extension of it.
@@ -445,7 +460,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
                                                                                : 4 * (max_pending == 0 ? 1 : max_pending)),
         on_throw_(on_throw),
         slots_usable_(max_pending < slot_limit ? max_pending : slot_limit),
-        chunks_(std::make_unique<std::atomic<future_slot*>[]>((slots_usable_ + slots_per_chunk - 1) / slots_per_chunk)),
+        chunks_(std::make_unique<std::atomic<request_slot*>[]>((slots_usable_ + slots_per_chunk - 1) / slots_per_chunk)),
         done_(done_capacity_) {}
   pending_requests(const pending_requests&) = delete;
   pending_requests& operator=(const pending_requests&) = delete;
@@ -518,40 +533,16 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   /// `sent()` or `abandon`. Allocates only while the slots grow (32 at a
   /// time). Thread-safe.
   [[nodiscard]] errc open_slot(message_id& corr, std::shared_ptr<future_state> future, time_point deadline) {
-    std::lock_guard lock(mutex_);
-    if (in_flight_at_limit()) {
-      ++stats_.refused;
-      return errc::busy;
-    }
-    const std::size_t i = take_free_slot();
-    if (i == no_slot) {
-      entry e;
-      e.future = std::move(future);
-      const errc s = insert_locked(corr, std::move(e));
-      if (s == errc::ok) track(corr, deadline);
-      return s;
-    }
-    future_slot& s = *slot_at(i);
-    // acquire: pairs with the release store that ended the slot's last
-    // request (claim_slot's caller), after which its future was moved out.
-    const std::uint64_t old = s.state.load(std::memory_order_acquire);
-    if (tag_of(old) == slot_replied || tag_of(old) == slot_expired) {
-      remember(message_id(s.id_high.load(std::memory_order_relaxed), s.id_low.load(std::memory_order_relaxed)),
-               tag_of(old) == slot_replied ? finished::replied : finished::expired);
-    }
-    forget_deadlines_if_idle();
-    corr = message_id(corr.high(), (corr.low() & ~slot_index_mask) | i);
-    s.id_high.store(corr.high(), std::memory_order_relaxed);
-    s.id_low.store(corr.low(), std::memory_order_relaxed);
-    s.future = std::move(future);
-    s.counted = true;
-    ++slots_in_use_;
-    const std::uint64_t gen = gen_of(old) + 1;
-    // release: publishes the id and the future to claim_slot's acquire
-    // load (a replying thread, the timer, close(), abandon()).
-    s.state.store(make_state(gen, slot_pending), std::memory_order_release);
-    track_item({deadline, corr, static_cast<std::uint32_t>(i), gen});
-    return errc::ok;
+    return open_slot_with(corr, std::move(future), deadline);
+  }
+  /// As the future form of `open_slot`, completed through `cb`: a reply runs
+  /// it on the replying thread after one CAS on the slot, without the
+  /// table's lock; a timeout on the timer's thread, a cancel on the closing
+  /// one. The slot is free for the next request (it counts no more against
+  /// `max_pending`) as soon as the reply is decided; it is reused once the
+  /// callback returned. `busy`: `cb` is never called. Thread-safe.
+  [[nodiscard]] errc open_slot(message_id& corr, callback cb, time_point deadline) {
+    return open_slot_with(corr, std::move(cb), deadline);
   }
   /// Counts a request opened with a deadline as sent. Never blocks.
   void sent() noexcept {
@@ -580,14 +571,14 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       forget_deadlines_if_idle();
       return why;
     }
-    if (future_slot* s = slot_of(corr)) {
+    if (request_slot* s = slot_of(corr)) {
       std::uint64_t st = s->state.load(std::memory_order_acquire);
       if (claim_slot(*s, st)) {
-        s->future.reset();
-        s->counted = false;
+        s->completion.template emplace<std::monostate>();  // (a callback is never called)
+        slot_counted_[index_of(corr)] = 0;
         --slots_in_use_;
-        // release: the partner of open_slot's acquire load (the future is
-        // gone); tagged free, the id is not remembered (it was never sent).
+        // release: the partner of open_slot's acquire load (the completion
+        // is gone); tagged free, the id is not remembered (it was never sent).
         s->state.store(make_state(gen_of(st), slot_free), std::memory_order_release);
         ++stats_.refused;
         return why;
@@ -631,16 +622,16 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       std::unique_lock lock(mutex_);
       auto it = pending_.find(packet.correlation_id);
       if (it == pending_.end()) {
-        if (future_slot* s = slot_of(packet.correlation_id)) {
+        if (request_slot* s = slot_of(packet.correlation_id)) {
           // The slot still holds this id (ids change only under this lock).
           // acquire: pairs with the store that ended the request.
           const std::uint64_t tag = tag_of(s->state.load(std::memory_order_acquire));
-          if (tag == slot_pending) {  // (not seen pending by complete_slot: cannot happen; try again)
+          if (is_pending(tag)) {  // (not seen pending by complete_slot: cannot happen; try again)
             lock.unlock();
             on_reply(std::move(packet));
             return;
           }
-          if (tag != slot_free) {  // claimed: another reply is completing it
+          if (tag != slot_free) {  // claimed or running: another reply completed it
             ++(tag == slot_expired ? stats_.late_replies : stats_.duplicate_replies);
             return;
           }
@@ -724,7 +715,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     for (std::size_t i = 0; i < slots_allocated_; ++i) {
       // relaxed: a snapshot count; nothing is read through it.
       const std::uint64_t tag = tag_of(slot_at(i)->state.load(std::memory_order_relaxed));
-      if (tag == slot_pending || tag == slot_claimed) ++s.pending;
+      if (is_pending(tag) || tag == slot_claimed) ++s.pending;
     }
     return s;
   }
@@ -761,33 +752,48 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     std::uint64_t gen = 0;          // the slot's generation for this request
   };
 
-  // The future form's slots (open_slot). A slot's correlation id carries
-  // its index in its low 12 bits; its state word decides the outcome, so a
-  // reply completes it with one CAS, without the table's lock.
+  // The slots (open_slot). A slot's correlation id carries its index in
+  // its low 12 bits; its state word decides the outcome, so a reply
+  // completes it with one CAS, without the table's lock.
   static constexpr unsigned slot_index_bits = 12;
   static constexpr std::size_t slot_limit = std::size_t{1} << slot_index_bits;
   static constexpr std::uint64_t slot_index_mask = slot_limit - 1;
   static constexpr std::size_t slots_per_chunk = 32;
   static constexpr std::size_t no_slot = std::numeric_limits<std::size_t>::max();
-  // state = generation << 3 | tag. A request is free/replied/expired(g) ->
-  // pending(g + 1) (open_slot) -> claimed (one CAS: the one outcome is
-  // decided) -> replied, expired, or free (canceled, abandoned).
+  // state = generation << 4 | tag. A request is free/replied/expired(g) ->
+  // pending(g + 1) (open_slot; pending_callback when it holds a callback)
+  // -> claimed (one CAS: the one outcome is decided) -> replied, expired,
+  // or free (canceled, abandoned). A callback completed by a reply goes
+  // pending_callback -> running (that CAS) -> replied once the callback
+  // returned; close() marks a running slot watched, and the reply that ends
+  // a watched run wakes it.
   static constexpr std::uint64_t slot_free = 0;
   static constexpr std::uint64_t slot_pending = 1;
   static constexpr std::uint64_t slot_claimed = 2;
   static constexpr std::uint64_t slot_replied = 3;
   static constexpr std::uint64_t slot_expired = 4;
-  static constexpr std::uint64_t tag_of(std::uint64_t state) noexcept { return state & 7u; }
-  static constexpr std::uint64_t gen_of(std::uint64_t state) noexcept { return state >> 3; }
-  static constexpr std::uint64_t make_state(std::uint64_t gen, std::uint64_t tag) noexcept { return gen << 3 | tag; }
-  // One cache line: what a round trip writes of the table, on both sides.
-  struct alignas(detail::cache_line_size) future_slot {
-    /// Written by open_slot under mutex_ (release: publishes id_* and
-    /// future; partner: claim_slot's and the classifiers' acquire loads), by
-    /// claim_slot's CAS (acquire: pairs with that release) and, once
-    /// claimed, by the claimer's release store of the final tag (partner:
-    /// open_slot's acquire load before it reuses the slot, so the future
-    /// was moved out before it is written again).
+  static constexpr std::uint64_t slot_running = 5;
+  static constexpr std::uint64_t slot_running_watched = 6;
+  static constexpr std::uint64_t slot_pending_callback = 7;
+  static constexpr std::uint64_t tag_of(std::uint64_t state) noexcept { return state & 15u; }
+  static constexpr std::uint64_t gen_of(std::uint64_t state) noexcept { return state >> 4; }
+  static constexpr std::uint64_t make_state(std::uint64_t gen, std::uint64_t tag) noexcept { return gen << 4 | tag; }
+  static constexpr bool is_pending(std::uint64_t tag) noexcept {
+    return tag == slot_pending || tag == slot_pending_callback;
+  }
+  // One cache line (with libstdc++'s 32-byte std::function): what a round
+  // trip writes of the table, on both sides.
+  struct alignas(detail::cache_line_size) request_slot {
+    /// Written by open_slot under mutex_ (release: publishes id_* and the
+    /// completion; partner: claim_slot's and the classifiers' acquire
+    /// loads), by claim_slot's CAS (acquire: pairs with that release) and,
+    /// once claimed, by the claimer's release store of the final tag
+    /// (partner: open_slot's acquire load before it reuses the slot, so the
+    /// completion was moved out before it is written again); by close()'s
+    /// CAS running -> running_watched (relaxed: it only asks for a wake)
+    /// and the reply's release exchange that ends a run (partner: close()'s
+    /// acquire load, so the callback's effects are visible once it sees the
+    /// run ended).
     std::atomic<std::uint64_t> state{0};
     /// The request's correlation id. Relaxed: written only under mutex_
     /// while the slot is not pending (ordered by state's release store);
@@ -795,8 +801,8 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     /// CAS, whose success proves no later request's id was written since.
     std::atomic<std::uint64_t> id_high{0};
     std::atomic<std::uint64_t> id_low{0};
-    std::shared_ptr<future_state> future;  // written while free; moved out by the claimer
-    bool counted = false;                  // under mutex_: counted in slots_in_use_
+    // Written while free (open_slot, under mutex_); moved out by the claimer.
+    std::variant<std::monostate, std::shared_ptr<future_state>, callback> completion;
   };
   struct later {  // std::push_heap's "less" for a min-heap of deadlines
     bool operator()(const deadline_item& a, const deadline_item& b) const noexcept { return a.when > b.when; }
@@ -837,28 +843,31 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
 
   // The slot at `index`, or null if its chunk is not there (yet). Never
   // blocks; thread-safe.
-  future_slot* slot_at(std::size_t index) const noexcept {
+  request_slot* slot_at(std::size_t index) const noexcept {
     if (index >= slots_usable_) return nullptr;
     // acquire: pairs with take_free_slot's release store of the chunk.
-    future_slot* chunk = chunks_[index / slots_per_chunk].load(std::memory_order_acquire);
+    request_slot* chunk = chunks_[index / slots_per_chunk].load(std::memory_order_acquire);
     return chunk == nullptr ? nullptr : chunk + index % slots_per_chunk;
   }
   // Under mutex_ (ids change only under it): the slot whose request had or
   // has `corr`, or null.
-  future_slot* slot_of(const message_id& corr) const noexcept {
-    future_slot* s = slot_at(corr.low() & slot_index_mask);
+  request_slot* slot_of(const message_id& corr) const noexcept {
+    request_slot* s = slot_at(corr.low() & slot_index_mask);
     if (s == nullptr || s->id_high.load(std::memory_order_relaxed) != corr.high() ||
         s->id_low.load(std::memory_order_relaxed) != corr.low())
       return nullptr;
     return s;
   }
+  static std::size_t index_of(const message_id& corr) noexcept {
+    return static_cast<std::size_t>(corr.low() & slot_index_mask);
+  }
   // Decides a slot's one outcome: pending(g), as `state` read it (with an
-  // acquire load), -> claimed(g). True for the one caller that wins; it
-  // then owns the slot until it stores the final tag.
-  static bool claim_slot(future_slot& s, std::uint64_t& state) noexcept {
-    if (tag_of(state) != slot_pending) return false;
-    // acquire: pairs with open_slot's release store (the future is visible).
-    return s.state.compare_exchange_strong(state, make_state(gen_of(state), slot_claimed), std::memory_order_acquire,
+  // acquire load), -> claimed(g) (or `to`). True for the one caller that
+  // wins; it then owns the slot until it stores the final tag.
+  static bool claim_slot(request_slot& s, std::uint64_t& state, std::uint64_t to = slot_claimed) noexcept {
+    if (!is_pending(tag_of(state))) return false;
+    // acquire: pairs with open_slot's release store (the completion is visible).
+    return s.state.compare_exchange_strong(state, make_state(gen_of(state), to), std::memory_order_acquire,
                                            std::memory_order_relaxed);
   }
   // A reply on the slot path, without the lock: completes the slot's
@@ -866,16 +875,17 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // pending request (the caller takes the locked path and classifies it).
   bool complete_slot(reply_packet<Reply>& packet) {
     const message_id& corr = packet.correlation_id;
-    future_slot* s = slot_at(corr.low() & slot_index_mask);
+    request_slot* s = slot_at(corr.low() & slot_index_mask);
     if (s == nullptr) return false;
-    // acquire: pairs with open_slot's release store (id_* and the future).
+    // acquire: pairs with open_slot's release store (id_* and the completion).
     std::uint64_t st = s->state.load(std::memory_order_acquire);
-    if (tag_of(st) != slot_pending) return false;
+    if (!is_pending(tag_of(st))) return false;
     if (s->id_high.load(std::memory_order_relaxed) != corr.high() ||
         s->id_low.load(std::memory_order_relaxed) != corr.low())
       return false;
+    if (tag_of(st) == slot_pending_callback) return run_slot_callback(*s, st, packet);
     if (!claim_slot(*s, st)) return false;
-    std::shared_ptr<future_state> fs = std::move(s->future);
+    std::shared_ptr<future_state> fs = std::move(*std::get_if<std::shared_ptr<future_state>>(&s->completion));
     // relaxed: statistics, read by stats().
     auto* env = std::get_if<envelope<Reply>>(&packet.body);
     (env != nullptr ? slot_replied_ : slot_errors_).fetch_add(1, std::memory_order_relaxed);
@@ -892,6 +902,95 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     fs->publish();
     return true;
   }
+  // complete_slot for a callback: claims pending_callback(g) -> running(g),
+  // runs the callback on this thread, then ends the run (replied(g)),
+  // waking close() if it waits for it. The slot counts no more against
+  // max_pending while the callback runs (it may make the next request),
+  // and is reused only after the run ended.
+  bool run_slot_callback(request_slot& s, std::uint64_t st, reply_packet<Reply>& packet) {
+    if (!claim_slot(s, st, slot_running)) return false;
+    // Declared first, so destroyed last: the callback and its captures die
+    // before the run is seen ended.
+    struct run_end {
+      pending_requests* table;
+      request_slot* slot;
+      std::uint64_t gen;
+      detail::slot_run_frame frame;
+      ~run_end() {
+        detail::slot_runs_here = frame.next;
+        // release: the partner of close()'s acquire load in
+        // wait_slot_runs (the callback's effects happen before its return
+        // is seen) and of open_slot's (the slot is reused after this).
+        const std::uint64_t was = slot->state.exchange(make_state(gen, slot_replied), std::memory_order_release);
+        if (tag_of(was) == slot_running_watched) table->wake_closer();
+      }
+    } end{this, &s, gen_of(st),
+          {this, static_cast<std::size_t>(packet.correlation_id.low() & slot_index_mask), detail::slot_runs_here}};
+    detail::slot_runs_here = &end.frame;
+    callback cb = std::move(*std::get_if<callback>(&s.completion));
+    s.completion.template emplace<std::monostate>();
+    reply_outcome<Reply> outcome;
+    if (auto* env = std::get_if<envelope<Reply>>(&packet.body)) {
+      // relaxed: statistics, read by stats().
+      slot_replied_.fetch_add(1, std::memory_order_relaxed);
+      outcome.reply.emplace(std::move(*env));
+    } else {
+      slot_errors_.fetch_add(1, std::memory_order_relaxed);
+      auto& err = std::get<reply_error>(packet.body);
+      outcome.status = err.code == errc::ok ? errc::handler_error : err.code;
+      outcome.error.emplace(std::move(err));
+    }
+    call_guarded([&] { cb(std::move(outcome)); });
+    return true;
+  }
+  // A run of a watched slot callback ended: wakes close() (wait_slot_runs).
+  // The lock orders the wake after close()'s check of the slot.
+  void wake_closer() {
+    { std::lock_guard lock(mutex_); }
+    idle_.notify_all();
+  }
+  // open_slot: Completion is the future's state or a callback.
+  template <class Completion>
+  errc open_slot_with(message_id& corr, Completion&& completion, time_point deadline) {
+    std::lock_guard lock(mutex_);
+    if (in_flight_at_limit()) {
+      ++stats_.refused;
+      return errc::busy;
+    }
+    const std::size_t i = take_free_slot();
+    if (i == no_slot) {
+      entry e;
+      if constexpr (std::is_same_v<std::decay_t<Completion>, callback>) e.single = std::move(completion);
+      else e.future = std::move(completion);
+      const errc s = insert_locked(corr, std::move(e));
+      if (s == errc::ok) track(corr, deadline);
+      return s;
+    }
+    request_slot& s = *slot_at(i);
+    // acquire: pairs with the release store that ended the slot's last
+    // request (the claimer's; a reply's after its callback returned), after
+    // which its completion was moved out.
+    const std::uint64_t old = s.state.load(std::memory_order_acquire);
+    if (tag_of(old) == slot_replied || tag_of(old) == slot_expired) {
+      remember(message_id(s.id_high.load(std::memory_order_relaxed), s.id_low.load(std::memory_order_relaxed)),
+               tag_of(old) == slot_replied ? finished::replied : finished::expired);
+    }
+    forget_deadlines_if_idle();
+    corr = message_id(corr.high(), (corr.low() & ~slot_index_mask) | i);
+    s.id_high.store(corr.high(), std::memory_order_relaxed);
+    s.id_low.store(corr.low(), std::memory_order_relaxed);
+    s.completion.template emplace<std::decay_t<Completion>>(std::move(completion));
+    slot_counted_[i] = 1;
+    ++slots_in_use_;
+    const std::uint64_t gen = gen_of(old) + 1;
+    // release: publishes the id and the completion to claim_slot's acquire
+    // load (a replying thread, the timer, close(), abandon()).
+    constexpr std::uint64_t pending_tag =
+        std::is_same_v<std::decay_t<Completion>, callback> ? slot_pending_callback : slot_pending;
+    s.state.store(make_state(gen, pending_tag), std::memory_order_release);
+    track_item({deadline, corr, static_cast<std::uint32_t>(i), gen});
+    return errc::ok;
+  }
   // Under mutex_: pending_ plus the slots taken and not yet seen finished
   // reach max_pending_ (slots seen finished first, only at the limit).
   bool in_flight_at_limit() noexcept {
@@ -902,15 +1001,24 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // Under mutex_: whether slot `i` holds a request in flight; uncounts it
   // from slots_in_use_ once it is seen finished.
   bool slot_in_use(std::size_t i) noexcept {
-    future_slot& s = *slot_at(i);
+    request_slot& s = *slot_at(i);
     // relaxed: open_slot's acquire load orders the reuse itself.
     const std::uint64_t tag = tag_of(s.state.load(std::memory_order_relaxed));
-    if (tag == slot_pending || tag == slot_claimed) return true;
-    if (s.counted) {
-      s.counted = false;
+    if (is_pending(tag) || tag == slot_claimed) return true;
+    if (slot_counted_[i] != 0) {
+      slot_counted_[i] = 0;
       --slots_in_use_;
     }
     return false;
+  }
+  // Under mutex_: slot `i` holds no request and no callback run (a slot
+  // whose reply's callback still runs counts as finished for max_pending
+  // but is not reused until the run ended).
+  bool slot_reusable(std::size_t i) noexcept {
+    if (slot_in_use(i)) return false;
+    // relaxed: as in slot_in_use.
+    const std::uint64_t tag = tag_of(slot_at(i)->state.load(std::memory_order_relaxed));
+    return tag != slot_running && tag != slot_running_watched;
   }
   // Under mutex_: a slot that holds no request, from the last one taken on
   // (a strict ping-pong reuses one slot, one cache line), growing the slots
@@ -920,7 +1028,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     for (std::size_t k = 0; k < slots_allocated_; ++k) {
       std::size_t i = cursor_ + k;
       if (i >= slots_allocated_) i -= slots_allocated_;
-      if (!slot_in_use(i)) {
+      if (slot_reusable(i)) {
         cursor_ = i;
         return i;
       }
@@ -928,7 +1036,8 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     if (slots_allocated_ == slots_usable_) return no_slot;
     const std::size_t i = slots_allocated_;
     chunk_storage_.reserve(chunk_storage_.size() + 1);
-    chunk_storage_.push_back(std::make_unique<future_slot[]>(slots_per_chunk));
+    chunk_storage_.push_back(std::make_unique<request_slot[]>(slots_per_chunk));
+    slot_counted_.resize(std::min(slots_usable_, i + slots_per_chunk), 0);
     // release: publishes the constructed slots to slot_at's acquire load.
     chunks_[i / slots_per_chunk].store(chunk_storage_.back().get(), std::memory_order_release);
     slots_allocated_ = std::min(slots_usable_, i + slots_per_chunk);
@@ -939,7 +1048,8 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   bool live(const deadline_item& d) const noexcept {
     if (d.slot == map_item) return pending_.find(d.corr) != pending_.end();
     // relaxed: a hint for dropping stale items; the timer claims with a CAS.
-    return slot_at(d.slot)->state.load(std::memory_order_relaxed) == make_state(d.gen, slot_pending);
+    const std::uint64_t st = slot_at(d.slot)->state.load(std::memory_order_relaxed);
+    return gen_of(st) == d.gen && is_pending(tag_of(st));
   }
 
   errc insert(const message_id& corr, entry&& e) {
@@ -1038,7 +1148,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   }
 
   void complete(entry& e, errc status, reply_outcome<Reply>&& o) {
-    auto call = [&] {
+    call_guarded([&] {
       if (e.future) {
         e.future->set(std::move(o));
       } else if (e.single) {
@@ -1047,7 +1157,11 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         e.collected.status = status;
         e.multi(std::move(e.collected));
       }
-    };
+    });
+  }
+  // Runs a completion as on_throw_ says.
+  template <class Call>
+  void call_guarded(Call&& call) {
     if (on_throw_ == callback_exceptions::propagate) {
       call();
       return;
@@ -1077,12 +1191,19 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         std::pop_heap(deadlines_.begin(), deadlines_.end(), later{});
         deadlines_.pop_back();
         if (d.slot != map_item) {
-          future_slot& s = *slot_at(d.slot);
+          request_slot& s = *slot_at(d.slot);
           // acquire: as in complete_slot.
           std::uint64_t st = s.state.load(std::memory_order_acquire);
-          if (st != make_state(d.gen, slot_pending) || !claim_slot(s, st)) continue;  // finished first
-          expired_slots.push_back(std::move(s.future));
-          // release: the partner of open_slot's acquire load (future moved out).
+          if (gen_of(st) != d.gen || !claim_slot(s, st)) continue;  // finished first
+          if (auto* cb = std::get_if<callback>(&s.completion)) {
+            entry e;
+            e.single = std::move(*cb);
+            expired.push_back(std::move(e));
+          } else {
+            expired_slots.push_back(std::move(std::get<std::shared_ptr<future_state>>(s.completion)));
+          }
+          s.completion.template emplace<std::monostate>();
+          // release: the partner of open_slot's acquire load (completion moved out).
           s.state.store(make_state(d.gen, slot_expired), std::memory_order_release);
           ++stats_.timed_out;
           continue;
@@ -1100,7 +1221,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       }
       if (!closed_ && !deadlines_.empty()) arm_timer(deadlines_.front().when);
       if (expired.empty() && expired_slots.empty()) return;
-      run.emplace(*this);
+      run.emplace(*this);  // a slot's callback runs as a map entry's does
     }
     // A slot's future runs no user code: set it first.
     for (auto& fs : expired_slots) complete_future(*fs, errc::timeout);
@@ -1127,6 +1248,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   void cancel_all() {
     map_type taken;
     std::vector<std::shared_ptr<future_state>> taken_slots;
+    std::vector<callback> taken_callbacks;
     {
       std::lock_guard lock(mutex_);
       closed_ = true;
@@ -1135,18 +1257,25 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       deadlines_.clear();
       taken.swap(pending_);
       for (std::size_t i = 0; i < slots_allocated_; ++i) {
-        future_slot& s = *slot_at(i);
+        request_slot& s = *slot_at(i);
         // acquire: as in complete_slot. A slot a reply has claimed is that
         // reply's to complete.
         std::uint64_t st = s.state.load(std::memory_order_acquire);
         if (!claim_slot(s, st)) continue;
-        taken_slots.push_back(std::move(s.future));
-        // release: the partner of open_slot's acquire load (future moved out).
+        if (auto* cb = std::get_if<callback>(&s.completion)) taken_callbacks.push_back(std::move(*cb));
+        else taken_slots.push_back(std::move(std::get<std::shared_ptr<future_state>>(s.completion)));
+        s.completion.template emplace<std::monostate>();
+        // release: the partner of open_slot's acquire load (completion moved out).
         s.state.store(make_state(gen_of(st), slot_free), std::memory_order_release);
       }
-      stats_.canceled += taken.size() + taken_slots.size();
+      stats_.canceled += taken.size() + taken_slots.size() + taken_callbacks.size();
     }
     for (auto& fs : taken_slots) complete_future(*fs, errc::canceled);
+    for (auto& cb : taken_callbacks) {
+      reply_outcome<Reply> o;
+      o.status = errc::canceled;
+      call_guarded([&] { cb(std::move(o)); });
+    }
     for (auto& [id, e] : taken) complete_with(e, errc::canceled);
   }
   // Sets a slot's future to an outcome without a reply. Runs no user code.
@@ -1160,8 +1289,38 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     const auto self = std::this_thread::get_id();
     std::unique_lock lock(mutex_);
     idle_.wait(lock, [&] {
-      return std::all_of(running_.begin(), running_.end(), [&](const std::thread::id& t) { return t == self; });
+      return std::all_of(running_.begin(), running_.end(), [&](const std::thread::id& t) { return t == self; }) &&
+             slot_runs_ended();
     });
+  }
+  // Under mutex_ (close()): no slot callback runs on another thread; a
+  // run found still going is marked watched, so the reply that ends it
+  // wakes idle_ (wake_closer takes this lock first: no lost wake-up).
+  bool slot_runs_ended() noexcept {
+    for (std::size_t i = 0; i < slots_allocated_; ++i) {
+      request_slot& s = *slot_at(i);
+      // acquire: pairs with the release exchange that ends a run (the
+      // callback's effects are visible to close()'s caller).
+      std::uint64_t st = s.state.load(std::memory_order_acquire);
+      for (;;) {
+        const std::uint64_t tag = tag_of(st);
+        if (tag != slot_running && tag != slot_running_watched) break;
+        if (running_here(i)) break;
+        if (tag == slot_running_watched) return false;
+        // acquire (both ways, as the load above): a run that ended meanwhile
+        // fails the CAS and is seen ended; one marked wakes us when it ends.
+        if (s.state.compare_exchange_weak(st, make_state(gen_of(st), slot_running_watched),
+                                          std::memory_order_acquire, std::memory_order_acquire))
+          return false;
+      }
+    }
+    return true;
+  }
+  // Slot `i`'s callback runs on this thread (further up its stack).
+  bool running_here(std::size_t i) const noexcept {
+    for (const detail::slot_run_frame* f = detail::slot_runs_here; f != nullptr; f = f->next)
+      if (f->table == this && f->slot == i) return true;
+    return false;
   }
 
   // Layout (issue 18): a round trip writes the table on two threads, the
@@ -1181,7 +1340,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // The slots (open_slot), by chunks of slots_per_chunk: chunks_[k] is
   // null until chunk k is made (under mutex_), then never changes.
   const std::size_t slots_usable_;  // min(max_pending_, slot_limit)
-  const std::unique_ptr<std::atomic<future_slot*>[]> chunks_;
+  const std::unique_ptr<std::atomic<request_slot*>[]> chunks_;
   alignas(detail::cache_line_size) mutable std::mutex mutex_;  // guards everything below but sent_
   std::vector<node_type> spare_nodes_;  // recycled pending_ nodes beyond spare_ (at most spare_nodes_max)
   map_type pending_;
@@ -1197,7 +1356,8 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // here, not through spare_nodes_' heap array (one cache line fewer).
   node_type spare_;
   // The slots' (open_slot) bookkeeping, on the requesting side.
-  std::vector<std::unique_ptr<future_slot[]>> chunk_storage_;  // under mutex_: owns the chunks
+  std::vector<std::unique_ptr<request_slot[]>> chunk_storage_;  // under mutex_: owns the chunks
+  std::vector<unsigned char> slot_counted_;  // under mutex_: per slot, counted in slots_in_use_
   std::size_t slots_allocated_ = 0;  // under mutex_
   std::size_t slots_in_use_ = 0;     // under mutex_: slots counted (taken, not yet seen finished)
   std::size_t cursor_ = 0;           // under mutex_: the slot taken last
