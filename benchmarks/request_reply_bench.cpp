@@ -107,6 +107,12 @@
 //   The callback form opens with its deadline under one lock (no arm() after
 //   the send): --profile callback 20000: 5,023 -> 4,910 instructions; wall
 //   clock the same (1.21 us, six alternating pairs at load 1.8).
+//   Slots (pending_requests::open_slot): a request's correlation id
+//   addresses a slot of the table and its reply completes it with one CAS,
+//   without the lock. Future form: 4,212 -> 3,776 (with the finished-id
+//   ring's flat index); callback form: 4,810 -> 4,357 (3,799 for the future
+//   with the slot's variant). Near placement, alternating pairs: requester
+//   851-868 -> 816-830 ns; callback 1,191-1,217 -> 1,147-1,182 ns.
 #include <postbox/operations.hpp>
 #include <postbox/request_reply.hpp>
 
