@@ -161,25 +161,44 @@ TEST_CASE("threads blocked in get() on their futures each take exactly their own
   CHECK(replied + timed_out + errors == static_cast<std::uint64_t>(total));
 }
 
-TEST_CASE("future requests on a few reused slots, with replies racing timeouts and duplicates, each end once",
-          "[request_reply][stress]") {
-  // The future form completes on slots without the table's lock (issue 18).
-  // Eight slots (max_pending 8) shared by three requesting threads are reused
-  // thousands of times; every reply is delivered twice, some are errors, some
-  // requests are never answered, and 1-3 ms timeouts (most requests) under a
-  // ticking manual clock make replies and the timer race for the same slot. Each future must get exactly one outcome, the
-  // right one, and the counters must account for every delivery.
+namespace {
+
+// The slot stress cases' world: eight slots (max_pending 8) shared by three
+// requesting threads; repliers answer each request twice, every 5th with an
+// error, never every 11th; a ticker moves the manual clock 1 ms at a time
+// and fires due timers; most requests time out after 1-3 ms, every 4th
+// waits for its answer (so some are answered, and answered twice, however
+// slow the repliers), and the unanswered ones always time out.
+struct slot_stress_rig {
+  static constexpr int threads_n = 3;
   postbox::manual_clock clock;
-  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
-  postbox::channel<postbox::envelope<int>> requests(64);
+  postbox::timer_service timers{clock, postbox::timer_service::manual_drive};
+  postbox::channel<postbox::envelope<int>> requests{64};
   postbox::endpoint_registry<int> registry;
-  const int threads_n = 3;
   const int per = static_cast<int>(postbox_test::scaled(6000));
-  auto req = std::make_unique<postbox::requester<int, int>>(requests, registry, timers,
-                                                            postbox::requester_options{.max_pending = 8});
-  std::atomic<bool> done{false};
+  std::unique_ptr<postbox::requester<int, int>> req = std::make_unique<postbox::requester<int, int>>(
+      requests, registry, timers, postbox::requester_options{.max_pending = 8});
   std::atomic<long long> deliveries{0};
-  std::thread replier([&] {  // answers twice, every 5th with an error, never every 11th
+  std::atomic<long long> ok{0}, errors{0}, timeouts{0}, wrong{0}, accepted{0};
+  std::atomic<bool> done{false};
+  std::vector<std::thread> repliers;
+  std::thread ticker;
+
+  explicit slot_stress_rig(int replier_threads) {
+    for (int i = 0; i < replier_threads; ++i) repliers.emplace_back([this] { answer_twice(); });
+    ticker = std::thread([this] {
+      while (!done.load()) {
+        clock.advance(1ms);
+        timers.run_due();
+        std::this_thread::yield();
+      }
+    });
+  }
+  slot_stress_rig(const slot_stress_rig&) = delete;
+  slot_stress_rig& operator=(const slot_stress_rig&) = delete;
+  ~slot_stress_rig() { stop(); }
+
+  void answer_twice() {
     postbox::endpoint_registry<int>::delivery_cache cache;
     while (auto env = requests.receive()) {
       if (env->payload % 11 == 0) continue;
@@ -194,189 +213,134 @@ TEST_CASE("future requests on a few reused slots, with replies racing timeouts a
         if (registry.deliver(*to, std::move(p), cache) == postbox::errc::ok) ++deliveries;
       }
     }
-  });
-  std::thread ticker([&] {
-    while (!done.load()) {
-      clock.advance(1ms);
-      timers.run_due();
-      std::this_thread::yield();
+  }
+  // The timeout of thread-local request i with global id `id`.
+  static postbox::duration timeout_of(int id, int i) {
+    return id % 11 != 0 && i % 4 == 3 ? postbox::duration(10min) : postbox::duration(std::chrono::milliseconds(1 + i % 3));
+  }
+  // Counts one outcome of request `id`; a wrong one (an answer to an
+  // unanswered request, an error for a good one, a bad payload) in `wrong`.
+  void count(int id, const postbox::reply_outcome<int>& o) {
+    if (o.ok()) {
+      ++ok;
+      if (id % 5 == 0 || id % 11 == 0 || o.reply->payload != 2 * id) ++wrong;
+    } else if (o.status == postbox::errc::handler_error) {
+      ++errors;
+      if (id % 5 != 0 || id % 11 == 0) ++wrong;
+    } else if (o.status == postbox::errc::timeout) {
+      ++timeouts;
+    } else {
+      ++wrong;
     }
-  });
-  std::atomic<long long> ok{0}, errors{0}, timeouts{0}, wrong{0}, accepted{0};
+  }
+  // Stops the ticker and the repliers (every delivery is in; the requester
+  // is still there).
+  void stop() {
+    done = true;
+    if (ticker.joinable()) ticker.join();
+    requests.close();
+    for (auto& t : repliers)
+      if (t.joinable()) t.join();
+  }
+  // After stop(): every request had one outcome, the right one, and the
+  // counters account for every delivery.
+  void check_accounts() {
+    const auto st = req->stats();
+    req.reset();
+    INFO("ok " << ok << " errors " << errors << " timeouts " << timeouts << " deliveries " << deliveries);
+    CHECK(wrong == 0);
+    CHECK(accepted == threads_n * per);
+    CHECK(ok + errors + timeouts == accepted);
+    CHECK(st.sent == static_cast<std::uint64_t>(accepted.load()));
+    CHECK(st.replied == static_cast<std::uint64_t>(ok.load()));
+    CHECK(st.errors == static_cast<std::uint64_t>(errors.load()));
+    CHECK(st.timed_out == static_cast<std::uint64_t>(timeouts.load()));
+    CHECK(st.pending == 0);
+    CHECK(ok > 0);
+    CHECK(timeouts > 0);
+    // Every delivery that did not complete its request was dropped and counted.
+    const auto dropped = st.late_replies + st.duplicate_replies + st.unmatched_replies;
+    CHECK(dropped + st.replied + st.errors == static_cast<std::uint64_t>(deliveries.load()));
+    CHECK(st.duplicate_replies > 0);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("future requests on a few reused slots, with replies racing timeouts and duplicates, each end once",
+          "[request_reply][stress]") {
+  // The future form completes on slots without the table's lock (issue 18):
+  // the slots are reused thousands of times, and replies and the timer race
+  // for the same slot. Each future must get exactly one outcome.
+  slot_stress_rig r(1);
   std::vector<std::thread> threads;
-  for (int t = 0; t < threads_n; ++t) {
+  for (int t = 0; t < r.threads_n; ++t) {
     threads.emplace_back([&, t] {
-      std::vector<std::pair<int, postbox::reply_future<postbox::reply_outcome<int>>>> outstanding;
-      auto finish = [&](std::pair<int, postbox::reply_future<postbox::reply_outcome<int>>>& f) {
-        auto o = f.second.get();
-        if (o.ok()) {
-          ++ok;
-          if (f.first % 5 == 0 || f.first % 11 == 0 || o.reply->payload != 2 * f.first) ++wrong;
-        } else if (o.status == postbox::errc::handler_error) {
-          ++errors;
-          if (f.first % 5 != 0 || f.first % 11 == 0) ++wrong;
-        } else if (o.status == postbox::errc::timeout) {
-          ++timeouts;
-        } else {
-          ++wrong;
-        }
+      using pending = std::pair<int, postbox::reply_future<postbox::reply_outcome<int>>>;
+      std::vector<pending> outstanding;
+      auto finish_first = [&] {
+        r.count(outstanding.front().first, outstanding.front().second.get());
+        outstanding.erase(outstanding.begin());
       };
-      for (int i = 0; i < per; ++i) {
-        const int id = t * per + i;
-        // Every 4th waits for its answer (so some are answered, and answered
-        // twice, however slow the replier); the rest race the timer, and the
-        // unanswered ones (every 11th) always time out.
-        const postbox::duration timeout =
-            id % 11 != 0 && i % 4 == 3 ? postbox::duration(10min) : postbox::duration(std::chrono::milliseconds(1 + i % 3));
-        auto f = req->request(id, timeout);
+      for (int i = 0; i < r.per; ++i) {
+        const int id = t * r.per + i;
+        auto f = r.req->request(id, slot_stress_rig::timeout_of(id, i));
         if (!f.has_value()) {  // busy (eight in flight) or full (the channel): finish one first
-          if (f.status() != postbox::errc::busy && f.status() != postbox::errc::full) ++wrong;
-          if (!outstanding.empty()) {
-            finish(outstanding.front());
-            outstanding.erase(outstanding.begin());
-          }
+          if (f.status() != postbox::errc::busy && f.status() != postbox::errc::full) ++r.wrong;
+          if (!outstanding.empty()) finish_first();
           std::this_thread::yield();
           --i;
           continue;
         }
-        ++accepted;
+        ++r.accepted;
         outstanding.emplace_back(id, std::move(*f));
-        if (outstanding.size() > 2) {
-          finish(outstanding.front());
-          outstanding.erase(outstanding.begin());
-        }
+        if (outstanding.size() > 2) finish_first();
       }
-      for (auto& f : outstanding) finish(f);
+      while (!outstanding.empty()) finish_first();
     });
   }
   for (auto& th : threads) th.join();
-  done = true;
-  ticker.join();
-  requests.close();
-  replier.join();  // every delivery is in (the requester is still there)
-  const auto st = req->stats();
-  req.reset();
-  INFO("ok " << ok << " errors " << errors << " timeouts " << timeouts << " deliveries " << deliveries);
-  CHECK(wrong == 0);
-  CHECK(accepted == threads_n * per);
-  CHECK(ok + errors + timeouts == accepted);
-  CHECK(st.sent == static_cast<std::uint64_t>(accepted.load()));
-  CHECK(st.replied == static_cast<std::uint64_t>(ok.load()));
-  CHECK(st.errors == static_cast<std::uint64_t>(errors.load()));
-  CHECK(st.timed_out == static_cast<std::uint64_t>(timeouts.load()));
-  CHECK(st.pending == 0);
-  CHECK(ok > 0);
-  CHECK(timeouts > 0);
-  // Every delivery that did not complete its request was dropped and counted.
-  const auto dropped = st.late_replies + st.duplicate_replies + st.unmatched_replies;
-  CHECK(dropped + st.replied + st.errors == static_cast<std::uint64_t>(deliveries.load()));
-  CHECK(st.duplicate_replies > 0);
+  r.stop();
+  r.check_accounts();
 }
 
 TEST_CASE("callback requests on a few reused slots, with replies racing timeouts and duplicates, each call back once",
           "[request_reply][stress]") {
   // The callback form runs on slots as the future form does: a reply claims
   // its slot with one CAS and runs the callback there, without the table's
-  // lock. Eight slots shared by three requesting threads, every reply
-  // delivered twice by two repliers, every 5th an error, every 11th never
-  // answered, 1-3 ms timeouts on a ticking manual clock (every 4th request
-  // waits for its answer): each callback is called exactly once, with the
-  // right outcome, and the counters account for every delivery.
-  postbox::manual_clock clock;
-  postbox::timer_service timers(clock, postbox::timer_service::manual_drive);
-  postbox::channel<postbox::envelope<int>> requests(64);
-  postbox::endpoint_registry<int> registry;
-  const int threads_n = 3;
-  const int per = static_cast<int>(postbox_test::scaled(6000));
-  const int total = threads_n * per;
-  auto req = std::make_unique<postbox::requester<int, int>>(requests, registry, timers,
-                                                            postbox::requester_options{.max_pending = 8});
-  std::atomic<long long> deliveries{0};
-  auto replier = [&] {  // each request answered twice, every 5th with an error, never every 11th
-    postbox::endpoint_registry<int>::delivery_cache cache;
-    while (auto env = requests.receive()) {
-      if (env->payload % 11 == 0) continue;
-      const auto to = env->headers.get(postbox::header_names::reply_to);
-      for (int copy = 0; copy < 2; ++copy) {
-        postbox::reply_packet<int> p{env->correlation_id, {}};
-        if (env->payload % 5 == 0) {
-          p.body = postbox::reply_error{postbox::errc::handler_error, "fifth"};
-        } else {
-          p.body = postbox::reply_to(*env, env->payload * 2, clock);
-        }
-        if (registry.deliver(*to, std::move(p), cache) == postbox::errc::ok) ++deliveries;
-      }
-    }
-  };
-  std::thread replier_a(replier), replier_b(replier);
-  std::atomic<bool> done{false};
-  std::thread ticker([&] {
-    while (!done.load()) {
-      clock.advance(1ms);
-      timers.run_due();
-      std::this_thread::yield();
-    }
-  });
+  // lock. Two repliers, so a request's two answers race each other too:
+  // each callback is called exactly once, with the right outcome.
+  slot_stress_rig r(2);
+  const int total = r.threads_n * r.per;
   std::vector<std::atomic<int>> calls(static_cast<std::size_t>(total));
-  std::atomic<long long> ok{0}, errors{0}, timeouts{0}, wrong{0}, accepted{0}, outcomes{0};
+  std::atomic<long long> outcomes{0};
   std::vector<std::thread> threads;
-  for (int t = 0; t < threads_n; ++t) {
+  for (int t = 0; t < r.threads_n; ++t) {
     threads.emplace_back([&, t] {
-      for (int i = 0; i < per; ++i) {
-        const int id = t * per + i;
-        const postbox::duration timeout =
-            id % 11 != 0 && i % 4 == 3 ? postbox::duration(10min) : postbox::duration(std::chrono::milliseconds(1 + i % 3));
-        const postbox::errc s = req->request(id, timeout, [&, id](postbox::reply_outcome<int> o) {
+      for (int i = 0; i < r.per; ++i) {
+        const int id = t * r.per + i;
+        const postbox::errc s = r.req->request(id, slot_stress_rig::timeout_of(id, i), [&, id](postbox::reply_outcome<int> o) {
           calls[static_cast<std::size_t>(id)].fetch_add(1);
-          if (o.ok()) {
-            ++ok;
-            if (id % 5 == 0 || id % 11 == 0 || o.reply->payload != 2 * id) ++wrong;
-          } else if (o.status == postbox::errc::handler_error) {
-            ++errors;
-            if (id % 5 != 0 || id % 11 == 0) ++wrong;
-          } else if (o.status == postbox::errc::timeout) {
-            ++timeouts;
-          } else {
-            ++wrong;
-          }
+          r.count(id, o);
           ++outcomes;
         });
         if (s != postbox::errc::ok) {  // busy (eight in flight) or full (the channel): try again
-          if (s != postbox::errc::busy && s != postbox::errc::full) ++wrong;
+          if (s != postbox::errc::busy && s != postbox::errc::full) ++r.wrong;
           std::this_thread::yield();
           --i;
           continue;
         }
-        ++accepted;
+        ++r.accepted;
       }
     });
   }
   for (auto& th : threads) th.join();
-  REQUIRE(postbox_test::eventually([&] { return outcomes.load() == accepted.load(); }));
-  done = true;
-  ticker.join();
-  requests.close();
-  replier_a.join();
-  replier_b.join();  // every delivery is in (the requester is still there)
-  const auto st = req->stats();
-  req.reset();
+  REQUIRE(postbox_test::eventually([&] { return outcomes.load() == r.accepted.load(); }));
+  r.stop();
   int exactly_once = 0;
   for (auto& c : calls) exactly_once += c.load() == 1 ? 1 : 0;
-  INFO("ok " << ok << " errors " << errors << " timeouts " << timeouts << " deliveries " << deliveries);
   CHECK(exactly_once == total);
-  CHECK(wrong == 0);
-  CHECK(accepted == total);
-  CHECK(ok + errors + timeouts == accepted);
-  CHECK(st.sent == static_cast<std::uint64_t>(accepted.load()));
-  CHECK(st.replied == static_cast<std::uint64_t>(ok.load()));
-  CHECK(st.errors == static_cast<std::uint64_t>(errors.load()));
-  CHECK(st.timed_out == static_cast<std::uint64_t>(timeouts.load()));
-  CHECK(st.pending == 0);
-  CHECK(ok > 0);
-  CHECK(timeouts > 0);
-  const auto dropped = st.late_replies + st.duplicate_replies + st.unmatched_replies;
-  CHECK(dropped + st.replied + st.errors == static_cast<std::uint64_t>(deliveries.load()));
-  CHECK(st.duplicate_replies > 0);
+  r.check_accounts();
 }
 
 TEST_CASE("destroying a requester while reply callbacks run on other threads returns after they ended",
