@@ -678,11 +678,11 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       forget_deadlines_if_idle();
     }
     entry& e = run->taken();
-    reply_outcome<Reply> outcome;
-    outcome.status = status;
-    if (reply != nullptr) outcome.reply.emplace(std::move(*reply));
-    if (err != nullptr) outcome.error.emplace(std::move(*err));
-    complete(e, status, std::move(outcome));
+    if (e.single) {  // the outcome made in the callback's parameter, as on a slot
+      call_guarded([&] { e.single(outcome_of(packet)); });
+      return;
+    }
+    complete_with(e, status);  // a gather: its collected replies
   }
 
   /// Adds one to a counter (a transport's own, or a requester_stats one)
@@ -929,19 +929,25 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     detail::slot_runs_here = &end.frame;
     callback cb = std::move(*std::get_if<callback>(&s.completion));
     s.completion.template emplace<std::monostate>();
-    reply_outcome<Reply> outcome;
-    if (auto* env = std::get_if<envelope<Reply>>(&packet.body)) {
-      // relaxed: statistics, read by stats().
-      slot_replied_.fetch_add(1, std::memory_order_relaxed);
-      outcome.reply.emplace(std::move(*env));
-    } else {
-      slot_errors_.fetch_add(1, std::memory_order_relaxed);
-      auto& err = std::get<reply_error>(packet.body);
-      outcome.status = err.code == errc::ok ? errc::handler_error : err.code;
-      outcome.error.emplace(std::move(err));
-    }
-    call_guarded([&] { cb(std::move(outcome)); });
+    // relaxed: statistics, read by stats().
+    (std::holds_alternative<envelope<Reply>>(packet.body) ? slot_replied_ : slot_errors_)
+        .fetch_add(1, std::memory_order_relaxed);
+    // The outcome is made in the callback's parameter (one move of the reply
+    // fewer than a named outcome passed on).
+    call_guarded([&] { cb(outcome_of(packet)); });
     return true;
+  }
+  // The outcome a reply packet makes, its reply or error moved out of it.
+  static reply_outcome<Reply> outcome_of(reply_packet<Reply>& packet) {
+    reply_outcome<Reply> o;
+    if (auto* env = std::get_if<envelope<Reply>>(&packet.body)) {
+      o.reply.emplace(std::move(*env));
+    } else {
+      auto& err = std::get<reply_error>(packet.body);
+      o.status = err.code == errc::ok ? errc::handler_error : err.code;
+      o.error.emplace(std::move(err));
+    }
+    return o;
   }
   // A run of a watched slot callback ended: wakes close() (wait_slot_runs).
   // The lock orders the wake after close()'s check of the slot.
