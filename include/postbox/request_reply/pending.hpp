@@ -414,10 +414,10 @@ enum class callback_exceptions : std::uint8_t {
 /// after it, outside the lock. A request can instead take a slot
 /// (`open_slot`, with a future or a callback): its correlation id addresses
 /// the slot, and one CAS on the slot's state word decides the outcome, so a
-/// reply completes it without the lock. Finished correlation ids are remembered (at most 4 x
-/// `max_pending`, FIFO; a slot's last one until the slot is reused) to tell
-/// late and duplicate replies from unmatched ones; all three are dropped and
-/// counted. `Stats` is `requester_stats` or a transport's extension of it.
+/// reply completes it without the lock. Finished correlation ids are
+/// remembered (at most 4 x `max_pending`, FIFO; a slot's last one until the
+/// slot is reused) to tell late and duplicate replies from unmatched ones;
+/// all three are dropped and counted. `Stats` is `requester_stats` or a transport's extension of it.
 ///
 /// Deadlines: the table keeps its own min-heap of deadlines and holds at most
 /// one timer on `timers`, for the earliest one; that timer expires every
