@@ -7,7 +7,8 @@
 //   channel ping-pong     postbox::channel<int> x2, blocking send/receive on both sides (the floor)
 //   promise handoff       a promise pointer over a channel, the server sets it, the caller waits on the future
 //   postbox requester     requester::request(payload, timeout) -> future, value(); responder thread
-//   postbox callback      requester::request(payload, timeout, callback); the callback sets a flag the caller awaits
+//   postbox callback      requester::request(payload, timeout, callback); the callback sets a flag the caller
+//                         awaits as reply_future::get() awaits its word (detail::spin_until, then yields)
 //   zeromq REQ/REP        ZeroMQ inproc REQ/REP, zmq_send/zmq_recv of 4 bytes (the form ZeroMQ's own
 //                         inproc_lat uses, zmq_msg_send/recv, is also timed; the better of the two is the peer)
 // Printed ratios (issue 18's row): postbox / best ZeroMQ (target <= 0.1) and
@@ -115,6 +116,11 @@
 //   callback's parameter (one envelope move instead of three). Near
 //   placement, alternating pairs: requester 851-868 -> 816-830 ns; callback
 //   1,191-1,217 -> 1,147-1,182 ns, then 1,125-1,215 -> 909-1,035 ns.
+//   The callback row's caller waited with backoff::snooze, whose doubling
+//   pause runs notice the flag late; it waits as get() does now
+//   (detail::spin_until): six alternating pairs at the far placement
+//   2,920-3,044 -> 2,411-2,541 ns (the requester row 2,293-2,332), two near
+//   1,087-1,112 -> 967-1,031.
 #include <postbox/operations.hpp>
 #include <postbox/request_reply.hpp>
 
@@ -260,8 +266,13 @@ double postbox_callback_round_trip(int n) {
       done.store(i + 1, std::memory_order_release);
     });
     if (s != postbox::errc::ok) fail("request refused");
-    postbox::detail::backoff b;
-    while (done.load(std::memory_order_acquire) != i + 1) b.snooze();
+    // The caller waits for its flag as reply_future::get() waits for the
+    // future's word (detail::spin_until: a check every 4 pauses, then
+    // yields), so this row and the requester row differ in how the request
+    // completes, not in how the caller notices it.
+    // acquire: pairs with the callback's release store (sum is visible).
+    while (!postbox::detail::spin_until([&] { return done.load(std::memory_order_acquire) == i + 1; }))
+      std::this_thread::yield();
   }
   const double secs = seconds_since(t0);
   if (sum != static_cast<long long>(n) * (n + 1) / 2) fail("postbox callback lost a reply");
