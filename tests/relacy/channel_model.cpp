@@ -9,15 +9,11 @@
 // test fails. Keep the transcription in step with channel.hpp: each site names
 // the function it mirrors.
 //
-// Usage: relacy_channel_model            run every test on the real orders
-//        relacy_channel_model --mutants  run every test on each weakened order
-//        relacy_channel_model --quick    fewer iterations (either mode)
-//        relacy_channel_model --mutants --part K/N
-//                                        only the sites s with s % N == K - 1
-//                                        (and the unmutated run when K is 1),
-//                                        so ctest can spread the check over
-//                                        both cores
+// Usage: relacy_channel_model [--mutants [--part K/N]] [--quick] [--weaken N]: the command
+// line and the mutation check are model_driver.hpp's.
 #include <relacy/relacy.hpp>
+
+#include "model_driver.hpp"
 
 #include <cstdint>
 #include <cstdio>
@@ -572,35 +568,9 @@ struct no_lost_wakeup_sender : rl::test_suite<no_lost_wakeup_sender<WithClose>, 
 
 // --- driver -------------------------------------------------------------------
 
-struct null_buffer : std::streambuf {
-  int overflow(int c) override { return c; }
-};
-
-struct runner {
-  bool quiet = false;
-  unsigned iterations = 20000;  // per test, random scheduler
-  null_buffer nb;
-  std::ostream null_stream{&nb};
-
-  template <class Test>
-  bool run(const char* name, rl::scheduler_type_e kind, unsigned iterations_or_bound) {
-    rl::test_params p;
-    if (kind == rl::sched_bound) {
-      p.search_type = rl::sched_bound;
-      p.context_bound = iterations_or_bound;
-    } else {
-      p.search_type = rl::sched_random;
-      p.iteration_count = static_cast<rl::iteration_t>(iterations_or_bound);
-    }
-    if (quiet) {
-      p.output_stream = &null_stream;
-      p.progress_stream = &null_stream;
-      p.collect_history = true;  // skip Relacy's replay of a failing run
-    }
-    const bool ok = rl::simulate<Test>(p);
-    if (!quiet) std::printf("%-44s %s\n", name, ok ? "passed" : "FAILED");
-    return ok;
-  }
+// The tests, run by model_driver::main (see model_driver.hpp).
+struct runner : model_driver::test_runner {
+  runner() { name_width = 44; }
 
   // Runs every test; returns the number that failed.
   int run_all() {
@@ -639,54 +609,8 @@ const char* undetectable_reason(int s) {
 }
 
 int main(int argc, char** argv) {
-  bool mutants = false;
-  bool quick = false;
-  int part = 1;   // --part K/N: this run checks the mutants of
-  int parts = 1;  // the sites s with s % N == K - 1
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--mutants") == 0) mutants = true;
-    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
-    if (std::strcmp(argv[i], "--part") == 0 && i + 1 < argc &&
-        (std::sscanf(argv[++i], "%d/%d", &part, &parts) != 2 || parts < 1 || part < 1 || part > parts)) {
-      std::printf("--part takes K/N with 1 <= K <= N\n");
-      return 2;
-    }
-  }
   model::runner r;
-  for (int s = 0; s < model::site_count; ++s) model::g_order[s] = model::real_order[s];
-
-  if (!mutants) {
-    r.iterations = quick ? 20000 : 200000;
-    const int failed = r.run_all();
-    std::printf("%s: %d test(s) failed\n", failed ? "FAILED" : "ok", failed);
-    return failed ? 1 : 0;
-  }
-
-  // Mutation check: weaken one site at a time to relaxed; some test must
-  // fail, unless the site is listed in undetectable_reason().
-  r.quiet = true;
-  r.iterations = quick ? 4000 : 10000;
-  if (part == 1 && r.run_all() != 0) {
-    std::printf("FAILED: the unmutated model fails; mutants mean nothing\n");
-    return 1;
-  }
-  if (parts > 1) std::printf("part %d/%d: the sites s with s %% %d == %d\n", part, parts, parts, part - 1);
-  int survived = 0;
-  for (int s = part - 1; s < model::site_count; s += parts) {
-    for (int k = 0; k < model::site_count; ++k) model::g_order[k] = model::real_order[k];
-    model::g_order[s] = rl::mo_relaxed;
-    const int failed = r.run_all();
-    const char* reason = undetectable_reason(s);
-    if (failed) {
-      std::printf("mutant %-40s -> relaxed: caught by %d test(s)%s\n", model::site_names[s], failed,
-                  reason ? " (listed as undetectable: update the list)" : "");
-    } else if (reason) {
-      std::printf("mutant %-40s -> relaxed: not distinguishable by Relacy: %s\n", model::site_names[s], reason);
-    } else {
-      std::printf("mutant %-40s -> relaxed: SURVIVED\n", model::site_names[s]);
-      ++survived;
-    }
-  }
-  std::printf("%s: %d unexpected survivor(s)\n", survived ? "FAILED" : "ok", survived);
-  return survived ? 1 : 0;
+  return model_driver::main(argc, argv, r,
+                            {model::site_count, model::g_order, model::real_order, model::site_names, undetectable_reason},
+                            {200000, 20000, 10000, 4000});
 }

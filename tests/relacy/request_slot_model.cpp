@@ -36,13 +36,11 @@
 // own runs (detail::slot_runs_here: a thread-local list), and the
 // generation wrap (60 bits).
 //
-// Usage: relacy_request_slot_model            run every test on the real orders
-//        relacy_request_slot_model --mutants  run every test on each weakened site
-//        relacy_request_slot_model --quick    fewer iterations (either mode)
-//        relacy_request_slot_model --weaken N run every test with site N
-//                                             weakened, printing Relacy's
-//                                             failing interleavings
+// Usage: relacy_request_slot_model [--mutants [--part K/N]] [--quick] [--weaken N]: the command
+// line and the mutation check are model_driver.hpp's.
 #include <relacy/relacy.hpp>
+
+#include "model_driver.hpp"
 
 #include <cstdint>
 #include <cstdio>
@@ -341,30 +339,9 @@ struct close_waits_for_reused_slot : rl::test_suite<close_waits_for_reused_slot,
   }
 };
 
-struct null_buffer : std::streambuf {
-  int overflow(int c) override { return c; }
-};
-
-struct runner {
-  bool quiet = false;
-  unsigned iterations = 20000;
-  null_buffer nb;
-  std::ostream null_stream{&nb};
-
-  template <class Test>
-  bool run(const char* name) {
-    rl::test_params p;
-    p.search_type = rl::sched_random;
-    p.iteration_count = static_cast<rl::iteration_t>(iterations);
-    if (quiet) {
-      p.output_stream = &null_stream;
-      p.progress_stream = &null_stream;
-      p.collect_history = true;  // skip Relacy's replay of a failing run
-    }
-    const bool ok = rl::simulate<Test>(p);
-    if (!quiet) std::printf("%-64s %s\n", name, ok ? "passed" : "FAILED");
-    return ok;
-  }
+// The tests, run by model_driver::main (see model_driver.hpp).
+struct runner : model_driver::test_runner {
+  runner() { name_width = 64; }
 
   int run_all() {
     int failed = 0;
@@ -397,48 +374,8 @@ const char* undetectable_reason(int s) {
 }
 
 int main(int argc, char** argv) {
-  bool mutants = false;
-  bool quick = false;
-  int weaken = -1;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--mutants") == 0) mutants = true;
-    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
-    if (std::strcmp(argv[i], "--weaken") == 0 && i + 1 < argc) weaken = std::atoi(argv[++i]);
-  }
   model::runner r;
-  for (int s = 0; s < model::site_count; ++s) model::g_order[s] = model::real_order[s];
-  if (weaken >= 0 && weaken < model::site_count) {
-    model::g_order[weaken] = rl::mo_relaxed;
-    std::printf("weakened: %s\n", model::site_names[weaken]);
-  }
-  if (!mutants) {
-    r.iterations = quick ? 10000 : 100000;
-    const int failed = r.run_all();
-    std::printf("%s: %d test(s) failed\n", failed ? "FAILED" : "ok", failed);
-    return failed ? 1 : 0;
-  }
-  r.quiet = true;
-  r.iterations = quick ? 2000 : 20000;
-  if (r.run_all() != 0) {
-    std::printf("FAILED: the unmutated model fails; mutants mean nothing\n");
-    return 1;
-  }
-  int survived = 0;
-  for (int s = 0; s < model::site_count; ++s) {
-    for (int k = 0; k < model::site_count; ++k) model::g_order[k] = model::real_order[k];
-    model::g_order[s] = rl::mo_relaxed;
-    const int failed = r.run_all();
-    const char* reason = undetectable_reason(s);
-    if (failed) {
-      std::printf("mutant %-48s: caught by %d test(s)%s\n", model::site_names[s], failed,
-                  reason ? " (listed as undetectable: update the list)" : "");
-    } else if (reason) {
-      std::printf("mutant %-48s: not distinguishable by the model: %s\n", model::site_names[s], reason);
-    } else {
-      std::printf("mutant %-48s: SURVIVED\n", model::site_names[s]);
-      ++survived;
-    }
-  }
-  std::printf("%s: %d unexpected survivor(s)\n", survived ? "FAILED" : "ok", survived);
-  return survived ? 1 : 0;
+  return model_driver::main(argc, argv, r,
+                            {model::site_count, model::g_order, model::real_order, model::site_names, undetectable_reason},
+                            {100000, 10000, 20000, 2000});
 }
