@@ -463,6 +463,45 @@ TEST_CASE("a callback may destroy its own requester", "[request_reply]") {
   CHECK_FALSE(req.has_value());
 }
 
+TEST_CASE("a callback that destroys its own requester still waits for a callback running on another thread",
+          "[request_reply]") {
+  rig r;
+  std::optional<postbox::requester<int, int>> req;
+  req.emplace(r.requests, r.registry, r.timers);
+  std::atomic<bool> b_inside{false}, release_b{false}, b_done{false}, a_destroying{false}, a_returned{false};
+  bool b_done_when_destroyed = false;
+  REQUIRE(req->request(1, 10s, [&](postbox::reply_outcome<int>) {
+    a_destroying = true;
+    req.reset();  // inside its own callback: waits for B's, not for itself
+    b_done_when_destroyed = b_done.load();
+    a_returned = true;
+  }) == postbox::errc::ok);
+  REQUIRE(req->request(2, 10s, [&](postbox::reply_outcome<int>) {
+    b_inside = true;
+    (void)postbox_test::eventually([&] { return release_b.load(); });
+    b_done = true;
+  }) == postbox::errc::ok);
+  auto first = r.requests.try_receive();
+  auto second = r.requests.try_receive();
+  REQUIRE((first.has_value() && second.has_value()));
+  const std::string endpoint = req->endpoint();
+  std::thread b([&] {
+    (void)r.registry.deliver(endpoint, {second->correlation_id, postbox::reply_to(*second, 4, r.clock)});
+  });
+  REQUIRE(postbox_test::eventually([&] { return b_inside.load(); }));
+  std::thread a([&] {
+    (void)r.registry.deliver(endpoint, {first->correlation_id, postbox::reply_to(*first, 2, r.clock)});
+  });
+  REQUIRE(postbox_test::eventually([&] { return a_destroying.load(); }));
+  CHECK_FALSE(postbox_test::eventually([&] { return a_returned.load(); }, 1s));
+  release_b = true;
+  CHECK(postbox_test::eventually([&] { return a_returned.load(); }));
+  a.join();
+  b.join();
+  CHECK(b_done_when_destroyed);
+  CHECK_FALSE(req.has_value());
+}
+
 TEST_CASE("a stop request wakes get(stop_token) with canceled and consumes nothing", "[request_reply]") {
   rig r;
   postbox::requester<int, int> req(r.requests, r.registry, r.timers);
