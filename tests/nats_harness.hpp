@@ -141,8 +141,13 @@ class server {
   /// address, port, store and name. Takes effect at the next start.
   void set_config_file(std::filesystem::path file) { config_file_ = std::move(file); }
 
-  /// Starts the process and waits (bounded, ~10 s) until its client port
-  /// accepts connections. Throws when it does not come up.
+  /// Starts the process and waits (bounded, ~10 s) until it says, in its own
+  /// log, that it listens on its client port and the port accepts
+  /// connections. Throws when it does not come up. (The port accepting alone
+  /// is not proof: a server left running by a killed test process, whose
+  /// port reservation died with it, may hold the port; this process then
+  /// exits on "address already in use" and a client would talk to the other
+  /// one.)
   void start() {
     if (pid_ > 0) return;
     std::vector<std::string> args{detail_binary(), "-a", "127.0.0.1", "-p", std::to_string(port_), "-js", "-sd",
@@ -156,6 +161,10 @@ class server {
       if (!routes.empty()) args.insert(args.end(), {"--routes", routes});
     }
     const std::string log = (dir_ / "server.log").string();
+    std::error_code size_ec;
+    const auto log_start = std::filesystem::file_size(log, size_ec);  // earlier runs' lines come before
+    const std::uintmax_t log_from = size_ec ? 0 : log_start;
+    const std::string listening = "Listening for client connections on 127.0.0.1:" + std::to_string(port_);
     const pid_t pid = ::fork();
     if (pid < 0) throw std::runtime_error("nats harness: fork failed");
     if (pid == 0) {
@@ -172,7 +181,10 @@ class server {
     }
     pid_ = pid;
     for (int i = 0; i < 500; ++i) {  // bounded: 500 x 20 ms
-      if (detail::port_accepts(port_)) return;
+      if (detail::port_accepts(port_)) {
+        const std::string text = read_log(log);
+        if (text.size() > log_from && text.find(listening, static_cast<std::size_t>(log_from)) != std::string::npos) return;
+      }
       int st = 0;
       if (::waitpid(pid_, &st, WNOHANG) == pid_) {
         pid_ = -1;
@@ -182,6 +194,12 @@ class server {
     }
     kill();
     throw std::runtime_error("nats harness: nats-server did not accept on port " + std::to_string(port_));
+  }
+
+  // The server's log as it is now ("" if it cannot be read yet).
+  static std::string read_log(const std::string& file) {
+    std::ifstream in(file, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   }
 
   /// SIGTERM, then SIGKILL if the process has not exited within ~30 s.
