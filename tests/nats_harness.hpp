@@ -112,6 +112,13 @@ inline std::filesystem::path make_temp_dir() {
 
 }  // namespace detail
 
+/// The bytes of `file`. Throws when it cannot be read.
+inline std::string read_file(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw std::runtime_error("nats harness: cannot read " + file.string());
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
 /// One nats-server process with JetStream and file storage in its own
 /// temporary directory. Start/stop/restart keep the port and the store.
 /// Not thread-safe; the destructor stops the process and removes the store.
@@ -181,8 +188,8 @@ class server {
     }
     pid_ = pid;
     for (int i = 0; i < 500; ++i) {  // bounded: 500 x 20 ms
-      if (detail::port_accepts(port_)) {
-        const std::string text = read_log(log);
+      if (detail::port_accepts(port_) && std::filesystem::exists(log)) {
+        const std::string text = read_file(log);
         if (text.size() > log_from && text.find(listening, static_cast<std::size_t>(log_from)) != std::string::npos) return;
       }
       int st = 0;
@@ -194,12 +201,6 @@ class server {
     }
     kill();
     throw std::runtime_error("nats harness: nats-server did not accept on port " + std::to_string(port_));
-  }
-
-  // The server's log as it is now ("" if it cannot be read yet).
-  static std::string read_log(const std::string& file) {
-    std::ifstream in(file, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   }
 
   /// SIGTERM, then SIGKILL if the process has not exited within ~30 s.
@@ -313,13 +314,6 @@ inline void write_file(const std::filesystem::path& file, const std::string& tex
   std::ofstream out(file, std::ios::binary | std::ios::trunc);
   out << text;
   if (!out) throw std::runtime_error("nats harness: cannot write " + file.string());
-}
-
-/// The bytes of `file`. Throws when it cannot be read.
-inline std::string read_file(const std::filesystem::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw std::runtime_error("nats harness: cannot read " + file.string());
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
 /// Runs `command` through the shell with its output discarded; throws with

@@ -43,11 +43,6 @@
 #include "model_driver.hpp"
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <sstream>
-#include <string>
 
 namespace model {
 
@@ -108,13 +103,11 @@ inline u64 make_state(u64 gen, u64 tag) { return gen << 4 | tag; }
 inline bool is_pending(u64 tag) { return tag == slot_pending || tag == slot_pending_callback; }
 inline bool is_running(u64 tag) { return tag == slot_running || tag == slot_running_watched; }
 
-// The lock of std::unique_lock for Relacy's mutex (its calls take $).
+// std::lock_guard for Relacy's mutex (its calls take $).
 struct guard {
   rl::mutex& m;
   explicit guard(rl::mutex& mx) : m(mx) { m.lock($); }
   ~guard() { m.unlock($); }
-  void lock() { m.lock($); }
-  void unlock() { m.unlock($); }
 };
 // The interface Relacy's condition_variable::wait expects of a lock.
 struct cv_lock {

@@ -417,7 +417,8 @@ enum class callback_exceptions : std::uint8_t {
 /// reply completes it without the lock. Finished correlation ids are
 /// remembered (at most 4 x `max_pending`, FIFO; a slot's last one until the
 /// slot is reused) to tell late and duplicate replies from unmatched ones;
-/// all three are dropped and counted. `Stats` is `requester_stats` or a transport's extension of it.
+/// all three are dropped and counted. `Stats` is `requester_stats` or a
+/// transport's extension of it.
 ///
 /// Deadlines: the table keeps its own min-heap of deadlines and holds at most
 /// one timer on `timers`, for the earliest one; that timer expires every
@@ -611,13 +612,10 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   /// or unmatched. A gather completes once `want` replies or errors are in.
   /// Thread-safe.
   void on_reply(reply_packet<Reply>&& packet) {
-    if (complete_slot(packet)) return;  // the future form's slot: no lock
+    if (complete_slot(packet)) return;  // a slot's request (future or callback): no lock
     // Declared first, so destroyed last: it clears the entry (the callback
     // and everything it captured) before close() may stop waiting.
     std::optional<callback_run> run;
-    errc status = errc::ok;
-    envelope<Reply>* reply = nullptr;  // in packet, taken by the completion
-    reply_error* err = nullptr;
     {
       std::unique_lock lock(mutex_);
       auto it = pending_.find(packet.correlation_id);
@@ -648,13 +646,8 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         else e.collected.errors.push_back(std::get<reply_error>(std::move(packet.body)));
         ++stats_.replied;
         if (e.collected.replies.size() + e.collected.errors.size() < e.want) return;
-      } else if (auto* env = std::get_if<envelope<Reply>>(&packet.body)) {
-        reply = env;
-        ++stats_.replied;
       } else {
-        err = &std::get<reply_error>(packet.body);
-        status = err->code == errc::ok ? errc::handler_error : err->code;
-        ++stats_.errors;
+        ++(std::holds_alternative<envelope<Reply>>(packet.body) ? stats_.replied : stats_.errors);
       }
       remember(packet.correlation_id, finished::replied);
       if (it->second.future) {
@@ -666,10 +659,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         auto node = pending_.extract(it);
         recycle(std::move(node));
         forget_deadlines_if_idle();
-        auto& o = fs->value.emplace();
-        o.status = status;
-        if (reply != nullptr) o.reply.emplace(std::move(*reply));
-        if (err != nullptr) o.error.emplace(std::move(*err));
+        fill_outcome(fs->value.emplace(), packet);
         lock.unlock();
         fs->publish();
         return;
@@ -682,7 +672,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       call_guarded([&] { e.single(outcome_of(packet)); });
       return;
     }
-    complete_with(e, status);  // a gather: its collected replies
+    complete_with(e, errc::ok);  // a gather: its collected replies
   }
 
   /// Adds one to a counter (a transport's own, or a requester_stats one)
@@ -715,7 +705,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     for (std::size_t i = 0; i < slots_allocated_; ++i) {
       // relaxed: a snapshot count; nothing is read through it.
       const std::uint64_t tag = tag_of(slot_at(i)->state.load(std::memory_order_relaxed));
-      if (is_pending(tag) || tag == slot_claimed) ++s.pending;
+      if (in_flight(tag)) ++s.pending;
     }
     return s;
   }
@@ -781,6 +771,9 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   static constexpr bool is_pending(std::uint64_t tag) noexcept {
     return tag == slot_pending || tag == slot_pending_callback;
   }
+  static constexpr bool is_running(std::uint64_t tag) noexcept {
+    return tag == slot_running || tag == slot_running_watched;
+  }
   // One cache line (with libstdc++'s 32-byte std::function): what a round
   // trip writes of the table, on both sides.
   struct alignas(detail::cache_line_size) request_slot {
@@ -790,10 +783,10 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     /// once claimed, by the claimer's release store of the final tag
     /// (partner: open_slot's acquire load before it reuses the slot, so the
     /// completion was moved out before it is written again); by close()'s
-    /// CAS running -> running_watched (relaxed: it only asks for a wake)
-    /// and the reply's release exchange that ends a run (partner: close()'s
-    /// acquire load, so the callback's effects are visible once it sees the
-    /// run ended).
+    /// CAS running -> running_watched (slot_runs_ended) and the reply's
+    /// release exchange that ends a run (partner: slot_runs_ended's acquire
+    /// load and CAS, so the callback's effects are visible once close()
+    /// sees the run ended).
     std::atomic<std::uint64_t> state{0};
     /// The request's correlation id. Relaxed: written only under mutex_
     /// while the slot is not pending (ordered by state's release store);
@@ -849,17 +842,18 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     request_slot* chunk = chunks_[index / slots_per_chunk].load(std::memory_order_acquire);
     return chunk == nullptr ? nullptr : chunk + index % slots_per_chunk;
   }
+  // The slot index `corr` carries (a slot's request id, or not).
+  static std::size_t index_of(const message_id& corr) noexcept {
+    return static_cast<std::size_t>(corr.low() & slot_index_mask);
+  }
   // Under mutex_ (ids change only under it): the slot whose request had or
   // has `corr`, or null.
   request_slot* slot_of(const message_id& corr) const noexcept {
-    request_slot* s = slot_at(corr.low() & slot_index_mask);
+    request_slot* s = slot_at(index_of(corr));
     if (s == nullptr || s->id_high.load(std::memory_order_relaxed) != corr.high() ||
         s->id_low.load(std::memory_order_relaxed) != corr.low())
       return nullptr;
     return s;
-  }
-  static std::size_t index_of(const message_id& corr) noexcept {
-    return static_cast<std::size_t>(corr.low() & slot_index_mask);
   }
   // Decides a slot's one outcome: pending(g), as `state` read it (with an
   // acquire load), -> claimed(g) (or `to`). True for the one caller that
@@ -875,7 +869,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // pending request (the caller takes the locked path and classifies it).
   bool complete_slot(reply_packet<Reply>& packet) {
     const message_id& corr = packet.correlation_id;
-    request_slot* s = slot_at(corr.low() & slot_index_mask);
+    request_slot* s = slot_at(index_of(corr));
     if (s == nullptr) return false;
     // acquire: pairs with open_slot's release store (id_* and the completion).
     std::uint64_t st = s->state.load(std::memory_order_acquire);
@@ -887,18 +881,11 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     if (!claim_slot(*s, st)) return false;
     std::shared_ptr<future_state> fs = std::move(*std::get_if<std::shared_ptr<future_state>>(&s->completion));
     // relaxed: statistics, read by stats().
-    auto* env = std::get_if<envelope<Reply>>(&packet.body);
-    (env != nullptr ? slot_replied_ : slot_errors_).fetch_add(1, std::memory_order_relaxed);
+    (std::holds_alternative<envelope<Reply>>(packet.body) ? slot_replied_ : slot_errors_)
+        .fetch_add(1, std::memory_order_relaxed);
     // release: the partner of open_slot's acquire load (future moved out).
     s->state.store(make_state(gen_of(st), slot_replied), std::memory_order_release);
-    auto& o = fs->value.emplace();
-    if (env != nullptr) {
-      o.reply.emplace(std::move(*env));
-    } else {
-      auto& err = std::get<reply_error>(packet.body);
-      o.status = err.code == errc::ok ? errc::handler_error : err.code;
-      o.error.emplace(std::move(err));
-    }
+    fill_outcome(fs->value.emplace(), packet);  // in place: the reply moved once
     fs->publish();
     return true;
   }
@@ -919,13 +906,13 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       ~run_end() {
         detail::slot_runs_here = frame.next;
         // release: the partner of close()'s acquire load in
-        // wait_slot_runs (the callback's effects happen before its return
+        // slot_runs_ended (the callback's effects happen before its return
         // is seen) and of open_slot's (the slot is reused after this).
         const std::uint64_t was = slot->state.exchange(make_state(gen, slot_replied), std::memory_order_release);
         if (tag_of(was) == slot_running_watched) table->wake_closer();
       }
     } end{this, &s, gen_of(st),
-          {this, static_cast<std::size_t>(packet.correlation_id.low() & slot_index_mask), detail::slot_runs_here}};
+          {this, index_of(packet.correlation_id), detail::slot_runs_here}};
     detail::slot_runs_here = &end.frame;
     callback cb = std::move(*std::get_if<callback>(&s.completion));
     s.completion.template emplace<std::monostate>();
@@ -937,9 +924,9 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     call_guarded([&] { cb(outcome_of(packet)); });
     return true;
   }
-  // The outcome a reply packet makes, its reply or error moved out of it.
-  static reply_outcome<Reply> outcome_of(reply_packet<Reply>& packet) {
-    reply_outcome<Reply> o;
+  // Fills `o` (a fresh outcome) from a reply packet, its reply or error
+  // moved out of it.
+  static void fill_outcome(reply_outcome<Reply>& o, reply_packet<Reply>& packet) {
     if (auto* env = std::get_if<envelope<Reply>>(&packet.body)) {
       o.reply.emplace(std::move(*env));
     } else {
@@ -947,9 +934,14 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       o.status = err.code == errc::ok ? errc::handler_error : err.code;
       o.error.emplace(std::move(err));
     }
+  }
+  // The outcome a reply packet makes (returned, for a callback's parameter).
+  static reply_outcome<Reply> outcome_of(reply_packet<Reply>& packet) {
+    reply_outcome<Reply> o;
+    fill_outcome(o, packet);
     return o;
   }
-  // A run of a watched slot callback ended: wakes close() (wait_slot_runs).
+  // A run of a watched slot callback ended: wakes close() (slot_runs_ended).
   // The lock orders the wake after close()'s check of the slot.
   void wake_closer() {
     { std::lock_guard lock(mutex_); }
@@ -1001,30 +993,22 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // reach max_pending_ (slots seen finished first, only at the limit).
   bool in_flight_at_limit() noexcept {
     if (pending_.size() + slots_in_use_ < max_pending_) return false;
-    for (std::size_t i = 0; i < slots_allocated_; ++i) (void)slot_in_use(i);
+    for (std::size_t i = 0; i < slots_allocated_; ++i) (void)observe_slot(i);
     return pending_.size() + slots_in_use_ >= max_pending_;
   }
-  // Under mutex_: whether slot `i` holds a request in flight; uncounts it
-  // from slots_in_use_ once it is seen finished.
-  bool slot_in_use(std::size_t i) noexcept {
-    request_slot& s = *slot_at(i);
+  static constexpr bool in_flight(std::uint64_t tag) noexcept { return is_pending(tag) || tag == slot_claimed; }
+  // Under mutex_: slot `i`'s tag now; uncounts the slot from slots_in_use_
+  // once it is seen finished (not in flight). A slot whose reply's callback
+  // still runs counts as finished for max_pending but is not reused until
+  // the run ended.
+  std::uint64_t observe_slot(std::size_t i) noexcept {
     // relaxed: open_slot's acquire load orders the reuse itself.
-    const std::uint64_t tag = tag_of(s.state.load(std::memory_order_relaxed));
-    if (is_pending(tag) || tag == slot_claimed) return true;
-    if (slot_counted_[i] != 0) {
+    const std::uint64_t tag = tag_of(slot_at(i)->state.load(std::memory_order_relaxed));
+    if (!in_flight(tag) && slot_counted_[i] != 0) {
       slot_counted_[i] = 0;
       --slots_in_use_;
     }
-    return false;
-  }
-  // Under mutex_: slot `i` holds no request and no callback run (a slot
-  // whose reply's callback still runs counts as finished for max_pending
-  // but is not reused until the run ended).
-  bool slot_reusable(std::size_t i) noexcept {
-    if (slot_in_use(i)) return false;
-    // relaxed: as in slot_in_use.
-    const std::uint64_t tag = tag_of(slot_at(i)->state.load(std::memory_order_relaxed));
-    return tag != slot_running && tag != slot_running_watched;
+    return tag;
   }
   // Under mutex_: a slot that holds no request, from the last one taken on
   // (a strict ping-pong reuses one slot, one cache line), growing the slots
@@ -1034,7 +1018,8 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
     for (std::size_t k = 0; k < slots_allocated_; ++k) {
       std::size_t i = cursor_ + k;
       if (i >= slots_allocated_) i -= slots_allocated_;
-      if (slot_reusable(i)) {
+      const std::uint64_t tag = observe_slot(i);
+      if (!in_flight(tag) && !is_running(tag)) {
         cursor_ = i;
         return i;
       }
@@ -1201,16 +1186,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
           // acquire: as in complete_slot.
           std::uint64_t st = s.state.load(std::memory_order_acquire);
           if (gen_of(st) != d.gen || !claim_slot(s, st)) continue;  // finished first
-          if (auto* cb = std::get_if<callback>(&s.completion)) {
-            entry e;
-            e.single = std::move(*cb);
-            expired.push_back(std::move(e));
-          } else {
-            expired_slots.push_back(std::move(std::get<std::shared_ptr<future_state>>(s.completion)));
-          }
-          s.completion.template emplace<std::monostate>();
-          // release: the partner of open_slot's acquire load (completion moved out).
-          s.state.store(make_state(d.gen, slot_expired), std::memory_order_release);
+          take_claimed(s, d.gen, slot_expired, expired, expired_slots);
           ++stats_.timed_out;
           continue;
         }
@@ -1254,7 +1230,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   void cancel_all() {
     map_type taken;
     std::vector<std::shared_ptr<future_state>> taken_slots;
-    std::vector<callback> taken_callbacks;
+    std::vector<entry> taken_callbacks;
     {
       std::lock_guard lock(mutex_);
       closed_ = true;
@@ -1267,22 +1243,31 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
         // acquire: as in complete_slot. A slot a reply has claimed is that
         // reply's to complete.
         std::uint64_t st = s.state.load(std::memory_order_acquire);
-        if (!claim_slot(s, st)) continue;
-        if (auto* cb = std::get_if<callback>(&s.completion)) taken_callbacks.push_back(std::move(*cb));
-        else taken_slots.push_back(std::move(std::get<std::shared_ptr<future_state>>(s.completion)));
-        s.completion.template emplace<std::monostate>();
-        // release: the partner of open_slot's acquire load (completion moved out).
-        s.state.store(make_state(gen_of(st), slot_free), std::memory_order_release);
+        if (claim_slot(s, st)) take_claimed(s, gen_of(st), slot_free, taken_callbacks, taken_slots);
       }
       stats_.canceled += taken.size() + taken_slots.size() + taken_callbacks.size();
     }
     for (auto& fs : taken_slots) complete_future(*fs, errc::canceled);
-    for (auto& cb : taken_callbacks) {
-      reply_outcome<Reply> o;
-      o.status = errc::canceled;
-      call_guarded([&] { cb(std::move(o)); });
-    }
+    for (auto& e : taken_callbacks) complete_with(e, errc::canceled);
     for (auto& [id, e] : taken) complete_with(e, errc::canceled);
+  }
+  // Under mutex_, slot `s` claimed by the caller for its request of
+  // generation `gen`: moves the completion out (a callback into an entry of
+  // `callbacks`, run as a map entry's is; a future's state into `futures`)
+  // and ends the request with `final_tag` (expired: its id is remembered at
+  // the slot's reuse; free: not).
+  static void take_claimed(request_slot& s, std::uint64_t gen, std::uint64_t final_tag, std::vector<entry>& callbacks,
+                           std::vector<std::shared_ptr<future_state>>& futures) {
+    if (auto* cb = std::get_if<callback>(&s.completion)) {
+      entry e;
+      e.single = std::move(*cb);
+      callbacks.push_back(std::move(e));
+    } else {
+      futures.push_back(std::move(*std::get_if<std::shared_ptr<future_state>>(&s.completion)));
+    }
+    s.completion.template emplace<std::monostate>();
+    // release: the partner of open_slot's acquire load (completion moved out).
+    s.state.store(make_state(gen, final_tag), std::memory_order_release);
   }
   // Sets a slot's future to an outcome without a reply. Runs no user code.
   static void complete_future(future_state& fs, errc status) {
@@ -1310,7 +1295,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
       std::uint64_t st = s.state.load(std::memory_order_acquire);
       for (;;) {
         const std::uint64_t tag = tag_of(st);
-        if (tag != slot_running && tag != slot_running_watched) break;
+        if (!is_running(tag)) break;
         if (running_here(i)) break;
         if (tag == slot_running_watched) return false;
         // acquire (both ways, as the load above): a run that ended meanwhile
