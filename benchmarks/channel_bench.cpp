@@ -762,6 +762,8 @@ std::vector<scenario> make_scenarios() {
     // longer postbox runs, in the same rounds).
     e.push_back({"atomic_queue AtomicQueue<SPSC> push/pop (spin)", false,
                  [=] { return throughput<atomic_queue_aq<true>, W>(1, 1, n); }});
+    e.push_back({"atomic_queue AtomicQueue<SPSC, not spread> push/pop (spin)", false,
+                 [=] { return throughput<atomic_queue_aq<true, false>, W>(1, 1, n); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_RWQ
     e.push_back({"moodycamel ReaderWriterQueue try_enqueue/try_dequeue", false,
@@ -788,6 +790,8 @@ std::vector<scenario> make_scenarios() {
                  [=] { return throughput<atomic_queue_aq<false>, T>(pc, pc, n); }});
     e.push_back({"atomic_queue AtomicQueue push/pop (spin)", false,
                  [=] { return throughput<atomic_queue_aq<false>, W>(pc, pc, ns); }});
+    e.push_back({"atomic_queue AtomicQueue<not spread> push/pop (spin)", false,
+                 [=] { return throughput<atomic_queue_aq<false, false>, W>(pc, pc, ns); }});
     e.push_back({"atomic_queue AtomicQueue2 try_push/try_pop", false,
                  [=] { return throughput<atomic_queue_aq2<false>, T>(pc, pc, n); }});
     e.push_back({"atomic_queue AtomicQueue2 push/pop (spin)", false,
@@ -854,6 +858,8 @@ std::vector<scenario> make_scenarios() {
                  [=] { return ping_pong<atomic_queue_aq<true>, T>(trips); }});
     e.push_back({"atomic_queue AtomicQueue<SPSC> push/pop (spin)", false,
                  [=] { return ping_pong<atomic_queue_aq<true>, W>(strips); }});
+    e.push_back({"atomic_queue AtomicQueue<SPSC, not spread> push/pop (spin)", false,
+                 [=] { return ping_pong<atomic_queue_aq<true, false>, W>(strips); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_RWQ
     e.push_back({"moodycamel ReaderWriterQueue try_enqueue/try_dequeue", false,
