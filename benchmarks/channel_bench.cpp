@@ -764,6 +764,10 @@ std::vector<scenario> make_scenarios() {
                  [=] { return throughput<atomic_queue_aq<true>, W>(1, 1, n); }});
     e.push_back({"atomic_queue AtomicQueue<SPSC, not spread> push/pop (spin)", false,
                  [=] { return throughput<atomic_queue_aq<true, false>, W>(1, 1, n); }});
+    // The same ring with a state byte per slot, for any T: the variant whose
+    // contract (no reserved NIL value) is postbox's.
+    e.push_back({"atomic_queue AtomicQueue2<SPSC> push/pop (spin)", false,
+                 [=] { return throughput<atomic_queue_aq2<true>, W>(1, 1, n); }});
 #endif
 #ifdef POSTBOX_BENCH_HAVE_RWQ
     e.push_back({"moodycamel ReaderWriterQueue try_enqueue/try_dequeue", false,
