@@ -1,12 +1,16 @@
 // SPDX-License-Identifier: MIT
 // Specification tests for postbox::stream: partitioning, readers, consumer groups, lag and retention.
+#include <postbox/cached_clock.hpp>
 #include <postbox/stream.hpp>
 #include <postbox/testing.hpp>
 
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 #include <vector>
@@ -76,6 +80,24 @@ TEST_CASE("a reader from a time starts at the first record at or after it", "[st
   REQUIRE(r.records.size() == 2);
   CHECK(r.records[0].value == 1);
   CHECK(r.records[0].timestamp == t);
+}
+
+TEST_CASE("a stream on a cached_clock stamps each record with the clock's cached time, not its source's",
+          "[stream]") {
+  postbox::manual_clock source;
+  const postbox::cached_clock clk(source, std::chrono::hours(1));  // no tick within the test
+  postbox::stream<int> s(2, {}, clk);
+  source.advance(std::chrono::seconds(3));  // the source moves; the cached time does not
+  (void)s.append("k", 1);
+  std::mutex m;
+  std::condition_variable cv;
+  std::unique_lock lock(m);
+  clk.wait_until(lock, cv, source.now());  // refreshes the cached time to the source's
+  (void)s.append("k", 2);
+  auto r = s.read_from(start_from::earliest()).poll();
+  REQUIRE(r.records.size() == 2);
+  CHECK(r.records[0].timestamp == postbox::manual_clock::default_start);
+  CHECK(r.records[1].timestamp == postbox::manual_clock::default_start + std::chrono::seconds(3));
 }
 
 TEST_CASE("members of a group split the partitions and rebalance on join and leave", "[stream]") {

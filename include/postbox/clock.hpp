@@ -5,6 +5,7 @@
 #include <postbox/error.hpp>
 #include <postbox/detail/chrono.hpp>
 
+#include <atomic>
 #include <cstdint>
 #include <condition_variable>
 #include <mutex>
@@ -49,6 +50,12 @@ class clock {
   /// on their own condition. Thread-safe.
   virtual void wait_until(std::unique_lock<std::mutex>& lock, std::condition_variable& cv,
                           time_point deadline) const = 0;
+
+  /// For hot paths that read the time per message (postbox::stream's
+  /// append): the word this clock's now() reads, in nanoseconds since the
+  /// epoch, to be loaded relaxed without a virtual call, when its time is
+  /// such a word (`cached_clock`); null otherwise, the default. Never blocks.
+  [[nodiscard]] virtual const std::atomic<std::int64_t>* published_now() const noexcept { return nullptr; }
 };
 
 /// The real clock: `std::chrono::system_clock`. Thread-safe, never allocates.

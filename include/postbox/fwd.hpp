@@ -15,6 +15,7 @@ template <class T, class Status>
 class result;
 class clock;
 class real_clock;
+class cached_clock;
 class manual_clock;
 class timer_service;
 struct spsc;

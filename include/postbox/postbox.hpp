@@ -23,6 +23,7 @@
 #include <postbox/fwd.hpp>
 #include <postbox/error.hpp>
 #include <postbox/clock.hpp>
+#include <postbox/cached_clock.hpp>
 #include <postbox/redaction.hpp>
 #include <postbox/timer_service.hpp>
 #include <postbox/retry.hpp>

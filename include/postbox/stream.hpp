@@ -38,7 +38,8 @@
 //   `coarse_clock` (CLOCK_REALTIME_COARSE: the kernel tick's resolution,
 //   1-4 ms, never ahead of system_clock), since a system_clock read costs more
 //   than the whole rest of an append; pass `default_clock()` for nanosecond
-//   timestamps, or a manual_clock in tests.
+//   timestamps, a `cached_clock` for a timestamp the append loads (one load,
+//   no clock call; its ticker thread refreshes it), or a manual_clock in tests.
 // * Consumer groups: deterministic round-robin assignment (partition p goes to
 //   the (p mod m)-th member in join order); every join/leave bumps a
 //   generation. A member's commit succeeds only in the generation in which it
@@ -611,6 +612,7 @@ class stream_log {
         retains_(keep.max_count != 0 || keep.max_bytes != 0 || keep.max_age.count() > 0),
         pow2_((partitions & (partitions - 1)) == 0),
         coarse_(&clk == &coarse_default_clock()),
+        published_now_(clk.published_now()),
         clock_(&clk),
         size_of_(std::move(size_of)) {
     if (partitions == 0) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: at least one partition"));
@@ -630,8 +632,9 @@ class stream_log {
   POSTBOX_STREAM_ALWAYS_INLINE position append(std::string_view key, T&& value) {
     // Read before taking the lock, so the lock covers no clock read; the
     // clamp under the lock keeps timestamps non-decreasing per partition.
-    // The default coarse clock is read inline (coarse_clock::read()).
-    const auto now = POSTBOX_LIKELY(coarse_) ? coarse_clock::read() : clock_->now();
+    // The default coarse clock is read inline (coarse_clock::read()), and a
+    // clock whose time is a word in memory (cached_clock) with one load.
+    const auto now = POSTBOX_LIKELY(coarse_) ? coarse_clock::read() : read_other_clock();
     const auto p = partition_of(key);
     auto& part = *parts_[p];
     std::uint64_t off = 0;
@@ -687,6 +690,14 @@ class stream_log {
   }
 
  private:
+  // The time of a clock other than the default coarse one: a load when its
+  // time is a published word (cached_clock), else its now().
+  [[nodiscard]] time_point read_other_clock() const noexcept {
+    // relaxed: a time value, as cached_clock::now() reads it.
+    if (published_now_ != nullptr) return time_point(duration(published_now_->load(std::memory_order_relaxed)));
+    return clock_->now();
+  }
+
   // fnv1a_64(key) % partitions, as stream_partition_of; a mask when the
   // count is a power of two, so those appends pay no 64-bit division.
   [[nodiscard]] std::uint32_t partition_of(std::string_view key) const noexcept {
@@ -875,6 +886,9 @@ class stream_log {
   bool retains_;  // some limit is set: appends apply retention
   bool pow2_;     // the partition count is a power of two (partition_of masks)
   bool coarse_;   // clock_ is coarse_default_clock(): append calls it directly (final class, no virtual call)
+  // clock_->published_now(): the word a cached_clock's now() loads (append
+  // loads it itself, no virtual call), or null.
+  const std::atomic<std::int64_t>* published_now_;
   // Waiters for an append. Notifier: append, after its release store of a
   // partition's `end`, with notify_light; its partner is the waiters' heavy
   // fence (prepare_wait_asymmetric / register_waker(w, true)), after which
