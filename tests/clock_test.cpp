@@ -144,6 +144,15 @@ TEST_CASE("cached_clock::wait_until waits on its source until the deadline", "[c
   CHECK(c.now() >= deadline);
 }
 
+TEST_CASE("a cached_clock over the default real clock keeps refreshing from it", "[clock]") {
+  // Its ticker sleeps on the steady clock here (a wall-clock step back must
+  // not stall it): the cached time still moves on with system_clock.
+  const postbox::cached_clock c(postbox::default_clock(), std::chrono::microseconds(100));
+  const auto first = c.now();
+  CHECK(postbox_test::eventually([&] { return c.now() > first; }));
+  CHECK(c.now() <= std::chrono::time_point_cast<postbox::duration>(std::chrono::system_clock::now()));
+}
+
 TEST_CASE("destroying a cached_clock wakes and joins its ticker, whatever clock it waits on", "[clock][teardown]") {
   {
     postbox::manual_clock source;

@@ -24,10 +24,13 @@ POSTBOX_BEGIN_NAMESPACE
 /// - `now()` is never ahead of the source and lags it by up to one period
 ///   plus the ticker's scheduling delay. It follows the source, steps back
 ///   included (postbox::stream clamps its timestamps per partition).
-/// - The ticker waits through the source's own `wait_until`, so with a
-///   `manual_clock` source a test drives it by advancing that clock; it
-///   wakes once per period and makes one source read then (about 1,000
-///   wake-ups a second at the default period: the price of the cheap read).
+/// - The ticker wakes once per period and makes one source read then (about
+///   1,000 wake-ups a second at the default period: the price of the cheap
+///   read). Over postbox's real clocks (`default_clock()`,
+///   `coarse_default_clock()`) it sleeps each period on the steady clock, so
+///   a step of the wall clock (NTP) never stalls it; over any other clock it
+///   waits through that clock's own `wait_until`, so with a `manual_clock`
+///   source a test drives it by advancing that clock.
 /// - `wait_until` returns once the deadline has passed on this clock: a
 ///   caller that finds the source past the deadline before the ticker
 ///   noticed refreshes the time itself, so loops on `now() < deadline`
@@ -44,7 +47,9 @@ class cached_clock final : public clock {
   /// of its own. Allocates the thread; may block briefly to start it.
   explicit cached_clock(const clock& source = default_clock(),
                         duration period = std::chrono::milliseconds(1))
-      : source_(source), period_(period > duration::zero() ? period : duration(1)) {
+      : source_(source),
+        period_(period > duration::zero() ? period : duration(1)),
+        steady_ticks_(&source == &default_clock() || &source == &coarse_default_clock()) {
     // relaxed: before the clock is shared (the thread start orders it).
     now_.store(source_.now().time_since_epoch().count(), std::memory_order_relaxed);
     ticker_ = std::thread([this] { tick_until_stopped(); });
@@ -93,15 +98,20 @@ class cached_clock final : public clock {
   [[nodiscard]] duration period() const noexcept { return period_; }
 
  private:
-  // The ticker: waits a period on the source, then stores its time.
+  // The ticker: waits a period (on the steady clock, or on the source),
+  // then stores the source's time.
   void tick_until_stopped() {
     std::unique_lock lock(mutex_);
     time_point next = source_.now() + period_;
     while (!stopped_) {
-      source_.wait_until(lock, wake_, next);
+      if (steady_ticks_) {
+        wake_.wait_for(lock, period_);
+      } else {
+        source_.wait_until(lock, wake_, next);
+      }
       if (stopped_) return;
       const time_point t = source_.now();
-      if (t < next) continue;  // woken early (spuriously): wait out the period
+      if (!steady_ticks_ && t < next) continue;  // woken early (spuriously): wait out the period
       refresh_to(t);
       next = t + period_;
     }
@@ -116,6 +126,9 @@ class cached_clock final : public clock {
 
   const clock& source_;
   const duration period_;
+  // The source is one of postbox's real clocks: the ticker sleeps on the
+  // steady clock (a wall-clock step back would stall a wait on the source).
+  const bool steady_ticks_;
   // The cached time, ns since the epoch. Written by the ticker (and by
   // wait_until when the ticker lags), read by now(): relaxed everywhere.
   // On a line of its own: readers on every core keep it shared, and only
