@@ -28,7 +28,7 @@ set(POSTBOX_LAYER_1
   version.hpp config.hpp error.hpp fwd.hpp)
 # 2. channels: typed in-process transports, and what waiting on them needs.
 set(POSTBOX_LAYER_2
-  clock.hpp timer_service.hpp redaction.hpp metrics.hpp
+  clock.hpp cached_clock.hpp timer_service.hpp redaction.hpp metrics.hpp
   channel.hpp topic.hpp stream.hpp durable_stream.hpp select.hpp async.hpp async/*.hpp)
 # 3. messages: envelopes, codecs (nlohmann/json, fmt), message hooks.
 set(POSTBOX_LAYER_3
