@@ -420,6 +420,16 @@ inline std::string nats_credential_form(const nats_credentials& c) {
   return forms[0];
 }
 
+/// Whether a login with credential form `form` can be refused although its
+/// key is right: libnats before 3.8.0 (Debian 12 ships 3.4.1) sends no
+/// signature of the server's nonce when that signature's first byte is 0 (its
+/// base64 encoder took a leading 0 byte for an empty input; fixed upstream in
+/// nats.c #705), so one NKey or .creds login in 256 gets "Authorization
+/// Violation". Never blocks.
+inline bool nats_may_drop_signature(const std::string& form) noexcept {
+  return (form == "nkey" || form == "creds_file") && nats_GetVersionNumber() < 0x030800;
+}
+
 }  // namespace detail
 
 /// `o` for logs: URLs (user information replaced by "***"), name, TLS
@@ -499,7 +509,10 @@ class nats_connection {
   /// TLS required by one side and not offered by the other, or a TLS server
   /// ending the session during login without a reason, as one that rejects
   /// the client's certificate under TLS 1.3 does); `timeout`,
-  /// `closed`, `store_error` otherwise. Error texts never hold secrets.
+  /// `closed`, `store_error` otherwise. Error texts never hold secrets. An
+  /// NKey or `.creds` login the server refuses is tried up to 3 more times
+  /// with libnats before 3.8, which drops one nonce signature in 256
+  /// (detail::nats_may_drop_signature).
   explicit nats_connection(nats_connection_options opts) : state_(std::make_shared<state>()) {
     state_->on_status = std::move(opts.on_status);
     state_->on_error = std::move(opts.on_error);
@@ -541,7 +554,15 @@ class nats_connection {
     configure_tls(o, opts.tls);
     configure_credentials(o, opts.credentials, form);
     natsConnection* c = nullptr;
-    const natsStatus s = natsConnection_Connect(&c, o);
+    natsStatus s = natsConnection_Connect(&c, o);
+    // A login that signs the server's nonce is tried again when refused, up
+    // to 3 more times, where libnats may have dropped the signature (see
+    // detail::nats_may_drop_signature): each attempt signs a fresh nonce, so
+    // a right key gets in (all four dropped: about 1 in 4e9) and a wrong one
+    // is still refused. Reconnects need no help: libnats itself gives up only
+    // on a second refusal in a row.
+    for (int retry = 0; retry < 3 && s == NATS_CONNECTION_AUTH_FAILED && detail::nats_may_drop_signature(form); ++retry)
+      s = natsConnection_Connect(&c, o);
     // Under TLS 1.3 a server that rejects the client's certificate (or its
     // absence) does so after the client's handshake has finished: libnats
     // then sees the connection end during its first PING, with no -ERR as a
