@@ -10,13 +10,12 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
-#include <optional>
-#include <thread>
-
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <optional>
+#include <thread>
 
 TEST_CASE("coarse_clock is never ahead of system_clock and trails it by at most a tick or so", "[clock]") {
   const postbox::coarse_clock c;

@@ -304,7 +304,6 @@ TEST_CASE("a thousand NKey logins in a row all get in, though libnats before 3.8
   srv.start();
   postbox::nats_connection_options o;
   o.urls = srv.url();
-  o.max_reconnect = 0;
   o.credentials.nkey = key.public_key;
   o.credentials.nkey_seed_file = key.seed_file;
   int refused = 0;

@@ -94,9 +94,6 @@ class cached_clock final : public clock {
   /// clock::published_now()). Never blocks.
   [[nodiscard]] const std::atomic<std::int64_t>* published_now() const noexcept override { return &now_; }
 
-  /// The refresh period given at construction (1 ns if it was not positive).
-  [[nodiscard]] duration period() const noexcept { return period_; }
-
  private:
   // The ticker: waits a period (on the steady clock, or on the source),
   // then stores the source's time.
