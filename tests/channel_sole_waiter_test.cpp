@@ -21,8 +21,11 @@ using postbox::detail::event_count;
 
 // wait() returns at once when the futex word differs from the key; had the
 // notify left the word unchanged, it would sleep and the test would time out.
+// Each runs unmarked and marked (mark_light_fence_mode(true): what an spsc
+// ring's constructor does where the light fence is a real fence).
 TEST_CASE("notify_light_sole after prepare_wait_sole changes the word the waiter sleeps on", "[channel]") {
   event_count ec;
+  ec.mark_light_fence_mode(GENERATE(false, true));
   const std::uint32_t key = ec.prepare_wait_sole();
   ec.notify_light_sole(1);
   CHECK(ec.wait(key, std::nullopt));
@@ -45,11 +48,25 @@ TEST_CASE("a second prepare_wait_sole re-arms the wake that the first one's noti
 
 TEST_CASE("notify_light_sole without a waiter leaves the word alone", "[channel]") {
   event_count ec;
+  ec.mark_light_fence_mode(GENERATE(false, true));
   const std::uint32_t before = ec.prepare_wait_sole();
   ec.finish_wait();
   ec.notify_light_sole(1);
   ec.notify_light_sole(1);
   CHECK(ec.prepare_wait_sole() == before);
+  ec.finish_wait();
+}
+
+// The mark lives in the waiter word, beside the count of waiting threads.
+TEST_CASE("an event count marked for a real light fence counts only its waiting threads", "[channel]") {
+  event_count ec;
+  ec.mark_light_fence_mode(true);
+  CHECK(ec.threads_waiting_approx() == 0);
+  const std::uint32_t key = ec.prepare_wait_sole();
+  CHECK(ec.threads_waiting_approx() == 1);
+  ec.finish_wait();
+  CHECK(ec.threads_waiting_approx() == 0);
+  CHECK(ec.prepare_wait_sole() == key);
   ec.finish_wait();
 }
 

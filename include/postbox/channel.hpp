@@ -1071,7 +1071,11 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
         cells_(capacity_) {
     detail::asymmetric_fence_init();
     // relaxed: before the channel is shared. See fence_bit.
-    if (!light_fence_is_compiler_only()) closed_.store(open_state | fence_bit, std::memory_order_relaxed);
+    if (!detail::light_fence_is_compiler_only()) closed_.store(open_state | fence_bit, std::memory_order_relaxed);
+    // Each notify then tells from the waiter word it reads anyway whether
+    // it must fence (event_count::mark_light_fence_mode()).
+    not_empty_.mark_light_fence_mode();
+    not_full_.mark_light_fence_mode();
     tail_.store(start_, std::memory_order_relaxed);
     head_.store(start_, std::memory_order_relaxed);
   }
@@ -1168,16 +1172,6 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
   /// closed_ load also tells it whether to fence: with membarrier, a send
   /// that finds the channel open reads no fence-mode flag.
   static constexpr std::uint32_t fence_bit = 4;
-  /// Whether detail::light_fence() is a compiler barrier alone (decided by
-  /// asymmetric_fence_init(), which the constructor calls first).
-  static bool light_fence_is_compiler_only() noexcept {
-#if POSTBOX_TSAN
-    return false;  // light_fence() is a seq_cst RMW under ThreadSanitizer
-#else
-    // relaxed: written once by asymmetric_fence_init() on this thread or before.
-    return detail::fence_detail::light_is_compiler_only.load(std::memory_order_relaxed);
-#endif
-  }
 
   struct alignas(detail::spsc_cell_alignment<T>()) cell {
     /// 1 while the cell holds a message, else 0. Written by the producer

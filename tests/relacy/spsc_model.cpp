@@ -22,7 +22,9 @@
 // never carries fence_bit: emplace_quiet's compiler barrier, then its one
 // relaxed closed_ load, exactly as modelled below. (With fence_bit set, no
 // membarrier or TSan, a send that sees it runs a seq_cst fence and loads
-// closed_ again: the symmetric fallback, not modelled.)
+// closed_ again: the symmetric fallback, not modelled. So does a notify,
+// whose waiters_ word carries light_fence_bit in that build only: wake_sole
+// fences and loads waiters_ again.)
 //
 // heavy_fence() is membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED): the caller
 // passes a full barrier on entry and on return (the kernel's smp_mb() around

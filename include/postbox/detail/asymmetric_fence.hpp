@@ -88,6 +88,20 @@ inline void asymmetric_fence_init() noexcept {
   if (membarrier_available()) fence_detail::light_is_compiler_only.store(true, std::memory_order_relaxed);
 }
 
+/// Whether light_fence() is a compiler barrier alone: membarrier is the heavy
+/// fence, and this is not a ThreadSanitizer build (there light_fence() is a
+/// seq_cst RMW). Meaningful once asymmetric_fence_init() has run. Never
+/// blocks; thread-safe.
+[[nodiscard]] inline bool light_fence_is_compiler_only() noexcept {
+#if POSTBOX_TSAN
+  return false;
+#else
+  // relaxed: written once by asymmetric_fence_init(), on this thread or
+  // before the structure that asks was shared.
+  return fence_detail::light_is_compiler_only.load(std::memory_order_relaxed);
+#endif
+}
+
 /// The hot side's half: orders this thread's preceding accesses before its
 /// following ones against a concurrent heavy_fence(). A compiler barrier
 /// when membarrier is available, else a seq_cst fence. Never blocks.

@@ -280,14 +280,41 @@ class event_count {
   /// message to a parked consumer (about 50,000 per million messages in
   /// the blocking 1P1C benchmark against about 60 parks). Registered wakers
   /// (selects) are woken as by notify_light().
+  ///
+  /// Requires mark_light_fence_mode() before the event count is shared: the
+  /// notify fences only where the waiter word says light_fence() is a real
+  /// fence, so with membarrier it costs one load and a branch (the flag
+  /// light_fence() reads would be a second load and branch, per message).
   void notify_light_sole(int n) noexcept {
-    light_fence();
+    // The light fence where it is a compiler barrier. Where it is a real
+    // fence, the word read below carries light_fence_bit, and wake_sole()
+    // fences and reads it again: the read that decides follows a fence
+    // either way.
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     // acquire: as in notify_light().
     const std::uint64_t w = waiters_.load(std::memory_order_acquire);
     // The per-message path ends here; the rest is out of line, so this
     // inlines into every send and receive of the ring.
     if (POSTBOX_LIKELY(w == 0)) return;
     wake_sole(n, w);
+  }
+
+  /// For an event count notified through notify_light_sole(): records in the
+  /// waiter word whether light_fence() is a real fence (no membarrier, or
+  /// ThreadSanitizer), so a notify learns it from the one load it makes
+  /// anyway. Call once, before the event count is shared (no waiter yet).
+  /// Never blocks, never allocates.
+  void mark_light_fence_mode() noexcept {
+    asymmetric_fence_init();
+    mark_light_fence_mode(!light_fence_is_compiler_only());
+  }
+  /// As above, with the mode given (`real_fence`: notifies fence before the
+  /// read that decides). Also a test hook: marking an event count whose
+  /// light fence is a compiler barrier only costs its notifies a fence.
+  void mark_light_fence_mode(bool real_fence) noexcept {
+    // relaxed: before the event count is shared; every later RMW of the
+    // word keeps the bit, so every load of it sees the bit.
+    if (real_fence) waiters_.fetch_or(light_fence_bit, std::memory_order_relaxed);
   }
 
   /// Wakes every parked thread whether or not a waiter is announced: for a
@@ -306,7 +333,15 @@ class event_count {
   [[gnu::noinline, gnu::cold]]
 #endif
   void wake_sole(int n, std::uint64_t seen) noexcept {
-    wake(n, seen & ~thread_mask);  // the registered wakers only: no epoch bump, no syscall
+    if ((seen & light_fence_bit) != 0) {
+      // light_fence() is a real fence (see mark_light_fence_mode): fence,
+      // and decide on a read after it, as notify_light() does.
+      light_fence();
+      // acquire: as in notify_light().
+      seen = waiters_.load(std::memory_order_acquire);
+      if ((seen & ~light_fence_bit) == 0) return;
+    }
+    wake(n, seen & waker_mask);  // the registered wakers only: no epoch bump, no syscall
     if ((seen & thread_mask) == 0) return;
     // seq_cst RMW: marks the wake pending; pairs with the fetch_and in
     // prepare_wait_sole(). Only the notifier that sets the mark wakes; it
@@ -323,7 +358,7 @@ class event_count {
   [[gnu::noinline, gnu::cold]]
 #endif
   void wake_armed(int n, std::uint64_t seen) noexcept {
-    wake(n, seen & ~thread_mask);  // the registered wakers only: no epoch bump, no syscall
+    wake(n, seen & waker_mask);  // the registered wakers only: no epoch bump, no syscall
     if ((seen & thread_mask) == 0) return;
     // seq_cst: the notifier half of the arm's Dekker pattern; pairs with the
     // fetch_or in prepare_wait_armed(). Ordered after our caller's condition
@@ -417,13 +452,18 @@ class event_count {
   std::atomic<std::uint32_t> epoch_{0};
   static constexpr std::uint32_t wake_pending = 1;
   static constexpr std::uint32_t armed_bit = std::uint32_t{1} << 31;
-  /// Threads between prepare_wait() and finish_wait() (low 32 bits, unit 1)
+  /// Threads between prepare_wait() and finish_wait() (low 31 bits, unit 1)
   /// plus registered wakers (high 32 bits, unit waker_unit), one word so a
   /// notifier reads both with its one Dekker load. Incremented seq_cst by
   /// waiters, read seq_cst by notifiers (has_waiters); see the class comment.
+  /// Bit 31, light_fence_bit, is set once by mark_light_fence_mode() (relaxed,
+  /// before sharing) and never cleared; only notify_light_sole()'s event
+  /// counts carry it.
   std::atomic<std::uint64_t> waiters_{0};
   static constexpr std::uint64_t waker_unit = std::uint64_t{1} << 32;
-  static constexpr std::uint64_t thread_mask = waker_unit - 1;
+  static constexpr std::uint64_t light_fence_bit = std::uint64_t{1} << 31;
+  static constexpr std::uint64_t thread_mask = light_fence_bit - 1;
+  static constexpr std::uint64_t waker_mask = ~(waker_unit - 1);
   /// Deferred wakes one notify keeps on its stack (see wake()).
   static constexpr std::size_t deferred_capacity = 8;
   /// Wakers registered by selects in progress; guarded by registry_busy_.
