@@ -277,12 +277,29 @@ TEST_CASE("two requesters cannot register the same endpoint name", "[request_rep
                   postbox::error);
 }
 
+// The requester makes its reply-to header once; each request's header_map
+// shares it (no allocation per request), so two requests' headers begin at
+// the same address.
+TEST_CASE("a requester's requests share one reply-to header", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto first_future = req.request(1, 1s);
+  REQUIRE(req.request(2, 1s, [](postbox::reply_outcome<int>) {}) == postbox::errc::ok);
+  REQUIRE(first_future.has_value());
+  auto first = r.requests.try_receive();
+  auto second = r.requests.try_receive();
+  REQUIRE(first.has_value());
+  REQUIRE(second.has_value());
+  CHECK(first->headers.get(postbox::header_names::reply_to) == req.endpoint());
+  CHECK(first->headers.begin() == second->headers.begin());
+}
+
 TEST_CASE("generated reply endpoint names are short, distinct and registered", "[request_reply]") {
   rig r;
   postbox::requester<int, int> a(r.requests, r.registry, r.timers);
   postbox::requester<int, int> b(r.requests, r.registry, r.timers);
   for (const std::string& name : {a.endpoint(), b.endpoint()}) {
-    CHECK(name.size() == 15);  // fits std::string's inline buffer: the reply-to header allocates nothing
+    CHECK(name.size() == 15);  // "rr." and 12 hex digits
     CHECK(name.rfind("rr.", 0) == 0);
     CHECK(name.find_first_not_of("0123456789abcdef", 3) == std::string::npos);
     CHECK(r.registry.contains(name));

@@ -375,70 +375,141 @@ struct trace_context {
   }
 };
 
-/// A small string-to-string map kept sorted by key in one vector: cheap to
-/// copy and iterate for the handful of headers a message carries; lookups
-/// are binary searches. Keys compare byte-wise (case-sensitive; postbox's own
-/// names in `header_names` are lower-case). Allocates on insert. Not
-/// thread-safe (a plain value).
+/// A small string-to-string map kept sorted by key: cheap to iterate for
+/// the handful of headers a message carries; lookups are binary searches.
+/// Keys compare byte-wise (case-sensitive; postbox's own names in
+/// `header_names` are lower-case).
+///
+/// Copies share one immutable block of entries (reference counted): copying
+/// a map, as every copy of an envelope does (a topic's fan-out, a
+/// requester's reply-to header on every request), allocates nothing and
+/// makes one atomic increment. The first change to a shared copy copies the
+/// block for that copy alone (copy on write); a change to an unshared map
+/// works in place. A value type: copies may be read, changed and destroyed
+/// on different threads at once; one map is not thread-safe.
 class header_map {
  public:
   using value_type = std::pair<std::string, std::string>;
-  using const_iterator = std::vector<value_type>::const_iterator;
+  using const_iterator = const value_type*;
 
-  header_map() = default;
+  /// An empty map. Never allocates.
+  header_map() noexcept = default;
   /// A map from a list of pairs; later duplicates replace earlier ones.
   header_map(std::initializer_list<value_type> items) {
     for (const auto& [k, v] : items) set(k, v);
   }
+  /// Shares `other`'s entries: no allocation, one atomic increment.
+  header_map(const header_map& other) noexcept : block_(other.block_) {
+    // relaxed: `other` holds a reference, so the count cannot reach zero
+    // meanwhile; nothing is published through the increment.
+    if (block_ != nullptr) block_->refs.fetch_add(1, std::memory_order_relaxed);
+  }
+  /// Takes `other`'s entries; `other` is left empty. Never allocates.
+  header_map(header_map&& other) noexcept : block_(std::exchange(other.block_, nullptr)) {}
+  header_map& operator=(const header_map& other) noexcept {
+    header_map(other).swap(*this);
+    return *this;
+  }
+  header_map& operator=(header_map&& other) noexcept {
+    header_map(std::move(other)).swap(*this);
+    return *this;
+  }
+  ~header_map() { release(block_); }
+  void swap(header_map& other) noexcept { std::swap(block_, other.block_); }
 
-  /// Inserts `key` or replaces its value. Allocates.
+  /// Inserts `key` or replaces its value. Allocates, unless `key` already
+  /// has this value (then nothing changes, a shared map stays shared).
   void set(std::string_view key, std::string_view value) {
-    auto it = lower(key);
-    if (it != items_.end() && it->first == key) {
+    if (const auto found = find(key); found != end() && found->second == value) return;
+    std::vector<value_type>& items = own();
+    auto it = lower(items, key);
+    if (it != items.end() && it->first == key) {
       it->second.assign(value);
     } else {
-      items_.emplace(it, std::string(key), std::string(value));
+      items.emplace(it, std::string(key), std::string(value));
     }
   }
   /// The value of `key`, viewing into the map (valid until it changes).
   [[nodiscard]] std::optional<std::string_view> get(std::string_view key) const noexcept {
-    auto it = lower(key);
-    if (it != items_.end() && it->first == key) return std::string_view(it->second);
+    const auto it = find(key);
+    if (it != end()) return std::string_view(it->second);
     return std::nullopt;
   }
-  /// Removes `key`; returns whether it was present.
-  bool erase(std::string_view key) noexcept {
-    auto it = lower(key);
-    if (it == items_.end() || it->first != key) return false;
-    items_.erase(it);
+  /// Removes `key`; returns whether it was present. Allocates (a copy of
+  /// the entries) only to remove from a shared map.
+  bool erase(std::string_view key) {
+    if (find(key) == end()) return false;
+    std::vector<value_type>& items = own();
+    items.erase(lower(items, key));
     return true;
   }
   /// Whether `key` is present. Never allocates.
-  [[nodiscard]] bool contains(std::string_view key) const noexcept { return get(key).has_value(); }
+  [[nodiscard]] bool contains(std::string_view key) const noexcept { return find(key) != end(); }
   /// Number of headers. Never allocates.
-  [[nodiscard]] std::size_t size() const noexcept { return items_.size(); }
+  [[nodiscard]] std::size_t size() const noexcept { return block_ != nullptr ? block_->items.size() : 0; }
   /// True when there are no headers. Never allocates.
-  [[nodiscard]] bool empty() const noexcept { return items_.empty(); }
-  /// Removes every header (keeps the capacity).
-  void clear() noexcept { items_.clear(); }
+  [[nodiscard]] bool empty() const noexcept { return size() == 0; }
+  /// Removes every header (an unshared map keeps its capacity). Never allocates.
+  void clear() noexcept {
+    if (block_ == nullptr) return;
+    if (unique()) {
+      block_->items.clear();
+    } else {
+      release(std::exchange(block_, nullptr));
+    }
+  }
   /// Iteration in ascending key order.
-  [[nodiscard]] const_iterator begin() const noexcept { return items_.begin(); }
-  [[nodiscard]] const_iterator end() const noexcept { return items_.end(); }
+  [[nodiscard]] const_iterator begin() const noexcept { return block_ != nullptr ? block_->items.data() : nullptr; }
+  [[nodiscard]] const_iterator end() const noexcept { return begin() + size(); }
 
   /// Same keys with the same values.
-  friend bool operator==(const header_map&, const header_map&) = default;
+  friend bool operator==(const header_map& a, const header_map& b) noexcept {
+    return a.block_ == b.block_ || std::equal(a.begin(), a.end(), b.begin(), b.end());
+  }
 
  private:
-  [[nodiscard]] std::vector<value_type>::iterator lower(std::string_view key) noexcept {
-    return std::lower_bound(items_.begin(), items_.end(), key,
-                            [](const value_type& item, std::string_view k) { return std::string_view(item.first) < k; });
+  struct block {
+    /// Maps sharing this block. Incremented (relaxed) by a copy; decremented
+    /// (acq_rel) by a map letting go, whose release half pairs with the
+    /// acquire of the last owner's decrement (its delete follows every other
+    /// owner's reads) and with the acquire load in unique() (a change in
+    /// place follows every former owner's reads).
+    std::atomic<std::size_t> refs{1};
+    std::vector<value_type> items;
+  };
+
+  static void release(block* b) noexcept {
+    // acq_rel: see block::refs.
+    if (b != nullptr && b->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete b;
   }
-  [[nodiscard]] const_iterator lower(std::string_view key) const noexcept {
-    return std::lower_bound(items_.begin(), items_.end(), key,
-                            [](const value_type& item, std::string_view k) { return std::string_view(item.first) < k; });
+  [[nodiscard]] bool unique() const noexcept {
+    // acquire: see block::refs. Only this map holds the block when it reads
+    // 1, and no other can gain it but through this map.
+    return block_->refs.load(std::memory_order_acquire) == 1;
+  }
+  /// The entries, this map's alone: made or copied first if need be.
+  std::vector<value_type>& own() {
+    if (block_ == nullptr) {
+      block_ = new block;
+    } else if (!unique()) {
+      auto* copy = new block{.refs{1}, .items = block_->items};
+      release(std::exchange(block_, copy));
+    }
+    return block_->items;
+  }
+  [[nodiscard]] const_iterator find(std::string_view key) const noexcept {
+    const const_iterator it = std::lower_bound(begin(), end(), key, key_less);
+    return it != end() && it->first == key ? it : end();
+  }
+  [[nodiscard]] static std::vector<value_type>::iterator lower(std::vector<value_type>& items,
+                                                              std::string_view key) noexcept {
+    return std::lower_bound(items.begin(), items.end(), key, key_less);
+  }
+  static bool key_less(const value_type& item, std::string_view key) noexcept {
+    return std::string_view(item.first) < key;
   }
 
-  std::vector<value_type> items_;
+  block* block_ = nullptr;
 };
 
 /// Header names postbox itself reads or writes.

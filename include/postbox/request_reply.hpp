@@ -225,6 +225,7 @@ class requester {
       if (registry.add(opts_.endpoint, sink)) break;
       if (!generated) POSTBOX_THROW(error(errc::conflict, "postbox::requester: endpoint name taken: " + opts_.endpoint));
     }
+    reply_headers_.set(header_names::reply_to, opts_.endpoint);
   }
   requester(const requester&) = delete;
   requester& operator=(const requester&) = delete;
@@ -245,7 +246,10 @@ class requester {
   /// Sends `payload` as a `kind` request (query or command) with deadline
   /// now + `timeout`; `cb` gets the outcome (on the replying, timer or
   /// destroying thread). Returns `ok`, `busy` (pending limit), `full` or
-  /// `closed` (request channel); on refusal `cb` is never called. Allocates.
+  /// `closed` (request channel); on refusal `cb` is never called. Allocates
+  /// nothing per request once the table has a free slot (it grows 32 slots
+  /// at a time; the request shares the requester's reply-to header), unless
+  /// `cb` is larger than std::function keeps inline.
   [[nodiscard]] errc request(Request payload, duration timeout, callback cb,
                              message_kind kind = message_kind::query) {
     // On a slot, as the future form: the deadline is tracked under the one
@@ -386,9 +390,8 @@ class requester {
                         .deadline = now + timeout,
                         .type = std::string(message_traits<Request>::type_name()),
                         .producer = opts_.producer,
-                        .headers = {},
+                        .headers = reply_headers_,  // shared: no allocation (see reply_headers_)
                         .payload = &payload};
-    parts.headers.set(header_names::reply_to, opts_.endpoint);
     message_id corr = parts.id;
     const time_point deadline = parts.deadline;
     if (const errc s = open(corr, deadline); s != errc::ok) return s;
@@ -403,10 +406,8 @@ class requester {
     return errc::ok;
   }
 
-  // "rr." and 12 hex digits (48 random bits): short enough for a string's
-  // inline buffer, so the reply-to header every request carries (and every
-  // move of the request) allocates and copies nothing for its value. A name
-  // already taken is drawn again (the constructor's loop).
+  // "rr." and 12 hex digits (48 random bits). A name already taken is drawn
+  // again (the constructor's loop).
   static std::string generated_endpoint() {
     constexpr char digits[] = "0123456789abcdef";
     std::uint64_t bits = detail::thread_rng()();
@@ -427,7 +428,11 @@ class requester {
     message_id corr =
         fresh ? table_->stamp_fresh(env, timeout, opts_.producer) : table_->stamp(env, timeout, opts_.producer);
     const time_point deadline = *env.deadline;
-    env.headers.set(header_names::reply_to, opts_.endpoint);
+    if (env.headers.empty()) {
+      env.headers = reply_headers_;  // shared: no allocation (see reply_headers_)
+    } else {
+      env.headers.set(header_names::reply_to, opts_.endpoint);
+    }
     if (const errc s = open(corr, deadline); s != errc::ok) return s;
     env.correlation_id = corr;  // (open_slot addresses its slot in the id's low bits)
     std::size_t delivered = 0;
@@ -453,6 +458,9 @@ class requester {
   request_channel* requests_;
   endpoint_registry<Reply>* registry_;
   requester_options opts_;
+  // The reply-to header every request carries, made once: each request's
+  // header_map shares its entries (one atomic increment, no allocation).
+  header_map reply_headers_;
   std::shared_ptr<pending_requests<Reply>> table_;
 };
 
