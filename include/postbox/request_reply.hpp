@@ -249,7 +249,9 @@ class requester {
   /// `closed` (request channel); on refusal `cb` is never called. Allocates
   /// nothing per request once the table has a free slot (it grows 32 slots
   /// at a time; the request shares the requester's reply-to header), unless
-  /// `cb` is larger than std::function keeps inline.
+  /// `cb` is larger than std::function keeps inline, the payload allocates,
+  /// or the type or producer name is too long for std::string's inline
+  /// buffer (15 characters with libstdc++).
   [[nodiscard]] errc request(Request payload, duration timeout, callback cb,
                              message_kind kind = message_kind::query) {
     // On a slot, as the future form: the deadline is tracked under the one
