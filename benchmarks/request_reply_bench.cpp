@@ -123,7 +123,8 @@
 //   1,087-1,112 -> 967-1,031.
 //   The shared reply-to header (header_map copies share their entries; a
 //   requester makes the header once): future 3,805 -> 3,361, callback
-//   3,991 -> 3,546 instructions; allocations per round trip 2 -> 1 and
+//   3,991 -> 3,546 instructions (3,321 and 3,509 with the entries in the
+//   map's block); allocations per round trip 2 -> 1 and
 //   1 -> 0 (valgrind). Alternating pairs, near placement: callback
 //   1,177-1,199 -> 1,052-1,089 ns (6 of 6).
 #include <postbox/operations.hpp>

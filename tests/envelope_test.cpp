@@ -279,6 +279,45 @@ TEST_CASE("header_map keeps keys sorted and unique", "[envelope][headers]") {
   CHECK(h == postbox::header_map{{"c", "3"}, {"b", "two"}});
 }
 
+// "k100" .. "k139" (appended, not "k" + string: g++ 12 warns falsely on that).
+namespace {
+std::string numbered_key(int k) {
+  std::string key = "k";
+  key += std::to_string(100 + k);
+  return key;
+}
+}  // namespace
+
+// 40 keys in a scrambled order: the block grows several times and most
+// inserts shift entries; a copy taken halfway stays as it was.
+TEST_CASE("a header_map keeps many headers sorted through inserts, erases and a copy taken halfway",
+          "[envelope][headers]") {
+  postbox::header_map h;
+  postbox::header_map halfway;
+  std::vector<std::string> keys;
+  for (int i = 0; i < 40; ++i) {
+    const int k = (i * 17) % 40;  // 17 is coprime with 40: every key once
+    std::string key = numbered_key(k);
+    h.set(key, std::to_string(k));
+    keys.push_back(std::move(key));
+    if (i == 19) halfway = h;
+  }
+  std::sort(keys.begin(), keys.end());
+  REQUIRE(h.size() == 40);
+  std::vector<std::string> seen;
+  for (const auto& [k, v] : h) {
+    seen.push_back(k);
+    CHECK(v == std::to_string(std::stoi(k.substr(1)) - 100));
+  }
+  CHECK(seen == keys);
+  CHECK(halfway.size() == 20);
+  CHECK(std::is_sorted(halfway.begin(), halfway.end()));
+  for (int k = 0; k < 40; k += 2) CHECK(h.erase(numbered_key(k)));
+  CHECK(h.size() == 20);
+  for (int k = 0; k < 40; ++k) CHECK(h.contains(numbered_key(k)) == (k % 2 == 1));
+  CHECK(halfway.size() == 20);
+}
+
 // Copies share one block of entries: begin() of two copies is the same
 // address until one of them changes.
 TEST_CASE("a copied header_map shares its entries until one copy changes", "[envelope][headers]") {

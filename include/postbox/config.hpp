@@ -33,12 +33,14 @@
 #  define POSTBOX_THROW(x) throw x
 #  define POSTBOX_TRY try
 #  define POSTBOX_CATCH_ALL catch (...)
+#  define POSTBOX_RETHROW throw
 #else
 #  include <cstdlib>
 #  define POSTBOX_HAS_EXCEPTIONS 0
 #  define POSTBOX_THROW(x) ::std::abort()
 #  define POSTBOX_TRY if (true)
 #  define POSTBOX_CATCH_ALL else
+#  define POSTBOX_RETHROW ::std::abort()  // unreachable: nothing throws into the else branch
 #endif
 
 #if defined(__has_feature)

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <new>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -417,17 +418,47 @@ class header_map {
   ~header_map() { release(block_); }
   void swap(header_map& other) noexcept { std::swap(block_, other.block_); }
 
-  /// Inserts `key` or replaces its value. Allocates, unless `key` already
-  /// has this value (then nothing changes, a shared map stays shared).
+  /// Inserts `key` or replaces its value. Allocates (one block for the
+  /// entries, grown by doubling), unless `key` already has this value (then
+  /// nothing changes, a shared map stays shared). If an allocation throws,
+  /// the map is unchanged.
   void set(std::string_view key, std::string_view value) {
-    if (const auto found = find(key); found != end() && found->second == value) return;
-    std::vector<value_type>& items = own();
-    auto it = lower(items, key);
-    if (it != items.end() && it->first == key) {
-      it->second.assign(value);
-    } else {
-      items.emplace(it, std::string(key), std::string(value));
+    const const_iterator found = find(key);
+    if (found != end() && found->second == value) return;
+    if (found != end() && unique()) {
+      block_->items()[found - begin()].second.assign(value);
+      return;
     }
+    const auto at = static_cast<std::size_t>(lower_bound(key) - begin());
+    const bool replace = found != end();
+    // Everything that can throw comes first: the new entry, then (for a
+    // shared or full block) the new block; the moves after it cannot throw.
+    value_type entry{std::string(key), std::string(value)};
+    const std::size_t n = size();
+    if (!replace && block_ != nullptr && unique() && n < block_->capacity) {
+      value_type* items = block_->items();
+      if (at == n) {
+        ::new (static_cast<void*>(items + n)) value_type(std::move(entry));
+      } else {
+        ::new (static_cast<void*>(items + n)) value_type(std::move(items[n - 1]));
+        for (std::size_t i = n - 1; i > at; --i) items[i] = std::move(items[i - 1]);
+        items[at] = std::move(entry);
+      }
+      ++block_->size;
+      return;
+    }
+    const std::size_t want = replace ? n : n + 1;
+    block* next = make_block(want <= 2 ? 4 : 2 * want);
+    if (unique()) {  // a full block of our own: its entries move
+      fill(next, std::move_iterator(block_->items()), at, std::move(entry), replace, n);
+    } else {  // shared (or none): its entries are copied, as a change to a copy must
+      POSTBOX_TRY { fill(next, begin(), at, std::move(entry), replace, n); }
+      POSTBOX_CATCH_ALL {
+        destroy(next);
+        POSTBOX_RETHROW;
+      }
+    }
+    release(std::exchange(block_, next));
   }
   /// The value of `key`, viewing into the map (valid until it changes).
   [[nodiscard]] std::optional<std::string_view> get(std::string_view key) const noexcept {
@@ -436,30 +467,51 @@ class header_map {
     return std::nullopt;
   }
   /// Removes `key`; returns whether it was present. Allocates (a copy of
-  /// the entries) only to remove from a shared map.
+  /// the other entries) only to remove from a shared map.
   bool erase(std::string_view key) {
-    if (find(key) == end()) return false;
-    std::vector<value_type>& items = own();
-    items.erase(lower(items, key));
+    const const_iterator found = find(key);
+    if (found == end()) return false;
+    const auto at = static_cast<std::size_t>(found - begin());
+    const std::size_t n = size();
+    if (unique()) {
+      value_type* items = block_->items();
+      for (std::size_t i = at; i + 1 < n; ++i) items[i] = std::move(items[i + 1]);
+      items[n - 1].~value_type();
+      --block_->size;
+      return true;
+    }
+    block* next = make_block(n);
+    POSTBOX_TRY {
+      for (std::size_t i = 0; i < n; ++i) {
+        if (i == at) continue;
+        ::new (static_cast<void*>(next->items() + next->size)) value_type(begin()[i]);
+        ++next->size;
+      }
+    }
+    POSTBOX_CATCH_ALL {
+      destroy(next);
+      POSTBOX_RETHROW;
+    }
+    release(std::exchange(block_, next));
     return true;
   }
   /// Whether `key` is present. Never allocates.
   [[nodiscard]] bool contains(std::string_view key) const noexcept { return find(key) != end(); }
   /// Number of headers. Never allocates.
-  [[nodiscard]] std::size_t size() const noexcept { return block_ != nullptr ? block_->items.size() : 0; }
+  [[nodiscard]] std::size_t size() const noexcept { return block_ != nullptr ? block_->size : 0; }
   /// True when there are no headers. Never allocates.
   [[nodiscard]] bool empty() const noexcept { return size() == 0; }
-  /// Removes every header (an unshared map keeps its capacity). Never allocates.
+  /// Removes every header (an unshared map keeps its block). Never allocates.
   void clear() noexcept {
     if (block_ == nullptr) return;
     if (unique()) {
-      block_->items.clear();
+      destroy_entries(block_);
     } else {
       release(std::exchange(block_, nullptr));
     }
   }
   /// Iteration in ascending key order.
-  [[nodiscard]] const_iterator begin() const noexcept { return block_ != nullptr ? block_->items.data() : nullptr; }
+  [[nodiscard]] const_iterator begin() const noexcept { return block_ != nullptr ? block_->items() : nullptr; }
   [[nodiscard]] const_iterator end() const noexcept { return begin() + size(); }
 
   /// Same keys with the same values.
@@ -468,42 +520,77 @@ class header_map {
   }
 
  private:
-  struct block {
+  /// One allocation: this header, then `capacity` entries, the first `size`
+  /// of them constructed, in ascending key order.
+  struct alignas(value_type) block {
     /// Maps sharing this block. Incremented (relaxed) by a copy; decremented
     /// (acq_rel) by a map letting go, whose release half pairs with the
     /// acquire of the last owner's decrement (its delete follows every other
     /// owner's reads) and with the acquire load in unique() (a change in
     /// place follows every former owner's reads).
     std::atomic<std::size_t> refs{1};
-    std::vector<value_type> items;
-  };
+    std::size_t size = 0;
+    std::size_t capacity = 0;
 
+    /// The entries' storage, right after this header (as std::vector's
+    /// storage, entries are constructed in it one by one).
+    value_type* items() noexcept {
+      return reinterpret_cast<value_type*>(reinterpret_cast<unsigned char*>(this) + sizeof(block));
+    }
+  };
+  static_assert(sizeof(block) % alignof(value_type) == 0, "entries follow the block header, aligned");
+
+  static block* make_block(std::size_t capacity) {
+    void* raw = ::operator new(sizeof(block) + capacity * sizeof(value_type));
+    block* b = ::new (raw) block;
+    b->capacity = capacity;
+    return b;
+  }
+  static void destroy_entries(block* b) noexcept {
+    for (std::size_t i = 0; i < b->size; ++i) b->items()[i].~value_type();
+    b->size = 0;
+  }
+  static void destroy(block* b) noexcept {
+    destroy_entries(b);
+    b->~block();
+    ::operator delete(static_cast<void*>(b));
+  }
   static void release(block* b) noexcept {
     // acq_rel: see block::refs.
-    if (b != nullptr && b->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete b;
+    if (b != nullptr && b->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) destroy(b);
+  }
+  /// Fills the fresh block `next` with the `n` entries from `from` and
+  /// `entry` at index `at` (replacing entry `at` when `replace`). Only the
+  /// copies `from` makes can throw; what was built is destroyed by the
+  /// caller's destroy(next), since next->size counts it.
+  template <class It>
+  static void fill(block* next, It from, std::size_t at, value_type&& entry, bool replace, std::size_t n) {
+    value_type* out = next->items();
+    for (std::size_t i = 0; i < n; ++i, ++from) {
+      if (i == at) {
+        ::new (static_cast<void*>(out + next->size)) value_type(std::move(entry));
+        ++next->size;
+        if (replace) continue;
+      }
+      ::new (static_cast<void*>(out + next->size)) value_type(*from);
+      ++next->size;
+    }
+    if (at == n) {
+      ::new (static_cast<void*>(out + next->size)) value_type(std::move(entry));
+      ++next->size;
+    }
   }
   [[nodiscard]] bool unique() const noexcept {
     // acquire: see block::refs. Only this map holds the block when it reads
     // 1, and no other can gain it but through this map.
-    return block_->refs.load(std::memory_order_acquire) == 1;
+    return block_ != nullptr && block_->refs.load(std::memory_order_acquire) == 1;
   }
-  /// The entries, this map's alone: made or copied first if need be.
-  std::vector<value_type>& own() {
-    if (block_ == nullptr) {
-      block_ = new block;
-    } else if (!unique()) {
-      auto* copy = new block{.refs{1}, .items = block_->items};
-      release(std::exchange(block_, copy));
-    }
-    return block_->items;
+  [[nodiscard]] const_iterator lower_bound(std::string_view key) const noexcept {
+    return std::lower_bound(begin(), end(), key, key_less);
   }
   [[nodiscard]] const_iterator find(std::string_view key) const noexcept {
-    const const_iterator it = std::lower_bound(begin(), end(), key, key_less);
+    const const_iterator it = lower_bound(key);
     return it != end() && it->first == key ? it : end();
-  }
-  [[nodiscard]] static std::vector<value_type>::iterator lower(std::vector<value_type>& items,
-                                                              std::string_view key) noexcept {
-    return std::lower_bound(items.begin(), items.end(), key, key_less);
   }
   static bool key_less(const value_type& item, std::string_view key) noexcept {
     return std::string_view(item.first) < key;
