@@ -1,0 +1,142 @@
+// SPDX-License-Identifier: MIT
+// Allocation contracts: what a request-reply round trip, an envelope copy and a failed header insert allocate.
+//
+// This file is its own test executable: it replaces the global operator new
+// to count this thread's allocations (and to fail one on request), which
+// would disturb other test files.
+#include <postbox/envelope.hpp>
+#include <postbox/request_reply.hpp>
+#include <postbox/testing.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdlib>
+#include <new>
+#include <string>
+
+namespace {
+/// Allocations made by this thread through the global operator new.
+thread_local std::size_t allocations = 0;
+/// When non-zero, the allocation that brings `allocations` to this count
+/// throws std::bad_alloc (the nothrow forms return null).
+thread_local std::size_t fail_at = 0;
+}  // namespace
+
+// Every non-aligned form, so that no allocation escapes the count and every
+// block is freed by the function family that made it (ASan checks that); the
+// plain new and delete out of line, as in select_fast_path_test.cpp (g++ 12
+// pairs an inlined malloc with a delete and warns).
+[[gnu::noinline]] void* operator new(std::size_t n) {
+  if (++allocations == fail_at) throw std::bad_alloc();
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n) { return operator new(n); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  if (++allocations == fail_at) return nullptr;
+  return std::malloc(n == 0 ? 1 : n);
+}
+void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
+[[gnu::noinline]] void operator delete(void* p) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+
+using namespace std::chrono_literals;
+
+namespace {
+
+struct rig {
+  postbox::testing::harness h;
+  postbox::manual_clock& clock = h.get_clock();
+  postbox::channel<postbox::envelope<int>> requests{64};
+  postbox::endpoint_registry<int> registry;
+  // The table remembers the last 4 x max_pending finished ids (late replies
+  // are told from unknown ones), in a ring that grows to that size.
+  postbox::requester<int, int> req{requests, registry, h.timers(), {.max_pending = 16}};
+  postbox::responder<int, int> resp{requests, registry, [](const postbox::envelope<int>& e) { return e.payload * 2; },
+                                    clock, 0};
+};
+
+/// Round trips after which the table's slots, its timer and its ring of
+/// finished ids (4 x 16) have grown to their steady size.
+constexpr int warm_up = 100;
+
+/// The allocations this thread makes in round trips 1..100, after warm_up
+/// round trips of 0.
+template <class RoundTrip>
+std::size_t allocations_in_100(const RoundTrip& round_trip) {
+  for (int i = 0; i < warm_up; ++i) round_trip(0);
+  const std::size_t before = allocations;
+  for (int i = 1; i <= 100; ++i) round_trip(i);
+  return allocations - before;
+}
+
+}  // namespace
+
+// The first round trips grow the table (slots, finished-id ring) and arm its
+// timer; after them, a round trip (request, the responder's poll, the callback) allocates
+// nothing: the request shares the requester's reply-to header, and the
+// names involved (empty type, empty producer, "rr." + 12 hex digits) fit
+// std::string's inline buffer.
+TEST_CASE("a callback request-reply round trip allocates nothing once the table has grown", "[allocation]") {
+  rig r;
+  int sum = 0;
+  const auto round_trip = [&](int i) {
+    REQUIRE(r.req.request(i, 10s, [&sum](postbox::reply_outcome<int> o) { sum += o.ok() ? o.reply->payload : -1000; }) ==
+            postbox::errc::ok);
+    REQUIRE(r.resp.poll() == 1);
+  };
+  CHECK(allocations_in_100(round_trip) == 0);
+  CHECK(sum == 2 * (100 * 101 / 2));
+}
+
+TEST_CASE("a future request-reply round trip allocates only the future's state", "[allocation]") {
+  rig r;
+  int sum = 0;
+  const auto round_trip = [&](int i) {
+    auto f = r.req.request(i, 10s);
+    REQUIRE(f.has_value());
+    REQUIRE(r.resp.poll() == 1);
+    sum += f->value().reply->payload;
+  };
+  CHECK(allocations_in_100(round_trip) == 100);
+  CHECK(sum == 2 * (100 * 101 / 2));
+}
+
+TEST_CASE("copying an envelope with headers allocates nothing for the headers", "[allocation]") {
+  postbox::envelope<int> original = postbox::make_envelope(7);
+  original.headers.set("reply-to", "rr.0123456789ab");
+  original.headers.set("tenant-hint", "eu");
+  const std::size_t before = allocations;
+  const postbox::envelope<int> copy = original;  // every string here fits std::string's inline buffer
+  CHECK(allocations - before == 0);
+  CHECK(copy.headers == original.headers);
+}
+
+// A full block (4 entries), of its own or shared with a copy: inserting a
+// fifth key makes the new entry's two strings and a new block. Whichever of
+// those three allocations fails, both maps are as they were.
+TEST_CASE("a header insert whose allocation fails leaves the map and its copies unchanged", "[allocation]") {
+  const std::size_t failing = GENERATE(1, 2, 3);
+  const std::string long_value(40, 'v');  // beyond the inline buffer: its copy allocates
+  postbox::header_map map{{"a", "1"}, {"b", "2"}, {"c", "3"}, {"d", "4"}};
+  const postbox::header_map snapshot{{"a", "1"}, {"b", "2"}, {"c", "3"}, {"d", "4"}};  // a block of its own
+  const bool shared = GENERATE(false, true);
+  postbox::header_map copy;
+  if (shared) copy = map;
+  const std::string long_key(40, 'k');
+  fail_at = allocations + failing;
+  CHECK_THROWS_AS(map.set(long_key, long_value), std::bad_alloc);
+  fail_at = 0;
+  CHECK(map == snapshot);
+  CHECK_FALSE(map.contains(long_key));
+  map.set(long_key, long_value);  // and the map still works
+  CHECK(map.get(long_key) == long_value);
+  CHECK(map.size() == 5);
+  if (shared) CHECK(copy == snapshot);
+}
