@@ -247,8 +247,9 @@ class requester {
   /// now + `timeout`; `cb` gets the outcome (on the replying, timer or
   /// destroying thread). Returns `ok`, `busy` (pending limit), `full` or
   /// `closed` (request channel); on refusal `cb` is never called. Allocates
-  /// nothing per request once the table has a free slot (it grows 32 slots
-  /// at a time; the request shares the requester's reply-to header), unless
+  /// nothing per request once the table has grown (32 slots at a time, and
+  /// a ring of the last 4 x max_pending finished ids; the request shares
+  /// the requester's reply-to header), unless
   /// `cb` is larger than std::function keeps inline, the payload allocates,
   /// or the type or producer name is too long for std::string's inline
   /// buffer (15 characters with libstdc++).
