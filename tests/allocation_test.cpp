@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: MIT
 // Allocation contracts: what a request-reply round trip, an envelope copy and a failed header insert allocate.
 //
-// This file is its own test executable: it replaces the global operator new
-// to count this thread's allocations (and to fail one on request), which
-// would disturb other test files.
+// This file is its own test executable: counting_new.hpp replaces the global
+// operator new to count this thread's allocations (and to fail one on
+// request), which would disturb other test files.
 #include <postbox/envelope.hpp>
 #include <postbox/request_reply.hpp>
 #include <postbox/testing.hpp>
 
 #include <catch2/catch.hpp>
+
+#include "counting_new.hpp"
 
 #include <chrono>
 #include <cstddef>
@@ -16,35 +18,8 @@
 #include <new>
 #include <string>
 
-namespace {
-/// Allocations made by this thread through the global operator new.
-thread_local std::size_t allocations = 0;
-/// When non-zero, the allocation that brings `allocations` to this count
-/// throws std::bad_alloc (the nothrow forms return null).
-thread_local std::size_t fail_at = 0;
-}  // namespace
-
-// Every non-aligned form, so that no allocation escapes the count and every
-// block is freed by the function family that made it (ASan checks that); the
-// plain new and delete out of line, as in select_fast_path_test.cpp (g++ 12
-// pairs an inlined malloc with a delete and warns).
-[[gnu::noinline]] void* operator new(std::size_t n) {
-  if (++allocations == fail_at) throw std::bad_alloc();
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) { return operator new(n); }
-void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-  if (++allocations == fail_at) return nullptr;
-  return std::malloc(n == 0 ? 1 : n);
-}
-void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
-[[gnu::noinline]] void operator delete(void* p) noexcept { std::free(p); }
-[[gnu::noinline]] void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+using counting_new::allocations;
+using counting_new::fail_at;
 
 using namespace std::chrono_literals;
 

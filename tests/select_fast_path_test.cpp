@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "counting_new.hpp"
 #include "support.hpp"
 
 #include <atomic>
@@ -19,34 +20,7 @@
 #include <new>
 #include <thread>
 
-namespace {
-/// Allocations made by this thread through the global operator new.
-thread_local std::size_t allocations = 0;
-}  // namespace
-
-// Every non-aligned form, so that no allocation escapes the count and every
-// block is freed by the function family that made it (ASan checks that). The
-// plain new and delete stay out of line: with either inlined into the first
-// test below, g++ 12 saw a malloc/delete or new/free pair and warned
-// (-Wmismatched-new-delete; delete inlined under -fsanitize=thread, new at
-// -O2), not knowing that this file's new is malloc and its delete free.
-[[gnu::noinline]] void* operator new(std::size_t n) {
-  ++allocations;
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) { return operator new(n); }
-void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-  ++allocations;
-  return std::malloc(n == 0 ? 1 : n);
-}
-void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
-[[gnu::noinline]] void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+using counting_new::allocations;
 
 using namespace std::chrono_literals;
 using postbox::after;

@@ -1070,12 +1070,13 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
         start_((start.value & detail::ticket_mask) << 1),
         cells_(capacity_) {
     detail::asymmetric_fence_init();
+    const bool real_light_fence = !detail::light_fence_is_compiler_only();
     // relaxed: before the channel is shared. See fence_bit.
-    if (!detail::light_fence_is_compiler_only()) closed_.store(open_state | fence_bit, std::memory_order_relaxed);
+    if (real_light_fence) closed_.store(open_state | fence_bit, std::memory_order_relaxed);
     // Each notify then tells from the waiter word it reads anyway whether
     // it must fence (event_count::mark_light_fence_mode()).
-    not_empty_.mark_light_fence_mode();
-    not_full_.mark_light_fence_mode();
+    not_empty_.mark_light_fence_mode(real_light_fence);
+    not_full_.mark_light_fence_mode(real_light_fence);
     tail_.store(start_, std::memory_order_relaxed);
     head_.store(start_, std::memory_order_relaxed);
   }

@@ -425,7 +425,11 @@ class header_map {
   void set(std::string_view key, std::string_view value) {
     const const_iterator found = find(key);
     if (found != end() && found->second == value) return;
-    if (found != end() && unique()) {
+    // Read once: a block this map alone holds stays so (no other map can
+    // gain it but through this one); a shared one may become unique
+    // meanwhile, and is then copied anyway, which is still right.
+    const bool own = unique();
+    if (found != end() && own) {
       block_->items()[found - begin()].second.assign(value);
       return;
     }
@@ -435,7 +439,7 @@ class header_map {
     // shared or full block) the new block; the moves after it cannot throw.
     value_type entry{std::string(key), std::string(value)};
     const std::size_t n = size();
-    if (!replace && block_ != nullptr && unique() && n < block_->capacity) {
+    if (!replace && own && n < block_->capacity) {
       value_type* items = block_->items();
       if (at == n) {
         ::new (static_cast<void*>(items + n)) value_type(std::move(entry));
@@ -449,7 +453,7 @@ class header_map {
     }
     const std::size_t want = replace ? n : n + 1;
     block* next = make_block(want <= 2 ? 4 : 2 * want);
-    if (unique()) {  // a full block of our own: its entries move
+    if (own) {  // a full block of our own: its entries move
       fill(next, std::move_iterator(block_->items()), at, std::move(entry), replace, n);
     } else {  // shared (or none): its entries are copied, as a change to a copy must
       POSTBOX_TRY { fill(next, begin(), at, std::move(entry), replace, n); }

@@ -110,8 +110,7 @@ inline void light_fence() noexcept {
   // seq_cst RMW: see tsan_fence_word.
   fence_detail::tsan_fence_word.fetch_add(0, std::memory_order_seq_cst);
 #else
-  // relaxed: a flag set once at start-up; see light_is_compiler_only.
-  if (POSTBOX_LIKELY(fence_detail::light_is_compiler_only.load(std::memory_order_relaxed))) {
+  if (POSTBOX_LIKELY(light_fence_is_compiler_only())) {
     std::atomic_signal_fence(std::memory_order_seq_cst);
   } else {
     std::atomic_thread_fence(std::memory_order_seq_cst);

@@ -300,17 +300,13 @@ class event_count {
   }
 
   /// For an event count notified through notify_light_sole(): records in the
-  /// waiter word whether light_fence() is a real fence (no membarrier, or
-  /// ThreadSanitizer), so a notify learns it from the one load it makes
-  /// anyway. Call once, before the event count is shared (no waiter yet).
+  /// waiter word whether light_fence() is a real fence (`real_fence`: no
+  /// membarrier, or ThreadSanitizer; the caller asks
+  /// light_fence_is_compiler_only() after asymmetric_fence_init()), so a
+  /// notify learns it from the one load it makes anyway. Call once, before
+  /// the event count is shared (no waiter yet). Marking one whose light fence
+  /// is a compiler barrier only costs its notifies a fence (tests do).
   /// Never blocks, never allocates.
-  void mark_light_fence_mode() noexcept {
-    asymmetric_fence_init();
-    mark_light_fence_mode(!light_fence_is_compiler_only());
-  }
-  /// As above, with the mode given (`real_fence`: notifies fence before the
-  /// read that decides). Also a test hook: marking an event count whose
-  /// light fence is a compiler barrier only costs its notifies a fence.
   void mark_light_fence_mode(bool real_fence) noexcept {
     // relaxed: before the event count is shared; every later RMW of the
     // word keeps the bit, so every load of it sees the bit.
