@@ -18,8 +18,9 @@ inline thread_local std::size_t allocations = 0;
 inline thread_local std::size_t fail_at = 0;
 }  // namespace counting_new
 
-// Every non-aligned form, so that no allocation escapes the count and every
-// block is freed by the function family that made it (ASan checks that). The
+// Every form, aligned ones included (detail::block_pool allocates aligned
+// blocks), so that no allocation escapes the count and every block is freed
+// by the function family that made it (ASan checks that). The
 // plain new and the plain and sized deletes stay out of line: inlined into a
 // test, g++ 12 saw a malloc/delete or new/free pair and warned
 // (-Wmismatched-new-delete; delete inlined under -fsanitize=thread, new at
@@ -41,3 +42,31 @@ void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
 void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+
+namespace counting_new {
+// aligned_alloc wants a size that is a multiple of the alignment.
+inline void* aligned(std::size_t n, std::align_val_t a) noexcept {
+  const auto align = static_cast<std::size_t>(a);
+  const std::size_t rounded = (n == 0 ? align : (n + align - 1) / align * align);
+  return std::aligned_alloc(align, rounded);
+}
+}  // namespace counting_new
+[[gnu::noinline]] void* operator new(std::size_t n, std::align_val_t a) {
+  if (++counting_new::allocations == counting_new::fail_at) throw std::bad_alloc();
+  if (void* p = counting_new::aligned(n, a)) return p;
+  throw std::bad_alloc();
+}
+[[gnu::noinline]] void* operator new[](std::size_t n, std::align_val_t a) { return operator new(n, a); }
+[[gnu::noinline]] void* operator new(std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  if (++counting_new::allocations == counting_new::fail_at) return nullptr;
+  return counting_new::aligned(n, a);
+}
+[[gnu::noinline]] void* operator new[](std::size_t n, std::align_val_t a, const std::nothrow_t& t) noexcept {
+  return operator new(n, a, t);
+}
+[[gnu::noinline]] void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }

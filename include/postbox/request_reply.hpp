@@ -264,10 +264,12 @@ class requester {
 
   /// Future form of `request`: the refusal status, or a future of the outcome.
   /// The reply is moved once, into the future; waiting on it spins
-  /// briefly, then sleeps. Allocates (the future's state).
+  /// briefly, then sleeps. The future's state comes from a pool of blocks
+  /// (detail::block_pool), so this allocates, as the callback form, nothing
+  /// per request once the table and the pool have grown.
   [[nodiscard]] result<reply_future<reply_outcome<Reply>>> request(Request payload, duration timeout,
                                                                    message_kind kind = message_kind::query) {
-    auto fs = std::make_shared<detail::rr_future_state<reply_outcome<Reply>>>();
+    auto fs = detail::make_future_state<reply_outcome<Reply>>();
     // On a slot: the reply completes it without the table's lock. The slot
     // rewrites the id's low bits (the request carries the rewritten id).
     auto open = [&](message_id& corr, time_point deadline) { return table_->open_slot(corr, fs, deadline); };

@@ -5,7 +5,7 @@
 // Design: docs/design/topic.md.
 //
 // * A publish makes the message once (`std::shared_ptr<const item>`, one
-//   block from `detail::topic_block_pool`, so no malloc in a steady flow) and
+//   block from `detail::block_pool`, so no malloc in a steady flow) and
 //   pushes that pointer into each matching subscription's bounded
 //   `postbox::channel`; subscribers get a `delivery<T>` handle that shares it.
 //   A small trivially copyable `T` (detail::topic_inline_v: at most two
@@ -44,6 +44,7 @@
 #include <postbox/channel.hpp>
 #include <postbox/config.hpp>
 #include <postbox/detail/backoff.hpp>
+#include <postbox/detail/block_pool.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/topic_snapshot.hpp>
 #include <postbox/error.hpp>
@@ -61,20 +62,6 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#if defined(__SANITIZE_ADDRESS__)
-#  define POSTBOX_DETAIL_TOPIC_ASAN 1
-#elif defined(__has_feature)
-#  if __has_feature(address_sanitizer)
-#    define POSTBOX_DETAIL_TOPIC_ASAN 1
-#  endif
-#endif
-#ifndef POSTBOX_DETAIL_TOPIC_ASAN
-#  define POSTBOX_DETAIL_TOPIC_ASAN 0
-#endif
-#if POSTBOX_DETAIL_TOPIC_ASAN
-#  include <sanitizer/asan_interface.h>
-#endif
 
 POSTBOX_BEGIN_NAMESPACE
 
@@ -204,171 +191,6 @@ struct topic_stats {
 };
 
 namespace detail {
-
-/// Recycles the fixed-size blocks a publish allocates for its shared item (the
-/// item and its reference counts, one block), so a steady publish/receive
-/// flow does not go through malloc. A thread that frees a block keeps it in
-/// its own outgoing chain and hands chains of `batch` blocks to a
-/// process-wide stack per block size with one CAS (release); a publishing
-/// thread takes the whole stack at once (one exchange, acquire: pairs with
-/// the pushes) into its own stash and pops from that with no atomics. Taking
-/// the whole stack, never one node, is what keeps the stack free of ABA.
-/// Batching the frees keeps the stack's line from moving between the
-/// subscriber's and the publisher's core on every message (issue 18). Blocks
-/// are never returned to the system: the pool grows to the peak number of
-/// items alive at once (bounded by the queues' capacities plus the deliveries
-/// callers keep), plus up to `batch - 1` blocks parked in each freeing
-/// thread's chain, and with several publishing threads to about that peak
-/// per thread, since a stash keeps what its thread took until it publishes
-/// again or ends; a thread that ends hands back its stash and its chain. A
-/// block of up to 64 bytes is aligned to a line (see block_align), so
-/// handing such an item to another core moves exactly one line.
-/// Under AddressSanitizer a pooled block is poisoned beyond its link word, so
-/// a use after free is still reported.
-template <std::size_t Size, std::size_t Align>
-class topic_block_pool {
-  struct node {
-    node* next;
-  };
-  static_assert(Size >= sizeof(node) && Align >= alignof(node));
-  // A block of up to one 64-byte line (not cache_line_size, the 128-byte
-  // padding for pairs of lines on x86) is aligned to the line, so it moves
-  // between cores as exactly one line. Larger blocks keep their own
-  // alignment: an aligned allocation of each (memalign) left the allocator's
-  // bins fragmented, and a copied std::string payload's malloc and free then
-  // ran about 40% slower (topic_bench --only topic, 12 alternating runs).
-  static constexpr std::size_t block_align = Size <= 64 && Align < 64 ? 64 : Align;
-  static constexpr std::size_t batch = 32;
-
-  struct shared_stack {
-    // Freed blocks. Chains are pushed with a release CAS by threads freeing
-    // items; the stack is taken whole with an acquire exchange by allocating
-    // threads (pairs with the pushes, so every link of a chain, written
-    // before its push, is visible to the thread that takes it).
-    std::atomic<node*> head{nullptr};
-  };
-  // Immortal (never destroyed): blocks may be freed after static destruction
-  // began (a delivery kept in a static), and the pool must still be there.
-  static shared_stack& shared() noexcept {
-    static shared_stack* const s = new shared_stack;
-    return *s;
-  }
-  // A thread's blocks. Trivially destructible, so it stays usable until the
-  // thread's storage goes, also after the thread's destructors began (a block
-  // freed by another thread_local's destructor, or on the main thread by a
-  // static's, holding a delivery); `hand_back` runs at thread exit.
-  struct local {
-    node* stash;      // taken from the shared stack; popped by allocate()
-    node* out;        // freed by this thread, not yet pushed
-    node* out_last;
-    std::size_t out_count;
-    bool registered;  // hand_back is registered for this thread
-    // Set by hand_back: later frees on this thread go straight to the
-    // shared stack and later allocations to operator new.
-    bool gone;
-    void flush() noexcept {
-      if (out == nullptr) return;
-      push_chain(out, out_last);
-      out = out_last = nullptr;
-      out_count = 0;
-    }
-  };
-  // Hands a thread's blocks back when the thread ends.
-  struct hand_back {
-    local* l;
-    explicit hand_back(local* p) noexcept : l(p) {}
-    hand_back(const hand_back&) = delete;
-    hand_back& operator=(const hand_back&) = delete;
-    ~hand_back() {
-      l->gone = true;
-      l->flush();
-      if (node* first = l->stash) {
-        node* last = first;
-        while (last->next != nullptr) last = last->next;
-        push_chain(first, last);
-        l->stash = nullptr;
-      }
-    }
-  };
-  static local& mine() noexcept {
-    thread_local local l{};
-    if (!l.registered) {
-      l.registered = true;
-      thread_local hand_back h(&l);  // constructed once per thread, here
-      (void)h;
-    }
-    return l;
-  }
-  static void push_chain(node* first, node* last) noexcept {
-    auto& h = shared().head;
-    last->next = h.load(std::memory_order_relaxed);  // relaxed: the CAS below re-reads it
-    // release: publishes the chain's links (and the blocks' last uses) to the taker.
-    while (!h.compare_exchange_weak(last->next, first, std::memory_order_release, std::memory_order_relaxed)) {
-    }
-  }
-
- public:
-  static constexpr std::size_t block_alignment = block_align;
-
-  static void* allocate() {
-    local& l = mine();
-    if (l.gone) return ::operator new(Size, std::align_val_t{block_align});  // see local::gone
-    if (l.stash == nullptr) l.stash = shared().head.exchange(nullptr, std::memory_order_acquire);  // see shared_stack
-    if (l.stash == nullptr && l.out != nullptr) {  // our own frees, not yet pushed
-      l.stash = l.out;
-      l.out = l.out_last = nullptr;
-      l.out_count = 0;
-    }
-    if (node* n = l.stash) {
-#if POSTBOX_DETAIL_TOPIC_ASAN
-      ASAN_UNPOISON_MEMORY_REGION(n, Size);
-#endif
-      l.stash = n->next;
-      return n;
-    }
-    return ::operator new(Size, std::align_val_t{block_align});
-  }
-  static void release(void* p) noexcept {
-    local& l = mine();
-    node* n = ::new (p) node{l.out};
-#if POSTBOX_DETAIL_TOPIC_ASAN
-    // Only the part past the link, which whoever takes the block reads.
-    ASAN_POISON_MEMORY_REGION(reinterpret_cast<char*>(p) + sizeof(node), Size - sizeof(node));
-#endif
-    if (l.gone) {
-      push_chain(n, n);
-      return;
-    }
-    if (l.out == nullptr) l.out_last = n;
-    l.out = n;
-    if (++l.out_count == batch) l.flush();
-  }
-};
-
-/// Allocator for the publish's shared item block (see topic_block_pool).
-/// Stateless; every instance is interchangeable.
-template <class U>
-struct topic_item_allocator {
-  using value_type = U;
-  topic_item_allocator() = default;
-  template <class V>
-  topic_item_allocator(const topic_item_allocator<V>&) noexcept {}
-  U* allocate(std::size_t n) {
-    if (n != 1) return static_cast<U*>(::operator new(n * sizeof(U), std::align_val_t{alignof(U)}));
-    return static_cast<U*>(topic_block_pool<sizeof(U), alignof(U)>::allocate());
-  }
-  void deallocate(U* p, std::size_t n) noexcept {
-    if (n != 1) {
-      ::operator delete(p, std::align_val_t{alignof(U)});
-      return;
-    }
-    topic_block_pool<sizeof(U), alignof(U)>::release(p);
-  }
-  template <class V>
-  bool operator==(const topic_item_allocator<V>&) const noexcept {
-    return true;
-  }
-};
 
 template <class T>
 struct topic_item {
@@ -1164,7 +986,7 @@ class topic {
   // The inline form's shared subject (out of line: publish(value) never needs it).
   [[gnu::noinline]] static std::shared_ptr<const std::string> make_subject(detail::topic_state<T>& st, std::string* subject) {
     detail::topic_uncount_on_throw uncount{st.not_published};
-    auto s = std::allocate_shared<const std::string>(detail::topic_item_allocator<std::string>{}, std::move(*subject));
+    auto s = std::allocate_shared<const std::string>(detail::pool_allocator<std::string>{}, std::move(*subject));
     uncount.armed = false;
     return s;
   }
@@ -1180,8 +1002,8 @@ class topic {
     } else {
       detail::topic_uncount_on_throw uncount{st.not_published};
       detail::topic_slot<T> s = subject != nullptr
-          ? detail::topic_slot<T>{std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(*subject), std::move(value))}
-          : detail::topic_slot<T>{std::allocate_shared<const item>(detail::topic_item_allocator<item>{}, std::move(value))};
+          ? detail::topic_slot<T>{std::allocate_shared<const item>(detail::pool_allocator<item>{}, std::move(*subject), std::move(value))}
+          : detail::topic_slot<T>{std::allocate_shared<const item>(detail::pool_allocator<item>{}, std::move(value))};
       uncount.armed = false;
       return s;
     }

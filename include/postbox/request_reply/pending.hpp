@@ -14,6 +14,7 @@
 #include <postbox/config.hpp>
 #include <postbox/detail/algorithm.hpp>
 #include <postbox/detail/backoff.hpp>
+#include <postbox/detail/block_pool.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/waker.hpp>
 #include <postbox/envelope.hpp>
@@ -230,6 +231,15 @@ struct rr_future_state {
     if (continuation == &w) continuation = nullptr;
   }
 };
+
+/// A new future state (and its reference counts) in one block from
+/// block_pool: a steady flow of requests allocates none, whichever thread
+/// drops a state last (the waiter after get(), or the replying thread). May
+/// allocate (an empty pool); thread-safe.
+template <class V>
+[[nodiscard]] std::shared_ptr<rr_future_state<V>> make_future_state() {
+  return std::allocate_shared<rr_future_state<V>>(pool_allocator<rr_future_state<V>>{});
+}
 }  // namespace detail
 
 /// A handle to one outcome, set exactly once. Move-only.
@@ -295,7 +305,7 @@ struct future_link {
 };
 template <class V>
 [[nodiscard]] future_link<V> make_future_link() {
-  auto fs = std::make_shared<rr_future_state<V>>();
+  auto fs = make_future_state<V>();
   return {[fs](V v) { fs->set(std::move(v)); }, reply_future<V>(fs)};
 }
 }  // namespace detail
