@@ -79,6 +79,10 @@
 //             Thread CPU time, 8 alternating pairs at load 8: append
 //             11.5-11.8 -> 10.5-10.6 ns, channel 8.7: 0.73-0.75x ->
 //             0.82-0.83x (docs/design/stream.md, "Reaching 0.8")
+//   array     143 (n = 200000 -> 400000; 144 before, same build): the
+//             partitions in one array, each on its own line(s), instead
+//             of one allocation each reached through a pointer
+//             (docs/design/stream.md, "Stop 32")
 //   channel   134 / 128 (one CAS and a slot write into a preallocated ring)
 // Faults per 1M records (fresh process): stream 11.8k in the appends (was
 // 20.0k; 48-byte slots touched once), channel 12.3k, all in its constructor

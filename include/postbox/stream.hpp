@@ -538,8 +538,11 @@ class stream_append_guard {
   bool biased_;  // how l_ was taken (enter()'s answer)
 };
 
+// Aligned to a cache line (pair): the stream keeps its partitions side by
+// side in one array, and appenders on different partitions must not share
+// a line.
 template <class T>
-struct stream_partition {
+struct alignas(cache_line_size) stream_partition {
   stream_append_lock append_mu;  // appenders and trim only; readers never take it
   // Earliest retained offset. Writer: appender/trim under append_mu (release:
   // pairs with the acquire in readers, who then report out_of_range below it).
@@ -618,8 +621,8 @@ class stream_log {
     if (partitions == 0) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: at least one partition"));
     if (partitions > (std::size_t{1} << 20))
       POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: too many partitions"));
-    parts_.reserve(partitions);
-    for (std::size_t i = 0; i < partitions; ++i) parts_.push_back(std::make_unique<stream_partition<T>>());
+    parts_ = std::make_unique<stream_partition<T>[]>(partitions);
+    part_count_ = partitions;
     // Before the first append: lets notify_light's fence be a compiler
     // barrier when membarrier is available (see asymmetric_fence.hpp).
     asymmetric_fence_init();
@@ -636,7 +639,7 @@ class stream_log {
     // clock whose time is a word in memory (cached_clock) with one load.
     const auto now = POSTBOX_LIKELY(coarse_) ? coarse_clock::read() : read_other_clock();
     const auto p = partition_of(key);
-    auto& part = *parts_[p];
+    auto& part = parts_[p];
     std::uint64_t off = 0;
     bool prepare = false;
     bool biased = false;
@@ -702,7 +705,7 @@ class stream_log {
   // count is a power of two, so those appends pay no 64-bit division.
   [[nodiscard]] std::uint32_t partition_of(std::string_view key) const noexcept {
     const auto h = fnv1a_64(key);
-    const auto n = parts_.size();
+    const auto n = part_count_;
     return static_cast<std::uint32_t>(pow2_ ? (h & (n - 1)) : (h % n));
   }
 
@@ -781,9 +784,10 @@ class stream_log {
   /// partition's append mutex in turn.
   void trim() {
     const auto now = clock_->now();
-    for (auto& part : parts_) {
-      stream_append_guard lock(part->append_mu);
-      trim_locked(*part, now);
+    for (std::size_t i = 0; i < part_count_; ++i) {
+      stream_partition<T>& part = parts_[i];
+      stream_append_guard lock(part.append_mu);
+      trim_locked(part, now);
     }
   }
 
@@ -792,7 +796,7 @@ class stream_log {
   /// `offset` is below retention. Throws error(invalid_argument) for a bad partition.
   [[nodiscard]] read_result<T> read(std::uint32_t partition, std::uint64_t offset, std::size_t max) const {
     check_partition(partition);
-    const auto& part = *parts_[partition];
+    const auto& part = parts_[partition];
     read_result<T> r;
     r.partition = partition;
     const auto first = earliest_offset(partition);
@@ -819,7 +823,7 @@ class stream_log {
   /// First retained offset of `partition` (age applied against the clock). Lock-free.
   [[nodiscard]] std::uint64_t earliest_offset(std::uint32_t partition) const {
     check_partition(partition);
-    const auto& part = *parts_[partition];
+    const auto& part = parts_[partition];
     const auto b = part.begin.load(std::memory_order_acquire);  // acquire: pairs with the release in trim_locked
     if (keep_.max_age.count() <= 0) return b;
     return first_at_or_after(partition, clock_->now() - keep_.max_age, b);
@@ -827,19 +831,19 @@ class stream_log {
   /// Offset the next append to `partition` gets. Lock-free.
   [[nodiscard]] std::uint64_t end_offset(std::uint32_t partition) const {
     check_partition(partition);
-    return parts_[partition]->end.load(std::memory_order_acquire);  // acquire: pairs with the release in append
+    return parts_[partition].end.load(std::memory_order_acquire);  // acquire: pairs with the release in append
   }
   /// First retained offset with timestamp >= t (end_offset when none). Lock-free, O(log n).
   [[nodiscard]] std::uint64_t offset_for_time(std::uint32_t partition, time_point t) const {
     return std::max(first_at_or_after(partition, t, 0), earliest_offset(partition));
   }
   /// Partition count.
-  [[nodiscard]] std::size_t partitions() const noexcept { return parts_.size(); }
+  [[nodiscard]] std::size_t partitions() const noexcept { return part_count_; }
   /// The stream's clock.
   [[nodiscard]] const clock& get_clock() const noexcept { return *clock_; }
 
   void check_partition(std::uint32_t p) const {
-    if (p >= parts_.size()) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: no such partition"));
+    if (p >= part_count_) POSTBOX_THROW(error(errc::invalid_argument, "postbox::stream: no such partition"));
   }
 
  private:
@@ -850,7 +854,7 @@ class stream_log {
 
   // First offset in [from, end) with ts >= t (timestamps are monotonic per partition).
   std::uint64_t first_at_or_after(std::uint32_t partition, time_point t, std::uint64_t from) const {
-    const auto& part = *parts_[partition];
+    const auto& part = parts_[partition];
     auto hi = part.end.load(std::memory_order_acquire);  // acquire: pairs with the release in append
     const auto dir = part.dir.load();
     auto lo = std::max(from, dir->base);
@@ -900,7 +904,8 @@ class stream_log {
   std::atomic<bool> closed_{false};
   const clock* clock_;
   size_function size_of_;
-  std::vector<std::unique_ptr<stream_partition<T>>> parts_;
+  std::unique_ptr<stream_partition<T>[]> parts_;  // side by side, so an append reaches its partition with no pointer load
+  std::size_t part_count_ = 0;
 };
 
 /// A consumer group of a stream: the shared bookkeeping
