@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Stress for postbox::topic: publishers, block subscribers and churning subscriptions; order and checksum.
+#include <postbox/channel.hpp>
+#include <postbox/detail/block_pool.hpp>
 #include <postbox/topic.hpp>
 
 #include <catch2/catch.hpp>
@@ -140,4 +142,63 @@ TEST_CASE("unsubscribing, closing and destroying a topic while publishers and su
   for (int round = 0; round < rounds; ++round)
     if (!topic_teardown_round(round, 50)) ++bad;
   CHECK(bad == 0);
+}
+
+// The pool behind a topic's items and a request's future state, at its
+// bound: one thread allocates bursts of 3 x max_shared blocks and hands
+// every block to another, which checks it and frees it: half of each burst
+// while the burst is still being allocated, the other half (held back)
+// while the allocator waits for all of them, so the freed chains overflow
+// the shared stack (and go back to operator delete) every time. Each block carries its own serial while it
+// lives: a block handed out twice at once, or freed twice, breaks the
+// checksum (and ASan or TSan report the rest).
+TEST_CASE("pool blocks freed beyond the pool's bound on one thread while another allocates are each live once",
+          "[topic][stress]") {
+  using pool = postbox::detail::block_pool<200, 8>;
+  constexpr std::uint64_t burst = 3 * pool::max_shared;
+  const std::uint64_t bursts = postbox_test::scaled(8) < 2 ? 2 : postbox_test::scaled(8);
+  const std::uint64_t total = bursts * burst;
+  postbox::channel<std::uint64_t*, postbox::spsc> handoff(burst);
+  std::atomic<std::uint64_t> freed{0};  // release by the freer, acquire by the allocator (its wait between bursts)
+  std::uint64_t freed_sum = 0;
+  std::uint64_t mismatches = 0;
+  std::thread freer([&] {
+    for (std::uint64_t seen = 0; seen < total; ++seen) {
+      auto p = handoff.receive();
+      if (!p.has_value()) {  // (no Catch2 assertion off the main thread)
+        ++mismatches;
+        break;
+      }
+      std::uint64_t* block = *p;
+      if (block[1] != ~block[0]) ++mismatches;  // written whole by its one owner
+      freed_sum += block[0];
+      block[0] = 0;
+      block[1] = 0;
+      pool::release(block);
+      freed.fetch_add(1, std::memory_order_release);
+    }
+  });
+  std::uint64_t sent_sum = 0;
+  std::uint64_t serial = 0;
+  std::vector<std::uint64_t*> held;
+  for (std::uint64_t b = 0; b < bursts; ++b) {
+    for (std::uint64_t k = 0; k < burst; ++k) {
+      auto* block = static_cast<std::uint64_t*>(pool::allocate());
+      ++serial;
+      block[0] = serial;
+      block[1] = ~serial;
+      sent_sum += serial;
+      if (k % 2 == 0) {
+        REQUIRE(handoff.send(block) == postbox::send_status::ok);  // freed while we allocate
+      } else {
+        held.push_back(block);  // freed while we wait: more than max_shared of them
+      }
+    }
+    for (std::uint64_t* block : held) REQUIRE(handoff.send(block) == postbox::send_status::ok);
+    held.clear();
+    REQUIRE(postbox_test::eventually([&] { return freed.load(std::memory_order_acquire) == serial; }));
+  }
+  freer.join();
+  CHECK(mismatches == 0);
+  CHECK(freed_sum == sent_sum);
 }
