@@ -743,6 +743,14 @@ template <class T>
 namespace detail {
 /// As `derive` below, with the fresh id and `occurred_at` both from `now`
 /// (one clock read, made by the caller).
+// A copy of `s` that makes no call when it is empty (the usual case for a
+// derived envelope's partition key, tenant and trace): a copy of an empty
+// std::string still calls its out-of-line construction.
+inline std::string copy_if_set(const std::string& s) { return s.empty() ? std::string() : s; }
+inline trace_context copy_if_set(const trace_context& t) {
+  return trace_context{copy_if_set(t.traceparent), copy_if_set(t.tracestate)};
+}
+
 template <class U, class P>
 envelope<U> derive_at(const envelope<P>& parent, std::string type, U&& payload, message_kind kind, time_point now) {
   const message_id id = message_id::generate_at(now);
@@ -754,9 +762,9 @@ envelope<U> derive_at(const envelope<P>& parent, std::string type, U&& payload, 
                      .correlation_id = parent.correlation_id.is_nil() ? parent.id : parent.correlation_id,
                      .causation_id = parent.id,
                      .producer = {},
-                     .partition_key = parent.partition_key,
-                     .tenant = parent.tenant,
-                     .trace = parent.trace,
+                     .partition_key = copy_if_set(parent.partition_key),
+                     .tenant = copy_if_set(parent.tenant),
+                     .trace = copy_if_set(parent.trace),
                      .deadline = parent.deadline,
                      .attempt = 0,
                      .headers = {},
