@@ -741,8 +741,6 @@ template <class T>
 }
 
 namespace detail {
-/// As `derive` below, with the fresh id and `occurred_at` both from `now`
-/// (one clock read, made by the caller).
 // A copy of `s` that makes no call when it is empty (the usual case for a
 // derived envelope's partition key, tenant and trace): a copy of an empty
 // std::string still calls its out-of-line construction.
@@ -751,6 +749,8 @@ inline trace_context copy_if_set(const trace_context& t) {
   return trace_context{copy_if_set(t.traceparent), copy_if_set(t.tracestate)};
 }
 
+/// As `derive` below, with the fresh id and `occurred_at` both from `now`
+/// (one clock read, made by the caller).
 template <class U, class P>
 envelope<U> derive_at(const envelope<P>& parent, std::string type, U&& payload, message_kind kind, time_point now) {
   const message_id id = message_id::generate_at(now);

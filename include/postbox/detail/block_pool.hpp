@@ -43,11 +43,12 @@ namespace detail {
 /// pooled for good. Besides the stack, each freeing thread parks up to
 /// `batch - 1` blocks in its chain, and each allocating thread's stash keeps
 /// what it took (at most what the stack held) until it allocates again or
-/// ends; a thread that ends hands back its stash and its chain. A block of up to 64 bytes
-/// is aligned to a line (see block_align), so handing such an object to
-/// another core moves exactly one line. Under AddressSanitizer a pooled
-/// block is poisoned beyond its link word, so a use after free is still
-/// reported. Thread-safe; allocate() allocates only when the pool is empty.
+/// ends; a thread that ends hands back its stash and its chain. A block of
+/// up to 64 bytes is aligned to a line (see block_align), so handing such an
+/// object to another core moves exactly one line. Under AddressSanitizer a
+/// pooled block is poisoned beyond its link word, so a use after free is
+/// still reported. Thread-safe; allocate() allocates only when the pool is
+/// empty, release() frees only a chain beyond the bound; neither blocks.
 template <std::size_t Size, std::size_t Align>
 class block_pool {
   struct node {
@@ -72,7 +73,6 @@ class block_pool {
   static constexpr std::size_t max_shared = 4096;
 
  private:
-
   struct shared_stack {
     // Freed blocks. Chains are pushed with a release CAS by threads freeing
     // items; the stack is taken whole with an acquire exchange by allocating
