@@ -452,16 +452,13 @@ class header_map {
       return;
     }
     const std::size_t want = replace ? n : n + 1;
-    block* next = make_block(want <= 2 ? 4 : 2 * want);
-    if (own) {  // a full block of our own: its entries move
-      fill(next, std::move_iterator(block_->items()), at, std::move(entry), replace, n);
-    } else {  // shared (or none): its entries are copied, as a change to a copy must
-      POSTBOX_TRY { fill(next, begin(), at, std::move(entry), replace, n); }
-      POSTBOX_CATCH_ALL {
-        destroy(next);
-        POSTBOX_RETHROW;
+    block* next = make_filled(want <= 2 ? 4 : 2 * want, [&](block* b) {
+      if (own) {  // a full block of our own: its entries move
+        fill(b, std::move_iterator(block_->items()), at, std::move(entry), replace, n);
+      } else {  // shared (or none): its entries are copied, as a change to a copy must
+        fill(b, begin(), at, std::move(entry), replace, n);
       }
-    }
+    });
     release(std::exchange(block_, next));
   }
   /// The value of `key`, viewing into the map (valid until it changes).
@@ -484,18 +481,13 @@ class header_map {
       --block_->size;
       return true;
     }
-    block* next = make_block(n);
-    POSTBOX_TRY {
+    block* next = make_filled(n, [&](block* b) {
       for (std::size_t i = 0; i < n; ++i) {
         if (i == at) continue;
-        ::new (static_cast<void*>(next->items() + next->size)) value_type(begin()[i]);
-        ++next->size;
+        ::new (static_cast<void*>(b->items() + b->size)) value_type(begin()[i]);
+        ++b->size;
       }
-    }
-    POSTBOX_CATCH_ALL {
-      destroy(next);
-      POSTBOX_RETHROW;
-    }
+    });
     release(std::exchange(block_, next));
     return true;
   }
@@ -559,14 +551,27 @@ class header_map {
     b->~block();
     ::operator delete(static_cast<void*>(b));
   }
+  /// A fresh block of `capacity` entries that `fill_in(block*)` constructs,
+  /// counting each in its size; if that throws, the block and what was
+  /// built in it are destroyed and the exception goes on.
+  template <class F>
+  static block* make_filled(std::size_t capacity, F&& fill_in) {
+    block* b = make_block(capacity);
+    POSTBOX_TRY { fill_in(b); }
+    POSTBOX_CATCH_ALL {
+      destroy(b);
+      POSTBOX_RETHROW;
+    }
+    return b;
+  }
   static void release(block* b) noexcept {
     // acq_rel: see block::refs.
     if (b != nullptr && b->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) destroy(b);
   }
   /// Fills the fresh block `next` with the `n` entries from `from` and
   /// `entry` at index `at` (replacing entry `at` when `replace`). Only the
-  /// copies `from` makes can throw; what was built is destroyed by the
-  /// caller's destroy(next), since next->size counts it.
+  /// copies `from` makes can throw; what was built is destroyed by
+  /// make_filled, since next->size counts it.
   template <class It>
   static void fill(block* next, It from, std::size_t at, value_type&& entry, bool replace, std::size_t n) {
     value_type* out = next->items();

@@ -170,8 +170,6 @@ class block_pool {
   }
 
  public:
-  static constexpr std::size_t block_alignment = block_align;
-
   static void* allocate() {
     local& l = mine();
     if (l.gone) return ::operator new(Size, std::align_val_t{block_align});  // see local::gone
