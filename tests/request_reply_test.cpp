@@ -61,6 +61,44 @@ TEST_CASE("a request is answered with the reply carrying correlation and causati
   CHECK(req.stats().pending == 0);
 }
 
+TEST_CASE("a reply reaches the requester's future with every field its responder set", "[request_reply]") {
+  rig r;
+  postbox::requester<int, int> req(r.requests, r.registry, r.timers);
+  auto f = req.request(21, 5s);
+  REQUIRE(f.has_value());
+  auto sent = r.requests.try_receive();
+  REQUIRE(sent.has_value());
+  r.clock.advance(1s);
+  auto reply = postbox::reply_to(*sent, "quote.priced", 42, r.clock);
+  reply.schema_version = 3;
+  reply.producer = "pricing-service-eu-1";  // longer than std::string's inline buffer
+  reply.partition_key = "order-1";
+  reply.tenant = "acme";
+  reply.trace = *postbox::trace_context::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "a=1");
+  reply.attempt = 2;
+  reply.headers.set("served-by", "node-7");
+  const postbox::envelope<int> expected = reply;
+  REQUIRE(r.registry.deliver(req.endpoint(), {sent->correlation_id, std::move(reply)}) == postbox::errc::ok);
+  auto o = f->get();
+  REQUIRE(o.ok());
+  const postbox::envelope<int>& got = *o.reply;
+  CHECK(got.id == expected.id);
+  CHECK(got.type == "quote.priced");
+  CHECK(got.schema_version == 3);
+  CHECK(got.kind == postbox::message_kind::reply);
+  CHECK(got.occurred_at == expected.occurred_at);
+  CHECK(got.correlation_id == expected.correlation_id);
+  CHECK(got.causation_id == sent->id);
+  CHECK(got.producer == "pricing-service-eu-1");
+  CHECK(got.partition_key == "order-1");
+  CHECK(got.tenant == "acme");
+  CHECK(got.trace == expected.trace);
+  CHECK(got.deadline == expected.deadline);
+  CHECK(got.attempt == 2);
+  CHECK(got.headers == expected.headers);
+  CHECK(got.payload == 42);
+}
+
 TEST_CASE("request and reply are stamped from the clock when each is made, the reply after its handler ran",
           "[request_reply]") {
   rig r;

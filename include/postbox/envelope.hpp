@@ -753,6 +753,40 @@ inline std::string copy_if_set(const std::string& s) { return s.empty() ? std::s
 inline trace_context copy_if_set(const trace_context& t) {
   return trace_context{copy_if_set(t.traceparent), copy_if_set(t.tracestate)};
 }
+// The move counterparts: a move of an empty std::string still copies its
+// terminator through an out-of-line memcpy call.
+inline std::string move_if_set(std::string& s) noexcept { return s.empty() ? std::string() : std::move(s); }
+inline trace_context move_if_set(trace_context& t) noexcept {
+  return trace_context{move_if_set(t.traceparent), move_if_set(t.tracestate)};
+}
+
+/// `*from` moved field by field, each string only when it is set: what the
+/// envelope's own move constructor does, without a call per empty string
+/// (a reply usually has four: partition key, tenant and the trace's two).
+/// Converts to the envelope, so `optional::emplace(relocated_envelope{&e})`
+/// builds it in place from the conversion's result.
+template <class T>
+struct relocated_envelope {
+  envelope<T>* from;
+  operator envelope<T>() const noexcept(std::is_nothrow_move_constructible_v<T>) {  // NOLINT(google-explicit-constructor)
+    envelope<T>& e = *from;
+    return envelope<T>{.id = e.id,
+                       .type = move_if_set(e.type),
+                       .schema_version = e.schema_version,
+                       .kind = e.kind,
+                       .occurred_at = e.occurred_at,
+                       .correlation_id = e.correlation_id,
+                       .causation_id = e.causation_id,
+                       .producer = move_if_set(e.producer),
+                       .partition_key = move_if_set(e.partition_key),
+                       .tenant = move_if_set(e.tenant),
+                       .trace = move_if_set(e.trace),
+                       .deadline = e.deadline,
+                       .attempt = e.attempt,
+                       .headers = std::move(e.headers),
+                       .payload = std::move(e.payload)};
+  }
+};
 
 /// As `derive` below, with the fresh id and `occurred_at` both from `now`
 /// (one clock read, made by the caller).

@@ -938,7 +938,7 @@ class pending_requests : public std::enable_shared_from_this<pending_requests<Re
   // moved out of it.
   static void fill_outcome(reply_outcome<Reply>& o, reply_packet<Reply>& packet) {
     if (auto* env = std::get_if<envelope<Reply>>(&packet.body)) {
-      o.reply.emplace(std::move(*env));
+      o.reply.emplace(detail::relocated_envelope<Reply>{env});  // in place; empty strings not moved
     } else {
       auto& err = std::get<reply_error>(packet.body);
       o.status = err.code == errc::ok ? errc::handler_error : err.code;
