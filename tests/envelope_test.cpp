@@ -460,6 +460,48 @@ TEST_CASE("reply_to makes a reply in the request's conversation", "[envelope]") 
   CHECK(typed.type == "quote.result");
 }
 
+TEMPLATE_TEST_CASE("an envelope received from a channel carries every field it was sent with, in either receive form",
+                   "[envelope][channel]", postbox::spsc, postbox::mpmc) {
+  postbox::manual_clock clock;
+  auto sent = postbox::make_envelope("order.placed.v2.with-a-long-name", std::string(40, 'p'),
+                                     postbox::message_kind::command, clock);
+  sent.schema_version = 4;
+  sent.causation_id = message_id::generate(clock);
+  sent.producer = "checkout-service-eu-west-1";
+  sent.partition_key = "order-1";
+  sent.tenant = "acme";
+  sent.trace = *postbox::trace_context::parse(valid_parent, "a=1");
+  sent.deadline = clock.now() + std::chrono::seconds(30);
+  sent.attempt = 2;
+  sent.headers.set("x", "y");
+  const auto check_whole = [&](const postbox::envelope<std::string>& got) {
+    CHECK(got.id == sent.id);
+    CHECK(got.type == sent.type);
+    CHECK(got.schema_version == 4);
+    CHECK(got.kind == postbox::message_kind::command);
+    CHECK(got.occurred_at == sent.occurred_at);
+    CHECK(got.correlation_id == sent.correlation_id);
+    CHECK(got.causation_id == sent.causation_id);
+    CHECK(got.producer == sent.producer);
+    CHECK(got.partition_key == "order-1");
+    CHECK(got.tenant == "acme");
+    CHECK(got.trace == sent.trace);
+    CHECK(got.deadline == sent.deadline);
+    CHECK(got.attempt == 2);
+    CHECK(got.headers == sent.headers);
+    CHECK(got.payload == sent.payload);
+  };
+  postbox::channel<postbox::envelope<std::string>, TestType> ch(4);
+  REQUIRE(ch.try_send(postbox::envelope<std::string>(sent)) == postbox::send_status::ok);
+  REQUIRE(ch.try_send(postbox::envelope<std::string>(sent)) == postbox::send_status::ok);
+  auto as_result = ch.try_receive_result();  // built in place from the slot
+  REQUIRE(as_result.has_value());
+  check_whole(*as_result);
+  auto as_optional = ch.try_receive();  // and once more into the optional
+  REQUIRE(as_optional.has_value());
+  check_whole(*as_optional);
+}
+
 TEST_CASE("an envelope is expired at and after its deadline only", "[envelope]") {
   postbox::manual_clock clock;
   auto env = postbox::make_envelope(plain_payload{}, clock);

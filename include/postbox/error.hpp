@@ -145,6 +145,11 @@ class [[nodiscard]] result {
   /// A successful result holding `value`.
   result(T value) noexcept(std::is_nothrow_move_constructible_v<T>)  // NOLINT(google-explicit-constructor)
       : status_(detail::ok_status<Status>()), value_(std::move(value)) {}
+  /// A successful result whose value is built in place from `args` (no
+  /// move of a `T` made first).
+  template <class... Args>
+  explicit result(std::in_place_t, Args&&... args) noexcept(std::is_nothrow_constructible_v<T, Args&&...>)
+      : status_(detail::ok_status<Status>()), value_(std::in_place, std::forward<Args>(args)...) {}
   /// A failed result; `status` must not be `ok`.
   result(Status status) noexcept : status_(status) {}  // NOLINT(google-explicit-constructor)
 
