@@ -54,7 +54,7 @@
 //   the request's out of its channel slot (which had been two moves: into a
 //   local, then into the result) each became one field-wise relocation that
 //   skips empty strings (detail::relocated_envelope, slot_relocation):
-//   3,172 -> 2,940 -> 2,453; callback form 3,505 -> 3,289 -> 2,719.
+//   3,172 -> 2,940 -> 2,453; callback form 3,505 -> 3,289 -> 2,703.
 // Syscalls (perf stat -e syscalls:sys_enter_futex, --pin --rounds 3,
 // --only "postbox requester", 60,000 round trips):
 //   before issue 18: 3 futex calls per round trip (condvar future).

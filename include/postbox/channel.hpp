@@ -529,16 +529,17 @@ class channel_api {
   // returned from where it was produced.
   receive_result<T> receive_blocking(std::optional<std::chrono::steady_clock::time_point> deadline,
                                      stop_tokens stops = {}) {
-    if (POSTBOX_UNLIKELY(stop_now(stops))) return receive_status::canceled;
-    {
-      receive_result<T> r = ring().receive_quiet();
-      if (POSTBOX_LIKELY(r.has_value())) {
-        wake_senders(1);
-        return r;
-      }
-      if (r.status() != receive_status::empty) return r;
+    // One named result, returned in place (a status return beside it kept
+    // g++ from eliding it: one more move of T per receive); a wait's result
+    // replaces it.
+    receive_result<T> r = POSTBOX_UNLIKELY(stop_now(stops)) ? receive_result<T>(receive_status::canceled)
+                                                            : ring().receive_quiet();
+    if (POSTBOX_LIKELY(r.has_value())) {
+      wake_senders(1);
+    } else if (r.status() == receive_status::empty) {
+      detail::result_access::replace(r, receive_wait(deadline, stops));
     }
-    return receive_wait(deadline, stops);
+    return r;
   }
 
   /// receive_blocking() once the channel was found empty: spins (checking
@@ -941,18 +942,24 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
   // copied out first and wrapped after the slot is freed (the in-place form
   // cost the u64 rows one instruction per receive).
   receive_result<T> take(std::uint64_t ticket) noexcept {
-    slot_type& slot = slots_[ticket & mask_];
-    T* p = slot.value();
     if constexpr (std::is_trivially_copyable_v<T>) {
-      const T out(*p);
+      slot_type& slot = slots_[ticket & mask_];
+      const T out(*slot.value());
       free_slot(slot, ticket);
       return receive_result<T>(out);
     } else {
-      receive_result<T> out(std::in_place, detail::slot_relocation<T>::source(*p));
-      p->~T();
-      free_slot(slot, ticket);
-      return out;
+      return take_in_place(ticket);
     }
+  }
+  // (A function of its own, so that its one named result is returned in
+  // place: g++ did not elide it as a branch of take().)
+  receive_result<T> take_in_place(std::uint64_t ticket) noexcept {
+    slot_type& slot = slots_[ticket & mask_];
+    T* p = slot.value();
+    receive_result<T> out(std::in_place, detail::slot_relocation<T>::source(*p));
+    p->~T();
+    free_slot(slot, ticket);
+    return out;
   }
   void free_slot(slot_type& slot, std::uint64_t ticket) noexcept {
     // release: frees the slot for ticket + capacity; pairs with the acquire
@@ -1296,8 +1303,17 @@ class channel<T, spsc> : public detail::channel_api<channel<T, spsc>, T> {
       // before this read, so "not full" now means closed and drained.
       if (c.full.load(std::memory_order_acquire) == 0) return receive_status::closed;
     }
+    return take(c, h);
+  }
+
+  /// Consumer only: the message of cell `c` (index `h`), built in its result
+  /// in place (one move out of the cell, detail::slot_relocation), then the
+  /// cell freed. A function of its own so that its one named result is
+  /// returned in place (receive_quiet's status returns kept g++ from eliding
+  /// it there: one more move of T per receive).
+  receive_result<T> take(cell& c, std::uint64_t h) noexcept {
     T* p = c.value();
-    receive_result<T> out(std::in_place, detail::slot_relocation<T>::source(*p));  // one move (slot_relocation)
+    receive_result<T> out(std::in_place, detail::slot_relocation<T>::source(*p));
     p->~T();
     // release: for size_approx() and stats() (pairs with their acquire
     // load); never read by the producer.

@@ -4,6 +4,7 @@
 
 #include <postbox/config.hpp>
 
+#include <new>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -136,6 +137,19 @@ constexpr Status ok_status() noexcept {
 /// so a later switch is mechanical. The value is present exactly when
 /// `status()` is the status type's first enumerator (`ok`).
 /// Never allocates beyond what `T` does. Not thread-safe (a plain value).
+namespace detail {
+/// postbox's own code replacing a result in place (see replace()).
+struct result_access {
+  /// Makes `r` hold what `other` holds, by destroying `r` and constructing it
+  /// again from `other` (a move of T; T need not be move-assignable).
+  template <class R>
+  static void replace(R& r, R&& other) noexcept(std::is_nothrow_move_constructible_v<typename R::value_type>) {
+    r.~R();
+    ::new (static_cast<void*>(&r)) R(std::move(other));
+  }
+};
+}  // namespace detail
+
 template <class T, class Status = errc>
 class [[nodiscard]] result {
  public:
@@ -188,6 +202,7 @@ class [[nodiscard]] result {
   [[nodiscard]] std::optional<T>&& optional() && noexcept { return std::move(value_); }
 
  private:
+  friend struct detail::result_access;
   void check() const {
     if (!value_) {
       if constexpr (std::is_same_v<Status, errc>) {
