@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <set>
 #include <string>
@@ -40,6 +41,29 @@ struct record_payload {
 constexpr std::string_view valid_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 }  // namespace
+
+namespace field_count {
+// Converts to any member type; declared only (used in unevaluated brace-initializations).
+struct any_field {
+  template <class U>
+  operator U() const;  // NOLINT(google-explicit-constructor)
+};
+// The number of initializers an aggregate accepts: its field count.
+template <class T, class... A>
+constexpr std::size_t of() {
+  if constexpr (requires { T{A{}..., any_field{}}; }) {
+    return of<T, A..., any_field>();
+  } else {
+    return sizeof...(A);
+  }
+}
+}  // namespace field_count
+
+// detail::relocated_envelope names every field of envelope<T> (designated
+// initializers may leave one out silently): a field added to the envelope
+// must be added there too, then this count.
+static_assert(field_count::of<postbox::envelope<int>>() == 15,
+              "envelope changed: update detail::relocated_envelope in envelope.hpp, then this count");
 
 static_assert(std::is_trivially_copyable_v<message_id>);
 static_assert(noexcept(message_id::generate()));
