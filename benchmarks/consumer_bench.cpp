@@ -30,6 +30,14 @@
 // two clock reads and the duration histogram (two relaxed RMWs), and the
 // receive loop's bookkeeping. Both sides pay the channel's own two envelope
 // moves (slot -> value -> receive_result) and one envelope destruction.
+//
+// Stop 33: a channel receive now builds its result in place and moves an
+// envelope field by field, skipping empty strings (slot_relocation), and the
+// optional of try_receive is built the same way. Callgrind (g++ -O3): consumer 1,247 ->
+// 721, bare loop 1,108 -> 366 instructions per message; wall clock (one full
+// run each) 111.5 -> 75.5 and 97.2 -> 24.6 ns. The bare loop had paid one
+// envelope move more than the consumer (its optional), which hid most of the
+// consumer's own ~355 instructions: the row is 3.1x now, 1.15x before.
 #include <postbox/consumer.hpp>
 #include <postbox/testing.hpp>
 
