@@ -4,6 +4,7 @@
 #include <postbox/envelope.hpp>
 #include <postbox/testing.hpp>
 
+#include "envelope_checks.hpp"
 #include "support.hpp"
 
 #include <catch2/catch.hpp>
@@ -498,32 +499,15 @@ TEMPLATE_TEST_CASE("an envelope received from a channel carries every field it w
   sent.deadline = clock.now() + std::chrono::seconds(30);
   sent.attempt = 2;
   sent.headers.set("x", "y");
-  const auto check_whole = [&](const postbox::envelope<std::string>& got) {
-    CHECK(got.id == sent.id);
-    CHECK(got.type == sent.type);
-    CHECK(got.schema_version == 4);
-    CHECK(got.kind == postbox::message_kind::command);
-    CHECK(got.occurred_at == sent.occurred_at);
-    CHECK(got.correlation_id == sent.correlation_id);
-    CHECK(got.causation_id == sent.causation_id);
-    CHECK(got.producer == sent.producer);
-    CHECK(got.partition_key == "order-1");
-    CHECK(got.tenant == "acme");
-    CHECK(got.trace == sent.trace);
-    CHECK(got.deadline == sent.deadline);
-    CHECK(got.attempt == 2);
-    CHECK(got.headers == sent.headers);
-    CHECK(got.payload == sent.payload);
-  };
   postbox::channel<postbox::envelope<std::string>, TestType> ch(4);
   REQUIRE(ch.try_send(postbox::envelope<std::string>(sent)) == postbox::send_status::ok);
   REQUIRE(ch.try_send(postbox::envelope<std::string>(sent)) == postbox::send_status::ok);
   auto as_result = ch.try_receive_result();  // built in place from the slot
   REQUIRE(as_result.has_value());
-  check_whole(*as_result);
+  postbox_test::check_every_field(*as_result, sent);
   auto as_optional = ch.try_receive();  // and once more into the optional
   REQUIRE(as_optional.has_value());
-  check_whole(*as_optional);
+  postbox_test::check_every_field(*as_optional, sent);
 }
 
 TEST_CASE("an envelope is expired at and after its deadline only", "[envelope]") {

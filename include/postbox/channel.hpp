@@ -444,7 +444,9 @@ class channel_api {
 
   /// The optional the optional-returning receives give back, built from the
   /// result's value (detail::slot_relocation: for an envelope, a move of the
-  /// strings that are set only). A trivially copyable T as before.
+  /// strings that are set only). A trivially copyable T takes the result's
+  /// own optional: built in place, the u64 mpmc try_receive took 1.5
+  /// instructions more per message (callgrind).
   static std::optional<T> to_optional(receive_result<T>&& r) noexcept {
     if constexpr (std::is_trivially_copyable_v<T>) {
       return std::move(r).optional();
@@ -537,7 +539,7 @@ class channel_api {
     if (POSTBOX_LIKELY(r.has_value())) {
       wake_senders(1);
     } else if (r.status() == receive_status::empty) {
-      detail::result_access::replace(r, receive_wait(deadline, stops));
+      detail::replace_result(r, receive_wait(deadline, stops));
     }
     return r;
   }

@@ -131,25 +131,22 @@ template <class Status>
 constexpr Status ok_status() noexcept {
   return static_cast<Status>(0);
 }
+
+/// Makes the result `r` hold what `other` holds, by destroying `r` and
+/// constructing it again from `other` (a move of its value; the value type
+/// need not be move-assignable). For code that must keep returning one named
+/// result (channel_api::receive_blocking).
+template <class R>
+void replace_result(R& r, R&& other) noexcept(std::is_nothrow_move_constructible_v<typename R::value_type>) {
+  r.~R();
+  ::new (static_cast<void*>(&r)) R(std::move(other));
+}
 }  // namespace detail
 
 /// A status plus an optional value: a small subset of C++23 `std::expected`
 /// so a later switch is mechanical. The value is present exactly when
 /// `status()` is the status type's first enumerator (`ok`).
 /// Never allocates beyond what `T` does. Not thread-safe (a plain value).
-namespace detail {
-/// postbox's own code replacing a result in place (see replace()).
-struct result_access {
-  /// Makes `r` hold what `other` holds, by destroying `r` and constructing it
-  /// again from `other` (a move of T; T need not be move-assignable).
-  template <class R>
-  static void replace(R& r, R&& other) noexcept(std::is_nothrow_move_constructible_v<typename R::value_type>) {
-    r.~R();
-    ::new (static_cast<void*>(&r)) R(std::move(other));
-  }
-};
-}  // namespace detail
-
 template <class T, class Status = errc>
 class [[nodiscard]] result {
  public:
@@ -202,7 +199,6 @@ class [[nodiscard]] result {
   [[nodiscard]] std::optional<T>&& optional() && noexcept { return std::move(value_); }
 
  private:
-  friend struct detail::result_access;
   void check() const {
     if (!value_) {
       if constexpr (std::is_same_v<Status, errc>) {
