@@ -76,6 +76,28 @@ void check_exactly_once(const std::vector<postbox::dead_letter<int>>& dead, cons
   CHECK(sum == static_cast<std::uint64_t>(n) * static_cast<std::uint64_t>(n - 1) / 2);  // checksum
 }
 
+// After a shutdown: every payload in [0, n) ends exactly once among acks,
+// the report's returned messages, late releases, the channel's rest and
+// dead letters.
+void check_each_once_after_shutdown(const postbox::shutdown_report<int>& report, const std::vector<env_t>& late,
+                                    postbox::channel<env_t>& ch, postbox::dead_letter_queue<int>& dlq,
+                                    const std::atomic<std::uint64_t>* acks, int n) {
+  std::vector<std::uint32_t> seen(static_cast<std::size_t>(n), 0);
+  for (const auto& e : report.returned) ++seen.at(static_cast<std::size_t>(e.payload));
+  for (const auto& e : late) ++seen.at(static_cast<std::size_t>(e.payload));
+  while (auto e = ch.try_receive()) ++seen.at(static_cast<std::size_t>(e->payload));
+  for (const auto& d : dlq.list()) ++seen.at(static_cast<std::size_t>(d.message->payload));
+  std::size_t wrong = 0;
+  std::uint64_t sum = 0;
+  for (int i = 0; i < n; ++i) {
+    const auto total = seen[static_cast<std::size_t>(i)] + acks[i].load();
+    if (total != 1) ++wrong;
+    sum += total * static_cast<std::uint64_t>(i);
+  }
+  CHECK(wrong == 0);
+  CHECK(sum == static_cast<std::uint64_t>(n) * static_cast<std::uint64_t>(n - 1) / 2);  // checksum
+}
+
 }  // namespace
 
 TEST_CASE("two consumers with random failures on one channel settle every message once: acked or dead-lettered",
@@ -229,20 +251,7 @@ TEST_CASE("shutdown while producers run loses nothing: every message is settled,
   auto late = c->take_released();
   c.reset();
 
-  std::vector<std::uint32_t> seen(static_cast<std::size_t>(n), 0);
-  for (const auto& e : report.returned) ++seen.at(static_cast<std::size_t>(e.payload));
-  for (const auto& e : late) ++seen.at(static_cast<std::size_t>(e.payload));
-  while (auto e = ch.try_receive()) ++seen.at(static_cast<std::size_t>(e->payload));
-  for (const auto& d : dlq.list()) ++seen.at(static_cast<std::size_t>(d.message->payload));
-  std::size_t wrong = 0;
-  std::uint64_t sum = 0;
-  for (int i = 0; i < n; ++i) {
-    const auto total = seen[static_cast<std::size_t>(i)] + acks[i].load();
-    if (total != 1) ++wrong;
-    sum += total * static_cast<std::uint64_t>(i);
-  }
-  CHECK(wrong == 0);
-  CHECK(sum == static_cast<std::uint64_t>(n) * static_cast<std::uint64_t>(n - 1) / 2);
+  check_each_once_after_shutdown(report, late, ch, dlq, acks.get(), n);
 }
 
 TEST_CASE("nodes freed on other threads come back to the consumer's node pool intact", "[consumer][stress]") {
@@ -277,4 +286,52 @@ TEST_CASE("nodes freed on other threads come back to the consumer's node pool in
   f2.join();
   CHECK(bad.load() == 0);
   CHECK(sum.load() == n * (n + 1) / 2);
+}
+
+namespace {
+
+// Unkeyed messages, so each poll or worker claims runs of ready messages; a
+// shutdown lands while runs are claimed, begun and half settled. Many short
+// lives: one in several catches a run mid-way (its runner then hands back the
+// messages it has not begun).
+void claimed_runs_life(std::size_t threads, std::uint64_t seed) {
+  const int n = static_cast<int>(postbox_test::scaled(2000));
+  postbox::manual_clock clock;
+  postbox::channel<env_t> ch(static_cast<std::size_t>(n));
+  postbox::dead_letter_queue<int> dlq(postbox::dead_letter_options{.capacity = static_cast<std::size_t>(n)}, clock);
+  auto acks = std::make_unique<std::atomic<std::uint64_t>[]>(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i)
+    REQUIRE(ch.try_send(postbox::make_envelope(std::string("test.int"), i)) == postbox::send_status::ok);
+  auto o = stress_options(clock, threads, seed);
+  o.max_in_flight = 64;
+  auto c = std::make_unique<postbox::consumer<int>>(
+      postbox::channel_source<int>(ch, "numbers"),
+      [&](const env_t& e) { return random_outcome(acks.get(), e.payload); }, dlq, o);
+  std::atomic<bool> stop_polling{false};
+  std::vector<std::thread> pollers;
+  if (threads == 0)
+    for (int p = 0; p < 2; ++p)
+      pollers.emplace_back([&] {
+        while (!stop_polling.load()) (void)c->poll();
+      });
+  REQUIRE(postbox_test::eventually([&] { return c->stats().acked > static_cast<std::uint64_t>(n) / 4; }));
+  auto report = c->shutdown(0s);
+  stop_polling.store(true);
+  for (auto& t : pollers) t.join();
+  REQUIRE(postbox_test::eventually([&] { return c->stats().in_flight == 0; }));  // abandoned handlers returned
+  auto late = c->take_released();
+  c.reset();
+
+  check_each_once_after_shutdown(report, late, ch, dlq, acks.get(), n);
+}
+
+}  // namespace
+
+TEST_CASE("runs of ready messages claimed by two pollers or two workers lose nothing when shutdown lands among them",
+          "[consumer][stress][claim]") {
+  const std::size_t threads = GENERATE(std::size_t{0}, std::size_t{2});
+  for (std::uint64_t life = 0; life < 30; ++life) {
+    INFO("threads " << threads << ", life " << life);
+    claimed_runs_life(threads, 11 + life);
+  }
 }

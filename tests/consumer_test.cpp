@@ -1444,3 +1444,120 @@ TEST_CASE("a redriven message's counter headers are read as from_chars reads the
   CHECK(i64("-9223372036854775808") == std::numeric_limits<std::int64_t>::min());
   CHECK(i64("-9223372036854775809") == 0);
 }
+
+// ---- several ready messages run as one claimed run --------------------------
+//
+// A poll that finds several messages ready runs them one after another
+// under one claim (two lock operations for the run, not per message). What
+// others see of the consumer meanwhile must be what one-by-one runs show.
+
+TEST_CASE("stats read by a handler in a run of ready messages count the earlier ones acked and the later ones queued",
+          "[consumer][claim]") {
+  rig r;
+  std::vector<postbox::consumer_stats> during;
+  postbox::consumer<int>* self = nullptr;
+  postbox::consumer c(r.source(), [&](const env_t&) { during.push_back(self->stats()); }, r.dlq, r.options());
+  self = &c;
+  for (int i = 0; i < 5; ++i) r.send(i);
+  CHECK(c.poll() == 5);
+  REQUIRE(during.size() == 5);
+  for (std::uint64_t k = 0; k < 5; ++k) {
+    INFO("message " << k);
+    CHECK(during[k].acked == k);
+    CHECK(during[k].started == k + 1);
+    CHECK(during[k].running == 1);
+    CHECK(during[k].queued == 4 - k);
+    CHECK(during[k].in_flight == 5 - k);
+  }
+  const auto after = c.stats();
+  CHECK(after.acked == 5);
+  CHECK(after.running == 0);
+  CHECK(after.in_flight == 0);
+  CHECK(after.handle_duration.count == 5);
+}
+
+TEST_CASE("a handler that does not ack in a run of ready messages leaves the later ones to run in order",
+          "[consumer][claim]") {
+  rig r;
+  std::vector<std::pair<int, std::uint32_t>> seen;  // payload, attempt
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    seen.emplace_back(e.payload, e.attempt);
+    return e.payload == 2 && e.attempt == 1 ? postbox::settlement::retry() : postbox::settlement::ack();
+  }, r.dlq, r.options(policy(3, 0s)));
+  for (int i = 0; i < 5; ++i) r.send(i);
+  CHECK(c.poll() == 5);
+  CHECK(seen == std::vector<std::pair<int, std::uint32_t>>{{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}});
+  CHECK(c.stats().retried == 1);
+  CHECK(c.stats().waiting_retry == 1);
+  CHECK(c.poll() == 1);  // the retry is due at once
+  CHECK(seen.back() == std::pair<int, std::uint32_t>{2, 2});
+  CHECK(c.stats().acked == 5);
+  CHECK(c.stats().in_flight == 0);
+}
+
+TEST_CASE("a message whose deadline passes during a run of ready messages is dead-lettered and the rest still run",
+          "[consumer][claim]") {
+  rig r;
+  std::vector<int> seen;
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    seen.push_back(e.payload);
+    if (e.payload == 1) r.clock.advance(2s);
+  }, r.dlq, r.options());
+  for (int i = 0; i < 4; ++i) {
+    auto e = r.msg(i);
+    if (i == 2) e.deadline = r.clock.now() + 1s;
+    REQUIRE(r.ch.try_send(std::move(e)) == postbox::send_status::ok);
+  }
+  CHECK(c.poll() == 4);
+  CHECK(seen == std::vector<int>{0, 1, 3});
+  REQUIRE(r.dlq.size() == 1);
+  CHECK(r.dlq.list().front().message->payload == 2);
+  CHECK(r.dlq.list().front().reason == "expired");
+  CHECK(r.dlq.list().front().attempts == 0);
+  const auto s = c.stats();
+  CHECK(s.expired == 1);
+  CHECK(s.started == 3);
+  CHECK(s.acked == 3);
+}
+
+TEST_CASE("shutdown during a run of ready messages reports the running one abandoned and returns the later ones in order",
+          "[consumer][claim][shutdown]") {
+  rig r;
+  std::atomic<bool> entered{false};
+  std::atomic<bool> release{false};
+  std::atomic<bool> released{false};
+  std::atomic<bool> stop_seen{false};
+  postbox::consumer c(r.source(), [&](const env_t& e, postbox::consume_context& ctx) {
+    if (e.payload == 1) {
+      entered.store(true);
+      released.store(postbox_test::eventually([&] { return release.load(); }));
+      stop_seen.store(ctx.stop_requested());
+    }
+  }, r.dlq, r.options());
+  std::vector<postbox::message_id> ids;
+  for (int i = 0; i < 5; ++i) {
+    auto e = r.msg(i);
+    ids.push_back(e.id);
+    REQUIRE(r.ch.try_send(std::move(e)) == postbox::send_status::ok);
+  }
+  std::size_t polled = 0;
+  std::thread poller([&] { polled = c.poll(); });
+  REQUIRE(postbox_test::eventually([&] { return entered.load(); }));
+  auto report = c.shutdown(0s);
+  release.store(true);
+  poller.join();
+  REQUIRE(released.load());
+  CHECK(report.completed == 0);  // message 0 was acked before shutdown began
+  CHECK(report.abandoned == 1);
+  CHECK(report.abandoned_ids == std::vector<postbox::message_id>{ids[1]});
+  std::vector<int> returned;
+  for (const auto& e : report.returned) returned.push_back(e.payload);
+  CHECK(returned == std::vector<int>{2, 3, 4});
+  CHECK(stop_seen.load());
+  CHECK(polled == 2);
+  const auto s = c.stats();
+  CHECK(s.acked == 2);  // the abandoned handler's ack applies when it returns
+  CHECK(s.released == 3);
+  CHECK(s.in_flight == 0);
+  CHECK(c.take_released().empty());
+}

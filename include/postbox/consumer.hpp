@@ -46,6 +46,7 @@
 #include <postbox/settlement.hpp>
 #include <postbox/timer_service.hpp>
 #include <postbox/detail/algorithm.hpp>
+#include <postbox/detail/asymmetric_fence.hpp>
 #include <postbox/detail/chrono.hpp>
 #include <postbox/detail/dependent.hpp>
 #include <postbox/detail/random.hpp>
@@ -782,6 +783,7 @@ class consumer {
       POSTBOX_THROW(error(errc::invalid_argument,
                           "postbox::consumer: a coroutine handler needs consumer_options::scheduler"));
     source_name_ = std::string(source_->name());
+    detail::asymmetric_fence_init();  // before any runner's light_fence(): shutdown's heavy_fence() answers it
     if (threaded_) {
       timers_ = std::make_unique<timer_service>(*clock_);
       workers_.reserve(opts_.threads);
@@ -819,6 +821,7 @@ class consumer {
   /// concurrently, still one per key).
   std::size_t poll() {
     if (threaded_) POSTBOX_THROW(error(errc::invalid_argument, "postbox::consumer::poll: the consumer has threads"));
+    const poller_count counted(pollers_);
     timers_->run_due();
     std::size_t n = 0;
     item_list trash;  // declared before the lock: emptied after it is released
@@ -857,6 +860,8 @@ class consumer {
     lock.unlock();
     { std::lock_guard receiving(receive_mu_); }  // whoever was receiving has admitted its items
     lock.lock();
+    item_list acked_in_runs;  // freed outside the lock
+    settle_claimed_acks_locked(acked_in_runs);  // acked before shutdown: not completed during it
     const std::uint64_t settled_before = settled_;
     while (!drained_locked(deadline) && clock_->now() < deadline) {
       ++settle_waiters_;
@@ -865,10 +870,11 @@ class consumer {
     }
     stopped_ = true;
     stop_.request_stop();
-    report.completed = static_cast<std::size_t>(settled_ - settled_before);
-    report.abandoned = running_count_;
-    for (const auto& it : running_) report.abandoned_ids.push_back(it.env().id);
     item_list left;
+    revoke_claims_locked(report, left, acked_in_runs);
+    report.completed = static_cast<std::size_t>(settled_ - settled_before);
+    report.abandoned += running_count_;
+    for (const auto& it : running_) report.abandoned_ids.push_back(it.env().id);
     left.splice(left.end(), ready_);
     for (auto& it : waiting_) {
       timers_->cancel(it.timer);
@@ -880,6 +886,7 @@ class consumer {
     keys_.clear();
     work_cv_.notify_all();
     lock.unlock();
+    acked_in_runs.clear();
     for (auto& it : left) {
       call_hook(it, settle_action{settle_action::kind::release, {}});
       notify_settle(it.env(), settle_outcome::released, {}, {});
@@ -914,11 +921,13 @@ class consumer {
     time_point deadline{};
     std::uint64_t settled_before = 0;
     bool mine = false;
+    item_list acked_in_runs;  // declared before the lock: freed after it is released
     {
       std::lock_guard lock(mu_);
       if (!shut_down_) {
         mine = true;
         deadline = clock_->now() + grace;
+        settle_claimed_acks_locked(acked_in_runs);  // acked before the drain: not completed during it
         settled_before = settled_;
       }
     }
@@ -967,6 +976,19 @@ class consumer {
       };
       scan(ready_);
       scan(running_);
+      for (const run_claim* c : claims_) {
+        // The runner's progress: relaxed loads (statistics), each clamped
+        // to the one before it, which the runner stores first.
+        const std::size_t begun = c->begun_count();
+        const std::size_t acked = std::max(std::min(c->acked.load(std::memory_order_relaxed), begun), c->settled);
+        const std::size_t claimed = c->revoked.load(std::memory_order_relaxed) ? c->kept : c->size;
+        s.started += begun - c->settled;
+        s.running += begun - acked;  // as for run_one, a handler that did not ack runs until it is settled
+        s.acked += acked - c->settled;
+        s.in_flight -= acked - c->settled;
+        s.queued += claimed - begun;
+        scan(c->items);
+      }
       for (const auto& [k, backlog] : keys_) {
         scan(backlog);
         s.queued += backlog.size();
@@ -1161,6 +1183,7 @@ class consumer {
   // threads == 0: the caller runs due timers, receives and handles until done
   // or the deadline. Returns whether the drain finished.
   bool drain_manual(time_point deadline) {
+    const poller_count counted(pollers_);
     item_list trash;  // declared before the lock: emptied after it is released
     for (;;) {
       timers_->run_due();
@@ -1492,6 +1515,7 @@ class consumer {
   // caller next releases the lock: the caller empties it outside the lock.
   std::size_t run_next(std::unique_lock<std::mutex>& lock, item_list& trash) {
     if (batch_) return run_batch(lock);
+    if (const std::size_t n = claimable_locked(); n >= 2) return run_claimed(lock, trash, n);
     run_one(lock, trash);
     return 1;
   }
@@ -1655,23 +1679,10 @@ class consumer {
       lock.lock();
       return;
     }
-    consume_context ctx(it.env().attempt, stop_, *clock_, source_name_, it.env().deadline);
-    const time_point start = clock_->now();
     std::string err;
     bool threw = false;
-    const settlement s = [&]() -> settlement {
-#if POSTBOX_HAS_EXCEPTIONS
-      try {
-        return handler_(it.env(), ctx);
-      } catch (...) {
-        threw = true;
-        return settlement_for(std::current_exception(), err);
-      }
-#else
-      return handler_(it.env(), ctx);
-#endif
-    }();
-    const duration elapsed = clock_->now() - start;
+    duration elapsed{0};
+    const settlement s = invoke_handler(it, err, threw, elapsed);
     lock.lock();
     handle_duration_.observe(elapsed);
     if (s.what() == settlement::kind::ack && !it.hook && (obs_ == nullptr || !obs_->on_settle)) {
@@ -1688,6 +1699,248 @@ class consumer {
     lock.unlock();
     settle_run(pos, s, std::move(err), threw, elapsed, false);
     lock.lock();
+  }
+
+  // Caller does not hold mu_. Runs the synchronous handler on `it` (whose
+  // attempt is counted already): its settlement, or the one its exception
+  // classifies as (`threw` set, the text in `err`); `elapsed` on the clock.
+  settlement invoke_handler(item& it, std::string& err, bool& threw, duration& elapsed) {
+    consume_context ctx(it.env().attempt, stop_, *clock_, source_name_, it.env().deadline);
+    const time_point start = clock_->now();
+    const settlement s = [&]() -> settlement {
+#if POSTBOX_HAS_EXCEPTIONS
+      try {
+        return handler_(it.env(), ctx);
+      } catch (...) {
+        threw = true;
+        return settlement_for(std::current_exception(), err);
+      }
+#else
+      return handler_(it.env(), ctx);
+#endif
+    }();
+    elapsed = clock_->now() - start;
+    return s;
+  }
+
+  // ---- claimed runs ---------------------------------------------------------
+  //
+  // A worker (or poll) that finds several messages ready claims up to
+  // claim_limit of them under one lock, runs their handlers one after
+  // another without it, and settles the acked ones under one lock at the
+  // end: two lock operations per run instead of two per message. Claimed
+  // messages stay visible: stats() counts them as queued until their handler
+  // begins, then running, then acked, from the runner's progress counters;
+  // shutdown() takes back the ones not begun (Dekker's pattern over
+  // asymmetric fences: the runner pays a compiler barrier per message).
+  //
+  // Only messages that settle on the fast path are claimed: a synchronous
+  // handler, no settle hook, no settle observer. A run ends early at the
+  // first handler that does not ack (that message settles as run_one's do)
+  // and before a message whose deadline has passed (run_one dead-letters it
+  // next); its messages not begun go back to the front of ready_. A run
+  // takes keyed messages only when no other thread runs this consumer's
+  // messages, since its keys are released when the run ends.
+
+  static constexpr std::size_t claim_limit = 16;
+
+  // One run of claimed messages. Lives on its runner's stack; listed in
+  // claims_ (under mu_) from the claim until the runner settles it.
+  struct run_claim {
+    explicit run_claim(detail::consumer_node_pool* pool) : items(detail::consumer_node_allocator<item>(pool)) {}
+    run_claim(const run_claim&) = delete;
+    run_claim& operator=(const run_claim&) = delete;
+
+    item_list items;                       // the messages not yet settled, in order; relinked under mu_ only
+    std::array<item*, claim_limit> at{};   // message i by index: the runner never follows list links unlocked
+    std::array<duration, claim_limit> elapsed{};  // message i's handler time; written by the runner before `acked`
+    std::size_t size = 0;                  // messages claimed; set before the claim is listed
+    std::size_t settled = 0;               // leading messages already settled (removed from `items`); under mu_
+    std::size_t kept = claim_limit;        // once revoked: messages [kept, size) were taken back; under mu_
+    // Runner-written progress, read under mu_ by stats() and shutdown():
+    //  * begun: i + 1 just before message i's handler starts. Relaxed: its
+    //    store and the load of `revoked` that follows are Dekker's pattern
+    //    with shutdown()'s store of `revoked` and load of `begun`; the
+    //    runner's light_fence() pairs with shutdown()'s heavy_fence().
+    //  * acked: i + 1 once message i's handler returned ack. Release: pairs
+    //    with shutdown()'s acquire load, which then reads elapsed[0..i] and
+    //    settles those messages itself.
+    std::atomic<std::size_t> begun{0};
+    std::atomic<std::size_t> acked{0};
+    // Set once by shutdown() under mu_ (then heavy_fence); the runner loads
+    // it after each store of `begun` and, when set, asks `kept` under mu_.
+    std::atomic<bool> revoked{false};
+
+    // Under mu_: messages begun and not taken back (a runner's store of
+    // `begun` for a message shutdown took is not a start).
+    [[nodiscard]] std::size_t begun_count() const noexcept {
+      const std::size_t b = begun.load(std::memory_order_relaxed);
+      return revoked.load(std::memory_order_relaxed) ? std::min(b, kept) : b;
+    }
+  };
+
+  // Counts a poll() (or manual drain) while it runs: how many threads share
+  // ready_ in manual mode, so that one claims only its share.
+  class poller_count {
+   public:
+    explicit poller_count(std::atomic<std::size_t>& n) noexcept : n_(n) {
+      n_.fetch_add(1, std::memory_order_relaxed);  // relaxed: only sizes claims
+    }
+    ~poller_count() { n_.fetch_sub(1, std::memory_order_relaxed); }
+    poller_count(const poller_count&) = delete;
+    poller_count& operator=(const poller_count&) = delete;
+
+   private:
+    std::atomic<std::size_t>& n_;
+  };
+
+  // Caller holds mu_, ready_ not empty, not a batch consumer. How many
+  // messages at the front of ready_ this thread may claim as one run (0 or
+  // 1: run them one by one).
+  std::size_t claimable_locked() const {
+    if (async_handler_ || (obs_ != nullptr && obs_->on_settle)) return 0;
+    const std::size_t runners =
+        threaded_ ? opts_.threads : std::max<std::size_t>(1, pollers_.load(std::memory_order_relaxed));
+    const std::size_t share = std::min(claim_limit, ready_.size() / runners);
+    if (share < 2) return 0;
+    std::size_t n = 0;
+    for (auto p = ready_.begin(); n < share; ++p, ++n) {
+      if (p->hook) break;
+      if (runners > 1 && !p->env().partition_key.empty()) break;
+      if (p->env().deadline && p->env().expired(clock_->now())) break;  // run_one dead-letters it
+    }
+    return n;
+  }
+
+  // Caller holds `lock`; the first n (2..claim_limit) messages of ready_ are
+  // claimable. Claims, runs and settles them; returns holding the lock, with
+  // the deliveries processed.
+  std::size_t run_claimed(std::unique_lock<std::mutex>& lock, item_list& trash, std::size_t n) {
+    run_claim claim(&pool_);
+    auto end = ready_.begin();
+    for (std::size_t i = 0; i < n; ++i, ++end) claim.at[i] = &*end;
+    claim.items.splice(claim.items.end(), ready_, ready_.begin(), end);
+    claim.size = n;
+    claims_.push_back(&claim);
+    lock.unlock();
+    trash.clear();
+
+    std::size_t i = 0;
+    std::optional<settlement> refused;  // the settlement that ended the run, when it is not an ack
+    std::string err;
+    bool threw = false;
+    for (; i < n; ++i) {
+      claim.begun.store(i + 1, std::memory_order_relaxed);
+      detail::light_fence();  // partner: shutdown()'s heavy_fence() between its revoke and its load of begun
+      if (claim.revoked.load(std::memory_order_relaxed)) {
+        lock.lock();
+        const bool mine = i < claim.kept;
+        lock.unlock();
+        if (!mine) break;  // shutdown took it back: not touched again
+      }
+      item& it = *claim.at[i];
+      if (it.env().deadline && it.env().expired(clock_->now())) {
+        claim.begun.store(i, std::memory_order_relaxed);  // not begun after all: run_one dead-letters it next
+        break;
+      }
+      ++it.env().attempt;
+      if (obs_ != nullptr) obs_->notify_receive(make_message_event(it.env(), source_name_));
+      duration elapsed{0};
+      settlement s = invoke_handler(it, err, threw, elapsed);
+      claim.elapsed[i] = elapsed;
+      if (s.what() != settlement::kind::ack) {
+        refused.emplace(std::move(s));
+        break;
+      }
+      claim.acked.store(i + 1, std::memory_order_release);  // publishes elapsed[i]; partner: shutdown()'s acquire load
+    }
+
+    lock.lock();
+    claims_.erase(std::find(claims_.begin(), claims_.end(), &claim));
+    settle_claimed_acks_locked(claim, i, trash);  // messages [0, i) acked (any shutdown() settled are skipped)
+    if (!refused) {
+      return_unclaimed(lock, claim.items);
+      return i;
+    }
+    // Message i settles as run_one's would, after the rest went back.
+    ++started_;
+    ++running_count_;
+    const item_iter pos = claim.items.begin();
+    running_.splice(running_.end(), claim.items, pos);
+    return_unclaimed(lock, claim.items);
+    lock.unlock();
+    settle_run(pos, *refused, std::move(err), threw, claim.elapsed[i], true);
+    lock.lock();
+    return i + 1;
+  }
+
+  // Caller holds `lock`; returns holding it. A run's messages not begun go
+  // back to the front of ready_ in order; after a stop (shutdown() had
+  // reported them abandoned) they are released to take_released().
+  void return_unclaimed(std::unique_lock<std::mutex>& lock, item_list& left) {
+    if (left.empty()) return;
+    if (!stopped_) {
+      ready_.splice(ready_.begin(), left);
+      wake_worker();
+      return;
+    }
+    detail::dependent_t<std::vector<conclusion>, T> late;
+    while (!left.empty()) late.push_back(leave(left, left.begin(), fate::release, settle_outcome::released));
+    lock.unlock();
+    for (auto& c : late) conclude(std::move(c));
+    lock.lock();
+  }
+
+  // Caller holds mu_ (shutdown, stopped_ just set). Takes every claimed
+  // run back: its acked messages are settled here, its begun ones reported
+  // abandoned (the runner settles them), its others go to `left`.
+  void revoke_claims_locked(shutdown_report<T>& report, item_list& left, item_list& acked) {
+    if (claims_.empty()) return;
+    for (run_claim* c : claims_) c->revoked.store(true, std::memory_order_relaxed);
+    detail::heavy_fence();  // partner: each runner's light_fence() between its store of begun and its load of revoked
+    for (run_claim* c : claims_) {
+      // acquire: pairs with the runner's release store; elapsed[0, done) is
+      // written. `begun` is loaded after it, so it is at least `done`.
+      const std::size_t done = c->acked.load(std::memory_order_acquire);
+      c->kept = std::min(c->begun.load(std::memory_order_relaxed), c->size);
+      settle_claimed_acks_locked(*c, done, acked);
+      auto p = c->items.begin();
+      for (std::size_t j = c->settled; j < c->kept; ++j, ++p) report.abandoned_ids.push_back(p->env().id);
+      report.abandoned += c->kept - c->settled;
+      left.splice(left.end(), c->items, p, c->items.end());
+    }
+  }
+
+  // Caller holds mu_. Settles what every claimed run has acked so far (its
+  // runner has let go of those messages), so counts read next include them.
+  void settle_claimed_acks_locked(item_list& acked) {
+    for (run_claim* c : claims_) {
+      // acquire: pairs with the runner's release store; elapsed[0, done) is written.
+      settle_claimed_acks_locked(*c, c->acked.load(std::memory_order_acquire), acked);
+    }
+  }
+
+  // Caller holds mu_. Settles the claim's messages [claim.settled, upto),
+  // whose handlers returned ack: counted as run_one counts a fast ack, their
+  // nodes to `trash` (freed by the caller outside the lock).
+  void settle_claimed_acks_locked(run_claim& claim, std::size_t upto, item_list& trash) {
+    if (upto <= claim.settled) return;
+    const std::size_t count = upto - claim.settled;
+    for (std::size_t j = claim.settled; j < upto; ++j) {
+      handle_duration_.observe(claim.elapsed[j]);
+      release_key(claim.at[j]->env().partition_key);
+    }
+    auto end = claim.items.begin();
+    std::advance(end, static_cast<std::ptrdiff_t>(count));
+    trash.splice(trash.end(), claim.items, claim.items.begin(), end);
+    claim.settled = upto;
+    started_ += count;
+    settled_ += count;
+    acked_ += count;
+    const bool was_full = held_ >= opts_.max_in_flight;
+    held_ -= count;
+    if (was_full && idle_workers_ > 0 && may_receive_locked()) work_cv_.notify_one();
+    if (settle_waiters_ > 0) idle_cv_.notify_all();
   }
 
   // Caller does not hold mu_; `pos` is in running_ and its handler has
@@ -2086,7 +2339,7 @@ class consumer {
 
   // Caller holds mu_. Whether shutdown has nothing more to wait for.
   bool drained_locked(time_point deadline) const {
-    if (running_count_ != 0 || settling_ != 0) return false;
+    if (running_count_ != 0 || settling_ != 0 || !claims_.empty()) return false;
     if (!threaded_) return true;  // nobody else runs ready work
     if (!ready_.empty()) return false;
     // Waiting messages due before the deadline will run; keyed backlogs
@@ -2134,6 +2387,10 @@ class consumer {
   bool accepting_ = true, stopped_ = false, shut_down_ = false, source_closed_ = false;  // guarded by mu_
   bool receiving_ = false;                                                              // guarded by mu_
   std::size_t settle_waiters_ = 0;  // threads in shutdown/drain waiting on idle_cv_; guarded by mu_
+  detail::dependent_t<std::vector<run_claim*>, T> claims_;  // runs claimed and not settled; guarded by mu_
+  /// poll() and manual drain() calls running now: the share of ready_ one
+  /// claims. Relaxed: a sizing hint; no data is published through it.
+  std::atomic<std::size_t> pollers_{0};
   /// Settle hooks and classifiers that threw. Written by any worker
   /// (relaxed fetch_add), read by stats() (relaxed): a statistic only.
   std::atomic<std::uint64_t> hook_failures_{0};
