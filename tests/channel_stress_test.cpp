@@ -21,10 +21,7 @@ constexpr std::uint64_t encode(std::uint64_t producer, std::uint64_t seq) { retu
 constexpr std::uint64_t producer_of(std::uint64_t v) { return v >> 40; }
 constexpr std::uint64_t seq_of(std::uint64_t v) { return v & ((std::uint64_t{1} << 40) - 1); }
 
-// mixed: half the senders' operations and every other receiver spin on try
-// forms; runs: every other receiver takes runs of up to 8 queued messages at
-// once (the consumer source's form), the others spin on try_receive.
-enum class mode { blocking, spinning, mixed, runs };
+enum class mode { blocking, spinning, mixed };
 
 struct stress_config {
   int producers;
@@ -98,24 +95,9 @@ stress_outcome run_stress(const stress_config& cfg) {
   for (int c = 0; c < cfg.consumers; ++c) {
     threads.emplace_back([&, c] {
       auto& mine = got[static_cast<std::size_t>(c)];
-      mine.reserve(cfg.per_producer * static_cast<std::uint64_t>(cfg.producers));  // no allocation in a run
-      const bool use_runs = cfg.how == mode::runs && c % 2 == 0;
-      const bool use_try = cfg.how == mode::spinning || cfg.how == mode::runs || (cfg.how == mode::mixed && c % 2 == 1);
+      const bool use_try = cfg.how == mode::spinning || (cfg.how == mode::mixed && c % 2 == 1);
       for (;;) {
-        if (use_runs) {
-          receive_status st = receive_status::ok;
-          const std::size_t n = postbox::detail::channel_access::try_receive_each(
-              ch, 8,
-              [&mine](auto&& make) noexcept {
-                auto r = make();
-                if (r) mine.push_back(*r);
-              },
-              st);
-          if (n == 0) {
-            if (st == receive_status::closed) break;
-            std::this_thread::yield();
-          }
-        } else if (use_try) {
+        if (use_try) {
           auto r = ch.try_receive_result();
           if (r) {
             mine.push_back(*r);
@@ -194,16 +176,6 @@ TEST_CASE("mpmc with spinning try operations loses and duplicates nothing", "[ch
 
 TEST_CASE("mpmc with blocking operations on a tiny ring loses and duplicates nothing", "[channel][stress]") {
   check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(200'000), 2, 0, false, mode::blocking}));
-}
-
-TEST_CASE("receivers taking runs of queued messages at once lose, duplicate and reorder nothing, in every shape",
-          "[channel][stress]") {
-  check(run_stress<postbox::mpmc>({3, 3, postbox_test::scaled(300'000), 64, 0, false, mode::runs}));
-  check(run_stress<postbox::mpmc>({2, 2, postbox_test::scaled(200'000), 4, near_wrap, false, mode::runs}));
-  check(run_stress<postbox::spmc>({1, 3, postbox_test::scaled(300'000), 16, 0, false, mode::runs}));
-  check(run_stress<postbox::mpsc>({3, 1, postbox_test::scaled(300'000), 16, 0, false, mode::runs}));
-  check(run_stress<postbox::spsc>({1, 1, postbox_test::scaled(300'000), 16, 0, false, mode::runs}));
-  check(run_stress<postbox::mpmc>({2, 2, postbox_test::scaled(100'000), 1, 0, false, mode::runs}));
 }
 
 TEST_CASE("every shape keeps its guarantees across the ticket counters' wrap-around", "[channel][stress]") {

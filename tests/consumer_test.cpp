@@ -1442,18 +1442,6 @@ TEST_CASE("nodes freed through deferred frees return to the pool together at the
   postbox::detail::consumer_node_pool::deallocate(c);
 }
 
-TEST_CASE("reserving pool nodes makes the next allocations reuse or pre-allocate them, never more",
-          "[consumer]") {
-  postbox::detail::consumer_node_pool pool;
-  CHECK_FALSE(pool.reserve(4));  // the block size is not known before the first allocation
-  void* first = pool.allocate(96);
-  postbox::detail::consumer_node_pool::deallocate(first);
-  REQUIRE(pool.reserve(3));
-  std::vector<void*> got{pool.allocate(96), pool.allocate(96), pool.allocate(96)};
-  CHECK(std::count(got.begin(), got.end(), first) == 1);  // the freed block is one of the reserved
-  for (void* p : got) postbox::detail::consumer_node_pool::deallocate(p);
-}
-
 TEST_CASE("a redriven message's counter headers are read as from_chars reads them, 0 when absent or out of range",
           "[consumer][dead_letter]") {
   const auto u32 = [](std::string text) {

@@ -168,12 +168,6 @@ struct channel_access {
   static auto try_receive_quiet(Channel& ch) noexcept {
     return ch.receive_quiet();
   }
-  /// try_receive_each(): a run of queued messages, each built in place by
-  /// the caller's `each` (consumer sources).
-  template <class Channel, class Each>
-  static std::size_t try_receive_each(Channel& ch, std::size_t max, Each&& each, receive_status& status) noexcept {
-    return ch.try_receive_each(max, std::forward<Each>(each), status);
-  }
   /// room_for() of the general ring (mpmc, mpsc, spmc).
   template <class Channel>
   static bool room_for(const Channel& ch, std::size_t n) noexcept {
@@ -365,43 +359,6 @@ class channel_api {
 
  private:
   Ring& ring() noexcept { return static_cast<Ring&>(*this); }
-
-  // For postbox's consumer source (through channel_access): takes up to `max` (>= 1) queued
-  // messages without waiting, calling `each(make)` once per message in
-  // order, where `make()` returns the message's receive_result built in
-  // place (call it exactly once). On the general rings the run is claimed
-  // with one CAS, so `each` must not throw: every message claimed must be
-  // made. Returns how many were taken; when none, `status` says empty or
-  // closed. Wakes parked senders once. Never blocks, never allocates.
-  template <class Each>
-  std::size_t try_receive_each(std::size_t max, Each&& each, receive_status& status) noexcept {
-    std::size_t got = 0;
-    if constexpr (requires(std::uint64_t& f, detail::claim_status& c) { ring().claim_receive_run(f, max, c); }) {
-      std::uint64_t first = 0;
-      detail::claim_status claim = detail::claim_status::ok;
-      got = ring().claim_receive_run(first, max, claim);
-      for (std::size_t i = 0; i < got; ++i) {
-        const std::uint64_t ticket = detail::ticket_add(first, i);
-        each([this, ticket]() noexcept { return ring().take(ticket); });
-      }
-      if (got == 0) status = claim == detail::claim_status::closed ? receive_status::closed : receive_status::empty;
-    } else {
-      while (got < max) {
-        bool taken = false;
-        each([this, &taken, &status]() noexcept {
-          receive_result<T> r = ring().receive_quiet();
-          taken = r.has_value();
-          if (!taken) status = r.status();
-          return r;
-        });
-        if (!taken) break;
-        ++got;
-      }
-    }
-    if (got != 0) wake_senders(got > 1 ? static_cast<int>(got) : 1);
-    return got;
-  }
-
 
   template <class OutputIt>
   result<std::size_t, receive_status> receive_many_until(OutputIt out, std::size_t max,
@@ -979,49 +936,6 @@ class channel : public detail::channel_api<channel<T, Shape>, T> {
       }
       // d > 0: another receiver took this ticket; relaxed: a fresh guess.
       head = head_.load(std::memory_order_relaxed);
-    }
-  }
-
-  /// Claims a run of up to `max` consecutive receive tickets whose messages
-  /// are all published, with one CAS of `head_` (a store for a single
-  /// consumer); `first` is its first ticket. Runs of one go through
-  /// claim_receive (which tells empty and closed apart, in `st`). Returns how
-  /// many were claimed (0 when `st` is empty or closed). The caller must take
-  /// every claimed ticket: a slot never freed would stall the ring.
-  std::size_t claim_receive_run(std::uint64_t& first, std::size_t max, detail::claim_status& st) noexcept {
-    // relaxed: a starting guess (multi-consumer) or our own value (single).
-    std::uint64_t head = head_.load(std::memory_order_relaxed);
-    detail::backoff contention;  // after a lost CAS (multi-consumer only)
-    for (;;) {
-      std::size_t n = 0;
-      for (; n < max; ++n) {
-        const std::uint64_t t = detail::ticket_add(head, n);
-        // acquire: pairs with the sender's release in publish(), making its
-        // message visible before we move it out. A slot of our run cannot
-        // change before the claim below: only the claimer of its ticket
-        // frees it, and the claim fails if anyone has claimed past `head`.
-        if (slots_[t & mask_].seq.load(std::memory_order_acquire) != detail::full_state(t)) break;
-      }
-      if (n < 2) {
-        st = claim_receive(first);
-        return st == detail::claim_status::ok ? 1 : 0;
-      }
-      if constexpr (Shape::multi_consumer) {
-        // seq_cst: as claim_receive's CAS (the notifier-side RMW for parked senders).
-        if (head_.compare_exchange_weak(head, detail::ticket_add(head, n), std::memory_order_seq_cst,
-                                        std::memory_order_relaxed)) {
-          first = head;
-          st = detail::claim_status::ok;
-          return n;
-        }
-        contention.spin();  // another receiver moved the head: count again from there
-      } else {
-        // seq_cst: as claim_receive's store.
-        head_.store(detail::ticket_add(head, n), std::memory_order_seq_cst);
-        first = head;
-        st = detail::claim_status::ok;
-        return n;
-      }
     }
   }
 

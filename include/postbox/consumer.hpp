@@ -338,11 +338,6 @@ struct source_base {
   virtual ~source_base() = default;
   // One item into `sink` (ok), or empty/timeout/closed with no sink call.
   virtual receive_status receive_into(duration wait, inbound_sink<T>& sink) = 0;
-  // Up to `max` items into `sink` without waiting; how many (0: `status`
-  // says empty or closed). The sink has reserved room for `max`: a source
-  // with a run form (channel_source) claims them at once and must not fail
-  // to hand one over. Others hand over one, as receive_into(0) does.
-  virtual std::size_t receive_run_into(std::size_t max, inbound_sink<T>& sink, receive_status& status) = 0;
   [[nodiscard]] virtual std::string_view name() const noexcept = 0;
   [[nodiscard]] virtual std::optional<std::uint64_t> backlog() const = 0;
 };
@@ -367,16 +362,6 @@ struct source_model final : source_base<T> {
         sink.accept_poison(std::move(r->poison), std::move(r->settle));
       }
       return receive_status::ok;
-    }
-  }
-  std::size_t receive_run_into(std::size_t max, inbound_sink<T>& sink, receive_status& status) override {
-    if constexpr (requires(Sink& k, receive_status& st) {
-                    { src.receive_run_into(max, k, st) } -> std::same_as<std::size_t>;
-                  }) {
-      return src.receive_run_into(max, static_cast<Sink&>(sink), status);
-    } else {
-      status = receive_into(duration::zero(), sink);
-      return status == receive_status::ok ? 1 : 0;
     }
   }
   [[nodiscard]] std::string_view name() const noexcept override { return std::string_view(src.name()); }
@@ -496,29 +481,6 @@ class consumer_node_pool {
     free_list(local_);
     // acquire: pairs with the release CAS in deallocate (every push is done: no node outlives the consumer).
     free_list(shared_.exchange(nullptr, std::memory_order_acquire));
-  }
-
-  /// Makes the next `n` allocations of the pooled size take no heap block
-  /// (so they cannot throw): false while that size is unknown (before the
-  /// first allocation). Only the receiving side calls it. Allocates (and
-  /// may throw) only while the pool grows.
-  bool reserve(std::size_t n) {
-    if (size_ == 0) return false;
-    header** link = &local_;
-    for (std::size_t have = 0; have < n; ++have, link = &(*link)->next) {
-      if (*link != nullptr) continue;
-      // acquire: as in allocate.
-      *link = shared_.exchange(nullptr, std::memory_order_acquire);
-      if (*link != nullptr) continue;
-      auto* h = static_cast<header*>(::operator new(sizeof(header) + size_));
-      h->pool = this;
-      h->next = nullptr;
-#if POSTBOX_DETAIL_CONSUMER_ASAN
-      ASAN_POISON_MEMORY_REGION(h + 1, size_);
-#endif
-      *link = h;
-    }
-    return true;
   }
 
   /// A block for `bytes`; only the consumer's receiving side calls it
@@ -1375,16 +1337,7 @@ class consumer {
     duration wait = first_wait;
     bool closed = false;
     for (;;) {
-      // Without waiting, a run of up to what fits before the next admission,
-      // claimed from the source at once, into nodes reserved first (a
-      // tenant filter may dead-letter, which can throw: one by one then).
-      receive_status st = receive_status::ok;
-      const std::size_t room = std::min(budget, admit_chunk) - receiver_.pending_.size();
-      if (wait.count() > 0 || room < 2 || filters_tenants_ || !pool_.reserve(room)) {
-        st = source_->receive_into(wait, receiver_);
-      } else {
-        (void)source_->receive_run_into(room, receiver_, st);
-      }
+      const receive_status st = source_->receive_into(wait, receiver_);
       wait = duration::zero();
       if (st != receive_status::ok) {
         closed = st == receive_status::closed;

@@ -226,36 +226,6 @@ struct channel {
     }
   }
 
-  // claim_receive_run: a run of published slots claimed with one CAS (or
-  // store). Its loads and its claim are claim_receive's sites, so each
-  // mutant weakens both paths.
-  u64 claim_receive_run(u64& first, u64 max, claim& st) {
-    u64 h = head($).load(rl::mo_relaxed);
-    for (;;) {
-      u64 n = 0;
-      for (; n < max; ++n) {
-        const u64 t = ticket_add(h, n);
-        if (seq[t & mask]($).load(mo(recv_slot_acquire)) != full_state(t)) break;
-      }
-      if (n < 2) {
-        st = claim_receive(first);
-        return st == claim::ok ? 1 : 0;
-      }
-      if (MultiConsumer) {
-        if (head($).compare_exchange_weak(h, ticket_add(h, n), mo(recv_claim), rl::mo_relaxed)) {
-          first = h;
-          st = claim::ok;
-          return n;
-        }
-        continue;
-      }
-      head($).store(ticket_add(h, n), mo(recv_claim));
-      first = h;
-      st = claim::ok;
-      return n;
-    }
-  }
-
   int take(u64 ticket) {
     const int out = storage[ticket & mask]($);
     storage[ticket & mask]($) = -1;  // the destructor's write
@@ -277,16 +247,6 @@ struct channel {
     const claim c = claim_receive(t);
     if (c != claim::ok) return c == claim::closed ? recv::closed : recv::empty;
     out = take(t);
-    not_full.notify_armed();
-    return recv::ok;
-  }
-  // try_receive_each (channel_api): a run of up to `max` into out[].
-  recv try_receive_run(int* out, u64 max, u64& got) {
-    u64 first = 0;
-    claim st = claim::ok;
-    got = claim_receive_run(first, max, st);
-    if (got == 0) return st == claim::closed ? recv::closed : recv::empty;
-    for (u64 i = 0; i < got; ++i) out[i] = take(ticket_add(first, i));
     not_full.notify_armed();
     return recv::ok;
   }
@@ -346,9 +306,28 @@ constexpr u64 near_wrap = ticket_mask - 1;
 
 // --- tests --------------------------------------------------------------------
 
-// The 2x2 tests' check: values 1..4 (producer p sent 2p+1, 2p+2), each
-// received exactly once, in per-producer order at each consumer.
-inline void check_2x2(rl::var<int> (&got)[2][2]) {
+// 2 producers x 2 consumers, each producer sends two values, each consumer
+// receives two (spinning on try_*): every value arrives exactly once.
+template <int Capacity>
+struct mpmc_2x2 : rl::test_suite<mpmc_2x2<Capacity>, 4> {
+  channel<Capacity, true> ch;
+  rl::var<int> got[2][2];
+  void before() { ch.init(near_wrap); }
+  void thread(unsigned index) {
+    if (index < 2) {
+      for (int k = 0; k < 2; ++k) {
+        const int v = static_cast<int>(index) * 2 + k + 1;
+        while (ch.try_send(v) != claim::ok) rl::yield(1, $);
+      }
+    } else {
+      for (int k = 0; k < 2; ++k) {
+        int v = 0;
+        while (ch.try_receive(v) != recv::ok) rl::yield(1, $);
+        got[index - 2][k]($) = v;
+      }
+    }
+  }
+  void after() {
     int seen = 0;
     for (int c = 0; c < 2; ++c) {
       int prev[2] = {0, 0};
@@ -364,42 +343,7 @@ inline void check_2x2(rl::var<int> (&got)[2][2]) {
       }
     }
     RL_ASSERT(seen == 0x1e);
-}
-
-// 2 producers x 2 consumers, each producer sends two values, each consumer
-// receives two (spinning on try_*): every value arrives exactly once. With
-// `Runs`, consumer 2 takes runs of what it still needs (try_receive_each).
-template <int Capacity, bool Runs = false>
-struct mpmc_2x2 : rl::test_suite<mpmc_2x2<Capacity, Runs>, 4> {
-  channel<Capacity, true> ch;
-  rl::var<int> got[2][2];
-  void before() { ch.init(near_wrap); }
-  void thread(unsigned index) {
-    if (index < 2) {
-      for (int k = 0; k < 2; ++k) {
-        const int v = static_cast<int>(index) * 2 + k + 1;
-        while (ch.try_send(v) != claim::ok) rl::yield(1, $);
-      }
-    } else if (Runs && index == 2) {
-      int k = 0;
-      while (k < 2) {
-        int out[2] = {0, 0};
-        u64 n = 0;
-        if (ch.try_receive_run(out, static_cast<u64>(2 - k), n) != recv::ok) {
-          rl::yield(1, $);
-          continue;
-        }
-        for (u64 i = 0; i < n; ++i) got[0][k++]($) = out[i];
-      }
-    } else {
-      for (int k = 0; k < 2; ++k) {
-        int v = 0;
-        while (ch.try_receive(v) != recv::ok) rl::yield(1, $);
-        got[index - 2][k]($) = v;
-      }
-    }
   }
-  void after() { check_2x2(got); }
 };
 
 // 1 x 1 on the single-consumer path, capacity 1: FIFO, nothing lost.
@@ -622,39 +566,6 @@ struct no_lost_wakeup_sender : rl::test_suite<no_lost_wakeup_sender<WithClose>, 
   }
 };
 
-// A sender parks on a full capacity-2 channel (pre-filled) while a receiver
-// takes both messages as one run: the sender must never sleep forever.
-struct no_lost_wakeup_sender_run : rl::test_suite<no_lost_wakeup_sender_run, 2> {
-  channel<2, true> ch;
-  rl::var<int> asleep;
-  rl::var<unsigned> key;
-  void before() {
-    ch.init(near_wrap);
-    for (int v = 1; v <= 2; ++v) {
-      u64 t = 0;
-      ch.claim_send(t);
-      ch.publish(t, v);
-    }
-  }
-  void thread(unsigned index) {
-    if (index == 0) {
-      int out[2] = {0, 0};
-      u64 n = 0;
-      RL_ASSERT(ch.try_receive_run(out, 2, n) == recv::ok);
-      RL_ASSERT(n == 2 && out[0] == 1 && out[1] == 2);
-    } else {
-      bool slept = false;
-      unsigned k = 0;
-      RL_ASSERT(ch.send_blocking(3, slept, k) == claim::ok || slept);
-      asleep($) = slept ? 1 : 0;
-      key($) = k;
-    }
-  }
-  void after() {
-    if (asleep($)) RL_ASSERT(ch.not_full.epoch($).load(rl::mo_relaxed) != key($));
-  }
-};
-
 // --- driver -------------------------------------------------------------------
 
 // The tests, run by model_driver::main (see model_driver.hpp).
@@ -677,9 +588,6 @@ struct runner : model_driver::test_runner {
     failed += !run<no_lost_wakeup_two_receivers>("no lost wake-up: two parked receivers, two sends", rl::sched_random, iterations);
     failed += !run<no_lost_wakeup_sender<false>>("no lost wake-up: parked sender, receive", rl::sched_random, iterations);
     failed += !run<no_lost_wakeup_sender<true>>("no lost wake-up: parked sender, close", rl::sched_random, iterations);
-    failed += !run<mpmc_2x2<2, true>>("mpmc 2x2 capacity 2, runs", rl::sched_random, iterations);
-    failed += !run<mpmc_2x2<4, true>>("mpmc 2x2 capacity 4, runs", rl::sched_random, iterations);
-    failed += !run<no_lost_wakeup_sender_run>("no lost wake-up: parked sender, run", rl::sched_random, iterations);
     return failed;
   }
 };

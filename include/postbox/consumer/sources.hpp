@@ -208,18 +208,6 @@ class channel_source {
     sink.accept(std::move(*r), settle_hook{});
     return receive_status::ok;
   }
-  /// The consumer's run form: up to `max` queued envelopes, each kept in
-  /// the result the channel builds (as above), claimed from the channel at
-  /// once (one CAS on its general rings). Returns how many; when none,
-  /// `status` says empty or closed. The sink must take every one without
-  /// throwing (the consumer reserves its nodes first). Never blocks or
-  /// allocates itself.
-  template <class Sink>
-    requires(std::derived_from<Sink, inbound_sink<T>> && requires { Sink::takes_receive_results; })
-  [[nodiscard]] std::size_t receive_run_into(std::size_t max, Sink& sink, receive_status& status) noexcept {
-    return detail::channel_access::try_receive_each(
-        *ch_, max, [&sink](auto&& make) noexcept { (void)sink.emplace_returned(make); }, status);
-  }
   /// The source name. Never blocks.
   [[nodiscard]] std::string_view name() const noexcept { return name_; }
   /// Messages queued in the channel (approximate). Thread-safe.
