@@ -10,7 +10,6 @@
 
 #include "support.hpp"
 
-#include <algorithm>
 #include <atomic>
 #include <latch>
 #include <limits>
@@ -1414,32 +1413,6 @@ TEST_CASE("the consumer's node pool hands a freed node to the next allocation of
   CHECK(pool.allocate(96) == a);  // the freed node, not the other-size block
   postbox::detail::consumer_node_pool::deallocate(a);
   postbox::detail::consumer_node_pool::deallocate(b);
-}
-
-TEST_CASE("nodes freed through deferred frees return to the pool together at the flush, not before",
-          "[consumer]") {
-  postbox::detail::consumer_node_pool pool;
-  void* a = pool.allocate(96);
-  void* b = pool.allocate(96);
-  void* c = pool.allocate(96);
-  {
-    postbox::detail::consumer_node_pool::deferred_frees frees;
-    frees.add(a);
-    frees.add(b);
-    void* fresh = pool.allocate(96);  // nothing back yet: a new block
-    CHECK(fresh != a);
-    CHECK(fresh != b);
-    postbox::detail::consumer_node_pool::deallocate(fresh);
-    CHECK(pool.allocate(96) == fresh);  // the one freed at once
-    frees.flush();
-    postbox::detail::consumer_node_pool::deallocate(fresh);
-  }
-  // After the flush both deferred blocks are pooled again (with `fresh`).
-  std::vector<void*> got{pool.allocate(96), pool.allocate(96), pool.allocate(96)};
-  CHECK(std::count(got.begin(), got.end(), a) == 1);
-  CHECK(std::count(got.begin(), got.end(), b) == 1);
-  for (void* p : got) postbox::detail::consumer_node_pool::deallocate(p);
-  postbox::detail::consumer_node_pool::deallocate(c);
 }
 
 TEST_CASE("a redriven message's counter headers are read as from_chars reads them, 0 when absent or out of range",

@@ -536,54 +536,6 @@ class consumer_node_pool {
     consumer_node_pool* pool;  // null: a heap block (another size)
     header* next;              // the next free block while pooled
   };
-
- public:
-  /// Blocks freed by one thread and given back to their pool together, with
-  /// one release CAS per flush() instead of one per block (the consumer's
-  /// trash lists free a claimed run's nodes this way). Single-threaded: its
-  /// owner's. Flushes when destroyed; must not outlive the pool.
-  class deferred_frees {
-   public:
-    deferred_frees() = default;
-    deferred_frees(const deferred_frees&) = delete;
-    deferred_frees& operator=(const deferred_frees&) = delete;
-    ~deferred_frees() { flush(); }
-
-    /// Frees a block from `allocate` at the next flush (a heap block, or
-    /// one of another pool, at once). Never blocks.
-    void add(void* p) noexcept {
-      header* h = static_cast<header*>(p) - 1;
-      if (h->pool == nullptr || (pool_ != nullptr && h->pool != pool_)) {
-        consumer_node_pool::deallocate(p);
-        return;
-      }
-      pool_ = h->pool;
-#if POSTBOX_DETAIL_CONSUMER_ASAN
-      ASAN_POISON_MEMORY_REGION(h + 1, pool_->size_);
-#endif
-      h->next = first_;
-      first_ = h;
-      if (last_ == nullptr) last_ = h;
-    }
-    /// Pushes the blocks added since the last flush onto the pool's shared
-    /// stack, in one CAS. Never blocks.
-    void flush() noexcept {
-      if (first_ == nullptr) return;
-      last_->next = pool_->shared_.load(std::memory_order_relaxed);  // relaxed: the CAS re-reads it
-      // release: publishes every block's last use; pairs with the acquire exchange in allocate.
-      while (!pool_->shared_.compare_exchange_weak(last_->next, first_, std::memory_order_release,
-                                                   std::memory_order_relaxed)) {
-      }
-      first_ = last_ = nullptr;
-    }
-
-   private:
-    consumer_node_pool* pool_ = nullptr;
-    header* first_ = nullptr;
-    header* last_ = nullptr;
-  };
-
- private:
   static void free_list(header* h) noexcept {
     while (h != nullptr) {
 #if POSTBOX_DETAIL_CONSUMER_ASAN
@@ -613,10 +565,9 @@ struct consumer_node_allocator {
   using propagate_on_container_move_assignment = std::true_type;
 
   consumer_node_allocator() noexcept = default;
-  explicit consumer_node_allocator(consumer_node_pool* p, consumer_node_pool::deferred_frees* f = nullptr) noexcept
-      : pool(p), frees(f) {}
+  explicit consumer_node_allocator(consumer_node_pool* p) noexcept : pool(p) {}
   template <class V>
-  consumer_node_allocator(const consumer_node_allocator<V>& o) noexcept : pool(o.pool), frees(o.frees) {}  // NOLINT
+  consumer_node_allocator(const consumer_node_allocator<V>& o) noexcept : pool(o.pool) {}  // NOLINT
 
   U* allocate(std::size_t n) {
     if constexpr (alignof(U) > alignof(std::max_align_t)) {
@@ -629,8 +580,6 @@ struct consumer_node_allocator {
   void deallocate(U* p, std::size_t n) noexcept {
     if constexpr (alignof(U) > alignof(std::max_align_t)) {
       std::allocator<U>().deallocate(p, n);
-    } else if (frees != nullptr) {
-      frees->add(p);
     } else {
       consumer_node_pool::deallocate(p);
     }
@@ -638,7 +587,6 @@ struct consumer_node_allocator {
   friend bool operator==(const consumer_node_allocator&, const consumer_node_allocator&) noexcept { return true; }
 
   consumer_node_pool* pool = nullptr;
-  consumer_node_pool::deferred_frees* frees = nullptr;  // set: frees wait for its flush
 };
 
 // The decimal integer at the start of header `name` (a '-' first for a signed
@@ -876,8 +824,7 @@ class consumer {
     const poller_count counted(pollers_);
     timers_->run_due();
     std::size_t n = 0;
-    detail::consumer_node_pool::deferred_frees frees;  // the trash's nodes go back to the pool together
-    item_list trash{detail::consumer_node_allocator<item>(nullptr, &frees)};  // emptied outside the lock
+    item_list trash;  // declared before the lock: emptied after it is released
     for (;;) {
       n += receive_some(duration::zero());
       std::unique_lock lock(mu_);
@@ -1237,8 +1184,7 @@ class consumer {
   // or the deadline. Returns whether the drain finished.
   bool drain_manual(time_point deadline) {
     const poller_count counted(pollers_);
-    detail::consumer_node_pool::deferred_frees frees;  // the trash's nodes go back to the pool together
-    item_list trash{detail::consumer_node_allocator<item>(nullptr, &frees)};  // emptied outside the lock
+    item_list trash;  // declared before the lock: emptied after it is released
     for (;;) {
       timers_->run_due();
       (void)receive_some(duration::zero());
@@ -1439,8 +1385,7 @@ class consumer {
   // receiver (the others wait), so a message received by an idle worker
   // runs on that worker without a hand-off.
   void work_loop() {
-    detail::consumer_node_pool::deferred_frees frees;  // the trash's nodes go back to the pool together
-    item_list trash{detail::consumer_node_allocator<item>(nullptr, &frees)};  // emptied outside the lock
+    item_list trash;  // declared before the lock: emptied after it is released
     std::unique_lock lock(mu_);
     for (;;) {
       if (stopped_) return;
@@ -1450,7 +1395,7 @@ class consumer {
       }
       if (!trash.empty()) {  // free the last acked node before going idle or receiving
         lock.unlock();
-        empty_trash(trash);
+        trash.clear();
         lock.lock();
         continue;
       }
@@ -1716,7 +1661,7 @@ class consumer {
       c.reason = std::string(dead_letter_reasons::expired);
       c.error = "the deadline passed before delivery " + std::to_string(it.env().attempt + 1) + " started";
       lock.unlock();
-      empty_trash(trash);
+      trash.clear();
       conclude(std::move(c));
       lock.lock();
       return;
@@ -1726,7 +1671,7 @@ class consumer {
     ++running_count_;
     running_.splice(running_.end(), ready_, pos);
     lock.unlock();
-    empty_trash(trash);
+    trash.clear();
 
     if (obs_ != nullptr) obs_->notify_receive(make_message_event(it.env(), source_name_));
     if (async_handler_) {
@@ -1754,14 +1699,6 @@ class consumer {
     lock.unlock();
     settle_run(pos, s, std::move(err), threw, elapsed, false);
     lock.lock();
-  }
-
-  // Caller does not hold mu_. Frees the acked nodes a run left in `trash`
-  // (their envelopes destroyed here) and gives them back to the pool in one
-  // push when the list defers its frees.
-  static void empty_trash(item_list& trash) noexcept {
-    trash.clear();
-    if (auto* frees = trash.get_allocator().frees) frees->flush();
   }
 
   // Caller does not hold mu_. Runs the synchronous handler on `it` (whose
@@ -1886,7 +1823,7 @@ class consumer {
     claim.size = n;
     claims_.push_back(&claim);
     lock.unlock();
-    empty_trash(trash);
+    trash.clear();
 
     std::size_t i = 0;
     std::optional<settlement> refused;  // the settlement that ended the run, when it is not an ack
