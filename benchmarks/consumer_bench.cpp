@@ -44,13 +44,19 @@
 // settles the acks under one lock at the end (docs/design/consumer.md, "Runs
 // of ready messages"). Callgrind: consumer 721 -> 548 instructions per
 // message (bare loop 366: 1.50x in instructions); lock operations per
-// message 2 -> 2/16. Wall clock moves less: in four alternating full runs
-// the row read 2.06-2.77x (median 2.1x) against 2.29-3.15x (median 2.9x)
-// for the build before, the 16-key row 2.29-4.19x against 3.97-4.87x. Timed
+// message 2 -> 2/16. Wall clock moves less: in two sets of four alternating
+// full runs the row read 2.06-2.77x and 2.19-3.73x (medians 2.1x, 2.7x)
+// against 2.29-3.15x and 2.83-3.19x (2.9x, 3.2x) for the build before, the
+// 16-key row 2.29-4.19x against 3.97-4.87x (first set). Timed
 // in phases (rdtsc around poll's receive and run steps), the run step is
 // now ~50 cycles per message and the receive step ~105-140: building the
 // item node around the channel's receive (a virtual call into the source,
 // the pooled node, the item's fields, admission) is most of what remains.
+//
+// Also tried in stop 34 and taken out again, measured no faster: claiming a
+// run of channel slots with one CAS (slower with the backlog in DRAM; see
+// docs/design/channel.md), and returning a run's freed nodes to the pool
+// with one CAS (within noise).
 //
 // "drain, 2 threads" (added in stop 34): two try_receive loops against a
 // consumer with two workers, both on a pre-filled channel. On this 2-vCPU VM
