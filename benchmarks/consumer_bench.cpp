@@ -60,7 +60,8 @@
 //
 // "drain, 2 threads" (added in stop 34): two try_receive loops against a
 // consumer with two workers, both on a pre-filled channel. On this 2-vCPU VM
-// it swings 2.2-3.5x run to run, before and after the change alike.
+// it swings 0.8-3.5x run to run (2.2-3.5x in most), before and after the
+// change alike.
 #include <postbox/consumer.hpp>
 #include <postbox/testing.hpp>
 
