@@ -1898,12 +1898,10 @@ class consumer {
     if (claims_.empty()) return;
     for (run_claim* c : claims_) c->revoked.store(true, std::memory_order_relaxed);
     detail::heavy_fence();  // partner: each runner's light_fence() between its store of begun and its load of revoked
+    settle_claimed_acks_locked(acked);
     for (run_claim* c : claims_) {
-      // acquire: pairs with the runner's release store; elapsed[0, done) is
-      // written. `begun` is loaded after it, so it is at least `done`.
-      const std::size_t done = c->acked.load(std::memory_order_acquire);
+      // Loaded after the acquire load of `acked` above: at least what was settled.
       c->kept = std::min(c->begun.load(std::memory_order_relaxed), c->size);
-      settle_claimed_acks_locked(*c, done, acked);
       auto p = c->items.begin();
       for (std::size_t j = c->settled; j < c->kept; ++j, ++p) report.abandoned_ids.push_back(p->env().id);
       report.abandoned += c->kept - c->settled;
@@ -1937,10 +1935,8 @@ class consumer {
     started_ += count;
     settled_ += count;
     acked_ += count;
-    const bool was_full = held_ >= opts_.max_in_flight;
     held_ -= count;
-    if (was_full && idle_workers_ > 0 && may_receive_locked()) work_cv_.notify_one();
-    if (settle_waiters_ > 0) idle_cv_.notify_all();
+    budget_returned_locked(count);
   }
 
   // Caller does not hold mu_; `pos` is in running_ and its handler has
@@ -2229,10 +2225,12 @@ class consumer {
     budget_returned_locked();
   }
 
-  // Caller holds mu_, held_ just went down by one.
-  void budget_returned_locked() {
+  // Caller holds mu_, held_ just went down by `returned`.
+  void budget_returned_locked(std::size_t returned = 1) {
     // The budget was exhausted and came back: an idle worker may receive now.
-    if (held_ + 1 == opts_.max_in_flight && idle_workers_ > 0 && may_receive_locked()) work_cv_.notify_one();
+    if (held_ + returned >= opts_.max_in_flight && held_ < opts_.max_in_flight && idle_workers_ > 0 &&
+        may_receive_locked())
+      work_cv_.notify_one();
     if (settle_waiters_ > 0) idle_cv_.notify_all();
   }
 
