@@ -4,6 +4,7 @@
 // This file is its own test executable: counting_new.hpp replaces the global
 // operator new to count this thread's allocations (and to fail one on
 // request), which would disturb other test files.
+#include <postbox/consumer.hpp>
 #include <postbox/detail/block_pool.hpp>
 #include <postbox/envelope.hpp>
 #include <postbox/request_reply.hpp>
@@ -91,6 +92,37 @@ TEST_CASE("a future request-reply round trip allocates nothing once the table ha
 // max_shared of them for later allocations and gives the rest back, so the
 // next burst allocates again for all but those. (A size no other pool of
 // this executable uses, so the pool starts empty.)
+// A consumer's poll() over a channel: once its first poll has sized what it
+// keeps, polling more messages that its handler acks allocates nothing (they
+// run straight from the channel, in runs of up to 16). A retry does
+// allocate (its failure record, its timer), and so does a partition key's
+// entry in the key table while one of its messages is in flight.
+TEST_CASE("polling a consumer over a channel allocates nothing for messages acked once it has run its first",
+          "[allocation]") {
+  postbox::testing::harness h;
+  postbox::channel<postbox::envelope<int>> ch{256};
+  postbox::dead_letter_queue<int> dlq{postbox::dead_letter_options{}, h.get_clock()};
+  std::uint64_t sum = 0;
+  postbox::consumer_options o;
+  o.threads = 0;
+  o.clock = &h.get_clock();
+  o.jitter_seed = 1;
+  postbox::consumer c(postbox::channel_source<int>(ch, "numbers"),
+                      [&](const postbox::envelope<int>& e) { sum += static_cast<std::uint64_t>(e.payload); }, dlq, o);
+  const auto fill = [&](int from) {
+    for (int i = from; i < from + 100; ++i)
+      REQUIRE(ch.try_send(postbox::make_envelope(std::string("t"), i, postbox::message_kind::event, h.get_clock())) ==
+              postbox::send_status::ok);
+  };
+  fill(0);
+  REQUIRE(c.poll() == 100);
+  fill(100);
+  const std::size_t before = allocations;
+  CHECK(c.poll() == 100);
+  CHECK(allocations - before == 0);
+  CHECK(sum == 199 * 200 / 2);
+}
+
 TEST_CASE("a block pool keeps about max_shared freed blocks of a size and frees the rest", "[allocation]") {
   using pool = postbox::detail::block_pool<3000, 8>;
   constexpr std::size_t burst = 3 * pool::max_shared;

@@ -290,11 +290,12 @@ TEST_CASE("nodes freed on other threads come back to the consumer's node pool in
 
 namespace {
 
-// Unkeyed messages, so each poll or worker claims runs of ready messages; a
-// shutdown lands while runs are claimed, begun and half settled. Many short
-// lives: one in several catches a run mid-way (its runner then hands back the
-// messages it has not begun).
-void claimed_runs_life(std::size_t threads, std::uint64_t seed) {
+// Unkeyed messages, so each poll or worker claims runs of ready messages (a
+// lone poller runs them straight from the channel); a shutdown lands while
+// runs are claimed, begun and half settled. Many short lives: one in
+// several catches a run mid-way (its runner then hands back the messages it
+// has not begun). `pollers`: threads calling poll() when `threads` is 0.
+void claimed_runs_life(std::size_t threads, int pollers, std::uint64_t seed) {
   const int n = static_cast<int>(postbox_test::scaled(2000));
   postbox::manual_clock clock;
   postbox::channel<env_t> ch(static_cast<std::size_t>(n));
@@ -308,16 +309,16 @@ void claimed_runs_life(std::size_t threads, std::uint64_t seed) {
       postbox::channel_source<int>(ch, "numbers"),
       [&](const env_t& e) { return random_outcome(acks.get(), e.payload); }, dlq, o);
   std::atomic<bool> stop_polling{false};
-  std::vector<std::thread> pollers;
+  std::vector<std::thread> poll_threads;
   if (threads == 0)
-    for (int p = 0; p < 2; ++p)
-      pollers.emplace_back([&] {
+    for (int p = 0; p < pollers; ++p)
+      poll_threads.emplace_back([&] {
         while (!stop_polling.load()) (void)c->poll();
       });
   REQUIRE(postbox_test::eventually([&] { return c->stats().acked > static_cast<std::uint64_t>(n) / 4; }));
   auto report = c->shutdown(0s);
   stop_polling.store(true);
-  for (auto& t : pollers) t.join();
+  for (auto& t : poll_threads) t.join();
   REQUIRE(postbox_test::eventually([&] { return c->stats().in_flight == 0; }));  // abandoned handlers returned
   auto late = c->take_released();
   c.reset();
@@ -327,11 +328,12 @@ void claimed_runs_life(std::size_t threads, std::uint64_t seed) {
 
 }  // namespace
 
-TEST_CASE("runs of ready messages claimed by two pollers or two workers lose nothing when shutdown lands among them",
+TEST_CASE("runs of messages claimed by one poller, two pollers or two workers lose nothing when shutdown lands among them",
           "[consumer][stress][claim]") {
-  const std::size_t threads = GENERATE(std::size_t{0}, std::size_t{2});
+  const auto [threads, pollers] = GENERATE(std::pair<std::size_t, int>{0, 1}, std::pair<std::size_t, int>{0, 2},
+                                           std::pair<std::size_t, int>{2, 0});
   for (std::uint64_t life = 0; life < 30; ++life) {
-    INFO("threads " << threads << ", life " << life);
-    claimed_runs_life(threads, 11 + life);
+    INFO("threads " << threads << ", pollers " << pollers << ", life " << life);
+    claimed_runs_life(threads, pollers, 11 + life);
   }
 }

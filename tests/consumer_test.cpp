@@ -49,6 +49,27 @@ struct rig {
   }
   void send(int n, std::string key = {}) { REQUIRE(ch.try_send(msg(n, std::move(key))) == postbox::send_status::ok); }
   [[nodiscard]] postbox::channel_source<int> source() { return postbox::channel_source<int>(ch, "numbers"); }
+
+  // The channel behind a source with `receive` only, as users' own sources
+  // are: the consumer builds a node for each message it receives, so poll()
+  // runs them from its ready queue, never straight from the source.
+  struct receive_only_source {
+    using payload_type = int;
+    static constexpr bool redelivers = false;
+    postbox::channel_source<int> inner;
+    [[nodiscard]] postbox::receive_result<postbox::inbound<int>> receive(postbox::duration wait) {
+      return inner.receive(wait);
+    }
+    [[nodiscard]] std::string_view name() const { return inner.name(); }
+  };
+  // A consumer over the channel: `straight` through channel_source (a poll
+  // with nothing queued runs what it receives without queueing it), else
+  // through receive_only_source.
+  template <class H>
+  std::unique_ptr<postbox::consumer<int>> consumer_over(bool straight, H&& handler, postbox::consumer_options o) {
+    if (straight) return std::make_unique<postbox::consumer<int>>(source(), std::forward<H>(handler), dlq, o);
+    return std::make_unique<postbox::consumer<int>>(receive_only_source{source()}, std::forward<H>(handler), dlq, o);
+  }
 };
 
 postbox::retry_policy policy(std::uint32_t attempts, postbox::duration initial, bool jitter = true) {
@@ -1448,15 +1469,20 @@ TEST_CASE("a redriven message's counter headers are read as from_chars reads the
 // ---- several ready messages run as one claimed run --------------------------
 //
 // A poll that finds several messages ready runs them one after another
-// under one claim (two lock operations for the run, not per message). What
-// others see of the consumer meanwhile must be what one-by-one runs show.
+// under one claim (two lock operations for the run, not per message); with
+// nothing queued, it runs what it receives from a channel source straight
+// from its buffers (no node). What others see of the consumer meanwhile
+// must be what one-by-one runs show, on either path.
 
 TEST_CASE("stats read by a handler in a run of ready messages count the earlier ones acked and the later ones queued",
           "[consumer][claim]") {
   rig r;
   std::vector<postbox::consumer_stats> during;
   postbox::consumer<int>* self = nullptr;
-  postbox::consumer c(r.source(), [&](const env_t&) { during.push_back(self->stats()); }, r.dlq, r.options());
+  const bool straight = GENERATE(true, false);
+  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  auto made = r.consumer_over(straight, [&](const env_t&) { during.push_back(self->stats()); }, r.options());
+  auto& c = *made;
   self = &c;
   for (int i = 0; i < 5; ++i) r.send(i);
   CHECK(c.poll() == 5);
@@ -1480,10 +1506,13 @@ TEST_CASE("a handler that does not ack in a run of ready messages leaves the lat
           "[consumer][claim]") {
   rig r;
   std::vector<std::pair<int, std::uint32_t>> seen;  // payload, attempt
-  postbox::consumer c(r.source(), [&](const env_t& e) {
+  const bool straight = GENERATE(true, false);
+  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  auto made = r.consumer_over(straight, [&](const env_t& e) {
     seen.emplace_back(e.payload, e.attempt);
     return e.payload == 2 && e.attempt == 1 ? postbox::settlement::retry() : postbox::settlement::ack();
-  }, r.dlq, r.options(policy(3, 0s)));
+  }, r.options(policy(3, 0s)));
+  auto& c = *made;
   for (int i = 0; i < 5; ++i) r.send(i);
   CHECK(c.poll() == 5);
   CHECK(seen == std::vector<std::pair<int, std::uint32_t>>{{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}});
@@ -1499,10 +1528,13 @@ TEST_CASE("a message whose deadline passes during a run of ready messages is dea
           "[consumer][claim]") {
   rig r;
   std::vector<int> seen;
-  postbox::consumer c(r.source(), [&](const env_t& e) {
+  const bool straight = GENERATE(true, false);
+  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  auto made = r.consumer_over(straight, [&](const env_t& e) {
     seen.push_back(e.payload);
     if (e.payload == 1) r.clock.advance(2s);
-  }, r.dlq, r.options());
+  }, r.options());
+  auto& c = *made;
   for (int i = 0; i < 4; ++i) {
     auto e = r.msg(i);
     if (i == 2) e.deadline = r.clock.now() + 1s;
@@ -1527,13 +1559,16 @@ TEST_CASE("shutdown during a run of ready messages reports the running one aband
   std::atomic<bool> release{false};
   std::atomic<bool> released{false};
   std::atomic<bool> stop_seen{false};
-  postbox::consumer c(r.source(), [&](const env_t& e, postbox::consume_context& ctx) {
+  const bool straight = GENERATE(true, false);
+  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  auto made = r.consumer_over(straight, [&](const env_t& e, postbox::consume_context& ctx) {
     if (e.payload == 1) {
       entered.store(true);
       released.store(postbox_test::eventually([&] { return release.load(); }));
       stop_seen.store(ctx.stop_requested());
     }
-  }, r.dlq, r.options());
+  }, r.options());
+  auto& c = *made;
   std::vector<postbox::message_id> ids;
   for (int i = 0; i < 5; ++i) {
     auto e = r.msg(i);
@@ -1560,4 +1595,60 @@ TEST_CASE("shutdown during a run of ready messages reports the running one aband
   CHECK(s.released == 3);
   CHECK(s.in_flight == 0);
   CHECK(c.take_released().empty());
+}
+
+TEST_CASE("a keyed message ends a run straight from the channel and runs after the messages received before it",
+          "[consumer][claim]") {
+  rig r;
+  std::vector<int> seen;
+  postbox::consumer c(r.source(), [&](const env_t& e) { seen.push_back(e.payload); }, r.dlq, r.options());
+  r.send(0);
+  r.send(1);
+  r.send(2, "k");
+  r.send(3);
+  r.send(4, "k");
+  CHECK(c.poll() == 5);
+  CHECK(seen == std::vector<int>{0, 1, 2, 3, 4});
+  const auto s = c.stats();
+  CHECK(s.received == 5);
+  CHECK(s.acked == 5);
+  CHECK(s.in_flight == 0);
+}
+
+TEST_CASE("a keyed message received while its key waits for a retry runs after the retry, and unkeyed ones pass it",
+          "[consumer][claim]") {
+  rig r;
+  std::vector<std::pair<int, std::uint32_t>> seen;  // payload, attempt
+  postbox::consumer c(r.source(), [&](const env_t& e) {
+    seen.emplace_back(e.payload, e.attempt);
+    return e.payload == 0 && e.attempt == 1 ? postbox::settlement::retry() : postbox::settlement::ack();
+  }, r.dlq, r.options(policy(3, 1s, false)));
+  r.send(0, "k");
+  r.send(1, "k");
+  r.send(2);
+  CHECK(c.poll() == 2);  // 0 (parked for its retry) and 2; 1 waits behind its key
+  CHECK(seen == std::vector<std::pair<int, std::uint32_t>>{{0, 1}, {2, 1}});
+  CHECK(c.stats().queued == 1);
+  r.send(3, "k");
+  CHECK(c.poll() == 0);  // 3 waits behind the key too
+  r.clock.advance(1s);
+  CHECK(c.poll() == 3);
+  CHECK(seen == std::vector<std::pair<int, std::uint32_t>>{{0, 1}, {2, 1}, {0, 2}, {1, 1}, {3, 1}});
+  CHECK(c.stats().acked == 4);
+  CHECK(c.stats().in_flight == 0);
+}
+
+TEST_CASE("a run straight from the channel ends at max_in_flight and the next poll step takes the rest",
+          "[consumer][claim]") {
+  rig r;
+  std::vector<std::uint64_t> in_flight;
+  postbox::consumer<int>* self = nullptr;
+  auto o = r.options();
+  o.max_in_flight = 3;
+  postbox::consumer c(r.source(), [&](const env_t&) { in_flight.push_back(self->stats().in_flight); }, r.dlq, o);
+  self = &c;
+  for (int i = 0; i < 7; ++i) r.send(i);
+  CHECK(c.poll() == 7);
+  CHECK(in_flight == std::vector<std::uint64_t>{3, 2, 1, 3, 2, 1, 1});
+  CHECK(c.stats().acked == 7);
 }

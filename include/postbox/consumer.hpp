@@ -826,6 +826,10 @@ class consumer {
     std::size_t n = 0;
     item_list trash;  // declared before the lock: emptied after it is released
     for (;;) {
+      if (const std::optional<std::size_t> direct = run_direct(trash)) {
+        n += *direct;
+        continue;
+      }
       n += receive_some(duration::zero());
       std::unique_lock lock(mu_);
       if (stopped_ || !work_ready_locked()) break;
@@ -988,6 +992,7 @@ class consumer {
         s.in_flight -= acked - c->settled;
         s.queued += claimed - begun;
         scan(c->items);
+        if (c->direct && c->settled < claimed) oldest = std::min(oldest, c->received_at);
       }
       for (const auto& [k, backlog] : keys_) {
         scan(backlog);
@@ -1238,6 +1243,17 @@ class consumer {
     static constexpr bool takes_receive_results = true;
     template <class F>
     receive_status emplace_returned(F&& make) {
+      if (direct_to_ != nullptr) {  // a direct run's buffer (run_direct): no node
+        using result_type = receive_result<envelope<T>>;
+        result_type* r = ::new (direct_to_) result_type(std::forward<F>(make)());
+        if (!r->has_value()) {
+          const receive_status st = r->status();
+          r->~result_type();
+          return st;
+        }
+        direct_filled_ = true;
+        return receive_status::ok;
+      }
       pending_.emplace_back(typename item::returned_tag{}, std::forward<F>(make));
       item& it = pending_.back();
       if (!it.has_env()) {
@@ -1259,6 +1275,9 @@ class consumer {
       self_->dead_letter_poison(std::move(p), std::move(hook));
     }
     consumer* self_;
+    void* direct_to_ = nullptr;   // set by run_direct: emplace_returned builds its result there, not in a node
+    bool direct_filled_ = false;  // emplace_returned built a result at direct_to_
+    bool fills_nodes_ = false;    // the source delivered through accept(): run_direct does not apply
     item_list pending_;        // received, not admitted yet
     std::size_t handled_ = 0;  // poison and foreign items dead-lettered at receipt
   };
@@ -1682,7 +1701,7 @@ class consumer {
     std::string err;
     bool threw = false;
     duration elapsed{0};
-    const settlement s = invoke_handler(it, err, threw, elapsed);
+    const settlement s = invoke_handler(it.env(), err, threw, elapsed);
     lock.lock();
     handle_duration_.observe(elapsed);
     if (s.what() == settlement::kind::ack && !it.hook && (obs_ == nullptr || !obs_->on_settle)) {
@@ -1704,19 +1723,19 @@ class consumer {
   // Caller does not hold mu_. Runs the synchronous handler on `it` (whose
   // attempt is counted already): its settlement, or the one its exception
   // classifies as (`threw` set, the text in `err`); `elapsed` on the clock.
-  settlement invoke_handler(item& it, std::string& err, bool& threw, duration& elapsed) {
-    consume_context ctx(it.env().attempt, stop_, *clock_, source_name_, it.env().deadline);
+  settlement invoke_handler(const envelope<T>& env, std::string& err, bool& threw, duration& elapsed) {
+    consume_context ctx(env.attempt, stop_, *clock_, source_name_, env.deadline);
     const time_point start = clock_->now();
     const settlement s = [&]() -> settlement {
 #if POSTBOX_HAS_EXCEPTIONS
       try {
-        return handler_(it.env(), ctx);
+        return handler_(env, ctx);
       } catch (...) {
         threw = true;
         return settlement_for(std::current_exception(), err);
       }
 #else
-      return handler_(it.env(), ctx);
+      return handler_(env, ctx);
 #endif
     }();
     elapsed = clock_->now() - start;
@@ -1752,11 +1771,16 @@ class consumer {
     run_claim& operator=(const run_claim&) = delete;
 
     item_list items;                       // the messages not yet settled, in order; relinked under mu_ only
-    std::array<item*, claim_limit> at{};   // message i by index: the runner never follows list links unlocked
+    std::array<envelope<T>*, claim_limit> envs{};  // message i's envelope: the runner never follows list links unlocked
     std::array<duration, claim_limit> elapsed{};  // message i's handler time; written by the runner before `acked`
     std::size_t size = 0;                  // messages claimed; set before the claim is listed
     std::size_t settled = 0;               // leading messages already settled (removed from `items`); under mu_
     std::size_t kept = claim_limit;        // once revoked: messages [kept, size) were taken back; under mu_
+    // A direct run (run_direct): its envelopes live in the runner's buffers
+    // and `items` stays empty; messages taken back or not acked become
+    // nodes under mu_ (direct_node_locked).
+    bool direct = false;
+    time_point received_at{};  // direct: when its messages were received
     // Runner-written progress, read under mu_ by stats() and shutdown():
     //  * begun: i + 1 just before message i's handler starts. Relaxed: its
     //    store and the load of `revoked` that follows are Dekker's pattern
@@ -1777,6 +1801,7 @@ class consumer {
       const std::size_t b = begun.load(std::memory_order_relaxed);
       return revoked.load(std::memory_order_relaxed) ? std::min(b, kept) : b;
     }
+    [[nodiscard]] envelope<T>& env(std::size_t i) const noexcept { return *envs[i]; }
   };
 
   // Counts a poll() (or manual drain) while it runs: how many threads share
@@ -1818,13 +1843,20 @@ class consumer {
   std::size_t run_claimed(std::unique_lock<std::mutex>& lock, item_list& trash, std::size_t n) {
     run_claim claim(&pool_);
     auto end = ready_.begin();
-    for (std::size_t i = 0; i < n; ++i, ++end) claim.at[i] = &*end;
+    for (std::size_t i = 0; i < n; ++i, ++end) claim.envs[i] = &end->env();
     claim.items.splice(claim.items.end(), ready_, ready_.begin(), end);
     claim.size = n;
     claims_.push_back(&claim);
     lock.unlock();
     trash.clear();
+    return run_claim_handlers(lock, claim, trash);
+  }
 
+  // Caller does not hold `lock`; `claim` is listed in claims_. Runs the
+  // claimed handlers in order, then settles them; returns holding the lock,
+  // with the deliveries processed.
+  std::size_t run_claim_handlers(std::unique_lock<std::mutex>& lock, run_claim& claim, item_list& trash) {
+    const std::size_t n = claim.size;
     std::size_t i = 0;
     std::optional<settlement> refused;  // the settlement that ended the run, when it is not an ack
     std::string err;
@@ -1838,15 +1870,15 @@ class consumer {
         lock.unlock();
         if (!mine) break;  // shutdown took it back: not touched again
       }
-      item& it = *claim.at[i];
-      if (it.env().deadline && it.env().expired(clock_->now())) {
+      envelope<T>& env = claim.env(i);
+      if (env.deadline && env.expired(clock_->now())) {
         claim.begun.store(i, std::memory_order_relaxed);  // not begun after all: run_one dead-letters it next
         break;
       }
-      ++it.env().attempt;
-      if (obs_ != nullptr) obs_->notify_receive(make_message_event(it.env(), source_name_));
+      ++env.attempt;
+      if (obs_ != nullptr) obs_->notify_receive(make_message_event(env, source_name_));
       duration elapsed{0};
-      settlement s = invoke_handler(it, err, threw, elapsed);
+      settlement s = invoke_handler(env, err, threw, elapsed);
       claim.elapsed[i] = elapsed;
       if (s.what() != settlement::kind::ack) {
         refused.emplace(std::move(s));
@@ -1858,6 +1890,12 @@ class consumer {
     lock.lock();
     claims_.erase(std::find(claims_.begin(), claims_.end(), &claim));
     settle_claimed_acks_locked(claim, i, trash);  // messages [0, i) acked (any shutdown() settled are skipped)
+    if (claim.direct) {
+      // What the run did not ack and shutdown did not take back becomes
+      // nodes, in order (message i first: begun, when `refused`).
+      const std::size_t limit = claim.revoked.load(std::memory_order_relaxed) ? claim.kept : n;
+      for (std::size_t j = i; j < limit; ++j) claim.items.splice(claim.items.end(), direct_node_locked(claim, j));
+    }
     if (!refused) {
       return_unclaimed(lock, claim.items);
       return i;
@@ -1872,6 +1910,128 @@ class consumer {
     settle_run(pos, *refused, std::move(err), threw, claim.elapsed[i], true);
     lock.lock();
     return i + 1;
+  }
+
+  // Caller holds mu_. A node for a direct run's message j, its envelope
+  // moved out of the runner's buffer, as admission would have made it. A
+  // heap node, not a pooled one: only the receiving side (under
+  // receive_mu_, which is never taken after mu_) may take from the pool.
+  item_list direct_node_locked(run_claim& claim, std::size_t j) {
+    item_list node;
+    node.emplace_back(std::move(claim.env(j)), settle_hook{});
+    item& it = node.back();
+    it.seq = ++last_seq_;
+    it.received_at = it.ready_at = claim.received_at;
+    return node;
+  }
+
+  // ---- direct runs ----------------------------------------------------------
+  //
+  // A poll() that finds nothing queued skips the nodes altogether: it
+  // receives up to claim_limit messages straight into buffers on its stack
+  // (no node, no admission, no ready_), runs them as a claimed run and
+  // settles their acks under one lock. A message that does not ack, that
+  // shutdown takes back, or that the run does not reach becomes a node
+  // then, as admission would have made it. It applies only where a claimed
+  // run would: unkeyed messages (a keyed one goes through admission and the
+  // key table, and ends the receiving) from a source that hands over
+  // receive results (channel sources), a synchronous single-message
+  // handler, no settle observer, no tenant filter, one poller, and nothing
+  // in ready_ or in another run. So stats(), shutdown() and the order of
+  // delivery see the claimed run it is.
+
+  // Caller holds mu_ and receive_mu_.
+  bool direct_allowed_locked() const {
+    return !threaded_ && !batch_ && !async_handler_ && !(obs_ != nullptr && obs_->on_settle) && !filters_tenants_ &&
+           !receiver_.fills_nodes_ && pollers_.load(std::memory_order_relaxed) == 1 && ready_.empty() &&
+           claims_.empty() && accepting_ && !source_closed_ && !stopped_ && held_ < opts_.max_in_flight;
+  }
+
+  // Storage for a direct run's receive results; destroys those built.
+  struct direct_buffers {
+    using result_type = receive_result<envelope<T>>;
+    struct alignas(result_type) cell {
+      unsigned char bytes[sizeof(result_type)];
+    };
+    direct_buffers() = default;
+    direct_buffers(const direct_buffers&) = delete;
+    direct_buffers& operator=(const direct_buffers&) = delete;
+    ~direct_buffers() {
+      for (std::size_t j = 0; j < built; ++j) result(j).~result_type();
+    }
+    void* slot(std::size_t j) noexcept { return &cells[j]; }
+    result_type& result(std::size_t j) noexcept { return *std::launder(reinterpret_cast<result_type*>(&cells[j])); }
+
+    std::array<cell, claim_limit> cells;
+    std::size_t built = 0;  // results [0, built) are constructed
+  };
+
+  // poll()'s direct run. Returns the deliveries processed (handler runs,
+  // and poison or foreign input dead-lettered at receipt), or nullopt when
+  // it does not apply or nothing came in: poll() then takes its usual path.
+  std::optional<std::size_t> run_direct(item_list& trash) {
+    std::unique_lock receiving(receive_mu_);
+    std::unique_lock lock(mu_);
+    if (!direct_allowed_locked()) return std::nullopt;
+    const std::size_t budget = std::min(claim_limit, opts_.max_in_flight - held_);
+    lock.unlock();
+
+    // Declared before the claim: its envelopes outlive every use of it.
+    direct_buffers buffers;
+    run_claim claim(&pool_);
+    claim.direct = true;
+    receiver_.handled_ = 0;
+    std::size_t m = 0;
+    bool closed = false;
+    while (m < budget) {
+      receiver_.direct_to_ = buffers.slot(m);
+      receiver_.direct_filled_ = false;
+      const receive_status st = source_->receive_into(duration::zero(), receiver_);
+      receiver_.direct_to_ = nullptr;
+      if (st != receive_status::ok) {
+        closed = st == receive_status::closed;
+        break;
+      }
+      if (!receiver_.pending_.empty()) {  // the source builds nodes (accept()): no direct runs for it
+        receiver_.fills_nodes_ = true;
+        break;
+      }
+      if (!receiver_.direct_filled_) continue;  // poison, dead-lettered at receipt
+      buffers.built = m + 1;
+      envelope<T>& env = *buffers.result(m);
+      if (!env.partition_key.empty()) {  // keyed: admitted as a node (the key table orders it), after the run's
+        receiver_.pending_.emplace_back(std::move(env), settle_hook{});
+        break;
+      }
+      claim.envs[m++] = &env;
+    }
+
+    lock.lock();
+    const bool admitted = !receiver_.pending_.empty();
+    if (m > 0) {
+      claim.size = m;
+      claim.received_at = clock_->now();
+      received_ += m;
+      held_ += m;
+      claims_.push_back(&claim);
+    }
+    admit_pending_locked();
+    if (closed) {
+      source_closed_ = true;
+      if (settle_waiters_ > 0) idle_cv_.notify_all();  // a drain may be finished now
+    }
+    const std::size_t handled = receiver_.handled_;
+    receiving.unlock();
+    lock.unlock();
+    if (m == 0) {
+      if (handled == 0 && !admitted) return std::nullopt;
+      return handled;
+    }
+    trash.clear();
+    const std::size_t ran = run_claim_handlers(lock, claim, trash);
+    lock.unlock();
+    trash.clear();
+    return ran + handled;
   }
 
   // Caller holds `lock`; returns holding it. A run's messages not begun go
@@ -1902,10 +2062,17 @@ class consumer {
     for (run_claim* c : claims_) {
       // Loaded after the acquire load of `acked` above: at least what was settled.
       c->kept = std::min(c->begun.load(std::memory_order_relaxed), c->size);
-      auto p = c->items.begin();
-      for (std::size_t j = c->settled; j < c->kept; ++j, ++p) report.abandoned_ids.push_back(p->env().id);
+      for (std::size_t j = c->settled; j < c->kept; ++j) report.abandoned_ids.push_back(c->env(j).id);
       report.abandoned += c->kept - c->settled;
-      left.splice(left.end(), c->items, p, c->items.end());
+      if (c->direct) {
+        // Its runner does not touch messages [kept, size) again (it finds
+        // them not its own): moved out of its buffers here.
+        for (std::size_t j = c->kept; j < c->size; ++j) left.splice(left.end(), direct_node_locked(*c, j));
+      } else {
+        auto p = c->items.begin();
+        std::advance(p, static_cast<std::ptrdiff_t>(c->kept - c->settled));
+        left.splice(left.end(), c->items, p, c->items.end());
+      }
     }
   }
 
@@ -1926,11 +2093,13 @@ class consumer {
     const std::size_t count = upto - claim.settled;
     for (std::size_t j = claim.settled; j < upto; ++j) {
       handle_duration_.observe(claim.elapsed[j]);
-      release_key(claim.at[j]->env().partition_key);
+      release_key(claim.env(j).partition_key);
     }
-    auto end = claim.items.begin();
-    std::advance(end, static_cast<std::ptrdiff_t>(count));
-    trash.splice(trash.end(), claim.items, claim.items.begin(), end);
+    if (!claim.direct) {  // a direct run's acked envelopes are its runner's to destroy
+      auto end = claim.items.begin();
+      std::advance(end, static_cast<std::ptrdiff_t>(count));
+      trash.splice(trash.end(), claim.items, claim.items.begin(), end);
+    }
     claim.settled = upto;
     started_ += count;
     settled_ += count;
