@@ -818,7 +818,12 @@ class consumer {
   /// runs, expiries and poison items; a coroutine handler counts when it
   /// starts: it resumes on `options.scheduler`, not in this call). Throws error(invalid_argument) when
   /// the consumer has threads. Thread-safe (concurrent polls run handlers
-  /// concurrently, still one per key).
+  /// concurrently, still one per key). Once the consumer has run its first
+  /// messages it allocates nothing for a message its handler acks (a
+  /// partition key takes an entry in the key table while in flight; a
+  /// retry keeps a failure record); with nothing queued and a channel
+  /// source, it runs up to 16 messages at a time straight from buffers on
+  /// its own stack (docs/design/consumer.md, "Runs straight from a channel").
   std::size_t poll() {
     if (threaded_) POSTBOX_THROW(error(errc::invalid_argument, "postbox::consumer::poll: the consumer has threads"));
     const poller_count counted(pollers_);
