@@ -8,12 +8,14 @@
 // median ns per message, the ratio to the bare loop and the overhead per
 // message (consumer - bare). Sums are checked; a mismatch aborts.
 //
-// Usage: consumer_bench [--quick] [--rounds N] [--callgrind bare|consumer|keyed]
+// Usage: consumer_bench [--quick] [--rounds N] [--callgrind bare|consumer|keyed|worker]
 //
 // `--callgrind X` drains 20,000 messages once through X only (keyed: the
-// consumer with 16 partition keys), for
+// consumer with 16 partition keys; worker: a consumer with one worker
+// thread), for
 //   valgrind --tool=callgrind --toggle-collect='*drain_loop*' consumer_bench --callgrind X
-// (instructions per message = the total / 20,000).
+// (instructions per message = the total / 20,000; for `worker`, collect
+// '*work_loop*' instead).
 //
 // Profile of the "consumer poll(), unkeyed" row (issue 18; callgrind, g++ 12
 // -O2, 20,000 messages, only the drain loop collected; the bare loop
@@ -287,32 +289,38 @@ double bare_drain_two(std::size_t n) {
   return ns / static_cast<double>(n);
 }
 
-// The same with a consumer of two worker threads; the main thread waits for
-// the acked count (each worker keeps its sum on its own line).
-double consumer_drain_two(std::size_t n) {
+// The same with a consumer of `threads` worker threads; the main thread
+// waits for the acked count (each worker keeps its sum on its own line).
+double consumer_drain_workers(std::size_t n, std::size_t threads) {
   postbox::channel<env_t> ch(n);
   for (auto& e : make_messages(n, 0)) (void)ch.try_send(std::move(e));
   postbox::dead_letter_queue<int> dlq;
-  std::vector<worker_tally> tallies(2);
+  std::vector<worker_tally> tallies(threads);
   std::atomic<std::size_t> claimed{0};
   postbox::consumer_options o;
-  o.threads = 2;
+  o.threads = threads;
   o.max_in_flight = 256;
   o.jitter_seed = 1;
+  const auto handled = [&tallies] {
+    std::size_t total = 0;
+    for (const auto& t : tallies) total += t.handled.load(std::memory_order_acquire);
+    return total;
+  };
   const auto t0 = steady::now();
   own_lines<postbox::consumer<int>> c(
       postbox::channel_source<int>(ch, "bench"),
-      [all = tallies.data(), &claimed](const env_t& e) {
-        worker_tally& mine = postbox_bench::thread_slot(all, 2, claimed);
+      [all = tallies.data(), threads, &claimed](const env_t& e) {
+        worker_tally& mine = postbox_bench::thread_slot(all, threads, claimed);
         mine.sum += static_cast<std::uint64_t>(e.payload);
         // release: pairs with the main thread's acquire loads; publishes `sum`.
         mine.handled.store(mine.handled.load(std::memory_order_relaxed) + 1, std::memory_order_release);
       },
       dlq, o);
-  while (tallies[0].handled.load(std::memory_order_acquire) + tallies[1].handled.load(std::memory_order_acquire) != n)
-    std::this_thread::yield();
+  while (handled() != n) std::this_thread::yield();
   const double ns = std::chrono::duration<double, std::nano>(steady::now() - t0).count();
-  if (tallies[0].sum + tallies[1].sum != expected(n)) fail("consumer two-worker drain sum");
+  std::uint64_t sum = 0;
+  for (const auto& t : tallies) sum += t.sum;  // final: each worker's last store of `handled` came after its last sum
+  if (sum != expected(n)) fail("consumer worker drain sum");
   return ns / static_cast<double>(n);
 }
 
@@ -346,11 +354,13 @@ int main(int argc, char** argv) {
       const char* what = argv[++i];
       const bool bare = std::strcmp(what, "bare") == 0;
       const unsigned keys = std::strcmp(what, "keyed") == 0 ? 16 : 0;
-      const double ns = bare ? bare_drain(20'000) : consumer_drain(20'000, keys);
+      const double ns = bare                                  ? bare_drain(20'000)
+                        : std::strcmp(what, "worker") == 0 ? consumer_drain_workers(20'000, 1)
+                                                              : consumer_drain(20'000, keys);
       std::printf("%s: %.1f ns/msg (under callgrind: instructions / 20,000)\n", what, ns);
       return 0;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--rounds N] [--callgrind bare|consumer|keyed]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--rounds N] [--callgrind bare|consumer|keyed|worker]\n", argv[0]);
       return 64;
     }
   }
@@ -369,15 +379,17 @@ int main(int argc, char** argv) {
               n, g_opt.rounds);
 
   std::vector<scenario> all;
-  all.push_back({"drain, 1 thread", "pre-filled channel drained on one thread: try_receive loop vs consumer poll()", {}});
+  all.push_back({"drain, 1 thread",
+                 "pre-filled channel drained on one thread: try_receive loop vs consumer poll() or its one worker", {}});
   all.back().entries.push_back({"bare try_receive loop", [=] { return bare_drain(n); }});
   all.back().entries.push_back({"consumer poll(), unkeyed", [=] { return consumer_drain(n, 0); }});
+  all.back().entries.push_back({"consumer, 1 worker, unkeyed", [=] { return consumer_drain_workers(n, 1); }});
   all.back().entries.push_back({"consumer poll(), 16 keys", [=] { return consumer_drain(n, 16); }});
   all.back().entries.push_back({"batch consumer poll(), batches of 16", [=] { return batch_drain(n, 16); }});
   all.back().entries.push_back({"batch consumer poll(), batches of 64", [=] { return batch_drain(n, 64); }});
   all.push_back({"drain, 2 threads", "pre-filled channel drained by two threads: two try_receive loops vs a consumer with 2 workers", {}});
   all.back().entries.push_back({"bare try_receive loops, 2 threads", [=] { return bare_drain_two(n); }});
-  all.back().entries.push_back({"consumer, 2 workers", [=] { return consumer_drain_two(n); }});
+  all.back().entries.push_back({"consumer, 2 workers", [=] { return consumer_drain_workers(n, 2); }});
   all.push_back({"producer + receiver", "a producer thread sends while the receiving side runs: receive loop vs consumer threads",
                  {}});
   all.back().entries.push_back({"bare receive loop", [=] { return bare_threaded(n); }});

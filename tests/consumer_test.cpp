@@ -1638,6 +1638,51 @@ TEST_CASE("a keyed message received while its key waits for a retry runs after t
   CHECK(c.stats().in_flight == 0);
 }
 
+TEST_CASE("handler durations in a run are each handler's own time on the consumer's clock", "[consumer][claim]") {
+  rig r;
+  const bool straight = GENERATE(true, false);
+  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  auto made = r.consumer_over(straight, [&](const env_t& e) { r.clock.advance(std::chrono::milliseconds(e.payload)); },
+                              r.options());
+  auto& c = *made;
+  for (int i = 1; i <= 4; ++i) r.send(i);
+  CHECK(c.poll() == 4);
+  const auto s = c.stats();
+  CHECK(s.handle_duration.count == 4);
+  CHECK(s.handle_duration.sum == Approx(0.010));  // 1 + 2 + 3 + 4 ms
+}
+
+TEST_CASE("a consumer's only worker runs what it receives from a channel as a run, counted as one-by-one runs are",
+          "[consumer][claim]") {
+  rig r;
+  for (int i = 0; i < 5; ++i) r.send(i);
+  std::mutex mu;
+  std::vector<postbox::consumer_stats> during;
+  postbox::consumer<int>* self = nullptr;
+  std::atomic<bool> ready{false};
+  auto o = r.options();
+  o.threads = 1;
+  postbox::consumer c(r.source(), [&](const env_t&) {
+    (void)postbox_test::eventually([&] { return ready.load(); });  // `self` is set; no assertion off the test's thread
+    const auto s = self->stats();
+    std::lock_guard lock(mu);
+    during.push_back(s);
+  }, r.dlq, o);
+  self = &c;
+  ready.store(true);
+  REQUIRE(postbox_test::eventually([&] { return c.stats().acked == 5; }));
+  std::lock_guard lock(mu);
+  REQUIRE(during.size() == 5);
+  for (std::uint64_t k = 0; k < 5; ++k) {
+    INFO("message " << k);
+    CHECK(during[k].received == 5);
+    CHECK(during[k].acked == k);
+    CHECK(during[k].running == 1);
+    CHECK(during[k].queued == 4 - k);
+    CHECK(during[k].in_flight == 5 - k);
+  }
+}
+
 TEST_CASE("a run straight from the channel ends at max_in_flight and the next poll step takes the rest",
           "[consumer][claim]") {
   rig r;

@@ -831,7 +831,7 @@ class consumer {
     std::size_t n = 0;
     item_list trash;  // declared before the lock: emptied after it is released
     for (;;) {
-      if (const std::optional<std::size_t> direct = run_direct(trash)) {
+      if (const std::optional<std::size_t> direct = run_direct(duration::zero(), trash, false)) {
         n += *direct;
         continue;
       }
@@ -1433,7 +1433,9 @@ class consumer {
           if (end != time_point::max()) wait = std::min(wait, end > now ? end - now : duration::zero());
         }
         lock.unlock();
-        (void)receive_some(wait);
+        // A lone worker runs what it receives straight from the source when
+        // it can (run_direct), else admits it (receive_some).
+        if (!run_direct(wait, trash, true)) (void)receive_some(wait);
         lock.lock();
         receiving_ = false;
         // Another idle worker takes over receiving while this one runs what came in.
@@ -1729,8 +1731,18 @@ class consumer {
   // attempt is counted already): its settlement, or the one its exception
   // classifies as (`threw` set, the text in `err`); `elapsed` on the clock.
   settlement invoke_handler(const envelope<T>& env, std::string& err, bool& threw, duration& elapsed) {
+    time_point at = clock_->now();
+    return invoke_handler_from(env, err, threw, at, elapsed);
+  }
+
+  // As invoke_handler, for a handler that starts at `at` (a reading of the
+  // clock just taken); sets `at` to the reading at its end, so that a run
+  // reads the clock once per message: one handler's end is the next one's
+  // start (the few instructions between them count as the next handler's).
+  settlement invoke_handler_from(const envelope<T>& env, std::string& err, bool& threw, time_point& at,
+                                 duration& elapsed) {
     consume_context ctx(env.attempt, stop_, *clock_, source_name_, env.deadline);
-    const time_point start = clock_->now();
+    const time_point start = at;
     const settlement s = [&]() -> settlement {
 #if POSTBOX_HAS_EXCEPTIONS
       try {
@@ -1743,7 +1755,8 @@ class consumer {
       return handler_(env, ctx);
 #endif
     }();
-    elapsed = clock_->now() - start;
+    at = clock_->now();
+    elapsed = at - start;
     return s;
   }
 
@@ -1866,6 +1879,7 @@ class consumer {
     std::optional<settlement> refused;  // the settlement that ended the run, when it is not an ack
     std::string err;
     bool threw = false;
+    time_point at = clock_->now();  // then the end of each handler: one clock read per message
     for (; i < n; ++i) {
       claim.begun.store(i + 1, std::memory_order_relaxed);
       detail::light_fence();  // partner: shutdown()'s heavy_fence() between its revoke and its load of begun
@@ -1874,16 +1888,17 @@ class consumer {
         const bool mine = i < claim.kept;
         lock.unlock();
         if (!mine) break;  // shutdown took it back: not touched again
+        at = clock_->now();  // the lock may have waited for shutdown
       }
       envelope<T>& env = claim.env(i);
-      if (env.deadline && env.expired(clock_->now())) {
+      if (env.deadline && env.expired(at)) {
         claim.begun.store(i, std::memory_order_relaxed);  // not begun after all: run_one dead-letters it next
         break;
       }
       ++env.attempt;
       if (obs_ != nullptr) obs_->notify_receive(make_message_event(env, source_name_));
       duration elapsed{0};
-      settlement s = invoke_handler(env, err, threw, elapsed);
+      settlement s = invoke_handler_from(env, err, threw, at, elapsed);
       claim.elapsed[i] = elapsed;
       if (s.what() != settlement::kind::ack) {
         refused.emplace(std::move(s));
@@ -1932,7 +1947,8 @@ class consumer {
 
   // ---- direct runs ----------------------------------------------------------
   //
-  // A poll() that finds nothing queued skips the nodes altogether: it
+  // A poll() (or a consumer's only worker) that finds nothing queued skips
+  // the nodes altogether: it
   // receives up to claim_limit messages straight into buffers on its stack
   // (no node, no admission, no ready_), runs them as a claimed run and
   // settles their acks under one lock. A message that does not ack, that
@@ -1941,15 +1957,18 @@ class consumer {
   // run would: unkeyed messages (a keyed one goes through admission and the
   // key table, and ends the receiving) from a source that hands over
   // receive results (channel sources), a synchronous single-message
-  // handler, no settle observer, no tenant filter, one poller, and nothing
-  // in ready_ or in another run. So stats(), shutdown() and the order of
-  // delivery see the claimed run it is.
+  // handler, no settle observer, no tenant filter, one runner (a lone
+  // poll() of a consumer without threads, or the only worker of one with a
+  // single thread), and nothing in ready_ or in another run. So stats(),
+  // shutdown() and the order of delivery see the claimed run it is.
 
-  // Caller holds mu_ and receive_mu_.
-  bool direct_allowed_locked() const {
-    return !threaded_ && !batch_ && !async_handler_ && !(obs_ != nullptr && obs_->on_settle) && !filters_tenants_ &&
-           !receiver_.fills_nodes_ && pollers_.load(std::memory_order_relaxed) == 1 && ready_.empty() &&
-           claims_.empty() && accepting_ && !source_closed_ && !stopped_ && held_ < opts_.max_in_flight;
+  // Caller holds mu_ and receive_mu_. `worker`: the caller is a worker (it
+  // set receiving_ itself), else a poll().
+  bool direct_allowed_locked(bool worker) const {
+    const bool lone = worker ? opts_.threads == 1 : !threaded_ && pollers_.load(std::memory_order_relaxed) == 1;
+    return lone && !batch_ && !async_handler_ && !(obs_ != nullptr && obs_->on_settle) && !filters_tenants_ &&
+           !receiver_.fills_nodes_ && ready_.empty() && claims_.empty() && accepting_ && !source_closed_ &&
+           !stopped_ && held_ < opts_.max_in_flight;
   }
 
   // Storage for a direct run's receive results; destroys those built.
@@ -1971,13 +1990,16 @@ class consumer {
     std::size_t built = 0;  // results [0, built) are constructed
   };
 
-  // poll()'s direct run. Returns the deliveries processed (handler runs,
-  // and poison or foreign input dead-lettered at receipt), or nullopt when
-  // it does not apply or nothing came in: poll() then takes its usual path.
-  std::optional<std::size_t> run_direct(item_list& trash) {
+  // A direct run; the first receive waits up to `first_wait` (real time),
+  // the rest do not. Returns the deliveries processed (handler runs, and
+  // poison input dead-lettered at receipt), or nullopt when it does not
+  // apply, or, for a poll(), when nothing came in: the caller then takes
+  // its usual path (a worker that received nothing has waited already).
+  // Caller holds no lock; returns holding none.
+  std::optional<std::size_t> run_direct(duration first_wait, item_list& trash, bool worker) {
     std::unique_lock receiving(receive_mu_);
     std::unique_lock lock(mu_);
-    if (!direct_allowed_locked()) return std::nullopt;
+    if (!direct_allowed_locked(worker)) return std::nullopt;
     const std::size_t budget = std::min(claim_limit, opts_.max_in_flight - held_);
     lock.unlock();
 
@@ -1988,11 +2010,13 @@ class consumer {
     receiver_.handled_ = 0;
     std::size_t m = 0;
     bool closed = false;
+    duration wait = first_wait;
     while (m < budget) {
       receiver_.direct_to_ = buffers.slot(m);
       receiver_.direct_filled_ = false;
-      const receive_status st = source_->receive_into(duration::zero(), receiver_);
+      const receive_status st = source_->receive_into(wait, receiver_);
       receiver_.direct_to_ = nullptr;
+      wait = duration::zero();
       if (st != receive_status::ok) {
         closed = st == receive_status::closed;
         break;
@@ -2029,7 +2053,7 @@ class consumer {
     receiving.unlock();
     lock.unlock();
     if (m == 0) {
-      if (handled == 0 && !admitted) return std::nullopt;
+      if (handled == 0 && !admitted && !worker) return std::nullopt;
       return handled;
     }
     trash.clear();
