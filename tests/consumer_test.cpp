@@ -25,6 +25,24 @@ namespace {
 
 using env_t = postbox::envelope<int>;
 
+// A channel source that cannot tell how much it holds (no backlog()), and
+// has `receive` only, as users' own sources do: the consumer builds a node
+// for each message it receives, so poll() runs them from its ready queue,
+// never straight from the channel.
+struct opaque_source {
+  using payload_type = int;
+  static constexpr bool redelivers = false;
+  postbox::channel<env_t>* ch;
+  [[nodiscard]] postbox::receive_result<postbox::inbound<int>> receive(postbox::duration wait) {
+    auto r = wait.count() <= 0 ? ch->try_receive_result() : ch->receive_for(wait);
+    if (!r.has_value())
+      return postbox::receive_result<postbox::inbound<int>>(
+          r.status() == postbox::receive_status::closed ? postbox::receive_status::closed : postbox::receive_status::empty);
+    return postbox::inbound<int>::of(std::move(*r));
+  }
+  [[nodiscard]] std::string_view name() const noexcept { return "opaque"; }
+};
+
 // A consumer in manual-drive mode on a manual clock with a seeded jitter. A
 // test that drives time attaches its consumer to `h` (postbox::testing::harness)
 // and lets it jump to each due retry; `clock` is the harness clock.
@@ -50,25 +68,13 @@ struct rig {
   void send(int n, std::string key = {}) { REQUIRE(ch.try_send(msg(n, std::move(key))) == postbox::send_status::ok); }
   [[nodiscard]] postbox::channel_source<int> source() { return postbox::channel_source<int>(ch, "numbers"); }
 
-  // The channel behind a source with `receive` only, as users' own sources
-  // are: the consumer builds a node for each message it receives, so poll()
-  // runs them from its ready queue, never straight from the source.
-  struct receive_only_source {
-    using payload_type = int;
-    static constexpr bool redelivers = false;
-    postbox::channel_source<int> inner;
-    [[nodiscard]] postbox::receive_result<postbox::inbound<int>> receive(postbox::duration wait) {
-      return inner.receive(wait);
-    }
-    [[nodiscard]] std::string_view name() const { return inner.name(); }
-  };
   // A consumer over the channel: `straight` through channel_source (a poll
   // with nothing queued runs what it receives without queueing it), else
-  // through receive_only_source.
+  // through opaque_source.
   template <class H>
   std::unique_ptr<postbox::consumer<int>> consumer_over(bool straight, H&& handler, postbox::consumer_options o) {
     if (straight) return std::make_unique<postbox::consumer<int>>(source(), std::forward<H>(handler), dlq, o);
-    return std::make_unique<postbox::consumer<int>>(receive_only_source{source()}, std::forward<H>(handler), dlq, o);
+    return std::make_unique<postbox::consumer<int>>(opaque_source{&ch}, std::forward<H>(handler), dlq, o);
   }
 };
 
@@ -932,25 +938,6 @@ TEST_CASE("after a stream group rebalance, settles from the earlier assignment c
   CHECK(seen_a.size() == 10);  // 4 parked, 4 retried, 2 redelivered after the rebalance
 }
 
-namespace {
-
-// A channel source that cannot tell how much it holds (no backlog()).
-struct opaque_source {
-  using payload_type = int;
-  static constexpr bool redelivers = false;
-  postbox::channel<env_t>* ch;
-  [[nodiscard]] postbox::receive_result<postbox::inbound<int>> receive(postbox::duration wait) {
-    auto r = wait.count() <= 0 ? ch->try_receive_result() : ch->receive_for(wait);
-    if (!r.has_value())
-      return postbox::receive_result<postbox::inbound<int>>(
-          r.status() == postbox::receive_status::closed ? postbox::receive_status::closed : postbox::receive_status::empty);
-    return postbox::inbound<int>::of(std::move(*r));
-  }
-  [[nodiscard]] std::string_view name() const noexcept { return "opaque"; }
-};
-
-}  // namespace
-
 TEST_CASE("drain with worker threads returns once the source is closed and every message is acked or dead-lettered, "
           "retries and handler exceptions included",
           "[consumer][drain]") {
@@ -1480,7 +1467,7 @@ TEST_CASE("stats read by a handler in a run of ready messages count the earlier 
   std::vector<postbox::consumer_stats> during;
   postbox::consumer<int>* self = nullptr;
   const bool straight = GENERATE(true, false);
-  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  INFO((straight ? "received straight from the channel" : "received through a source with receive only"));
   auto made = r.consumer_over(straight, [&](const env_t&) { during.push_back(self->stats()); }, r.options());
   auto& c = *made;
   self = &c;
@@ -1507,7 +1494,7 @@ TEST_CASE("a handler that does not ack in a run of ready messages leaves the lat
   rig r;
   std::vector<std::pair<int, std::uint32_t>> seen;  // payload, attempt
   const bool straight = GENERATE(true, false);
-  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  INFO((straight ? "received straight from the channel" : "received through a source with receive only"));
   auto made = r.consumer_over(straight, [&](const env_t& e) {
     seen.emplace_back(e.payload, e.attempt);
     return e.payload == 2 && e.attempt == 1 ? postbox::settlement::retry() : postbox::settlement::ack();
@@ -1529,7 +1516,7 @@ TEST_CASE("a message whose deadline passes during a run of ready messages is dea
   rig r;
   std::vector<int> seen;
   const bool straight = GENERATE(true, false);
-  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  INFO((straight ? "received straight from the channel" : "received through a source with receive only"));
   auto made = r.consumer_over(straight, [&](const env_t& e) {
     seen.push_back(e.payload);
     if (e.payload == 1) r.clock.advance(2s);
@@ -1560,7 +1547,7 @@ TEST_CASE("shutdown during a run of ready messages reports the running one aband
   std::atomic<bool> released{false};
   std::atomic<bool> stop_seen{false};
   const bool straight = GENERATE(true, false);
-  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  INFO((straight ? "received straight from the channel" : "received through a source with receive only"));
   auto made = r.consumer_over(straight, [&](const env_t& e, postbox::consume_context& ctx) {
     if (e.payload == 1) {
       entered.store(true);
@@ -1641,7 +1628,7 @@ TEST_CASE("a keyed message received while its key waits for a retry runs after t
 TEST_CASE("handler durations in a run are each handler's own time on the consumer's clock", "[consumer][claim]") {
   rig r;
   const bool straight = GENERATE(true, false);
-  INFO((straight ? "received straight from the channel" : "received through a receive-only source"));
+  INFO((straight ? "received straight from the channel" : "received through a source with receive only"));
   auto made = r.consumer_over(straight, [&](const env_t& e) { r.clock.advance(std::chrono::milliseconds(e.payload)); },
                               r.options());
   auto& c = *made;

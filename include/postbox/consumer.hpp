@@ -1322,12 +1322,18 @@ class consumer {
       }
     }
     std::lock_guard lock(mu_);
+    end_receiving_locked(closed);
+    return receiver_.handled_;
+  }
+
+  // Caller holds mu_ and receive_mu_, at the end of a receiving step:
+  // admits what is pending, and records a source that reported closed.
+  void end_receiving_locked(bool closed) {
     admit_pending_locked();
     if (closed) {
       source_closed_ = true;
       if (settle_waiters_ > 0) idle_cv_.notify_all();  // a drain may be finished now
     }
-    return receiver_.handled_;
   }
 
   // Whether the options let the consumer handle messages of `tenant`.
@@ -1968,7 +1974,7 @@ class consumer {
     const bool lone = worker ? opts_.threads == 1 : !threaded_ && pollers_.load(std::memory_order_relaxed) == 1;
     return lone && !batch_ && !async_handler_ && !(obs_ != nullptr && obs_->on_settle) && !filters_tenants_ &&
            !receiver_.fills_nodes_ && ready_.empty() && claims_.empty() && accepting_ && !source_closed_ &&
-           !stopped_ && held_ < opts_.max_in_flight;
+           held_ < opts_.max_in_flight;  // accepting_ is false before stopped_ is set
   }
 
   // Storage for a direct run's receive results; destroys those built.
@@ -2044,11 +2050,7 @@ class consumer {
       held_ += m;
       claims_.push_back(&claim);
     }
-    admit_pending_locked();
-    if (closed) {
-      source_closed_ = true;
-      if (settle_waiters_ > 0) idle_cv_.notify_all();  // a drain may be finished now
-    }
+    end_receiving_locked(closed);
     const std::size_t handled = receiver_.handled_;
     receiving.unlock();
     lock.unlock();
@@ -2056,10 +2058,9 @@ class consumer {
       if (handled == 0 && !admitted && !worker) return std::nullopt;
       return handled;
     }
-    trash.clear();
-    const std::size_t ran = run_claim_handlers(lock, claim, trash);
+    trash.clear();  // a node the caller's last run_next acked, freed before the run
+    const std::size_t ran = run_claim_handlers(lock, claim, trash);  // a direct run puts nothing in `trash`
     lock.unlock();
-    trash.clear();
     return ran + handled;
   }
 
